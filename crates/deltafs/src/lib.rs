@@ -1,0 +1,1 @@
+//! DeltaFS: the layered sandbox filesystem (see `docs/architecture.md`).

@@ -1,1 +1,5 @@
-//! DeltaCR: incremental checkpoint/restore of a sandbox's process tree (see `docs/architecture.md`).
+//! DeltaCR: incremental checkpoint/restore of a sandbox's process tree with ptrace (see `docs/deltacr.md`).
+
+pub mod procfs;
+pub mod ptrace;
+pub mod sys;

@@ -1,0 +1,399 @@
+//! Raw system calls and ptrace requests that `nix`/`rustix` do not wrap, each behind a small safe function.
+//!
+//! Only x86_64 is supported: register layouts and syscall numbers below are x86_64's.
+
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+
+use nix::unistd::Pid;
+
+#[cfg(not(target_arch = "x86_64"))]
+compile_error!("deltacr supports only x86_64");
+
+/// `struct user_regs_struct` of x86_64.
+pub type Regs = libc::user_regs_struct;
+
+const PTRACE_GETREGSET: libc::c_uint = 0x4204;
+const PTRACE_SETREGSET: libc::c_uint = 0x4205;
+const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_SECCOMP_GET_FILTER: libc::c_uint = 0x420c;
+const PTRACE_LISTEN: libc::c_uint = 0x4208;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+const NT_X86_XSTATE: libc::c_ulong = 0x202;
+const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+
+/// Size of a `siginfo_t` as the kernel copies it.
+pub const SIGINFO_SIZE: usize = 128;
+
+fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
+    if ret == -1 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+/// The tracee's extended FPU state (`NT_X86_XSTATE`), as many bytes as the CPU's xsave area has.
+pub fn ptrace_get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0u8; 16 * 1024];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: the kernel writes at most iov_len bytes into buf and updates iov_len.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GETREGSET,
+            tid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// Sets the tracee's extended FPU state from bytes returned by [`ptrace_get_xstate`].
+pub fn ptrace_set_xstate(tid: Pid, xstate: &[u8]) -> io::Result<()> {
+    let mut copy = xstate.to_vec();
+    let mut iov = libc::iovec {
+        iov_base: copy.as_mut_ptr().cast(),
+        iov_len: copy.len(),
+    };
+    // SAFETY: the kernel reads iov_len bytes from our buffer.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_SETREGSET,
+            tid.as_raw(),
+            NT_X86_XSTATE,
+            &mut iov as *mut libc::iovec,
+        )
+    })?;
+    Ok(())
+}
+
+/// The tracee thread's blocked-signal mask.
+pub fn ptrace_get_sigmask(tid: Pid) -> io::Result<u64> {
+    let mut mask: u64 = 0;
+    // SAFETY: addr is the size of the mask, data points to 8 writable bytes.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GETSIGMASK,
+            tid.as_raw(),
+            8usize,
+            &mut mask as *mut u64,
+        )
+    })?;
+    Ok(mask)
+}
+
+/// Sets the tracee thread's blocked-signal mask (SIGKILL and SIGSTOP are dropped by the kernel).
+pub fn ptrace_set_sigmask(tid: Pid, mask: u64) -> io::Result<()> {
+    // SAFETY: addr is the size of the mask, data points to 8 readable bytes.
+    check(unsafe { libc::ptrace(PTRACE_SETSIGMASK, tid.as_raw(), 8usize, &mask as *const u64) })?;
+    Ok(())
+}
+
+/// Restarts a stopped tracee in group-stop without resuming it (it stays stopped, but reports SIGCONT).
+pub fn ptrace_listen(tid: Pid) -> io::Result<()> {
+    // SAFETY: PTRACE_LISTEN takes no pointers.
+    check(unsafe { libc::ptrace(PTRACE_LISTEN, tid.as_raw(), 0usize, 0usize) })?;
+    Ok(())
+}
+
+#[repr(C)]
+struct PeekSiginfoArgs {
+    off: u64,
+    flags: u32,
+    nr: i32,
+}
+
+/// The signals pending for the thread (`shared == false`) or for the whole process (`shared == true`),
+/// each as the raw 128-byte `siginfo_t`, without dequeuing them.
+pub fn ptrace_peek_pending(tid: Pid, shared: bool) -> io::Result<Vec<[u8; SIGINFO_SIZE]>> {
+    let mut out = Vec::new();
+    loop {
+        let mut batch = [[0u8; SIGINFO_SIZE]; 32];
+        let args = PeekSiginfoArgs {
+            off: out.len() as u64,
+            flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+            nr: batch.len() as i32,
+        };
+        // SAFETY: the kernel writes at most `nr` siginfos into batch.
+        let n = check(unsafe {
+            libc::ptrace(
+                PTRACE_PEEKSIGINFO,
+                tid.as_raw(),
+                &args as *const PeekSiginfoArgs,
+                batch.as_mut_ptr(),
+            )
+        })? as usize;
+        out.extend_from_slice(&batch[..n]);
+        if n < batch.len() {
+            return Ok(out);
+        }
+    }
+}
+
+/// A thread's rseq registration: (area address, area length, abort signature).
+pub fn ptrace_get_rseq(tid: Pid) -> io::Result<Option<(u64, u32, u32)>> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct RseqConf {
+        ptr: u64,
+        size: u32,
+        sig: u32,
+        flags: u32,
+        pad: u32,
+    }
+    let mut conf = RseqConf::default();
+    // SAFETY: addr is the size of our struct, the kernel writes at most that many bytes.
+    check(unsafe {
+        libc::ptrace(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid.as_raw(),
+            std::mem::size_of::<RseqConf>(),
+            &mut conf as *mut RseqConf,
+        )
+    })?;
+    Ok((conf.ptr != 0).then_some((conf.ptr, conf.size, conf.sig)))
+}
+
+/// The tracee's seccomp filters, oldest first, each as the raw `sock_filter` array (8 bytes per
+/// instruction). Needs CAP_SYS_ADMIN in the initial namespace. Returns an empty list when the process
+/// has no filter.
+pub fn ptrace_seccomp_filters(tid: Pid) -> io::Result<Vec<Vec<u8>>> {
+    let mut filters = Vec::new();
+    for index in 0usize.. {
+        // SAFETY: with a null buffer the kernel only returns the instruction count.
+        let count = unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid.as_raw(),
+                index,
+                std::ptr::null_mut::<u8>(),
+            )
+        };
+        if count == -1 {
+            let err = io::Error::last_os_error();
+            return match err.raw_os_error() {
+                // ENOENT: past the last filter; EINVAL: no filter (or seccomp mode strict).
+                Some(libc::ENOENT) | Some(libc::EINVAL) => Ok(filters),
+                _ => Err(err),
+            };
+        }
+        let mut prog = vec![0u8; count as usize * 8];
+        // SAFETY: prog has room for `count` sock_filter instructions.
+        check(unsafe {
+            libc::ptrace(
+                PTRACE_SECCOMP_GET_FILTER,
+                tid.as_raw(),
+                index,
+                prog.as_mut_ptr(),
+            )
+        })?;
+        filters.push(prog);
+    }
+    unreachable!("the loop only ends by returning")
+}
+
+/// `get_robust_list(tid)`: the thread's robust futex list head and its length.
+pub fn get_robust_list(tid: Pid) -> io::Result<(u64, u64)> {
+    let mut head: u64 = 0;
+    let mut len: usize = 0;
+    // SAFETY: both out-pointers point to writable locals.
+    check(unsafe {
+        libc::syscall(
+            libc::SYS_get_robust_list,
+            tid.as_raw(),
+            &mut head as *mut u64,
+            &mut len as *mut usize,
+        )
+    })?;
+    Ok((head, len as u64))
+}
+
+/// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2)`: orders two open file descriptions (0 = the same one).
+pub fn kcmp_file(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<i32> {
+    const KCMP_FILE: libc::c_int = 0;
+    // SAFETY: kcmp takes no pointers for KCMP_FILE.
+    let r = check(unsafe {
+        libc::syscall(
+            libc::SYS_kcmp,
+            pid1.as_raw(),
+            pid2.as_raw(),
+            KCMP_FILE,
+            fd1 as libc::c_ulong,
+            fd2 as libc::c_ulong,
+        )
+    })?;
+    Ok(r as i32)
+}
+
+/// `tgkill(tgid, tid, sig)`.
+pub fn tgkill(tgid: Pid, tid: Pid, sig: i32) -> io::Result<()> {
+    // SAFETY: no pointers.
+    check(unsafe { libc::syscall(libc::SYS_tgkill, tgid.as_raw(), tid.as_raw(), sig) })?;
+    Ok(())
+}
+
+/// `tee(2)` of up to `len` bytes from pipe `from` into pipe `to`, without consuming `from`.
+pub fn tee(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
+    // SAFETY: no pointers.
+    let r = unsafe {
+        libc::tee(
+            from.as_raw_fd(),
+            to.as_raw_fd(),
+            len,
+            libc::SPLICE_F_NONBLOCK,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `FIONREAD`: bytes queued for reading on a pipe, socket or tty.
+pub fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD writes one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n as usize)
+}
+
+/// `pidfd_open(pid, 0)`.
+pub fn pidfd_open(pid: Pid) -> io::Result<OwnedFd> {
+    // SAFETY: no pointers.
+    let fd = check(unsafe { libc::syscall(libc::SYS_pidfd_open, pid.as_raw(), 0) })?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// `pidfd_getfd(pidfd, fd, 0)`: a duplicate of another process's fd (same open file description).
+pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
+    // SAFETY: no pointers.
+    let r = check(unsafe { libc::syscall(libc::SYS_pidfd_getfd, pidfd.as_raw_fd(), fd, 0) })?;
+    // SAFETY: the kernel returned a new fd that we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+}
+
+/// True when the process behind `pidfd` has exited (it may still be a zombie).
+pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut pfd = libc::pollfd {
+        fd: pidfd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd, zero timeout.
+    let r = unsafe { libc::poll(&mut pfd, 1, 0) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(r > 0)
+}
+
+/// Reads `len` bytes of another process's memory at `addr` into `buf` (one `process_vm_readv` call with
+/// several remote ranges). Returns how many bytes were read.
+pub fn process_vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    let liov = libc::iovec {
+        iov_base: local.as_mut_ptr().cast(),
+        iov_len: local.len(),
+    };
+    let riov: Vec<libc::iovec> = remote
+        .iter()
+        .map(|&(a, l)| libc::iovec {
+            iov_base: a as *mut libc::c_void,
+            iov_len: l,
+        })
+        .collect();
+    // SAFETY: the local iovec covers `local`; remote iovecs are only interpreted in the other process.
+    let r = unsafe {
+        libc::process_vm_readv(
+            pid.as_raw(),
+            &liov,
+            1,
+            riov.as_ptr(),
+            riov.len() as libc::c_ulong,
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Writes `local` into another process's memory at the given remote ranges (one `process_vm_writev`).
+pub fn process_vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    let liov = libc::iovec {
+        iov_base: local.as_ptr() as *mut libc::c_void,
+        iov_len: local.len(),
+    };
+    let riov: Vec<libc::iovec> = remote
+        .iter()
+        .map(|&(a, l)| libc::iovec {
+            iov_base: a as *mut libc::c_void,
+            iov_len: l,
+        })
+        .collect();
+    // SAFETY: the local iovec covers `local` (only read); remote iovecs are interpreted in the other process.
+    let r = unsafe {
+        libc::process_vm_writev(
+            pid.as_raw(),
+            &liov,
+            1,
+            riov.as_ptr(),
+            riov.len() as libc::c_ulong,
+            0,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `pread` at an absolute offset (used on /proc/PID/pagemap and /proc/PID/mem, whose offsets exceed i64
+/// for high addresses only on other architectures).
+pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: the kernel writes at most buf.len() bytes into buf.
+    let r = unsafe {
+        libc::pread64(
+            fd.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            offset as i64,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// `pwrite` at an absolute offset (used on /proc/PID/mem, which can write read-only private pages).
+pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
+    // SAFETY: the kernel reads at most buf.len() bytes from buf.
+    let r = unsafe {
+        libc::pwrite64(
+            fd.as_raw_fd(),
+            buf.as_ptr().cast(),
+            buf.len(),
+            offset as i64,
+        )
+    };
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}

@@ -397,3 +397,117 @@ pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> 
         Ok(r as usize)
     }
 }
+
+/// Forks the pid-namespace helper (see `pidns`). Must be called with the calling thread's
+/// `pid_for_children` namespace set to the target namespace. The child runs [`pid_helper_main`]
+/// (async-signal-safe: the parent may be multi-threaded) and never returns.
+pub fn fork_pid_helper(
+    req_rd: BorrowedFd<'_>,
+    ack_wr: BorrowedFd<'_>,
+    high: i32,
+) -> io::Result<Pid> {
+    let (req, ack) = (req_rd.as_raw_fd(), ack_wr.as_raw_fd());
+    // SAFETY: the child only runs pid_helper_main, which makes raw system calls on stack buffers and
+    // never returns (no allocation, no locks taken after fork).
+    match unsafe { libc::fork() } {
+        -1 => Err(io::Error::last_os_error()),
+        0 => pid_helper_main(req, ack, high),
+        pid => Ok(Pid::from_raw(pid)),
+    }
+}
+
+fn fmt_i32(mut v: i32, buf: &mut [u8; 16]) -> usize {
+    let neg = v < 0;
+    let mut tmp = [0u8; 16];
+    let mut n = 0;
+    loop {
+        tmp[n] = b'0' + (v % 10).unsigned_abs() as u8;
+        n += 1;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    let mut len = 0;
+    if neg {
+        buf[0] = b'-';
+        len = 1;
+    }
+    for i in (0..n).rev() {
+        buf[len] = tmp[i];
+        len += 1;
+    }
+    len
+}
+
+fn parse_i32(buf: &[u8]) -> i32 {
+    let mut v: i32 = 0;
+    for &b in buf {
+        if b.is_ascii_digit() {
+            v = v * 10 + (b - b'0') as i32;
+        } else {
+            break;
+        }
+    }
+    v
+}
+
+/// Body of the helper child. It first moves itself out of the way (forks a second helper at pid
+/// `high + 1` and exits, putting the namespace's last-pid counter back), then serves requests: an i32
+/// `v >= 0` sets ns_last_pid to `v`, `-1` reads it; the answer is the value or -errno.
+fn pid_helper_main(req: i32, ack: i32, high: i32) -> ! {
+    // SAFETY: raw system calls on stack buffers only; see fork_pid_helper.
+    unsafe {
+        let path = b"/proc/sys/kernel/ns_last_pid\0";
+        let fd = libc::open(path.as_ptr().cast(), libc::O_RDWR);
+        let errno = || *libc::__errno_location();
+        let answer = |v: i32| {
+            libc::write(ack, (&v as *const i32).cast(), 4);
+        };
+        if fd < 0 {
+            answer(-errno());
+            libc::_exit(1);
+        }
+        let read_last = || -> i32 {
+            let mut buf = [0u8; 16];
+            let n = libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
+            if n <= 0 {
+                -errno()
+            } else {
+                parse_i32(&buf[..n as usize])
+            }
+        };
+        let write_last = |v: i32| -> i32 {
+            let mut buf = [0u8; 16];
+            let n = fmt_i32(v, &mut buf);
+            if libc::pwrite(fd, buf.as_ptr().cast(), n, 0) < 0 {
+                -errno()
+            } else {
+                v
+            }
+        };
+        let own = read_last();
+        let r = write_last(high);
+        if r < 0 {
+            answer(r);
+            libc::_exit(1);
+        }
+        let child = libc::fork();
+        if child > 0 {
+            write_last(own - 1);
+            answer(child);
+            libc::_exit(0);
+        }
+        if child < 0 {
+            answer(-errno());
+            libc::_exit(1);
+        }
+        loop {
+            let mut v: i32 = 0;
+            if libc::read(req, (&mut v as *mut i32).cast(), 4) != 4 {
+                libc::_exit(0);
+            }
+            answer(if v >= 0 { write_last(v) } else { read_last() });
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Test harness: a real pid namespace whose pid 1 is a tiny init (python) that reaps zombies and starts
+//! programs on request, as the sandbox's init does.
+#![allow(dead_code)]
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+const INIT_PY: &str = r#"
+import json, os, signal, subprocess, sys
+def reap(*_):
+    while True:
+        try:
+            pid, _ = os.waitpid(-1, os.WNOHANG | 0x40000000)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+signal.signal(signal.SIGCHLD, reap)
+print("ready", flush=True)
+for line in sys.stdin:
+    req = json.loads(line)
+    out = open(req["stdout"], "ab") if req.get("stdout") else subprocess.DEVNULL
+    p = subprocess.Popen(req["argv"], stdin=subprocess.DEVNULL, stdout=out, stderr=out,
+                         start_new_session=req.get("setsid", False), cwd=req.get("cwd"),
+                         process_group=None if req.get("setsid") else 0)
+    if out is not subprocess.DEVNULL:
+        out.close()
+    print(p.pid, flush=True)
+"#;
+
+/// A pid namespace with our test init as pid 1; killed (with everything in it) on drop.
+pub struct PidNs {
+    unshare: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    pub init: Pid,
+    pub dir: tempfile::TempDir,
+}
+
+impl PidNs {
+    pub fn new() -> PidNs {
+        let dir = tempfile::tempdir().unwrap();
+        let script = dir.path().join("init.py");
+        std::fs::write(&script, INIT_PY).unwrap();
+        let mut unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(python())
+            .arg("-u")
+            .arg(&script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let stdin = unshare.stdin.take().unwrap();
+        let mut stdout = BufReader::new(unshare.stdout.take().unwrap());
+        let mut ready = String::new();
+        stdout.read_line(&mut ready).unwrap();
+        assert_eq!(ready, "ready\n");
+        let upid = unshare.id() as i32;
+        let init = wait_for(|| {
+            let kids =
+                std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children")).ok()?;
+            kids.split_whitespace()
+                .next()
+                .and_then(|s| s.parse().ok())
+                .map(Pid::from_raw)
+        });
+        PidNs {
+            unshare,
+            stdin,
+            stdout,
+            init,
+            dir,
+        }
+    }
+
+    /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
+    /// appended to `out` if given. Returns (pid inside the namespace, host pid).
+    pub fn spawn(&mut self, argv: &[&str], out: Option<&Path>, setsid: bool) -> (i32, Pid) {
+        let req = serde_json_line(argv, out, setsid);
+        self.stdin.write_all(req.as_bytes()).unwrap();
+        let mut line = String::new();
+        self.stdout.read_line(&mut line).unwrap();
+        let ns_pid: i32 = line
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("init said {line:?}"));
+        (ns_pid, self.host_pid(ns_pid))
+    }
+
+    /// The host pid of a process of this namespace.
+    pub fn host_pid(&self, ns_pid: i32) -> Pid {
+        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init)).unwrap();
+        wait_for(|| {
+            for e in std::fs::read_dir("/proc").ok()? {
+                let name = e.ok()?.file_name();
+                let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                    continue;
+                };
+                if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
+                    .ok()
+                    .as_ref()
+                    != Some(&ns)
+                {
+                    continue;
+                }
+                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+                let nspid = status.lines().find(|l| l.starts_with("NSpid:"))?;
+                if nspid.split_whitespace().last() == Some(&ns_pid.to_string()) {
+                    return Some(Pid::from_raw(pid));
+                }
+            }
+            None
+        })
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+}
+
+impl Drop for PidNs {
+    fn drop(&mut self) {
+        let _ = nix::sys::signal::kill(self.init, nix::sys::signal::Signal::SIGKILL);
+        let _ = self.unshare.wait();
+    }
+}
+
+fn serde_json_line(argv: &[&str], out: Option<&Path>, setsid: bool) -> String {
+    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
+    let args: Vec<String> = argv.iter().map(|a| quote(a)).collect();
+    let out = out
+        .map(|p| quote(p.to_str().unwrap()))
+        .unwrap_or_else(|| "null".into());
+    format!(
+        "{{\"argv\": [{}], \"stdout\": {}, \"setsid\": {}}}\n",
+        args.join(", "),
+        out,
+        setsid
+    )
+}
+
+/// The real python3 executable (not a wrapper script that forks on every start).
+pub fn python() -> String {
+    static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    PY.get_or_init(|| {
+        let out = Command::new("python3")
+            .args(["-c", "import sys; print(sys.executable)"])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    })
+    .clone()
+}
+
+/// Polls `f` until it returns Some (at most 10 s).
+pub fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(10),
+            "timed out waiting"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Waits until `path` contains `needle`.
+pub fn wait_for_content(path: &Path, needle: &str) -> String {
+    wait_for(|| {
+        std::fs::read_to_string(path)
+            .ok()
+            .filter(|s| s.contains(needle))
+    })
+}

@@ -358,12 +358,6 @@ pub fn thread_comm(pid: Pid, tid: Pid) -> Result<String, ProcError> {
         .to_string())
 }
 
-/// Writes a thread's name.
-pub fn set_thread_comm(pid: Pid, tid: Pid, comm: &str) -> Result<(), ProcError> {
-    let path = task_dir(pid, tid).join("comm");
-    fs::write(&path, comm).map_err(|source| ProcError::Read { path, source })
-}
-
 /// Reads a small integer file such as /proc/PID/oom_score_adj.
 pub fn read_int(pid: Pid, name: &str) -> Result<i64, ProcError> {
     let path = dir(pid).join(name);

@@ -14,8 +14,9 @@ pub struct RegsState(pub [u64; 27]);
 impl From<&Regs> for RegsState {
     fn from(r: &Regs) -> Self {
         RegsState([
-            r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
-            r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
+            r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx,
+            r.rdx, r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base,
+            r.gs_base, r.ds, r.es, r.fs, r.gs,
         ])
     }
 }
@@ -157,7 +158,12 @@ pub enum VmaBacking {
     /// Anonymous memory (heap, stacks, anonymous mmap). Private unless `shared` on the Vma.
     Anonymous,
     /// A file mapped at `offset`; the path as the process sees it.
-    File { path: String, offset: u64, dev: u64, inode: u64 },
+    File {
+        path: String,
+        offset: u64,
+        dev: u64,
+        inode: u64,
+    },
     /// The vdso or one of the vvar pages (named as in /proc/PID/maps).
     Special { name: String },
 }
@@ -203,10 +209,19 @@ pub struct OpenFile {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileKind {
     /// A regular file, directory or device node, reopened by path.
-    Path { path: String, dev: u64, inode: u64, mode: u32 },
+    Path {
+        path: String,
+        dev: u64,
+        inode: u64,
+        mode: u32,
+    },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
-    Pipe { pipe: u64, write_end: bool, data: Vec<u8> },
+    Pipe {
+        pipe: u64,
+        write_end: bool,
+        data: Vec<u8>,
+    },
 }
 
 /// One fd of a process.
@@ -254,7 +269,9 @@ pub struct ProcessState {
 pub enum ProcessKind {
     Live(Box<ProcessState>),
     /// Raw wait status the parent will collect.
-    Zombie { exit_status: i32 },
+    Zombie {
+        exit_status: i32,
+    },
 }
 
 /// A process and its place in the tree.

@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use deltacr::Freezer;
 use nix::unistd::Pid;
 
 const INIT_PY: &str = r#"
@@ -39,10 +40,16 @@ pub struct PidNs {
     stdout: BufReader<ChildStdout>,
     pub init: Pid,
     pub dir: tempfile::TempDir,
+    /// A cgroup v1 freezer cgroup holding init and everything it starts.
+    pub freezer: deltacr::CgroupFreezer,
 }
 
 impl PidNs {
     pub fn new() -> PidNs {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("init.py");
         std::fs::write(&script, INIT_PY).unwrap();
@@ -69,12 +76,34 @@ impl PidNs {
                 .and_then(|s| s.parse().ok())
                 .map(Pid::from_raw)
         });
+        let cg = PathBuf::from(format!(
+            "/sys/fs/cgroup/freezer/deltacr-test-{}",
+            init.as_raw()
+        ));
+        std::fs::create_dir_all(&cg).unwrap();
+        std::fs::write(cg.join("cgroup.procs"), init.as_raw().to_string()).unwrap();
+        let freezer = deltacr::CgroupFreezer::new(&cg).unwrap();
+        // A hung ptrace wait would block the test forever: kill the namespace after a minute, so the
+        // test fails instead.
+        let watched = init;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(60));
+            let _ = nix::sys::signal::kill(watched, nix::sys::signal::Signal::SIGKILL);
+        });
         PidNs {
             unshare,
             stdin,
             stdout,
             init,
             dir,
+            freezer,
+        }
+    }
+
+    pub fn sandbox(&self) -> deltacr::Sandbox<'_> {
+        deltacr::Sandbox {
+            init: self.init,
+            freezer: &self.freezer,
         }
     }
 
@@ -125,23 +154,33 @@ impl PidNs {
 
 impl Drop for PidNs {
     fn drop(&mut self) {
+        let _ = self.freezer.thaw();
         let _ = nix::sys::signal::kill(self.init, nix::sys::signal::Signal::SIGKILL);
-        let _ = self.unshare.wait();
+        // Processes this thread still traces (after a failed test) must be collected by us, or the
+        // dying namespace init waits for them forever.
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        loop {
+            if let Ok(Some(_)) = self.unshare.try_wait() {
+                break;
+            }
+            let flags = WaitPidFlag::__WALL | WaitPidFlag::__WNOTHREAD | WaitPidFlag::WNOHANG;
+            if let Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) = waitpid(None, Some(flags))
+            {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        }
+        for _ in 0..200 {
+            if std::fs::remove_dir(self.freezer.dir()).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
 }
 
 fn serde_json_line(argv: &[&str], out: Option<&Path>, setsid: bool) -> String {
-    let quote = |s: &str| format!("\"{}\"", s.replace('\\', "\\\\").replace('"', "\\\""));
-    let args: Vec<String> = argv.iter().map(|a| quote(a)).collect();
-    let out = out
-        .map(|p| quote(p.to_str().unwrap()))
-        .unwrap_or_else(|| "null".into());
-    format!(
-        "{{\"argv\": [{}], \"stdout\": {}, \"setsid\": {}}}\n",
-        args.join(", "),
-        out,
-        setsid
-    )
+    let req = serde_json::json!({ "argv": argv, "stdout": out.map(|p| p.to_str().unwrap()), "setsid": setsid });
+    format!("{req}\n")
 }
 
 /// The real python3 executable (not a wrapper script that forks on every start).

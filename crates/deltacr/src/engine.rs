@@ -1,0 +1,463 @@
+//! The engine: checkpoint and restore of a sandbox's process tree, driven from one tracer thread.
+
+use std::collections::HashMap;
+use std::marker::PhantomData;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
+use crate::files::{self, FdOwner, FileError};
+use crate::freezer::Freezer;
+use crate::pidns::{PidNsError, PidSetter};
+use crate::procfs::{self, ProcError};
+use crate::restore::{NewProcess, RestoreError};
+use crate::state::{ProcessEntry, ProcessKind, ProcessState, TreeState};
+use crate::template::{self, Detach, Template, TemplateError};
+
+/// Errors of checkpoint and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum CrError {
+    #[error("checkpoint failed")]
+    Capture(#[from] CaptureError),
+    #[error("checkpoint failed")]
+    Files(#[from] FileError),
+    #[error("checkpoint failed")]
+    Template(#[from] TemplateError),
+    #[error("restore failed")]
+    Restore(#[from] RestoreError),
+    #[error("pid namespace helper")]
+    PidNs(#[from] PidNsError),
+    #[error("reading /proc")]
+    Proc(#[from] ProcError),
+    #[error("freezer")]
+    Freezer(#[source] std::io::Error),
+    #[error("process {pid} ({comm}): {reason}")]
+    Unsupported {
+        pid: i32,
+        comm: String,
+        reason: String,
+    },
+    #[error("checkpoint has no template for process {pid} and restoring from an image is not possible here")]
+    NoTemplate { pid: i32 },
+}
+
+/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed) and its freezer.
+pub struct Sandbox<'a> {
+    pub init: Pid,
+    pub freezer: &'a dyn Freezer,
+}
+
+/// Timings of one checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointStats {
+    /// From the call (sandbox frozen) until every process runs again.
+    pub stopped: Duration,
+    /// The whole call, including reading what templates share.
+    pub total: Duration,
+    pub processes: usize,
+    pub threads: usize,
+}
+
+/// A checkpoint held in memory: the tree's state plus a template per live process.
+pub struct Checkpoint {
+    pub tree: TreeState,
+    templates: HashMap<i32, Template>,
+    pub stats: CheckpointStats,
+}
+
+impl Checkpoint {
+    /// Pids (in the sandbox) whose template no longer exists.
+    pub fn lost_templates(&self) -> Vec<i32> {
+        let mut lost: Vec<i32> = self
+            .templates
+            .iter()
+            .filter(|(_, t)| !t.alive())
+            .map(|(p, _)| *p)
+            .collect();
+        lost.sort();
+        lost
+    }
+}
+
+/// Timings of one restore.
+#[derive(Debug, Clone, Default)]
+pub struct RestoreStats {
+    pub total: Duration,
+    pub processes: usize,
+}
+
+/// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
+/// create it on the shim's dedicated DeltaCR thread and keep it there.
+pub struct Engine {
+    pid_setters: HashMap<Pid, PidSetter>,
+    _tracer_thread: PhantomData<*const ()>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn own_tid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        Engine {
+            pid_setters: HashMap::new(),
+            _tracer_thread: PhantomData,
+        }
+    }
+
+    fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
+        match self.pid_setters.entry(init) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(PidSetter::spawn(init)?)),
+        }
+    }
+
+    /// The sandbox's processes, parents first, without our templates and helper.
+    fn sandbox_processes(&mut self, init: Pid) -> Result<Vec<Pid>, CrError> {
+        let helper = self.pid_setter(init)?.helper_pid();
+        let me = own_tid();
+        let mut skip = std::collections::HashSet::new();
+        for kid in procfs::children(init)? {
+            let Ok(st) = procfs::Status::read(kid) else {
+                continue;
+            };
+            let traced_by_us =
+                st.get("TracerPid").ok().and_then(|t| t.parse::<i32>().ok()) == Some(me);
+            let is_helper = st.innermost("NSpid").ok() == Some(helper);
+            if traced_by_us || is_helper {
+                skip.insert(kid);
+            }
+        }
+        Ok(capture::list_tree(init, &skip)?)
+    }
+
+    /// Checkpoints every process below init. Call it with the sandbox frozen (after any filesystem
+    /// checkpoint); it thaws the sandbox itself and returns once the processes run again and the
+    /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
+    pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
+        let start = Instant::now();
+        let last_pid = self.pid_setter(sb.init)?.last_pid()?;
+        let pids = self.sandbox_processes(sb.init);
+        let mut seized: Vec<SeizedProcess> = Vec::new();
+        let seize_res = pids.and_then(|pids| {
+            for p in pids {
+                tracing::debug!(pid = p.as_raw(), "seizing");
+                seized.push(capture::seize_process(p)?);
+            }
+            Ok(())
+        });
+        sb.freezer.thaw().map_err(CrError::Freezer)?;
+        if let Err(e) = seize_res {
+            release_seized(&mut seized);
+            return Err(e);
+        }
+        for s in &mut seized {
+            if let Err(e) = s.wait_stopped() {
+                release_seized(&mut seized);
+                return Err(e.into());
+            }
+        }
+        let init_sid = capture::ns_ids(sb.init)?.sid;
+        let mut live: Vec<LiveProcess> = Vec::new();
+        let mut zombies: Vec<SeizedProcess> = Vec::new();
+        type Captured = (
+            Vec<(ProcessEntry, Option<Template>)>,
+            Vec<crate::state::OpenFile>,
+        );
+        let mut result = (|| -> Result<Captured, CrError> {
+            for s in seized.drain(..) {
+                if s.zombie.is_some() {
+                    zombies.push(s);
+                } else {
+                    live.push(capture::capture_live(s)?);
+                }
+            }
+            let owners: Vec<FdOwner> = live
+                .iter()
+                .map(|l| FdOwner {
+                    host: l.seized.pid,
+                    ns_pid: l.seized.ids.pid,
+                })
+                .collect();
+            let (files, tables) = files::capture(&owners)?;
+            let mut out = Vec::new();
+            for (l, fds) in live.iter_mut().zip(tables) {
+                let ids = l.seized.ids;
+                let detach =
+                    if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0)
+                    {
+                        Detach::ProcessGroup
+                    } else {
+                        Detach::Session
+                    };
+                let gadget = l.gadget;
+                let t = template::create(&mut l.injectors[0], gadget, detach)?;
+                tracing::debug!(
+                    pid = ids.pid,
+                    template = t.pid().as_raw(),
+                    ?detach,
+                    "template made"
+                );
+                let st = ProcessState {
+                    threads: l.threads.clone(),
+                    shared_pending: l.shared_pending.clone(),
+                    sigactions: Vec::new(),
+                    creds: Default::default(),
+                    seccomp: Vec::new(),
+                    personality: 0,
+                    umask: 0,
+                    rlimits: Vec::new(),
+                    cwd: String::new(),
+                    root: String::new(),
+                    mm: Default::default(),
+                    vmas: Vec::new(),
+                    fds,
+                    itimers: l.itimers,
+                    pdeath_signal: l.pdeath_signal,
+                    child_subreaper: l.child_subreaper,
+                    dumpable: l.dumpable,
+                    oom_score_adj: l.oom_score_adj,
+                    job_stopped: l.seized.job_stopped(),
+                    exit_signal: 0,
+                };
+                let entry = ProcessEntry {
+                    pid: ids.pid,
+                    ppid: ids.ppid,
+                    pgid: ids.pgid,
+                    sid: ids.sid,
+                    comm: l.seized.comm.clone(),
+                    kind: ProcessKind::Live(Box::new(st)),
+                };
+                out.push((entry, Some(t)));
+            }
+            for z in &zombies {
+                out.push((
+                    ProcessEntry {
+                        pid: z.ids.pid,
+                        ppid: z.ids.ppid,
+                        pgid: z.ids.pgid,
+                        sid: z.ids.sid,
+                        comm: z.comm.clone(),
+                        kind: ProcessKind::Zombie {
+                            exit_status: z.zombie.unwrap_or(0),
+                        },
+                    },
+                    None,
+                ));
+            }
+            Ok((out, files))
+        })();
+        let mut resume_err = None;
+        for l in live {
+            if let Err(e) = l.resume() {
+                resume_err.get_or_insert(e);
+            }
+        }
+        let stopped = start.elapsed();
+        if let (Ok(_), Some(e)) = (&result, resume_err) {
+            result = Err(e.into());
+        }
+        let (entries, files) = result?;
+        let mut processes = Vec::with_capacity(entries.len());
+        let mut templates = HashMap::new();
+        let mut threads = 0;
+        for (mut entry, t) in entries {
+            if let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, &t) {
+                let s = capture::capture_static(t, entry.pid)?;
+                st.sigactions = s.sigactions;
+                st.creds = s.creds;
+                st.seccomp = s.seccomp;
+                st.personality = s.personality;
+                st.umask = s.umask;
+                st.rlimits = s.rlimits;
+                st.cwd = s.cwd;
+                st.root = s.root;
+                st.mm = s.mm;
+                st.vmas = s.vmas;
+                st.exit_signal = s.exit_signal;
+                threads += st.threads.len();
+            }
+            if let Some(t) = t {
+                templates.insert(entry.pid, t);
+            }
+            processes.push(entry);
+        }
+        sort_parents_first(&mut processes);
+        let stats = CheckpointStats {
+            stopped,
+            total: start.elapsed(),
+            processes: processes.len(),
+            threads,
+        };
+        Ok(Checkpoint {
+            tree: TreeState {
+                processes,
+                files,
+                last_pid,
+            },
+            templates,
+            stats,
+        })
+    }
+
+    /// Kills every process of the sandbox except init, our templates and our helper, and waits until
+    /// init has reaped them.
+    pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
+        sb.freezer.freeze().map_err(CrError::Freezer)?;
+        let victims = self.sandbox_processes(sb.init);
+        if let Ok(v) = &victims {
+            for p in v {
+                let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        sb.freezer.thaw().map_err(CrError::Freezer)?;
+        let victims = victims?;
+        tracing::debug!(?victims, "killed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.sandbox_processes(sb.init)?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                return Err(CrError::Unsupported {
+                    pid: 0,
+                    comm: String::new(),
+                    reason: format!("{} processes did not go away after SIGKILL", left.len()),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Recreates the checkpoint's processes in the sandbox, whose processes (except init) must be gone.
+    /// Every process keeps its pid. Nothing runs until the whole tree is in place; on error the
+    /// partially restored processes are killed.
+    pub fn restore(
+        &mut self,
+        ckpt: &Checkpoint,
+        sb: &Sandbox<'_>,
+    ) -> Result<RestoreStats, CrError> {
+        let start = Instant::now();
+        let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
+        let res = self.restore_into(ckpt, sb, &mut made);
+        if let Err(e) = res {
+            for (mut np, _) in made {
+                let _ = np.kill();
+            }
+            return Err(e);
+        }
+        let processes = made.len();
+        for (np, _) in made {
+            np.release()?;
+        }
+        Ok(RestoreStats {
+            total: start.elapsed(),
+            processes,
+        })
+    }
+
+    fn restore_into<'c>(
+        &mut self,
+        ckpt: &'c Checkpoint,
+        sb: &Sandbox<'_>,
+        made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
+    ) -> Result<(), CrError> {
+        let pids = self.pid_setter(sb.init)?;
+        for entry in &ckpt.tree.processes {
+            let unsupported = |reason: &str| CrError::Unsupported {
+                pid: entry.pid,
+                comm: entry.comm.clone(),
+                reason: reason.into(),
+            };
+            let st = match &entry.kind {
+                ProcessKind::Live(st) => st,
+                ProcessKind::Zombie { .. } => {
+                    return Err(unsupported("restoring zombies is not supported yet"))
+                }
+            };
+            if entry.ppid != 1 {
+                return Err(unsupported(
+                    "restoring processes whose parent is not init is not supported yet",
+                ));
+            }
+            let t = ckpt
+                .templates
+                .get(&entry.pid)
+                .ok_or(CrError::NoTemplate { pid: entry.pid })?;
+            if !t.alive() {
+                return Err(CrError::NoTemplate { pid: entry.pid });
+            }
+            tracing::debug!(
+                pid = entry.pid,
+                template = t.pid().as_raw(),
+                "restoring from template"
+            );
+            pids.set_next(entry.pid)?;
+            let host = t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+            let np = NewProcess::take(host, entry.pid, t.gadget())?;
+            made.push((np, entry));
+            let np = &mut made.last_mut().expect("just pushed").0;
+            if entry.sid == entry.pid {
+                np.set_session_leader()?;
+            }
+            np.restore_fds(st, &ckpt.tree.files)?;
+            np.restore_process_misc(st)?;
+            np.create_threads(st, pids)?;
+            np.restore_thread_state(st)?;
+        }
+        // Process groups: leaders first, then members (a group must exist before others join it).
+        for leaders_pass in [true, false] {
+            for (np, e) in made.iter_mut() {
+                let is_leader = e.pgid == e.pid;
+                if e.sid == e.pid || e.pgid == 0 || is_leader != leaders_pass {
+                    continue;
+                }
+                np.set_process_group(e.pgid)?;
+            }
+        }
+        for (np, e) in made.iter_mut() {
+            if let ProcessKind::Live(st) = &e.kind {
+                np.finish(st)?;
+            }
+        }
+        pids.set_last_pid(ckpt.tree.last_pid)?;
+        Ok(())
+    }
+}
+
+fn release_seized(seized: &mut Vec<SeizedProcess>) {
+    for s in seized.drain(..) {
+        s.detach();
+    }
+}
+
+/// Orders processes so that every parent comes before its children (stable otherwise).
+fn sort_parents_first(procs: &mut Vec<ProcessEntry>) {
+    let mut out: Vec<ProcessEntry> = Vec::with_capacity(procs.len());
+    let mut placed: std::collections::HashSet<i32> = std::collections::HashSet::new();
+    let mut rest = std::mem::take(procs);
+    while !rest.is_empty() {
+        let before = rest.len();
+        let all: std::collections::HashSet<i32> = rest.iter().map(|p| p.pid).collect();
+        let (ready, wait): (Vec<_>, Vec<_>) = rest
+            .into_iter()
+            .partition(|p| placed.contains(&p.ppid) || !all.contains(&p.ppid));
+        for p in ready {
+            placed.insert(p.pid);
+            out.push(p);
+        }
+        rest = wait;
+        if rest.len() == before {
+            out.append(&mut rest);
+        }
+    }
+    *procs = out;
+}

@@ -1,0 +1,258 @@
+//! Capturing the fd tables of a process tree: which open file descriptions exist, which fds (in which
+//! processes) share them, and the state of each (offset, flags, unread pipe data).
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::Read;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
+
+use nix::fcntl::{fcntl, FcntlArg, OFlag};
+use nix::unistd::{pipe2, Pid};
+
+use crate::procfs::{self, FdInfo};
+use crate::state::{FdState, FileKind, OpenFile};
+use crate::sys;
+
+/// Errors of this module. Every variant names the process and the fd.
+#[derive(Debug, thiserror::Error)]
+pub enum FileError {
+    #[error("process {pid}, fd {fd}: {reason}")]
+    Unsupported { pid: i32, fd: i32, reason: String },
+    #[error("process {pid}, fd {fd}: cannot {what}")]
+    Io {
+        pid: i32,
+        fd: i32,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("process {pid}, fd {fd}")]
+    Proc {
+        pid: i32,
+        fd: i32,
+        #[source]
+        source: procfs::ProcError,
+    },
+}
+
+/// A process whose fds are captured: host pid (to read /proc) and its pid in the sandbox (for errors).
+#[derive(Debug, Clone, Copy)]
+pub struct FdOwner {
+    pub host: Pid,
+    pub ns_pid: i32,
+}
+
+const O_CLOEXEC_BIT: i32 = libc::O_CLOEXEC;
+/// Character devices reopened by path: mem (1) covers /dev/null, zero, full, random, urandom.
+const MEM_MAJOR: u64 = 1;
+
+struct Known {
+    id: u32,
+    owner: Pid,
+    fd: i32,
+}
+
+/// Captures the fds of `owners`. Returns the open file descriptions and, per owner, its fds.
+pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), FileError> {
+    let mut files: Vec<OpenFile> = Vec::new();
+    let mut by_inode: HashMap<(u64, u64), Vec<Known>> = HashMap::new();
+    let mut tables = Vec::with_capacity(owners.len());
+    for owner in owners {
+        let pid = owner.host;
+        let fds = procfs::fds(pid).map_err(|source| FileError::Proc {
+            pid: owner.ns_pid,
+            fd: -1,
+            source,
+        })?;
+        let mut table = Vec::with_capacity(fds.len());
+        for fd in fds {
+            let err_io = |what| {
+                move |source| FileError::Io {
+                    pid: owner.ns_pid,
+                    fd,
+                    what,
+                    source,
+                }
+            };
+            let err_proc = |source| FileError::Proc {
+                pid: owner.ns_pid,
+                fd,
+                source,
+            };
+            let link = procfs::link(pid, &format!("fd/{fd}")).map_err(err_proc)?;
+            let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", pid.as_raw()))
+                .map_err(err_io("stat"))?;
+            let info = FdInfo::read(pid, fd).map_err(err_proc)?;
+            let raw_flags = info.flags().map_err(err_proc)?;
+            let key = (meta.dev(), meta.ino());
+            let same = by_inode.entry(key).or_default();
+            let mut id = None;
+            for k in same.iter() {
+                if sys::kcmp_file(k.owner, k.fd, pid, fd).map_err(err_io("compare with kcmp"))? == 0
+                {
+                    id = Some(k.id);
+                    break;
+                }
+            }
+            let id = match id {
+                Some(id) => id,
+                None => {
+                    let id = files.len() as u32;
+                    let kind = classify(owner, fd, &link, &meta)?;
+                    files.push(OpenFile {
+                        id,
+                        flags: raw_flags & !O_CLOEXEC_BIT,
+                        pos: info.pos().map_err(err_proc)?,
+                        kind,
+                    });
+                    same.push(Known { id, owner: pid, fd });
+                    id
+                }
+            };
+            table.push(FdState {
+                fd,
+                cloexec: raw_flags & O_CLOEXEC_BIT != 0,
+                file: id,
+            });
+        }
+        tables.push(table);
+    }
+    capture_pipe_data(owners, &tables, &mut files)?;
+    Ok((files, tables))
+}
+
+fn classify(
+    owner: &FdOwner,
+    fd: i32,
+    link: &str,
+    meta: &std::fs::Metadata,
+) -> Result<FileKind, FileError> {
+    let unsupported = |reason: String| FileError::Unsupported {
+        pid: owner.ns_pid,
+        fd,
+        reason,
+    };
+    if let Some(rest) = link.strip_prefix("pipe:[") {
+        let pipe = rest
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| unsupported(format!("odd pipe link {link}")))?;
+        let flags = FdInfo::read(owner.host, fd)
+            .and_then(|i| i.flags())
+            .map_err(|source| FileError::Proc {
+                pid: owner.ns_pid,
+                fd,
+                source,
+            })?;
+        return Ok(FileKind::Pipe {
+            pipe,
+            write_end: flags & libc::O_ACCMODE == libc::O_WRONLY,
+            data: Vec::new(),
+        });
+    }
+    if !link.starts_with('/') {
+        return Err(unsupported(format!("{link} is not supported yet")));
+    }
+    if link.ends_with(" (deleted)") {
+        return Err(unsupported(format!(
+            "{link}: open files that were deleted are not supported yet"
+        )));
+    }
+    let ft = meta.file_type();
+    let ok = ft.is_file()
+        || ft.is_dir()
+        || (ft.is_char_device() && libc::major(meta.rdev()) as u64 == MEM_MAJOR);
+    if !ok {
+        return Err(unsupported(format!(
+            "{link}: this kind of file is not supported yet"
+        )));
+    }
+    Ok(FileKind::Path {
+        path: link.to_string(),
+        dev: meta.dev(),
+        inode: meta.ino(),
+        mode: meta.mode(),
+    })
+}
+
+/// Reads the unread bytes of every pipe without consuming them (tee into a pipe of our own) and keeps
+/// them on one of the pipe's open files, a read end when there is one.
+fn capture_pipe_data(
+    owners: &[FdOwner],
+    tables: &[Vec<FdState>],
+    files: &mut [OpenFile],
+) -> Result<(), FileError> {
+    // pipe inode -> (file that keeps the data, an fd that reaches the pipe)
+    let mut pipes: HashMap<u64, (usize, FdOwner, i32)> = HashMap::new();
+    for (owner, table) in owners.iter().zip(tables) {
+        for fds in table {
+            let idx = fds.file as usize;
+            let FileKind::Pipe {
+                pipe, write_end, ..
+            } = files[idx].kind
+            else {
+                continue;
+            };
+            let entry = pipes.entry(pipe).or_insert((idx, *owner, fds.fd));
+            if !write_end {
+                entry.0 = idx;
+            }
+        }
+    }
+    for (keeper, owner, fd) in pipes.into_values() {
+        let bytes = peek_pipe(&owner, fd)?;
+        if let FileKind::Pipe { data, .. } = &mut files[keeper].kind {
+            *data = bytes;
+        }
+    }
+    Ok(())
+}
+
+fn peek_pipe(owner: &FdOwner, fd: i32) -> Result<Vec<u8>, FileError> {
+    let err_io = |what| {
+        move |source| FileError::Io {
+            pid: owner.ns_pid,
+            fd,
+            what,
+            source,
+        }
+    };
+    let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
+    let end = sys::pidfd_getfd(pidfd.as_fd(), fd)
+        .map_err(err_io("duplicate the pipe with pidfd_getfd"))?;
+    let reader: OwnedFd = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(format!("/proc/self/fd/{}", end.as_raw_fd()))
+        .map_err(err_io("open the pipe for reading"))?
+        .into();
+    let queued = sys::fionread(reader.as_fd()).map_err(err_io("count queued bytes"))?;
+    if queued == 0 {
+        return Ok(Vec::new());
+    }
+    let size = fcntl(reader.as_fd(), FcntlArg::F_GETPIPE_SZ)
+        .map_err(|e| err_io("read the pipe size")(e.into()))?;
+    let (copy_rd, copy_wr) =
+        pipe2(OFlag::O_NONBLOCK | OFlag::O_CLOEXEC).map_err(|e| err_io("make a pipe")(e.into()))?;
+    fcntl(copy_wr.as_fd(), FcntlArg::F_SETPIPE_SZ(size))
+        .map_err(|e| err_io("size a pipe")(e.into()))?;
+    let copied =
+        sys::tee(reader.as_fd(), copy_wr.as_fd(), queued).map_err(err_io("tee the pipe"))?;
+    drop(copy_wr);
+    let mut data = Vec::with_capacity(copied);
+    File::from(copy_rd)
+        .read_to_end(&mut data)
+        .map_err(err_io("read the pipe copy"))?;
+    if data.len() != queued {
+        return Err(FileError::Unsupported {
+            pid: owner.ns_pid,
+            fd,
+            reason: format!(
+                "pipe holds {queued} bytes but only {} could be copied",
+                data.len()
+            ),
+        });
+    }
+    Ok(data)
+}

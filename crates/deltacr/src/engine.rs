@@ -11,7 +11,7 @@ use crate::files::{self, FdOwner, FileError};
 use crate::freezer::Freezer;
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
-use crate::restore::{NewProcess, RestoreError};
+use crate::restore::{self, NewProcess, RestoreError};
 use crate::state::{ProcessEntry, ProcessKind, ProcessState, TreeState};
 use crate::template::{self, Detach, Template, TemplateError};
 
@@ -327,10 +327,42 @@ impl Engine {
                 return Ok(());
             }
             if Instant::now() > deadline {
+                let states: Vec<String> = left
+                    .iter()
+                    .map(|p| {
+                        let st = procfs::Status::read(*p);
+                        let get = |k| {
+                            st.as_ref()
+                                .ok()
+                                .and_then(|s| s.get(k).ok().map(str::to_string))
+                        };
+                        let tasks: Vec<String> = procfs::tasks(*p)
+                            .unwrap_or_default()
+                            .iter()
+                            .map(|t| {
+                                let ts = procfs::Status::read_thread(*p, *t);
+                                let tg = |k| {
+                                    ts.as_ref()
+                                        .ok()
+                                        .and_then(|s| s.get(k).ok().map(str::to_string))
+                                };
+                                format!("{t}:{:?}/{:?}", tg("State"), tg("TracerPid"))
+                            })
+                            .collect();
+                        format!(
+                            "{p} ({:?}, tracer {:?}, tasks {tasks:?})",
+                            get("State"),
+                            get("TracerPid")
+                        )
+                    })
+                    .collect();
                 return Err(CrError::Unsupported {
                     pid: 0,
                     comm: String::new(),
-                    reason: format!("{} processes did not go away after SIGKILL", left.len()),
+                    reason: format!(
+                        "processes did not go away after SIGKILL: {}",
+                        states.join(", ")
+                    ),
                 });
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -350,7 +382,7 @@ impl Engine {
         let res = self.restore_into(ckpt, sb, &mut made);
         if let Err(e) = res {
             for (mut np, _) in made {
-                let _ = np.kill();
+                np.kill();
             }
             return Err(e);
         }
@@ -400,8 +432,18 @@ impl Engine {
                 template = t.pid().as_raw(),
                 "restoring from template"
             );
-            pids.set_next(entry.pid)?;
-            let host = t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+            let host = restore::create_with_pid(
+                pids,
+                entry.pid,
+                entry.pid,
+                |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
+                |_, wrong| {
+                    NewProcess::kill_host(wrong);
+                    Ok(())
+                },
+                &mut &*t,
+            )
+            .map_err(CrError::from)?;
             let np = NewProcess::take(host, entry.pid, t.gadget())?;
             made.push((np, entry));
             let np = &mut made.last_mut().expect("just pushed").0;

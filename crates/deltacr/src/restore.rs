@@ -20,6 +20,8 @@ use crate::sys;
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
 pub enum RestoreError {
+    #[error("restoring from a template")]
+    Template(#[from] crate::template::TemplateError),
     #[error("restoring process {pid}")]
     Ptrace {
         pid: i32,
@@ -64,6 +66,43 @@ const PR_SET_PDEATHSIG: u64 = 1;
 const PR_SET_DUMPABLE: u64 = 4;
 const PR_SET_CHILD_SUBREAPER: u64 = 36;
 
+/// How often a pid that is not free yet is retried (see [`create_with_pid`]).
+const PID_ATTEMPTS: u32 = 2000;
+const PID_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Creates a task (with `make`) that must get pid `want` in the sandbox. The kernel releases a reaped
+/// task's pid only after its parent's wait returned (after dropping tasklist_lock), so the pids of a tree
+/// we just killed can stay taken for a moment: a task that got another pid is discarded and we retry.
+pub fn create_with_pid<C>(
+    pids: &mut PidSetter,
+    want: i32,
+    owner: i32,
+    mut make: impl FnMut(&mut C) -> Result<Pid, RestoreError>,
+    mut discard: impl FnMut(&mut C, Pid) -> Result<(), RestoreError>,
+    ctx: &mut C,
+) -> Result<Pid, RestoreError> {
+    let mut got = 0;
+    for _ in 0..PID_ATTEMPTS {
+        pids.set_next(want).map_err(|source| RestoreError::PidNs {
+            pid: owner,
+            want,
+            source,
+        })?;
+        let task = make(ctx)?;
+        got = ns_pid_of(task).map_err(|source| RestoreError::Proc { pid: owner, source })?;
+        if got == want {
+            return Ok(task);
+        }
+        discard(ctx, task)?;
+        std::thread::sleep(PID_RETRY_PAUSE);
+    }
+    Err(RestoreError::WrongPid {
+        pid: owner,
+        want,
+        got,
+    })
+}
+
 /// Reads the pid of a host task inside its own pid namespace.
 pub fn ns_pid_of(host: Pid) -> Result<i32, ProcError> {
     procfs::Status::read(host)?.innermost("NSpid")
@@ -83,7 +122,6 @@ pub struct NewProcess {
 impl NewProcess {
     /// Takes over a just-created process (stopped, traced) that must have pid `want` in its namespace.
     pub fn take(host: Pid, want: i32, gadget: u64) -> Result<NewProcess, RestoreError> {
-        let got = ns_pid_of(host).map_err(|source| RestoreError::Proc { pid: want, source })?;
         let inj = Injector::new(host, host, gadget)
             .map_err(|source| RestoreError::Ptrace { pid: want, source })?;
         let mut np = NewProcess {
@@ -94,14 +132,6 @@ impl NewProcess {
             threads_done: Vec::new(),
             scratch: None,
         };
-        if got != want {
-            let _ = np.kill();
-            return Err(RestoreError::WrongPid {
-                pid: want,
-                want,
-                got,
-            });
-        }
         let scratch = Scratch::map(np.leader(), SCRATCH_LEN).map_err(np.perr())?;
         np.scratch = Some(scratch);
         Ok(np)
@@ -365,43 +395,44 @@ impl NewProcess {
         pids: &mut PidSetter,
     ) -> Result<(), RestoreError> {
         for t in st.threads.iter().skip(1) {
-            pids.set_next(t.tid).map_err(|source| RestoreError::PidNs {
-                pid: self.ns_pid,
-                want: t.tid,
-                source,
-            })?;
-            let res = self
-                .leader()
-                .syscall(libc::SYS_clone, &[CLONE_THREAD_FLAGS, 0, 0, 0, 0])
-                .map_err(self.perr())?;
-            res.ok(libc::SYS_clone, self.host).map_err(self.perr())?;
-            let tid = res
-                .child
-                .ok_or_else(|| {
-                    self.perr()(PtraceError::UnexpectedStop {
-                        tid: self.host.as_raw(),
-                        status: "no clone event".into(),
-                        doing: "creating a thread",
-                    })
-                })?
-                .pid;
-            ptrace::wait_stop(tid, "restored").map_err(self.perr())?;
+            let tid = create_with_pid(
+                pids,
+                t.tid,
+                self.ns_pid,
+                |np: &mut Self| np.clone_thread(),
+                |np: &mut Self, wrong| np.discard_thread(wrong),
+                self,
+            )?;
             let inj = Injector::new(self.host, tid, self.gadget).map_err(self.perr())?;
             self.threads.push((inj, t.tid));
-            let got = procfs::Status::read_thread(self.host, tid)
-                .and_then(|s| s.innermost("NSpid"))
-                .map_err(|source| RestoreError::Proc {
-                    pid: self.ns_pid,
-                    source,
-                })?;
-            if got != t.tid {
-                return Err(RestoreError::WrongPid {
-                    pid: self.ns_pid,
-                    want: t.tid,
-                    got,
-                });
-            }
         }
+        Ok(())
+    }
+
+    fn clone_thread(&mut self) -> Result<Pid, RestoreError> {
+        let res = self
+            .leader()
+            .syscall(libc::SYS_clone, &[CLONE_THREAD_FLAGS, 0, 0, 0, 0])
+            .map_err(self.perr())?;
+        res.ok(libc::SYS_clone, self.host).map_err(self.perr())?;
+        let tid = res
+            .child
+            .ok_or_else(|| {
+                self.perr()(PtraceError::UnexpectedStop {
+                    tid: self.host.as_raw(),
+                    status: "no clone event".into(),
+                    doing: "creating a thread",
+                })
+            })?
+            .pid;
+        ptrace::wait_stop(tid, "restored").map_err(self.perr())?;
+        Ok(tid)
+    }
+
+    /// Ends a thread created with the wrong tid (exit ends just the calling thread).
+    fn discard_thread(&mut self, tid: Pid) -> Result<(), RestoreError> {
+        let mut inj = Injector::new(self.host, tid, self.gadget).map_err(self.perr())?;
+        inj.syscall(libc::SYS_exit, &[0]).map_err(self.perr())?;
         Ok(())
     }
 
@@ -491,11 +522,15 @@ impl NewProcess {
         Ok(())
     }
 
+    /// Kills a traced process we created and collects its exit.
+    pub fn kill_host(host: Pid) {
+        let _ = nix::sys::signal::kill(host, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(host, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    }
+
     /// Kills the half-restored process.
-    pub fn kill(&mut self) -> Result<(), RestoreError> {
-        let _ = nix::sys::signal::kill(self.host, nix::sys::signal::Signal::SIGKILL);
-        let _ = nix::sys::wait::waitpid(self.host, Some(nix::sys::wait::WaitPidFlag::__WALL));
-        Ok(())
+    pub fn kill(&mut self) {
+        Self::kill_host(self.host);
     }
 }
 

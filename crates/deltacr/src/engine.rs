@@ -9,7 +9,9 @@ use nix::unistd::Pid;
 use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
 use crate::files::{self, FdOwner, FileError};
 use crate::freezer::Freezer;
+use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
+use crate::plan::{self, PlanError};
 use crate::procfs::{self, ProcError};
 use crate::restore::{self, NewProcess, RestoreError};
 use crate::state::{ProcessEntry, ProcessKind, ProcessState, TreeState};
@@ -30,6 +32,8 @@ pub enum CrError {
     PidNs(#[from] PidNsError),
     #[error("reading /proc")]
     Proc(#[from] ProcError),
+    #[error("cannot restore")]
+    Plan(#[from] PlanError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
     #[error("process {pid} ({comm}): {reason}")]
@@ -336,24 +340,7 @@ impl Engine {
                                 .ok()
                                 .and_then(|s| s.get(k).ok().map(str::to_string))
                         };
-                        let tasks: Vec<String> = procfs::tasks(*p)
-                            .unwrap_or_default()
-                            .iter()
-                            .map(|t| {
-                                let ts = procfs::Status::read_thread(*p, *t);
-                                let tg = |k| {
-                                    ts.as_ref()
-                                        .ok()
-                                        .and_then(|s| s.get(k).ok().map(str::to_string))
-                                };
-                                format!("{t}:{:?}/{:?}", tg("State"), tg("TracerPid"))
-                            })
-                            .collect();
-                        format!(
-                            "{p} ({:?}, tracer {:?}, tasks {tasks:?})",
-                            get("State"),
-                            get("TracerPid")
-                        )
+                        format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
                     })
                     .collect();
                 return Err(CrError::Unsupported {
@@ -402,55 +389,80 @@ impl Engine {
         sb: &Sandbox<'_>,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
     ) -> Result<(), CrError> {
+        let plan = plan::plan(&ckpt.tree)?;
         let pids = self.pid_setter(sb.init)?;
+        let no_create = Vec::new();
         for entry in &ckpt.tree.processes {
-            let unsupported = |reason: &str| CrError::Unsupported {
-                pid: entry.pid,
-                comm: entry.comm.clone(),
-                reason: reason.into(),
-            };
+            let parent = made.iter().position(|(_, e)| e.pid == entry.ppid);
             let st = match &entry.kind {
                 ProcessKind::Live(st) => st,
-                ProcessKind::Zombie { .. } => {
-                    return Err(unsupported("restoring zombies is not supported yet"))
+                ProcessKind::Zombie { exit_status } => {
+                    let pidx = parent.expect("plan checked that zombies have a restored parent");
+                    let p = &mut made[pidx].0;
+                    let host = p.fork_child(pids, entry.pid, libc::SIGCHLD)?;
+                    let mut z = NewProcess::take(host, entry.pid, p.gadget())?;
+                    if entry.pgid == entry.pid {
+                        z.set_process_group(entry.pid)?;
+                    }
+                    z.become_zombie(&entry.comm, *exit_status)?;
+                    continue;
                 }
             };
-            if entry.ppid != 1 {
-                return Err(unsupported(
-                    "restoring processes whose parent is not init is not supported yet",
-                ));
-            }
-            let t = ckpt
-                .templates
-                .get(&entry.pid)
-                .ok_or(CrError::NoTemplate { pid: entry.pid })?;
-            if !t.alive() {
-                return Err(CrError::NoTemplate { pid: entry.pid });
-            }
-            tracing::debug!(
-                pid = entry.pid,
-                template = t.pid().as_raw(),
-                "restoring from template"
-            );
-            let host = restore::create_with_pid(
-                pids,
-                entry.pid,
-                entry.pid,
-                |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
-                |_, wrong| {
-                    NewProcess::kill_host(wrong);
-                    Ok(())
-                },
-                &mut &*t,
-            )
-            .map_err(CrError::from)?;
-            let np = NewProcess::take(host, entry.pid, t.gadget())?;
+            let template = ckpt.templates.get(&entry.pid).filter(|t| t.alive());
+            let t = template.ok_or(CrError::NoTemplate { pid: entry.pid })?;
+            let np = match parent {
+                None => {
+                    tracing::debug!(
+                        pid = entry.pid,
+                        template = t.pid().as_raw(),
+                        "restoring from template"
+                    );
+                    let host = restore::create_with_pid(
+                        pids,
+                        entry.pid,
+                        entry.pid,
+                        |t: &mut &Template| {
+                            Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?)
+                        },
+                        |_, wrong| {
+                            NewProcess::kill_host(wrong);
+                            Ok(())
+                        },
+                        &mut &*t,
+                    )?;
+                    NewProcess::take(host, entry.pid, t.gadget())?
+                }
+                Some(pidx) => {
+                    tracing::debug!(
+                        pid = entry.pid,
+                        parent = entry.ppid,
+                        "restoring by fork from the parent"
+                    );
+                    let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                        unreachable!("only live processes are kept in `made`")
+                    };
+                    let parent_creds = pst.creds.clone();
+                    let p = &mut made[pidx].0;
+                    let host = p.fork_child(pids, entry.pid, st.exit_signal)?;
+                    let mut np = NewProcess::take(host, entry.pid, p.gadget())?;
+                    let mut pages =
+                        ProcessPages::open(t.pid()).map_err(|e| CrError::Unsupported {
+                            pid: entry.pid,
+                            comm: entry.comm.clone(),
+                            reason: format!("cannot read its template's memory: {e}"),
+                        })?;
+                    np.rebuild_memory(st, &mut pages)?;
+                    np.restore_static(st, &parent_creds)?;
+                    np
+                }
+            };
             made.push((np, entry));
             let np = &mut made.last_mut().expect("just pushed").0;
             if entry.sid == entry.pid {
                 np.set_session_leader()?;
             }
-            np.restore_fds(st, &ckpt.tree.files)?;
+            let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
+            np.restore_fds(&st.fds, create, &ckpt.tree.files, &plan.fds)?;
             np.restore_process_misc(st)?;
             np.create_threads(st, pids)?;
             np.restore_thread_state(st)?;
@@ -465,10 +477,25 @@ impl Engine {
                 np.set_process_group(e.pgid)?;
             }
         }
+        let filters: HashMap<i32, usize> = made
+            .iter()
+            .filter_map(|(_, e)| match &e.kind {
+                ProcessKind::Live(st) => Some((e.pid, st.seccomp.len())),
+                ProcessKind::Zombie { .. } => None,
+            })
+            .collect();
         for (np, e) in made.iter_mut() {
-            if let ProcessKind::Live(st) = &e.kind {
-                np.finish(st)?;
-            }
+            let ProcessKind::Live(st) = &e.kind else {
+                continue;
+            };
+            // A copy-on-write clone has all its template's filters; a fork has its parent's.
+            let inherited = filters.get(&e.ppid).copied().unwrap_or(st.seccomp.len());
+            np.finish(
+                st,
+                &plan.fds,
+                plan.zombie_parents.contains(&e.pid),
+                inherited,
+            )?;
         }
         pids.set_last_pid(ckpt.tree.last_pid)?;
         Ok(())

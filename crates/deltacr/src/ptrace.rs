@@ -347,6 +347,11 @@ impl Injector {
         self.orig_mask
     }
 
+    /// The syscall instruction currently used.
+    pub fn gadget(&self) -> u64 {
+        self.gadget
+    }
+
     /// Use another syscall instruction from now on (after the vdso moved).
     pub fn set_gadget(&mut self, gadget: u64) {
         self.gadget = gadget;
@@ -477,6 +482,11 @@ impl Scratch {
             len,
             pid: inj.pid,
         })
+    }
+
+    /// Describes scratch memory the caller has mapped itself at `addr` in process `pid`.
+    pub fn at(pid: Pid, addr: u64, len: usize) -> Scratch {
+        Scratch { addr, len, pid }
     }
 
     /// Writes bytes at `offset` of the scratch area.

@@ -11,10 +11,11 @@ use std::os::unix::fs::MetadataExt;
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::unistd::Pid;
 
+use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::state::{FileKind, OpenFile, ProcessState, SigInfo, ThreadState};
+use crate::state::{Creds, FdState, FileKind, OpenFile, ProcessState, SigInfo, ThreadState};
 use crate::sys;
 
 /// Errors of this module.
@@ -43,6 +44,12 @@ pub enum RestoreError {
     },
     #[error("restoring process {pid}: got pid {got} instead of {want} (is it still in use?)")]
     WrongPid { pid: i32, want: i32, got: i32 },
+    #[error("restoring the memory of process {pid}")]
+    Memory {
+        pid: i32,
+        #[source]
+        source: crate::mm::MmError,
+    },
     #[error("restoring process {pid}, fd {fd}: {reason}")]
     File { pid: i32, fd: i32, reason: String },
     #[error("restoring process {pid}, fd {fd}: cannot {what}")]
@@ -117,6 +124,24 @@ pub struct NewProcess {
     /// Threads whose final state is loaded (after `finish`).
     threads_done: Vec<Pid>,
     scratch: Option<Scratch>,
+    /// Put back into job-control stop when released.
+    job_stopped: bool,
+}
+
+/// Temporary fd numbers used while a tree is restored: open file description `id` lives at
+/// `base + id` in every process that carries it. `pipe_ends` gives, per pipe, the description ids of
+/// its read and write ends.
+#[derive(Debug, Clone, Default)]
+pub struct FdPlan {
+    pub base: i32,
+    pub count: i32,
+    pub pipe_ends: HashMap<u64, (Option<u32>, Option<u32>)>,
+}
+
+impl FdPlan {
+    pub fn temp(&self, id: u32) -> i32 {
+        self.base + id as i32
+    }
 }
 
 impl NewProcess {
@@ -131,10 +156,16 @@ impl NewProcess {
             threads: vec![(inj, want)],
             threads_done: Vec::new(),
             scratch: None,
+            job_stopped: false,
         };
         let scratch = Scratch::map(np.leader(), SCRATCH_LEN).map_err(np.perr())?;
         np.scratch = Some(scratch);
         Ok(np)
+    }
+
+    /// The syscall instruction used to inject into this process (and its forks: same vdso address).
+    pub fn gadget(&self) -> u64 {
+        self.gadget
     }
 
     fn leader(&mut self) -> &mut Injector {
@@ -168,86 +199,91 @@ impl NewProcess {
         self.call(libc::SYS_setpgid, &[0, target]).map(drop)
     }
 
-    /// Opens every fd of the process (the process starts with none).
+    /// Sets up the process's fds. Every open file description of the tree has a fixed temporary fd
+    /// number `plan.temp(id)` while the tree is restored: a process creates the descriptions it is the
+    /// lowest common ancestor of (`create`), its children inherit them by fork (so shared descriptions
+    /// stay shared), and each process then places its own fds with dup3. Everything below the
+    /// temporary range that the process inherited from its parent is closed first.
     pub fn restore_fds(
         &mut self,
-        st: &ProcessState,
+        own: &[FdState],
+        create: &[u32],
         files: &[OpenFile],
+        plan: &FdPlan,
     ) -> Result<(), RestoreError> {
-        let base = st
-            .fds
-            .iter()
-            .map(|f| f.fd)
-            .max()
-            .map_or(0, |m| m + 1)
-            .max(3) as u64;
-        let mut temps: HashMap<u32, i32> = HashMap::new();
-        let mut pipes: HashMap<u64, (i32, i32)> = HashMap::new();
-        for fd in &st.fds {
-            if temps.contains_key(&fd.file) {
-                continue;
-            }
-            let of = &files[fd.file as usize];
-            let tmp = match &of.kind {
+        let mut made_pipes: HashMap<u64, ()> = HashMap::new();
+        for &id in create {
+            let of = &files[id as usize];
+            let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
+            match &of.kind {
                 FileKind::Path {
                     path,
                     dev,
                     inode,
                     mode,
-                } => self.open_path(fd.fd, of, path, (*dev, *inode, *mode), base)?,
-                FileKind::Pipe {
-                    pipe,
-                    write_end,
-                    data,
                 } => {
-                    let ends = match pipes.get(pipe) {
-                        Some(&ends) => ends,
-                        None => {
-                            let ends = self.make_pipe(base)?;
-                            pipes.insert(*pipe, ends);
-                            ends
-                        }
-                    };
-                    if !data.is_empty() {
-                        self.fill_pipe(fd.fd, ends.1, data)?;
-                    }
-                    let tmp = if *write_end { ends.1 } else { ends.0 };
-                    let settable = of.flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
-                    self.call(
-                        libc::SYS_fcntl,
-                        &[tmp as u64, libc::F_SETFL as u64, settable as u64],
-                    )?;
-                    tmp
+                    let tmp = self.open_path(target, of, path, (*dev, *inode, *mode))?;
+                    self.place(tmp, plan.temp(id))?;
                 }
-            };
-            temps.insert(fd.file, tmp);
+                FileKind::Pipe { pipe, .. } => {
+                    if made_pipes.insert(*pipe, ()).is_some() {
+                        continue;
+                    }
+                    let (r, w) = self.make_pipe()?;
+                    let ends = plan.pipe_ends.get(pipe).copied().unwrap_or((None, None));
+                    let data = ends
+                        .0
+                        .map(|rid| &files[rid as usize])
+                        .and_then(|f| match &f.kind {
+                            FileKind::Pipe { data, .. } if !data.is_empty() => {
+                                Some(data.as_slice())
+                            }
+                            _ => None,
+                        });
+                    if let Some(data) = data {
+                        self.fill_pipe(target, w, data)?;
+                    }
+                    for (end, fd) in [(ends.0, r), (ends.1, w)] {
+                        match end {
+                            Some(eid) => {
+                                let settable = files[eid as usize].flags
+                                    & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
+                                self.call(
+                                    libc::SYS_fcntl,
+                                    &[fd as u64, libc::F_SETFL as u64, settable as u64],
+                                )?;
+                                self.place(fd, plan.temp(eid))?;
+                            }
+                            None => {
+                                self.call(libc::SYS_close, &[fd as u64])?;
+                            }
+                        }
+                    }
+                }
+            }
         }
-        for fd in &st.fds {
-            let tmp = temps[&fd.file];
+        self.call(libc::SYS_close_range, &[0, plan.base as u64 - 1, 0])?;
+        for fd in own {
             let flags = if fd.cloexec {
                 libc::O_CLOEXEC as u64
             } else {
                 0
             };
-            self.call(libc::SYS_dup3, &[tmp as u64, fd.fd as u64, flags])?;
-        }
-        let mut all: Vec<i32> = temps
-            .values()
-            .copied()
-            .chain(pipes.values().flat_map(|&(r, w)| [r, w]))
-            .collect();
-        all.sort();
-        all.dedup();
-        for tmp in all {
-            self.call(libc::SYS_close, &[tmp as u64])?;
+            self.call(
+                libc::SYS_dup3,
+                &[plan.temp(fd.file) as u64, fd.fd as u64, flags],
+            )?;
         }
         Ok(())
     }
 
-    fn move_high(&mut self, fd: i64, base: u64) -> Result<i32, RestoreError> {
-        let high = self.call(libc::SYS_fcntl, &[fd as u64, libc::F_DUPFD as u64, base])?;
-        self.call(libc::SYS_close, &[fd as u64])?;
-        Ok(high as i32)
+    /// Moves fd `from` to number `to` (closing `from`).
+    fn place(&mut self, from: i32, to: i32) -> Result<(), RestoreError> {
+        if from != to {
+            self.call(libc::SYS_dup3, &[from as u64, to as u64, 0])?;
+            self.call(libc::SYS_close, &[from as u64])?;
+        }
+        Ok(())
     }
 
     fn open_path(
@@ -256,7 +292,6 @@ impl NewProcess {
         of: &OpenFile,
         path: &str,
         (dev, inode, mode): (u64, u64, u32),
-        base: u64,
     ) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
@@ -282,7 +317,7 @@ impl NewProcess {
                 source: std::io::Error::from_raw_os_error(-raw as i32),
             });
         }
-        let tmp = self.move_high(raw, base)?;
+        let tmp = raw as i32;
         let meta =
             std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
                 RestoreError::FileIo {
@@ -312,16 +347,13 @@ impl NewProcess {
         Ok(tmp)
     }
 
-    fn make_pipe(&mut self, base: u64) -> Result<(i32, i32), RestoreError> {
+    fn make_pipe(&mut self) -> Result<(i32, i32), RestoreError> {
         let addr = self.scratch().addr;
         self.call(libc::SYS_pipe2, &[addr, 0])?;
         let b = self.scratch().read(0, 8).map_err(self.perr())?;
         let r = i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes"));
         let w = i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
-        Ok((
-            self.move_high(r as i64, base)?,
-            self.move_high(w as i64, base)?,
-        ))
+        Ok((r, w))
     }
 
     fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {
@@ -487,9 +519,35 @@ impl NewProcess {
         Ok(())
     }
 
-    /// Unmaps our scratch memory, loads the final registers, FPU state and signal masks. The process
+    /// Last steps before the process may run: drop the SIGCHLDs our re-created zombie children sent,
+    /// re-queue the process's pending signals, close the temporary fds, install the seccomp filters the
+    /// process added over those it inherited (`inherited_filters`; last, as they may forbid what we
+    /// inject), unmap our scratch memory, and load registers, FPU state and signal masks. The process
     /// stays stopped until [`NewProcess::release`].
-    pub fn finish(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
+    pub fn finish(
+        &mut self,
+        st: &ProcessState,
+        plan: &FdPlan,
+        made_zombies: bool,
+        inherited_filters: usize,
+    ) -> Result<(), RestoreError> {
+        if made_zombies {
+            self.drop_pending_sigchld()?;
+        }
+        for info in &st.shared_pending {
+            let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
+            self.call(
+                libc::SYS_rt_sigqueueinfo,
+                &[self.ns_pid as u64, info.signo() as u64, addr],
+            )?;
+        }
+        if plan.count > 0 {
+            let last = (plan.base + plan.count - 1) as u64;
+            self.call(libc::SYS_close_range, &[plan.base as u64, last, 0])?;
+        }
+        for filter in st.seccomp.iter().skip(inherited_filters) {
+            self.install_seccomp(filter)?;
+        }
         if let Some(scratch) = self.scratch.take() {
             let e = self.perr();
             scratch.free(self.leader()).map_err(e)?;
@@ -508,15 +566,253 @@ impl NewProcess {
                 .map_err(perr)?;
             self.threads_done.push(tid);
         }
+        self.job_stopped = st.job_stopped;
         Ok(())
+    }
+
+    fn drop_pending_sigchld(&mut self) -> Result<(), RestoreError> {
+        let mut block = Vec::with_capacity(24);
+        block.extend_from_slice(&(1u64 << (libc::SIGCHLD - 1)).to_ne_bytes());
+        block.extend_from_slice(&[0u8; 16]); // timespec {0, 0}: poll
+        let set = self.scratch().write(0, &block).map_err(self.perr())?;
+        loop {
+            let r = self
+                .leader()
+                .syscall(libc::SYS_rt_sigtimedwait, &[set, 0, set + 8, 8])
+                .map_err(self.perr())?;
+            if r.ret < 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn install_seccomp(&mut self, filter: &[u8]) -> Result<(), RestoreError> {
+        const SECCOMP_SET_MODE_FILTER: u64 = 1;
+        let prog_off = filter.len().next_multiple_of(8);
+        let mut block = filter.to_vec();
+        block.resize(prog_off, 0);
+        let insns = (filter.len() / 8) as u16;
+        block.extend_from_slice(&insns.to_ne_bytes());
+        block.extend_from_slice(&[0u8; 6]);
+        block.extend_from_slice(&self.scratch().addr.to_ne_bytes());
+        let base = self.scratch().write(0, &block).map_err(self.perr())?;
+        self.call(
+            libc::SYS_seccomp,
+            &[SECCOMP_SET_MODE_FILTER, 0, base + prog_off as u64],
+        )
+        .map(drop)
+    }
+
+    /// Creates a child of this (stopped) process by an injected fork; the child has pid `want` (chosen
+    /// with the pid helper) and is returned stopped and traced.
+    pub fn fork_child(
+        &mut self,
+        pids: &mut PidSetter,
+        want: i32,
+        exit_signal: i32,
+    ) -> Result<Pid, RestoreError> {
+        create_with_pid(
+            pids,
+            want,
+            want,
+            |np: &mut Self| {
+                let res = np
+                    .leader()
+                    .syscall(libc::SYS_clone, &[exit_signal as u64 & 0xff, 0, 0, 0, 0])
+                    .map_err(np.perr())?;
+                res.ok(libc::SYS_clone, np.host).map_err(np.perr())?;
+                let child = res
+                    .child
+                    .ok_or_else(|| {
+                        np.perr()(PtraceError::UnexpectedStop {
+                            tid: np.host.as_raw(),
+                            status: "no fork event".into(),
+                            doing: "forking a child",
+                        })
+                    })?
+                    .pid;
+                ptrace::wait_stop(child, "restored").map_err(np.perr())?;
+                Ok(child)
+            },
+            |_, wrong| {
+                Self::kill_host(wrong);
+                Ok(())
+            },
+            self,
+        )
+    }
+
+    /// Replaces the address space (a copy of the parent's) with the checkpointed one.
+    pub fn rebuild_memory(
+        &mut self,
+        st: &ProcessState,
+        src: &mut dyn PageSource,
+    ) -> Result<(), RestoreError> {
+        let scratch = self.scratch.take().expect("scratch is mapped until finish");
+        let pid = self.ns_pid;
+        let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src)
+            .map_err(|source| RestoreError::Memory { pid, source })?;
+        self.gadget = self.threads[0].0.gadget();
+        self.scratch = Some(new);
+        Ok(())
+    }
+
+    /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
+    /// personality, limits, and (when they differ from the parent's) credentials.
+    pub fn restore_static(
+        &mut self,
+        st: &ProcessState,
+        parent_creds: &Creds,
+    ) -> Result<(), RestoreError> {
+        for (i, a) in st.sigactions.iter().enumerate() {
+            let sig = i as u64 + 1;
+            if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+                continue;
+            }
+            let mut b = Vec::with_capacity(32);
+            for w in [a.handler, a.flags, a.restorer, a.mask] {
+                b.extend_from_slice(&w.to_ne_bytes());
+            }
+            let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigaction, &[sig, addr, 0, 8])?;
+        }
+        self.call(libc::SYS_umask, &[st.umask as u64])?;
+        self.call(libc::SYS_personality, &[st.personality as u64])?;
+        let mut cwd = st.cwd.as_bytes().to_vec();
+        cwd.push(0);
+        let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
+        self.call(libc::SYS_chdir, &[addr])?;
+        for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
+            let mut b = Vec::with_capacity(16);
+            b.extend_from_slice(&cur.to_ne_bytes());
+            b.extend_from_slice(&max.to_ne_bytes());
+            let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+            self.call(libc::SYS_prlimit64, &[0, res as u64, addr, 0])?;
+        }
+        if &st.creds != parent_creds {
+            self.restore_creds(&st.creds)?;
+        }
+        Ok(())
+    }
+
+    /// Changes credentials and capabilities to `c` (which the parent's allow: a process can only drop).
+    fn restore_creds(&mut self, c: &Creds) -> Result<(), RestoreError> {
+        const PR_SET_KEEPCAPS: u64 = 8;
+        const PR_CAPBSET_DROP: u64 = 24;
+        const PR_CAP_AMBIENT: u64 = 47;
+        const PR_CAP_AMBIENT_RAISE: u64 = 2;
+        const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+        const PR_SET_NO_NEW_PRIVS: u64 = 38;
+        const LAST_CAP: u64 = 40;
+        for cap in 0..=LAST_CAP {
+            if c.cap_bounding & (1 << cap) == 0 {
+                self.call(libc::SYS_prctl, &[PR_CAPBSET_DROP, cap])?;
+            }
+        }
+        let mut groups = Vec::with_capacity(c.groups.len() * 4);
+        for g in &c.groups {
+            groups.extend_from_slice(&g.to_ne_bytes());
+        }
+        let addr = if groups.is_empty() {
+            0
+        } else {
+            self.scratch().write(0, &groups).map_err(self.perr())?
+        };
+        self.call(libc::SYS_setgroups, &[c.groups.len() as u64, addr])?;
+        self.call(
+            libc::SYS_setresgid,
+            &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64],
+        )?;
+        self.call(libc::SYS_setfsgid, &[c.gids[3] as u64])?;
+        self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 1])?;
+        self.call(
+            libc::SYS_setresuid,
+            &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64],
+        )?;
+        self.call(libc::SYS_setfsuid, &[c.uids[3] as u64])?;
+        self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 0])?;
+        // capset(v3): header {version, pid}, then two {effective, permitted, inheritable} u32 triples.
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+        b.extend_from_slice(&0i32.to_ne_bytes());
+        for half in [0, 32] {
+            for set in [c.cap_effective, c.cap_permitted, c.cap_inheritable] {
+                b.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+            }
+        }
+        let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+        self.call(libc::SYS_capset, &[addr, addr + 8])?;
+        self.call(
+            libc::SYS_prctl,
+            &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0],
+        )?;
+        for cap in 0..=LAST_CAP {
+            if c.cap_ambient & (1 << cap) != 0 {
+                self.call(
+                    libc::SYS_prctl,
+                    &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0],
+                )?;
+            }
+        }
+        if c.no_new_privs {
+            self.call(libc::SYS_prctl, &[PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Turns this new process into the zombie it was: it exits with `exit_status` (a raw wait status)
+    /// and stays unreaped because its parent is still stopped.
+    pub fn become_zombie(mut self, comm: &str, exit_status: i32) -> Result<(), RestoreError> {
+        let mut name = comm.as_bytes().to_vec();
+        name.truncate(15);
+        name.push(0);
+        let addr = self.scratch().write(0, &name).map_err(self.perr())?;
+        self.call(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, addr])?;
+        let termsig = exit_status & 0x7f;
+        if termsig == 0 {
+            self.call(libc::SYS_exit_group, &[((exit_status >> 8) & 0xff) as u64])?;
+            return Ok(());
+        }
+        // Killed by a signal: default action, no core file, then let the signal through on detach.
+        self.call(libc::SYS_rt_sigaction, &[termsig as u64, 0, 0, 8])
+            .map(drop)
+            .or_else(|_| {
+                let addr = self.scratch().write(0, &[0u8; 32]).map_err(self.perr())?;
+                self.call(libc::SYS_rt_sigaction, &[termsig as u64, addr, 0, 8])
+                    .map(drop)
+            })?;
+        let zero = self.scratch().write(0, &[0u8; 16]).map_err(self.perr())?;
+        self.call(libc::SYS_prlimit64, &[0, libc::RLIMIT_CORE as u64, zero, 0])?;
+        let (inj, _) = self.threads.remove(0);
+        let tid = inj.tid();
+        let pid = self.ns_pid;
+        let regs = *inj.orig_regs();
+        inj.finish_with(&regs, 0)
+            .map_err(|source| RestoreError::Ptrace { pid, source })?;
+        let sig =
+            nix::sys::signal::Signal::try_from(termsig).map_err(|e| RestoreError::Ptrace {
+                pid,
+                source: PtraceError::Request {
+                    op: "signal number",
+                    tid: tid.as_raw(),
+                    source: e.into(),
+                },
+            })?;
+        ptrace::detach(tid, Some(sig)).map_err(|source| RestoreError::Ptrace { pid, source })
     }
 
     /// Lets the process run.
     pub fn release(self) -> Result<(), RestoreError> {
-        for tid in &self.threads_done {
-            ptrace::detach(*tid, None).map_err(|source| RestoreError::Ptrace {
-                pid: self.ns_pid,
-                source,
+        // A process that was in job-control stop is stopped again (its parent sees the stop again).
+        let sig = self
+            .job_stopped
+            .then_some(nix::sys::signal::Signal::SIGSTOP);
+        for (i, tid) in self.threads_done.iter().enumerate() {
+            ptrace::detach(*tid, if i == 0 { sig } else { None }).map_err(|source| {
+                RestoreError::Ptrace {
+                    pid: self.ns_pid,
+                    source,
+                }
             })?;
         }
         Ok(())

@@ -6,12 +6,15 @@ use std::process::{Command, Stdio};
 use deltacr::ptrace::{self, Injector, Scratch, StopReason};
 use nix::unistd::Pid;
 
-fn wait_until_blocked(pid: Pid) {
-    // The process is inside a blocking syscall once its state is 'S'.
+fn wait_until_blocked(pid: Pid, nr: i64, arg0: u64) {
+    // The process is blocked in syscall `nr` once its state is 'S' and /proc/PID/syscall names it
+    // (with first argument `arg0`).
     for _ in 0..2000 {
         let stat = deltacr::procfs::Stat::read(pid).unwrap();
         let syscall = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
-        if stat.state() == 'S' && !syscall.starts_with("running") {
+        let mut words = syscall.split(' ');
+        let (n, a0) = (words.next(), words.next());
+        if stat.state() == 'S' && n == Some(&nr.to_string()) && a0 == Some(&format!("{arg0:#x}")) {
             return;
         }
         std::thread::sleep(std::time::Duration::from_millis(5));
@@ -31,7 +34,7 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
         .spawn()
         .unwrap();
     let pid = Pid::from_raw(child.id() as i32);
-    wait_until_blocked(pid);
+    wait_until_blocked(pid, libc::SYS_read, 0);
 
     ptrace::seize(pid).unwrap();
     ptrace::interrupt(pid).unwrap();
@@ -40,7 +43,12 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
     let regs = ptrace::getregs(pid).unwrap();
     assert_eq!(regs.orig_rax as i64, libc::SYS_read, "stopped inside read");
     let (fixed, mode) = ptrace::restart_fixup(&regs, false);
-    assert_eq!(mode, ptrace::RestartMode::Restart);
+    assert_eq!(
+        mode,
+        ptrace::RestartMode::Restart,
+        "rax {}",
+        regs.rax as i64
+    );
     assert_eq!(fixed.rax as i64, libc::SYS_read);
 
     let gadget = ptrace::find_syscall_gadget(pid).unwrap();
@@ -76,7 +84,7 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
 fn an_interrupted_sleep_continues_through_restart_syscall() {
     let mut child = Command::new("sleep").arg("0.3").spawn().unwrap();
     let pid = Pid::from_raw(child.id() as i32);
-    wait_until_blocked(pid);
+    wait_until_blocked(pid, libc::SYS_clock_nanosleep, libc::CLOCK_REALTIME as u64);
     ptrace::seize(pid).unwrap();
     ptrace::interrupt(pid).unwrap();
     ptrace::wait_stop(pid, "stopped").unwrap();

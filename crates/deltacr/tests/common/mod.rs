@@ -11,7 +11,7 @@ use deltacr::Freezer;
 use nix::unistd::Pid;
 
 const INIT_PY: &str = r#"
-import json, os, signal, subprocess, sys
+import json, os, signal, subprocess, sys, threading, time
 def reap(*_):
     while True:
         try:
@@ -21,6 +21,13 @@ def reap(*_):
         if pid == 0:
             return
 signal.signal(signal.SIGCHLD, reap)
+# Python runs signal handlers only between bytecodes of the main thread: reap from a thread too, as a
+# real init's wait loop would.
+def reaper():
+    while True:
+        reap()
+        time.sleep(0.02)
+threading.Thread(target=reaper, daemon=True).start()
 print("ready", flush=True)
 for line in sys.stdin:
     req = json.loads(line)

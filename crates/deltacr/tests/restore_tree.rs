@@ -1,0 +1,157 @@
+//! A process tree (bash → python → producer | consumer, plus a zombie child) is restored with its
+//! parent links, the pipe between producer and consumer (and its unread data), the shared output file
+//! and the zombie, which its parent can still reap.
+
+mod common;
+
+use common::{python, wait_for, PidNs};
+use deltacr::state::ProcessKind;
+use deltacr::Engine;
+
+const TREE_PY: &str = r#"
+import os, sys, time
+out = open(sys.argv[1], "a")
+flag = sys.argv[2]
+r, w = os.pipe()
+if os.fork() == 0:
+    os.close(r)
+    i = 0
+    while True:
+        i += 1
+        os.write(w, b"%d\n" % i)
+        time.sleep(0.003)
+if os.fork() == 0:
+    os.close(w)
+    for line in os.fdopen(r):
+        out.write("c " + line)
+        out.flush()
+os.close(r)
+os.close(w)
+z = os.fork()
+if z == 0:
+    os._exit(7)
+n = 0
+while True:
+    n += 1
+    out.write("p %d\n" % n)
+    out.flush()
+    if z and os.path.exists(flag):
+        pid, status = os.waitpid(z, 0)
+        out.write("z %d %d\n" % (pid, os.WEXITSTATUS(status)))
+        out.flush()
+        z = 0
+    time.sleep(0.005)
+"#;
+
+fn last(lines: &[String], tag: &str) -> Option<u64> {
+    lines
+        .iter()
+        .rev()
+        .find_map(|l| l.strip_prefix(tag).map(|v| v.trim().parse().unwrap()))
+}
+
+fn read(path: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+#[test]
+fn a_tree_with_pipes_and_a_zombie_is_restored() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let flag = ns.path("flag");
+    let script = format!(
+        "{} -c '{}' {} {}",
+        python(),
+        TREE_PY.replace('\'', "'\\''"),
+        out.display(),
+        flag.display()
+    );
+    let (bash, _) = ns.spawn(
+        &["bash", "-c", &format!("{script}; echo done")],
+        None,
+        false,
+    );
+    wait_for(|| (last(&read(&out), "c ").unwrap_or(0) > 5).then_some(()));
+
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let at = read(&out);
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let (p0, c0) = (last(&at, "p ").unwrap(), last(&at, "c ").unwrap());
+    let procs = &ckpt.tree.processes;
+    assert_eq!(
+        procs.len(),
+        5,
+        "bash, python, producer, consumer, zombie: {procs:?}"
+    );
+    assert_eq!(procs[0].pid, bash);
+    let py = procs[1].pid;
+    assert_eq!(procs[1].ppid, bash);
+    let zombie = procs
+        .iter()
+        .find(|p| matches!(p.kind, ProcessKind::Zombie { .. }))
+        .unwrap();
+    assert_eq!(zombie.ppid, py);
+    let zpid = zombie.pid;
+
+    wait_for(|| (last(&read(&out), "p ").unwrap() > p0 + 20).then_some(()));
+    for round in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        let before = read(&out).len();
+        engine.restore(&ckpt, &sb).unwrap();
+        // Parent links are back.
+        for p in procs {
+            if matches!(p.kind, ProcessKind::Live(_)) {
+                let host = ns.host_pid(p.pid);
+                let ids = deltacr::capture::ns_ids(host).unwrap();
+                assert_eq!(
+                    (ids.ppid, ids.pgid, ids.sid),
+                    (p.ppid, p.pgid, p.sid),
+                    "round {round}: {p:?}"
+                );
+            }
+        }
+        wait_for(|| {
+            let new = read(&out).split_off(before);
+            (last(&new, "p ").is_some() && last(&new, "c ").is_some()).then_some(())
+        });
+        let new = read(&out).split_off(before);
+        let first = |tag: &str| {
+            new.iter().find_map(|l| {
+                l.strip_prefix(tag)
+                    .map(|v| v.trim().parse::<u64>().unwrap())
+            })
+        };
+        assert_eq!(
+            first("p "),
+            Some(p0 + 1),
+            "round {round}: parent continues: {new:?}"
+        );
+        assert_eq!(
+            first("c "),
+            Some(c0 + 1),
+            "round {round}: consumer continues: {new:?}"
+        );
+        // The zombie can be reaped by its parent, with its exit status.
+        std::fs::write(&flag, "").unwrap();
+        wait_for(|| {
+            read(&out)
+                .split_off(before)
+                .iter()
+                .any(|l| l.starts_with("z "))
+                .then_some(())
+        });
+        let z = read(&out)
+            .split_off(before)
+            .into_iter()
+            .find(|l| l.starts_with("z "))
+            .unwrap();
+        assert_eq!(z, format!("z {zpid} 7"));
+        std::fs::remove_file(&flag).unwrap();
+    }
+}

@@ -393,6 +393,36 @@ impl LiveProcess {
     }
 }
 
+/// A process's credentials and capabilities from /proc/PID/status.
+pub fn read_creds(pid: Pid) -> Result<crate::state::Creds, ProcError> {
+    let st = procfs::Status::read(pid)?;
+    let four = |key: &str| -> Result<[u32; 4], ProcError> {
+        let v = st.numbers(key)?;
+        if v.len() != 4 {
+            return Err(ProcError::Parse {
+                path: procfs::dir(pid).join("status"),
+                what: format!("{key} needs 4 ids"),
+            });
+        }
+        Ok([v[0] as u32, v[1] as u32, v[2] as u32, v[3] as u32])
+    };
+    Ok(crate::state::Creds {
+        uids: four("Uid")?,
+        gids: four("Gid")?,
+        groups: st
+            .numbers("Groups")?
+            .into_iter()
+            .map(|g| g as u32)
+            .collect(),
+        cap_inheritable: st.hex("CapInh")?,
+        cap_permitted: st.hex("CapPrm")?,
+        cap_effective: st.hex("CapEff")?,
+        cap_bounding: st.hex("CapBnd")?,
+        cap_ambient: st.hex("CapAmb")?,
+        no_new_privs: st.get("NoNewPrivs")? == "1",
+    })
+}
+
 /// What a process shares with its template: read from the template after the live process runs again.
 pub struct StaticState {
     pub sigactions: Vec<crate::state::SigAction>,
@@ -415,7 +445,7 @@ pub fn capture_static(
     t: &crate::template::Template,
     ns_pid: i32,
 ) -> Result<StaticState, CaptureError> {
-    use crate::state::{Creds, MmState, SigAction};
+    use crate::state::{MmState, SigAction};
     let pid = t.pid();
     let perr = |source| CaptureError::Ptrace {
         pid: ns_pid,
@@ -450,33 +480,8 @@ pub fn capture_static(
             Ok((acts, brk))
         })
         .map_err(perr)?;
+    let creds = read_creds(pid).map_err(prerr)?;
     let st = procfs::Status::read(pid).map_err(prerr)?;
-    let four = |key: &str| -> Result<[u32; 4], CaptureError> {
-        let v = st.numbers(key).map_err(prerr)?;
-        if v.len() != 4 {
-            return Err(prerr(ProcError::Parse {
-                path: procfs::dir(pid).join("status"),
-                what: format!("{key} needs 4"),
-            }));
-        }
-        Ok([v[0] as u32, v[1] as u32, v[2] as u32, v[3] as u32])
-    };
-    let creds = Creds {
-        uids: four("Uid")?,
-        gids: four("Gid")?,
-        groups: st
-            .numbers("Groups")
-            .map_err(prerr)?
-            .into_iter()
-            .map(|g| g as u32)
-            .collect(),
-        cap_inheritable: st.hex("CapInh").map_err(prerr)?,
-        cap_permitted: st.hex("CapPrm").map_err(prerr)?,
-        cap_effective: st.hex("CapEff").map_err(prerr)?,
-        cap_bounding: st.hex("CapBnd").map_err(prerr)?,
-        cap_ambient: st.hex("CapAmb").map_err(prerr)?,
-        no_new_privs: st.get("NoNewPrivs").map_err(prerr)? == "1",
-    };
     let umask = u32::from_str_radix(st.get("Umask").map_err(prerr)?, 8).unwrap_or(0o022);
     let personality_path = procfs::dir(pid).join("personality");
     let personality = std::fs::read_to_string(&personality_path)

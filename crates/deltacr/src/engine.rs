@@ -9,6 +9,7 @@ use nix::unistd::Pid;
 use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
 use crate::files::{self, FdOwner, FileError};
 use crate::freezer::Freezer;
+use crate::image::{ImageChain, ImageId, ImageJob};
 use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
 use crate::plan::{self, PlanError};
@@ -71,6 +72,38 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// Prepares writing this checkpoint's durable image (the job can run on any thread while the
+    /// sandbox runs). With `parent` (the previous checkpoint of this sandbox and the id of its image),
+    /// the image holds only the pages that changed since then.
+    pub fn image_job(&self, parent: Option<(&Checkpoint, ImageId)>) -> Result<ImageJob, CrError> {
+        let mut pages = Vec::new();
+        for (pid, t) in &self.templates {
+            if !t.alive() {
+                return Err(CrError::NoTemplate { pid: *pid });
+            }
+            let p = ProcessPages::open(t.pid()).map_err(|_| CrError::NoTemplate { pid: *pid })?;
+            pages.push((*pid, p));
+        }
+        pages.sort_by_key(|(pid, _)| *pid);
+        let mut parent_pages = HashMap::new();
+        if let Some((pc, _)) = parent {
+            for (pid, t) in &pc.templates {
+                if !t.alive() {
+                    continue;
+                }
+                if let Ok(p) = ProcessPages::open(t.pid()) {
+                    parent_pages.insert(*pid, p);
+                }
+            }
+        }
+        Ok(ImageJob {
+            tree: self.tree.clone(),
+            pages,
+            parent_pages,
+            parent: parent.map(|(_, id)| id),
+        })
+    }
+
     /// Pids (in the sandbox) whose template no longer exists.
     pub fn lost_templates(&self) -> Vec<i32> {
         let mut lost: Vec<i32> = self
@@ -82,6 +115,12 @@ impl Checkpoint {
         lost.sort();
         lost
     }
+}
+
+/// Where restored memory comes from.
+enum Memory<'a> {
+    Templates(&'a HashMap<i32, Template>),
+    Image(&'a mut ImageChain),
 }
 
 /// Timings of one restore.
@@ -357,20 +396,41 @@ impl Engine {
     }
 
     /// Recreates the checkpoint's processes in the sandbox, whose processes (except init) must be gone.
-    /// Every process keeps its pid. Nothing runs until the whole tree is in place; on error the
-    /// partially restored processes are killed.
+    /// Every process keeps its pid. Processes whose parent is init are copy-on-write clones of their
+    /// templates; the others are forked by their restored parent and get their memory copied from
+    /// their template. Nothing runs until the whole tree is in place; on error the partially restored
+    /// processes are killed.
     pub fn restore(
         &mut self,
         ckpt: &Checkpoint,
         sb: &Sandbox<'_>,
     ) -> Result<RestoreStats, CrError> {
+        self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
+    }
+
+    /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
+    /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
+    pub fn restore_image(
+        &mut self,
+        chain: &mut ImageChain,
+        sb: &Sandbox<'_>,
+    ) -> Result<RestoreStats, CrError> {
+        let tree = chain.head().tree.clone();
+        self.restore_tree(&tree, Memory::Image(chain), sb)
+    }
+
+    fn restore_tree(
+        &mut self,
+        tree: &TreeState,
+        mut mem: Memory<'_>,
+        sb: &Sandbox<'_>,
+    ) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(ckpt, sb, &mut made);
+        let res = self.restore_into(tree, &mut mem, sb, &mut made);
         if let Err(e) = res {
-            for (mut np, _) in made {
-                np.kill();
-            }
+            // Dropping a process that was not released kills it.
+            drop(made);
             return Err(e);
         }
         let processes = made.len();
@@ -385,14 +445,17 @@ impl Engine {
 
     fn restore_into<'c>(
         &mut self,
-        ckpt: &'c Checkpoint,
+        tree: &'c TreeState,
+        mem: &mut Memory<'_>,
         sb: &Sandbox<'_>,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
     ) -> Result<(), CrError> {
-        let plan = plan::plan(&ckpt.tree)?;
+        let plan = plan::plan(tree)?;
         let pids = self.pid_setter(sb.init)?;
         let no_create = Vec::new();
-        for entry in &ckpt.tree.processes {
+        // Per pid: how many of its seccomp filters the new process already has from its creator.
+        let mut inherited: HashMap<i32, usize> = HashMap::new();
+        for entry in &tree.processes {
             let parent = made.iter().position(|(_, e)| e.pid == entry.ppid);
             let st = match &entry.kind {
                 ProcessKind::Live(st) => st,
@@ -408,10 +471,15 @@ impl Engine {
                     continue;
                 }
             };
-            let template = ckpt.templates.get(&entry.pid).filter(|t| t.alive());
-            let t = template.ok_or(CrError::NoTemplate { pid: entry.pid })?;
-            let np = match parent {
-                None => {
+            let template = match mem {
+                Memory::Templates(t) => t.get(&entry.pid).filter(|t| t.alive()),
+                Memory::Image(_) => None,
+            };
+            if matches!(mem, Memory::Templates(_)) && template.is_none() {
+                return Err(CrError::NoTemplate { pid: entry.pid });
+            }
+            let np = match (parent, template) {
+                (None, Some(t)) => {
                     tracing::debug!(
                         pid = entry.pid,
                         template = t.pid().as_raw(),
@@ -430,28 +498,52 @@ impl Engine {
                         },
                         &mut &*t,
                     )?;
+                    inherited.insert(entry.pid, st.seccomp.len());
                     NewProcess::take(host, entry.pid, t.gadget())?
                 }
-                Some(pidx) => {
-                    tracing::debug!(
-                        pid = entry.pid,
-                        parent = entry.ppid,
-                        "restoring by fork from the parent"
-                    );
-                    let ProcessKind::Live(pst) = &made[pidx].1.kind else {
-                        unreachable!("only live processes are kept in `made`")
+                _ => {
+                    let (host, gadget, parent_creds) = match parent {
+                        Some(pidx) => {
+                            tracing::debug!(
+                                pid = entry.pid,
+                                parent = entry.ppid,
+                                "restoring by fork from the parent"
+                            );
+                            let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                                unreachable!("only live processes are kept in `made`")
+                            };
+                            let creds = pst.creds.clone();
+                            inherited.insert(entry.pid, pst.seccomp.len());
+                            let p = &mut made[pidx].0;
+                            (
+                                p.fork_child(pids, entry.pid, st.exit_signal)?,
+                                p.gadget(),
+                                creds,
+                            )
+                        }
+                        None => {
+                            tracing::debug!(pid = entry.pid, "restoring by fork from init");
+                            let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
+                            inherited.insert(entry.pid, f.filters);
+                            (f.child, f.gadget, f.creds)
+                        }
                     };
-                    let parent_creds = pst.creds.clone();
-                    let p = &mut made[pidx].0;
-                    let host = p.fork_child(pids, entry.pid, st.exit_signal)?;
-                    let mut np = NewProcess::take(host, entry.pid, p.gadget())?;
-                    let mut pages =
-                        ProcessPages::open(t.pid()).map_err(|e| CrError::Unsupported {
-                            pid: entry.pid,
-                            comm: entry.comm.clone(),
-                            reason: format!("cannot read its template's memory: {e}"),
-                        })?;
-                    np.rebuild_memory(st, &mut pages)?;
+                    let mut np = NewProcess::take(host, entry.pid, gadget)?;
+                    let unreadable = |e: std::io::Error| CrError::Unsupported {
+                        pid: entry.pid,
+                        comm: entry.comm.clone(),
+                        reason: format!("cannot read its template's memory: {e}"),
+                    };
+                    match (&mut *mem, template) {
+                        (Memory::Templates(_), Some(t)) => np.rebuild_memory(
+                            st,
+                            &mut ProcessPages::open(t.pid()).map_err(unreadable)?,
+                        )?,
+                        (Memory::Image(chain), _) => {
+                            np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?
+                        }
+                        (Memory::Templates(_), None) => unreachable!("checked above"),
+                    }
                     np.restore_static(st, &parent_creds)?;
                     np
                 }
@@ -462,7 +554,7 @@ impl Engine {
                 np.set_session_leader()?;
             }
             let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
-            np.restore_fds(&st.fds, create, &ckpt.tree.files, &plan.fds)?;
+            np.restore_fds(&st.fds, create, &tree.files, &plan.fds)?;
             np.restore_process_misc(st)?;
             np.create_threads(st, pids)?;
             np.restore_thread_state(st)?;
@@ -477,19 +569,19 @@ impl Engine {
                 np.set_process_group(e.pgid)?;
             }
         }
-        let filters: HashMap<i32, usize> = made
-            .iter()
-            .filter_map(|(_, e)| match &e.kind {
-                ProcessKind::Live(st) => Some((e.pid, st.seccomp.len())),
-                ProcessKind::Zombie { .. } => None,
-            })
-            .collect();
         for (np, e) in made.iter_mut() {
             let ProcessKind::Live(st) = &e.kind else {
                 continue;
             };
-            // A copy-on-write clone has all its template's filters; a fork has its parent's.
-            let inherited = filters.get(&e.ppid).copied().unwrap_or(st.seccomp.len());
+            let inherited = inherited.get(&e.pid).copied().unwrap_or(0);
+            if st.seccomp.get(..inherited).is_none() {
+                return Err(CrError::Unsupported {
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    reason: "it has fewer seccomp filters than the process it is restored from"
+                        .into(),
+                });
+            }
             np.finish(
                 st,
                 &plan.fds,
@@ -497,7 +589,7 @@ impl Engine {
                 inherited,
             )?;
         }
-        pids.set_last_pid(ckpt.tree.last_pid)?;
+        pids.set_last_pid(tree.last_pid)?;
         Ok(())
     }
 }

@@ -4,6 +4,7 @@ pub mod capture;
 pub mod engine;
 pub mod files;
 pub mod freezer;
+pub mod image;
 pub mod mm;
 pub mod pidns;
 pub mod plan;

@@ -70,6 +70,22 @@ impl ProcessPages {
         })
     }
 
+    /// Reads the process's memory at `addr` (any protection).
+    pub fn read_at(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
+        let mut done = 0;
+        while done < buf.len() {
+            let r = sys::pread(self.mem.as_fd(), &mut buf[done..], addr + done as u64)?;
+            if r == 0 {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "process memory is gone",
+                ));
+            }
+            done += r;
+        }
+        Ok(())
+    }
+
     /// pagemap entries of `[start, end)`.
     pub fn pagemap(&self, start: u64, end: u64) -> std::io::Result<Vec<u64>> {
         let n = ((end - start) / PAGE) as usize;

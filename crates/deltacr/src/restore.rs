@@ -126,6 +126,8 @@ pub struct NewProcess {
     scratch: Option<Scratch>,
     /// Put back into job-control stop when released.
     job_stopped: bool,
+    /// Set once the process runs on its own (or became a zombie); until then dropping kills it.
+    released: bool,
 }
 
 /// Temporary fd numbers used while a tree is restored: open file description `id` lives at
@@ -157,6 +159,7 @@ impl NewProcess {
             threads_done: Vec::new(),
             scratch: None,
             job_stopped: false,
+            released: false,
         };
         let scratch = Scratch::map(np.leader(), SCRATCH_LEN).map_err(np.perr())?;
         np.scratch = Some(scratch);
@@ -771,6 +774,7 @@ impl NewProcess {
         let termsig = exit_status & 0x7f;
         if termsig == 0 {
             self.call(libc::SYS_exit_group, &[((exit_status >> 8) & 0xff) as u64])?;
+            self.released = true;
             return Ok(());
         }
         // Killed by a signal: default action, no core file, then let the signal through on detach.
@@ -798,11 +802,13 @@ impl NewProcess {
                     source: e.into(),
                 },
             })?;
-        ptrace::detach(tid, Some(sig)).map_err(|source| RestoreError::Ptrace { pid, source })
+        ptrace::detach(tid, Some(sig)).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        self.released = true;
+        Ok(())
     }
 
     /// Lets the process run.
-    pub fn release(self) -> Result<(), RestoreError> {
+    pub fn release(mut self) -> Result<(), RestoreError> {
         // A process that was in job-control stop is stopped again (its parent sees the stop again).
         let sig = self
             .job_stopped
@@ -815,6 +821,7 @@ impl NewProcess {
                 }
             })?;
         }
+        self.released = true;
         Ok(())
     }
 
@@ -824,9 +831,28 @@ impl NewProcess {
         let _ = nix::sys::wait::waitpid(host, Some(nix::sys::wait::WaitPidFlag::__WALL));
     }
 
-    /// Kills the half-restored process.
-    pub fn kill(&mut self) {
-        Self::kill_host(self.host);
+    /// Kills the half-restored process and collects the exit of each of its (traced) threads.
+    fn kill(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        let _ = nix::sys::signal::kill(self.host, nix::sys::signal::Signal::SIGKILL);
+        let tids: Vec<Pid> = self
+            .threads
+            .iter()
+            .map(|(inj, _)| inj.tid())
+            .chain(self.threads_done.iter().copied())
+            .collect();
+        for tid in tids.iter().filter(|t| **t != self.host) {
+            let _ = waitpid(*tid, Some(WaitPidFlag::__WALL));
+        }
+        let _ = waitpid(self.host, Some(WaitPidFlag::__WALL));
+    }
+}
+
+impl Drop for NewProcess {
+    fn drop(&mut self) {
+        if !self.released {
+            self.kill();
+        }
     }
 }
 
@@ -845,4 +871,72 @@ fn requeue_thread_signals(
         )?;
     }
     Ok(())
+}
+
+/// A process forked from the sandbox's init to be turned into a restored process.
+pub struct InitFork {
+    pub child: Pid,
+    /// Syscall instruction in the child (its vdso is init's).
+    pub gadget: u64,
+    /// init's credentials (the child starts with them).
+    pub creds: Creds,
+    /// How many seccomp filters init has (the child inherits them).
+    pub filters: usize,
+}
+
+/// Forks a child of the sandbox's init (host pid `init`) with pid `want`, by briefly taking over
+/// init's main thread. Used for processes whose parent is init when no template exists.
+pub fn fork_from_init(
+    init: Pid,
+    pids: &mut PidSetter,
+    want: i32,
+) -> Result<InitFork, RestoreError> {
+    let perr = |source| RestoreError::Ptrace { pid: want, source };
+    ptrace::seize(init).map_err(perr)?;
+    let res = (|| {
+        ptrace::interrupt(init).map_err(perr)?;
+        ptrace::wait_stop(init, "forking from init").map_err(perr)?;
+        let gadget = ptrace::find_syscall_gadget(init).map_err(perr)?;
+        let creds = crate::capture::read_creds(init)
+            .map_err(|source| RestoreError::Proc { pid: want, source })?;
+        let filters = ptrace::seccomp_filters(init).map_err(perr)?.len();
+        let mut inj = Injector::new(init, init, gadget).map_err(perr)?;
+        let child = create_with_pid(
+            pids,
+            want,
+            want,
+            |inj: &mut Injector| {
+                let r = inj
+                    .syscall(libc::SYS_clone, &[libc::SIGCHLD as u64, 0, 0, 0, 0])
+                    .map_err(perr)?;
+                r.ok(libc::SYS_clone, init).map_err(perr)?;
+                let child = r
+                    .child
+                    .ok_or_else(|| {
+                        perr(PtraceError::UnexpectedStop {
+                            tid: init.as_raw(),
+                            status: "no fork event".into(),
+                            doing: "forking from init",
+                        })
+                    })?
+                    .pid;
+                ptrace::wait_stop(child, "restored").map_err(perr)?;
+                Ok(child)
+            },
+            |_, wrong| {
+                NewProcess::kill_host(wrong);
+                Ok(())
+            },
+            &mut inj,
+        );
+        inj.finish().map_err(perr)?;
+        Ok(InitFork {
+            child: child?,
+            gadget,
+            creds,
+            filters,
+        })
+    })();
+    ptrace::detach(init, None).map_err(perr)?;
+    res
 }

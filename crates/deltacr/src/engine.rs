@@ -217,7 +217,10 @@ impl Engine {
         let mut result = (|| -> Result<Captured, CrError> {
             for s in seized.drain(..) {
                 if s.zombie.is_some() {
-                    zombies.push(s);
+                    // init reaps its own zombie children; they are not part of the sandbox's state.
+                    if s.ids.ppid != 1 {
+                        zombies.push(s);
+                    }
                 } else {
                     live.push(capture::capture_live(s)?);
                 }

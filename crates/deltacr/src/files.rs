@@ -160,6 +160,13 @@ fn classify(
         )));
     }
     let ft = meta.file_type();
+    if ft.is_fifo() {
+        return Ok(FileKind::Fifo {
+            path: link.to_string(),
+            inode: meta.ino(),
+            data: Vec::new(),
+        });
+    }
     let ok = ft.is_file()
         || ft.is_dir()
         || (ft.is_char_device() && libc::major(meta.rdev()) as u64 == MEM_MAJOR);
@@ -176,7 +183,7 @@ fn classify(
     })
 }
 
-/// Reads the unread bytes of every pipe without consuming them (tee into a pipe of our own) and keeps
+/// Reads the unread bytes of every pipe and FIFO without consuming them (tee into a pipe of our own) and keeps
 /// them on one of the pipe's open files, a read end when there is one.
 fn capture_pipe_data(
     owners: &[FdOwner],
@@ -188,11 +195,13 @@ fn capture_pipe_data(
     for (owner, table) in owners.iter().zip(tables) {
         for fds in table {
             let idx = fds.file as usize;
-            let FileKind::Pipe {
-                pipe, write_end, ..
-            } = files[idx].kind
-            else {
-                continue;
+            let (pipe, write_end) = match files[idx].kind {
+                FileKind::Pipe {
+                    pipe, write_end, ..
+                } => (pipe, write_end),
+                // A FIFO's data lives in its inode; any of its open files will do.
+                FileKind::Fifo { inode, .. } => (inode, true),
+                FileKind::Path { .. } => continue,
             };
             let entry = pipes.entry(pipe).or_insert((idx, *owner, fds.fd));
             if !write_end {
@@ -202,7 +211,7 @@ fn capture_pipe_data(
     }
     for (keeper, owner, fd) in pipes.into_values() {
         let bytes = peek_pipe(&owner, fd)?;
-        if let FileKind::Pipe { data, .. } = &mut files[keeper].kind {
+        if let FileKind::Pipe { data, .. } | FileKind::Fifo { data, .. } = &mut files[keeper].kind {
             *data = bytes;
         }
     }

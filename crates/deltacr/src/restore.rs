@@ -220,12 +220,13 @@ impl NewProcess {
             let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
             match &of.kind {
                 FileKind::Path {
-                    path,
-                    dev,
-                    inode,
-                    mode,
+                    path, inode, mode, ..
                 } => {
-                    let tmp = self.open_path(target, of, path, (*dev, *inode, *mode))?;
+                    let tmp = self.open_path(target, of, path, *inode, *mode)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Fifo { path, inode, data } => {
+                    let tmp = self.open_fifo(target, of, path, *inode, data)?;
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Pipe { pipe, .. } => {
@@ -289,12 +290,14 @@ impl NewProcess {
         Ok(())
     }
 
-    fn open_path(
+    /// Opens `path` in the process with `flags` and checks it is the file of the checkpoint (same inode;
+    /// the device may differ when restoring into another sandbox's mount of the same filesystem).
+    fn open_checked(
         &mut self,
         target: i32,
-        of: &OpenFile,
         path: &str,
-        (dev, inode, mode): (u64, u64, u32),
+        flags: i32,
+        inode: u64,
     ) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
@@ -306,7 +309,7 @@ impl NewProcess {
             });
         }
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
-        let flags = of.flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
         let raw = self.leader().syscall(
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
@@ -330,7 +333,7 @@ impl NewProcess {
                     source,
                 }
             })?;
-        if (meta.dev(), meta.ino()) != (dev, inode) {
+        if meta.ino() != inode {
             return Err(RestoreError::File {
                 pid: self.ns_pid,
                 fd: target,
@@ -340,6 +343,18 @@ impl NewProcess {
                 ),
             });
         }
+        Ok(tmp)
+    }
+
+    fn open_path(
+        &mut self,
+        target: i32,
+        of: &OpenFile,
+        path: &str,
+        inode: u64,
+        mode: u32,
+    ) -> Result<i32, RestoreError> {
+        let tmp = self.open_checked(target, path, of.flags, inode)?;
         let kind = mode & libc::S_IFMT;
         if kind == libc::S_IFREG || kind == libc::S_IFDIR {
             self.call(
@@ -350,6 +365,33 @@ impl NewProcess {
         Ok(tmp)
     }
 
+    /// Reopens a FIFO with its original flags. A read-write open (which never blocks) is held meanwhile,
+    /// so the real open does not wait for the other side; the saved bytes are written back when nothing
+    /// is queued in the FIFO (its other users may be outside the sandbox).
+    fn open_fifo(
+        &mut self,
+        target: i32,
+        of: &OpenFile,
+        path: &str,
+        inode: u64,
+        data: &[u8],
+    ) -> Result<i32, RestoreError> {
+        let both = self.open_checked(
+            target,
+            path,
+            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
+            inode,
+        )?;
+        let tmp = self.open_checked(target, path, of.flags, inode);
+        let filled = match tmp {
+            Ok(_) if !data.is_empty() => self.fill_fifo(target, both, data),
+            _ => Ok(()),
+        };
+        self.call(libc::SYS_close, &[both as u64])?;
+        filled?;
+        tmp
+    }
+
     fn make_pipe(&mut self) -> Result<(i32, i32), RestoreError> {
         let addr = self.scratch().addr;
         self.call(libc::SYS_pipe2, &[addr, 0])?;
@@ -357,6 +399,32 @@ impl NewProcess {
         let r = i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes"));
         let w = i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
         Ok((r, w))
+    }
+
+    fn fill_fifo(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
+        let pid = self.ns_pid;
+        let pidfd = sys::pidfd_open(self.host).map_err(|source| RestoreError::FileIo {
+            pid,
+            fd: target,
+            what: "open a pidfd",
+            source,
+        })?;
+        let f = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|source| RestoreError::FileIo {
+            pid,
+            fd: target,
+            what: "reach the FIFO",
+            source,
+        })?;
+        let queued = sys::fionread(f.as_fd()).map_err(|source| RestoreError::FileIo {
+            pid,
+            fd: target,
+            what: "count queued bytes",
+            source,
+        })?;
+        if queued == 0 {
+            self.fill_pipe(target, fd, data)?;
+        }
+        Ok(())
     }
 
     fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {

@@ -215,6 +215,13 @@ pub enum FileKind {
         inode: u64,
         mode: u32,
     },
+    /// A named pipe (FIFO), reopened by path. Its unread bytes (`data`) are kept on one open file of
+    /// the FIFO and written back when nothing is queued in it at restore.
+    Fifo {
+        path: String,
+        inode: u64,
+        data: Vec<u8>,
+    },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe {

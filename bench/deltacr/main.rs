@@ -60,7 +60,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         nix::unistd::mkfifo(f.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     }
     let py = common::python();
-    let (pid, _) = ns.spawn(
+    ns.spawn(
         &[
             &py,
             "-c",

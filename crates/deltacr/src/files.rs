@@ -99,7 +99,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
                 Some(id) => id,
                 None => {
                     let id = files.len() as u32;
-                    let kind = classify(owner, fd, &link, &meta)?;
+                    let kind = classify(owner, fd, &link, &meta, &info)?;
                     files.push(OpenFile {
                         id,
                         flags: raw_flags & !O_CLOEXEC_BIT,
@@ -127,12 +127,19 @@ fn classify(
     fd: i32,
     link: &str,
     meta: &std::fs::Metadata,
+    info: &FdInfo,
 ) -> Result<FileKind, FileError> {
     let unsupported = |reason: String| FileError::Unsupported {
         pid: owner.ns_pid,
         fd,
         reason,
     };
+    if let Some(kind) = link.strip_prefix("anon_inode:") {
+        return anon_inode(kind, info).map_err(|e| match e {
+            FileError::Unsupported { reason, .. } => unsupported(reason),
+            other => other,
+        });
+    }
     if let Some(rest) = link.strip_prefix("pipe:[") {
         let pipe = rest
             .trim_end_matches(']')
@@ -183,6 +190,73 @@ fn classify(
     })
 }
 
+fn anon_inode(kind: &str, info: &FdInfo) -> Result<FileKind, FileError> {
+    let bad = |what: &str| FileError::Unsupported {
+        pid: 0,
+        fd: 0,
+        reason: format!("cannot parse {kind} fdinfo: {what}"),
+    };
+    let field = |key: &str| info.get(key).map_err(|_| bad(key));
+    let hex = |key: &str| {
+        field(key).and_then(|v| u64::from_str_radix(v.trim(), 16).map_err(|_| bad(key)))
+    };
+    let dec = |key: &str| field(key).and_then(|v| v.trim().parse::<u64>().map_err(|_| bad(key)));
+    let pair = |key: &str| -> Result<(u64, u64), FileError> {
+        let v = field(key)?;
+        let inner = v.trim().trim_start_matches('(').trim_end_matches(')');
+        let (a, b) = inner.split_once(',').ok_or_else(|| bad(key))?;
+        Ok((
+            a.trim().parse().map_err(|_| bad(key))?,
+            b.trim().parse().map_err(|_| bad(key))?,
+        ))
+    };
+    match kind {
+        "[eventfd]" => Ok(FileKind::EventFd {
+            count: hex("eventfd-count")?,
+            semaphore: info.get("eventfd-semaphore").is_ok_and(|v| v.trim() == "1"),
+        }),
+        "[signalfd]" => Ok(FileKind::SignalFd {
+            mask: hex("sigmask")?,
+        }),
+        "[timerfd]" => Ok(FileKind::TimerFd {
+            clockid: dec("clockid")? as i32,
+            ticks: dec("ticks")?,
+            value: pair("it_value")?,
+            interval: pair("it_interval")?,
+        }),
+        "[eventpoll]" => {
+            let mut targets = Vec::new();
+            // Lines look like "tfd:        3 events:       19 data:                3  pos:0 ino:40e".
+            for (_, v) in info.lines.iter().filter(|(k, _)| k == "tfd") {
+                let words: Vec<&str> = v.split_whitespace().collect();
+                let get = |name: &str| {
+                    words
+                        .iter()
+                        .position(|w| *w == name)
+                        .and_then(|i| words.get(i + 1))
+                };
+                let fd = words
+                    .first()
+                    .and_then(|w| w.parse().ok())
+                    .ok_or_else(|| bad("tfd"))?;
+                let events = get("events:")
+                    .and_then(|w| u32::from_str_radix(w, 16).ok())
+                    .ok_or_else(|| bad("events"))?;
+                let data = get("data:")
+                    .and_then(|w| u64::from_str_radix(w, 16).ok())
+                    .ok_or_else(|| bad("data"))?;
+                targets.push(crate::state::EpollTarget { fd, events, data });
+            }
+            Ok(FileKind::Epoll { targets })
+        }
+        other => Err(FileError::Unsupported {
+            pid: 0,
+            fd: 0,
+            reason: format!("anon_inode:{other} is not supported yet"),
+        }),
+    }
+}
+
 /// Reads the unread bytes of every pipe and FIFO without consuming them (tee into a pipe of our own) and keeps
 /// them on one of the pipe's open files, a read end when there is one.
 fn capture_pipe_data(
@@ -201,7 +275,7 @@ fn capture_pipe_data(
                 } => (pipe, write_end),
                 // A FIFO's data lives in its inode; any of its open files will do.
                 FileKind::Fifo { inode, .. } => (inode, true),
-                FileKind::Path { .. } => continue,
+                _ => continue,
             };
             let entry = pipes.entry(pipe).or_insert((idx, *owner, fds.fd));
             if !write_end {

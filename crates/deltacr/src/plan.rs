@@ -73,7 +73,7 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
                 let (r, w) = out.fds.pipe_ends[&pipe];
                 r.or(w).expect("a pipe has an end")
             }
-            FileKind::Path { .. } | FileKind::Fifo { .. } => f.id,
+            _ => f.id,
         };
         unit_of.insert(f.id, unit);
     }

@@ -229,6 +229,13 @@ impl NewProcess {
                     let tmp = self.open_fifo(target, of, path, *inode, data)?;
                     self.place(tmp, plan.temp(id))?;
                 }
+                FileKind::EventFd { .. }
+                | FileKind::SignalFd { .. }
+                | FileKind::TimerFd { .. }
+                | FileKind::Epoll { .. } => {
+                    let tmp = self.make_anon(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
                 FileKind::Pipe { pipe, .. } => {
                     if made_pipes.insert(*pipe, ()).is_some() {
                         continue;
@@ -278,7 +285,116 @@ impl NewProcess {
                 &[plan.temp(fd.file) as u64, fd.fd as u64, flags],
             )?;
         }
+        // epoll interest lists name this process's fd numbers: fill them once every fd is in place.
+        for &id in create {
+            if let FileKind::Epoll { targets } = &files[id as usize].kind {
+                let Some(owner_fd) = own.iter().find(|f| f.file == id) else {
+                    return Err(RestoreError::File {
+                        pid: self.ns_pid,
+                        fd: -1,
+                        reason:
+                            "an epoll instance shared by processes that do not hold it themselves"
+                                .into(),
+                    });
+                };
+                for t in targets {
+                    let mut ev = Vec::with_capacity(12);
+                    ev.extend_from_slice(&t.events.to_ne_bytes());
+                    ev.extend_from_slice(&t.data.to_ne_bytes());
+                    let addr = self.scratch().write(0, &ev).map_err(self.perr())?;
+                    let r = self.leader().syscall(
+                        libc::SYS_epoll_ctl,
+                        &[
+                            plan.temp(id) as u64,
+                            libc::EPOLL_CTL_ADD as u64,
+                            t.fd as u64,
+                            addr,
+                        ],
+                    );
+                    let r = r.map_err(self.perr())?.ret;
+                    if r < 0 {
+                        return Err(RestoreError::FileIo {
+                            pid: self.ns_pid,
+                            fd: owner_fd.fd,
+                            what: "add a watched fd to the epoll instance",
+                            source: std::io::Error::from_raw_os_error(-r as i32),
+                        });
+                    }
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// Creates an eventfd, signalfd, timerfd or epoll instance with the saved state; returns its fd.
+    fn make_anon(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        let nonblock = of.flags & libc::O_NONBLOCK;
+        let fd = match &of.kind {
+            FileKind::EventFd { count, semaphore } => {
+                let flags = nonblock | if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                let fd = self.call(libc::SYS_eventfd2, &[0, flags as u64])? as i32;
+                if *count > 0 {
+                    self.write_through(target, fd, &count.to_ne_bytes())?;
+                }
+                fd
+            }
+            FileKind::SignalFd { mask } => {
+                let addr = self
+                    .scratch()
+                    .write(0, &mask.to_ne_bytes())
+                    .map_err(self.perr())?;
+                self.call(libc::SYS_signalfd4, &[u64::MAX, addr, 8, nonblock as u64])? as i32
+            }
+            FileKind::TimerFd {
+                clockid,
+                ticks,
+                value,
+                interval,
+            } => {
+                const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                let fd = self.call(
+                    libc::SYS_timerfd_create,
+                    &[*clockid as u64, nonblock as u64],
+                )? as i32;
+                if *value != (0, 0) {
+                    let mut its = Vec::with_capacity(32);
+                    for v in [interval.0, interval.1, value.0, value.1] {
+                        its.extend_from_slice(&v.to_ne_bytes());
+                    }
+                    let addr = self.scratch().write(0, &its).map_err(self.perr())?;
+                    self.call(libc::SYS_timerfd_settime, &[fd as u64, 0, addr, 0])?;
+                }
+                if *ticks > 0 {
+                    let addr = self
+                        .scratch()
+                        .write(0, &ticks.to_ne_bytes())
+                        .map_err(self.perr())?;
+                    self.call(libc::SYS_ioctl, &[fd as u64, TFD_IOC_SET_TICKS, addr])?;
+                }
+                fd
+            }
+            FileKind::Epoll { .. } => self.call(libc::SYS_epoll_create1, &[0])? as i32,
+            _ => unreachable!("make_anon is only called for anonymous-inode files"),
+        };
+        Ok(fd)
+    }
+
+    /// Writes bytes into one of the process's fds from the tracer (through pidfd_getfd).
+    fn write_through(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
+        let pid = self.ns_pid;
+        let io = |what| {
+            move |source| RestoreError::FileIo {
+                pid,
+                fd: target,
+                what,
+                source,
+            }
+        };
+        let pidfd = sys::pidfd_open(self.host).map_err(io("open a pidfd"))?;
+        let f = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(io("reach the new file"))?;
+        std::fs::File::from(f)
+            .write_all(data)
+            .map_err(io("write its saved state"))
     }
 
     /// Moves fd `from` to number `to` (closing `from`).

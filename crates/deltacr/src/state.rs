@@ -222,6 +222,20 @@ pub enum FileKind {
         inode: u64,
         data: Vec<u8>,
     },
+    /// eventfd(2) with its counter.
+    EventFd { count: u64, semaphore: bool },
+    /// signalfd(2) with its signal mask.
+    SignalFd { mask: u64 },
+    /// timerfd(2): clock, expirations not read yet, and the remaining time / interval (seconds,
+    /// nanoseconds) at checkpoint time.
+    TimerFd {
+        clockid: i32,
+        ticks: u64,
+        value: (u64, u64),
+        interval: (u64, u64),
+    },
+    /// epoll(7) instance: the fds it watches (fd numbers of the owning process), events and data.
+    Epoll { targets: Vec<EpollTarget> },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe {
@@ -229,6 +243,14 @@ pub enum FileKind {
         write_end: bool,
         data: Vec<u8>,
     },
+}
+
+/// One entry of an epoll interest list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EpollTarget {
+    pub fd: i32,
+    pub events: u32,
+    pub data: u64,
 }
 
 /// One fd of a process.

@@ -56,7 +56,7 @@ fn anonymous_inode_files_and_fifos_keep_their_state() {
         flag.to_str().unwrap(),
         fifo.to_str().unwrap(),
     ];
-    ns.spawn(&args.map(|s| s.as_ref()), None, false);
+    ns.spawn(&args, None, false);
     wait_for_content(&out, "ready\n");
 
     let mut engine = Engine::new();

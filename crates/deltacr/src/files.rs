@@ -134,6 +134,9 @@ fn classify(
         fd,
         reason,
     };
+    if link.starts_with("socket:[") {
+        return classify_socket(owner, fd);
+    }
     if let Some(kind) = link.strip_prefix("anon_inode:") {
         return anon_inode(kind, info).map_err(|e| match e {
             FileError::Unsupported { reason, .. } => unsupported(reason),
@@ -188,6 +191,107 @@ fn classify(
         inode: meta.ino(),
         mode: meta.mode(),
     })
+}
+
+/// Socket options kept for inet sockets: (level, option).
+const INET_OPTIONS: [(i32, i32); 5] = [
+    (libc::SOL_SOCKET, libc::SO_REUSEADDR),
+    (libc::SOL_SOCKET, libc::SO_REUSEPORT),
+    (libc::SOL_SOCKET, libc::SO_KEEPALIVE),
+    (libc::SOL_SOCKET, libc::SO_BROADCAST),
+    (libc::IPPROTO_TCP, libc::TCP_NODELAY),
+];
+
+fn port_of(addr: &[u8]) -> u16 {
+    u16::from_be_bytes([addr[2], addr[3]])
+}
+
+/// Describes a sockaddr_in/in6 for error messages.
+fn show_inet(addr: &[u8]) -> String {
+    match addr.len() {
+        16 => format!(
+            "{}.{}.{}.{}:{}",
+            addr[4],
+            addr[5],
+            addr[6],
+            addr[7],
+            port_of(addr)
+        ),
+        28 => {
+            let ip: [u8; 16] = addr[8..24].try_into().expect("16 bytes");
+            format!("[{}]:{}", std::net::Ipv6Addr::from(ip), port_of(addr))
+        }
+        _ => format!("{addr:?}"),
+    }
+}
+
+fn classify_socket(owner: &FdOwner, fd: i32) -> Result<FileKind, FileError> {
+    let err_io = |what| {
+        move |source| FileError::Io {
+            pid: owner.ns_pid,
+            fd,
+            what,
+            source,
+        }
+    };
+    let unsupported = |reason: String| FileError::Unsupported {
+        pid: owner.ns_pid,
+        fd,
+        reason,
+    };
+    let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
+    let sock = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(err_io("duplicate the socket"))?;
+    let opt = |level, name| {
+        sys::getsockopt_int(sock.as_fd(), level, name).map_err(err_io("read a socket option"))
+    };
+    let family = opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let sock_type = opt(libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let protocol = opt(libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let listening = opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
+    match family {
+        libc::AF_INET | libc::AF_INET6 => {
+            let local = sys::socket_name(sock.as_fd(), false)
+                .map_err(err_io("read the socket's address"))?;
+            let local = local.filter(|a| port_of(a) != 0);
+            let peer =
+                sys::socket_name(sock.as_fd(), true).map_err(err_io("read the peer's address"))?;
+            if sock_type == libc::SOCK_STREAM && !listening {
+                if let Some(p) = &peer {
+                    let from = local.as_deref().map_or("?".to_string(), show_inet);
+                    return Err(unsupported(format!(
+                        "TCP connection {from} -> {}: established connections cannot be checkpointed",
+                        show_inet(p)
+                    )));
+                }
+            }
+            let mut options = Vec::new();
+            for (level, name) in INET_OPTIONS {
+                if level == libc::IPPROTO_TCP && sock_type != libc::SOCK_STREAM {
+                    continue;
+                }
+                options.push((level, name, opt(level, name)?));
+            }
+            if family == libc::AF_INET6 {
+                options.push((
+                    libc::IPPROTO_IPV6,
+                    libc::IPV6_V6ONLY,
+                    opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?,
+                ));
+            }
+            Ok(FileKind::Inet {
+                family,
+                sock_type,
+                protocol,
+                local,
+                peer,
+                listening,
+                options,
+            })
+        }
+        other => Err(unsupported(format!(
+            "sockets of address family {other} are not supported yet"
+        ))),
+    }
 }
 
 fn anon_inode(kind: &str, info: &FdInfo) -> Result<FileKind, FileError> {

@@ -229,6 +229,10 @@ impl NewProcess {
                     let tmp = self.open_fifo(target, of, path, *inode, data)?;
                     self.place(tmp, plan.temp(id))?;
                 }
+                FileKind::Inet { .. } => {
+                    let tmp = self.make_inet(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
                 FileKind::EventFd { .. }
                 | FileKind::SignalFd { .. }
                 | FileKind::TimerFd { .. }
@@ -377,6 +381,75 @@ impl NewProcess {
             _ => unreachable!("make_anon is only called for anonymous-inode files"),
         };
         Ok(fd)
+    }
+
+    /// Recreates an inet socket: options, address (SO_REUSEADDR held during bind, as the killed tree's
+    /// connections may linger in TIME_WAIT), listen, and the peer of a connected UDP socket.
+    fn make_inet(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        const LISTEN_BACKLOG: u64 = 128;
+        let FileKind::Inet {
+            family,
+            sock_type,
+            protocol,
+            local,
+            peer,
+            listening,
+            options,
+        } = &of.kind
+        else {
+            unreachable!("make_inet is only called for inet sockets")
+        };
+        let ty = *sock_type | (of.flags & libc::O_NONBLOCK);
+        let fd = self.call(
+            libc::SYS_socket,
+            &[*family as u64, ty as u64, *protocol as u64],
+        )? as u64;
+        let setopt =
+            |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
+                let addr = np
+                    .scratch()
+                    .write(0, &value.to_ne_bytes())
+                    .map_err(np.perr())?;
+                np.call(
+                    libc::SYS_setsockopt,
+                    &[fd, level as u64, name as u64, addr, 4],
+                )
+                .map(drop)
+            };
+        for &(level, name, value) in options {
+            setopt(self, level, name, value)?;
+        }
+        if let Some(addr) = local {
+            let reuse = options.contains(&(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1));
+            if !reuse {
+                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+            }
+            let a = self.scratch().write(0, addr).map_err(self.perr())?;
+            let r = self
+                .leader()
+                .syscall(libc::SYS_bind, &[fd, a, addr.len() as u64])
+                .map_err(self.perr())?
+                .ret;
+            if r < 0 {
+                return Err(RestoreError::FileIo {
+                    pid: self.ns_pid,
+                    fd: target,
+                    what: "bind the socket to its address again",
+                    source: std::io::Error::from_raw_os_error(-r as i32),
+                });
+            }
+            if !reuse {
+                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
+            }
+        }
+        if *listening {
+            self.call(libc::SYS_listen, &[fd, LISTEN_BACKLOG])?;
+        }
+        if let Some(addr) = peer {
+            let a = self.scratch().write(0, addr).map_err(self.perr())?;
+            self.call(libc::SYS_connect, &[fd, a, addr.len() as u64])?;
+        }
+        Ok(fd as i32)
     }
 
     /// Writes bytes into one of the process's fds from the tracer (through pidfd_getfd).

@@ -236,6 +236,18 @@ pub enum FileKind {
     },
     /// epoll(7) instance: the fds it watches (fd numbers of the owning process), events and data.
     Epoll { targets: Vec<EpollTarget> },
+    /// An IPv4/IPv6 socket: listening TCP, or UDP (bound and possibly connected). Addresses are raw
+    /// `sockaddr_in`/`sockaddr_in6` bytes.
+    Inet {
+        family: i32,
+        sock_type: i32,
+        protocol: i32,
+        local: Option<Vec<u8>>,
+        peer: Option<Vec<u8>>,
+        listening: bool,
+        /// (level, option, value) of the integer socket options we keep.
+        options: Vec<(i32, i32, i32)>,
+    },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe {

@@ -468,6 +468,18 @@ fn pid_helper_main(req: i32, ack: i32, high: i32) -> ! {
             answer(-errno());
             libc::_exit(1);
         }
+        // Keep nothing of the tracer's process open but our three fds (a socket or FUSE device held
+        // here would outlive its owner's close).
+        let mut keep = [req as u32, ack as u32, fd as u32];
+        keep.sort_unstable();
+        let mut from = 0u32;
+        for k in keep {
+            if k > from {
+                libc::syscall(libc::SYS_close_range, from, k - 1, 0);
+            }
+            from = k + 1;
+        }
+        libc::syscall(libc::SYS_close_range, from, u32::MAX, 0);
         let read_last = || -> i32 {
             let mut buf = [0u8; 16];
             let n = libc::pread(fd, buf.as_mut_ptr().cast(), buf.len(), 0);
@@ -523,4 +535,48 @@ pub fn prlimit_get(pid: Pid, resource: u32) -> io::Result<(u64, u64)> {
         return Err(io::Error::last_os_error());
     }
     Ok((old.rlim_cur, old.rlim_max))
+}
+
+/// `getsockopt` of an integer option.
+pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
+    let mut v: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: v and len are valid for the kernel to write an int.
+    if unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut v as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+/// `getsockname` (or `getpeername` when `peer`) as raw sockaddr bytes; None when not bound/connected.
+pub fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Option<Vec<u8>>> {
+    let mut storage = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+    let mut len = storage.len() as libc::socklen_t;
+    let ptr = storage.as_mut_ptr().cast::<libc::sockaddr>();
+    // SAFETY: storage has room for any sockaddr; the kernel writes at most len bytes and updates len.
+    let r = unsafe {
+        if peer {
+            libc::getpeername(fd.as_raw_fd(), ptr, &mut len)
+        } else {
+            libc::getsockname(fd.as_raw_fd(), ptr, &mut len)
+        }
+    };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return if e.raw_os_error() == Some(libc::ENOTCONN) {
+            Ok(None)
+        } else {
+            Err(e)
+        };
+    }
+    Ok(Some(storage[..len as usize].to_vec()))
 }

@@ -255,13 +255,21 @@ fn classify_socket(owner: &FdOwner, fd: i32) -> Result<FileKind, FileError> {
             let local = local.filter(|a| port_of(a) != 0);
             let peer =
                 sys::socket_name(sock.as_fd(), true).map_err(err_io("read the peer's address"))?;
-            if sock_type == libc::SOCK_STREAM && !listening {
-                if let Some(p) = &peer {
+            let mut local = local;
+            if sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP && !listening {
+                const TCP_CLOSE: u8 = 7;
+                let state = sys::tcp_state(sock.as_fd()).map_err(err_io("read the TCP state"))?;
+                if state != TCP_CLOSE {
                     let from = local.as_deref().map_or("?".to_string(), show_inet);
+                    let to = peer.as_deref().map_or("?".to_string(), show_inet);
                     return Err(unsupported(format!(
-                        "TCP connection {from} -> {}: established connections cannot be checkpointed",
-                        show_inet(p)
+                        "TCP connection {from} -> {to} (state {state}): established connections cannot be checkpointed"
                     )));
+                }
+                // A finished connection keeps its local port (often a listener's): it is restored as
+                // a fresh, unbound socket.
+                if peer.is_none() {
+                    local = None;
                 }
             }
             let mut options = Vec::new();

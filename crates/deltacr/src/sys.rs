@@ -580,3 +580,23 @@ pub fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Option<Vec<u8>>
     }
     Ok(Some(storage[..len as usize].to_vec()))
 }
+
+/// The TCP state of a socket (`tcpi_state` of TCP_INFO: 1 established, 7 close, 10 listen, ...).
+pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    let mut info = [0u8; 8];
+    let mut len = info.len() as libc::socklen_t;
+    // SAFETY: the kernel copies at most len bytes of struct tcp_info into info.
+    if unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_INFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(info[0])
+}

@@ -53,7 +53,7 @@ struct Row {
 }
 
 fn run(rss: u64, dirty: u64, iters: usize) -> Row {
-    let mut ns = common::PidNs::new();
+    let mut ns = common::PidNs::with_watchdog(Duration::from_secs(3600));
     let cmd = ns.path("cmd");
     let ack = ns.path("ack");
     for f in [&cmd, &ack] {

@@ -53,6 +53,11 @@ pub struct PidNs {
 
 impl PidNs {
     pub fn new() -> PidNs {
+        Self::with_watchdog(Duration::from_secs(60))
+    }
+
+    /// A namespace killed after `limit` (so a hung ptrace wait fails the test instead of blocking it).
+    pub fn with_watchdog(limit: Duration) -> PidNs {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -90,12 +95,13 @@ impl PidNs {
         std::fs::create_dir_all(&cg).unwrap();
         std::fs::write(cg.join("cgroup.procs"), init.as_raw().to_string()).unwrap();
         let freezer = deltacr::CgroupFreezer::new(&cg).unwrap();
-        // A hung ptrace wait would block the test forever: kill the namespace after a minute, so the
+        // A hung ptrace wait would block the test forever: kill the namespace after `limit`, so the
         // test fails instead.
-        let watched = init;
+        // A pidfd, so a recycled pid is never hit.
+        let watched = deltacr::sys::pidfd_open(init).unwrap();
         std::thread::spawn(move || {
-            std::thread::sleep(Duration::from_secs(60));
-            let _ = nix::sys::signal::kill(watched, nix::sys::signal::Signal::SIGKILL);
+            std::thread::sleep(limit);
+            let _ = rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL);
         });
         PidNs {
             unshare,

@@ -4,13 +4,14 @@
 use std::collections::HashMap;
 use std::fs::File;
 use std::io::Read;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 
 use nix::fcntl::{fcntl, FcntlArg, OFlag};
 use nix::unistd::{pipe2, Pid};
 
 use crate::procfs::{self, FdInfo};
+use crate::sockdiag::{self, UnixSockInfo};
 use crate::state::{FdState, FileKind, OpenFile};
 use crate::sys;
 
@@ -55,6 +56,7 @@ struct Known {
 
 /// Captures the fds of `owners`. Returns the open file descriptions and, per owner, its fds.
 pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), FileError> {
+    let mut unix: Option<HashMap<u32, UnixSockInfo>> = None;
     let mut files: Vec<OpenFile> = Vec::new();
     let mut by_inode: HashMap<(u64, u64), Vec<Known>> = HashMap::new();
     let mut tables = Vec::with_capacity(owners.len());
@@ -99,7 +101,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
                 Some(id) => id,
                 None => {
                     let id = files.len() as u32;
-                    let kind = classify(owner, fd, &link, &meta, &info)?;
+                    let kind = classify(owner, fd, &link, &meta, &info, &mut unix)?;
                     files.push(OpenFile {
                         id,
                         flags: raw_flags & !O_CLOEXEC_BIT,
@@ -119,6 +121,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
         tables.push(table);
     }
     capture_pipe_data(owners, &tables, &mut files)?;
+    check_unix_peers(owners, &tables, &files)?;
     Ok((files, tables))
 }
 
@@ -128,14 +131,19 @@ fn classify(
     link: &str,
     meta: &std::fs::Metadata,
     info: &FdInfo,
+    unix: &mut Option<HashMap<u32, UnixSockInfo>>,
 ) -> Result<FileKind, FileError> {
     let unsupported = |reason: String| FileError::Unsupported {
         pid: owner.ns_pid,
         fd,
         reason,
     };
-    if link.starts_with("socket:[") {
-        return classify_socket(owner, fd);
+    if let Some(rest) = link.strip_prefix("socket:[") {
+        let ino = rest
+            .trim_end_matches(']')
+            .parse()
+            .map_err(|_| unsupported(format!("odd socket link {link}")))?;
+        return classify_socket(owner, fd, ino, unix);
     }
     if let Some(kind) = link.strip_prefix("anon_inode:") {
         return anon_inode(kind, info).map_err(|e| match e {
@@ -225,7 +233,12 @@ fn show_inet(addr: &[u8]) -> String {
     }
 }
 
-fn classify_socket(owner: &FdOwner, fd: i32) -> Result<FileKind, FileError> {
+fn classify_socket(
+    owner: &FdOwner,
+    fd: i32,
+    ino: u64,
+    unix: &mut Option<HashMap<u32, UnixSockInfo>>,
+) -> Result<FileKind, FileError> {
     let err_io = |what| {
         move |source| FileError::Io {
             pid: owner.ns_pid,
@@ -296,10 +309,145 @@ fn classify_socket(owner: &FdOwner, fd: i32) -> Result<FileKind, FileError> {
                 options,
             })
         }
+        libc::AF_UNIX => {
+            if unix.is_none() {
+                *unix = Some(
+                    sockdiag::unix_sockets(owner.host)
+                        .map_err(err_io("list unix sockets (sock_diag)"))?,
+                );
+            }
+            let info = unix
+                .as_ref()
+                .and_then(|m| m.get(&(ino as u32)))
+                .cloned()
+                .ok_or_else(|| {
+                    unsupported(format!("unix socket {ino} is not in its network namespace"))
+                })?;
+            let listening = listening.then_some(info.wqueue);
+            if listening.is_some() && info.pending > 0 {
+                return Err(unsupported(format!(
+                    "listening unix socket with {} connections waiting to be accepted",
+                    info.pending
+                )));
+            }
+            if info.peer.is_none() && listening.is_none() && info.rqueue > 0 {
+                return Err(unsupported(
+                    "datagrams queued on an unconnected unix socket are not supported yet".into(),
+                ));
+            }
+            let queue = if listening.is_none() {
+                peek_queue(sock.as_fd(), sock_type).map_err(|e| match e {
+                    PeekError::Io(source) => FileError::Io {
+                        pid: owner.ns_pid,
+                        fd,
+                        what: "peek at queued data",
+                        source,
+                    },
+                    PeekError::Fds => unsupported(
+                        "file descriptors in flight on a unix socket are not supported".into(),
+                    ),
+                })?
+            } else {
+                Vec::new()
+            };
+            Ok(FileKind::Unix {
+                ino,
+                sock_type,
+                name: info.name.filter(|n| !n.is_empty()),
+                listening,
+                peer: info.peer.map(u64::from),
+                queue,
+            })
+        }
         other => Err(unsupported(format!(
             "sockets of address family {other} are not supported yet"
         ))),
     }
+}
+
+enum PeekError {
+    Io(std::io::Error),
+    Fds,
+}
+
+/// The data waiting in a socket's receive queue, read with MSG_PEEK (stream: one blob; datagrams:
+/// one entry per message, walked with SO_PEEK_OFF which is put back afterwards).
+fn peek_queue(sock: BorrowedFd<'_>, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
+    let mut out = Vec::new();
+    let stream = sock_type == libc::SOCK_STREAM;
+    let old_off = if stream {
+        None
+    } else {
+        let old = sys::getsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF)
+            .map_err(PeekError::Io)?;
+        sys::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0).map_err(PeekError::Io)?;
+        Some(old)
+    };
+    let mut buf = vec![0u8; 1 << 20];
+    let res = loop {
+        match sys::recv_peek(sock, &mut buf) {
+            Ok((0, _)) if stream => break Ok(()),
+            Ok((n, ctrunc)) => {
+                if ctrunc {
+                    break Err(PeekError::Fds);
+                }
+                out.push(buf[..n].to_vec());
+                if stream {
+                    break Ok(());
+                }
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break Ok(()),
+            Err(e) => break Err(PeekError::Io(e)),
+        }
+    };
+    if let Some(old) = old_off {
+        sys::setsockopt_int(sock, libc::SOL_SOCKET, libc::SO_PEEK_OFF, old)
+            .map_err(PeekError::Io)?;
+    }
+    res.map(|_| out)
+}
+
+/// A connected unix socket is restored with its peer as one socketpair: the peer must be a socket
+/// of the checkpointed processes, connected back to it.
+fn check_unix_peers(
+    owners: &[FdOwner],
+    tables: &[Vec<FdState>],
+    files: &[OpenFile],
+) -> Result<(), FileError> {
+    let by_ino: HashMap<u64, &OpenFile> = files
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::Unix { ino, .. } => Some((ino, f)),
+            _ => None,
+        })
+        .collect();
+    for (owner, table) in owners.iter().zip(tables) {
+        for fd in table {
+            let FileKind::Unix {
+                ino,
+                peer: Some(peer),
+                ..
+            } = files[fd.file as usize].kind
+            else {
+                continue;
+            };
+            let back = by_ino.get(&peer).and_then(|f| match f.kind {
+                FileKind::Unix { peer, .. } => peer,
+                _ => None,
+            });
+            if back != Some(ino) {
+                return Err(FileError::Unsupported {
+                    pid: owner.ns_pid,
+                    fd: fd.fd,
+                    reason: format!(
+                        "unix socket connected to socket {peer}, which is not held by the checkpointed processes \
+                         (or is connected elsewhere)"
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 fn anon_inode(kind: &str, info: &FdInfo) -> Result<FileKind, FileError> {

@@ -11,6 +11,7 @@ pub mod plan;
 pub mod procfs;
 pub mod ptrace;
 pub mod restore;
+pub mod sockdiag;
 pub mod state;
 pub mod sys;
 pub mod template;

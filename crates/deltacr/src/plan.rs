@@ -48,32 +48,38 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
     let mut max_fd = 2;
     // Users of each description; both ends of a pipe are planned as one unit (the first end's id).
     let mut unit_of: HashMap<u32, u32> = HashMap::new();
+    // Pipes (read end, write end) and connected unix socket pairs (lower inode, higher inode) are
+    // created as one unit.
     for f in &tree.files {
-        if let FileKind::Pipe {
-            pipe, write_end, ..
-        } = f.kind
-        {
-            let ends = out.fds.pipe_ends.entry(pipe).or_default();
-            let slot = if write_end { &mut ends.1 } else { &mut ends.0 };
-            if slot.is_some() {
-                return Err(PlanError {
-                    pid: 0,
-                    comm: String::new(),
-                    reason: format!(
-                        "pipe {pipe} has several open descriptions of one end (not supported yet)"
-                    ),
-                });
-            }
-            *slot = Some(f.id);
+        let (key, second) = match f.kind {
+            FileKind::Pipe {
+                pipe, write_end, ..
+            } => (pipe, write_end),
+            FileKind::Unix {
+                ino,
+                peer: Some(peer),
+                ..
+            } => (ino.min(peer), ino > peer),
+            _ => continue,
+        };
+        let ends = out.fds.pairs.entry(key).or_default();
+        let slot = if second { &mut ends.1 } else { &mut ends.0 };
+        if slot.is_some() {
+            return Err(PlanError {
+                pid: 0,
+                comm: String::new(),
+                reason: format!("pipe or socket {key} has several open descriptions of one end (not supported yet)"),
+            });
         }
+        *slot = Some(f.id);
     }
     for f in &tree.files {
-        let unit = match f.kind {
-            FileKind::Pipe { pipe, .. } => {
-                let (r, w) = out.fds.pipe_ends[&pipe];
-                r.or(w).expect("a pipe has an end")
+        let unit = match pair_key(&f.kind) {
+            Some(key) => {
+                let (a, b) = out.fds.pairs[&key];
+                a.or(b).expect("a pair has an end")
             }
-            _ => f.id,
+            None => f.id,
         };
         unit_of.insert(f.id, unit);
     }
@@ -107,9 +113,9 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         };
         let create = out.create.entry(lca).or_default();
         create.push(unit);
-        // The other end of a pipe is created with it.
-        if let FileKind::Pipe { pipe, .. } = tree.files[unit as usize].kind {
-            let (r, w) = out.fds.pipe_ends[&pipe];
+        // The other end of a pipe or socket pair is created with it.
+        if let Some(key) = pair_key(&tree.files[unit as usize].kind) {
+            let (r, w) = out.fds.pairs[&key];
             for end in [r, w].into_iter().flatten() {
                 if end != unit {
                     create.push(end);
@@ -161,4 +167,17 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         }
     }
     Ok(out)
+}
+
+/// The key of the pipe or socket pair an open file belongs to.
+pub fn pair_key(kind: &FileKind) -> Option<u64> {
+    match *kind {
+        FileKind::Pipe { pipe, .. } => Some(pipe),
+        FileKind::Unix {
+            ino,
+            peer: Some(peer),
+            ..
+        } => Some(ino.min(peer)),
+        _ => None,
+    }
 }

@@ -131,13 +131,13 @@ pub struct NewProcess {
 }
 
 /// Temporary fd numbers used while a tree is restored: open file description `id` lives at
-/// `base + id` in every process that carries it. `pipe_ends` gives, per pipe, the description ids of
+/// `base + id` in every process that carries it. `pairs` gives, per pipe, the description ids of
 /// its read and write ends.
 #[derive(Debug, Clone, Default)]
 pub struct FdPlan {
     pub base: i32,
     pub count: i32,
-    pub pipe_ends: HashMap<u64, (Option<u32>, Option<u32>)>,
+    pub pairs: HashMap<u64, (Option<u32>, Option<u32>)>,
 }
 
 impl FdPlan {
@@ -229,6 +229,18 @@ impl NewProcess {
                     let tmp = self.open_fifo(target, of, path, *inode, data)?;
                     self.place(tmp, plan.temp(id))?;
                 }
+                FileKind::Unix { peer: Some(_), .. } => {
+                    let key =
+                        crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
+                    if made_pipes.insert(key, ()).is_some() {
+                        continue;
+                    }
+                    self.make_socketpair(target, key, files, plan)?;
+                }
+                FileKind::Unix { .. } => {
+                    let tmp = self.make_unix(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
                 FileKind::Inet { .. } => {
                     let tmp = self.make_inet(target, of)?;
                     self.place(tmp, plan.temp(id))?;
@@ -245,7 +257,7 @@ impl NewProcess {
                         continue;
                     }
                     let (r, w) = self.make_pipe()?;
-                    let ends = plan.pipe_ends.get(pipe).copied().unwrap_or((None, None));
+                    let ends = plan.pairs.get(pipe).copied().unwrap_or((None, None));
                     let data = ends
                         .0
                         .map(|rid| &files[rid as usize])
@@ -448,6 +460,106 @@ impl NewProcess {
         if let Some(addr) = peer {
             let a = self.scratch().write(0, addr).map_err(self.perr())?;
             self.call(libc::SYS_connect, &[fd, a, addr.len() as u64])?;
+        }
+        Ok(fd as i32)
+    }
+
+    /// Recreates a connected unix socket pair with socketpair(2); each end's queued data is sent
+    /// again from the other end.
+    fn make_socketpair(
+        &mut self,
+        target: i32,
+        key: u64,
+        files: &[OpenFile],
+        plan: &FdPlan,
+    ) -> Result<(), RestoreError> {
+        let (a_id, b_id) = plan.pairs[&key];
+        let sock_type = [a_id, b_id]
+            .into_iter()
+            .flatten()
+            .find_map(|id| match files[id as usize].kind {
+                FileKind::Unix { sock_type, .. } => Some(sock_type),
+                _ => None,
+            })
+            .expect("a pair has a unix end");
+        let addr = self.scratch().addr;
+        self.call(
+            libc::SYS_socketpair,
+            &[libc::AF_UNIX as u64, sock_type as u64, 0, addr],
+        )?;
+        let b = self.scratch().read(0, 8).map_err(self.perr())?;
+        let fds = [
+            i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
+            i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
+        ];
+        for (end, (id, fd)) in [a_id, b_id].into_iter().zip(fds).enumerate() {
+            let Some(id) = id else {
+                self.call(libc::SYS_close, &[fd as u64])?;
+                continue;
+            };
+            if let FileKind::Unix { queue, .. } = &files[id as usize].kind {
+                // Bytes waiting at this end were sent by the other one.
+                for msg in queue {
+                    self.write_through(target, fds[1 - end], msg)?;
+                }
+            }
+            let settable = files[id as usize].flags & (libc::O_NONBLOCK | libc::O_ASYNC);
+            self.call(
+                libc::SYS_fcntl,
+                &[fd as u64, libc::F_SETFL as u64, settable as u64],
+            )?;
+        }
+        for (id, fd) in [a_id, b_id].into_iter().zip(fds) {
+            if let Some(id) = id {
+                self.place(fd, plan.temp(id))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at
+    /// the path is removed first, as bind needs the name free).
+    fn make_unix(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        let FileKind::Unix {
+            sock_type,
+            name,
+            listening,
+            ..
+        } = &of.kind
+        else {
+            unreachable!("make_unix is only called for unix sockets")
+        };
+        let ty = *sock_type | (of.flags & libc::O_NONBLOCK);
+        let fd = self.call(libc::SYS_socket, &[libc::AF_UNIX as u64, ty as u64, 0])? as u64;
+        if let Some(name) = name {
+            if name.first() != Some(&0) {
+                let mut path: Vec<u8> = name.iter().copied().take_while(|&c| c != 0).collect();
+                path.push(0);
+                let p = self.scratch().write(0, &path).map_err(self.perr())?;
+                // ENOENT is fine: the name may be free already.
+                self.leader()
+                    .syscall(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, p, 0])
+                    .map_err(self.perr())?;
+            }
+            let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+            sa.extend_from_slice(name);
+            let a = self.scratch().write(0, &sa).map_err(self.perr())?;
+            let r = self
+                .leader()
+                .syscall(libc::SYS_bind, &[fd, a, sa.len() as u64])
+                .map_err(self.perr())?
+                .ret;
+            if r < 0 {
+                return Err(RestoreError::FileIo {
+                    pid: self.ns_pid,
+                    fd: target,
+                    what: "bind the unix socket to its name again",
+                    source: std::io::Error::from_raw_os_error(-r as i32),
+                });
+            }
+        }
+        if let Some(backlog) = listening {
+            self.call(libc::SYS_listen, &[fd, *backlog as u64])?;
         }
         Ok(fd as i32)
     }

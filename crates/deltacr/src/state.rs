@@ -248,6 +248,18 @@ pub enum FileKind {
         /// (level, option, value) of the integer socket options we keep.
         options: Vec<(i32, i32, i32)>,
     },
+    /// A unix socket. Connected stream/seqpacket/datagram pairs (`peer` is the other end's inode)
+    /// are recreated with socketpair; listening and unconnected sockets are bound to their name again.
+    /// `queue` holds the bytes (stream) or messages waiting to be received.
+    Unix {
+        ino: u64,
+        sock_type: i32,
+        name: Option<Vec<u8>>,
+        /// Backlog of a listening socket.
+        listening: Option<u32>,
+        peer: Option<u64>,
+        queue: Vec<Vec<u8>>,
+    },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe {

@@ -600,3 +600,52 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     }
     Ok(info[0])
 }
+
+/// `setsockopt` of an integer option.
+pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
+    // SAFETY: the kernel reads one int.
+    if unsafe {
+        libc::setsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&value as *const i32).cast(),
+            std::mem::size_of::<i32>() as u32,
+        )
+    } < 0
+    {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `recvmsg(MSG_PEEK | MSG_DONTWAIT)` into `buf` with a small control buffer. Returns the length and
+/// whether control data (such as passed fds) was present.
+pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    let mut cmsg = [0u8; 64];
+    // SAFETY: msghdr is plain data; we set the fields recvmsg reads.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cmsg.as_mut_ptr().cast();
+    msg.msg_controllen = cmsg.len();
+    // SAFETY: msg points at valid buffers for the duration of the call.
+    let n = unsafe {
+        libc::recvmsg(
+            fd.as_raw_fd(),
+            &mut msg,
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((
+        n as usize,
+        msg.msg_controllen > 0 || msg.msg_flags & libc::MSG_CTRUNC != 0,
+    ))
+}

@@ -80,3 +80,71 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
         );
     }
 }
+
+const UNIX: &str = r#"
+import os, socket, sys, time
+out = open(sys.argv[1], "a")
+flag, path = sys.argv[2], sys.argv[3]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(4)
+a.sendall(b"queued-stream")
+c.send(b"m1")
+c.send(b"m2")
+out.write("ready\n")
+out.flush()
+while not os.path.exists(flag):
+    time.sleep(0.005)
+out.write("stream %s\n" % b.recv(100).decode())
+out.write("dgram %s %s\n" % (d.recv(10).decode(), d.recv(10).decode()))
+cl, _ = srv.accept()
+out.write("accepted %s\n" % cl.recv(100).decode())
+out.flush()
+time.sleep(100)
+"#;
+
+const UNIX_EXPECTED: &str = "stream queued-stream\ndgram m1 m2\naccepted hi\n";
+
+#[test]
+fn unix_socket_pairs_listeners_and_queued_data_come_back() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let flag = ns.path("flag");
+    let sock = ns.path("sock");
+    let py = python();
+    let args = [
+        py.as_str(),
+        "-c",
+        UNIX,
+        out.to_str().unwrap(),
+        flag.to_str().unwrap(),
+        sock.to_str().unwrap(),
+    ];
+    ns.spawn(&args, None, false);
+    common::wait_for_content(&out, "ready\n");
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let talk = || {
+        std::fs::write(&flag, "").unwrap();
+        let mut s = wait_for(|| std::os::unix::net::UnixStream::connect(&sock).ok());
+        s.write_all(b"hi").unwrap();
+        common::wait_for_content(&out, "accepted");
+    };
+    talk();
+    assert_eq!(
+        std::fs::read_to_string(&out).unwrap(),
+        format!("ready\n{UNIX_EXPECTED}")
+    );
+    for _ in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        std::fs::remove_file(&flag).unwrap();
+        std::fs::write(&out, "").unwrap();
+        engine.restore(&ckpt, &sb).unwrap();
+        talk();
+        wait_for(|| (std::fs::read_to_string(&out).unwrap() == UNIX_EXPECTED).then_some(()));
+    }
+}

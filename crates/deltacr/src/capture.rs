@@ -586,3 +586,22 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
         dumped,
     })
 }
+
+/// The pty index of a process's controlling terminal and the terminal's foreground process group
+/// (host pgid), from /proc/PID/stat. None when it has no pty as controlling terminal.
+pub fn controlling_pty(pid: Pid) -> Result<Option<(u32, i32)>, CaptureError> {
+    let stat = procfs::Stat::read(pid).map_err(proc_err(pid))?;
+    let tty_nr = stat.field(7) as u32;
+    let major = (tty_nr >> 8) & 0xfff;
+    let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
+    if tty_nr == 0 || !(crate::files::PTS_MAJOR..crate::files::PTS_MAJOR + 8).contains(&major) {
+        return Ok(None);
+    }
+    let index = (major - crate::files::PTS_MAJOR) * 256 + minor;
+    Ok(Some((index, stat.field(8) as i64 as i32)))
+}
+
+/// The process group of a process as the host sees it (/proc/PID/stat field 5).
+pub fn host_pgid(pid: Pid) -> Result<i32, CaptureError> {
+    Ok(procfs::Stat::read(pid).map_err(proc_err(pid))?.field(5) as i32)
+}

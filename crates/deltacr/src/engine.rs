@@ -234,6 +234,12 @@ impl Engine {
                 .collect();
             let (files, tables) = files::capture(&owners)?;
             let mut out = Vec::new();
+            // Host process group -> process group in the sandbox, to translate a terminal's
+            // foreground group.
+            let mut pgids = HashMap::new();
+            for l in &live {
+                pgids.insert(capture::host_pgid(l.seized.pid)?, l.seized.ids.pgid);
+            }
             for (l, fds) in live.iter_mut().zip(tables) {
                 let ids = l.seized.ids;
                 let detach =
@@ -243,6 +249,28 @@ impl Engine {
                     } else {
                         Detach::Session
                     };
+                let ctty = if ids.sid == ids.pid {
+                    capture::controlling_pty(l.seized.pid)?.map(|(index, fg)| {
+                        let path = fds
+                            .iter()
+                            .find_map(|f| match &files[f.file as usize].kind {
+                                crate::state::FileKind::Tty { path, index: i, .. }
+                                    if *i == index =>
+                                {
+                                    Some(path.clone())
+                                }
+                                _ => None,
+                            })
+                            .unwrap_or_else(|| format!("/dev/pts/{index}"));
+                        crate::state::Ctty {
+                            index,
+                            path,
+                            foreground: pgids.get(&fg).copied(),
+                        }
+                    })
+                } else {
+                    None
+                };
                 let gadget = l.gadget;
                 let t = template::create(&mut l.injectors[0], gadget, detach)?;
                 tracing::debug!(
@@ -271,6 +299,7 @@ impl Engine {
                     dumpable: l.dumpable,
                     oom_score_adj: l.oom_score_adj,
                     job_stopped: l.seized.job_stopped(),
+                    ctty,
                     exit_signal: 0,
                 };
                 let entry = ProcessEntry {
@@ -558,6 +587,9 @@ impl Engine {
             }
             let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
             np.restore_fds(&st.fds, create, &tree.files, &plan.fds)?;
+            if let Some(ctty) = &st.ctty {
+                np.set_controlling_tty(ctty, &st.fds, &tree.files)?;
+            }
             np.restore_process_misc(st)?;
             np.create_threads(st, pids)?;
             np.restore_thread_state(st)?;
@@ -570,6 +602,14 @@ impl Engine {
                     continue;
                 }
                 np.set_process_group(e.pgid)?;
+            }
+        }
+        // Terminals get their foreground process group once every group exists.
+        for (np, e) in made.iter_mut() {
+            if let ProcessKind::Live(st) = &e.kind {
+                if let Some(ctty) = &st.ctty {
+                    np.set_foreground(ctty, &st.fds, &tree.files)?;
+                }
             }
         }
         for (np, e) in made.iter_mut() {

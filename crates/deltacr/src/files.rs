@@ -45,6 +45,10 @@ pub struct FdOwner {
 }
 
 const O_CLOEXEC_BIT: i32 = libc::O_CLOEXEC;
+/// Unix98 pty slaves (/dev/pts/N) use majors 136..=143.
+pub const PTS_MAJOR: u32 = 136;
+/// /dev/tty, /dev/console, /dev/ptmx.
+const TTYAUX_MAJOR: u32 = 5;
 /// Character devices reopened by path: mem (1) covers /dev/null, zero, full, random, urandom.
 const MEM_MAJOR: u64 = 1;
 
@@ -178,6 +182,33 @@ fn classify(
         )));
     }
     let ft = meta.file_type();
+    let major = libc::major(meta.rdev());
+    if ft.is_char_device() && (PTS_MAJOR..PTS_MAJOR + 8).contains(&major) {
+        let err_io = |what| {
+            move |source| FileError::Io {
+                pid: owner.ns_pid,
+                fd,
+                what,
+                source,
+            }
+        };
+        let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
+        let tty = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(err_io("duplicate the terminal"))?;
+        let (termios, winsize) =
+            sys::tty_get(tty.as_fd()).map_err(err_io("read the terminal settings"))?;
+        let index = (major - PTS_MAJOR) * 256 + libc::minor(meta.rdev());
+        return Ok(FileKind::Tty {
+            path: link.to_string(),
+            index,
+            termios,
+            winsize,
+        });
+    }
+    if ft.is_char_device() && major == TTYAUX_MAJOR {
+        return Err(unsupported(format!(
+            "{link}: pty masters and /dev/tty are not supported yet"
+        )));
+    }
     if ft.is_fifo() {
         return Ok(FileKind::Fifo {
             path: link.to_string(),

@@ -15,7 +15,7 @@ use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::state::{Creds, FdState, FileKind, OpenFile, ProcessState, SigInfo, ThreadState};
+use crate::state::{Creds, Ctty, FdState, FileKind, OpenFile, ProcessState, SigInfo, ThreadState};
 use crate::sys;
 
 /// Errors of this module.
@@ -239,6 +239,29 @@ impl NewProcess {
                 }
                 FileKind::Unix { .. } => {
                     let tmp = self.make_unix(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Tty {
+                    path,
+                    index,
+                    termios,
+                    winsize,
+                } => {
+                    let tmp = self.open_tty(target, path, *index, of.flags)?;
+                    let pid = self.ns_pid;
+                    let io = |what| {
+                        move |source| RestoreError::FileIo {
+                            pid,
+                            fd: target,
+                            what,
+                            source,
+                        }
+                    };
+                    let pidfd = sys::pidfd_open(self.host).map_err(io("open a pidfd"))?;
+                    let tty =
+                        sys::pidfd_getfd(pidfd.as_fd(), tmp).map_err(io("reach the terminal"))?;
+                    sys::tty_set(tty.as_fd(), termios, *winsize)
+                        .map_err(io("set the terminal's settings"))?;
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Inet { .. } => {
@@ -691,6 +714,108 @@ impl NewProcess {
         self.call(libc::SYS_close, &[both as u64])?;
         filled?;
         tmp
+    }
+
+    /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
+    /// explicitly) and checks it is pty number `index`.
+    fn open_tty(
+        &mut self,
+        target: i32,
+        path: &str,
+        index: u32,
+        flags: i32,
+    ) -> Result<i32, RestoreError> {
+        let mut cpath = path.as_bytes().to_vec();
+        cpath.push(0);
+        let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
+        let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let r = self.leader().syscall(
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        );
+        let r = r.map_err(self.perr())?.ret;
+        if r < 0 {
+            return Err(RestoreError::FileIo {
+                pid: self.ns_pid,
+                fd: target,
+                what: "reopen the terminal (does its master still exist?)",
+                source: std::io::Error::from_raw_os_error(-r as i32),
+            });
+        }
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| {
+            RestoreError::FileIo {
+                pid: self.ns_pid,
+                fd: target,
+                what: "stat the terminal",
+                source,
+            }
+        })?;
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        if major < crate::files::PTS_MAJOR
+            || (major - crate::files::PTS_MAJOR) * 256 + minor != index
+        {
+            return Err(RestoreError::File {
+                pid: self.ns_pid,
+                fd: target,
+                reason: format!("{path} is not pty {index} any more"),
+            });
+        }
+        Ok(r as i32)
+    }
+
+    /// Runs `f` with an fd of the process on its controlling terminal: one of its own, or a
+    /// temporary one opened for the call.
+    fn with_tty_fd(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+        f: impl FnOnce(&mut Self, i32) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError> {
+        let mine = own.iter().find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
+        match mine {
+            Some(fd) => f(self, fd.fd),
+            None => {
+                let tmp =
+                    self.open_tty(-1, &ctty.path, ctty.index, libc::O_RDWR | libc::O_CLOEXEC)?;
+                let res = f(self, tmp);
+                self.call(libc::SYS_close, &[tmp as u64])?;
+                res
+            }
+        }
+    }
+
+    /// Makes the process's terminal its controlling terminal again (the process leads its session).
+    pub fn set_controlling_tty(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+    ) -> Result<(), RestoreError> {
+        self.with_tty_fd(ctty, own, files, |np, fd| {
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY as u64, 0])
+                .map(drop)
+        })
+    }
+
+    /// Gives the controlling terminal its foreground process group back.
+    pub fn set_foreground(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+    ) -> Result<(), RestoreError> {
+        let Some(fg) = ctty.foreground else {
+            return Ok(());
+        };
+        let addr = self
+            .scratch()
+            .write(0, &fg.to_ne_bytes())
+            .map_err(self.perr())?;
+        self.with_tty_fd(ctty, own, files, |np, fd| {
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP as u64, addr])
+                .map(drop)
+        })
     }
 
     fn make_pipe(&mut self) -> Result<(i32, i32), RestoreError> {

@@ -260,6 +260,14 @@ pub enum FileKind {
         peer: Option<u64>,
         queue: Vec<Vec<u8>>,
     },
+    /// The slave side of a pseudo-terminal (`/dev/pts/N`), reopened by path (its master, e.g. held by
+    /// the shim, keeps it alive), with the terminal's settings and window size.
+    Tty {
+        path: String,
+        index: u32,
+        termios: Vec<u8>,
+        winsize: [u16; 4],
+    },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe {
@@ -315,6 +323,18 @@ pub struct ProcessState {
     pub job_stopped: bool,
     /// Signal sent to the parent on exit.
     pub exit_signal: i32,
+    /// For a session leader: its controlling terminal.
+    pub ctty: Option<Ctty>,
+}
+
+/// A session's controlling terminal.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ctty {
+    /// `/dev/pts/<index>`.
+    pub index: u32,
+    pub path: String,
+    /// The terminal's foreground process group (in the sandbox), if any.
+    pub foreground: Option<i32>,
 }
 
 /// A process of the tree: live, or a zombie its parent has not reaped yet.

@@ -649,3 +649,42 @@ pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)
         msg.msg_controllen > 0 || msg.msg_flags & libc::MSG_CTRUNC != 0,
     ))
 }
+
+const TCGETS2: libc::c_ulong = 0x802c_542a;
+const TCSETS2: libc::c_ulong = 0x402c_542b;
+/// Size of `struct termios2`.
+pub const TERMIOS2_SIZE: usize = 44;
+
+/// A terminal's `termios2` and `winsize` (raw bytes).
+pub fn tty_get(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, [u16; 4])> {
+    let mut t = vec![0u8; TERMIOS2_SIZE];
+    let mut ws = [0u16; 4];
+    // SAFETY: TCGETS2 writes a struct termios2 (44 bytes), TIOCGWINSZ a struct winsize (8 bytes).
+    unsafe {
+        if libc::ioctl(fd.as_raw_fd(), TCGETS2, t.as_mut_ptr()) < 0
+            || libc::ioctl(fd.as_raw_fd(), libc::TIOCGWINSZ, ws.as_mut_ptr()) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((t, ws))
+}
+
+/// Sets a terminal's `termios2` and `winsize` from [`tty_get`]'s bytes.
+pub fn tty_set(fd: BorrowedFd<'_>, termios: &[u8], ws: [u16; 4]) -> io::Result<()> {
+    if termios.len() != TERMIOS2_SIZE {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            "bad termios2 size",
+        ));
+    }
+    // SAFETY: both ioctls only read the structures we pass.
+    unsafe {
+        if libc::ioctl(fd.as_raw_fd(), TCSETS2, termios.as_ptr()) < 0
+            || libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, ws.as_ptr()) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

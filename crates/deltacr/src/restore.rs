@@ -793,7 +793,7 @@ impl NewProcess {
         files: &[OpenFile],
     ) -> Result<(), RestoreError> {
         self.with_tty_fd(ctty, own, files, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY as u64, 0])
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0])
                 .map(drop)
         })
     }
@@ -813,7 +813,7 @@ impl NewProcess {
             .write(0, &fg.to_ne_bytes())
             .map_err(self.perr())?;
         self.with_tty_fd(ctty, own, files, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP as u64, addr])
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr])
                 .map(drop)
         })
     }

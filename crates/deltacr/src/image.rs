@@ -457,6 +457,11 @@ impl ImageChain {
         self.images.len()
     }
 
+    /// The images of the chain, newest first.
+    pub fn images(&self) -> &[Image] {
+        &self.images
+    }
+
     pub fn is_empty(&self) -> bool {
         self.images.is_empty()
     }

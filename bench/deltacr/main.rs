@@ -50,6 +50,8 @@ struct Row {
     image_kib: Vec<f64>,
     image_write: Vec<f64>,
     baseline_full: Vec<f64>,
+    /// Per checkpoint step: the times measured for it.
+    phases: Vec<(&'static str, Vec<f64>)>,
 }
 
 fn run(rss: u64, dirty: u64, iters: usize) -> Row {
@@ -89,6 +91,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         image_kib: vec![],
         image_write: vec![],
         baseline_full: vec![],
+        phases: vec![],
     };
     let dirty_step = |cmd_w: &mut std::fs::File, ack_r: &mut BufReader<std::fs::File>| {
         writeln!(cmd_w, "{dirty}").unwrap();
@@ -133,6 +136,12 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
             row.baseline_full.push(baseline);
             row.restore_image.push(from_image);
             row.restore_template.push(from_template);
+            for (k, (name, d)) in ckpt.stats.phases.iter().enumerate() {
+                if row.phases.len() <= k {
+                    row.phases.push((name, Vec::new()));
+                }
+                row.phases[k].1.push(ms(*d));
+            }
         }
         parent = Some((ckpt, info.id));
     }
@@ -194,5 +203,18 @@ fn main() {
             pp(&r.baseline_full),
             pct(&r.image_write, 0.5) / pct(&r.baseline_full, 0.5)
         );
+    }
+    println!();
+    println!("checkpoint steps, p50 ms (freeze itself is the caller's and not included)");
+    for r in &mut rows {
+        let parts: Vec<String> = r
+            .phases
+            .iter_mut()
+            .map(|(name, v)| {
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                format!("{name} {:.2}", pct(v, 0.5))
+            })
+            .collect();
+        println!("{:>5} MiB / {:>3} MiB dirty: {}", r.rss, r.dirty, parts.join(", "));
     }
 }

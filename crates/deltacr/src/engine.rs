@@ -62,6 +62,8 @@ pub struct CheckpointStats {
     pub total: Duration,
     pub processes: usize,
     pub threads: usize,
+    /// Time spent in each step, in order (for benchmarks and tuning).
+    pub phases: Vec<(&'static str, Duration)>,
 }
 
 /// A checkpoint held in memory: the tree's state plus a template per live process.
@@ -186,6 +188,7 @@ impl Engine {
     /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
     pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
         let start = Instant::now();
+        let mut phases = Phases::new();
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let pids = self.sandbox_processes(sb.init);
         let mut seized: Vec<SeizedProcess> = Vec::new();
@@ -196,7 +199,9 @@ impl Engine {
             }
             Ok(())
         });
+        phases.mark("list+seize");
         sb.freezer.thaw().map_err(CrError::Freezer)?;
+        phases.mark("thaw");
         if let Err(e) = seize_res {
             release_seized(&mut seized);
             return Err(e);
@@ -207,6 +212,7 @@ impl Engine {
                 return Err(e.into());
             }
         }
+        phases.mark("wait for stops");
         let init_sid = capture::ns_ids(sb.init)?.sid;
         let mut live: Vec<LiveProcess> = Vec::new();
         let mut zombies: Vec<SeizedProcess> = Vec::new();
@@ -232,7 +238,9 @@ impl Engine {
                     ns_pid: l.seized.ids.pid,
                 })
                 .collect();
+            phases.mark("registers and signals");
             let (files, tables) = files::capture(&owners)?;
+            phases.mark("fds");
             let mut out = Vec::new();
             // Host process group -> process group in the sandbox, to translate a terminal's
             // foreground group.
@@ -335,6 +343,7 @@ impl Engine {
                 resume_err.get_or_insert(e);
             }
         }
+        phases.mark("templates, resume");
         let stopped = start.elapsed();
         if let (Ok(_), Some(e)) = (&result, resume_err) {
             result = Err(e.into());
@@ -365,11 +374,13 @@ impl Engine {
             processes.push(entry);
         }
         sort_parents_first(&mut processes);
+        phases.mark("state shared with templates");
         let stats = CheckpointStats {
             stopped,
             total: start.elapsed(),
             processes: processes.len(),
             threads,
+            phases: phases.done,
         };
         Ok(Checkpoint {
             tree: TreeState {
@@ -634,6 +645,23 @@ impl Engine {
         }
         pids.set_last_pid(tree.last_pid)?;
         Ok(())
+    }
+}
+
+/// Records how long each step took.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases { last: Instant::now(), done: Vec::new() }
+    }
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
     }
 }
 

@@ -215,6 +215,11 @@ fn main() {
                 format!("{name} {:.2}", pct(v, 0.5))
             })
             .collect();
-        println!("{:>5} MiB / {:>3} MiB dirty: {}", r.rss, r.dirty, parts.join(", "));
+        println!(
+            "{:>5} MiB / {:>3} MiB dirty: {}",
+            r.rss,
+            r.dirty,
+            parts.join(", ")
+        );
     }
 }

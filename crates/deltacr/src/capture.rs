@@ -518,11 +518,27 @@ pub fn capture_static(
         auxv: procfs::auxv(pid).map_err(prerr)?,
         exe: procfs::link(pid, "exe").map_err(prerr)?,
     };
-    let vmas = procfs::smaps(pid)
+    let vmas: Vec<crate::state::Vma> = procfs::smaps(pid)
         .map_err(prerr)?
         .iter()
         .filter_map(vma_of)
         .collect();
+    // Shared memory objects are shared with the live processes by the template too, so their
+    // checkpoint-time contents are not kept anywhere: refuse rather than restore them wrongly.
+    if let Some(v) = vmas.iter().find(|v| v.shared && v.dumped) {
+        let what = match &v.backing {
+            crate::state::VmaBacking::File { path, .. } => path.clone(),
+            _ => "anonymous".into(),
+        };
+        return Err(CaptureError::Unsupported {
+            pid: ns_pid,
+            comm: procfs::Stat::read(pid).map(|s| s.comm).unwrap_or_default(),
+            reason: format!(
+                "shared memory mapping {what} at {:#x} cannot be checkpointed yet",
+                v.start
+            ),
+        });
+    }
     Ok(StaticState {
         sigactions,
         creds,
@@ -555,10 +571,13 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
             false,
         ),
         n if n.starts_with('/') && m.inode != 0 => {
-            // Shared memory objects (shared anonymous, SysV shm, memfd) keep their contents in the
-            // kernel, not in a file of the sandbox: they are saved like anonymous memory.
-            let shmem =
-                n.starts_with("/dev/zero") || n.starts_with("/SYSV") || n.starts_with("/memfd:");
+            // Shared memory objects (shared anonymous, SysV shm, memfd, deleted files) keep their
+            // contents in the kernel, not in a file of the sandbox: they are saved like anonymous
+            // memory.
+            let shmem = n.starts_with("/dev/zero")
+                || n.starts_with("/SYSV")
+                || n.starts_with("/memfd:")
+                || (m.shared && n.ends_with(" (deleted)"));
             (
                 VmaBacking::File {
                     path: n.to_string(),

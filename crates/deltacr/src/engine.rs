@@ -656,7 +656,10 @@ struct Phases {
 
 impl Phases {
     fn new() -> Phases {
-        Phases { last: Instant::now(), done: Vec::new() }
+        Phases {
+            last: Instant::now(),
+            done: Vec::new(),
+        }
     }
     fn mark(&mut self, name: &'static str) {
         let now = Instant::now();

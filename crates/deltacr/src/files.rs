@@ -45,6 +45,20 @@ pub struct FdOwner {
 }
 
 const O_CLOEXEC_BIT: i32 = libc::O_CLOEXEC;
+fn io_err(
+    owner: &FdOwner,
+    fd: i32,
+    what: &'static str,
+) -> impl FnOnce(std::io::Error) -> FileError {
+    let pid = owner.ns_pid;
+    move |source| FileError::Io {
+        pid,
+        fd,
+        what,
+        source,
+    }
+}
+
 /// Unix98 pty slaves (/dev/pts/N) use majors 136..=143.
 pub const PTS_MAJOR: u32 = 136;
 /// /dev/tty, /dev/console, /dev/ptmx.
@@ -73,14 +87,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
         })?;
         let mut table = Vec::with_capacity(fds.len());
         for fd in fds {
-            let err_io = |what| {
-                move |source| FileError::Io {
-                    pid: owner.ns_pid,
-                    fd,
-                    what,
-                    source,
-                }
-            };
+            let err_io = |what| io_err(owner, fd, what);
             let err_proc = |source| FileError::Proc {
                 pid: owner.ns_pid,
                 fd,
@@ -184,16 +191,8 @@ fn classify(
     let ft = meta.file_type();
     let major = libc::major(meta.rdev());
     if ft.is_char_device() && (PTS_MAJOR..PTS_MAJOR + 8).contains(&major) {
-        let err_io = |what| {
-            move |source| FileError::Io {
-                pid: owner.ns_pid,
-                fd,
-                what,
-                source,
-            }
-        };
-        let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
-        let tty = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(err_io("duplicate the terminal"))?;
+        let err_io = |what| io_err(owner, fd, what);
+        let tty = sys::dup_from(owner.host, fd).map_err(err_io("duplicate the terminal"))?;
         let (termios, winsize) =
             sys::tty_get(tty.as_fd()).map_err(err_io("read the terminal settings"))?;
         let index = (major - PTS_MAJOR) * 256 + libc::minor(meta.rdev());
@@ -270,21 +269,13 @@ fn classify_socket(
     ino: u64,
     unix: &mut Option<HashMap<u32, UnixSockInfo>>,
 ) -> Result<FileKind, FileError> {
-    let err_io = |what| {
-        move |source| FileError::Io {
-            pid: owner.ns_pid,
-            fd,
-            what,
-            source,
-        }
-    };
+    let err_io = |what| io_err(owner, fd, what);
     let unsupported = |reason: String| FileError::Unsupported {
         pid: owner.ns_pid,
         fd,
         reason,
     };
-    let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
-    let sock = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(err_io("duplicate the socket"))?;
+    let sock = sys::dup_from(owner.host, fd).map_err(err_io("duplicate the socket"))?;
     let opt = |level, name| {
         sys::getsockopt_int(sock.as_fd(), level, name).map_err(err_io("read a socket option"))
     };
@@ -584,17 +575,8 @@ fn capture_pipe_data(
 }
 
 fn peek_pipe(owner: &FdOwner, fd: i32) -> Result<Vec<u8>, FileError> {
-    let err_io = |what| {
-        move |source| FileError::Io {
-            pid: owner.ns_pid,
-            fd,
-            what,
-            source,
-        }
-    };
-    let pidfd = sys::pidfd_open(owner.host).map_err(err_io("open a pidfd"))?;
-    let end = sys::pidfd_getfd(pidfd.as_fd(), fd)
-        .map_err(err_io("duplicate the pipe with pidfd_getfd"))?;
+    let err_io = |what| io_err(owner, fd, what);
+    let end = sys::dup_from(owner.host, fd).map_err(err_io("duplicate the pipe"))?;
     let reader: OwnedFd = std::fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NONBLOCK)

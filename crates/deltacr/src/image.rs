@@ -363,18 +363,20 @@ impl Image {
         };
         let path = self.dir.join(PAGES);
         let mut buf = vec![0u8; (run.pages as u64 * PAGE) as usize];
-        let mut done = 0;
-        while done < buf.len() {
-            let n = sys::pread(self.pages.as_fd(), &mut buf[done..], offset + done as u64)
-                .map_err(io_err(&path, "read page data"))?;
-            if n == 0 {
-                return Err(ImageError::Corrupt {
-                    path,
+        sys::pread_exact(self.pages.as_fd(), &mut buf, offset).map_err(|e| {
+            if e.kind() == io::ErrorKind::UnexpectedEof {
+                ImageError::Corrupt {
+                    path: path.clone(),
                     reason: format!("page data ends before run {:#x} (truncated)", run.addr),
-                });
+                }
+            } else {
+                ImageError::Io {
+                    path: path.clone(),
+                    what: "read page data",
+                    source: e,
+                }
             }
-            done += n;
-        }
+        })?;
         if crc32fast::hash(&buf) != crc {
             return Err(ImageError::Corrupt {
                 path,

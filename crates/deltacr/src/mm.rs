@@ -72,39 +72,14 @@ impl ProcessPages {
 
     /// Reads the process's memory at `addr` (any protection).
     pub fn read_at(&self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let r = sys::pread(self.mem.as_fd(), &mut buf[done..], addr + done as u64)?;
-            if r == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "process memory is gone",
-                ));
-            }
-            done += r;
-        }
-        Ok(())
+        sys::pread_exact(self.mem.as_fd(), buf, addr)
     }
 
     /// pagemap entries of `[start, end)`.
     pub fn pagemap(&self, start: u64, end: u64) -> std::io::Result<Vec<u64>> {
         let n = ((end - start) / PAGE) as usize;
         let mut raw = vec![0u8; n * 8];
-        let mut done = 0;
-        while done < raw.len() {
-            let r = sys::pread(
-                self.pagemap.as_fd(),
-                &mut raw[done..],
-                (start / PAGE) * 8 + done as u64,
-            )?;
-            if r == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "short pagemap read",
-                ));
-            }
-            done += r;
-        }
+        sys::pread_exact(self.pagemap.as_fd(), &mut raw, (start / PAGE) * 8)?;
         Ok(raw
             .chunks_exact(8)
             .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
@@ -151,18 +126,7 @@ impl PageSource for ProcessPages {
     }
 
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
-        let mut done = 0;
-        while done < buf.len() {
-            let r = sys::pread(self.mem.as_fd(), &mut buf[done..], addr + done as u64)?;
-            if r == 0 {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::UnexpectedEof,
-                    "process memory is gone",
-                ));
-            }
-            done += r;
-        }
-        Ok(())
+        self.read_at(addr, buf)
     }
 }
 

@@ -233,9 +233,8 @@ impl Stat {
     }
 }
 
-/// Thread ids (host pids) of a process.
-pub fn tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
-    let path = dir(pid).join("task");
+/// The numeric names in a directory (task ids, fd numbers), sorted.
+fn numeric_entries(path: PathBuf) -> Result<Vec<i32>, ProcError> {
     let rd = fs::read_dir(&path).map_err(|source| ProcError::Read {
         path: path.clone(),
         source,
@@ -247,11 +246,19 @@ pub fn tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
             source,
         })?;
         if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-            out.push(Pid::from_raw(n));
+            out.push(n);
         }
     }
     out.sort();
     Ok(out)
+}
+
+/// Thread ids (host pids) of a process.
+pub fn tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
+    Ok(numeric_entries(dir(pid).join("task"))?
+        .into_iter()
+        .map(Pid::from_raw)
+        .collect())
 }
 
 /// Children (host pids) of all threads of a process.
@@ -272,23 +279,7 @@ pub fn children(pid: Pid) -> Result<Vec<Pid>, ProcError> {
 
 /// Open fd numbers of a process.
 pub fn fds(pid: Pid) -> Result<Vec<i32>, ProcError> {
-    let path = dir(pid).join("fd");
-    let rd = fs::read_dir(&path).map_err(|source| ProcError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    let mut out = Vec::new();
-    for e in rd {
-        let e = e.map_err(|source| ProcError::Read {
-            path: path.clone(),
-            source,
-        })?;
-        if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
-            out.push(n);
-        }
-    }
-    out.sort();
-    Ok(out)
+    numeric_entries(dir(pid).join("fd"))
 }
 
 /// The target of a magic link such as /proc/PID/fd/N, /proc/PID/cwd or /proc/PID/exe.

@@ -431,6 +431,23 @@ impl Injector {
         }
     }
 
+    /// Injects `clone(flags)` (no new stack: the child does not run until we set its registers) and
+    /// returns the new task, stopped and traced (auto-attached through our ptrace options).
+    pub fn clone_task(&mut self, flags: u64, doing: &'static str) -> Result<Pid, PtraceError> {
+        let res = self.syscall(libc::SYS_clone, &[flags, 0, 0, 0, 0])?;
+        res.ok(libc::SYS_clone, self.tid)?;
+        let child = res
+            .child
+            .ok_or_else(|| PtraceError::UnexpectedStop {
+                tid: self.tid.as_raw(),
+                status: "no clone event".into(),
+                doing,
+            })?
+            .pid;
+        wait_stop(child, doing)?;
+        Ok(child)
+    }
+
     /// Runs a system call and turns a negative result into an error.
     pub fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, PtraceError> {
         let tid = self.tid;

@@ -191,6 +191,38 @@ impl NewProcess {
         self.leader().call(nr, args).map_err(e)
     }
 
+    /// Error for an I/O step on fd `target` of this process.
+    fn io_err(
+        &self,
+        target: i32,
+        what: &'static str,
+    ) -> impl FnOnce(std::io::Error) -> RestoreError {
+        let pid = self.ns_pid;
+        move |source| RestoreError::FileIo {
+            pid,
+            fd: target,
+            what,
+            source,
+        }
+    }
+
+    /// Injects a syscall whose failure is reported as `what` on fd `target`.
+    fn call_file(
+        &mut self,
+        target: i32,
+        what: &'static str,
+        nr: i64,
+        args: &[u64],
+    ) -> Result<i64, RestoreError> {
+        let r = self.leader().syscall(nr, args).map_err(self.perr())?.ret;
+        if r < 0 {
+            return Err(self.io_err(target, what)(
+                std::io::Error::from_raw_os_error(-r as i32),
+            ));
+        }
+        Ok(r)
+    }
+
     /// Makes the process the leader of a new session (when it led one at checkpoint time).
     pub fn set_session_leader(&mut self) -> Result<(), RestoreError> {
         self.call(libc::SYS_setsid, &[]).map(drop)
@@ -248,18 +280,8 @@ impl NewProcess {
                     winsize,
                 } => {
                     let tmp = self.open_tty(target, path, *index, of.flags)?;
-                    let pid = self.ns_pid;
-                    let io = |what| {
-                        move |source| RestoreError::FileIo {
-                            pid,
-                            fd: target,
-                            what,
-                            source,
-                        }
-                    };
-                    let pidfd = sys::pidfd_open(self.host).map_err(io("open a pidfd"))?;
-                    let tty =
-                        sys::pidfd_getfd(pidfd.as_fd(), tmp).map_err(io("reach the terminal"))?;
+                    let io = |what| self.io_err(target, what);
+                    let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
                     sys::tty_set(tty.as_fd(), termios, *winsize)
                         .map_err(io("set the terminal's settings"))?;
                     self.place(tmp, plan.temp(id))?;
@@ -341,7 +363,9 @@ impl NewProcess {
                     ev.extend_from_slice(&t.events.to_ne_bytes());
                     ev.extend_from_slice(&t.data.to_ne_bytes());
                     let addr = self.scratch().write(0, &ev).map_err(self.perr())?;
-                    let r = self.leader().syscall(
+                    self.call_file(
+                        owner_fd.fd,
+                        "add a watched fd to the epoll instance",
                         libc::SYS_epoll_ctl,
                         &[
                             plan.temp(id) as u64,
@@ -349,16 +373,7 @@ impl NewProcess {
                             t.fd as u64,
                             addr,
                         ],
-                    );
-                    let r = r.map_err(self.perr())?.ret;
-                    if r < 0 {
-                        return Err(RestoreError::FileIo {
-                            pid: self.ns_pid,
-                            fd: owner_fd.fd,
-                            what: "add a watched fd to the epoll instance",
-                            source: std::io::Error::from_raw_os_error(-r as i32),
-                        });
-                    }
+                    )?;
                 }
             }
         }
@@ -460,19 +475,12 @@ impl NewProcess {
                 setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
             }
             let a = self.scratch().write(0, addr).map_err(self.perr())?;
-            let r = self
-                .leader()
-                .syscall(libc::SYS_bind, &[fd, a, addr.len() as u64])
-                .map_err(self.perr())?
-                .ret;
-            if r < 0 {
-                return Err(RestoreError::FileIo {
-                    pid: self.ns_pid,
-                    fd: target,
-                    what: "bind the socket to its address again",
-                    source: std::io::Error::from_raw_os_error(-r as i32),
-                });
-            }
+            self.call_file(
+                target,
+                "bind the socket to its address again",
+                libc::SYS_bind,
+                &[fd, a, addr.len() as u64],
+            )?;
             if !reuse {
                 setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
             }
@@ -567,19 +575,12 @@ impl NewProcess {
             let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
             sa.extend_from_slice(name);
             let a = self.scratch().write(0, &sa).map_err(self.perr())?;
-            let r = self
-                .leader()
-                .syscall(libc::SYS_bind, &[fd, a, sa.len() as u64])
-                .map_err(self.perr())?
-                .ret;
-            if r < 0 {
-                return Err(RestoreError::FileIo {
-                    pid: self.ns_pid,
-                    fd: target,
-                    what: "bind the unix socket to its name again",
-                    source: std::io::Error::from_raw_os_error(-r as i32),
-                });
-            }
+            self.call_file(
+                target,
+                "bind the unix socket to its name again",
+                libc::SYS_bind,
+                &[fd, a, sa.len() as u64],
+            )?;
         }
         if let Some(backlog) = listening {
             self.call(libc::SYS_listen, &[fd, *backlog as u64])?;
@@ -589,17 +590,8 @@ impl NewProcess {
 
     /// Writes bytes into one of the process's fds from the tracer (through pidfd_getfd).
     fn write_through(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let pid = self.ns_pid;
-        let io = |what| {
-            move |source| RestoreError::FileIo {
-                pid,
-                fd: target,
-                what,
-                source,
-            }
-        };
-        let pidfd = sys::pidfd_open(self.host).map_err(io("open a pidfd"))?;
-        let f = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(io("reach the new file"))?;
+        let io = |what| self.io_err(target, what);
+        let f = sys::dup_from(self.host, fd).map_err(io("reach the new file"))?;
         std::fs::File::from(f)
             .write_all(data)
             .map_err(io("write its saved state"))
@@ -634,19 +626,12 @@ impl NewProcess {
         }
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let raw = self.leader().syscall(
+        let raw = self.call_file(
+            target,
+            "reopen the file",
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        );
-        let raw = raw.map_err(self.perr())?.ret;
-        if raw < 0 {
-            return Err(RestoreError::FileIo {
-                pid: self.ns_pid,
-                fd: target,
-                what: "reopen the file",
-                source: std::io::Error::from_raw_os_error(-raw as i32),
-            });
-        }
+        )?;
         let tmp = raw as i32;
         let meta =
             std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
@@ -729,19 +714,12 @@ impl NewProcess {
         cpath.push(0);
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
         let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let r = self.leader().syscall(
+        let r = self.call_file(
+            target,
+            "reopen the terminal (does its master still exist?)",
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        );
-        let r = r.map_err(self.perr())?.ret;
-        if r < 0 {
-            return Err(RestoreError::FileIo {
-                pid: self.ns_pid,
-                fd: target,
-                what: "reopen the terminal (does its master still exist?)",
-                source: std::io::Error::from_raw_os_error(-r as i32),
-            });
-        }
+        )?;
         let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| {
             RestoreError::FileIo {
                 pid: self.ns_pid,
@@ -828,25 +806,8 @@ impl NewProcess {
     }
 
     fn fill_fifo(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let pid = self.ns_pid;
-        let pidfd = sys::pidfd_open(self.host).map_err(|source| RestoreError::FileIo {
-            pid,
-            fd: target,
-            what: "open a pidfd",
-            source,
-        })?;
-        let f = sys::pidfd_getfd(pidfd.as_fd(), fd).map_err(|source| RestoreError::FileIo {
-            pid,
-            fd: target,
-            what: "reach the FIFO",
-            source,
-        })?;
-        let queued = sys::fionread(f.as_fd()).map_err(|source| RestoreError::FileIo {
-            pid,
-            fd: target,
-            what: "count queued bytes",
-            source,
-        })?;
+        let f = sys::dup_from(self.host, fd).map_err(self.io_err(target, "reach the FIFO"))?;
+        let queued = sys::fionread(f.as_fd()).map_err(self.io_err(target, "count queued bytes"))?;
         if queued == 0 {
             self.fill_pipe(target, fd, data)?;
         }
@@ -854,17 +815,8 @@ impl NewProcess {
     }
 
     fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let io = |what| {
-            let pid = self.ns_pid;
-            move |source| RestoreError::FileIo {
-                pid,
-                fd: target,
-                what,
-                source,
-            }
-        };
-        let pidfd = sys::pidfd_open(self.host).map_err(io("open a pidfd"))?;
-        let w = sys::pidfd_getfd(pidfd.as_fd(), write_end).map_err(io("reach the new pipe"))?;
+        let io = |what| self.io_err(target, what);
+        let w = sys::dup_from(self.host, write_end).map_err(io("reach the new pipe"))?;
         let size = fcntl(w.as_fd(), FcntlArg::F_GETPIPE_SZ)
             .map_err(|e| io("read the pipe size")(e.into()))?;
         if (size as usize) < data.len() {
@@ -939,23 +891,10 @@ impl NewProcess {
     }
 
     fn clone_thread(&mut self) -> Result<Pid, RestoreError> {
-        let res = self
-            .leader()
-            .syscall(libc::SYS_clone, &[CLONE_THREAD_FLAGS, 0, 0, 0, 0])
-            .map_err(self.perr())?;
-        res.ok(libc::SYS_clone, self.host).map_err(self.perr())?;
-        let tid = res
-            .child
-            .ok_or_else(|| {
-                self.perr()(PtraceError::UnexpectedStop {
-                    tid: self.host.as_raw(),
-                    status: "no clone event".into(),
-                    doing: "creating a thread",
-                })
-            })?
-            .pid;
-        ptrace::wait_stop(tid, "restored").map_err(self.perr())?;
-        Ok(tid)
+        let e = self.perr();
+        self.leader()
+            .clone_task(CLONE_THREAD_FLAGS, "creating a thread")
+            .map_err(e)
     }
 
     /// Ends a thread created with the wrong tid (exit ends just the calling thread).
@@ -1113,23 +1052,10 @@ impl NewProcess {
             want,
             want,
             |np: &mut Self| {
-                let res = np
-                    .leader()
-                    .syscall(libc::SYS_clone, &[exit_signal as u64 & 0xff, 0, 0, 0, 0])
-                    .map_err(np.perr())?;
-                res.ok(libc::SYS_clone, np.host).map_err(np.perr())?;
-                let child = res
-                    .child
-                    .ok_or_else(|| {
-                        np.perr()(PtraceError::UnexpectedStop {
-                            tid: np.host.as_raw(),
-                            status: "no fork event".into(),
-                            doing: "forking a child",
-                        })
-                    })?
-                    .pid;
-                ptrace::wait_stop(child, "restored").map_err(np.perr())?;
-                Ok(child)
+                let e = np.perr();
+                np.leader()
+                    .clone_task(exit_signal as u64 & 0xff, "forking a child")
+                    .map_err(e)
             },
             |_, wrong| {
                 Self::kill_host(wrong);
@@ -1400,22 +1326,8 @@ pub fn fork_from_init(
             want,
             want,
             |inj: &mut Injector| {
-                let r = inj
-                    .syscall(libc::SYS_clone, &[libc::SIGCHLD as u64, 0, 0, 0, 0])
-                    .map_err(perr)?;
-                r.ok(libc::SYS_clone, init).map_err(perr)?;
-                let child = r
-                    .child
-                    .ok_or_else(|| {
-                        perr(PtraceError::UnexpectedStop {
-                            tid: init.as_raw(),
-                            status: "no fork event".into(),
-                            doing: "forking from init",
-                        })
-                    })?
-                    .pid;
-                ptrace::wait_stop(child, "restored").map_err(perr)?;
-                Ok(child)
+                inj.clone_task(libc::SIGCHLD as u64, "forking from init")
+                    .map_err(perr)
             },
             |_, wrong| {
                 NewProcess::kill_host(wrong);

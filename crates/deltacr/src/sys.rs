@@ -3,7 +3,7 @@
 //! Only x86_64 is supported: register layouts and syscall numbers below are x86_64's.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 
 use nix::unistd::Pid;
 
@@ -298,22 +298,34 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
     Ok(r > 0)
 }
 
-/// Reads `len` bytes of another process's memory at `addr` into `buf` (one `process_vm_readv` call with
-/// several remote ranges). Returns how many bytes were read.
-pub fn process_vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_mut_ptr().cast(),
-        iov_len: local.len(),
-    };
-    let riov: Vec<libc::iovec> = remote
+fn remote_iovecs(remote: &[(u64, usize)]) -> Vec<libc::iovec> {
+    remote
         .iter()
         .map(|&(a, l)| libc::iovec {
             iov_base: a as *mut libc::c_void,
             iov_len: l,
         })
-        .collect();
+        .collect()
+}
+
+fn byte_count(r: isize) -> io::Result<usize> {
+    if r < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(r as usize)
+    }
+}
+
+/// Reads another process's memory at the given remote ranges into `local` (one `process_vm_readv`).
+/// Returns how many bytes were read.
+pub fn process_vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
+    let liov = libc::iovec {
+        iov_base: local.as_mut_ptr().cast(),
+        iov_len: local.len(),
+    };
+    let riov = remote_iovecs(remote);
     // SAFETY: the local iovec covers `local`; remote iovecs are only interpreted in the other process.
-    let r = unsafe {
+    byte_count(unsafe {
         libc::process_vm_readv(
             pid.as_raw(),
             &liov,
@@ -322,12 +334,7 @@ pub fn process_vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> i
             riov.len() as libc::c_ulong,
             0,
         )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    })
 }
 
 /// Writes `local` into another process's memory at the given remote ranges (one `process_vm_writev`).
@@ -336,15 +343,9 @@ pub fn process_vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::
         iov_base: local.as_ptr() as *mut libc::c_void,
         iov_len: local.len(),
     };
-    let riov: Vec<libc::iovec> = remote
-        .iter()
-        .map(|&(a, l)| libc::iovec {
-            iov_base: a as *mut libc::c_void,
-            iov_len: l,
-        })
-        .collect();
+    let riov = remote_iovecs(remote);
     // SAFETY: the local iovec covers `local` (only read); remote iovecs are interpreted in the other process.
-    let r = unsafe {
+    byte_count(unsafe {
         libc::process_vm_writev(
             pid.as_raw(),
             &liov,
@@ -353,49 +354,33 @@ pub fn process_vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::
             riov.len() as libc::c_ulong,
             0,
         )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    })
 }
 
-/// `pread` at an absolute offset (used on /proc/PID/pagemap and /proc/PID/mem, whose offsets exceed i64
-/// for high addresses only on other architectures).
+/// Fills `buf` from `fd` at `offset` (several `pread`s if needed); EOF before the end is an error.
+pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<()> {
+    let mut done = 0;
+    while done < buf.len() {
+        let n = pread(fd, &mut buf[done..], offset + done as u64)?;
+        if n == 0 {
+            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "end of file"));
+        }
+        done += n;
+    }
+    Ok(())
+}
+
+/// `pread` at an absolute offset.
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     // SAFETY: the kernel writes at most buf.len() bytes into buf.
-    let r = unsafe {
+    byte_count(unsafe {
         libc::pread64(
             fd.as_raw_fd(),
             buf.as_mut_ptr().cast(),
             buf.len(),
             offset as i64,
         )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
-}
-
-/// `pwrite` at an absolute offset (used on /proc/PID/mem, which can write read-only private pages).
-pub fn pwrite(fd: BorrowedFd<'_>, buf: &[u8], offset: u64) -> io::Result<usize> {
-    // SAFETY: the kernel reads at most buf.len() bytes from buf.
-    let r = unsafe {
-        libc::pwrite64(
-            fd.as_raw_fd(),
-            buf.as_ptr().cast(),
-            buf.len(),
-            offset as i64,
-        )
-    };
-    if r < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(r as usize)
-    }
+    })
 }
 
 /// Forks the pid-namespace helper (see `pidns`). Must be called with the calling thread's
@@ -687,4 +672,10 @@ pub fn tty_set(fd: BorrowedFd<'_>, termios: &[u8], ws: [u16; 4]) -> io::Result<(
         }
     }
     Ok(())
+}
+
+/// A duplicate of another process's fd (same open file description), via a pidfd.
+pub fn dup_from(pid: Pid, fd: i32) -> io::Result<OwnedFd> {
+    let pidfd = pidfd_open(pid)?;
+    pidfd_getfd(pidfd.as_fd(), fd)
 }

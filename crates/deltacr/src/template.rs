@@ -86,20 +86,9 @@ pub fn create(
     detach: Detach,
 ) -> Result<Template, TemplateError> {
     let pid = leader.pid();
-    let err = create_err(pid);
     let helper = leader
-        .syscall(libc::SYS_clone, &[CLONE_VM, 0, 0, 0, 0])
-        .and_then(|r| r.ok(libc::SYS_clone, pid).map(|_| r.child))
-        .map_err(create_err(pid))?
-        .ok_or_else(|| {
-            err(PtraceError::UnexpectedStop {
-                tid: pid.as_raw(),
-                status: "no clone event".into(),
-                doing: "cloning",
-            })
-        })?
-        .pid;
-    ptrace::wait_stop(helper, "making a template").map_err(create_err(pid))?;
+        .clone_task(CLONE_VM, "making a template")
+        .map_err(create_err(pid))?;
     let helper_ns = procfs::Status::read(helper)
         .and_then(|s| s.innermost("NSpid"))
         .map_err(|source| TemplateError::Proc {
@@ -109,25 +98,11 @@ pub fn create(
     let mut h = Injector::new(helper, helper, gadget).map_err(create_err(pid))?;
     h.call(libc::SYS_close_range, &[0, u32::MAX as u64, 0])
         .map_err(create_err(pid))?;
-    let forked = h
-        .syscall(libc::SYS_clone, &[SIGCHLD, 0, 0, 0, 0])
+    let tpid = h
+        .clone_task(SIGCHLD, "forking the template")
         .map_err(create_err(pid))?;
-    forked
-        .ok(libc::SYS_clone, helper)
-        .map_err(create_err(pid))?;
-    let tpid = forked
-        .child
-        .ok_or_else(|| {
-            create_err(pid)(PtraceError::UnexpectedStop {
-                tid: helper.as_raw(),
-                status: "no fork event".into(),
-                doing: "forking the template",
-            })
-        })?
-        .pid;
     // From here on a failure must not leave a stopped orphan behind.
     let finish = (|| {
-        ptrace::wait_stop(tpid, "making a template")?;
         h.syscall(libc::SYS_exit, &[0])?;
         leader.call(
             libc::SYS_wait4,
@@ -209,22 +184,9 @@ impl Template {
             source,
         };
         let mut inj = Injector::new(self.pid, self.pid, self.gadget).map_err(err)?;
-        let res = inj.syscall(libc::SYS_clone, &[flags, 0, 0, 0, 0]);
+        let child = inj.clone_task(flags, "cloning a template");
         inj.finish_with(&self.trap_regs, u64::MAX).map_err(err)?;
-        let res = res.map_err(err)?;
-        res.ok(libc::SYS_clone, self.pid).map_err(err)?;
-        let child = res
-            .child
-            .ok_or_else(|| {
-                err(PtraceError::UnexpectedStop {
-                    tid: self.pid.as_raw(),
-                    status: "no clone event".into(),
-                    doing: "cloning a template",
-                })
-            })?
-            .pid;
-        ptrace::wait_stop(child, "restored").map_err(err)?;
-        Ok(child)
+        child.map_err(err)
     }
 }
 

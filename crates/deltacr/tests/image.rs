@@ -3,40 +3,9 @@
 
 mod common;
 
-use common::{python, wait_for, PidNs};
+use common::{counter_lines, python, wait_for, PidNs, COUNTER};
 use deltacr::image::{ImageError, ImageStore};
 use deltacr::Engine;
-
-/// Appends "i crc" lines; rewrites one page of an 8 MB buffer per step, so most pages stay unchanged
-/// between two checkpoints.
-const COUNTER: &str = r#"
-import sys, time, zlib
-out = open(sys.argv[1], "a")
-buf = bytearray(8 << 20)
-for k in range(0, len(buf), 4096):
-    buf[k] = 1
-i = 0
-while True:
-    i += 1
-    buf[(i * 4096) % len(buf)] = i % 251
-    out.write("%d %d\n" % (i, zlib.crc32(buf)))
-    out.flush()
-    time.sleep(0.005)
-"#;
-
-fn lines(path: &std::path::Path) -> Vec<(u64, u64)> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| {
-            let mut it = l.split(' ');
-            (
-                it.next().unwrap().parse().unwrap(),
-                it.next().unwrap().parse().unwrap(),
-            )
-        })
-        .collect()
-}
 
 /// Restores from `chain` into `ns` and checks the counter continues right after `n` with the crc the
 /// original run had for `n + 1`.
@@ -51,11 +20,11 @@ fn restore_and_check(
 ) {
     let sb = ns.sandbox();
     engine.kill_processes(&sb).unwrap();
-    let before = lines(out).len();
+    let before = counter_lines(out).len();
     let mut chain = store.open_chain(id).unwrap();
     engine.restore_image(&mut chain, &sb).unwrap();
-    wait_for(|| (lines(out).len() > before + 2).then_some(()));
-    let first = lines(out)[before];
+    wait_for(|| (counter_lines(out).len() > before + 2).then_some(()));
+    let first = counter_lines(out)[before];
     assert_eq!(first, (n + 1, crc_next), "continues from the image");
 }
 
@@ -65,14 +34,14 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let out = ns.path("out");
     let py = python();
     ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
-    wait_for(|| (lines(&out).len() > 3).then_some(()));
+    wait_for(|| (counter_lines(&out).len() > 3).then_some(()));
     let store = ImageStore::new(&ns.path("images")).unwrap();
     let mut engine = Engine::new();
     let sb = ns.sandbox();
 
     // First checkpoint: a full image.
     sb.freezer.freeze().unwrap();
-    let n1 = lines(&out).last().unwrap().0;
+    let n1 = counter_lines(&out).last().unwrap().0;
     let c1 = engine.checkpoint(&sb).unwrap();
     let i1 = c1.image_job(None).unwrap().write(&store).unwrap();
     assert!(
@@ -82,9 +51,9 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     assert_eq!(i1.parent_bytes, 0);
 
     // Second checkpoint: only what changed.
-    wait_for(|| (lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
     sb.freezer.freeze().unwrap();
-    let n2 = lines(&out).last().unwrap().0;
+    let n2 = counter_lines(&out).last().unwrap().0;
     let c2 = engine.checkpoint(&sb).unwrap();
     let i2 = c2
         .image_job(Some((&c1, i1.id)))
@@ -106,8 +75,8 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
         "{describe}"
     );
 
-    wait_for(|| (lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
-    let after = lines(&out);
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
+    let after = counter_lines(&out);
     let crc_after = |n: u64| after.iter().find(|l| l.0 == n).unwrap().1;
     // Without templates: restore must come from the images.
     drop(c2);
@@ -125,14 +94,17 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     // The same image forks into another pid namespace.
     engine.kill_processes(&sb).unwrap();
     let other = PidNs::new();
-    let other_out_before = lines(&out).len();
+    let other_out_before = counter_lines(&out).len();
     let mut other_engine = Engine::new();
     let mut chain = store.open_chain(i2.id).unwrap();
     other_engine
         .restore_image(&mut chain, &other.sandbox())
         .unwrap();
-    wait_for(|| (lines(&out).len() > other_out_before).then_some(()));
-    assert_eq!(lines(&out)[other_out_before], (n2 + 1, crc_after(n2 + 1)));
+    wait_for(|| (counter_lines(&out).len() > other_out_before).then_some(()));
+    assert_eq!(
+        counter_lines(&out)[other_out_before],
+        (n2 + 1, crc_after(n2 + 1))
+    );
     drop(other);
 
     // Corruption: one flipped byte in the page data is refused and nothing is left running.

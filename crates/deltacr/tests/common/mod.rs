@@ -232,3 +232,36 @@ pub fn wait_for_content(path: &Path, needle: &str) -> String {
             .filter(|s| s.contains(needle))
     })
 }
+
+/// A python program that appends "i crc" lines to the file argv[1] every 5 ms; each step rewrites one
+/// page of an 8 MB buffer (all of it written first) and prints the CRC of the whole buffer, so a
+/// restore with wrong memory shows, and most pages stay unchanged between two checkpoints.
+pub const COUNTER: &str = r#"
+import sys, time, zlib
+out = open(sys.argv[1], "a")
+buf = bytearray(8 << 20)
+for k in range(0, len(buf), 4096):
+    buf[k] = 1
+i = 0
+while True:
+    i += 1
+    buf[(i * 4096) % len(buf)] = i % 251
+    out.write("%d %d\n" % (i, zlib.crc32(buf)))
+    out.flush()
+    time.sleep(0.005)
+"#;
+
+/// The (counter, crc) lines COUNTER wrote so far.
+pub fn counter_lines(path: &Path) -> Vec<(u64, u64)> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| {
+            let mut it = l.split(' ');
+            (
+                it.next().unwrap().parse().unwrap(),
+                it.next().unwrap().parse().unwrap(),
+            )
+        })
+        .collect()
+}

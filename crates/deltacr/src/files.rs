@@ -12,7 +12,7 @@ use nix::unistd::{pipe2, Pid};
 
 use crate::procfs::{self, FdInfo};
 use crate::sockdiag::{self, UnixSockInfo};
-use crate::state::{FdState, FileKind, OpenFile};
+use crate::state::{FdState, FileKind, FileLock, LockKind, OpenFile};
 use crate::sys;
 
 /// Errors of this module. Every variant names the process and the fd.
@@ -86,6 +86,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
             source,
         })?;
         let mut table = Vec::with_capacity(fds.len());
+        let mut posix_seen = std::collections::HashSet::new();
         for fd in fds {
             let err_io = |what| io_err(owner, fd, what);
             let err_proc = |source| FileError::Proc {
@@ -113,20 +114,35 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
                 None => {
                     let id = files.len() as u32;
                     let kind = classify(owner, fd, &link, &meta, &info, &mut unix)?;
+                    let locks = parse_locks(&info, owner, fd)?
+                        .into_iter()
+                        .filter(|l| l.kind != LockKind::Posix)
+                        .collect();
                     files.push(OpenFile {
                         id,
                         flags: raw_flags & !O_CLOEXEC_BIT,
                         pos: info.pos().map_err(err_proc)?,
                         kind,
+                        locks,
                     });
                     same.push(Known { id, owner: pid, fd });
                     id
                 }
             };
+            // The process's POSIX locks show on each of its fds of the file: keep them once.
+            let posix_locks = if posix_seen.insert(key) {
+                parse_locks(&info, owner, fd)?
+                    .into_iter()
+                    .filter(|l| l.kind == LockKind::Posix)
+                    .collect()
+            } else {
+                Vec::new()
+            };
             table.push(FdState {
                 fd,
                 cloexec: raw_flags & O_CLOEXEC_BIT != 0,
                 file: id,
+                posix_locks,
             });
         }
         tables.push(table);
@@ -134,6 +150,58 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
     capture_pipe_data(owners, &tables, &mut files)?;
     check_unix_peers(owners, &tables, &files)?;
     Ok((files, tables))
+}
+
+/// The locks listed in an fdinfo ("lock:\t1: POSIX  ADVISORY  WRITE 1234 fe:00:567 5 14").
+fn parse_locks(info: &FdInfo, owner: &FdOwner, fd: i32) -> Result<Vec<FileLock>, FileError> {
+    let unsupported = |reason: String| FileError::Unsupported {
+        pid: owner.ns_pid,
+        fd,
+        reason,
+    };
+    let mut out = Vec::new();
+    for (_, v) in info.lines.iter().filter(|(k, _)| k == "lock") {
+        let w: Vec<&str> = v.split_whitespace().collect();
+        if w.len() < 8 {
+            return Err(unsupported(format!("unreadable lock line {v:?}")));
+        }
+        let kind = match w[1] {
+            "POSIX" => LockKind::Posix,
+            "FLOCK" => LockKind::Flock,
+            "OFDLCK" => LockKind::Ofd,
+            other => return Err(unsupported(format!("{other} locks are not supported yet"))),
+        };
+        if w[2] != "ADVISORY" {
+            return Err(unsupported(format!("{} locks are not supported yet", w[2])));
+        }
+        let write = match w[3] {
+            "WRITE" => true,
+            "READ" => false,
+            other => {
+                return Err(unsupported(format!(
+                    "lock type {other} is not supported yet"
+                )))
+            }
+        };
+        let start = w[6]
+            .parse()
+            .map_err(|_| unsupported(format!("unreadable lock line {v:?}")))?;
+        let end = if w[7] == "EOF" {
+            None
+        } else {
+            Some(
+                w[7].parse()
+                    .map_err(|_| unsupported(format!("unreadable lock line {v:?}")))?,
+            )
+        };
+        out.push(FileLock {
+            kind,
+            write,
+            start,
+            end,
+        });
+    }
+    Ok(out)
 }
 
 fn classify(

@@ -15,7 +15,10 @@ use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::state::{Creds, Ctty, FdState, FileKind, OpenFile, ProcessState, SigInfo, ThreadState};
+use crate::state::{
+    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, SigInfo,
+    ThreadState,
+};
 use crate::sys;
 
 /// Errors of this module.
@@ -334,6 +337,13 @@ impl NewProcess {
                 }
             }
         }
+        // Locks owned by open file descriptions (flock, OFD) come with the description.
+        for &id in create {
+            for lock in &files[id as usize].locks {
+                let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
+                self.apply_lock(target, plan.temp(id), lock)?;
+            }
+        }
         self.call(libc::SYS_close_range, &[0, plan.base as u64 - 1, 0])?;
         for fd in own {
             let flags = if fd.cloexec {
@@ -377,6 +387,55 @@ impl NewProcess {
                 }
             }
         }
+        Ok(())
+    }
+
+    /// Takes file lock `lock` through fd `fd` (non-blocking: the holders of conflicting locks were
+    /// killed, so a conflict means something else holds the file).
+    fn apply_lock(&mut self, target: i32, fd: i32, lock: &FileLock) -> Result<(), RestoreError> {
+        const F_OFD_SETLK: u64 = 37;
+        if lock.kind == LockKind::Flock {
+            let op = if lock.write {
+                libc::LOCK_EX
+            } else {
+                libc::LOCK_SH
+            } | libc::LOCK_NB;
+            self.call_file(
+                target,
+                "take its flock lock again",
+                libc::SYS_flock,
+                &[fd as u64, op as u64],
+            )?;
+            return Ok(());
+        }
+        // struct flock: l_type, l_whence (i16 each), padding, l_start, l_len (i64), l_pid (i32), padding.
+        let mut fl = Vec::with_capacity(32);
+        fl.extend_from_slice(
+            &(if lock.write {
+                libc::F_WRLCK
+            } else {
+                libc::F_RDLCK
+            } as i16)
+                .to_ne_bytes(),
+        );
+        fl.extend_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+        fl.extend_from_slice(&[0u8; 4]);
+        fl.extend_from_slice(&(lock.start as i64).to_ne_bytes());
+        let len = lock.end.map_or(0, |e| e - lock.start + 1);
+        fl.extend_from_slice(&(len as i64).to_ne_bytes());
+        fl.extend_from_slice(&[0u8; 8]);
+        let addr = self.scratch().write(0, &fl).map_err(self.perr())?;
+        let cmd = if lock.kind == LockKind::Ofd {
+            F_OFD_SETLK
+        } else {
+            libc::F_SETLK as u64
+        };
+        self.call_file(
+            target,
+            "take its file lock again",
+            libc::SYS_fcntl,
+            &[fd as u64, cmd, addr],
+        )?;
         Ok(())
     }
 
@@ -980,6 +1039,13 @@ impl NewProcess {
         if plan.count > 0 {
             let last = (plan.base + plan.count - 1) as u64;
             self.call(libc::SYS_close_range, &[plan.base as u64, last, 0])?;
+        }
+        // POSIX locks belong to the process and go away when it closes any fd of the file (such as
+        // the temporary ones just closed): take them last.
+        for fd in &st.fds {
+            for lock in &fd.posix_locks {
+                self.apply_lock(fd.fd, fd.fd, lock)?;
+            }
         }
         for filter in st.seccomp.iter().skip(inherited_filters) {
             self.install_seccomp(filter)?;

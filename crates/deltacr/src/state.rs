@@ -203,6 +203,28 @@ pub struct OpenFile {
     pub flags: i32,
     pub pos: u64,
     pub kind: FileKind,
+    /// flock(2) and open-file-description locks held through this description.
+    pub locks: Vec<FileLock>,
+}
+
+/// Which API a file lock was taken with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum LockKind {
+    /// fcntl F_SETLK (owned by the process).
+    Posix,
+    /// flock(2) (owned by the open file description).
+    Flock,
+    /// fcntl F_OFD_SETLK (owned by the open file description).
+    Ofd,
+}
+
+/// A file lock: a byte range (`end` None = to end of file), shared (read) or exclusive (write).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FileLock {
+    pub kind: LockKind,
+    pub write: bool,
+    pub start: u64,
+    pub end: Option<u64>,
 }
 
 /// The object behind an open file description.
@@ -292,6 +314,8 @@ pub struct FdState {
     pub cloexec: bool,
     /// `OpenFile::id`.
     pub file: u32,
+    /// POSIX (process-owned) locks the process holds on this file, recorded on one of its fds.
+    pub posix_locks: Vec<FileLock>,
 }
 
 /// A live process.

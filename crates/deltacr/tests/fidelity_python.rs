@@ -55,7 +55,7 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    let mut take = |engine: &mut Engine| {
+    let take = |engine: &mut Engine| {
         sb.freezer.freeze().unwrap();
         let last = rows(&out).last().unwrap().clone();
         (engine.checkpoint(&sb).unwrap(), last)

@@ -132,3 +132,55 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
         other => panic!("truncated image opened: {other:?}"),
     }
 }
+
+#[test]
+fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
+    wait_for(|| (counter_lines(&out).len() > 2).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+    let meta = store.path_of(id).join("meta.img");
+    let good = std::fs::read(&meta).unwrap();
+    store.open(id).unwrap().verify_pages().unwrap();
+    // Every prefix (a torn write) is refused.
+    for len in (0..good.len())
+        .step_by(good.len() / 97 + 1)
+        .chain([good.len() - 1])
+    {
+        std::fs::write(&meta, &good[..len]).unwrap();
+        assert!(
+            store.open(id).is_err(),
+            "a metadata file cut at {len} of {} bytes was accepted",
+            good.len()
+        );
+    }
+    // Any flipped bit is refused (magic, version, record headers and payloads are all covered).
+    for pos in (0..good.len()).step_by(good.len() / 89 + 1) {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x10;
+        std::fs::write(&meta, &bad).unwrap();
+        assert!(
+            store.open(id).is_err(),
+            "a flipped bit at byte {pos} was accepted"
+        );
+    }
+    std::fs::write(&meta, &good).unwrap();
+    // Truncated page data is refused when read.
+    let pages = store.path_of(id).join("pages.img");
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&pages)
+        .unwrap()
+        .set_len(len / 2)
+        .unwrap();
+    let err = store.open(id).unwrap().verify_pages().unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}

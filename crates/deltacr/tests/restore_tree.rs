@@ -155,3 +155,47 @@ fn a_tree_with_pipes_and_a_zombie_is_restored() {
         std::fs::remove_file(&flag).unwrap();
     }
 }
+
+#[test]
+fn a_shell_pipeline_with_full_pipe_buffers_finishes_after_restore() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let started = ns.path("started");
+    // yes and head block on full pipes while the last stage sleeps.
+    let script = format!(
+        "yes | head -c 10000000 | (touch {}; sleep 2; wc -c) > {}",
+        started.display(),
+        out.display()
+    );
+    ns.spawn(&["bash", "-c", &script], None, false);
+    wait_for(|| started.exists().then_some(()));
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let pipes = ckpt
+        .tree
+        .files
+        .iter()
+        .filter(
+            |f| matches!(&f.kind, deltacr::state::FileKind::Pipe { data, .. } if !data.is_empty()),
+        )
+        .count();
+    assert!(pipes >= 2, "both pipes hold unread data at the checkpoint");
+    wait_for(|| {
+        std::fs::read_to_string(&out)
+            .ok()
+            .filter(|s| s.trim() == "10000000")
+    });
+    for _ in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        std::fs::write(&out, "").unwrap();
+        engine.restore(&ckpt, &sb).unwrap();
+        wait_for(|| {
+            std::fs::read_to_string(&out)
+                .ok()
+                .filter(|s| s.trim() == "10000000")
+        });
+    }
+}

@@ -1166,12 +1166,28 @@ impl NewProcess {
             self.call(libc::SYS_rt_sigaction, &[sig, addr, 0, 8])?;
         }
         self.call(libc::SYS_umask, &[st.umask as u64])?;
-        self.call(libc::SYS_personality, &[st.personality as u64])?;
+        // Only when it differs: a Docker-like seccomp filter allows few personality values.
+        // personality(0xffffffff) queries without changing.
+        let current = self.call(libc::SYS_personality, &[0xffff_ffff])? as u32;
+        if current != st.personality {
+            self.call(libc::SYS_personality, &[st.personality as u64])?;
+        }
         let mut cwd = st.cwd.as_bytes().to_vec();
         cwd.push(0);
         let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
         self.call(libc::SYS_chdir, &[addr])?;
         for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
+            // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.
+            let now = sys::prlimit_get(self.host, res as u32).map_err(|e| {
+                self.perr()(PtraceError::Request {
+                    op: "prlimit",
+                    tid: self.host.as_raw(),
+                    source: e,
+                })
+            })?;
+            if now == (cur, max) {
+                continue;
+            }
             let mut b = Vec::with_capacity(16);
             b.extend_from_slice(&cur.to_ne_bytes());
             b.extend_from_slice(&max.to_ne_bytes());

@@ -61,3 +61,61 @@ fn a_restored_process_continues_from_the_checkpoint() {
         assert!(cmdline.starts_with(py.as_bytes()));
     }
 }
+
+#[test]
+fn a_process_in_a_user_namespace_with_docker_capabilities_is_restored() {
+    let mut ns = PidNs::user_namespaced();
+    let out = ns.path("out");
+    let (pid, host) = ns.spawn(
+        &[common::SYSTEM_PYTHON, "-c", COUNTER, out.to_str().unwrap()],
+        None,
+        false,
+    );
+    wait_for_content(&out, "\n5 ");
+    let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
+    assert!(
+        status.contains("CapEff:\t00000000a80425fb"),
+        "Docker's capabilities: {status}"
+    );
+    assert!(
+        status.contains("Seccomp_filters:\t1"),
+        "a seccomp filter: {status}"
+    );
+    let own_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
+    assert_ne!(
+        std::fs::read_link(format!("/proc/{host}/ns/user")).unwrap(),
+        own_userns,
+        "in its own user namespace"
+    );
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let at = counter_lines(&out);
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let n = at.last().unwrap().0;
+    wait_for(|| {
+        counter_lines(&out)
+            .iter()
+            .any(|&(i, _)| i == n + 10)
+            .then_some(())
+    });
+    let later = counter_lines(&out);
+    for _ in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        let before = counter_lines(&out).len();
+        engine.restore(&ckpt, &sb).unwrap();
+        wait_for(|| (counter_lines(&out).len() > before).then_some(()));
+        let expected = later.iter().find(|&&(i, _)| i == n + 1).unwrap();
+        assert_eq!(counter_lines(&out)[before], *expected);
+        let restored = ns.host_pid(pid);
+        let st = std::fs::read_to_string(format!("/proc/{restored}/status")).unwrap();
+        assert!(
+            st.contains("CapEff:\t00000000a80425fb"),
+            "capabilities are kept: {st}"
+        );
+        assert!(
+            st.contains("Seccomp:\t2") && st.contains("Seccomp_filters:\t1"),
+            "the filter is kept: {st}"
+        );
+    }
+}

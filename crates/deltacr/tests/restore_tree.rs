@@ -60,7 +60,15 @@ fn read(path: &std::path::Path) -> Vec<String> {
 
 #[test]
 fn a_tree_with_pipes_and_a_zombie_is_restored() {
-    let mut ns = PidNs::new();
+    tree_with_pipes_and_a_zombie(PidNs::new());
+}
+
+#[test]
+fn a_tree_in_a_user_namespace_with_docker_capabilities_is_restored() {
+    tree_with_pipes_and_a_zombie(PidNs::user_namespaced());
+}
+
+fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
     let out = ns.path("out");
     let flag = ns.path("flag");
     let script = format!(

@@ -49,7 +49,37 @@ pub struct PidNs {
     pub dir: tempfile::TempDir,
     /// A cgroup v1 freezer cgroup holding init and everything it starts.
     pub freezer: deltacr::CgroupFreezer,
+    userns: bool,
 }
+
+/// The distribution's python (not a wrapper script).
+pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
+/// Installs a small seccomp filter like the sandbox's (clone3 -> ENOSYS, unshare -> EPERM, the rest
+/// allowed) with no_new_privs, then execs argv[1:].
+const SECCOMP_EXEC: &str = r#"
+import ctypes, os, struct, sys
+def insn(code, jt, jf, k):
+    return struct.pack("HBBI", code, jt, jf, k)
+prog = b"".join([
+    insn(0x20, 0, 0, 0),                  # load the syscall number
+    insn(0x15, 0, 1, 435),                # clone3?
+    insn(0x06, 0, 0, 0x00050000 | 38),    #   ENOSYS
+    insn(0x15, 0, 1, 272),                # unshare?
+    insn(0x06, 0, 0, 0x00050000 | 1),     #   EPERM
+    insn(0x06, 0, 0, 0x7fff0000),         # allow
+])
+buf = ctypes.create_string_buffer(prog)
+fprog = struct.pack("HxxxxxxQ", len(prog) // 8, ctypes.addressof(buf))
+libc = ctypes.CDLL(None, use_errno=True)
+assert libc.prctl(38, 1, 0, 0, 0) == 0
+assert libc.prctl(22, 2, ctypes.c_char_p(fprog), 0, 0) == 0
+os.execvp(sys.argv[1], sys.argv[1:])
+"#;
+
+/// Docker's default capabilities, for setpriv.
+const DOCKER_CAPS: &str =
+    "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,\
++net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";
 
 impl PidNs {
     pub fn new() -> PidNs {
@@ -58,6 +88,17 @@ impl PidNs {
 
     /// A namespace killed after `limit` (so a hung ptrace wait fails the test instead of blocking it).
     pub fn with_watchdog(limit: Duration) -> PidNs {
+        Self::create(limit, false)
+    }
+
+    /// Closer to a real sandbox: also a user namespace (owning the pid namespace), and programs started
+    /// with Docker's default capabilities and a seccomp filter (see [`PidNs::spawn`]). Its root is host root (mapping another
+    /// uid range needs newuidmap and /etc/subuid entries this machine does not have).
+    pub fn user_namespaced() -> PidNs {
+        Self::create(Duration::from_secs(60), true)
+    }
+
+    fn create(limit: Duration, userns: bool) -> PidNs {
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -65,9 +106,17 @@ impl PidNs {
         let dir = tempfile::tempdir().unwrap();
         let script = dir.path().join("init.py");
         std::fs::write(&script, INIT_PY).unwrap();
-        let mut unshare = Command::new("unshare")
+        let mut cmd = Command::new("unshare");
+        if userns {
+            cmd.arg("--map-root-user");
+        }
+        let mut unshare = cmd
             .args(["--pid", "--fork", "--mount-proc"])
-            .arg(python())
+            .arg(if userns {
+                SYSTEM_PYTHON.to_string()
+            } else {
+                python()
+            })
             .arg("-u")
             .arg(&script)
             .stdin(Stdio::piped())
@@ -104,6 +153,7 @@ impl PidNs {
             let _ = rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL);
         });
         PidNs {
+            userns,
             unshare,
             stdin,
             stdout,
@@ -123,7 +173,21 @@ impl PidNs {
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
     /// appended to `out` if given. Returns (pid inside the namespace, host pid).
     pub fn spawn(&mut self, argv: &[&str], out: Option<&Path>, setsid: bool) -> (i32, Pid) {
-        let req = serde_json_line(argv, out, setsid);
+        let bounding = format!("--bounding-set={DOCKER_CAPS}");
+        let mut full: Vec<&str> = Vec::new();
+        if self.userns {
+            full.extend([
+                "setpriv",
+                &bounding,
+                "--inh-caps=-all",
+                "--",
+                SYSTEM_PYTHON,
+                "-c",
+                SECCOMP_EXEC,
+            ]);
+        }
+        full.extend(argv);
+        let req = serde_json_line(&full, out, setsid);
         self.stdin.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();

@@ -2,6 +2,7 @@
 
 use std::collections::HashMap;
 use std::marker::PhantomData;
+use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -135,7 +136,9 @@ pub struct RestoreStats {
 /// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
 /// create it on the shim's dedicated DeltaCR thread and keep it there.
 pub struct Engine {
-    pid_setters: HashMap<Pid, PidSetter>,
+    /// Pid helpers by (init's host pid, inode of its pid namespace): a recycled init pid of another
+    /// sandbox gets its own helper.
+    pid_setters: HashMap<(Pid, u64), PidSetter>,
     _tracer_thread: PhantomData<*const ()>,
 }
 
@@ -158,7 +161,19 @@ impl Engine {
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
-        match self.pid_setters.entry(init) {
+        let ns =
+            std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw())).map_err(|source| {
+                PidNsError::Enter {
+                    pid: init.as_raw(),
+                    source,
+                }
+            })?;
+        // Helpers of sandboxes that are gone (their namespace died with them) are dropped.
+        self.pid_setters.retain(|(pid, ino), _| {
+            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw()))
+                .is_ok_and(|m| m.ino() == *ino)
+        });
+        match self.pid_setters.entry((init, ns.ino())) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(PidSetter::spawn(init)?)),
         }

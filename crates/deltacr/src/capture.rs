@@ -438,8 +438,6 @@ pub struct StaticState {
     pub exit_signal: i32,
 }
 
-const RLIMIT_COUNT: u32 = 16;
-
 /// Reads the state a template shares with its original process. `ns_pid` names the original in errors.
 pub fn capture_static(
     t: &crate::template::Template,
@@ -492,16 +490,7 @@ pub fn capture_static(
             })
         })
         .map(|s| u32::from_str_radix(s.trim(), 16).unwrap_or(0))?;
-    let mut rlimits = Vec::with_capacity(RLIMIT_COUNT as usize);
-    for r in 0..RLIMIT_COUNT {
-        rlimits.push(sys::prlimit_get(pid, r).map_err(|source| {
-            perr(PtraceError::Request {
-                op: "prlimit",
-                tid: pid.as_raw(),
-                source,
-            })
-        })?);
-    }
+    let rlimits = procfs::limits(pid).map_err(prerr)?;
     let stat = procfs::Stat::read(pid).map_err(prerr)?;
     let mm = MmState {
         start_code: stat.field(26),

@@ -363,3 +363,31 @@ pub fn write_int(pid: Pid, name: &str, value: i64) -> Result<(), ProcError> {
     let path = dir(pid).join(name);
     fs::write(&path, value.to_string()).map_err(|source| ProcError::Read { path, source })
 }
+
+/// Resource limits (soft, hard) in RLIMIT_* order from /proc/PID/limits (readable without the
+/// CAP_SYS_RESOURCE that prlimit(2) on a process of another uid needs); "unlimited" is RLIM_INFINITY.
+pub fn limits(pid: Pid) -> Result<Vec<(u64, u64)>, ProcError> {
+    let path = dir(pid).join("limits");
+    let text = read_string(path.clone())?;
+    let value = |w: &str| -> Result<u64, ProcError> {
+        if w == "unlimited" {
+            Ok(u64::MAX)
+        } else {
+            w.parse()
+                .map_err(|_| parse_err(path.clone(), format!("bad limit {w:?}")))
+        }
+    };
+    let mut out = Vec::new();
+    // The name column is 26 characters wide; then soft, hard and (optional) units.
+    for line in text.lines().skip(1) {
+        let rest = line
+            .get(26..)
+            .ok_or_else(|| parse_err(path.clone(), format!("short line {line:?}")))?;
+        let mut words = rest.split_whitespace();
+        let (Some(soft), Some(hard)) = (words.next(), words.next()) else {
+            return Err(parse_err(path.clone(), format!("bad line {line:?}")));
+        };
+        out.push((value(soft)?, value(hard)?));
+    }
+    Ok(out)
+}

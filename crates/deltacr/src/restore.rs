@@ -1176,15 +1176,13 @@ impl NewProcess {
         cwd.push(0);
         let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
         self.call(libc::SYS_chdir, &[addr])?;
+        let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc {
+            pid: self.ns_pid,
+            source,
+        })?;
         for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
             // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.
-            let now = sys::prlimit_get(self.host, res as u32).map_err(|e| {
-                self.perr()(PtraceError::Request {
-                    op: "prlimit",
-                    tid: self.host.as_raw(),
-                    source: e,
-                })
-            })?;
+            let now = current.get(res).copied().unwrap_or((0, 0));
             if now == (cur, max) {
                 continue;
             }
@@ -1195,13 +1193,13 @@ impl NewProcess {
             self.call(libc::SYS_prlimit64, &[0, res as u64, addr, 0])?;
         }
         if &st.creds != parent_creds {
-            self.restore_creds(&st.creds)?;
+            self.restore_creds(&st.creds, parent_creds)?;
         }
         Ok(())
     }
 
     /// Changes credentials and capabilities to `c` (which the parent's allow: a process can only drop).
-    fn restore_creds(&mut self, c: &Creds) -> Result<(), RestoreError> {
+    fn restore_creds(&mut self, c: &Creds, from: &Creds) -> Result<(), RestoreError> {
         const PR_SET_KEEPCAPS: u64 = 8;
         const PR_CAPBSET_DROP: u64 = 24;
         const PR_CAP_AMBIENT: u64 = 47;
@@ -1210,20 +1208,24 @@ impl NewProcess {
         const PR_SET_NO_NEW_PRIVS: u64 = 38;
         const LAST_CAP: u64 = 40;
         for cap in 0..=LAST_CAP {
-            if c.cap_bounding & (1 << cap) == 0 {
+            if c.cap_bounding & (1 << cap) == 0 && from.cap_bounding & (1 << cap) != 0 {
                 self.call(libc::SYS_prctl, &[PR_CAPBSET_DROP, cap])?;
             }
         }
-        let mut groups = Vec::with_capacity(c.groups.len() * 4);
-        for g in &c.groups {
-            groups.extend_from_slice(&g.to_ne_bytes());
+        // setgroups only when the list changed: it is refused in user namespaces with
+        // setgroups=deny.
+        if c.groups != from.groups {
+            let mut groups = Vec::with_capacity(c.groups.len() * 4);
+            for g in &c.groups {
+                groups.extend_from_slice(&g.to_ne_bytes());
+            }
+            let addr = if groups.is_empty() {
+                0
+            } else {
+                self.scratch().write(0, &groups).map_err(self.perr())?
+            };
+            self.call(libc::SYS_setgroups, &[c.groups.len() as u64, addr])?;
         }
-        let addr = if groups.is_empty() {
-            0
-        } else {
-            self.scratch().write(0, &groups).map_err(self.perr())?
-        };
-        self.call(libc::SYS_setgroups, &[c.groups.len() as u64, addr])?;
         self.call(
             libc::SYS_setresgid,
             &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64],

@@ -509,19 +509,6 @@ fn pid_helper_main(req: i32, ack: i32, high: i32) -> ! {
     }
 }
 
-/// `prlimit(pid, resource, NULL, &old)`: another process's (soft, hard) limit.
-pub fn prlimit_get(pid: Pid, resource: u32) -> io::Result<(u64, u64)> {
-    let mut old = libc::rlimit64 {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: new_limit is null; old_limit points to a writable rlimit64.
-    if unsafe { libc::prlimit64(pid.as_raw(), resource as _, std::ptr::null(), &mut old) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((old.rlim_cur, old.rlim_max))
-}
-
 /// `getsockopt` of an integer option.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;

@@ -27,6 +27,11 @@ if os.fork() == 0:
         out.flush()
 os.close(r)
 os.close(w)
+if os.fork() == 0:
+    os.setgid(65534)
+    os.setuid(65534)
+    while True:
+        time.sleep(1)
 z = os.fork()
 if z == 0:
     os._exit(7)
@@ -91,11 +96,11 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
     let at = read(&out);
     let ckpt = engine.checkpoint(&sb).unwrap();
     let (p0, c0) = (last(&at, "p ").unwrap(), last(&at, "c ").unwrap());
-    let procs = &ckpt.tree.processes;
+    let procs = ckpt.tree.processes.clone();
     assert_eq!(
         procs.len(),
-        5,
-        "bash, python, producer, consumer, zombie: {procs:?}"
+        6,
+        "bash, python, producer, consumer, nobody, zombie: {procs:?}"
     );
     assert_eq!(procs[0].pid, bash);
     let py = procs[1].pid;
@@ -108,18 +113,34 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
     let zpid = zombie.pid;
 
     wait_for(|| (last(&read(&out), "p ").unwrap() > p0 + 20).then_some(()));
-    for round in 0..2 {
+    let store = deltacr::image::ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+    let mut ckpt = Some(ckpt);
+    // Twice from the templates, then once from the image without them.
+    for round in 0..3 {
         engine.kill_processes(&sb).unwrap();
         let before = read(&out).len();
-        engine.restore(&ckpt, &sb).unwrap();
-        // Parent links are back.
-        for p in procs {
-            if matches!(p.kind, ProcessKind::Live(_)) {
+        if round < 2 {
+            engine.restore(ckpt.as_ref().unwrap(), &sb).unwrap();
+        } else {
+            // Dropping the checkpoint kills its templates.
+            drop(ckpt.take());
+            let mut chain = store.open_chain(image).unwrap();
+            engine.restore_image(&mut chain, &sb).unwrap();
+        }
+        // Parent links and credentials are back.
+        for p in &procs {
+            if let ProcessKind::Live(st) = &p.kind {
                 let host = ns.host_pid(p.pid);
                 let ids = deltacr::capture::ns_ids(host).unwrap();
                 assert_eq!(
                     (ids.ppid, ids.pgid, ids.sid),
                     (p.ppid, p.pgid, p.sid),
+                    "round {round}: {p:?}"
+                );
+                assert_eq!(
+                    deltacr::capture::read_creds(host).unwrap(),
+                    st.creds,
                     "round {round}: {p:?}"
                 );
             }

@@ -207,8 +207,16 @@ impl Engine {
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let pids = self.sandbox_processes(sb.init);
         let mut seized: Vec<SeizedProcess> = Vec::new();
+        // PTRACE_SEIZE of a process in job-control stop waits until the process has moved to a
+        // traced stop, which a frozen process cannot do: those are seized after the thaw (they stay
+        // stopped, so they cannot run meanwhile).
+        let mut job_stopped = Vec::new();
         let seize_res = pids.and_then(|pids| {
             for p in pids {
+                if procfs::job_control_stopped(p) {
+                    job_stopped.push(p);
+                    continue;
+                }
                 tracing::debug!(pid = p.as_raw(), "seizing");
                 seized.push(capture::seize_process(p)?);
             }
@@ -217,6 +225,13 @@ impl Engine {
         phases.mark("list+seize");
         sb.freezer.thaw().map_err(CrError::Freezer)?;
         phases.mark("thaw");
+        let seize_res = seize_res.and_then(|()| {
+            for p in job_stopped {
+                tracing::debug!(pid = p.as_raw(), "seizing (job-control stopped)");
+                seized.push(capture::seize_process(p)?);
+            }
+            Ok(())
+        });
         if let Err(e) = seize_res {
             release_seized(&mut seized);
             return Err(e);

@@ -391,3 +391,15 @@ pub fn limits(pid: Pid) -> Result<Vec<(u64, u64)>, ProcError> {
     }
     Ok(out)
 }
+
+/// True when the process is in job-control stop: state T, or (frozen by the cgroup freezer, which
+/// shows as D) waiting in do_signal_stop.
+pub fn job_control_stopped(pid: Pid) -> bool {
+    match Stat::read(pid) {
+        Ok(s) if s.state() == 'T' => true,
+        Ok(_) => {
+            fs::read_to_string(dir(pid).join("wchan")).is_ok_and(|w| w.trim() == "do_signal_stop")
+        }
+        Err(_) => false,
+    }
+}

@@ -84,6 +84,10 @@ fn interactive_bash_session_comes_back_whole() {
     t.run("f() { echo \"fn-$1\"; }", "$ ");
     t.run("alias al='echo al-$((1+1))'", "$ ");
     t.run("sleep 1000 &", "$ ");
+    t.run("sleep 2000 &", "$ ");
+    t.run("kill -STOP %2", "$ ");
+    let out = t.run("sleep 0.2 ; jobs ; echo \"K$((3*3))\"", "K9");
+    assert!(out.contains("Stopped"), "{out:?}");
     t.run("echo \"S-$((2+3))\"", "S-5");
 
     let mut engine = Engine::new();
@@ -92,8 +96,8 @@ fn interactive_bash_session_comes_back_whole() {
     let ckpt = engine.checkpoint(&sb).unwrap();
     assert_eq!(
         ckpt.tree.processes.len(),
-        2,
-        "bash and its job: {:?}",
+        3,
+        "bash and its two jobs: {:?}",
         ckpt.tree.processes
     );
 
@@ -124,7 +128,19 @@ fn interactive_bash_session_comes_back_whole() {
             out.contains("Running") && out.contains("sleep 1000"),
             "round {round}: {out:?}"
         );
+        assert!(
+            out.contains("Stopped") && out.contains("sleep 2000"),
+            "round {round}: {out:?}"
+        );
         let out = t.run("kill %1 ; wait %1 ; echo \"W$((8*8))-$?\"", "W64-");
         assert!(out.contains("W64-143"), "the job was waited for: {out:?}");
+        let out = t.run(
+            "kill -CONT %2 ; kill %2 ; wait %2 ; echo \"X$((4*4))-$?\"",
+            "X16-",
+        );
+        assert!(
+            out.contains("X16-143"),
+            "the stopped job continued and was waited for: {out:?}"
+        );
     }
 }

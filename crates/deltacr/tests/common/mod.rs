@@ -148,9 +148,13 @@ impl PidNs {
         // test fails instead.
         // A pidfd, so a recycled pid is never hit.
         let watched = deltacr::sys::pidfd_open(init).unwrap();
+        let watched_freezer = freezer.clone();
         std::thread::spawn(move || {
             std::thread::sleep(limit);
-            let _ = rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL);
+            // Frozen tasks do not die until thawed.
+            if rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL).is_ok() {
+                let _ = watched_freezer.thaw();
+            }
         });
         PidNs {
             userns,

@@ -508,11 +508,7 @@ impl NewProcess {
         else {
             unreachable!("make_inet is only called for inet sockets")
         };
-        let ty = *sock_type | (of.flags & libc::O_NONBLOCK);
-        let fd = self.call(
-            libc::SYS_socket,
-            &[*family as u64, ty as u64, *protocol as u64],
-        )? as u64;
+        let fd = self.new_socket(*family, *sock_type, *protocol, of)?;
         let setopt =
             |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
                 let addr = np
@@ -533,13 +529,7 @@ impl NewProcess {
             if !reuse {
                 setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
             }
-            let a = self.scratch().write(0, addr).map_err(self.perr())?;
-            self.call_file(
-                target,
-                "bind the socket to its address again",
-                libc::SYS_bind,
-                &[fd, a, addr.len() as u64],
-            )?;
+            self.bind_socket(target, fd, addr)?;
             if !reuse {
                 setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
             }
@@ -607,6 +597,33 @@ impl NewProcess {
         Ok(())
     }
 
+    /// Injects socket(2) with the description's non-blocking flag.
+    fn new_socket(
+        &mut self,
+        family: i32,
+        sock_type: i32,
+        protocol: i32,
+        of: &OpenFile,
+    ) -> Result<u64, RestoreError> {
+        let ty = sock_type | (of.flags & libc::O_NONBLOCK);
+        Ok(self.call(
+            libc::SYS_socket,
+            &[family as u64, ty as u64, protocol as u64],
+        )? as u64)
+    }
+
+    /// Binds socket `fd` to raw sockaddr `addr`.
+    fn bind_socket(&mut self, target: i32, fd: u64, addr: &[u8]) -> Result<(), RestoreError> {
+        let a = self.scratch().write(0, addr).map_err(self.perr())?;
+        self.call_file(
+            target,
+            "bind the socket to its address again",
+            libc::SYS_bind,
+            &[fd, a, addr.len() as u64],
+        )
+        .map(drop)
+    }
+
     /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at
     /// the path is removed first, as bind needs the name free).
     fn make_unix(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
@@ -619,8 +636,7 @@ impl NewProcess {
         else {
             unreachable!("make_unix is only called for unix sockets")
         };
-        let ty = *sock_type | (of.flags & libc::O_NONBLOCK);
-        let fd = self.call(libc::SYS_socket, &[libc::AF_UNIX as u64, ty as u64, 0])? as u64;
+        let fd = self.new_socket(libc::AF_UNIX, *sock_type, 0, of)?;
         if let Some(name) = name {
             if name.first() != Some(&0) {
                 let mut path: Vec<u8> = name.iter().copied().take_while(|&c| c != 0).collect();
@@ -633,13 +649,7 @@ impl NewProcess {
             }
             let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
             sa.extend_from_slice(name);
-            let a = self.scratch().write(0, &sa).map_err(self.perr())?;
-            self.call_file(
-                target,
-                "bind the unix socket to its name again",
-                libc::SYS_bind,
-                &[fd, a, sa.len() as u64],
-            )?;
+            self.bind_socket(target, fd, &sa)?;
         }
         if let Some(backlog) = listening {
             self.call(libc::SYS_listen, &[fd, *backlog as u64])?;

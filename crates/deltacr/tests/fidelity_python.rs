@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{python, wait_for, PidNs};
+use common::{number_rows, python, wait_for, PidNs};
 use deltacr::Engine;
 
 const BIG: &str = r#"
@@ -28,21 +28,13 @@ while True:
     time.sleep(0.01)
 "#;
 
-fn rows(path: &std::path::Path) -> Vec<Vec<u64>> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.split(' ').map(|n| n.parse().unwrap()).collect())
-        .collect()
-}
-
 #[test]
 fn big_threaded_python_restores_repeatedly_older_after_newer() {
     let mut ns = PidNs::new();
     let out = ns.path("out");
     let py = python();
     let (pid, _) = ns.spawn(&[&py, "-c", BIG, out.to_str().unwrap()], None, false);
-    wait_for(|| (rows(&out).len() > 3).then_some(()));
+    wait_for(|| (number_rows(&out).len() > 3).then_some(()));
     let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", ns.host_pid(pid)))
         .unwrap()
         .lines()
@@ -57,14 +49,14 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
     let sb = ns.sandbox();
     let take = |engine: &mut Engine| {
         sb.freezer.freeze().unwrap();
-        let last = rows(&out).last().unwrap().clone();
+        let last = number_rows(&out).last().unwrap().clone();
         (engine.checkpoint(&sb).unwrap(), last)
     };
     let (c1, at1) = take(&mut engine);
-    wait_for(|| (rows(&out).last().unwrap()[0] > at1[0] + 10).then_some(()));
+    wait_for(|| (number_rows(&out).last().unwrap()[0] > at1[0] + 10).then_some(()));
     let (c2, at2) = take(&mut engine);
-    wait_for(|| (rows(&out).last().unwrap()[0] > at2[0] + 10).then_some(()));
-    let live = rows(&out);
+    wait_for(|| (number_rows(&out).last().unwrap()[0] > at2[0] + 10).then_some(()));
+    let live = number_rows(&out);
     let expected_check = |gen: u64| live.iter().find(|r| r[0] == gen).map(|r| r[1]).unwrap();
 
     for (ckpt, at) in [
@@ -76,10 +68,10 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
         (&c2, &at2),
     ] {
         engine.kill_processes(&sb).unwrap();
-        let before = rows(&out).len();
+        let before = number_rows(&out).len();
         engine.restore(ckpt, &sb).unwrap();
-        wait_for(|| (rows(&out).len() > before + 1).then_some(()));
-        let first = rows(&out)[before].clone();
+        wait_for(|| (number_rows(&out).len() > before + 1).then_some(()));
+        let first = number_rows(&out)[before].clone();
         assert_eq!(first[0], at[0] + 1, "continues right after its checkpoint");
         assert_eq!(
             first[1],

@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{python, wait_for, PidNs};
+use common::{number_rows, python, wait_for, PidNs};
 use deltacr::Engine;
 
 const THREADS: &str = r#"
@@ -22,14 +22,6 @@ while True:
     out.flush()
     time.sleep(0.005)
 "#;
-
-fn rows(path: &std::path::Path) -> Vec<Vec<u64>> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(|l| l.split(' ').map(|n| n.parse().unwrap()).collect())
-        .collect()
-}
 
 fn ns_tids(ns: &PidNs, pid: i32) -> Vec<i32> {
     let host = ns.host_pid(pid);
@@ -53,27 +45,27 @@ fn threads_are_restored_with_their_tids_and_state() {
     let out = ns.path("out");
     let py = python();
     let (pid, _) = ns.spawn(&[&py, "-c", THREADS, out.to_str().unwrap()], None, false);
-    wait_for(|| (rows(&out).len() > 5).then_some(()));
+    wait_for(|| (number_rows(&out).len() > 5).then_some(()));
     let tids = ns_tids(&ns, pid);
     assert_eq!(tids.len(), 5);
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     sb.freezer.freeze().unwrap();
-    let at_ckpt = rows(&out).last().unwrap().clone();
+    let at_ckpt = number_rows(&out).last().unwrap().clone();
     let ckpt = engine.checkpoint(&sb).unwrap();
     assert_eq!(ckpt.stats.threads, 5);
-    let n = rows(&out).len();
-    wait_for(|| (rows(&out).len() > n + 20).then_some(()));
-    let max_before = rows(&out).last().unwrap().clone();
+    let n = number_rows(&out).len();
+    wait_for(|| (number_rows(&out).len() > n + 20).then_some(()));
+    let max_before = number_rows(&out).last().unwrap().clone();
 
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();
-        let before = rows(&out).len();
+        let before = number_rows(&out).len();
         engine.restore(&ckpt, &sb).unwrap();
-        wait_for(|| (rows(&out).len() > before + 2).then_some(()));
+        wait_for(|| (number_rows(&out).len() > before + 2).then_some(()));
         assert_eq!(ns_tids(&ns, pid), tids);
-        let first = &rows(&out)[before];
+        let first = &number_rows(&out)[before];
         for k in 0..4 {
             assert!(
                 first[k] >= at_ckpt[k],
@@ -86,7 +78,7 @@ fn threads_are_restored_with_their_tids_and_state() {
         }
         // The threads keep running after the restore.
         let later = wait_for(|| {
-            let r = rows(&out);
+            let r = number_rows(&out);
             let last = r.last().unwrap().clone();
             (0..4).all(|k| last[k] > first[k]).then_some(last)
         });

@@ -333,3 +333,12 @@ pub fn counter_lines(path: &Path) -> Vec<(u64, u64)> {
         })
         .collect()
 }
+
+/// The lines of a file of space-separated numbers (empty when the file does not exist yet).
+pub fn number_rows(path: &Path) -> Vec<Vec<u64>> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .map(|l| l.split(' ').map(|n| n.parse().unwrap()).collect())
+        .collect()
+}

@@ -52,6 +52,26 @@ pub struct PidNs {
     userns: bool,
 }
 
+#[derive(Default)]
+struct Options {
+    userns: bool,
+    cgroup2: bool,
+}
+
+/// Where freezer cgroups go: the v1 freezer hierarchy when the host has one (and cgroup2 is not
+/// asked for), else the cgroup2 tree (a hybrid host's `unified` mount or the pure cgroup2 root).
+fn freezer_root(cgroup2: bool) -> PathBuf {
+    let v1 = PathBuf::from("/sys/fs/cgroup/freezer");
+    let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
+    if !cgroup2 && v1.exists() {
+        v1
+    } else if hybrid.join("cgroup.procs").exists() {
+        hybrid
+    } else {
+        PathBuf::from("/sys/fs/cgroup")
+    }
+}
+
 /// The distribution's python (not a wrapper script).
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
 /// Installs a small seccomp filter like the sandbox's (clone3 -> ENOSYS, unshare -> EPERM, the rest
@@ -88,17 +108,35 @@ impl PidNs {
 
     /// A namespace killed after `limit` (so a hung ptrace wait fails the test instead of blocking it).
     pub fn with_watchdog(limit: Duration) -> PidNs {
-        Self::create(limit, false)
+        Self::create(limit, Options::default())
+    }
+
+    /// A namespace frozen through cgroup2's `cgroup.freeze` (as on pure cgroup2 hosts).
+    pub fn with_cgroup2_freezer() -> PidNs {
+        Self::create(
+            Duration::from_secs(60),
+            Options {
+                cgroup2: true,
+                ..Options::default()
+            },
+        )
     }
 
     /// Closer to a real sandbox: also a user namespace (owning the pid namespace), and programs started
     /// with Docker's default capabilities and a seccomp filter (see [`PidNs::spawn`]). Its root is host root (mapping another
     /// uid range needs newuidmap and /etc/subuid entries this machine does not have).
     pub fn user_namespaced() -> PidNs {
-        Self::create(Duration::from_secs(60), true)
+        Self::create(
+            Duration::from_secs(60),
+            Options {
+                userns: true,
+                ..Options::default()
+            },
+        )
     }
 
-    fn create(limit: Duration, userns: bool) -> PidNs {
+    fn create(limit: Duration, opts: Options) -> PidNs {
+        let userns = opts.userns;
         let _ = tracing_subscriber::fmt()
             .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
             .with_test_writer()
@@ -137,10 +175,7 @@ impl PidNs {
                 .and_then(|s| s.parse().ok())
                 .map(Pid::from_raw)
         });
-        let cg = PathBuf::from(format!(
-            "/sys/fs/cgroup/freezer/deltacr-test-{}",
-            init.as_raw()
-        ));
+        let cg = freezer_root(opts.cgroup2).join(format!("deltacr-test-{}", init.as_raw()));
         std::fs::create_dir_all(&cg).unwrap();
         std::fs::write(cg.join("cgroup.procs"), init.as_raw().to_string()).unwrap();
         let freezer = deltacr::CgroupFreezer::new(&cg).unwrap();

@@ -1,2 +1,11 @@
 //! Sandbox isolation: images, namespaces, cgroups, seccomp, our pid 1, exec and files
 //! (see `docs/architecture.md`).
+
+pub mod container;
+pub mod init;
+pub mod ipc;
+pub mod rootfs;
+pub mod spec;
+pub mod sys;
+pub mod userns;
+pub mod users;

@@ -61,11 +61,8 @@ pub fn start(
     place: impl FnOnce(i32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
 ) -> Result<Container, ContainerError> {
     let (ours, theirs) = crate::ipc::pair().map_err(ContainerError::Channel)?;
-    let mut flags = libc::CLONE_NEWUSER
-        | libc::CLONE_NEWNS
-        | libc::CLONE_NEWPID
-        | libc::CLONE_NEWUTS
-        | libc::CLONE_NEWIPC;
+    let mut flags =
+        libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
     if cfg.network == Network::None {
         flags |= libc::CLONE_NEWNET;
     }
@@ -77,18 +74,11 @@ pub fn start(
         }
         CloneResult::Parent { pid, pidfd } => {
             drop(theirs);
-            let container = Container {
-                init_pid: pid,
-                pidfd,
-                channel: Channel::new(ours),
-            };
+            let container = Container { init_pid: pid, pidfd, channel: Channel::new(ours) };
             match prepare(&container, idmap, place) {
                 Ok(()) => Ok(container),
                 Err(e) => {
-                    let _ = rustix::process::pidfd_send_signal(
-                        &container.pidfd,
-                        rustix::process::Signal::KILL,
-                    );
+                    let _ = rustix::process::pidfd_send_signal(&container.pidfd, rustix::process::Signal::KILL);
                     let _ = rustix::process::waitid(
                         rustix::process::WaitId::PidFd(container.pidfd.as_fd()),
                         rustix::process::WaitIdOptions::EXITED,
@@ -107,22 +97,10 @@ fn prepare(
 ) -> Result<(), ContainerError> {
     idmap.write_for(c.init_pid).map_err(ContainerError::IdMap)?;
     place(c.init_pid).map_err(ContainerError::Place)?;
-    c.channel
-        .send(&ToInit::Go, &[], &[])
-        .map_err(ContainerError::InitLost)?;
-    match c
-        .channel
-        .recv::<FromInit>()
-        .map_err(ContainerError::InitLost)?
-    {
-        Packet {
-            msg: FromInit::Ready,
-            ..
-        } => Ok(()),
-        Packet {
-            msg: FromInit::SetupFailed { message },
-            ..
-        } => Err(ContainerError::Setup(message)),
+    c.channel.send(&ToInit::Go, &[], &[]).map_err(ContainerError::InitLost)?;
+    match c.channel.recv::<FromInit>().map_err(ContainerError::InitLost)? {
+        Packet { msg: FromInit::Ready, .. } => Ok(()),
+        Packet { msg: FromInit::SetupFailed { message }, .. } => Err(ContainerError::Setup(message)),
         Packet { msg, .. } => Err(ContainerError::Protocol(format!("{msg:?}"))),
     }
 }
@@ -134,9 +112,7 @@ fn keep_only(channel: OwnedFd, inherit: &[BorrowedFd<'_>]) -> Channel {
     // Copy everything above the target range first, so placing one never clobbers another.
     let high: Vec<OwnedFd> = std::iter::once(channel.as_fd())
         .chain(inherit.iter().copied())
-        .map(|fd| {
-            rustix::io::fcntl_dupfd_cloexec(fd, 1000).expect("dup a descriptor in the new init")
-        })
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 1000).expect("dup a descriptor in the new init"))
         .collect();
     for (i, fd) in high.iter().enumerate() {
         dup_to(fd.as_fd(), FIRST + i as i32, true).expect("place a descriptor in the new init");

@@ -42,31 +42,20 @@ pub struct SetupError {
 
 fn step<E: Into<std::io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> SetupError {
     let step = step.into();
-    move |e| SetupError {
-        step,
-        source: e.into(),
-    }
+    move |e| SetupError { step, source: e.into() }
 }
 
 /// Runs init: waits for `Go`, sets up the sandbox, then serves `chan` forever.
 pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
     let _ = rustix::thread::set_name(c"deltabox-init");
     match chan.recv::<ToInit>() {
-        Ok(Packet {
-            msg: ToInit::Go, ..
-        }) => {}
+        Ok(Packet { msg: ToInit::Go, .. }) => {}
         // The shim gave up on us before we started.
         _ => std::process::exit(1),
     }
     match setup(cfg).and_then(|()| Init::new()) {
         Err(e) => {
-            let _ = chan.send(
-                &FromInit::SetupFailed {
-                    message: e.to_string(),
-                },
-                &[],
-                &[],
-            );
+            let _ = chan.send(&FromInit::SetupFailed { message: e.to_string() }, &[], &[]);
             std::process::exit(1)
         }
         Ok(mut init) => {
@@ -84,17 +73,12 @@ fn setup(cfg: &InitConfig) -> Result<(), SetupError> {
     setup_mounts(cfg)?;
     rustix::system::sethostname(cfg.hostname.as_bytes()).map_err(step("sethostname"))?;
     if cfg.network == Network::None {
-        let sock = rustix::net::socket(
-            rustix::net::AddressFamily::INET,
-            rustix::net::SocketType::DGRAM,
-            None,
-        )
-        .map_err(step("socket for loopback setup"))?;
+        let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)
+            .map_err(step("socket for loopback setup"))?;
         set_interface_up(sock.as_fd(), "lo").map_err(step("bring up lo"))?;
     }
     // The shim placed us in the sandbox's cgroup before sending Go: that cgroup becomes our root.
-    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP)
-        .map_err(step("unshare cgroup namespace"))?;
+    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare cgroup namespace"))?;
     // Sandbox processes must not ptrace or read the memory of init (it talks to the shim).
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(step("PR_SET_DUMPABLE"))?;
@@ -104,21 +88,13 @@ fn setup(cfg: &InitConfig) -> Result<(), SetupError> {
 /// We were cloned by host root into a new user namespace, where host root is unmapped; switch to the
 /// namespace's root (host uid = the sandbox's base) keeping our capabilities in the namespace.
 fn become_root() -> Result<(), SetupError> {
-    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0))
-        .map_err(step("setresgid"))?;
+    nix::unistd::setresgid(Gid::from_raw(0), Gid::from_raw(0), Gid::from_raw(0)).map_err(step("setresgid"))?;
     nix::unistd::setgroups(&[Gid::from_raw(0)]).map_err(step("setgroups"))?;
-    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0))
-        .map_err(step("setresuid"))?;
+    nix::unistd::setresuid(Uid::from_raw(0), Uid::from_raw(0), Uid::from_raw(0)).map_err(step("setresuid"))?;
     Ok(())
 }
 
-fn mount_fs(
-    source: &str,
-    target: &Path,
-    fstype: &str,
-    flags: MsFlags,
-    data: &str,
-) -> Result<(), SetupError> {
+fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: &str) -> Result<(), SetupError> {
     std::fs::create_dir_all(target).map_err(step(format!("mkdir {}", target.display())))?;
     mount(Some(source), target, Some(fstype), flags, Some(data))
         .map_err(step(format!("mount {fstype} on {}", target.display())))
@@ -126,76 +102,38 @@ fn mount_fs(
 
 fn setup_mounts(cfg: &InitConfig) -> Result<(), SetupError> {
     let root = &cfg.rootfs;
-    mount(
-        None::<&str>,
-        "/",
-        None::<&str>,
-        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        None::<&str>,
-    )
-    .map_err(step("make mounts private"))?;
+    mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+        .map_err(step("make mounts private"))?;
     // The rootfs mount came from the shim's namespace and is locked here (pivot_root refuses locked
     // mounts): a bind mount of it onto itself is ours.
-    mount(
-        Some(root),
-        root,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REC,
-        None::<&str>,
-    )
-    .map_err(step("bind the rootfs onto itself"))?;
+    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+        .map_err(step("bind the rootfs onto itself"))?;
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // New proc/sysfs mounts in a user namespace are allowed only while a full one is visible, so mount
     // them before the host's tree is detached.
-    mount_fs(
-        "proc",
-        &root.join("proc"),
-        "proc",
-        nosuid_nodev | MsFlags::MS_NOEXEC,
-        "hidepid=invisible",
-    )?;
+    mount_fs("proc", &root.join("proc"), "proc", nosuid_nodev | MsFlags::MS_NOEXEC, "hidepid=invisible")?;
     match cfg.network {
-        Network::None => mount_fs(
-            "sysfs",
-            &root.join("sys"),
-            "sysfs",
-            nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY,
-            "",
-        )?,
+        Network::None => {
+            mount_fs("sysfs", &root.join("sys"), "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY, "")?
+        }
         // sysfs can only be mounted by the owner of the network namespace: reuse the host's, read-only.
         Network::Host => {
             let sys = root.join("sys");
             std::fs::create_dir_all(&sys).map_err(step("mkdir /sys"))?;
-            mount(
-                Some("/sys"),
-                &sys,
-                None::<&str>,
-                MsFlags::MS_BIND | MsFlags::MS_REC,
-                None::<&str>,
-            )
-            .map_err(step("bind /sys"))?;
+            mount(Some("/sys"), &sys, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
+                .map_err(step("bind /sys"))?;
             mount(
                 None::<&str>,
                 &sys,
                 None::<&str>,
-                MsFlags::MS_BIND
-                    | MsFlags::MS_REMOUNT
-                    | MsFlags::MS_RDONLY
-                    | nosuid_nodev
-                    | MsFlags::MS_NOEXEC,
+                MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | nosuid_nodev | MsFlags::MS_NOEXEC,
                 None::<&str>,
             )
             .map_err(step("remount /sys read-only"))?;
         }
     }
     setup_dev(&root.join("dev"))?;
-    mount_fs(
-        "tmpfs",
-        &root.join("tmp"),
-        "tmpfs",
-        nosuid_nodev,
-        "mode=1777",
-    )?;
+    mount_fs("tmpfs", &root.join("tmp"), "tmpfs", nosuid_nodev, "mode=1777")?;
 
     rustix::process::chdir(root).map_err(step("chdir to rootfs"))?;
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
@@ -208,25 +146,13 @@ fn setup_mounts(cfg: &InitConfig) -> Result<(), SetupError> {
 /// namespace cannot mknod), a private devpts instance, and /dev/shm.
 fn setup_dev(dev: &Path) -> Result<(), SetupError> {
     let nosuid = MsFlags::MS_NOSUID;
-    mount_fs(
-        "tmpfs",
-        dev,
-        "tmpfs",
-        nosuid | MsFlags::MS_NOEXEC,
-        "mode=755,size=65536k",
-    )?;
+    mount_fs("tmpfs", dev, "tmpfs", nosuid | MsFlags::MS_NOEXEC, "mode=755,size=65536k")?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
         std::fs::File::create(&target).map_err(step(format!("create /dev/{name}")))?;
         let host = Path::new("/dev").join(name);
-        mount(
-            Some(&host),
-            &target,
-            None::<&str>,
-            MsFlags::MS_BIND,
-            None::<&str>,
-        )
-        .map_err(step(format!("bind /dev/{name}")))?;
+        mount(Some(&host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(step(format!("bind /dev/{name}")))?;
     }
     mount_fs(
         "devpts",
@@ -235,13 +161,7 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
         nosuid | MsFlags::MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620,gid=5",
     )?;
-    mount_fs(
-        "shm",
-        &dev.join("shm"),
-        "tmpfs",
-        nosuid | MsFlags::MS_NODEV,
-        "mode=1777,size=65536k",
-    )?;
+    mount_fs("shm", &dev.join("shm"), "tmpfs", nosuid | MsFlags::MS_NODEV, "mode=1777,size=65536k")?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -249,8 +169,7 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        std::os::unix::fs::symlink(target, dev.join(link))
-            .map_err(step(format!("symlink /dev/{link}")))?;
+        std::os::unix::fs::symlink(target, dev.join(link)).map_err(step(format!("symlink /dev/{link}")))?;
     }
     Ok(())
 }
@@ -274,12 +193,7 @@ struct Init {
     early_exits: HashMap<i32, ExitStatus>,
 }
 
-const HANDLED_SIGNALS: [Signal; 4] = [
-    Signal::SIGCHLD,
-    Signal::SIGTERM,
-    Signal::SIGINT,
-    Signal::SIGHUP,
-];
+const HANDLED_SIGNALS: [Signal; 4] = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
 impl Init {
     fn new() -> Result<Init, SetupError> {
@@ -288,15 +202,9 @@ impl Init {
             mask.add(s);
         }
         sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(step("block signals"))?;
-        let signals = SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK)
-            .map_err(step("signalfd"))?;
-        Ok(Init {
-            chan: None,
-            signals,
-            pending: Vec::new(),
-            watched: HashSet::new(),
-            early_exits: HashMap::new(),
-        })
+        let signals =
+            SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(step("signalfd"))?;
+        Ok(Init { chan: None, signals, pending: Vec::new(), watched: HashSet::new(), early_exits: HashMap::new() })
     }
 
     fn send(&mut self, msg: &FromInit, fds: &[BorrowedFd<'_>]) {
@@ -316,11 +224,7 @@ impl Init {
                     fds.push(PollFd::new(chan.as_fd(), PollFlags::POLLIN));
                 }
                 let first_pending = fds.len();
-                fds.extend(
-                    self.pending
-                        .iter()
-                        .map(|p| PollFd::new(p.errors.as_fd(), PollFlags::POLLIN)),
-                );
+                fds.extend(self.pending.iter().map(|p| PollFd::new(p.errors.as_fd(), PollFlags::POLLIN)));
                 match poll(&mut fds, PollTimeout::NONE) {
                     Ok(_) => {}
                     Err(nix::Error::EINTR) => continue,
@@ -333,11 +237,7 @@ impl Init {
                     .filter(|(f, _)| ready(f))
                     .map(|(_, p)| p.pid)
                     .collect();
-                (
-                    self.chan.is_some() && ready(&fds[1]),
-                    ready(&fds[0]),
-                    pending_ready,
-                )
+                (self.chan.is_some() && ready(&fds[1]), ready(&fds[0]), pending_ready)
             };
             for pid in pending_ready {
                 self.confirm(pid);
@@ -361,12 +261,7 @@ impl Init {
                 ToInit::Spawn { id, spec } => match spawn(&spec, fds) {
                     Ok((pid, errors, pty_master)) => {
                         self.watched.insert(pid);
-                        self.pending.push(Pending {
-                            id,
-                            pid,
-                            errors,
-                            pty_master,
-                        });
+                        self.pending.push(Pending { id, pid, errors, pty_master });
                     }
                     Err(message) => self.send(&FromInit::SpawnFailed { id, message }, &[]),
                 },
@@ -403,9 +298,7 @@ impl Init {
             match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(status) => {
-                    let (Some(pid), Some(exit)) =
-                        (status.pid(), ExitStatus::from_wait_status(status))
-                    else {
+                    let (Some(pid), Some(exit)) = (status.pid(), ExitStatus::from_wait_status(status)) else {
                         continue;
                     };
                     let pid = pid.as_raw();
@@ -462,17 +355,9 @@ fn open_pty(size: crate::spec::WinSize) -> Result<Stdio, String> {
     grantpt(&master).map_err(|e| format!("grantpt: {e}"))?;
     unlockpt(&master).map_err(|e| format!("unlockpt: {e}"))?;
     let slave = ptsname(&master, Vec::new()).map_err(|e| format!("ptsname: {e}"))?;
-    let ws = rustix::termios::Winsize {
-        ws_row: size.rows,
-        ws_col: size.cols,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
+    let ws = rustix::termios::Winsize { ws_row: size.rows, ws_col: size.cols, ws_xpixel: 0, ws_ypixel: 0 };
     rustix::termios::tcsetwinsize(&master, ws).map_err(|e| format!("set window size: {e}"))?;
-    Ok(Stdio::Pty {
-        master,
-        slave: PathBuf::from(std::ffi::OsString::from_vec(slave.into_bytes())),
-    })
+    Ok(Stdio::Pty { master, slave: PathBuf::from(std::ffi::OsString::from_vec(slave.into_bytes())) })
 }
 
 /// Forks and execs `spec`. Returns the pid, the exec-error pipe and the pty master (if any).
@@ -485,10 +370,9 @@ fn spawn(spec: &ProcessSpec, fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd, Option<
         None if fds.len() == 3 => Stdio::Pipes(fds),
         None => return Err(format!("expected 3 stdio descriptors, got {}", fds.len())),
     };
-    let (err_rd, err_wr) = rustix::pipe::pipe_with(
-        rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK,
-    )
-    .map_err(|e| format!("pipe: {e}"))?;
+    let (err_rd, err_wr) =
+        rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
+            .map_err(|e| format!("pipe: {e}"))?;
     // SAFETY: init is single-threaded, so the child may do anything a normal program does.
     match unsafe { nix::unistd::fork() } {
         Err(e) => Err(format!("fork: {e}")),
@@ -512,8 +396,7 @@ fn spawn(spec: &ProcessSpec, fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd, Option<
 /// Runs in the forked child: prepares the process and execs it. Returns only on failure.
 fn exec_child(spec: &ProcessSpec, stdio: &Stdio) -> Result<Infallible, String> {
     let all = SigSet::all();
-    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&all), None)
-        .map_err(|e| format!("unblock signals: {e}"))?;
+    sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&all), None).map_err(|e| format!("unblock signals: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
     match stdio {
         Stdio::Pipes(fds) => {
@@ -535,37 +418,20 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio) -> Result<Infallible, String> {
     if !env.iter().any(|e| e.starts_with("HOME=")) {
         env.push(format!("HOME={}", user.home));
     }
-    rustix::process::chdir(spec.cwd.as_str())
-        .map_err(|e| format!("cannot change directory to {}: {e}", spec.cwd))?;
-    nix::unistd::setgroups(
-        &user
-            .groups
-            .iter()
-            .map(|g| Gid::from_raw(*g))
-            .collect::<Vec<_>>(),
-    )
-    .map_err(|e| format!("setgroups: {e}"))?;
-    nix::unistd::setresgid(
-        Gid::from_raw(user.gid),
-        Gid::from_raw(user.gid),
-        Gid::from_raw(user.gid),
-    )
-    .map_err(|e| format!("setgid {}: {e}", user.gid))?;
-    nix::unistd::setresuid(
-        Uid::from_raw(user.uid),
-        Uid::from_raw(user.uid),
-        Uid::from_raw(user.uid),
-    )
-    .map_err(|e| format!("setuid {}: {e}", user.uid))?;
+    rustix::process::chdir(spec.cwd.as_str()).map_err(|e| format!("cannot change directory to {}: {e}", spec.cwd))?;
+    nix::unistd::setgroups(&user.groups.iter().map(|g| Gid::from_raw(*g)).collect::<Vec<_>>())
+        .map_err(|e| format!("setgroups: {e}"))?;
+    nix::unistd::setresgid(Gid::from_raw(user.gid), Gid::from_raw(user.gid), Gid::from_raw(user.gid))
+        .map_err(|e| format!("setgid {}: {e}", user.gid))?;
+    nix::unistd::setresuid(Uid::from_raw(user.uid), Uid::from_raw(user.uid), Uid::from_raw(user.uid))
+        .map_err(|e| format!("setuid {}: {e}", user.uid))?;
     exec_path(&spec.argv, &env)
 }
 
 /// `execve` with a `PATH` search that uses the process's new environment (glibc's execvpe would use init's).
 fn exec_path(argv: &[String], env: &[String]) -> Result<Infallible, String> {
     let cstrings = |v: &[String]| -> Result<Vec<CString>, String> {
-        v.iter()
-            .map(|s| CString::new(s.as_bytes()).map_err(|_| format!("NUL byte in {s:?}")))
-            .collect()
+        v.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| format!("NUL byte in {s:?}"))).collect()
     };
     let args = cstrings(argv)?;
     let envs = cstrings(env)?;
@@ -577,10 +443,7 @@ fn exec_path(argv: &[String], env: &[String]) -> Result<Infallible, String> {
             .iter()
             .find_map(|e| e.strip_prefix("PATH="))
             .unwrap_or("/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin");
-        path.split(':')
-            .filter(|d| !d.is_empty())
-            .map(|d| Path::new(d).join(program))
-            .collect()
+        path.split(':').filter(|d| !d.is_empty()).map(|d| Path::new(d).join(program)).collect()
     };
     let mut last = nix::Error::ENOENT;
     for candidate in &candidates {

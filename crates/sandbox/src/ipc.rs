@@ -9,8 +9,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use nix::sys::socket::{
-    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags,
-    SockFlag, SockType,
+    recvmsg, sendmsg, socketpair, AddressFamily, ControlMessage, ControlMessageOwned, MsgFlags, SockFlag, SockType,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -66,31 +65,15 @@ fn decode<T: DeserializeOwned>(buf: &[u8], fds: Vec<OwnedFd>) -> Result<Packet<T
         return Err(IpcError::Malformed("short packet".into()));
     }
     let len = u32::from_le_bytes(buf[..HEADER].try_into().expect("4 bytes")) as usize;
-    let json = buf
-        .get(HEADER..HEADER + len)
-        .ok_or_else(|| IpcError::Malformed("length exceeds packet".into()))?;
+    let json = buf.get(HEADER..HEADER + len).ok_or_else(|| IpcError::Malformed("length exceeds packet".into()))?;
     let msg = serde_json::from_slice(json).map_err(|e| IpcError::Malformed(e.to_string()))?;
-    Ok(Packet {
-        msg,
-        payload: buf[HEADER + len..].to_vec(),
-        fds,
-    })
+    Ok(Packet { msg, payload: buf[HEADER + len..].to_vec(), fds })
 }
 
 fn send_packet(fd: RawFd, buf: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
     let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
-    let cmsgs = if raw.is_empty() {
-        vec![]
-    } else {
-        vec![ControlMessage::ScmRights(&raw)]
-    };
-    sendmsg::<()>(
-        fd,
-        &[IoSlice::new(buf)],
-        &cmsgs,
-        MsgFlags::MSG_NOSIGNAL,
-        None,
-    )?;
+    let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
+    sendmsg::<()>(fd, &[IoSlice::new(buf)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
 }
 
@@ -111,12 +94,7 @@ fn recv_packet(fd: RawFd, buf: &mut [u8]) -> nix::Result<(usize, Vec<OwnedFd>)> 
 
 /// Creates a connected pair of SEQPACKET sockets (close-on-exec).
 pub fn pair() -> Result<(OwnedFd, OwnedFd), IpcError> {
-    Ok(socketpair(
-        AddressFamily::Unix,
-        SockType::SeqPacket,
-        None,
-        SockFlag::SOCK_CLOEXEC,
-    )?)
+    Ok(socketpair(AddressFamily::Unix, SockType::SeqPacket, None, SockFlag::SOCK_CLOEXEC)?)
 }
 
 /// Blocking channel, for code that runs without an async runtime (our init).
@@ -129,19 +107,12 @@ impl Channel {
         Channel { fd }
     }
 
-    pub fn send<T: Serialize>(
-        &self,
-        msg: &T,
-        payload: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), IpcError> {
+    pub fn send<T: Serialize>(&self, msg: &T, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let buf = encode(msg, payload)?;
         loop {
             match send_packet(self.fd.as_raw_fd(), &buf, fds) {
                 Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => {
-                    return Err(IpcError::Closed)
-                }
+                Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => return Err(IpcError::Closed),
                 other => return Ok(other?),
             }
         }
@@ -177,42 +148,25 @@ impl AsyncChannel {
     pub fn new(fd: OwnedFd) -> Result<Self, IpcError> {
         rustix::io::ioctl_fionbio(&fd, true).map_err(|e| IpcError::Io(e.into()))?;
         // SAFETY: we own `fd` and never replace or close it while the AsyncFd holds it.
-        let fd =
-            unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) };
-        Ok(AsyncChannel {
-            fd: fd.map_err(|e| IpcError::Io(e.into_parts().1))?,
-        })
+        let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE | Interest::WRITABLE) };
+        Ok(AsyncChannel { fd: fd.map_err(|e| IpcError::Io(e.into_parts().1))? })
     }
 
     /// Connects to a SEQPACKET listener at `path`.
     pub fn connect(path: &Path) -> Result<Self, IpcError> {
         use nix::sys::socket::{connect, socket, UnixAddr};
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC,
-            None,
-        )?;
+        let fd = socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
         connect(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
         Self::new(fd)
     }
 
-    pub async fn send<T: Serialize>(
-        &self,
-        msg: &T,
-        payload: &[u8],
-        fds: &[BorrowedFd<'_>],
-    ) -> Result<(), IpcError> {
+    pub async fn send<T: Serialize>(&self, msg: &T, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let buf = encode(msg, payload)?;
         loop {
             let mut guard = self.fd.writable().await.map_err(IpcError::Io)?;
-            match guard
-                .try_io(|fd| send_packet(fd.as_raw_fd(), &buf, fds).map_err(std::io::Error::from))
-            {
+            match guard.try_io(|fd| send_packet(fd.as_raw_fd(), &buf, fds).map_err(std::io::Error::from)) {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(e))
-                    if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) =>
-                {
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) => {
                     return Err(IpcError::Closed)
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -226,14 +180,10 @@ impl AsyncChannel {
         let mut buf = vec![0u8; MAX_PACKET];
         loop {
             let mut guard = self.fd.readable().await.map_err(IpcError::Io)?;
-            match guard
-                .try_io(|fd| recv_packet(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from))
-            {
+            match guard.try_io(|fd| recv_packet(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from)) {
                 Ok(Ok((0, _))) => return Err(IpcError::Closed),
                 Ok(Ok((n, fds))) => return decode(&buf[..n], fds),
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => {
-                    return Err(IpcError::Closed)
-                }
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err(IpcError::Closed),
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
                 Ok(Err(e)) => return Err(IpcError::Io(e)),
                 Err(_would_block) => continue,
@@ -252,29 +202,21 @@ impl AsyncListener {
     pub fn bind(path: &Path) -> Result<Self, IpcError> {
         use nix::sys::socket::{bind, listen, socket, Backlog, UnixAddr};
         let _ = std::fs::remove_file(path);
-        let fd = socket(
-            AddressFamily::Unix,
-            SockType::SeqPacket,
-            SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK,
-            None,
-        )?;
+        let fd =
+            socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC | SockFlag::SOCK_NONBLOCK, None)?;
         bind(fd.as_raw_fd(), &UnixAddr::new(path)?)?;
-        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .map_err(IpcError::Io)?;
+        std::fs::set_permissions(path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(IpcError::Io)?;
         listen(&fd, Backlog::new(64)?)?;
         // SAFETY: we own `fd` and never replace or close it while the AsyncFd holds it.
         let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) };
-        Ok(AsyncListener {
-            fd: fd.map_err(|e| IpcError::Io(e.into_parts().1))?,
-        })
+        Ok(AsyncListener { fd: fd.map_err(|e| IpcError::Io(e.into_parts().1))? })
     }
 
     pub async fn accept(&self) -> Result<AsyncChannel, IpcError> {
         loop {
             let mut guard = self.fd.readable().await.map_err(IpcError::Io)?;
             match guard.try_io(|fd| {
-                nix::sys::socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC)
-                    .map_err(std::io::Error::from)
+                nix::sys::socket::accept4(fd.as_raw_fd(), SockFlag::SOCK_CLOEXEC).map_err(std::io::Error::from)
             }) {
                 // SAFETY: accept4 returned a fresh descriptor that nothing else owns.
                 Ok(Ok(raw)) => return AsyncChannel::new(unsafe { OwnedFd::from_raw_fd(raw) }),

@@ -5,8 +5,8 @@ use std::os::fd::{AsFd, BorrowedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, open_tree, FsMountFlags,
-    FsOpenFlags, MountAttrFlags, MoveMountFlags, OpenTreeFlags,
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, open_tree, FsMountFlags, FsOpenFlags,
+    MountAttrFlags, MoveMountFlags, OpenTreeFlags,
 };
 
 use crate::sys::set_mount_idmap;
@@ -33,11 +33,7 @@ pub enum RootfsError {
 pub enum Rootfs {
     /// Kernel overlayfs: read-only image layers (bottom first) plus a writable upper directory.
     /// `upper` and `work` must be on the same filesystem; `upper` must be owned by the sandbox's root.
-    Overlay {
-        lower: Vec<PathBuf>,
-        upper: PathBuf,
-        work: PathBuf,
-    },
+    Overlay { lower: Vec<PathBuf>, upper: PathBuf, work: PathBuf },
 }
 
 impl Rootfs {
@@ -45,9 +41,7 @@ impl Rootfs {
     /// map: image layers are stored with the image's own ids and are shifted by idmapped mounts.
     pub fn mount(&self, target: &Path, userns: BorrowedFd<'_>) -> Result<(), RootfsError> {
         match self {
-            Rootfs::Overlay { lower, upper, work } => {
-                mount_overlay(lower, upper, work, target, userns)
-            }
+            Rootfs::Overlay { lower, upper, work } => mount_overlay(lower, upper, work, target, userns),
         }
     }
 }
@@ -60,27 +54,16 @@ fn mount_overlay(
     userns: BorrowedFd<'_>,
 ) -> Result<(), RootfsError> {
     let err = |step: &'static str| {
-        move |e: rustix::io::Errno| RootfsError::Overlay {
-            target: target.into(),
-            step,
-            source: e.into(),
-        }
+        move |e: rustix::io::Errno| RootfsError::Overlay { target: target.into(), step, source: e.into() }
     };
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(err("fsopen"))?;
     // Detached idmapped copies of the layers; the overlay keeps its own references to them, so they
     // need no place in any mount tree and vanish with the overlay.
     let mut layer_mounts = Vec::with_capacity(lower.len());
     for path in lower {
-        let layer_err = |e: std::io::Error| RootfsError::Layer {
-            path: path.clone(),
-            source: e,
-        };
-        let m = open_tree(
-            rustix::fs::CWD,
-            path,
-            OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC,
-        )
-        .map_err(|e| layer_err(e.into()))?;
+        let layer_err = |e: std::io::Error| RootfsError::Layer { path: path.clone(), source: e };
+        let m = open_tree(rustix::fs::CWD, path, OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC)
+            .map_err(|e| layer_err(e.into()))?;
         set_mount_idmap(m.as_fd(), userns).map_err(layer_err)?;
         layer_mounts.push(m);
     }
@@ -92,19 +75,8 @@ fn mount_overlay(
     fsconfig_set_string(&fs, "upperdir", upper).map_err(err("upperdir"))?;
     fsconfig_set_string(&fs, "workdir", work).map_err(err("workdir"))?;
     fsconfig_create(&fs).map_err(err("create"))?;
-    let mnt = fsmount(
-        &fs,
-        FsMountFlags::FSMOUNT_CLOEXEC,
-        MountAttrFlags::MOUNT_ATTR_NODEV,
-    )
-    .map_err(err("fsmount"))?;
-    move_mount(
-        &mnt,
-        "",
-        rustix::fs::CWD,
-        target,
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH,
-    )
-    .map_err(err("move_mount"))?;
+    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_NODEV).map_err(err("fsmount"))?;
+    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
+        .map_err(err("move_mount"))?;
     Ok(())
 }

@@ -49,14 +49,8 @@ impl ExitStatus {
     pub fn from_wait_status(status: nix::sys::wait::WaitStatus) -> Option<ExitStatus> {
         use nix::sys::wait::WaitStatus;
         match status {
-            WaitStatus::Exited(_, code) => Some(ExitStatus {
-                code: Some(code),
-                signal: None,
-            }),
-            WaitStatus::Signaled(_, sig, _) => Some(ExitStatus {
-                code: None,
-                signal: Some(sig as i32),
-            }),
+            WaitStatus::Exited(_, code) => Some(ExitStatus { code: Some(code), signal: None }),
+            WaitStatus::Signaled(_, sig, _) => Some(ExitStatus { code: None, signal: Some(sig as i32) }),
             _ => None,
         }
     }
@@ -112,21 +106,7 @@ mod tests {
 
     #[test]
     fn shell_code_follows_the_shell_convention() {
-        assert_eq!(
-            ExitStatus {
-                code: None,
-                signal: Some(9)
-            }
-            .shell_code(),
-            137
-        );
-        assert_eq!(
-            ExitStatus {
-                code: Some(3),
-                signal: None
-            }
-            .shell_code(),
-            3
-        );
+        assert_eq!(ExitStatus { code: None, signal: Some(9) }.shell_code(), 137);
+        assert_eq!(ExitStatus { code: Some(3), signal: None }.shell_code(), 3);
     }
 }

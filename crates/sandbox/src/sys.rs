@@ -48,13 +48,7 @@ pub fn clone_process(namespace_flags: u64) -> io::Result<CloneResult> {
     // SAFETY: `args` is a valid clone_args of the size we pass; with stack = 0 the child runs on a
     // copy-on-write copy of our stack exactly like fork(2), so returning in both processes is sound.
     // `pidfd` outlives the call and the kernel writes the pidfd number into it for the parent.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &args as *const CloneArgs,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
     match ret {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(CloneResult::Child),
@@ -106,14 +100,7 @@ pub fn set_mount_idmap(mount_fd: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::
 pub fn close_fds_from(first: RawFd) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; callers use it right before exec or in a fresh
     // child where no Rust object still relies on the closed descriptors.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_close_range,
-            first as libc::c_uint,
-            libc::c_uint::MAX,
-            0,
-        )
-    };
+    let ret = unsafe { libc::syscall(libc::SYS_close_range, first as libc::c_uint, libc::c_uint::MAX, 0) };
     if ret == -1 {
         return Err(io::Error::last_os_error());
     }
@@ -149,11 +136,7 @@ pub fn dup_to(fd: BorrowedFd<'_>, target: RawFd, cloexec: bool) -> io::Result<()
     if fd.as_raw_fd() == target {
         // dup3 refuses equal numbers; only the flag needs setting.
         let cur = rustix::io::fcntl_getfd(fd)?;
-        let want = if cloexec {
-            cur | rustix::io::FdFlags::CLOEXEC
-        } else {
-            cur - rustix::io::FdFlags::CLOEXEC
-        };
+        let want = if cloexec { cur | rustix::io::FdFlags::CLOEXEC } else { cur - rustix::io::FdFlags::CLOEXEC };
         return Ok(rustix::io::fcntl_setfd(fd, want)?);
     }
     // SAFETY: dup3 does not touch memory; replacing `target` is the caller's stated intent, and the

@@ -46,10 +46,7 @@ pub struct IdMap {
 
 impl IdMap {
     pub fn for_slot(slot: u32) -> IdMap {
-        IdMap {
-            host_base: FIRST_HOST_ID + slot * IDS_PER_SANDBOX,
-            count: IDS_PER_SANDBOX,
-        }
+        IdMap { host_base: FIRST_HOST_ID + slot * IDS_PER_SANDBOX, count: IDS_PER_SANDBOX }
     }
 
     /// Host id of the sandbox id `id`, if it is mapped.
@@ -91,10 +88,7 @@ pub struct UidSlot {
 impl UidSlot {
     /// Reserves the first free slot, trying `preferred` first.
     pub fn reserve(dir: &Path, preferred: Option<u32>) -> Result<UidSlot, UsernsError> {
-        std::fs::create_dir_all(dir).map_err(|source| UsernsError::SlotDir {
-            path: dir.into(),
-            source,
-        })?;
+        std::fs::create_dir_all(dir).map_err(|source| UsernsError::SlotDir { path: dir.into(), source })?;
         let candidates = preferred.into_iter().chain(0..SLOTS);
         for slot in candidates.filter(|s| *s < SLOTS) {
             let path = dir.join(format!("{slot}.lock"));
@@ -103,16 +97,9 @@ impl UidSlot {
                 .truncate(false)
                 .write(true)
                 .open(&path)
-                .map_err(|source| UsernsError::SlotDir {
-                    path: path.clone(),
-                    source,
-                })?;
+                .map_err(|source| UsernsError::SlotDir { path: path.clone(), source })?;
             if file.try_lock().is_ok() {
-                return Ok(UidSlot {
-                    slot,
-                    map: IdMap::for_slot(slot),
-                    lock: file,
-                });
+                return Ok(UidSlot { slot, map: IdMap::for_slot(slot), lock: file });
             }
         }
         Err(UsernsError::Exhausted)
@@ -139,9 +126,7 @@ pub fn namespace_with_map(map: &IdMap) -> Result<OwnedFd, UsernsError> {
         CloneResult::Parent { pid, pidfd } => {
             drop(wait_rd);
             let result = map.write_for(pid).and_then(|()| {
-                File::open(format!("/proc/{pid}/ns/user"))
-                    .map(OwnedFd::from)
-                    .map_err(UsernsError::Create)
+                File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from).map_err(UsernsError::Create)
             });
             drop(wait_wr);
             let _ = rustix::process::waitid(

@@ -18,16 +18,11 @@ fn busybox_layer(dir: &Path) -> PathBuf {
         std::fs::create_dir_all(layer.join(d)).unwrap();
     }
     std::fs::copy("/bin/busybox", layer.join("bin/busybox")).unwrap();
-    for applet in [
-        "sh", "id", "hostname", "ls", "cat", "echo", "ip", "ps", "sleep", "mount", "touch", "stat",
-    ] {
+    for applet in ["sh", "id", "hostname", "ls", "cat", "echo", "ip", "ps", "sleep", "mount", "touch", "stat"] {
         std::os::unix::fs::symlink("busybox", layer.join("bin").join(applet)).unwrap();
     }
-    std::fs::write(
-        layer.join("etc/passwd"),
-        "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n",
-    )
-    .unwrap();
+    std::fs::write(layer.join("etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/sh\n")
+        .unwrap();
     std::fs::write(layer.join("etc/group"), "root:x:0:\n").unwrap();
     layer
 }
@@ -46,18 +41,8 @@ fn start(dir: &Path, network: Network) -> Sandbox {
     }
     std::os::unix::fs::chown(&upper, Some(slot.map.host_base), Some(slot.map.host_base)).unwrap();
     let userns = namespace_with_map(&slot.map).unwrap();
-    Rootfs::Overlay {
-        lower: vec![lower],
-        upper,
-        work,
-    }
-    .mount(&target, userns.as_fd())
-    .unwrap();
-    let cfg = InitConfig {
-        hostname: "sbx-test".into(),
-        network,
-        rootfs: target,
-    };
+    Rootfs::Overlay { lower: vec![lower], upper, work }.mount(&target, userns.as_fd()).unwrap();
+    let cfg = InitConfig { hostname: "sbx-test".into(), network, rootfs: target };
     let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
     Sandbox { c, _slot: slot }
 }
@@ -73,13 +58,7 @@ fn run(sb: &Sandbox, argv: &[&str]) -> (i32, String) {
         user: None,
         tty: None,
     };
-    sb.c.channel
-        .send(
-            &ToInit::Spawn { id: 1, spec },
-            &[],
-            &[null.as_fd(), out_w.as_fd(), out_w.as_fd()],
-        )
-        .unwrap();
+    sb.c.channel.send(&ToInit::Spawn { id: 1, spec }, &[], &[null.as_fd(), out_w.as_fd(), out_w.as_fd()]).unwrap();
     drop(out_w);
     let mut code = None;
     while code.is_none() {
@@ -110,12 +89,7 @@ fn main() {
     let sb = start(&tmp, Network::None);
     let mut failures = 0;
     let (code, out) = run(&sb, &["id"]);
-    check(
-        "root inside",
-        code == 0 && out.starts_with("uid=0(root) gid=0(root)"),
-        &out,
-        &mut failures,
-    );
+    check("root inside", code == 0 && out.starts_with("uid=0(root) gid=0(root)"), &out, &mut failures);
     let status = std::fs::read_to_string(format!("/proc/{}/status", sb.c.init_pid)).unwrap();
     let host_uid: u32 = status
         .lines()
@@ -137,25 +111,14 @@ fn main() {
     let (_, out) = run(&sb, &["cat", "/proc/self/uid_map"]);
     check(
         "uid map",
-        out.split_whitespace().collect::<Vec<_>>()
-            == ["0", &sb._slot.map.host_base.to_string(), "65536"],
+        out.split_whitespace().collect::<Vec<_>>() == ["0", &sb._slot.map.host_base.to_string(), "65536"],
         &out,
         &mut failures,
     );
     let (_, out) = run(&sb, &["ip", "-o", "link"]);
-    check(
-        "only loopback",
-        out.lines().count() == 1 && out.contains("lo:"),
-        &out,
-        &mut failures,
-    );
+    check("only loopback", out.lines().count() == 1 && out.contains("lo:"), &out, &mut failures);
     let (_, out) = run(&sb, &["ps", "-o", "pid,comm"]);
-    check(
-        "no host processes visible",
-        out.lines().count() == 2,
-        &out,
-        &mut failures,
-    );
+    check("no host processes visible", out.lines().count() == 2, &out, &mut failures);
     let (code, out) = run(&sb, &["touch", "/created"]);
     check("rootfs writable", code == 0, &out, &mut failures);
     let upper = tmp.join("upper/created");
@@ -167,12 +130,7 @@ fn main() {
         &mut failures,
     );
     let (code, out) = run(&sb, &["nonexistent"]);
-    check(
-        "missing binary",
-        code == 127 && out.contains("No such file or directory"),
-        &out,
-        &mut failures,
-    );
+    check("missing binary", code == 127 && out.contains("No such file or directory"), &out, &mut failures);
     rustix::process::pidfd_send_signal(&sb.c.pidfd, rustix::process::Signal::KILL).unwrap();
     let _ = std::fs::remove_dir_all(&tmp);
     println!("{} passed, {failures} failed", 9 - failures);

@@ -342,7 +342,7 @@ impl Init {
     }
 }
 
-/// The process's standard streams: three received pipes, or a new pty.
+/// The process's standard streams: three received descriptors, or a new pty.
 enum Stdio {
     Pipes(Vec<OwnedFd>),
     Pty { master: OwnedFd, slave: PathBuf },
@@ -365,10 +365,18 @@ fn spawn(spec: &ProcessSpec, fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd, Option<
     if spec.argv.is_empty() {
         return Err("empty command".into());
     }
+    let mut fds = fds;
+    let stdio_count = if spec.tty.is_some() { 0 } else { 3 };
+    if fds.len() != stdio_count + spec.extra_fds.len() {
+        return Err(format!("expected {} descriptors, got {}", stdio_count + spec.extra_fds.len(), fds.len()));
+    }
+    if spec.extra_fds.iter().any(|&n| n < 3) {
+        return Err("extra descriptors must be numbered 3 or above".into());
+    }
+    let extra = fds.split_off(stdio_count);
     let stdio = match spec.tty {
         Some(size) => open_pty(size)?,
-        None if fds.len() == 3 => Stdio::Pipes(fds),
-        None => return Err(format!("expected 3 stdio descriptors, got {}", fds.len())),
+        None => Stdio::Pipes(fds),
     };
     let (err_rd, err_wr) =
         rustix::pipe::pipe_with(rustix::pipe::PipeFlags::CLOEXEC | rustix::pipe::PipeFlags::NONBLOCK)
@@ -378,7 +386,7 @@ fn spawn(spec: &ProcessSpec, fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd, Option<
         Err(e) => Err(format!("fork: {e}")),
         Ok(nix::unistd::ForkResult::Child) => {
             drop(err_rd);
-            let Err(message) = exec_child(spec, &stdio);
+            let Err(message) = exec_child(spec, &stdio, &extra);
             let _ = rustix::io::write(&err_wr, message.as_bytes());
             // SAFETY: _exit skips destructors of the copy of init's state, which this child must not run.
             unsafe { libc::_exit(127) }
@@ -394,7 +402,7 @@ fn spawn(spec: &ProcessSpec, fds: Vec<OwnedFd>) -> Result<(i32, OwnedFd, Option<
 }
 
 /// Runs in the forked child: prepares the process and execs it. Returns only on failure.
-fn exec_child(spec: &ProcessSpec, stdio: &Stdio) -> Result<Infallible, String> {
+fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<Infallible, String> {
     let all = SigSet::all();
     sigprocmask(SigmaskHow::SIG_UNBLOCK, Some(&all), None).map_err(|e| format!("unblock signals: {e}"))?;
     nix::unistd::setsid().map_err(|e| format!("setsid: {e}"))?;
@@ -412,6 +420,15 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio) -> Result<Infallible, String> {
                 dup_to(fd.as_fd(), target, false).map_err(|e| format!("dup2: {e}"))?;
             }
         }
+    }
+    // Copy the extra descriptors out of the way first, so placing one never clobbers another.
+    let moved = extra
+        .iter()
+        .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 1000))
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| format!("dup: {e}"))?;
+    for (fd, &target) in moved.iter().zip(&spec.extra_fds) {
+        dup_to(fd.as_fd(), target, false).map_err(|e| format!("dup2 to {target}: {e}"))?;
     }
     let user = crate::users::resolve(spec.user.as_deref())?;
     let mut env = spec.env.clone();

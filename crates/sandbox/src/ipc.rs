@@ -107,6 +107,11 @@ impl Channel {
         Channel { fd }
     }
 
+    /// The socket, e.g. to turn it into an [`AsyncChannel`].
+    pub fn into_inner(self) -> OwnedFd {
+        self.fd
+    }
+
     pub fn send<T: Serialize>(&self, msg: &T, payload: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), IpcError> {
         let buf = encode(msg, payload)?;
         loop {

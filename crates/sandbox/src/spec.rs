@@ -26,6 +26,10 @@ pub struct ProcessSpec {
     pub user: Option<String>,
     /// Run on a new pseudo-terminal of this size instead of pipes.
     pub tty: Option<WinSize>,
+    /// Descriptor numbers for the extra descriptors sent with the request (after stdin, stdout and
+    /// stderr when there is no tty).
+    #[serde(default)]
+    pub extra_fds: Vec<i32>,
 }
 
 /// Terminal size.
@@ -66,7 +70,8 @@ impl ExitStatus {
 pub enum ToInit {
     /// User namespace maps and cgroup are in place: set up the sandbox and report `Ready`.
     Go,
-    /// Fork and exec a process. Without a tty, the packet carries three fds: stdin, stdout, stderr.
+    /// Fork and exec a process. Without a tty, the packet carries stdin, stdout and stderr, then the
+    /// descriptors listed in `spec.extra_fds`.
     Spawn { id: u64, spec: ProcessSpec },
     /// Send `signal` to process `pid` (to its process group when `group`).
     Signal { pid: i32, signal: i32, group: bool },

@@ -57,6 +57,7 @@ fn run(sb: &Sandbox, argv: &[&str]) -> (i32, String) {
         cwd: "/".into(),
         user: None,
         tty: None,
+        extra_fds: vec![],
     };
     sb.c.channel.send(&ToInit::Spawn { id: 1, spec }, &[], &[null.as_fd(), out_w.as_fd(), out_w.as_fd()]).unwrap();
     drop(out_w);

@@ -2,5 +2,6 @@
 //! (see `docs/architecture.md`).
 
 pub mod caps;
+pub mod cgroup;
 pub mod seccomp;
 mod sys;

@@ -611,10 +611,7 @@ impl Cgroup {
     pub fn freeze(&self) -> Result<()> {
         let freezer = self.freezer()?;
         let frozen = match freezer.version {
-            Version::V2 => {
-                write(&freezer.file("cgroup.freeze"), "1")?;
-                wait_for_event(&freezer.file("cgroup.events"), "frozen", 1, FREEZE_TIMEOUT)?
-            }
+            Version::V2 => set_frozen_v2(freezer, true, FREEZE_TIMEOUT)?,
             Version::V1 => freeze_v1(freezer)?,
         };
         if frozen {
@@ -631,10 +628,7 @@ impl Cgroup {
     pub fn thaw(&self) -> Result<()> {
         let freezer = self.freezer()?;
         let thawed = match freezer.version {
-            Version::V2 => {
-                write(&freezer.file("cgroup.freeze"), "0")?;
-                wait_for_event(&freezer.file("cgroup.events"), "frozen", 0, THAW_TIMEOUT)?
-            }
+            Version::V2 => set_frozen_v2(freezer, false, THAW_TIMEOUT)?,
             Version::V1 => {
                 let state = freezer.file("freezer.state");
                 write(&state, "THAWED")?;
@@ -876,6 +870,13 @@ fn enable_v2_controllers(root: &Path, name: &str, controllers: &[&str]) -> Resul
         }
     }
     Ok(())
+}
+
+/// cgroup2: writes `cgroup.freeze` and waits until `cgroup.events` reports the new state.
+fn set_frozen_v2(freezer: &Dir, frozen: bool, timeout: Duration) -> Result<bool> {
+    let value = u64::from(frozen);
+    write(&freezer.file("cgroup.freeze"), &value.to_string())?;
+    wait_for_event(&freezer.file("cgroup.events"), "frozen", value, timeout)
 }
 
 /// v1: writes FROZEN until `freezer.state` says FROZEN. A v1 cgroup can stay FREEZING while

@@ -56,9 +56,7 @@ fn stop(children: Vec<Child>) {
 
 fn measure_api(name: &str, workload: &str, count: usize, script: &str) -> (f64, f64) {
     let cgroup = Cgroup::create(name, &Limits::default()).unwrap();
-    let children = spawn(count, script, &|pid| {
-        cgroup.add_process(pid as i32).unwrap()
-    });
+    let children = spawn(count, script, &|pid| cgroup.add_process(pid as i32).unwrap());
     let (mut freeze, mut thaw) = (Vec::new(), Vec::new());
     for _ in 0..SAMPLES {
         let start = Instant::now();
@@ -82,9 +80,7 @@ fn write(path: &Path, value: &str) {
 fn measure_v1(dir: &Path, workload: &str, count: usize, script: &str) -> (f64, f64) {
     std::fs::create_dir_all(dir).unwrap();
     let state = dir.join("freezer.state");
-    let children = spawn(count, script, &|pid| {
-        write(&dir.join("cgroup.procs"), &pid.to_string())
-    });
+    let children = spawn(count, script, &|pid| write(&dir.join("cgroup.procs"), &pid.to_string()));
     let wait_for = |want: &str| while std::fs::read_to_string(&state).unwrap().trim() != want {};
     let (mut freeze, mut thaw) = (Vec::new(), Vec::new());
     for _ in 0..SAMPLES {
@@ -97,14 +93,8 @@ fn measure_v1(dir: &Path, workload: &str, count: usize, script: &str) -> (f64, f
         wait_for("THAWED");
         thaw.push(ms_since(start));
     }
-    let f = row(
-        &format!("baseline v1 freezer.state FROZEN, {workload}"),
-        freeze,
-    );
-    let t = row(
-        &format!("baseline v1 freezer.state THAWED, {workload}"),
-        thaw,
-    );
+    let f = row(&format!("baseline v1 freezer.state FROZEN, {workload}"), freeze);
+    let t = row(&format!("baseline v1 freezer.state THAWED, {workload}"), thaw);
     stop(children);
     std::fs::remove_dir(dir).unwrap();
     (f, t)
@@ -113,16 +103,12 @@ fn measure_v1(dir: &Path, workload: &str, count: usize, script: &str) -> (f64, f
 fn main() {
     let parent = format!("deltabox-bench-{}", std::process::id());
     println!("{:<52} {:>8} {:>8}", "cgroup operation (ms)", "p50", "p99");
-    let workloads: [(&str, usize, &str); 2] = [
-        ("1 busy process", 1, "while :; do :; done"),
-        ("100 sleeping processes", 100, "exec sleep 1000"),
-    ];
+    let workloads: [(&str, usize, &str); 2] =
+        [("1 busy process", 1, "while :; do :; done"), ("100 sleeping processes", 100, "exec sleep 1000")];
     for (i, (workload, count, script)) in workloads.into_iter().enumerate() {
         let (freeze, thaw) = measure_api(&format!("{parent}/api{i}"), workload, count, script);
         if Path::new(V1_FREEZER).is_dir() {
-            let dir = PathBuf::from(V1_FREEZER)
-                .join(&parent)
-                .join(format!("v1-{i}"));
+            let dir = PathBuf::from(V1_FREEZER).join(&parent).join(format!("v1-{i}"));
             let (v1_freeze, v1_thaw) = measure_v1(&dir, workload, count, script);
             println!(
                 "{:<52} {:>8.2}x {:>7.2}x",
@@ -132,11 +118,7 @@ fn main() {
             );
         }
     }
-    let limits = Limits {
-        memory_bytes: Some(1 << 30),
-        pids: Some(512),
-        cpus: Some(1.0),
-    };
+    let limits = Limits { memory_bytes: Some(1 << 30), pids: Some(512), cpus: Some(1.0) };
     let (mut create, mut destroy) = (Vec::new(), Vec::new());
     for i in 0..SAMPLES {
         let name = format!("{parent}/lifecycle{i}");

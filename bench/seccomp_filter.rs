@@ -60,16 +60,8 @@ fn on_thread<T: Send + 'static>(filtered: bool, f: impl FnOnce() -> T + Send + '
 
 /// Per-call time of `syscall` without and with the profile, and their ratio.
 fn compare(name: &str, filtered_note: &str, syscall: fn()) {
-    let base = row(
-        &format!("{name}, no filter"),
-        "ns",
-        on_thread(false, move || per_call(syscall)),
-    );
-    let with = row(
-        &format!("{name}, filtered ({filtered_note})"),
-        "ns",
-        on_thread(true, move || per_call(syscall)),
-    );
+    let base = row(&format!("{name}, no filter"), "ns", on_thread(false, move || per_call(syscall)));
+    let with = row(&format!("{name}, filtered ({filtered_note})"), "ns", on_thread(true, move || per_call(syscall)));
     println!("{:<44} {:>10.2}x", "  ratio", with / base);
 }
 

@@ -65,18 +65,11 @@ pub fn restrict_to_default() -> Result<(), CapsError> {
             Ok(()) => {}
             // Numbers above the kernel's last capability (/proc/sys/kernel/cap_last_cap).
             Err(rustix::io::Errno::INVAL) => break,
-            Err(errno) => {
-                return Err(CapsError::DropBounding {
-                    cap,
-                    source: errno.into(),
-                })
-            }
+            Err(errno) => return Err(CapsError::DropBounding { cap, source: errno.into() }),
         }
     }
-    rustix::thread::clear_ambient_capability_set()
-        .map_err(|errno| CapsError::ClearAmbient(errno.into()))?;
-    let current =
-        rustix::thread::capabilities(None).map_err(|errno| CapsError::Capset(errno.into()))?;
+    rustix::thread::clear_ambient_capability_set().map_err(|errno| CapsError::ClearAmbient(errno.into()))?;
+    let current = rustix::thread::capabilities(None).map_err(|errno| CapsError::Capset(errno.into()))?;
     rustix::thread::set_capabilities(
         None,
         CapabilitySets {

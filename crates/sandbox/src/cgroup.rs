@@ -169,10 +169,7 @@ impl Limits {
             }
         }
         if self.pids == Some(0) {
-            return Err(CgroupError::InvalidLimit {
-                what: "pids",
-                reason: "must be at least 1".into(),
-            });
+            return Err(CgroupError::InvalidLimit { what: "pids", reason: "must be at least 1".into() });
         }
         if let Some(cpus) = self.cpus {
             let max = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
@@ -212,50 +209,28 @@ struct Layout {
 
 impl Layout {
     fn detect() -> Result<Layout> {
-        let mountinfo =
-            fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
+        let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
         let mounts = parse_cgroup_mounts(&mountinfo);
-        let unified = mounts
-            .iter()
-            .find(|m| m.version == Version::V2)
-            .map(|m| m.root.clone());
+        let unified = mounts.iter().find(|m| m.version == Version::V2).map(|m| m.root.clone());
         let v2_controllers = match &unified {
             Some(root) => read(&root.join("cgroup.controllers"))?,
             None => String::new(),
         };
         let place = |controller: &str| -> Option<Hierarchy> {
-            let v1 = mounts.iter().find(|m| {
-                m.version == Version::V1 && m.controllers.iter().any(|c| c == controller)
-            });
+            let v1 = mounts.iter().find(|m| m.version == Version::V1 && m.controllers.iter().any(|c| c == controller));
             match (v1, &unified) {
-                (Some(m), _) => Some(Hierarchy {
-                    root: m.root.clone(),
-                    version: Version::V1,
-                }),
-                (None, Some(root))
-                    if v2_controllers.split_whitespace().any(|c| c == controller) =>
-                {
-                    Some(Hierarchy {
-                        root: root.clone(),
-                        version: Version::V2,
-                    })
+                (Some(m), _) => Some(Hierarchy { root: m.root.clone(), version: Version::V1 }),
+                (None, Some(root)) if v2_controllers.split_whitespace().any(|c| c == controller) => {
+                    Some(Hierarchy { root: root.clone(), version: Version::V2 })
                 }
                 (None, _) => None,
             }
         };
         let freezer = match &unified {
-            Some(root) => Hierarchy {
-                root: root.clone(),
-                version: Version::V2,
-            },
+            Some(root) => Hierarchy { root: root.clone(), version: Version::V2 },
             None => place("freezer").ok_or(CgroupError::NoFreezer)?,
         };
-        Ok(Layout {
-            memory: place("memory"),
-            pids: place("pids"),
-            cpu: place("cpu"),
-            freezer,
-        })
+        Ok(Layout { memory: place("memory"), pids: place("pids"), cpu: place("cpu"), freezer })
     }
 
     /// Distinct hierarchies used, the freezer's first.
@@ -271,15 +246,11 @@ impl Layout {
 
     /// Controllers to enable in `cgroup.subtree_control` on the way down the cgroup2 tree.
     fn v2_controllers(&self) -> Vec<&'static str> {
-        [
-            ("memory", &self.memory),
-            ("pids", &self.pids),
-            ("cpu", &self.cpu),
-        ]
-        .into_iter()
-        .filter(|(_, h)| h.as_ref().is_some_and(|h| h.version == Version::V2))
-        .map(|(name, _)| name)
-        .collect()
+        [("memory", &self.memory), ("pids", &self.pids), ("cpu", &self.cpu)]
+            .into_iter()
+            .filter(|(_, h)| h.as_ref().is_some_and(|h| h.version == Version::V2))
+            .map(|(name, _)| name)
+            .collect()
     }
 }
 
@@ -304,9 +275,7 @@ fn parse_cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
             continue;
         };
         let mut after = after.split(' ');
-        let (Some(fstype), Some(_source), Some(options)) =
-            (after.next(), after.next(), after.next())
-        else {
+        let (Some(fstype), Some(_source), Some(options)) = (after.next(), after.next(), after.next()) else {
             continue;
         };
         let version = match fstype {
@@ -322,11 +291,7 @@ fn parse_cgroup_mounts(mountinfo: &str) -> Vec<CgroupMount> {
                 .collect(),
             Version::V2 => Vec::new(),
         };
-        mounts.push(CgroupMount {
-            root: PathBuf::from(unescape_mountinfo(mount_point)),
-            version,
-            controllers,
-        });
+        mounts.push(CgroupMount { root: PathBuf::from(unescape_mountinfo(mount_point)), version, controllers });
     }
     mounts
 }
@@ -364,10 +329,7 @@ struct Dir {
 
 impl Dir {
     fn new(hierarchy: &Hierarchy, name: &str) -> Dir {
-        Dir {
-            path: hierarchy.root.join(name),
-            version: hierarchy.version,
-        }
+        Dir { path: hierarchy.root.join(name), version: hierarchy.version }
     }
 
     fn file(&self, name: &str) -> PathBuf {
@@ -410,39 +372,27 @@ impl Cgroup {
         }
         let cgroup = Cgroup::from_layout(layout, name);
         if let Some(dir) = cgroup.dirs.iter().find(|d| d.path.exists()) {
-            return Err(CgroupError::AlreadyExists {
-                name: name.to_owned(),
-                path: dir.path.clone(),
-            });
+            return Err(CgroupError::AlreadyExists { name: name.to_owned(), path: dir.path.clone() });
         }
         let v2_controllers = layout.v2_controllers();
         let mut created = Vec::new();
-        let result = layout
-            .hierarchies()
-            .into_iter()
-            .zip(&cgroup.dirs)
-            .try_for_each(|(hierarchy, dir)| {
-                let io_err = |source| CgroupError::Io {
-                    op: "create",
-                    path: dir.path.clone(),
-                    source,
-                };
-                if hierarchy.version == Version::V2 {
-                    enable_v2_controllers(&hierarchy.root, name, &v2_controllers)?;
+        let result = layout.hierarchies().into_iter().zip(&cgroup.dirs).try_for_each(|(hierarchy, dir)| {
+            let io_err = |source| CgroupError::Io { op: "create", path: dir.path.clone(), source };
+            if hierarchy.version == Version::V2 {
+                enable_v2_controllers(&hierarchy.root, name, &v2_controllers)?;
+            }
+            if let Some(parent) = dir.path.parent() {
+                fs::create_dir_all(parent).map_err(io_err)?;
+            }
+            fs::create_dir(&dir.path).map_err(|source| match source.kind() {
+                io::ErrorKind::AlreadyExists => {
+                    CgroupError::AlreadyExists { name: name.to_owned(), path: dir.path.clone() }
                 }
-                if let Some(parent) = dir.path.parent() {
-                    fs::create_dir_all(parent).map_err(io_err)?;
-                }
-                fs::create_dir(&dir.path).map_err(|source| match source.kind() {
-                    io::ErrorKind::AlreadyExists => CgroupError::AlreadyExists {
-                        name: name.to_owned(),
-                        path: dir.path.clone(),
-                    },
-                    _ => io_err(source),
-                })?;
-                created.push(dir);
-                Ok(())
-            });
+                _ => io_err(source),
+            })?;
+            created.push(dir);
+            Ok(())
+        });
         let result = result.and_then(|()| cgroup.apply_limits(limits));
         if let Err(err) = result {
             for dir in created {
@@ -461,22 +411,12 @@ impl Cgroup {
     pub fn open(name: &str) -> Result<Cgroup> {
         validate_name(name)?;
         let cgroup = Cgroup::from_layout(&Layout::detect()?, name);
-        let missing: Vec<PathBuf> = cgroup
-            .dirs
-            .iter()
-            .filter(|d| !d.path.is_dir())
-            .map(|d| d.path.clone())
-            .collect();
+        let missing: Vec<PathBuf> = cgroup.dirs.iter().filter(|d| !d.path.is_dir()).map(|d| d.path.clone()).collect();
         if missing.len() == cgroup.dirs.len() {
-            return Err(CgroupError::NotFound {
-                name: name.to_owned(),
-            });
+            return Err(CgroupError::NotFound { name: name.to_owned() });
         }
         if !missing.is_empty() {
-            return Err(CgroupError::Incomplete {
-                name: name.to_owned(),
-                missing,
-            });
+            return Err(CgroupError::Incomplete { name: name.to_owned(), missing });
         }
         Ok(cgroup)
     }
@@ -487,11 +427,7 @@ impl Cgroup {
         validate_name(name)?;
         let mut cgroup = Cgroup::from_layout(&Layout::detect()?, name);
         cgroup.dirs.retain(|d| d.path.is_dir());
-        if cgroup
-            .freezer
-            .as_ref()
-            .is_some_and(|f| !cgroup.dirs.contains(f))
-        {
+        if cgroup.freezer.as_ref().is_some_and(|f| !cgroup.dirs.contains(f)) {
             cgroup.freezer = None;
         }
         cgroup.destroy()
@@ -517,11 +453,7 @@ impl Cgroup {
 
     fn from_layout(layout: &Layout, name: &str) -> Cgroup {
         let dir = |h: &Option<Hierarchy>| h.as_ref().map(|h| Dir::new(h, name));
-        let dirs = layout
-            .hierarchies()
-            .into_iter()
-            .map(|h| Dir::new(h, name))
-            .collect();
+        let dirs = layout.hierarchies().into_iter().map(|h| Dir::new(h, name)).collect();
         Cgroup {
             name: name.to_owned(),
             memory: dir(&layout.memory),
@@ -618,10 +550,7 @@ impl Cgroup {
             return Ok(());
         }
         self.thaw()?;
-        Err(CgroupError::FreezeTimeout {
-            name: self.name.clone(),
-            timeout: FREEZE_TIMEOUT,
-        })
+        Err(CgroupError::FreezeTimeout { name: self.name.clone(), timeout: FREEZE_TIMEOUT })
     }
 
     /// Thaws the cgroup and returns once the kernel reports it thawed.
@@ -638,10 +567,7 @@ impl Cgroup {
         if thawed {
             Ok(())
         } else {
-            Err(CgroupError::ThawTimeout {
-                name: self.name.clone(),
-                timeout: THAW_TIMEOUT,
-            })
+            Err(CgroupError::ThawTimeout { name: self.name.clone(), timeout: THAW_TIMEOUT })
         }
     }
 
@@ -678,8 +604,7 @@ impl Cgroup {
     }
 
     fn controller<'a>(&self, dir: &'a Option<Dir>, controller: &'static str) -> Result<&'a Dir> {
-        dir.as_ref()
-            .ok_or(CgroupError::ControllerUnavailable { controller })
+        dir.as_ref().ok_or(CgroupError::ControllerUnavailable { controller })
     }
 
     /// Kills every process of the cgroup and returns once none is left, leaving the cgroup thawed
@@ -701,17 +626,11 @@ impl Cgroup {
             }
             None => self.kill_frozen_until(deadline)?,
         }
-        let empty = poll_until(deadline.saturating_duration_since(Instant::now()), || {
-            Ok(self.procs()?.is_empty())
-        })?;
+        let empty = poll_until(deadline.saturating_duration_since(Instant::now()), || Ok(self.procs()?.is_empty()))?;
         if empty {
             return Ok(());
         }
-        Err(CgroupError::KillTimeout {
-            name: self.name.clone(),
-            pids: self.procs()?,
-            timeout: KILL_TIMEOUT,
-        })
+        Err(CgroupError::KillTimeout { name: self.name.clone(), pids: self.procs()?, timeout: KILL_TIMEOUT })
     }
 
     /// The freeze + SIGKILL + thaw loop of [`Cgroup::kill_all`].
@@ -755,10 +674,7 @@ impl Cgroup {
         }
         for dir in &self.dirs {
             if let Some(child) = subdir_names(&dir.path)?.first() {
-                return Err(CgroupError::HasChildren {
-                    name: self.name.clone(),
-                    child: dir.path.join(child),
-                });
+                return Err(CgroupError::HasChildren { name: self.name.clone(), child: dir.path.join(child) });
             }
         }
         self.kill_all()?;
@@ -766,13 +682,7 @@ impl Cgroup {
             match fs::remove_dir(&dir.path) {
                 Ok(()) => {}
                 Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(source) => {
-                    return Err(CgroupError::Io {
-                        op: "remove",
-                        path: dir.path.clone(),
-                        source,
-                    })
-                }
+                Err(source) => return Err(CgroupError::Io { op: "remove", path: dir.path.clone(), source }),
             }
         }
         tracing::debug!(name = %self.name, "destroyed cgroup");
@@ -782,11 +692,7 @@ impl Cgroup {
 
 /// Names of the subdirectories (child cgroups) of `dir`; none if `dir` does not exist.
 fn subdir_names(dir: &Path) -> Result<Vec<String>> {
-    let io_err = |source| CgroupError::Io {
-        op: "list",
-        path: dir.to_path_buf(),
-        source,
-    };
+    let io_err = |source| CgroupError::Io { op: "list", path: dir.to_path_buf(), source };
     let entries = match fs::read_dir(dir) {
         Err(err) if err.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
         entries => entries.map_err(io_err)?,
@@ -803,12 +709,7 @@ fn subdir_names(dir: &Path) -> Result<Vec<String>> {
 
 /// Names are relative paths of `[A-Za-z0-9._-]` components, as `deltabox/<sandbox id>`.
 fn validate_name(name: &str) -> Result<()> {
-    let invalid = |reason| {
-        Err(CgroupError::InvalidName {
-            name: name.to_owned(),
-            reason,
-        })
-    };
+    let invalid = |reason| Err(CgroupError::InvalidName { name: name.to_owned(), reason });
     if name.is_empty() {
         return invalid("empty");
     }
@@ -822,10 +723,7 @@ fn validate_name(name: &str) -> Result<()> {
         if component.len() > 255 {
             return invalid("a path component is longer than 255 bytes");
         }
-        if !component
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-        {
+        if !component.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-')) {
             return invalid("only ASCII letters, digits, '.', '_' and '-' are allowed");
         }
         if component.starts_with("cgroup.") {
@@ -862,11 +760,7 @@ fn enable_v2_controllers(root: &Path, name: &str, controllers: &[&str]) -> Resul
                     io::ErrorKind::AlreadyExists => Ok(()),
                     _ => Err(err),
                 })
-                .map_err(|source| CgroupError::Io {
-                    op: "create",
-                    path: dir.clone(),
-                    source,
-                })?;
+                .map_err(|source| CgroupError::Io { op: "create", path: dir.clone(), source })?;
         }
     }
     Ok(())
@@ -891,12 +785,7 @@ fn freeze_v1(freezer: &Dir) -> Result<bool> {
         match read(&state)?.trim() {
             "FROZEN" => return Ok(true),
             "FREEZING" => {}
-            other => {
-                return Err(CgroupError::Parse {
-                    path: state,
-                    content: other.to_owned(),
-                })
-            }
+            other => return Err(CgroupError::Parse { path: state, content: other.to_owned() }),
         }
         attempt += 1;
         if attempt % 50 == 0 {
@@ -916,19 +805,13 @@ fn freeze_v1(freezer: &Dir) -> Result<bool> {
 /// short, growing pause (20 µs to 250 µs) to re-read the file.
 fn wait_for_event(path: &Path, key: &str, value: u64, timeout: Duration) -> Result<bool> {
     let deadline = Instant::now() + timeout;
-    let io_err = |op, source| CgroupError::Io {
-        op,
-        path: path.to_path_buf(),
-        source,
-    };
+    let io_err = |op, source| CgroupError::Io { op, path: path.to_path_buf(), source };
     let mut file = fs::File::open(path).map_err(|e| io_err("open", e))?;
     let mut content = String::new();
     let mut pause = Duration::from_micros(20);
     loop {
         content.clear();
-        file.seek(SeekFrom::Start(0))
-            .and_then(|_| file.read_to_string(&mut content))
-            .map_err(|e| io_err("read", e))?;
+        file.seek(SeekFrom::Start(0)).and_then(|_| file.read_to_string(&mut content)).map_err(|e| io_err("read", e))?;
         if parse_key(&content, key) == Some(value) {
             return Ok(true);
         }
@@ -964,27 +847,16 @@ fn poll_until(timeout: Duration, mut done: impl FnMut() -> Result<bool>) -> Resu
 }
 
 fn read(path: &Path) -> Result<String> {
-    fs::read_to_string(path).map_err(|source| CgroupError::Io {
-        op: "read",
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::read_to_string(path).map_err(|source| CgroupError::Io { op: "read", path: path.to_path_buf(), source })
 }
 
 fn write(path: &Path, value: &str) -> Result<()> {
-    fs::write(path, value).map_err(|source| CgroupError::Io {
-        op: "write",
-        path: path.to_path_buf(),
-        source,
-    })
+    fs::write(path, value).map_err(|source| CgroupError::Io { op: "write", path: path.to_path_buf(), source })
 }
 
 fn read_number(path: &Path) -> Result<u64> {
     let content = read(path)?;
-    content.trim().parse().map_err(|_| CgroupError::Parse {
-        path: path.to_path_buf(),
-        content,
-    })
+    content.trim().parse().map_err(|_| CgroupError::Parse { path: path.to_path_buf(), content })
 }
 
 fn read_pids(path: &Path) -> Result<Vec<i32>> {
@@ -993,19 +865,13 @@ fn read_pids(path: &Path) -> Result<Vec<i32>> {
         .lines()
         .map(|line| line.trim().parse())
         .collect::<Result<_, _>>()
-        .map_err(|_| CgroupError::Parse {
-            path: path.to_path_buf(),
-            content,
-        })
+        .map_err(|_| CgroupError::Parse { path: path.to_path_buf(), content })
 }
 
 /// Reads `key`'s value from a flat-keyed file (`key value` lines).
 fn read_key(path: &Path, key: &str) -> Result<u64> {
     let content = read(path)?;
-    parse_key(&content, key).ok_or_else(|| CgroupError::Parse {
-        path: path.to_path_buf(),
-        content,
-    })
+    parse_key(&content, key).ok_or_else(|| CgroupError::Parse { path: path.to_path_buf(), content })
 }
 
 fn parse_key(content: &str, key: &str) -> Option<u64> {
@@ -1029,10 +895,7 @@ mod tests {
     }
 
     fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
-        assert!(
-            poll_until(Duration::from_secs(60), || Ok(cond())).unwrap(),
-            "timed out waiting until {what}"
-        );
+        assert!(poll_until(Duration::from_secs(60), || Ok(cond())).unwrap(), "timed out waiting until {what}");
     }
 
     /// The cgroup2 freezer is what this host's layout uses; hosts without cgroup2 use the v1
@@ -1048,10 +911,7 @@ mod tests {
             eprintln!("skipped: this kernel has no cgroup v1 freezer mounted");
             return;
         };
-        layout.freezer = Hierarchy {
-            root: v1.root,
-            version: Version::V1,
-        };
+        layout.freezer = Hierarchy { root: v1.root, version: Version::V1 };
         let parent = format!("deltabox-unit-{}", std::process::id());
         let name = format!("{parent}/v1-freezer");
         let cgroup = Cgroup::create_in(&layout, &name, &Limits::default()).unwrap();
@@ -1119,33 +979,15 @@ mod tests {
                     version: Version::V1,
                     controllers: vec!["xattr".into()],
                 },
-                CgroupMount {
-                    root: "/sys/fs/cgroup/un ified".into(),
-                    version: Version::V2,
-                    controllers: vec![],
-                },
+                CgroupMount { root: "/sys/fs/cgroup/un ified".into(), version: Version::V2, controllers: vec![] },
             ]
         );
     }
 
     #[test]
     fn names_are_validated() {
-        for bad in [
-            "",
-            "/abs",
-            "a//b",
-            "a/",
-            "..",
-            "a/../b",
-            "a/./b",
-            "sp ace",
-            "a/cgroup.procs",
-            "é",
-        ] {
-            assert!(
-                matches!(validate_name(bad), Err(CgroupError::InvalidName { .. })),
-                "{bad:?} accepted"
-            );
+        for bad in ["", "/abs", "a//b", "a/", "..", "a/../b", "a/./b", "sp ace", "a/cgroup.procs", "é"] {
+            assert!(matches!(validate_name(bad), Err(CgroupError::InvalidName { .. })), "{bad:?} accepted");
         }
         for good in ["deltabox/abc-123", "x", "a.b_c/d-e/f"] {
             validate_name(good).unwrap();
@@ -1155,40 +997,16 @@ mod tests {
     #[test]
     fn limits_are_validated() {
         let bad = [
-            Limits {
-                memory_bytes: Some(MIN_MEMORY_BYTES - 1),
-                ..Limits::default()
-            },
-            Limits {
-                pids: Some(0),
-                ..Limits::default()
-            },
-            Limits {
-                cpus: Some(0.0),
-                ..Limits::default()
-            },
-            Limits {
-                cpus: Some(f64::NAN),
-                ..Limits::default()
-            },
-            Limits {
-                cpus: Some(1e9),
-                ..Limits::default()
-            },
+            Limits { memory_bytes: Some(MIN_MEMORY_BYTES - 1), ..Limits::default() },
+            Limits { pids: Some(0), ..Limits::default() },
+            Limits { cpus: Some(0.0), ..Limits::default() },
+            Limits { cpus: Some(f64::NAN), ..Limits::default() },
+            Limits { cpus: Some(1e9), ..Limits::default() },
         ];
         for limits in bad {
-            assert!(
-                matches!(limits.validate(), Err(CgroupError::InvalidLimit { .. })),
-                "{limits:?} accepted"
-            );
+            assert!(matches!(limits.validate(), Err(CgroupError::InvalidLimit { .. })), "{limits:?} accepted");
         }
-        Limits {
-            memory_bytes: Some(MIN_MEMORY_BYTES),
-            pids: Some(1),
-            cpus: Some(0.5),
-        }
-        .validate()
-        .unwrap();
+        Limits { memory_bytes: Some(MIN_MEMORY_BYTES), pids: Some(1), cpus: Some(0.5) }.validate().unwrap();
     }
 
     #[test]

@@ -3,5 +3,12 @@
 
 pub mod caps;
 pub mod cgroup;
+pub mod container;
+pub mod init;
+pub mod ipc;
+pub mod rootfs;
 pub mod seccomp;
-mod sys;
+pub mod spec;
+pub mod sys;
+pub mod userns;
+pub mod users;

@@ -19,9 +19,7 @@
 use std::collections::BTreeMap;
 use std::io;
 
-use seccompiler::{
-    BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
-};
+use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
 use crate::sys;
 
@@ -66,8 +64,7 @@ impl SeccompFilter {
 fn install_program(program: &[seccompiler::sock_filter]) -> Result<(), SeccompError> {
     match sys::seccomp_set_mode_filter(program) {
         Err(err) if err.raw_os_error() == Some(libc::EACCES) => {
-            rustix::thread::set_no_new_privs(true)
-                .map_err(|errno| SeccompError::NoNewPrivs(errno.into()))?;
+            rustix::thread::set_no_new_privs(true).map_err(|errno| SeccompError::NoNewPrivs(errno.into()))?;
             sys::seccomp_set_mode_filter(program).map_err(SeccompError::Install)
         }
         result => result.map_err(SeccompError::Install),
@@ -78,9 +75,7 @@ fn install_program(program: &[seccompiler::sock_filter]) -> Result<(), SeccompEr
 pub fn default_filter() -> Result<SeccompFilter, SeccompError> {
     #[cfg(target_arch = "x86_64")]
     {
-        x86_64::profile()
-            .and_then(compile)
-            .map_err(SeccompError::Compile)
+        x86_64::profile().and_then(compile).map_err(SeccompError::Compile)
     }
     #[cfg(not(target_arch = "x86_64"))]
     {
@@ -128,10 +123,7 @@ fn compile(profile: Profile) -> Result<SeccompFilter, seccompiler::BackendError>
         SeccompAction::Errno(libc::ENOSYS as u32),
         profile.arch,
     )?;
-    Ok(SeccompFilter {
-        allow_list: allow_list.try_into()?,
-        enosys_list: enosys_list.try_into()?,
-    })
+    Ok(SeccompFilter { allow_list: allow_list.try_into()?, enosys_list: enosys_list.try_into()? })
 }
 
 /// One argument condition; `Dword` compares the low 32 bits only, which is what the kernel reads
@@ -509,34 +501,20 @@ mod x86_64 {
     ];
 
     pub(super) fn profile() -> Result<Profile, seccompiler::BackendError> {
-        let mut syscalls: BTreeMap<i64, Verdict> =
-            ALLOWED.iter().map(|&nr| (nr, Verdict::Allow)).collect();
+        let mut syscalls: BTreeMap<i64, Verdict> = ALLOWED.iter().map(|&nr| (nr, Verdict::Allow)).collect();
 
-        let no_namespace_flags = arg(
-            0,
-            SeccompCmpArgLen::Qword,
-            SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_FLAGS),
-            0,
-        );
-        let personalities = PERSONALITIES
-            .iter()
-            .map(|&p| arg(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, p));
+        let no_namespace_flags = arg(0, SeccompCmpArgLen::Qword, SeccompCmpOp::MaskedEq(CLONE_NAMESPACE_FLAGS), 0);
+        let personalities = PERSONALITIES.iter().map(|&p| arg(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Eq, p));
         let not_vsock = arg(0, SeccompCmpArgLen::Dword, SeccompCmpOp::Ne, AF_VSOCK);
         syscalls.insert(libc::SYS_clone, Verdict::AllowIf(vec![no_namespace_flags?]));
-        syscalls.insert(
-            libc::SYS_personality,
-            Verdict::AllowIf(personalities.collect::<Result<_, _>>()?),
-        );
+        syscalls.insert(libc::SYS_personality, Verdict::AllowIf(personalities.collect::<Result<_, _>>()?));
         syscalls.insert(libc::SYS_socket, Verdict::AllowIf(vec![not_vsock?]));
 
         syscalls.insert(libc::SYS_clone3, Verdict::Enosys);
         for nr in NEWEST_REVIEWED + 1..NATIVE_TABLE_END {
             syscalls.insert(nr, Verdict::Enosys);
         }
-        Ok(Profile {
-            arch: TargetArch::x86_64,
-            syscalls,
-        })
+        Ok(Profile { arch: TargetArch::x86_64, syscalls })
     }
 }
 
@@ -548,16 +526,8 @@ mod tests {
     fn profile_compiles_within_bpf_limits() {
         let filter = default_filter().unwrap();
         // BPF_MAXINSNS: the kernel refuses longer programs.
-        assert!(
-            filter.allow_list.len() < 4096,
-            "{}",
-            filter.allow_list.len()
-        );
-        assert!(
-            filter.enosys_list.len() < 4096,
-            "{}",
-            filter.enosys_list.len()
-        );
+        assert!(filter.allow_list.len() < 4096, "{}", filter.allow_list.len());
+        assert!(filter.enosys_list.len() < 4096, "{}", filter.enosys_list.len());
     }
 
     #[test]
@@ -620,10 +590,7 @@ mod tests {
             libc::SYS_nfsservctl,
         ] {
             assert!(
-                !matches!(
-                    profile.syscalls.get(&nr),
-                    Some(Verdict::Allow | Verdict::AllowIf(_))
-                ),
+                !matches!(profile.syscalls.get(&nr), Some(Verdict::Allow | Verdict::AllowIf(_))),
                 "syscall {nr} must not be allowed"
             );
         }

@@ -18,10 +18,7 @@ struct TestCgroup {
 impl TestCgroup {
     fn new(test: &str) -> TestCgroup {
         let parent = format!("deltabox-test-{}-{test}", std::process::id());
-        TestCgroup {
-            name: format!("{parent}/sandbox"),
-            parent,
-        }
+        TestCgroup { name: format!("{parent}/sandbox"), parent }
     }
 }
 
@@ -67,25 +64,18 @@ fn eventually(what: &str, mut cond: impl FnMut() -> bool) {
 fn is_gone(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
         Err(_) => true,
-        Ok(stat) => stat
-            .rsplit_once(") ")
-            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        Ok(stat) => stat.rsplit_once(") ").is_some_and(|(_, rest)| rest.starts_with('Z')),
     }
 }
 
 #[test]
 fn pids_limit_stops_a_fork_bomb() {
     let test = TestCgroup::new("forkbomb");
-    let limits = Limits {
-        pids: Some(24),
-        ..Limits::default()
-    };
+    let limits = Limits { pids: Some(24), ..Limits::default() };
     let cgroup = Cgroup::create(&test.name, &limits).unwrap();
     // Each process forks two copies of itself; run as nobody, as a sandbox user would be.
     let mut bomb = spawn_in(&cgroup, "b() { b & b & wait; }; b", Some(65534));
-    eventually("the bomb hits the pids limit", || {
-        cgroup.pids_limit_hits().unwrap() > 0
-    });
+    eventually("the bomb hits the pids limit", || cgroup.pids_limit_hits().unwrap() > 0);
     assert!(cgroup.pids_current().unwrap() <= 24);
     assert!(cgroup.procs().unwrap().len() <= 24);
     // The host still forks.
@@ -97,18 +87,11 @@ fn pids_limit_stops_a_fork_bomb() {
 #[test]
 fn memory_limit_oom_kills_and_is_counted() {
     let test = TestCgroup::new("oom");
-    let limits = Limits {
-        memory_bytes: Some(32 << 20),
-        ..Limits::default()
-    };
+    let limits = Limits { memory_bytes: Some(32 << 20), ..Limits::default() };
     let cgroup = Cgroup::create(&test.name, &limits).unwrap();
     assert_eq!(cgroup.oom_kills().unwrap(), 0);
     // dd fills a 256 MiB buffer: far past the limit, and there is no swap to go to.
-    let mut dd = spawn_in(
-        &cgroup,
-        "exec dd if=/dev/zero of=/dev/null bs=256M count=1",
-        None,
-    );
+    let mut dd = spawn_in(&cgroup, "exec dd if=/dev/zero of=/dev/null bs=256M count=1", None);
     let status = dd.wait().unwrap();
     use std::os::unix::process::ExitStatusExt;
     assert_eq!(status.signal(), Some(libc::SIGKILL), "{status:?}");
@@ -122,10 +105,7 @@ fn freeze_stops_and_thaw_resumes_a_counting_process() {
     let cgroup = Cgroup::create(&test.name, &Limits::default()).unwrap();
     let dir = tempfile_dir("freeze");
     let counter = dir.join("counter");
-    let script = format!(
-        "i=0; while :; do i=$((i+1)); echo $i > {}; done",
-        counter.display()
-    );
+    let script = format!("i=0; while :; do i=$((i+1)); echo $i > {}; done", counter.display());
     let mut child = spawn_in(&cgroup, &script, None);
     let read = || std::fs::read_to_string(&counter).unwrap_or_default();
     let count = || read().trim().parse::<u64>().unwrap_or(0);
@@ -152,21 +132,11 @@ fn freeze_stops_and_thaw_resumes_a_counting_process() {
 #[test]
 fn kill_all_and_destroy_leave_nothing() {
     let test = TestCgroup::new("destroy");
-    let limits = Limits {
-        memory_bytes: Some(256 << 20),
-        pids: Some(64),
-        cpus: Some(0.5),
-    };
+    let limits = Limits { memory_bytes: Some(256 << 20), pids: Some(64), cpus: Some(0.5) };
     let cgroup = Cgroup::create(&test.name, &limits).unwrap();
     // Background jobs, an orphaned grandchild and a shell that ignores SIGTERM.
-    let mut child = spawn_in(
-        &cgroup,
-        "trap '' TERM; sleep 1000 & sleep 1000 & (sleep 1000 &); sleep 1000",
-        None,
-    );
-    eventually("all processes started", || {
-        cgroup.procs().unwrap().len() >= 5
-    });
+    let mut child = spawn_in(&cgroup, "trap '' TERM; sleep 1000 & sleep 1000 & (sleep 1000 &); sleep 1000", None);
+    eventually("all processes started", || cgroup.procs().unwrap().len() >= 5);
     let pids = cgroup.procs().unwrap();
     // A frozen cgroup is killed too, and left thawed: a new process runs to its end.
     cgroup.freeze().unwrap();
@@ -177,15 +147,10 @@ fn kill_all_and_destroy_leave_nothing() {
         eventually("killed processes are reaped", || is_gone(*pid));
     }
     let mut after = spawn_in(&cgroup, "exit 3", None);
-    eventually("a process started after kill_all exits", || {
-        after.try_wait().unwrap().is_some()
-    });
+    eventually("a process started after kill_all exits", || after.try_wait().unwrap().is_some());
     assert_eq!(after.wait().unwrap().code(), Some(3));
     cgroup.destroy().unwrap();
-    assert!(matches!(
-        Cgroup::open(&test.name),
-        Err(CgroupError::NotFound { .. })
-    ));
+    assert!(matches!(Cgroup::open(&test.name), Err(CgroupError::NotFound { .. })));
     assert!(Cgroup::list_children(&test.parent).unwrap().is_empty());
 }
 
@@ -201,28 +166,19 @@ fn destroy_kills_running_processes() {
     for pid in pids {
         eventually("killed processes are reaped", || is_gone(pid));
     }
-    assert!(matches!(
-        Cgroup::open(&test.name),
-        Err(CgroupError::NotFound { .. })
-    ));
+    assert!(matches!(Cgroup::open(&test.name), Err(CgroupError::NotFound { .. })));
 }
 
 #[test]
 fn cpu_limit_throttles_a_busy_loop() {
     let test = TestCgroup::new("cpu");
-    let limits = Limits {
-        cpus: Some(0.1),
-        ..Limits::default()
-    };
+    let limits = Limits { cpus: Some(0.1), ..Limits::default() };
     let cgroup = Cgroup::create(&test.name, &limits).unwrap();
     let mut child = spawn_in(&cgroup, "while :; do :; done", None);
     let stat = cpu_stat_path(child.id());
     let throttled = || {
         let stat = std::fs::read_to_string(&stat).unwrap();
-        stat.lines()
-            .find_map(|l| l.strip_prefix("nr_throttled "))
-            .map(|n| n.trim().parse::<u64>().unwrap())
-            .unwrap()
+        stat.lines().find_map(|l| l.strip_prefix("nr_throttled ")).map(|n| n.trim().parse::<u64>().unwrap()).unwrap()
     };
     eventually("the busy loop is throttled", || throttled() > 0);
     cgroup.destroy().unwrap();
@@ -236,10 +192,7 @@ fn cpu_stat_path(pid: u32) -> std::path::PathBuf {
     let v1_cpu = mountinfo.lines().find_map(|line| {
         let (before, after) = line.split_once(" - ")?;
         let options = after.strip_prefix("cgroup cgroup ")?;
-        options
-            .split(',')
-            .any(|o| o == "cpu")
-            .then(|| before.split(' ').nth(4).unwrap().to_owned())
+        options.split(',').any(|o| o == "cpu").then(|| before.split(' ').nth(4).unwrap().to_owned())
     });
     let (root, path) = match v1_cpu {
         Some(root) => {
@@ -255,18 +208,14 @@ fn cpu_stat_path(pid: u32) -> std::path::PathBuf {
                 .lines()
                 .find_map(|l| {
                     let (before, after) = l.split_once(" - ")?;
-                    after
-                        .starts_with("cgroup2 ")
-                        .then(|| before.split(' ').nth(4).unwrap().to_owned())
+                    after.starts_with("cgroup2 ").then(|| before.split(' ').nth(4).unwrap().to_owned())
                 })
                 .unwrap();
             let path = cgroups.lines().find_map(|l| l.strip_prefix("0::")).unwrap();
             (root, path.to_owned())
         }
     };
-    std::path::Path::new(&root)
-        .join(path.trim_start_matches('/'))
-        .join("cpu.stat")
+    std::path::Path::new(&root).join(path.trim_start_matches('/')).join("cpu.stat")
 }
 
 #[test]
@@ -279,33 +228,15 @@ fn open_reattaches_and_mistakes_get_clear_errors() {
     let reopened = Cgroup::open(&test.name).unwrap();
     assert_eq!(reopened.name(), test.name);
     assert_eq!(reopened.procs().unwrap(), vec![child.id() as i32]);
-    assert_eq!(
-        Cgroup::list_children(&test.parent).unwrap(),
-        vec![test.name.clone()]
-    );
-    assert!(matches!(
-        Cgroup::create(&test.name, &Limits::default()),
-        Err(CgroupError::AlreadyExists { .. })
-    ));
+    assert_eq!(Cgroup::list_children(&test.parent).unwrap(), vec![test.name.clone()]);
+    assert!(matches!(Cgroup::create(&test.name, &Limits::default()), Err(CgroupError::AlreadyExists { .. })));
     // The parent has a child cgroup: destroying it would kill a sandbox.
-    assert!(matches!(
-        Cgroup::remove(&test.parent),
-        Err(CgroupError::HasChildren { .. })
-    ));
-    assert!(matches!(
-        Cgroup::open(&format!("{}/missing", test.parent)),
-        Err(CgroupError::NotFound { .. })
-    ));
+    assert!(matches!(Cgroup::remove(&test.parent), Err(CgroupError::HasChildren { .. })));
+    assert!(matches!(Cgroup::open(&format!("{}/missing", test.parent)), Err(CgroupError::NotFound { .. })));
     for bad in ["../escape", "/abs", "a//b", "with space"] {
-        assert!(matches!(
-            Cgroup::open(bad),
-            Err(CgroupError::InvalidName { .. })
-        ));
+        assert!(matches!(Cgroup::open(bad), Err(CgroupError::InvalidName { .. })));
     }
-    let too_small = Limits {
-        memory_bytes: Some(1),
-        ..Limits::default()
-    };
+    let too_small = Limits { memory_bytes: Some(1), ..Limits::default() };
     let err = Cgroup::create(&format!("{}/small", test.parent), &too_small).unwrap_err();
     assert!(matches!(err, CgroupError::InvalidLimit { .. }), "{err}");
 

@@ -99,11 +99,7 @@ fn in_child<const N: usize>(child: impl FnOnce(&mut [i64; N])) -> ([i64; N], End
         child(&mut results);
         // SAFETY: writes the results array from our stack to the pipe, then exits.
         unsafe {
-            libc::write(
-                write_end.as_raw_fd(),
-                results.as_ptr().cast(),
-                std::mem::size_of_val(&results),
-            );
+            libc::write(write_end.as_raw_fd(), results.as_ptr().cast(), std::mem::size_of_val(&results));
             libc::_exit(0);
         }
     }
@@ -152,97 +148,41 @@ const PROBES: [(&str, i64, [u64; 6]); 39] = [
     ("mount", libc::SYS_mount, [0; 6]),
     ("umount2", libc::SYS_umount2, [0; 6]),
     ("pivot_root", libc::SYS_pivot_root, [0; 6]),
-    (
-        "unshare",
-        libc::SYS_unshare,
-        [libc::CLONE_NEWNS as u64, 0, 0, 0, 0, 0],
-    ),
+    ("unshare", libc::SYS_unshare, [libc::CLONE_NEWNS as u64, 0, 0, 0, 0, 0]),
     ("setns", libc::SYS_setns, [u64::MAX, 0, 0, 0, 0, 0]),
     ("kexec_load", libc::SYS_kexec_load, [0; 6]),
-    (
-        "kexec_file_load",
-        libc::SYS_kexec_file_load,
-        [u64::MAX, u64::MAX, 0, 0, 0, 0],
-    ),
+    ("kexec_file_load", libc::SYS_kexec_file_load, [u64::MAX, u64::MAX, 0, 0, 0, 0]),
     ("bpf", libc::SYS_bpf, [u64::MAX, 0, 0, 0, 0, 0]),
     ("init_module", libc::SYS_init_module, [0; 6]),
-    (
-        "finit_module",
-        libc::SYS_finit_module,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
+    ("finit_module", libc::SYS_finit_module, [u64::MAX, 0, 0, 0, 0, 0]),
     ("delete_module", libc::SYS_delete_module, [0; 6]),
-    (
-        "perf_event_open",
-        libc::SYS_perf_event_open,
-        [0, 0, u64::MAX, u64::MAX, 0, 0],
-    ),
+    ("perf_event_open", libc::SYS_perf_event_open, [0, 0, u64::MAX, u64::MAX, 0, 0]),
     ("keyctl", libc::SYS_keyctl, [u64::MAX, 0, 0, 0, 0, 0]),
     ("add_key", libc::SYS_add_key, [0; 6]),
     ("request_key", libc::SYS_request_key, [0; 6]),
-    (
-        "userfaultfd",
-        libc::SYS_userfaultfd,
-        [libc::O_CLOEXEC as u64, 0, 0, 0, 0, 0],
-    ),
+    ("userfaultfd", libc::SYS_userfaultfd, [libc::O_CLOEXEC as u64, 0, 0, 0, 0, 0]),
     ("io_uring_setup", libc::SYS_io_uring_setup, [0; 6]),
-    (
-        "io_uring_enter",
-        libc::SYS_io_uring_enter,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
-    (
-        "io_uring_register",
-        libc::SYS_io_uring_register,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
-    (
-        "open_by_handle_at",
-        libc::SYS_open_by_handle_at,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
+    ("io_uring_enter", libc::SYS_io_uring_enter, [u64::MAX, 0, 0, 0, 0, 0]),
+    ("io_uring_register", libc::SYS_io_uring_register, [u64::MAX, 0, 0, 0, 0, 0]),
+    ("open_by_handle_at", libc::SYS_open_by_handle_at, [u64::MAX, 0, 0, 0, 0, 0]),
     ("fsopen", libc::SYS_fsopen, [0; 6]),
     ("fsconfig", libc::SYS_fsconfig, [u64::MAX, 0, 0, 0, 0, 0]),
     ("fsmount", libc::SYS_fsmount, [u64::MAX, 0, 0, 0, 0, 0]),
     ("fspick", libc::SYS_fspick, [u64::MAX, 0, 0, 0, 0, 0]),
-    (
-        "move_mount",
-        libc::SYS_move_mount,
-        [u64::MAX, 0, u64::MAX, 0, 0, 0],
-    ),
+    ("move_mount", libc::SYS_move_mount, [u64::MAX, 0, u64::MAX, 0, 0, 0]),
     ("open_tree", libc::SYS_open_tree, [u64::MAX, 0, 0, 0, 0, 0]),
-    (
-        "mount_setattr",
-        libc::SYS_mount_setattr,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
+    ("mount_setattr", libc::SYS_mount_setattr, [u64::MAX, 0, 0, 0, 0, 0]),
     ("reboot", libc::SYS_reboot, [0; 6]),
     ("swapon", libc::SYS_swapon, [0; 6]),
     ("syslog", libc::SYS_syslog, [u64::MAX, 0, 0, 0, 0, 0]),
     ("clock_settime", libc::SYS_clock_settime, [0; 6]),
     ("iopl", libc::SYS_iopl, [0; 6]),
     ("sethostname", libc::SYS_sethostname, [0, 1000, 0, 0, 0, 0]),
-    (
-        "setdomainname",
-        libc::SYS_setdomainname,
-        [0, 1000, 0, 0, 0, 0],
-    ),
+    ("setdomainname", libc::SYS_setdomainname, [0, 1000, 0, 0, 0, 0]),
     ("kcmp", libc::SYS_kcmp, [0, 0, u64::MAX, 0, 0, 0]),
-    (
-        "pidfd_getfd",
-        libc::SYS_pidfd_getfd,
-        [u64::MAX, u64::MAX, 0, 0, 0, 0],
-    ),
-    (
-        "process_madvise",
-        libc::SYS_process_madvise,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
-    (
-        "fanotify_init",
-        libc::SYS_fanotify_init,
-        [u64::MAX, 0, 0, 0, 0, 0],
-    ),
+    ("pidfd_getfd", libc::SYS_pidfd_getfd, [u64::MAX, u64::MAX, 0, 0, 0, 0]),
+    ("process_madvise", libc::SYS_process_madvise, [u64::MAX, 0, 0, 0, 0, 0]),
+    ("fanotify_init", libc::SYS_fanotify_init, [u64::MAX, 0, 0, 0, 0, 0]),
     ("set_mempolicy", libc::SYS_set_mempolicy, [0; 6]),
 ];
 
@@ -265,24 +205,14 @@ fn dangerous_syscalls_fail_with_eperm() {
     let unfiltered = run_probes(None);
     let filtered = run_probes(Some(&filter));
     for (i, (name, _, _)) in PROBES.iter().enumerate() {
-        assert_ne!(
-            unfiltered[i], EPERM,
-            "{name} is refused even without the filter"
-        );
-        assert_eq!(
-            filtered[i], EPERM,
-            "{name} under the filter returned {}",
-            filtered[i]
-        );
+        assert_ne!(unfiltered[i], EPERM, "{name} is refused even without the filter");
+        assert_eq!(filtered[i], EPERM, "{name} under the filter returned {}", filtered[i]);
     }
 }
 
 /// `clone(flags | SIGCHLD)` like fork: 0 for a child that exits at once, else the result.
 fn clone_probe(flags: u64) -> i64 {
-    let rc = raw(
-        libc::SYS_clone,
-        [flags | libc::SIGCHLD as u64, 0, 0, 0, 0, 0],
-    );
+    let rc = raw(libc::SYS_clone, [flags | libc::SIGCHLD as u64, 0, 0, 0, 0, 0]);
     if rc == 0 {
         // SAFETY: we are the new child: leave at once.
         unsafe { libc::_exit(0) };
@@ -321,15 +251,8 @@ fn clone_with_namespace_flags_is_refused_and_fork_works() {
         assert_eq!(end, End::Exited(0));
         results
     };
-    assert_eq!(
-        probe(None),
-        [0; 8],
-        "root can clone into new namespaces without the filter"
-    );
-    assert_eq!(
-        probe(Some(&filter)),
-        [0, EPERM, EPERM, EPERM, EPERM, EPERM, EPERM, EPERM]
-    );
+    assert_eq!(probe(None), [0; 8], "root can clone into new namespaces without the filter");
+    assert_eq!(probe(Some(&filter)), [0, EPERM, EPERM, EPERM, EPERM, EPERM, EPERM, EPERM]);
 }
 
 #[test]
@@ -405,12 +328,8 @@ fn ptrace_works_under_the_filter() {
         // SAFETY: waits for and continues our own traced child.
         unsafe {
             libc::waitpid(pid, &mut status, 0);
-            results[0] =
-                i64::from(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGSTOP);
-            results[1] = raw(
-                libc::SYS_ptrace,
-                [libc::PTRACE_CONT as u64, pid as u64, 0, 0, 0, 0],
-            );
+            results[0] = i64::from(libc::WIFSTOPPED(status) && libc::WSTOPSIG(status) == libc::SIGSTOP);
+            results[1] = raw(libc::SYS_ptrace, [libc::PTRACE_CONT as u64, pid as u64, 0, 0, 0, 0]);
             libc::waitpid(pid, &mut status, 0);
         }
         results[2] = i64::from(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 7);
@@ -439,11 +358,7 @@ fn i386_syscalls_kill_the_process() {
         eprintln!("skipped: this kernel has no i386 emulation (int 0x80 ended the child: {end:?})");
         return;
     }
-    assert!(
-        results[0] > 0,
-        "this kernel runs i386 syscalls: {}",
-        results[0]
-    );
+    assert!(results[0] > 0, "this kernel runs i386 syscalls: {}", results[0]);
     assert_eq!(i386_getpid(Some(&filter)).1, End::Signaled(libc::SIGSYS));
 }
 
@@ -462,10 +377,7 @@ fn x32_syscall_numbers_are_refused() {
 }
 
 fn no_new_privs() -> i64 {
-    raw(
-        libc::SYS_prctl,
-        [libc::PR_GET_NO_NEW_PRIVS as u64, 0, 0, 0, 0, 0],
-    )
+    raw(libc::SYS_prctl, [libc::PR_GET_NO_NEW_PRIVS as u64, 0, 0, 0, 0, 0])
 }
 
 #[test]
@@ -475,11 +387,7 @@ fn no_new_privs_is_set_only_without_cap_sys_admin() {
         install_or_exit(&filter);
         results[0] = no_new_privs();
     });
-    assert_eq!(
-        (results[0], end),
-        (0, End::Exited(0)),
-        "root keeps setuid semantics"
-    );
+    assert_eq!((results[0], end), (0, End::Exited(0)), "root keeps setuid semantics");
 
     let (results, end) = in_child(|results: &mut [i64; 2]| {
         restrict_or_exit();
@@ -495,10 +403,7 @@ fn no_new_privs_is_set_only_without_cap_sys_admin() {
 fn read_status(buf: &mut [u8]) -> usize {
     // SAFETY: opens a NUL-terminated path, reads into `buf` within its length, closes.
     unsafe {
-        let fd = libc::open(
-            c"/proc/self/status".as_ptr(),
-            libc::O_RDONLY | libc::O_CLOEXEC,
-        );
+        let fd = libc::open(c"/proc/self/status".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
         let mut len = 0;
         loop {
             let n = libc::read(fd, buf[len..].as_mut_ptr().cast(), buf.len() - len);
@@ -517,12 +422,7 @@ fn status_caps(status: &str) -> Vec<(String, u64)> {
         .lines()
         .filter_map(|line| {
             let (key, value) = line.split_once(":\t")?;
-            key.starts_with("Cap").then(|| {
-                (
-                    key.to_owned(),
-                    u64::from_str_radix(value.trim(), 16).unwrap(),
-                )
-            })
+            key.starts_with("Cap").then(|| (key.to_owned(), u64::from_str_radix(value.trim(), 16).unwrap()))
         })
         .collect()
 }
@@ -530,16 +430,10 @@ fn status_caps(status: &str) -> Vec<(String, u64)> {
 const DOCKER_CAPS: u64 = 0xa804_25fb;
 
 fn expected_caps(inheritable: u64) -> Vec<(String, u64)> {
-    [
-        ("CapInh", inheritable),
-        ("CapPrm", DOCKER_CAPS),
-        ("CapEff", DOCKER_CAPS),
-        ("CapBnd", DOCKER_CAPS),
-        ("CapAmb", 0),
-    ]
-    .into_iter()
-    .map(|(k, v)| (k.to_owned(), v))
-    .collect()
+    [("CapInh", inheritable), ("CapPrm", DOCKER_CAPS), ("CapEff", DOCKER_CAPS), ("CapBnd", DOCKER_CAPS), ("CapAmb", 0)]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v))
+        .collect()
 }
 
 /// Runs `setup` in a child and returns the child's capability lines afterwards.
@@ -547,8 +441,7 @@ fn caps_after(setup: impl FnOnce()) -> Vec<(String, u64)> {
     let (results, end) = in_child(|results: &mut [i64; 512]| {
         setup();
         // SAFETY: views the results array as bytes; it is plain data on our stack.
-        let buf =
-            unsafe { std::slice::from_raw_parts_mut(results.as_mut_ptr().cast::<u8>(), 512 * 8) };
+        let buf = unsafe { std::slice::from_raw_parts_mut(results.as_mut_ptr().cast::<u8>(), 512 * 8) };
         read_status(buf);
     });
     assert_eq!(end, End::Exited(0));
@@ -561,11 +454,7 @@ fn caps_after(setup: impl FnOnce()) -> Vec<(String, u64)> {
 #[test]
 fn restrict_to_default_leaves_dockers_capabilities() {
     let before = caps_after(|| {});
-    assert_ne!(
-        before,
-        expected_caps(0),
-        "the test runs with more than Docker's set"
-    );
+    assert_ne!(before, expected_caps(0), "the test runs with more than Docker's set");
     assert_eq!(caps_after(restrict_or_exit), expected_caps(0));
 }
 
@@ -588,10 +477,7 @@ fn restrict_to_default_clears_ambient_and_inheritable() {
         }
     };
     let raised = caps_after(raise_ambient);
-    assert!(
-        raised.contains(&("CapAmb".to_owned(), 1 << CAP_NET_ADMIN)),
-        "{raised:?}"
-    );
+    assert!(raised.contains(&("CapAmb".to_owned(), 1 << CAP_NET_ADMIN)), "{raised:?}");
     assert_eq!(
         caps_after(|| {
             raise_ambient();
@@ -605,19 +491,8 @@ fn restrict_to_default_clears_ambient_and_inheritable() {
 fn dropped_capabilities_are_enforced_in_a_user_namespace() {
     // As in a sandbox: root of a user namespace that owns a new mount namespace may mount a
     // tmpfs there (CAP_SYS_ADMIN) until the capabilities are restricted.
-    let mount_tmpfs = || {
-        raw(
-            libc::SYS_mount,
-            [
-                c"none".as_ptr() as u64,
-                c"/tmp".as_ptr() as u64,
-                c"tmpfs".as_ptr() as u64,
-                0,
-                0,
-                0,
-            ],
-        )
-    };
+    let mount_tmpfs =
+        || raw(libc::SYS_mount, [c"none".as_ptr() as u64, c"/tmp".as_ptr() as u64, c"tmpfs".as_ptr() as u64, 0, 0, 0]);
     let (results, end) = in_child(|results: &mut [i64; 3]| {
         let flags = (libc::CLONE_NEWUSER | libc::CLONE_NEWNS) as u64;
         results[0] = raw(libc::SYS_unshare, [flags, 0, 0, 0, 0, 0]);

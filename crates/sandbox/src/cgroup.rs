@@ -134,7 +134,7 @@ pub enum CgroupError {
 type Result<T, E = CgroupError> = std::result::Result<T, E>;
 
 /// Limits of a sandbox; `None` means unlimited.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Limits {
     /// Memory (RSS + page cache + kernel memory) in bytes. Swap is never allowed.
     pub memory_bytes: Option<u64>,

@@ -20,6 +20,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
 
 use crate::ipc::{Channel, IpcError, Packet};
+use crate::seccomp::SeccompFilter;
 use crate::spec::{ExitStatus, FromInit, Network, ProcessSpec, ToInit};
 use crate::sys::{dup_to, set_interface_up};
 
@@ -30,6 +31,8 @@ pub struct InitConfig {
     pub network: Network,
     /// Mount point of the already mounted root filesystem.
     pub rootfs: PathBuf,
+    /// Installed on init at the end of setup; every sandbox process inherits it.
+    pub seccomp: SeccompFilter,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -82,6 +85,13 @@ fn setup(cfg: &InitConfig) -> Result<(), SetupError> {
     // Sandbox processes must not ptrace or read the memory of init (it talks to the shim).
     rustix::process::set_dumpable_behavior(rustix::process::DumpableBehavior::NotDumpable)
         .map_err(step("PR_SET_DUMPABLE"))?;
+    // Restricting init itself (rather than each child) makes every fork inherit both for free; init
+    // needs nothing beyond them from here on.
+    cfg.seccomp
+        .install()
+        .map_err(|e| SetupError { step: "install the seccomp filter".into(), source: std::io::Error::other(e) })?;
+    crate::caps::restrict_to_default()
+        .map_err(|e| SetupError { step: "restrict capabilities".into(), source: std::io::Error::other(e) })?;
     Ok(())
 }
 

@@ -42,7 +42,8 @@ fn start(dir: &Path, network: Network) -> Sandbox {
     std::os::unix::fs::chown(&upper, Some(slot.map.host_base), Some(slot.map.host_base)).unwrap();
     let userns = namespace_with_map(&slot.map).unwrap();
     Rootfs::Overlay { lower: vec![lower], upper, work }.mount(&target, userns.as_fd()).unwrap();
-    let cfg = InitConfig { hostname: "sbx-test".into(), network, rootfs: target };
+    let seccomp = sandbox::seccomp::default_filter().unwrap();
+    let cfg = InitConfig { hostname: "sbx-test".into(), network, rootfs: target, seccomp };
     let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
     Sandbox { c, _slot: slot }
 }

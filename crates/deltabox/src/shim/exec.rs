@@ -118,7 +118,8 @@ pub async fn serve(shim: &Shim, conn: &AsyncChannel, req: ExecRequest) -> Result
         Some(_) => match shim.init.spawn(spec, &[]).await {
             Ok(mut s) => {
                 let master = s.pty_master.take().expect("init sends a pty master with a tty spawn");
-                let out = Output::new(master.try_clone().map_err(IpcError::Io)?, Stream::Stdout).map_err(IpcError::Io)?;
+                let out =
+                    Output::new(master.try_clone().map_err(IpcError::Io)?, Stream::Stdout).map_err(IpcError::Io)?;
                 (s, Some(master), vec![out])
             }
             Err(e) => return conn.send(&error_reply(&e), &[], &[]).await,

@@ -39,8 +39,6 @@ pub struct InitLink {
     waiters: Mutex<Waiters>,
     next_id: AtomicU64,
     killed_all: Notify,
-    /// Set once the channel is gone (init died).
-    lost: Notify,
 }
 
 impl InitLink {
@@ -50,7 +48,6 @@ impl InitLink {
             waiters: Mutex::new(Waiters::default()),
             next_id: AtomicU64::new(1),
             killed_all: Notify::new(),
-            lost: Notify::new(),
         }
     }
 
@@ -76,19 +73,6 @@ impl InitLink {
         self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
     }
 
-    /// SIGKILLs every process but init; returns once init has sent the signal.
-    pub async fn kill_all(&self) -> Result<(), InitError> {
-        let done = self.killed_all.notified();
-        self.chan.send(&ToInit::KillAll, &[], &[]).await.map_err(InitError::Lost)?;
-        done.await;
-        Ok(())
-    }
-
-    /// Resolves when init's channel closes.
-    pub async fn closed(&self) {
-        self.lost.notified().await
-    }
-
     /// Receives init's messages until the channel closes. Run this in exactly one task.
     pub async fn dispatch(&self) {
         loop {
@@ -99,7 +83,6 @@ impl InitLink {
                     // Dropping the waiters wakes every task still waiting with an error.
                     *self.waiters.lock().expect("waiters lock") = Waiters::default();
                     self.killed_all.notify_waiters();
-                    self.lost.notify_one();
                     return;
                 }
             };

@@ -121,7 +121,8 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
         .mount(&rootfs, userns.as_fd())
         .context("mount the root filesystem")?;
     let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
-    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, rootfs };
+    let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
+    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, rootfs, seccomp };
     let started = container::start(&init_cfg, &slot.map, &[slot.lock_fd()], |pid| {
         cgroup.add_process(pid).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     });
@@ -138,11 +139,8 @@ async fn serve(cfg: ShimConfig, built: Built) -> anyhow::Result<()> {
     let Built { container, cgroup, slot } = built;
     let socket = cfg.sandbox_dir.join(SOCKET);
     let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
-    let info = ShimInfo {
-        shim_pid: std::process::id() as i32,
-        init_pid: container.init_pid,
-        uid_base: slot.map.host_base,
-    };
+    let info =
+        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
     let shim = Arc::new(Shim {
         id: cfg.id.clone(),
         defaults: cfg.defaults.clone(),

@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+use sandbox::cgroup::Limits;
 use sandbox::spec::{Network, WinSize};
 use serde::{Deserialize, Serialize};
 
@@ -23,14 +24,6 @@ pub struct ShimConfig {
     pub uid_slot_dir: PathBuf,
     /// Defaults for processes: the image's environment, working directory and user.
     pub defaults: ProcessDefaults,
-}
-
-/// Resource limits of a sandbox (`None` = unlimited).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
-pub struct Limits {
-    pub memory_bytes: Option<u64>,
-    pub pids: Option<u64>,
-    pub cpus: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -61,9 +54,18 @@ pub struct ShimInfo {
 pub enum Request {
     Info,
     Exec(ExecRequest),
-    SessionOpen { name: String },
-    SessionRun { name: String, command: String, timeout_ms: Option<u64>, max_output: u64 },
-    SessionClose { name: String },
+    SessionOpen {
+        name: String,
+    },
+    SessionRun {
+        name: String,
+        command: String,
+        timeout_ms: Option<u64>,
+        max_output: u64,
+    },
+    SessionClose {
+        name: String,
+    },
     SessionList,
     /// Kill init and everything else, remove the cgroup, exit.
     Destroy,
@@ -106,13 +108,20 @@ pub enum Stream {
 #[derive(Debug, Serialize, Deserialize)]
 pub enum Reply {
     Info(ShimInfo),
-    Started { pid: i32 },
+    Started {
+        pid: i32,
+    },
     /// Payload = output bytes.
-    Output { stream: Stream },
+    Output {
+        stream: Stream,
+    },
     Exited(Outcome),
     Sessions(Vec<String>),
     Done,
-    Error { kind: ErrorKind, message: String },
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
 }
 
 /// How a command ended.

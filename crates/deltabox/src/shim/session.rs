@@ -98,7 +98,11 @@ impl Session {
         let nonce: u64 = rand::rng().random();
         let marker = format!("\x1eDBX{nonce:016x}:").into_bytes();
         let stream = |fd, s| -> Result<MarkedStream, SessionError> {
-            Ok(MarkedStream { output: Output::new(fd, s).map_err(SessionError::Io)?, marker: marker.clone(), held: vec![] })
+            Ok(MarkedStream {
+                output: Output::new(fd, s).map_err(SessionError::Io)?,
+                marker: marker.clone(),
+                held: vec![],
+            })
         };
         let master = spawned.pty_master.expect("init sends a pty master with a tty spawn");
         let session = Arc::new(Session {

@@ -246,6 +246,8 @@ fn paths_that_climb_above_root_or_are_malformed_are_refused_by_every_operation()
         assert!(escapes(fx.files.list(path).map(drop)), "{path}");
         assert!(escapes(fx.files.mkdir(path, 0o755, true, 0, 0).map(drop)), "{path}");
         assert!(escapes(fx.files.remove(path, true)), "{path}");
+        assert!(escapes(fx.files.extract_tar(path, &mut &[][..]).map(drop)), "{path}");
+        assert!(escapes(fx.files.write_tar(path, &mut Vec::new())), "{path}");
     }
     for path in ["", "/tmp/a\0b"] {
         assert!(matches!(fx.files.stat(path), Err(FilesError::InvalidPath { .. })), "{path:?}");
@@ -294,6 +296,9 @@ fn hostile_symlinks_resolve_inside_the_sandbox() {
     fs::create_dir_all(&host_in_sandbox).unwrap();
     write(&fx, "/tmp/hostdir/planted", b"inside", &WriteOptions::default()).unwrap();
     assert_eq!(fs::read(host_in_sandbox.join("planted")).unwrap(), b"inside");
+    let mut tar = Vec::new();
+    fx.files.write_tar("/tmp/hostdir", &mut tar).unwrap();
+    assert!(!String::from_utf8_lossy(&tar).contains("host secret"));
     fx.assert_host_untouched();
 }
 

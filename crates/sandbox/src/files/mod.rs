@@ -6,6 +6,7 @@
 //! file. Files are created, renamed and removed relative to their parent directory's descriptor,
 //! never by a path that the kernel would resolve from the host's root. See `docs/files.md`.
 
+mod archive;
 mod path;
 
 use std::ffi::OsStr;
@@ -21,6 +22,7 @@ use rustix::io::Errno;
 use rustix::thread::CapabilitySets;
 use serde::Serialize;
 
+pub use archive::ExtractStats;
 use path::SandboxPath;
 
 use crate::userns::IdMap;
@@ -386,6 +388,19 @@ impl SandboxRoot {
             remove_contents(sub.as_fd(), &path)?;
         }
         rfs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|e| fs_error("remove", &path, e))
+    }
+
+    /// Extracts a tar stream (plain, gzip or zstd) into the directory `dest_dir`, which is created
+    /// if missing. See [`archive`] for the rules that keep hostile archives in their place.
+    pub fn extract_tar(&self, dest_dir: &str, tar: &mut dyn Read) -> Result<ExtractStats, FilesError> {
+        let dest = SandboxPath::parse(dest_dir)?;
+        self.as_sandbox_root(&dest, || archive::extract(self, &dest, tar))
+    }
+
+    /// Writes a tar stream of `path` to `out`: the file itself, or a directory with everything
+    /// beneath it (entry names relative to it, the directory itself as `./`).
+    pub fn write_tar(&self, path: &str, out: &mut dyn Write) -> Result<(), FilesError> {
+        archive::write(self, SandboxPath::parse(path)?, out)
     }
 
     /// Runs `op` with the calling thread's filesystem ids set to the sandbox's root. A filesystem

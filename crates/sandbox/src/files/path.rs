@@ -2,6 +2,7 @@
 
 use std::ffi::{OsStr, OsString};
 use std::fmt;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::PathBuf;
 
 use super::FilesError;
@@ -38,6 +39,24 @@ impl SandboxPath {
         Ok(SandboxPath(comps))
     }
 
+    /// `self` joined with the name of an archive entry (relative; a leading `/` is dropped as GNU
+    /// tar does). Archive names may not contain `..` at all: an archive has no business naming
+    /// anything but its own tree.
+    pub(crate) fn join_archive_name(&self, name: &[u8]) -> Result<SandboxPath, &'static str> {
+        if name.contains(&0) {
+            return Err("its name contains a NUL byte");
+        }
+        let mut joined = self.clone();
+        for comp in name.split(|b| *b == b'/') {
+            match comp {
+                b"" | b"." => {}
+                b".." => return Err("its name contains `..`"),
+                comp => joined.0.push(OsStr::from_bytes(comp).to_owned()),
+            }
+        }
+        Ok(joined)
+    }
+
     pub(crate) fn child(&self, name: &OsStr) -> SandboxPath {
         let mut child = self.clone();
         child.0.push(name.to_owned());
@@ -48,6 +67,11 @@ impl SandboxPath {
     pub(crate) fn split_last(&self) -> Option<(SandboxPath, &OsStr)> {
         let (last, parent) = self.0.split_last()?;
         Some((SandboxPath(parent.to_vec()), last.as_os_str()))
+    }
+
+    /// The ancestors of `self` that are longer than `base`, shortest first, without `self`.
+    pub(crate) fn ancestors_below(&self, base: &SandboxPath) -> impl Iterator<Item = SandboxPath> + '_ {
+        (base.0.len() + 1..self.0.len()).map(|len| SandboxPath(self.0[..len].to_vec()))
     }
 
     /// The last component; `/` for the root.
@@ -61,6 +85,23 @@ impl SandboxPath {
             return PathBuf::from(".");
         }
         self.0.iter().collect()
+    }
+
+    /// The path without its leading `/`, as archive entry names are written (`./` for the root).
+    pub(crate) fn archive_name(&self, is_dir: bool) -> PathBuf {
+        if self.0.is_empty() {
+            return PathBuf::from("./");
+        }
+        let mut name = self.relative().into_os_string().into_vec();
+        if is_dir {
+            name.push(b'/');
+        }
+        PathBuf::from(OsString::from_vec(name))
+    }
+
+    /// The path relative to `base`, which must be a prefix of it.
+    pub(crate) fn strip_prefix(&self, base: &SandboxPath) -> SandboxPath {
+        SandboxPath(self.0[base.0.len().min(self.0.len())..].to_vec())
     }
 }
 
@@ -104,5 +145,23 @@ mod tests {
     fn refuses_empty_and_nul() {
         assert!(matches!(SandboxPath::parse(""), Err(FilesError::InvalidPath { .. })));
         assert!(matches!(SandboxPath::parse("/a\0b"), Err(FilesError::InvalidPath { .. })));
+    }
+
+    #[test]
+    fn archive_names_never_climb() {
+        let dest = SandboxPath::parse("/dest").unwrap();
+        assert_eq!(dest.join_archive_name(b"/abs/./x").unwrap().to_string(), "/dest/abs/x");
+        assert_eq!(dest.join_archive_name(b"./").unwrap(), dest);
+        assert!(dest.join_archive_name(b"a/../b").is_err());
+        assert!(dest.join_archive_name(b"../x").is_err());
+    }
+
+    #[test]
+    fn archive_name_of_root_and_dirs() {
+        let root = SandboxPath::parse("/").unwrap();
+        assert_eq!(root.archive_name(true), PathBuf::from("./"));
+        let sub = SandboxPath::parse("/a/b").unwrap().strip_prefix(&SandboxPath::parse("/a").unwrap());
+        assert_eq!(sub.archive_name(true), PathBuf::from("b/"));
+        assert_eq!(sub.archive_name(false), PathBuf::from("b"));
     }
 }

@@ -65,6 +65,7 @@ pub(super) fn extract(root: &SandboxRoot, dest: &SandboxPath, tar: &mut dyn Read
         root_owner,
         deferred: Vec::new(),
         pending: HashMap::new(),
+        last_parent: None,
         dir_times: Vec::new(),
         stats: ExtractStats::default(),
     };
@@ -125,6 +126,9 @@ struct Extractor<'a> {
     deferred: Vec<Option<(SandboxPath, Link)>>,
     /// Index in `deferred` of each path that will become a link.
     pending: HashMap<SandboxPath, usize>,
+    /// The directory of the previous entry: archives list a directory's entries together, and
+    /// resolving it once saves a path walk per entry.
+    last_parent: Option<(SandboxPath, OwnedFd)>,
     /// Directory mtimes, applied last (every entry created in a directory changes its mtime).
     dir_times: Vec<(SandboxPath, Timestamps)>,
     stats: ExtractStats,
@@ -240,10 +244,16 @@ impl Extractor<'_> {
     }
 
     /// The parent directory of `path`, created if missing (tars need not list parents).
-    fn parent_dir(&self, path: &SandboxPath) -> Result<OwnedFd, FilesError> {
+    fn parent_dir(&mut self, path: &SandboxPath) -> Result<OwnedFd, FilesError> {
         let (parent, _) = path.split_last().expect("entries below the destination have a parent");
+        let dup = |dir: &OwnedFd| dir.try_clone().map_err(|e| super::io_error("dup", path, e));
+        match &self.last_parent {
+            Some((cached, dir)) if *cached == parent => return dup(dir),
+            _ => {}
+        }
         let dir = self.root.make_dirs(&parent, self.root_owner)?;
         ensure_ordinary_fs(dir.as_fd(), path)?;
+        self.last_parent = Some((parent, dup(&dir)?));
         Ok(dir)
     }
 
@@ -272,7 +282,7 @@ impl Extractor<'_> {
         Ok(())
     }
 
-    fn fifo(&self, path: &SandboxPath, meta: &EntryMeta) -> Result<(), FilesError> {
+    fn fifo(&mut self, path: &SandboxPath, meta: &EntryMeta) -> Result<(), FilesError> {
         let dir = self.parent_dir(path)?;
         let name = file_name(path);
         clear_slot(dir.as_fd(), name, path)?;

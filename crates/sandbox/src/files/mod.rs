@@ -482,11 +482,7 @@ impl SandboxRoot {
         data: &mut dyn Read,
         new: NewFile,
     ) -> Result<(), FilesError> {
-        let temp = TempFile::create(dir, path)?;
-        let mut file = File::from(
-            rfs::openat(dir, &temp.name, OFlags::WRONLY | OFlags::NOFOLLOW, Mode::empty())
-                .map_err(|e| fs_error("open temporary file", path, e))?,
-        );
+        let (temp, mut file) = TempFile::create(dir, path)?;
         let written = copy_data(data, &mut file, path)?;
         if let Some(len) = new.len.filter(|len| *len != written) {
             return Err(FilesError::ReadInput {
@@ -560,13 +556,14 @@ struct TempFile<'a> {
 }
 
 impl<'a> TempFile<'a> {
-    fn create(dir: BorrowedFd<'a>, path: &SandboxPath) -> Result<TempFile<'a>, FilesError> {
+    /// Creates the file (mode 0600) and returns it opened for writing.
+    fn create(dir: BorrowedFd<'a>, path: &SandboxPath) -> Result<(TempFile<'a>, File), FilesError> {
         loop {
             let n = TEMP_COUNTER.fetch_add(1, Ordering::Relaxed);
             let name = format!(".deltabox-tmp-{}-{n}", std::process::id());
             let flags = OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC;
             match rfs::openat(dir, &name, flags, Mode::RUSR | Mode::WUSR) {
-                Ok(_) => return Ok(TempFile { dir, name, armed: true }),
+                Ok(fd) => return Ok((TempFile { dir, name, armed: true }, File::from(fd))),
                 // Left over from a crashed daemon with the same pid: take the next number.
                 Err(Errno::EXIST) => continue,
                 Err(e) => return Err(fs_error("create temporary file", path, e)),

@@ -30,7 +30,10 @@ fn base_tar() -> Vec<u8> {
 fn top_tar(n: u32) -> Vec<u8> {
     TarBuilder::new()
         .dir("srv/")
-        .file(&format!("srv/top{n}"), format!("top layer {n}\n").as_bytes())
+        .file(
+            &format!("srv/top{n}"),
+            format!("top layer {n}\n").as_bytes(),
+        )
         .finish()
 }
 
@@ -100,7 +103,10 @@ fn oci_layout_directory_with_each_compression() {
 #[test]
 fn oci_archive_plain_and_compressed() {
     let dir = scratch("oci-tar");
-    let layers = [layer(&base_tar(), Comp::Gzip), layer(&top_tar(1), Comp::Zstd)];
+    let layers = [
+        layer(&base_tar(), Comp::Gzip),
+        layer(&top_tar(1), Comp::Zstd),
+    ];
     OciLayout::single(&dir.path().join("layout"), &layers);
     let tar = tar_dir(&dir.path().join("layout"));
     for comp in [Comp::None, Comp::Gzip, Comp::Zstd] {
@@ -127,7 +133,10 @@ fn oci_archive_plain_and_compressed() {
 #[test]
 fn docker_25_archive_with_oci_layout_and_manifest_json() {
     let dir = scratch("docker-new");
-    let layers = [layer(&base_tar(), Comp::None), layer(&top_tar(1), Comp::None)];
+    let layers = [
+        layer(&base_tar(), Comp::None),
+        layer(&top_tar(1), Comp::None),
+    ];
     let layout = OciLayout::single(&dir.path().join("layout"), &layers);
     // docker 25+ writes both: the OCI layout and a manifest.json pointing into blobs/.
     let index: serde_json::Value =
@@ -160,7 +169,10 @@ fn docker_25_archive_with_oci_layout_and_manifest_json() {
 #[test]
 fn legacy_docker_save_archive_and_directory() {
     let dir = scratch("docker-legacy");
-    let layers = [layer(&base_tar(), Comp::Gzip), layer(&top_tar(1), Comp::Gzip)];
+    let layers = [
+        layer(&base_tar(), Comp::Gzip),
+        layer(&top_tar(1), Comp::Gzip),
+    ];
     let layout = OciLayout::single(&dir.path().join("layout"), &layers);
     let archive = dir.path().join("save.tar");
     fs::write(
@@ -223,7 +235,10 @@ fn rootfs_tarball_in_each_compression() {
             b"hello from the base layer\n"
         );
         let err = store
-            .import(&dir.path().join(format!("rootfs-{comp:?}.tar:latest")), &mut |_| {})
+            .import(
+                &dir.path().join(format!("rootfs-{comp:?}.tar:latest")),
+                &mut |_| {},
+            )
             .unwrap_err();
         assert!(matches!(err, ImageError::ReferenceOnRootfs { .. }), "{err}");
     }
@@ -267,7 +282,11 @@ fn references_nested_indexes_and_platforms() {
             .collect::<Vec<_>>()
     };
     let multi = import(&store, &dir.path().join("layout:multi"));
-    assert_eq!(top(&multi), ["top2"], "linux/amd64 chosen from the nested index");
+    assert_eq!(
+        top(&multi),
+        ["top2"],
+        "linux/amd64 chosen from the nested index"
+    );
     let other = import(&store, &dir.path().join("layout:other"));
     assert_eq!(top(&other), ["top4"]);
     let err = store

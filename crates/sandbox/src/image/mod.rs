@@ -453,7 +453,7 @@ impl LayerStore {
             (staged, writer.join())
         });
         match written {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(source)) => return Err(ImageError::Read { what, source }),
             Err(panic) => std::panic::resume_unwind(panic),
         }

@@ -151,10 +151,24 @@ impl TarBuilder {
     }
 
     pub fn hardlink(self, path: &str, target: &str) -> Self {
-        self.raw(EntryType::Link, path, Some(target), &[], &Meta::default(), &[])
+        self.raw(
+            EntryType::Link,
+            path,
+            Some(target),
+            &[],
+            &Meta::default(),
+            &[],
+        )
     }
 
-    pub fn node(mut self, path: &str, kind: EntryType, major: u32, minor: u32, meta: &Meta) -> Self {
+    pub fn node(
+        mut self,
+        path: &str,
+        kind: EntryType,
+        major: u32,
+        minor: u32,
+        meta: &Meta,
+    ) -> Self {
         let mut header = Header::new_gnu();
         header.set_device_major(major).unwrap();
         header.set_device_minor(minor).unwrap();
@@ -255,7 +269,13 @@ impl OciLayout {
     }
 
     /// Writes config + manifest blobs for `layers` and returns the manifest's descriptor.
-    pub fn image(&self, layers: &[Layer], config: &Value, annotations: Value, platform: Value) -> Value {
+    pub fn image(
+        &self,
+        layers: &[Layer],
+        config: &Value,
+        annotations: Value,
+        platform: Value,
+    ) -> Value {
         let (config_digest, config_size) = self.blob(config.to_string().as_bytes());
         let layer_descs: Vec<Value> = layers
             .iter()
@@ -365,7 +385,8 @@ pub fn docker_archive_from_oci(layout: &Path, tag: &str, duplicate_last_layer: b
     };
     let mut layer_names = Vec::new();
     for desc in manifest["layers"].as_array().unwrap() {
-        let tar = decompress(&fs::read(blob_path(layout, desc["digest"].as_str().unwrap())).unwrap());
+        let tar =
+            decompress(&fs::read(blob_path(layout, desc["digest"].as_str().unwrap())).unwrap());
         let id = sha256_hex(&tar);
         add(&mut b, &format!("{id}/layer.tar"), &tar);
         add(&mut b, &format!("{id}/VERSION"), b"1.0");
@@ -388,8 +409,13 @@ pub fn docker_archive_from_oci(layout: &Path, tag: &str, duplicate_last_layer: b
     let config_name = format!("{}.json", sha256_hex(&config_bytes));
     add(&mut b, &config_name, &config_bytes);
     let (repo, version) = tag.split_once(':').unwrap_or((tag, "latest"));
-    let docker_manifest = json!([{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]);
-    add(&mut b, "manifest.json", docker_manifest.to_string().as_bytes());
+    let docker_manifest =
+        json!([{"Config": config_name, "RepoTags": [tag], "Layers": layer_names}]);
+    add(
+        &mut b,
+        "manifest.json",
+        docker_manifest.to_string().as_bytes(),
+    );
     let repositories = json!({repo: {version: layer_names.last().unwrap().split('/').next()}});
     add(&mut b, "repositories", repositories.to_string().as_bytes());
     b.into_inner().unwrap()

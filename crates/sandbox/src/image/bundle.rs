@@ -145,10 +145,12 @@ impl TarBundle {
             source,
         };
         let mut items = HashMap::new();
+        let mut entries = 0usize;
         {
             let mut archive = tar::Archive::new(&file);
             for entry in archive.entries_with_seek().map_err(read_err)? {
                 let entry = entry.map_err(read_err)?;
+                entries += 1;
                 // Image bundles are written by tools with ASCII names; others cannot be referenced.
                 let Ok(name) = std::str::from_utf8(&entry.path_bytes()).map(normalize) else {
                     continue;
@@ -177,6 +179,12 @@ impl TarBundle {
                 };
                 items.insert(name, item);
             }
+        }
+        if entries == 0 {
+            return Err(ImageError::BadImage {
+                source_path: path.to_owned(),
+                message: "an empty tar archive (or not a tar archive at all)".to_owned(),
+            });
         }
         Ok(TarBundle {
             file,

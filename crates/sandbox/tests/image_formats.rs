@@ -214,6 +214,16 @@ fn missing_source_and_unsupported_compression_are_clear_errors() {
     let err = store.import(&dir.path().join("nope"), &mut |_| {}).unwrap_err();
     assert!(matches!(err, ImageError::SourceNotFound { .. }), "{err}");
 
+    let empty = dir.path().join("empty.tar");
+    fs::write(&empty, b"").unwrap();
+    let err = store.import(&empty, &mut |_| {}).unwrap_err();
+    assert!(chain(&err).contains("empty tar archive"), "{}", chain(&err));
+    let garbage = dir.path().join("garbage.tar");
+    fs::write(&garbage, vec![b'x'; 2048]).unwrap();
+    let err = store.import(&garbage, &mut |_| {}).unwrap_err();
+    assert!(matches!(err, ImageError::Read { .. }), "{}", chain(&err));
+    assert!(store.layers().unwrap().is_empty());
+
     let xz = dir.path().join("rootfs.tar.xz");
     fs::write(&xz, b"\xfd7zXZ\0rest of an xz stream").unwrap();
     let err = store.import(&xz, &mut |_| {}).unwrap_err();

@@ -115,10 +115,12 @@ impl TarBundle {
     pub(crate) fn index(file: File, path: &Path) -> Result<Self, ImageError> {
         let read_err = |source: io::Error| ImageError::Read { what: path.display().to_string(), source };
         let mut items = HashMap::new();
+        let mut entries = 0usize;
         {
             let mut archive = tar::Archive::new(&file);
             for entry in archive.entries_with_seek().map_err(read_err)? {
                 let entry = entry.map_err(read_err)?;
+                entries += 1;
                 // Image bundles are written by tools with ASCII names; others cannot be referenced.
                 let Ok(name) = std::str::from_utf8(&entry.path_bytes()).map(normalize) else {
                     continue;
@@ -144,6 +146,12 @@ impl TarBundle {
                 };
                 items.insert(name, item);
             }
+        }
+        if entries == 0 {
+            return Err(ImageError::BadImage {
+                source_path: path.to_owned(),
+                message: "an empty tar archive (or not a tar archive at all)".to_owned(),
+            });
         }
         Ok(TarBundle { file, path: path.to_owned(), items })
     }

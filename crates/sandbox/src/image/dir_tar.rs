@@ -14,12 +14,12 @@ use tar::{EntryType, Header};
 
 /// Writes the tar of `root` into `out`. The walk stays on `root`'s filesystem (a directory that is a
 /// mount point is stored empty, as `tar --one-file-system` does) and skips sockets, which tar cannot
-/// hold.
-pub(crate) fn write_dir_tar<W: Write>(root: &Path, out: W) -> io::Result<W> {
+/// hold. `out` is dropped (closed) when this returns.
+pub(crate) fn write_dir_tar<W: Write>(root: &Path, out: W) -> io::Result<()> {
     let root_meta = fs::symlink_metadata(root)?;
     let mut walker = DirTar { builder: tar::Builder::new(out), root_dev: root_meta.dev(), links: HashMap::new() };
     walker.add(root, PathBuf::from("./"), &root_meta)?;
-    walker.builder.into_inner()
+    walker.builder.into_inner().map(drop)
 }
 
 struct DirTar<W: Write> {

@@ -25,7 +25,11 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
+/// For a single name relative to a verified directory.
 const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+/// For openat2 with [`RESOLVE`], which refuses symlinks in every component with ELOOP (O_NOFOLLOW
+/// would turn a symlink in the last one into ENOTDIR, hiding that the entry was unsafe).
+const RESOLVE_DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
 /// `.wh.NAME` hides NAME; `.wh..wh..opq` marks its directory opaque; other `.wh..wh.` names are aufs
 /// bookkeeping and skipped.
@@ -256,19 +260,19 @@ impl Extractor {
         if comps.is_empty() {
             return Ok(fd);
         }
-        match rfs::openat2(&fd, comps.join(&b'/'), DIR_FLAGS, Mode::empty(), RESOLVE) {
+        match rfs::openat2(&fd, comps.join(&b'/'), RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE) {
             Err(Errno::NOENT) if create => {}
             other => return other,
         }
         for comp in comps {
             let comp = OsStr::from_bytes(comp);
-            fd = match rfs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), RESOLVE) {
+            fd = match rfs::openat2(&fd, comp, RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE) {
                 Err(Errno::NOENT) => {
                     match rfs::mkdirat(&fd, comp, Mode::from_raw_mode(0o700)) {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(e),
                     }
-                    let new = rfs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), RESOLVE)?;
+                    let new = rfs::openat2(&fd, comp, RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE)?;
                     rfs::fchmod(&new, Mode::from_raw_mode(0o755))?;
                     new
                 }

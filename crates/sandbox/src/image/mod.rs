@@ -254,14 +254,8 @@ impl LayerStore {
             fs::metadata(&path).map_err(|source| ImageError::Read { what: path.display().to_string(), source })?;
         let imported = if metadata.is_dir() {
             let bundle = DirBundle::open_dir(&path)?;
-            match self.detect_bundle(&bundle)? {
-                Some((kind, images)) => {
-                    let format = match kind {
-                        BundleKind::Oci => SourceFormat::OciLayout,
-                        BundleKind::Docker => SourceFormat::DockerDir,
-                    };
-                    self.import_bundle(&bundle, kind, images, reference, format, &work, progress)?
-                }
+            match detect_bundle(&bundle)? {
+                Some(kind) => self.import_bundle(&bundle, kind, false, reference, &work, progress)?,
                 None => {
                     refuse_reference(&path, reference)?;
                     self.import_rootfs_dir(&path, &work, progress)?
@@ -272,14 +266,8 @@ impl LayerStore {
                 File::open(&path).map_err(|source| ImageError::Read { what: path.display().to_string(), source })?;
             let file = decompress_archive(file, &path, &work, progress)?;
             let bundle = TarBundle::index(file, &path)?;
-            match self.detect_bundle(&bundle)? {
-                Some((kind, images)) => {
-                    let format = match kind {
-                        BundleKind::Oci => SourceFormat::OciArchive,
-                        BundleKind::Docker => SourceFormat::DockerArchive,
-                    };
-                    self.import_bundle(&bundle, kind, images, reference, format, &work, progress)?
-                }
+            match detect_bundle(&bundle)? {
+                Some(kind) => self.import_bundle(&bundle, kind, true, reference, &work, progress)?,
                 None => {
                     refuse_reference(&path, reference)?;
                     self.import_rootfs_tar(bundle.into_file(), &path, &work, progress)?
@@ -290,37 +278,26 @@ impl LayerStore {
         Ok(imported)
     }
 
-    /// An OCI layout (it has `oci-layout`; newer docker archives have both) or a docker archive (a
-    /// `manifest.json` in docker's format); `None` for a plain rootfs.
-    fn detect_bundle(
-        &self,
-        bundle: &dyn Bundle,
-    ) -> Result<Option<(BundleKind, Vec<manifest::DockerImage>)>, ImageError> {
-        if bundle.contains("oci-layout") {
-            return Ok(Some((BundleKind::Oci, Vec::new())));
-        }
-        if bundle.contains("manifest.json") {
-            if let Some(images) = manifest::parse_docker_manifest(&bundle.read_small("manifest.json")?) {
-                return Ok(Some((BundleKind::Docker, images)));
-            }
-        }
-        Ok(None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
+    /// Imports the image of an OCI layout or docker archive; `archive` tells a tar file from a
+    /// directory (for [`SourceFormat`]).
     fn import_bundle(
         &self,
         bundle: &dyn Bundle,
         kind: BundleKind,
-        docker_images: Vec<manifest::DockerImage>,
+        archive: bool,
         reference: Option<String>,
-        format: SourceFormat,
         work: &WorkDir,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ImportedImage, ImageError> {
-        let plan = match kind {
-            BundleKind::Oci => manifest::plan_oci(bundle, reference.as_deref())?,
-            BundleKind::Docker => manifest::plan_docker(bundle, &docker_images, reference.as_deref())?,
+        let (plan, format) = match kind {
+            BundleKind::Oci => (
+                manifest::plan_oci(bundle, reference.as_deref())?,
+                if archive { SourceFormat::OciArchive } else { SourceFormat::OciLayout },
+            ),
+            BundleKind::Docker(images) => (
+                manifest::plan_docker(bundle, &images, reference.as_deref())?,
+                if archive { SourceFormat::DockerArchive } else { SourceFormat::DockerDir },
+            ),
         };
         let total: u64 = plan.layers.iter().map(|l| l.size).sum();
         let count = plan.layers.len();
@@ -404,7 +381,7 @@ impl LayerStore {
             (staged, writer.join())
         });
         match written {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(source)) => return Err(ImageError::Read { what, source }),
             Err(panic) => std::panic::resume_unwind(panic),
         }
@@ -495,10 +472,23 @@ impl LayerStore {
     }
 }
 
-#[derive(Clone, Copy)]
 enum BundleKind {
     Oci,
-    Docker,
+    Docker(Vec<manifest::DockerImage>),
+}
+
+/// An OCI layout (it has `oci-layout`; newer docker archives have both) or a docker archive (a
+/// `manifest.json` in docker's format); `None` for a plain rootfs.
+fn detect_bundle(bundle: &dyn Bundle) -> Result<Option<BundleKind>, ImageError> {
+    if bundle.contains("oci-layout") {
+        return Ok(Some(BundleKind::Oci));
+    }
+    if bundle.contains("manifest.json") {
+        if let Some(images) = manifest::parse_docker_manifest(&bundle.read_small("manifest.json")?) {
+            return Ok(Some(BundleKind::Docker(images)));
+        }
+    }
+    Ok(None)
 }
 
 /// `source` itself if it exists, else the shortest existing path before a `:`, with the rest as the

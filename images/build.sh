@@ -30,7 +30,10 @@ command -v mmdebstrap >/dev/null || need_packages+=(mmdebstrap)
     || need_packages+=(busybox-static)
 if [ ${#need_packages[@]} -gt 0 ]; then
     echo "installing ${need_packages[*]}" >&2
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_packages[@]}" >&2
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_packages[@]}" >&2 || {
+        apt-get update -q >&2
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q "${need_packages[@]}" >&2
+    }
 fi
 
 # The Debian sources of this machine, without third-party repositories.

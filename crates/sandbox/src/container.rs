@@ -56,6 +56,7 @@ pub struct Container {
 /// Must be called while the calling process is single-threaded.
 pub fn start(
     cfg: &InitConfig,
+    rootfs: OwnedFd,
     idmap: &IdMap,
     inherit: &[BorrowedFd<'_>],
     place: impl FnOnce(i32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
@@ -69,11 +70,15 @@ pub fn start(
     match clone_process(flags as u64).map_err(ContainerError::Clone)? {
         CloneResult::Child => {
             drop(ours);
-            let channel = keep_only(theirs, inherit);
-            crate::init::run(cfg, channel)
+            let mine = [theirs.as_fd(), rootfs.as_fd()];
+            let mut kept = keep_only(&mine, inherit).into_iter();
+            let mut next = || kept.next().expect("kept descriptor");
+            let (channel, mount) = (Channel::new(next()), next());
+            std::mem::forget((theirs, rootfs));
+            crate::init::run(cfg, mount, channel)
         }
         CloneResult::Parent { pid, pidfd } => {
-            drop(theirs);
+            drop((theirs, rootfs));
             let container = Container { init_pid: pid, pidfd, channel: Channel::new(ours) };
             match prepare(&container, idmap, place) {
                 Ok(()) => Ok(container),
@@ -105,23 +110,25 @@ fn prepare(
     }
 }
 
-/// In the freshly cloned child: keep the control socket (as fd 3) and `inherit` (as 4, 5, ...) and
-/// close every other descriptor inherited from the shim. Standard streams stay (init logs to stderr).
-fn keep_only(channel: OwnedFd, inherit: &[BorrowedFd<'_>]) -> Channel {
+/// In the freshly cloned child: renumber `mine` then `inherit` to 3, 4, ... and close every other
+/// descriptor inherited from the shim. Returns `mine` at their new numbers; `inherit` stay open for good.
+/// Standard streams stay (init logs to stderr).
+fn keep_only(mine: &[BorrowedFd<'_>], inherit: &[BorrowedFd<'_>]) -> Vec<OwnedFd> {
     const FIRST: i32 = 3;
     // Copy everything above the target range first, so placing one never clobbers another.
-    let high: Vec<OwnedFd> = std::iter::once(channel.as_fd())
-        .chain(inherit.iter().copied())
+    let high: Vec<OwnedFd> = mine
+        .iter()
+        .chain(inherit)
         .map(|fd| rustix::io::fcntl_dupfd_cloexec(fd, 1000).expect("dup a descriptor in the new init"))
         .collect();
     for (i, fd) in high.iter().enumerate() {
         dup_to(fd.as_fd(), FIRST + i as i32, true).expect("place a descriptor in the new init");
     }
     let count = high.len() as i32;
-    // Every descriptor object but the new fd 3 refers to a number that is replaced or closed below.
-    std::mem::forget(channel);
+    // The copies are above the range that close_fds_from closes; the originals are closed there too or
+    // were replaced by dup_to, so no descriptor object may close them again.
     std::mem::forget(high);
     close_fds_from(FIRST + count).expect("close inherited descriptors");
-    // SAFETY: fd 3 now holds our copy of the control socket and nothing else owns it.
-    Channel::new(unsafe { OwnedFd::from_raw_fd(FIRST) })
+    // SAFETY: descriptors FIRST.. now hold our copies of `mine`, and nothing else owns them.
+    (0..mine.len() as i32).map(|i| unsafe { OwnedFd::from_raw_fd(FIRST + i) }).collect()
 }

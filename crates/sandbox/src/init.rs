@@ -18,6 +18,7 @@ use nix::sys::signal::{kill, sigprocmask, SigSet, SigmaskHow, Signal};
 use nix::sys::signalfd::{SfdFlags, SignalFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::{Gid, Pid, Uid};
+use rustix::mount::{move_mount, MoveMountFlags};
 
 use crate::ipc::{Channel, IpcError, Packet};
 use crate::seccomp::SeccompFilter;
@@ -29,8 +30,8 @@ use crate::sys::{dup_to, set_interface_up};
 pub struct InitConfig {
     pub hostname: String,
     pub network: Network,
-    /// Mount point of the already mounted root filesystem.
-    pub rootfs: PathBuf,
+    /// Where to attach the root filesystem (a directory in the shim's view of the host).
+    pub mountpoint: PathBuf,
     /// Installed on init at the end of setup; every sandbox process inherits it.
     pub seccomp: SeccompFilter,
 }
@@ -49,14 +50,15 @@ fn step<E: Into<std::io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> S
 }
 
 /// Runs init: waits for `Go`, sets up the sandbox, then serves `chan` forever.
-pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
+/// `rootfs` is the root filesystem as a detached mount.
+pub fn run(cfg: &InitConfig, rootfs: OwnedFd, chan: Channel) -> ! {
     let _ = rustix::thread::set_name(c"deltabox-init");
     match chan.recv::<ToInit>() {
         Ok(Packet { msg: ToInit::Go, .. }) => {}
         // The shim gave up on us before we started.
         _ => std::process::exit(1),
     }
-    match setup(cfg).and_then(|()| Init::new()) {
+    match setup(cfg, rootfs).and_then(|()| Init::new()) {
         Err(e) => {
             let _ = chan.send(&FromInit::SetupFailed { message: e.to_string() }, &[], &[]);
             std::process::exit(1)
@@ -71,9 +73,17 @@ pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
     }
 }
 
-fn setup(cfg: &InitConfig) -> Result<(), SetupError> {
+fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<(), SetupError> {
+    // Our fsuid is still host root's, the owner of the data directory on the way to the mount point:
+    // after become_root we could no longer walk there.
+    let mountpoint = rustix::fs::open(
+        &cfg.mountpoint,
+        rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC,
+        rustix::fs::Mode::empty(),
+    )
+    .map_err(step("open the rootfs mount point"))?;
     become_root()?;
-    setup_mounts(cfg)?;
+    setup_mounts(cfg, rootfs, mountpoint)?;
     rustix::system::sethostname(cfg.hostname.as_bytes()).map_err(step("sethostname"))?;
     if cfg.network == Network::None {
         let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)
@@ -110,14 +120,20 @@ fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: &st
         .map_err(step(format!("mount {fstype} on {}", target.display())))
 }
 
-fn setup_mounts(cfg: &InitConfig) -> Result<(), SetupError> {
-    let root = &cfg.rootfs;
+fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Result<(), SetupError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(step("make mounts private"))?;
-    // The rootfs mount came from the shim's namespace and is locked here (pivot_root refuses locked
-    // mounts): a bind mount of it onto itself is ours.
-    mount(Some(root), root, None::<&str>, MsFlags::MS_BIND | MsFlags::MS_REC, None::<&str>)
-        .map_err(step("bind the rootfs onto itself"))?;
+    move_mount(
+        &rootfs,
+        "",
+        &mountpoint,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(step("attach the root filesystem"))?;
+    // The mount's descriptor now names the attached root: work relative to it from here on.
+    rustix::process::fchdir(&rootfs).map_err(step("enter the root filesystem"))?;
+    let root = Path::new(".");
     let nosuid_nodev = MsFlags::MS_NOSUID | MsFlags::MS_NODEV;
     // New proc/sysfs mounts in a user namespace are allowed only while a full one is visible, so mount
     // them before the host's tree is detached.
@@ -145,7 +161,6 @@ fn setup_mounts(cfg: &InitConfig) -> Result<(), SetupError> {
     setup_dev(&root.join("dev"))?;
     mount_fs("tmpfs", &root.join("tmp"), "tmpfs", nosuid_nodev, "mode=1777")?;
 
-    rustix::process::chdir(root).map_err(step("chdir to rootfs"))?;
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;

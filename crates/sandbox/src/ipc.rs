@@ -127,8 +127,9 @@ impl Channel {
         let mut buf = vec![0u8; MAX_PACKET];
         loop {
             match recv_packet(self.fd.as_raw_fd(), &mut buf) {
-                Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::ECONNRESET) => return Err(IpcError::Closed),
+                // ECONNRESET: the peer closed with our packets unread. The kernel reports that (once) before
+                // the packets still queued for us, so read on until the real end.
+                Err(nix::Error::EINTR) | Err(nix::Error::ECONNRESET) => continue,
                 Err(e) => return Err(e.into()),
                 Ok((0, _)) => return Err(IpcError::Closed),
                 Ok((n, fds)) => return decode(&buf[..n], fds),
@@ -188,8 +189,8 @@ impl AsyncChannel {
             match guard.try_io(|fd| recv_packet(fd.as_raw_fd(), &mut buf).map_err(std::io::Error::from)) {
                 Ok(Ok((0, _))) => return Err(IpcError::Closed),
                 Ok(Ok((n, fds))) => return decode(&buf[..n], fds),
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::ECONNRESET) => return Err(IpcError::Closed),
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                // See Channel::recv: queued packets follow a one-time ECONNRESET.
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EINTR)) => continue,
                 Ok(Err(e)) => return Err(IpcError::Io(e)),
                 Err(_would_block) => continue,
             }

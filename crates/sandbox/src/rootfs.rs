@@ -1,12 +1,15 @@
-//! The sandbox's root filesystem. The shim mounts it (in its private mount namespace) before it clones
-//! init, whose new mount namespace then starts with a copy of the mount.
+//! The sandbox's root filesystem. The shim (host root) creates it as a detached mount before it clones
+//! init; init attaches it in its own mount namespace and pivots into it. A moved mount, unlike a mount
+//! copied into a new user namespace's mount namespace, is not locked, so init may pivot_root into it; and
+//! working with descriptors means init never walks the host path to the data directory (which its uid may
+//! not traverse).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use rustix::mount::{
-    fsconfig_create, fsconfig_set_string, fsmount, fsopen, move_mount, open_tree, FsMountFlags, FsOpenFlags,
-    MountAttrFlags, MoveMountFlags, OpenTreeFlags,
+    fsconfig_create, fsconfig_set_string, fsmount, fsopen, open_tree, FsMountFlags, FsOpenFlags, MountAttrFlags,
+    OpenTreeFlags,
 };
 
 use crate::sys::set_mount_idmap;
@@ -19,9 +22,9 @@ pub enum RootfsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot mount the overlay at {target} ({step})")]
+    #[error("cannot create the overlay with upper dir {upper} ({step})")]
     Overlay {
-        target: PathBuf,
+        upper: PathBuf,
         step: &'static str,
         #[source]
         source: std::io::Error,
@@ -37,24 +40,19 @@ pub enum Rootfs {
 }
 
 impl Rootfs {
-    /// Mounts the filesystem at `target` with `nodev`. `userns` is a user namespace with the sandbox's id
-    /// map: image layers are stored with the image's own ids and are shifted by idmapped mounts.
-    pub fn mount(&self, target: &Path, userns: BorrowedFd<'_>) -> Result<(), RootfsError> {
+    /// Creates the filesystem as a detached `nodev` mount (attach it with `move_mount`). `userns` is a
+    /// user namespace with the sandbox's id map: image layers are stored with the image's own ids and are
+    /// shifted by idmapped mounts.
+    pub fn create(&self, userns: BorrowedFd<'_>) -> Result<OwnedFd, RootfsError> {
         match self {
-            Rootfs::Overlay { lower, upper, work } => mount_overlay(lower, upper, work, target, userns),
+            Rootfs::Overlay { lower, upper, work } => overlay(lower, upper, work, userns),
         }
     }
 }
 
-fn mount_overlay(
-    lower: &[PathBuf],
-    upper: &Path,
-    work: &Path,
-    target: &Path,
-    userns: BorrowedFd<'_>,
-) -> Result<(), RootfsError> {
+fn overlay(lower: &[PathBuf], upper: &Path, work: &Path, userns: BorrowedFd<'_>) -> Result<OwnedFd, RootfsError> {
     let err = |step: &'static str| {
-        move |e: rustix::io::Errno| RootfsError::Overlay { target: target.into(), step, source: e.into() }
+        move |e: rustix::io::Errno| RootfsError::Overlay { upper: upper.into(), step, source: e.into() }
     };
     let fs = fsopen("overlay", FsOpenFlags::FSOPEN_CLOEXEC).map_err(err("fsopen"))?;
     // Detached idmapped copies of the layers; the overlay keeps its own references to them, so they
@@ -75,8 +73,5 @@ fn mount_overlay(
     fsconfig_set_string(&fs, "upperdir", upper).map_err(err("upperdir"))?;
     fsconfig_set_string(&fs, "workdir", work).map_err(err("workdir"))?;
     fsconfig_create(&fs).map_err(err("create"))?;
-    let mnt = fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_NODEV).map_err(err("fsmount"))?;
-    move_mount(&mnt, "", rustix::fs::CWD, target, MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH)
-        .map_err(err("move_mount"))?;
-    Ok(())
+    fsmount(&fs, FsMountFlags::FSMOUNT_CLOEXEC, MountAttrFlags::MOUNT_ATTR_NODEV).map_err(err("fsmount"))
 }

@@ -41,10 +41,10 @@ fn start(dir: &Path, network: Network) -> Sandbox {
     }
     std::os::unix::fs::chown(&upper, Some(slot.map.host_base), Some(slot.map.host_base)).unwrap();
     let userns = namespace_with_map(&slot.map).unwrap();
-    Rootfs::Overlay { lower: vec![lower], upper, work }.mount(&target, userns.as_fd()).unwrap();
+    let mount = Rootfs::Overlay { lower: vec![lower], upper, work }.create(userns.as_fd()).unwrap();
     let seccomp = sandbox::seccomp::default_filter().unwrap();
-    let cfg = InitConfig { hostname: "sbx-test".into(), network, rootfs: target, seccomp };
-    let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
+    let cfg = InitConfig { hostname: "sbx-test".into(), network, mountpoint: target, seccomp };
+    let c = container::start(&cfg, mount, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
     Sandbox { c, _slot: slot }
 }
 
@@ -86,8 +86,10 @@ fn check(name: &str, ok: bool, detail: &str, failures: &mut u32) {
 
 fn main() {
     container::enter_private_mount_namespace().unwrap();
+    // Like the daemon's data dir: the sandbox's uid cannot traverse it.
     let tmp = std::env::temp_dir().join(format!("sbx-container-test-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).unwrap();
+    std::fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o700)).unwrap();
     let sb = start(&tmp, Network::None);
     let mut failures = 0;
     let (code, out) = run(&sb, &["id"]);

@@ -35,12 +35,7 @@ pub(crate) trait Bundle {
             });
         }
         let mut buf = Vec::with_capacity(size as usize);
-        reader
-            .read_to_end(&mut buf)
-            .map_err(|source| ImageError::Read {
-                what: self.describe(name),
-                source,
-            })?;
+        reader.read_to_end(&mut buf).map_err(|source| ImageError::Read { what: self.describe(name), source })?;
         Ok(buf)
     }
 
@@ -49,10 +44,7 @@ pub(crate) trait Bundle {
     }
 
     fn missing(&self, name: &str) -> ImageError {
-        ImageError::BadImage {
-            source_path: self.path().to_owned(),
-            message: format!("{name} is missing"),
-        }
+        ImageError::BadImage { source_path: self.path().to_owned(), message: format!("{name} is missing") }
     }
 }
 
@@ -65,19 +57,9 @@ pub(crate) struct DirBundle {
 
 impl DirBundle {
     pub(crate) fn open_dir(path: &Path) -> Result<Self, ImageError> {
-        let root = rfs::open(
-            path,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .map_err(|e| ImageError::Read {
-            what: path.display().to_string(),
-            source: e.into(),
-        })?;
-        Ok(DirBundle {
-            root,
-            path: path.to_owned(),
-        })
+        let root = rfs::open(path, OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(|e| ImageError::Read { what: path.display().to_string(), source: e.into() })?;
+        Ok(DirBundle { root, path: path.to_owned() })
     }
 
     fn open_file(&self, name: &str) -> rustix::io::Result<File> {
@@ -96,18 +78,9 @@ impl Bundle for DirBundle {
     fn open(&self, name: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
         let file = self.open_file(name).map_err(|e| match e {
             rustix::io::Errno::NOENT => self.missing(name),
-            e => ImageError::Read {
-                what: self.describe(name),
-                source: e.into(),
-            },
+            e => ImageError::Read { what: self.describe(name), source: e.into() },
         })?;
-        let size = file
-            .metadata()
-            .map_err(|source| ImageError::Read {
-                what: self.describe(name),
-                source,
-            })?
-            .len();
+        let size = file.metadata().map_err(|source| ImageError::Read { what: self.describe(name), source })?.len();
         Ok((Box::new(file), size))
     }
 
@@ -140,15 +113,14 @@ enum TarItem {
 impl TarBundle {
     /// Indexes the tar file `file` (a pass over its headers, skipping contents by seeking).
     pub(crate) fn index(file: File, path: &Path) -> Result<Self, ImageError> {
-        let read_err = |source: io::Error| ImageError::Read {
-            what: path.display().to_string(),
-            source,
-        };
+        let read_err = |source: io::Error| ImageError::Read { what: path.display().to_string(), source };
         let mut items = HashMap::new();
+        let mut entries = 0usize;
         {
             let mut archive = tar::Archive::new(&file);
             for entry in archive.entries_with_seek().map_err(read_err)? {
                 let entry = entry.map_err(read_err)?;
+                entries += 1;
                 // Image bundles are written by tools with ASCII names; others cannot be referenced.
                 let Ok(name) = std::str::from_utf8(&entry.path_bytes()).map(normalize) else {
                     continue;
@@ -156,10 +128,7 @@ impl TarBundle {
                 let Some(name) = name else { continue };
                 let kind = entry.header().entry_type();
                 let item = if kind.is_file() {
-                    TarItem::File {
-                        offset: entry.raw_file_position(),
-                        size: entry.size(),
-                    }
+                    TarItem::File { offset: entry.raw_file_position(), size: entry.size() }
                 } else if kind.is_symlink() || kind.is_hard_link() {
                     let target = entry.link_name_bytes().unwrap_or_default();
                     let target = String::from_utf8_lossy(&target);
@@ -178,11 +147,13 @@ impl TarBundle {
                 items.insert(name, item);
             }
         }
-        Ok(TarBundle {
-            file,
-            path: path.to_owned(),
-            items,
-        })
+        if entries == 0 {
+            return Err(ImageError::BadImage {
+                source_path: path.to_owned(),
+                message: "an empty tar archive (or not a tar archive at all)".to_owned(),
+            });
+        }
+        Ok(TarBundle { file, path: path.to_owned(), items })
     }
 
     fn lookup(&self, name: &str) -> Option<(u64, u64)> {
@@ -206,14 +177,7 @@ impl TarBundle {
 impl Bundle for TarBundle {
     fn open(&self, name: &str) -> Result<(Box<dyn Read + '_>, u64), ImageError> {
         let (offset, size) = self.lookup(name).ok_or_else(|| self.missing(name))?;
-        Ok((
-            Box::new(SliceReader {
-                file: &self.file,
-                pos: offset,
-                end: offset + size,
-            }),
-            size,
-        ))
+        Ok((Box::new(SliceReader { file: &self.file, pos: offset, end: offset + size }), size))
     }
 
     fn contains(&self, name: &str) -> bool {
@@ -269,10 +233,7 @@ mod tests {
 
     #[test]
     fn normalizes_archive_names() {
-        assert_eq!(
-            normalize("./blobs//sha256/x").as_deref(),
-            Some("blobs/sha256/x")
-        );
+        assert_eq!(normalize("./blobs//sha256/x").as_deref(), Some("blobs/sha256/x"));
         assert_eq!(normalize("/a/b/../c").as_deref(), Some("a/c"));
         assert_eq!(normalize("a/../../c"), None);
     }

@@ -33,10 +33,7 @@ const BZIP2_MAGIC: &[u8] = b"BZh";
 pub(crate) fn detect<R: BufRead>(input: &mut R, what: &str) -> Result<Compression, ImageError> {
     // One fill_buf is enough: our inputs are files and decompressors, whose first read returns
     // far more than a magic number.
-    let head = input.fill_buf().map_err(|source| ImageError::Read {
-        what: what.to_owned(),
-        source,
-    })?;
+    let head = input.fill_buf().map_err(|source| ImageError::Read { what: what.to_owned(), source })?;
     if head.starts_with(GZIP_MAGIC) {
         Ok(Compression::Gzip)
     } else if head.starts_with(ZSTD_MAGIC) {
@@ -44,11 +41,7 @@ pub(crate) fn detect<R: BufRead>(input: &mut R, what: &str) -> Result<Compressio
     } else if head.starts_with(XZ_MAGIC) || head.starts_with(BZIP2_MAGIC) {
         Err(ImageError::UnsupportedCompression {
             what: what.to_owned(),
-            compression: if head.starts_with(XZ_MAGIC) {
-                "xz"
-            } else {
-                "bzip2"
-            },
+            compression: if head.starts_with(XZ_MAGIC) { "xz" } else { "bzip2" },
         })
     } else {
         Ok(Compression::None)
@@ -56,10 +49,7 @@ pub(crate) fn detect<R: BufRead>(input: &mut R, what: &str) -> Result<Compressio
 }
 
 /// Wraps `input` so that reads return the decompressed stream.
-pub(crate) fn decompressor<'a, R: BufRead + 'a>(
-    input: R,
-    compression: Compression,
-) -> io::Result<Box<dyn Read + 'a>> {
+pub(crate) fn decompressor<'a, R: BufRead + 'a>(input: R, compression: Compression) -> io::Result<Box<dyn Read + 'a>> {
     Ok(match compression {
         Compression::None => Box::new(input),
         // Multi-member gzip (pigz, concatenated streams) is valid for layers.

@@ -21,9 +21,7 @@ impl Digest {
 
     /// Parses the 64 lowercase hex digits of a SHA-256 digest (without the `sha256:` prefix).
     pub fn from_hex(hex: &str) -> Result<Self, ImageError> {
-        let invalid = || ImageError::InvalidDigest {
-            value: hex.to_owned(),
-        };
+        let invalid = || ImageError::InvalidDigest { value: hex.to_owned() };
         // Uppercase would make two names for one layer directory.
         if hex.len() != 64 || hex.bytes().any(|b| b.is_ascii_uppercase()) {
             return Err(invalid());
@@ -45,9 +43,7 @@ impl FromStr for Digest {
     fn from_str(s: &str) -> Result<Self, ImageError> {
         match s.split_once(':') {
             Some(("sha256", hex)) => Digest::from_hex(hex),
-            _ => Err(ImageError::InvalidDigest {
-                value: s.to_owned(),
-            }),
+            _ => Err(ImageError::InvalidDigest { value: s.to_owned() }),
         }
     }
 }
@@ -120,15 +116,9 @@ mod tests {
     fn parses_and_prints_sha256() {
         let d = Digest::of(b"");
         let s = d.to_string();
-        assert_eq!(
-            s,
-            "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
-        );
+        assert_eq!(s, "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855");
         assert_eq!(s.parse::<Digest>().unwrap(), d);
-        assert_eq!(
-            serde_json::from_str::<Digest>(&serde_json::to_string(&d).unwrap()).unwrap(),
-            d
-        );
+        assert_eq!(serde_json::from_str::<Digest>(&serde_json::to_string(&d).unwrap()).unwrap(), d);
     }
 
     #[test]
@@ -149,9 +139,7 @@ mod tests {
     fn hashing_reader_counts_and_hashes() {
         let mut state = HashState::default();
         let mut out = Vec::new();
-        HashingReader::new(&b"hello"[..], &mut state)
-            .read_to_end(&mut out)
-            .unwrap();
+        HashingReader::new(&b"hello"[..], &mut state).read_to_end(&mut out).unwrap();
         assert_eq!(state.finish(), (Digest::of(b"hello"), 5));
     }
 }

@@ -14,16 +14,12 @@ use tar::{EntryType, Header};
 
 /// Writes the tar of `root` into `out`. The walk stays on `root`'s filesystem (a directory that is a
 /// mount point is stored empty, as `tar --one-file-system` does) and skips sockets, which tar cannot
-/// hold.
-pub(crate) fn write_dir_tar<W: Write>(root: &Path, out: W) -> io::Result<W> {
+/// hold. `out` is dropped (closed) when this returns.
+pub(crate) fn write_dir_tar<W: Write>(root: &Path, out: W) -> io::Result<()> {
     let root_meta = fs::symlink_metadata(root)?;
-    let mut walker = DirTar {
-        builder: tar::Builder::new(out),
-        root_dev: root_meta.dev(),
-        links: HashMap::new(),
-    };
+    let mut walker = DirTar { builder: tar::Builder::new(out), root_dev: root_meta.dev(), links: HashMap::new() };
     walker.add(root, PathBuf::from("./"), &root_meta)?;
-    walker.builder.into_inner()
+    walker.builder.into_inner().map(drop)
 }
 
 struct DirTar<W: Write> {
@@ -64,18 +60,13 @@ impl<W: Write> DirTar<W> {
             if meta.dev() != self.root_dev {
                 return Ok(());
             }
-            let mut children: Vec<OsString> = fs::read_dir(path)?
-                .map(|e| e.map(|e| e.file_name()))
-                .collect::<io::Result<_>>()?;
+            let mut children: Vec<OsString> =
+                fs::read_dir(path)?.map(|e| e.map(|e| e.file_name())).collect::<io::Result<_>>()?;
             children.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
             for child in children {
                 let child_path = path.join(&child);
                 let child_meta = fs::symlink_metadata(&child_path)?;
-                let mut child_name = if name == Path::new("./") {
-                    PathBuf::from(&child)
-                } else {
-                    name.join(&child)
-                };
+                let mut child_name = if name == Path::new("./") { PathBuf::from(&child) } else { name.join(&child) };
                 if child_meta.is_dir() {
                     // A trailing slash marks directories, as GNU tar writes them.
                     let mut bytes = child_name.into_os_string().into_vec();
@@ -90,11 +81,7 @@ impl<W: Write> DirTar<W> {
             header.set_size(meta.len());
             let file = File::open(path)?;
             // A file that shrinks while we read it would silently desynchronise the archive.
-            let mut data = ExactReader {
-                inner: file.take(meta.len()),
-                left: meta.len(),
-                path,
-            };
+            let mut data = ExactReader { inner: file.take(meta.len()), left: meta.len(), path };
             self.builder.append_data(&mut header, &name, &mut data)
         } else if file_type.is_symlink() {
             header.set_entry_type(EntryType::Symlink);
@@ -117,10 +104,7 @@ impl<W: Write> DirTar<W> {
 
     /// Emits a PAX header with the xattrs of `path` (sorted by name), if it has any.
     fn append_xattrs(&mut self, path: &Path) -> io::Result<()> {
-        let names = read_sized(
-            || rustix::fs::llistxattr_query(path),
-            |buf| rustix::fs::llistxattr(path, buf),
-        )?;
+        let names = read_sized(|| rustix::fs::llistxattr_query(path), |buf| rustix::fs::llistxattr(path, buf))?;
         let mut names: Vec<&[u8]> = names.split(|b| *b == 0).filter(|n| !n.is_empty()).collect();
         if names.is_empty() {
             return Ok(());
@@ -128,15 +112,12 @@ impl<W: Write> DirTar<W> {
         names.sort();
         let mut records = Vec::with_capacity(names.len());
         for name in names {
-            let value = read_sized(
-                || rustix::fs::lgetxattr_query(path, name),
-                |buf| rustix::fs::lgetxattr(path, name, buf),
-            )?;
+            let value =
+                read_sized(|| rustix::fs::lgetxattr_query(path, name), |buf| rustix::fs::lgetxattr(path, name, buf))?;
             let key = format!("SCHILY.xattr.{}", String::from_utf8_lossy(name));
             records.push((key, value));
         }
-        self.builder
-            .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
+        self.builder.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), v.as_slice())))
     }
 }
 

@@ -13,9 +13,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 
-use rustix::fs::{
-    self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps,
-};
+use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, ResolveFlags, Timespec, Timestamps};
 use rustix::io::Errno;
 use tar::EntryType;
 
@@ -27,10 +25,11 @@ const RESOLVE: ResolveFlags = ResolveFlags::BENEATH
     .union(ResolveFlags::NO_SYMLINKS)
     .union(ResolveFlags::NO_MAGICLINKS)
     .union(ResolveFlags::NO_XDEV);
-const DIR_FLAGS: OFlags = OFlags::RDONLY
-    .union(OFlags::DIRECTORY)
-    .union(OFlags::NOFOLLOW)
-    .union(OFlags::CLOEXEC);
+/// For a single name relative to a verified directory.
+const DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::NOFOLLOW).union(OFlags::CLOEXEC);
+/// For openat2 with [`RESOLVE`], which refuses symlinks in every component with ELOOP (O_NOFOLLOW
+/// would turn a symlink in the last one into ENOTDIR, hiding that the entry was unsafe).
+const RESOLVE_DIR_FLAGS: OFlags = OFlags::RDONLY.union(OFlags::DIRECTORY).union(OFlags::CLOEXEC);
 
 /// `.wh.NAME` hides NAME; `.wh..wh..opq` marks its directory opaque; other `.wh..wh.` names are aufs
 /// bookkeeping and skipped.
@@ -43,10 +42,8 @@ const OVERLAY_OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 /// removes). Returns after the tar's end-of-archive marker; the caller drains the rest of the stream.
 pub(crate) fn extract_layer<R: Read>(tar: R, dest: &Path, trash: &Path) -> Result<(), ImageError> {
     let open = |path: &Path| {
-        rfs::open(path, DIR_FLAGS, Mode::empty()).map_err(|e| ImageError::Io {
-            what: format!("opening {}", path.display()),
-            source: e.into(),
-        })
+        rfs::open(path, DIR_FLAGS, Mode::empty())
+            .map_err(|e| ImageError::Io { what: format!("opening {}", path.display()), source: e.into() })
     };
     let mut extractor = Extractor {
         root: open(dest)?,
@@ -77,21 +74,14 @@ struct Meta {
 impl Meta {
     fn read<R: Read>(entry: &mut tar::Entry<R>, shown: &str) -> Result<Meta, ImageError> {
         let header = entry.header();
-        let bad = |source: io::Error| ImageError::Extract {
-            entry: shown.to_owned(),
-            source,
-        };
-        let id = |value: u64| {
-            u32::try_from(value).map_err(|_| bad(io::Error::other("uid/gid does not fit 32 bits")))
-        };
+        let bad = |source: io::Error| ImageError::Extract { entry: shown.to_owned(), source };
+        let id = |value: u64| u32::try_from(value).map_err(|_| bad(io::Error::other("uid/gid does not fit 32 bits")));
         // The tar crate already applied PAX uid/gid overrides to the header.
         let uid = id(header.uid().map_err(bad)?)?;
         let gid = id(header.gid().map_err(bad)?)?;
         let mode = Mode::from_bits_truncate(header.mode().map_err(bad)? & 0o7777);
-        let mut mtime = Timespec {
-            tv_sec: i64::try_from(header.mtime().map_err(bad)?).unwrap_or(i64::MAX),
-            tv_nsec: 0,
-        };
+        let mut mtime =
+            Timespec { tv_sec: i64::try_from(header.mtime().map_err(bad)?).unwrap_or(i64::MAX), tv_nsec: 0 };
         let mut xattrs = Vec::new();
         if let Some(pax) = entry.pax_extensions().map_err(bad)? {
             for ext in pax {
@@ -113,20 +103,11 @@ impl Meta {
                 }
             }
         }
-        Ok(Meta {
-            uid,
-            gid,
-            mode,
-            mtime,
-            xattrs,
-        })
+        Ok(Meta { uid, gid, mode, mtime, xattrs })
     }
 
     fn times(&self) -> Timestamps {
-        Timestamps {
-            last_access: self.mtime,
-            last_modification: self.mtime,
-        }
+        Timestamps { last_access: self.mtime, last_modification: self.mtime }
     }
 }
 
@@ -140,21 +121,14 @@ fn parse_pax_time(value: &[u8]) -> Option<Timespec> {
     if !digits.bytes().all(|b| b.is_ascii_digit()) {
         return None;
     }
-    let tv_nsec = if digits.is_empty() {
-        0
-    } else {
-        digits.parse::<i64>().ok()? * 10i64.pow(9 - digits.len() as u32)
-    };
+    let tv_nsec = if digits.is_empty() { 0 } else { digits.parse::<i64>().ok()? * 10i64.pow(9 - digits.len() as u32) };
     Some(Timespec { tv_sec, tv_nsec })
 }
 
 /// Splits an entry name into its components: leading `/`, empty and `.` components are dropped (an
 /// absolute name lands inside the layer, as with docker and GNU tar); `..` is refused.
 fn components(raw: &[u8]) -> Result<Vec<&[u8]>, &'static str> {
-    let parts: Vec<&[u8]> = raw
-        .split(|b| *b == b'/')
-        .filter(|c| !c.is_empty() && *c != b".")
-        .collect();
+    let parts: Vec<&[u8]> = raw.split(|b| *b == b'/').filter(|c| !c.is_empty() && *c != b".").collect();
     if parts.iter().any(|c| *c == b"..") {
         return Err("its path contains `..`");
     }
@@ -178,10 +152,7 @@ impl Extractor {
         if kind.is_pax_global_extensions() {
             return Ok(());
         }
-        let unsafe_entry = |reason: &'static str| ImageError::UnsafeEntry {
-            entry: shown.clone(),
-            reason,
-        };
+        let unsafe_entry = |reason: &'static str| ImageError::UnsafeEntry { entry: shown.clone(), reason };
         let io_err = |e: Errno| entry_error(&shown, e);
 
         let comps = components(&raw).map_err(unsafe_entry)?;
@@ -209,19 +180,13 @@ impl Extractor {
                 let fd = rfs::openat(
                     &dir,
                     name,
-                    OFlags::WRONLY
-                        | OFlags::CREATE
-                        | OFlags::EXCL
-                        | OFlags::NOFOLLOW
-                        | OFlags::CLOEXEC,
+                    OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
                     Mode::from_raw_mode(0o600),
                 )
                 .map_err(io_err)?;
                 let mut file = File::from(fd);
-                copy(entry, &mut file, &mut self.buf).map_err(|source| ImageError::Extract {
-                    entry: shown.clone(),
-                    source,
-                })?;
+                copy(entry, &mut file, &mut self.buf)
+                    .map_err(|source| ImageError::Extract { entry: shown.clone(), source })?;
                 set_meta(file.as_fd(), &meta).map_err(io_err)?;
                 rfs::futimens(&file, &meta.times()).map_err(io_err)
             }
@@ -235,17 +200,13 @@ impl Extractor {
                 Ok(())
             }
             EntryType::Symlink => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| unsafe_entry("a symlink without a target"))?;
+                let target = entry.link_name_bytes().ok_or_else(|| unsafe_entry("a symlink without a target"))?;
                 self.clear_slot(&dir, name, false).map_err(io_err)?;
                 rfs::symlinkat(OsStr::from_bytes(&target), &dir, name).map_err(io_err)?;
                 set_meta_at(&dir, name, &meta, false).map_err(io_err)
             }
             EntryType::Link => {
-                let target = entry
-                    .link_name_bytes()
-                    .ok_or_else(|| unsafe_entry("a hardlink without a target"))?;
+                let target = entry.link_name_bytes().ok_or_else(|| unsafe_entry("a hardlink without a target"))?;
                 let target = components(&target).map_err(unsafe_entry)?;
                 let Some((target_name, target_parent)) = target.split_last() else {
                     return Err(unsafe_entry("a hardlink to the layer root"));
@@ -253,28 +214,15 @@ impl Extractor {
                 let target_dir = self.open_dir(target_parent, false).map_err(io_err)?;
                 self.clear_slot(&dir, name, false).map_err(io_err)?;
                 // Flags 0: a hardlink to a symlink links the symlink itself, never its target.
-                rfs::linkat(
-                    &target_dir,
-                    OsStr::from_bytes(target_name),
-                    &dir,
-                    name,
-                    AtFlags::empty(),
-                )
-                .map_err(io_err)
+                rfs::linkat(&target_dir, OsStr::from_bytes(target_name), &dir, name, AtFlags::empty()).map_err(io_err)
             }
             EntryType::Char | EntryType::Block | EntryType::Fifo => {
                 let header = entry.header();
                 let number = |n: io::Result<Option<u32>>| {
                     n.map(Option::unwrap_or_default)
-                        .map_err(|source| ImageError::Extract {
-                            entry: shown.clone(),
-                            source,
-                        })
+                        .map_err(|source| ImageError::Extract { entry: shown.clone(), source })
                 };
-                let dev = rfs::makedev(
-                    number(header.device_major())?,
-                    number(header.device_minor())?,
-                );
+                let dev = rfs::makedev(number(header.device_major())?, number(header.device_minor())?);
                 let file_type = match kind {
                     EntryType::Char => FileType::CharacterDevice,
                     EntryType::Block => FileType::BlockDevice,
@@ -284,10 +232,7 @@ impl Extractor {
                 rfs::mknodat(&dir, name, file_type, Mode::empty(), dev).map_err(io_err)?;
                 set_meta_at(&dir, name, &meta, true).map_err(io_err)
             }
-            other => Err(ImageError::UnsupportedEntry {
-                entry: shown,
-                kind: format!("{other:?}"),
-            }),
+            other => Err(ImageError::UnsupportedEntry { entry: shown, kind: format!("{other:?}") }),
         }
     }
 
@@ -304,13 +249,7 @@ impl Extractor {
         }
         let hidden = OsStr::from_bytes(hidden);
         self.clear_slot(dir, hidden, false)?;
-        rfs::mknodat(
-            dir,
-            hidden,
-            FileType::CharacterDevice,
-            Mode::empty(),
-            rfs::makedev(0, 0),
-        )?;
+        rfs::mknodat(dir, hidden, FileType::CharacterDevice, Mode::empty(), rfs::makedev(0, 0))?;
         Ok(())
     }
 
@@ -321,19 +260,19 @@ impl Extractor {
         if comps.is_empty() {
             return Ok(fd);
         }
-        match rfs::openat2(&fd, comps.join(&b'/'), DIR_FLAGS, Mode::empty(), RESOLVE) {
+        match rfs::openat2(&fd, comps.join(&b'/'), RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE) {
             Err(Errno::NOENT) if create => {}
             other => return other,
         }
         for comp in comps {
             let comp = OsStr::from_bytes(comp);
-            fd = match rfs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), RESOLVE) {
+            fd = match rfs::openat2(&fd, comp, RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE) {
                 Err(Errno::NOENT) => {
                     match rfs::mkdirat(&fd, comp, Mode::from_raw_mode(0o700)) {
                         Ok(()) | Err(Errno::EXIST) => {}
                         Err(e) => return Err(e),
                     }
-                    let new = rfs::openat2(&fd, comp, DIR_FLAGS, Mode::empty(), RESOLVE)?;
+                    let new = rfs::openat2(&fd, comp, RESOLVE_DIR_FLAGS, Mode::empty(), RESOLVE)?;
                     rfs::fchmod(&new, Mode::from_raw_mode(0o755))?;
                     new
                 }
@@ -365,18 +304,9 @@ impl Extractor {
     /// Sets the recorded directory mtimes. A directory replaced by a later entry is skipped.
     fn restore_dir_times(&self) {
         for (path, mtime) in &self.dir_times {
-            let comps: Vec<&[u8]> = path
-                .split(|b| *b == b'/')
-                .filter(|c| !c.is_empty())
-                .collect();
-            let times = Timestamps {
-                last_access: *mtime,
-                last_modification: *mtime,
-            };
-            if let Err(e) = self
-                .open_dir(&comps, false)
-                .and_then(|fd| rfs::futimens(&fd, &times))
-            {
+            let comps: Vec<&[u8]> = path.split(|b| *b == b'/').filter(|c| !c.is_empty()).collect();
+            let times = Timestamps { last_access: *mtime, last_modification: *mtime };
+            if let Err(e) = self.open_dir(&comps, false).and_then(|fd| rfs::futimens(&fd, &times)) {
                 tracing::debug!(path = %String::from_utf8_lossy(path), error = %e, "directory mtime not restored");
             }
         }
@@ -401,21 +331,14 @@ fn entry_error(shown: &str, e: Errno) -> ImageError {
             entry: shown.to_owned(),
             reason: "its path goes through a symlink or leaves the layer",
         },
-        _ => ImageError::Extract {
-            entry: shown.to_owned(),
-            source: e.into(),
-        },
+        _ => ImageError::Extract { entry: shown.to_owned(), source: e.into() },
     }
 }
 
 /// Owner, then mode (chown clears setuid/setgid), then xattrs (chown and writes clear
 /// security.capability).
 fn set_meta(fd: BorrowedFd<'_>, meta: &Meta) -> Result<(), Errno> {
-    rfs::fchown(
-        fd,
-        Some(rfs::Uid::from_raw(meta.uid)),
-        Some(rfs::Gid::from_raw(meta.gid)),
-    )?;
+    rfs::fchown(fd, Some(rfs::Uid::from_raw(meta.uid)), Some(rfs::Gid::from_raw(meta.gid)))?;
     rfs::fchmod(fd, meta.mode)?;
     for (name, value) in &meta.xattrs {
         rfs::fsetxattr(fd, name.as_c_str(), value, rfs::XattrFlags::empty())?;
@@ -465,10 +388,7 @@ mod tests {
 
     #[test]
     fn components_strip_root_and_dots_and_refuse_dotdot() {
-        assert_eq!(
-            components(b"/etc//./passwd").unwrap(),
-            vec![&b"etc"[..], b"passwd"]
-        );
+        assert_eq!(components(b"/etc//./passwd").unwrap(), vec![&b"etc"[..], b"passwd"]);
         assert!(components(b"./").unwrap().is_empty());
         assert!(components(b"a/../../x").is_err());
         assert!(components(b"..").is_err());
@@ -476,20 +396,8 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(
-            parse_pax_time(b"1700000000.25"),
-            Some(Timespec {
-                tv_sec: 1_700_000_000,
-                tv_nsec: 250_000_000
-            })
-        );
-        assert_eq!(
-            parse_pax_time(b"12"),
-            Some(Timespec {
-                tv_sec: 12,
-                tv_nsec: 0
-            })
-        );
+        assert_eq!(parse_pax_time(b"1700000000.25"), Some(Timespec { tv_sec: 1_700_000_000, tv_nsec: 250_000_000 }));
+        assert_eq!(parse_pax_time(b"12"), Some(Timespec { tv_sec: 12, tv_nsec: 0 }));
         assert_eq!(parse_pax_time(b"-5.1"), None);
         assert_eq!(parse_pax_time(b"x"), None);
     }

@@ -31,10 +31,7 @@ pub(crate) struct PlannedLayer {
 }
 
 fn bad(bundle: &dyn Bundle, message: String) -> ImageError {
-    ImageError::BadImage {
-        source_path: bundle.path().to_owned(),
-        message,
-    }
+    ImageError::BadImage { source_path: bundle.path().to_owned(), message }
 }
 
 fn blob_name(digest: &Digest) -> String {
@@ -46,29 +43,14 @@ fn parse_digest(digest: &impl ToString) -> Result<Digest, ImageError> {
 }
 
 /// Reads a JSON blob and checks it against its descriptor's digest and size.
-fn read_verified(
-    bundle: &dyn Bundle,
-    name: &str,
-    digest: &Digest,
-    size: Option<u64>,
-) -> Result<Vec<u8>, ImageError> {
+fn read_verified(bundle: &dyn Bundle, name: &str, digest: &Digest, size: Option<u64>) -> Result<Vec<u8>, ImageError> {
     let bytes = bundle.read_small(name)?;
     let actual = Digest::of(&bytes);
     if actual != *digest {
-        return Err(ImageError::DigestMismatch {
-            what: bundle.describe(name),
-            expected: *digest,
-            actual,
-        });
+        return Err(ImageError::DigestMismatch { what: bundle.describe(name), expected: *digest, actual });
     }
     if let Some(size) = size.filter(|s| *s != bytes.len() as u64) {
-        return Err(bad(
-            bundle,
-            format!(
-                "{name} is {} bytes, its descriptor says {size}",
-                bytes.len()
-            ),
-        ));
+        return Err(bad(bundle, format!("{name} is {} bytes, its descriptor says {size}", bytes.len())));
     }
     Ok(bytes)
 }
@@ -78,10 +60,7 @@ fn read_descriptor(bundle: &dyn Bundle, desc: &Descriptor) -> Result<Vec<u8>, Im
     read_verified(bundle, &blob_name(&digest), &digest, Some(desc.size()))
 }
 
-fn oci_json_error(
-    bundle: &dyn Bundle,
-    name: &str,
-) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
+fn oci_json_error(bundle: &dyn Bundle, name: &str) -> impl FnOnce(oci_spec::OciSpecError) -> ImageError {
     let what = bundle.describe(name);
     move |source| ImageError::OciJson { what, source }
 }
@@ -95,8 +74,8 @@ struct Candidate {
 /// Plans the import of the image of an OCI layout; `reference` selects a manifest by its
 /// `org.opencontainers.image.ref.name` (or full `io.containerd.image.name`) annotation.
 pub(crate) fn plan_oci(bundle: &dyn Bundle, reference: Option<&str>) -> Result<Plan, ImageError> {
-    let index = ImageIndex::from_reader(&bundle.read_small("index.json")?[..])
-        .map_err(oci_json_error(bundle, "index.json"))?;
+    let index =
+        ImageIndex::from_reader(&bundle.read_small("index.json")?[..]).map_err(oci_json_error(bundle, "index.json"))?;
     let mut candidates = Vec::new();
     collect_manifests(bundle, &index, &[], 0, &mut candidates)?;
 
@@ -104,10 +83,7 @@ pub(crate) fn plan_oci(bundle: &dyn Bundle, reference: Option<&str>) -> Result<P
         let available = tag_list(candidates.iter().flat_map(|c| c.names.iter()));
         candidates.retain(|c| c.names.iter().any(|n| n == reference));
         if candidates.is_empty() {
-            return Err(bad(
-                bundle,
-                format!("no image is tagged {reference:?} (tags: {available})"),
-            ));
+            return Err(bad(bundle, format!("no image is tagged {reference:?} (tags: {available})")));
         }
     }
     let all_platforms = platform_list(&candidates);
@@ -115,21 +91,10 @@ pub(crate) fn plan_oci(bundle: &dyn Bundle, reference: Option<&str>) -> Result<P
     candidates.dedup_by(|a, b| a.desc.digest() == b.desc.digest());
     let chosen = match candidates.as_slice() {
         [one] => one,
-        [] => {
-            return Err(bad(
-                bundle,
-                format!(
-                    "no image for linux/{} (platforms: {all_platforms})",
-                    host_arch()
-                ),
-            ))
-        }
+        [] => return Err(bad(bundle, format!("no image for linux/{} (platforms: {all_platforms})", host_arch()))),
         several => {
             let tags = tag_list(several.iter().flat_map(|c| c.names.iter()));
-            return Err(bad(
-                bundle,
-                format!("it holds several images; choose one with PATH:REF (tags: {tags})"),
-            ));
+            return Err(bad(bundle, format!("it holds several images; choose one with PATH:REF (tags: {tags})")));
         }
     };
 
@@ -147,18 +112,10 @@ pub(crate) fn plan_oci(bundle: &dyn Bundle, reference: Option<&str>) -> Result<P
         .zip(diff_ids)
         .map(|(desc, diff_id)| {
             let digest = parse_digest(desc.digest())?;
-            Ok(PlannedLayer {
-                blob: blob_name(&digest),
-                blob_digest: Some(digest),
-                size: desc.size(),
-                diff_id,
-            })
+            Ok(PlannedLayer { blob: blob_name(&digest), blob_digest: Some(digest), size: desc.size(), diff_id })
         })
         .collect::<Result<_, ImageError>>()?;
-    Ok(Plan {
-        layers,
-        config: image_config(&config),
-    })
+    Ok(Plan { layers, config: image_config(&config) })
 }
 
 fn collect_manifests(
@@ -174,11 +131,7 @@ fn collect_manifests(
     for desc in index.manifests() {
         let mut names = outer_names.to_vec();
         if let Some(annotations) = desc.annotations() {
-            names.extend(
-                [REF_NAME, CONTAINERD_NAME]
-                    .iter()
-                    .filter_map(|k| annotations.get(*k).cloned()),
-            );
+            names.extend([REF_NAME, CONTAINERD_NAME].iter().filter_map(|k| annotations.get(*k).cloned()));
         }
         let media_type = desc.media_type();
         match media_type {
@@ -187,10 +140,7 @@ fn collect_manifests(
                     .map_err(oci_json_error(bundle, desc.digest().as_ref()))?;
                 collect_manifests(bundle, &nested, &names, depth + 1, out)?;
             }
-            t if is_manifest(t) => out.push(Candidate {
-                desc: desc.clone(),
-                names,
-            }),
+            t if is_manifest(t) => out.push(Candidate { desc: desc.clone(), names }),
             other => tracing::debug!(media_type = %other, "skipping index entry"),
         }
     }
@@ -198,13 +148,11 @@ fn collect_manifests(
 }
 
 fn is_index(t: &MediaType) -> bool {
-    matches!(t, MediaType::ImageIndex)
-        || matches!(t, MediaType::Other(o) if o == DOCKER_MANIFEST_LIST)
+    matches!(t, MediaType::ImageIndex) || matches!(t, MediaType::Other(o) if o == DOCKER_MANIFEST_LIST)
 }
 
 fn is_manifest(t: &MediaType) -> bool {
-    matches!(t, MediaType::ImageManifest)
-        || matches!(t, MediaType::Other(o) if o == DOCKER_MANIFEST_V2)
+    matches!(t, MediaType::ImageManifest) || matches!(t, MediaType::Other(o) if o == DOCKER_MANIFEST_V2)
 }
 
 /// The GOARCH name of the machine we run on.
@@ -220,9 +168,9 @@ fn host_arch() -> &'static str {
 
 /// A manifest without a platform is taken as ours; attestations (`unknown/unknown`) never are.
 fn platform_matches(desc: &Descriptor) -> bool {
-    desc.platform().as_ref().is_none_or(|p| {
-        p.os().to_string() == "linux" && p.architecture().to_string() == host_arch()
-    })
+    desc.platform()
+        .as_ref()
+        .is_none_or(|p| p.os().to_string() == "linux" && p.architecture().to_string() == host_arch())
 }
 
 fn platform_list(candidates: &[Candidate]) -> String {
@@ -249,20 +197,10 @@ fn tag_list<'a>(names: impl Iterator<Item = &'a String>) -> String {
     }
 }
 
-fn diff_ids(
-    bundle: &dyn Bundle,
-    config: &ImageConfiguration,
-    layer_count: usize,
-) -> Result<Vec<Digest>, ImageError> {
+fn diff_ids(bundle: &dyn Bundle, config: &ImageConfiguration, layer_count: usize) -> Result<Vec<Digest>, ImageError> {
     let ids = config.rootfs().diff_ids();
     if ids.len() != layer_count {
-        return Err(bad(
-            bundle,
-            format!(
-                "the image config lists {} diff_ids for {layer_count} layers",
-                ids.len()
-            ),
-        ));
+        return Err(bad(bundle, format!("the image config lists {} diff_ids for {layer_count} layers", ids.len())));
     }
     ids.iter().map(|id| id.parse()).collect()
 }
@@ -293,9 +231,7 @@ pub(crate) struct DockerImage {
 /// Parses a docker-save manifest.json; `None` if the document is not one (then the bundle is taken
 /// as a plain rootfs that happens to hold a file of that name).
 pub(crate) fn parse_docker_manifest(bytes: &[u8]) -> Option<Vec<DockerImage>> {
-    serde_json::from_slice::<Vec<DockerImage>>(bytes)
-        .ok()
-        .filter(|images| !images.is_empty())
+    serde_json::from_slice::<Vec<DockerImage>>(bytes).ok().filter(|images| !images.is_empty())
 }
 
 /// The digest a docker archive name carries: `blobs/sha256/<hex>` (docker 25+) or `<hex>.json`
@@ -317,14 +253,7 @@ pub(crate) fn plan_docker(
 ) -> Result<Plan, ImageError> {
     let tags = |image: &DockerImage| image.repo_tags.clone().unwrap_or_default();
     let chosen: Vec<&DockerImage> = match reference {
-        Some(r) => images
-            .iter()
-            .filter(|i| {
-                tags(i)
-                    .iter()
-                    .any(|t| t == r || *t == format!("{r}:latest"))
-            })
-            .collect(),
+        Some(r) => images.iter().filter(|i| tags(i).iter().any(|t| t == r || *t == format!("{r}:latest"))).collect(),
         None => images.iter().collect(),
     };
     let image = match chosen.as_slice() {
@@ -348,8 +277,7 @@ pub(crate) fn plan_docker(
         Some(digest) => read_verified(bundle, &image.config, &digest, None)?,
         None => bundle.read_small(&image.config)?,
     };
-    let config = ImageConfiguration::from_reader(&config_bytes[..])
-        .map_err(oci_json_error(bundle, &image.config))?;
+    let config = ImageConfiguration::from_reader(&config_bytes[..]).map_err(oci_json_error(bundle, &image.config))?;
     let diff_ids = diff_ids(bundle, &config, image.layers.len())?;
     let layers = image
         .layers
@@ -357,18 +285,10 @@ pub(crate) fn plan_docker(
         .zip(diff_ids)
         .map(|(name, diff_id)| {
             let (_, size) = bundle.open(name)?;
-            Ok(PlannedLayer {
-                blob: name.clone(),
-                blob_digest: digest_in_name(name),
-                size,
-                diff_id,
-            })
+            Ok(PlannedLayer { blob: name.clone(), blob_digest: digest_in_name(name), size, diff_id })
         })
         .collect::<Result<_, ImageError>>()?;
-    Ok(Plan {
-        layers,
-        config: image_config(&config),
-    })
+    Ok(Plan { layers, config: image_config(&config) })
 }
 
 #[cfg(test)]
@@ -378,14 +298,8 @@ mod tests {
     #[test]
     fn docker_names_carry_digests() {
         let hex = Digest::of(b"x").hex();
-        assert_eq!(
-            digest_in_name(&format!("blobs/sha256/{hex}")),
-            Some(Digest::from_hex(&hex).unwrap())
-        );
-        assert_eq!(
-            digest_in_name(&format!("{hex}.json")),
-            Some(Digest::from_hex(&hex).unwrap())
-        );
+        assert_eq!(digest_in_name(&format!("blobs/sha256/{hex}")), Some(Digest::from_hex(&hex).unwrap()));
+        assert_eq!(digest_in_name(&format!("{hex}.json")), Some(Digest::from_hex(&hex).unwrap()));
         assert_eq!(digest_in_name("abc/layer.tar"), None);
     }
 }

@@ -50,18 +50,10 @@ pub enum ImageError {
         #[source]
         source: io::Error,
     },
-    #[error(
-        "{what} is compressed with {compression}; only tar, tar+gzip and tar+zstd are supported"
-    )]
-    UnsupportedCompression {
-        what: String,
-        compression: &'static str,
-    },
+    #[error("{what} is compressed with {compression}; only tar, tar+gzip and tar+zstd are supported")]
+    UnsupportedCompression { what: String, compression: &'static str },
     #[error("{}: not a valid image: {message}", source_path.display())]
-    BadImage {
-        source_path: PathBuf,
-        message: String,
-    },
+    BadImage { source_path: PathBuf, message: String },
     #[error("{what} is not a valid OCI document")]
     OciJson {
         what: String,
@@ -69,11 +61,7 @@ pub enum ImageError {
         source: oci_spec::OciSpecError,
     },
     #[error("digest mismatch for {what}: expected {expected}, got {actual}")]
-    DigestMismatch {
-        what: String,
-        expected: Digest,
-        actual: Digest,
-    },
+    DigestMismatch { what: String, expected: Digest, actual: Digest },
     #[error("layer entry {entry:?} refused: {reason}")]
     UnsafeEntry { entry: String, reason: &'static str },
     #[error("cannot extract layer entry {entry:?}")]
@@ -199,13 +187,9 @@ impl LayerStore {
     /// `root` is made mode 0700: layers hold setuid binaries and device nodes of images, which no
     /// unprivileged host user may reach.
     pub fn open(root: &Path) -> Result<Self, ImageError> {
-        let store = LayerStore {
-            layers: root.join("layers"),
-            tmp: root.join("tmp"),
-        };
+        let store = LayerStore { layers: root.join("layers"), tmp: root.join("tmp") };
         for dir in [&store.layers, &store.tmp] {
-            fs::create_dir_all(dir)
-                .map_err(ImageError::io(format!("creating {}", dir.display())))?;
+            fs::create_dir_all(dir).map_err(ImageError::io(format!("creating {}", dir.display())))?;
         }
         fs::set_permissions(root, fs::Permissions::from_mode(0o700))
             .map_err(ImageError::io(format!("chmod {}", root.display())))?;
@@ -263,47 +247,27 @@ impl LayerStore {
     /// rootfs directory, or a plain rootfs tarball (tar files may be gzip or zstd compressed).
     /// `PATH:REF` selects the image tagged REF in a layout/archive that holds several. Layers
     /// already in the store are not read again.
-    pub fn import(
-        &self,
-        source: &Path,
-        progress: &mut dyn FnMut(Progress),
-    ) -> Result<ImportedImage, ImageError> {
+    pub fn import(&self, source: &Path, progress: &mut dyn FnMut(Progress)) -> Result<ImportedImage, ImageError> {
         let (path, reference) = split_reference(source)?;
         let work = WorkDir::new(&self.tmp)?;
-        let metadata = fs::metadata(&path).map_err(|source| ImageError::Read {
-            what: path.display().to_string(),
-            source,
-        })?;
+        let metadata =
+            fs::metadata(&path).map_err(|source| ImageError::Read { what: path.display().to_string(), source })?;
         let imported = if metadata.is_dir() {
             let bundle = DirBundle::open_dir(&path)?;
-            match self.detect_bundle(&bundle)? {
-                Some((kind, images)) => {
-                    let format = match kind {
-                        BundleKind::Oci => SourceFormat::OciLayout,
-                        BundleKind::Docker => SourceFormat::DockerDir,
-                    };
-                    self.import_bundle(&bundle, kind, images, reference, format, &work, progress)?
-                }
+            match detect_bundle(&bundle)? {
+                Some(kind) => self.import_bundle(&bundle, kind, false, reference, &work, progress)?,
                 None => {
                     refuse_reference(&path, reference)?;
                     self.import_rootfs_dir(&path, &work, progress)?
                 }
             }
         } else {
-            let file = File::open(&path).map_err(|source| ImageError::Read {
-                what: path.display().to_string(),
-                source,
-            })?;
+            let file =
+                File::open(&path).map_err(|source| ImageError::Read { what: path.display().to_string(), source })?;
             let file = decompress_archive(file, &path, &work, progress)?;
             let bundle = TarBundle::index(file, &path)?;
-            match self.detect_bundle(&bundle)? {
-                Some((kind, images)) => {
-                    let format = match kind {
-                        BundleKind::Oci => SourceFormat::OciArchive,
-                        BundleKind::Docker => SourceFormat::DockerArchive,
-                    };
-                    self.import_bundle(&bundle, kind, images, reference, format, &work, progress)?
-                }
+            match detect_bundle(&bundle)? {
+                Some(kind) => self.import_bundle(&bundle, kind, true, reference, &work, progress)?,
                 None => {
                     refuse_reference(&path, reference)?;
                     self.import_rootfs_tar(bundle.into_file(), &path, &work, progress)?
@@ -314,41 +278,26 @@ impl LayerStore {
         Ok(imported)
     }
 
-    /// An OCI layout (it has `oci-layout`; newer docker archives have both) or a docker archive (a
-    /// `manifest.json` in docker's format); `None` for a plain rootfs.
-    fn detect_bundle(
-        &self,
-        bundle: &dyn Bundle,
-    ) -> Result<Option<(BundleKind, Vec<manifest::DockerImage>)>, ImageError> {
-        if bundle.contains("oci-layout") {
-            return Ok(Some((BundleKind::Oci, Vec::new())));
-        }
-        if bundle.contains("manifest.json") {
-            if let Some(images) =
-                manifest::parse_docker_manifest(&bundle.read_small("manifest.json")?)
-            {
-                return Ok(Some((BundleKind::Docker, images)));
-            }
-        }
-        Ok(None)
-    }
-
-    #[allow(clippy::too_many_arguments)]
+    /// Imports the image of an OCI layout or docker archive; `archive` tells a tar file from a
+    /// directory (for [`SourceFormat`]).
     fn import_bundle(
         &self,
         bundle: &dyn Bundle,
         kind: BundleKind,
-        docker_images: Vec<manifest::DockerImage>,
+        archive: bool,
         reference: Option<String>,
-        format: SourceFormat,
         work: &WorkDir,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ImportedImage, ImageError> {
-        let plan = match kind {
-            BundleKind::Oci => manifest::plan_oci(bundle, reference.as_deref())?,
-            BundleKind::Docker => {
-                manifest::plan_docker(bundle, &docker_images, reference.as_deref())?
-            }
+        let (plan, format) = match kind {
+            BundleKind::Oci => (
+                manifest::plan_oci(bundle, reference.as_deref())?,
+                if archive { SourceFormat::OciArchive } else { SourceFormat::OciLayout },
+            ),
+            BundleKind::Docker(images) => (
+                manifest::plan_docker(bundle, &images, reference.as_deref())?,
+                if archive { SourceFormat::DockerArchive } else { SourceFormat::DockerDir },
+            ),
         };
         let total: u64 = plan.layers.iter().map(|l| l.size).sum();
         let count = plan.layers.len();
@@ -356,11 +305,7 @@ impl LayerStore {
         let mut layers = Vec::with_capacity(count);
         for (index, layer) in plan.layers.iter().enumerate() {
             let stage = ImportStage::Layer { index, count };
-            progress(Progress {
-                stage,
-                done_bytes: done,
-                total_bytes: total,
-            });
+            progress(Progress { stage, done_bytes: done, total_bytes: total });
             let info = match self.existing_layer(&layer.diff_id) {
                 Some(info) => {
                     tracing::debug!(diff_id = %layer.diff_id, "layer already in the store");
@@ -368,18 +313,12 @@ impl LayerStore {
                 }
                 None => {
                     let what = bundle.describe(&layer.blob);
-                    let wrap = |e| ImageError::Layer {
-                        layer: what.clone(),
-                        source: Box::new(e),
-                    };
+                    let wrap = |e| ImageError::Layer { layer: what.clone(), source: Box::new(e) };
                     let (reader, size) = bundle.open(&layer.blob)?;
                     if size != layer.size {
                         return Err(wrap(ImageError::BadImage {
                             source_path: bundle.path().to_owned(),
-                            message: format!(
-                                "{} is {size} bytes, its descriptor says {}",
-                                layer.blob, layer.size
-                            ),
+                            message: format!("{} is {size} bytes, its descriptor says {}", layer.blob, layer.size),
                         }));
                     }
                     let reader = ProgressReader::new(reader, progress, stage, done, total);
@@ -393,18 +332,11 @@ impl LayerStore {
             layers.push(info);
         }
         progress(Progress {
-            stage: ImportStage::Layer {
-                index: count.saturating_sub(1),
-                count,
-            },
+            stage: ImportStage::Layer { index: count.saturating_sub(1), count },
             done_bytes: total,
             total_bytes: total,
         });
-        Ok(ImportedImage {
-            layers,
-            config: plan.config,
-            format,
-        })
+        Ok(ImportedImage { layers, config: plan.config, format })
     }
 
     fn import_rootfs_tar(
@@ -414,10 +346,7 @@ impl LayerStore {
         work: &WorkDir,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ImportedImage, ImageError> {
-        let read_err = |source| ImageError::Read {
-            what: path.display().to_string(),
-            source,
-        };
+        let read_err = |source| ImageError::Read { what: path.display().to_string(), source };
         file.rewind().map_err(read_err)?;
         let total = file.metadata().map_err(read_err)?.len();
         let stage = ImportStage::Layer { index: 0, count: 1 };
@@ -438,8 +367,7 @@ impl LayerStore {
         work: &WorkDir,
         progress: &mut dyn FnMut(Progress),
     ) -> Result<ImportedImage, ImageError> {
-        let (read_end, write_end) =
-            rustix::pipe::pipe().map_err(|e| ImageError::io("creating a pipe")(e.into()))?;
+        let (read_end, write_end) = rustix::pipe::pipe().map_err(|e| ImageError::io("creating a pipe")(e.into()))?;
         // A bigger pipe means fewer context switches between the two threads; best effort.
         let _ = rustix::pipe::fcntl_setpipe_size(&write_end, 1 << 20);
         let what = dir.display().to_string();
@@ -453,7 +381,7 @@ impl LayerStore {
             (staged, writer.join())
         });
         match written {
-            Ok(Ok(_)) => {}
+            Ok(Ok(())) => {}
             Ok(Err(source)) => return Err(ImageError::Read { what, source }),
             Err(panic) => std::panic::resume_unwind(panic),
         }
@@ -473,12 +401,8 @@ impl LayerStore {
         if !self.layer_path(diff_id).is_dir() {
             return None;
         }
-        let meta: LayerMeta =
-            serde_json::from_slice(&fs::read(self.meta_path(diff_id)).ok()?).ok()?;
-        Some(LayerInfo {
-            diff_id: meta.diff_id,
-            size: meta.size,
-        })
+        let meta: LayerMeta = serde_json::from_slice(&fs::read(self.meta_path(diff_id)).ok()?).ok()?;
+        Some(LayerInfo { diff_id: meta.diff_id, size: meta.size })
     }
 
     /// Makes a staged layer visible: data synced, sidecar written, then one atomic rename. If a
@@ -489,16 +413,10 @@ impl LayerStore {
         let dir = File::open(&staged.path).map_err(ImageError::io(what.clone()))?;
         rustix::fs::syncfs(&dir).map_err(|e| ImageError::io(what.clone())(e.into()))?;
 
-        let meta = serde_json::to_vec(&LayerMeta {
-            diff_id,
-            size: staged.size,
-        })
-        .expect("LayerMeta serializes");
+        let meta = serde_json::to_vec(&LayerMeta { diff_id, size: staged.size }).expect("LayerMeta serializes");
         let meta_tmp = staged.path.with_extension("json");
         fs::write(&meta_tmp, meta).map_err(ImageError::io(what.clone()))?;
-        File::open(&meta_tmp)
-            .and_then(|f| f.sync_all())
-            .map_err(ImageError::io(what.clone()))?;
+        File::open(&meta_tmp).and_then(|f| f.sync_all()).map_err(ImageError::io(what.clone()))?;
         fs::rename(&meta_tmp, self.meta_path(&diff_id)).map_err(ImageError::io(what.clone()))?;
 
         match rustix::fs::renameat_with(
@@ -517,10 +435,7 @@ impl LayerStore {
         File::open(&self.layers)
             .and_then(|d| d.sync_all())
             .map_err(ImageError::io(format!("syncing {}", self.layers.display())))?;
-        Ok(LayerInfo {
-            diff_id,
-            size: staged.size,
-        })
+        Ok(LayerInfo { diff_id, size: staged.size })
     }
 
     /// Removes what crashed imports left in tmp/. Work directories of running imports are locked
@@ -557,10 +472,23 @@ impl LayerStore {
     }
 }
 
-#[derive(Clone, Copy)]
 enum BundleKind {
     Oci,
-    Docker,
+    Docker(Vec<manifest::DockerImage>),
+}
+
+/// An OCI layout (it has `oci-layout`; newer docker archives have both) or a docker archive (a
+/// `manifest.json` in docker's format); `None` for a plain rootfs.
+fn detect_bundle(bundle: &dyn Bundle) -> Result<Option<BundleKind>, ImageError> {
+    if bundle.contains("oci-layout") {
+        return Ok(Some(BundleKind::Oci));
+    }
+    if bundle.contains("manifest.json") {
+        if let Some(images) = manifest::parse_docker_manifest(&bundle.read_small("manifest.json")?) {
+            return Ok(Some(BundleKind::Docker(images)));
+        }
+    }
+    Ok(None)
 }
 
 /// `source` itself if it exists, else the shortest existing path before a `:`, with the rest as the
@@ -577,17 +505,12 @@ fn split_reference(source: &Path) -> Result<(PathBuf, Option<String>), ImageErro
             return Ok((path.to_owned(), Some(reference)));
         }
     }
-    Err(ImageError::SourceNotFound {
-        path: source.to_owned(),
-    })
+    Err(ImageError::SourceNotFound { path: source.to_owned() })
 }
 
 fn refuse_reference(path: &Path, reference: Option<String>) -> Result<(), ImageError> {
     match reference {
-        Some(reference) => Err(ImageError::ReferenceOnRootfs {
-            path: path.to_owned(),
-            reference,
-        }),
+        Some(reference) => Err(ImageError::ReferenceOnRootfs { path: path.to_owned(), reference }),
         None => Ok(()),
     }
 }
@@ -602,10 +525,7 @@ fn decompress_archive(
     progress: &mut dyn FnMut(Progress),
 ) -> Result<File, ImageError> {
     let what = path.display().to_string();
-    let read_err = |source| ImageError::Read {
-        what: what.clone(),
-        source,
-    };
+    let read_err = |source| ImageError::Read { what: what.clone(), source };
     let mut head = BufReader::new(file);
     let compression = compress::detect(&mut head, &what)?;
     let mut file = head.into_inner();
@@ -659,17 +579,13 @@ fn stage_layer(
     what: &str,
     blob_digest: Option<Digest>,
 ) -> Result<StagedLayer, ImageError> {
-    let read_err = |source| ImageError::Read {
-        what: what.to_owned(),
-        source,
-    };
+    let read_err = |source| ImageError::Read { what: what.to_owned(), source };
     let dest = work.new_subdir("layer")?;
     let trash = work.new_subdir("trash")?;
     let mut blob_state = HashState::default();
     let mut diff_state = HashState::default();
     {
-        let mut blob =
-            BufReader::with_capacity(READ_BUFFER, HashingReader::new(blob, &mut blob_state));
+        let mut blob = BufReader::with_capacity(READ_BUFFER, HashingReader::new(blob, &mut blob_state));
         let compression = compress::detect(&mut blob, what)?;
         tracing::debug!(layer = what, %compression, "extracting layer");
         {
@@ -684,18 +600,10 @@ fn stage_layer(
     }
     let (actual, _) = blob_state.finish();
     if let Some(expected) = blob_digest.filter(|e| *e != actual) {
-        return Err(ImageError::DigestMismatch {
-            what: what.to_owned(),
-            expected,
-            actual,
-        });
+        return Err(ImageError::DigestMismatch { what: what.to_owned(), expected, actual });
     }
     let (diff_id, size) = diff_state.finish();
-    Ok(StagedLayer {
-        path: dest,
-        diff_id,
-        size,
-    })
+    Ok(StagedLayer { path: dest, diff_id, size })
 }
 
 /// A private directory in tmp/ for one import or removal, locked (flock) while in use so that
@@ -709,29 +617,15 @@ struct WorkDir {
 impl WorkDir {
     fn new(tmp: &Path) -> Result<Self, ImageError> {
         let what = format!("creating a work directory in {}", tmp.display());
-        let dir = tempfile::Builder::new()
-            .prefix("work-")
-            .tempdir_in(tmp)
-            .map_err(ImageError::io(what.clone()))?;
+        let dir = tempfile::Builder::new().prefix("work-").tempdir_in(tmp).map_err(ImageError::io(what.clone()))?;
         let lock = File::open(dir.path()).map_err(ImageError::io(what.clone()))?;
         rustix::fs::flock(&lock, FlockOperation::NonBlockingLockExclusive)
             .map_err(|e| ImageError::io(what.clone())(e.into()))?;
         // A concurrent `open` may have removed the directory between its creation and our lock.
-        if lock
-            .metadata()
-            .map_err(ImageError::io(what.clone()))?
-            .nlink()
-            == 0
-        {
-            return Err(ImageError::io(what)(io::Error::other(
-                "removed by a concurrent store cleanup; retry",
-            )));
+        if lock.metadata().map_err(ImageError::io(what.clone()))?.nlink() == 0 {
+            return Err(ImageError::io(what)(io::Error::other("removed by a concurrent store cleanup; retry")));
         }
-        Ok(WorkDir {
-            dir,
-            _lock: lock,
-            next: std::cell::Cell::new(0),
-        })
+        Ok(WorkDir { dir, _lock: lock, next: std::cell::Cell::new(0) })
     }
 
     fn path(&self) -> &Path {
@@ -752,9 +646,7 @@ impl WorkDir {
     /// Removes the directory, reporting failure (dropping it removes it too, silently).
     fn remove(self) -> Result<(), ImageError> {
         let path = self.path().to_owned();
-        self.dir
-            .close()
-            .map_err(ImageError::io(format!("removing {}", path.display())))
+        self.dir.close().map_err(ImageError::io(format!("removing {}", path.display())))
     }
 }
 
@@ -769,21 +661,8 @@ struct ProgressReader<'p, R> {
 }
 
 impl<'p, R> ProgressReader<'p, R> {
-    fn new(
-        inner: R,
-        report: &'p mut dyn FnMut(Progress),
-        stage: ImportStage,
-        done: u64,
-        total: u64,
-    ) -> Self {
-        ProgressReader {
-            inner,
-            report,
-            stage,
-            done,
-            total,
-            reported: done,
-        }
+    fn new(inner: R, report: &'p mut dyn FnMut(Progress), stage: ImportStage, done: u64, total: u64) -> Self {
+        ProgressReader { inner, report, stage, done, total, reported: done }
     }
 }
 
@@ -793,11 +672,7 @@ impl<R: Read> Read for ProgressReader<'_, R> {
         self.done += n as u64;
         if self.done - self.reported >= REPORT_EVERY || (n == 0 && self.done != self.reported) {
             self.reported = self.done;
-            (self.report)(Progress {
-                stage: self.stage,
-                done_bytes: self.done,
-                total_bytes: self.total,
-            });
+            (self.report)(Progress { stage: self.stage, done_bytes: self.done, total_bytes: self.total });
         }
         Ok(n)
     }

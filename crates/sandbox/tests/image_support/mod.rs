@@ -21,10 +21,7 @@ pub fn sha256_hex(bytes: &[u8]) -> String {
 pub fn scratch(name: &str) -> tempfile::TempDir {
     let base = PathBuf::from(env!("CARGO_TARGET_TMPDIR"));
     fs::create_dir_all(&base).unwrap();
-    tempfile::Builder::new()
-        .prefix(&format!("{name}-"))
-        .tempdir_in(base)
-        .unwrap()
+    tempfile::Builder::new().prefix(&format!("{name}-")).tempdir_in(base).unwrap()
 }
 
 pub fn import(store: &LayerStore, source: &Path) -> sandbox::image::ImportedImage {
@@ -55,9 +52,7 @@ pub struct TarBuilder {
 
 impl Default for TarBuilder {
     fn default() -> Self {
-        TarBuilder {
-            builder: tar::Builder::new(Vec::new()),
-        }
+        TarBuilder { builder: tar::Builder::new(Vec::new()) }
     }
 }
 
@@ -70,12 +65,7 @@ pub struct Meta {
 
 impl Default for Meta {
     fn default() -> Self {
-        Meta {
-            mode: 0o644,
-            uid: 0,
-            gid: 0,
-            mtime: 1_700_000_000,
-        }
+        Meta { mode: 0o644, uid: 0, gid: 0, mtime: 1_700_000_000 }
     }
 }
 
@@ -94,13 +84,8 @@ impl TarBuilder {
         xattrs: &[(&str, &[u8])],
     ) -> Self {
         if !xattrs.is_empty() {
-            let records: Vec<(String, &[u8])> = xattrs
-                .iter()
-                .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
-                .collect();
-            self.builder
-                .append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v)))
-                .unwrap();
+            let records: Vec<(String, &[u8])> = xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v)).collect();
+            self.builder.append_pax_extensions(records.iter().map(|(k, v)| (k.as_str(), *v))).unwrap();
         }
         let mut header = Header::new_gnu();
         let name = &mut header.as_old_mut().name;
@@ -121,13 +106,7 @@ impl TarBuilder {
     }
 
     pub fn dir(self, path: &str) -> Self {
-        self.dir_with(
-            path,
-            &Meta {
-                mode: 0o755,
-                ..Meta::default()
-            },
-        )
+        self.dir_with(path, &Meta { mode: 0o755, ..Meta::default() })
     }
 
     pub fn dir_with(self, path: &str, meta: &Meta) -> Self {
@@ -143,10 +122,7 @@ impl TarBuilder {
     }
 
     pub fn symlink(self, path: &str, target: &str) -> Self {
-        let meta = Meta {
-            mode: 0o777,
-            ..Meta::default()
-        };
+        let meta = Meta { mode: 0o777, ..Meta::default() };
         self.raw(EntryType::Symlink, path, Some(target), &[], &meta, &[])
     }
 
@@ -164,9 +140,7 @@ impl TarBuilder {
         header.set_gid(meta.gid);
         header.set_mtime(meta.mtime);
         header.set_size(0);
-        self.builder
-            .append_data(&mut header, path, std::io::empty())
-            .unwrap();
+        self.builder.append_data(&mut header, path, std::io::empty()).unwrap();
         self
     }
 
@@ -197,9 +171,7 @@ pub fn compress(data: &[u8], comp: Comp) -> Vec<u8> {
 pub fn decompress(data: &[u8]) -> Vec<u8> {
     let mut out = Vec::new();
     if data.starts_with(&[0x1f, 0x8b]) {
-        flate2::read::MultiGzDecoder::new(data)
-            .read_to_end(&mut out)
-            .unwrap();
+        flate2::read::MultiGzDecoder::new(data).read_to_end(&mut out).unwrap();
     } else if data.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) {
         out = zstd::decode_all(data).unwrap();
     } else {
@@ -217,11 +189,7 @@ pub struct Layer {
 }
 
 pub fn layer(tar: &[u8], comp: Comp) -> Layer {
-    Layer {
-        blob: compress(tar, comp),
-        diff_id: format!("sha256:{}", sha256_hex(tar)),
-        comp,
-    }
+    Layer { blob: compress(tar, comp), diff_id: format!("sha256:{}", sha256_hex(tar)), comp }
 }
 
 /// Writes an OCI image layout piece by piece.
@@ -233,9 +201,7 @@ impl OciLayout {
     pub fn new(dir: &Path) -> Self {
         fs::create_dir_all(dir.join("blobs/sha256")).unwrap();
         fs::write(dir.join("oci-layout"), r#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-        OciLayout {
-            dir: dir.to_owned(),
-        }
+        OciLayout { dir: dir.to_owned() }
     }
 
     pub fn blob(&self, bytes: &[u8]) -> (String, usize) {
@@ -319,11 +285,7 @@ impl OciLayout {
     }
 
     pub fn index(&self, manifests: &[Value]) {
-        fs::write(
-            self.dir.join("index.json"),
-            Self::index_json(manifests).to_string(),
-        )
-        .unwrap();
+        fs::write(self.dir.join("index.json"), Self::index_json(manifests).to_string()).unwrap();
     }
 }
 
@@ -340,9 +302,7 @@ fn read_json(path: &Path) -> Value {
 }
 
 fn blob_path(layout: &Path, digest: &str) -> PathBuf {
-    layout
-        .join("blobs/sha256")
-        .join(digest.strip_prefix("sha256:").unwrap())
+    layout.join("blobs/sha256").join(digest.strip_prefix("sha256:").unwrap())
 }
 
 /// Converts the (single-image) OCI layout `layout` into a legacy `docker save` tarball, as docker
@@ -377,8 +337,7 @@ pub fn docker_archive_from_oci(layout: &Path, tag: &str, duplicate_last_layer: b
         let mut h = Header::new_gnu();
         h.set_entry_type(EntryType::Symlink);
         h.set_size(0);
-        b.append_link(&mut h, format!("{dup_id}/layer.tar"), format!("../{last}"))
-            .unwrap();
+        b.append_link(&mut h, format!("{dup_id}/layer.tar"), format!("../{last}")).unwrap();
         layer_names.push(format!("{dup_id}/layer.tar"));
         let ids = config["rootfs"]["diff_ids"].as_array_mut().unwrap();
         let last_id = ids.last().unwrap().clone();

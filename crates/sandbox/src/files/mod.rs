@@ -619,7 +619,7 @@ impl Drop for FsIds {
 /// Copies `data` into `file`, telling read errors (the caller's input) from write errors (the
 /// sandbox's filesystem, e.g. ENOSPC).
 fn copy_data(data: &mut dyn Read, file: &mut File, path: &SandboxPath) -> Result<u64, FilesError> {
-    let mut buf = vec![0; 128 * 1024];
+    let mut buf = vec![0; 64 * 1024];
     let mut total = 0u64;
     loop {
         let n = match data.read(&mut buf) {

@@ -118,7 +118,11 @@ fn body_reader(body: Body) -> SyncIoBridge<impl tokio::io::AsyncRead + Unpin> {
     SyncIoBridge::new(StreamReader::new(stream))
 }
 
-async fn read(State(engine): AppState, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<PathQuery>) -> ApiResult<Response> {
+async fn read(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
     let root = root(&engine, &id).await?;
     let (file, stat) = blocking(move || root.open_read(&q.path)).await?;
     let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
@@ -153,18 +157,30 @@ async fn remove(
     Ok(Json(serde_json::json!({ "path": path, "removed": true })))
 }
 
-async fn stat(State(engine): AppState, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<PathQuery>) -> ApiResult<Response> {
+async fn stat(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
     let root = root(&engine, &id).await?;
     Ok(Json(blocking(move || root.stat(&q.path)).await?).into_response())
 }
 
-async fn list(State(engine): AppState, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<PathQuery>) -> ApiResult<Response> {
+async fn list(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<PathQuery>,
+) -> ApiResult<Response> {
     let root = root(&engine, &id).await?;
     let entries = blocking(move || root.list(&q.path)).await?;
     Ok(Json(serde_json::json!({ "entries": entries })).into_response())
 }
 
-async fn mkdir(State(engine): AppState, ApiPath(id): ApiPath<String>, ApiQuery(q): ApiQuery<MkdirQuery>) -> ApiResult<Response> {
+async fn mkdir(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<MkdirQuery>,
+) -> ApiResult<Response> {
     let root = root(&engine, &id).await?;
     let mode = octal(q.mode.as_deref(), 0o755)?;
     let stat = blocking(move || root.mkdir(&q.path, mode, q.parents, q.uid, q.gid)).await?;
@@ -209,9 +225,9 @@ async fn download_tar(
     let (tx, rx) = mpsc::channel(16);
     tokio::task::spawn_blocking(move || {
         let mut out = std::io::BufWriter::with_capacity(256 * 1024, ChannelWriter(tx.clone()));
-        let result = root.write_tar(&q.path, &mut out).and_then(|()| {
-            std::io::Write::flush(&mut out).map_err(|source| FilesError::WriteOutput { source })
-        });
+        let result = root
+            .write_tar(&q.path, &mut out)
+            .and_then(|()| std::io::Write::flush(&mut out).map_err(|source| FilesError::WriteOutput { source }));
         if let Err(e) = result {
             // Cut the stream short so the client sees a broken archive rather than a silently partial one.
             let _ = tx.blocking_send(Err(std::io::Error::other(e.to_string())));

@@ -1,0 +1,195 @@
+//! Mounting a stack and the engine-facing operations on a mounted DeltaFS: checkpoint, rollback,
+//! unmount.
+
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fuse::DeltaFs;
+use crate::store::{StackId, Store, StoreError};
+use crate::volume::{IdMap, RollbackStats, Volume};
+
+/// Errors of mount-level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot mount DeltaFS at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot flush the kernel's dirty pages of {path}")]
+    Sync {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot unmount {path}")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to present a stack.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Host uid of the sandbox's uid 0 (0 when there is no user namespace): stored owners are shown
+    /// as `uid_base + uid`, requests from host uid `h` act as `h - uid_base`.
+    pub uid_base: u32,
+    /// As `uid_base`, for group ids.
+    pub gid_base: u32,
+    /// How long the kernel may cache entries and attributes. Every change goes through this server
+    /// and rollbacks invalidate precisely, so this can be long.
+    pub cache_ttl: Duration,
+    /// Pass read-only opens of files that live in one frozen/image file straight to that file
+    /// (kernel FUSE passthrough). See docs/deltafs.md for what such an fd sees after a rollback.
+    pub passthrough: bool,
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            uid_base: 0,
+            gid_base: 0,
+            cache_ttl: Duration::from_secs(3600),
+            passthrough: false,
+            threads: 4,
+        }
+    }
+}
+
+/// A mounted DeltaFS. Dropping it unmounts (without the error report of [`Mount::unmount`]).
+pub struct Mount {
+    vol: Arc<Volume>,
+    session: Option<fuser::BackgroundSession>,
+    notifier: fuser::Notifier,
+    mountpoint: PathBuf,
+    root: File,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount")
+            .field("mountpoint", &self.mountpoint)
+            .finish()
+    }
+}
+
+/// Mounts stack `from` at `mountpoint` with a new writable layer on top, served by threads of this
+/// process. Needs root (CAP_SYS_ADMIN) in the initial user namespace.
+pub fn mount(
+    store: &Store,
+    from: StackId,
+    mountpoint: &Path,
+    opts: &MountOptions,
+) -> Result<Mount, MountError> {
+    let loaded = store.load(from)?;
+    let layer = store.create_layer(from.0, &loaded.meta)?;
+    let vol = Arc::new(Volume::new(
+        store.clone(),
+        loaded.images,
+        loaded.meta.base,
+        IdMap {
+            uid_base: opts.uid_base,
+            gid_base: opts.gid_base,
+        },
+        loaded.tree,
+        layer,
+    ));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("deltafs".into()),
+        MountOption::Subtype("deltafs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let fs = DeltaFs::new(vol.clone(), opts.cache_ttl, opts.passthrough);
+    let mount_err = |source| MountError::Mount {
+        path: mountpoint.to_owned(),
+        source,
+    };
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
+    let notifier = session.notifier();
+    let session = session.spawn().map_err(mount_err)?;
+    let root = File::open(mountpoint).map_err(mount_err)?;
+    tracing::info!(stack = %from, mountpoint = %mountpoint.display(), "DeltaFS mounted");
+    Ok(Mount {
+        vol,
+        session: Some(session),
+        notifier,
+        mountpoint: mountpoint.to_owned(),
+        root,
+    })
+}
+
+impl Mount {
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    fn sync(&self) -> Result<(), MountError> {
+        // Dirty pages of shared writable mmaps live in the kernel until written back: push them
+        // to the server so they land in the layer being frozen (or left), not in the next one.
+        rustix::fs::syncfs(&self.root).map_err(|e| MountError::Sync {
+            path: self.mountpoint.clone(),
+            source: e.into(),
+        })
+    }
+
+    /// Freezes the current writable layer (a checkpoint) and pushes an empty one. O(1): copies no
+    /// data. Durable against a kill of this process on return. Processes writing to the mount
+    /// should be frozen around this call for a consistent point in time.
+    pub fn checkpoint(&self) -> Result<StackId, MountError> {
+        self.sync()?;
+        Ok(self.vol.checkpoint()?)
+    }
+
+    /// Switches the mount to stack `to` (any checkpoint sharing this mount's base) with a fresh
+    /// writable layer, discarding changes since the last checkpoint, and invalidates the kernel's
+    /// caches for exactly the inodes and names that differ. Node ids stay valid; open fds read the
+    /// new stack's content.
+    pub fn rollback(&self, to: StackId) -> Result<RollbackStats, MountError> {
+        self.sync()?;
+        let (stats, inval) = self.vol.rollback(to)?;
+        // Sent with the state lock released: the kernel may need to wait for requests in flight.
+        for (dir, name) in &inval.entries {
+            if let Err(e) = self.notifier.inval_entry(fuser::INodeNo(*dir), name) {
+                tracing::trace!(dir, ?name, error = %e, "inval_entry");
+            }
+        }
+        for ino in &inval.inodes {
+            if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(*ino), 0, 0) {
+                tracing::trace!(ino, error = %e, "inval_inode");
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Unmounts and waits for the server threads. The writable layer (changes since the last
+    /// checkpoint) is left for the garbage collector.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        let session = self.session.take().expect("session present until unmount");
+        drop(self.root);
+        session
+            .umount_and_join()
+            .map_err(|source| MountError::Unmount {
+                path: self.mountpoint.clone(),
+                source,
+            })
+    }
+}

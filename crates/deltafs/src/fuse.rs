@@ -301,6 +301,15 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
+        if flags.0 & libc::O_TRUNC != 0 {
+            let r = self
+                .vol
+                .setattr(ino.0, None, None, None, Some(0), None, None, None);
+            if let Err(e) = r {
+                return reply.error(errno(e));
+            }
+        }
         let fh = match self.vol.open(ino.0, false) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),

@@ -310,11 +310,11 @@ impl fuser::Filesystem for DeltaFs {
                 return reply.error(errno(e));
             }
         }
-        let fh = match self.vol.open(ino.0, false) {
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        let fh = match self.vol.open(ino.0, false, !read_only) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
-        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
         if self.passthrough && read_only {
             if let Some(path) = self.vol.frozen_backing(ino.0) {
                 let backing = std::fs::File::open(&path).and_then(|f| reply.open_backing(f));
@@ -405,7 +405,7 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.vol.open(ino.0, true) {
+        match self.vol.open(ino.0, true, false) {
             Ok(fh) => reply.opened(
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
@@ -575,7 +575,7 @@ impl fuser::Filesystem for DeltaFs {
                 Ok(r) => r,
                 Err(e) => return reply.error(errno(e)),
             };
-        match self.vol.open(ino, false) {
+        match self.vol.open(ino, false, true) {
             Ok(fh) => reply.created(
                 &self.ttl,
                 &self.attr(ino, &node),

@@ -142,20 +142,29 @@ impl Mount {
         &self.mountpoint
     }
 
-    fn sync(&self) -> Result<(), MountError> {
-        // Dirty pages of shared writable mmaps live in the kernel until written back: push them
-        // to the server so they land in the layer being frozen (or left), not in the next one.
+    /// Pushes the kernel's dirty pages (shared writable mmaps) to the server, so they land in the
+    /// layer being frozen or left, not in the next one. On this kernel syncfs on a FUSE mount starts
+    /// writeback but does not wait for the server to receive it; invalidating an inode's pages
+    /// does wait (the kernel launders dirty pages synchronously), so that is done for every file
+    /// open for writing — the only ones that can have dirty pages without writeback caching.
+    fn flush_kernel_pages(&self) -> Result<(), MountError> {
         rustix::fs::syncfs(&self.root).map_err(|e| MountError::Sync {
             path: self.mountpoint.clone(),
             source: e.into(),
-        })
+        })?;
+        for ino in self.vol.open_for_writing() {
+            if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                tracing::debug!(ino, error = %e, "flushing pages by invalidation");
+            }
+        }
+        Ok(())
     }
 
     /// Freezes the current writable layer (a checkpoint) and pushes an empty one. O(1): copies no
     /// data. Durable against a kill of this process on return. Processes writing to the mount
     /// should be frozen around this call for a consistent point in time.
     pub fn checkpoint(&self) -> Result<StackId, MountError> {
-        self.sync()?;
+        self.flush_kernel_pages()?;
         Ok(self.vol.checkpoint()?)
     }
 
@@ -164,7 +173,7 @@ impl Mount {
     /// caches for exactly the inodes and names that differ. Node ids stay valid; open fds read the
     /// new stack's content.
     pub fn rollback(&self, to: StackId) -> Result<RollbackStats, MountError> {
-        self.sync()?;
+        self.flush_kernel_pages()?;
         let (stats, inval) = self.vol.rollback(to)?;
         // Sent with the state lock released: the kernel may need to wait for requests in flight.
         for (dir, name) in &inval.entries {

@@ -86,6 +86,8 @@ pub(crate) struct Caller {
 #[derive(Debug)]
 pub(crate) struct Handle {
     pub ino: Ino,
+    /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
+    pub writable: bool,
     files: Mutex<HashMap<Source, Arc<File>>>,
     /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
     pub dir: Option<Vec<(OsString, Ino, u32)>>,
@@ -607,7 +609,7 @@ impl Volume {
 
     // ---------------------------------------------------------------- open files
 
-    pub fn open(&self, ino: Ino, dir: bool) -> OpResult<u64> {
+    pub fn open(&self, ino: Ino, dir: bool, writable: bool) -> OpResult<u64> {
         let mut st = self.state.write();
         let node = st.node(ino)?;
         let entries = match (&node.kind, dir) {
@@ -629,11 +631,26 @@ impl Volume {
             fh,
             Arc::new(Handle {
                 ino,
+                writable,
                 files: Mutex::new(HashMap::new()),
                 dir: entries,
             }),
         );
         Ok(fh)
+    }
+
+    /// Inodes open for writing (the only ones that can have dirty pages in the kernel).
+    pub fn open_for_writing(&self) -> Vec<Ino> {
+        let mut inos: Vec<Ino> = self
+            .handles
+            .lock()
+            .values()
+            .filter(|h| h.writable)
+            .map(|h| h.ino)
+            .collect();
+        inos.sort_unstable();
+        inos.dedup();
+        inos
     }
 
     pub fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
@@ -832,6 +849,7 @@ impl Volume {
         };
         let handle = Handle {
             ino,
+            writable: true,
             files: Mutex::new(HashMap::new()),
             dir: None,
         };

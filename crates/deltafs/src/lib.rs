@@ -30,6 +30,6 @@ mod volume;
 
 pub use image::ImageError;
 pub use journal::JournalError;
-pub use mount::{mount, Mount, MountError, MountOptions};
+pub use mount::{abort_stale_mount, mount, Mount, MountError, MountOptions};
 pub use store::{GcStats, InvalidStackId, StackId, Store, StoreError};
 pub use volume::RollbackStats;

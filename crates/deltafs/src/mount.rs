@@ -30,6 +30,14 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    #[error("no FUSE mount at {0} in /proc/self/mountinfo")]
+    NotMounted(PathBuf),
+    #[error("cannot abort the FUSE connection of {path}")]
+    Abort {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot unmount {path}")]
     Unmount {
         path: PathBuf,
@@ -201,4 +209,47 @@ impl Mount {
                 source,
             })
     }
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Cleans up the mount of a DeltaFS server that died (e.g. a SIGKILLed shim): aborts its FUSE
+/// connection through fusectl — which also frees threads blocked on requests the dead server had
+/// already read — and detaches the mount. Mounts fusectl if needed.
+pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
+    let abort_err = |source| MountError::Abort {
+        path: mountpoint.to_owned(),
+        source,
+    };
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(abort_err)?;
+    let target = mountpoint.to_string_lossy();
+    // Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
+    let minor = mountinfo
+        .lines()
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fstype = fields.iter().skip_while(|f| **f != "-").nth(1)?;
+            (fields.get(4)? == &target && fstype.starts_with("fuse"))
+                .then(|| fields[2].split_once(':').map(|(_, m)| m.to_owned()))
+                .flatten()
+        })
+        .last()
+        .ok_or_else(|| MountError::NotMounted(mountpoint.to_owned()))?;
+    if !Path::new(FUSECTL).join(&minor).exists() {
+        nix::mount::mount(
+            Some("fusectl"),
+            FUSECTL,
+            Some("fusectl"),
+            nix::mount::MsFlags::empty(),
+            None::<&str>,
+        )
+        .map_err(|e| abort_err(e.into()))?;
+    }
+    std::fs::write(Path::new(FUSECTL).join(&minor).join("abort"), b"1").map_err(abort_err)?;
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
+        MountError::Unmount {
+            path: mountpoint.to_owned(),
+            source: e.into(),
+        }
+    })
 }

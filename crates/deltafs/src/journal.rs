@@ -106,12 +106,18 @@ fn frame(payload: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Appends records to a layer's journal file.
+/// Appends records to a layer's journal file. Records are buffered and written in batches of
+/// [`JOURNAL_BATCH`] bytes: a writable layer is only ever loaded after it was frozen, and freezing
+/// writes the rest ([`JournalWriter::write_out`]), so per-operation writes would buy nothing.
 #[derive(Debug)]
 pub struct JournalWriter {
     file: File,
     path: PathBuf,
+    buf: Vec<u8>,
 }
+
+/// Bytes of records buffered before a write(2).
+pub const JOURNAL_BATCH: usize = 256 * 1024;
 
 impl JournalWriter {
     pub fn open(path: &Path) -> Result<Self> {
@@ -123,18 +129,31 @@ impl JournalWriter {
         Ok(JournalWriter {
             file,
             path: path.to_owned(),
+            buf: Vec::new(),
         })
     }
 
-    /// Appends records with a single write(2): once it returns, they survive a kill of this
-    /// process (not a power loss: nothing is fsynced).
+    /// Adds records to the journal (written once a batch is full, or by `write_out`).
     pub fn append_all(&mut self, records: &[Record]) -> Result<()> {
-        let mut buf = Vec::new();
         for record in records {
             let payload = postcard::to_stdvec(record).map_err(JournalError::Encode)?;
-            buf.extend_from_slice(&frame(&payload));
+            self.buf.extend_from_slice(&frame(&payload));
         }
-        self.file.write_all(&buf).map_err(io_err(&self.path))
+        if self.buf.len() >= JOURNAL_BATCH {
+            self.write_out()?;
+        }
+        Ok(())
+    }
+
+    /// Writes buffered records with one write(2): once it returns they survive a kill of this
+    /// process (not a power loss: nothing is fsynced).
+    pub fn write_out(&mut self) -> Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        self.file.write_all(&self.buf).map_err(io_err(&self.path))?;
+        self.buf.clear();
+        Ok(())
     }
 }
 
@@ -229,6 +248,7 @@ mod tests {
         let mut w = JournalWriter::open(&path).unwrap();
         w.append_all(&[Record::NextIno(7)]).unwrap();
         w.append_all(&[Record::Remove { ino: 3 }]).unwrap();
+        w.write_out().unwrap();
         drop(w);
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 1]).unwrap();

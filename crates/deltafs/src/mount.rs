@@ -1,7 +1,6 @@
 //! Mounting a stack and the engine-facing operations on a mounted DeltaFS: checkpoint, rollback,
 //! unmount.
 
-use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -20,12 +19,6 @@ pub enum MountError {
     Store(#[from] StoreError),
     #[error("cannot mount DeltaFS at {path}")]
     Mount {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot flush the kernel's dirty pages of {path}")]
-    Sync {
         path: PathBuf,
         #[source]
         source: io::Error,
@@ -82,7 +75,6 @@ pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     notifier: fuser::Notifier,
     mountpoint: PathBuf,
-    root: File,
 }
 
 impl std::fmt::Debug for Mount {
@@ -102,7 +94,7 @@ pub fn mount(
     opts: &MountOptions,
 ) -> Result<Mount, MountError> {
     let loaded = store.load(from)?;
-    let layer = store.create_layer(from.0, &loaded.meta)?;
+    let layer = store.create_layer(from.0, &loaded.meta, store.has_index(from.0))?;
     let vol = Arc::new(Volume::new(
         store.clone(),
         loaded.images,
@@ -133,14 +125,12 @@ pub fn mount(
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();
     let session = session.spawn().map_err(mount_err)?;
-    let root = File::open(mountpoint).map_err(mount_err)?;
     tracing::info!(stack = %from, mountpoint = %mountpoint.display(), "DeltaFS mounted");
     Ok(Mount {
         vol,
         session: Some(session),
         notifier,
         mountpoint: mountpoint.to_owned(),
-        root,
     })
 }
 
@@ -150,29 +140,25 @@ impl Mount {
         &self.mountpoint
     }
 
-    /// Pushes the kernel's dirty pages (shared writable mmaps) to the server, so they land in the
-    /// layer being frozen or left, not in the next one. On this kernel syncfs on a FUSE mount starts
-    /// writeback but does not wait for the server to receive it; invalidating an inode's pages
-    /// does wait (the kernel launders dirty pages synchronously), so that is done for every file
-    /// open for writing — the only ones that can have dirty pages without writeback caching.
-    fn flush_kernel_pages(&self) -> Result<(), MountError> {
-        rustix::fs::syncfs(&self.root).map_err(|e| MountError::Sync {
-            path: self.mountpoint.clone(),
-            source: e.into(),
-        })?;
+    /// Pushes the kernel's dirty pages to the server, so they land in the layer being frozen (or
+    /// left), not in the next one. Without writeback caching, writes are write-through and only
+    /// shared writable mmaps leave dirty pages, which needs a file open for writing. syncfs is no
+    /// use here: on this kernel it starts writeback of a FUSE mount without waiting for the server
+    /// (and walks every cached inode). Invalidating an inode's pages does wait — the kernel
+    /// launders dirty pages synchronously — so that is done for every file open for writing.
+    fn flush_kernel_pages(&self) {
         for ino in self.vol.open_for_writing() {
             if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
                 tracing::debug!(ino, error = %e, "flushing pages by invalidation");
             }
         }
-        Ok(())
     }
 
     /// Freezes the current writable layer (a checkpoint) and pushes an empty one. O(1): copies no
     /// data. Durable against a kill of this process on return. Processes writing to the mount
     /// should be frozen around this call for a consistent point in time.
     pub fn checkpoint(&self) -> Result<StackId, MountError> {
-        self.flush_kernel_pages()?;
+        self.flush_kernel_pages();
         Ok(self.vol.checkpoint()?)
     }
 
@@ -181,7 +167,7 @@ impl Mount {
     /// caches for exactly the inodes and names that differ. Node ids stay valid; open fds read the
     /// new stack's content.
     pub fn rollback(&self, to: StackId) -> Result<RollbackStats, MountError> {
-        self.flush_kernel_pages()?;
+        self.flush_kernel_pages();
         let (stats, inval) = self.vol.rollback(to)?;
         // Sent with the state lock released: the kernel may need to wait for requests in flight.
         for (dir, name) in &inval.entries {
@@ -201,13 +187,14 @@ impl Mount {
     /// checkpoint) is left for the garbage collector.
     pub fn unmount(mut self) -> Result<(), MountError> {
         let session = self.session.take().expect("session present until unmount");
-        drop(self.root);
-        session
-            .umount_and_join()
-            .map_err(|source| MountError::Unmount {
+        match session.umount_and_join() {
+            // Worker threads reading a cloned device fd may see the unmount as ECONNABORTED.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+            r => r.map_err(|source| MountError::Unmount {
                 path: self.mountpoint.clone(),
                 source,
-            })
+            }),
+        }
     }
 }
 

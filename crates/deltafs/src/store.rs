@@ -283,10 +283,13 @@ impl Store {
     }
 
     /// Creates a new writable layer on top of stack `parent` (already loaded: `parent_meta`).
+    /// `parent_indexed`: the parent has (or is getting) a full index, so loading the new layer
+    /// replays only its own journal.
     pub(crate) fn create_layer(
         &self,
         parent: LayerId,
         parent_meta: &LayerMeta,
+        parent_indexed: bool,
     ) -> Result<WritableLayer> {
         let id = LayerId::random();
         let tmp = self.tmp_path();
@@ -294,12 +297,11 @@ impl Store {
         let lock_path = tmp.join("lock");
         let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
         try_lock(&lock).map_err(io_err(&lock_path))?;
-        let parent_has_index = self.layer_dir(parent).join("index").exists();
         let meta = LayerMeta {
             parent: Some(parent),
             base: parent_meta.base,
             images: Vec::new(),
-            replay_depth: if parent_has_index {
+            replay_depth: if parent_indexed {
                 1
             } else {
                 parent_meta.replay_depth + 1
@@ -319,7 +321,8 @@ impl Store {
     }
 
     /// Marks a layer immutable: from now on it is a checkpoint that any mount can start from.
-    pub(crate) fn freeze(&self, layer: &WritableLayer) -> Result<()> {
+    pub(crate) fn freeze(&self, layer: &mut WritableLayer) -> Result<()> {
+        layer.journal.write_out()?;
         let path = layer.dir.join("frozen");
         File::create(&path).map_err(io_err(&path))?;
         Ok(())
@@ -327,18 +330,29 @@ impl Store {
 
     /// Stores the full tree of a frozen layer so loading it (and stacks above it) replays no
     /// journal below it. Used to keep deep stacks fast to load.
+    pub(crate) fn has_index(&self, layer: LayerId) -> bool {
+        self.layer_dir(layer).join("index").exists()
+    }
+
     pub(crate) fn write_index(&self, layer: LayerId, tree: &Tree) -> Result<()> {
         let path = self.layer_dir(layer).join("index");
         journal::write_snapshot(&path, INDEX_MAGIC, tree)?;
         Ok(())
     }
 
-    /// Removes a writable layer that will never become a checkpoint (after a rollback).
+    /// Removes a writable layer that will never become a checkpoint (after a rollback). The
+    /// layer leaves `layers/` at once (a rename); its files are deleted by a background thread,
+    /// so the caller does not wait for a deletion that grows with the discarded change.
     pub(crate) fn discard(&self, layer: WritableLayer) -> Result<()> {
         let tmp = self.tmp_path();
         std::fs::rename(&layer.dir, &tmp).map_err(io_err(&layer.dir))?;
         drop(layer);
-        std::fs::remove_dir_all(&tmp).map_err(io_err(&tmp))
+        std::thread::spawn(move || {
+            if let Err(e) = std::fs::remove_dir_all(&tmp) {
+                tracing::warn!(path = %tmp.display(), error = %e, "deleting a discarded layer");
+            }
+        });
+        Ok(())
     }
 
     /// Deletes every layer that neither a stack in `keep` nor a live mount (a writable layer whose

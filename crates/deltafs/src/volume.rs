@@ -117,8 +117,6 @@ struct State {
     snapshots: HashMap<LayerId, Tree>,
     /// Files whose size/times changed by writes and are not yet journaled.
     pending: BTreeSet<Ino>,
-    /// Open handles per inode: an unlinked file lives while open.
-    open: HashMap<Ino, u32>,
 }
 
 #[derive(Debug)]
@@ -129,6 +127,8 @@ pub(crate) struct Volume {
     pub ids: IdMap,
     state: RwLock<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open handles per inode: an unlinked file lives while open.
+    open: Mutex<HashMap<Ino, u32>>,
     next_fh: AtomicU64,
 }
 
@@ -202,8 +202,8 @@ impl Volume {
                 layer,
                 snapshots: HashMap::new(),
                 pending: BTreeSet::new(),
-                open: HashMap::new(),
             }),
+            open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -358,7 +358,7 @@ impl Volume {
 
     /// Drops one name of `ino`; frees the inode when no name and no open handle is left.
     fn drop_link(&self, st: &mut State, ino: Ino, now: Time, records: &mut Vec<Record>) {
-        let open = st.open.get(&ino).copied().unwrap_or(0);
+        let open = self.open.lock().get(&ino).copied().unwrap_or(0);
         let Some(n) = st.tree.get_mut(ino) else {
             return;
         };
@@ -610,7 +610,7 @@ impl Volume {
     // ---------------------------------------------------------------- open files
 
     pub fn open(&self, ino: Ino, dir: bool, writable: bool) -> OpResult<u64> {
-        let mut st = self.state.write();
+        let st = self.state.read();
         let node = st.node(ino)?;
         let entries = match (&node.kind, dir) {
             (Kind::Dir(e), true) => Some(
@@ -625,7 +625,7 @@ impl Volume {
             (_, true) => return Err(Errno::ENOTDIR),
             _ => None,
         };
-        *st.open.entry(ino).or_insert(0) += 1;
+        *self.open.lock().entry(ino).or_insert(0) += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
         self.handles.lock().insert(
             fh,
@@ -659,8 +659,10 @@ impl Volume {
 
     /// Journals the file's size/time changes made by writes (close, fsync).
     pub fn flush(&self, ino: Ino) -> OpResult<()> {
-        let mut st = self.state.write();
-        st.flush_pending(Some(ino))
+        if !self.state.read().pending.contains(&ino) {
+            return Ok(());
+        }
+        self.state.write().flush_pending(Some(ino))
     }
 
     pub fn release(&self, fh: u64) -> OpResult<()> {
@@ -668,22 +670,33 @@ impl Volume {
             return Err(Errno::EBADF);
         };
         let ino = handle.ino;
-        let mut st = self.state.write();
-        st.flush_pending(Some(ino))?;
-        let left = match st.open.get_mut(&ino) {
-            Some(n) => {
+        let last = {
+            let mut open = self.open.lock();
+            let left = open.get_mut(&ino).map_or(0, |n| {
                 *n -= 1;
                 *n
+            });
+            if left == 0 {
+                open.remove(&ino);
             }
-            None => 0,
+            left == 0
         };
-        if left == 0 {
-            st.open.remove(&ino);
-            if st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0) {
-                let mut records = Vec::new();
-                self.free_inode(&mut st, ino, &mut records);
-                st.log(&records)?;
-            }
+        let needs_write = {
+            let st = self.state.read();
+            st.pending.contains(&ino)
+                || (last && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0))
+        };
+        if !needs_write {
+            return Ok(());
+        }
+        let mut st = self.state.write();
+        st.flush_pending(Some(ino))?;
+        // Re-checked under the write lock: the file may have been opened again meanwhile.
+        let still_closed = !self.open.lock().contains_key(&ino);
+        if still_closed && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0) {
+            let mut records = Vec::new();
+            self.free_inode(&mut st, ino, &mut records);
+            st.log(&records)?;
         }
         Ok(())
     }
@@ -955,14 +968,16 @@ impl Volume {
             source: io::Error::from(e),
         })?;
         let frozen = st.layer.id;
-        let next = self.store.create_layer(frozen, &st.layer.meta)?;
-        self.store.freeze(&st.layer)?;
+        let write_index = st.layer.meta.replay_depth >= INDEX_EVERY;
+        let next = self
+            .store
+            .create_layer(frozen, &st.layer.meta, write_index)?;
+        self.store.freeze(&mut st.layer)?;
         let tree = st.tree.clone();
-        let depth = st.layer.meta.replay_depth;
         st.snapshots.insert(frozen, tree.clone());
         st.layer = next;
         drop(st);
-        if depth >= INDEX_EVERY {
+        if write_index {
             let store = self.store.clone();
             std::thread::spawn(move || {
                 if let Err(e) = store.write_index(frozen, &tree) {
@@ -987,7 +1002,9 @@ impl Volume {
                 (loaded.tree, loaded.meta)
             }
         };
-        let next = self.store.create_layer(to.0, &meta)?;
+        let next = self
+            .store
+            .create_layer(to.0, &meta, self.store.has_index(to.0))?;
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);
         for (ino, old, new) in &diff {

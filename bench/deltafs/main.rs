@@ -414,29 +414,32 @@ impl Bench {
                 results[i].push(v.get(v.len() / 2).copied().unwrap_or(f64::NAN));
             }
         }
-        println!(
-            "| {:<28} | {:>10} | {:>10} | {:>14} | {:>8} | {:>10} |",
-            "workload", "overlayfs", "deltafs", "fuse-overlayfs", "deltafs×", "fuse-ovl×"
-        );
-        println!(
-            "|{}|{}|{}|{}|{}|{}|",
-            "-".repeat(30),
-            "-".repeat(12),
-            "-".repeat(12),
-            "-".repeat(16),
-            "-".repeat(10),
-            "-".repeat(12)
-        );
+        print!("| {:<28} |", "workload");
+        for kind in kinds {
+            print!(" {kind:>19} |");
+        }
+        for kind in &kinds[1..] {
+            print!(" {:>21} |", format!("{kind} ×"));
+        }
+        println!();
+        print!("|{}|", "-".repeat(30));
+        for _ in kinds {
+            print!("{}|", "-".repeat(21));
+        }
+        for _ in &kinds[1..] {
+            print!("{}|", "-".repeat(23));
+        }
+        println!();
         for (i, (name, _)) in workloads.iter().enumerate() {
             let r = &results[i];
-            println!(
-                "| {name:<28} | {:>10.1} | {:>10.1} | {:>14.1} | {:>8.2} | {:>10.2} |",
-                r[0],
-                r[1],
-                r[2],
-                r[1] / r[0],
-                r[2] / r[0]
-            );
+            print!("| {name:<28} |");
+            for v in r {
+                print!(" {v:>19.1} |");
+            }
+            for v in &r[1..] {
+                print!(" {:>21.2} |", v / r[0]);
+            }
+            println!();
         }
     }
 

@@ -1,6 +1,5 @@
 //! The FUSE front end: translates kernel requests into [`Volume`] operations.
 
-use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -8,13 +7,12 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, BackingId, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo,
-    InitFlags, KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
+    AccessFlags, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
+    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
     ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use nix::errno::Errno;
-use parking_lot::Mutex;
 
 use crate::node::{Ino, Node, Time};
 use crate::volume::{Caller, OpResult, Volume};
@@ -22,21 +20,9 @@ use crate::volume::{Caller, OpResult, Volume};
 pub(crate) struct DeltaFs {
     pub vol: Arc<Volume>,
     pub ttl: Duration,
-    pub passthrough: bool,
-    /// Backing files registered with the kernel for passthrough opens, by file handle.
-    backing: Mutex<HashMap<u64, BackingId>>,
 }
 
 impl DeltaFs {
-    pub fn new(vol: Arc<Volume>, ttl: Duration, passthrough: bool) -> Self {
-        DeltaFs {
-            vol,
-            ttl,
-            passthrough,
-            backing: Mutex::new(HashMap::new()),
-        }
-    }
-
     fn caller(&self, req: &Request) -> Caller {
         Caller {
             uid: self.vol.ids.uid_from_host(req.uid()),
@@ -130,17 +116,6 @@ impl fuser::Filesystem for DeltaFs {
             | InitFlags::FUSE_READDIRPLUS_AUTO
             | InitFlags::FUSE_ATOMIC_O_TRUNC;
         let _ = config.add_capabilities(wanted & config.capabilities());
-        if self.passthrough {
-            if config.capabilities().contains(InitFlags::FUSE_PASSTHROUGH)
-                && config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
-                && config.set_max_stack_depth(2).is_ok()
-            {
-                tracing::debug!("FUSE passthrough enabled");
-            } else {
-                tracing::warn!("kernel offers no FUSE passthrough: reads go through the server");
-                self.passthrough = false;
-            }
-        }
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
         Ok(())
@@ -315,21 +290,6 @@ impl fuser::Filesystem for DeltaFs {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
-        if self.passthrough && read_only {
-            if let Some(path) = self.vol.frozen_backing(ino.0) {
-                let backing = std::fs::File::open(&path).and_then(|f| reply.open_backing(f));
-                match backing {
-                    Ok(id) => {
-                        reply.opened_passthrough(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE, &id);
-                        self.backing.lock().insert(fh, id);
-                        return;
-                    }
-                    Err(e) => {
-                        tracing::debug!(path = %path.display(), error = %e, "passthrough refused")
-                    }
-                }
-            }
-        }
         reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
     }
 
@@ -389,7 +349,6 @@ impl fuser::Filesystem for DeltaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        self.backing.lock().remove(&fh.0);
         reply_empty(reply, self.vol.release(fh.0));
     }
 

@@ -50,9 +50,6 @@ pub struct MountOptions {
     /// How long the kernel may cache entries and attributes. Every change goes through this server
     /// and rollbacks invalidate precisely, so this can be long.
     pub cache_ttl: Duration,
-    /// Pass read-only opens of files that live in one frozen/image file straight to that file
-    /// (kernel FUSE passthrough). See docs/deltafs.md for what such an fd sees after a rollback.
-    pub passthrough: bool,
     /// Threads serving FUSE requests.
     pub threads: usize,
 }
@@ -63,7 +60,6 @@ impl Default for MountOptions {
             uid_base: 0,
             gid_base: 0,
             cache_ttl: Duration::from_secs(3600),
-            passthrough: false,
             threads: 4,
         }
     }
@@ -117,7 +113,10 @@ pub fn mount(
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let fs = DeltaFs::new(vol.clone(), opts.cache_ttl, opts.passthrough);
+    let fs = DeltaFs {
+        vol: vol.clone(),
+        ttl: opts.cache_ttl,
+    };
     let mount_err = |source| MountError::Mount {
         path: mountpoint.to_owned(),
         source,

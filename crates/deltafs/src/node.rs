@@ -159,15 +159,6 @@ impl Content {
             None => self.base == Some(Source::Layer(layer)),
         }
     }
-
-    /// The single source holding the whole file, if there is one (for read-only passthrough).
-    pub fn single_source(&self) -> Option<&Source> {
-        if self.chunks.is_empty() && self.base_len >= self.size {
-            self.base.as_ref()
-        } else {
-            None
-        }
-    }
 }
 
 /// What kind of inode this is, with its kind-specific payload.
@@ -278,7 +269,6 @@ mod tests {
         assert_eq!(c.chunk_source(7), None);
         assert!(c.chunk_in(2, upper));
         assert!(!c.chunk_in(0, upper));
-        assert!(c.single_source().is_none());
     }
 
     #[test]

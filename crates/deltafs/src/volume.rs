@@ -935,20 +935,6 @@ impl Volume {
         Ok(())
     }
 
-    /// The single file holding all bytes of `ino` when it lives in a frozen layer or an image
-    /// (so a read-only open can be passed through to it); None otherwise.
-    pub fn frozen_backing(&self, ino: Ino) -> Option<PathBuf> {
-        let st = self.state.read();
-        let Kind::File(content) = &st.tree.get(ino)?.kind else {
-            return None;
-        };
-        let source = content.single_source()?;
-        if *source == Source::Layer(st.layer.id) {
-            return None;
-        }
-        Some(self.source_path(source, ino))
-    }
-
     pub fn statfs(&self) -> OpResult<rustix::fs::StatVfs> {
         rustix::fs::statvfs(self.store.path()).map_err(|e| Errno::from_raw(e.raw_os_error()))
     }

@@ -27,9 +27,6 @@ enum Cmd {
         /// Stack id to mount instead of image layers.
         #[arg(long)]
         stack: Option<StackId>,
-        /// Pass read-only opens of frozen files through to the backing file.
-        #[arg(long)]
-        passthrough: bool,
         mountpoint: PathBuf,
     },
     /// Delete every layer not needed by the given stacks or a live mount.
@@ -47,7 +44,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mount {
             layers,
             stack,
-            passthrough,
             mountpoint,
         } => {
             let stack = match stack {
@@ -60,11 +56,8 @@ fn main() -> anyhow::Result<()> {
             // Blocked before the server threads start, so they inherit the mask and only
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
-            let opts = MountOptions {
-                passthrough,
-                ..MountOptions::default()
-            };
-            let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
+            let m =
+                mount(&store, stack, &mountpoint, &MountOptions::default()).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;
             eprintln!("{sig:?}: unmounting");

@@ -88,7 +88,8 @@ pub(crate) struct Handle {
     pub ino: Ino,
     /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
     pub writable: bool,
-    files: Mutex<HashMap<Source, Arc<File>>>,
+    /// Open backing files by (source, opened for writing).
+    files: Mutex<HashMap<(Source, bool), Arc<File>>>,
     /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
     pub dir: Option<Vec<(OsString, Ino, u32)>>,
 }
@@ -708,7 +709,8 @@ impl Volume {
         writable: bool,
     ) -> io::Result<Arc<File>> {
         let mut files = handle.files.lock();
-        if let Some(f) = files.get(source) {
+        let key = (source.clone(), writable);
+        if let Some(f) = files.get(&key) {
             return Ok(f.clone());
         }
         let path = self.source_path(source, handle.ino);
@@ -723,7 +725,7 @@ impl Volume {
             File::open(&path)?
         };
         let f = Arc::new(f);
-        files.insert(source.clone(), f.clone());
+        files.insert(key, f.clone());
         Ok(f)
     }
 

@@ -328,17 +328,6 @@ impl fuser::Filesystem for DeltaFs {
         }
     }
 
-    fn flush(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _lock_owner: LockOwner,
-        reply: ReplyEmpty,
-    ) {
-        reply_empty(reply, self.vol.flush(ino.0));
-    }
-
     fn release(
         &self,
         _req: &Request,

@@ -131,7 +131,38 @@ pub(crate) struct WritableLayer {
 
 impl WritableLayer {
     pub fn data_path(&self, ino: u64) -> PathBuf {
-        self.dir.join("data").join(ino.to_string())
+        data_path(&self.dir, ino)
+    }
+}
+
+/// Where a layer keeps the bytes of inode `ino`: `data/<ino / 256 in hex>/<ino>`. Spreading files
+/// over directories spreads them over ext4 block groups (measured: 3,000 files in one directory of
+/// a busy ext4 spent most of their creation time scanning for a free inode in one group).
+pub(crate) fn data_path(layer_dir: &Path, ino: u64) -> PathBuf {
+    layer_dir
+        .join("data")
+        .join(format!("{:x}", ino >> 8))
+        .join(ino.to_string())
+}
+
+/// Opens (creating it and its directory if needed) a data file for reading and writing.
+pub(crate) fn open_data_rw(path: &Path) -> io::Result<File> {
+    let open = || {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)
+    };
+    match open() {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            if let Some(dir) = path.parent() {
+                std::fs::create_dir_all(dir)?;
+            }
+            open()
+        }
+        r => r,
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -20,7 +20,7 @@ use parking_lot::{Mutex, RwLock};
 
 use crate::journal::Record;
 use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Source, Time, Tree, CHUNK_SIZE};
-use crate::store::{StackId, Store, StoreError, WritableLayer};
+use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, WritableLayer};
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
 const INDEX_EVERY: u32 = 32;
@@ -213,7 +213,7 @@ impl Volume {
     fn source_path(&self, source: &Source, ino: Ino) -> PathBuf {
         match source {
             Source::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
-            Source::Layer(id) => self.store.layer_dir(*id).join("data").join(ino.to_string()),
+            Source::Layer(id) => data_path(&self.store.layer_dir(*id), ino),
         }
     }
 
@@ -715,12 +715,7 @@ impl Volume {
         }
         let path = self.source_path(source, handle.ino);
         let f = if writable {
-            OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)?
+            open_data_rw(&path)?
         } else {
             File::open(&path)?
         };
@@ -889,12 +884,7 @@ impl Volume {
         let path = st.layer.data_path(ino);
         let has_file = in_layer || content.chunks.values().any(|l| *l == layer);
         if has_file {
-            let f = OpenOptions::new()
-                .write(true)
-                .create(true)
-                .truncate(false)
-                .open(&path)
-                .map_err(|e| errno_of(&e))?;
+            let f = open_data_rw(&path).map_err(|e| errno_of(&e))?;
             f.set_len(size).map_err(|e| errno_of(&e))?;
         }
         content.size = size;

@@ -1,6 +1,6 @@
 //! The FUSE front end: translates kernel requests into [`Volume`] operations.
 
-use std::ffi::OsStr;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
 use std::sync::Arc;
@@ -61,6 +61,17 @@ impl DeltaFs {
         }
     }
 
+    /// `.`, `..` (reported with the directory's own inode) and the entries of the directory
+    /// open as `fh`, as of opendir: (name, inode, mode).
+    fn listing(&self, fh: FileHandle, ino: INodeNo) -> OpResult<Vec<(OsString, Ino, u32)>> {
+        let handle = self.vol.handle(fh.0)?;
+        let dots = [".", ".."].map(|d| (OsString::from(d), ino.0, libc::S_IFDIR));
+        Ok(dots
+            .into_iter()
+            .chain(handle.dir.iter().flatten().cloned())
+            .collect())
+    }
+
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
             Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
@@ -76,6 +87,13 @@ fn errno(e: Errno) -> fuser::Errno {
 fn reply_empty(reply: ReplyEmpty, r: OpResult<()>) {
     match r {
         Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_data(reply: ReplyData, r: OpResult<Vec<u8>>) {
+    match r {
+        Ok(data) => reply.data(&data),
         Err(e) => reply.error(errno(e)),
     }
 }
@@ -176,10 +194,7 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.vol.readlink(ino.0) {
-            Ok(t) => reply.data(&t),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_data(reply, self.vol.readlink(ino.0));
     }
 
     fn mknod(
@@ -304,10 +319,7 @@ impl fuser::Filesystem for DeltaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.vol.read(fh.0, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => reply.error(errno(e)),
-        }
+        reply_data(reply, self.vol.read(fh.0, offset, size));
     }
 
     fn write(
@@ -370,20 +382,12 @@ impl fuser::Filesystem for DeltaFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let handle = match self.vol.handle(fh.0) {
-            Ok(h) => h,
+        let entries = match self.listing(fh, ino) {
+            Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        let entries = handle.dir.as_deref().unwrap_or_default();
-        let dots = [
-            (OsStr::new("."), ino.0, libc::S_IFDIR),
-            (OsStr::new(".."), ino.0, libc::S_IFDIR),
-        ];
-        let all = dots
-            .into_iter()
-            .chain(entries.iter().map(|(n, i, m)| (n.as_os_str(), *i, *m)));
-        for (i, (name, child, mode)) in all.enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(child), i as u64 + 1, file_type(mode), name) {
+        for (i, (name, child, mode)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), i as u64 + 1, file_type(*mode), name) {
                 break;
             }
         }
@@ -398,38 +402,18 @@ impl fuser::Filesystem for DeltaFs {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
-        let handle = match self.vol.handle(fh.0) {
-            Ok(h) => h,
+        let entries = match self.listing(fh, ino) {
+            Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        let entries = handle.dir.as_deref().unwrap_or_default();
-        let this = match self.vol.getattr(ino.0) {
-            Ok((_, n)) => self.attr(ino.0, &n),
-            Err(e) => return reply.error(errno(e)),
-        };
-        for (i, (name, child)) in [(OsStr::new("."), ino.0), (OsStr::new(".."), ino.0)]
-            .into_iter()
-            .chain(entries.iter().map(|(n, i, _)| (n.as_os_str(), *i)))
-            .enumerate()
-            .skip(offset as usize)
-        {
-            let attr = if i < 2 {
-                this
-            } else {
-                match self.vol.getattr(child) {
-                    Ok((_, n)) => self.attr(child, &n),
-                    // Removed since opendir: skip it.
-                    Err(_) => continue,
-                }
+        for (i, (name, child, _)) in entries.iter().enumerate().skip(offset as usize) {
+            let attr = match self.vol.getattr(*child) {
+                Ok((_, n)) => self.attr(*child, &n),
+                // Removed since opendir: skip it.
+                Err(_) => continue,
             };
-            if reply.add(
-                INodeNo(child),
-                i as u64 + 1,
-                name,
-                &self.ttl,
-                &attr,
-                Generation(0),
-            ) {
+            let (ttl, generation) = (&self.ttl, Generation(0));
+            if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
                 break;
             }
         }

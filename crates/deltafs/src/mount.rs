@@ -210,16 +210,17 @@ pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(abort_err)?;
     let target = mountpoint.to_string_lossy();
     // Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
+    // The last matching line is the top mount at that path.
     let minor = mountinfo
         .lines()
-        .filter_map(|line| {
+        .rev()
+        .find_map(|line| {
             let fields: Vec<&str> = line.split(' ').collect();
             let fstype = fields.iter().skip_while(|f| **f != "-").nth(1)?;
             (fields.get(4)? == &target && fstype.starts_with("fuse"))
                 .then(|| fields[2].split_once(':').map(|(_, m)| m.to_owned()))
                 .flatten()
         })
-        .last()
         .ok_or_else(|| MountError::NotMounted(mountpoint.to_owned()))?;
     if !Path::new(FUSECTL).join(&minor).exists() {
         nix::mount::mount(

@@ -201,6 +201,9 @@ impl Node {
     }
 }
 
+/// An inode that differs between two trees: number, old node (if any), new node (if any).
+pub type Change = (Ino, Option<Arc<Node>>, Option<Arc<Node>>);
+
 /// The whole metadata of one filesystem state: every inode, by number.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Tree {
@@ -230,7 +233,7 @@ impl Tree {
 
     /// Inodes that differ between `self` and `other` (present in one only, or changed). Shared
     /// subtrees of the two maps are skipped, so the cost follows the size of the difference.
-    pub fn changed_inodes(&self, other: &Tree) -> Vec<(Ino, Option<Arc<Node>>, Option<Arc<Node>>)> {
+    pub fn changed_inodes(&self, other: &Tree) -> Vec<Change> {
         use imbl::ordmap::DiffItem;
         self.nodes
             .diff(&other.nodes)

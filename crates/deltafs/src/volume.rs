@@ -302,29 +302,40 @@ impl Volume {
         };
         let ino = st.tree.alloc_ino();
         st.tree.nodes.insert(ino, Arc::new(node.clone()));
+        Self::add_entry(&mut st, parent, name, ino, &node, is_dir)?;
+        Ok((ino, node))
+    }
+
+    /// Enters `ino` (whose new state is `node`) as `name` in `parent`, updates the parent's times
+    /// (and link count for a subdirectory) and journals the three changes.
+    fn add_entry(
+        st: &mut State,
+        parent: Ino,
+        name: &OsStr,
+        ino: Ino,
+        node: &Node,
+        subdir: bool,
+    ) -> OpResult<()> {
+        let now = node.attr.ctime;
         let p = st.tree.get_mut(parent).expect("parent checked");
         if let Kind::Dir(entries) = &mut p.kind {
             entries.insert(name.to_owned(), ino);
         }
         p.attr.mtime = now;
         p.attr.ctime = now;
-        if is_dir {
+        if subdir {
             p.attr.nlink += 1;
         }
         let parent_rec = journal_node(parent, p);
         st.log(&[
-            Record::Node {
-                ino,
-                node: node.clone(),
-            },
+            journal_node(ino, node),
             Record::Entry {
                 dir: parent,
                 name: name.to_owned(),
                 ino: Some(ino),
             },
             parent_rec,
-        ])?;
-        Ok((ino, node))
+        ])
     }
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> OpResult<(Ino, Node)> {
@@ -333,27 +344,11 @@ impl Volume {
         if st.node(ino)?.is_dir() {
             return Err(Errno::EPERM);
         }
-        let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.attr.nlink += 1;
-        n.attr.ctime = now;
+        n.attr.ctime = Time::now();
         let node = n.clone();
-        let p = st.tree.get_mut(parent).expect("checked");
-        if let Kind::Dir(entries) = &mut p.kind {
-            entries.insert(name.to_owned(), ino);
-        }
-        p.attr.mtime = now;
-        p.attr.ctime = now;
-        let parent_rec = journal_node(parent, p);
-        st.log(&[
-            journal_node(ino, &node),
-            Record::Entry {
-                dir: parent,
-                name: name.to_owned(),
-                ino: Some(ino),
-            },
-            parent_rec,
-        ])?;
+        Self::add_entry(&mut st, parent, name, ino, &node, false)?;
         Ok((ino, node))
     }
 
@@ -819,14 +814,25 @@ impl Volume {
         Ok(())
     }
 
-    fn chunks_of(offset: u64, len: u64) -> std::ops::RangeInclusive<u64> {
+    /// Chunks touched by `len` bytes at `offset` (none for an empty range).
+    fn chunks_of(offset: u64, len: u64) -> std::ops::Range<u64> {
         if len == 0 {
-            return 1..=0;
+            return 0..0;
         }
-        offset / CHUNK_SIZE..=(offset + len - 1) / CHUNK_SIZE
+        offset / CHUNK_SIZE..(offset + len - 1) / CHUNK_SIZE + 1
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+    /// Changes the contents of the file open as `fh` under the write lock: copies up `chunks`
+    /// (except bytes in `overwritten`), runs `f` with the writable layer's data file, stores the new
+    /// contents and updates ctime (and mtime).
+    fn modify_content(
+        &self,
+        fh: u64,
+        chunks: std::ops::Range<u64>,
+        overwritten: (u64, u64),
+        mtime: bool,
+        f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
+    ) -> OpResult<()> {
         let handle = self.handle(fh)?;
         let mut st = self.state.write();
         let layer = st.layer.id;
@@ -834,21 +840,32 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let end = offset + data.len() as u64;
-        for chunk in Self::chunks_of(offset, data.len() as u64) {
-            self.copy_up_chunk(&handle, layer, &mut content, chunk, (offset, end))?;
+        for chunk in chunks {
+            self.copy_up_chunk(&handle, layer, &mut content, chunk, overwritten)?;
         }
         let out = self
             .source_file(&handle, &Source::Layer(layer), true)
             .map_err(|e| errno_of(&e))?;
-        out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
-        content.size = content.size.max(end);
+        f(&out, &mut content)?;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.kind = Kind::File(content);
-        n.attr.mtime = now;
         n.attr.ctime = now;
+        if mtime {
+            n.attr.mtime = now;
+        }
         st.pending.insert(ino);
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+        let end = offset + data.len() as u64;
+        let chunks = Self::chunks_of(offset, data.len() as u64);
+        self.modify_content(fh, chunks, (offset, end), true, |out, content| {
+            out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
+            content.size = content.size.max(end);
+            Ok(())
+        })?;
         Ok(data.len() as u32)
     }
 
@@ -897,34 +914,16 @@ impl Volume {
     }
 
     pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> OpResult<()> {
-        let handle = self.handle(fh)?;
-        let mut st = self.state.write();
-        let layer = st.layer.id;
-        let ino = handle.ino;
-        let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
-            return Err(Errno::EISDIR);
-        };
-        for chunk in Self::chunks_of(offset, len) {
-            self.copy_up_chunk(&handle, layer, &mut content, chunk, (0, 0))?;
-        }
-        let out = self
-            .source_file(&handle, &Source::Layer(layer), true)
-            .map_err(|e| errno_of(&e))?;
-        let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-        rustix::fs::fallocate(&*out, flags, offset, len)
-            .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
-        if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
-            content.size = content.size.max(offset + len);
-        }
-        let now = Time::now();
-        let n = st.tree.get_mut(ino).expect("checked");
-        n.kind = Kind::File(content);
-        n.attr.ctime = now;
-        if mode != 0 {
-            n.attr.mtime = now;
-        }
-        st.pending.insert(ino);
-        Ok(())
+        let chunks = Self::chunks_of(offset, len);
+        self.modify_content(fh, chunks, (0, 0), mode != 0, |out, content| {
+            let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+            rustix::fs::fallocate(out, flags, offset, len)
+                .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+            if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
+                content.size = content.size.max(offset + len);
+            }
+            Ok(())
+        })
     }
 
     pub fn statfs(&self) -> OpResult<rustix::fs::StatVfs> {

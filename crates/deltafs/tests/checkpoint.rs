@@ -56,13 +56,9 @@ fn mutate_everything(root: &Path) {
 
 #[test]
 fn rollback_restores_the_tree_byte_identical() {
-    if !fuse_available() {
+    let Some((_fx, _base, m, root)) = mounted(populate) else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(populate);
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     std::fs::write(root.join("etc/added-before"), b"kept").unwrap();
     let before = snapshot(&root);
     let cp = m.checkpoint().unwrap();
@@ -80,13 +76,9 @@ fn rollback_restores_the_tree_byte_identical() {
 
 #[test]
 fn rollback_to_any_earlier_checkpoint_and_forward_again() {
-    if !fuse_available() {
+    let Some((_fx, _base, m, root)) = mounted(populate) else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(populate);
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     let mut cps = Vec::new();
     let mut states = Vec::new();
     for i in 0..5 {
@@ -104,13 +96,9 @@ fn rollback_to_any_earlier_checkpoint_and_forward_again() {
 
 #[test]
 fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
-    if !fuse_available() {
+    let Some((_fx, _base, m, root)) = mounted(populate) else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(populate);
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     std::fs::write(root.join("data"), b"checkpointed content").unwrap();
     let mut reader = std::fs::File::open(root.join("data")).unwrap();
     let mut image_reader = std::fs::File::open(root.join("etc/passwd")).unwrap();
@@ -155,13 +143,11 @@ fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
 
 #[test]
 fn shared_mmap_sees_the_checkpoint_after_rollback() {
-    if !fuse_available() {
+    let Some((fx, _base, m, root)) =
+        mounted(|d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap())
+    else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(|d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap());
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -270,13 +256,11 @@ fn writing_into_a_large_lower_file_copies_one_chunk() {
 
 #[test]
 fn truncate_then_extend_reads_zeros_not_old_data() {
-    if !fuse_available() {
+    let Some((_fx, _base, m, root)) =
+        mounted(|d| std::fs::write(d.join("f"), vec![9u8; 1 << 20]).unwrap())
+    else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(|d| std::fs::write(d.join("f"), vec![9u8; 1 << 20]).unwrap());
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     let f = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -393,13 +377,9 @@ fn image_layers_merge_with_whiteouts_opaque_dirs_and_hard_links() {
 
 #[test]
 fn deep_stacks_load_from_disk_in_a_new_mount() {
-    if !fuse_available() {
+    let Some((fx, base, m, root)) = mounted(populate) else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(populate);
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     let mut last = base;
     for i in 0..100 {
         std::fs::write(root.join(format!("f{}", i % 7)), format!("gen {i}")).unwrap();
@@ -444,13 +424,9 @@ fn ownership_is_stored_as_the_sandbox_sees_it() {
 
 #[test]
 fn garbage_collection_frees_unreferenced_checkpoints_only() {
-    if !fuse_available() {
+    let Some((fx, _base, m, root)) = mounted(populate) else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(populate);
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
     std::fs::write(root.join("one"), b"1").unwrap();
     let cp1 = m.checkpoint().unwrap();
     std::fs::write(root.join("two"), b"2").unwrap();

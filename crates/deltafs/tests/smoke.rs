@@ -65,13 +65,11 @@ fn basic_file_operations_on_a_mount() {
 #[test]
 fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    if !fuse_available() {
+    let Some((_fx, _base, m, root)) =
+        mounted(|d| std::fs::write(d.join("log"), b"start\n").unwrap())
+    else {
         return;
-    }
-    let fx = Fixture::new();
-    let base = fx.base(|d| std::fs::write(d.join("log"), b"start\n").unwrap());
-    let m = fx.mount(base, "m");
-    let root = m.mountpoint().to_owned();
+    };
 
     // flock and fcntl locks conflict between open file descriptions, as on ext4.
     let a = std::fs::File::open(root.join("log")).unwrap();

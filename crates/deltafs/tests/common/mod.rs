@@ -64,6 +64,19 @@ impl Fixture {
     }
 }
 
+/// A fixture with a base stack filled by `fill`, mounted at `m`; None (after printing why) when
+/// FUSE mounts are not possible here.
+pub fn mounted(fill: impl FnOnce(&Path)) -> Option<(Fixture, StackId, Mount, PathBuf)> {
+    if !fuse_available() {
+        return None;
+    }
+    let fx = Fixture::new();
+    let base = fx.base(fill);
+    let m = fx.mount(base, "m");
+    let root = m.mountpoint().to_owned();
+    Some((fx, base, m, root))
+}
+
 /// Everything observable about a file, for whole-tree comparisons.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Entry {

@@ -457,3 +457,45 @@ fn garbage_collection_frees_unreferenced_checkpoints_only() {
     assert_eq!(std::fs::read(last.mountpoint().join("one")).unwrap(), b"1");
     last.unmount().unwrap();
 }
+
+#[test]
+fn checkpoints_and_rollbacks_while_a_process_keeps_writing() {
+    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    // One write(2) per line: every checkpoint must hold a whole prefix of the sequence.
+    let mut writer = Command::new("sh")
+        .arg("-c")
+        .arg("i=0; while true; do i=$((i+1)); echo $i >> log; echo $i > f$((i % 50)); done")
+        .current_dir(&root)
+        .spawn()
+        .unwrap();
+    let mut cps = Vec::new();
+    for _ in 0..20 {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+        cps.push(m.checkpoint().unwrap());
+    }
+    // Rollbacks under the running writer: it goes on writing on top of the restored state.
+    for cp in cps.iter().step_by(5) {
+        m.rollback(*cp).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    writer.kill().unwrap();
+    writer.wait().unwrap();
+    let mut last_len = 0;
+    for cp in &cps {
+        m.rollback(*cp).unwrap();
+        let log = std::fs::read_to_string(root.join("log")).unwrap_or_default();
+        let lines: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
+        assert!(log.is_empty() || log.ends_with('\n'), "torn line in {cp}");
+        assert_eq!(
+            lines,
+            (1..=lines.len() as u64).collect::<Vec<_>>(),
+            "checkpoint {cp}"
+        );
+        assert!(lines.len() >= last_len, "checkpoints are taken in order");
+        last_len = lines.len();
+    }
+    assert!(last_len > 0, "the writer ran");
+    m.unmount().unwrap();
+}

@@ -27,6 +27,9 @@ enum Cmd {
         /// Stack id to mount instead of image layers.
         #[arg(long)]
         stack: Option<StackId>,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = MountOptions::default().threads)]
+        threads: usize,
         mountpoint: PathBuf,
     },
     /// Delete every layer not needed by the given stacks or a live mount.
@@ -44,6 +47,7 @@ fn main() -> anyhow::Result<()> {
         Cmd::Mount {
             layers,
             stack,
+            threads,
             mountpoint,
         } => {
             let stack = match stack {
@@ -56,8 +60,11 @@ fn main() -> anyhow::Result<()> {
             // Blocked before the server threads start, so they inherit the mask and only
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
-            let m =
-                mount(&store, stack, &mountpoint, &MountOptions::default()).context("mounting")?;
+            let opts = MountOptions {
+                threads,
+                ..MountOptions::default()
+            };
+            let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;
             eprintln!("{sig:?}: unmounting");

@@ -1,9 +1,10 @@
 //! Property test: random operation sequences, including checkpoints, rollbacks and remounts of
-//! earlier checkpoints (branches), on a real mount against an in-memory model.
+//! earlier checkpoints (branches), on a real mount against an in-memory model of names, inodes
+//! (hard links), contents, permission bits and an xattr.
 mod common;
 
 use std::collections::BTreeMap;
-use std::os::unix::fs::FileExt;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
@@ -11,6 +12,7 @@ use deltafs::{mount, Mount, MountOptions, StackId};
 use proptest::prelude::*;
 
 const NAMES: [&str; 6] = ["a", "b", "c", "sub/a", "sub/b", "sub/deeper/c"];
+const XATTR: &str = "user.tag";
 
 #[derive(Debug, Clone)]
 enum Op {
@@ -31,6 +33,18 @@ enum Op {
         from: usize,
         to: usize,
     },
+    Link {
+        from: usize,
+        to: usize,
+    },
+    Chmod {
+        file: usize,
+        mode: u32,
+    },
+    Xattr {
+        file: usize,
+        value: Option<u8>,
+    },
     Checkpoint,
     Rollback {
         to: usize,
@@ -47,23 +61,85 @@ fn op() -> impl Strategy<Value = Op> {
         1 => (0..NAMES.len(), 0u64..800_000).prop_map(|(file, size)| Op::Truncate { file, size }),
         1 => (0..NAMES.len()).prop_map(|file| Op::Unlink { file }),
         1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Link { from, to }),
+        1 => (0..NAMES.len(), 0o400u32..0o777).prop_map(|(file, mode)| Op::Chmod { file, mode }),
+        1 => (0..NAMES.len(), proptest::option::of(any::<u8>())).prop_map(|(file, value)| Op::Xattr { file, value }),
         2 => Just(Op::Checkpoint),
         1 => (0usize..8).prop_map(|to| Op::Rollback { to }),
         1 => (0usize..8).prop_map(|from| Op::Branch { from }),
     ]
 }
 
-type Model = BTreeMap<&'static str, Vec<u8>>;
+#[derive(Debug, Clone, PartialEq)]
+struct Inode {
+    data: Vec<u8>,
+    mode: u32,
+    xattr: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Model {
+    names: BTreeMap<&'static str, usize>,
+    inodes: BTreeMap<usize, Inode>,
+    next: usize,
+}
+
+impl Model {
+    fn inode(&mut self, name: &str) -> Option<&mut Inode> {
+        let id = *self.names.get(name)?;
+        self.inodes.get_mut(&id)
+    }
+
+    fn add(&mut self, name: &'static str, data: Vec<u8>) {
+        self.next += 1;
+        self.inodes.insert(
+            self.next,
+            Inode {
+                data,
+                mode: 0o644,
+                xattr: None,
+            },
+        );
+        self.names.insert(name, self.next);
+    }
+
+    fn unlink(&mut self, name: &str) {
+        if let Some(id) = self.names.remove(name) {
+            if !self.names.values().any(|i| *i == id) {
+                self.inodes.remove(&id);
+            }
+        }
+    }
+}
 
 fn check(root: &Path, model: &Model) {
+    let mut ino_of_model_inode = BTreeMap::new();
     for name in NAMES {
-        let got = std::fs::read(root.join(name)).ok();
+        let path = root.join(name);
+        let md = std::fs::metadata(&path).ok();
+        let Some(&id) = model.names.get(name) else {
+            assert!(md.is_none(), "{name} should not exist");
+            continue;
+        };
+        let md = md.unwrap_or_else(|| panic!("{name} should exist"));
+        let inode = &model.inodes[&id];
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), inode.data.len(), "size of {name}");
+        assert!(data == inode.data, "content of {name}");
         assert_eq!(
-            got.as_ref().map(Vec::len),
-            model.get(name).map(Vec::len),
-            "size of {name}"
+            md.permissions().mode() & 0o777,
+            inode.mode,
+            "mode of {name}"
         );
-        assert!(got.as_ref() == model.get(name), "content of {name}");
+        let mut buf = [0u8; 1];
+        let got = rustix::fs::getxattr(&path, XATTR, &mut buf[..])
+            .ok()
+            .map(|_| buf[0]);
+        assert_eq!(got, inode.xattr, "xattr of {name}");
+        let links = model.names.values().filter(|i| **i == id).count() as u64;
+        assert_eq!(md.nlink(), links, "link count of {name}");
+        let ino = *ino_of_model_inode.entry(id).or_insert(md.ino());
+        assert_eq!(md.ino(), ino, "{name} shares the inode of its hard links");
     }
 }
 
@@ -73,15 +149,19 @@ fn run(ops: Vec<Op>) {
         std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
         std::fs::write(d.join("a"), vec![1u8; 300_000]).unwrap();
         std::fs::write(d.join("sub/b"), b"image file").unwrap();
+        for f in ["a", "sub/b"] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
     });
-    let mut model: Model = BTreeMap::new();
-    model.insert("a", vec![1u8; 300_000]);
-    model.insert("sub/b", b"image file".to_vec());
+    let mut model = Model::default();
+    model.add("a", vec![1u8; 300_000]);
+    model.add("sub/b", b"image file".to_vec());
     let mut checkpoints: Vec<(StackId, Model)> = vec![(base, model.clone())];
     let mut generation = 0;
     let mut m: Mount = fx.mount(base, "g0");
     for op in ops {
         let root = m.mountpoint().to_owned();
+        let path = |i: usize| root.join(NAMES[i]);
         match op {
             Op::Write {
                 file,
@@ -93,10 +173,17 @@ fn run(ops: Vec<Op>) {
                     .create(true)
                     .truncate(false)
                     .write(true)
-                    .open(root.join(NAMES[file]))
+                    .open(path(file))
                     .unwrap();
+                f.set_permissions(std::fs::Permissions::from_mode(
+                    model.inode(NAMES[file]).map_or(0o644, |i| i.mode),
+                ))
+                .unwrap();
                 f.write_all_at(&vec![byte; len], offset).unwrap();
-                let data = model.entry(NAMES[file]).or_default();
+                if model.inode(NAMES[file]).is_none() {
+                    model.add(NAMES[file], Vec::new());
+                }
+                let data = &mut model.inode(NAMES[file]).unwrap().data;
                 let end = offset as usize + len;
                 if data.len() < end {
                     data.resize(end, 0);
@@ -104,24 +191,64 @@ fn run(ops: Vec<Op>) {
                 data[offset as usize..end].fill(byte);
             }
             Op::Truncate { file, size } => {
-                if let Some(data) = model.get_mut(NAMES[file]) {
-                    let f = std::fs::OpenOptions::new()
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    std::fs::OpenOptions::new()
                         .write(true)
-                        .open(root.join(NAMES[file]))
+                        .open(path(file))
+                        .unwrap()
+                        .set_len(size)
                         .unwrap();
-                    f.set_len(size).unwrap();
-                    data.resize(size as usize, 0);
+                    inode.data.resize(size as usize, 0);
                 }
             }
             Op::Unlink { file } => {
-                if model.remove(NAMES[file]).is_some() {
-                    std::fs::remove_file(root.join(NAMES[file])).unwrap();
+                if model.names.contains_key(NAMES[file]) {
+                    std::fs::remove_file(path(file)).unwrap();
+                    model.unlink(NAMES[file]);
                 }
             }
             Op::Rename { from, to } => {
-                if let Some(data) = model.remove(NAMES[from]) {
-                    std::fs::rename(root.join(NAMES[from]), root.join(NAMES[to])).unwrap();
-                    model.insert(NAMES[to], data);
+                if let Some(&id) = model.names.get(NAMES[from]) {
+                    std::fs::rename(path(from), path(to)).unwrap();
+                    // Renaming a name onto another link of the same inode changes nothing.
+                    if model.names.get(NAMES[to]) != Some(&id) {
+                        model.unlink(NAMES[to]);
+                        model.names.remove(NAMES[from]);
+                        model.names.insert(NAMES[to], id);
+                    }
+                }
+            }
+            Op::Link { from, to } => {
+                if let (Some(&id), false) = (
+                    model.names.get(NAMES[from]),
+                    model.names.contains_key(NAMES[to]),
+                ) {
+                    std::fs::hard_link(path(from), path(to)).unwrap();
+                    model.names.insert(NAMES[to], id);
+                }
+            }
+            Op::Chmod { file, mode } => {
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    std::fs::set_permissions(path(file), std::fs::Permissions::from_mode(mode))
+                        .unwrap();
+                    inode.mode = mode;
+                }
+            }
+            Op::Xattr { file, value } => {
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    match value {
+                        Some(v) => rustix::fs::setxattr(
+                            path(file),
+                            XATTR,
+                            &[v],
+                            rustix::fs::XattrFlags::empty(),
+                        )
+                        .unwrap(),
+                        None => {
+                            let _ = rustix::fs::removexattr(path(file), XATTR);
+                        }
+                    }
+                    inode.xattr = value;
                 }
             }
             Op::Checkpoint => checkpoints.push((m.checkpoint().unwrap(), model.clone())),

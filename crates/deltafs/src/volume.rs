@@ -969,7 +969,14 @@ impl Volume {
     pub fn rollback(&self, to: StackId) -> Result<(RollbackStats, Invalidations), StoreError> {
         let mut st = self.state.write();
         let (target, meta) = match st.snapshots.get(&to.0) {
-            Some(tree) => (tree.clone(), self.store.read_meta(to.0)?),
+            Some(tree) => match self.store.read_meta(to.0) {
+                Ok(meta) => (tree.clone(), meta),
+                Err(e) => {
+                    // Deleted by the garbage collector: forget the in-memory tree too.
+                    st.snapshots.remove(&to.0);
+                    return Err(e);
+                }
+            },
             None => {
                 let loaded = self.store.load(to)?;
                 if loaded.meta.base != self.base {
@@ -999,9 +1006,19 @@ impl Volume {
                 }
             }
         }
+        // Inode numbers handed out in the abandoned branch are not reused by this mount: the
+        // kernel may still hold such a node id (in an fd opened after the checkpoint), and a
+        // different file behind the same id would be read through it.
+        let next_ino = st.tree.next_ino.max(target.next_ino);
         st.tree = target;
+        st.tree.next_ino = next_ino;
         st.pending.clear();
         let old = std::mem::replace(&mut st.layer, next);
+        st.log(&[Record::NextIno(next_ino)])
+            .map_err(|e| StoreError::Io {
+                path: st.layer.dir.join("journal"),
+                source: io::Error::from(e),
+            })?;
         drop(st);
         self.store.discard(old)?;
         let stats = RollbackStats {

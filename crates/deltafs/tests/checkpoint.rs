@@ -499,3 +499,24 @@ fn checkpoints_and_rollbacks_while_a_process_keeps_writing() {
     assert!(last_len > 0, "the writer ran");
     m.unmount().unwrap();
 }
+
+#[test]
+fn inode_numbers_of_an_abandoned_branch_are_not_reused() {
+    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    let cp = m.checkpoint().unwrap();
+    std::fs::write(root.join("x"), b"abandoned").unwrap();
+    let held = std::fs::File::open(root.join("x")).unwrap();
+    let ino_x = held.metadata().unwrap().ino();
+    m.rollback(cp).unwrap();
+    std::fs::write(root.join("y"), b"new branch").unwrap();
+    assert_ne!(std::fs::metadata(root.join("y")).unwrap().ino(), ino_x);
+    let mut s = String::new();
+    assert!(
+        (&held).read_to_string(&mut s).is_err() || s.is_empty(),
+        "old fd must not read y: {s:?}"
+    );
+    drop(held);
+    m.unmount().unwrap();
+}

@@ -31,5 +31,5 @@ mod volume;
 pub use image::ImageError;
 pub use journal::JournalError;
 pub use mount::{abort_stale_mount, mount, Mount, MountError, MountOptions};
-pub use store::{GcStats, InvalidStackId, StackId, Store, StoreError};
+pub use store::{GcStats, InvalidStackId, LayerInfo, StackId, Store, StoreError};
 pub use volume::RollbackStats;

@@ -91,6 +91,21 @@ pub struct GcStats {
     pub layers_kept: usize,
 }
 
+/// One layer of a stack, as [`Store::describe`] reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LayerInfo {
+    pub id: StackId,
+    pub frozen: bool,
+    /// A full tree index is stored with the layer.
+    pub indexed: bool,
+    /// Metadata records in the layer's journal.
+    pub records: usize,
+    /// Bytes allocated by the layer's data files.
+    pub data_bytes: u64,
+    /// Image layer directories (base layers only).
+    pub images: Vec<PathBuf>,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub(crate) struct LayerMeta {
     pub parent: Option<LayerId>,
@@ -164,6 +179,22 @@ pub(crate) fn open_data_rw(path: &Path) -> io::Result<File> {
         }
         r => r,
     }
+}
+
+/// Bytes allocated by the files below `dir`.
+fn allocated_bytes(dir: &Path) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0;
+    for entry in std::fs::read_dir(dir)? {
+        let entry = entry?;
+        let md = entry.metadata()?;
+        total += if md.is_dir() {
+            allocated_bytes(&entry.path())?
+        } else {
+            md.blocks() * 512
+        };
+    }
+    Ok(total)
 }
 
 fn try_lock(file: &File) -> io::Result<bool> {
@@ -384,6 +415,26 @@ impl Store {
             }
         });
         Ok(())
+    }
+
+    /// The layers of a stack, top first (for inspection and debugging).
+    pub fn describe(&self, stack: StackId) -> Result<Vec<LayerInfo>> {
+        let mut out = Vec::new();
+        let mut cur = Some(stack.0);
+        while let Some(id) = cur {
+            let meta = self.read_meta(id)?;
+            let dir = self.layer_dir(id);
+            out.push(LayerInfo {
+                id: StackId(id),
+                frozen: dir.join("frozen").exists(),
+                indexed: dir.join("index").exists(),
+                records: journal::read_journal(&dir.join("journal"))?.len(),
+                data_bytes: allocated_bytes(&dir.join("data")).map_err(io_err(&dir))?,
+                images: meta.images,
+            });
+            cur = meta.parent;
+        }
+        Ok(out)
     }
 
     /// Deletes every layer that neither a stack in `keep` nor a live mount (a writable layer whose

@@ -228,7 +228,14 @@ fn writing_into_a_large_lower_file_copies_one_chunk() {
     f.seek(SeekFrom::Start(512 << 20)).unwrap();
     f.write_all(b"MIDL").unwrap();
     drop(f);
-    m.checkpoint().unwrap();
+    let cp = m.checkpoint().unwrap();
+    let layers = fx.store.describe(cp).unwrap();
+    assert_eq!(layers.len(), 2, "{layers:?}");
+    assert!(layers[0].frozen && layers[1].indexed && !layers[1].images.is_empty());
+    assert!(
+        layers[0].data_bytes <= 256 * 1024 + 4096,
+        "one chunk copied: {layers:?}"
+    );
     let f = std::fs::OpenOptions::new()
         .append(true)
         .open(root.join("big"))

@@ -34,6 +34,8 @@ enum Cmd {
     },
     /// Delete every layer not needed by the given stacks or a live mount.
     Gc { keep: Vec<StackId> },
+    /// Show the layers of a stack, top first.
+    Show { stack: StackId },
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,6 +71,23 @@ fn main() -> anyhow::Result<()> {
             let sig = signals.wait().context("waiting for a signal")?;
             eprintln!("{sig:?}: unmounting");
             m.unmount().context("unmounting")?;
+        }
+        Cmd::Show { stack } => {
+            for layer in store.describe(stack).context("reading the stack")? {
+                println!(
+                    "{} frozen={} indexed={} records={} data_bytes={}{}",
+                    layer.id,
+                    layer.frozen,
+                    layer.indexed,
+                    layer.records,
+                    layer.data_bytes,
+                    if layer.images.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" images={:?}", layer.images)
+                    }
+                );
+            }
         }
         Cmd::Gc { keep } => {
             let stats = store

@@ -67,6 +67,65 @@ pub struct SandboxView {
     /// Host uid/gid that is root inside.
     pub uid_base: Option<u32>,
     pub init_pid: Option<i32>,
+    /// The checkpoint it was forked from.
+    pub origin: Option<String>,
+    /// The checkpoint its current state descends from.
+    pub head: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Checkpoint only the filesystem; processes keep running and are not captured.
+    #[serde(default)]
+    pub fs_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointView {
+    pub id: String,
+    /// The sandbox it was taken in.
+    pub sandbox: String,
+    pub parent: Option<String>,
+    pub kind: String,
+    pub created: i64,
+    /// Freeze to thaw, as measured by the sandbox's supervisor.
+    pub latency_ms: f64,
+    /// What the checkpoint holds.
+    pub covers: Vec<String>,
+    /// What happened to the sandbox's processes.
+    pub processes: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub checkpoint: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackView {
+    pub sandbox: String,
+    pub checkpoint: String,
+    pub latency_ms: f64,
+    /// Of which: switching the filesystem and invalidating the kernel's caches.
+    pub fs_ms: f64,
+    pub covers: Vec<String>,
+    pub processes: String,
+    pub processes_killed: usize,
+    pub sessions_closed: Vec<String>,
+    pub changed_inodes: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+fn one() -> usize {
+    1
 }
 
 #[derive(Debug, Serialize, Deserialize)]

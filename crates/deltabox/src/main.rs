@@ -50,11 +50,27 @@ enum Command {
         #[arg(short, long)]
         quiet: bool,
     },
-    /// Remove sandboxes (kills everything in them).
+    /// Remove sandboxes (kills everything in them). Their checkpoints go too, unless another sandbox
+    /// still uses them.
     Rm {
         #[arg(required = true)]
         ids: Vec<String>,
+        /// Keep all their checkpoints (to fork them later).
+        #[arg(long)]
+        keep_checkpoints: bool,
     },
+    /// Checkpoint a sandbox (`checkpoint ID --fs-only`), or delete checkpoints (`checkpoint rm CK...`).
+    Checkpoint(cli::checkpoint::CheckpointArgs),
+    /// Roll a sandbox back to one of its checkpoints.
+    Rollback { id: String, checkpoint: String },
+    /// Start new sandboxes from a checkpoint; prints their ids.
+    Fork {
+        checkpoint: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// List a sandbox's checkpoints with their parents.
+    Checkpoints { id: String },
     /// Run a command in a sandbox.
     Exec(cli::ExecArgs),
     /// Open an interactive shell in a sandbox.
@@ -155,7 +171,11 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
         Command::Image(ImageCommand::Rm { names }) => cli::image_rm(&client, &names).await.map(|()| 0),
         Command::Create(args) => cli::create(&client, args).await.map(|()| 0),
         Command::Ls { quiet } => cli::ls(&client, quiet).await.map(|()| 0),
-        Command::Rm { ids } => cli::rm(&client, &ids).await.map(|()| 0),
+        Command::Rm { ids, keep_checkpoints } => cli::rm(&client, &ids, keep_checkpoints).await.map(|()| 0),
+        Command::Checkpoint(args) => cli::checkpoint::checkpoint(&client, args).await.map(|()| 0),
+        Command::Rollback { id, checkpoint } => cli::checkpoint::rollback(&client, &id, &checkpoint).await.map(|()| 0),
+        Command::Fork { checkpoint, count } => cli::checkpoint::fork(&client, &checkpoint, count).await.map(|()| 0),
+        Command::Checkpoints { id } => cli::checkpoint::list(&client, &id).await.map(|()| 0),
         Command::Exec(args) => cli::exec(&client, args).await,
         Command::Shell { id } => cli::shell(&client, &id).await,
         Command::Session(SessionCommand::Create { id, name }) => {

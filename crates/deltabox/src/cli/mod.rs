@@ -1,5 +1,6 @@
 //! The client subcommands.
 
+pub mod checkpoint;
 mod demo;
 pub mod files;
 mod terminal;
@@ -130,7 +131,7 @@ pub fn human_bytes(n: u64) -> String {
     }
 }
 
-fn age(created: i64) -> String {
+pub fn age(created: i64) -> String {
     let secs = (crate::daemon::engine::now() - created).max(0);
     match secs {
         s if s < 60 => format!("{s}s ago"),
@@ -213,10 +214,11 @@ pub async fn ls(client: &Client, quiet: bool) -> anyhow::Result<()> {
     Ok(())
 }
 
-pub async fn rm(client: &Client, ids: &[String]) -> anyhow::Result<()> {
+pub async fn rm(client: &Client, ids: &[String], keep_checkpoints: bool) -> anyhow::Result<()> {
     let mut failed = 0;
     for id in ids {
-        match client.json::<serde_json::Value>(Method::DELETE, &format!("/v1/sandboxes/{id}"), None::<&()>).await {
+        let url = format!("/v1/sandboxes/{id}?keep_checkpoints={keep_checkpoints}");
+        match client.json::<serde_json::Value>(Method::DELETE, &url, None::<&()>).await {
             Ok(_) => println!("{id}"),
             Err(e) => {
                 eprintln!("deltabox: {id}: {e:#}");

@@ -18,9 +18,13 @@ use tokio::sync::RwLock;
 
 use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
-use crate::catalog::{Catalog, ImageRecord, SandboxRecord};
-use crate::shim::proto::{ProcessDefaults, Reply, Request, ShimConfig, ShimInfo, ShimStartup};
+use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
+use crate::shim::proto::{
+    CheckpointStats, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+};
 
+/// Most sandboxes one fork call creates.
+pub const MAX_FORKS: usize = 64;
 /// How long a shim may take to build a sandbox.
 const SHIM_START_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long a shim may take to answer a control request (info, destroy).
@@ -36,6 +40,14 @@ pub struct DaemonConfig {
 pub struct Live {
     pub record: SandboxRecord,
     pub info: ShimInfo,
+    /// Held by checkpoints and rollbacks of this sandbox, so its checkpoint chain stays linear.
+    pub ops: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Live {
+    fn new(record: SandboxRecord, info: ShimInfo) -> Live {
+        Live { record, info, ops: Arc::new(tokio::sync::Mutex::new(())) }
+    }
 }
 
 pub struct Engine {
@@ -49,6 +61,11 @@ pub struct Engine {
     exe: PathBuf,
     /// Held by imports and layer garbage collection, so GC never deletes a layer an import just wrote.
     pub image_lock: tokio::sync::Mutex<()>,
+    /// The DeltaFS store every sandbox's filesystem lives in.
+    fs: deltafs::Store,
+    /// Read-held while a sandbox is started from a stack, write-held by filesystem GC: a stack about to be
+    /// mounted is not yet protected by the mount's lock.
+    fs_gc: RwLock<()>,
     _lock: File,
 }
 
@@ -62,6 +79,7 @@ impl Engine {
         let instance = instance_id(dir)?;
         let catalog = Catalog::open(&dir.join("catalog.db")).context("open the catalog")?;
         let layers = LayerStore::open(&dir.join("images")).context("open the layer store")?;
+        let fs = deltafs::Store::open(&dir.join("deltafs")).context("open the DeltaFS store")?;
         let engine = Arc::new(Engine {
             data_dir: dir.clone(),
             instance,
@@ -71,6 +89,8 @@ impl Engine {
             uid_slot_dir: cfg.uid_slot_dir,
             exe: std::env::current_exe().context("find our own executable")?,
             image_lock: tokio::sync::Mutex::new(()),
+            fs,
+            fs_gc: RwLock::new(()),
             _lock: lock,
         });
         engine.recover().await?;
@@ -127,7 +147,7 @@ impl Engine {
                 Ok(info) => {
                     tracing::info!(id = %record.id, shim = info.shim_pid, "reattached to sandbox");
                     self.watch_shim(record.id.clone(), info.shim_pid);
-                    self.sandboxes.write().await.insert(record.id.clone(), Live { record, info });
+                    self.sandboxes.write().await.insert(record.id.clone(), Live::new(record, info));
                 }
                 Err(e) => {
                     tracing::warn!(id = %record.id, "sandbox's shim is gone ({e:#}); cleaning it up");
@@ -154,7 +174,7 @@ impl Engine {
                 self.force_cleanup(&id);
             }
         }
-        self.collect_layers().await;
+        self.collect_garbage().await;
         Ok(())
     }
 
@@ -226,13 +246,11 @@ impl Engine {
             .map_err(anyhow::Error::from)?
             .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {:?}", req.image)))?;
         let limits = validate_limits(&req)?;
-        let id = new_id();
-        let dir = self.sandbox_dir(&id);
-        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("create the sandbox directory: {e}")))?;
+        let _no_gc = self.fs_gc.read().await;
+        let stack = self.image_base_stack(&image).await?;
         let mut env = image.config.env.clone();
         env.extend(req.env.iter().map(|(k, v)| format!("{k}={v}")));
-        let record = SandboxRecord {
-            id: id.clone(),
+        let config = SandboxConfig {
             image: image.name.clone(),
             layers: image.layers.iter().map(|l| l.diff_id).collect(),
             network: req.network,
@@ -240,14 +258,46 @@ impl Engine {
             env,
             cwd: image.config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into()),
             user: image.config.user.clone().filter(|u| !u.is_empty()),
-            created: now(),
         };
+        self.start_sandbox(config, stack, None).await
+    }
+
+    /// The DeltaFS stack of `image`'s layers (indexed once, then recorded with the image).
+    pub async fn image_base_stack(&self, image: &ImageRecord) -> ApiResult<String> {
+        if let Some(stack) = &image.base_stack {
+            return Ok(stack.clone());
+        }
+        let paths: Vec<PathBuf> = image.layers.iter().map(|l| self.layers.layer_path(&l.diff_id)).collect();
+        let store = self.fs.clone();
+        let stack = tokio::task::spawn_blocking(move || store.base_stack(&paths))
+            .await
+            .map_err(|e| ApiError::internal(e.to_string()))?
+            .map_err(|e| ApiError::internal(format!("index the image's layers: {}", super::routes::error_chain(&e))))?
+            .to_string();
+        let mut updated = image.clone();
+        updated.base_stack = Some(stack.clone());
+        self.catalog().put_image(&updated).map_err(anyhow::Error::from)?;
+        Ok(stack)
+    }
+
+    /// Starts a new sandbox on DeltaFS stack `stack`. The caller holds `fs_gc` for reading.
+    async fn start_sandbox(
+        self: &Arc<Self>,
+        config: SandboxConfig,
+        stack: String,
+        origin: Option<String>,
+    ) -> ApiResult<SandboxView> {
+        let id = new_id();
+        let dir = self.sandbox_dir(&id);
+        std::fs::create_dir_all(&dir).map_err(|e| ApiError::internal(format!("create the sandbox directory: {e}")))?;
+        let record =
+            SandboxRecord { id: id.clone(), config, stack, origin: origin.clone(), head: origin, created: now() };
         // Recorded before the shim starts: a crash in between leaves a record that recovery cleans up.
         self.catalog().put_sandbox(&record).map_err(anyhow::Error::from)?;
-        match self.start_shim(&record, &image).await {
+        match self.start_shim(&record).await {
             Ok(info) => {
                 self.watch_shim(id.clone(), info.shim_pid);
-                let live = Live { record, info };
+                let live = Live::new(record, info);
                 let v = view(&live);
                 self.sandboxes.write().await.insert(id, live);
                 Ok(v)
@@ -264,17 +314,19 @@ impl Engine {
         }
     }
 
-    async fn start_shim(&self, record: &SandboxRecord, image: &ImageRecord) -> anyhow::Result<ShimInfo> {
+    async fn start_shim(&self, record: &SandboxRecord) -> anyhow::Result<ShimInfo> {
         let dir = self.sandbox_dir(&record.id);
+        let c = &record.config;
         let config = ShimConfig {
             id: record.id.clone(),
             sandbox_dir: dir.clone(),
-            layers: image.layers.iter().map(|l| self.layers.layer_path(&l.diff_id)).collect(),
-            network: record.network,
-            limits: record.limits,
+            store: self.fs.path().to_path_buf(),
+            stack: record.stack.clone(),
+            network: c.network,
+            limits: c.limits,
             cgroup: self.cgroup_name(&record.id),
             uid_slot_dir: self.uid_slot_dir.clone(),
-            defaults: ProcessDefaults { env: record.env.clone(), cwd: record.cwd.clone(), user: record.user.clone() },
+            defaults: ProcessDefaults { env: c.env.clone(), cwd: c.cwd.clone(), user: c.user.clone() },
         };
         let log = File::create(dir.join("shim.log")).context("create the shim log")?;
         let mut cmd = tokio::process::Command::new(&self.exe);
@@ -314,7 +366,9 @@ impl Engine {
         }
     }
 
-    pub async fn remove(&self, id: &str) -> ApiResult<()> {
+    /// Removes sandbox `id`. Its checkpoints go too unless `keep_checkpoints`, or another sandbox still
+    /// uses them (was forked from one, or took a checkpoint on top of one).
+    pub async fn remove(&self, id: &str, keep_checkpoints: bool) -> ApiResult<()> {
         // Unlisted first, so the shim watcher does not race us when the shim exits.
         if self.sandboxes.write().await.remove(id).is_none() {
             return Err(ApiError::not_found("sandbox_not_found", format!("no sandbox with id {id:?}")));
@@ -330,13 +384,186 @@ impl Engine {
         }
         self.force_cleanup(id);
         self.catalog().delete_sandbox(id).map_err(anyhow::Error::from)?;
-        self.collect_layers().await;
+        if !keep_checkpoints {
+            let doomed = self.unused_checkpoints_of(id).map_err(anyhow::Error::from)?;
+            self.catalog().delete_checkpoints(&doomed).map_err(anyhow::Error::from)?;
+        }
+        self.collect_garbage().await;
         Ok(())
     }
 
-    /// Deletes layers no image or sandbox references (skipped while an import runs).
-    pub async fn collect_layers(&self) {
-        let Ok(_guard) = self.image_lock.try_lock() else { return };
+    /// Checkpoints taken in sandbox `id` that no other sandbox or checkpoint depends on.
+    fn unused_checkpoints_of(&self, id: &str) -> Result<Vec<String>, crate::catalog::CatalogError> {
+        let catalog = self.catalog();
+        let checkpoints = catalog.checkpoints()?;
+        let used: std::collections::HashSet<String> = catalog
+            .sandboxes()?
+            .into_iter()
+            .filter(|s| s.id != id)
+            .filter_map(|s| s.origin)
+            .chain(checkpoints.iter().filter(|c| c.sandbox != id).filter_map(|c| c.parent.clone()))
+            .collect();
+        Ok(checkpoints.into_iter().filter(|c| c.sandbox == id && !used.contains(&c.id)).map(|c| c.id).collect())
+    }
+
+    /// Filesystem checkpoint of sandbox `id`: its processes keep running.
+    pub async fn checkpoint(&self, id: &str) -> ApiResult<(CheckpointRecord, CheckpointStats)> {
+        let live = self.live(id).await?;
+        let _one_at_a_time = live.ops.lock().await;
+        let stats = match self.shim_control(id, Request::Checkpoint).await? {
+            Reply::Checkpointed(stats) => stats,
+            Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
+            other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
+        };
+        let mut record = self.sandbox_record(id)?;
+        let cp = CheckpointRecord {
+            id: new_checkpoint_id(),
+            sandbox: id.to_string(),
+            parent: record.head.clone(),
+            stack: stats.stack.clone(),
+            kind: "filesystem".into(),
+            config: record.config.clone(),
+            created: now(),
+            latency_ms: stats.latency_ms,
+        };
+        self.catalog.lock().expect("catalog lock").add_checkpoint(&cp).map_err(anyhow::Error::from)?;
+        record.head = Some(cp.id.clone());
+        self.refresh(record).await;
+        Ok((cp, stats))
+    }
+
+    /// Rolls sandbox `id`'s files back to checkpoint `checkpoint`; its processes are killed (init stays).
+    pub async fn rollback(&self, id: &str, checkpoint: &str) -> ApiResult<(CheckpointRecord, RollbackStats)> {
+        let live = self.live(id).await?;
+        let _one_at_a_time = live.ops.lock().await;
+        let cp = self.checkpoint_record(checkpoint)?;
+        let mut record = self.sandbox_record(id)?;
+        if cp.sandbox != id && !self.ancestors(record.origin.as_deref()).contains(&cp.id) {
+            let message = format!(
+                "checkpoint {} belongs to sandbox {}, not to {id} or the checkpoints it was forked from; fork it instead",
+                cp.id, cp.sandbox
+            );
+            return Err(ApiError::bad_request("checkpoint_of_another_sandbox", message));
+        }
+        let stats = match self.shim_control(id, Request::Rollback { stack: cp.stack.clone() }).await? {
+            Reply::RolledBack(stats) => stats,
+            Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
+            other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
+        };
+        record.head = Some(cp.id.clone());
+        self.catalog().update_sandbox(&record).map_err(anyhow::Error::from)?;
+        self.refresh(record).await;
+        Ok((cp, stats))
+    }
+
+    /// Starts `count` new sandboxes whose files start at checkpoint `checkpoint`.
+    pub async fn fork(self: &Arc<Self>, checkpoint: &str, count: usize) -> ApiResult<Vec<SandboxView>> {
+        if !(1..=MAX_FORKS).contains(&count) {
+            return Err(ApiError::bad_request("invalid_count", format!("count must be between 1 and {MAX_FORKS}")));
+        }
+        let cp = self.checkpoint_record(checkpoint)?;
+        let _no_gc = self.fs_gc.read().await;
+        let starts = (0..count).map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone())));
+        let results = futures_util::future::join_all(starts).await;
+        let mut created = Vec::new();
+        let mut failure = None;
+        for r in results {
+            match r {
+                Ok(v) => created.push(v),
+                Err(e) => failure = Some(e),
+            }
+        }
+        match failure {
+            None => Ok(created),
+            // All or nothing: a caller asking for N branches gets N or an error.
+            Some(e) => {
+                drop(_no_gc);
+                for v in created {
+                    let _ = self.remove(&v.id, true).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Checkpoints taken in sandbox `id`, oldest first (a parent before its children).
+    pub fn checkpoints_of(&self, id: &str) -> ApiResult<Vec<CheckpointRecord>> {
+        let all = self.catalog().checkpoints().map_err(anyhow::Error::from)?;
+        let parents: HashMap<&str, Option<&str>> = all.iter().map(|c| (c.id.as_str(), c.parent.as_deref())).collect();
+        let mut mine: Vec<(i64, usize, &CheckpointRecord)> =
+            all.iter().filter(|c| c.sandbox == id).map(|c| (c.created, depth(&parents, &c.id), c)).collect();
+        mine.sort_by(|a, b| (a.0, a.1, &a.2.id).cmp(&(b.0, b.1, &b.2.id)));
+        Ok(mine.into_iter().map(|(_, _, c)| c.clone()).collect())
+    }
+
+    pub async fn delete_checkpoint(&self, checkpoint: &str) -> ApiResult<()> {
+        self.checkpoint_record(checkpoint)?;
+        self.catalog
+            .lock()
+            .expect("catalog lock")
+            .delete_checkpoints(&[checkpoint.to_string()])
+            .map_err(anyhow::Error::from)?;
+        for live in self.sandboxes.write().await.values_mut() {
+            if live.record.head.as_deref() == Some(checkpoint) {
+                if let Ok(Some(r)) = self.catalog().sandbox(&live.record.id) {
+                    live.record = r;
+                }
+            }
+        }
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    pub fn checkpoint_record(&self, id: &str) -> ApiResult<CheckpointRecord> {
+        self.catalog()
+            .checkpoint(id)
+            .map_err(anyhow::Error::from)?
+            .ok_or_else(|| ApiError::not_found("checkpoint_not_found", format!("no checkpoint with id {id:?}")))
+    }
+
+    fn sandbox_record(&self, id: &str) -> ApiResult<SandboxRecord> {
+        self.catalog()
+            .sandbox(id)
+            .map_err(anyhow::Error::from)?
+            .ok_or_else(|| ApiError::not_found("sandbox_not_found", format!("no sandbox with id {id:?}")))
+    }
+
+    /// `start` and the checkpoints it descends from.
+    fn ancestors(&self, start: Option<&str>) -> Vec<String> {
+        let mut chain = Vec::new();
+        let mut next = start.map(String::from);
+        while let Some(id) = next.filter(|id| !chain.contains(id)) {
+            next = self.catalog().checkpoint(&id).ok().flatten().and_then(|c| c.parent);
+            chain.push(id);
+        }
+        chain
+    }
+
+    /// Replaces the cached record of a live sandbox.
+    async fn refresh(&self, record: SandboxRecord) {
+        if let Some(live) = self.sandboxes.write().await.get_mut(&record.id) {
+            live.record = record;
+        }
+    }
+
+    /// Frees filesystem data no checkpoint, image or live mount needs, then image layers no image,
+    /// sandbox or checkpoint needs. Skipped while an import runs (its layers are not recorded yet).
+    pub async fn collect_garbage(&self) {
+        let Ok(_import_guard) = self.image_lock.try_lock() else { return };
+        let _gc = self.fs_gc.write().await;
+        let keep: Vec<deltafs::StackId> = match self.catalog().referenced_stacks() {
+            Ok(stacks) => stacks.iter().filter_map(|s| s.parse().ok()).collect(),
+            Err(e) => return tracing::error!("cannot read stack references: {e}"),
+        };
+        let store = self.fs.clone();
+        match tokio::task::spawn_blocking(move || store.delete_unreferenced(&keep)).await {
+            Ok(Ok(stats)) if stats.layers_deleted > 0 => {
+                tracing::info!(deleted = stats.layers_deleted, kept = stats.layers_kept, "freed filesystem layers")
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::error!("filesystem garbage collection failed: {e}"),
+            Err(e) => tracing::error!("filesystem garbage collection panicked: {e}"),
+        }
         let (stored, used) = match (self.layers.layers(), self.catalog().referenced_layers()) {
             (Ok(s), Ok(u)) => (s, u),
             (Err(e), _) => return tracing::error!("cannot list layers: {e}"),
@@ -344,16 +571,35 @@ impl Engine {
         };
         for layer in stored.into_iter().filter(|l| !used.contains(l)) {
             match self.layers.remove_layer(&layer) {
-                Ok(()) => tracing::info!(%layer, "removed unused layer"),
-                Err(e) => tracing::error!(%layer, "cannot remove unused layer: {e}"),
+                Ok(()) => tracing::info!(%layer, "removed unused image layer"),
+                Err(e) => tracing::error!(%layer, "cannot remove unused image layer: {e}"),
             }
         }
     }
 
     /// Sandboxes that run on image `name`.
     pub async fn users_of_image(&self, name: &str) -> Vec<String> {
-        self.sandboxes.read().await.values().filter(|l| l.record.image == name).map(|l| l.record.id.clone()).collect()
+        self.sandboxes
+            .read()
+            .await
+            .values()
+            .filter(|l| l.record.config.image == name)
+            .map(|l| l.record.id.clone())
+            .collect()
     }
+}
+
+/// How many ancestors checkpoint `id` has.
+fn depth<'a>(parents: &HashMap<&'a str, Option<&'a str>>, mut id: &'a str) -> usize {
+    let mut d = 0;
+    while let Some(Some(parent)) = parents.get(id) {
+        id = parent;
+        d += 1;
+        if d > parents.len() {
+            break;
+        }
+    }
+    d
 }
 
 fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
@@ -376,14 +622,17 @@ fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
 
 pub fn view(live: &Live) -> SandboxView {
     let r = &live.record;
+    let c = &r.config;
     SandboxView {
         id: r.id.clone(),
-        image: r.image.clone(),
+        image: c.image.clone(),
         state: "running".into(),
-        network: r.network,
-        memory: r.limits.memory_bytes,
-        pids: r.limits.pids,
-        cpus: r.limits.cpus,
+        network: c.network,
+        memory: c.limits.memory_bytes,
+        pids: c.limits.pids,
+        cpus: c.limits.cpus,
+        origin: r.origin.clone(),
+        head: r.head.clone(),
         created: r.created,
         uid_base: Some(live.info.uid_base),
         init_pid: Some(live.info.init_pid),
@@ -393,6 +642,11 @@ pub fn view(live: &Live) -> SandboxView {
 /// A random 12-hex-digit id (also the sandbox's hostname).
 fn new_id() -> String {
     format!("{:012x}", rand::rng().random::<u64>() & 0xffff_ffff_ffff)
+}
+
+/// Checkpoint ids look different from sandbox ids, so the two are not mixed up.
+fn new_checkpoint_id() -> String {
+    format!("ck-{}", new_id())
 }
 
 pub fn now() -> i64 {

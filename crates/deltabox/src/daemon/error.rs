@@ -49,6 +49,7 @@ impl ApiError {
             ErrorKind::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             ErrorKind::SessionExists => (StatusCode::CONFLICT, "session_exists"),
             ErrorKind::SessionLost => (StatusCode::GONE, "session_ended"),
+            ErrorKind::CheckpointFailed => (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed"),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, message)

@@ -18,7 +18,7 @@ use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::engine::{now, view, Engine};
-use super::error::{ApiError, ApiJson, ApiPath, ApiResult};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::api::*;
 use crate::catalog::ImageRecord;
 use crate::shim::proto::{self, Input, Outcome, Reply, Request, Stream};
@@ -39,6 +39,10 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(remove_sandbox))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/attach", get(attach))
+        .route("/v1/sandboxes/{id}/checkpoints", get(list_checkpoints).post(create_checkpoint))
+        .route("/v1/sandboxes/{id}/rollback", post(rollback))
+        .route("/v1/checkpoints/{id}", get(get_checkpoint).delete(remove_checkpoint))
+        .route("/v1/checkpoints/{id}/fork", post(fork))
         .route("/v1/sandboxes/{id}/sessions", get(list_sessions).post(create_session))
         .route("/v1/sandboxes/{id}/sessions/{name}", axum::routing::delete(close_session))
         .route("/v1/sandboxes/{id}/sessions/{name}/run", post(run_in_session))
@@ -120,7 +124,7 @@ async fn remove_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -
         return Err(ApiError::conflict("image_in_use", message));
     }
     engine.catalog().delete_image(&name).map_err(anyhow::Error::from)?;
-    engine.collect_layers().await;
+    engine.collect_garbage().await;
     Ok(Json(serde_json::json!({ "name": name, "removed": true })))
 }
 
@@ -159,9 +163,15 @@ async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportReque
                     format: image.format,
                     source: req.path.clone(),
                     created: now(),
+                    base_stack: None,
                 };
-                match engine.catalog().put_image(&record) {
-                    Ok(()) => ImportEvent::Done { image: image_view(&record) },
+                let recorded = engine.catalog().put_image(&record);
+                match recorded {
+                    // Index the layers for DeltaFS now, so the first sandbox starts fast.
+                    Ok(()) => match engine.image_base_stack(&record).await {
+                        Ok(_) => ImportEvent::Done { image: image_view(&record) },
+                        Err(e) => ImportEvent::Error { error: e.code.into(), message: e.message },
+                    },
                     Err(e) => ImportEvent::Error { error: "internal".into(), message: format!("{e:#}") },
                 }
             }
@@ -170,7 +180,7 @@ async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportReque
         };
         drop(guard);
         // A re-import under an existing name may leave the old layers unused.
-        engine.collect_layers().await;
+        engine.collect_garbage().await;
         let _ = tx.send(json_value(&event)).await;
     });
     Ok(ndjson(rx))
@@ -203,9 +213,106 @@ async fn get_sandbox(State(engine): AppState, ApiPath(id): ApiPath<String>) -> A
     Ok(Json(view(&engine.live(&id).await?)))
 }
 
-async fn remove_sandbox(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
-    engine.remove(&id).await?;
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    #[serde(default)]
+    keep_checkpoints: bool,
+}
+
+async fn remove_sandbox(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.remove(&id, q.keep_checkpoints).await?;
     Ok(Json(serde_json::json!({ "id": id, "removed": true })))
+}
+
+/// A JSON body that may be absent.
+fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Option<T>> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+// ---- checkpoints ----
+
+const FS_ONLY_PROCESSES: &str = "kept running (filesystem-only checkpoint: processes are not captured)";
+
+fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
+    CheckpointView {
+        id: c.id.clone(),
+        sandbox: c.sandbox.clone(),
+        parent: c.parent.clone(),
+        kind: c.kind.clone(),
+        created: c.created,
+        latency_ms: c.latency_ms,
+        covers: vec!["filesystem".into()],
+        processes: FS_ONLY_PROCESSES.into(),
+    }
+}
+
+async fn create_checkpoint(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let req: CheckpointRequest = optional_json(&body)?.unwrap_or_default();
+    if !req.fs_only {
+        let message = "checkpointing processes is not available yet (DeltaCR, issue #4); ask for a filesystem-only \
+                       checkpoint with {\"fs_only\": true}";
+        return Err(ApiError::bad_request("process_checkpoint_unavailable", message));
+    }
+    let (cp, _) = engine.checkpoint(&id).await?;
+    Ok((StatusCode::CREATED, Json(checkpoint_view(&cp))).into_response())
+}
+
+async fn list_checkpoints(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
+    engine.live(&id).await?;
+    let list: Vec<CheckpointView> = engine.checkpoints_of(&id)?.iter().map(checkpoint_view).collect();
+    Ok(Json(serde_json::json!({ "checkpoints": list })))
+}
+
+async fn get_checkpoint(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CheckpointView>> {
+    Ok(Json(checkpoint_view(&engine.checkpoint_record(&id)?)))
+}
+
+async fn remove_checkpoint(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.delete_checkpoint(&id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "removed": true })))
+}
+
+async fn rollback(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RollbackRequest>,
+) -> ApiResult<Json<RollbackView>> {
+    let (cp, stats) = engine.rollback(&id, &req.checkpoint).await?;
+    Ok(Json(RollbackView {
+        sandbox: id,
+        checkpoint: cp.id,
+        latency_ms: stats.latency_ms,
+        fs_ms: stats.fs_ms,
+        covers: vec!["filesystem".into()],
+        processes: format!(
+            "restarted: {} process(es) killed, init kept (filesystem-only checkpoint: processes are not restored)",
+            stats.processes_killed
+        ),
+        processes_killed: stats.processes_killed,
+        sessions_closed: stats.sessions_closed,
+        changed_inodes: stats.changed_inodes,
+    }))
+}
+
+async fn fork(State(engine): AppState, ApiPath(id): ApiPath<String>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let count = optional_json::<ForkRequest>(&body)?.map(|r| r.count).unwrap_or(1);
+    let sandboxes = engine.fork(&id, count).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "sandboxes": sandboxes }))).into_response())
 }
 
 // ---- exec ----

@@ -73,6 +73,14 @@ impl InitLink {
         self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
     }
 
+    /// SIGKILLs every process but init; returns once init has sent the signal.
+    pub async fn kill_all(&self) -> Result<(), InitError> {
+        let done = self.killed_all.notified();
+        self.chan.send(&ToInit::KillAll, &[], &[]).await.map_err(InitError::Lost)?;
+        done.await;
+        Ok(())
+    }
+
     /// Receives init's messages until the channel closes. Run this in exactly one task.
     pub async fn dispatch(&self) {
         loop {

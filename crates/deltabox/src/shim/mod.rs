@@ -15,21 +15,22 @@ use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use sandbox::cgroup::Cgroup;
 use sandbox::container::{self, Container};
 use sandbox::init::InitConfig;
 use sandbox::ipc::{AsyncChannel, AsyncListener, Packet};
-use sandbox::rootfs::Rootfs;
-use sandbox::userns::{namespace_with_map, UidSlot};
+use sandbox::userns::UidSlot;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
 use init_link::InitLink;
-use proto::{ErrorKind, ProcessDefaults, Reply, Request, ShimConfig, ShimInfo, ShimStartup};
+use proto::{
+    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+};
 use session::Session;
 
 /// Socket file name in the sandbox directory.
@@ -41,8 +42,11 @@ pub struct Shim {
     pub defaults: ProcessDefaults,
     pub init: InitLink,
     cgroup: Cgroup,
+    fs: deltafs::Mount,
     info: ShimInfo,
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// Held by checkpoints and rollbacks: one at a time.
+    state_change: tokio::sync::Mutex<()>,
     /// Notified when the shim should exit (the sandbox is gone).
     exit: Notify,
 }
@@ -62,6 +66,64 @@ impl Shim {
         (ids.len() == 2 && self.cgroup.procs().ok()?.contains(&host_pid)).then(|| ids[1])
     }
 
+    /// Filesystem checkpoint: the sandbox's processes are frozen while the writable layer is frozen, so
+    /// no write can fall between them and the checkpoint is a consistent point in time.
+    async fn checkpoint(self: &Arc<Self>) -> anyhow::Result<CheckpointStats> {
+        let _one_at_a_time = self.state_change.lock().await;
+        let shim = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            shim.cgroup.freeze().context("freeze the sandbox")?;
+            let fs_started = Instant::now();
+            let frozen = shim.fs.checkpoint();
+            let fs_ms = ms(fs_started);
+            let thawed = shim.cgroup.thaw();
+            let stack = frozen.context("checkpoint the filesystem")?;
+            thawed.context("thaw the sandbox")?;
+            Ok(CheckpointStats { stack: stack.to_string(), latency_ms: ms(started), fs_ms })
+        })
+        .await?
+    }
+
+    /// Filesystem rollback: every process but init is killed (their state belongs to the abandoned
+    /// branch), then the filesystem switches to `stack`.
+    async fn rollback(self: &Arc<Self>, stack: &str) -> anyhow::Result<RollbackStats> {
+        let target: deltafs::StackId = stack.parse().context("parse the stack id")?;
+        let _one_at_a_time = self.state_change.lock().await;
+        let started = Instant::now();
+        let killed = self.kill_all_but_init().await?;
+        let sessions_closed: Vec<String> = self.sessions.lock().await.drain().map(|(name, _)| name).collect();
+        let shim = self.clone();
+        let (stats, fs_ms) = tokio::task::spawn_blocking(move || {
+            let fs_started = Instant::now();
+            shim.fs.rollback(target).map(|stats| (stats, ms(fs_started)))
+        })
+        .await?
+        .context("roll back the filesystem")?;
+        Ok(RollbackStats {
+            latency_ms: ms(started),
+            fs_ms,
+            processes_killed: killed,
+            sessions_closed,
+            changed_inodes: stats.changed_inodes,
+        })
+    }
+
+    /// SIGKILLs every sandbox process but init and waits until they are gone; returns how many there were.
+    async fn kill_all_but_init(&self) -> anyhow::Result<usize> {
+        let others = |procs: Vec<i32>| procs.into_iter().filter(|&p| p != self.info.init_pid).count();
+        let before = others(self.cgroup.procs()?);
+        self.init.kill_all().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while others(self.cgroup.procs()?) > 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!("processes of the sandbox survived SIGKILL for 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(before)
+    }
+
     /// Kills every process of the sandbox (init included, so the kernel ends the pid namespace) and
     /// removes its cgroup. The rootfs mount goes away with our mount namespace when the shim exits.
     fn teardown(&self) -> anyhow::Result<()> {
@@ -76,6 +138,7 @@ struct Built {
     container: Container,
     cgroup: Cgroup,
     slot: UidSlot,
+    fs: deltafs::Mount,
 }
 
 /// Entry point of `deltabox shim`.
@@ -104,36 +167,37 @@ pub fn main() -> anyhow::Result<()> {
     rt.block_on(serve(cfg, built))
 }
 
-/// Builds the sandbox. Runs single-threaded: it clones processes.
+/// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
 fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     container::enter_private_mount_namespace().context("create the shim's mount namespace")?;
     let slot = UidSlot::reserve(&cfg.uid_slot_dir, None).context("reserve a uid range")?;
     let base = slot.map.host_base;
-    let (upper, work, rootfs) =
-        (cfg.sandbox_dir.join("upper"), cfg.sandbox_dir.join("work"), cfg.sandbox_dir.join("rootfs"));
-    for dir in [&upper, &work, &rootfs] {
-        std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
-    }
-    // The overlay's root directory takes its owner from the upper dir: make it the sandbox's root.
-    std::os::unix::fs::chown(&upper, Some(base), Some(base)).context("chown the upper dir")?;
+    let rootfs = cfg.sandbox_dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).with_context(|| format!("create {}", rootfs.display()))?;
     let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
     let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
-    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, mountpoint: rootfs, seccomp };
-    // Init is cloned first, while we are single-threaded; building the root filesystem may start threads.
+    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, mountpoint: rootfs.clone(), seccomp };
     let started = container::start(&init_cfg, &slot.map, &[slot.lock_fd()], |pid| {
         cgroup.add_process(pid).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     })
     .context("start the sandbox")
     .and_then(|container| {
-        let userns = namespace_with_map(&slot.map).context("create the id-mapping user namespace")?;
-        let mount = Rootfs::Overlay { lower: cfg.layers.clone(), upper, work }
-            .create(userns.as_fd())
-            .context("mount the root filesystem")?;
-        container.boot(mount).context("set up the sandbox")?;
-        Ok(container)
+        let store = deltafs::Store::open(&cfg.store).context("open the DeltaFS store")?;
+        let stack: deltafs::StackId = cfg.stack.parse().context("parse the stack id")?;
+        let opts = deltafs::MountOptions { uid_base: base, gid_base: base, ..Default::default() };
+        let fs = deltafs::mount(&store, stack, &rootfs, &opts).context("mount DeltaFS")?;
+        // Init attaches a copy of our mount in its own mount namespace.
+        let detached = rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &rootfs,
+            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .context("clone the DeltaFS mount for init")?;
+        container.boot(detached).context("set up the sandbox")?;
+        Ok((container, fs))
     });
     match started {
-        Ok(container) => Ok(Built { container, cgroup, slot }),
+        Ok((container, fs)) => Ok(Built { container, cgroup, slot, fs }),
         Err(e) => {
             let _ = cgroup.destroy();
             Err(e)
@@ -142,7 +206,7 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
 }
 
 async fn serve(cfg: ShimConfig, built: Built) -> anyhow::Result<()> {
-    let Built { container, cgroup, slot } = built;
+    let Built { container, cgroup, slot, fs } = built;
     let socket = cfg.sandbox_dir.join(SOCKET);
     let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
     let info =
@@ -152,8 +216,10 @@ async fn serve(cfg: ShimConfig, built: Built) -> anyhow::Result<()> {
         defaults: cfg.defaults.clone(),
         init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
         cgroup,
+        fs,
         info,
         sessions: tokio::sync::Mutex::new(HashMap::new()),
+        state_change: tokio::sync::Mutex::new(()),
         exit: Notify::new(),
     });
     tokio::spawn({
@@ -199,7 +265,11 @@ fn valid_session_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
 }
 
-async fn handle(shim: &Shim, conn: AsyncChannel) {
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
     let request = match conn.recv::<Request>().await {
         Ok(Packet { msg, .. }) => msg,
         Err(e) => {
@@ -250,6 +320,20 @@ async fn handle(shim: &Shim, conn: AsyncChannel) {
             names.sort();
             drop(sessions);
             conn.send(&Reply::Sessions(names), &[], &[]).await
+        }
+        Request::Checkpoint => {
+            let reply = match shim.checkpoint().await {
+                Ok(stats) => Reply::Checkpointed(stats),
+                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
+            };
+            conn.send(&reply, &[], &[]).await
+        }
+        Request::Rollback { stack } => {
+            let reply = match shim.rollback(&stack).await {
+                Ok(stats) => Reply::RolledBack(stats),
+                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
+            };
+            conn.send(&reply, &[], &[]).await
         }
         Request::Destroy => {
             let reply = match shim.teardown() {

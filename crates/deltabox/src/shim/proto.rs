@@ -14,8 +14,10 @@ pub struct ShimConfig {
     pub id: String,
     /// `<data-dir>/sandboxes/<id>`: upper/, work/, rootfs/, shim.sock live here.
     pub sandbox_dir: PathBuf,
-    /// Image layer directories, bottom first.
-    pub layers: Vec<PathBuf>,
+    /// The DeltaFS store directory.
+    pub store: PathBuf,
+    /// The DeltaFS stack to mount (an image's base stack or a checkpoint's).
+    pub stack: String,
     pub network: Network,
     pub limits: Limits,
     /// cgroup name (relative to each hierarchy's root).
@@ -67,6 +69,12 @@ pub enum Request {
         name: String,
     },
     SessionList,
+    /// Filesystem checkpoint: freeze the sandbox's processes, freeze the writable layer, thaw.
+    Checkpoint,
+    /// Filesystem rollback: kill every process but init, switch the filesystem to `stack`.
+    Rollback {
+        stack: String,
+    },
     /// Kill init and everything else, remove the cgroup, exit.
     Destroy,
 }
@@ -117,6 +125,8 @@ pub enum Reply {
     },
     Exited(Outcome),
     Sessions(Vec<String>),
+    Checkpointed(CheckpointStats),
+    RolledBack(RollbackStats),
     Done,
     Error {
         kind: ErrorKind,
@@ -137,6 +147,29 @@ pub struct Outcome {
     pub duration_ms: f64,
 }
 
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointStats {
+    /// The frozen filesystem stack.
+    pub stack: String,
+    /// Freeze to thaw.
+    pub latency_ms: f64,
+    /// Of which: the filesystem checkpoint itself.
+    pub fs_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackStats {
+    pub latency_ms: f64,
+    /// Of which: the filesystem switch and cache invalidation.
+    pub fs_ms: f64,
+    /// Processes killed (init is never killed).
+    pub processes_killed: usize,
+    /// Shell sessions that ended with their processes.
+    pub sessions_closed: Vec<String>,
+    /// Inodes whose content, attributes or existence differed.
+    pub changed_inodes: usize,
+}
+
 /// Error classes the daemon maps to HTTP statuses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -149,5 +182,7 @@ pub enum ErrorKind {
     SessionExists,
     /// The session's shell died or stopped answering.
     SessionLost,
+    /// A checkpoint or rollback failed; the sandbox is unchanged and running.
+    CheckpointFailed,
     Internal,
 }

@@ -8,7 +8,6 @@ pub mod files;
 pub mod image;
 pub mod init;
 pub mod ipc;
-pub mod rootfs;
 pub mod seccomp;
 pub mod spec;
 pub mod sys;

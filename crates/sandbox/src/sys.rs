@@ -60,42 +60,6 @@ pub fn clone_process(namespace_flags: u64) -> io::Result<CloneResult> {
     }
 }
 
-/// Turns the detached mount `mount_fd` (from `open_tree(OPEN_TREE_CLONE)`) into an idmapped mount
-/// that maps ids the way the user namespace `userns` does.
-pub fn set_mount_idmap(mount_fd: BorrowedFd<'_>, userns: BorrowedFd<'_>) -> io::Result<()> {
-    #[repr(C)]
-    struct MountAttr {
-        attr_set: u64,
-        attr_clr: u64,
-        propagation: u64,
-        userns_fd: u64,
-    }
-    const MOUNT_ATTR_IDMAP: u64 = 0x0010_0000;
-    const MOUNT_ATTR_NODEV: u64 = 0x0000_0004;
-    let attr = MountAttr {
-        attr_set: MOUNT_ATTR_IDMAP | MOUNT_ATTR_NODEV,
-        attr_clr: 0,
-        propagation: 0,
-        userns_fd: userns.as_raw_fd() as u64,
-    };
-    // SAFETY: plain syscall on fds we borrow for its duration; `attr` is a valid mount_attr of the
-    // size passed; the empty path with AT_EMPTY_PATH refers to `mount_fd` itself.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_mount_setattr,
-            mount_fd.as_raw_fd(),
-            c"".as_ptr(),
-            libc::AT_EMPTY_PATH,
-            &attr as *const MountAttr,
-            std::mem::size_of::<MountAttr>(),
-        )
-    };
-    if ret == -1 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// Closes every file descriptor numbered `first` or above.
 pub fn close_fds_from(first: RawFd) -> io::Result<()> {
     // SAFETY: close_range only closes descriptors; callers use it right before exec or in a fresh

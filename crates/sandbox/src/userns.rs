@@ -3,10 +3,9 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-use crate::sys::{clone_process, CloneResult};
 
 /// Ids per sandbox.
 pub const IDS_PER_SANDBOX: u32 = 65536;
@@ -33,8 +32,6 @@ pub enum UsernsError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot create a user namespace")]
-    Create(#[source] std::io::Error),
 }
 
 /// Ids `0..count` inside map to `host_base..host_base+count` on the host (uids and gids alike).
@@ -108,32 +105,5 @@ impl UidSlot {
     /// The descriptor that holds the reservation; a process that inherits it keeps the slot reserved.
     pub fn lock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
         self.lock.as_fd()
-    }
-}
-
-/// Creates a user namespace with `map` and returns a descriptor for it (used to idmap mounts).
-/// Must be called while the process is single-threaded (it clones a short-lived child).
-pub fn namespace_with_map(map: &IdMap) -> Result<OwnedFd, UsernsError> {
-    let (wait_rd, wait_wr) = rustix::pipe::pipe().map_err(|e| UsernsError::Create(e.into()))?;
-    match clone_process(libc::CLONE_NEWUSER as u64).map_err(UsernsError::Create)? {
-        CloneResult::Child => {
-            // Keep the namespace alive until the parent has opened it; the read returns at its close.
-            drop(wait_wr);
-            let _ = rustix::io::read(&wait_rd, &mut [0u8; 1]);
-            // SAFETY: _exit is always safe; it skips destructors that belong to the parent's state.
-            unsafe { libc::_exit(0) }
-        }
-        CloneResult::Parent { pid, pidfd } => {
-            drop(wait_rd);
-            let result = map.write_for(pid).and_then(|()| {
-                File::open(format!("/proc/{pid}/ns/user")).map(OwnedFd::from).map_err(UsernsError::Create)
-            });
-            drop(wait_wr);
-            let _ = rustix::process::waitid(
-                rustix::process::WaitId::PidFd(pidfd.as_fd()),
-                rustix::process::WaitIdOptions::EXITED,
-            );
-            result
-        }
     }
 }

@@ -7,9 +7,8 @@ use std::path::{Path, PathBuf};
 use sandbox::container::{self, Container};
 use sandbox::init::InitConfig;
 use sandbox::ipc::Packet;
-use sandbox::rootfs::Rootfs;
 use sandbox::spec::{FromInit, Network, ProcessSpec, ToInit};
-use sandbox::userns::{namespace_with_map, UidSlot};
+use sandbox::userns::UidSlot;
 
 /// A one-layer busybox root filesystem built from the host's static busybox.
 fn busybox_layer(dir: &Path) -> PathBuf {
@@ -27,6 +26,17 @@ fn busybox_layer(dir: &Path) -> PathBuf {
     layer
 }
 
+fn chown_tree(dir: &Path, id: u32) {
+    std::os::unix::fs::lchown(dir, Some(id), Some(id)).unwrap();
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        match std::fs::symlink_metadata(&path).unwrap().is_dir() {
+            true => chown_tree(&path, id),
+            false => std::os::unix::fs::lchown(&path, Some(id), Some(id)).unwrap(),
+        }
+    }
+}
+
 struct Sandbox {
     c: Container,
     _slot: UidSlot,
@@ -35,16 +45,20 @@ struct Sandbox {
 fn start(dir: &Path, network: Network) -> Sandbox {
     let lower = busybox_layer(dir);
     let slot = UidSlot::reserve(&dir.join("slots"), None).unwrap();
-    let (upper, work, target) = (dir.join("upper"), dir.join("work"), dir.join("rootfs"));
-    for d in [&upper, &work, &target] {
-        std::fs::create_dir_all(d).unwrap();
-    }
-    std::os::unix::fs::chown(&upper, Some(slot.map.host_base), Some(slot.map.host_base)).unwrap();
+    let target = dir.join("rootfs");
+    std::fs::create_dir_all(&target).unwrap();
     let seccomp = sandbox::seccomp::default_filter().unwrap();
     let cfg = InitConfig { hostname: "sbx-test".into(), network, mountpoint: target, seccomp };
     let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
-    let userns = namespace_with_map(&slot.map).unwrap();
-    c.boot(Rootfs::Overlay { lower: vec![lower], upper, work }.create(userns.as_fd()).unwrap()).unwrap();
+    // The root filesystem is a bind mount of a directory owned by the sandbox's root.
+    chown_tree(&lower, slot.map.host_base);
+    let tree = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        &lower,
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .unwrap();
+    c.boot(tree).unwrap();
     Sandbox { c, _slot: slot }
 }
 
@@ -125,8 +139,8 @@ fn main() {
     check("no host processes visible", out.lines().count() == 2, &out, &mut failures);
     let (code, out) = run(&sb, &["touch", "/created"]);
     check("rootfs writable", code == 0, &out, &mut failures);
-    let upper = tmp.join("upper/created");
-    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&upper).unwrap());
+    let created = tmp.join("layer/created");
+    let owner = std::os::unix::fs::MetadataExt::uid(&std::fs::metadata(&created).unwrap());
     check(
         "new file owned by the sandbox's root on the host",
         owner == sb._slot.map.host_base,

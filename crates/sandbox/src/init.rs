@@ -158,11 +158,24 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
         }
     }
     setup_dev(&root.join("dev"))?;
-    mount_fs("tmpfs", &root.join("tmp"), "tmpfs", nosuid_nodev, "mode=1777")?;
+    // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
+    // include it (agents keep work there).
+    ensure_sticky_dir(&root.join("tmp"))?;
 
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
+    Ok(())
+}
+
+/// Creates `dir` as a world-writable sticky directory if the image has none.
+fn ensure_sticky_dir(dir: &Path) -> Result<(), SetupError> {
+    use std::os::unix::fs::PermissionsExt;
+    if !dir.is_dir() {
+        std::fs::create_dir_all(dir).map_err(step(format!("mkdir {}", dir.display())))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o1777))
+            .map_err(step(format!("chmod {}", dir.display())))?;
+    }
     Ok(())
 }
 

@@ -6,7 +6,6 @@ use std::io::Write;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
 
-
 /// Ids per sandbox.
 pub const IDS_PER_SANDBOX: u32 = 65536;
 /// First host id handed to sandboxes: above any id a distribution hands out to real users.

@@ -115,7 +115,7 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
     run(
         client,
         id,
-        &["sh", "-c", "cd /tmp && git init -q repo && cd repo && echo hi > f && git add f && git -c user.email=a@b -c user.name=demo commit -qm first && git log --oneline"],
+        &["sh", "-c", "git config --global user.email demo@deltabox && git config --global user.name demo && cd /root && git init -q repo && cd repo && echo hi > f && git add f && git commit -qm first && git log --oneline"],
     )
     .await?;
 
@@ -125,10 +125,47 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
     step("A persistent shell session (what coding agents use)");
     let body = SessionCreate { name: "main".into() };
     client.json::<serde_json::Value>(Method::POST, &format!("/v1/sandboxes/{id}/sessions"), Some(&body)).await?;
-    session(client, id, "cd /tmp/repo && export GREETING=hello && greet() { echo \"$GREETING from $(pwd)\"; }", 30.0)
+    session(client, id, "cd /root/repo && export GREETING=hello && greet() { echo \"$GREETING from $(pwd)\"; }", 30.0)
         .await?;
     session(client, id, "greet; sleep 300 & jobs", 30.0).await?;
     session(client, id, "sleep 60", 1.0).await?;
     session(client, id, "greet; jobs", 30.0).await?;
+
+    step("Checkpoint the files, break things, roll back (filesystem-only: processes restart)");
+    let cp: CheckpointView = client
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/checkpoints"), Some(&CheckpointRequest { fs_only: true }))
+        .await?;
+    println!("  checkpoint {} in {:.2} ms", cp.id, cp.latency_ms);
+    run(
+        client,
+        id,
+        &["sh", "-c", "rm -rf /usr/bin/python3* /root/repo; echo broken > /etc/motd; python3 -V; ls /root"],
+    )
+    .await?;
+    let rb: RollbackView = client
+        .json(
+            Method::POST,
+            &format!("/v1/sandboxes/{id}/rollback"),
+            Some(&RollbackRequest { checkpoint: cp.id.clone() }),
+        )
+        .await?;
+    println!("  rolled back in {:.2} ms ({} process(es) killed)", rb.latency_ms, rb.processes_killed);
+    run(client, id, &["sh", "-c", "python3 -V; head -c 40 /etc/motd; echo; cd /root/repo && git log --oneline"])
+        .await?;
+
+    step("Fork the checkpoint into 3 sandboxes that diverge");
+    let started = Instant::now();
+    let forked: serde_json::Value =
+        client.json(Method::POST, &format!("/v1/checkpoints/{}/fork", cp.id), Some(&ForkRequest { count: 3 })).await?;
+    let forks: Vec<SandboxView> = serde_json::from_value(forked["sandboxes"].clone())?;
+    println!("  {} sandboxes in {:.0} ms", forks.len(), started.elapsed().as_secs_f64() * 1e3);
+    for (i, f) in forks.iter().enumerate() {
+        let script =
+            format!("cd /root/repo && echo branch {i} > f && git commit -qam 'branch {i}' && git log --oneline");
+        run(client, &f.id, &["sh", "-c", &script]).await?;
+    }
+    for f in &forks {
+        client.json::<serde_json::Value>(Method::DELETE, &format!("/v1/sandboxes/{}", f.id), None::<&()>).await?;
+    }
     Ok(())
 }

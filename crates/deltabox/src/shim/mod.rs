@@ -14,6 +14,7 @@ pub mod session;
 use std::collections::HashMap;
 use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -144,9 +145,16 @@ struct Built {
 /// Entry point of `deltabox shim`.
 pub fn main() -> anyhow::Result<()> {
     let cfg: ShimConfig = serde_json::from_reader(std::io::stdin().lock()).context("read the shim config")?;
-    let built = start(&cfg);
+    let socket = cfg.sandbox_dir.join(SOCKET);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Listening before we report: the daemon's first request may come right after our report.
+    let built = start(&cfg).and_then(|built| {
+        let _runtime = rt.enter();
+        let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
+        Ok((built, listener))
+    });
     let startup = match &built {
-        Ok(b) => ShimStartup::Started(ShimInfo {
+        Ok((b, _)) => ShimStartup::Started(ShimInfo {
             shim_pid: std::process::id() as i32,
             init_pid: b.container.init_pid,
             uid_base: b.slot.map.host_base,
@@ -160,11 +168,10 @@ pub fn main() -> anyhow::Result<()> {
     // The daemon reads our stdout up to its end: close it for good.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     sandbox::sys::dup_to(null.as_fd(), 1, false)?;
-    let Ok(built) = built else {
+    let Ok((built, listener)) = built else {
         std::process::exit(1);
     };
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    rt.block_on(serve(cfg, built))
+    rt.block_on(serve(cfg, built, listener, socket))
 }
 
 /// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
@@ -205,10 +212,8 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     }
 }
 
-async fn serve(cfg: ShimConfig, built: Built) -> anyhow::Result<()> {
+async fn serve(cfg: ShimConfig, built: Built, listener: AsyncListener, socket: PathBuf) -> anyhow::Result<()> {
     let Built { container, cgroup, slot, fs } = built;
-    let socket = cfg.sandbox_dir.join(SOCKET);
-    let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
     let info =
         ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
     let shim = Arc::new(Shim {

@@ -22,9 +22,12 @@ if ! command -v cargo >/dev/null; then
     exit 1
 fi
 
-# Debian packages: image building (mmdebstrap, busybox-static), the Python SDK and its tests
-# (python3, venv, pip), and tools the tests use (util-linux, iproute2, procps).
-packages=(mmdebstrap busybox-static python3 python3-venv python3-pip util-linux iproute2 procps curl ca-certificates)
+# Debian packages: image building (mmdebstrap, busybox-static), the Python SDK and its tests (python3,
+# venv, pip), tools the tests run on the host (util-linux, iproute2, procps, git, gcc, make, sqlite3,
+# passwd for pjdfstest's users), and the baselines of the filesystem benchmarks (fuse-overlayfs,
+# btrfs-progs).
+packages=(mmdebstrap busybox-static python3 python3-venv python3-pip util-linux iproute2 procps curl
+          ca-certificates git gcc make sqlite3 passwd fuse-overlayfs btrfs-progs)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

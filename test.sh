@@ -13,6 +13,9 @@ status=0
 echo "==> Rust tests"
 cargo test --release --workspace || status=1
 
+echo "==> POSIX conformance: pjdfstest on DeltaFS and on kernel overlayfs"
+bash tests/pjdfstest/run.sh || status=1
+
 if [ -d python ] && [ -f python/pyproject.toml ]; then
     echo "==> Python SDK and integration tests"
     venv=${DELTABOX_TEST_VENV:-/var/cache/deltabox/test-venv}

@@ -332,7 +332,8 @@ impl Init {
 
     fn reap(&mut self) {
         loop {
-            match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            // __WALL: DeltaCR's helpers and discarded tasks are children of init that do not signal SIGCHLD.
+            match waitpid(None, Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
                 Ok(WaitStatus::StillAlive) | Err(_) => break,
                 Ok(status) => {
                     let (Some(pid), Some(exit)) = (status.pid(), ExitStatus::from_wait_status(status)) else {

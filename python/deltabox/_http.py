@@ -223,6 +223,19 @@ class Transport:
                 conn.request(method, target, body=body, headers=headers)
                 resp = conn.getresponse()
                 break
+            except (BrokenPipeError, ConnectionResetError) as e:
+                # The daemon may answer (e.g. 404 for an unknown sandbox) and close before reading all of a
+                # request body: its answer is still waiting in the socket.
+                early = _early_response(conn)
+                if early is not None:
+                    resp = early
+                    break
+                conn.close()
+                if reused and method in _IDEMPOTENT:
+                    if start is not None:
+                        body.seek(start)  # type: ignore[union-attr]
+                    continue
+                raise self.lost(e) from e
             except (OSError, http.client.HTTPException) as e:
                 conn.close()
                 # A kept-alive connection the daemon closed meanwhile (e.g. it restarted): the request never
@@ -252,7 +265,15 @@ class Transport:
             resp.close()
 
 
-_STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
+_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionAbortedError)
+
+
+def _early_response(conn: http.client.HTTPConnection) -> Optional[http.client.HTTPResponse]:
+    """The answer the peer sent before it stopped reading our request, if there is one."""
+    try:
+        return conn.getresponse()
+    except (OSError, http.client.HTTPException):
+        return None
 
 
 def _query_value(value: Any) -> str:

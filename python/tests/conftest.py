@@ -45,6 +45,8 @@ class Reply:
     content_type: str = "application/json"
     #: Close the connection after this answer.
     close: bool = False
+    #: Answer without reading the request body, then close (as a server that rejects a request early).
+    early: bool = False
 
 
 Handler = Callable[[Recorded], Reply]
@@ -100,20 +102,22 @@ def _handler_class(fake: FakeDaemon):
 
         def _serve(self) -> None:
             url = urllib.parse.urlsplit(self.path)
+            handler = fake.routes.get((self.command, url.path))
             req = Recorded(
                 method=self.command,
                 path=url.path,
                 query=dict(urllib.parse.parse_qsl(url.query, keep_blank_values=True)),
                 headers={k.lower(): v for k, v in self.headers.items()},
-                body=self._body(),
+                body=b"",
                 connection=self.connection_number,
             )
-            fake.requests.append(req)
-            handler = fake.routes.get((req.method, req.path))
             reply = handler(req) if handler else Reply(404, {"error": "no_such_endpoint", "message": "no route"})
+            if not reply.early:
+                req.body = self._body()
+            fake.requests.append(req)
             self.send_response(reply.status)
             self.send_header("Content-Type", reply.content_type)
-            if reply.close:
+            if reply.close or reply.early:
                 self.send_header("Connection", "close")
                 self.close_connection = True
             if reply.chunks is not None:

@@ -48,6 +48,14 @@ def test_write_from_a_file_object_sends_its_length(fake, sandbox, base):
     assert "mode" not in req.query
 
 
+def test_an_early_answer_to_a_large_upload_is_read(fake, sandbox, base):
+    # The daemon may refuse a request before reading its body and close the connection; the SDK must report
+    # the daemon's error, not the broken pipe it gets while still sending.
+    fake.route("PUT", base, Reply(404, {"error": "sandbox_not_found", "message": "gone"}, early=True))
+    with pytest.raises(deltabox.SandboxNotFound, match="gone"):
+        sandbox.files.write("/big", b"x" * (16 << 20))
+
+
 @pytest.mark.parametrize("mode", [0o10000, -1, "9", "", "rw"])
 def test_bad_modes_are_refused_before_sending(fake, sandbox, mode):
     with pytest.raises(ValueError):

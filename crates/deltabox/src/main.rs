@@ -116,7 +116,12 @@ fn main() {
             init_logging();
             shim::main().map(|()| 0)
         }
-        command => runtime().and_then(|rt| rt.block_on(run(cli.socket, command))),
+        command => runtime().and_then(|rt| {
+            let result = rt.block_on(run(cli.socket, command));
+            // A pending read of our stdin (a blocking thread) must not hold the exit.
+            rt.shutdown_background();
+            result
+        }),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -788,7 +788,7 @@ fn freeze_v1(freezer: &Dir) -> Result<bool> {
             other => return Err(CgroupError::Parse { path: state, content: other.to_owned() }),
         }
         attempt += 1;
-        if attempt % 50 == 0 {
+        if attempt.is_multiple_of(50) {
             write(&state, "THAWED")?;
             thread::sleep(Duration::from_millis(1));
         } else {

@@ -12,7 +12,8 @@ use rand::Rng;
 use sandbox::cgroup::{Cgroup, Limits, MIN_MEMORY_BYTES};
 use sandbox::image::LayerStore;
 use sandbox::ipc::{AsyncChannel, Packet};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use tokio::io::unix::AsyncFd;
+use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Interest};
 use tokio::sync::RwLock;
 
 use super::error::{ApiError, ApiResult};
@@ -92,8 +93,32 @@ impl Engine {
         format!("{}/{id}", self.cgroup_parent())
     }
 
+    /// Watches sandbox `id`'s shim: if it exits while the sandbox is still listed (it crashed, or someone
+    /// killed it), the sandbox cannot be managed any more and is removed.
+    fn watch_shim(self: &Arc<Self>, id: String, shim_pid: i32) {
+        let Some(pid) = rustix::process::Pid::from_raw(shim_pid) else { return };
+        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
+            Ok(fd) => fd,
+            Err(e) => return tracing::warn!(%id, "cannot watch the shim (pid {shim_pid}): {e}"),
+        };
+        // SAFETY: we own `pidfd` and never replace or close it while the AsyncFd holds it.
+        let Ok(watch) = (unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }) else { return };
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let _ = watch.readable().await;
+            let Some(engine) = engine.upgrade() else { return };
+            if engine.sandboxes.write().await.remove(&id).is_some() {
+                tracing::error!(%id, "the sandbox's shim exited unexpectedly; removing the sandbox");
+                engine.force_cleanup(&id);
+                if let Err(e) = engine.catalog().delete_sandbox(&id) {
+                    tracing::error!(%id, "cannot remove the sandbox from the catalog: {e}");
+                }
+            }
+        });
+    }
+
     /// Reattaches to every sandbox whose shim still runs; destroys what cannot be recovered.
-    async fn recover(&self) -> anyhow::Result<()> {
+    async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
         let records = self.catalog().sandboxes()?;
         let mut known = std::collections::HashSet::new();
         for record in records {
@@ -101,6 +126,7 @@ impl Engine {
             match self.shim_info(&record.id).await {
                 Ok(info) => {
                     tracing::info!(id = %record.id, shim = info.shim_pid, "reattached to sandbox");
+                    self.watch_shim(record.id.clone(), info.shim_pid);
                     self.sandboxes.write().await.insert(record.id.clone(), Live { record, info });
                 }
                 Err(e) => {
@@ -193,7 +219,7 @@ impl Engine {
         all
     }
 
-    pub async fn create(&self, req: CreateRequest) -> ApiResult<SandboxView> {
+    pub async fn create(self: &Arc<Self>, req: CreateRequest) -> ApiResult<SandboxView> {
         let image = self
             .catalog()
             .image(&req.image)
@@ -220,6 +246,7 @@ impl Engine {
         self.catalog().put_sandbox(&record).map_err(anyhow::Error::from)?;
         match self.start_shim(&record, &image).await {
             Ok(info) => {
+                self.watch_shim(id.clone(), info.shim_pid);
                 let live = Live { record, info };
                 let v = view(&live);
                 self.sandboxes.write().await.insert(id, live);
@@ -288,7 +315,10 @@ impl Engine {
     }
 
     pub async fn remove(&self, id: &str) -> ApiResult<()> {
-        self.live(id).await?;
+        // Unlisted first, so the shim watcher does not race us when the shim exits.
+        if self.sandboxes.write().await.remove(id).is_none() {
+            return Err(ApiError::not_found("sandbox_not_found", format!("no sandbox with id {id:?}")));
+        }
         let destroyed = match self.shim_control(id, Request::Destroy).await {
             Ok(Reply::Done) => Ok(()),
             Ok(Reply::Error { message, .. }) => Err(anyhow::anyhow!(message)),
@@ -299,7 +329,6 @@ impl Engine {
             tracing::warn!(%id, "the shim could not destroy the sandbox ({e:#}); cleaning up directly");
         }
         self.force_cleanup(id);
-        self.sandboxes.write().await.remove(id);
         self.catalog().delete_sandbox(id).map_err(anyhow::Error::from)?;
         self.collect_layers().await;
         Ok(())

@@ -5,7 +5,7 @@ import os
 import uuid
 
 import pytest
-from conftest import new_sandbox, raw_request, require_files_api
+from support import new_sandbox, raw_request, require_files_api
 
 import deltabox
 

@@ -7,7 +7,7 @@ import textwrap
 import uuid
 
 import pytest
-from conftest import cgroup_dirs, host_processes, new_sandbox, status_field
+from support import cgroup_dirs, host_processes, new_sandbox, status_field
 
 import deltabox
 

@@ -4,7 +4,7 @@ import json
 import os
 
 import pytest
-from conftest import SANDBOX, Reply
+from fake_daemon import SANDBOX, Reply
 
 import deltabox
 

@@ -5,7 +5,7 @@ import os
 import tarfile
 
 import pytest
-from conftest import Reply
+from fake_daemon import Reply
 
 import deltabox
 from deltabox import files as files_module

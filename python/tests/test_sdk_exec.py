@@ -4,7 +4,7 @@ import base64
 import json
 
 import pytest
-from conftest import Reply
+from fake_daemon import Reply
 
 import deltabox
 

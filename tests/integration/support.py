@@ -9,7 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional
+from typing import Iterator, List, Optional, Sequence
 
 import pytest
 
@@ -26,9 +26,10 @@ START_TIMEOUT = 30.0
 class Daemon:
     """A `deltabox serve` process on a private socket and data directory, which tests may kill and restart."""
 
-    def __init__(self, binary: Path, workdir: Path) -> None:
+    def __init__(self, binary: Path, workdir: Path, extra_args: Sequence[str] = ()) -> None:
         self.binary = binary
         self.workdir = workdir
+        self.extra_args = list(extra_args)
         self.socket = str(workdir / "deltabox.sock")
         self.data_dir = workdir / "data"
         self.log_path = workdir / "daemon.log"
@@ -38,7 +39,7 @@ class Daemon:
         log = open(self.log_path, "ab")
         env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
         self.proc = subprocess.Popen(
-            [str(self.binary), "serve", "--socket", self.socket, "--data-dir", str(self.data_dir)],
+            [str(self.binary), "serve", "--socket", self.socket, "--data-dir", str(self.data_dir), *self.extra_args],
             stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
         )
         log.close()

@@ -13,7 +13,7 @@ import select
 import socket
 import threading
 import urllib.parse
-from typing import IO, Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import IO, Any, Callable, Dict, Iterator, List, Mapping, Optional, Union
 
 from .errors import DaemonUnavailable, error_from_response
 
@@ -72,11 +72,7 @@ class Response:
 
     def read(self) -> bytes:
         """The whole body."""
-        try:
-            data = self.raw.read()
-        except (OSError, http.client.HTTPException) as e:
-            self.close()
-            raise self._transport.lost(e) from e
+        data = self._call(self.raw.read)
         self._finish()
         return data
 
@@ -86,30 +82,28 @@ class Response:
 
     def iter_chunks(self, size: int = _READ_CHUNK) -> Iterator[bytes]:
         """The body in pieces of at most ``size`` bytes, as they arrive."""
-        while True:
-            try:
-                chunk = self.raw.read1(size) if hasattr(self.raw, "read1") else self.raw.read(size)
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                raise self._transport.lost(e) from e
-            if not chunk:
-                self._finish()
-                return
-            yield chunk
+        return self._pieces(lambda: self.raw.read1(size))
 
     def iter_lines(self) -> Iterator[bytes]:
         """The body line by line (for NDJSON streams), each line as soon as it is complete."""
+        return (line for line in self._pieces(self.raw.readline) if line.strip())
+
+    def _call(self, read: Callable[[], bytes]) -> bytes:
+        """``read()``, turning a lost connection into :class:`DaemonUnavailable`."""
+        try:
+            return read()
+        except (OSError, http.client.HTTPException) as e:
+            self.close()
+            raise self._transport.lost(e) from e
+
+    def _pieces(self, read: Callable[[], bytes]) -> Iterator[bytes]:
+        """What successive ``read()`` calls return, up to the end of the body."""
         while True:
-            try:
-                line = self.raw.readline()
-            except (OSError, http.client.HTTPException) as e:
-                self.close()
-                raise self._transport.lost(e) from e
-            if not line:
+            piece = self._call(read)
+            if not piece:
                 self._finish()
                 return
-            if line.strip():
-                yield line
+            yield piece
 
     def _finish(self) -> None:
         """The body was read to its end: the connection can serve the next request."""

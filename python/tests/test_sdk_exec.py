@@ -138,7 +138,8 @@ def test_exec_stream_error_event_raises(fake, sandbox, exec_path):
 
 
 def test_leaving_a_stream_early_closes_its_connection(fake, sandbox, exec_path):
-    fake.route("POST", exec_path, Reply(chunks=ndjson({"type": "started", "pid": 7}, *[{"type": "stdout", "data": ""}] * 50)))
+    output = [{"type": "stdout", "data": b64(b"y\n")}] * 50
+    fake.route("POST", exec_path, Reply(chunks=ndjson({"type": "started", "pid": 7}, *output)))
     fake.route("GET", "/v1/health", Reply(200, {"status": "ok"}))
     stream = sandbox.exec_stream(["yes"])
     next(stream)

@@ -18,6 +18,14 @@ def busy_sandbox(client):
     return sb
 
 
+def kill_shim(info):
+    """SIGKILLs the sandbox's shim (the parent of its init; the API does not name it) and waits until it died."""
+    shim = int(status_field(info.init_pid, "PPid"))
+    assert b"shim" in open(f"/proc/{shim}/cmdline", "rb").read()
+    os.kill(shim, signal.SIGKILL)
+    wait_pid_dead(shim)
+
+
 def wait_pid_dead(pid, seconds=10):
     deadline = time.monotonic() + seconds
     while True:
@@ -61,11 +69,8 @@ def test_daemon_sigkill_and_restart_reattaches(client, daemon):
 def test_daemon_and_shim_sigkill_then_restart_removes_the_sandbox(client, daemon):
     sb = busy_sandbox(client)
     info = sb.refresh()
-    shim = int(status_field(info.init_pid, "PPid"))
-    assert b"shim" in open(f"/proc/{shim}/cmdline", "rb").read()
     daemon.stop(signal.SIGKILL)
-    os.kill(shim, signal.SIGKILL)
-    wait_pid_dead(shim)
+    kill_shim(info)
     daemon.start()
     with pytest.raises(deltabox.SandboxNotFound):
         sb.refresh()
@@ -75,8 +80,7 @@ def test_daemon_and_shim_sigkill_then_restart_removes_the_sandbox(client, daemon
 def test_shim_sigkill_while_the_daemon_runs_removes_the_sandbox(client, daemon):
     sb = busy_sandbox(client)
     info = sb.refresh()
-    shim = int(status_field(info.init_pid, "PPid"))
-    os.kill(shim, signal.SIGKILL)
+    kill_shim(info)
     deadline = time.monotonic() + 10
     while sb.id in [s.id for s in client.list()]:
         assert time.monotonic() < deadline, "the daemon still lists a sandbox whose shim is gone"

@@ -59,6 +59,11 @@ enum Command {
     Exec(cli::ExecArgs),
     /// Open an interactive shell in a sandbox.
     Shell { id: String },
+    /// Copy files between the local machine and a sandbox (`ID:/path` names the sandbox side).
+    Cp { src: String, dst: String },
+    /// Read, write and inspect files in a sandbox.
+    #[command(subcommand)]
+    Files(cli::files::FilesCommand),
     /// Persistent shell sessions.
     #[command(subcommand)]
     Session(SessionCommand),
@@ -161,6 +166,8 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
         }
         Command::Session(SessionCommand::Ls { id }) => cli::session_ls(&client, &id).await.map(|()| 0),
         Command::Session(SessionCommand::Rm { id, name }) => cli::session_rm(&client, &id, &name).await.map(|()| 0),
+        Command::Cp { src, dst } => cli::files::cp(&client, &src, &dst).await.map(|()| 0),
+        Command::Files(command) => cli::files::run(&client, command).await.map(|()| 0),
         Command::Demo(args) => cli::demo(&client, args).await.map(|()| 0),
         Command::Shim => unreachable!("handled before the runtime starts"),
     }

@@ -49,14 +49,14 @@ pub struct Container {
     pub channel: Channel,
 }
 
-/// Starts init. `inherit` are descriptors init keeps for its lifetime (e.g. the uid slot lock, so the id
-/// range stays reserved while any sandbox process could still use it). `place` runs after the id maps
-/// are written and before init does anything; it receives init's host pid (e.g. to add it to a cgroup).
+/// Clones init into new namespaces, writes its id maps and calls `place` with its host pid (e.g. to
+/// add it to a cgroup). Init then waits for [`Container::boot`]. `inherit` are descriptors init keeps for
+/// its lifetime (e.g. the uid slot lock, so the id range stays reserved while any sandbox process could
+/// still use it).
 ///
 /// Must be called while the calling process is single-threaded.
 pub fn start(
     cfg: &InitConfig,
-    rootfs: OwnedFd,
     idmap: &IdMap,
     inherit: &[BorrowedFd<'_>],
     place: impl FnOnce(i32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
@@ -70,24 +70,21 @@ pub fn start(
     match clone_process(flags as u64).map_err(ContainerError::Clone)? {
         CloneResult::Child => {
             drop(ours);
-            let mine = [theirs.as_fd(), rootfs.as_fd()];
-            let mut kept = keep_only(&mine, inherit).into_iter();
-            let mut next = || kept.next().expect("kept descriptor");
-            let (channel, mount) = (Channel::new(next()), next());
-            std::mem::forget((theirs, rootfs));
-            crate::init::run(cfg, mount, channel)
+            let channel = keep_only(&[theirs.as_fd()], inherit).pop().expect("kept the channel");
+            std::mem::forget(theirs);
+            crate::init::run(cfg, Channel::new(channel))
         }
         CloneResult::Parent { pid, pidfd } => {
-            drop((theirs, rootfs));
+            drop(theirs);
             let container = Container { init_pid: pid, pidfd, channel: Channel::new(ours) };
-            match prepare(&container, idmap, place) {
+            let prepared = idmap
+                .write_for(container.init_pid)
+                .map_err(ContainerError::IdMap)
+                .and_then(|()| place(container.init_pid).map_err(ContainerError::Place));
+            match prepared {
                 Ok(()) => Ok(container),
                 Err(e) => {
-                    let _ = rustix::process::pidfd_send_signal(&container.pidfd, rustix::process::Signal::KILL);
-                    let _ = rustix::process::waitid(
-                        rustix::process::WaitId::PidFd(container.pidfd.as_fd()),
-                        rustix::process::WaitIdOptions::EXITED,
-                    );
+                    container.kill();
                     Err(e)
                 }
             }
@@ -95,18 +92,31 @@ pub fn start(
     }
 }
 
-fn prepare(
-    c: &Container,
-    idmap: &IdMap,
-    place: impl FnOnce(i32) -> Result<(), Box<dyn std::error::Error + Send + Sync>>,
-) -> Result<(), ContainerError> {
-    idmap.write_for(c.init_pid).map_err(ContainerError::IdMap)?;
-    place(c.init_pid).map_err(ContainerError::Place)?;
-    c.channel.send(&ToInit::Go, &[], &[]).map_err(ContainerError::InitLost)?;
-    match c.channel.recv::<FromInit>().map_err(ContainerError::InitLost)? {
-        Packet { msg: FromInit::Ready, .. } => Ok(()),
-        Packet { msg: FromInit::SetupFailed { message }, .. } => Err(ContainerError::Setup(message)),
-        Packet { msg, .. } => Err(ContainerError::Protocol(format!("{msg:?}"))),
+impl Container {
+    /// Gives init its root filesystem (a detached mount) and waits until the sandbox is set up.
+    /// On failure init is killed.
+    pub fn boot(&self, rootfs: OwnedFd) -> Result<(), ContainerError> {
+        let booted =
+            self.channel.send(&ToInit::Go, &[], &[rootfs.as_fd()]).map_err(ContainerError::InitLost).and_then(|()| {
+                match self.channel.recv::<FromInit>().map_err(ContainerError::InitLost)? {
+                    Packet { msg: FromInit::Ready, .. } => Ok(()),
+                    Packet { msg: FromInit::SetupFailed { message }, .. } => Err(ContainerError::Setup(message)),
+                    Packet { msg, .. } => Err(ContainerError::Protocol(format!("{msg:?}"))),
+                }
+            });
+        if booted.is_err() {
+            self.kill();
+        }
+        booted
+    }
+
+    /// SIGKILLs init (the kernel then kills the whole pid namespace) and reaps it.
+    pub fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(&self.pidfd, rustix::process::Signal::KILL);
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(self.pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        );
     }
 }
 

@@ -49,15 +49,14 @@ fn step<E: Into<std::io::Error>>(step: impl Into<String>) -> impl FnOnce(E) -> S
     move |e| SetupError { step, source: e.into() }
 }
 
-/// Runs init: waits for `Go`, sets up the sandbox, then serves `chan` forever.
-/// `rootfs` is the root filesystem as a detached mount.
-pub fn run(cfg: &InitConfig, rootfs: OwnedFd, chan: Channel) -> ! {
+/// Runs init: waits for `Go` (with the root filesystem), sets up the sandbox, then serves `chan` forever.
+pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
     let _ = rustix::thread::set_name(c"deltabox-init");
-    match chan.recv::<ToInit>() {
-        Ok(Packet { msg: ToInit::Go, .. }) => {}
+    let rootfs = match chan.recv::<ToInit>() {
+        Ok(Packet { msg: ToInit::Go, fds, .. }) if fds.len() == 1 => fds.into_iter().next().expect("one fd"),
         // The shim gave up on us before we started.
         _ => std::process::exit(1),
-    }
+    };
     match setup(cfg, rootfs).and_then(|()| Init::new()) {
         Err(e) => {
             let _ = chan.send(&FromInit::SetupFailed { message: e.to_string() }, &[], &[]);

@@ -4,6 +4,7 @@
 pub mod caps;
 pub mod cgroup;
 pub mod container;
+pub mod files;
 pub mod image;
 pub mod init;
 pub mod ipc;

@@ -68,7 +68,8 @@ impl ExitStatus {
 /// Messages from the shim to init.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ToInit {
-    /// User namespace maps and cgroup are in place: set up the sandbox and report `Ready`.
+    /// User namespace maps and cgroup are in place: set up the sandbox and report `Ready`. The packet
+    /// carries the root filesystem as a detached mount (from `fsmount` or `open_tree(OPEN_TREE_CLONE)`).
     Go,
     /// Fork and exec a process. Without a tty, the packet carries stdin, stdout and stderr, then the
     /// descriptors listed in `spec.extra_fds`.

@@ -40,11 +40,11 @@ fn start(dir: &Path, network: Network) -> Sandbox {
         std::fs::create_dir_all(d).unwrap();
     }
     std::os::unix::fs::chown(&upper, Some(slot.map.host_base), Some(slot.map.host_base)).unwrap();
-    let userns = namespace_with_map(&slot.map).unwrap();
-    let mount = Rootfs::Overlay { lower: vec![lower], upper, work }.create(userns.as_fd()).unwrap();
     let seccomp = sandbox::seccomp::default_filter().unwrap();
     let cfg = InitConfig { hostname: "sbx-test".into(), network, mountpoint: target, seccomp };
-    let c = container::start(&cfg, mount, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
+    let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
+    let userns = namespace_with_map(&slot.map).unwrap();
+    c.boot(Rootfs::Overlay { lower: vec![lower], upper, work }.create(userns.as_fd()).unwrap()).unwrap();
     Sandbox { c, _slot: slot }
 }
 

@@ -1,6 +1,7 @@
 //! The client subcommands.
 
 mod demo;
+pub mod files;
 mod terminal;
 
 use std::collections::BTreeMap;

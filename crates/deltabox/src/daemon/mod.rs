@@ -2,6 +2,7 @@
 
 pub mod engine;
 pub mod error;
+pub mod files;
 pub mod routes;
 
 use std::future::IntoFuture;

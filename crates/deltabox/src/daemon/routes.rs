@@ -42,6 +42,7 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/sandboxes/{id}/sessions", get(list_sessions).post(create_session))
         .route("/v1/sandboxes/{id}/sessions/{name}", axum::routing::delete(close_session))
         .route("/v1/sandboxes/{id}/sessions/{name}/run", post(run_in_session))
+        .merge(super::files::routes())
         .fallback(|| async { ApiError::not_found("no_such_endpoint", "no such API endpoint (see docs/api.md)") })
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
@@ -55,14 +56,15 @@ async fn health() -> Json<serde_json::Value> {
 
 /// A response of newline-delimited JSON events fed by `rx`.
 fn ndjson(rx: mpsc::Receiver<serde_json::Value>) -> Response {
-    let stream = tokio_stream_from(rx).map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
+    let stream = receiver_stream(rx).map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
     Response::builder()
         .header(header::CONTENT_TYPE, "application/x-ndjson")
         .body(Body::from_stream(stream))
         .expect("valid response")
 }
 
-fn tokio_stream_from<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+/// The items of `rx` as a stream.
+pub fn receiver_stream<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
     futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }
 
@@ -174,7 +176,8 @@ async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportReque
     Ok(ndjson(rx))
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut out = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

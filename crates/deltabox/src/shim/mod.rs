@@ -116,21 +116,27 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     }
     // The overlay's root directory takes its owner from the upper dir: make it the sandbox's root.
     std::os::unix::fs::chown(&upper, Some(base), Some(base)).context("chown the upper dir")?;
-    let userns = namespace_with_map(&slot.map).context("create the id-mapping user namespace")?;
-    let mount = Rootfs::Overlay { lower: cfg.layers.clone(), upper, work }
-        .create(userns.as_fd())
-        .context("mount the root filesystem")?;
     let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
     let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
     let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, mountpoint: rootfs, seccomp };
-    let started = container::start(&init_cfg, mount, &slot.map, &[slot.lock_fd()], |pid| {
+    // Init is cloned first, while we are single-threaded; building the root filesystem may start threads.
+    let started = container::start(&init_cfg, &slot.map, &[slot.lock_fd()], |pid| {
         cgroup.add_process(pid).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    })
+    .context("start the sandbox")
+    .and_then(|container| {
+        let userns = namespace_with_map(&slot.map).context("create the id-mapping user namespace")?;
+        let mount = Rootfs::Overlay { lower: cfg.layers.clone(), upper, work }
+            .create(userns.as_fd())
+            .context("mount the root filesystem")?;
+        container.boot(mount).context("set up the sandbox")?;
+        Ok(container)
     });
     match started {
         Ok(container) => Ok(Built { container, cgroup, slot }),
         Err(e) => {
             let _ = cgroup.destroy();
-            Err(e).context("start the sandbox")
+            Err(e)
         }
     }
 }

@@ -9,7 +9,7 @@ import tempfile
 from typing import IO, TYPE_CHECKING, Iterator, List, Optional, Union
 
 from .errors import NotFound
-from .models import FileStat
+from .models import ExtractStats, FileStat
 
 if TYPE_CHECKING:
     from ._http import Transport
@@ -79,27 +79,31 @@ class Files:
         data = self._transport.call("GET", self._base + "/list", query={"path": path})
         return [FileStat.from_json(e) for e in data["entries"]]
 
-    def mkdir(self, path: str, *, mode: Mode = None, parents: bool = True) -> FileStat:
-        """Creates directory ``path`` (and its missing parents unless ``parents`` is false)."""
-        query = {"path": path, "mode": _mode(mode), "parents": parents}
+    def mkdir(self, path: str, *, mode: Mode = None, parents: bool = True, uid: Optional[int] = None,
+              gid: Optional[int] = None) -> FileStat:
+        """Creates directory ``path`` (and its missing parents unless ``parents`` is false), default mode 755,
+        owned by ``uid``/``gid`` (default root; missing parents get the same owner)."""
+        query = {"path": path, "mode": _mode(mode), "parents": parents, "uid": uid, "gid": gid}
         return FileStat.from_json(self._transport.call("POST", self._base + "/mkdir", query=query))
 
     def remove(self, path: str, *, recursive: bool = False) -> None:
         """Removes a file, or a directory (its contents too if ``recursive``)."""
         self._transport.call("DELETE", self._base, query={"path": path, "recursive": recursive})
 
-    def upload_tar(self, remote_dir: str, archive: Union[bytes, IO[bytes]]) -> int:
-        """Unpacks a tar archive (plain or gzip) into ``remote_dir``; returns the number of entries written."""
+    def upload_tar(self, remote_dir: str, archive: Union[bytes, IO[bytes]]) -> ExtractStats:
+        """Unpacks a tar archive (plain, gzip or zstd) into ``remote_dir``, created if missing.
+
+        Entries with ``..``, and entries through symlinks of the archive, are refused; device nodes are skipped.
+        """
         resp = self._transport.request("PUT", self._base + "/tar", query={"path": remote_dir}, body=archive,
                                        content_type="application/x-tar")
-        return int(resp.json()["entries"])
+        return ExtractStats.from_json(resp.json())
 
     def upload(self, local_path: Union[str, "os.PathLike[str]"], remote_dir: str, *, uid: int = 0,
-               gid: int = 0) -> int:
+               gid: int = 0) -> ExtractStats:
         """Copies a local file or directory tree into ``remote_dir`` (as ``remote_dir/<its name>``).
 
         Entries are owned by ``uid``/``gid`` inside the sandbox (default root); modes and mtimes are kept.
-        Returns the number of entries written.
         """
         local = os.fspath(local_path)
         if not os.path.lexists(local):

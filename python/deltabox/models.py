@@ -186,6 +186,32 @@ class FileStat:
         return _known_fields(cls, data)
 
 
+@dataclass
+class ExtractStats:
+    """What a tar upload created in the sandbox."""
+
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    fifos: int = 0
+    #: Bytes of regular file data written.
+    bytes: int = 0
+    #: Device nodes in the archive, not created (the daemon never makes device nodes).
+    skipped_devices: int = 0
+    #: Entries whose owner or group was outside the sandbox's id range, given to root instead.
+    ids_out_of_range: int = 0
+
+    @property
+    def entries(self) -> int:
+        """Entries created: files, directories, links and fifos."""
+        return self.files + self.dirs + self.symlinks + self.hardlinks + self.fifos
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ExtractStats":
+        return _known_fields(cls, data)
+
+
 def event_from_json(data: Dict[str, Any], *, command: Optional[Command] = None) -> ExecEvent:
     """A streamed exec event (the daemon sends output base64-encoded because the SDK asks for it)."""
     kind = data.get("type")

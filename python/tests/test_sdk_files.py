@@ -29,7 +29,7 @@ def base(sandbox):
 
 
 def test_write_sends_raw_bytes_and_options(fake, sandbox, base):
-    fake.route("PUT", base, Reply(200, STAT))
+    fake.route("PUT", base, Reply(201, STAT))
     st = sandbox.files.write("/work/a.txt", "hé", mode=0o755, uid=1000, gid=1000)
     req = fake.requests[-1]
     assert req.query == {"path": "/work/a.txt", "mode": "755", "uid": "1000", "gid": "1000"}
@@ -67,7 +67,7 @@ def test_read_stat_list_mkdir_remove(fake, sandbox, base):
     fake.route("GET", base, Reply(200, b"\x00binary", content_type="application/octet-stream"))
     fake.route("GET", base + "/stat", Reply(200, STAT))
     fake.route("GET", base + "/list", Reply(200, {"entries": [STAT, dict(STAT, name="d", kind="dir")]}))
-    fake.route("POST", base + "/mkdir", Reply(200, dict(STAT, kind="dir")))
+    fake.route("POST", base + "/mkdir", Reply(201, dict(STAT, kind="dir")))
     fake.route("DELETE", base, Reply(200, {"path": "/work", "removed": True}))
     assert sandbox.files.read("/work/a.txt") == b"\x00binary"
     assert fake.requests[-1].query == {"path": "/work/a.txt"}
@@ -75,6 +75,8 @@ def test_read_stat_list_mkdir_remove(fake, sandbox, base):
     assert [e.is_dir for e in sandbox.files.list("/work")] == [False, True]
     assert sandbox.files.mkdir("/work/d", mode="700", parents=False).is_dir
     assert fake.requests[-1].query == {"path": "/work/d", "mode": "700", "parents": "false"}
+    sandbox.files.mkdir("/work/u", uid=1000, gid=100)
+    assert fake.requests[-1].query == {"path": "/work/u", "parents": "true", "uid": "1000", "gid": "100"}
     sandbox.files.remove("/work", recursive=True)
     assert fake.requests[-1].query == {"path": "/work", "recursive": "true"}
 
@@ -94,8 +96,11 @@ def test_upload_sends_a_tar_of_the_tree_owned_by_root(fake, sandbox, base, tmp_p
     (tree / "sub" / "run.sh").write_text("echo hi\n")
     os.chmod(tree / "sub" / "run.sh", 0o750)
     (tree / "link").symlink_to("sub/run.sh")
-    fake.route("PUT", base + "/tar", Reply(200, {"entries": 4}))
-    assert sandbox.files.upload(tree, "/work") == 4
+    stats = {"files": 1, "dirs": 2, "symlinks": 1, "hardlinks": 0, "fifos": 0, "bytes": 8, "skipped_devices": 0,
+             "ids_out_of_range": 0}
+    fake.route("PUT", base + "/tar", Reply(200, stats))
+    uploaded = sandbox.files.upload(tree, "/work")
+    assert uploaded == deltabox.ExtractStats(**stats) and uploaded.entries == 4
     req = fake.requests[-1]
     assert req.query == {"path": "/work"} and req.headers["content-type"] == "application/x-tar"
     with tarfile.open(fileobj=io.BytesIO(req.body)) as tar:

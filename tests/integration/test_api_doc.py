@@ -1,8 +1,9 @@
 """Runs every example of docs/api.md against the daemon and compares each answer with the sample after it.
 
-Each ```sh block is run (in order, in one bash, with $SOCK set) and must be followed by a ```json block: the
-JSON documents it prints must match the sample's — same fields, same values except those that differ between
-runs (ids, pids, times, image digests), same sequence of event types (repeated progress events count once).
+Each ```sh block is run (in order, in one bash, with $SOCK set) and must be followed by a ```json or ```text
+sample. JSON output must match the sample's documents — same fields, same values except those that differ
+between runs (ids, pids, times, image digests), same sequence of event types (repeated progress events count
+once); text output must equal the sample (up to trailing newlines).
 """
 
 import itertools
@@ -15,8 +16,8 @@ from support import REPO
 
 DOC = REPO / "docs" / "api.md"
 VOLATILE = {"id", "pid", "created", "duration_ms", "uid_base", "init_pid", "source", "layers", "size", "done_bytes",
-            "total_bytes"}
-EXAMPLE = re.compile(r"```sh\n(.*?)```\s*```json\n(.*?)```", re.S)
+            "total_bytes", "mtime"}
+EXAMPLE = re.compile(r"```sh\n(.*?)```\s*```(json|text)\n(.*?)```", re.S)
 MARK = "@@@example-"
 
 
@@ -55,9 +56,9 @@ WAIT_FOR_SANDBOX = ('until curl -sf --unix-socket "$SOCK" "http://localhost/v1/s
 
 def test_examples_match_the_daemon(daemon):
     examples = EXAMPLE.findall(DOC.read_text())
-    assert len(examples) == DOC.read_text().count("```sh\n"), "every ```sh example needs a ```json sample after it"
+    assert len(examples) == DOC.read_text().count("```sh\n"), "every ```sh example needs a sample after it"
     script = [f"SOCK={daemon.socket}"]
-    for i, (commands, _) in enumerate(examples):
+    for i, (commands, _, _) in enumerate(examples):
         script.append(f"echo '{MARK}{i}'")
         script.append(commands)
         if "ID=$(" in commands:
@@ -67,10 +68,14 @@ def test_examples_match_the_daemon(daemon):
     outputs = re.split(rf"{MARK}\d+\n", run.stdout)[1:]
     assert len(outputs) == len(examples)
     problems = []
-    for (commands, sample), output in zip(examples, outputs):
-        expected, got = collapse(documents(sample)), collapse(documents(output))
-        found = (differences(expected, got) if len(expected) == len(got)
-                 else [f"{len(got)} documents != documented {len(expected)}: {output}"])
+    for (commands, kind, sample), output in zip(examples, outputs):
+        if kind == "text":
+            # A sample block always ends with a newline; the file shown may not.
+            found = [] if output.rstrip("\n") == sample.rstrip("\n") else [f"{output!r} != documented {sample!r}"]
+        else:
+            expected, got = collapse(documents(sample)), collapse(documents(output))
+            found = (differences(expected, got) if len(expected) == len(got)
+                     else [f"{len(got)} documents != documented {len(expected)}: {output}"])
         problems += [f"{commands.strip()}\n    {p}" for p in found]
     if problems:
         pytest.fail("docs/api.md does not match the daemon:\n" + "\n".join(problems))

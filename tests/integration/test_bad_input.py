@@ -163,11 +163,13 @@ def test_symlinks_pointing_out_stay_inside(debian, tmp_path):
         for link in ["/tmp/abs-link", "/tmp/rel-link"]:
             with pytest.raises(deltabox.FileNotFound):
                 debian.files.read(link)
-        # Writing through the link creates the file inside the sandbox, never on the host.
-        debian.files.write("/tmp/abs-link", b"written inside\n")
-        assert open(secret).read() == "HOST SECRET\n"
-        assert debian.exec(["cat", secret]).check().stdout == "written inside\n"
         assert debian.files.stat("/tmp/abs-link").link_target == secret
+        # A write replaces the link with a file (as rename does): the host file is untouched.
+        for link in ["/tmp/abs-link", "/tmp/rel-link"]:
+            debian.files.write(link, b"written inside\n")
+            assert debian.files.stat(link).kind == "file"
+        assert debian.exec(["cat", "/tmp/abs-link", "/tmp/rel-link"]).check().stdout == "written inside\n" * 2
+        assert open(secret).read() == "HOST SECRET\n"
     finally:
         os.unlink(secret)
 

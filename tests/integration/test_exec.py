@@ -1,5 +1,7 @@
 """Exec: exit status, signals, output streams and caps, stdin, timeouts, options, streaming."""
 
+import hashlib
+
 import pytest
 
 import deltabox
@@ -38,8 +40,6 @@ def test_output_cap_is_reported(debian):
 def test_stdin(debian):
     data = bytes(range(256)) * 1000
     result = debian.exec(["sha256sum"], stdin=data).check()
-    import hashlib
-
     assert result.stdout.split()[0] == hashlib.sha256(data).hexdigest()
     assert debian.exec(["wc", "-l"], stdin="a\nb\nc\n").check().stdout.strip() == "3"
     # Without stdin the command reads end-of-file at once.

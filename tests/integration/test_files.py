@@ -1,5 +1,6 @@
 """The files API: every call, ownership as the sandbox sees it, upload/download round trips."""
 
+import hashlib
 import io
 import os
 import tarfile
@@ -34,6 +35,13 @@ def test_write_read_stat(debian, files):
     files.write("/work/deep/data.bin", "replaced\n")
     assert files.read_text("/work/deep/data.bin") == "replaced\n"
     assert files.stat("/work/deep/data.bin").mode == 0o644
+
+
+def test_large_file_round_trip(debian, files):
+    data = os.urandom(24 << 20)
+    assert files.write("/work/large.bin", data).size == len(data)
+    assert files.read("/work/large.bin") == data
+    assert inside(debian, "sha256sum /work/large.bin").split()[0] == hashlib.sha256(data).hexdigest()
 
 
 def test_files_written_inside_are_readable(debian, files):
@@ -103,8 +111,9 @@ def test_upload_and_download_round_trip(debian, files, tmp_path):
     (tree / "blob").write_bytes(os.urandom(300_000))
     (tree / "latest").symlink_to("src/pkg/mod.py")
     (tree / "empty").mkdir()
-    count = files.upload(tree, "/work")
-    assert count == 8
+    stats = files.upload(tree, "/work")
+    assert (stats.files, stats.dirs, stats.symlinks, stats.entries) == (3, 4, 1, 8)
+    assert stats.bytes == 300_000 + len("VALUE = 42\n") + len("#!/bin/sh\necho run\n")
     assert inside(debian, "cd /work/project && ./run.sh && python3 -c 'import sys; sys.path.insert(0, \"src\");"
                           " import pkg.mod; print(pkg.mod.VALUE)' && stat -c '%u %a' run.sh blob") == \
         "run\n42\n0 755\n0 644\n"
@@ -120,7 +129,7 @@ def test_upload_and_download_round_trip(debian, files, tmp_path):
 def test_single_file_upload_and_download(files, tmp_path):
     local = tmp_path / "notes.txt"
     local.write_text("notes\n")
-    assert files.upload(local, "/work/docs") == 1
+    assert files.upload(local, "/work/docs").files == 1
     assert files.read_text("/work/docs/notes.txt") == "notes\n"
     assert files.download("/work/docs/notes.txt", tmp_path / "dl") == str(tmp_path / "dl" / "notes.txt")
     assert (tmp_path / "dl" / "notes.txt").read_text() == "notes\n"
@@ -132,7 +141,7 @@ def test_gzip_tar_upload_and_tar_download(files):
         info = tarfile.TarInfo("z/hello.txt")
         info.size, info.mode, info.uid, info.gid = 6, 0o600, 1000, 1000
         tar.addfile(info, io.BytesIO(b"hello\n"))
-    assert files.upload_tar("/work/gz", buf.getvalue()) == 1
+    assert files.upload_tar("/work/gz", buf.getvalue()).files == 1
     st = files.stat("/work/gz/z/hello.txt")
     assert (st.mode, st.uid, st.gid, st.size) == (0o600, 1000, 1000, 6)
     archive = b"".join(files.download_tar("/work/gz"))
@@ -142,19 +151,34 @@ def test_gzip_tar_upload_and_tar_download(files):
         assert (names["z/hello.txt"].uid, names["z/hello.txt"].mode) == (1000, 0o600)
 
 
-def test_hostile_archives_are_refused(files):
-    for name, kind, linkname in [("../escape", tarfile.REGTYPE, ""), ("evil", tarfile.SYMTYPE, "/etc"),
-                                 ("evil/passwd", tarfile.REGTYPE, "")]:
-        buf = io.BytesIO()
-        with tarfile.open(fileobj=buf, mode="w") as tar:
+def tar_of(*entries):
+    """A tar of (name, type, linkname) entries, regular files empty."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w") as tar:
+        for name, kind, linkname in entries:
             info = tarfile.TarInfo(name)
             info.type, info.linkname = kind, linkname
             tar.addfile(info, io.BytesIO(b"") if kind == tarfile.REGTYPE else None)
-        try:
-            files.upload_tar("/work/t", buf.getvalue())
-        except deltabox.BadRequest:
-            continue
-        # Accepted entries must have stayed inside: the symlink exists, and nothing replaced /etc/passwd.
-    assert "root:" in files.read_text("/etc/passwd")
-    with pytest.raises(deltabox.BadRequest):
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("entries", [
+    [("../escape", tarfile.REGTYPE, "")],
+    [("a/../../escape", tarfile.REGTYPE, "")],
+    [("evil", tarfile.SYMTYPE, "/etc"), ("evil/passwd", tarfile.REGTYPE, "")],
+    [("up", tarfile.SYMTYPE, "../../.."), ("up/etc/passwd", tarfile.REGTYPE, "")],
+    [("hard", tarfile.LNKTYPE, "../../etc/passwd")],
+], ids=["dotdot", "inner-dotdot", "through-own-symlink", "through-relative-symlink", "hardlink-out"])
+def test_hostile_archives_are_refused(debian, files, entries):
+    passwd = files.read("/etc/passwd")
+    with pytest.raises(deltabox.BadRequest) as err:
+        files.upload_tar("/work/t", tar_of(*entries))
+    assert err.value.code == "archive_entry_refused", err.value
+    assert files.read("/etc/passwd") == passwd
+    assert not files.exists("/work/escape") and not files.exists("/escape")
+
+
+def test_not_a_tar_is_refused(files):
+    with pytest.raises(deltabox.BadRequest) as err:
         files.upload_tar("/work/t", b"this is not a tar archive" * 100)
+    assert err.value.code == "bad_archive"

@@ -124,16 +124,6 @@ def new_sandbox(client: deltabox.Client, image: str = "debian", **options) -> de
     return wait_until_serving(client.create(image, **options))
 
 
-def require_files_api(sb: deltabox.Sandbox) -> None:
-    """Marks the calling test xfail when the daemon has no files endpoints yet (they are being added)."""
-    try:
-        sb.files.stat("/")
-    except deltabox.NotFound as e:
-        if e.code == "no_such_endpoint":
-            pytest.xfail("daemon: the files API (/v1/sandboxes/{id}/files...) is not in this build yet")
-        raise
-
-
 def raw_request(daemon: Daemon, method: str, path: str, body: bytes = b"",
                 headers: Optional[dict] = None) -> tuple:
     """One request as given (no SDK validation): returns (status, parsed JSON body or raw bytes)."""

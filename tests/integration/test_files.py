@@ -6,14 +6,12 @@ import os
 import tarfile
 
 import pytest
-from support import require_files_api
 
 import deltabox
 
 
 @pytest.fixture
 def files(debian):
-    require_files_api(debian)
     debian.exec(["rm", "-rf", "/work"]).check()
     return debian.files
 

@@ -217,23 +217,16 @@ class Transport:
                 conn.request(method, target, body=body, headers=headers)
                 resp = conn.getresponse()
                 break
-            except (BrokenPipeError, ConnectionResetError) as e:
-                # The daemon may answer (e.g. 404 for an unknown sandbox) and close before reading all of a
+            except (OSError, http.client.HTTPException) as e:
+                # The daemon may answer (e.g. 404 for an unknown sandbox) and close before it read all of a
                 # request body: its answer is still waiting in the socket.
-                early = _early_response(conn)
+                early = _early_response(conn) if isinstance(e, (BrokenPipeError, ConnectionResetError)) else None
                 if early is not None:
                     resp = early
                     break
                 conn.close()
-                if reused and method in _IDEMPOTENT:
-                    if start is not None:
-                        body.seek(start)  # type: ignore[union-attr]
-                    continue
-                raise self.lost(e) from e
-            except (OSError, http.client.HTTPException) as e:
-                conn.close()
-                # A kept-alive connection the daemon closed meanwhile (e.g. it restarted): the request never
-                # reached it, so a request that is safe to repeat is sent once more on a fresh connection.
+                # A kept-alive connection the daemon closed meanwhile (e.g. it restarted) did not deliver the
+                # request: a request that is safe to repeat is sent once more on a fresh connection.
                 if reused and method in _IDEMPOTENT and isinstance(e, _STALE_ERRORS):
                     if start is not None:
                         body.seek(start)  # type: ignore[union-attr]
@@ -259,7 +252,7 @@ class Transport:
             resp.close()
 
 
-_STALE_ERRORS = (http.client.RemoteDisconnected, ConnectionAbortedError)
+_STALE_ERRORS = (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError, ConnectionAbortedError)
 
 
 def _early_response(conn: http.client.HTTPConnection) -> Optional[http.client.HTTPResponse]:

@@ -7,6 +7,7 @@ import pytest
 from fake_daemon import SANDBOX, Reply
 
 import deltabox
+import deltabox._http
 
 
 def test_health_and_keep_alive(fake):
@@ -27,6 +28,22 @@ def test_reconnects_after_the_daemon_closed_an_idle_connection(fake):
     fake.drop_connections()
     assert fake.client.create("debian").id == SANDBOX["id"]
     assert len({r.connection for r in fake.requests}) == 3
+
+
+def test_a_stale_connection_is_retried_only_for_idempotent_requests(fake, monkeypatch):
+    # As if the daemon closed the connection just after the client checked it: the request hits a dead socket.
+    monkeypatch.setattr(deltabox._http, "_dropped", lambda conn: False)
+    fake.route("GET", "/v1/health", Reply(200, {"status": "ok"}))
+    fake.route("POST", "/v1/sandboxes", Reply(201, SANDBOX))
+    fake.client.health()
+    fake.drop_connections()
+    assert fake.client.health()["status"] == "ok"
+    fake.drop_connections()
+    # A create may have reached the daemon before the connection broke: never sent twice.
+    with pytest.raises(deltabox.DaemonUnavailable) as err:
+        fake.client.create("debian")
+    assert err.value.code == "connection_lost"
+    assert [r.method for r in fake.requests] == ["GET", "GET"]
 
 
 def test_connection_close_answers_are_not_reused(fake):

@@ -22,6 +22,6 @@ if [ -d python ] && [ -f python/pyproject.toml ]; then
     [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
     "$venv/bin/pip" install -q pytest
     "$venv/bin/pip" install -q --force-reinstall --no-deps ./python
-    "$venv/bin/python" -m pytest -q python/tests tests/integration || status=1
+    "$venv/bin/python" -m pytest -q --rootdir . python/tests tests/integration || status=1
 fi
 exit $status

@@ -72,22 +72,11 @@ def main() -> int:
 
     client = deltabox.Client(socket=args.socket)
     client.health()
-    first_exec_retries = 0
 
     def create_to_first_exec() -> None:
-        nonlocal first_exec_retries
         sb = client.create(args.image)
         try:
-            while True:
-                try:
-                    sb.exec(["true"]).check()
-                    return
-                except deltabox.ServerError as e:
-                    # Known daemon race: create answers before the shim listens. Counted and reported.
-                    if "connect to the shim" not in e.message:
-                        raise
-                    first_exec_retries += 1
-                    time.sleep(0.001)
+            sb.exec(["true"]).check()
         finally:
             pause = time.perf_counter()
             sb.delete()
@@ -108,7 +97,6 @@ def main() -> int:
     results["create -> first exec `true`"] = measure(create_to_first_exec, args.creates, warmup=1)
     baselines["create -> first exec `true`"] = "host: spawn `true` (subprocess)"
     with client.create(args.image) as sb:
-        _wait_ready(sb)
         results["exec round trip `true`"] = measure(lambda: sb.exec(["true"]).check(), args.iterations)
         baselines["exec round trip `true`"] = "host: spawn `true` (subprocess)"
         with sb.session("bench") as session:
@@ -126,22 +114,7 @@ def main() -> int:
         ratio = f"{percentile(samples, 50) / percentile(results[base], 50):6.1f}x {base}" if base else ""
         print(f"{name:40} {len(samples):5d} {percentile(samples, 50):8.2f} {percentile(samples, 99):8.2f} "
               f"{statistics.fmean(samples):8.2f} {min(samples):8.2f} {max(samples):8.2f}  {ratio}")
-    if first_exec_retries:
-        print(f"note: {first_exec_retries} first exec(s) were retried: the daemon answered create before the "
-              "sandbox's shim listened (a known daemon bug); the retries are inside the create -> first exec time")
     return 0
-
-
-def _wait_ready(sb: deltabox.Sandbox) -> None:
-    """Waits until a new sandbox accepts requests (see the note printed about the daemon's create race)."""
-    while True:
-        try:
-            sb.sessions()
-            return
-        except deltabox.ServerError as e:
-            if "connect to the shim" not in e.message:
-                raise
-            time.sleep(0.001)
 
 
 if __name__ == "__main__":

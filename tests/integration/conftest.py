@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Iterator, List
 
 import pytest
-from support import IMAGES, Daemon, binary, image_dir, new_sandbox, wait_until_serving
+from support import IMAGES, Daemon, binary, image_dir, new_sandbox
 
 import deltabox
 
@@ -41,7 +41,6 @@ def daemon() -> Iterator[Daemon]:
         leftovers: List[str] = []
         for sb in client.list():
             try:
-                wait_until_serving(sb)
                 sb.delete()
             except deltabox.DeltaboxError as e:
                 leftovers.append(f"{sb.id}: {e}")

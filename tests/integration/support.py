@@ -101,27 +101,9 @@ def image_dir() -> Path:
     return path
 
 
-def wait_until_serving(sb: deltabox.Sandbox, timeout: float = 10.0) -> deltabox.Sandbox:
-    """Waits until the sandbox's shim accepts requests.
-
-    Works around a daemon bug (see test_bad_input.py::test_exec_right_after_create): the shim reports the
-    sandbox as started before it listens on its socket, so a request right after create may fail with 500
-    "connect to the shim ... No such file or directory". Remove once the shim binds before reporting.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            sb.sessions()
-            return sb
-        except deltabox.ServerError as e:
-            if "connect to the shim" not in e.message or time.monotonic() > deadline:
-                raise
-            time.sleep(0.01)
-
-
 def new_sandbox(client: deltabox.Client, image: str = "debian", **options) -> deltabox.Sandbox:
     """A sandbox ready for requests (use it as a context manager to remove it)."""
-    return wait_until_serving(client.create(image, **options))
+    return client.create(image, **options)
 
 
 def raw_request(daemon: Daemon, method: str, path: str, body: bytes = b"",

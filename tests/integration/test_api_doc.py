@@ -48,12 +48,6 @@ def differences(sample, actual, where="$"):
     return [] if sample == actual else [f"{where}: {actual!r} != documented {sample!r}"]
 
 
-# The daemon answers a create before its shim listens (see test_bad_input.py::test_exec_right_after_create):
-# after an example that creates the sandbox, wait until the sandbox serves, so later examples do not race it.
-WAIT_FOR_SANDBOX = ('until curl -sf --unix-socket "$SOCK" "http://localhost/v1/sandboxes/$ID/sessions" >/dev/null;'
-                    ' do sleep 0.01; done')
-
-
 def test_examples_match_the_daemon(daemon):
     examples = EXAMPLE.findall(DOC.read_text())
     assert len(examples) == DOC.read_text().count("```sh\n"), "every ```sh example needs a sample after it"
@@ -61,8 +55,6 @@ def test_examples_match_the_daemon(daemon):
     for i, (commands, _, _) in enumerate(examples):
         script.append(f"echo '{MARK}{i}'")
         script.append(commands)
-        if "ID=$(" in commands:
-            script.append(WAIT_FOR_SANDBOX)
     run = subprocess.run(["bash", "-c", "\n".join(script)], capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr
     outputs = re.split(rf"{MARK}\d+\n", run.stdout)[1:]

@@ -172,9 +172,6 @@ def test_symlinks_pointing_out_stay_inside(debian, tmp_path):
         os.unlink(secret)
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: POST /v1/sandboxes answers before the shim listens on its "
-                   "socket, so a request right after create can fail with 500 'connect to the shim ... No such "
-                   "file or directory'")
 def test_exec_right_after_create(client):
     for _ in range(10):
         with client.create("busybox") as sb:

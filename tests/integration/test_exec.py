@@ -105,8 +105,6 @@ def test_leaving_a_stream_kills_a_talking_command(debian):
     assert wait_gone(debian, "/tmp/talk-pid")
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: a streamed exec notices the client left only when the command "
-                   "prints again, so a silent command keeps running after the client disconnected")
 def test_leaving_a_stream_kills_a_silent_command(debian):
     events = debian.exec_stream(["sh", "-c", "echo $$ > /tmp/silent-pid; echo go; sleep 1000"])
     assert isinstance(next(events), deltabox.Started)

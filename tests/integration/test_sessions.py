@@ -68,8 +68,6 @@ def test_exit_ends_the_session(debian):
         session.run("echo still there?")
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: a command sent to a session whose shell exited is sometimes "
-                   "answered 500 'session i/o failed' instead of 410 session_ended / 404 session_not_found")
 def test_ended_session_answers_consistently(debian):
     for i in range(10):
         session = debian.session(f"ended-{i}")

@@ -158,6 +158,7 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
         }
     }
     setup_dev(&root.join("dev"))?;
+    setup_etc(cfg, root)?;
     // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
     // include it (agents keep work there).
     ensure_sticky_dir(&root.join("tmp"))?;
@@ -165,6 +166,36 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
+    Ok(())
+}
+
+/// Per-sandbox files the image's copies must not provide: /etc/hostname and /etc/hosts name this sandbox,
+/// and with the host's network the host's resolver configuration applies. They are bind-mounted from
+/// /dev (our tmpfs), so they are not part of the sandbox's filesystem: a fork gets its own.
+fn setup_etc(cfg: &InitConfig, root: &Path) -> Result<(), SetupError> {
+    let etc = root.join("etc");
+    if !etc.is_dir() {
+        return Ok(());
+    }
+    let dir = root.join("dev/.deltabox");
+    std::fs::create_dir_all(&dir).map_err(step("mkdir /dev/.deltabox"))?;
+    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", cfg.hostname);
+    let mut files = vec![("hostname", format!("{}\n", cfg.hostname)), ("hosts", hosts)];
+    if cfg.network == Network::Host {
+        if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {
+            files.push(("resolv.conf", resolv));
+        }
+    }
+    for (name, content) in files {
+        let source = dir.join(name);
+        std::fs::write(&source, content).map_err(step(format!("write /dev/.deltabox/{name}")))?;
+        let target = etc.join(name);
+        if !target.exists() {
+            std::fs::write(&target, "").map_err(step(format!("create /etc/{name}")))?;
+        }
+        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+            .map_err(step(format!("bind /etc/{name}")))?;
+    }
     Ok(())
 }
 

@@ -51,8 +51,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .method_not_allowed_fallback(|| async {
             ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
         })
+        // JSON bodies (exec stdin included) up to 64 MiB; file uploads stream and have no limit.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
         .with_state(engine)
 }
+
+/// Largest JSON request body.
+const MAX_JSON_BODY: usize = 64 << 20;
 
 async fn health() -> Json<serde_json::Value> {
     Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
@@ -392,13 +397,17 @@ async fn exec(
             loop {
                 let packet = match next.take() {
                     Some(p) => p,
-                    None => match conn.recv::<Reply>().await {
-                        Ok(p) => p,
-                        Err(e) => {
-                            let event = ExecEvent::Error { error: "internal".into(), message: e.to_string() };
-                            let _ = tx.send(json_value(&event)).await;
-                            return;
-                        }
+                    None => tokio::select! {
+                        received = conn.recv::<Reply>() => match received {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let event = ExecEvent::Error { error: "internal".into(), message: e.to_string() };
+                                let _ = tx.send(json_value(&event)).await;
+                                return;
+                            }
+                        },
+                        // The client left while the command is quiet: dropping `conn` kills the command.
+                        _ = tx.closed() => return,
                     },
                 };
                 let (event, last) = match packet.msg {
@@ -473,8 +482,13 @@ fn result(o: Outcome, stdout: String, stderr: String) -> ExecResult {
 
 // ---- interactive attach (websocket) ----
 
-async fn attach(State(engine): AppState, ApiPath(id): ApiPath<String>, ws: WebSocketUpgrade) -> ApiResult<Response> {
+async fn attach(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
     engine.live(&id).await?;
+    let ws = ws.map_err(|e| ApiError::bad_request("websocket_required", format!("attach is a websocket: {}", e.body_text())))?;
     Ok(ws.on_upgrade(move |socket| async move {
         if let Err(e) = attach_session(engine, id, socket).await {
             tracing::debug!("attach ended: {e:#}");

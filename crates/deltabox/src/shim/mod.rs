@@ -45,6 +45,7 @@ pub struct Shim {
     cgroup: Cgroup,
     fs: deltafs::Mount,
     info: ShimInfo,
+    init_pidfd: OwnedFd,
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
     /// Held by checkpoints and rollbacks: one at a time.
     state_change: tokio::sync::Mutex<()>,
@@ -129,6 +130,11 @@ impl Shim {
     /// removes its cgroup. The rootfs mount goes away with our mount namespace when the shim exits.
     fn teardown(&self) -> anyhow::Result<()> {
         self.cgroup.kill_all().context("kill the sandbox's processes")?;
+        // Reap init (our child) so it does not linger as a zombie with the sandbox's uid.
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(self.init_pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        );
         Cgroup::remove(self.cgroup.name()).context("remove the sandbox's cgroup")?;
         Ok(())
     }
@@ -223,6 +229,7 @@ async fn serve(cfg: ShimConfig, built: Built, listener: AsyncListener, socket: P
         cgroup,
         fs,
         info,
+        init_pidfd: container.pidfd.try_clone()?,
         sessions: tokio::sync::Mutex::new(HashMap::new()),
         state_change: tokio::sync::Mutex::new(()),
         exit: Notify::new(),
@@ -297,12 +304,12 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
                     let timeout = timeout_ms.map(Duration::from_millis);
                     let reply = match session.run(shim, &conn, &command, timeout, max_output).await {
                         Ok(outcome) => Reply::Exited(outcome),
-                        Err(e) => {
-                            if !session.alive() {
-                                shim.sessions.lock().await.remove(&name);
-                            }
-                            e.reply()
+                        // Whatever failed, a shell that is gone means the session ended.
+                        Err(_) if !session.alive() => {
+                            shim.sessions.lock().await.remove(&name);
+                            session::SessionError::Ended.reply()
                         }
+                        Err(e) => e.reply(),
                     };
                     conn.send(&reply, &[], &[]).await
                 }

@@ -145,8 +145,35 @@ impl Session {
         }
     }
 
-    /// Runs `command`, streaming its output to `conn`, and sends the outcome.
+    /// Whether the shell exits within `wait` (i/o on a dying shell fails before its exit is reported).
+    async fn exits_within(&self, wait: Duration) -> bool {
+        let Some(mut rx) = self.exited.lock().expect("exit lock").take() else { return true };
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(_) => true,
+            Err(_) => {
+                *self.exited.lock().expect("exit lock") = Some(rx);
+                false
+            }
+        }
+    }
+
+    /// Runs `command`, streaming its output to `conn`; returns the outcome. An i/o failure because the
+    /// shell exited is reported as the end of the session.
     pub async fn run(
+        &self,
+        shim: &Shim,
+        conn: &AsyncChannel,
+        command: &str,
+        timeout: Option<Duration>,
+        max_output: u64,
+    ) -> Result<Outcome, SessionError> {
+        match self.run_command(shim, conn, command, timeout, max_output).await {
+            Err(SessionError::Io(_)) if self.exits_within(Duration::from_millis(500)).await => Err(SessionError::Ended),
+            other => other,
+        }
+    }
+
+    async fn run_command(
         &self,
         shim: &Shim,
         conn: &AsyncChannel,

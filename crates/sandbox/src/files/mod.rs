@@ -250,7 +250,7 @@ const PSEUDO_FILESYSTEMS: &[u32] = &[
     0x6165_676c, // pstore
     0xf97c_ff8c, // selinuxfs
     0x4249_4e4d, // binfmt_misc
-    0x6573_5546, // fusectl
+    0x6573_5543, // fusectl (FUSE itself, 0x65735546, is an ordinary filesystem here: DeltaFS)
 ];
 
 /// Uniquifies temporary file names within this process.

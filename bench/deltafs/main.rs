@@ -37,27 +37,13 @@ fn row(name: &str, samples: Vec<Duration>) {
 
 fn header(title: &str) {
     println!("\n### {title}\n");
-    println!(
-        "| {:<52} | {:>9} | {:>9} | {:>4} |",
-        "case", "p50 ms", "p99 ms", "n"
-    );
-    println!(
-        "|{}|{}|{}|{}|",
-        "-".repeat(54),
-        "-".repeat(11),
-        "-".repeat(11),
-        "-".repeat(6)
-    );
+    println!("| {:<52} | {:>9} | {:>9} | {:>4} |", "case", "p50 ms", "p99 ms", "n");
+    println!("|{}|{}|{}|{}|", "-".repeat(54), "-".repeat(11), "-".repeat(11), "-".repeat(6));
 }
 
 fn sh(cwd: &Path, script: &str) {
-    let st = Command::new("sh")
-        .arg("-c")
-        .arg(script)
-        .current_dir(cwd)
-        .stdout(Stdio::null())
-        .status()
-        .expect("spawn sh");
+    let st =
+        Command::new("sh").arg("-c").arg(script).current_dir(cwd).stdout(Stdio::null()).status().expect("spawn sh");
     assert!(st.success(), "`{script}` failed in {}", cwd.display());
 }
 
@@ -94,13 +80,7 @@ impl Bench {
     }
 
     fn mount(&self, stack: StackId, name: &str) -> Mount {
-        mount(
-            &self.store,
-            stack,
-            &self.path(name),
-            &MountOptions::default(),
-        )
-        .unwrap()
+        mount(&self.store, stack, &self.path(name), &MountOptions::default()).unwrap()
     }
 
     /// Checkpoint after a one-file change, rollback after a one-file change.
@@ -120,11 +100,7 @@ impl Bench {
 
     fn size_section(&self) {
         header("Checkpoint / rollback vs filesystem size (1-file change)");
-        let sizes: &[usize] = if self.quick {
-            &[1_000, 10_000]
-        } else {
-            &[10_000, 100_000]
-        };
+        let sizes: &[usize] = if self.quick { &[1_000, 10_000] } else { &[10_000, 100_000] };
         for &files in sizes {
             let layer = self.dir.join(format!("image-{files}"));
             gen_tree(&layer, files);
@@ -137,13 +113,7 @@ impl Bench {
                 "",
                 1
             );
-            println!(
-                "| {:<52} | {:>9.3} | {:>9} | {:>4} |",
-                format!("mount {files}-file stack"),
-                ms(t_mount),
-                "",
-                1
-            );
+            println!("| {:<52} | {:>9.3} | {:>9} | {:>4} |", format!("mount {files}-file stack"), ms(t_mount), "", 1);
             let (cps, rbs) = self.cycle(&m, if self.quick { 20 } else { 100 }, "s");
             row(&format!("checkpoint, {files} files"), cps);
             row(&format!("rollback, {files} files"), rbs);
@@ -160,8 +130,7 @@ impl Bench {
         let (mut cps, mut rbs) = (Vec::new(), Vec::new());
         for r in 0..reps {
             for i in 0..1000 {
-                std::fs::write(root.join(format!("d{}/f{}", i % 10, i)), format!("rep {r}"))
-                    .unwrap();
+                std::fs::write(root.join(format!("d{}/f{}", i % 10, i)), format!("rep {r}")).unwrap();
             }
             let (t, cp) = timed(|| m.checkpoint().unwrap());
             cps.push(t);
@@ -185,10 +154,7 @@ impl Bench {
             drop(f);
             let (t, cp) = timed(|| m.checkpoint().unwrap());
             cps.push(t);
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(root.join("big"))
-                .unwrap();
+            let f = std::fs::OpenOptions::new().write(true).open(root.join("big")).unwrap();
             for off in (0..gib).step_by(buf.len() * 4) {
                 f.write_all_at(&buf, off).unwrap();
             }
@@ -198,21 +164,14 @@ impl Bench {
             std::fs::remove_file(root.join("big")).unwrap();
         }
         row(&format!("checkpoint after writing a {label} file"), cps);
-        row(
-            &format!("rollback undoing a {label} rewrite (1/4 of it)"),
-            rbs,
-        );
+        row(&format!("rollback undoing a {label} rewrite (1/4 of it)"), rbs);
         m.unmount().unwrap();
     }
 
     fn depth_section(&self) {
         header("Checkpoint / rollback vs stack depth (frozen layers beneath)");
         let base = self.base_with(if self.quick { 1_000 } else { 10_000 });
-        let depths: &[usize] = if self.quick {
-            &[1, 100]
-        } else {
-            &[1, 100, 1000]
-        };
+        let depths: &[usize] = if self.quick { &[1, 100] } else { &[1, 100, 1000] };
         for &depth in depths {
             let m = self.mount(base, &format!("depth-{depth}"));
             let root = m.mountpoint().to_owned();
@@ -233,13 +192,7 @@ impl Bench {
                 far.push(timed(|| m.rollback(middle).unwrap()).0);
                 far.push(timed(|| m.rollback(last).unwrap()).0);
             }
-            row(
-                &format!(
-                    "rollback across {} layers, depth {depth}",
-                    depth - depth / 2
-                ),
-                far,
-            );
+            row(&format!("rollback across {} layers, depth {depth}", depth - depth / 2), far);
             m.unmount().unwrap();
             // Background index writers of deep stacks may still run: give them a moment.
             std::thread::sleep(Duration::from_millis(200));
@@ -249,10 +202,7 @@ impl Bench {
                 mounts.push(t);
                 m.unmount().unwrap();
             }
-            row(
-                &format!("mount a depth-{depth} stack (load from disk)"),
-                mounts,
-            );
+            row(&format!("mount a depth-{depth} stack (load from disk)"), mounts);
         }
     }
 
@@ -264,25 +214,12 @@ impl Bench {
         let mut cp = Vec::new();
         for i in 0..5 {
             let dst = self.dir.join(format!("copy-{i}"));
-            cp.push(
-                timed(|| {
-                    sh(
-                        &self.dir,
-                        &format!("cp -a {} {}", tree.display(), dst.display()),
-                    )
-                })
-                .0,
-            );
+            cp.push(timed(|| sh(&self.dir, &format!("cp -a {} {}", tree.display(), dst.display()))).0);
             std::fs::remove_dir_all(&dst).unwrap();
         }
         row("cp -a of the tree (full copy checkpoint)", cp);
         // docker commit ≈ tar of the overlay upper dir holding the change.
-        let (lower, upper, work, mnt) = (
-            tree.clone(),
-            self.path("ovl-upper"),
-            self.path("ovl-work"),
-            self.path("ovl"),
-        );
+        let (lower, upper, work, mnt) = (tree.clone(), self.path("ovl-upper"), self.path("ovl-work"), self.path("ovl"));
         sh(
             &self.dir,
             &format!(
@@ -319,13 +256,7 @@ impl Bench {
                 .stderr(Stdio::null())
                 .status()
                 .map_err(|e| e.to_string())
-                .and_then(|s| {
-                    if s.success() {
-                        Ok(())
-                    } else {
-                        Err(format!("`{cmd}` failed"))
-                    }
-                })
+                .and_then(|s| if s.success() { Ok(()) } else { Err(format!("`{cmd}` failed")) })
         };
         run(&format!(
             "truncate -s 4G {0} && mkfs.btrfs -q -f {0} && mount -o loop {0} {1}",
@@ -333,31 +264,20 @@ impl Bench {
             mnt.display()
         ))?;
         let result = (|| {
-            run(&format!(
-                "btrfs -q subvolume create {0}/vol && cp -a {1}/. {0}/vol/",
-                mnt.display(),
-                tree.display()
-            ))?;
+            run(&format!("btrfs -q subvolume create {0}/vol && cp -a {1}/. {0}/vol/", mnt.display(), tree.display()))?;
             let snaps = if self.quick { 20 } else { 100 };
             let mut times = Vec::new();
             for i in 0..snaps {
                 std::fs::write(mnt.join("vol/d0/f0"), format!("{i}")).unwrap();
-                let (t, r) = timed(|| {
-                    run(&format!(
-                        "btrfs -q subvolume snapshot -r {0}/vol {0}/snap{i}",
-                        mnt.display()
-                    ))
-                });
+                let (t, r) =
+                    timed(|| run(&format!("btrfs -q subvolume snapshot -r {0}/vol {0}/snap{i}", mnt.display())));
                 r?;
                 times.push(t);
             }
             let first: Vec<Duration> = times[..10].to_vec();
             let last: Vec<Duration> = times[times.len() - 10..].to_vec();
             row("btrfs snapshot (CLI), snapshots 1-10", first);
-            row(
-                &format!("btrfs snapshot (CLI), snapshots {}-{snaps}", snaps - 9),
-                last,
-            );
+            row(&format!("btrfs snapshot (CLI), snapshots {}-{snaps}", snaps - 9), last);
             Ok(())
         })();
         let _ = run(&format!("umount {}", mnt.display()));
@@ -366,10 +286,7 @@ impl Bench {
     }
 
     fn workload_section(&self) {
-        println!(
-            "\n### Workloads: wall time in ms (median of {} runs) and ratio to kernel overlayfs\n",
-            self.reps()
-        );
+        println!("\n### Workloads: wall time in ms (median of {} runs) and ratio to kernel overlayfs\n", self.reps());
         let project = self.dir.join("project");
         if !project.exists() {
             make_project(&project, self.quick);
@@ -378,10 +295,7 @@ impl Bench {
         if !tarball.exists() {
             let src = self.dir.join("tar-src");
             gen_tree(&src, if self.quick { 500 } else { 3000 });
-            sh(
-                &self.dir,
-                &format!("tar cf {} -C {} .", tarball.display(), src.display()),
-            );
+            sh(&self.dir, &format!("tar cf {} -C {} .", tarball.display(), src.display()));
         }
         let workloads: Vec<(&str, String)> = vec![
             ("tar xf (3,000 files)", format!("mkdir -p x && tar xf {} -C x", tarball.display())),
@@ -452,12 +366,7 @@ impl Bench {
     }
 
     /// A fresh mount of kind `kind` over the project as its only lower layer.
-    fn fs_env(
-        &self,
-        kind: &str,
-        project: &Path,
-        rep: usize,
-    ) -> Option<(PathBuf, Box<dyn FnOnce()>)> {
+    fn fs_env(&self, kind: &str, project: &Path, rep: usize) -> Option<(PathBuf, Box<dyn FnOnce()>)> {
         let tag = format!("{kind}-{rep}");
         let mnt = self.path(&format!("wl-{tag}"));
         let upper = self.path(&format!("wl-{tag}-upper"));
@@ -466,23 +375,14 @@ impl Bench {
         let _ = std::fs::write("/proc/sys/vm/drop_caches", "3");
         match kind {
             "overlayfs" | "fuse-overlayfs" => {
-                let opts = format!(
-                    "lowerdir={},upperdir={},workdir={}",
-                    project.display(),
-                    upper.display(),
-                    work.display()
-                );
+                let opts =
+                    format!("lowerdir={},upperdir={},workdir={}", project.display(), upper.display(), work.display());
                 let cmd = if kind == "overlayfs" {
                     format!("mount -t overlay overlay -o {opts} {}", mnt.display())
                 } else {
                     format!("fuse-overlayfs -o {opts} {}", mnt.display())
                 };
-                let ok = Command::new("sh")
-                    .arg("-c")
-                    .arg(&cmd)
-                    .status()
-                    .map(|s| s.success())
-                    .unwrap_or(false);
+                let ok = Command::new("sh").arg("-c").arg(&cmd).status().map(|s| s.success()).unwrap_or(false);
                 if !ok {
                     return None;
                 }
@@ -492,12 +392,7 @@ impl Bench {
                     Box::new(move || {
                         sh(
                             Path::new("/"),
-                            &format!(
-                                "umount {} && rm -rf {} {}",
-                                m2.display(),
-                                upper.display(),
-                                work.display()
-                            ),
+                            &format!("umount {} && rm -rf {} {}", m2.display(), upper.display(), work.display()),
                         );
                     }),
                 ))
@@ -520,17 +415,14 @@ fn make_project(dir: &Path, quick: bool) {
         if i % 50 == 0 {
             std::fs::write(d.join("__init__.py"), "").unwrap();
         }
-        let body: String = (0..30)
-            .map(|j| format!("def f{j}(x):\n    return [x * {j} for _ in range({j})]\n\n"))
-            .collect();
+        let body: String =
+            (0..30).map(|j| format!("def f{j}(x):\n    return [x * {j} for _ in range({j})]\n\n")).collect();
         std::fs::write(d.join(format!("m{i}.py")), body).unwrap();
     }
     std::fs::create_dir_all(dir.join("src")).unwrap();
     let mut objs = Vec::new();
     for i in 0..c {
-        let body: String = (0..40)
-            .map(|j| format!("int f{i}_{j}(int x) {{ return x * {j} + {i}; }}\n"))
-            .collect();
+        let body: String = (0..40).map(|j| format!("int f{i}_{j}(int x) {{ return x * {j} + {i}; }}\n")).collect();
         std::fs::write(dir.join(format!("src/m{i}.c")), body).unwrap();
         objs.push(format!("src/m{i}.o"));
     }
@@ -538,10 +430,7 @@ fn make_project(dir: &Path, quick: bool) {
     objs.push("src/main.o".into());
     std::fs::write(
         dir.join("Makefile"),
-        format!(
-            "prog: {0}\n\tgcc -o $@ {0}\n%.o: %.c\n\tgcc -O1 -c -o $@ $<\n",
-            objs.join(" ")
-        ),
+        format!("prog: {0}\n\tgcc -o $@ {0}\n%.o: %.c\n\tgcc -O1 -c -o $@ $<\n", objs.join(" ")),
     )
     .unwrap();
     std::fs::write(
@@ -552,10 +441,7 @@ fn make_project(dir: &Path, quick: bool) {
          assert db.execute('select count(*) from t').fetchone()[0] >= 2000\n",
     )
     .unwrap();
-    sh(
-        dir,
-        "git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm init",
-    );
+    sh(dir, "git init -q && git add -A && git -c user.name=b -c user.email=b@b commit -qm init");
 }
 
 fn main() {
@@ -564,28 +450,13 @@ fn main() {
         std::process::exit(1);
     }
     let quick = std::env::var_os("DELTAFS_BENCH_QUICK").is_some();
-    let root = std::env::var_os("DELTAFS_BENCH_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/var/tmp".into());
-    let dir = tempfile::Builder::new()
-        .prefix("deltafs-bench")
-        .tempdir_in(root)
-        .unwrap();
+    let root = std::env::var_os("DELTAFS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+    let dir = tempfile::Builder::new().prefix("deltafs-bench").tempdir_in(root).unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let bench = Bench {
-        dir: dir.path().to_owned(),
-        quick,
-        store,
-    };
-    let only: Vec<String> = std::env::args()
-        .skip(1)
-        .filter(|a| !a.starts_with('-'))
-        .collect();
+    let bench = Bench { dir: dir.path().to_owned(), quick, store };
+    let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
-    println!(
-        "# DeltaFS benchmark ({})",
-        if quick { "quick" } else { "full" }
-    );
+    println!("# DeltaFS benchmark ({})", if quick { "quick" } else { "full" });
     if want("size") {
         bench.size_section();
     }

@@ -7,10 +7,9 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use fuser::{
-    AccessFlags, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags,
-    KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
-    ReplyXattr, Request, TimeOrNow, WriteFlags,
+    AccessFlags, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
 };
 use nix::errno::Errno;
 
@@ -24,10 +23,7 @@ pub(crate) struct DeltaFs {
 
 impl DeltaFs {
     fn caller(&self, req: &Request) -> Caller {
-        Caller {
-            uid: self.vol.ids.uid_from_host(req.uid()),
-            gid: self.vol.ids.gid_from_host(req.gid()),
-        }
+        Caller { uid: self.vol.ids.uid_from_host(req.uid()), gid: self.vol.ids.gid_from_host(req.gid()) }
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -66,10 +62,7 @@ impl DeltaFs {
     fn listing(&self, fh: FileHandle, ino: INodeNo) -> OpResult<Vec<(OsString, Ino, u32)>> {
         let handle = self.vol.handle(fh.0)?;
         let dots = [".", ".."].map(|d| (OsString::from(d), ino.0, libc::S_IFDIR));
-        Ok(dots
-            .into_iter()
-            .chain(handle.dir.iter().flatten().cloned())
-            .collect())
+        Ok(dots.into_iter().chain(handle.dir.iter().flatten().cloned()).collect())
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
@@ -207,30 +200,13 @@ impl fuser::Filesystem for DeltaFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.vol.create_node(
-            self.caller(req),
-            parent.0,
-            name,
-            mode,
-            u64::from(rdev),
-            None,
-        );
+        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, u64::from(rdev), None);
         self.reply_entry(reply, r);
     }
 
-    fn mkdir(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        name: &OsStr,
-        mode: u32,
-        _umask: u32,
-        reply: ReplyEntry,
-    ) {
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        let r = self
-            .vol
-            .create_node(self.caller(req), parent.0, name, mode, 0, None);
+        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None);
         self.reply_entry(reply, r);
     }
 
@@ -242,14 +218,7 @@ impl fuser::Filesystem for DeltaFs {
         reply_empty(reply, self.vol.unlink(parent.0, name, true));
     }
 
-    fn symlink(
-        &self,
-        req: &Request,
-        parent: INodeNo,
-        link_name: &OsStr,
-        target: &Path,
-        reply: ReplyEntry,
-    ) {
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
         let r = self.vol.create_node(
             self.caller(req),
             parent.0,
@@ -271,21 +240,10 @@ impl fuser::Filesystem for DeltaFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(
-            reply,
-            self.vol
-                .rename(parent.0, name, newparent.0, newname, flags.bits()),
-        );
+        reply_empty(reply, self.vol.rename(parent.0, name, newparent.0, newname, flags.bits()));
     }
 
-    fn link(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        newparent: INodeNo,
-        newname: &OsStr,
-        reply: ReplyEntry,
-    ) {
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let r = self.vol.link(ino.0, newparent.0, newname);
         self.reply_entry(reply, r);
     }
@@ -293,9 +251,7 @@ impl fuser::Filesystem for DeltaFs {
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
-            let r = self
-                .vol
-                .setattr(ino.0, None, None, None, Some(0), None, None, None);
+            let r = self.vol.setattr(ino.0, None, None, None, Some(0), None, None, None);
             if let Err(e) = r {
                 return reply.error(errno(e));
             }
@@ -353,35 +309,18 @@ impl fuser::Filesystem for DeltaFs {
         reply_empty(reply, self.vol.release(fh.0));
     }
 
-    fn fsync(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         reply_empty(reply, self.vol.flush(ino.0));
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         match self.vol.open(ino.0, true, false) {
-            Ok(fh) => reply.opened(
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
-            ),
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
             Err(e) => reply.error(errno(e)),
         }
     }
 
-    fn readdir(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectory,
-    ) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
         let entries = match self.listing(fh, ino) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -394,14 +333,7 @@ impl fuser::Filesystem for DeltaFs {
         reply.ok();
     }
 
-    fn readdirplus(
-        &self,
-        _req: &Request,
-        ino: INodeNo,
-        fh: FileHandle,
-        offset: u64,
-        mut reply: ReplyDirectoryPlus,
-    ) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
         let entries = match self.listing(fh, ino) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
@@ -420,25 +352,11 @@ impl fuser::Filesystem for DeltaFs {
         reply.ok();
     }
 
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
         reply_empty(reply, self.vol.release(fh.0));
     }
 
-    fn fsyncdir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        _fh: FileHandle,
-        _datasync: bool,
-        reply: ReplyEmpty,
-    ) {
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
         reply.ok();
     }
 
@@ -499,14 +417,10 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyCreate,
     ) {
         let mode = libc::S_IFREG | (mode & 0o7777);
-        let (ino, node) =
-            match self
-                .vol
-                .create_node(self.caller(req), parent.0, name, mode, 0, None)
-            {
-                Ok(r) => r,
-                Err(e) => return reply.error(errno(e)),
-            };
+        let (ino, node) = match self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
         match self.vol.open(ino, false, true) {
             Ok(fh) => reply.created(
                 &self.ttl,

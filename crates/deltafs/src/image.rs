@@ -31,10 +31,7 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const OVERLAY_XATTR_PREFIX: &[u8] = b"trusted.overlay.";
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
-    move |source| ImageError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| ImageError::Io { path: path.to_owned(), source }
 }
 
 /// Reads the extended attributes of `path` (without following a symlink), minus overlayfs' own.
@@ -76,18 +73,9 @@ pub fn attr_from_metadata(md: &std::fs::Metadata) -> Attr {
         gid: md.gid(),
         nlink: 1,
         rdev: md.rdev(),
-        atime: Time {
-            sec: md.atime(),
-            nsec: md.atime_nsec() as u32,
-        },
-        mtime: Time {
-            sec: md.mtime(),
-            nsec: md.mtime_nsec() as u32,
-        },
-        ctime: Time {
-            sec: md.ctime(),
-            nsec: md.ctime_nsec() as u32,
-        },
+        atime: Time { sec: md.atime(), nsec: md.atime_nsec() as u32 },
+        mtime: Time { sec: md.mtime(), nsec: md.mtime_nsec() as u32 },
+        ctime: Time { sec: md.ctime(), nsec: md.ctime_nsec() as u32 },
     }
 }
 
@@ -101,12 +89,7 @@ struct Indexer<'a> {
 
 impl Indexer<'_> {
     fn dir_entries(&mut self, dir: Ino) -> &mut OrdMap<OsString, Ino> {
-        match &mut self
-            .tree
-            .get_mut(dir)
-            .expect("merged directory exists")
-            .kind
-        {
+        match &mut self.tree.get_mut(dir).expect("merged directory exists").kind {
             Kind::Dir(e) => e,
             _ => unreachable!("merged directory is a directory"),
         }
@@ -145,14 +128,7 @@ impl Indexer<'_> {
                     }
                     None => {
                         let ino = self.tree.alloc_ino();
-                        self.tree.nodes.insert(
-                            ino,
-                            Arc::new(Node {
-                                attr,
-                                xattrs,
-                                kind: Kind::Dir(OrdMap::new()),
-                            }),
-                        );
+                        self.tree.nodes.insert(ino, Arc::new(Node { attr, xattrs, kind: Kind::Dir(OrdMap::new()) }));
                         ino
                     }
                 };
@@ -182,9 +158,7 @@ impl Indexer<'_> {
                 Kind::Special
             };
             let ino = self.tree.alloc_ino();
-            self.tree
-                .nodes
-                .insert(ino, Arc::new(Node { attr, xattrs, kind }));
+            self.tree.nodes.insert(ino, Arc::new(Node { attr, xattrs, kind }));
             if md.nlink() > 1 {
                 self.links.insert(key, ino);
             }
@@ -200,10 +174,7 @@ pub fn index_layers(layers: &[PathBuf]) -> Result<Tree, ImageError> {
     if layers.len() > usize::from(u16::MAX) {
         return Err(ImageError::TooManyLayers(layers.len()));
     }
-    let mut tree = Tree {
-        nodes: OrdMap::new(),
-        next_ino: ROOT_INO + 1,
-    };
+    let mut tree = Tree { nodes: OrdMap::new(), next_ino: ROOT_INO + 1 };
     let root_attr = Attr {
         mode: libc::S_IFDIR | 0o755,
         uid: 0,
@@ -214,14 +185,8 @@ pub fn index_layers(layers: &[PathBuf]) -> Result<Tree, ImageError> {
         mtime: Time::now(),
         ctime: Time::now(),
     };
-    tree.nodes.insert(
-        ROOT_INO,
-        Arc::new(Node {
-            attr: root_attr,
-            xattrs: OrdMap::new(),
-            kind: Kind::Dir(OrdMap::new()),
-        }),
-    );
+    tree.nodes
+        .insert(ROOT_INO, Arc::new(Node { attr: root_attr, xattrs: OrdMap::new(), kind: Kind::Dir(OrdMap::new()) }));
     for (i, layer) in layers.iter().enumerate() {
         let md = std::fs::metadata(layer).map_err(io_err(layer))?;
         let xattrs = read_xattrs(layer).map_err(io_err(layer))?;
@@ -230,12 +195,7 @@ pub fn index_layers(layers: &[PathBuf]) -> Result<Tree, ImageError> {
             root.attr = attr_from_metadata(&md);
             root.xattrs = xattrs;
         }
-        let mut indexer = Indexer {
-            tree,
-            layer: i as u16,
-            root: layer,
-            links: HashMap::new(),
-        };
+        let mut indexer = Indexer { tree, layer: i as u16, root: layer, links: HashMap::new() };
         indexer.walk(ROOT_INO, Path::new(""))?;
         tree = indexer.tree;
     }
@@ -249,11 +209,7 @@ fn finish(tree: Tree) -> Tree {
     let mut stack = vec![ROOT_INO];
     links.insert(ROOT_INO, 1);
     while let Some(dir) = stack.pop() {
-        let entries = tree
-            .get(dir)
-            .and_then(|n| n.entries())
-            .cloned()
-            .unwrap_or_default();
+        let entries = tree.get(dir).and_then(|n| n.entries()).cloned().unwrap_or_default();
         for (_, ino) in entries.iter() {
             let count = links.entry(*ino).or_insert(0);
             *count += 1;
@@ -262,10 +218,7 @@ fn finish(tree: Tree) -> Tree {
             }
         }
     }
-    let mut out = Tree {
-        nodes: OrdMap::new(),
-        next_ino: tree.next_ino,
-    };
+    let mut out = Tree { nodes: OrdMap::new(), next_ino: tree.next_ino };
     for (ino, node) in tree.nodes.iter() {
         if !links.contains_key(ino) {
             continue;
@@ -273,10 +226,7 @@ fn finish(tree: Tree) -> Tree {
         let mut node = (**node).clone();
         node.attr.nlink = match &node.kind {
             Kind::Dir(entries) => {
-                2 + entries
-                    .values()
-                    .filter(|c| tree.get(**c).is_some_and(|n| n.is_dir()))
-                    .count() as u32
+                2 + entries.values().filter(|c| tree.get(**c).is_some_and(|n| n.is_dir())).count() as u32
             }
             _ => links[ino],
         };

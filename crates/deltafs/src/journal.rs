@@ -49,11 +49,7 @@ pub enum Record {
     /// travel as `Entry` records); an existing directory keeps its entries.
     Node { ino: Ino, node: Node },
     /// Directory `dir` maps `name` to `ino`, or (None) no longer has `name`.
-    Entry {
-        dir: Ino,
-        name: OsString,
-        ino: Option<Ino>,
-    },
+    Entry { dir: Ino, name: OsString, ino: Option<Ino> },
     /// The inode no longer exists.
     Remove { ino: Ino },
     /// Inode numbers below this one are taken.
@@ -92,10 +88,7 @@ pub fn apply(tree: &mut Tree, record: Record) {
 }
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> JournalError + '_ {
-    move |source| JournalError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| JournalError::Io { path: path.to_owned(), source }
 }
 
 fn frame(payload: &[u8]) -> Vec<u8> {
@@ -121,16 +114,8 @@ pub const JOURNAL_BATCH: usize = 256 * 1024;
 
 impl JournalWriter {
     pub fn open(path: &Path) -> Result<Self> {
-        let file = OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(path)
-            .map_err(io_err(path))?;
-        Ok(JournalWriter {
-            file,
-            path: path.to_owned(),
-            buf: Vec::new(),
-        })
+        let file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
+        Ok(JournalWriter { file, path: path.to_owned(), buf: Vec::new() })
     }
 
     /// Adds records to the journal (written once a batch is full, or by `write_out`).
@@ -177,10 +162,8 @@ pub fn read_journal(path: &Path) -> Result<Vec<Record>> {
             tracing::warn!(path = %path.display(), offset = pos, "journal record fails its CRC");
             break;
         }
-        let record = postcard::from_bytes(payload).map_err(|source| JournalError::Decode {
-            path: path.to_owned(),
-            source,
-        })?;
+        let record =
+            postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })?;
         records.push(record);
         pos += 8 + len;
     }
@@ -204,37 +187,19 @@ pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> 
 }
 
 /// Reads a file written by [`write_snapshot`] with the same magic.
-pub fn read_snapshot<T: DeserializeOwned>(
-    path: &Path,
-    magic: &[u8; 8],
-    what: &'static str,
-) -> Result<T> {
+pub fn read_snapshot<T: DeserializeOwned>(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<T> {
     let mut data = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut data))
-        .map_err(io_err(path))?;
+    File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err(path))?;
     if data.len() < 20 || &data[..8] != magic || data[8..12] != SNAPSHOT_VERSION.to_le_bytes() {
-        return Err(JournalError::BadMagic {
-            path: path.to_owned(),
-            what,
-        });
+        return Err(JournalError::BadMagic { path: path.to_owned(), what });
     }
     let len = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(data[16..20].try_into().expect("4 bytes"));
-    let payload = data
-        .get(20..20 + len)
-        .ok_or_else(|| JournalError::Corrupt {
-            path: path.to_owned(),
-        })?;
+    let payload = data.get(20..20 + len).ok_or_else(|| JournalError::Corrupt { path: path.to_owned() })?;
     if crc32fast::hash(payload) != crc {
-        return Err(JournalError::Corrupt {
-            path: path.to_owned(),
-        });
+        return Err(JournalError::Corrupt { path: path.to_owned() });
     }
-    postcard::from_bytes(payload).map_err(|source| JournalError::Decode {
-        path: path.to_owned(),
-        source,
-    })
+    postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })
 }
 
 #[cfg(test)]
@@ -264,17 +229,11 @@ mod tests {
         write_snapshot(&path, b"TESTSNAP", &vec![1u32, 2, 3]).unwrap();
         let v: Vec<u32> = read_snapshot(&path, b"TESTSNAP", "test").unwrap();
         assert_eq!(v, vec![1, 2, 3]);
-        assert!(matches!(
-            read_snapshot::<Vec<u32>>(&path, b"OTHERMAG", "test"),
-            Err(JournalError::BadMagic { .. })
-        ));
+        assert!(matches!(read_snapshot::<Vec<u32>>(&path, b"OTHERMAG", "test"), Err(JournalError::BadMagic { .. })));
         let mut data = std::fs::read(&path).unwrap();
         let last = data.len() - 1;
         data[last] ^= 0xff;
         std::fs::write(&path, &data).unwrap();
-        assert!(matches!(
-            read_snapshot::<Vec<u32>>(&path, b"TESTSNAP", "test"),
-            Err(JournalError::Corrupt { .. })
-        ));
+        assert!(matches!(read_snapshot::<Vec<u32>>(&path, b"TESTSNAP", "test"), Err(JournalError::Corrupt { .. })));
     }
 }

@@ -56,12 +56,7 @@ pub struct MountOptions {
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions {
-            uid_base: 0,
-            gid_base: 0,
-            cache_ttl: Duration::from_secs(3600),
-            threads: 4,
-        }
+        MountOptions { uid_base: 0, gid_base: 0, cache_ttl: Duration::from_secs(3600), threads: 4 }
     }
 }
 
@@ -75,30 +70,20 @@ pub struct Mount {
 
 impl std::fmt::Debug for Mount {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Mount")
-            .field("mountpoint", &self.mountpoint)
-            .finish()
+        f.debug_struct("Mount").field("mountpoint", &self.mountpoint).finish()
     }
 }
 
 /// Mounts stack `from` at `mountpoint` with a new writable layer on top, served by threads of this
 /// process. Needs root (CAP_SYS_ADMIN) in the initial user namespace.
-pub fn mount(
-    store: &Store,
-    from: StackId,
-    mountpoint: &Path,
-    opts: &MountOptions,
-) -> Result<Mount, MountError> {
+pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOptions) -> Result<Mount, MountError> {
     let loaded = store.load(from)?;
     let layer = store.create_layer(from.0, &loaded.meta, store.has_index(from.0))?;
     let vol = Arc::new(Volume::new(
         store.clone(),
         loaded.images,
         loaded.meta.base,
-        IdMap {
-            uid_base: opts.uid_base,
-            gid_base: opts.gid_base,
-        },
+        IdMap { uid_base: opts.uid_base, gid_base: opts.gid_base },
         loaded.tree,
         layer,
     ));
@@ -113,24 +98,13 @@ pub fn mount(
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let fs = DeltaFs {
-        vol: vol.clone(),
-        ttl: opts.cache_ttl,
-    };
-    let mount_err = |source| MountError::Mount {
-        path: mountpoint.to_owned(),
-        source,
-    };
+    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl };
+    let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();
     let session = session.spawn().map_err(mount_err)?;
     tracing::info!(stack = %from, mountpoint = %mountpoint.display(), "DeltaFS mounted");
-    Ok(Mount {
-        vol,
-        session: Some(session),
-        notifier,
-        mountpoint: mountpoint.to_owned(),
-    })
+    Ok(Mount { vol, session: Some(session), notifier, mountpoint: mountpoint.to_owned() })
 }
 
 impl Mount {
@@ -189,10 +163,7 @@ impl Mount {
         match session.umount_and_join() {
             // Worker threads reading a cloned device fd may see the unmount as ECONNABORTED.
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
-            r => r.map_err(|source| MountError::Unmount {
-                path: self.mountpoint.clone(),
-                source,
-            }),
+            r => r.map_err(|source| MountError::Unmount { path: self.mountpoint.clone(), source }),
         }
     }
 }
@@ -203,10 +174,7 @@ const FUSECTL: &str = "/sys/fs/fuse/connections";
 /// connection through fusectl — which also frees threads blocked on requests the dead server had
 /// already read — and detaches the mount. Mounts fusectl if needed.
 pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
-    let abort_err = |source| MountError::Abort {
-        path: mountpoint.to_owned(),
-        source,
-    };
+    let abort_err = |source| MountError::Abort { path: mountpoint.to_owned(), source };
     let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(abort_err)?;
     let target = mountpoint.to_string_lossy();
     // Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
@@ -223,20 +191,10 @@ pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
         })
         .ok_or_else(|| MountError::NotMounted(mountpoint.to_owned()))?;
     if !Path::new(FUSECTL).join(&minor).exists() {
-        nix::mount::mount(
-            Some("fusectl"),
-            FUSECTL,
-            Some("fusectl"),
-            nix::mount::MsFlags::empty(),
-            None::<&str>,
-        )
-        .map_err(|e| abort_err(e.into()))?;
+        nix::mount::mount(Some("fusectl"), FUSECTL, Some("fusectl"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| abort_err(e.into()))?;
     }
     std::fs::write(Path::new(FUSECTL).join(&minor).join("abort"), b"1").map_err(abort_err)?;
-    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH).map_err(|e| {
-        MountError::Unmount {
-            path: mountpoint.to_owned(),
-            source: e.into(),
-        }
-    })
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| MountError::Unmount { path: mountpoint.to_owned(), source: e.into() })
 }

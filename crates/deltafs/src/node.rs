@@ -68,13 +68,8 @@ pub struct Time {
 
 impl Time {
     pub fn now() -> Self {
-        let d = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default();
-        Time {
-            sec: d.as_secs() as i64,
-            nsec: d.subsec_nanos(),
-        }
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
     }
 
     pub fn to_system(self) -> std::time::SystemTime {
@@ -88,10 +83,7 @@ impl Time {
 
     pub fn from_system(t: std::time::SystemTime) -> Self {
         match t.duration_since(std::time::UNIX_EPOCH) {
-            Ok(d) => Time {
-                sec: d.as_secs() as i64,
-                nsec: d.subsec_nanos(),
-            },
+            Ok(d) => Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
             Err(e) => {
                 let d = e.duration();
                 let mut sec = -(d.as_secs() as i64);
@@ -133,12 +125,7 @@ pub struct Content {
 impl Content {
     /// Contents of a file created in layer `layer`: every byte lives in that layer's data file.
     pub fn in_layer(layer: LayerId) -> Self {
-        Content {
-            size: 0,
-            base: Some(Source::Layer(layer)),
-            base_len: u64::MAX,
-            chunks: OrdMap::new(),
-        }
+        Content { size: 0, base: Some(Source::Layer(layer)), base_len: u64::MAX, chunks: OrdMap::new() }
     }
 
     /// Where chunk `chunk` is read from (None = zeros).

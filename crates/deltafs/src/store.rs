@@ -53,10 +53,7 @@ pub enum StoreError {
 type Result<T> = std::result::Result<T, StoreError>;
 
 fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
-    move |source| StoreError::Io {
-        path: path.to_owned(),
-        source,
-    }
+    move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
 /// Names an immutable layer stack: a base (indexed image layers) or a checkpoint. Its text form (32
@@ -73,9 +70,7 @@ impl std::fmt::Display for StackId {
 impl std::str::FromStr for StackId {
     type Err = InvalidStackId;
     fn from_str(s: &str) -> std::result::Result<Self, InvalidStackId> {
-        LayerId::parse(s)
-            .map(StackId)
-            .ok_or_else(|| InvalidStackId(s.to_owned()))
+        LayerId::parse(s).map(StackId).ok_or_else(|| InvalidStackId(s.to_owned()))
     }
 }
 
@@ -154,22 +149,12 @@ impl WritableLayer {
 /// over directories spreads them over ext4 block groups (measured: 3,000 files in one directory of
 /// a busy ext4 spent most of their creation time scanning for a free inode in one group).
 pub(crate) fn data_path(layer_dir: &Path, ino: u64) -> PathBuf {
-    layer_dir
-        .join("data")
-        .join(format!("{:x}", ino >> 8))
-        .join(ino.to_string())
+    layer_dir.join("data").join(format!("{:x}", ino >> 8)).join(ino.to_string())
 }
 
 /// Opens (creating it and its directory if needed) a data file for reading and writing.
 pub(crate) fn open_data_rw(path: &Path) -> io::Result<File> {
-    let open = || {
-        std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(path)
-    };
+    let open = || std::fs::OpenOptions::new().read(true).write(true).create(true).truncate(false).open(path);
     match open() {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             if let Some(dir) = path.parent() {
@@ -188,11 +173,7 @@ fn allocated_bytes(dir: &Path) -> io::Result<u64> {
     for entry in std::fs::read_dir(dir)? {
         let entry = entry?;
         let md = entry.metadata()?;
-        total += if md.is_dir() {
-            allocated_bytes(&entry.path())?
-        } else {
-            md.blocks() * 512
-        };
+        total += if md.is_dir() { allocated_bytes(&entry.path())? } else { md.blocks() * 512 };
     }
     Ok(total)
 }
@@ -213,9 +194,7 @@ impl Store {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let store = Store {
-            root: Arc::new(dir.to_owned()),
-        };
+        let store = Store { root: Arc::new(dir.to_owned()) };
         store.clean_tmp()?;
         Ok(store)
     }
@@ -231,9 +210,7 @@ impl Store {
             let entry = entry.map_err(io_err(&tmp))?;
             let name = entry.file_name().to_string_lossy().into_owned();
             let pid = name.split('.').next().and_then(|p| p.parse::<i32>().ok());
-            let alive = pid.is_some_and(|pid| {
-                nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
-            });
+            let alive = pid.is_some_and(|pid| nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok());
             if !alive {
                 let p = entry.path();
                 let _ = std::fs::remove_dir_all(&p).or_else(|_| std::fs::remove_file(&p));
@@ -243,9 +220,7 @@ impl Store {
     }
 
     fn tmp_path(&self) -> PathBuf {
-        self.root
-            .join("tmp")
-            .join(format!("{}.{}", std::process::id(), LayerId::random()))
+        self.root.join("tmp").join(format!("{}.{}", std::process::id(), LayerId::random()))
     }
 
     pub(crate) fn layer_dir(&self, id: LayerId) -> PathBuf {
@@ -284,12 +259,7 @@ impl Store {
         let id = LayerId::random();
         let tmp = self.tmp_path();
         std::fs::create_dir_all(tmp.join("data")).map_err(io_err(&tmp))?;
-        let meta = LayerMeta {
-            parent: None,
-            base: id,
-            images: image_layers.to_vec(),
-            replay_depth: 0,
-        };
+        let meta = LayerMeta { parent: None, base: id, images: image_layers.to_vec(), replay_depth: 0 };
         journal::write_snapshot(&tmp.join("meta"), META_MAGIC, &meta)?;
         journal::write_snapshot(&tmp.join("index"), INDEX_MAGIC, &tree)?;
         std::fs::File::create(tmp.join("frozen")).map_err(io_err(&tmp))?;
@@ -320,11 +290,7 @@ impl Store {
                 break journal::read_snapshot::<Tree>(&index, INDEX_MAGIC, "tree index")?;
             }
             replay.push(cur);
-            let meta = if cur == top {
-                top_meta.clone()
-            } else {
-                self.read_meta(cur)?
-            };
+            let meta = if cur == top { top_meta.clone() } else { self.read_meta(cur)? };
             let parent = meta.parent.ok_or(StoreError::UnknownStack(StackId(cur)))?;
             if !self.layer_dir(parent).exists() {
                 return Err(StoreError::MissingParent { layer: cur, parent });
@@ -337,11 +303,7 @@ impl Store {
             }
         }
         let images = Arc::new(self.read_meta(top_meta.base)?.images);
-        Ok(Loaded {
-            tree,
-            meta: top_meta,
-            images,
-        })
+        Ok(Loaded { tree, meta: top_meta, images })
     }
 
     /// Creates a new writable layer on top of stack `parent` (already loaded: `parent_meta`).
@@ -363,23 +325,13 @@ impl Store {
             parent: Some(parent),
             base: parent_meta.base,
             images: Vec::new(),
-            replay_depth: if parent_indexed {
-                1
-            } else {
-                parent_meta.replay_depth + 1
-            },
+            replay_depth: if parent_indexed { 1 } else { parent_meta.replay_depth + 1 },
         };
         journal::write_snapshot(&tmp.join("meta"), META_MAGIC, &meta)?;
         let dir = self.layer_dir(id);
         std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         let journal = JournalWriter::open(&dir.join("journal"))?;
-        Ok(WritableLayer {
-            id,
-            dir,
-            journal,
-            meta,
-            _lock: lock,
-        })
+        Ok(WritableLayer { id, dir, journal, meta, _lock: lock })
     }
 
     /// Marks a layer immutable: from now on it is a checkpoint that any mount can start from.
@@ -490,18 +442,12 @@ impl Store {
         for entry in std::fs::read_dir(&bases).map_err(io_err(&bases))? {
             let entry = entry.map_err(io_err(&bases))?;
             let target = std::fs::read_to_string(entry.path()).ok();
-            let live = target
-                .and_then(|t| LayerId::parse(t.trim()))
-                .is_some_and(|id| reached.contains(&id));
+            let live = target.and_then(|t| LayerId::parse(t.trim())).is_some_and(|id| reached.contains(&id));
             if !live {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        tracing::info!(
-            deleted = stats.layers_deleted,
-            kept = stats.layers_kept,
-            "store GC"
-        );
+        tracing::info!(deleted = stats.layers_deleted, kept = stats.layers_kept, "store GC");
         Ok(stats)
     }
 }

@@ -163,10 +163,8 @@ impl State {
             Some(ino) => self.pending.take(&ino).into_iter().collect(),
             None => std::mem::take(&mut self.pending).into_iter().collect(),
         };
-        let records: Vec<Record> = inos
-            .iter()
-            .filter_map(|ino| self.tree.get(*ino).map(|n| journal_node(*ino, n)))
-            .collect();
+        let records: Vec<Record> =
+            inos.iter().filter_map(|ino| self.tree.get(*ino).map(|n| journal_node(*ino, n))).collect();
         if records.is_empty() {
             return Ok(());
         }
@@ -184,12 +182,7 @@ impl Volume {
         layer: WritableLayer,
     ) -> Self {
         // Files unlinked while open at checkpoint time are unreachable here: drop them.
-        let orphans: Vec<Ino> = tree
-            .nodes
-            .iter()
-            .filter(|(_, n)| n.attr.nlink == 0)
-            .map(|(i, _)| *i)
-            .collect();
+        let orphans: Vec<Ino> = tree.nodes.iter().filter(|(_, n)| n.attr.nlink == 0).map(|(i, _)| *i).collect();
         for ino in orphans {
             tree.nodes.remove(&ino);
         }
@@ -198,12 +191,7 @@ impl Volume {
             images,
             base,
             ids,
-            state: RwLock::new(State {
-                tree,
-                layer,
-                snapshots: HashMap::new(),
-                pending: BTreeSet::new(),
-            }),
+            state: RwLock::new(State { tree, layer, snapshots: HashMap::new(), pending: BTreeSet::new() }),
             open: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
@@ -230,9 +218,7 @@ impl Volume {
         }
         let st = self.state.read();
         let entries = st.dir_entries(parent)?;
-        Ok(entries
-            .get(name)
-            .and_then(|ino| st.tree.get(*ino).map(|n| (*ino, (**n).clone()))))
+        Ok(entries.get(name).and_then(|ino| st.tree.get(*ino).map(|n| (*ino, (**n).clone()))))
     }
 
     pub fn readlink(&self, ino: Ino) -> OpResult<Vec<u8>> {
@@ -308,14 +294,7 @@ impl Volume {
 
     /// Enters `ino` (whose new state is `node`) as `name` in `parent`, updates the parent's times
     /// (and link count for a subdirectory) and journals the three changes.
-    fn add_entry(
-        st: &mut State,
-        parent: Ino,
-        name: &OsStr,
-        ino: Ino,
-        node: &Node,
-        subdir: bool,
-    ) -> OpResult<()> {
+    fn add_entry(st: &mut State, parent: Ino, name: &OsStr, ino: Ino, node: &Node, subdir: bool) -> OpResult<()> {
         let now = node.attr.ctime;
         let p = st.tree.get_mut(parent).expect("parent checked");
         if let Kind::Dir(entries) = &mut p.kind {
@@ -329,11 +308,7 @@ impl Volume {
         let parent_rec = journal_node(parent, p);
         st.log(&[
             journal_node(ino, node),
-            Record::Entry {
-                dir: parent,
-                name: name.to_owned(),
-                ino: Some(ino),
-            },
+            Record::Entry { dir: parent, name: name.to_owned(), ino: Some(ino) },
             parent_rec,
         ])
     }
@@ -402,26 +377,13 @@ impl Volume {
         if dir {
             p.attr.nlink -= 1;
         }
-        let mut records = vec![
-            Record::Entry {
-                dir: parent,
-                name: name.to_owned(),
-                ino: None,
-            },
-            journal_node(parent, p),
-        ];
+        let mut records =
+            vec![Record::Entry { dir: parent, name: name.to_owned(), ino: None }, journal_node(parent, p)];
         self.drop_link(&mut st, ino, now, &mut records);
         st.log(&records)
     }
 
-    pub fn rename(
-        &self,
-        parent: Ino,
-        name: &OsStr,
-        new_parent: Ino,
-        new_name: &OsStr,
-        flags: u32,
-    ) -> OpResult<()> {
+    pub fn rename(&self, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr, flags: u32) -> OpResult<()> {
         if new_name.len() > NAME_MAX {
             return Err(Errno::ENAMETOOLONG);
         }
@@ -431,11 +393,7 @@ impl Volume {
         let src_dir = st.node(src)?.is_dir();
         let now = Time::now();
         let mut records = Vec::new();
-        let set_entry = |st: &mut State,
-                         dir: Ino,
-                         name: &OsStr,
-                         ino: Option<Ino>,
-                         records: &mut Vec<Record>| {
+        let set_entry = |st: &mut State, dir: Ino, name: &OsStr, ino: Option<Ino>, records: &mut Vec<Record>| {
             let d = st.tree.get_mut(dir).expect("directory checked");
             if let Kind::Dir(entries) = &mut d.kind {
                 match ino {
@@ -445,11 +403,7 @@ impl Volume {
             }
             d.attr.mtime = now;
             d.attr.ctime = now;
-            records.push(Record::Entry {
-                dir,
-                name: name.to_owned(),
-                ino,
-            });
+            records.push(Record::Entry { dir, name: name.to_owned(), ino });
         };
         let adjust_nlink = |st: &mut State, dir: Ino, delta: i32| {
             let d = st.tree.get_mut(dir).expect("directory checked");
@@ -554,11 +508,7 @@ impl Volume {
 
     pub fn getxattr(&self, ino: Ino, name: &OsStr) -> OpResult<Vec<u8>> {
         let st = self.state.read();
-        st.node(ino)?
-            .xattrs
-            .get(name.as_bytes())
-            .cloned()
-            .ok_or(Errno::ENODATA)
+        st.node(ino)?.xattrs.get(name.as_bytes()).cloned().ok_or(Errno::ENODATA)
     }
 
     pub fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
@@ -571,13 +521,7 @@ impl Volume {
         Ok(out)
     }
 
-    pub fn setxattr(
-        &self,
-        ino: Ino,
-        name: &OsStr,
-        value: Option<&[u8]>,
-        flags: i32,
-    ) -> OpResult<()> {
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: Option<&[u8]>, flags: i32) -> OpResult<()> {
         let mut st = self.state.write();
         let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
         let key = name.as_bytes().to_vec();
@@ -623,27 +567,15 @@ impl Volume {
         };
         *self.open.lock().entry(ino).or_insert(0) += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(
-            fh,
-            Arc::new(Handle {
-                ino,
-                writable,
-                files: Mutex::new(HashMap::new()),
-                dir: entries,
-            }),
-        );
+        self.handles
+            .lock()
+            .insert(fh, Arc::new(Handle { ino, writable, files: Mutex::new(HashMap::new()), dir: entries }));
         Ok(fh)
     }
 
     /// Inodes open for writing (the only ones that can have dirty pages in the kernel).
     pub fn open_for_writing(&self) -> Vec<Ino> {
-        let mut inos: Vec<Ino> = self
-            .handles
-            .lock()
-            .values()
-            .filter(|h| h.writable)
-            .map(|h| h.ino)
-            .collect();
+        let mut inos: Vec<Ino> = self.handles.lock().values().filter(|h| h.writable).map(|h| h.ino).collect();
         inos.sort_unstable();
         inos.dedup();
         inos
@@ -679,8 +611,7 @@ impl Volume {
         };
         let needs_write = {
             let st = self.state.read();
-            st.pending.contains(&ino)
-                || (last && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0))
+            st.pending.contains(&ino) || (last && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0))
         };
         if !needs_write {
             return Ok(());
@@ -697,36 +628,21 @@ impl Volume {
         Ok(())
     }
 
-    fn source_file(
-        &self,
-        handle: &Handle,
-        source: &Source,
-        writable: bool,
-    ) -> io::Result<Arc<File>> {
+    fn source_file(&self, handle: &Handle, source: &Source, writable: bool) -> io::Result<Arc<File>> {
         let mut files = handle.files.lock();
         let key = (source.clone(), writable);
         if let Some(f) = files.get(&key) {
             return Ok(f.clone());
         }
         let path = self.source_path(source, handle.ino);
-        let f = if writable {
-            open_data_rw(&path)?
-        } else {
-            File::open(&path)?
-        };
+        let f = if writable { open_data_rw(&path)? } else { File::open(&path)? };
         let f = Arc::new(f);
         files.insert(key, f.clone());
         Ok(f)
     }
 
     /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
-    fn read_content(
-        &self,
-        handle: &Handle,
-        content: &Content,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> OpResult<()> {
+    fn read_content(&self, handle: &Handle, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -737,18 +653,10 @@ impl Volume {
             let source = content.chunk_source(chunk);
             // Bytes of the base beyond `base_len` were cut off by a truncate: they read as zeros.
             let limit = match &source {
-                Some(s)
-                    if content.chunks.get(&chunk).is_none() && Some(s) == content.base.as_ref() =>
-                {
-                    content.base_len
-                }
+                Some(s) if content.chunks.get(&chunk).is_none() && Some(s) == content.base.as_ref() => content.base_len,
                 _ => u64::MAX,
             };
-            let readable = if pos >= limit {
-                0
-            } else {
-                ((limit - pos) as usize).min(want)
-            };
+            let readable = if pos >= limit { 0 } else { ((limit - pos) as usize).min(want) };
             let mut got = 0usize;
             if let (Some(source), true) = (source, readable > 0) {
                 match self.source_file(handle, &source, false) {
@@ -805,9 +713,7 @@ impl Volume {
         if start < end && !(overwritten.0 <= start && overwritten.1 >= end) {
             let mut buf = vec![0u8; (end - start) as usize];
             self.read_content(handle, content, start, &mut buf)?;
-            let out = self
-                .source_file(handle, &Source::Layer(layer), true)
-                .map_err(|e| errno_of(&e))?;
+            let out = self.source_file(handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
             out.write_all_at(&buf, start).map_err(|e| errno_of(&e))?;
         }
         content.chunks.insert(chunk, layer);
@@ -843,9 +749,7 @@ impl Volume {
         for chunk in chunks {
             self.copy_up_chunk(&handle, layer, &mut content, chunk, overwritten)?;
         }
-        let out = self
-            .source_file(&handle, &Source::Layer(layer), true)
-            .map_err(|e| errno_of(&e))?;
+        let out = self.source_file(&handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
         f(&out, &mut content)?;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
@@ -874,23 +778,14 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let handle = Handle {
-            ino,
-            writable: true,
-            files: Mutex::new(HashMap::new()),
-            dir: None,
-        };
+        let handle = Handle { ino, writable: true, files: Mutex::new(HashMap::new()), dir: None };
         let in_layer = content.base == Some(Source::Layer(layer));
         if size < content.size {
             if size % CHUNK_SIZE != 0 {
                 self.copy_up_chunk(&handle, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
             }
             let first_gone = size.div_ceil(CHUNK_SIZE);
-            let gone: Vec<u64> = content
-                .chunks
-                .range(first_gone..)
-                .map(|(c, _)| *c)
-                .collect();
+            let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
             for c in gone {
                 content.chunks.remove(&c);
             }
@@ -917,8 +812,7 @@ impl Volume {
         let chunks = Self::chunks_of(offset, len);
         self.modify_content(fh, chunks, (0, 0), mode != 0, |out, content| {
             let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-            rustix::fs::fallocate(out, flags, offset, len)
-                .map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+            rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
                 content.size = content.size.max(offset + len);
             }
@@ -940,15 +834,11 @@ impl Volume {
     /// independent of the size of the filesystem and of the change.
     pub fn checkpoint(&self) -> Result<StackId, StoreError> {
         let mut st = self.state.write();
-        st.flush_pending(None).map_err(|e| StoreError::Io {
-            path: st.layer.dir.join("journal"),
-            source: io::Error::from(e),
-        })?;
+        st.flush_pending(None)
+            .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
         let frozen = st.layer.id;
         let write_index = st.layer.meta.replay_depth >= INDEX_EVERY;
-        let next = self
-            .store
-            .create_layer(frozen, &st.layer.meta, write_index)?;
+        let next = self.store.create_layer(frozen, &st.layer.meta, write_index)?;
         self.store.freeze(&mut st.layer)?;
         let tree = st.tree.clone();
         st.snapshots.insert(frozen, tree.clone());
@@ -986,9 +876,7 @@ impl Volume {
                 (loaded.tree, loaded.meta)
             }
         };
-        let next = self
-            .store
-            .create_layer(to.0, &meta, self.store.has_index(to.0))?;
+        let next = self.store.create_layer(to.0, &meta, self.store.has_index(to.0))?;
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);
         for (ino, old, new) in &diff {
@@ -997,8 +885,7 @@ impl Volume {
                 if let (Some(a), Some(b)) = (old.entries(), new.entries()) {
                     for item in a.diff(b) {
                         let name = match item {
-                            imbl::ordmap::DiffItem::Add(k, _)
-                            | imbl::ordmap::DiffItem::Remove(k, _) => k,
+                            imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
                             imbl::ordmap::DiffItem::Update { old, .. } => old.0,
                         };
                         inval.entries.push((*ino, name.clone()));
@@ -1015,16 +902,10 @@ impl Volume {
         st.pending.clear();
         let old = std::mem::replace(&mut st.layer, next);
         st.log(&[Record::NextIno(next_ino)])
-            .map_err(|e| StoreError::Io {
-                path: st.layer.dir.join("journal"),
-                source: io::Error::from(e),
-            })?;
+            .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
         drop(st);
         self.store.discard(old)?;
-        let stats = RollbackStats {
-            changed_inodes: inval.inodes.len(),
-            changed_entries: inval.entries.len(),
-        };
+        let stats = RollbackStats { changed_inodes: inval.inodes.len(), changed_entries: inval.entries.len() };
         Ok((stats, inval))
     }
 }

@@ -20,11 +20,7 @@ fn populate(d: &Path) {
     std::fs::set_permissions(d.join("bin"), std::fs::Permissions::from_mode(0o4755)).unwrap();
     std::os::unix::fs::symlink("etc/passwd", d.join("pw")).unwrap();
     std::fs::hard_link(d.join("etc/passwd"), d.join("passwd.link")).unwrap();
-    setxattr(
-        &d.join("bin"),
-        "security.capability",
-        &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
-    );
+    setxattr(&d.join("bin"), "security.capability", &[1, 0, 0, 2, 0, 32, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
     setxattr(&d.join("etc"), "user.note", b"config");
 }
 
@@ -32,10 +28,7 @@ fn mutate_everything(root: &Path) {
     std::fs::write(root.join("etc/passwd"), b"changed").unwrap();
     std::fs::remove_file(root.join("bin")).unwrap();
     std::fs::rename(root.join("etc/deep"), root.join("deep-moved")).unwrap();
-    let f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(root.join("deep-moved/er/file"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().write(true).open(root.join("deep-moved/er/file")).unwrap();
     f.set_len(1000).unwrap();
     f.write_all_at(b"xyz", 10).unwrap();
     drop(f);
@@ -46,11 +39,7 @@ fn mutate_everything(root: &Path) {
     std::fs::remove_file(root.join("passwd.link")).unwrap();
     std::fs::create_dir(root.join("newdir")).unwrap();
     std::fs::write(root.join("newdir/new"), b"new").unwrap();
-    nix::unistd::mkfifo(
-        &root.join("fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o644),
-    )
-    .unwrap();
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
     std::os::unix::fs::chown(root.join("etc/passwd"), Some(1234), Some(5678)).unwrap();
 }
 
@@ -114,11 +103,7 @@ fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
     let mut s = String::new();
     reader.read_to_string(&mut s).unwrap();
     assert_eq!(s, "checkpointed content");
-    std::fs::write(
-        root.join("data"),
-        b"overwritten after the checkpoint, longer",
-    )
-    .unwrap();
+    std::fs::write(root.join("data"), b"overwritten after the checkpoint, longer").unwrap();
     std::fs::write(root.join("etc/passwd"), b"modified").unwrap();
     std::fs::remove_dir_all(root.join("etc/deep/er")).unwrap();
     m.rollback(cp).unwrap();
@@ -143,16 +128,10 @@ fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
 
 #[test]
 fn shared_mmap_sees_the_checkpoint_after_rollback() {
-    let Some((fx, _base, m, root)) =
-        mounted(|d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap())
-    else {
+    let Some((fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap()) else {
         return;
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(root.join("m"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("m")).unwrap();
     // SAFETY: a fresh shared mapping of an open file, unmapped below before the file is closed.
     let map = unsafe {
         nix::sys::mman::mmap(
@@ -171,10 +150,7 @@ fn shared_mmap_sees_the_checkpoint_after_rollback() {
     let cp = m.checkpoint().unwrap();
     // The checkpoint itself (seen from a fresh mount) holds the page written through the mapping.
     let other = fx.mount(cp, "other");
-    assert_eq!(
-        std::fs::read(other.mountpoint().join("m")).unwrap()[0],
-        b'b'
-    );
+    assert_eq!(std::fs::read(other.mountpoint().join("m")).unwrap()[0], b'b');
     other.unmount().unwrap();
     // SAFETY: as above.
     unsafe { ptr.add(4096).write_volatile(b'c') };
@@ -221,10 +197,7 @@ fn writing_into_a_large_lower_file_copies_one_chunk() {
     let m = fx.mount(base, "m");
     let root = m.mountpoint().to_owned();
     let before = du(&fx.store.path().join("layers"));
-    let mut f = std::fs::OpenOptions::new()
-        .write(true)
-        .open(root.join("big"))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().write(true).open(root.join("big")).unwrap();
     f.seek(SeekFrom::Start(512 << 20)).unwrap();
     f.write_all(b"MIDL").unwrap();
     drop(f);
@@ -232,14 +205,8 @@ fn writing_into_a_large_lower_file_copies_one_chunk() {
     let layers = fx.store.describe(cp).unwrap();
     assert_eq!(layers.len(), 2, "{layers:?}");
     assert!(layers[0].frozen && layers[1].indexed && !layers[1].images.is_empty());
-    assert!(
-        layers[0].data_bytes <= 256 * 1024 + 4096,
-        "one chunk copied: {layers:?}"
-    );
-    let f = std::fs::OpenOptions::new()
-        .append(true)
-        .open(root.join("big"))
-        .unwrap();
+    assert!(layers[0].data_bytes <= 256 * 1024 + 4096, "one chunk copied: {layers:?}");
+    let f = std::fs::OpenOptions::new().append(true).open(root.join("big")).unwrap();
     (&f).write_all(b"appended").unwrap();
     drop(f);
     m.checkpoint().unwrap();
@@ -263,16 +230,10 @@ fn writing_into_a_large_lower_file_copies_one_chunk() {
 
 #[test]
 fn truncate_then_extend_reads_zeros_not_old_data() {
-    let Some((_fx, _base, m, root)) =
-        mounted(|d| std::fs::write(d.join("f"), vec![9u8; 1 << 20]).unwrap())
-    else {
+    let Some((_fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("f"), vec![9u8; 1 << 20]).unwrap()) else {
         return;
     };
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(root.join("f"))
-        .unwrap();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("f")).unwrap();
     f.set_len(100_000).unwrap();
     f.set_len(1 << 20).unwrap();
     let mut buf = vec![0u8; 1 << 20];
@@ -299,18 +260,11 @@ fn branches_from_one_checkpoint_are_isolated() {
     std::fs::write(b.mountpoint().join("only-b"), b"b").unwrap();
     std::fs::remove_file(m.mountpoint().join("shared")).unwrap();
     assert_eq!(std::fs::read(a.mountpoint().join("shared")).unwrap(), b"a");
-    assert_eq!(
-        std::fs::read(b.mountpoint().join("shared")).unwrap(),
-        b"from parent"
-    );
+    assert_eq!(std::fs::read(b.mountpoint().join("shared")).unwrap(), b"from parent");
     assert!(!a.mountpoint().join("only-b").exists());
     assert!(!m.mountpoint().join("shared").exists());
-    let ino_a = std::fs::metadata(a.mountpoint().join("etc/passwd"))
-        .unwrap()
-        .ino();
-    let ino_b = std::fs::metadata(b.mountpoint().join("etc/passwd"))
-        .unwrap()
-        .ino();
+    let ino_a = std::fs::metadata(a.mountpoint().join("etc/passwd")).unwrap().ino();
+    let ino_b = std::fs::metadata(b.mountpoint().join("etc/passwd")).unwrap().ino();
     assert_eq!(ino_a, ino_b);
     for mnt in [a, b, m] {
         mnt.unmount().unwrap();
@@ -335,47 +289,28 @@ fn image_layers_merge_with_whiteouts_opaque_dirs_and_hard_links() {
     std::fs::hard_link(l0.join("a"), l0.join("b")).unwrap();
     std::fs::create_dir_all(l1.join("d")).unwrap();
     std::fs::write(l1.join("d/new"), b"n").unwrap();
-    let whiteout = |p: &Path| {
-        nix::sys::stat::mknod(
-            p,
-            nix::sys::stat::SFlag::S_IFCHR,
-            nix::sys::stat::Mode::empty(),
-            0,
-        )
-        .unwrap()
-    };
+    let whiteout =
+        |p: &Path| nix::sys::stat::mknod(p, nix::sys::stat::SFlag::S_IFCHR, nix::sys::stat::Mode::empty(), 0).unwrap();
     whiteout(&l1.join("gone"));
     whiteout(&l1.join("d/sub"));
     std::fs::create_dir_all(l1.join("o")).unwrap();
     setxattr(&l1.join("o"), "trusted.overlay.opaque", b"y");
     std::fs::write(l1.join("o/visible"), b"v").unwrap();
     let base = fx.store.base_stack(&[l0.clone(), l1.clone()]).unwrap();
-    assert_eq!(
-        fx.store.base_stack(&[l0, l1]).unwrap(),
-        base,
-        "index reused"
-    );
+    assert_eq!(fx.store.base_stack(&[l0, l1]).unwrap(), base, "index reused");
     let m = fx.mount(base, "m");
     let r = m.mountpoint().to_owned();
     let names = |p: &Path| {
-        let mut v: Vec<String> = std::fs::read_dir(p)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().into_string().unwrap())
-            .collect();
+        let mut v: Vec<String> =
+            std::fs::read_dir(p).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
         v.sort();
         v
     };
     assert_eq!(names(&r), ["a", "b", "d", "o"]);
     assert_eq!(names(&r.join("d")), ["keep", "new"]);
     assert_eq!(names(&r.join("o")), ["visible"]);
-    assert!(
-        xattrs_of(&r.join("o")).is_empty(),
-        "overlay xattrs are not shown"
-    );
-    let (ma, mb) = (
-        std::fs::metadata(r.join("a")).unwrap(),
-        std::fs::metadata(r.join("b")).unwrap(),
-    );
+    assert!(xattrs_of(&r.join("o")).is_empty(), "overlay xattrs are not shown");
+    let (ma, mb) = (std::fs::metadata(r.join("a")).unwrap(), std::fs::metadata(r.join("b")).unwrap());
     assert_eq!((ma.ino(), ma.nlink()), (mb.ino(), 2));
     std::fs::write(r.join("a"), b"via a").unwrap();
     assert_eq!(std::fs::read(r.join("b")).unwrap(), b"via a");
@@ -411,11 +346,7 @@ fn ownership_is_stored_as_the_sandbox_sees_it() {
     let fx = Fixture::new();
     let base = fx.base(|d| std::fs::write(d.join("f"), b"x").unwrap());
     let b = 1 << 20;
-    let opts = deltafs::MountOptions {
-        uid_base: b,
-        gid_base: b,
-        ..Default::default()
-    };
+    let opts = deltafs::MountOptions { uid_base: b, gid_base: b, ..Default::default() };
     let shifted = deltafs::mount(&fx.store, base, &fx.mountpoint("s"), &opts).unwrap();
     let r = shifted.mountpoint().to_owned();
     let md = std::fs::metadata(r.join("f")).unwrap();
@@ -443,11 +374,7 @@ fn garbage_collection_frees_unreferenced_checkpoints_only() {
     let cp3 = m.checkpoint().unwrap();
     let expected = snapshot(&root);
     m.unmount().unwrap();
-    let layers = || {
-        std::fs::read_dir(fx.store.path().join("layers"))
-            .unwrap()
-            .count()
-    };
+    let layers = || std::fs::read_dir(fx.store.path().join("layers")).unwrap().count();
     let before = layers();
     let stats = fx.store.delete_unreferenced(&[cp3]).unwrap();
     assert!(stats.layers_deleted >= 2, "{stats:?}"); // cp2 and the writable layers left behind
@@ -495,11 +422,7 @@ fn checkpoints_and_rollbacks_while_a_process_keeps_writing() {
         let log = std::fs::read_to_string(root.join("log")).unwrap_or_default();
         let lines: Vec<u64> = log.lines().map(|l| l.parse().unwrap()).collect();
         assert!(log.is_empty() || log.ends_with('\n'), "torn line in {cp}");
-        assert_eq!(
-            lines,
-            (1..=lines.len() as u64).collect::<Vec<_>>(),
-            "checkpoint {cp}"
-        );
+        assert_eq!(lines, (1..=lines.len() as u64).collect::<Vec<_>>(), "checkpoint {cp}");
         assert!(lines.len() >= last_len, "checkpoints are taken in order");
         last_len = lines.len();
     }
@@ -520,10 +443,7 @@ fn inode_numbers_of_an_abandoned_branch_are_not_reused() {
     std::fs::write(root.join("y"), b"new branch").unwrap();
     assert_ne!(std::fs::metadata(root.join("y")).unwrap().ino(), ino_x);
     let mut s = String::new();
-    assert!(
-        (&held).read_to_string(&mut s).is_err() || s.is_empty(),
-        "old fd must not read y: {s:?}"
-    );
+    assert!((&held).read_to_string(&mut s).is_err() || s.is_empty(), "old fd must not read y: {s:?}");
     drop(held);
     m.unmount().unwrap();
 }

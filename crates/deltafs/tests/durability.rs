@@ -35,26 +35,17 @@ fn child_writes_and_checkpoints_until_killed() {
 }
 
 fn content(i: u64) -> Vec<u8> {
-    format!("generation {i}\n")
-        .repeat((i % 50 + 1) as usize)
-        .into_bytes()
+    format!("generation {i}\n").repeat((i % 50 + 1) as usize).into_bytes()
 }
 
 fn verify(store: &Store, cp: StackId, last: u64, mnt: &Path) {
     let m = mount(store, cp, mnt, &MountOptions::default()).unwrap();
     for i in 0..=last {
-        assert_eq!(
-            std::fs::read(mnt.join(format!("f{i}"))).unwrap(),
-            content(i),
-            "f{i} in {cp}"
-        );
+        assert_eq!(std::fs::read(mnt.join(format!("f{i}"))).unwrap(), content(i), "f{i} in {cp}");
     }
     assert!(!mnt.join(format!("f{}", last + 1)).exists());
     let newest_for_d = (0..=last).rev().find(|j| j % 5 == last % 5).unwrap();
-    assert_eq!(
-        std::fs::read(mnt.join(format!("d{}/x", last % 5))).unwrap(),
-        content(newest_for_d)
-    );
+    assert_eq!(std::fs::read(mnt.join(format!("d{}/x", last % 5))).unwrap(), content(newest_for_d));
     m.unmount().unwrap();
 }
 
@@ -71,12 +62,7 @@ fn checkpoints_survive_sigkill() {
     let mut reported: Vec<(StackId, u64)> = Vec::new();
     for round in 0..3u64 {
         let mut child = Command::new(std::env::current_exe().unwrap())
-            .args([
-                "--exact",
-                "child_writes_and_checkpoints_until_killed",
-                "--ignored",
-                "--nocapture",
-            ])
+            .args(["--exact", "child_writes_and_checkpoints_until_killed", "--ignored", "--nocapture"])
             .env(DIR_ENV, dir.path())
             .stdout(Stdio::piped())
             .spawn()

@@ -16,42 +16,16 @@ const XATTR: &str = "user.tag";
 
 #[derive(Debug, Clone)]
 enum Op {
-    Write {
-        file: usize,
-        offset: u64,
-        len: usize,
-        byte: u8,
-    },
-    Truncate {
-        file: usize,
-        size: u64,
-    },
-    Unlink {
-        file: usize,
-    },
-    Rename {
-        from: usize,
-        to: usize,
-    },
-    Link {
-        from: usize,
-        to: usize,
-    },
-    Chmod {
-        file: usize,
-        mode: u32,
-    },
-    Xattr {
-        file: usize,
-        value: Option<u8>,
-    },
+    Write { file: usize, offset: u64, len: usize, byte: u8 },
+    Truncate { file: usize, size: u64 },
+    Unlink { file: usize },
+    Rename { from: usize, to: usize },
+    Link { from: usize, to: usize },
+    Chmod { file: usize, mode: u32 },
+    Xattr { file: usize, value: Option<u8> },
     Checkpoint,
-    Rollback {
-        to: usize,
-    },
-    Branch {
-        from: usize,
-    },
+    Rollback { to: usize },
+    Branch { from: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -92,14 +66,7 @@ impl Model {
 
     fn add(&mut self, name: &'static str, data: Vec<u8>) {
         self.next += 1;
-        self.inodes.insert(
-            self.next,
-            Inode {
-                data,
-                mode: 0o644,
-                xattr: None,
-            },
-        );
+        self.inodes.insert(self.next, Inode { data, mode: 0o644, xattr: None });
         self.names.insert(name, self.next);
     }
 
@@ -126,15 +93,9 @@ fn check(root: &Path, model: &Model) {
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len(), inode.data.len(), "size of {name}");
         assert!(data == inode.data, "content of {name}");
-        assert_eq!(
-            md.permissions().mode() & 0o777,
-            inode.mode,
-            "mode of {name}"
-        );
+        assert_eq!(md.permissions().mode() & 0o777, inode.mode, "mode of {name}");
         let mut buf = [0u8; 1];
-        let got = rustix::fs::getxattr(&path, XATTR, &mut buf[..])
-            .ok()
-            .map(|_| buf[0]);
+        let got = rustix::fs::getxattr(&path, XATTR, &mut buf[..]).ok().map(|_| buf[0]);
         assert_eq!(got, inode.xattr, "xattr of {name}");
         let links = model.names.values().filter(|i| **i == id).count() as u64;
         assert_eq!(md.nlink(), links, "link count of {name}");
@@ -163,22 +124,10 @@ fn run(ops: Vec<Op>) {
         let root = m.mountpoint().to_owned();
         let path = |i: usize| root.join(NAMES[i]);
         match op {
-            Op::Write {
-                file,
-                offset,
-                len,
-                byte,
-            } => {
-                let f = std::fs::OpenOptions::new()
-                    .create(true)
-                    .truncate(false)
-                    .write(true)
-                    .open(path(file))
+            Op::Write { file, offset, len, byte } => {
+                let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path(file)).unwrap();
+                f.set_permissions(std::fs::Permissions::from_mode(model.inode(NAMES[file]).map_or(0o644, |i| i.mode)))
                     .unwrap();
-                f.set_permissions(std::fs::Permissions::from_mode(
-                    model.inode(NAMES[file]).map_or(0o644, |i| i.mode),
-                ))
-                .unwrap();
                 f.write_all_at(&vec![byte; len], offset).unwrap();
                 if model.inode(NAMES[file]).is_none() {
                     model.add(NAMES[file], Vec::new());
@@ -192,12 +141,7 @@ fn run(ops: Vec<Op>) {
             }
             Op::Truncate { file, size } => {
                 if let Some(inode) = model.inode(NAMES[file]) {
-                    std::fs::OpenOptions::new()
-                        .write(true)
-                        .open(path(file))
-                        .unwrap()
-                        .set_len(size)
-                        .unwrap();
+                    std::fs::OpenOptions::new().write(true).open(path(file)).unwrap().set_len(size).unwrap();
                     inode.data.resize(size as usize, 0);
                 }
             }
@@ -219,31 +163,23 @@ fn run(ops: Vec<Op>) {
                 }
             }
             Op::Link { from, to } => {
-                if let (Some(&id), false) = (
-                    model.names.get(NAMES[from]),
-                    model.names.contains_key(NAMES[to]),
-                ) {
+                if let (Some(&id), false) = (model.names.get(NAMES[from]), model.names.contains_key(NAMES[to])) {
                     std::fs::hard_link(path(from), path(to)).unwrap();
                     model.names.insert(NAMES[to], id);
                 }
             }
             Op::Chmod { file, mode } => {
                 if let Some(inode) = model.inode(NAMES[file]) {
-                    std::fs::set_permissions(path(file), std::fs::Permissions::from_mode(mode))
-                        .unwrap();
+                    std::fs::set_permissions(path(file), std::fs::Permissions::from_mode(mode)).unwrap();
                     inode.mode = mode;
                 }
             }
             Op::Xattr { file, value } => {
                 if let Some(inode) = model.inode(NAMES[file]) {
                     match value {
-                        Some(v) => rustix::fs::setxattr(
-                            path(file),
-                            XATTR,
-                            &[v],
-                            rustix::fs::XattrFlags::empty(),
-                        )
-                        .unwrap(),
+                        Some(v) => {
+                            rustix::fs::setxattr(path(file), XATTR, &[v], rustix::fs::XattrFlags::empty()).unwrap()
+                        }
                         None => {
                             let _ = rustix::fs::removexattr(path(file), XATTR);
                         }
@@ -260,13 +196,8 @@ fn run(ops: Vec<Op>) {
             Op::Branch { from } => {
                 let (cp, state) = checkpoints[from % checkpoints.len()].clone();
                 generation += 1;
-                let next = mount(
-                    &fx.store,
-                    cp,
-                    &fx.mountpoint(&format!("g{generation}")),
-                    &MountOptions::default(),
-                )
-                .unwrap();
+                let next =
+                    mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &MountOptions::default()).unwrap();
                 m.unmount().unwrap();
                 m = next;
                 model = state;

@@ -21,11 +21,7 @@ fn basic_file_operations_on_a_mount() {
     assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"hello world");
     assert_eq!(std::fs::read(root.join("sub/a")).unwrap(), b"aaa");
     std::fs::write(root.join("new"), b"fresh").unwrap();
-    let mut f = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(root.join("hello"))
-        .unwrap();
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("hello")).unwrap();
     f.seek(SeekFrom::Start(6)).unwrap();
     f.write_all(b"WORLD").unwrap();
     drop(f);
@@ -35,19 +31,12 @@ fn basic_file_operations_on_a_mount() {
     std::fs::hard_link(root.join("new"), root.join("new2")).unwrap();
     std::os::unix::fs::symlink("new", root.join("link")).unwrap();
     let mut s = String::new();
-    std::fs::File::open(root.join("link"))
-        .unwrap()
-        .read_to_string(&mut s)
-        .unwrap();
+    std::fs::File::open(root.join("link")).unwrap().read_to_string(&mut s).unwrap();
     assert_eq!(s, "fresh");
     std::fs::remove_file(root.join("new")).unwrap();
     assert_eq!(std::fs::read(root.join("new2")).unwrap(), b"fresh");
     // Read, then write through the same open file description.
-    let rw = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(root.join("new2"))
-        .unwrap();
+    let rw = std::fs::OpenOptions::new().read(true).write(true).open(root.join("new2")).unwrap();
     let mut buf = [0u8; 5];
     rw.read_exact_at(&mut buf, 0).unwrap();
     rw.write_all_at(b"F", 0).unwrap();
@@ -65,9 +54,7 @@ fn basic_file_operations_on_a_mount() {
 #[test]
 fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
     use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
-    let Some((_fx, _base, m, root)) =
-        mounted(|d| std::fs::write(d.join("log"), b"start\n").unwrap())
-    else {
+    let Some((_fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("log"), b"start\n").unwrap()) else {
         return;
     };
 
@@ -89,36 +76,15 @@ fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
     }
 
     // O_APPEND writes go to the end, also after another writer extended the file.
-    let mut app = std::fs::OpenOptions::new()
-        .append(true)
-        .open(root.join("log"))
-        .unwrap();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(root.join("log"))
-        .unwrap()
-        .write_all_at(b"START", 0)
-        .unwrap();
+    let mut app = std::fs::OpenOptions::new().append(true).open(root.join("log")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(root.join("log")).unwrap().write_all_at(b"START", 0).unwrap();
     app.write_all(b"one\n").unwrap();
-    std::fs::OpenOptions::new()
-        .append(true)
-        .open(root.join("log"))
-        .unwrap()
-        .write_all(b"two\n")
-        .unwrap();
+    std::fs::OpenOptions::new().append(true).open(root.join("log")).unwrap().write_all(b"two\n").unwrap();
     app.write_all(b"three\n").unwrap();
-    assert_eq!(
-        std::fs::read(root.join("log")).unwrap(),
-        b"START\none\ntwo\nthree\n"
-    );
+    assert_eq!(std::fs::read(root.join("log")).unwrap(), b"START\none\ntwo\nthree\n");
 
     // Sparse files read zeros in holes and keep their size.
-    let sparse = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create_new(true)
-        .open(root.join("sparse"))
-        .unwrap();
+    let sparse = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(root.join("sparse")).unwrap();
     sparse.write_all_at(b"end", 10 << 20).unwrap();
     let mut buf = vec![1u8; 4096];
     sparse.read_exact_at(&mut buf, 5 << 20).unwrap();
@@ -130,34 +96,21 @@ fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
     assert_eq!(sparse.metadata().unwrap().len(), 20 << 20);
 
     // Fifos and unix sockets are created and work (the kernel serves them).
-    nix::unistd::mkfifo(
-        &root.join("fifo"),
-        nix::sys::stat::Mode::from_bits_truncate(0o600),
-    )
-    .unwrap();
-    assert!(std::fs::metadata(root.join("fifo"))
-        .unwrap()
-        .file_type()
-        .is_fifo());
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert!(std::fs::metadata(root.join("fifo")).unwrap().file_type().is_fifo());
     let listener = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
     let mut client = std::os::unix::net::UnixStream::connect(root.join("sock")).unwrap();
     client.write_all(b"ping").unwrap();
     let mut got = [0u8; 4];
     listener.accept().unwrap().0.read_exact(&mut got).unwrap();
     assert_eq!(&got, b"ping");
-    assert!(std::fs::metadata(root.join("sock"))
-        .unwrap()
-        .file_type()
-        .is_socket());
+    assert!(std::fs::metadata(root.join("sock")).unwrap().file_type().is_socket());
 
     let st = nix::sys::statvfs::statvfs(&root).unwrap();
     assert!(st.blocks() > 0 && st.name_max() == 255);
 
     // O_DIRECT opens succeed and read the same bytes (served through the FUSE server).
-    let direct = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_DIRECT)
-        .open(root.join("log"));
+    let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(root.join("log"));
     let mut s = String::new();
     direct.unwrap().read_to_string(&mut s).unwrap();
     assert_eq!(s, "START\none\ntwo\nthree\n");

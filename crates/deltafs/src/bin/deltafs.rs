@@ -46,12 +46,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let store = Store::open(&cli.store).context("opening the store")?;
     match cli.cmd {
-        Cmd::Mount {
-            layers,
-            stack,
-            threads,
-            mountpoint,
-        } => {
+        Cmd::Mount { layers, stack, threads, mountpoint } => {
             let stack = match stack {
                 Some(s) => s,
                 None => store.base_stack(&layers).context("indexing image layers")?,
@@ -62,10 +57,7 @@ fn main() -> anyhow::Result<()> {
             // Blocked before the server threads start, so they inherit the mask and only
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
-            let opts = MountOptions {
-                threads,
-                ..MountOptions::default()
-            };
+            let opts = MountOptions { threads, ..MountOptions::default() };
             let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;
@@ -81,22 +73,13 @@ fn main() -> anyhow::Result<()> {
                     layer.indexed,
                     layer.records,
                     layer.data_bytes,
-                    if layer.images.is_empty() {
-                        String::new()
-                    } else {
-                        format!(" images={:?}", layer.images)
-                    }
+                    if layer.images.is_empty() { String::new() } else { format!(" images={:?}", layer.images) }
                 );
             }
         }
         Cmd::Gc { keep } => {
-            let stats = store
-                .delete_unreferenced(&keep)
-                .context("collecting garbage")?;
-            println!(
-                "deleted {} layers, kept {}",
-                stats.layers_deleted, stats.layers_kept
-            );
+            let stats = store.delete_unreferenced(&keep).context("collecting garbage")?;
+            println!("deleted {} layers, kept {}", stats.layers_deleted, stats.layers_kept);
         }
     }
     Ok(())

@@ -47,13 +47,7 @@ impl Fixture {
     }
 
     pub fn mount(&self, stack: StackId, name: &str) -> Mount {
-        mount(
-            &self.store,
-            stack,
-            &self.mountpoint(name),
-            &MountOptions::default(),
-        )
-        .expect("mount")
+        mount(&self.store, stack, &self.mountpoint(name), &MountOptions::default()).expect("mount")
     }
 
     /// A base stack from one image layer filled by `fill`.
@@ -119,11 +113,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
             let content = if md.is_file() {
                 std::fs::read(&path).unwrap()
             } else if md.file_type().is_symlink() {
-                std::fs::read_link(&path)
-                    .unwrap()
-                    .as_os_str()
-                    .as_bytes()
-                    .to_vec()
+                std::fs::read_link(&path).unwrap().as_os_str().as_bytes().to_vec()
             } else {
                 Vec::new()
             };
@@ -141,11 +131,7 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
                     size: if md.is_dir() { 0 } else { md.size() },
                     content,
                     xattrs: xattrs_of(&path),
-                    mtime: if md.is_dir() {
-                        (0, 0)
-                    } else {
-                        (md.mtime(), md.mtime_nsec())
-                    },
+                    mtime: if md.is_dir() { (0, 0) } else { (md.mtime(), md.mtime_nsec()) },
                 },
             );
         }

@@ -781,7 +781,7 @@ impl Volume {
         let handle = Handle { ino, writable: true, files: Mutex::new(HashMap::new()), dir: None };
         let in_layer = content.base == Some(Source::Layer(layer));
         if size < content.size {
-            if size % CHUNK_SIZE != 0 {
+            if !size.is_multiple_of(CHUNK_SIZE) {
                 self.copy_up_chunk(&handle, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
             }
             let first_gone = size.div_ceil(CHUNK_SIZE);

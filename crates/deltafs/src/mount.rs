@@ -77,8 +77,11 @@ impl std::fmt::Debug for Mount {
 /// Mounts stack `from` at `mountpoint` with a new writable layer on top, served by threads of this
 /// process. Needs root (CAP_SYS_ADMIN) in the initial user namespace.
 pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOptions) -> Result<Mount, MountError> {
+    let gc_guard = store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
     let loaded = store.load(from)?;
     let layer = store.create_layer(from.0, &loaded.meta, store.has_index(from.0))?;
+    // From here the new layer's lock keeps `from` alive.
+    drop(gc_guard);
     let vol = Arc::new(Volume::new(
         store.clone(),
         loaded.images,

@@ -857,6 +857,7 @@ impl Volume {
 
     /// Switches to stack `to` (with a fresh writable layer) and returns what the kernel must forget.
     pub fn rollback(&self, to: StackId) -> Result<(RollbackStats, Invalidations), StoreError> {
+        let gc_guard = self.store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
         let mut st = self.state.write();
         let (target, meta) = match st.snapshots.get(&to.0) {
             Some(tree) => match self.store.read_meta(to.0) {
@@ -877,6 +878,7 @@ impl Volume {
             }
         };
         let next = self.store.create_layer(to.0, &meta, self.store.has_index(to.0))?;
+        drop(gc_guard);
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);
         for (ino, old, new) in &diff {

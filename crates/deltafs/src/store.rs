@@ -45,6 +45,8 @@ pub enum StoreError {
     UnknownStack(StackId),
     #[error("layer {0} is not a completed checkpoint")]
     NotFrozen(StackId),
+    #[error("stack {0} does not share this mount's image base: cannot roll back to it")]
+    ForeignStack(StackId),
     #[error("layer {layer} names parent {parent}, which is missing")]
     MissingParent { layer: LayerId, parent: LayerId },
     #[error("image layer path {0} is not absolute")]

@@ -871,7 +871,7 @@ impl Volume {
             None => {
                 let loaded = self.store.load(to)?;
                 if loaded.meta.base != self.base {
-                    return Err(StoreError::UnknownStack(to));
+                    return Err(StoreError::ForeignStack(to));
                 }
                 st.snapshots.insert(to.0, loaded.tree.clone());
                 (loaded.tree, loaded.meta)

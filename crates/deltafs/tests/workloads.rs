@@ -115,6 +115,11 @@ with zipfile.ZipFile('wheels/demo-1.0-py3-none-any.whl', 'w') as z:
 
 fn run_script(root: &Path) -> String {
     let out = Command::new("sh").arg("-c").arg(SCRIPT).current_dir(root).output().unwrap();
+    checked_stdout(root, out)
+}
+
+/// The workload's stdout, after checking that it succeeded.
+fn checked_stdout(root: &Path, out: std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -200,14 +205,7 @@ fn run_in_chroot(root: &Path) -> String {
         r = root.display()
     );
     let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "workload failed in {}:\n{text}\n{}",
-        root.display(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
+    checked_stdout(root, out)
 }
 
 #[test]

@@ -29,15 +29,6 @@ impl DeltaFs {
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
         let a = &node.attr;
         let size = node.size();
-        let kind = match a.mode & libc::S_IFMT {
-            libc::S_IFDIR => FileType::Directory,
-            libc::S_IFLNK => FileType::Symlink,
-            libc::S_IFCHR => FileType::CharDevice,
-            libc::S_IFBLK => FileType::BlockDevice,
-            libc::S_IFIFO => FileType::NamedPipe,
-            libc::S_IFSOCK => FileType::Socket,
-            _ => FileType::RegularFile,
-        };
         FileAttr {
             ino: INodeNo(ino),
             size,
@@ -46,7 +37,7 @@ impl DeltaFs {
             mtime: a.mtime.to_system(),
             ctime: a.ctime.to_system(),
             crtime: a.ctime.to_system(),
-            kind,
+            kind: file_type(a.mode),
             perm: (a.mode & 0o7777) as u16,
             nlink: a.nlink,
             uid: self.vol.ids.uid_to_host(a.uid),

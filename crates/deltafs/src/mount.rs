@@ -77,8 +77,11 @@ impl std::fmt::Debug for Mount {
 /// Mounts stack `from` at `mountpoint` with a new writable layer on top, served by threads of this
 /// process. Needs root (CAP_SYS_ADMIN) in the initial user namespace.
 pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOptions) -> Result<Mount, MountError> {
+    let gc_guard = store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
     let loaded = store.load(from)?;
     let layer = store.create_layer(from.0, &loaded.meta, store.has_index(from.0))?;
+    // From here the new layer's lock keeps `from` alive.
+    drop(gc_guard);
     let vol = Arc::new(Volume::new(
         store.clone(),
         loaded.images,
@@ -171,11 +174,18 @@ impl Mount {
 const FUSECTL: &str = "/sys/fs/fuse/connections";
 
 /// Cleans up the mount of a DeltaFS server that died (e.g. a SIGKILLed shim): aborts its FUSE
-/// connection through fusectl — which also frees threads blocked on requests the dead server had
-/// already read — and detaches the mount. Mounts fusectl if needed.
-pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
+/// connection through fusectl — which also frees processes blocked on requests the dead server had
+/// already read, so they can exit — and, when the mount is in this process's mount namespace
+/// (`ns_pid` None), detaches it. With `ns_pid`, the mount is looked up at `mountpoint` as process
+/// `ns_pid` sees it (e.g. a sandbox process: `/` after its pivot_root); that namespace's mounts go
+/// away with its last process. Mounts fusectl if needed.
+pub fn abort_stale_mount(ns_pid: Option<u32>, mountpoint: &Path) -> Result<(), MountError> {
     let abort_err = |source| MountError::Abort { path: mountpoint.to_owned(), source };
-    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").map_err(abort_err)?;
+    let mountinfo_path = match ns_pid {
+        Some(pid) => format!("/proc/{pid}/mountinfo"),
+        None => "/proc/self/mountinfo".to_owned(),
+    };
+    let mountinfo = std::fs::read_to_string(mountinfo_path).map_err(abort_err)?;
     let target = mountpoint.to_string_lossy();
     // Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
     // The last matching line is the top mount at that path.
@@ -195,6 +205,9 @@ pub fn abort_stale_mount(mountpoint: &Path) -> Result<(), MountError> {
             .map_err(|e| abort_err(e.into()))?;
     }
     std::fs::write(Path::new(FUSECTL).join(&minor).join("abort"), b"1").map_err(abort_err)?;
+    if ns_pid.is_some() {
+        return Ok(());
+    }
     nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| MountError::Unmount { path: mountpoint.to_owned(), source: e.into() })
 }

@@ -9,6 +9,7 @@
 //! <store>/layers/<id>/lock      flock'ed by the mount that writes (or just created) the layer
 //! <store>/bases/<sha256>        id of the base layer indexing a list of image layers
 //! <store>/tmp/<pid>.<rand>      layers under construction, renamed into layers/ when complete
+//! <store>/gc.lock               flock: exclusive during GC, shared while a layer is stacked on a stack
 //! ```
 //! Layers appear in `layers/` only complete (rename), a checkpoint is complete once `frozen` exists,
 //! and a layer is deleted by renaming it out of `layers/` first: a SIGKILL at any moment leaves every
@@ -44,6 +45,8 @@ pub enum StoreError {
     UnknownStack(StackId),
     #[error("layer {0} is not a completed checkpoint")]
     NotFrozen(StackId),
+    #[error("stack {0} does not share this mount's image base: cannot roll back to it")]
+    ForeignStack(StackId),
     #[error("layer {layer} names parent {parent}, which is missing")]
     MissingParent { layer: LayerId, parent: LayerId },
     #[error("image layer path {0} is not absolute")]
@@ -334,6 +337,16 @@ impl Store {
         Ok(WritableLayer { id, dir, journal, meta, _lock: lock })
     }
 
+    /// Locks the set of layers: shared while a stack is loaded and a layer is put on top of it
+    /// (so the stack cannot be collected in between), exclusive while the garbage collector runs.
+    pub(crate) fn lock_layers(&self, op: rustix::fs::FlockOperation) -> Result<File> {
+        let path = self.root.join("gc.lock");
+        let file =
+            std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path).map_err(io_err(&path))?;
+        rustix::fs::flock(&file, op).map_err(|e| StoreError::Io { path, source: e.into() })?;
+        Ok(file)
+    }
+
     /// Marks a layer immutable: from now on it is a checkpoint that any mount can start from.
     pub(crate) fn freeze(&self, layer: &mut WritableLayer) -> Result<()> {
         layer.journal.write_out()?;
@@ -394,6 +407,7 @@ impl Store {
     /// only when no kept stack and no live mount descends from it. Writable layers left by a
     /// killed mount (lock free, never frozen) are deleted.
     pub fn delete_unreferenced(&self, keep: &[StackId]) -> Result<GcStats> {
+        let _gc = self.lock_layers(rustix::fs::FlockOperation::LockExclusive)?;
         let layers_dir = self.root.join("layers");
         let mut all = Vec::new();
         for entry in std::fs::read_dir(&layers_dir).map_err(io_err(&layers_dir))? {
@@ -426,12 +440,21 @@ impl Store {
                 cur = parents.get(&id).copied().flatten();
             }
         }
-        let mut stats = GcStats::default();
-        for id in all {
-            if reached.contains(&id) {
-                stats.layers_kept += 1;
-                continue;
+        let mut stats =
+            GcStats { layers_kept: all.iter().filter(|id| reached.contains(id)).count(), ..GcStats::default() };
+        // Deepest layers first: if this is interrupted, no remaining layer lacks its parent.
+        let depth = |mut id: LayerId| {
+            let mut d = 0usize;
+            while let Some(Some(p)) = parents.get(&id) {
+                d += 1;
+                id = *p;
             }
+            d
+        };
+        let mut doomed: Vec<(usize, LayerId)> =
+            all.into_iter().filter(|id| !reached.contains(id)).map(|id| (depth(id), id)).collect();
+        doomed.sort_unstable_by(|a, b| b.cmp(a));
+        for (_, id) in doomed {
             let dir = self.layer_dir(id);
             let tmp = self.tmp_path();
             std::fs::rename(&dir, &tmp).map_err(io_err(&dir))?;

@@ -781,7 +781,7 @@ impl Volume {
         let handle = Handle { ino, writable: true, files: Mutex::new(HashMap::new()), dir: None };
         let in_layer = content.base == Some(Source::Layer(layer));
         if size < content.size {
-            if size % CHUNK_SIZE != 0 {
+            if !size.is_multiple_of(CHUNK_SIZE) {
                 self.copy_up_chunk(&handle, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
             }
             let first_gone = size.div_ceil(CHUNK_SIZE);
@@ -857,6 +857,7 @@ impl Volume {
 
     /// Switches to stack `to` (with a fresh writable layer) and returns what the kernel must forget.
     pub fn rollback(&self, to: StackId) -> Result<(RollbackStats, Invalidations), StoreError> {
+        let gc_guard = self.store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
         let mut st = self.state.write();
         let (target, meta) = match st.snapshots.get(&to.0) {
             Some(tree) => match self.store.read_meta(to.0) {
@@ -870,13 +871,14 @@ impl Volume {
             None => {
                 let loaded = self.store.load(to)?;
                 if loaded.meta.base != self.base {
-                    return Err(StoreError::UnknownStack(to));
+                    return Err(StoreError::ForeignStack(to));
                 }
                 st.snapshots.insert(to.0, loaded.tree.clone());
                 (loaded.tree, loaded.meta)
             }
         };
         let next = self.store.create_layer(to.0, &meta, self.store.has_index(to.0))?;
+        drop(gc_guard);
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);
         for (ino, old, new) in &diff {

@@ -447,3 +447,20 @@ fn inode_numbers_of_an_abandoned_branch_are_not_reused() {
     drop(held);
     m.unmount().unwrap();
 }
+
+#[test]
+fn bad_rollback_targets_are_refused_without_harm() {
+    let Some((fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("f"), b"base").unwrap()) else {
+        return;
+    };
+    std::fs::write(root.join("f"), b"live").unwrap();
+    let other_layer = fx.layer("other");
+    let other = fx.store.base_stack(&[other_layer]).unwrap();
+    let err = m.rollback(other).unwrap_err();
+    assert!(err.to_string().contains("does not share"), "{err}");
+    let unknown: deltafs::StackId = "00000000000000000000000000000000".parse().unwrap();
+    assert!(m.rollback(unknown).is_err());
+    assert!("not-an-id".parse::<deltafs::StackId>().is_err());
+    assert_eq!(std::fs::read(root.join("f")).unwrap(), b"live");
+    m.unmount().unwrap();
+}

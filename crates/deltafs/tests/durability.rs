@@ -77,11 +77,17 @@ fn checkpoints_survive_sigkill() {
             }
         }
         std::thread::sleep(Duration::from_micros(round * 1500));
+        // Another process using the mount when its server dies.
+        let mut user = Command::new("sleep").arg("30").current_dir(dir.path().join("mnt")).spawn().unwrap();
         child.kill().unwrap();
-        // Its own thread may be blocked on a request a dead server thread had read: only
-        // aborting the connection lets the killed process finish exiting.
-        deltafs::abort_stale_mount(&dir.path().join("mnt")).unwrap();
+        // The killed process's own thread may be blocked on a request a dead server thread had
+        // read: only aborting the connection lets it finish exiting. First found through the
+        // other process's view of the mounts, then detached from ours.
+        deltafs::abort_stale_mount(Some(user.id()), &dir.path().join("mnt")).unwrap();
         child.wait().unwrap();
+        user.kill().unwrap();
+        user.wait().unwrap();
+        deltafs::abort_stale_mount(None, &dir.path().join("mnt")).unwrap();
         // Lines written before the kill landed are complete checkpoints too.
         for line in lines.map_while(Result::ok) {
             if let Some(rest) = line.strip_prefix("CHECKPOINT ") {

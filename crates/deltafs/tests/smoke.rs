@@ -117,3 +117,36 @@ fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
     drop((a, b, app, sparse, listener, client));
     m.unmount().unwrap();
 }
+
+#[test]
+fn suid_and_sgid_are_cleared_as_on_ext4() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    if std::process::Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: setpriv (util-linux) is not installed");
+        return;
+    }
+    let as_nobody = |script: &str| {
+        let st = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    let mode = |name: &str| std::fs::metadata(root.join(name)).unwrap().mode() & 0o7777;
+    for name in ["w", "t", "r"] {
+        std::fs::write(root.join(name), b"x").unwrap();
+        std::os::unix::fs::chown(root.join(name), Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    as_nobody("echo y >> w");
+    as_nobody("truncate -s 0 t");
+    std::fs::OpenOptions::new().append(true).open(root.join("r")).unwrap().write_all(b"root").unwrap();
+    assert_eq!((mode("w"), mode("t"), mode("r")), (0o777, 0o777, 0o6777));
+    std::os::unix::fs::chown(root.join("r"), Some(0), None).unwrap();
+    assert_eq!(mode("r"), 0o777, "chown clears suid/sgid");
+    m.unmount().unwrap();
+}

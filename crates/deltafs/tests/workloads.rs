@@ -3,7 +3,7 @@
 //! of files, make/gcc, venv + pip install of a local wheel.
 mod common;
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use common::*;
@@ -115,6 +115,11 @@ with zipfile.ZipFile('wheels/demo-1.0-py3-none-any.whl', 'w') as z:
 
 fn run_script(root: &Path) -> String {
     let out = Command::new("sh").arg("-c").arg(SCRIPT).current_dir(root).output().unwrap();
+    checked_stdout(root, out)
+}
+
+/// The workload's stdout, after checking that it succeeded.
+fn checked_stdout(root: &Path, out: std::process::Output) -> String {
     let text = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(
         out.status.success(),
@@ -165,5 +170,84 @@ fn workloads_match_kernel_overlayfs() {
     std::fs::remove_dir_all(m.mountpoint().join("clone")).unwrap();
     m.rollback(cp).unwrap();
     assert_eq!(snapshot(m.mountpoint()), before);
+    m.unmount().unwrap();
+}
+
+/// The first layer of an OCI image layout, extracted as an overlayfs lower directory.
+fn extract_first_layer(layout: &Path, into: &Path) {
+    let blob = |digest: &str| layout.join("blobs/sha256").join(digest.trim_start_matches("sha256:"));
+    let json = |p: PathBuf| -> serde_json::Value { serde_json::from_slice(&std::fs::read(p).unwrap()).unwrap() };
+    let index = json(layout.join("index.json"));
+    let manifest = json(blob(index["manifests"][0]["digest"].as_str().unwrap()));
+    let layer = blob(manifest["layers"][0]["digest"].as_str().unwrap());
+    std::fs::create_dir_all(into).unwrap();
+    let st = Command::new("tar")
+        .args([
+            "xzf",
+            &layer.to_string_lossy(),
+            "-C",
+            &into.to_string_lossy(),
+            "--numeric-owner",
+            "--xattrs",
+            "--xattrs-include=*",
+        ])
+        .status()
+        .unwrap();
+    assert!(st.success(), "extracting {}", layer.display());
+}
+
+/// Runs the workload inside `root` (a mount whose image is Debian) with chroot, in a private mount
+/// namespace holding /dev and /proc for it.
+fn run_in_chroot(root: &Path) -> String {
+    let script = format!(
+        "set -e; mount --bind /dev {r}/dev; mount -t proc proc {r}/proc; \
+         exec chroot {r} /usr/bin/env -i PATH=/usr/bin:/bin HOME=/root sh -c 'cd /work && sh /work/script.sh'",
+        r = root.display()
+    );
+    let out = Command::new("unshare").args(["-m", "--propagation", "private", "sh", "-c", &script]).output().unwrap();
+    checked_stdout(root, out)
+}
+
+#[test]
+fn workloads_in_a_debian_image_chroot_match_kernel_overlayfs() {
+    let Some(images) = std::env::var_os("DELTABOX_TEST_IMAGES") else {
+        eprintln!("SKIP: DELTABOX_TEST_IMAGES is not set (no Debian test image)");
+        return;
+    };
+    let layout = Path::new(&images).join("debian");
+    if !layout.join("index.json").exists() {
+        eprintln!("SKIP: no Debian image at {}", layout.display());
+        return;
+    }
+    if !fuse_available() {
+        return;
+    }
+    let fx = Fixture::new();
+    let debian = fx.layer("debian");
+    extract_first_layer(&layout, &debian);
+    // A second image layer with the workload's inputs under /work.
+    let data = fx.layer("data");
+    make_base(&data.join("work"));
+    std::fs::write(data.join("work/script.sh"), SCRIPT).unwrap();
+
+    let ovl = fx.mountpoint("ovl");
+    let (upper, work) = (fx.mountpoint("upper"), fx.mountpoint("work"));
+    let opts = format!(
+        "lowerdir={}:{},upperdir={},workdir={}",
+        data.display(),
+        debian.display(),
+        upper.display(),
+        work.display()
+    );
+    nix::mount::mount(Some("overlay"), &ovl, Some("overlay"), nix::mount::MsFlags::empty(), Some(opts.as_str()))
+        .unwrap();
+    let expected = run_in_chroot(&ovl);
+    nix::mount::umount(&ovl).unwrap();
+
+    let base = fx.store.base_stack(&[debian, data]).unwrap();
+    let m = fx.mount(base, "deltafs");
+    let got = run_in_chroot(m.mountpoint());
+    assert_eq!(got, expected);
+    assert!(got.contains("hello from demo"), "{got}");
     m.unmount().unwrap();
 }

@@ -179,7 +179,8 @@ fn setup_etc(cfg: &InitConfig, root: &Path) -> Result<(), SetupError> {
     }
     let dir = root.join("dev/.deltabox");
     std::fs::create_dir_all(&dir).map_err(step("mkdir /dev/.deltabox"))?;
-    let hosts = format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", cfg.hostname);
+    let hosts =
+        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", cfg.hostname);
     let mut files = vec![("hostname", format!("{}\n", cfg.hostname)), ("hosts", hosts)];
     if cfg.network == Network::Host {
         if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {

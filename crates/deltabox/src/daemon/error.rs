@@ -86,9 +86,11 @@ impl<S: Send + Sync, T: DeserializeOwned> FromRequest<S> for ApiJson<T> {
                 Err(ApiError::bad_request("invalid_request", "send the body as JSON (Content-Type: application/json)"))
             }
             Err(JsonRejection::JsonSyntaxError(e)) => Err(ApiError::bad_request("invalid_json", e.body_text())),
-            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => {
-                Err(ApiError::new(e.status(), "payload_too_large", format!("{} (JSON bodies are limited to 64 MiB; upload files with the files API)", e.body_text())))
-            }
+            Err(e) if e.status() == StatusCode::PAYLOAD_TOO_LARGE => Err(ApiError::new(
+                e.status(),
+                "payload_too_large",
+                format!("{} (JSON bodies are limited to 64 MiB; upload files with the files API)", e.body_text()),
+            )),
             Err(e) => Err(ApiError::bad_request("invalid_request", e.body_text())),
         }
     }

@@ -488,7 +488,9 @@ async fn attach(
     ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
 ) -> ApiResult<Response> {
     engine.live(&id).await?;
-    let ws = ws.map_err(|e| ApiError::bad_request("websocket_required", format!("attach is a websocket: {}", e.body_text())))?;
+    let ws = ws.map_err(|e| {
+        ApiError::bad_request("websocket_required", format!("attach is a websocket: {}", e.body_text()))
+    })?;
     Ok(ws.on_upgrade(move |socket| async move {
         if let Err(e) = attach_session(engine, id, socket).await {
             tracing::debug!("attach ended: {e:#}");

@@ -184,6 +184,13 @@ impl Engine {
     fn force_cleanup(&self, id: &str) {
         let name = self.cgroup_name(id);
         if let Ok(cg) = Cgroup::open(&name) {
+            // With the shim gone, processes waiting on its FUSE server would wait forever: abort the
+            // connection first (any sandbox process sees the root filesystem as `/`).
+            if let Some(&pid) = cg.procs().unwrap_or_default().first() {
+                if let Err(e) = deltafs::abort_stale_mount(Some(pid as u32), Path::new("/")) {
+                    tracing::debug!(%id, "no FUSE connection to abort: {e}");
+                }
+            }
             if let Err(e) = cg.kill_all() {
                 tracing::error!(%id, "cannot kill the sandbox's processes: {e}");
             }

@@ -62,18 +62,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         nix::unistd::mkfifo(f.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     }
     let py = common::python();
-    ns.spawn(
-        &[
-            &py,
-            "-c",
-            WORKLOAD,
-            &rss.to_string(),
-            cmd.to_str().unwrap(),
-            ack.to_str().unwrap(),
-        ],
-        None,
-        false,
-    );
+    ns.spawn(&[&py, "-c", WORKLOAD, &rss.to_string(), cmd.to_str().unwrap(), ack.to_str().unwrap()], None, false);
     let mut cmd_w = std::fs::OpenOptions::new().write(true).open(&cmd).unwrap();
     let mut ack_r = BufReader::new(std::fs::File::open(&ack).unwrap());
     let mut line = String::new();
@@ -107,9 +96,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         let ckpt = engine.checkpoint(&sb).unwrap();
         let frozen = ms(t0.elapsed()) - ms(ckpt.stats.total) + ms(ckpt.stats.stopped);
         let w0 = Instant::now();
-        let job = ckpt
-            .image_job(parent.as_ref().map(|(c, id)| (c, *id)))
-            .unwrap();
+        let job = ckpt.image_job(parent.as_ref().map(|(c, id)| (c, *id))).unwrap();
         let info = job.write(&store).unwrap();
         let incremental = ms(w0.elapsed());
         // Baseline: a full (non-incremental) image of the same checkpoint.
@@ -151,11 +138,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
 
 fn main() {
     let quick = std::env::var_os("DELTACR_BENCH_QUICK").is_some();
-    let (rss_list, iters): (&[u64], usize) = if quick {
-        (&[10, 200], 5)
-    } else {
-        (&[10, 200, 2048], 20)
-    };
+    let (rss_list, iters): (&[u64], usize) = if quick { (&[10, 200], 5) } else { (&[10, 200, 2048], 20) };
     let dirty_list: &[u64] = &[0, 1, 100];
     let mut rows = Vec::new();
     for &rss in rss_list {
@@ -165,7 +148,9 @@ fn main() {
             rows.push(run(rss, dirty, n));
         }
     }
-    println!("DeltaCR benchmark (ms unless noted; p50 / p99 over {iters} incremental checkpoints per row, 2 GiB rows: 8)");
+    println!(
+        "DeltaCR benchmark (ms unless noted; p50 / p99 over {iters} incremental checkpoints per row, 2 GiB rows: 8)"
+    );
     println!("baseline: writing a full (non-incremental) image of the same checkpoint");
     println!(
         "{:>7} {:>5} | {:>17} | {:>17} | {:>17} | {:>9} | {:>17} | {:>17} | {:>9}",
@@ -215,11 +200,6 @@ fn main() {
                 format!("{name} {:.2}", pct(v, 0.5))
             })
             .collect();
-        println!(
-            "{:>5} MiB / {:>3} MiB dirty: {}",
-            r.rss,
-            r.dirty,
-            parts.join(", ")
-        );
+        println!("{:>5} MiB / {:>3} MiB dirty: {}", r.rss, r.dirty, parts.join(", "));
     }
 }

@@ -1,3 +1,201 @@
+//! `deltabox`: the daemon, the per-sandbox shim and the command-line client in one binary.
+
+mod api;
+mod catalog;
+mod cli;
+mod client;
+mod daemon;
+mod shim;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "deltabox", version, about = "Sandboxes for AI agents with millisecond checkpoint and rollback")]
+struct Cli {
+    /// The daemon's socket.
+    #[arg(long, global = true, env = "DELTABOX_SOCKET", default_value = client::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the daemon.
+    Serve {
+        /// Where the daemon keeps images, sandboxes and its catalog.
+        #[arg(long, env = "DELTABOX_DATA_DIR", default_value = "/var/lib/deltabox")]
+        data_dir: PathBuf,
+        /// Also serve the API on this TCP address (needs a token).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Bearer token for the TCP listener.
+        #[arg(long, env = "DELTABOX_TOKEN", hide_env_values = true)]
+        token: Option<String>,
+        /// Host-wide directory of uid range locks (shared by all daemons on the host).
+        #[arg(long, default_value = sandbox::userns::DEFAULT_SLOT_DIR)]
+        uid_slot_dir: PathBuf,
+    },
+    /// Manage images.
+    #[command(subcommand)]
+    Image(ImageCommand),
+    /// Create a sandbox and print its id.
+    Create(cli::CreateArgs),
+    /// List sandboxes.
+    Ls {
+        /// Only print ids.
+        #[arg(short, long)]
+        quiet: bool,
+    },
+    /// Remove sandboxes (kills everything in them). Their checkpoints go too, unless another sandbox
+    /// still uses them.
+    Rm {
+        #[arg(required = true)]
+        ids: Vec<String>,
+        /// Keep all their checkpoints (to fork them later).
+        #[arg(long)]
+        keep_checkpoints: bool,
+    },
+    /// Checkpoint a sandbox (`checkpoint ID --fs-only`), or delete checkpoints (`checkpoint rm CK...`).
+    Checkpoint(cli::checkpoint::CheckpointArgs),
+    /// Roll a sandbox back to one of its checkpoints.
+    Rollback { id: String, checkpoint: String },
+    /// Start new sandboxes from a checkpoint; prints their ids.
+    Fork {
+        checkpoint: String,
+        #[arg(long, default_value_t = 1)]
+        count: usize,
+    },
+    /// List a sandbox's checkpoints with their parents.
+    Checkpoints { id: String },
+    /// Run a command in a sandbox.
+    Exec(cli::ExecArgs),
+    /// Open an interactive shell in a sandbox.
+    Shell { id: String },
+    /// Copy files between the local machine and a sandbox (`ID:/path` names the sandbox side).
+    Cp { src: String, dst: String },
+    /// Read, write and inspect files in a sandbox.
+    #[command(subcommand)]
+    Files(cli::files::FilesCommand),
+    /// Persistent shell sessions.
+    #[command(subcommand)]
+    Session(SessionCommand),
+    /// Import the test image if needed, create a sandbox, run a few commands, show what happened.
+    Demo(cli::DemoArgs),
+    /// Internal: supervise one sandbox (started by the daemon).
+    #[command(hide = true)]
+    Shim,
+}
+
+#[derive(Subcommand)]
+enum ImageCommand {
+    /// Import an OCI layout, a `docker save` tarball, or a rootfs directory/tarball.
+    Import {
+        path: String,
+        #[arg(long)]
+        name: String,
+    },
+    /// List images.
+    Ls,
+    /// Remove images.
+    Rm {
+        #[arg(required = true)]
+        names: Vec<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum SessionCommand {
+    /// Start a named bash session.
+    Create { id: String, name: String },
+    /// Run a command string in a session (cwd, variables, functions and jobs persist).
+    Run(SessionRunArgs),
+    /// List a sandbox's sessions.
+    Ls { id: String },
+    /// End a session.
+    Rm { id: String, name: String },
+}
+
+#[derive(Args)]
+struct SessionRunArgs {
+    id: String,
+    name: String,
+    /// The command line, as typed at a bash prompt.
+    command: String,
+    /// Seconds after which the command is interrupted (^C); the session survives.
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
 fn main() {
-    println!("deltabox");
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Shim => {
+            init_logging();
+            shim::main().map(|()| 0)
+        }
+        command => runtime().and_then(|rt| {
+            let result = rt.block_on(run(cli.socket, command));
+            // A pending read of our stdin (a blocking thread) must not hold the exit.
+            rt.shutdown_background();
+            result
+        }),
+    };
+    match result {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("deltabox: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
+}
+
+async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
+    let client = client::Client::new(socket.clone());
+    match command {
+        Command::Serve { data_dir, listen, token, uid_slot_dir } => {
+            init_logging();
+            daemon::serve(daemon::ServeOptions { socket, data_dir, uid_slot_dir, listen, token }).await.map(|()| 0)
+        }
+        Command::Image(ImageCommand::Import { path, name }) => {
+            cli::image_import(&client, &path, &name).await.map(|()| 0)
+        }
+        Command::Image(ImageCommand::Ls) => cli::image_ls(&client).await.map(|()| 0),
+        Command::Image(ImageCommand::Rm { names }) => cli::image_rm(&client, &names).await.map(|()| 0),
+        Command::Create(args) => cli::create(&client, args).await.map(|()| 0),
+        Command::Ls { quiet } => cli::ls(&client, quiet).await.map(|()| 0),
+        Command::Rm { ids, keep_checkpoints } => cli::rm(&client, &ids, keep_checkpoints).await.map(|()| 0),
+        Command::Checkpoint(args) => cli::checkpoint::checkpoint(&client, args).await.map(|()| 0),
+        Command::Rollback { id, checkpoint } => cli::checkpoint::rollback(&client, &id, &checkpoint).await.map(|()| 0),
+        Command::Fork { checkpoint, count } => cli::checkpoint::fork(&client, &checkpoint, count).await.map(|()| 0),
+        Command::Checkpoints { id } => cli::checkpoint::list(&client, &id).await.map(|()| 0),
+        Command::Exec(args) => cli::exec(&client, args).await,
+        Command::Shell { id } => cli::shell(&client, &id).await,
+        Command::Session(SessionCommand::Create { id, name }) => {
+            cli::session_create(&client, &id, &name).await.map(|()| 0)
+        }
+        Command::Session(SessionCommand::Run(a)) => {
+            cli::session_run(&client, &a.id, &a.name, &a.command, a.timeout).await
+        }
+        Command::Session(SessionCommand::Ls { id }) => cli::session_ls(&client, &id).await.map(|()| 0),
+        Command::Session(SessionCommand::Rm { id, name }) => cli::session_rm(&client, &id, &name).await.map(|()| 0),
+        Command::Cp { src, dst } => cli::files::cp(&client, &src, &dst).await.map(|()| 0),
+        Command::Files(command) => cli::files::run(&client, command).await.map(|()| 0),
+        Command::Demo(args) => cli::demo(&client, args).await.map(|()| 0),
+        Command::Shim => unreachable!("handled before the runtime starts"),
+    }
+}
+
+fn init_logging() {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DELTABOX_LOG").unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .init();
 }

@@ -35,10 +35,7 @@ fn main() -> ExitCode {
     };
     let Some(id) = positional.get(1) else {
         let mut ids: Vec<String> = std::fs::read_dir(store_path.as_str())
-            .map(|rd| {
-                rd.filter_map(|e| e.ok()?.file_name().into_string().ok())
-                    .collect()
-            })
+            .map(|rd| rd.filter_map(|e| e.ok()?.file_name().into_string().ok()).collect())
             .unwrap_or_default();
         ids.retain(|n| ImageId::parse(n).is_some());
         ids.sort();

@@ -29,25 +29,15 @@ pub enum CaptureError {
         source: PtraceError,
     },
     #[error("process {pid} ({comm}): {reason}")]
-    Unsupported {
-        pid: i32,
-        comm: String,
-        reason: String,
-    },
+    Unsupported { pid: i32, comm: String, reason: String },
 }
 
 fn proc_err(pid: Pid) -> impl FnOnce(ProcError) -> CaptureError {
-    move |source| CaptureError::Proc {
-        pid: pid.as_raw(),
-        source,
-    }
+    move |source| CaptureError::Proc { pid: pid.as_raw(), source }
 }
 
 fn pt_err(pid: Pid) -> impl FnOnce(PtraceError) -> CaptureError {
-    move |source| CaptureError::Ptrace {
-        pid: pid.as_raw(),
-        source,
-    }
+    move |source| CaptureError::Ptrace { pid: pid.as_raw(), source }
 }
 
 /// Every process below `init` (not `init` itself), parents before children, leaving out `skip`
@@ -90,9 +80,7 @@ pub fn ns_ids(pid: Pid) -> Result<NsIds, CaptureError> {
     let ppid = if ppid_host == 0 {
         0
     } else {
-        procfs::Status::read(Pid::from_raw(ppid_host))
-            .and_then(|p| p.innermost("NSpid"))
-            .map_err(proc_err(pid))?
+        procfs::Status::read(Pid::from_raw(ppid_host)).and_then(|p| p.innermost("NSpid")).map_err(proc_err(pid))?
     };
     Ok(NsIds {
         pid: st.innermost("NSpid").map_err(proc_err(pid))?,
@@ -148,14 +136,9 @@ pub fn seize_process(pid: Pid) -> Result<SeizedProcess, CaptureError> {
             seen.insert(tid);
             ptrace::seize(tid).map_err(pt_err(pid))?;
             ptrace::interrupt(tid).map_err(pt_err(pid))?;
-            let ns_tid = procfs::Status::read_thread(pid, tid)
-                .and_then(|s| s.innermost("NSpid"))
-                .map_err(proc_err(pid))?;
-            threads.push(SeizedThread {
-                tid,
-                ns_tid,
-                stop: None,
-            });
+            let ns_tid =
+                procfs::Status::read_thread(pid, tid).and_then(|s| s.innermost("NSpid")).map_err(proc_err(pid))?;
+            threads.push(SeizedThread { tid, ns_tid, stop: None });
         }
     }
     // Leader first.
@@ -167,13 +150,7 @@ pub fn seize_process(pid: Pid) -> Result<SeizedProcess, CaptureError> {
             reason: "the thread group leader has exited while other threads run".into(),
         });
     }
-    Ok(SeizedProcess {
-        pid,
-        ids,
-        comm: stat.comm,
-        threads,
-        zombie: None,
-    })
+    Ok(SeizedProcess { pid, ids, comm: stat.comm, threads, zombie: None })
 }
 
 impl SeizedProcess {
@@ -197,9 +174,7 @@ impl SeizedProcess {
     }
 
     pub fn job_stopped(&self) -> bool {
-        self.threads
-            .iter()
-            .any(|t| matches!(t.stop, Some(StopReason::GroupStop(_))))
+        self.threads.iter().any(|t| matches!(t.stop, Some(StopReason::GroupStop(_))))
     }
 }
 
@@ -293,17 +268,10 @@ fn capture_in_scratch(
         if let Some(StopReason::Signal(info)) = &t.stop {
             pending.push(SigInfo(info.to_vec()));
         }
-        pending.extend(
-            ptrace::peek_pending(tid, false)
-                .map_err(pt_err(pid))?
-                .into_iter()
-                .map(|s| SigInfo(s.to_vec())),
-        );
-        inj.call(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, scratch.addr])
-            .map_err(pt_err(pid))?;
+        pending.extend(ptrace::peek_pending(tid, false).map_err(pt_err(pid))?.into_iter().map(|s| SigInfo(s.to_vec())));
+        inj.call(libc::SYS_prctl, &[PR_GET_TID_ADDRESS, scratch.addr]).map_err(pt_err(pid))?;
         let clear_child_tid = scratch.read_u64(0).map_err(pt_err(pid))?;
-        inj.call(libc::SYS_sigaltstack, &[0, scratch.addr])
-            .map_err(pt_err(pid))?;
+        inj.call(libc::SYS_sigaltstack, &[0, scratch.addr]).map_err(pt_err(pid))?;
         let ss = scratch.read(0, 24).map_err(pt_err(pid))?;
         let altstack = AltStack {
             sp: u64::from_ne_bytes(ss[0..8].try_into().expect("8 bytes")),
@@ -317,15 +285,9 @@ fn capture_in_scratch(
             sigmask: inj.orig_mask(),
             pending,
             altstack,
-            rseq: ptrace::get_rseq(tid)
-                .map_err(pt_err(pid))?
-                .map(|(addr, len, sig)| Rseq { addr, len, sig }),
+            rseq: ptrace::get_rseq(tid).map_err(pt_err(pid))?.map(|(addr, len, sig)| Rseq { addr, len, sig }),
             robust_list: sys::get_robust_list(tid).map_err(|e| {
-                pt_err(pid)(PtraceError::Request {
-                    op: "get_robust_list",
-                    tid: tid.as_raw(),
-                    source: e,
-                })
+                pt_err(pid)(PtraceError::Request { op: "get_robust_list", tid: tid.as_raw(), source: e })
             })?,
             clear_child_tid,
             comm: procfs::thread_comm(pid, tid).map_err(proc_err(pid))?,
@@ -334,32 +296,15 @@ fn capture_in_scratch(
     let leader = &mut injectors[0];
     let mut itimers = [ITimer::default(); 3];
     for (which, slot) in itimers.iter_mut().enumerate() {
-        leader
-            .call(libc::SYS_getitimer, &[which as u64, scratch.addr])
-            .map_err(pt_err(pid))?;
+        leader.call(libc::SYS_getitimer, &[which as u64, scratch.addr]).map_err(pt_err(pid))?;
         let b = scratch.read(0, 32).map_err(pt_err(pid))?;
-        *slot = ITimer {
-            interval_us: read_timeval(&b[0..16]),
-            value_us: read_timeval(&b[16..32]),
-        };
+        *slot = ITimer { interval_us: read_timeval(&b[0..16]), value_us: read_timeval(&b[16..32]) };
     }
-    leader
-        .call(libc::SYS_prctl, &[PR_GET_PDEATHSIG, scratch.addr])
-        .map_err(pt_err(pid))?;
-    let pdeath_signal = i32::from_ne_bytes(
-        scratch
-            .read(0, 4)
-            .map_err(pt_err(pid))?
-            .try_into()
-            .expect("4 bytes"),
-    );
-    leader
-        .call(libc::SYS_prctl, &[PR_GET_CHILD_SUBREAPER, scratch.addr])
-        .map_err(pt_err(pid))?;
+    leader.call(libc::SYS_prctl, &[PR_GET_PDEATHSIG, scratch.addr]).map_err(pt_err(pid))?;
+    let pdeath_signal = i32::from_ne_bytes(scratch.read(0, 4).map_err(pt_err(pid))?.try_into().expect("4 bytes"));
+    leader.call(libc::SYS_prctl, &[PR_GET_CHILD_SUBREAPER, scratch.addr]).map_err(pt_err(pid))?;
     let child_subreaper = scratch.read(0, 4).map_err(pt_err(pid))? != [0, 0, 0, 0];
-    let dumpable = leader
-        .call(libc::SYS_prctl, &[PR_GET_DUMPABLE])
-        .map_err(pt_err(pid))? as i32;
+    let dumpable = leader.call(libc::SYS_prctl, &[PR_GET_DUMPABLE]).map_err(pt_err(pid))? as i32;
     Ok(Parts {
         threads,
         shared_pending: ptrace::peek_pending(pid, true)
@@ -399,21 +344,14 @@ pub fn read_creds(pid: Pid) -> Result<crate::state::Creds, ProcError> {
     let four = |key: &str| -> Result<[u32; 4], ProcError> {
         let v = st.numbers(key)?;
         if v.len() != 4 {
-            return Err(ProcError::Parse {
-                path: procfs::dir(pid).join("status"),
-                what: format!("{key} needs 4 ids"),
-            });
+            return Err(ProcError::Parse { path: procfs::dir(pid).join("status"), what: format!("{key} needs 4 ids") });
         }
         Ok([v[0] as u32, v[1] as u32, v[2] as u32, v[3] as u32])
     };
     Ok(crate::state::Creds {
         uids: four("Uid")?,
         gids: four("Gid")?,
-        groups: st
-            .numbers("Groups")?
-            .into_iter()
-            .map(|g| g as u32)
-            .collect(),
+        groups: st.numbers("Groups")?.into_iter().map(|g| g as u32).collect(),
         cap_inheritable: st.hex("CapInh")?,
         cap_permitted: st.hex("CapPrm")?,
         cap_effective: st.hex("CapEff")?,
@@ -439,20 +377,11 @@ pub struct StaticState {
 }
 
 /// Reads the state a template shares with its original process. `ns_pid` names the original in errors.
-pub fn capture_static(
-    t: &crate::template::Template,
-    ns_pid: i32,
-) -> Result<StaticState, CaptureError> {
+pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<StaticState, CaptureError> {
     use crate::state::{MmState, SigAction};
     let pid = t.pid();
-    let perr = |source| CaptureError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
-    let prerr = |source| CaptureError::Proc {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| CaptureError::Ptrace { pid: ns_pid, source };
+    let prerr = |source| CaptureError::Proc { pid: ns_pid, source };
     let (sigactions, brk) = t
         .with_injector(|inj| {
             let scratch = Scratch::map(inj, 4096)?;
@@ -464,14 +393,8 @@ pub fn capture_static(
                 }
                 inj.call(libc::SYS_rt_sigaction, &[sig, 0, scratch.addr, 8])?;
                 let b = scratch.read(0, 32)?;
-                let w =
-                    |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                acts.push(SigAction {
-                    handler: w(0),
-                    flags: w(1),
-                    restorer: w(2),
-                    mask: w(3),
-                });
+                let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                acts.push(SigAction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
             }
             let brk = inj.call(libc::SYS_brk, &[0])? as u64;
             scratch.free(inj)?;
@@ -483,12 +406,7 @@ pub fn capture_static(
     let umask = u32::from_str_radix(st.get("Umask").map_err(prerr)?, 8).unwrap_or(0o022);
     let personality_path = procfs::dir(pid).join("personality");
     let personality = std::fs::read_to_string(&personality_path)
-        .map_err(|source| {
-            prerr(ProcError::Read {
-                path: personality_path.clone(),
-                source,
-            })
-        })
+        .map_err(|source| prerr(ProcError::Read { path: personality_path.clone(), source }))
         .map(|s| u32::from_str_radix(s.trim(), 16).unwrap_or(0))?;
     let rlimits = procfs::limits(pid).map_err(prerr)?;
     let stat = procfs::Stat::read(pid).map_err(prerr)?;
@@ -507,11 +425,7 @@ pub fn capture_static(
         auxv: procfs::auxv(pid).map_err(prerr)?,
         exe: procfs::link(pid, "exe").map_err(prerr)?,
     };
-    let vmas: Vec<crate::state::Vma> = procfs::smaps(pid)
-        .map_err(prerr)?
-        .iter()
-        .filter_map(vma_of)
-        .collect();
+    let vmas: Vec<crate::state::Vma> = procfs::smaps(pid).map_err(prerr)?.iter().filter_map(vma_of).collect();
     // Shared memory objects are shared with the live processes by the template too, so their
     // checkpoint-time contents are not kept anywhere: refuse rather than restore them wrongly.
     if let Some(v) = vmas.iter().find(|v| v.shared && v.dumped) {
@@ -522,10 +436,7 @@ pub fn capture_static(
         return Err(CaptureError::Unsupported {
             pid: ns_pid,
             comm: procfs::Stat::read(pid).map(|s| s.comm).unwrap_or_default(),
-            reason: format!(
-                "shared memory mapping {what} at {:#x} cannot be checkpointed yet",
-                v.start
-            ),
+            reason: format!("shared memory mapping {what} at {:#x} cannot be checkpointed yet", v.start),
         });
     }
     Ok(StaticState {
@@ -553,12 +464,7 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
         | (if m.exec { libc::PROT_EXEC } else { 0 });
     let (backing, dumped) = match m.name.as_str() {
         "[vsyscall]" => return None,
-        "[vdso]" | "[vvar]" | "[vvar_vclock]" => (
-            VmaBacking::Special {
-                name: m.name.clone(),
-            },
-            false,
-        ),
+        "[vdso]" | "[vvar]" | "[vvar_vclock]" => (VmaBacking::Special { name: m.name.clone() }, false),
         n if n.starts_with('/') && m.inode != 0 => {
             // Shared memory objects (shared anonymous, SysV shm, memfd, deleted files) keep their
             // contents in the kernel, not in a file of the sandbox: they are saved like anonymous
@@ -585,12 +491,7 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
         prot,
         shared: m.shared,
         backing,
-        vm_flags: m
-            .vm_flags
-            .iter()
-            .filter(|f| KEPT_VM_FLAGS.contains(&f.as_str()))
-            .cloned()
-            .collect(),
+        vm_flags: m.vm_flags.iter().filter(|f| KEPT_VM_FLAGS.contains(&f.as_str())).cloned().collect(),
         dumped,
     })
 }

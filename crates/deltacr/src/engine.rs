@@ -39,11 +39,7 @@ pub enum CrError {
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
     #[error("process {pid} ({comm}): {reason}")]
-    Unsupported {
-        pid: i32,
-        comm: String,
-        reason: String,
-    },
+    Unsupported { pid: i32, comm: String, reason: String },
     #[error("checkpoint has no template for process {pid} and restoring from an image is not possible here")]
     NoTemplate { pid: i32 },
 }
@@ -99,22 +95,12 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(ImageJob {
-            tree: self.tree.clone(),
-            pages,
-            parent_pages,
-            parent: parent.map(|(_, id)| id),
-        })
+        Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id) })
     }
 
     /// Pids (in the sandbox) whose template no longer exists.
     pub fn lost_templates(&self) -> Vec<i32> {
-        let mut lost: Vec<i32> = self
-            .templates
-            .iter()
-            .filter(|(_, t)| !t.alive())
-            .map(|(p, _)| *p)
-            .collect();
+        let mut lost: Vec<i32> = self.templates.iter().filter(|(_, t)| !t.alive()).map(|(p, _)| *p).collect();
         lost.sort();
         lost
     }
@@ -154,24 +140,15 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine {
-            pid_setters: HashMap::new(),
-            _tracer_thread: PhantomData,
-        }
+        Engine { pid_setters: HashMap::new(), _tracer_thread: PhantomData }
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
-        let ns =
-            std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw())).map_err(|source| {
-                PidNsError::Enter {
-                    pid: init.as_raw(),
-                    source,
-                }
-            })?;
+        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
+            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
         // Helpers of sandboxes that are gone (their namespace died with them) are dropped.
         self.pid_setters.retain(|(pid, ino), _| {
-            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw()))
-                .is_ok_and(|m| m.ino() == *ino)
+            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
         });
         match self.pid_setters.entry((init, ns.ino())) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
@@ -188,8 +165,7 @@ impl Engine {
             let Ok(st) = procfs::Status::read(kid) else {
                 continue;
             };
-            let traced_by_us =
-                st.get("TracerPid").ok().and_then(|t| t.parse::<i32>().ok()) == Some(me);
+            let traced_by_us = st.get("TracerPid").ok().and_then(|t| t.parse::<i32>().ok()) == Some(me);
             let is_helper = st.innermost("NSpid").ok() == Some(helper);
             if traced_by_us || is_helper {
                 skip.insert(kid);
@@ -246,10 +222,7 @@ impl Engine {
         let init_sid = capture::ns_ids(sb.init)?.sid;
         let mut live: Vec<LiveProcess> = Vec::new();
         let mut zombies: Vec<SeizedProcess> = Vec::new();
-        type Captured = (
-            Vec<(ProcessEntry, Option<Template>)>,
-            Vec<crate::state::OpenFile>,
-        );
+        type Captured = (Vec<(ProcessEntry, Option<Template>)>, Vec<crate::state::OpenFile>);
         let mut result = (|| -> Result<Captured, CrError> {
             for s in seized.drain(..) {
                 if s.zombie.is_some() {
@@ -261,13 +234,8 @@ impl Engine {
                     live.push(capture::capture_live(s)?);
                 }
             }
-            let owners: Vec<FdOwner> = live
-                .iter()
-                .map(|l| FdOwner {
-                    host: l.seized.pid,
-                    ns_pid: l.seized.ids.pid,
-                })
-                .collect();
+            let owners: Vec<FdOwner> =
+                live.iter().map(|l| FdOwner { host: l.seized.pid, ns_pid: l.seized.ids.pid }).collect();
             phases.mark("registers and signals");
             let (files, tables) = files::capture(&owners)?;
             phases.mark("fds");
@@ -280,43 +248,28 @@ impl Engine {
             }
             for (l, fds) in live.iter_mut().zip(tables) {
                 let ids = l.seized.ids;
-                let detach =
-                    if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0)
-                    {
-                        Detach::ProcessGroup
-                    } else {
-                        Detach::Session
-                    };
+                let detach = if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0) {
+                    Detach::ProcessGroup
+                } else {
+                    Detach::Session
+                };
                 let ctty = if ids.sid == ids.pid {
                     capture::controlling_pty(l.seized.pid)?.map(|(index, fg)| {
                         let path = fds
                             .iter()
                             .find_map(|f| match &files[f.file as usize].kind {
-                                crate::state::FileKind::Tty { path, index: i, .. }
-                                    if *i == index =>
-                                {
-                                    Some(path.clone())
-                                }
+                                crate::state::FileKind::Tty { path, index: i, .. } if *i == index => Some(path.clone()),
                                 _ => None,
                             })
                             .unwrap_or_else(|| format!("/dev/pts/{index}"));
-                        crate::state::Ctty {
-                            index,
-                            path,
-                            foreground: pgids.get(&fg).copied(),
-                        }
+                        crate::state::Ctty { index, path, foreground: pgids.get(&fg).copied() }
                     })
                 } else {
                     None
                 };
                 let gadget = l.gadget;
                 let t = template::create(&mut l.injectors[0], gadget, detach)?;
-                tracing::debug!(
-                    pid = ids.pid,
-                    template = t.pid().as_raw(),
-                    ?detach,
-                    "template made"
-                );
+                tracing::debug!(pid = ids.pid, template = t.pid().as_raw(), ?detach, "template made");
                 let st = ProcessState {
                     threads: l.threads.clone(),
                     shared_pending: l.shared_pending.clone(),
@@ -358,9 +311,7 @@ impl Engine {
                         pgid: z.ids.pgid,
                         sid: z.ids.sid,
                         comm: z.comm.clone(),
-                        kind: ProcessKind::Zombie {
-                            exit_status: z.zombie.unwrap_or(0),
-                        },
+                        kind: ProcessKind::Zombie { exit_status: z.zombie.unwrap_or(0) },
                     },
                     None,
                 ));
@@ -412,15 +363,7 @@ impl Engine {
             threads,
             phases: phases.done,
         };
-        Ok(Checkpoint {
-            tree: TreeState {
-                processes,
-                files,
-                last_pid,
-            },
-            templates,
-            stats,
-        })
+        Ok(Checkpoint { tree: TreeState { processes, files, last_pid }, templates, stats })
     }
 
     /// Kills every process of the sandbox except init, our templates and our helper, and waits until
@@ -447,21 +390,14 @@ impl Engine {
                     .iter()
                     .map(|p| {
                         let st = procfs::Status::read(*p);
-                        let get = |k| {
-                            st.as_ref()
-                                .ok()
-                                .and_then(|s| s.get(k).ok().map(str::to_string))
-                        };
+                        let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
                         format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
                     })
                     .collect();
                 return Err(CrError::Unsupported {
                     pid: 0,
                     comm: String::new(),
-                    reason: format!(
-                        "processes did not go away after SIGKILL: {}",
-                        states.join(", ")
-                    ),
+                    reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
                 });
             }
             std::thread::sleep(Duration::from_micros(200));
@@ -473,21 +409,13 @@ impl Engine {
     /// templates; the others are forked by their restored parent and get their memory copied from
     /// their template. Nothing runs until the whole tree is in place; on error the partially restored
     /// processes are killed.
-    pub fn restore(
-        &mut self,
-        ckpt: &Checkpoint,
-        sb: &Sandbox<'_>,
-    ) -> Result<RestoreStats, CrError> {
+    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
         self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
     }
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
     /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
-    pub fn restore_image(
-        &mut self,
-        chain: &mut ImageChain,
-        sb: &Sandbox<'_>,
-    ) -> Result<RestoreStats, CrError> {
+    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
         let tree = chain.head().tree.clone();
         self.restore_tree(&tree, Memory::Image(chain), sb)
     }
@@ -510,10 +438,7 @@ impl Engine {
         for (np, _) in made {
             np.release()?;
         }
-        Ok(RestoreStats {
-            total: start.elapsed(),
-            processes,
-        })
+        Ok(RestoreStats { total: start.elapsed(), processes })
     }
 
     fn restore_into<'c>(
@@ -553,18 +478,12 @@ impl Engine {
             }
             let np = match (parent, template) {
                 (None, Some(t)) => {
-                    tracing::debug!(
-                        pid = entry.pid,
-                        template = t.pid().as_raw(),
-                        "restoring from template"
-                    );
+                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
                     let host = restore::create_with_pid(
                         pids,
                         entry.pid,
                         entry.pid,
-                        |t: &mut &Template| {
-                            Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?)
-                        },
+                        |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
                         |_, wrong| {
                             NewProcess::kill_host(wrong);
                             Ok(())
@@ -577,22 +496,14 @@ impl Engine {
                 _ => {
                     let (host, gadget, parent_creds) = match parent {
                         Some(pidx) => {
-                            tracing::debug!(
-                                pid = entry.pid,
-                                parent = entry.ppid,
-                                "restoring by fork from the parent"
-                            );
+                            tracing::debug!(pid = entry.pid, parent = entry.ppid, "restoring by fork from the parent");
                             let ProcessKind::Live(pst) = &made[pidx].1.kind else {
                                 unreachable!("only live processes are kept in `made`")
                             };
                             let creds = pst.creds.clone();
                             inherited.insert(entry.pid, pst.seccomp.len());
                             let p = &mut made[pidx].0;
-                            (
-                                p.fork_child(pids, entry.pid, st.exit_signal)?,
-                                p.gadget(),
-                                creds,
-                            )
+                            (p.fork_child(pids, entry.pid, st.exit_signal)?, p.gadget(), creds)
                         }
                         None => {
                             tracing::debug!(pid = entry.pid, "restoring by fork from init");
@@ -608,13 +519,10 @@ impl Engine {
                         reason: format!("cannot read its template's memory: {e}"),
                     };
                     match (&mut *mem, template) {
-                        (Memory::Templates(_), Some(t)) => np.rebuild_memory(
-                            st,
-                            &mut ProcessPages::open(t.pid()).map_err(unreadable)?,
-                        )?,
-                        (Memory::Image(chain), _) => {
-                            np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?
+                        (Memory::Templates(_), Some(t)) => {
+                            np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
                         }
+                        (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
                         (Memory::Templates(_), None) => unreachable!("checked above"),
                     }
                     np.restore_static(st, &parent_creds)?;
@@ -662,16 +570,10 @@ impl Engine {
                 return Err(CrError::Unsupported {
                     pid: e.pid,
                     comm: e.comm.clone(),
-                    reason: "it has fewer seccomp filters than the process it is restored from"
-                        .into(),
+                    reason: "it has fewer seccomp filters than the process it is restored from".into(),
                 });
             }
-            np.finish(
-                st,
-                &plan.fds,
-                plan.zombie_parents.contains(&e.pid),
-                inherited,
-            )?;
+            np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
         }
         pids.set_last_pid(tree.last_pid)?;
         Ok(())
@@ -686,10 +588,7 @@ struct Phases {
 
 impl Phases {
     fn new() -> Phases {
-        Phases {
-            last: Instant::now(),
-            done: Vec::new(),
-        }
+        Phases { last: Instant::now(), done: Vec::new() }
     }
     fn mark(&mut self, name: &'static str) {
         let now = Instant::now();
@@ -712,9 +611,8 @@ fn sort_parents_first(procs: &mut Vec<ProcessEntry>) {
     while !rest.is_empty() {
         let before = rest.len();
         let all: std::collections::HashSet<i32> = rest.iter().map(|p| p.pid).collect();
-        let (ready, wait): (Vec<_>, Vec<_>) = rest
-            .into_iter()
-            .partition(|p| placed.contains(&p.ppid) || !all.contains(&p.ppid));
+        let (ready, wait): (Vec<_>, Vec<_>) =
+            rest.into_iter().partition(|p| placed.contains(&p.ppid) || !all.contains(&p.ppid));
         for p in ready {
             placed.insert(p.pid);
             out.push(p);

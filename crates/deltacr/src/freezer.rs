@@ -43,16 +43,10 @@ impl CgroupFreezer {
         } else {
             return Err(io::Error::new(
                 io::ErrorKind::NotFound,
-                format!(
-                    "{} has neither freezer.state nor cgroup.freeze",
-                    dir.display()
-                ),
+                format!("{} has neither freezer.state nor cgroup.freeze", dir.display()),
             ));
         };
-        Ok(CgroupFreezer {
-            dir: dir.to_path_buf(),
-            version,
-        })
+        Ok(CgroupFreezer { dir: dir.to_path_buf(), version })
     }
 
     pub fn version(&self) -> CgroupVersion {
@@ -90,9 +84,7 @@ impl CgroupFreezer {
             }
             CgroupVersion::V2 => {
                 let events = std::fs::read_to_string(self.dir.join("cgroup.events"))?;
-                events
-                    .lines()
-                    .any(|l| l == if frozen { "frozen 1" } else { "frozen 0" })
+                events.lines().any(|l| l == if frozen { "frozen 1" } else { "frozen 0" })
             }
         })
     }

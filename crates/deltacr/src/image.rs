@@ -148,19 +148,13 @@ pub struct ImageStore {
 }
 
 fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> ImageError + 'a {
-    move |source| ImageError::Io {
-        path: path.to_path_buf(),
-        what,
-        source,
-    }
+    move |source| ImageError::Io { path: path.to_path_buf(), what, source }
 }
 
 impl ImageStore {
     pub fn new(root: &Path) -> Result<ImageStore, ImageError> {
         fs::create_dir_all(root).map_err(io_err(root, "create the image store"))?;
-        Ok(ImageStore {
-            root: root.to_path_buf(),
-        })
+        Ok(ImageStore { root: root.to_path_buf() })
     }
 
     pub fn path_of(&self, id: ImageId) -> PathBuf {
@@ -171,10 +165,7 @@ impl ImageStore {
     pub fn open(&self, id: ImageId) -> Result<Image, ImageError> {
         let dir = self.path_of(id);
         if !dir.exists() {
-            return Err(ImageError::Missing {
-                id,
-                store: self.root.clone(),
-            });
+            return Err(ImageError::Missing { id, store: self.root.clone() });
         }
         Image::open_dir(&dir)
     }
@@ -185,10 +176,7 @@ impl ImageStore {
         while let Some(parent) = images.last().expect("not empty").header.parent {
             images.push(self.open(parent)?);
         }
-        Ok(ImageChain {
-            images,
-            cache: HashMap::new(),
-        })
+        Ok(ImageChain { images, cache: HashMap::new() })
     }
 
     /// Rewrites image `id` so it holds all its pages itself (no parent). Its id stays the same; images
@@ -197,19 +185,11 @@ impl ImageStore {
         let mut chain = self.open_chain(id)?;
         let head = &chain.images[0];
         if head.header.parent.is_none() {
-            return Ok(ImageInfo {
-                id,
-                parent: None,
-                page_bytes: head.page_bytes(),
-                parent_bytes: 0,
-            });
+            return Ok(ImageInfo { id, parent: None, page_bytes: head.page_bytes(), parent_bytes: 0 });
         }
         let tree = head.tree.clone();
         let runs: Vec<(i32, Vec<PageRun>)> = head.index.processes.clone();
-        let header = Header {
-            parent: None,
-            ..head.header.clone()
-        };
+        let header = Header { parent: None, ..head.header.clone() };
         let tmp = self.root.join(format!("{id}.compact"));
         let _ = fs::remove_dir_all(&tmp);
         let mut w = ImageWriter::create(&tmp, header)?;
@@ -259,20 +239,14 @@ impl Image {
     /// Reads and checks `dir/meta.img`.
     pub fn open_dir(dir: &Path) -> Result<Image, ImageError> {
         let meta_path = dir.join(META);
-        let corrupt = |reason: String| ImageError::Corrupt {
-            path: meta_path.clone(),
-            reason,
-        };
+        let corrupt = |reason: String| ImageError::Corrupt { path: meta_path.clone(), reason };
         let bytes = fs::read(&meta_path).map_err(io_err(&meta_path, "read metadata"))?;
         if bytes.len() < 12 || &bytes[..8] != MAGIC {
             return Err(corrupt("not a DeltaCR image (bad magic)".into()));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
         if version != FORMAT_VERSION {
-            return Err(ImageError::Version {
-                path: meta_path,
-                found: version,
-            });
+            return Err(ImageError::Version { path: meta_path, found: version });
         }
         let mut pos = 12;
         let (mut header, mut tree, mut index, mut ended) = (None, None, None, false);
@@ -281,8 +255,7 @@ impl Image {
                 return Err(corrupt(format!("truncated record header at byte {pos}")));
             }
             let kind = u32::from_le_bytes(bytes[pos..pos + 4].try_into().expect("4 bytes"));
-            let len =
-                u64::from_le_bytes(bytes[pos + 4..pos + 12].try_into().expect("8 bytes")) as usize;
+            let len = u64::from_le_bytes(bytes[pos + 4..pos + 12].try_into().expect("8 bytes")) as usize;
             let crc = u32::from_le_bytes(bytes[pos + 12..pos + 16].try_into().expect("4 bytes"));
             pos += 16;
             if bytes.len() - pos < len {
@@ -290,10 +263,7 @@ impl Image {
             }
             let payload = &bytes[pos..pos + len];
             if crc32fast::hash(payload) != crc {
-                return Err(corrupt(format!(
-                    "checksum mismatch in record at byte {}",
-                    pos - 16
-                )));
+                return Err(corrupt(format!("checksum mismatch in record at byte {}", pos - 16)));
             }
             pos += len;
             let bad = |e: postcard::Error| corrupt(format!("undecodable record: {e}"));
@@ -317,24 +287,14 @@ impl Image {
             }
         }
         if !ended {
-            return Err(corrupt(
-                "no end record (the image was not written completely)".into(),
-            ));
+            return Err(corrupt("no end record (the image was not written completely)".into()));
         }
         let (Some(header), Some(tree), Some(index)) = (header, tree, index) else {
-            return Err(corrupt(
-                "a header, tree or page index record is missing".into(),
-            ));
+            return Err(corrupt("a header, tree or page index record is missing".into()));
         };
         let pages_path = dir.join(PAGES);
         let pages = File::open(&pages_path).map_err(io_err(&pages_path, "open page data"))?;
-        Ok(Image {
-            dir: dir.to_path_buf(),
-            header,
-            tree,
-            index,
-            pages,
-        })
+        Ok(Image { dir: dir.to_path_buf(), header, tree, index, pages })
     }
 
     /// Bytes of page data stored in this image.
@@ -349,18 +309,12 @@ impl Image {
     }
 
     fn runs_of(&self, pid: i32) -> &[PageRun] {
-        self.index
-            .processes
-            .iter()
-            .find(|(p, _)| *p == pid)
-            .map_or(&[], |(_, r)| r.as_slice())
+        self.index.processes.iter().find(|(p, _)| *p == pid).map_or(&[], |(_, r)| r.as_slice())
     }
 
     /// Reads a whole run stored here and checks its CRC.
     fn read_run(&self, run: &PageRun) -> Result<Vec<u8>, ImageError> {
-        let RunLoc::Here { offset, crc } = run.loc else {
-            unreachable!("only called for runs stored here")
-        };
+        let RunLoc::Here { offset, crc } = run.loc else { unreachable!("only called for runs stored here") };
         let path = self.dir.join(PAGES);
         let mut buf = vec![0u8; (run.pages as u64 * PAGE) as usize];
         sys::pread_exact(self.pages.as_fd(), &mut buf, offset).map_err(|e| {
@@ -370,18 +324,11 @@ impl Image {
                     reason: format!("page data ends before run {:#x} (truncated)", run.addr),
                 }
             } else {
-                ImageError::Io {
-                    path: path.clone(),
-                    what: "read page data",
-                    source: e,
-                }
+                ImageError::Io { path: path.clone(), what: "read page data", source: e }
             }
         })?;
         if crc32fast::hash(&buf) != crc {
-            return Err(ImageError::Corrupt {
-                path,
-                reason: format!("checksum mismatch in pages at {:#x}", run.addr),
-            });
+            return Err(ImageError::Corrupt { path, reason: format!("checksum mismatch in pages at {:#x}", run.addr) });
         }
         Ok(buf)
     }
@@ -408,16 +355,8 @@ impl Image {
         s += &format!("  open files: {}\n", self.tree.files.len());
         for p in &self.tree.processes {
             let runs = self.runs_of(p.pid);
-            let here: u64 = runs
-                .iter()
-                .filter(|r| matches!(r.loc, RunLoc::Here { .. }))
-                .map(|r| r.pages as u64)
-                .sum();
-            let parent: u64 = runs
-                .iter()
-                .filter(|r| r.loc == RunLoc::Parent)
-                .map(|r| r.pages as u64)
-                .sum();
+            let here: u64 = runs.iter().filter(|r| matches!(r.loc, RunLoc::Here { .. })).map(|r| r.pages as u64).sum();
+            let parent: u64 = runs.iter().filter(|r| r.loc == RunLoc::Parent).map(|r| r.pages as u64).sum();
             match &p.kind {
                 ProcessKind::Live(st) => {
                     s += &format!(
@@ -473,13 +412,7 @@ impl ImageChain {
         self.read_at(0, pid, addr, buf)
     }
 
-    fn read_at(
-        &mut self,
-        level: usize,
-        pid: i32,
-        addr: u64,
-        buf: &mut [u8],
-    ) -> Result<(), ImageError> {
+    fn read_at(&mut self, level: usize, pid: i32, addr: u64, buf: &mut [u8]) -> Result<(), ImageError> {
         let end = addr + buf.len() as u64;
         let mut cur = addr;
         while cur < end {
@@ -487,14 +420,12 @@ impl ImageChain {
                 path: self.images[level - 1].dir.clone(),
                 reason: "a run refers to the parent image but there is none".into(),
             })?;
-            let run = *img
-                .runs_of(pid)
-                .iter()
-                .find(|r| r.addr <= cur && cur < r.end())
-                .ok_or_else(|| ImageError::Corrupt {
+            let run = *img.runs_of(pid).iter().find(|r| r.addr <= cur && cur < r.end()).ok_or_else(|| {
+                ImageError::Corrupt {
                     path: img.dir.clone(),
                     reason: format!("no saved page at {cur:#x} for pid {pid}"),
-                })?;
+                }
+            })?;
             let piece_end = end.min(run.end());
             let out = &mut buf[(cur - addr) as usize..(piece_end - addr) as usize];
             match run.loc {
@@ -541,9 +472,7 @@ impl PageSource for ChainPages<'_> {
     }
 
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> io::Result<()> {
-        self.chain
-            .read(self.pid, addr, buf)
-            .map_err(io::Error::other)
+        self.chain.read(self.pid, addr, buf).map_err(io::Error::other)
     }
 }
 
@@ -560,37 +489,22 @@ impl ImageWriter {
         fs::create_dir_all(tmp).map_err(io_err(tmp, "create the image directory"))?;
         let p = tmp.join(PAGES);
         let pages = File::create(&p).map_err(io_err(&p, "create page data"))?;
-        Ok(ImageWriter {
-            tmp: tmp.to_path_buf(),
-            header,
-            pages: BufWriter::with_capacity(1 << 20, pages),
-            offset: 0,
-        })
+        Ok(ImageWriter { tmp: tmp.to_path_buf(), header, pages: BufWriter::with_capacity(1 << 20, pages), offset: 0 })
     }
 
     fn add_run(&mut self, addr: u64, data: &[u8]) -> Result<PageRun, ImageError> {
         let p = self.tmp.join(PAGES);
-        self.pages
-            .write_all(data)
-            .map_err(io_err(&p, "write page data"))?;
+        self.pages.write_all(data).map_err(io_err(&p, "write page data"))?;
         let run = PageRun {
             addr,
             pages: (data.len() as u64 / PAGE) as u32,
-            loc: RunLoc::Here {
-                offset: self.offset,
-                crc: crc32fast::hash(data),
-            },
+            loc: RunLoc::Here { offset: self.offset, crc: crc32fast::hash(data) },
         };
         self.offset += data.len() as u64;
         Ok(run)
     }
 
-    fn finish(
-        self,
-        tree: &TreeState,
-        index: &PageIndex,
-        parent_bytes: u64,
-    ) -> Result<ImageInfo, ImageError> {
+    fn finish(self, tree: &TreeState, index: &PageIndex, parent_bytes: u64) -> Result<ImageInfo, ImageError> {
         let p = self.tmp.join(PAGES);
         let pages = self.pages.into_inner().map_err(|e| ImageError::Io {
             path: p.clone(),
@@ -611,15 +525,8 @@ impl ImageWriter {
             meta.get_ref().sync_all()
         };
         write().map_err(io_err(&m, "write metadata"))?;
-        File::open(&self.tmp)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&self.tmp, "sync the image directory"))?;
-        Ok(ImageInfo {
-            id: self.header.id,
-            parent: self.header.parent,
-            page_bytes: self.offset,
-            parent_bytes,
-        })
+        File::open(&self.tmp).and_then(|d| d.sync_all()).map_err(io_err(&self.tmp, "sync the image directory"))?;
+        Ok(ImageInfo { id: self.header.id, parent: self.header.parent, page_bytes: self.offset, parent_bytes })
     }
 }
 
@@ -662,48 +569,32 @@ impl ImageJob {
             let parent = self.parent_pages.get(pid);
             let mut runs = Vec::new();
             for vma in st.vmas.iter().filter(|v| v.dumped) {
-                let pm = src
-                    .pagemap(vma.start, vma.end)
-                    .map_err(|_| ImageError::TemplateGone { pid: *pid })?;
+                let pm = src.pagemap(vma.start, vma.end).map_err(|_| ImageError::TemplateGone { pid: *pid })?;
                 // A page is unchanged when the parent checkpoint's template maps the very same
                 // physical page at that address (copy-on-write never lets either side write it).
                 let old = parent.and_then(|pp| pp.pagemap(vma.start, vma.end).ok());
-                let saved: Vec<bool> = pm
-                    .iter()
-                    .map(|&e| crate::mm::page_is_saved(vma, e))
-                    .collect();
+                let saved: Vec<bool> = pm.iter().map(|&e| crate::mm::page_is_saved(vma, e)).collect();
                 let same: Vec<bool> = match &old {
                     Some(old) => pm
                         .iter()
                         .zip(old)
                         .zip(&saved)
                         .map(|((&n, &o), &s)| {
-                            s && crate::mm::page_is_saved(vma, o)
-                                && n & PFN_MASK == o & PFN_MASK
-                                && n & PFN_MASK != 0
+                            s && crate::mm::page_is_saved(vma, o) && n & PFN_MASK == o & PFN_MASK && n & PFN_MASK != 0
                         })
                         .collect(),
                     None => vec![false; pm.len()],
                 };
-                for (start, len) in
-                    runs_of(vma.start, saved.iter().zip(&same).map(|(&s, &u)| s && u))
-                {
+                for (start, len) in runs_of(vma.start, saved.iter().zip(&same).map(|(&s, &u)| s && u)) {
                     for (s, l) in split(start, len) {
-                        runs.push(PageRun {
-                            addr: s,
-                            pages: (l / PAGE) as u32,
-                            loc: RunLoc::Parent,
-                        });
+                        runs.push(PageRun { addr: s, pages: (l / PAGE) as u32, loc: RunLoc::Parent });
                         parent_bytes += l;
                     }
                 }
-                for (start, len) in
-                    runs_of(vma.start, saved.iter().zip(&same).map(|(&s, &u)| s && !u))
-                {
+                for (start, len) in runs_of(vma.start, saved.iter().zip(&same).map(|(&s, &u)| s && !u)) {
                     for (s, l) in split(start, len) {
                         buf.resize(l as usize, 0);
-                        src.read_at(s, &mut buf)
-                            .map_err(|_| ImageError::TemplateGone { pid: *pid })?;
+                        src.read_at(s, &mut buf).map_err(|_| ImageError::TemplateGone { pid: *pid })?;
                         runs.push(w.add_run(s, &buf)?);
                     }
                 }
@@ -714,9 +605,7 @@ impl ImageJob {
         let info = w.finish(&self.tree, &index, parent_bytes)?;
         let dir = store.path_of(id);
         fs::rename(&tmp, &dir).map_err(io_err(&tmp, "publish the image"))?;
-        File::open(&store.root)
-            .and_then(|d| d.sync_all())
-            .map_err(io_err(&store.root, "sync the store"))?;
+        File::open(&store.root).and_then(|d| d.sync_all()).map_err(io_err(&store.root, "sync the store"))?;
         Ok(info)
     }
 }

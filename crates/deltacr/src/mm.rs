@@ -64,10 +64,7 @@ impl ProcessPages {
         let open = |name: &str| -> std::io::Result<OwnedFd> {
             Ok(std::fs::File::open(format!("/proc/{}/{name}", pid.as_raw()))?.into())
         };
-        Ok(ProcessPages {
-            pagemap: open("pagemap")?,
-            mem: open("mem")?,
-        })
+        Ok(ProcessPages { pagemap: open("pagemap")?, mem: open("mem")? })
     }
 
     /// Reads the process's memory at `addr` (any protection).
@@ -80,10 +77,7 @@ impl ProcessPages {
         let n = ((end - start) / PAGE) as usize;
         let mut raw = vec![0u8; n * 8];
         sys::pread_exact(self.pagemap.as_fd(), &mut raw, (start / PAGE) * 8)?;
-        Ok(raw
-            .chunks_exact(8)
-            .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-            .collect())
+        Ok(raw.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes"))).collect())
     }
 }
 
@@ -119,10 +113,7 @@ impl PageSource for ProcessPages {
             return Ok(Vec::new());
         }
         let pm = self.pagemap(vma.start, vma.end)?;
-        Ok(runs_of(
-            vma.start,
-            pm.iter().map(|&e| page_is_saved(vma, e)),
-        ))
+        Ok(runs_of(vma.start, pm.iter().map(|&e| page_is_saved(vma, e))))
     }
 
     fn read(&mut self, addr: u64, buf: &mut [u8]) -> std::io::Result<()> {
@@ -142,10 +133,7 @@ pub fn rebuild(
     src: &mut dyn PageSource,
 ) -> Result<Scratch, MmError> {
     let pid = inj.pid();
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     // 1. exec the original executable: a fresh mm whose exe link is right.
     exec(inj, ns_pid, &scratch, &mm.exe)?;
     inj.set_gadget(ptrace::find_syscall_gadget(pid).map_err(perr)?);
@@ -158,15 +146,11 @@ pub fn rebuild(
         source: std::io::Error::other(e),
     })?;
     for m in &current {
-        let special = matches!(
-            m.name.as_str(),
-            "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]"
-        );
+        let special = matches!(m.name.as_str(), "[vdso]" | "[vvar]" | "[vvar_vclock]" | "[vsyscall]");
         if special || m.start == scratch.addr {
             continue;
         }
-        inj.call(libc::SYS_munmap, &[m.start, m.len()])
-            .map_err(perr)?;
+        inj.call(libc::SYS_munmap, &[m.start, m.len()]).map_err(perr)?;
     }
     // 4. the vdso and vvar pages go back to their old addresses.
     move_specials(inj, ns_pid, &current, vmas, &scratch)?;
@@ -183,10 +167,7 @@ pub fn rebuild(
 }
 
 fn exec(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, exe: &str) -> Result<(), MmError> {
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let path = exe.trim_end_matches(" (deleted)");
     let mut block = path.as_bytes().to_vec();
     block.push(0);
@@ -198,9 +179,7 @@ fn exec(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, exe: &str) -> Result
     scratch.write(0, &block).map_err(perr)?;
     let argv = scratch.addr + argv_off as u64;
     let envp = argv + 8;
-    let r = inj
-        .syscall(libc::SYS_execve, &[path_addr, argv, envp])
-        .map_err(perr)?;
+    let r = inj.syscall(libc::SYS_execve, &[path_addr, argv, envp]).map_err(perr)?;
     if r.ret < 0 {
         return Err(MmError::Io {
             pid: ns_pid,
@@ -212,21 +191,12 @@ fn exec(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, exe: &str) -> Result
 }
 
 /// Candidate places for scratch memory, high in the address space where programs rarely map.
-const SCRATCH_CANDIDATES: [u64; 6] = [
-    0x3f00_0000_0000,
-    0x3e00_0000_0000,
-    0x2f00_0000_0000,
-    0x1f00_0000_0000,
-    0x0f00_0000_0000,
-    0x0700_0000_0000,
-];
+const SCRATCH_CANDIDATES: [u64; 6] =
+    [0x3f00_0000_0000, 0x3e00_0000_0000, 0x2f00_0000_0000, 0x1f00_0000_0000, 0x0f00_0000_0000, 0x0700_0000_0000];
 
 fn map_scratch_outside(inj: &mut Injector, ns_pid: i32, vmas: &[Vma]) -> Result<Scratch, MmError> {
     for cand in SCRATCH_CANDIDATES {
-        if vmas
-            .iter()
-            .any(|v| v.start < cand + SCRATCH_LEN && cand < v.end)
-        {
+        if vmas.iter().any(|v| v.start < cand + SCRATCH_LEN && cand < v.end) {
             continue;
         }
         let r = inj
@@ -241,18 +211,12 @@ fn map_scratch_outside(inj: &mut Injector, ns_pid: i32, vmas: &[Vma]) -> Result<
                     0,
                 ],
             )
-            .map_err(|source| MmError::Ptrace {
-                pid: ns_pid,
-                source,
-            })?;
+            .map_err(|source| MmError::Ptrace { pid: ns_pid, source })?;
         if r.ret == cand as i64 {
             return Ok(Scratch::at(inj.pid(), cand, SCRATCH_LEN as usize));
         }
     }
-    Err(MmError::Layout {
-        pid: ns_pid,
-        reason: "no free place for scratch memory".into(),
-    })
+    Err(MmError::Layout { pid: ns_pid, reason: "no free place for scratch memory".into() })
 }
 
 fn move_specials(
@@ -262,10 +226,7 @@ fn move_specials(
     vmas: &[Vma],
     scratch: &Scratch,
 ) -> Result<(), MmError> {
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let mut moves = Vec::new();
     for v in vmas {
         let VmaBacking::Special { name } = &v.backing else {
@@ -274,18 +235,11 @@ fn move_specials(
         let cur = current
             .iter()
             .find(|m| &m.name == name)
-            .ok_or_else(|| MmError::Layout {
-                pid: ns_pid,
-                reason: format!("this kernel has no {name} mapping"),
-            })?;
+            .ok_or_else(|| MmError::Layout { pid: ns_pid, reason: format!("this kernel has no {name} mapping") })?;
         if cur.len() != v.len() {
             return Err(MmError::Layout {
                 pid: ns_pid,
-                reason: format!(
-                    "{name} is {} bytes here but was {} (another kernel?)",
-                    cur.len(),
-                    v.len()
-                ),
+                reason: format!("{name} is {} bytes here but was {} (another kernel?)", cur.len(), v.len()),
             });
         }
         moves.push((cur.start, v.start, v.len(), name.clone()));
@@ -294,17 +248,8 @@ fn move_specials(
     // still occupied by another special mapping.
     let mut park = scratch.addr + scratch.len as u64;
     let mremap = |inj: &mut Injector, from: u64, to: u64, len: u64| {
-        inj.call(
-            libc::SYS_mremap,
-            &[
-                from,
-                len,
-                len,
-                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                to,
-            ],
-        )
-        .map_err(perr)
+        inj.call(libc::SYS_mremap, &[from, len, len, (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64, to])
+            .map_err(perr)
     };
     let mut parked = Vec::new();
     for (from, to, len, name) in &moves {
@@ -340,18 +285,10 @@ fn map_all(
     files: &mut HashMap<(String, bool), u64>,
 ) -> Result<(), MmError> {
     let pid = inj.pid();
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let mut buf = vec![0u8; COPY_CHUNK];
     for v in vmas {
-        let mut flags = if v.shared {
-            libc::MAP_SHARED
-        } else {
-            libc::MAP_PRIVATE
-        } as u64
-            | libc::MAP_FIXED as u64;
+        let mut flags = if v.shared { libc::MAP_SHARED } else { libc::MAP_PRIVATE } as u64 | libc::MAP_FIXED as u64;
         if v.vm_flags.iter().any(|f| f == "gd") {
             flags |= libc::MAP_GROWSDOWN as u64;
         }
@@ -361,31 +298,20 @@ fn map_all(
                 flags |= libc::MAP_ANONYMOUS as u64;
                 (u64::MAX, 0)
             }
-            VmaBacking::File {
-                path,
-                offset,
-                dev,
-                inode,
-            } => {
+            VmaBacking::File { path, offset, dev, inode } => {
                 if v.shared
-                    && (path.starts_with("/dev/zero")
-                        || path.starts_with("/SYSV")
-                        || path.starts_with("/memfd:"))
+                    && (path.starts_with("/dev/zero") || path.starts_with("/SYSV") || path.starts_with("/memfd:"))
                 {
                     return Err(MmError::Layout {
                         pid: ns_pid,
-                        reason: format!(
-                            "shared memory {path} at {:#x} cannot be restored yet",
-                            v.start
-                        ),
+                        reason: format!("shared memory {path} at {:#x} cannot be restored yet", v.start),
                     });
                 }
                 let writable = v.shared && v.prot & libc::PROT_WRITE != 0;
                 let fd = match files.get(&(path.clone(), writable)) {
                     Some(fd) => *fd,
                     None => {
-                        let fd =
-                            open_for_mapping(inj, ns_pid, scratch, path, writable, (*dev, *inode))?;
+                        let fd = open_for_mapping(inj, ns_pid, scratch, path, writable, (*dev, *inode))?;
                         files.insert((path.clone(), writable), fd);
                         fd
                     }
@@ -399,46 +325,30 @@ fn map_all(
             source,
         })?;
         // Map writable while filling, then set the real protection.
-        let fill_prot = if runs.is_empty() {
-            v.prot
-        } else {
-            v.prot | libc::PROT_READ | libc::PROT_WRITE
-        };
-        let r = inj
-            .call(
-                libc::SYS_mmap,
-                &[v.start, v.len(), fill_prot as u64, flags, fd, offset],
-            )
-            .map_err(perr)?;
+        let fill_prot = if runs.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
+        let r = inj.call(libc::SYS_mmap, &[v.start, v.len(), fill_prot as u64, flags, fd, offset]).map_err(perr)?;
         if r as u64 != v.start {
-            return Err(MmError::Layout {
-                pid: ns_pid,
-                reason: format!("mapping {:#x} landed at {r:#x}", v.start),
-            });
+            return Err(MmError::Layout { pid: ns_pid, reason: format!("mapping {:#x} landed at {r:#x}", v.start) });
         }
         for (start, len) in runs {
             let mut done = 0u64;
             while done < len {
                 let n = ((len - done) as usize).min(buf.len());
-                src.read(start + done, &mut buf[..n])
-                    .map_err(|source| MmError::Io {
-                        pid: ns_pid,
-                        what: format!("read saved pages at {:#x}", start + done),
-                        source,
-                    })?;
-                sys::process_vm_write(pid, &buf[..n], &[(start + done, n)]).map_err(|source| {
-                    MmError::Io {
-                        pid: ns_pid,
-                        what: format!("write pages at {:#x}", start + done),
-                        source,
-                    }
+                src.read(start + done, &mut buf[..n]).map_err(|source| MmError::Io {
+                    pid: ns_pid,
+                    what: format!("read saved pages at {:#x}", start + done),
+                    source,
+                })?;
+                sys::process_vm_write(pid, &buf[..n], &[(start + done, n)]).map_err(|source| MmError::Io {
+                    pid: ns_pid,
+                    what: format!("write pages at {:#x}", start + done),
+                    source,
                 })?;
                 done += n as u64;
             }
         }
         if fill_prot != v.prot {
-            inj.call(libc::SYS_mprotect, &[v.start, v.len(), v.prot as u64])
-                .map_err(perr)?;
+            inj.call(libc::SYS_mprotect, &[v.start, v.len(), v.prot as u64]).map_err(perr)?;
         }
     }
     Ok(())
@@ -452,24 +362,12 @@ fn open_for_mapping(
     writable: bool,
     (dev, inode): (u64, u64),
 ) -> Result<u64, MmError> {
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let mut cpath = path.as_bytes().to_vec();
     cpath.push(0);
     let addr = scratch.write(0, &cpath).map_err(perr)?;
-    let flags = if writable {
-        libc::O_RDWR
-    } else {
-        libc::O_RDONLY
-    } | libc::O_CLOEXEC;
-    let r = inj
-        .syscall(
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        )
-        .map_err(perr)?;
+    let flags = if writable { libc::O_RDWR } else { libc::O_RDONLY } | libc::O_CLOEXEC;
+    let r = inj.syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags as u64, 0]).map_err(perr)?;
     if r.ret < 0 {
         return Err(MmError::Io {
             pid: ns_pid,
@@ -477,33 +375,19 @@ fn open_for_mapping(
             source: std::io::Error::from_raw_os_error(-r.ret as i32),
         });
     }
-    let meta =
-        std::fs::metadata(format!("/proc/{}/fd/{}", inj.pid(), r.ret)).map_err(|source| {
-            MmError::Io {
-                pid: ns_pid,
-                what: format!("stat {path}"),
-                source,
-            }
-        })?;
+    let meta = std::fs::metadata(format!("/proc/{}/fd/{}", inj.pid(), r.ret)).map_err(|source| MmError::Io {
+        pid: ns_pid,
+        what: format!("stat {path}"),
+        source,
+    })?;
     if (meta.dev(), meta.ino()) != (dev, inode) {
-        return Err(MmError::Layout {
-            pid: ns_pid,
-            reason: format!("{path} is another file than at checkpoint time"),
-        });
+        return Err(MmError::Layout { pid: ns_pid, reason: format!("{path} is another file than at checkpoint time") });
     }
     Ok(r.ret as u64)
 }
 
-fn set_mm_map(
-    inj: &mut Injector,
-    ns_pid: i32,
-    scratch: &Scratch,
-    mm: &MmState,
-) -> Result<(), MmError> {
-    let perr = |source| MmError::Ptrace {
-        pid: ns_pid,
-        source,
-    };
+fn set_mm_map(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, mm: &MmState) -> Result<(), MmError> {
+    let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let auxv_off = 128usize;
     let mut block = Vec::with_capacity(auxv_off + mm.auxv.len() * 8);
     for v in [
@@ -530,10 +414,6 @@ fn set_mm_map(
         block.extend_from_slice(&w.to_ne_bytes());
     }
     scratch.write(0, &block).map_err(perr)?;
-    inj.call(
-        libc::SYS_prctl,
-        &[PR_SET_MM, PR_SET_MM_MAP, scratch.addr, map_len as u64],
-    )
-    .map_err(perr)?;
+    inj.call(libc::SYS_prctl, &[PR_SET_MM, PR_SET_MM_MAP, scratch.addr, map_len as u64]).map_err(perr)?;
     Ok(())
 }

@@ -47,10 +47,7 @@ pub struct PidSetter {
 impl PidSetter {
     /// Starts a helper in the pid namespace of host process `ns_member` (e.g. the sandbox's init).
     pub fn spawn(ns_member: Pid) -> Result<PidSetter, PidNsError> {
-        let enter = |source| PidNsError::Enter {
-            pid: ns_member.as_raw(),
-            source,
-        };
+        let enter = |source| PidNsError::Enter { pid: ns_member.as_raw(), source };
         let target = File::open(format!("/proc/{}/ns/pid", ns_member.as_raw())).map_err(enter)?;
         let own = File::open("/proc/thread-self/ns/pid_for_children").map_err(enter)?;
         let pid_max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
@@ -66,11 +63,7 @@ impl PidSetter {
         let first = forked.map_err(PidNsError::Spawn)?;
         drop::<OwnedFd>(req_rd);
         drop::<OwnedFd>(ack_wr);
-        let mut setter = PidSetter {
-            req: req_wr.into(),
-            ack: ack_rd.into(),
-            helper_ns_pid: 0,
-        };
+        let mut setter = PidSetter { req: req_wr.into(), ack: ack_rd.into(), helper_ns_pid: 0 };
         let answer = setter.read_answer();
         waitpid(first, None).map_err(|e| PidNsError::Spawn(e.into()))?;
         setter.helper_ns_pid = answer?;
@@ -89,9 +82,7 @@ impl PidSetter {
     }
 
     fn request(&mut self, v: i32) -> Result<i32, PidNsError> {
-        self.req
-            .write_all(&v.to_ne_bytes())
-            .map_err(PidNsError::Request)?;
+        self.req.write_all(&v.to_ne_bytes()).map_err(PidNsError::Request)?;
         self.read_answer()
     }
 

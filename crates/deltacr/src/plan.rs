@@ -29,12 +29,8 @@ pub struct RestorePlan {
 /// Plans the restore of `tree` (processes ordered parents first; pid 1 is the sandbox's init).
 pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
     let parent: HashMap<i32, i32> = tree.processes.iter().map(|p| (p.pid, p.ppid)).collect();
-    let live: HashMap<i32, &crate::state::ProcessEntry> = tree
-        .processes
-        .iter()
-        .filter(|p| matches!(p.kind, ProcessKind::Live(_)))
-        .map(|p| (p.pid, p))
-        .collect();
+    let live: HashMap<i32, &crate::state::ProcessEntry> =
+        tree.processes.iter().filter(|p| matches!(p.kind, ProcessKind::Live(_))).map(|p| (p.pid, p)).collect();
     let ancestors = |pid: i32| -> Vec<i32> {
         let mut chain = vec![pid];
         let mut cur = pid;
@@ -52,14 +48,8 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
     // created as one unit.
     for f in &tree.files {
         let (key, second) = match f.kind {
-            FileKind::Pipe {
-                pipe, write_end, ..
-            } => (pipe, write_end),
-            FileKind::Unix {
-                ino,
-                peer: Some(peer),
-                ..
-            } => (ino.min(peer), ino > peer),
+            FileKind::Pipe { pipe, write_end, .. } => (pipe, write_end),
+            FileKind::Unix { ino, peer: Some(peer), .. } => (ino.min(peer), ino > peer),
             _ => continue,
         };
         let ends = out.fds.pairs.entry(key).or_default();
@@ -108,7 +98,9 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
             return Err(PlanError {
                 pid: p.pid,
                 comm: p.comm.clone(),
-                reason: format!("an open file is shared with processes {pids:?} outside its subtree (not supported yet)"),
+                reason: format!(
+                    "an open file is shared with processes {pids:?} outside its subtree (not supported yet)"
+                ),
             });
         };
         let create = out.create.entry(lca).or_default();
@@ -126,42 +118,26 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
     out.fds.base = max_fd + 1;
     out.fds.count = tree.files.len() as i32;
     for p in &tree.processes {
-        let err = |reason: String| PlanError {
-            pid: p.pid,
-            comm: p.comm.clone(),
-            reason,
-        };
+        let err = |reason: String| PlanError { pid: p.pid, comm: p.comm.clone(), reason };
         let parent_entry = tree.processes.iter().find(|q| q.pid == p.ppid);
         match &p.kind {
             ProcessKind::Zombie { .. } => {
-                let Some(pe) = parent_entry.filter(|pe| matches!(pe.kind, ProcessKind::Live(_)))
-                else {
-                    return Err(err(
-                        "a zombie whose parent is init is not restored (init reaps it)".into(),
-                    ));
+                let Some(pe) = parent_entry.filter(|pe| matches!(pe.kind, ProcessKind::Live(_))) else {
+                    return Err(err("a zombie whose parent is init is not restored (init reaps it)".into()));
                 };
                 if p.pgid != pe.pgid && p.pgid != p.pid {
-                    return Err(err(format!(
-                        "zombie in process group {} of another process",
-                        p.pgid
-                    )));
+                    return Err(err(format!("zombie in process group {} of another process", p.pgid)));
                 }
                 out.zombie_parents.insert(pe.pid);
             }
             ProcessKind::Live(_) => {
                 if let Some(pe) = parent_entry {
                     if p.sid != pe.sid && p.sid != p.pid {
-                        return Err(err(format!(
-                            "session {} is neither its parent's nor its own",
-                            p.sid
-                        )));
+                        return Err(err(format!("session {} is neither its parent's nor its own", p.sid)));
                     }
                 }
                 if p.pgid != 0 && p.pgid != p.pid && !live.contains_key(&p.pgid) {
-                    return Err(err(format!(
-                        "process group {} has no leader any more (not supported yet)",
-                        p.pgid
-                    )));
+                    return Err(err(format!("process group {} has no leader any more (not supported yet)", p.pgid)));
                 }
             }
         }
@@ -173,11 +149,7 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
 pub fn pair_key(kind: &FileKind) -> Option<u64> {
     match *kind {
         FileKind::Pipe { pipe, .. } => Some(pipe),
-        FileKind::Unix {
-            ino,
-            peer: Some(peer),
-            ..
-        } => Some(ino.min(peer)),
+        FileKind::Unix { ino, peer: Some(peer), .. } => Some(ino.min(peer)),
         _ => None,
     }
 }

@@ -26,10 +26,7 @@ fn read_string(path: PathBuf) -> Result<String, ProcError> {
 }
 
 fn parse_err(path: PathBuf, what: impl Into<String>) -> ProcError {
-    ProcError::Parse {
-        path,
-        what: what.into(),
-    }
+    ProcError::Parse { path, what: what.into() }
 }
 
 /// `/proc/<pid>` (or `/proc/<pid>/task/<tid>` when `tid` is given).
@@ -109,20 +106,12 @@ pub fn smaps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
     let mut out: Vec<MapEntry> = Vec::new();
     for line in text.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
-            let last = out
-                .last_mut()
-                .ok_or_else(|| parse_err(path.clone(), "VmFlags before a mapping"))?;
+            let last = out.last_mut().ok_or_else(|| parse_err(path.clone(), "VmFlags before a mapping"))?;
             last.vm_flags = flags.split_whitespace().map(str::to_string).collect();
-        } else if line
-            .as_bytes()
-            .first()
-            .is_some_and(|b| b.is_ascii_hexdigit())
+        } else if line.as_bytes().first().is_some_and(|b| b.is_ascii_hexdigit())
             && line.split(' ').next().is_some_and(|f| f.contains('-'))
         {
-            out.push(
-                parse_map_line(line)
-                    .ok_or_else(|| parse_err(path.clone(), format!("bad line {line:?}")))?,
-            );
+            out.push(parse_map_line(line).ok_or_else(|| parse_err(path.clone(), format!("bad line {line:?}")))?);
         }
     }
     Ok(out)
@@ -132,11 +121,7 @@ pub fn smaps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
 pub fn maps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
     let path = dir(pid).join("maps");
     let text = read_string(path.clone())?;
-    text.lines()
-        .map(|l| {
-            parse_map_line(l).ok_or_else(|| parse_err(path.clone(), format!("bad line {l:?}")))
-        })
-        .collect()
+    text.lines().map(|l| parse_map_line(l).ok_or_else(|| parse_err(path.clone(), format!("bad line {l:?}")))).collect()
 }
 
 /// `key: value` lines of /proc/PID/status (or of a thread's status).
@@ -163,32 +148,23 @@ impl Status {
         Ok(Status { path, fields })
     }
     pub fn get(&self, key: &str) -> Result<&str, ProcError> {
-        self.fields
-            .get(key)
-            .map(String::as_str)
-            .ok_or_else(|| parse_err(self.path.clone(), format!("no {key}")))
+        self.fields.get(key).map(String::as_str).ok_or_else(|| parse_err(self.path.clone(), format!("no {key}")))
     }
     /// Whitespace-separated decimal numbers of a field (e.g. `Uid`, `NSpid`).
     pub fn numbers(&self, key: &str) -> Result<Vec<i64>, ProcError> {
         self.get(key)?
             .split_whitespace()
-            .map(|n| {
-                n.parse()
-                    .map_err(|_| parse_err(self.path.clone(), format!("bad {key}")))
-            })
+            .map(|n| n.parse().map_err(|_| parse_err(self.path.clone(), format!("bad {key}"))))
             .collect()
     }
     /// A hexadecimal field (e.g. `CapEff`, `SigBlk`).
     pub fn hex(&self, key: &str) -> Result<u64, ProcError> {
-        u64::from_str_radix(self.get(key)?, 16)
-            .map_err(|_| parse_err(self.path.clone(), format!("bad {key}")))
+        u64::from_str_radix(self.get(key)?, 16).map_err(|_| parse_err(self.path.clone(), format!("bad {key}")))
     }
     /// The last number of an `NS*` field: the id as seen in the innermost pid namespace.
     pub fn innermost(&self, key: &str) -> Result<i32, ProcError> {
         let v = self.numbers(key)?;
-        v.last()
-            .map(|&n| n as i32)
-            .ok_or_else(|| parse_err(self.path.clone(), format!("empty {key}")))
+        v.last().map(|&n| n as i32).ok_or_else(|| parse_err(self.path.clone(), format!("empty {key}")))
     }
 }
 
@@ -203,48 +179,28 @@ impl Stat {
     pub fn read(pid: Pid) -> Result<Stat, ProcError> {
         let path = dir(pid).join("stat");
         let text = read_string(path.clone())?;
-        let open = text
-            .find('(')
-            .ok_or_else(|| parse_err(path.clone(), "no ("))?;
-        let close = text
-            .rfind(')')
-            .ok_or_else(|| parse_err(path.clone(), "no )"))?;
+        let open = text.find('(').ok_or_else(|| parse_err(path.clone(), "no ("))?;
+        let close = text.rfind(')').ok_or_else(|| parse_err(path.clone(), "no )"))?;
         Ok(Stat {
             comm: text[open + 1..close].to_string(),
-            rest: text[close + 1..]
-                .split_whitespace()
-                .map(str::to_string)
-                .collect(),
+            rest: text[close + 1..].split_whitespace().map(str::to_string).collect(),
         })
     }
     /// Field number `n` as numbered in proc(5) (1 = pid, 2 = comm, 3 = state, ...).
     pub fn field(&self, n: usize) -> u64 {
-        self.rest
-            .get(n - 3)
-            .and_then(|s| s.parse::<i64>().ok())
-            .map(|v| v as u64)
-            .unwrap_or(0)
+        self.rest.get(n - 3).and_then(|s| s.parse::<i64>().ok()).map(|v| v as u64).unwrap_or(0)
     }
     pub fn state(&self) -> char {
-        self.rest
-            .first()
-            .and_then(|s| s.chars().next())
-            .unwrap_or('?')
+        self.rest.first().and_then(|s| s.chars().next()).unwrap_or('?')
     }
 }
 
 /// The numeric names in a directory (task ids, fd numbers), sorted.
 fn numeric_entries(path: PathBuf) -> Result<Vec<i32>, ProcError> {
-    let rd = fs::read_dir(&path).map_err(|source| ProcError::Read {
-        path: path.clone(),
-        source,
-    })?;
+    let rd = fs::read_dir(&path).map_err(|source| ProcError::Read { path: path.clone(), source })?;
     let mut out = Vec::new();
     for e in rd {
-        let e = e.map_err(|source| ProcError::Read {
-            path: path.clone(),
-            source,
-        })?;
+        let e = e.map_err(|source| ProcError::Read { path: path.clone(), source })?;
         if let Some(n) = e.file_name().to_str().and_then(|s| s.parse().ok()) {
             out.push(n);
         }
@@ -255,10 +211,7 @@ fn numeric_entries(path: PathBuf) -> Result<Vec<i32>, ProcError> {
 
 /// Thread ids (host pids) of a process.
 pub fn tasks(pid: Pid) -> Result<Vec<Pid>, ProcError> {
-    Ok(numeric_entries(dir(pid).join("task"))?
-        .into_iter()
-        .map(Pid::from_raw)
-        .collect())
+    Ok(numeric_entries(dir(pid).join("task"))?.into_iter().map(Pid::from_raw).collect())
 }
 
 /// Children (host pids) of all threads of a process.
@@ -266,11 +219,7 @@ pub fn children(pid: Pid) -> Result<Vec<Pid>, ProcError> {
     let mut out = Vec::new();
     for tid in tasks(pid)? {
         let text = read_string(task_dir(pid, tid).join("children"))?;
-        out.extend(
-            text.split_whitespace()
-                .filter_map(|s| s.parse().ok())
-                .map(Pid::from_raw),
-        );
+        out.extend(text.split_whitespace().filter_map(|s| s.parse().ok()).map(Pid::from_raw));
     }
     out.sort();
     out.dedup();
@@ -285,14 +234,8 @@ pub fn fds(pid: Pid) -> Result<Vec<i32>, ProcError> {
 /// The target of a magic link such as /proc/PID/fd/N, /proc/PID/cwd or /proc/PID/exe.
 pub fn link(pid: Pid, name: &str) -> Result<String, ProcError> {
     let path = dir(pid).join(name);
-    let target = fs::read_link(&path).map_err(|source| ProcError::Read {
-        path: path.clone(),
-        source,
-    })?;
-    target
-        .into_os_string()
-        .into_string()
-        .map_err(|_| parse_err(path, "target is not UTF-8"))
+    let target = fs::read_link(&path).map_err(|source| ProcError::Read { path: path.clone(), source })?;
+    target.into_os_string().into_string().map_err(|_| parse_err(path, "target is not UTF-8"))
 }
 
 /// The `key: value` lines of /proc/PID/fdinfo/FD (multi-valued keys such as epoll's `tfd` are kept in order).
@@ -321,14 +264,11 @@ impl FdInfo {
             .ok_or_else(|| parse_err(self.path.clone(), format!("no {key}")))
     }
     pub fn pos(&self) -> Result<u64, ProcError> {
-        self.get("pos")?
-            .parse()
-            .map_err(|_| parse_err(self.path.clone(), "bad pos"))
+        self.get("pos")?.parse().map_err(|_| parse_err(self.path.clone(), "bad pos"))
     }
     /// The `flags` field (octal `O_*` flags of the open file description, plus O_CLOEXEC of the fd).
     pub fn flags(&self) -> Result<i32, ProcError> {
-        i32::from_str_radix(self.get("flags")?, 8)
-            .map_err(|_| parse_err(self.path.clone(), "bad flags"))
+        i32::from_str_radix(self.get("flags")?, 8).map_err(|_| parse_err(self.path.clone(), "bad flags"))
     }
 }
 
@@ -336,26 +276,19 @@ impl FdInfo {
 pub fn auxv(pid: Pid) -> Result<Vec<u64>, ProcError> {
     let path = dir(pid).join("auxv");
     let bytes = fs::read(&path).map_err(|source| ProcError::Read { path, source })?;
-    Ok(bytes
-        .chunks_exact(8)
-        .map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+    Ok(bytes.chunks_exact(8).map(|c| u64::from_ne_bytes(c.try_into().expect("8 bytes"))).collect())
 }
 
 /// A thread's name (`/proc/PID/task/TID/comm`, without the newline).
 pub fn thread_comm(pid: Pid, tid: Pid) -> Result<String, ProcError> {
-    Ok(read_string(task_dir(pid, tid).join("comm"))?
-        .trim_end_matches('\n')
-        .to_string())
+    Ok(read_string(task_dir(pid, tid).join("comm"))?.trim_end_matches('\n').to_string())
 }
 
 /// Reads a small integer file such as /proc/PID/oom_score_adj.
 pub fn read_int(pid: Pid, name: &str) -> Result<i64, ProcError> {
     let path = dir(pid).join(name);
     let text = read_string(path.clone())?;
-    text.trim()
-        .parse()
-        .map_err(|_| parse_err(path, "not an integer"))
+    text.trim().parse().map_err(|_| parse_err(path, "not an integer"))
 }
 
 /// Writes a small integer file such as /proc/PID/oom_score_adj.
@@ -373,16 +306,13 @@ pub fn limits(pid: Pid) -> Result<Vec<(u64, u64)>, ProcError> {
         if w == "unlimited" {
             Ok(u64::MAX)
         } else {
-            w.parse()
-                .map_err(|_| parse_err(path.clone(), format!("bad limit {w:?}")))
+            w.parse().map_err(|_| parse_err(path.clone(), format!("bad limit {w:?}")))
         }
     };
     let mut out = Vec::new();
     // The name column is 26 characters wide; then soft, hard and (optional) units.
     for line in text.lines().skip(1) {
-        let rest = line
-            .get(26..)
-            .ok_or_else(|| parse_err(path.clone(), format!("short line {line:?}")))?;
+        let rest = line.get(26..).ok_or_else(|| parse_err(path.clone(), format!("short line {line:?}")))?;
         let mut words = rest.split_whitespace();
         let (Some(soft), Some(hard)) = (words.next(), words.next()) else {
             return Err(parse_err(path.clone(), format!("bad line {line:?}")));
@@ -397,9 +327,7 @@ pub fn limits(pid: Pid) -> Result<Vec<(u64, u64)>, ProcError> {
 pub fn job_control_stopped(pid: Pid) -> bool {
     match Stat::read(pid) {
         Ok(s) if s.state() == 'T' => true,
-        Ok(_) => {
-            fs::read_to_string(dir(pid).join("wchan")).is_ok_and(|w| w.trim() == "do_signal_stop")
-        }
+        Ok(_) => fs::read_to_string(dir(pid).join("wchan")).is_ok_and(|w| w.trim() == "do_signal_stop"),
         Err(_) => false,
     }
 }

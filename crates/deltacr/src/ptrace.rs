@@ -33,11 +33,7 @@ pub enum PtraceError {
     #[error("thread {tid} exited while it was being {doing}")]
     Exited { tid: i32, doing: &'static str },
     #[error("thread {tid}: unexpected stop {status} while {doing}")]
-    UnexpectedStop {
-        tid: i32,
-        status: String,
-        doing: &'static str,
-    },
+    UnexpectedStop { tid: i32, status: String, doing: &'static str },
     #[error("process {pid} has no vdso: no syscall instruction to inject with")]
     NoSyscallGadget { pid: i32 },
     #[error("injected syscall {nr} in thread {tid} failed")]
@@ -50,19 +46,11 @@ pub enum PtraceError {
 }
 
 fn req(op: &'static str, tid: Pid) -> impl FnOnce(Errno) -> PtraceError {
-    move |e| PtraceError::Request {
-        op,
-        tid: tid.as_raw(),
-        source: io::Error::from(e),
-    }
+    move |e| PtraceError::Request { op, tid: tid.as_raw(), source: io::Error::from(e) }
 }
 
 fn req_io(op: &'static str, tid: Pid) -> impl FnOnce(io::Error) -> PtraceError {
-    move |source| PtraceError::Request {
-        op,
-        tid: tid.as_raw(),
-        source,
-    }
+    move |source| PtraceError::Request { op, tid: tid.as_raw(), source }
 }
 
 /// ptrace options used on every tracee.
@@ -145,8 +133,7 @@ pub fn seize_exitkill(tid: Pid) -> Result<(), PtraceError> {
 
 /// Sets PTRACE_O_EXITKILL (and our usual options) on an already traced thread.
 pub fn set_exitkill(tid: Pid) -> Result<(), PtraceError> {
-    ptrace::setoptions(tid, trace_options() | Options::PTRACE_O_EXITKILL)
-        .map_err(req("setoptions", tid))
+    ptrace::setoptions(tid, trace_options() | Options::PTRACE_O_EXITKILL).map_err(req("setoptions", tid))
 }
 
 /// Queues PTRACE_INTERRUPT (the thread stops at its next chance).
@@ -172,21 +159,14 @@ pub fn wait_stop(tid: Pid, doing: &'static str) -> Result<StopReason, PtraceErro
                 return Ok(StopReason::Signal(Box::new(info)));
             }
             WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                return Err(PtraceError::Exited {
-                    tid: tid.as_raw(),
-                    doing,
-                })
+                return Err(PtraceError::Exited { tid: tid.as_raw(), doing })
             }
             // Events that were already under way (fork/clone/exec reports): let them finish.
             WaitStatus::PtraceEvent(..) | WaitStatus::PtraceSyscall(..) => {
                 ptrace::cont(tid, None).map_err(req("cont", tid))?;
             }
             other => {
-                return Err(PtraceError::UnexpectedStop {
-                    tid: tid.as_raw(),
-                    status: format!("{other:?}"),
-                    doing,
-                })
+                return Err(PtraceError::UnexpectedStop { tid: tid.as_raw(), status: format!("{other:?}"), doing })
             }
         }
     }
@@ -197,8 +177,7 @@ fn get_siginfo_raw(tid: Pid) -> Result<[u8; SIGINFO_SIZE], PtraceError> {
     let mut raw = [0u8; SIGINFO_SIZE];
     let n = std::mem::size_of::<libc::siginfo_t>().min(SIGINFO_SIZE);
     // SAFETY: siginfo_t is plain old data of at least n bytes.
-    let bytes =
-        unsafe { std::slice::from_raw_parts((&info as *const libc::siginfo_t).cast::<u8>(), n) };
+    let bytes = unsafe { std::slice::from_raw_parts((&info as *const libc::siginfo_t).cast::<u8>(), n) };
     raw[..n].copy_from_slice(bytes);
     Ok(raw)
 }
@@ -256,10 +235,7 @@ pub fn find_syscall_gadget(pid: Pid) -> Result<u64, PtraceError> {
         tid: pid.as_raw(),
         source: io::Error::other(e),
     })?;
-    let vdso = maps
-        .iter()
-        .find(|m| m.name == "[vdso]")
-        .ok_or(PtraceError::NoSyscallGadget { pid: pid.as_raw() })?;
+    let vdso = maps.iter().find(|m| m.name == "[vdso]").ok_or(PtraceError::NoSyscallGadget { pid: pid.as_raw() })?;
     let mut buf = vec![0u8; vdso.len() as usize];
     let len = buf.len();
     sys::process_vm_read(pid, &mut buf, &[(vdso.start, len)]).map_err(req_io("read vdso", pid))?;
@@ -288,11 +264,7 @@ impl SyscallResult {
     /// The return value, or the errno as an error.
     pub fn ok(self, nr: i64, tid: Pid) -> Result<i64, PtraceError> {
         if (-4095..0).contains(&self.ret) {
-            Err(PtraceError::Syscall {
-                nr,
-                tid: tid.as_raw(),
-                source: io::Error::from_raw_os_error(-self.ret as i32),
-            })
+            Err(PtraceError::Syscall { nr, tid: tid.as_raw(), source: io::Error::from_raw_os_error(-self.ret as i32) })
         } else {
             Ok(self.ret)
         }
@@ -319,14 +291,7 @@ impl Injector {
         let orig_regs = getregs(tid)?;
         let orig_mask = get_sigmask(tid)?;
         set_sigmask(tid, u64::MAX)?;
-        Ok(Injector {
-            pid,
-            tid,
-            gadget,
-            orig_regs,
-            orig_mask,
-            held_signals: Vec::new(),
-        })
+        Ok(Injector { pid, tid, gadget, orig_regs, orig_mask, held_signals: Vec::new() })
     }
 
     pub fn pid(&self) -> Pid {
@@ -382,10 +347,7 @@ impl Injector {
                 WaitStatus::PtraceSyscall(_) if !entered => entered = true,
                 WaitStatus::PtraceSyscall(_) => {
                     let r = getregs(tid)?;
-                    return Ok(SyscallResult {
-                        ret: r.rax as i64,
-                        child,
-                    });
+                    return Ok(SyscallResult { ret: r.rax as i64, child });
                 }
                 WaitStatus::PtraceEvent(_, _, ev)
                     if ev == libc::PTRACE_EVENT_FORK
@@ -393,9 +355,7 @@ impl Injector {
                         || ev == libc::PTRACE_EVENT_CLONE =>
                 {
                     let pid = ptrace::getevent(tid).map_err(req("geteventmsg", tid))?;
-                    child = Some(NewChild {
-                        pid: Pid::from_raw(pid as i32),
-                    });
+                    child = Some(NewChild { pid: Pid::from_raw(pid as i32) });
                 }
                 // An exec replaces the image: the exit stop follows.
                 WaitStatus::PtraceEvent(_, _, ev) if ev == libc::PTRACE_EVENT_EXEC => {}
@@ -405,19 +365,11 @@ impl Injector {
                     // Only unblockable signals get here; hold them and re-send at the end.
                     self.held_signals.push(sig as i32);
                 }
-                WaitStatus::Exited(_, code)
-                    if nr == libc::SYS_exit || nr == libc::SYS_exit_group =>
-                {
-                    return Ok(SyscallResult {
-                        ret: code as i64,
-                        child,
-                    });
+                WaitStatus::Exited(_, code) if nr == libc::SYS_exit || nr == libc::SYS_exit_group => {
+                    return Ok(SyscallResult { ret: code as i64, child });
                 }
                 WaitStatus::Exited(..) | WaitStatus::Signaled(..) => {
-                    return Err(PtraceError::Exited {
-                        tid: tid.as_raw(),
-                        doing: "injected into",
-                    })
+                    return Err(PtraceError::Exited { tid: tid.as_raw(), doing: "injected into" })
                 }
                 other => {
                     return Err(PtraceError::UnexpectedStop {
@@ -494,11 +446,7 @@ impl Scratch {
                 0,
             ],
         )?;
-        Ok(Scratch {
-            addr: addr as u64,
-            len,
-            pid: inj.pid,
-        })
+        Ok(Scratch { addr: addr as u64, len, pid: inj.pid })
     }
 
     /// Describes scratch memory the caller has mapped itself at `addr` in process `pid`.
@@ -510,8 +458,7 @@ impl Scratch {
     pub fn write(&self, offset: usize, data: &[u8]) -> Result<u64, PtraceError> {
         assert!(offset + data.len() <= self.len, "scratch overflow");
         let addr = self.addr + offset as u64;
-        sys::process_vm_write(self.pid, data, &[(addr, data.len())])
-            .map_err(req_io("write scratch", self.pid))?;
+        sys::process_vm_write(self.pid, data, &[(addr, data.len())]).map_err(req_io("write scratch", self.pid))?;
         Ok(addr)
     }
 

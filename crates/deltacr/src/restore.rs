@@ -15,10 +15,7 @@ use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::state::{
-    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, SigInfo,
-    ThreadState,
-};
+use crate::state::{Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, SigInfo, ThreadState};
 use crate::sys;
 
 /// Errors of this module.
@@ -93,11 +90,7 @@ pub fn create_with_pid<C>(
 ) -> Result<Pid, RestoreError> {
     let mut got = 0;
     for _ in 0..PID_ATTEMPTS {
-        pids.set_next(want).map_err(|source| RestoreError::PidNs {
-            pid: owner,
-            want,
-            source,
-        })?;
+        pids.set_next(want).map_err(|source| RestoreError::PidNs { pid: owner, want, source })?;
         let task = make(ctx)?;
         got = ns_pid_of(task).map_err(|source| RestoreError::Proc { pid: owner, source })?;
         if got == want {
@@ -106,11 +99,7 @@ pub fn create_with_pid<C>(
         discard(ctx, task)?;
         std::thread::sleep(PID_RETRY_PAUSE);
     }
-    Err(RestoreError::WrongPid {
-        pid: owner,
-        want,
-        got,
-    })
+    Err(RestoreError::WrongPid { pid: owner, want, got })
 }
 
 /// Reads the pid of a host task inside its own pid namespace.
@@ -152,8 +141,7 @@ impl FdPlan {
 impl NewProcess {
     /// Takes over a just-created process (stopped, traced) that must have pid `want` in its namespace.
     pub fn take(host: Pid, want: i32, gadget: u64) -> Result<NewProcess, RestoreError> {
-        let inj = Injector::new(host, host, gadget)
-            .map_err(|source| RestoreError::Ptrace { pid: want, source })?;
+        let inj = Injector::new(host, host, gadget).map_err(|source| RestoreError::Ptrace { pid: want, source })?;
         let mut np = NewProcess {
             host,
             ns_pid: want,
@@ -184,9 +172,7 @@ impl NewProcess {
     }
 
     fn scratch(&self) -> &Scratch {
-        self.scratch
-            .as_ref()
-            .expect("scratch is mapped until release")
+        self.scratch.as_ref().expect("scratch is mapped until release")
     }
 
     fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
@@ -195,33 +181,16 @@ impl NewProcess {
     }
 
     /// Error for an I/O step on fd `target` of this process.
-    fn io_err(
-        &self,
-        target: i32,
-        what: &'static str,
-    ) -> impl FnOnce(std::io::Error) -> RestoreError {
+    fn io_err(&self, target: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {
         let pid = self.ns_pid;
-        move |source| RestoreError::FileIo {
-            pid,
-            fd: target,
-            what,
-            source,
-        }
+        move |source| RestoreError::FileIo { pid, fd: target, what, source }
     }
 
     /// Injects a syscall whose failure is reported as `what` on fd `target`.
-    fn call_file(
-        &mut self,
-        target: i32,
-        what: &'static str,
-        nr: i64,
-        args: &[u64],
-    ) -> Result<i64, RestoreError> {
+    fn call_file(&mut self, target: i32, what: &'static str, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
         let r = self.leader().syscall(nr, args).map_err(self.perr())?.ret;
         if r < 0 {
-            return Err(self.io_err(target, what)(
-                std::io::Error::from_raw_os_error(-r as i32),
-            ));
+            return Err(self.io_err(target, what)(std::io::Error::from_raw_os_error(-r as i32)));
         }
         Ok(r)
     }
@@ -254,9 +223,7 @@ impl NewProcess {
             let of = &files[id as usize];
             let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
             match &of.kind {
-                FileKind::Path {
-                    path, inode, mode, ..
-                } => {
+                FileKind::Path { path, inode, mode, .. } => {
                     let tmp = self.open_path(target, of, path, *inode, *mode)?;
                     self.place(tmp, plan.temp(id))?;
                 }
@@ -265,8 +232,7 @@ impl NewProcess {
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Unix { peer: Some(_), .. } => {
-                    let key =
-                        crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
+                    let key = crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
                     if made_pipes.insert(key, ()).is_some() {
                         continue;
                     }
@@ -276,17 +242,11 @@ impl NewProcess {
                     let tmp = self.make_unix(target, of)?;
                     self.place(tmp, plan.temp(id))?;
                 }
-                FileKind::Tty {
-                    path,
-                    index,
-                    termios,
-                    winsize,
-                } => {
+                FileKind::Tty { path, index, termios, winsize } => {
                     let tmp = self.open_tty(target, path, *index, of.flags)?;
                     let io = |what| self.io_err(target, what);
                     let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
-                    sys::tty_set(tty.as_fd(), termios, *winsize)
-                        .map_err(io("set the terminal's settings"))?;
+                    sys::tty_set(tty.as_fd(), termios, *winsize).map_err(io("set the terminal's settings"))?;
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Inet { .. } => {
@@ -306,27 +266,19 @@ impl NewProcess {
                     }
                     let (r, w) = self.make_pipe()?;
                     let ends = plan.pairs.get(pipe).copied().unwrap_or((None, None));
-                    let data = ends
-                        .0
-                        .map(|rid| &files[rid as usize])
-                        .and_then(|f| match &f.kind {
-                            FileKind::Pipe { data, .. } if !data.is_empty() => {
-                                Some(data.as_slice())
-                            }
-                            _ => None,
-                        });
+                    let data = ends.0.map(|rid| &files[rid as usize]).and_then(|f| match &f.kind {
+                        FileKind::Pipe { data, .. } if !data.is_empty() => Some(data.as_slice()),
+                        _ => None,
+                    });
                     if let Some(data) = data {
                         self.fill_pipe(target, w, data)?;
                     }
                     for (end, fd) in [(ends.0, r), (ends.1, w)] {
                         match end {
                             Some(eid) => {
-                                let settable = files[eid as usize].flags
-                                    & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
-                                self.call(
-                                    libc::SYS_fcntl,
-                                    &[fd as u64, libc::F_SETFL as u64, settable as u64],
-                                )?;
+                                let settable =
+                                    files[eid as usize].flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
+                                self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
                                 self.place(fd, plan.temp(eid))?;
                             }
                             None => {
@@ -346,15 +298,8 @@ impl NewProcess {
         }
         self.call(libc::SYS_close_range, &[0, plan.base as u64 - 1, 0])?;
         for fd in own {
-            let flags = if fd.cloexec {
-                libc::O_CLOEXEC as u64
-            } else {
-                0
-            };
-            self.call(
-                libc::SYS_dup3,
-                &[plan.temp(fd.file) as u64, fd.fd as u64, flags],
-            )?;
+            let flags = if fd.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+            self.call(libc::SYS_dup3, &[plan.temp(fd.file) as u64, fd.fd as u64, flags])?;
         }
         // epoll interest lists name this process's fd numbers: fill them once every fd is in place.
         for &id in create {
@@ -363,9 +308,7 @@ impl NewProcess {
                     return Err(RestoreError::File {
                         pid: self.ns_pid,
                         fd: -1,
-                        reason:
-                            "an epoll instance shared by processes that do not hold it themselves"
-                                .into(),
+                        reason: "an epoll instance shared by processes that do not hold it themselves".into(),
                     });
                 };
                 for t in targets {
@@ -377,12 +320,7 @@ impl NewProcess {
                         owner_fd.fd,
                         "add a watched fd to the epoll instance",
                         libc::SYS_epoll_ctl,
-                        &[
-                            plan.temp(id) as u64,
-                            libc::EPOLL_CTL_ADD as u64,
-                            t.fd as u64,
-                            addr,
-                        ],
+                        &[plan.temp(id) as u64, libc::EPOLL_CTL_ADD as u64, t.fd as u64, addr],
                     )?;
                 }
             }
@@ -395,29 +333,13 @@ impl NewProcess {
     fn apply_lock(&mut self, target: i32, fd: i32, lock: &FileLock) -> Result<(), RestoreError> {
         const F_OFD_SETLK: u64 = 37;
         if lock.kind == LockKind::Flock {
-            let op = if lock.write {
-                libc::LOCK_EX
-            } else {
-                libc::LOCK_SH
-            } | libc::LOCK_NB;
-            self.call_file(
-                target,
-                "take its flock lock again",
-                libc::SYS_flock,
-                &[fd as u64, op as u64],
-            )?;
+            let op = if lock.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+            self.call_file(target, "take its flock lock again", libc::SYS_flock, &[fd as u64, op as u64])?;
             return Ok(());
         }
         // struct flock: l_type, l_whence (i16 each), padding, l_start, l_len (i64), l_pid (i32), padding.
         let mut fl = Vec::with_capacity(32);
-        fl.extend_from_slice(
-            &(if lock.write {
-                libc::F_WRLCK
-            } else {
-                libc::F_RDLCK
-            } as i16)
-                .to_ne_bytes(),
-        );
+        fl.extend_from_slice(&(if lock.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16).to_ne_bytes());
         fl.extend_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
         fl.extend_from_slice(&[0u8; 4]);
         fl.extend_from_slice(&(lock.start as i64).to_ne_bytes());
@@ -425,17 +347,8 @@ impl NewProcess {
         fl.extend_from_slice(&(len as i64).to_ne_bytes());
         fl.extend_from_slice(&[0u8; 8]);
         let addr = self.scratch().write(0, &fl).map_err(self.perr())?;
-        let cmd = if lock.kind == LockKind::Ofd {
-            F_OFD_SETLK
-        } else {
-            libc::F_SETLK as u64
-        };
-        self.call_file(
-            target,
-            "take its file lock again",
-            libc::SYS_fcntl,
-            &[fd as u64, cmd, addr],
-        )?;
+        let cmd = if lock.kind == LockKind::Ofd { F_OFD_SETLK } else { libc::F_SETLK as u64 };
+        self.call_file(target, "take its file lock again", libc::SYS_fcntl, &[fd as u64, cmd, addr])?;
         Ok(())
     }
 
@@ -452,23 +365,12 @@ impl NewProcess {
                 fd
             }
             FileKind::SignalFd { mask } => {
-                let addr = self
-                    .scratch()
-                    .write(0, &mask.to_ne_bytes())
-                    .map_err(self.perr())?;
+                let addr = self.scratch().write(0, &mask.to_ne_bytes()).map_err(self.perr())?;
                 self.call(libc::SYS_signalfd4, &[u64::MAX, addr, 8, nonblock as u64])? as i32
             }
-            FileKind::TimerFd {
-                clockid,
-                ticks,
-                value,
-                interval,
-            } => {
+            FileKind::TimerFd { clockid, ticks, value, interval } => {
                 const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
-                let fd = self.call(
-                    libc::SYS_timerfd_create,
-                    &[*clockid as u64, nonblock as u64],
-                )? as i32;
+                let fd = self.call(libc::SYS_timerfd_create, &[*clockid as u64, nonblock as u64])? as i32;
                 if *value != (0, 0) {
                     let mut its = Vec::with_capacity(32);
                     for v in [interval.0, interval.1, value.0, value.1] {
@@ -478,10 +380,7 @@ impl NewProcess {
                     self.call(libc::SYS_timerfd_settime, &[fd as u64, 0, addr, 0])?;
                 }
                 if *ticks > 0 {
-                    let addr = self
-                        .scratch()
-                        .write(0, &ticks.to_ne_bytes())
-                        .map_err(self.perr())?;
+                    let addr = self.scratch().write(0, &ticks.to_ne_bytes()).map_err(self.perr())?;
                     self.call(libc::SYS_ioctl, &[fd as u64, TFD_IOC_SET_TICKS, addr])?;
                 }
                 fd
@@ -496,31 +395,14 @@ impl NewProcess {
     /// connections may linger in TIME_WAIT), listen, and the peer of a connected UDP socket.
     fn make_inet(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
         const LISTEN_BACKLOG: u64 = 128;
-        let FileKind::Inet {
-            family,
-            sock_type,
-            protocol,
-            local,
-            peer,
-            listening,
-            options,
-        } = &of.kind
-        else {
+        let FileKind::Inet { family, sock_type, protocol, local, peer, listening, options } = &of.kind else {
             unreachable!("make_inet is only called for inet sockets")
         };
         let fd = self.new_socket(*family, *sock_type, *protocol, of)?;
-        let setopt =
-            |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
-                let addr = np
-                    .scratch()
-                    .write(0, &value.to_ne_bytes())
-                    .map_err(np.perr())?;
-                np.call(
-                    libc::SYS_setsockopt,
-                    &[fd, level as u64, name as u64, addr, 4],
-                )
-                .map(drop)
-            };
+        let setopt = |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
+            let addr = np.scratch().write(0, &value.to_ne_bytes()).map_err(np.perr())?;
+            np.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, addr, 4]).map(drop)
+        };
         for &(level, name, value) in options {
             setopt(self, level, name, value)?;
         }
@@ -563,10 +445,7 @@ impl NewProcess {
             })
             .expect("a pair has a unix end");
         let addr = self.scratch().addr;
-        self.call(
-            libc::SYS_socketpair,
-            &[libc::AF_UNIX as u64, sock_type as u64, 0, addr],
-        )?;
+        self.call(libc::SYS_socketpair, &[libc::AF_UNIX as u64, sock_type as u64, 0, addr])?;
         let b = self.scratch().read(0, 8).map_err(self.perr())?;
         let fds = [
             i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
@@ -584,10 +463,7 @@ impl NewProcess {
                 }
             }
             let settable = files[id as usize].flags & (libc::O_NONBLOCK | libc::O_ASYNC);
-            self.call(
-                libc::SYS_fcntl,
-                &[fd as u64, libc::F_SETFL as u64, settable as u64],
-            )?;
+            self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
         }
         for (id, fd) in [a_id, b_id].into_iter().zip(fds) {
             if let Some(id) = id {
@@ -598,42 +474,22 @@ impl NewProcess {
     }
 
     /// Injects socket(2) with the description's non-blocking flag.
-    fn new_socket(
-        &mut self,
-        family: i32,
-        sock_type: i32,
-        protocol: i32,
-        of: &OpenFile,
-    ) -> Result<u64, RestoreError> {
+    fn new_socket(&mut self, family: i32, sock_type: i32, protocol: i32, of: &OpenFile) -> Result<u64, RestoreError> {
         let ty = sock_type | (of.flags & libc::O_NONBLOCK);
-        Ok(self.call(
-            libc::SYS_socket,
-            &[family as u64, ty as u64, protocol as u64],
-        )? as u64)
+        Ok(self.call(libc::SYS_socket, &[family as u64, ty as u64, protocol as u64])? as u64)
     }
 
     /// Binds socket `fd` to raw sockaddr `addr`.
     fn bind_socket(&mut self, target: i32, fd: u64, addr: &[u8]) -> Result<(), RestoreError> {
         let a = self.scratch().write(0, addr).map_err(self.perr())?;
-        self.call_file(
-            target,
-            "bind the socket to its address again",
-            libc::SYS_bind,
-            &[fd, a, addr.len() as u64],
-        )
-        .map(drop)
+        self.call_file(target, "bind the socket to its address again", libc::SYS_bind, &[fd, a, addr.len() as u64])
+            .map(drop)
     }
 
     /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at
     /// the path is removed first, as bind needs the name free).
     fn make_unix(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
-        let FileKind::Unix {
-            sock_type,
-            name,
-            listening,
-            ..
-        } = &of.kind
-        else {
+        let FileKind::Unix { sock_type, name, listening, .. } = &of.kind else {
             unreachable!("make_unix is only called for unix sockets")
         };
         let fd = self.new_socket(libc::AF_UNIX, *sock_type, 0, of)?;
@@ -643,9 +499,7 @@ impl NewProcess {
                 path.push(0);
                 let p = self.scratch().write(0, &path).map_err(self.perr())?;
                 // ENOENT is fine: the name may be free already.
-                self.leader()
-                    .syscall(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, p, 0])
-                    .map_err(self.perr())?;
+                self.leader().syscall(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, p, 0]).map_err(self.perr())?;
             }
             let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
             sa.extend_from_slice(name);
@@ -661,9 +515,7 @@ impl NewProcess {
     fn write_through(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
         let io = |what| self.io_err(target, what);
         let f = sys::dup_from(self.host, fd).map_err(io("reach the new file"))?;
-        std::fs::File::from(f)
-            .write_all(data)
-            .map_err(io("write its saved state"))
+        std::fs::File::from(f).write_all(data).map_err(io("write its saved state"))
     }
 
     /// Moves fd `from` to number `to` (closing `from`).
@@ -677,21 +529,11 @@ impl NewProcess {
 
     /// Opens `path` in the process with `flags` and checks it is the file of the checkpoint (same inode;
     /// the device may differ when restoring into another sandbox's mount of the same filesystem).
-    fn open_checked(
-        &mut self,
-        target: i32,
-        path: &str,
-        flags: i32,
-        inode: u64,
-    ) -> Result<i32, RestoreError> {
+    fn open_checked(&mut self, target: i32, path: &str, flags: i32, inode: u64) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
         if cpath.len() > SCRATCH_LEN {
-            return Err(RestoreError::File {
-                pid: self.ns_pid,
-                fd: target,
-                reason: format!("path too long: {path}"),
-            });
+            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason: format!("path too long: {path}") });
         }
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
@@ -702,23 +544,14 @@ impl NewProcess {
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
         )?;
         let tmp = raw as i32;
-        let meta =
-            std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
-                RestoreError::FileIo {
-                    pid: self.ns_pid,
-                    fd: target,
-                    what: "stat the reopened file",
-                    source,
-                }
-            })?;
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
+            RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
+        })?;
         if meta.ino() != inode {
             return Err(RestoreError::File {
                 pid: self.ns_pid,
                 fd: target,
-                reason: format!(
-                    "{path} is another file than at checkpoint time (inode {} vs {inode})",
-                    meta.ino()
-                ),
+                reason: format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()),
             });
         }
         Ok(tmp)
@@ -735,10 +568,7 @@ impl NewProcess {
         let tmp = self.open_checked(target, path, of.flags, inode)?;
         let kind = mode & libc::S_IFMT;
         if kind == libc::S_IFREG || kind == libc::S_IFDIR {
-            self.call(
-                libc::SYS_lseek,
-                &[tmp as u64, of.pos, libc::SEEK_SET as u64],
-            )?;
+            self.call(libc::SYS_lseek, &[tmp as u64, of.pos, libc::SEEK_SET as u64])?;
         }
         Ok(tmp)
     }
@@ -754,12 +584,7 @@ impl NewProcess {
         inode: u64,
         data: &[u8],
     ) -> Result<i32, RestoreError> {
-        let both = self.open_checked(
-            target,
-            path,
-            libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC,
-            inode,
-        )?;
+        let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, inode)?;
         let tmp = self.open_checked(target, path, of.flags, inode);
         let filled = match tmp {
             Ok(_) if !data.is_empty() => self.fill_fifo(target, both, data),
@@ -772,13 +597,7 @@ impl NewProcess {
 
     /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
     /// explicitly) and checks it is pty number `index`.
-    fn open_tty(
-        &mut self,
-        target: i32,
-        path: &str,
-        index: u32,
-        flags: i32,
-    ) -> Result<i32, RestoreError> {
+    fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
@@ -789,18 +608,14 @@ impl NewProcess {
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
         )?;
-        let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| {
-            RestoreError::FileIo {
-                pid: self.ns_pid,
-                fd: target,
-                what: "stat the terminal",
-                source,
-            }
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| RestoreError::FileIo {
+            pid: self.ns_pid,
+            fd: target,
+            what: "stat the terminal",
+            source,
         })?;
         let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-        if major < crate::files::PTS_MAJOR
-            || (major - crate::files::PTS_MAJOR) * 256 + minor != index
-        {
+        if major < crate::files::PTS_MAJOR || (major - crate::files::PTS_MAJOR) * 256 + minor != index {
             return Err(RestoreError::File {
                 pid: self.ns_pid,
                 fd: target,
@@ -819,12 +634,13 @@ impl NewProcess {
         files: &[OpenFile],
         f: impl FnOnce(&mut Self, i32) -> Result<(), RestoreError>,
     ) -> Result<(), RestoreError> {
-        let mine = own.iter().find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
+        let mine = own
+            .iter()
+            .find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
         match mine {
             Some(fd) => f(self, fd.fd),
             None => {
-                let tmp =
-                    self.open_tty(-1, &ctty.path, ctty.index, libc::O_RDWR | libc::O_CLOEXEC)?;
+                let tmp = self.open_tty(-1, &ctty.path, ctty.index, libc::O_RDWR | libc::O_CLOEXEC)?;
                 let res = f(self, tmp);
                 self.call(libc::SYS_close, &[tmp as u64])?;
                 res
@@ -840,28 +656,18 @@ impl NewProcess {
         files: &[OpenFile],
     ) -> Result<(), RestoreError> {
         self.with_tty_fd(ctty, own, files, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0])
-                .map(drop)
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0]).map(drop)
         })
     }
 
     /// Gives the controlling terminal its foreground process group back.
-    pub fn set_foreground(
-        &mut self,
-        ctty: &Ctty,
-        own: &[FdState],
-        files: &[OpenFile],
-    ) -> Result<(), RestoreError> {
+    pub fn set_foreground(&mut self, ctty: &Ctty, own: &[FdState], files: &[OpenFile]) -> Result<(), RestoreError> {
         let Some(fg) = ctty.foreground else {
             return Ok(());
         };
-        let addr = self
-            .scratch()
-            .write(0, &fg.to_ne_bytes())
-            .map_err(self.perr())?;
+        let addr = self.scratch().write(0, &fg.to_ne_bytes()).map_err(self.perr())?;
         self.with_tty_fd(ctty, own, files, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr])
-                .map(drop)
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr]).map(drop)
         })
     }
 
@@ -886,27 +692,19 @@ impl NewProcess {
     fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {
         let io = |what| self.io_err(target, what);
         let w = sys::dup_from(self.host, write_end).map_err(io("reach the new pipe"))?;
-        let size = fcntl(w.as_fd(), FcntlArg::F_GETPIPE_SZ)
-            .map_err(|e| io("read the pipe size")(e.into()))?;
+        let size = fcntl(w.as_fd(), FcntlArg::F_GETPIPE_SZ).map_err(|e| io("read the pipe size")(e.into()))?;
         if (size as usize) < data.len() {
-            fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(data.len() as i32))
-                .map_err(|e| io("grow the pipe")(e.into()))?;
+            fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(data.len() as i32)).map_err(|e| io("grow the pipe")(e.into()))?;
         }
-        std::fs::File::from(w)
-            .write_all(data)
-            .map_err(io("refill the pipe"))
+        std::fs::File::from(w).write_all(data).map_err(io("refill the pipe"))
     }
 
     /// Process-wide state that fork does not carry over, plus what our templates changed.
     pub fn restore_process_misc(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
         let dumpable = if st.dumpable == 1 { 1 } else { 0 };
         self.call(libc::SYS_prctl, &[PR_SET_DUMPABLE, dumpable])?;
-        procfs::write_int(self.host, "oom_score_adj", st.oom_score_adj as i64).map_err(
-            |source| RestoreError::Proc {
-                pid: self.ns_pid,
-                source,
-            },
-        )?;
+        procfs::write_int(self.host, "oom_score_adj", st.oom_score_adj as i64)
+            .map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
         for (which, t) in st.itimers.iter().enumerate() {
             if t.value_us == 0 {
                 continue;
@@ -920,30 +718,20 @@ impl NewProcess {
             self.call(libc::SYS_setitimer, &[which as u64, addr, 0])?;
         }
         if st.pdeath_signal != 0 {
-            self.call(
-                libc::SYS_prctl,
-                &[PR_SET_PDEATHSIG, st.pdeath_signal as u64],
-            )?;
+            self.call(libc::SYS_prctl, &[PR_SET_PDEATHSIG, st.pdeath_signal as u64])?;
         }
         if st.child_subreaper {
             self.call(libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1])?;
         }
         for info in &st.shared_pending {
             let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
-            self.call(
-                libc::SYS_rt_sigqueueinfo,
-                &[self.ns_pid as u64, info.signo() as u64, addr],
-            )?;
+            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
         }
         Ok(())
     }
 
     /// Creates the process's other threads with their tids (chosen through `pids`).
-    pub fn create_threads(
-        &mut self,
-        st: &ProcessState,
-        pids: &mut PidSetter,
-    ) -> Result<(), RestoreError> {
+    pub fn create_threads(&mut self, st: &ProcessState, pids: &mut PidSetter) -> Result<(), RestoreError> {
         for t in st.threads.iter().skip(1) {
             let tid = create_with_pid(
                 pids,
@@ -961,9 +749,7 @@ impl NewProcess {
 
     fn clone_thread(&mut self) -> Result<Pid, RestoreError> {
         let e = self.perr();
-        self.leader()
-            .clone_task(CLONE_THREAD_FLAGS, "creating a thread")
-            .map_err(e)
+        self.leader().clone_task(CLONE_THREAD_FLAGS, "creating a thread").map_err(e)
     }
 
     /// Ends a thread created with the wrong tid (exit ends just the calling thread).
@@ -975,36 +761,23 @@ impl NewProcess {
 
     /// Per-thread kernel state: rseq, robust list, tid address, alternate stack, pending signals, name.
     pub fn restore_thread_state(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
-        let scratch = self
-            .scratch
-            .take()
-            .expect("scratch is mapped until release");
+        let scratch = self.scratch.take().expect("scratch is mapped until release");
         let res = self.restore_thread_state_with(st, &scratch);
         self.scratch = Some(scratch);
         res
     }
 
-    fn restore_thread_state_with(
-        &mut self,
-        st: &ProcessState,
-        scratch: &Scratch,
-    ) -> Result<(), RestoreError> {
+    fn restore_thread_state_with(&mut self, st: &ProcessState, scratch: &Scratch) -> Result<(), RestoreError> {
         let pid = self.ns_pid;
         let perr = |source| RestoreError::Ptrace { pid, source };
         for ((inj, _), t) in self.threads.iter_mut().zip(&st.threads) {
             if let Some(r) = t.rseq {
-                inj.call(libc::SYS_rseq, &[r.addr, r.len as u64, 0, r.sig as u64])
-                    .map_err(perr)?;
+                inj.call(libc::SYS_rseq, &[r.addr, r.len as u64, 0, r.sig as u64]).map_err(perr)?;
             }
             if t.robust_list.0 != 0 {
-                inj.call(
-                    libc::SYS_set_robust_list,
-                    &[t.robust_list.0, t.robust_list.1],
-                )
-                .map_err(perr)?;
+                inj.call(libc::SYS_set_robust_list, &[t.robust_list.0, t.robust_list.1]).map_err(perr)?;
             }
-            inj.call(libc::SYS_set_tid_address, &[t.clear_child_tid])
-                .map_err(perr)?;
+            inj.call(libc::SYS_set_tid_address, &[t.clear_child_tid]).map_err(perr)?;
             let mut ss = Vec::with_capacity(24);
             ss.extend_from_slice(&t.altstack.sp.to_ne_bytes());
             ss.extend_from_slice(&(t.altstack.flags & !libc::SS_ONSTACK).to_ne_bytes());
@@ -1018,8 +791,7 @@ impl NewProcess {
             name.truncate(15);
             name.push(0);
             let addr = scratch.write(0, &name).map_err(perr)?;
-            inj.call(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, addr])
-                .map_err(perr)?;
+            inj.call(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, addr]).map_err(perr)?;
         }
         Ok(())
     }
@@ -1041,10 +813,7 @@ impl NewProcess {
         }
         for info in &st.shared_pending {
             let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
-            self.call(
-                libc::SYS_rt_sigqueueinfo,
-                &[self.ns_pid as u64, info.signo() as u64, addr],
-            )?;
+            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
         }
         if plan.count > 0 {
             let last = (plan.base + plan.count - 1) as u64;
@@ -1069,13 +838,9 @@ impl NewProcess {
         for ((inj, _), t) in self.threads.iter().zip(&st.threads) {
             ptrace::set_xstate(inj.tid(), &t.xstate).map_err(perr)?;
         }
-        for ((inj, _), t) in std::mem::take(&mut self.threads)
-            .into_iter()
-            .zip(&st.threads)
-        {
+        for ((inj, _), t) in std::mem::take(&mut self.threads).into_iter().zip(&st.threads) {
             let tid = inj.tid();
-            inj.finish_with(&t.regs.to_regs(), t.sigmask)
-                .map_err(perr)?;
+            inj.finish_with(&t.regs.to_regs(), t.sigmask).map_err(perr)?;
             self.threads_done.push(tid);
         }
         self.job_stopped = st.job_stopped;
@@ -1088,10 +853,7 @@ impl NewProcess {
         block.extend_from_slice(&[0u8; 16]); // timespec {0, 0}: poll
         let set = self.scratch().write(0, &block).map_err(self.perr())?;
         loop {
-            let r = self
-                .leader()
-                .syscall(libc::SYS_rt_sigtimedwait, &[set, 0, set + 8, 8])
-                .map_err(self.perr())?;
+            let r = self.leader().syscall(libc::SYS_rt_sigtimedwait, &[set, 0, set + 8, 8]).map_err(self.perr())?;
             if r.ret < 0 {
                 return Ok(());
             }
@@ -1108,30 +870,19 @@ impl NewProcess {
         block.extend_from_slice(&[0u8; 6]);
         block.extend_from_slice(&self.scratch().addr.to_ne_bytes());
         let base = self.scratch().write(0, &block).map_err(self.perr())?;
-        self.call(
-            libc::SYS_seccomp,
-            &[SECCOMP_SET_MODE_FILTER, 0, base + prog_off as u64],
-        )
-        .map(drop)
+        self.call(libc::SYS_seccomp, &[SECCOMP_SET_MODE_FILTER, 0, base + prog_off as u64]).map(drop)
     }
 
     /// Creates a child of this (stopped) process by an injected fork; the child has pid `want` (chosen
     /// with the pid helper) and is returned stopped and traced.
-    pub fn fork_child(
-        &mut self,
-        pids: &mut PidSetter,
-        want: i32,
-        exit_signal: i32,
-    ) -> Result<Pid, RestoreError> {
+    pub fn fork_child(&mut self, pids: &mut PidSetter, want: i32, exit_signal: i32) -> Result<Pid, RestoreError> {
         create_with_pid(
             pids,
             want,
             want,
             |np: &mut Self| {
                 let e = np.perr();
-                np.leader()
-                    .clone_task(exit_signal as u64 & 0xff, "forking a child")
-                    .map_err(e)
+                np.leader().clone_task(exit_signal as u64 & 0xff, "forking a child").map_err(e)
             },
             |_, wrong| {
                 Self::kill_host(wrong);
@@ -1142,11 +893,7 @@ impl NewProcess {
     }
 
     /// Replaces the address space (a copy of the parent's) with the checkpointed one.
-    pub fn rebuild_memory(
-        &mut self,
-        st: &ProcessState,
-        src: &mut dyn PageSource,
-    ) -> Result<(), RestoreError> {
+    pub fn rebuild_memory(&mut self, st: &ProcessState, src: &mut dyn PageSource) -> Result<(), RestoreError> {
         let scratch = self.scratch.take().expect("scratch is mapped until finish");
         let pid = self.ns_pid;
         let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src)
@@ -1158,11 +905,7 @@ impl NewProcess {
 
     /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
     /// personality, limits, and (when they differ from the parent's) credentials.
-    pub fn restore_static(
-        &mut self,
-        st: &ProcessState,
-        parent_creds: &Creds,
-    ) -> Result<(), RestoreError> {
+    pub fn restore_static(&mut self, st: &ProcessState, parent_creds: &Creds) -> Result<(), RestoreError> {
         for (i, a) in st.sigactions.iter().enumerate() {
             let sig = i as u64 + 1;
             if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
@@ -1186,10 +929,7 @@ impl NewProcess {
         cwd.push(0);
         let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
         self.call(libc::SYS_chdir, &[addr])?;
-        let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc {
-            pid: self.ns_pid,
-            source,
-        })?;
+        let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
         for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
             // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.
             let now = current.get(res).copied().unwrap_or((0, 0));
@@ -1229,23 +969,13 @@ impl NewProcess {
             for g in &c.groups {
                 groups.extend_from_slice(&g.to_ne_bytes());
             }
-            let addr = if groups.is_empty() {
-                0
-            } else {
-                self.scratch().write(0, &groups).map_err(self.perr())?
-            };
+            let addr = if groups.is_empty() { 0 } else { self.scratch().write(0, &groups).map_err(self.perr())? };
             self.call(libc::SYS_setgroups, &[c.groups.len() as u64, addr])?;
         }
-        self.call(
-            libc::SYS_setresgid,
-            &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64],
-        )?;
+        self.call(libc::SYS_setresgid, &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64])?;
         self.call(libc::SYS_setfsgid, &[c.gids[3] as u64])?;
         self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 1])?;
-        self.call(
-            libc::SYS_setresuid,
-            &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64],
-        )?;
+        self.call(libc::SYS_setresuid, &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64])?;
         self.call(libc::SYS_setfsuid, &[c.uids[3] as u64])?;
         self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 0])?;
         // capset(v3): header {version, pid}, then two {effective, permitted, inheritable} u32 triples.
@@ -1259,16 +989,10 @@ impl NewProcess {
         }
         let addr = self.scratch().write(0, &b).map_err(self.perr())?;
         self.call(libc::SYS_capset, &[addr, addr + 8])?;
-        self.call(
-            libc::SYS_prctl,
-            &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0],
-        )?;
+        self.call(libc::SYS_prctl, &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0])?;
         for cap in 0..=LAST_CAP {
             if c.cap_ambient & (1 << cap) != 0 {
-                self.call(
-                    libc::SYS_prctl,
-                    &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0],
-                )?;
+                self.call(libc::SYS_prctl, &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0])?;
             }
         }
         if c.no_new_privs {
@@ -1292,30 +1016,21 @@ impl NewProcess {
             return Ok(());
         }
         // Killed by a signal: default action, no core file, then let the signal through on detach.
-        self.call(libc::SYS_rt_sigaction, &[termsig as u64, 0, 0, 8])
-            .map(drop)
-            .or_else(|_| {
-                let addr = self.scratch().write(0, &[0u8; 32]).map_err(self.perr())?;
-                self.call(libc::SYS_rt_sigaction, &[termsig as u64, addr, 0, 8])
-                    .map(drop)
-            })?;
+        self.call(libc::SYS_rt_sigaction, &[termsig as u64, 0, 0, 8]).map(drop).or_else(|_| {
+            let addr = self.scratch().write(0, &[0u8; 32]).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigaction, &[termsig as u64, addr, 0, 8]).map(drop)
+        })?;
         let zero = self.scratch().write(0, &[0u8; 16]).map_err(self.perr())?;
         self.call(libc::SYS_prlimit64, &[0, libc::RLIMIT_CORE as u64, zero, 0])?;
         let (inj, _) = self.threads.remove(0);
         let tid = inj.tid();
         let pid = self.ns_pid;
         let regs = *inj.orig_regs();
-        inj.finish_with(&regs, 0)
-            .map_err(|source| RestoreError::Ptrace { pid, source })?;
-        let sig =
-            nix::sys::signal::Signal::try_from(termsig).map_err(|e| RestoreError::Ptrace {
-                pid,
-                source: PtraceError::Request {
-                    op: "signal number",
-                    tid: tid.as_raw(),
-                    source: e.into(),
-                },
-            })?;
+        inj.finish_with(&regs, 0).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        let sig = nix::sys::signal::Signal::try_from(termsig).map_err(|e| RestoreError::Ptrace {
+            pid,
+            source: PtraceError::Request { op: "signal number", tid: tid.as_raw(), source: e.into() },
+        })?;
         ptrace::detach(tid, Some(sig)).map_err(|source| RestoreError::Ptrace { pid, source })?;
         self.released = true;
         Ok(())
@@ -1324,16 +1039,10 @@ impl NewProcess {
     /// Lets the process run.
     pub fn release(mut self) -> Result<(), RestoreError> {
         // A process that was in job-control stop is stopped again (its parent sees the stop again).
-        let sig = self
-            .job_stopped
-            .then_some(nix::sys::signal::Signal::SIGSTOP);
+        let sig = self.job_stopped.then_some(nix::sys::signal::Signal::SIGSTOP);
         for (i, tid) in self.threads_done.iter().enumerate() {
-            ptrace::detach(*tid, if i == 0 { sig } else { None }).map_err(|source| {
-                RestoreError::Ptrace {
-                    pid: self.ns_pid,
-                    source,
-                }
-            })?;
+            ptrace::detach(*tid, if i == 0 { sig } else { None })
+                .map_err(|source| RestoreError::Ptrace { pid: self.ns_pid, source })?;
         }
         self.released = true;
         Ok(())
@@ -1349,12 +1058,8 @@ impl NewProcess {
     fn kill(&mut self) {
         use nix::sys::wait::{waitpid, WaitPidFlag};
         let _ = nix::sys::signal::kill(self.host, nix::sys::signal::Signal::SIGKILL);
-        let tids: Vec<Pid> = self
-            .threads
-            .iter()
-            .map(|(inj, _)| inj.tid())
-            .chain(self.threads_done.iter().copied())
-            .collect();
+        let tids: Vec<Pid> =
+            self.threads.iter().map(|(inj, _)| inj.tid()).chain(self.threads_done.iter().copied()).collect();
         for tid in tids.iter().filter(|t| **t != self.host) {
             let _ = waitpid(*tid, Some(WaitPidFlag::__WALL));
         }
@@ -1379,10 +1084,7 @@ fn requeue_thread_signals(
 ) -> Result<(), PtraceError> {
     for info in pending {
         let addr = scratch.write(0, &info.0)?;
-        inj.call(
-            libc::SYS_rt_tgsigqueueinfo,
-            &[tgid as u64, t.tid as u64, info.signo() as u64, addr],
-        )?;
+        inj.call(libc::SYS_rt_tgsigqueueinfo, &[tgid as u64, t.tid as u64, info.signo() as u64, addr])?;
     }
     Ok(())
 }
@@ -1400,29 +1102,21 @@ pub struct InitFork {
 
 /// Forks a child of the sandbox's init (host pid `init`) with pid `want`, by briefly taking over
 /// init's main thread. Used for processes whose parent is init when no template exists.
-pub fn fork_from_init(
-    init: Pid,
-    pids: &mut PidSetter,
-    want: i32,
-) -> Result<InitFork, RestoreError> {
+pub fn fork_from_init(init: Pid, pids: &mut PidSetter, want: i32) -> Result<InitFork, RestoreError> {
     let perr = |source| RestoreError::Ptrace { pid: want, source };
     ptrace::seize(init).map_err(perr)?;
     let res = (|| {
         ptrace::interrupt(init).map_err(perr)?;
         ptrace::wait_stop(init, "forking from init").map_err(perr)?;
         let gadget = ptrace::find_syscall_gadget(init).map_err(perr)?;
-        let creds = crate::capture::read_creds(init)
-            .map_err(|source| RestoreError::Proc { pid: want, source })?;
+        let creds = crate::capture::read_creds(init).map_err(|source| RestoreError::Proc { pid: want, source })?;
         let filters = ptrace::seccomp_filters(init).map_err(perr)?.len();
         let mut inj = Injector::new(init, init, gadget).map_err(perr)?;
         let child = create_with_pid(
             pids,
             want,
             want,
-            |inj: &mut Injector| {
-                inj.clone_task(libc::SIGCHLD as u64, "forking from init")
-                    .map_err(perr)
-            },
+            |inj: &mut Injector| inj.clone_task(libc::SIGCHLD as u64, "forking from init").map_err(perr),
             |_, wrong| {
                 NewProcess::kill_host(wrong);
                 Ok(())
@@ -1430,12 +1124,7 @@ pub fn fork_from_init(
             &mut inj,
         );
         inj.finish().map_err(perr)?;
-        Ok(InitFork {
-            child: child?,
-            gadget,
-            creds,
-            filters,
-        })
+        Ok(InitFork { child: child?, gadget, creds, filters })
     })();
     ptrace::detach(init, None).map_err(perr)?;
     res

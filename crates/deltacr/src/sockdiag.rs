@@ -48,13 +48,7 @@ fn diag_socket(member: Pid) -> io::Result<OwnedFd> {
     let own = File::open("/proc/thread-self/ns/net")?;
     setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe {
-        libc::socket(
-            libc::AF_NETLINK,
-            libc::SOCK_RAW | libc::SOCK_CLOEXEC,
-            NETLINK_SOCK_DIAG,
-        )
-    };
+    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
     let err = io::Error::last_os_error();
     setns(own.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
     if fd < 0 {
@@ -86,9 +80,7 @@ pub fn unix_sockets(member: Pid) -> io::Result<HashMap<u32, UnixSockInfo>> {
     req.extend_from_slice(&0u16.to_ne_bytes());
     req.extend_from_slice(&u32::MAX.to_ne_bytes()); // all states
     req.extend_from_slice(&0u32.to_ne_bytes()); // any inode
-    req.extend_from_slice(
-        &(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN).to_ne_bytes(),
-    );
+    req.extend_from_slice(&(UDIAG_SHOW_NAME | UDIAG_SHOW_PEER | UDIAG_SHOW_ICONS | UDIAG_SHOW_RQLEN).to_ne_bytes());
     req.extend_from_slice(&[0xff; 8]); // no cookie
                                        // SAFETY: req is a complete netlink message of req.len() bytes.
     if unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) } < 0 {
@@ -132,12 +124,7 @@ fn parse_unix(msg: &[u8]) -> Option<UnixSockInfo> {
     if msg.len() < 16 {
         return None;
     }
-    let mut info = UnixSockInfo {
-        ino: u32_at(msg, 4),
-        sock_type: msg[1],
-        state: msg[2],
-        ..Default::default()
-    };
+    let mut info = UnixSockInfo { ino: u32_at(msg, 4), sock_type: msg[1], state: msg[2], ..Default::default() };
     let mut off = 16;
     while off + 4 <= msg.len() {
         let len = u16_at(msg, off) as usize;
@@ -148,9 +135,7 @@ fn parse_unix(msg: &[u8]) -> Option<UnixSockInfo> {
         let data = &msg[off + 4..off + len];
         match kind {
             UNIX_DIAG_NAME => info.name = Some(data.to_vec()),
-            UNIX_DIAG_PEER if data.len() >= 4 => {
-                info.peer = Some(u32_at(data, 0)).filter(|&p| p != 0)
-            }
+            UNIX_DIAG_PEER if data.len() >= 4 => info.peer = Some(u32_at(data, 0)).filter(|&p| p != 0),
             UNIX_DIAG_ICONS => info.pending = data.len() / 4,
             UNIX_DIAG_RQLEN if data.len() >= 8 => {
                 info.rqueue = u32_at(data, 0);

@@ -14,9 +14,8 @@ pub struct RegsState(pub [u64; 27]);
 impl From<&Regs> for RegsState {
     fn from(r: &Regs) -> Self {
         RegsState([
-            r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx,
-            r.rdx, r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base,
-            r.gs_base, r.ds, r.es, r.fs, r.gs,
+            r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx, r.rsi, r.rdi,
+            r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds, r.es, r.fs, r.gs,
         ])
     }
 }
@@ -158,12 +157,7 @@ pub enum VmaBacking {
     /// Anonymous memory (heap, stacks, anonymous mmap). Private unless `shared` on the Vma.
     Anonymous,
     /// A file mapped at `offset`; the path as the process sees it.
-    File {
-        path: String,
-        offset: u64,
-        dev: u64,
-        inode: u64,
-    },
+    File { path: String, offset: u64, dev: u64, inode: u64 },
     /// The vdso or one of the vvar pages (named as in /proc/PID/maps).
     Special { name: String },
 }
@@ -231,31 +225,17 @@ pub struct FileLock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum FileKind {
     /// A regular file, directory or device node, reopened by path.
-    Path {
-        path: String,
-        dev: u64,
-        inode: u64,
-        mode: u32,
-    },
+    Path { path: String, dev: u64, inode: u64, mode: u32 },
     /// A named pipe (FIFO), reopened by path. Its unread bytes (`data`) are kept on one open file of
     /// the FIFO and written back when nothing is queued in it at restore.
-    Fifo {
-        path: String,
-        inode: u64,
-        data: Vec<u8>,
-    },
+    Fifo { path: String, inode: u64, data: Vec<u8> },
     /// eventfd(2) with its counter.
     EventFd { count: u64, semaphore: bool },
     /// signalfd(2) with its signal mask.
     SignalFd { mask: u64 },
     /// timerfd(2): clock, expirations not read yet, and the remaining time / interval (seconds,
     /// nanoseconds) at checkpoint time.
-    TimerFd {
-        clockid: i32,
-        ticks: u64,
-        value: (u64, u64),
-        interval: (u64, u64),
-    },
+    TimerFd { clockid: i32, ticks: u64, value: (u64, u64), interval: (u64, u64) },
     /// epoll(7) instance: the fds it watches (fd numbers of the owning process), events and data.
     Epoll { targets: Vec<EpollTarget> },
     /// An IPv4/IPv6 socket: listening TCP, or UDP (bound and possibly connected). Addresses are raw
@@ -284,19 +264,10 @@ pub enum FileKind {
     },
     /// The slave side of a pseudo-terminal (`/dev/pts/N`), reopened by path (its master, e.g. held by
     /// the shim, keeps it alive), with the terminal's settings and window size.
-    Tty {
-        path: String,
-        index: u32,
-        termios: Vec<u8>,
-        winsize: [u16; 4],
-    },
+    Tty { path: String, index: u32, termios: Vec<u8>, winsize: [u16; 4] },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
-    Pipe {
-        pipe: u64,
-        write_end: bool,
-        data: Vec<u8>,
-    },
+    Pipe { pipe: u64, write_end: bool, data: Vec<u8> },
 }
 
 /// One entry of an epoll interest list.

@@ -38,19 +38,9 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
 /// The tracee's extended FPU state (`NT_X86_XSTATE`), as many bytes as the CPU's xsave area has.
 pub fn ptrace_get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 16 * 1024];
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     // SAFETY: the kernel writes at most iov_len bytes into buf and updates iov_len.
-    check(unsafe {
-        libc::ptrace(
-            PTRACE_GETREGSET,
-            tid.as_raw(),
-            NT_X86_XSTATE,
-            &mut iov as *mut libc::iovec,
-        )
-    })?;
+    check(unsafe { libc::ptrace(PTRACE_GETREGSET, tid.as_raw(), NT_X86_XSTATE, &mut iov as *mut libc::iovec) })?;
     buf.truncate(iov.iov_len);
     Ok(buf)
 }
@@ -58,19 +48,9 @@ pub fn ptrace_get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
 /// Sets the tracee's extended FPU state from bytes returned by [`ptrace_get_xstate`].
 pub fn ptrace_set_xstate(tid: Pid, xstate: &[u8]) -> io::Result<()> {
     let mut copy = xstate.to_vec();
-    let mut iov = libc::iovec {
-        iov_base: copy.as_mut_ptr().cast(),
-        iov_len: copy.len(),
-    };
+    let mut iov = libc::iovec { iov_base: copy.as_mut_ptr().cast(), iov_len: copy.len() };
     // SAFETY: the kernel reads iov_len bytes from our buffer.
-    check(unsafe {
-        libc::ptrace(
-            PTRACE_SETREGSET,
-            tid.as_raw(),
-            NT_X86_XSTATE,
-            &mut iov as *mut libc::iovec,
-        )
-    })?;
+    check(unsafe { libc::ptrace(PTRACE_SETREGSET, tid.as_raw(), NT_X86_XSTATE, &mut iov as *mut libc::iovec) })?;
     Ok(())
 }
 
@@ -78,14 +58,7 @@ pub fn ptrace_set_xstate(tid: Pid, xstate: &[u8]) -> io::Result<()> {
 pub fn ptrace_get_sigmask(tid: Pid) -> io::Result<u64> {
     let mut mask: u64 = 0;
     // SAFETY: addr is the size of the mask, data points to 8 writable bytes.
-    check(unsafe {
-        libc::ptrace(
-            PTRACE_GETSIGMASK,
-            tid.as_raw(),
-            8usize,
-            &mut mask as *mut u64,
-        )
-    })?;
+    check(unsafe { libc::ptrace(PTRACE_GETSIGMASK, tid.as_raw(), 8usize, &mut mask as *mut u64) })?;
     Ok(mask)
 }
 
@@ -123,12 +96,7 @@ pub fn ptrace_peek_pending(tid: Pid, shared: bool) -> io::Result<Vec<[u8; SIGINF
         };
         // SAFETY: the kernel writes at most `nr` siginfos into batch.
         let n = check(unsafe {
-            libc::ptrace(
-                PTRACE_PEEKSIGINFO,
-                tid.as_raw(),
-                &args as *const PeekSiginfoArgs,
-                batch.as_mut_ptr(),
-            )
+            libc::ptrace(PTRACE_PEEKSIGINFO, tid.as_raw(), &args as *const PeekSiginfoArgs, batch.as_mut_ptr())
         })? as usize;
         out.extend_from_slice(&batch[..n]);
         if n < batch.len() {
@@ -168,14 +136,7 @@ pub fn ptrace_seccomp_filters(tid: Pid) -> io::Result<Vec<Vec<u8>>> {
     let mut filters = Vec::new();
     for index in 0usize.. {
         // SAFETY: with a null buffer the kernel only returns the instruction count.
-        let count = unsafe {
-            libc::ptrace(
-                PTRACE_SECCOMP_GET_FILTER,
-                tid.as_raw(),
-                index,
-                std::ptr::null_mut::<u8>(),
-            )
-        };
+        let count = unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid.as_raw(), index, std::ptr::null_mut::<u8>()) };
         if count == -1 {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
@@ -186,14 +147,7 @@ pub fn ptrace_seccomp_filters(tid: Pid) -> io::Result<Vec<Vec<u8>>> {
         }
         let mut prog = vec![0u8; count as usize * 8];
         // SAFETY: prog has room for `count` sock_filter instructions.
-        check(unsafe {
-            libc::ptrace(
-                PTRACE_SECCOMP_GET_FILTER,
-                tid.as_raw(),
-                index,
-                prog.as_mut_ptr(),
-            )
-        })?;
+        check(unsafe { libc::ptrace(PTRACE_SECCOMP_GET_FILTER, tid.as_raw(), index, prog.as_mut_ptr()) })?;
         filters.push(prog);
     }
     unreachable!("the loop only ends by returning")
@@ -205,12 +159,7 @@ pub fn get_robust_list(tid: Pid) -> io::Result<(u64, u64)> {
     let mut len: usize = 0;
     // SAFETY: both out-pointers point to writable locals.
     check(unsafe {
-        libc::syscall(
-            libc::SYS_get_robust_list,
-            tid.as_raw(),
-            &mut head as *mut u64,
-            &mut len as *mut usize,
-        )
+        libc::syscall(libc::SYS_get_robust_list, tid.as_raw(), &mut head as *mut u64, &mut len as *mut usize)
     })?;
     Ok((head, len as u64))
 }
@@ -242,14 +191,7 @@ pub fn tgkill(tgid: Pid, tid: Pid, sig: i32) -> io::Result<()> {
 /// `tee(2)` of up to `len` bytes from pipe `from` into pipe `to`, without consuming `from`.
 pub fn tee(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<usize> {
     // SAFETY: no pointers.
-    let r = unsafe {
-        libc::tee(
-            from.as_raw_fd(),
-            to.as_raw_fd(),
-            len,
-            libc::SPLICE_F_NONBLOCK,
-        )
-    };
+    let r = unsafe { libc::tee(from.as_raw_fd(), to.as_raw_fd(), len, libc::SPLICE_F_NONBLOCK) };
     if r < 0 {
         Err(io::Error::last_os_error())
     } else {
@@ -285,11 +227,7 @@ pub fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: i32) -> io::Result<OwnedFd> {
 
 /// True when the process behind `pidfd` has exited (it may still be a zombie).
 pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: pidfd.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
+    let mut pfd = libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
     // SAFETY: one pollfd, zero timeout.
     let r = unsafe { libc::poll(&mut pfd, 1, 0) };
     if r < 0 {
@@ -299,13 +237,7 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
 }
 
 fn remote_iovecs(remote: &[(u64, usize)]) -> Vec<libc::iovec> {
-    remote
-        .iter()
-        .map(|&(a, l)| libc::iovec {
-            iov_base: a as *mut libc::c_void,
-            iov_len: l,
-        })
-        .collect()
+    remote.iter().map(|&(a, l)| libc::iovec { iov_base: a as *mut libc::c_void, iov_len: l }).collect()
 }
 
 fn byte_count(r: isize) -> io::Result<usize> {
@@ -319,41 +251,19 @@ fn byte_count(r: isize) -> io::Result<usize> {
 /// Reads another process's memory at the given remote ranges into `local` (one `process_vm_readv`).
 /// Returns how many bytes were read.
 pub fn process_vm_read(pid: Pid, local: &mut [u8], remote: &[(u64, usize)]) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_mut_ptr().cast(),
-        iov_len: local.len(),
-    };
+    let liov = libc::iovec { iov_base: local.as_mut_ptr().cast(), iov_len: local.len() };
     let riov = remote_iovecs(remote);
     // SAFETY: the local iovec covers `local`; remote iovecs are only interpreted in the other process.
-    byte_count(unsafe {
-        libc::process_vm_readv(
-            pid.as_raw(),
-            &liov,
-            1,
-            riov.as_ptr(),
-            riov.len() as libc::c_ulong,
-            0,
-        )
-    })
+    byte_count(unsafe { libc::process_vm_readv(pid.as_raw(), &liov, 1, riov.as_ptr(), riov.len() as libc::c_ulong, 0) })
 }
 
 /// Writes `local` into another process's memory at the given remote ranges (one `process_vm_writev`).
 pub fn process_vm_write(pid: Pid, local: &[u8], remote: &[(u64, usize)]) -> io::Result<usize> {
-    let liov = libc::iovec {
-        iov_base: local.as_ptr() as *mut libc::c_void,
-        iov_len: local.len(),
-    };
+    let liov = libc::iovec { iov_base: local.as_ptr() as *mut libc::c_void, iov_len: local.len() };
     let riov = remote_iovecs(remote);
     // SAFETY: the local iovec covers `local` (only read); remote iovecs are interpreted in the other process.
     byte_count(unsafe {
-        libc::process_vm_writev(
-            pid.as_raw(),
-            &liov,
-            1,
-            riov.as_ptr(),
-            riov.len() as libc::c_ulong,
-            0,
-        )
+        libc::process_vm_writev(pid.as_raw(), &liov, 1, riov.as_ptr(), riov.len() as libc::c_ulong, 0)
     })
 }
 
@@ -373,24 +283,13 @@ pub fn pread_exact(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Resul
 /// `pread` at an absolute offset.
 pub fn pread(fd: BorrowedFd<'_>, buf: &mut [u8], offset: u64) -> io::Result<usize> {
     // SAFETY: the kernel writes at most buf.len() bytes into buf.
-    byte_count(unsafe {
-        libc::pread64(
-            fd.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            offset as i64,
-        )
-    })
+    byte_count(unsafe { libc::pread64(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset as i64) })
 }
 
 /// Forks the pid-namespace helper (see `pidns`). Must be called with the calling thread's
 /// `pid_for_children` namespace set to the target namespace. The child runs [`pid_helper_main`]
 /// (async-signal-safe: the parent may be multi-threaded) and never returns.
-pub fn fork_pid_helper(
-    req_rd: BorrowedFd<'_>,
-    ack_wr: BorrowedFd<'_>,
-    high: i32,
-) -> io::Result<Pid> {
+pub fn fork_pid_helper(req_rd: BorrowedFd<'_>, ack_wr: BorrowedFd<'_>, high: i32) -> io::Result<Pid> {
     let (req, ack) = (req_rd.as_raw_fd(), ack_wr.as_raw_fd());
     // SAFETY: the child only runs pid_helper_main, which makes raw system calls on stack buffers and
     // never returns (no allocation, no locks taken after fork).
@@ -514,16 +413,7 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i
     let mut v: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: v and len are valid for the kernel to write an int.
-    if unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&mut v as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    } < 0
-    {
+    if unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut libc::c_int).cast(), &mut len) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(v)
@@ -544,11 +434,7 @@ pub fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Option<Vec<u8>>
     };
     if r < 0 {
         let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ENOTCONN) {
-            Ok(None)
-        } else {
-            Err(e)
-        };
+        return if e.raw_os_error() == Some(libc::ENOTCONN) { Ok(None) } else { Err(e) };
     }
     Ok(Some(storage[..len as usize].to_vec()))
 }
@@ -559,13 +445,7 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
     let mut len = info.len() as libc::socklen_t;
     // SAFETY: the kernel copies at most len bytes of struct tcp_info into info.
     if unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::IPPROTO_TCP,
-            libc::TCP_INFO,
-            info.as_mut_ptr().cast(),
-            &mut len,
-        )
+        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
     } < 0
     {
         return Err(io::Error::last_os_error());
@@ -577,13 +457,7 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
 pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: the kernel reads one int.
     if unsafe {
-        libc::setsockopt(
-            fd.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as u32,
-        )
+        libc::setsockopt(fd.as_raw_fd(), level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as u32)
     } < 0
     {
         return Err(io::Error::last_os_error());
@@ -594,10 +468,7 @@ pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> 
 /// `recvmsg(MSG_PEEK | MSG_DONTWAIT)` into `buf` with a small control buffer. Returns the length and
 /// whether control data (such as passed fds) was present.
 pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)> {
-    let mut iov = libc::iovec {
-        iov_base: buf.as_mut_ptr().cast(),
-        iov_len: buf.len(),
-    };
+    let mut iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
     let mut cmsg = [0u8; 64];
     // SAFETY: msghdr is plain data; we set the fields recvmsg reads.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
@@ -606,20 +477,11 @@ pub fn recv_peek(fd: BorrowedFd<'_>, buf: &mut [u8]) -> io::Result<(usize, bool)
     msg.msg_control = cmsg.as_mut_ptr().cast();
     msg.msg_controllen = cmsg.len();
     // SAFETY: msg points at valid buffers for the duration of the call.
-    let n = unsafe {
-        libc::recvmsg(
-            fd.as_raw_fd(),
-            &mut msg,
-            libc::MSG_PEEK | libc::MSG_DONTWAIT,
-        )
-    };
+    let n = unsafe { libc::recvmsg(fd.as_raw_fd(), &mut msg, libc::MSG_PEEK | libc::MSG_DONTWAIT) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok((
-        n as usize,
-        msg.msg_controllen > 0 || msg.msg_flags & libc::MSG_CTRUNC != 0,
-    ))
+    Ok((n as usize, msg.msg_controllen > 0 || msg.msg_flags & libc::MSG_CTRUNC != 0))
 }
 
 const TCGETS2: libc::c_ulong = 0x802c_542a;
@@ -645,10 +507,7 @@ pub fn tty_get(fd: BorrowedFd<'_>) -> io::Result<(Vec<u8>, [u16; 4])> {
 /// Sets a terminal's `termios2` and `winsize` from [`tty_get`]'s bytes.
 pub fn tty_set(fd: BorrowedFd<'_>, termios: &[u8], ws: [u16; 4]) -> io::Result<()> {
     if termios.len() != TERMIOS2_SIZE {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            "bad termios2 size",
-        ));
+        return Err(io::Error::new(io::ErrorKind::InvalidInput, "bad termios2 size"));
     }
     // SAFETY: both ioctls only read the structures we pass.
     unsafe {

@@ -72,42 +72,24 @@ const SIGCHLD: u64 = libc::SIGCHLD as u64;
 const PR_SET_DUMPABLE: u64 = 4;
 
 fn create_err(pid: Pid) -> impl FnOnce(PtraceError) -> TemplateError {
-    move |source| TemplateError::Create {
-        pid: pid.as_raw(),
-        source,
-    }
+    move |source| TemplateError::Create { pid: pid.as_raw(), source }
 }
 
 /// Makes a template of the process whose (stopped, injectable) leader thread is `leader`. The process
 /// must have no scratch memory mapped.
-pub fn create(
-    leader: &mut Injector,
-    gadget: u64,
-    detach: Detach,
-) -> Result<Template, TemplateError> {
+pub fn create(leader: &mut Injector, gadget: u64, detach: Detach) -> Result<Template, TemplateError> {
     let pid = leader.pid();
-    let helper = leader
-        .clone_task(CLONE_VM, "making a template")
-        .map_err(create_err(pid))?;
+    let helper = leader.clone_task(CLONE_VM, "making a template").map_err(create_err(pid))?;
     let helper_ns = procfs::Status::read(helper)
         .and_then(|s| s.innermost("NSpid"))
-        .map_err(|source| TemplateError::Proc {
-            pid: pid.as_raw(),
-            source,
-        })?;
+        .map_err(|source| TemplateError::Proc { pid: pid.as_raw(), source })?;
     let mut h = Injector::new(helper, helper, gadget).map_err(create_err(pid))?;
-    h.call(libc::SYS_close_range, &[0, u32::MAX as u64, 0])
-        .map_err(create_err(pid))?;
-    let tpid = h
-        .clone_task(SIGCHLD, "forking the template")
-        .map_err(create_err(pid))?;
+    h.call(libc::SYS_close_range, &[0, u32::MAX as u64, 0]).map_err(create_err(pid))?;
+    let tpid = h.clone_task(SIGCHLD, "forking the template").map_err(create_err(pid))?;
     // From here on a failure must not leave a stopped orphan behind.
     let finish = (|| {
         h.syscall(libc::SYS_exit, &[0])?;
-        leader.call(
-            libc::SYS_wait4,
-            &[helper_ns as u64, 0, libc::__WALL as u64, 0],
-        )?;
+        leader.call(libc::SYS_wait4, &[helper_ns as u64, 0, libc::__WALL as u64, 0])?;
         let mut t = Injector::new(tpid, tpid, gadget)?;
         match detach {
             Detach::ProcessGroup => t.call(libc::SYS_setpgid, &[0, 0]),
@@ -140,13 +122,7 @@ pub fn create(
     if let Err(e) = procfs::write_int(tpid, "oom_score_adj", -1000) {
         tracing::debug!(template = tpid.as_raw(), error = %e, "cannot protect the template from the OOM killer");
     }
-    Ok(Template {
-        pid: tpid,
-        pidfd,
-        gadget,
-        trap_regs,
-        _tracer_thread: PhantomData,
-    })
+    Ok(Template { pid: tpid, pidfd, gadget, trap_regs, _tracer_thread: PhantomData })
 }
 
 impl Template {
@@ -166,10 +142,7 @@ impl Template {
     }
 
     /// Runs `f` with an injector on the template, then puts the template back in its idle state.
-    pub fn with_injector<R>(
-        &self,
-        f: impl FnOnce(&mut Injector) -> Result<R, PtraceError>,
-    ) -> Result<R, PtraceError> {
+    pub fn with_injector<R>(&self, f: impl FnOnce(&mut Injector) -> Result<R, PtraceError>) -> Result<R, PtraceError> {
         let mut inj = Injector::new(self.pid, self.pid, self.gadget)?;
         let res = f(&mut inj);
         inj.finish_with(&self.trap_regs, u64::MAX)?;
@@ -179,10 +152,7 @@ impl Template {
     /// Injects `clone(flags)` into the template and returns the new child's host pid, stopped and traced.
     /// The pid the child gets is chosen beforehand with the pid helper.
     pub fn clone_child(&self, flags: u64) -> Result<Pid, TemplateError> {
-        let err = |source| TemplateError::Clone {
-            template: self.pid.as_raw(),
-            source,
-        };
+        let err = |source| TemplateError::Clone { template: self.pid.as_raw(), source };
         let mut inj = Injector::new(self.pid, self.pid, self.gadget).map_err(err)?;
         let child = inj.clone_task(flags, "cloning a template");
         inj.finish_with(&self.trap_regs, u64::MAX).map_err(err)?;
@@ -194,12 +164,7 @@ impl Drop for Template {
     fn drop(&mut self) {
         // SIGKILL through the pidfd cannot hit a recycled pid; then collect the exit as its tracer so
         // init can reap it.
-        let flags = if rustix::process::pidfd_send_signal(
-            self.pidfd.as_fd(),
-            rustix::process::Signal::KILL,
-        )
-        .is_ok()
-        {
+        let flags = if rustix::process::pidfd_send_signal(self.pidfd.as_fd(), rustix::process::Signal::KILL).is_ok() {
             WaitPidFlag::__WALL
         } else {
             WaitPidFlag::__WALL | WaitPidFlag::WNOHANG

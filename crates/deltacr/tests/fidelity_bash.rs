@@ -30,24 +30,15 @@ impl Term {
     /// Sends a line and waits until `marker` appears in the output after it.
     fn run(&mut self, line: &str, marker: &str) -> String {
         self.seen.clear();
-        self.master
-            .write_all(format!("{line}\n").as_bytes())
-            .unwrap();
+        self.master.write_all(format!("{line}\n").as_bytes()).unwrap();
         let start = Instant::now();
         let mut buf = [0u8; 4096];
         while !self.seen.contains(marker) {
-            assert!(
-                start.elapsed() < Duration::from_secs(10),
-                "no {marker:?} after {line:?}; saw {:?}",
-                self.seen
-            );
+            assert!(start.elapsed() < Duration::from_secs(10), "no {marker:?} after {line:?}; saw {:?}", self.seen);
             match self.master.read(&mut buf) {
                 Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
                 // EIO: no process has the slave open at this moment (between kill and restore).
-                Err(e)
-                    if e.kind() == std::io::ErrorKind::WouldBlock
-                        || e.raw_os_error() == Some(libc::EIO) =>
-                {
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
                     std::thread::sleep(Duration::from_millis(5))
                 }
                 Err(e) => panic!("pty read: {e}"),
@@ -61,24 +52,12 @@ impl Term {
 fn interactive_bash_session_comes_back_whole() {
     let mut ns = PidNs::new();
     let pty = nix::pty::openpty(None, None).unwrap();
-    let slave_path =
-        std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
-    nix::fcntl::fcntl(
-        &pty.master,
-        nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-    )
-    .unwrap();
+    let slave_path = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
+    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
     let py = python();
-    ns.spawn(
-        &[py.as_str(), "-c", SPAWN, slave_path.to_str().unwrap()],
-        None,
-        true,
-    );
+    ns.spawn(&[py.as_str(), "-c", SPAWN, slave_path.to_str().unwrap()], None, true);
     drop(pty.slave);
-    let mut t = Term {
-        master: std::fs::File::from(pty.master),
-        seen: String::new(),
-    };
+    let mut t = Term { master: std::fs::File::from(pty.master), seen: String::new() };
     t.run("echo \"up-$((40+2))\"", "up-42");
     t.run("cd /tmp && export EXP=e1 && LOC=l1", "$ ");
     t.run("f() { echo \"fn-$1\"; }", "$ ");
@@ -94,18 +73,10 @@ fn interactive_bash_session_comes_back_whole() {
     let sb = ns.sandbox();
     sb.freezer.freeze().unwrap();
     let ckpt = engine.checkpoint(&sb).unwrap();
-    assert_eq!(
-        ckpt.tree.processes.len(),
-        3,
-        "bash and its two jobs: {:?}",
-        ckpt.tree.processes
-    );
+    assert_eq!(ckpt.tree.processes.len(), 3, "bash and its two jobs: {:?}", ckpt.tree.processes);
 
     // Change everything the restore must undo.
-    t.run(
-        "cd / ; EXP=changed ; LOC=changed ; unset -f f ; unalias al ; kill %1",
-        "$ ",
-    );
+    t.run("cd / ; EXP=changed ; LOC=changed ; unset -f f ; unalias al ; kill %1", "$ ");
     t.run("echo \"M-$((3+4))\"", "M-7");
 
     for round in 0..2 {
@@ -118,29 +89,15 @@ fn interactive_bash_session_comes_back_whole() {
         let out = t.run("bash -c 'echo \"exported$((7*7))-$EXP\"'", "exported49-");
         assert!(out.contains("exported49-e1"), "{out:?}");
         // (A regex like 'sleep 100[0]' does not match its own command line.)
-        let out = t.run("echo \"H$((9*9)):$(history | grep -c 'sleep 100[0]')-$(history | grep -c 'unalia[s]')\"", "H81:");
-        assert!(
-            out.contains("H81:1-0"),
-            "history is the checkpoint's: {out:?}"
-        );
+        let out =
+            t.run("echo \"H$((9*9)):$(history | grep -c 'sleep 100[0]')-$(history | grep -c 'unalia[s]')\"", "H81:");
+        assert!(out.contains("H81:1-0"), "history is the checkpoint's: {out:?}");
         let out = t.run("jobs ; echo \"J-$((6+6))\"", "J-12");
-        assert!(
-            out.contains("Running") && out.contains("sleep 1000"),
-            "round {round}: {out:?}"
-        );
-        assert!(
-            out.contains("Stopped") && out.contains("sleep 2000"),
-            "round {round}: {out:?}"
-        );
+        assert!(out.contains("Running") && out.contains("sleep 1000"), "round {round}: {out:?}");
+        assert!(out.contains("Stopped") && out.contains("sleep 2000"), "round {round}: {out:?}");
         let out = t.run("kill %1 ; wait %1 ; echo \"W$((8*8))-$?\"", "W64-");
         assert!(out.contains("W64-143"), "the job was waited for: {out:?}");
-        let out = t.run(
-            "kill -CONT %2 ; kill %2 ; wait %2 ; echo \"X$((4*4))-$?\"",
-            "X16-",
-        );
-        assert!(
-            out.contains("X16-143"),
-            "the stopped job continued and was waited for: {out:?}"
-        );
+        let out = t.run("kill -CONT %2 ; kill %2 ; wait %2 ; echo \"X$((4*4))-$?\"", "X16-");
+        assert!(out.contains("X16-143"), "the stopped job continued and was waited for: {out:?}");
     }
 }

@@ -38,10 +38,7 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
     let rss_kb = std::fs::read_to_string(format!("/proc/{}/status", ns.host_pid(pid)))
         .unwrap()
         .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap())
-        })
+        .find_map(|l| l.strip_prefix("VmRSS:").map(|v| v.trim().trim_end_matches(" kB").parse::<u64>().unwrap()))
         .unwrap();
     assert!(rss_kb > 200_000, "the workload holds ~200 MB: {rss_kb} kB");
 
@@ -59,30 +56,16 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
     let live = number_rows(&out);
     let expected_check = |gen: u64| live.iter().find(|r| r[0] == gen).map(|r| r[1]).unwrap();
 
-    for (ckpt, at) in [
-        (&c2, &at2),
-        (&c1, &at1),
-        (&c2, &at2),
-        (&c1, &at1),
-        (&c1, &at1),
-        (&c2, &at2),
-    ] {
+    for (ckpt, at) in [(&c2, &at2), (&c1, &at1), (&c2, &at2), (&c1, &at1), (&c1, &at1), (&c2, &at2)] {
         engine.kill_processes(&sb).unwrap();
         let before = number_rows(&out).len();
         engine.restore(ckpt, &sb).unwrap();
         wait_for(|| (number_rows(&out).len() > before + 1).then_some(()));
         let first = number_rows(&out)[before].clone();
         assert_eq!(first[0], at[0] + 1, "continues right after its checkpoint");
-        assert_eq!(
-            first[1],
-            expected_check(at[0] + 1),
-            "objects are as at the checkpoint"
-        );
+        assert_eq!(first[1], expected_check(at[0] + 1), "objects are as at the checkpoint");
         for k in 0..4 {
-            assert!(
-                first[2 + k] >= at[2 + k],
-                "thread {k} did not go back before the checkpoint"
-            );
+            assert!(first[2 + k] >= at[2 + k], "thread {k} did not go back before the checkpoint");
         }
     }
 }

@@ -46,24 +46,10 @@ fn sqlite_mid_transaction_keeps_its_locks_and_commits() {
     let out = ns.path("out");
     let flag = ns.path("flag");
     let py = python();
-    ns.spawn(
-        &[
-            &py,
-            "-c",
-            TX,
-            db.to_str().unwrap(),
-            out.to_str().unwrap(),
-            flag.to_str().unwrap(),
-        ],
-        None,
-        false,
-    );
+    ns.spawn(&[&py, "-c", TX, db.to_str().unwrap(), out.to_str().unwrap(), flag.to_str().unwrap()], None, false);
     wait_for_content(&out, "in-tx\n");
     let other_writer = || {
-        let o = Command::new(&py)
-            .args(["-c", OTHER_WRITER, db.to_str().unwrap()])
-            .output()
-            .unwrap();
+        let o = Command::new(&py).args(["-c", OTHER_WRITER, db.to_str().unwrap()]).output().unwrap();
         String::from_utf8(o.stdout).unwrap()
     };
     assert_eq!(other_writer(), "database is locked\n");
@@ -72,10 +58,8 @@ fn sqlite_mid_transaction_keeps_its_locks_and_commits() {
     let sb = ns.sandbox();
     sb.freezer.freeze().unwrap();
     let ckpt = engine.checkpoint(&sb).unwrap();
-    let files: Vec<(std::path::PathBuf, Vec<u8>)> = ["db", "db-wal", "db-shm"]
-        .iter()
-        .map(|n| (ns.path(n), std::fs::read(ns.path(n)).unwrap()))
-        .collect();
+    let files: Vec<(std::path::PathBuf, Vec<u8>)> =
+        ["db", "db-wal", "db-shm"].iter().map(|n| (ns.path(n), std::fs::read(ns.path(n)).unwrap())).collect();
     std::fs::write(&flag, "").unwrap();
     wait_for_content(&out, "rows [1, 2, 3]");
 
@@ -88,11 +72,7 @@ fn sqlite_mid_transaction_keeps_its_locks_and_commits() {
         std::fs::remove_file(&flag).unwrap();
         std::fs::write(&out, "").unwrap();
         engine.restore(&ckpt, &sb).unwrap();
-        assert_eq!(
-            other_writer(),
-            "database is locked\n",
-            "the restored transaction holds its locks"
-        );
+        assert_eq!(other_writer(), "database is locked\n", "the restored transaction holds its locks");
         std::fs::write(&flag, "").unwrap();
         wait_for(|| (std::fs::read_to_string(&out).unwrap() == "rows [1, 2, 3]\n").then_some(()));
     }

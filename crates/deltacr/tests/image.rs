@@ -44,10 +44,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let n1 = counter_lines(&out).last().unwrap().0;
     let c1 = engine.checkpoint(&sb).unwrap();
     let i1 = c1.image_job(None).unwrap().write(&store).unwrap();
-    assert!(
-        i1.page_bytes > 8 << 20,
-        "the 8 MB buffer is in the first image: {i1:?}"
-    );
+    assert!(i1.page_bytes > 8 << 20, "the 8 MB buffer is in the first image: {i1:?}");
     assert_eq!(i1.parent_bytes, 0);
 
     // Second checkpoint: only what changed.
@@ -55,25 +52,12 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     sb.freezer.freeze().unwrap();
     let n2 = counter_lines(&out).last().unwrap().0;
     let c2 = engine.checkpoint(&sb).unwrap();
-    let i2 = c2
-        .image_job(Some((&c1, i1.id)))
-        .unwrap()
-        .write(&store)
-        .unwrap();
-    assert!(
-        i2.page_bytes < i1.page_bytes / 4,
-        "incremental image is small: {i2:?} vs {i1:?}"
-    );
-    assert!(
-        i2.parent_bytes > 8 << 20,
-        "unchanged pages stay in the parent: {i2:?}"
-    );
+    let i2 = c2.image_job(Some((&c1, i1.id))).unwrap().write(&store).unwrap();
+    assert!(i2.page_bytes < i1.page_bytes / 4, "incremental image is small: {i2:?} vs {i1:?}");
+    assert!(i2.parent_bytes > 8 << 20, "unchanged pages stay in the parent: {i2:?}");
     assert_eq!(store.open_chain(i2.id).unwrap().len(), 2);
     let describe = store.open(i2.id).unwrap().describe();
-    assert!(
-        describe.contains(&format!("parent {}", i1.id)),
-        "{describe}"
-    );
+    assert!(describe.contains(&format!("parent {}", i1.id)), "{describe}");
 
     wait_for(|| (counter_lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
     let after = counter_lines(&out);
@@ -97,14 +81,9 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let other_out_before = counter_lines(&out).len();
     let mut other_engine = Engine::new();
     let mut chain = store.open_chain(i2.id).unwrap();
-    other_engine
-        .restore_image(&mut chain, &other.sandbox())
-        .unwrap();
+    other_engine.restore_image(&mut chain, &other.sandbox()).unwrap();
     wait_for(|| (counter_lines(&out).len() > other_out_before).then_some(()));
-    assert_eq!(
-        counter_lines(&out)[other_out_before],
-        (n2 + 1, crc_after(n2 + 1))
-    );
+    assert_eq!(counter_lines(&out)[other_out_before], (n2 + 1, crc_after(n2 + 1)));
     drop(other);
 
     // Corruption: one flipped byte in the page data is refused and nothing is left running.
@@ -125,10 +104,9 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let m = std::fs::read(&meta).unwrap();
     std::fs::write(&meta, &m[..m.len() - 20]).unwrap();
     match store.open(i2.id) {
-        Err(ImageError::Corrupt { reason, .. }) => assert!(
-            reason.contains("short") || reason.contains("end record"),
-            "{reason}"
-        ),
+        Err(ImageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("short") || reason.contains("end record"), "{reason}")
+        }
         other => panic!("truncated image opened: {other:?}"),
     }
 }
@@ -150,37 +128,22 @@ fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
     let good = std::fs::read(&meta).unwrap();
     store.open(id).unwrap().verify_pages().unwrap();
     // Every prefix (a torn write) is refused.
-    for len in (0..good.len())
-        .step_by(good.len() / 97 + 1)
-        .chain([good.len() - 1])
-    {
+    for len in (0..good.len()).step_by(good.len() / 97 + 1).chain([good.len() - 1]) {
         std::fs::write(&meta, &good[..len]).unwrap();
-        assert!(
-            store.open(id).is_err(),
-            "a metadata file cut at {len} of {} bytes was accepted",
-            good.len()
-        );
+        assert!(store.open(id).is_err(), "a metadata file cut at {len} of {} bytes was accepted", good.len());
     }
     // Any flipped bit is refused (magic, version, record headers and payloads are all covered).
     for pos in (0..good.len()).step_by(good.len() / 89 + 1) {
         let mut bad = good.clone();
         bad[pos] ^= 0x10;
         std::fs::write(&meta, &bad).unwrap();
-        assert!(
-            store.open(id).is_err(),
-            "a flipped bit at byte {pos} was accepted"
-        );
+        assert!(store.open(id).is_err(), "a flipped bit at byte {pos} was accepted");
     }
     std::fs::write(&meta, &good).unwrap();
     // Truncated page data is refused when read.
     let pages = store.path_of(id).join("pages.img");
     let len = std::fs::metadata(&pages).unwrap().len();
-    std::fs::OpenOptions::new()
-        .write(true)
-        .open(&pages)
-        .unwrap()
-        .set_len(len / 2)
-        .unwrap();
+    std::fs::OpenOptions::new().write(true).open(&pages).unwrap().set_len(len / 2).unwrap();
     let err = store.open(id).unwrap().verify_pages().unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 }

@@ -25,10 +25,7 @@ fn wait_until_blocked(pid: Pid, nr: i64, arg0: u64) {
 #[test]
 fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
     let mut child = Command::new("python3")
-        .args([
-            "-c",
-            "import sys; line = sys.stdin.readline(); print('got ' + line.strip(), flush=True)",
-        ])
+        .args(["-c", "import sys; line = sys.stdin.readline(); print('got ' + line.strip(), flush=True)"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .spawn()
@@ -43,20 +40,12 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
     let regs = ptrace::getregs(pid).unwrap();
     assert_eq!(regs.orig_rax as i64, libc::SYS_read, "stopped inside read");
     let (fixed, mode) = ptrace::restart_fixup(&regs, false);
-    assert_eq!(
-        mode,
-        ptrace::RestartMode::Restart,
-        "rax {}",
-        regs.rax as i64
-    );
+    assert_eq!(mode, ptrace::RestartMode::Restart, "rax {}", regs.rax as i64);
     assert_eq!(fixed.rax as i64, libc::SYS_read);
 
     let gadget = ptrace::find_syscall_gadget(pid).unwrap();
     let mut inj = Injector::new(pid, pid, gadget).unwrap();
-    assert_eq!(
-        inj.call(libc::SYS_getpid, &[]).unwrap(),
-        pid.as_raw() as i64
-    );
+    assert_eq!(inj.call(libc::SYS_getpid, &[]).unwrap(), pid.as_raw() as i64);
     let scratch = Scratch::map(&mut inj, 4096).unwrap();
     scratch.write(0, b"hello").unwrap();
     assert_eq!(scratch.read(0, 5).unwrap(), b"hello");
@@ -69,12 +58,7 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
 
     child.stdin.as_mut().unwrap().write_all(b"world\n").unwrap();
     let mut out = String::new();
-    child
-        .stdout
-        .as_mut()
-        .unwrap()
-        .read_to_string(&mut out)
-        .unwrap();
+    child.stdout.as_mut().unwrap().read_to_string(&mut out).unwrap();
     let status = child.wait().unwrap();
     assert!(status.success(), "{status:?}");
     assert_eq!(out, "got world\n");
@@ -90,17 +74,10 @@ fn an_interrupted_sleep_continues_through_restart_syscall() {
     ptrace::wait_stop(pid, "stopped").unwrap();
     let regs = ptrace::getregs(pid).unwrap();
     let (_, mode) = ptrace::restart_fixup(&regs, false);
-    assert_eq!(
-        mode,
-        ptrace::RestartMode::RestartBlock,
-        "sleep waits in clock_nanosleep"
-    );
+    assert_eq!(mode, ptrace::RestartMode::RestartBlock, "sleep waits in clock_nanosleep");
     let gadget = ptrace::find_syscall_gadget(pid).unwrap();
     let mut inj = Injector::new(pid, pid, gadget).unwrap();
-    assert_eq!(
-        inj.call(libc::SYS_getppid, &[]).unwrap(),
-        std::process::id() as i64
-    );
+    assert_eq!(inj.call(libc::SYS_getppid, &[]).unwrap(), std::process::id() as i64);
     inj.finish().unwrap();
     ptrace::detach(pid, None).unwrap();
     assert!(child.wait().unwrap().success());

@@ -8,11 +8,7 @@ use deltacr::pidns::PidSetter;
 fn next_process_gets_the_requested_pid_and_the_counter_is_kept() {
     let mut ns = common::PidNs::new();
     let mut setter = PidSetter::spawn(ns.init).unwrap();
-    assert!(
-        setter.helper_pid() > 30000,
-        "helper moved out of the way: {}",
-        setter.helper_pid()
-    );
+    assert!(setter.helper_pid() > 30000, "helper moved out of the way: {}", setter.helper_pid());
     let before = setter.last_pid().unwrap();
     assert!(before < 100, "the helper put the counter back: {before}");
     setter.set_next(4242).unwrap();

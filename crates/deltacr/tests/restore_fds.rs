@@ -48,14 +48,7 @@ fn anonymous_inode_files_and_fifos_keep_their_state() {
     let fifo = ns.path("fifo");
     nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
     let py = python();
-    let args = [
-        &py,
-        "-c",
-        FDS,
-        out.to_str().unwrap(),
-        flag.to_str().unwrap(),
-        fifo.to_str().unwrap(),
-    ];
+    let args = [&py, "-c", FDS, out.to_str().unwrap(), flag.to_str().unwrap(), fifo.to_str().unwrap()];
     ns.spawn(&args, None, false);
     wait_for_content(&out, "ready\n");
 
@@ -65,11 +58,7 @@ fn anonymous_inode_files_and_fifos_keep_their_state() {
     let ckpt = engine.checkpoint(&sb).unwrap();
     std::fs::write(&flag, "").unwrap();
     wait_for_content(&out, "signalfd");
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap(),
-        format!("ready\n{EXPECTED}"),
-        "the live run"
-    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("ready\n{EXPECTED}"), "the live run");
 
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();

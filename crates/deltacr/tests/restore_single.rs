@@ -35,37 +35,21 @@ fn continues_from_the_checkpoint(mut ns: PidNs) {
 
     // The live process was not disturbed.
     let m = n + 20;
-    wait_for(|| {
-        counter_lines(&out)
-            .iter()
-            .any(|&(i, _)| i == m)
-            .then_some(())
-    });
+    wait_for(|| counter_lines(&out).iter().any(|&(i, _)| i == m).then_some(()));
     let later = counter_lines(&out);
 
     for round in 0..2 {
         engine.kill_processes(&sb).unwrap();
-        assert!(
-            nix::sys::signal::kill(host, None).is_err(),
-            "live process is gone"
-        );
+        assert!(nix::sys::signal::kill(host, None).is_err(), "live process is gone");
         let before = counter_lines(&out).len();
         engine.restore(&ckpt, &sb).unwrap();
         let restored = ns.host_pid(pid);
         wait_for(|| (counter_lines(&out).len() >= before + 3).then_some(()));
         let now = counter_lines(&out);
         // Continues right after the checkpoint's last line, with the same memory contents.
-        assert_eq!(
-            now[before].0,
-            n + 1,
-            "round {round}: {:?}",
-            &now[before - 2..]
-        );
+        assert_eq!(now[before].0, n + 1, "round {round}: {:?}", &now[before - 2..]);
         let expected_crc = later.iter().find(|&&(i, _)| i == n + 1).unwrap().1;
-        assert_eq!(
-            now[before].1, expected_crc,
-            "round {round}: memory differs after restore"
-        );
+        assert_eq!(now[before].1, expected_crc, "round {round}: memory differs after restore");
         assert_ne!(crc_n, 0);
         let cmdline = std::fs::read(format!("/proc/{restored}/cmdline")).unwrap();
         assert!(cmdline.starts_with(py.as_bytes()));
@@ -76,39 +60,20 @@ fn continues_from_the_checkpoint(mut ns: PidNs) {
 fn a_process_in_a_user_namespace_with_docker_capabilities_is_restored() {
     let mut ns = PidNs::user_namespaced();
     let out = ns.path("out");
-    let (pid, host) = ns.spawn(
-        &[common::SYSTEM_PYTHON, "-c", COUNTER, out.to_str().unwrap()],
-        None,
-        false,
-    );
+    let (pid, host) = ns.spawn(&[common::SYSTEM_PYTHON, "-c", COUNTER, out.to_str().unwrap()], None, false);
     wait_for_content(&out, "\n5 ");
     let status = std::fs::read_to_string(format!("/proc/{host}/status")).unwrap();
-    assert!(
-        status.contains("CapEff:\t00000000a80425fb"),
-        "Docker's capabilities: {status}"
-    );
-    assert!(
-        status.contains("Seccomp_filters:\t1"),
-        "a seccomp filter: {status}"
-    );
+    assert!(status.contains("CapEff:\t00000000a80425fb"), "Docker's capabilities: {status}");
+    assert!(status.contains("Seccomp_filters:\t1"), "a seccomp filter: {status}");
     let own_userns = std::fs::read_link("/proc/self/ns/user").unwrap();
-    assert_ne!(
-        std::fs::read_link(format!("/proc/{host}/ns/user")).unwrap(),
-        own_userns,
-        "in its own user namespace"
-    );
+    assert_ne!(std::fs::read_link(format!("/proc/{host}/ns/user")).unwrap(), own_userns, "in its own user namespace");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     sb.freezer.freeze().unwrap();
     let at = counter_lines(&out);
     let ckpt = engine.checkpoint(&sb).unwrap();
     let n = at.last().unwrap().0;
-    wait_for(|| {
-        counter_lines(&out)
-            .iter()
-            .any(|&(i, _)| i == n + 10)
-            .then_some(())
-    });
+    wait_for(|| counter_lines(&out).iter().any(|&(i, _)| i == n + 10).then_some(()));
     let later = counter_lines(&out);
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();
@@ -119,13 +84,7 @@ fn a_process_in_a_user_namespace_with_docker_capabilities_is_restored() {
         assert_eq!(counter_lines(&out)[before], *expected);
         let restored = ns.host_pid(pid);
         let st = std::fs::read_to_string(format!("/proc/{restored}/status")).unwrap();
-        assert!(
-            st.contains("CapEff:\t00000000a80425fb"),
-            "capabilities are kept: {st}"
-        );
-        assert!(
-            st.contains("Seccomp:\t2") && st.contains("Seccomp_filters:\t1"),
-            "the filter is kept: {st}"
-        );
+        assert!(st.contains("CapEff:\t00000000a80425fb"), "capabilities are kept: {st}");
+        assert!(st.contains("Seccomp:\t2") && st.contains("Seccomp_filters:\t1"), "the filter is kept: {st}");
     }
 }

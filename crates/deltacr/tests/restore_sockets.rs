@@ -24,23 +24,10 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
     std::fs::create_dir(&dir).unwrap();
     std::fs::write(dir.join("hello.txt"), "hello from the sandbox").unwrap();
     // A free port: bind, read it, release it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let py = python();
     let port_s = port.to_string();
-    let args = [
-        py.as_str(),
-        "-m",
-        "http.server",
-        &port_s,
-        "--bind",
-        "127.0.0.1",
-        "--directory",
-        dir.to_str().unwrap(),
-    ];
+    let args = [py.as_str(), "-m", "http.server", &port_s, "--bind", "127.0.0.1", "--directory", dir.to_str().unwrap()];
     ns.spawn(&args, None, false);
     wait_for(|| get(port).filter(|b| b.contains("hello from the sandbox")));
 
@@ -51,15 +38,9 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
     sb.freezer.freeze().unwrap();
-    let err = engine
-        .checkpoint(&sb)
-        .err()
-        .expect("an established TCP connection cannot be checkpointed");
+    let err = engine.checkpoint(&sb).err().expect("an established TCP connection cannot be checkpointed");
     let msg = format!("{:?}", err);
-    assert!(
-        msg.contains("TCP connection") && msg.contains("fd"),
-        "{msg}"
-    );
+    assert!(msg.contains("TCP connection") && msg.contains("fd"), "{msg}");
     drop(client);
     // The failed checkpoint left the server running.
     wait_for(|| get(port).filter(|b| b.contains("hello from the sandbox")));
@@ -74,10 +55,7 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
         assert!(get(port).is_none(), "nothing listens after the kill");
         engine.restore(&ckpt, &sb).unwrap();
         let body = wait_for(|| get(port));
-        assert!(
-            body.contains("200 OK") && body.contains("hello from the sandbox"),
-            "{body}"
-        );
+        assert!(body.contains("200 OK") && body.contains("hello from the sandbox"), "{body}");
     }
 }
 
@@ -114,14 +92,7 @@ fn unix_socket_pairs_listeners_and_queued_data_come_back() {
     let flag = ns.path("flag");
     let sock = ns.path("sock");
     let py = python();
-    let args = [
-        py.as_str(),
-        "-c",
-        UNIX,
-        out.to_str().unwrap(),
-        flag.to_str().unwrap(),
-        sock.to_str().unwrap(),
-    ];
+    let args = [py.as_str(), "-c", UNIX, out.to_str().unwrap(), flag.to_str().unwrap(), sock.to_str().unwrap()];
     ns.spawn(&args, None, false);
     common::wait_for_content(&out, "ready\n");
     let mut engine = Engine::new();
@@ -135,10 +106,7 @@ fn unix_socket_pairs_listeners_and_queued_data_come_back() {
         common::wait_for_content(&out, "accepted");
     };
     talk();
-    assert_eq!(
-        std::fs::read_to_string(&out).unwrap(),
-        format!("ready\n{UNIX_EXPECTED}")
-    );
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("ready\n{UNIX_EXPECTED}"));
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();
         std::fs::remove_file(&flag).unwrap();

@@ -28,12 +28,7 @@ fn ns_tids(ns: &PidNs, pid: i32) -> Vec<i32> {
     let mut tids: Vec<i32> = deltacr::procfs::tasks(host)
         .unwrap()
         .into_iter()
-        .map(|t| {
-            deltacr::procfs::Status::read_thread(host, t)
-                .unwrap()
-                .innermost("NSpid")
-                .unwrap()
-        })
+        .map(|t| deltacr::procfs::Status::read_thread(host, t).unwrap().innermost("NSpid").unwrap())
         .collect();
     tids.sort();
     tids
@@ -67,14 +62,8 @@ fn threads_are_restored_with_their_tids_and_state() {
         assert_eq!(ns_tids(&ns, pid), tids);
         let first = &number_rows(&out)[before];
         for k in 0..4 {
-            assert!(
-                first[k] >= at_ckpt[k],
-                "thread {k} went back: {first:?} < {at_ckpt:?}"
-            );
-            assert!(
-                first[k] < max_before[k],
-                "thread {k} did not restart from the checkpoint: {first:?}"
-            );
+            assert!(first[k] >= at_ckpt[k], "thread {k} went back: {first:?} < {at_ckpt:?}");
+            assert!(first[k] < max_before[k], "thread {k} did not restart from the checkpoint: {first:?}");
         }
         // The threads keep running after the restore.
         let later = wait_for(|| {

@@ -49,18 +49,11 @@ while True:
 "#;
 
 fn last(lines: &[String], tag: &str) -> Option<u64> {
-    lines
-        .iter()
-        .rev()
-        .find_map(|l| l.strip_prefix(tag).map(|v| v.trim().parse().unwrap()))
+    lines.iter().rev().find_map(|l| l.strip_prefix(tag).map(|v| v.trim().parse().unwrap()))
 }
 
 fn read(path: &std::path::Path) -> Vec<String> {
-    std::fs::read_to_string(path)
-        .unwrap_or_default()
-        .lines()
-        .map(str::to_string)
-        .collect()
+    std::fs::read_to_string(path).unwrap_or_default().lines().map(str::to_string).collect()
 }
 
 #[test]
@@ -76,18 +69,8 @@ fn a_tree_in_a_user_namespace_with_docker_capabilities_is_restored() {
 fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
     let out = ns.path("out");
     let flag = ns.path("flag");
-    let script = format!(
-        "{} -c '{}' {} {}",
-        python(),
-        TREE_PY.replace('\'', "'\\''"),
-        out.display(),
-        flag.display()
-    );
-    let (bash, _) = ns.spawn(
-        &["bash", "-c", &format!("{script}; echo done")],
-        None,
-        false,
-    );
+    let script = format!("{} -c '{}' {} {}", python(), TREE_PY.replace('\'', "'\\''"), out.display(), flag.display());
+    let (bash, _) = ns.spawn(&["bash", "-c", &format!("{script}; echo done")], None, false);
     wait_for(|| (last(&read(&out), "c ").unwrap_or(0) > 5).then_some(()));
 
     let mut engine = Engine::new();
@@ -97,18 +80,11 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
     let ckpt = engine.checkpoint(&sb).unwrap();
     let (p0, c0) = (last(&at, "p ").unwrap(), last(&at, "c ").unwrap());
     let procs = ckpt.tree.processes.clone();
-    assert_eq!(
-        procs.len(),
-        6,
-        "bash, python, producer, consumer, nobody, zombie: {procs:?}"
-    );
+    assert_eq!(procs.len(), 6, "bash, python, producer, consumer, nobody, zombie: {procs:?}");
     assert_eq!(procs[0].pid, bash);
     let py = procs[1].pid;
     assert_eq!(procs[1].ppid, bash);
-    let zombie = procs
-        .iter()
-        .find(|p| matches!(p.kind, ProcessKind::Zombie { .. }))
-        .unwrap();
+    let zombie = procs.iter().find(|p| matches!(p.kind, ProcessKind::Zombie { .. })).unwrap();
     assert_eq!(zombie.ppid, py);
     let zpid = zombie.pid;
 
@@ -133,16 +109,8 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
             if let ProcessKind::Live(st) = &p.kind {
                 let host = ns.host_pid(p.pid);
                 let ids = deltacr::capture::ns_ids(host).unwrap();
-                assert_eq!(
-                    (ids.ppid, ids.pgid, ids.sid),
-                    (p.ppid, p.pgid, p.sid),
-                    "round {round}: {p:?}"
-                );
-                assert_eq!(
-                    deltacr::capture::read_creds(host).unwrap(),
-                    st.creds,
-                    "round {round}: {p:?}"
-                );
+                assert_eq!((ids.ppid, ids.pgid, ids.sid), (p.ppid, p.pgid, p.sid), "round {round}: {p:?}");
+                assert_eq!(deltacr::capture::read_creds(host).unwrap(), st.creds, "round {round}: {p:?}");
             }
         }
         wait_for(|| {
@@ -150,36 +118,13 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
             (last(&new, "p ").is_some() && last(&new, "c ").is_some()).then_some(())
         });
         let new = read(&out).split_off(before);
-        let first = |tag: &str| {
-            new.iter().find_map(|l| {
-                l.strip_prefix(tag)
-                    .map(|v| v.trim().parse::<u64>().unwrap())
-            })
-        };
-        assert_eq!(
-            first("p "),
-            Some(p0 + 1),
-            "round {round}: parent continues: {new:?}"
-        );
-        assert_eq!(
-            first("c "),
-            Some(c0 + 1),
-            "round {round}: consumer continues: {new:?}"
-        );
+        let first = |tag: &str| new.iter().find_map(|l| l.strip_prefix(tag).map(|v| v.trim().parse::<u64>().unwrap()));
+        assert_eq!(first("p "), Some(p0 + 1), "round {round}: parent continues: {new:?}");
+        assert_eq!(first("c "), Some(c0 + 1), "round {round}: consumer continues: {new:?}");
         // The zombie can be reaped by its parent, with its exit status.
         std::fs::write(&flag, "").unwrap();
-        wait_for(|| {
-            read(&out)
-                .split_off(before)
-                .iter()
-                .any(|l| l.starts_with("z "))
-                .then_some(())
-        });
-        let z = read(&out)
-            .split_off(before)
-            .into_iter()
-            .find(|l| l.starts_with("z "))
-            .unwrap();
+        wait_for(|| read(&out).split_off(before).iter().any(|l| l.starts_with("z ")).then_some(()));
+        let z = read(&out).split_off(before).into_iter().find(|l| l.starts_with("z ")).unwrap();
         assert_eq!(z, format!("z {zpid} 7"));
         std::fs::remove_file(&flag).unwrap();
     }
@@ -191,11 +136,7 @@ fn a_shell_pipeline_with_full_pipe_buffers_finishes_after_restore() {
     let out = ns.path("out");
     let started = ns.path("started");
     // yes and head block on full pipes while the last stage sleeps.
-    let script = format!(
-        "yes | head -c 10000000 | (touch {}; sleep 2; wc -c) > {}",
-        started.display(),
-        out.display()
-    );
+    let script = format!("yes | head -c 10000000 | (touch {}; sleep 2; wc -c) > {}", started.display(), out.display());
     ns.spawn(&["bash", "-c", &script], None, false);
     wait_for(|| started.exists().then_some(()));
     std::thread::sleep(std::time::Duration::from_millis(100));
@@ -207,24 +148,14 @@ fn a_shell_pipeline_with_full_pipe_buffers_finishes_after_restore() {
         .tree
         .files
         .iter()
-        .filter(
-            |f| matches!(&f.kind, deltacr::state::FileKind::Pipe { data, .. } if !data.is_empty()),
-        )
+        .filter(|f| matches!(&f.kind, deltacr::state::FileKind::Pipe { data, .. } if !data.is_empty()))
         .count();
     assert!(pipes >= 2, "both pipes hold unread data at the checkpoint");
-    wait_for(|| {
-        std::fs::read_to_string(&out)
-            .ok()
-            .filter(|s| s.trim() == "10000000")
-    });
+    wait_for(|| std::fs::read_to_string(&out).ok().filter(|s| s.trim() == "10000000"));
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();
         std::fs::write(&out, "").unwrap();
         engine.restore(&ckpt, &sb).unwrap();
-        wait_for(|| {
-            std::fs::read_to_string(&out)
-                .ok()
-                .filter(|s| s.trim() == "10000000")
-        });
+        wait_for(|| std::fs::read_to_string(&out).ok().filter(|s| s.trim() == "10000000"));
     }
 }

@@ -97,8 +97,7 @@ os.execvp(sys.argv[1], sys.argv[1:])
 "#;
 
 /// Docker's default capabilities, for setpriv.
-const DOCKER_CAPS: &str =
-    "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,\
+const DOCKER_CAPS: &str = "-all,+chown,+dac_override,+fowner,+fsetid,+kill,+setgid,+setuid,+setpcap,\
 +net_bind_service,+net_raw,+sys_chroot,+mknod,+audit_write,+setfcap";
 
 impl PidNs {
@@ -113,26 +112,14 @@ impl PidNs {
 
     /// A namespace frozen through cgroup2's `cgroup.freeze` (as on pure cgroup2 hosts).
     pub fn with_cgroup2_freezer() -> PidNs {
-        Self::create(
-            Duration::from_secs(60),
-            Options {
-                cgroup2: true,
-                ..Options::default()
-            },
-        )
+        Self::create(Duration::from_secs(60), Options { cgroup2: true, ..Options::default() })
     }
 
     /// Closer to a real sandbox: also a user namespace (owning the pid namespace), and programs started
     /// with Docker's default capabilities and a seccomp filter (see [`PidNs::spawn`]). Its root is host root (mapping another
     /// uid range needs newuidmap and /etc/subuid entries this machine does not have).
     pub fn user_namespaced() -> PidNs {
-        Self::create(
-            Duration::from_secs(60),
-            Options {
-                userns: true,
-                ..Options::default()
-            },
-        )
+        Self::create(Duration::from_secs(60), Options { userns: true, ..Options::default() })
     }
 
     fn create(limit: Duration, opts: Options) -> PidNs {
@@ -150,11 +137,7 @@ impl PidNs {
         }
         let mut unshare = cmd
             .args(["--pid", "--fork", "--mount-proc"])
-            .arg(if userns {
-                SYSTEM_PYTHON.to_string()
-            } else {
-                python()
-            })
+            .arg(if userns { SYSTEM_PYTHON.to_string() } else { python() })
             .arg("-u")
             .arg(&script)
             .stdin(Stdio::piped())
@@ -168,12 +151,8 @@ impl PidNs {
         assert_eq!(ready, "ready\n");
         let upid = unshare.id() as i32;
         let init = wait_for(|| {
-            let kids =
-                std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children")).ok()?;
-            kids.split_whitespace()
-                .next()
-                .and_then(|s| s.parse().ok())
-                .map(Pid::from_raw)
+            let kids = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children")).ok()?;
+            kids.split_whitespace().next().and_then(|s| s.parse().ok()).map(Pid::from_raw)
         });
         let cg = freezer_root(opts.cgroup2).join(format!("deltacr-test-{}", init.as_raw()));
         std::fs::create_dir_all(&cg).unwrap();
@@ -191,22 +170,11 @@ impl PidNs {
                 let _ = watched_freezer.thaw();
             }
         });
-        PidNs {
-            userns,
-            unshare,
-            stdin,
-            stdout,
-            init,
-            dir,
-            freezer,
-        }
+        PidNs { userns, unshare, stdin, stdout, init, dir, freezer }
     }
 
     pub fn sandbox(&self) -> deltacr::Sandbox<'_> {
-        deltacr::Sandbox {
-            init: self.init,
-            freezer: &self.freezer,
-        }
+        deltacr::Sandbox { init: self.init, freezer: &self.freezer }
     }
 
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
@@ -215,25 +183,14 @@ impl PidNs {
         let bounding = format!("--bounding-set={DOCKER_CAPS}");
         let mut full: Vec<&str> = Vec::new();
         if self.userns {
-            full.extend([
-                "setpriv",
-                &bounding,
-                "--inh-caps=-all",
-                "--",
-                SYSTEM_PYTHON,
-                "-c",
-                SECCOMP_EXEC,
-            ]);
+            full.extend(["setpriv", &bounding, "--inh-caps=-all", "--", SYSTEM_PYTHON, "-c", SECCOMP_EXEC]);
         }
         full.extend(argv);
         let req = serde_json_line(&full, out, setsid);
         self.stdin.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        let ns_pid: i32 = line
-            .trim()
-            .parse()
-            .unwrap_or_else(|_| panic!("init said {line:?}"));
+        let ns_pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("init said {line:?}"));
         (ns_pid, self.host_pid(ns_pid))
     }
 
@@ -246,11 +203,7 @@ impl PidNs {
                 let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
                     continue;
                 };
-                if std::fs::read_link(format!("/proc/{pid}/ns/pid"))
-                    .ok()
-                    .as_ref()
-                    != Some(&ns)
-                {
+                if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
                     continue;
                 }
                 let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
@@ -280,8 +233,7 @@ impl Drop for PidNs {
                 break;
             }
             let flags = WaitPidFlag::__WALL | WaitPidFlag::__WNOTHREAD | WaitPidFlag::WNOHANG;
-            if let Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) = waitpid(None, Some(flags))
-            {
+            if let Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) = waitpid(None, Some(flags)) {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -303,10 +255,7 @@ fn serde_json_line(argv: &[&str], out: Option<&Path>, setsid: bool) -> String {
 pub fn python() -> String {
     static PY: std::sync::OnceLock<String> = std::sync::OnceLock::new();
     PY.get_or_init(|| {
-        let out = Command::new("python3")
-            .args(["-c", "import sys; print(sys.executable)"])
-            .output()
-            .unwrap();
+        let out = Command::new("python3").args(["-c", "import sys; print(sys.executable)"]).output().unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_string()
     })
     .clone()
@@ -319,21 +268,14 @@ pub fn wait_for<T>(mut f: impl FnMut() -> Option<T>) -> T {
         if let Some(v) = f() {
             return v;
         }
-        assert!(
-            start.elapsed() < Duration::from_secs(10),
-            "timed out waiting"
-        );
+        assert!(start.elapsed() < Duration::from_secs(10), "timed out waiting");
         std::thread::sleep(Duration::from_millis(5));
     }
 }
 
 /// Waits until `path` contains `needle`.
 pub fn wait_for_content(path: &Path, needle: &str) -> String {
-    wait_for(|| {
-        std::fs::read_to_string(path)
-            .ok()
-            .filter(|s| s.contains(needle))
-    })
+    wait_for(|| std::fs::read_to_string(path).ok().filter(|s| s.contains(needle)))
 }
 
 /// A python program that appends "i crc" lines to the file argv[1] every 5 ms; each step rewrites one
@@ -361,10 +303,7 @@ pub fn counter_lines(path: &Path) -> Vec<(u64, u64)> {
         .lines()
         .map(|l| {
             let mut it = l.split(' ');
-            (
-                it.next().unwrap().parse().unwrap(),
-                it.next().unwrap().parse().unwrap(),
-            )
+            (it.next().unwrap().parse().unwrap(), it.next().unwrap().parse().unwrap())
         })
         .collect()
 }

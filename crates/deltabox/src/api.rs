@@ -1,0 +1,292 @@
+//! Request and response bodies of the HTTP API (documented in docs/api.md).
+
+use std::collections::BTreeMap;
+
+use sandbox::spec::Network;
+use serde::{Deserialize, Deserializer, Serialize};
+
+/// Error body of every failed request.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub error: String,
+    pub message: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ImportRequest {
+    /// Path on the daemon's host: OCI layout dir/tar, `docker save` tar, rootfs dir or tarball.
+    pub path: String,
+    pub name: String,
+}
+
+/// One line of the import response stream (NDJSON).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ImportEvent {
+    Progress { stage: String, done_bytes: u64, total_bytes: u64 },
+    Done { image: ImageView },
+    Error { error: String, message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageView {
+    pub name: String,
+    pub layers: Vec<String>,
+    pub size: u64,
+    pub format: String,
+    pub source: String,
+    pub created: i64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateRequest {
+    pub image: String,
+    /// Bytes, or a string such as "512M" or "2G" (binary units).
+    #[serde(default, deserialize_with = "opt_size")]
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpus: Option<f64>,
+    #[serde(default)]
+    pub network: Network,
+    /// Extra environment for every process.
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxView {
+    pub id: String,
+    pub image: String,
+    pub state: String,
+    pub network: Network,
+    pub memory: Option<u64>,
+    pub pids: Option<u64>,
+    pub cpus: Option<f64>,
+    pub created: i64,
+    /// Host uid/gid that is root inside.
+    pub uid_base: Option<u32>,
+    pub init_pid: Option<i32>,
+    /// The checkpoint it was forked from.
+    pub origin: Option<String>,
+    /// The checkpoint its current state descends from.
+    pub head: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CheckpointRequest {
+    /// Checkpoint only the filesystem; processes keep running and are not captured.
+    #[serde(default)]
+    pub fs_only: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointView {
+    pub id: String,
+    /// The sandbox it was taken in.
+    pub sandbox: String,
+    pub parent: Option<String>,
+    pub kind: String,
+    pub created: i64,
+    /// Freeze to thaw, as measured by the sandbox's supervisor.
+    pub latency_ms: f64,
+    /// What the checkpoint holds.
+    pub covers: Vec<String>,
+    /// What happened to the sandbox's processes.
+    pub processes: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RollbackRequest {
+    pub checkpoint: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct RollbackView {
+    pub sandbox: String,
+    pub checkpoint: String,
+    pub latency_ms: f64,
+    /// Of which: switching the filesystem and invalidating the kernel's caches.
+    pub fs_ms: f64,
+    pub covers: Vec<String>,
+    pub processes: String,
+    pub processes_killed: usize,
+    pub sessions_closed: Vec<String>,
+    pub changed_inodes: usize,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ForkRequest {
+    #[serde(default = "one")]
+    pub count: usize,
+}
+
+fn one() -> usize {
+    1
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ExecRequest {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Seconds (fractions allowed); the whole process group is killed when it expires.
+    pub timeout: Option<f64>,
+    /// Text given to the command on stdin.
+    pub stdin: Option<String>,
+    /// Base64 bytes given on stdin (instead of `stdin`).
+    pub stdin_b64: Option<String>,
+    /// Bytes kept per output stream (default 16 MiB); the rest is dropped and counted.
+    pub max_output_bytes: Option<u64>,
+    /// Stream NDJSON events instead of one JSON result.
+    #[serde(default)]
+    pub stream: bool,
+    /// "utf8" (default; invalid bytes replaced) or "base64" for stdout/stderr.
+    #[serde(default)]
+    pub encoding: Encoding,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Encoding {
+    #[default]
+    Utf8,
+    Base64,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+pub struct ExecResult {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    pub stdout: String,
+    pub stderr: String,
+    pub stdout_truncated: bool,
+    pub stderr_truncated: bool,
+    pub stdout_dropped_bytes: u64,
+    pub stderr_dropped_bytes: u64,
+    pub duration_ms: f64,
+}
+
+/// One line of a streamed exec (NDJSON), and the text frames of the attach websocket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ExecEvent {
+    Started { pid: i32 },
+    Stdout { data: String },
+    Stderr { data: String },
+    Exit(ExecResult),
+    Error { error: String, message: String },
+}
+
+/// First text frame a client sends on the attach websocket.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AttachRequest {
+    pub cmd: Vec<String>,
+    #[serde(default)]
+    pub env: BTreeMap<String, String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Terminal size; absent = pipes (stdout and stderr separate).
+    pub tty: Option<TtySize>,
+    pub timeout: Option<f64>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct TtySize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// Text frames a client sends on the attach websocket after the request (stdin travels in binary frames).
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AttachControl {
+    Resize { rows: u16, cols: u16 },
+    Eof,
+    Signal { signal: i32 },
+}
+
+/// Binary websocket frames start with one of these bytes.
+pub const FRAME_STDIN: u8 = 0;
+pub const FRAME_STDOUT: u8 = 1;
+pub const FRAME_STDERR: u8 = 2;
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionCreate {
+    pub name: String,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionRunRequest {
+    pub command: String,
+    pub timeout: Option<f64>,
+    pub max_output_bytes: Option<u64>,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+pub struct SessionList {
+    pub sessions: Vec<String>,
+}
+
+/// Parses sizes such as `1073741824`, `512k`, `512M`, `2G`, `1.5GiB` (binary units, case-insensitive).
+pub fn parse_size(text: &str) -> Result<u64, String> {
+    let t = text.trim().to_ascii_lowercase();
+    let t = t.strip_suffix("ib").or_else(|| t.strip_suffix('b')).unwrap_or(&t);
+    let (number, shift) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 10),
+        Some('m') => (&t[..t.len() - 1], 20),
+        Some('g') => (&t[..t.len() - 1], 30),
+        Some('t') => (&t[..t.len() - 1], 40),
+        _ => (t, 0),
+    };
+    let value: f64 = number.trim().parse().map_err(|_| format!("invalid size {text:?} (use e.g. 512M or 2G)"))?;
+    if !value.is_finite() || value < 0.0 {
+        return Err(format!("invalid size {text:?}"));
+    }
+    Ok((value * (1u64 << shift) as f64) as u64)
+}
+
+fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Size {
+        Bytes(u64),
+        Text(String),
+    }
+    match Option::<Size>::deserialize(d)? {
+        None => Ok(None),
+        Some(Size::Bytes(b)) => Ok(Some(b)),
+        Some(Size::Text(t)) => parse_size(&t).map(Some).map_err(serde::de::Error::custom),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("2G"), Ok(2 << 30));
+        assert_eq!(parse_size("512m"), Ok(512 << 20));
+        assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
+        assert_eq!(parse_size("4096"), Ok(4096));
+        assert!(parse_size("lots").is_err());
+        assert!(parse_size("-1G").is_err());
+        let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":"1G"}"#).unwrap();
+        assert_eq!(r.memory, Some(1 << 30));
+        let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":1024}"#).unwrap();
+        assert_eq!(r.memory, Some(1024));
+        assert!(serde_json::from_str::<CreateRequest>(r#"{"image":"x","bogus":1}"#).is_err());
+    }
+}

@@ -1,0 +1,351 @@
+//! The daemon's crash-safe catalog: images and sandboxes in SQLite (WAL mode). Every change is one
+//! transaction, so after a crash the catalog holds exactly what was committed.
+
+use std::path::Path;
+
+use rusqlite::{params, Connection, OptionalExtension};
+use sandbox::cgroup::Limits;
+use sandbox::image::{Digest, ImageConfig, LayerInfo, SourceFormat};
+use sandbox::spec::Network;
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum CatalogError {
+    #[error("catalog database error")]
+    Sql(#[from] rusqlite::Error),
+    #[error("catalog holds a malformed record")]
+    Json(#[from] serde_json::Error),
+}
+
+type Result<T> = std::result::Result<T, CatalogError>;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageRecord {
+    pub name: String,
+    /// Bottom layer first.
+    pub layers: Vec<LayerInfo>,
+    pub config: ImageConfig,
+    pub format: SourceFormat,
+    /// Where it was imported from.
+    pub source: String,
+    /// Seconds since the epoch.
+    pub created: i64,
+    /// The DeltaFS stack of its layers, once indexed.
+    #[serde(default)]
+    pub base_stack: Option<String>,
+}
+
+impl ImageRecord {
+    /// Uncompressed size of all layers.
+    pub fn size(&self) -> u64 {
+        self.layers.iter().map(|l| l.size).sum()
+    }
+}
+
+/// What a sandbox is made of and how its processes run; copied into each checkpoint so the checkpoint can
+/// be forked after the sandbox is gone.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxConfig {
+    pub image: String,
+    /// The image layers beneath its filesystem (kept so the image may be removed or re-tagged).
+    pub layers: Vec<Digest>,
+    pub network: Network,
+    pub limits: Limits,
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SandboxRecord {
+    pub id: String,
+    #[serde(flatten)]
+    pub config: SandboxConfig,
+    /// The DeltaFS stack it was started from (an image's base, or a checkpoint's).
+    pub stack: String,
+    /// The checkpoint it was forked from.
+    pub origin: Option<String>,
+    /// The checkpoint its current state descends from (parent of its next checkpoint).
+    pub head: Option<String>,
+    pub created: i64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointRecord {
+    pub id: String,
+    /// The sandbox it was taken in (which may no longer exist).
+    pub sandbox: String,
+    pub parent: Option<String>,
+    /// The frozen DeltaFS stack.
+    pub stack: String,
+    /// "filesystem" (processes not captured).
+    pub kind: String,
+    pub config: SandboxConfig,
+    pub created: i64,
+    pub latency_ms: f64,
+}
+
+pub struct Catalog {
+    conn: Connection,
+}
+
+const SCHEMA_VERSION: i64 = 2;
+
+impl Catalog {
+    pub fn open(path: &Path) -> Result<Catalog> {
+        let conn = Connection::open(path)?;
+        conn.pragma_update(None, "journal_mode", "WAL")?;
+        conn.pragma_update(None, "synchronous", "NORMAL")?;
+        conn.busy_timeout(std::time::Duration::from_secs(5))?;
+        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if version < SCHEMA_VERSION {
+            conn.execute_batch(
+                "BEGIN;
+                 CREATE TABLE IF NOT EXISTS images (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+                 CREATE TABLE IF NOT EXISTS checkpoints (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+                 PRAGMA user_version = 2;
+                 COMMIT;",
+            )?;
+        }
+        Ok(Catalog { conn })
+    }
+
+    pub fn put_image(&self, image: &ImageRecord) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO images (name, record) VALUES (?1, ?2)
+             ON CONFLICT(name) DO UPDATE SET record = excluded.record",
+            params![image.name, serde_json::to_string(image)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn image(&self, name: &str) -> Result<Option<ImageRecord>> {
+        self.one("SELECT record FROM images WHERE name = ?1", name)
+    }
+
+    pub fn images(&self) -> Result<Vec<ImageRecord>> {
+        self.all("SELECT record FROM images ORDER BY name")
+    }
+
+    pub fn delete_image(&self, name: &str) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+    }
+
+    pub fn put_sandbox(&self, sandbox: &SandboxRecord) -> Result<()> {
+        self.conn.execute(
+            "INSERT INTO sandboxes (id, record) VALUES (?1, ?2)",
+            params![sandbox.id, serde_json::to_string(sandbox)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn sandboxes(&self) -> Result<Vec<SandboxRecord>> {
+        self.all("SELECT record FROM sandboxes ORDER BY id")
+    }
+
+    pub fn update_sandbox(&self, sandbox: &SandboxRecord) -> Result<()> {
+        self.conn.execute(
+            "UPDATE sandboxes SET record = ?2 WHERE id = ?1",
+            params![sandbox.id, serde_json::to_string(sandbox)?],
+        )?;
+        Ok(())
+    }
+
+    pub fn sandbox(&self, id: &str) -> Result<Option<SandboxRecord>> {
+        self.one("SELECT record FROM sandboxes WHERE id = ?1", id)
+    }
+
+    pub fn delete_sandbox(&self, id: &str) -> Result<bool> {
+        Ok(self.conn.execute("DELETE FROM sandboxes WHERE id = ?1", [id])? > 0)
+    }
+
+    /// Records checkpoint `cp` and makes it the head of its sandbox, in one transaction.
+    pub fn add_checkpoint(&mut self, cp: &CheckpointRecord) -> Result<()> {
+        let tx = self.conn.transaction()?;
+        tx.execute("INSERT INTO checkpoints (id, record) VALUES (?1, ?2)", params![cp.id, serde_json::to_string(cp)?])?;
+        set_head(&tx, &cp.sandbox, Some(&cp.id))?;
+        tx.commit()?;
+        Ok(())
+    }
+
+    pub fn checkpoint(&self, id: &str) -> Result<Option<CheckpointRecord>> {
+        self.one("SELECT record FROM checkpoints WHERE id = ?1", id)
+    }
+
+    pub fn checkpoints(&self) -> Result<Vec<CheckpointRecord>> {
+        self.all("SELECT record FROM checkpoints ORDER BY id")
+    }
+
+    /// Deletes checkpoints `ids`; checkpoints and sandboxes that pointed at a deleted one point at its
+    /// parent instead (one transaction).
+    pub fn delete_checkpoints(&mut self, ids: &[String]) -> Result<()> {
+        let mut all: std::collections::HashMap<String, CheckpointRecord> =
+            self.checkpoints()?.into_iter().map(|c| (c.id.clone(), c)).collect();
+        let doomed: std::collections::HashSet<&String> = ids.iter().collect();
+        // The nearest ancestor that survives.
+        let survivor = |mut id: Option<String>| {
+            while let Some(cur) = id.as_ref().filter(|c| doomed.contains(c)) {
+                id = all.get(cur).and_then(|c| c.parent.clone());
+            }
+            id
+        };
+        let relinked: Vec<(String, Option<String>)> = all
+            .values()
+            .filter(|c| !doomed.contains(&c.id) && c.parent.as_ref().is_some_and(|p| doomed.contains(p)))
+            .map(|c| (c.id.clone(), survivor(c.parent.clone())))
+            .collect();
+        let heads: Vec<(SandboxRecord, Option<String>)> = self
+            .sandboxes()?
+            .into_iter()
+            .filter(|s| s.head.as_ref().is_some_and(|h| doomed.contains(h)))
+            .map(|s| {
+                let head = survivor(s.head.clone());
+                (s, head)
+            })
+            .collect();
+        let tx = self.conn.transaction()?;
+        for (id, parent) in relinked {
+            let cp = all.get_mut(&id).expect("listed");
+            cp.parent = parent;
+            tx.execute("UPDATE checkpoints SET record = ?2 WHERE id = ?1", params![id, serde_json::to_string(&*cp)?])?;
+        }
+        for (mut sandbox, head) in heads {
+            sandbox.head = head;
+            tx.execute(
+                "UPDATE sandboxes SET record = ?2 WHERE id = ?1",
+                params![sandbox.id, serde_json::to_string(&sandbox)?],
+            )?;
+        }
+        for id in ids {
+            tx.execute("DELETE FROM checkpoints WHERE id = ?1", [id])?;
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    /// Every layer some image, sandbox or checkpoint still needs.
+    pub fn referenced_layers(&self) -> Result<std::collections::HashSet<Digest>> {
+        let mut used: std::collections::HashSet<Digest> =
+            self.images()?.into_iter().flat_map(|i| i.layers.into_iter().map(|l| l.diff_id)).collect();
+        used.extend(self.sandboxes()?.into_iter().flat_map(|s| s.config.layers));
+        used.extend(self.checkpoints()?.into_iter().flat_map(|c| c.config.layers));
+        Ok(used)
+    }
+
+    /// Every DeltaFS stack the catalog names: image bases and checkpoints.
+    pub fn referenced_stacks(&self) -> Result<Vec<String>> {
+        let mut stacks: Vec<String> = self.images()?.into_iter().filter_map(|i| i.base_stack).collect();
+        stacks.extend(self.checkpoints()?.into_iter().map(|c| c.stack));
+        Ok(stacks)
+    }
+
+    fn one<T: serde::de::DeserializeOwned>(&self, sql: &str, key: &str) -> Result<Option<T>> {
+        let json: Option<String> = self.conn.query_row(sql, [key], |r| r.get(0)).optional()?;
+        Ok(json.map(|j| serde_json::from_str(&j)).transpose()?)
+    }
+
+    fn all<T: serde::de::DeserializeOwned>(&self, sql: &str) -> Result<Vec<T>> {
+        let mut stmt = self.conn.prepare(sql)?;
+        let rows = stmt.query_map([], |r| r.get::<_, String>(0))?;
+        let mut out = Vec::new();
+        for row in rows {
+            out.push(serde_json::from_str(&row?)?);
+        }
+        Ok(out)
+    }
+}
+
+fn set_head(tx: &rusqlite::Transaction<'_>, sandbox: &str, head: Option<&str>) -> Result<()> {
+    let json: Option<String> =
+        tx.query_row("SELECT record FROM sandboxes WHERE id = ?1", [sandbox], |r| r.get(0)).optional()?;
+    if let Some(json) = json {
+        let mut record: SandboxRecord = serde_json::from_str(&json)?;
+        record.head = head.map(String::from);
+        tx.execute(
+            "UPDATE sandboxes SET record = ?2 WHERE id = ?1",
+            params![sandbox, serde_json::to_string(&record)?],
+        )?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(layer: Digest) -> SandboxConfig {
+        SandboxConfig {
+            image: "img".into(),
+            layers: vec![layer],
+            network: Network::None,
+            limits: Limits::default(),
+            env: vec![],
+            cwd: "/".into(),
+            user: None,
+        }
+    }
+
+    fn sandbox(id: &str, layer: Digest) -> SandboxRecord {
+        SandboxRecord { id: id.into(), config: config(layer), stack: "s".into(), origin: None, head: None, created: 1 }
+    }
+
+    fn checkpoint(id: &str, sandbox: &str, parent: Option<&str>) -> CheckpointRecord {
+        CheckpointRecord {
+            id: id.into(),
+            sandbox: sandbox.into(),
+            parent: parent.map(String::from),
+            stack: format!("stack-{id}"),
+            kind: "filesystem".into(),
+            config: config(Digest::of(b"c")),
+            created: 1,
+            latency_ms: 1.0,
+        }
+    }
+
+    #[test]
+    fn checkpoint_tree_relinks_around_deleted_checkpoints() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut c = Catalog::open(&dir.path().join("catalog.db")).unwrap();
+        c.put_sandbox(&sandbox("s1", Digest::of(b"a"))).unwrap();
+        for (id, parent) in [("c1", None), ("c2", Some("c1")), ("c3", Some("c2")), ("c4", Some("c2"))] {
+            c.add_checkpoint(&checkpoint(id, "s1", parent)).unwrap();
+        }
+        assert_eq!(c.sandbox("s1").unwrap().unwrap().head.as_deref(), Some("c4"));
+        c.delete_checkpoints(&["c2".into(), "c4".into()]).unwrap();
+        let left: Vec<(String, Option<String>)> =
+            c.checkpoints().unwrap().into_iter().map(|k| (k.id, k.parent)).collect();
+        assert_eq!(left, [("c1".to_string(), None), ("c3".to_string(), Some("c1".to_string()))]);
+        assert_eq!(c.sandbox("s1").unwrap().unwrap().head.as_deref(), Some("c1"));
+        assert_eq!(c.referenced_stacks().unwrap(), ["stack-c1", "stack-c3"]);
+    }
+
+    #[test]
+    fn records_survive_reopening_and_references_are_tracked() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        {
+            let c = Catalog::open(&path).unwrap();
+            let image = ImageRecord {
+                name: "img".into(),
+                layers: vec![LayerInfo { diff_id: a, size: 10 }],
+                config: ImageConfig::default(),
+                format: SourceFormat::RootfsDir,
+                source: "/x".into(),
+                created: 1,
+                base_stack: None,
+            };
+            c.put_image(&image).unwrap();
+            c.put_sandbox(&sandbox("s1", b)).unwrap();
+            assert!(c.put_sandbox(&sandbox("s1", b)).is_err(), "ids are unique");
+        }
+        let c = Catalog::open(&path).unwrap();
+        assert_eq!(c.image("img").unwrap().unwrap().size(), 10);
+        assert_eq!(c.referenced_layers().unwrap(), [a, b].into_iter().collect());
+        assert!(c.delete_image("img").unwrap());
+        assert!(!c.delete_image("img").unwrap());
+        assert_eq!(c.referenced_layers().unwrap(), [b].into_iter().collect());
+        assert_eq!(c.sandboxes().unwrap().len(), 1);
+    }
+}

@@ -1,0 +1,648 @@
+//! HTTP handlers (see docs/api.md).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::ws::{Message, WebSocket, WebSocketUpgrade};
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use base64::Engine as _;
+use futures_util::StreamExt;
+use sandbox::ipc::{AsyncChannel, Packet};
+use sandbox::spec::WinSize;
+use serde::Serialize;
+use tokio::sync::mpsc;
+
+use super::engine::{now, view, Engine};
+use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use crate::api::*;
+use crate::catalog::ImageRecord;
+use crate::shim::proto::{self, Input, Outcome, Reply, Request, Stream};
+
+const DEFAULT_MAX_OUTPUT: u64 = 16 << 20;
+/// Stdin bytes per packet to the shim.
+const STDIN_CHUNK: usize = 64 * 1024;
+
+type AppState = State<Arc<Engine>>;
+
+pub fn router(engine: Arc<Engine>) -> Router {
+    Router::new()
+        .route("/v1/health", get(health))
+        .route("/v1/images", get(list_images))
+        .route("/v1/images/import", post(import_image))
+        .route("/v1/images/{name}", get(get_image).delete(remove_image))
+        .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
+        .route("/v1/sandboxes/{id}", get(get_sandbox).delete(remove_sandbox))
+        .route("/v1/sandboxes/{id}/exec", post(exec))
+        .route("/v1/sandboxes/{id}/attach", get(attach))
+        .route("/v1/sandboxes/{id}/checkpoints", get(list_checkpoints).post(create_checkpoint))
+        .route("/v1/sandboxes/{id}/rollback", post(rollback))
+        .route("/v1/checkpoints/{id}", get(get_checkpoint).delete(remove_checkpoint))
+        .route("/v1/checkpoints/{id}/fork", post(fork))
+        .route("/v1/sandboxes/{id}/sessions", get(list_sessions).post(create_session))
+        .route("/v1/sandboxes/{id}/sessions/{name}", axum::routing::delete(close_session))
+        .route("/v1/sandboxes/{id}/sessions/{name}/run", post(run_in_session))
+        .merge(super::files::routes())
+        .fallback(|| async { ApiError::not_found("no_such_endpoint", "no such API endpoint (see docs/api.md)") })
+        .method_not_allowed_fallback(|| async {
+            ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "method not allowed on this endpoint")
+        })
+        // JSON bodies (exec stdin included) up to 64 MiB; file uploads stream and have no limit.
+        .layer(axum::extract::DefaultBodyLimit::max(MAX_JSON_BODY))
+        .with_state(engine)
+}
+
+/// Largest JSON request body.
+const MAX_JSON_BODY: usize = 64 << 20;
+
+async fn health() -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+}
+
+/// A response of newline-delimited JSON events fed by `rx`.
+fn ndjson(rx: mpsc::Receiver<serde_json::Value>) -> Response {
+    let stream = receiver_stream(rx).map(|v| Ok::<_, std::convert::Infallible>(format!("{v}\n")));
+    Response::builder()
+        .header(header::CONTENT_TYPE, "application/x-ndjson")
+        .body(Body::from_stream(stream))
+        .expect("valid response")
+}
+
+/// The items of `rx` as a stream.
+pub fn receiver_stream<T: Send + 'static>(mut rx: mpsc::Receiver<T>) -> impl futures_util::Stream<Item = T> {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+fn json_value<T: Serialize>(v: &T) -> serde_json::Value {
+    serde_json::to_value(v).expect("API types serialize")
+}
+
+// ---- images ----
+
+fn image_view(r: &ImageRecord) -> ImageView {
+    ImageView {
+        name: r.name.clone(),
+        layers: r.layers.iter().map(|l| l.diff_id.to_string()).collect(),
+        size: r.size(),
+        format: serde_json::to_value(r.format).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+        source: r.source.clone(),
+        created: r.created,
+    }
+}
+
+fn validate_image_name(name: &str) -> ApiResult<()> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name.bytes().next().is_some_and(|b| b.is_ascii_alphanumeric())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"._-:".contains(&b));
+    if ok {
+        Ok(())
+    } else {
+        let message = format!("invalid image name {name:?}: use letters, digits, '.', '_', '-', ':' (max 128)");
+        Err(ApiError::bad_request("invalid_name", message))
+    }
+}
+
+async fn list_images(State(engine): AppState) -> ApiResult<Json<serde_json::Value>> {
+    let images = engine.catalog().images().map_err(anyhow::Error::from)?;
+    Ok(Json(serde_json::json!({ "images": images.iter().map(image_view).collect::<Vec<_>>() })))
+}
+
+async fn get_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -> ApiResult<Json<ImageView>> {
+    let image = engine.catalog().image(&name).map_err(anyhow::Error::from)?;
+    image
+        .map(|i| Json(image_view(&i)))
+        .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {name:?}")))
+}
+
+async fn remove_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
+    if engine.catalog().image(&name).map_err(anyhow::Error::from)?.is_none() {
+        return Err(ApiError::not_found("image_not_found", format!("no image named {name:?}")));
+    }
+    let users = engine.users_of_image(&name).await;
+    if !users.is_empty() {
+        let message = format!("image {name:?} is used by sandbox(es) {}; remove them first", users.join(", "));
+        return Err(ApiError::conflict("image_in_use", message));
+    }
+    engine.catalog().delete_image(&name).map_err(anyhow::Error::from)?;
+    engine.collect_garbage().await;
+    Ok(Json(serde_json::json!({ "name": name, "removed": true })))
+}
+
+async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportRequest>) -> ApiResult<Response> {
+    validate_image_name(&req.name)?;
+    let (file_part, _) = req.path.split_once(':').map(|(p, r)| (p, Some(r))).unwrap_or((&req.path, None));
+    if !std::path::Path::new(&req.path).exists() && !std::path::Path::new(file_part).exists() {
+        return Err(ApiError::bad_request(
+            "source_not_found",
+            format!("{} does not exist on the daemon's host", req.path),
+        ));
+    }
+    let (tx, rx) = mpsc::channel(64);
+    tokio::spawn(async move {
+        let guard = engine.image_lock.lock().await;
+        let progress_tx = tx.clone();
+        let path = req.path.clone();
+        let store = engine.clone();
+        let imported = tokio::task::spawn_blocking(move || {
+            store.layers.import(std::path::Path::new(&path), &mut |p| {
+                let stage = match p.stage {
+                    sandbox::image::ImportStage::Decompressing => "decompressing".to_string(),
+                    sandbox::image::ImportStage::Layer { index, count } => format!("layer {}/{count}", index + 1),
+                };
+                let event = ImportEvent::Progress { stage, done_bytes: p.done_bytes, total_bytes: p.total_bytes };
+                let _ = progress_tx.try_send(json_value(&event));
+            })
+        })
+        .await;
+        let event = match imported {
+            Ok(Ok(image)) => {
+                let record = ImageRecord {
+                    name: req.name.clone(),
+                    layers: image.layers,
+                    config: image.config,
+                    format: image.format,
+                    source: req.path.clone(),
+                    created: now(),
+                    base_stack: None,
+                };
+                let recorded = engine.catalog().put_image(&record);
+                match recorded {
+                    // Index the layers for DeltaFS now, so the first sandbox starts fast.
+                    Ok(()) => match engine.image_base_stack(&record).await {
+                        Ok(_) => ImportEvent::Done { image: image_view(&record) },
+                        Err(e) => ImportEvent::Error { error: e.code.into(), message: e.message },
+                    },
+                    Err(e) => ImportEvent::Error { error: "internal".into(), message: format!("{e:#}") },
+                }
+            }
+            Ok(Err(e)) => ImportEvent::Error { error: "import_failed".into(), message: error_chain(&e) },
+            Err(e) => ImportEvent::Error { error: "internal".into(), message: e.to_string() },
+        };
+        drop(guard);
+        // A re-import under an existing name may leave the old layers unused.
+        engine.collect_garbage().await;
+        let _ = tx.send(json_value(&event)).await;
+    });
+    Ok(ndjson(rx))
+}
+
+/// An error and its sources, joined by ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+// ---- sandboxes ----
+
+async fn list_sandboxes(State(engine): AppState) -> Json<serde_json::Value> {
+    Json(serde_json::json!({ "sandboxes": engine.list().await }))
+}
+
+async fn create_sandbox(State(engine): AppState, ApiJson(req): ApiJson<CreateRequest>) -> ApiResult<Response> {
+    let created = engine.create(req).await?;
+    Ok((StatusCode::CREATED, Json(created)).into_response())
+}
+
+async fn get_sandbox(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<SandboxView>> {
+    Ok(Json(view(&engine.live(&id).await?)))
+}
+
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RemoveQuery {
+    #[serde(default)]
+    keep_checkpoints: bool,
+}
+
+async fn remove_sandbox(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiQuery(q): ApiQuery<RemoveQuery>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.remove(&id, q.keep_checkpoints).await?;
+    Ok(Json(serde_json::json!({ "id": id, "removed": true })))
+}
+
+/// A JSON body that may be absent.
+fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Option<T>> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(None);
+    }
+    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+}
+
+// ---- checkpoints ----
+
+const FS_ONLY_PROCESSES: &str = "kept running (filesystem-only checkpoint: processes are not captured)";
+
+fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
+    CheckpointView {
+        id: c.id.clone(),
+        sandbox: c.sandbox.clone(),
+        parent: c.parent.clone(),
+        kind: c.kind.clone(),
+        created: c.created,
+        latency_ms: c.latency_ms,
+        covers: vec!["filesystem".into()],
+        processes: FS_ONLY_PROCESSES.into(),
+    }
+}
+
+async fn create_checkpoint(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    body: axum::body::Bytes,
+) -> ApiResult<Response> {
+    let req: CheckpointRequest = optional_json(&body)?.unwrap_or_default();
+    if !req.fs_only {
+        let message = "checkpointing processes is not available yet (DeltaCR, issue #4); ask for a filesystem-only \
+                       checkpoint with {\"fs_only\": true}";
+        return Err(ApiError::bad_request("process_checkpoint_unavailable", message));
+    }
+    let (cp, _) = engine.checkpoint(&id).await?;
+    Ok((StatusCode::CREATED, Json(checkpoint_view(&cp))).into_response())
+}
+
+async fn list_checkpoints(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
+    engine.live(&id).await?;
+    let list: Vec<CheckpointView> = engine.checkpoints_of(&id)?.iter().map(checkpoint_view).collect();
+    Ok(Json(serde_json::json!({ "checkpoints": list })))
+}
+
+async fn get_checkpoint(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CheckpointView>> {
+    Ok(Json(checkpoint_view(&engine.checkpoint_record(&id)?)))
+}
+
+async fn remove_checkpoint(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.delete_checkpoint(&id).await?;
+    Ok(Json(serde_json::json!({ "id": id, "removed": true })))
+}
+
+async fn rollback(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<RollbackRequest>,
+) -> ApiResult<Json<RollbackView>> {
+    let (cp, stats) = engine.rollback(&id, &req.checkpoint).await?;
+    Ok(Json(RollbackView {
+        sandbox: id,
+        checkpoint: cp.id,
+        latency_ms: stats.latency_ms,
+        fs_ms: stats.fs_ms,
+        covers: vec!["filesystem".into()],
+        processes: format!(
+            "restarted: {} process(es) killed, init kept (filesystem-only checkpoint: processes are not restored)",
+            stats.processes_killed
+        ),
+        processes_killed: stats.processes_killed,
+        sessions_closed: stats.sessions_closed,
+        changed_inodes: stats.changed_inodes,
+    }))
+}
+
+async fn fork(State(engine): AppState, ApiPath(id): ApiPath<String>, body: axum::body::Bytes) -> ApiResult<Response> {
+    let count = optional_json::<ForkRequest>(&body)?.map(|r| r.count).unwrap_or(1);
+    let sandboxes = engine.fork(&id, count).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "sandboxes": sandboxes }))).into_response())
+}
+
+// ---- exec ----
+
+fn timeout_ms(seconds: Option<f64>) -> ApiResult<Option<u64>> {
+    match seconds {
+        None => Ok(None),
+        Some(s) if s.is_finite() && s > 0.0 => Ok(Some(((s * 1000.0).ceil() as u64).max(1))),
+        Some(_) => Err(ApiError::bad_request("invalid_timeout", "timeout must be a positive number of seconds")),
+    }
+}
+
+fn env_pairs(env: &std::collections::BTreeMap<String, String>) -> ApiResult<Vec<String>> {
+    env.iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                Err(ApiError::bad_request("invalid_env", format!("invalid environment variable {k:?}")))
+            } else {
+                Ok(format!("{k}={v}"))
+            }
+        })
+        .collect()
+}
+
+fn encode(data: &[u8], encoding: Encoding) -> String {
+    match encoding {
+        Encoding::Utf8 => String::from_utf8_lossy(data).into_owned(),
+        Encoding::Base64 => base64::engine::general_purpose::STANDARD.encode(data),
+    }
+}
+
+async fn exec(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<ExecRequest>,
+) -> ApiResult<Response> {
+    engine.live(&id).await?;
+    if req.cmd.is_empty() {
+        return Err(ApiError::bad_request("invalid_command", "cmd must name a program"));
+    }
+    let stdin: Option<Vec<u8>> = match (&req.stdin, &req.stdin_b64) {
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("invalid_request", "give stdin or stdin_b64, not both"))
+        }
+        (Some(text), None) => Some(text.clone().into_bytes()),
+        (None, Some(b64)) => Some(
+            base64::engine::general_purpose::STANDARD
+                .decode(b64)
+                .map_err(|e| ApiError::bad_request("invalid_request", format!("stdin_b64: {e}")))?,
+        ),
+        (None, None) => None,
+    };
+    let shim_req = proto::ExecRequest {
+        argv: req.cmd.clone(),
+        env: env_pairs(&req.env)?,
+        cwd: req.cwd.clone(),
+        user: req.user.clone(),
+        tty: None,
+        timeout_ms: timeout_ms(req.timeout)?,
+        max_output: req.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT),
+        stdin: stdin.is_some(),
+    };
+    let conn = engine.shim_connect(&id, &Request::Exec(shim_req)).await?;
+    if let Some(data) = stdin {
+        send_stdin(&conn, &data).await?;
+    }
+    let encoding = req.encoding;
+    if req.stream {
+        // The first answer decides between an HTTP error and a stream.
+        let first = conn.recv::<Reply>().await.map_err(|e| ApiError::internal(e.to_string()))?;
+        if let Reply::Error { kind, message } = first.msg {
+            return Err(ApiError::from_shim(kind, message));
+        }
+        let (tx, rx) = mpsc::channel(64);
+        tokio::spawn(async move {
+            let mut next = Some(first);
+            loop {
+                let packet = match next.take() {
+                    Some(p) => p,
+                    None => tokio::select! {
+                        received = conn.recv::<Reply>() => match received {
+                            Ok(p) => p,
+                            Err(e) => {
+                                let event = ExecEvent::Error { error: "internal".into(), message: e.to_string() };
+                                let _ = tx.send(json_value(&event)).await;
+                                return;
+                            }
+                        },
+                        // The client left while the command is quiet: dropping `conn` kills the command.
+                        _ = tx.closed() => return,
+                    },
+                };
+                let (event, last) = match packet.msg {
+                    Reply::Started { pid } => (ExecEvent::Started { pid }, false),
+                    Reply::Output { stream: Stream::Stdout } => {
+                        (ExecEvent::Stdout { data: encode(&packet.payload, encoding) }, false)
+                    }
+                    Reply::Output { stream: Stream::Stderr } => {
+                        (ExecEvent::Stderr { data: encode(&packet.payload, encoding) }, false)
+                    }
+                    Reply::Exited(o) => (ExecEvent::Exit(result(o, String::new(), String::new())), true),
+                    Reply::Error { kind, message } => {
+                        let e = ApiError::from_shim(kind, message);
+                        (ExecEvent::Error { error: e.code.into(), message: e.message }, true)
+                    }
+                    other => {
+                        (ExecEvent::Error { error: "internal".into(), message: format!("unexpected {other:?}") }, true)
+                    }
+                };
+                // Stop (and so kill the command, as the shim sees us leave) when the client is gone.
+                if tx.send(json_value(&event)).await.is_err() || last {
+                    return;
+                }
+            }
+        });
+        return Ok(ndjson(rx));
+    }
+    let (outcome, stdout, stderr) = collect(&conn).await?;
+    Ok(Json(result(outcome, encode(&stdout, encoding), encode(&stderr, encoding))).into_response())
+}
+
+async fn send_stdin(conn: &AsyncChannel, data: &[u8]) -> ApiResult<()> {
+    let err = |e: sandbox::ipc::IpcError| ApiError::internal(format!("send stdin to the shim: {e}"));
+    for chunk in data.chunks(STDIN_CHUNK) {
+        conn.send(&Input::Stdin, chunk, &[]).await.map_err(err)?;
+    }
+    conn.send(&Input::StdinEof, &[], &[]).await.map_err(err)
+}
+
+/// Reads a command's replies to the end: its outcome, stdout and stderr.
+async fn collect(conn: &AsyncChannel) -> ApiResult<(Outcome, Vec<u8>, Vec<u8>)> {
+    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
+    loop {
+        let Packet { msg, payload, .. } =
+            conn.recv::<Reply>().await.map_err(|e| ApiError::internal(format!("lost the shim: {e}")))?;
+        match msg {
+            Reply::Started { .. } => {}
+            Reply::Output { stream: Stream::Stdout } => stdout.extend_from_slice(&payload),
+            Reply::Output { stream: Stream::Stderr } => stderr.extend_from_slice(&payload),
+            Reply::Exited(outcome) => return Ok((outcome, stdout, stderr)),
+            Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
+            other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
+        }
+    }
+}
+
+fn result(o: Outcome, stdout: String, stderr: String) -> ExecResult {
+    ExecResult {
+        exit_code: o.exit_code,
+        signal: o.signal,
+        timed_out: o.timed_out,
+        oom_killed: o.oom_killed,
+        stdout,
+        stderr,
+        stdout_truncated: o.stdout_dropped > 0,
+        stderr_truncated: o.stderr_dropped > 0,
+        stdout_dropped_bytes: o.stdout_dropped,
+        stderr_dropped_bytes: o.stderr_dropped,
+        duration_ms: o.duration_ms,
+    }
+}
+
+// ---- interactive attach (websocket) ----
+
+async fn attach(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ws: Result<WebSocketUpgrade, axum::extract::ws::rejection::WebSocketUpgradeRejection>,
+) -> ApiResult<Response> {
+    engine.live(&id).await?;
+    let ws = ws.map_err(|e| {
+        ApiError::bad_request("websocket_required", format!("attach is a websocket: {}", e.body_text()))
+    })?;
+    Ok(ws.on_upgrade(move |socket| async move {
+        if let Err(e) = attach_session(engine, id, socket).await {
+            tracing::debug!("attach ended: {e:#}");
+        }
+    }))
+}
+
+async fn ws_send(socket: &mut WebSocket, event: &ExecEvent) -> anyhow::Result<()> {
+    socket.send(Message::Text(serde_json::to_string(event)?.into())).await?;
+    Ok(())
+}
+
+async fn attach_session(engine: Arc<Engine>, id: String, mut socket: WebSocket) -> anyhow::Result<()> {
+    let first = tokio::time::timeout(Duration::from_secs(30), socket.recv()).await;
+    let req: AttachRequest = match first {
+        Ok(Some(Ok(Message::Text(text)))) => match serde_json::from_str(&text) {
+            Ok(r) => r,
+            Err(e) => {
+                let event = ExecEvent::Error { error: "invalid_request".into(), message: e.to_string() };
+                return ws_send(&mut socket, &event).await;
+            }
+        },
+        _ => anyhow::bail!("the client sent no attach request"),
+    };
+    let shim_req = match (env_pairs(&req.env), timeout_ms(req.timeout)) {
+        (Ok(env), Ok(timeout_ms)) if !req.cmd.is_empty() => proto::ExecRequest {
+            argv: req.cmd,
+            env,
+            cwd: req.cwd,
+            user: req.user,
+            tty: req.tty.map(|t| WinSize { rows: t.rows, cols: t.cols }),
+            timeout_ms,
+            max_output: u64::MAX,
+            stdin: true,
+        },
+        (Err(e), _) | (_, Err(e)) => {
+            return ws_send(&mut socket, &ExecEvent::Error { error: e.code.into(), message: e.message }).await
+        }
+        _ => {
+            let event = ExecEvent::Error { error: "invalid_command".into(), message: "cmd must name a program".into() };
+            return ws_send(&mut socket, &event).await;
+        }
+    };
+    let conn = engine.shim_connect(&id, &Request::Exec(shim_req)).await?;
+    loop {
+        tokio::select! {
+            reply = conn.recv::<Reply>() => {
+                let Packet { msg, payload, .. } = reply?;
+                match msg {
+                    Reply::Started { pid } => ws_send(&mut socket, &ExecEvent::Started { pid }).await?,
+                    Reply::Output { stream } => {
+                        let tag = if stream == Stream::Stdout { FRAME_STDOUT } else { FRAME_STDERR };
+                        let mut frame = Vec::with_capacity(payload.len() + 1);
+                        frame.push(tag);
+                        frame.extend_from_slice(&payload);
+                        socket.send(Message::Binary(frame.into())).await?;
+                    }
+                    Reply::Exited(o) => {
+                        ws_send(&mut socket, &ExecEvent::Exit(result(o, String::new(), String::new()))).await?;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                    Reply::Error { kind, message } => {
+                        let e = ApiError::from_shim(kind, message);
+                        ws_send(&mut socket, &ExecEvent::Error { error: e.code.into(), message: e.message }).await?;
+                        let _ = socket.send(Message::Close(None)).await;
+                        return Ok(());
+                    }
+                    _ => {}
+                }
+            }
+            incoming = socket.recv() => {
+                // A failed send means the shim already finished the request: its reply is queued on `conn`.
+                let input = match incoming {
+                    Some(Ok(Message::Binary(data))) if data.first() == Some(&FRAME_STDIN) => Some((Input::Stdin, data[1..].to_vec())),
+                    Some(Ok(Message::Text(text))) => match serde_json::from_str::<AttachControl>(&text) {
+                        Ok(AttachControl::Resize { rows, cols }) => Some((Input::Resize(WinSize { rows, cols }), vec![])),
+                        Ok(AttachControl::Eof) => Some((Input::StdinEof, vec![])),
+                        Ok(AttachControl::Signal { signal }) => Some((Input::Signal(signal), vec![])),
+                        Err(e) => {
+                            tracing::debug!("ignoring a malformed control frame: {e}");
+                            None
+                        }
+                    },
+                    Some(Ok(_)) => None,
+                    // The client left: dropping the shim connection kills the command.
+                    None | Some(Err(_)) => return Ok(()),
+                };
+                if let Some((input, payload)) = input {
+                    let _ = conn.send(&input, &payload, &[]).await;
+                }
+            }
+        }
+    }
+}
+
+// ---- sessions ----
+
+async fn list_sessions(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<SessionList>> {
+    engine.live(&id).await?;
+    match single_reply(&engine, &id, Request::SessionList).await? {
+        Reply::Sessions(sessions) => Ok(Json(SessionList { sessions })),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn create_session(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<SessionCreate>,
+) -> ApiResult<Response> {
+    engine.live(&id).await?;
+    match single_reply(&engine, &id, Request::SessionOpen { name: req.name.clone() }).await? {
+        Reply::Done => Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": req.name }))).into_response()),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn close_session(
+    State(engine): AppState,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.live(&id).await?;
+    match single_reply(&engine, &id, Request::SessionClose { name: name.clone() }).await? {
+        Reply::Done => Ok(Json(serde_json::json!({ "name": name, "closed": true }))),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn run_in_session(
+    State(engine): AppState,
+    ApiPath((id, name)): ApiPath<(String, String)>,
+    ApiJson(req): ApiJson<SessionRunRequest>,
+) -> ApiResult<Json<ExecResult>> {
+    engine.live(&id).await?;
+    let max_output = req.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT);
+    let request = Request::SessionRun { name, command: req.command, timeout_ms: timeout_ms(req.timeout)?, max_output };
+    let conn = engine.shim_connect(&id, &request).await?;
+    let (outcome, stdout, stderr) = collect(&conn).await?;
+    Ok(Json(result(outcome, encode(&stdout, Encoding::Utf8), encode(&stderr, Encoding::Utf8))))
+}
+
+async fn single_reply(engine: &Engine, id: &str, request: Request) -> ApiResult<Reply> {
+    let conn = engine.shim_connect(id, &request).await?;
+    let Packet { msg, .. } =
+        conn.recv::<Reply>().await.map_err(|e| ApiError::internal(format!("lost the shim: {e}")))?;
+    match msg {
+        Reply::Error { kind, message } => Err(ApiError::from_shim(kind, message)),
+        other => Ok(other),
+    }
+}
+
+fn unexpected(reply: Reply) -> ApiError {
+    ApiError::internal(format!("unexpected answer from the shim: {reply:?}"))
+}

@@ -1,0 +1,120 @@
+//! The shim's side of the init protocol: many tasks send requests, one task receives init's messages and
+//! routes them to whoever waits for them.
+
+use std::collections::HashMap;
+use std::os::fd::{BorrowedFd, OwnedFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+use sandbox::ipc::{AsyncChannel, IpcError, Packet};
+use sandbox::spec::{ExitStatus, FromInit, ProcessSpec, ToInit};
+use tokio::sync::{oneshot, Notify};
+
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("lost the connection to the sandbox's init")]
+    Lost(#[source] IpcError),
+    #[error("{0}")]
+    StartFailed(String),
+}
+
+/// A process init started for us.
+pub struct Spawned {
+    /// Pid inside the sandbox.
+    pub pid: i32,
+    pub pty_master: Option<OwnedFd>,
+    pub exit: oneshot::Receiver<ExitStatus>,
+}
+
+type SpawnReply = Result<(i32, Option<OwnedFd>), String>;
+
+#[derive(Default)]
+struct Waiters {
+    spawns: HashMap<u64, (oneshot::Sender<SpawnReply>, oneshot::Sender<ExitStatus>)>,
+    exits: HashMap<i32, oneshot::Sender<ExitStatus>>,
+}
+
+pub struct InitLink {
+    chan: AsyncChannel,
+    waiters: Mutex<Waiters>,
+    next_id: AtomicU64,
+    killed_all: Notify,
+}
+
+impl InitLink {
+    pub fn new(chan: AsyncChannel) -> InitLink {
+        InitLink {
+            chan,
+            waiters: Mutex::new(Waiters::default()),
+            next_id: AtomicU64::new(1),
+            killed_all: Notify::new(),
+        }
+    }
+
+    /// Starts a process. Without a tty, `stdio` are the stdin, stdout and stderr descriptors.
+    pub async fn spawn(&self, spec: ProcessSpec, stdio: &[BorrowedFd<'_>]) -> Result<Spawned, InitError> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (spawn_tx, spawn_rx) = oneshot::channel();
+        let (exit_tx, exit_rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").spawns.insert(id, (spawn_tx, exit_tx));
+        if let Err(e) = self.chan.send(&ToInit::Spawn { id, spec }, &[], stdio).await {
+            self.waiters.lock().expect("waiters lock").spawns.remove(&id);
+            return Err(InitError::Lost(e));
+        }
+        match spawn_rx.await {
+            Ok(Ok((pid, pty_master))) => Ok(Spawned { pid, pty_master, exit: exit_rx }),
+            Ok(Err(message)) => Err(InitError::StartFailed(message)),
+            Err(_) => Err(InitError::Lost(IpcError::Closed)),
+        }
+    }
+
+    /// Sends `signal` to `pid` (to its process group when `group`). Pids are the sandbox's.
+    pub async fn signal(&self, pid: i32, signal: i32, group: bool) -> Result<(), InitError> {
+        self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
+    }
+
+    /// SIGKILLs every process but init; returns once init has sent the signal.
+    pub async fn kill_all(&self) -> Result<(), InitError> {
+        let done = self.killed_all.notified();
+        self.chan.send(&ToInit::KillAll, &[], &[]).await.map_err(InitError::Lost)?;
+        done.await;
+        Ok(())
+    }
+
+    /// Receives init's messages until the channel closes. Run this in exactly one task.
+    pub async fn dispatch(&self) {
+        loop {
+            let msg = match self.chan.recv::<FromInit>().await {
+                Ok(Packet { msg, fds, .. }) => (msg, fds),
+                Err(e) => {
+                    tracing::warn!("init channel closed: {e}");
+                    // Dropping the waiters wakes every task still waiting with an error.
+                    *self.waiters.lock().expect("waiters lock") = Waiters::default();
+                    self.killed_all.notify_waiters();
+                    return;
+                }
+            };
+            let mut w = self.waiters.lock().expect("waiters lock");
+            match msg {
+                (FromInit::Spawned { id, pid }, fds) => {
+                    if let Some((spawn_tx, exit_tx)) = w.spawns.remove(&id) {
+                        w.exits.insert(pid, exit_tx);
+                        let _ = spawn_tx.send(Ok((pid, fds.into_iter().next())));
+                    }
+                }
+                (FromInit::SpawnFailed { id, message }, _) => {
+                    if let Some((spawn_tx, _)) = w.spawns.remove(&id) {
+                        let _ = spawn_tx.send(Err(message));
+                    }
+                }
+                (FromInit::Exited { pid, status }, _) => {
+                    if let Some(tx) = w.exits.remove(&pid) {
+                        let _ = tx.send(status);
+                    }
+                }
+                (FromInit::KilledAll, _) => self.killed_all.notify_waiters(),
+                (other, _) => tracing::warn!("unexpected message from init: {other:?}"),
+            }
+        }
+    }
+}

@@ -1,0 +1,385 @@
+//! The per-sandbox supervisor (`deltabox shim`).
+//!
+//! Started detached by the daemon, it reads a [`proto::ShimConfig`] on stdin, builds the sandbox while
+//! still single-threaded (private mount namespace, uid slot, rootfs, cgroup, init), answers one
+//! [`proto::ShimStartup`] line on stdout, then serves the daemon on `<sandbox_dir>/shim.sock` until the
+//! sandbox is destroyed or its init dies. See docs/architecture.md.
+
+pub mod exec;
+pub mod fdio;
+pub mod init_link;
+pub mod proto;
+pub mod session;
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use sandbox::cgroup::Cgroup;
+use sandbox::container::{self, Container};
+use sandbox::init::InitConfig;
+use sandbox::ipc::{AsyncChannel, AsyncListener, Packet};
+use sandbox::userns::UidSlot;
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::Notify;
+
+use init_link::InitLink;
+use proto::{
+    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+};
+use session::Session;
+
+/// Socket file name in the sandbox directory.
+pub const SOCKET: &str = "shim.sock";
+
+/// State shared by the shim's request handlers.
+pub struct Shim {
+    pub id: String,
+    pub defaults: ProcessDefaults,
+    pub init: InitLink,
+    cgroup: Cgroup,
+    fs: deltafs::Mount,
+    info: ShimInfo,
+    init_pidfd: OwnedFd,
+    sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// Held by checkpoints and rollbacks: one at a time.
+    state_change: tokio::sync::Mutex<()>,
+    /// Notified when the shim should exit (the sandbox is gone).
+    exit: Notify,
+}
+
+impl Shim {
+    /// OOM kills in the sandbox so far (0 if the counter cannot be read).
+    pub fn oom_kills(&self) -> u64 {
+        self.cgroup.oom_kills().unwrap_or(0)
+    }
+
+    /// The sandbox-namespace pid of host process `host_pid`, if it is in this sandbox.
+    pub fn sandbox_pid(&self, host_pid: i32) -> Option<i32> {
+        let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
+        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
+        let ids: Vec<i32> = nspid.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        // Only a process nested one namespace below us (i.e. in the sandbox's namespace) qualifies.
+        (ids.len() == 2 && self.cgroup.procs().ok()?.contains(&host_pid)).then(|| ids[1])
+    }
+
+    /// Filesystem checkpoint: the sandbox's processes are frozen while the writable layer is frozen, so
+    /// no write can fall between them and the checkpoint is a consistent point in time.
+    async fn checkpoint(self: &Arc<Self>) -> anyhow::Result<CheckpointStats> {
+        let _one_at_a_time = self.state_change.lock().await;
+        let shim = self.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = Instant::now();
+            shim.cgroup.freeze().context("freeze the sandbox")?;
+            let fs_started = Instant::now();
+            let frozen = shim.fs.checkpoint();
+            let fs_ms = ms(fs_started);
+            let thawed = shim.cgroup.thaw();
+            let stack = frozen.context("checkpoint the filesystem")?;
+            thawed.context("thaw the sandbox")?;
+            Ok(CheckpointStats { stack: stack.to_string(), latency_ms: ms(started), fs_ms })
+        })
+        .await?
+    }
+
+    /// Filesystem rollback: every process but init is killed (their state belongs to the abandoned
+    /// branch), then the filesystem switches to `stack`.
+    async fn rollback(self: &Arc<Self>, stack: &str) -> anyhow::Result<RollbackStats> {
+        let target: deltafs::StackId = stack.parse().context("parse the stack id")?;
+        let _one_at_a_time = self.state_change.lock().await;
+        let started = Instant::now();
+        let killed = self.kill_all_but_init().await?;
+        let sessions_closed: Vec<String> = self.sessions.lock().await.drain().map(|(name, _)| name).collect();
+        let shim = self.clone();
+        let (stats, fs_ms) = tokio::task::spawn_blocking(move || {
+            let fs_started = Instant::now();
+            shim.fs.rollback(target).map(|stats| (stats, ms(fs_started)))
+        })
+        .await?
+        .context("roll back the filesystem")?;
+        Ok(RollbackStats {
+            latency_ms: ms(started),
+            fs_ms,
+            processes_killed: killed,
+            sessions_closed,
+            changed_inodes: stats.changed_inodes,
+        })
+    }
+
+    /// SIGKILLs every sandbox process but init and waits until they are gone; returns how many there were.
+    async fn kill_all_but_init(&self) -> anyhow::Result<usize> {
+        let others = |procs: Vec<i32>| procs.into_iter().filter(|&p| p != self.info.init_pid).count();
+        let before = others(self.cgroup.procs()?);
+        self.init.kill_all().await?;
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while others(self.cgroup.procs()?) > 0 {
+            if Instant::now() > deadline {
+                anyhow::bail!("processes of the sandbox survived SIGKILL for 10 s");
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Ok(before)
+    }
+
+    /// Kills every process of the sandbox (init included, so the kernel ends the pid namespace) and
+    /// removes its cgroup. The rootfs mount goes away with our mount namespace when the shim exits.
+    fn teardown(&self) -> anyhow::Result<()> {
+        self.cgroup.kill_all().context("kill the sandbox's processes")?;
+        // Reap init (our child) so it does not linger as a zombie with the sandbox's uid.
+        let _ = rustix::process::waitid(
+            rustix::process::WaitId::PidFd(self.init_pidfd.as_fd()),
+            rustix::process::WaitIdOptions::EXITED,
+        );
+        Cgroup::remove(self.cgroup.name()).context("remove the sandbox's cgroup")?;
+        Ok(())
+    }
+}
+
+/// A sandbox built by [`start`], before the runtime starts.
+struct Built {
+    container: Container,
+    cgroup: Cgroup,
+    slot: UidSlot,
+    fs: deltafs::Mount,
+}
+
+/// Entry point of `deltabox shim`.
+pub fn main() -> anyhow::Result<()> {
+    let cfg: ShimConfig = serde_json::from_reader(std::io::stdin().lock()).context("read the shim config")?;
+    let socket = cfg.sandbox_dir.join(SOCKET);
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
+    // Listening before we report: the daemon's first request may come right after our report.
+    let built = start(&cfg).and_then(|built| {
+        let _runtime = rt.enter();
+        let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
+        Ok((built, listener))
+    });
+    let startup = match &built {
+        Ok((b, _)) => ShimStartup::Started(ShimInfo {
+            shim_pid: std::process::id() as i32,
+            init_pid: b.container.init_pid,
+            uid_base: b.slot.map.host_base,
+        }),
+        Err(e) => ShimStartup::Failed { message: format!("{e:#}") },
+    };
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "{}", serde_json::to_string(&startup)?)?;
+    out.flush()?;
+    drop(out);
+    // The daemon reads our stdout up to its end: close it for good.
+    let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
+    sandbox::sys::dup_to(null.as_fd(), 1, false)?;
+    let Ok((built, listener)) = built else {
+        std::process::exit(1);
+    };
+    rt.block_on(serve(cfg, built, listener, socket))
+}
+
+/// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
+fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
+    container::enter_private_mount_namespace().context("create the shim's mount namespace")?;
+    let slot = UidSlot::reserve(&cfg.uid_slot_dir, None).context("reserve a uid range")?;
+    let base = slot.map.host_base;
+    let rootfs = cfg.sandbox_dir.join("rootfs");
+    std::fs::create_dir_all(&rootfs).with_context(|| format!("create {}", rootfs.display()))?;
+    let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
+    let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
+    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, mountpoint: rootfs.clone(), seccomp };
+    let started = container::start(&init_cfg, &slot.map, &[slot.lock_fd()], |pid| {
+        cgroup.add_process(pid).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
+    })
+    .context("start the sandbox")
+    .and_then(|container| {
+        let store = deltafs::Store::open(&cfg.store).context("open the DeltaFS store")?;
+        let stack: deltafs::StackId = cfg.stack.parse().context("parse the stack id")?;
+        let opts = deltafs::MountOptions { uid_base: base, gid_base: base, ..Default::default() };
+        let fs = deltafs::mount(&store, stack, &rootfs, &opts).context("mount DeltaFS")?;
+        // Init attaches a copy of our mount in its own mount namespace.
+        let detached = rustix::mount::open_tree(
+            rustix::fs::CWD,
+            &rootfs,
+            rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+        )
+        .context("clone the DeltaFS mount for init")?;
+        container.boot(detached).context("set up the sandbox")?;
+        Ok((container, fs))
+    });
+    match started {
+        Ok((container, fs)) => Ok(Built { container, cgroup, slot, fs }),
+        Err(e) => {
+            let _ = cgroup.destroy();
+            Err(e)
+        }
+    }
+}
+
+async fn serve(cfg: ShimConfig, built: Built, listener: AsyncListener, socket: PathBuf) -> anyhow::Result<()> {
+    let Built { container, cgroup, slot, fs } = built;
+    let info =
+        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
+    let shim = Arc::new(Shim {
+        id: cfg.id.clone(),
+        defaults: cfg.defaults.clone(),
+        init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
+        cgroup,
+        fs,
+        info,
+        init_pidfd: container.pidfd.try_clone()?,
+        sessions: tokio::sync::Mutex::new(HashMap::new()),
+        state_change: tokio::sync::Mutex::new(()),
+        exit: Notify::new(),
+    });
+    tokio::spawn({
+        let shim = shim.clone();
+        async move { shim.init.dispatch().await }
+    });
+    let init_exit = wait_readable(container.pidfd)?;
+    tokio::pin!(init_exit);
+    let exit = shim.exit.notified();
+    tokio::pin!(exit);
+    loop {
+        tokio::select! {
+            conn = listener.accept() => match conn {
+                Ok(conn) => {
+                    let shim = shim.clone();
+                    tokio::spawn(async move { handle(&shim, conn).await });
+                }
+                Err(e) => tracing::warn!("accept failed: {e}"),
+            },
+            _ = &mut init_exit => {
+                tracing::error!("the sandbox's init died; tearing the sandbox down");
+                let _ = std::fs::remove_file(&socket);
+                return shim.teardown();
+            }
+            _ = &mut exit => {
+                // A Destroy request already tore the sandbox down and answered.
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// Resolves when `fd` (a pidfd) becomes readable, i.e. the process exited.
+fn wait_readable(fd: OwnedFd) -> std::io::Result<impl std::future::Future<Output = ()>> {
+    // SAFETY: we own `fd` and never replace or close it while the AsyncFd holds it.
+    let fd = unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }.map_err(|e| e.into_parts().1)?;
+    Ok(async move {
+        let _ = fd.readable().await;
+    })
+}
+
+fn valid_session_name(name: &str) -> bool {
+    !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
+    let request = match conn.recv::<Request>().await {
+        Ok(Packet { msg, .. }) => msg,
+        Err(e) => {
+            tracing::warn!("bad request: {e}");
+            return;
+        }
+    };
+    let result = match request {
+        Request::Info => conn.send(&Reply::Info(shim.info.clone()), &[], &[]).await,
+        Request::Exec(req) => exec::serve(shim, &conn, req).await,
+        Request::SessionOpen { name } => {
+            let reply = open_session(shim, &name).await;
+            conn.send(&reply, &[], &[]).await
+        }
+        Request::SessionRun { name, command, timeout_ms, max_output } => {
+            let session = shim.sessions.lock().await.get(&name).cloned();
+            match session {
+                None => conn.send(&not_found(&name), &[], &[]).await,
+                Some(session) => {
+                    let timeout = timeout_ms.map(Duration::from_millis);
+                    let reply = match session.run(shim, &conn, &command, timeout, max_output).await {
+                        Ok(outcome) => Reply::Exited(outcome),
+                        // Whatever failed, a shell that is gone means the session ended.
+                        Err(_) if !session.alive() => {
+                            shim.sessions.lock().await.remove(&name);
+                            session::SessionError::Ended.reply()
+                        }
+                        Err(e) => e.reply(),
+                    };
+                    conn.send(&reply, &[], &[]).await
+                }
+            }
+        }
+        Request::SessionClose { name } => {
+            let session = shim.sessions.lock().await.remove(&name);
+            match session {
+                None => conn.send(&not_found(&name), &[], &[]).await,
+                Some(session) => {
+                    session.close(shim).await;
+                    conn.send(&Reply::Done, &[], &[]).await
+                }
+            }
+        }
+        Request::SessionList => {
+            let mut sessions = shim.sessions.lock().await;
+            sessions.retain(|_, s| s.alive());
+            let mut names: Vec<String> = sessions.keys().cloned().collect();
+            names.sort();
+            drop(sessions);
+            conn.send(&Reply::Sessions(names), &[], &[]).await
+        }
+        Request::Checkpoint => {
+            let reply = match shim.checkpoint().await {
+                Ok(stats) => Reply::Checkpointed(stats),
+                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
+            };
+            conn.send(&reply, &[], &[]).await
+        }
+        Request::Rollback { stack } => {
+            let reply = match shim.rollback(&stack).await {
+                Ok(stats) => Reply::RolledBack(stats),
+                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
+            };
+            conn.send(&reply, &[], &[]).await
+        }
+        Request::Destroy => {
+            let reply = match shim.teardown() {
+                Ok(()) => Reply::Done,
+                Err(e) => Reply::Error { kind: ErrorKind::Internal, message: format!("{e:#}") },
+            };
+            let sent = conn.send(&reply, &[], &[]).await;
+            shim.exit.notify_one();
+            sent
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!("client connection ended: {e}");
+    }
+}
+
+fn not_found(name: &str) -> Reply {
+    Reply::Error { kind: ErrorKind::SessionNotFound, message: format!("no session named {name:?}") }
+}
+
+async fn open_session(shim: &Shim, name: &str) -> Reply {
+    if !valid_session_name(name) {
+        let message = format!("invalid session name {name:?}: use 1-64 letters, digits, '-', '_' or '.'");
+        return Reply::Error { kind: ErrorKind::BadRequest, message };
+    }
+    let mut sessions = shim.sessions.lock().await;
+    if sessions.get(name).is_some_and(|s| s.alive()) {
+        return Reply::Error { kind: ErrorKind::SessionExists, message: format!("session {name:?} already exists") };
+    }
+    match Session::start(shim).await {
+        Ok(session) => {
+            sessions.insert(name.to_string(), session);
+            Reply::Done
+        }
+        Err(e) => e.reply(),
+    }
+}

@@ -1,0 +1,188 @@
+//! The daemon ↔ shim protocol. One connection per request over the shim's SEQPACKET socket: the daemon
+//! sends a [`Request`], may then send [`Input`] packets (stdin, resize, signals), and receives [`Reply`]
+//! packets until the request is finished; binary data travels as packet payload.
+
+use std::path::PathBuf;
+
+use sandbox::cgroup::Limits;
+use sandbox::spec::{Network, WinSize};
+use serde::{Deserialize, Serialize};
+
+/// Everything a shim needs to start a sandbox; the daemon writes it as JSON to the shim's stdin.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimConfig {
+    pub id: String,
+    /// `<data-dir>/sandboxes/<id>`: upper/, work/, rootfs/, shim.sock live here.
+    pub sandbox_dir: PathBuf,
+    /// The DeltaFS store directory.
+    pub store: PathBuf,
+    /// The DeltaFS stack to mount (an image's base stack or a checkpoint's).
+    pub stack: String,
+    pub network: Network,
+    pub limits: Limits,
+    /// cgroup name (relative to each hierarchy's root).
+    pub cgroup: String,
+    /// Directory of host-wide uid slot locks.
+    pub uid_slot_dir: PathBuf,
+    /// Defaults for processes: the image's environment, working directory and user.
+    pub defaults: ProcessDefaults,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ProcessDefaults {
+    pub env: Vec<String>,
+    pub cwd: String,
+    pub user: Option<String>,
+}
+
+/// The shim's first line on stdout: the sandbox is running, or why not.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ShimStartup {
+    Started(ShimInfo),
+    Failed { message: String },
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ShimInfo {
+    pub shim_pid: i32,
+    /// Init's pid in the host's pid namespace.
+    pub init_pid: i32,
+    /// Host uid/gid that is root inside.
+    pub uid_base: u32,
+}
+
+/// What a connection asks for (its first packet).
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Request {
+    Info,
+    Exec(ExecRequest),
+    SessionOpen {
+        name: String,
+    },
+    SessionRun {
+        name: String,
+        command: String,
+        timeout_ms: Option<u64>,
+        max_output: u64,
+    },
+    SessionClose {
+        name: String,
+    },
+    SessionList,
+    /// Filesystem checkpoint: freeze the sandbox's processes, freeze the writable layer, thaw.
+    Checkpoint,
+    /// Filesystem rollback: kill every process but init, switch the filesystem to `stack`.
+    Rollback {
+        stack: String,
+    },
+    /// Kill init and everything else, remove the cgroup, exit.
+    Destroy,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ExecRequest {
+    pub argv: Vec<String>,
+    /// `KEY=VALUE` pairs added to (or replacing in) the sandbox's default environment.
+    pub env: Vec<String>,
+    pub cwd: Option<String>,
+    pub user: Option<String>,
+    /// Run on a pseudo-terminal of this size.
+    pub tty: Option<WinSize>,
+    pub timeout_ms: Option<u64>,
+    /// Bytes kept per output stream; the rest is counted and dropped.
+    pub max_output: u64,
+    /// Whether the client will send stdin (else stdin is /dev/null).
+    pub stdin: bool,
+}
+
+/// Packets a client may send while its exec runs.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Input {
+    /// Payload = bytes for stdin.
+    Stdin,
+    StdinEof,
+    Resize(WinSize),
+    Signal(i32),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Stream {
+    Stdout,
+    Stderr,
+}
+
+/// Packets from the shim.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum Reply {
+    Info(ShimInfo),
+    Started {
+        pid: i32,
+    },
+    /// Payload = output bytes.
+    Output {
+        stream: Stream,
+    },
+    Exited(Outcome),
+    Sessions(Vec<String>),
+    Checkpointed(CheckpointStats),
+    RolledBack(RollbackStats),
+    Done,
+    Error {
+        kind: ErrorKind,
+        message: String,
+    },
+}
+
+/// How a command ended.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Outcome {
+    pub exit_code: Option<i32>,
+    pub signal: Option<i32>,
+    pub timed_out: bool,
+    pub oom_killed: bool,
+    /// Output bytes dropped because `max_output` was reached.
+    pub stdout_dropped: u64,
+    pub stderr_dropped: u64,
+    pub duration_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CheckpointStats {
+    /// The frozen filesystem stack.
+    pub stack: String,
+    /// Freeze to thaw.
+    pub latency_ms: f64,
+    /// Of which: the filesystem checkpoint itself.
+    pub fs_ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RollbackStats {
+    pub latency_ms: f64,
+    /// Of which: the filesystem switch and cache invalidation.
+    pub fs_ms: f64,
+    /// Processes killed (init is never killed).
+    pub processes_killed: usize,
+    /// Shell sessions that ended with their processes.
+    pub sessions_closed: Vec<String>,
+    /// Inodes whose content, attributes or existence differed.
+    pub changed_inodes: usize,
+}
+
+/// Error classes the daemon maps to HTTP statuses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request itself is invalid.
+    BadRequest,
+    /// The program could not be started (missing binary, bad cwd, unknown user...).
+    StartFailed,
+    SessionNotFound,
+    SessionExists,
+    /// The session's shell died or stopped answering.
+    SessionLost,
+    /// A checkpoint or rollback failed; the sandbox is unchanged and running.
+    CheckpointFailed,
+    Internal,
+}

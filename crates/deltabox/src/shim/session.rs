@@ -1,0 +1,343 @@
+//! Persistent bash sessions (how coding agents drive a sandbox).
+//!
+//! bash runs interactively on a pty (job control, ^C semantics). Commands do not travel through the pty:
+//! for each call the shim types one fixed line that reads the command text from a pipe (fd 249) up to a
+//! NUL and `eval`s it at top level, with stdout and stderr redirected to two more pipes (fds 250 and 251)
+//! and stdin from /dev/null. bash's `PROMPT_COMMAND` then prints an end marker carrying `$?` on both
+//! pipes. A timeout types ^C: the foreground job — or a loop running in bash itself — is interrupted,
+//! the prompt returns, and the session keeps its cwd, variables, functions and jobs.
+
+use std::os::fd::AsFd;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rand::Rng;
+use sandbox::ipc::{AsyncChannel, IpcError};
+use sandbox::spec::{ExitStatus, ProcessSpec, WinSize};
+use tokio::sync::{oneshot, Mutex};
+
+use super::exec::{merged_env, Output};
+use super::fdio::{pipe, AsyncFile};
+use super::proto::{ErrorKind, Outcome, Reply, Stream};
+use super::Shim;
+
+const CMD_FD: i32 = 249;
+const OUT_FD: i32 = 250;
+const ERR_FD: i32 = 251;
+/// After ^C, how long the command gets to return to the prompt before its process group is killed.
+const INTERRUPT_GRACE: Duration = Duration::from_secs(2);
+/// How long a new shell gets to print its first prompt.
+const STARTUP_TIMEOUT: Duration = Duration::from_secs(10);
+
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("cannot start bash: {0}")]
+    Start(String),
+    #[error("the session's shell ended")]
+    Ended,
+    #[error("the session's shell did not answer")]
+    NoAnswer,
+    #[error("session i/o failed")]
+    Io(#[source] std::io::Error),
+    #[error(transparent)]
+    Client(#[from] IpcError),
+}
+
+impl SessionError {
+    pub fn reply(&self) -> Reply {
+        let kind = match self {
+            SessionError::Start(_) => ErrorKind::StartFailed,
+            SessionError::Ended | SessionError::NoAnswer => ErrorKind::SessionLost,
+            SessionError::Io(_) | SessionError::Client(_) => ErrorKind::Internal,
+        };
+        Reply::Error { kind, message: self.to_string() }
+    }
+}
+
+struct Pipes {
+    cmd: AsyncFile,
+    out: MarkedStream,
+    err: MarkedStream,
+}
+
+/// One output pipe of the session, read up to each end marker.
+struct MarkedStream {
+    output: Output,
+    marker: Vec<u8>,
+    /// Bytes read but not yet forwarded: a possible beginning of the marker.
+    held: Vec<u8>,
+}
+
+pub struct Session {
+    pid: i32,
+    master: AsyncFile,
+    pipes: Mutex<Pipes>,
+    exited: std::sync::Mutex<Option<oneshot::Receiver<ExitStatus>>>,
+}
+
+impl Session {
+    /// Starts `bash` and waits for its first prompt.
+    pub async fn start(shim: &Shim) -> Result<Arc<Session>, SessionError> {
+        let (cmd_r, cmd_w) = pipe().map_err(SessionError::Io)?;
+        let (out_r, out_w) = pipe().map_err(SessionError::Io)?;
+        let (err_r, err_w) = pipe().map_err(SessionError::Io)?;
+        let spec = ProcessSpec {
+            argv: ["bash", "--noprofile", "--norc", "--noediting", "-i"].map(String::from).to_vec(),
+            env: merged_env(&shim.defaults.env, &[], &shim.id, true),
+            cwd: shim.defaults.cwd.clone(),
+            user: shim.defaults.user.clone(),
+            tty: Some(WinSize { rows: 50, cols: 200 }),
+            extra_fds: vec![CMD_FD, OUT_FD, ERR_FD],
+        };
+        let spawned = shim
+            .init
+            .spawn(spec, &[cmd_r.as_fd(), out_w.as_fd(), err_w.as_fd()])
+            .await
+            .map_err(|e| SessionError::Start(e.to_string()))?;
+        drop((cmd_r, out_w, err_w));
+        let nonce: u64 = rand::rng().random();
+        let marker = format!("\x1eDBX{nonce:016x}:").into_bytes();
+        let stream = |fd, s| -> Result<MarkedStream, SessionError> {
+            Ok(MarkedStream {
+                output: Output::new(fd, s).map_err(SessionError::Io)?,
+                marker: marker.clone(),
+                held: vec![],
+            })
+        };
+        let master = spawned.pty_master.expect("init sends a pty master with a tty spawn");
+        let session = Arc::new(Session {
+            pid: spawned.pid,
+            master: AsyncFile::new(master.try_clone().map_err(SessionError::Io)?).map_err(SessionError::Io)?,
+            pipes: Mutex::new(Pipes {
+                cmd: AsyncFile::new(cmd_w).map_err(SessionError::Io)?,
+                out: stream(out_r, Stream::Stdout)?,
+                err: stream(err_r, Stream::Stderr)?,
+            }),
+            exited: std::sync::Mutex::new(Some(spawned.exit)),
+        });
+        drain_terminal(AsyncFile::new(master).map_err(SessionError::Io)?);
+        // Lines starting with a space stay out of the history; the real command is added with history -s.
+        let setup = format!(
+            " HISTCONTROL=ignorespace; PS1=''; PS2=''; PS0=''; PROMPT_COMMAND='__dbx_rc=$?; \
+             printf \"\\036DBX{nonce:016x}:%d\\036\\n\" \"$__dbx_rc\" >&{OUT_FD}; \
+             printf \"\\036DBX{nonce:016x}:%d\\036\\n\" \"$__dbx_rc\" >&{ERR_FD}'\n"
+        );
+        session.master.write_all(setup.as_bytes()).await.map_err(SessionError::Io)?;
+        let mut pipes = session.pipes.lock().await;
+        let ready = tokio::time::timeout(STARTUP_TIMEOUT, pipes.wait_for_marker(None, 0)).await;
+        drop(pipes);
+        match ready {
+            Ok(Ok(_)) => Ok(session),
+            Ok(Err(e)) => Err(e),
+            Err(_) => Err(SessionError::NoAnswer),
+        }
+    }
+
+    /// Whether the shell is still alive.
+    pub fn alive(&self) -> bool {
+        let mut exited = self.exited.lock().expect("exit lock");
+        match exited.as_mut().map(|rx| rx.try_recv()) {
+            Some(Err(oneshot::error::TryRecvError::Empty)) => true,
+            _ => {
+                *exited = None;
+                false
+            }
+        }
+    }
+
+    /// Whether the shell exits within `wait` (i/o on a dying shell fails before its exit is reported).
+    async fn exits_within(&self, wait: Duration) -> bool {
+        let Some(mut rx) = self.exited.lock().expect("exit lock").take() else { return true };
+        match tokio::time::timeout(wait, &mut rx).await {
+            Ok(_) => true,
+            Err(_) => {
+                *self.exited.lock().expect("exit lock") = Some(rx);
+                false
+            }
+        }
+    }
+
+    /// Runs `command`, streaming its output to `conn`; returns the outcome. An i/o failure because the
+    /// shell exited is reported as the end of the session.
+    pub async fn run(
+        &self,
+        shim: &Shim,
+        conn: &AsyncChannel,
+        command: &str,
+        timeout: Option<Duration>,
+        max_output: u64,
+    ) -> Result<Outcome, SessionError> {
+        match self.run_command(shim, conn, command, timeout, max_output).await {
+            Err(SessionError::Io(_)) if self.exits_within(Duration::from_millis(500)).await => Err(SessionError::Ended),
+            other => other,
+        }
+    }
+
+    async fn run_command(
+        &self,
+        shim: &Shim,
+        conn: &AsyncChannel,
+        command: &str,
+        timeout: Option<Duration>,
+        max_output: u64,
+    ) -> Result<Outcome, SessionError> {
+        let mut pipes = self.pipes.lock().await;
+        if !self.alive() {
+            return Err(SessionError::Ended);
+        }
+        let started = Instant::now();
+        let oom_before = shim.oom_kills();
+        pipes.out.output.kept = 0;
+        pipes.out.output.dropped = 0;
+        pipes.err.output.kept = 0;
+        pipes.err.output.dropped = 0;
+        let line = format!(
+            " IFS= read -r -d '' __dbx_cmd <&{CMD_FD}; history -s \"$__dbx_cmd\"; \
+             eval \"$__dbx_cmd\" </dev/null >&{OUT_FD} 2>&{ERR_FD}\n"
+        );
+        self.master.write_all(line.as_bytes()).await.map_err(SessionError::Io)?;
+        let mut text = command.as_bytes().to_vec();
+        text.push(0);
+        pipes.cmd.write_all(&text).await.map_err(SessionError::Io)?;
+
+        let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
+        let mut timed_out = false;
+        let code = loop {
+            let waited = match deadline {
+                Some(d) => tokio::time::timeout_at(d, pipes.wait_for_marker(Some(conn), max_output)).await,
+                None => Ok(pipes.wait_for_marker(Some(conn), max_output).await),
+            };
+            match waited {
+                Ok(result) => break result?,
+                Err(_elapsed) if !timed_out => {
+                    timed_out = true;
+                    self.master.write_all(&[3]).await.map_err(SessionError::Io)?;
+                    match tokio::time::timeout(INTERRUPT_GRACE, pipes.wait_for_marker(Some(conn), max_output)).await {
+                        Ok(result) => break result?,
+                        // ^C was ignored: kill the foreground job; bash returns to its prompt.
+                        Err(_) => self.kill_foreground_job(shim).await,
+                    }
+                }
+                Err(_elapsed) => {
+                    let result = tokio::time::timeout(INTERRUPT_GRACE, pipes.wait_for_marker(Some(conn), max_output));
+                    match result.await {
+                        Ok(result) => break result?,
+                        Err(_) => return Err(SessionError::NoAnswer),
+                    }
+                }
+            }
+        };
+        Ok(Outcome {
+            exit_code: Some(code),
+            signal: None,
+            timed_out,
+            oom_killed: shim.oom_kills() > oom_before,
+            stdout_dropped: pipes.out.output.dropped,
+            stderr_dropped: pipes.err.output.dropped,
+            duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+        })
+    }
+
+    async fn kill_foreground_job(&self, shim: &Shim) {
+        // TIOCGPGRP answers in the caller's pid namespace, so ask for the foreground group through
+        // the shell's view instead: its process group is the session's; any other is the job's.
+        if let Ok(pgid) = rustix::termios::tcgetpgrp(self.master.as_fd()) {
+            let host_pgid = pgid.as_raw_nonzero().get();
+            if let Some(job) = shim.sandbox_pid(host_pgid) {
+                if job != self.pid {
+                    let _ = shim.init.signal(job, libc::SIGKILL, true).await;
+                }
+            }
+        }
+    }
+
+    /// Ends the shell (SIGHUP, as when a terminal closes, then SIGKILL).
+    pub async fn close(&self, shim: &Shim) {
+        let _ = shim.init.signal(self.pid, libc::SIGHUP, true).await;
+        let rx = self.exited.lock().expect("exit lock").take();
+        if let Some(rx) = rx {
+            if tokio::time::timeout(Duration::from_secs(1), rx).await.is_err() {
+                let _ = shim.init.signal(self.pid, libc::SIGKILL, true).await;
+            }
+        }
+    }
+}
+
+impl Pipes {
+    /// Reads both streams up to their end markers; returns the exit code the marker carries.
+    async fn wait_for_marker(&mut self, conn: Option<&AsyncChannel>, max: u64) -> Result<i32, SessionError> {
+        let (out, err) = (&mut self.out, &mut self.err);
+        let (a, b) = tokio::join!(out.read_to_marker(conn, max), err.read_to_marker(conn, max));
+        let code = a?;
+        b?;
+        Ok(code)
+    }
+}
+
+impl MarkedStream {
+    async fn read_to_marker(&mut self, conn: Option<&AsyncChannel>, max: u64) -> Result<i32, SessionError> {
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            if let Some((data_end, code, rest)) = find_marker(&self.held, &self.marker) {
+                let data: Vec<u8> = self.held[..data_end].to_vec();
+                self.held = rest;
+                if let Some(conn) = conn {
+                    self.output.forward(conn, &data, max).await?;
+                }
+                return Ok(code);
+            }
+            // Forward everything that cannot be the start of a marker.
+            let keep_from = self.held.iter().rposition(|&b| b == 0x1e).unwrap_or(self.held.len());
+            if keep_from > 0 {
+                let data: Vec<u8> = self.held.drain(..keep_from).collect();
+                if let Some(conn) = conn {
+                    self.output.forward(conn, &data, max).await?;
+                }
+            }
+            let n = self.output.file.read(&mut buf).await.map_err(SessionError::Io)?;
+            if n == 0 {
+                return Err(SessionError::Ended);
+            }
+            self.held.extend_from_slice(&buf[..n]);
+        }
+    }
+}
+
+/// Finds `marker` + digits + `\x1e\n` in `held`: (where the data before it ends, the code, what follows).
+fn find_marker(held: &[u8], marker: &[u8]) -> Option<(usize, i32, Vec<u8>)> {
+    let start = held.windows(marker.len()).position(|w| w == marker)?;
+    let after = &held[start + marker.len()..];
+    let end = after.iter().position(|&b| b == 0x1e)?;
+    if after.get(end + 1) != Some(&b'\n') {
+        return None;
+    }
+    let code = std::str::from_utf8(&after[..end]).ok()?.parse().ok()?;
+    Some((start, code, after[end + 2..].to_vec()))
+}
+
+/// The shell's own terminal output (prompts, job notices) is not part of any command's output, but it
+/// must be read or bash blocks once the pty buffer is full.
+fn drain_terminal(master: AsyncFile) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 16 * 1024];
+        while let Ok(n) = master.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn marker_is_found_with_its_code_and_what_follows() {
+        let m = b"\x1eDBXab:";
+        let held = b"hello\n\x1eDBXab:130\x1e\nnext".to_vec();
+        assert_eq!(find_marker(&held, m), Some((6, 130, b"next".to_vec())));
+        assert_eq!(find_marker(b"\x1eDBXab:13", m), None);
+        assert_eq!(find_marker(b"no marker", m), None);
+    }
+}

@@ -1,0 +1,86 @@
+//! `deltafs`: mount a DeltaFS stack in the foreground (for conformance runs, benchmarks and
+//! debugging), or collect garbage in a store. The sandbox engine links the library instead.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use deltafs::{mount, MountOptions, StackId, Store};
+
+#[derive(Parser)]
+#[command(about = "DeltaFS layered filesystem tool")]
+struct Cli {
+    /// Store directory.
+    #[arg(long)]
+    store: PathBuf,
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Mount image layers (bottom first) or a stack; serve until SIGINT/SIGTERM, then unmount.
+    Mount {
+        /// Image layer directory (repeatable, bottom first).
+        #[arg(long = "layer")]
+        layers: Vec<PathBuf>,
+        /// Stack id to mount instead of image layers.
+        #[arg(long)]
+        stack: Option<StackId>,
+        /// Threads serving FUSE requests.
+        #[arg(long, default_value_t = MountOptions::default().threads)]
+        threads: usize,
+        mountpoint: PathBuf,
+    },
+    /// Delete every layer not needed by the given stacks or a live mount.
+    Gc { keep: Vec<StackId> },
+    /// Show the layers of a stack, top first.
+    Show { stack: StackId },
+}
+
+fn main() -> anyhow::Result<()> {
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let store = Store::open(&cli.store).context("opening the store")?;
+    match cli.cmd {
+        Cmd::Mount { layers, stack, threads, mountpoint } => {
+            let stack = match stack {
+                Some(s) => s,
+                None => store.base_stack(&layers).context("indexing image layers")?,
+            };
+            let mut signals = nix::sys::signal::SigSet::empty();
+            signals.add(nix::sys::signal::Signal::SIGINT);
+            signals.add(nix::sys::signal::Signal::SIGTERM);
+            // Blocked before the server threads start, so they inherit the mask and only
+            // `wait` below receives the signal.
+            signals.thread_block().context("blocking signals")?;
+            let opts = MountOptions { threads, ..MountOptions::default() };
+            let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
+            println!("mounted {stack} at {}", mountpoint.display());
+            let sig = signals.wait().context("waiting for a signal")?;
+            eprintln!("{sig:?}: unmounting");
+            m.unmount().context("unmounting")?;
+        }
+        Cmd::Show { stack } => {
+            for layer in store.describe(stack).context("reading the stack")? {
+                println!(
+                    "{} frozen={} indexed={} records={} data_bytes={}{}",
+                    layer.id,
+                    layer.frozen,
+                    layer.indexed,
+                    layer.records,
+                    layer.data_bytes,
+                    if layer.images.is_empty() { String::new() } else { format!(" images={:?}", layer.images) }
+                );
+            }
+        }
+        Cmd::Gc { keep } => {
+            let stats = store.delete_unreferenced(&keep).context("collecting garbage")?;
+            println!("deleted {} layers, kept {}", stats.layers_deleted, stats.layers_kept);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,456 @@
+//! The FUSE front end: translates kernel requests into [`Volume`] operations.
+
+use std::ffi::{OsStr, OsString};
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use fuser::{
+    AccessFlags, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, KernelConfig, LockOwner,
+    OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty,
+    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+use nix::errno::Errno;
+
+use crate::node::{Ino, Node, Time};
+use crate::volume::{Caller, OpResult, Volume};
+
+pub(crate) struct DeltaFs {
+    pub vol: Arc<Volume>,
+    pub ttl: Duration,
+}
+
+impl DeltaFs {
+    fn caller(&self, req: &Request) -> Caller {
+        Caller { uid: self.vol.ids.uid_from_host(req.uid()), gid: self.vol.ids.gid_from_host(req.gid()) }
+    }
+
+    fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
+        let a = &node.attr;
+        let size = node.size();
+        FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            atime: a.atime.to_system(),
+            mtime: a.mtime.to_system(),
+            ctime: a.ctime.to_system(),
+            crtime: a.ctime.to_system(),
+            kind: file_type(a.mode),
+            perm: (a.mode & 0o7777) as u16,
+            nlink: a.nlink,
+            uid: self.vol.ids.uid_to_host(a.uid),
+            gid: self.vol.ids.gid_to_host(a.gid),
+            rdev: a.rdev as u32,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    /// `.`, `..` (reported with the directory's own inode) and the entries of the directory
+    /// open as `fh`, as of opendir: (name, inode, mode).
+    fn listing(&self, fh: FileHandle, ino: INodeNo) -> OpResult<Vec<(OsString, Ino, u32)>> {
+        let handle = self.vol.handle(fh.0)?;
+        let dots = [".", ".."].map(|d| (OsString::from(d), ino.0, libc::S_IFDIR));
+        Ok(dots.into_iter().chain(handle.dir.iter().flatten().cloned()).collect())
+    }
+
+    fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
+        match r {
+            Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+}
+
+fn errno(e: Errno) -> fuser::Errno {
+    fuser::Errno::from_i32(e as i32)
+}
+
+fn reply_empty(reply: ReplyEmpty, r: OpResult<()>) {
+    match r {
+        Ok(()) => reply.ok(),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn reply_data(reply: ReplyData, r: OpResult<Vec<u8>>) {
+    match r {
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn time_arg(t: Option<TimeOrNow>) -> Option<Option<Time>> {
+    t.map(|t| match t {
+        TimeOrNow::Now => None,
+        TimeOrNow::SpecificTime(s) => Some(Time::from_system(s)),
+    })
+}
+
+fn reply_xattr(reply: ReplyXattr, size: u32, r: OpResult<Vec<u8>>) {
+    match r {
+        Ok(data) if size == 0 => reply.size(data.len() as u32),
+        Ok(data) if data.len() > size as usize => reply.error(fuser::Errno::ERANGE),
+        Ok(data) => reply.data(&data),
+        Err(e) => reply.error(errno(e)),
+    }
+}
+
+fn file_type(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+impl fuser::Filesystem for DeltaFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let wanted = InitFlags::FUSE_CACHE_SYMLINKS
+            | InitFlags::FUSE_PARALLEL_DIROPS
+            | InitFlags::FUSE_DO_READDIRPLUS
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+        let _ = config.add_capabilities(wanted & config.capabilities());
+        let _ = config.set_max_write(1 << 20);
+        let _ = config.set_max_readahead(1 << 20);
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.vol.lookup(parent.0, name) {
+            Ok(Some((ino, node))) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            // A negative entry: the kernel caches the absence (rollback invalidates it precisely).
+            Ok(None) => {
+                let mut attr = self.attr(0, &empty_node());
+                attr.ino = INodeNo(0);
+                reply.entry(&self.ttl, &attr, Generation(0))
+            }
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.vol.getattr(ino.0) {
+            Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        ctime: Option<SystemTime>,
+        _fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        let r = self.vol.setattr(
+            ino.0,
+            mode,
+            uid.map(|u| self.vol.ids.uid_from_host(u)),
+            gid.map(|g| self.vol.ids.gid_from_host(g)),
+            size,
+            time_arg(atime),
+            time_arg(mtime),
+            ctime.map(Time::from_system),
+        );
+        match r {
+            Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        reply_data(reply, self.vol.readlink(ino.0));
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, u64::from(rdev), None);
+        self.reply_entry(reply, r);
+    }
+
+    fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None);
+        self.reply_entry(reply, r);
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.vol.unlink(parent.0, name, false));
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.vol.unlink(parent.0, name, true));
+    }
+
+    fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
+        let r = self.vol.create_node(
+            self.caller(req),
+            parent.0,
+            link_name,
+            libc::S_IFLNK | 0o777,
+            0,
+            Some(target.as_os_str().as_bytes()),
+        );
+        self.reply_entry(reply, r);
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.vol.rename(parent.0, name, newparent.0, newname, flags.bits()));
+    }
+
+    fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
+        let r = self.vol.link(ino.0, newparent.0, newname);
+        self.reply_entry(reply, r);
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
+        if flags.0 & libc::O_TRUNC != 0 {
+            let r = self.vol.setattr(ino.0, None, None, None, Some(0), None, None, None);
+            if let Err(e) = r {
+                return reply.error(errno(e));
+            }
+        }
+        let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
+        let fh = match self.vol.open(ino.0, false, !read_only) {
+            Ok(fh) => fh,
+            Err(e) => return reply.error(errno(e)),
+        };
+        reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        reply_data(reply, self.vol.read(fh.0, offset, size));
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.vol.write(fh.0, offset, data) {
+            Ok(n) => reply.written(n),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.vol.release(fh.0));
+    }
+
+    fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply_empty(reply, self.vol.flush(ino.0));
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.vol.open(ino.0, true, false) {
+            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.listing(fh, ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, (name, child, mode)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), i as u64 + 1, file_type(*mode), name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.listing(fh, ino) {
+            Ok(e) => e,
+            Err(e) => return reply.error(errno(e)),
+        };
+        for (i, (name, child, _)) in entries.iter().enumerate().skip(offset as usize) {
+            let attr = match self.vol.getattr(*child) {
+                Ok((_, n)) => self.attr(*child, &n),
+                // Removed since opendir: skip it.
+                Err(_) => continue,
+            };
+            let (ttl, generation) = (&self.ttl, Generation(0));
+            if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        reply_empty(reply, self.vol.release(fh.0));
+    }
+
+    fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        match self.vol.statfs() {
+            Ok(s) => reply.statfs(
+                s.f_blocks,
+                s.f_bfree,
+                s.f_bavail,
+                s.f_files.max(self.vol.node_count()),
+                s.f_ffree,
+                s.f_bsize as u32,
+                255,
+                s.f_frsize as u32,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.vol.setxattr(ino.0, name, Some(value), flags));
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.vol.getxattr(ino.0, name));
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        reply_xattr(reply, size, self.vol.listxattr(ino.0));
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        reply_empty(reply, self.vol.setxattr(ino.0, name, None, 0));
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission checks are the kernel's (default_permissions); this only answers existence.
+        reply_empty(reply, self.vol.getattr(ino.0).map(|_| ()));
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        _umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let (ino, node) = match self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.vol.open(ino, false, true) {
+            Ok(fh) => reply.created(
+                &self.ttl,
+                &self.attr(ino, &node),
+                Generation(0),
+                FileHandle(fh),
+                FopenFlags::FOPEN_KEEP_CACHE,
+            ),
+            Err(e) => reply.error(errno(e)),
+        }
+    }
+
+    fn fallocate(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        length: u64,
+        mode: i32,
+        reply: ReplyEmpty,
+    ) {
+        reply_empty(reply, self.vol.fallocate(fh.0, offset, length, mode));
+    }
+}
+
+fn empty_node() -> Node {
+    Node {
+        attr: crate::node::Attr {
+            mode: libc::S_IFREG,
+            uid: 0,
+            gid: 0,
+            nlink: 0,
+            rdev: 0,
+            atime: Time::default(),
+            mtime: Time::default(),
+            ctime: Time::default(),
+        },
+        xattrs: imbl::OrdMap::new(),
+        kind: crate::node::Kind::Special,
+    }
+}

@@ -1,0 +1,213 @@
+//! Mounting a stack and the engine-facing operations on a mounted DeltaFS: checkpoint, rollback,
+//! unmount.
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, MountOption, SessionACL};
+
+use crate::fuse::DeltaFs;
+use crate::store::{StackId, Store, StoreError};
+use crate::volume::{IdMap, RollbackStats, Volume};
+
+/// Errors of mount-level operations.
+#[derive(Debug, thiserror::Error)]
+pub enum MountError {
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("cannot mount DeltaFS at {path}")]
+    Mount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no FUSE mount at {0} in /proc/self/mountinfo")]
+    NotMounted(PathBuf),
+    #[error("cannot abort the FUSE connection of {path}")]
+    Abort {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot unmount {path}")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+}
+
+/// How to present a stack.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// Host uid of the sandbox's uid 0 (0 when there is no user namespace): stored owners are shown
+    /// as `uid_base + uid`, requests from host uid `h` act as `h - uid_base`.
+    pub uid_base: u32,
+    /// As `uid_base`, for group ids.
+    pub gid_base: u32,
+    /// How long the kernel may cache entries and attributes. Every change goes through this server
+    /// and rollbacks invalidate precisely, so this can be long.
+    pub cache_ttl: Duration,
+    /// Threads serving FUSE requests.
+    pub threads: usize,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions { uid_base: 0, gid_base: 0, cache_ttl: Duration::from_secs(3600), threads: 4 }
+    }
+}
+
+/// A mounted DeltaFS. Dropping it unmounts (without the error report of [`Mount::unmount`]).
+pub struct Mount {
+    vol: Arc<Volume>,
+    session: Option<fuser::BackgroundSession>,
+    notifier: fuser::Notifier,
+    mountpoint: PathBuf,
+}
+
+impl std::fmt::Debug for Mount {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Mount").field("mountpoint", &self.mountpoint).finish()
+    }
+}
+
+/// Mounts stack `from` at `mountpoint` with a new writable layer on top, served by threads of this
+/// process. Needs root (CAP_SYS_ADMIN) in the initial user namespace.
+pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOptions) -> Result<Mount, MountError> {
+    let gc_guard = store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
+    let loaded = store.load(from)?;
+    let layer = store.create_layer(from.0, &loaded.meta, store.has_index(from.0))?;
+    // From here the new layer's lock keeps `from` alive.
+    drop(gc_guard);
+    let vol = Arc::new(Volume::new(
+        store.clone(),
+        loaded.images,
+        loaded.meta.base,
+        IdMap { uid_base: opts.uid_base, gid_base: opts.gid_base },
+        loaded.tree,
+        layer,
+    ));
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName("deltafs".into()),
+        MountOption::Subtype("deltafs".into()),
+        MountOption::DefaultPermissions,
+        MountOption::NoDev,
+        MountOption::Suid,
+    ];
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl };
+    let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
+    let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
+    let notifier = session.notifier();
+    let session = session.spawn().map_err(mount_err)?;
+    tracing::info!(stack = %from, mountpoint = %mountpoint.display(), "DeltaFS mounted");
+    Ok(Mount { vol, session: Some(session), notifier, mountpoint: mountpoint.to_owned() })
+}
+
+impl Mount {
+    /// Where it is mounted.
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Pushes the kernel's dirty pages to the server, so they land in the layer being frozen (or
+    /// left), not in the next one. Without writeback caching, writes are write-through and only
+    /// shared writable mmaps leave dirty pages, which needs a file open for writing. syncfs is no
+    /// use here: on this kernel it starts writeback of a FUSE mount without waiting for the server
+    /// (and walks every cached inode). Invalidating an inode's pages does wait — the kernel
+    /// launders dirty pages synchronously — so that is done for every file open for writing.
+    fn flush_kernel_pages(&self) {
+        for ino in self.vol.open_for_writing() {
+            if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                tracing::debug!(ino, error = %e, "flushing pages by invalidation");
+            }
+        }
+    }
+
+    /// Freezes the current writable layer (a checkpoint) and pushes an empty one. O(1): copies no
+    /// data. Durable against a kill of this process on return. Processes writing to the mount
+    /// should be frozen around this call for a consistent point in time.
+    pub fn checkpoint(&self) -> Result<StackId, MountError> {
+        self.flush_kernel_pages();
+        Ok(self.vol.checkpoint()?)
+    }
+
+    /// Switches the mount to stack `to` (any checkpoint sharing this mount's base) with a fresh
+    /// writable layer, discarding changes since the last checkpoint, and invalidates the kernel's
+    /// caches for exactly the inodes and names that differ. Node ids stay valid; open fds read the
+    /// new stack's content.
+    pub fn rollback(&self, to: StackId) -> Result<RollbackStats, MountError> {
+        self.flush_kernel_pages();
+        let (stats, inval) = self.vol.rollback(to)?;
+        // Sent with the state lock released: the kernel may need to wait for requests in flight.
+        for (dir, name) in &inval.entries {
+            if let Err(e) = self.notifier.inval_entry(fuser::INodeNo(*dir), name) {
+                tracing::trace!(dir, ?name, error = %e, "inval_entry");
+            }
+        }
+        for ino in &inval.inodes {
+            if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(*ino), 0, 0) {
+                tracing::trace!(ino, error = %e, "inval_inode");
+            }
+        }
+        Ok(stats)
+    }
+
+    /// Unmounts and waits for the server threads. The writable layer (changes since the last
+    /// checkpoint) is left for the garbage collector.
+    pub fn unmount(mut self) -> Result<(), MountError> {
+        let session = self.session.take().expect("session present until unmount");
+        match session.umount_and_join() {
+            // Worker threads reading a cloned device fd may see the unmount as ECONNABORTED.
+            Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
+            r => r.map_err(|source| MountError::Unmount { path: self.mountpoint.clone(), source }),
+        }
+    }
+}
+
+const FUSECTL: &str = "/sys/fs/fuse/connections";
+
+/// Cleans up the mount of a DeltaFS server that died (e.g. a SIGKILLed shim): aborts its FUSE
+/// connection through fusectl — which also frees processes blocked on requests the dead server had
+/// already read, so they can exit — and, when the mount is in this process's mount namespace
+/// (`ns_pid` None), detaches it. With `ns_pid`, the mount is looked up at `mountpoint` as process
+/// `ns_pid` sees it (e.g. a sandbox process: `/` after its pivot_root); that namespace's mounts go
+/// away with its last process. Mounts fusectl if needed.
+pub fn abort_stale_mount(ns_pid: Option<u32>, mountpoint: &Path) -> Result<(), MountError> {
+    let abort_err = |source| MountError::Abort { path: mountpoint.to_owned(), source };
+    let mountinfo_path = match ns_pid {
+        Some(pid) => format!("/proc/{pid}/mountinfo"),
+        None => "/proc/self/mountinfo".to_owned(),
+    };
+    let mountinfo = std::fs::read_to_string(mountinfo_path).map_err(abort_err)?;
+    let target = mountpoint.to_string_lossy();
+    // Fields: id parent major:minor root mountpoint options ... - fstype source superoptions
+    // The last matching line is the top mount at that path.
+    let minor = mountinfo
+        .lines()
+        .rev()
+        .find_map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            let fstype = fields.iter().skip_while(|f| **f != "-").nth(1)?;
+            (fields.get(4)? == &target && fstype.starts_with("fuse"))
+                .then(|| fields[2].split_once(':').map(|(_, m)| m.to_owned()))
+                .flatten()
+        })
+        .ok_or_else(|| MountError::NotMounted(mountpoint.to_owned()))?;
+    if !Path::new(FUSECTL).join(&minor).exists() {
+        nix::mount::mount(Some("fusectl"), FUSECTL, Some("fusectl"), nix::mount::MsFlags::empty(), None::<&str>)
+            .map_err(|e| abort_err(e.into()))?;
+    }
+    std::fs::write(Path::new(FUSECTL).join(&minor).join("abort"), b"1").map_err(abort_err)?;
+    if ns_pid.is_some() {
+        return Ok(());
+    }
+    nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
+        .map_err(|e| MountError::Unmount { path: mountpoint.to_owned(), source: e.into() })
+}

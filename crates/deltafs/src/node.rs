@@ -1,0 +1,299 @@
+//! The in-memory inode model: persistent inode ids, directories as name → id maps, and file contents
+//! described as a list of chunk sources. Everything here is a persistent (structurally shared) data
+//! structure, so cloning a whole [`Tree`] for a checkpoint is O(1) and two trees that share history
+//! can be compared in time proportional to what differs.
+
+use std::ffi::OsString;
+use std::fmt;
+use std::sync::Arc;
+
+use imbl::OrdMap;
+use serde::{Deserialize, Serialize};
+
+/// A persistent inode number: stable for a file across checkpoints and rollbacks, shared by hard links.
+/// It is also the FUSE node id and the `st_ino` the sandbox sees.
+pub type Ino = u64;
+
+/// The root directory's inode number (the FUSE root node id).
+pub const ROOT_INO: Ino = 1;
+
+/// Copy-up granularity: writing into a file whose data lies in a frozen layer copies only the chunks
+/// touched by the write.
+pub const CHUNK_SIZE: u64 = 256 * 1024;
+
+/// Names a layer of the store: 128 random bits, unique across processes without coordination.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct LayerId(pub [u8; 16]);
+
+impl LayerId {
+    /// A fresh random id.
+    pub fn random() -> Self {
+        LayerId(rand::random())
+    }
+
+    /// Parses the 32-hex-digit form produced by `Display`.
+    pub fn parse(s: &str) -> Option<Self> {
+        let bytes = hex::decode(s).ok()?;
+        Some(LayerId(bytes.try_into().ok()?))
+    }
+}
+
+impl fmt::Display for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&hex::encode(self.0))
+    }
+}
+
+impl fmt::Debug for LayerId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "LayerId({self})")
+    }
+}
+
+/// Where bytes of a regular file live.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub enum Source {
+    /// A file inside an image layer directory: (index of the image layer in the base, relative path).
+    Image(u16, Arc<str>),
+    /// `layers/<id>/data/<ino>` of a store layer, at the same offsets as in the file.
+    Layer(LayerId),
+}
+
+/// A timestamp as stored: seconds and nanoseconds since the epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Time {
+    pub sec: i64,
+    pub nsec: u32,
+}
+
+impl Time {
+    pub fn now() -> Self {
+        let d = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+        Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() }
+    }
+
+    pub fn to_system(self) -> std::time::SystemTime {
+        if self.sec >= 0 {
+            std::time::UNIX_EPOCH + std::time::Duration::new(self.sec as u64, self.nsec)
+        } else {
+            std::time::UNIX_EPOCH - std::time::Duration::from_secs(self.sec.unsigned_abs())
+                + std::time::Duration::from_nanos(u64::from(self.nsec))
+        }
+    }
+
+    pub fn from_system(t: std::time::SystemTime) -> Self {
+        match t.duration_since(std::time::UNIX_EPOCH) {
+            Ok(d) => Time { sec: d.as_secs() as i64, nsec: d.subsec_nanos() },
+            Err(e) => {
+                let d = e.duration();
+                let mut sec = -(d.as_secs() as i64);
+                let mut nsec = 0;
+                if d.subsec_nanos() > 0 {
+                    sec -= 1;
+                    nsec = 1_000_000_000 - d.subsec_nanos();
+                }
+                Time { sec, nsec }
+            }
+        }
+    }
+}
+
+/// Inode attributes, with ownership as the sandbox sees it (0 = the sandbox's root).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attr {
+    /// File type and permission bits (`st_mode`).
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u32,
+    pub rdev: u64,
+    pub atime: Time,
+    pub mtime: Time,
+    pub ctime: Time,
+}
+
+/// Contents of a regular file: `size` bytes; chunk `c` comes from `chunks[c]` if present, otherwise
+/// from `base` for offsets below `base_len`, otherwise it reads as zeros.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Content {
+    pub size: u64,
+    pub base: Option<Source>,
+    pub base_len: u64,
+    pub chunks: OrdMap<u64, LayerId>,
+}
+
+impl Content {
+    /// Contents of a file created in layer `layer`: every byte lives in that layer's data file.
+    pub fn in_layer(layer: LayerId) -> Self {
+        Content { size: 0, base: Some(Source::Layer(layer)), base_len: u64::MAX, chunks: OrdMap::new() }
+    }
+
+    /// Where chunk `chunk` is read from (None = zeros).
+    pub fn chunk_source(&self, chunk: u64) -> Option<Source> {
+        if let Some(layer) = self.chunks.get(&chunk) {
+            return Some(Source::Layer(*layer));
+        }
+        if chunk * CHUNK_SIZE < self.base_len {
+            return self.base.clone();
+        }
+        None
+    }
+
+    /// Whether chunk `chunk` already lives in the writable layer `layer` (so it can be written in place).
+    pub fn chunk_in(&self, chunk: u64, layer: LayerId) -> bool {
+        match self.chunks.get(&chunk) {
+            Some(l) => *l == layer,
+            None => self.base == Some(Source::Layer(layer)),
+        }
+    }
+}
+
+/// What kind of inode this is, with its kind-specific payload.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    File(Content),
+    Dir(OrdMap<OsString, Ino>),
+    Symlink(Vec<u8>),
+    /// Fifo, socket, or device node (type and rdev are in the attributes).
+    Special,
+}
+
+/// One inode.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Node {
+    pub attr: Attr,
+    pub xattrs: OrdMap<Vec<u8>, Vec<u8>>,
+    pub kind: Kind,
+}
+
+impl Node {
+    pub fn size(&self) -> u64 {
+        match &self.kind {
+            Kind::File(c) => c.size,
+            Kind::Dir(entries) => 4096.max(entries.len() as u64 * 32),
+            Kind::Symlink(target) => target.len() as u64,
+            Kind::Special => 0,
+        }
+    }
+
+    pub fn is_dir(&self) -> bool {
+        matches!(self.kind, Kind::Dir(_))
+    }
+
+    pub fn entries(&self) -> Option<&OrdMap<OsString, Ino>> {
+        match &self.kind {
+            Kind::Dir(e) => Some(e),
+            _ => None,
+        }
+    }
+}
+
+/// An inode that differs between two trees: number, old node (if any), new node (if any).
+pub type Change = (Ino, Option<Arc<Node>>, Option<Arc<Node>>);
+
+/// The whole metadata of one filesystem state: every inode, by number.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Tree {
+    pub nodes: OrdMap<Ino, Arc<Node>>,
+    pub next_ino: Ino,
+}
+
+impl Tree {
+    pub fn get(&self, ino: Ino) -> Option<&Arc<Node>> {
+        self.nodes.get(&ino)
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &std::ffi::OsStr) -> Option<Ino> {
+        self.nodes.get(&parent)?.entries()?.get(name).copied()
+    }
+
+    /// Mutable access to an inode, copying it out of any snapshot that shares it.
+    pub fn get_mut(&mut self, ino: Ino) -> Option<&mut Node> {
+        self.nodes.get_mut(&ino).map(Arc::make_mut)
+    }
+
+    pub fn alloc_ino(&mut self) -> Ino {
+        let ino = self.next_ino;
+        self.next_ino += 1;
+        ino
+    }
+
+    /// Inodes that differ between `self` and `other` (present in one only, or changed). Shared
+    /// subtrees of the two maps are skipped, so the cost follows the size of the difference.
+    pub fn changed_inodes(&self, other: &Tree) -> Vec<Change> {
+        use imbl::ordmap::DiffItem;
+        self.nodes
+            .diff(&other.nodes)
+            .filter_map(|item| match item {
+                DiffItem::Add(k, v) => Some((*k, None, Some(v.clone()))),
+                DiffItem::Remove(k, v) => Some((*k, Some(v.clone()), None)),
+                DiffItem::Update { old, new } => {
+                    if Arc::ptr_eq(old.1, new.1) || old.1 == new.1 {
+                        None
+                    } else {
+                        Some((*old.0, Some(old.1.clone()), Some(new.1.clone())))
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chunk_sources_follow_overrides_then_base_then_zeros() {
+        let lower = LayerId::random();
+        let upper = LayerId::random();
+        let mut c = Content {
+            size: 10 * CHUNK_SIZE,
+            base: Some(Source::Layer(lower)),
+            base_len: 5 * CHUNK_SIZE,
+            chunks: OrdMap::new(),
+        };
+        c.chunks.insert(2, upper);
+        assert_eq!(c.chunk_source(0), Some(Source::Layer(lower)));
+        assert_eq!(c.chunk_source(2), Some(Source::Layer(upper)));
+        assert_eq!(c.chunk_source(7), None);
+        assert!(c.chunk_in(2, upper));
+        assert!(!c.chunk_in(0, upper));
+    }
+
+    #[test]
+    fn time_roundtrips_through_system_time_before_epoch() {
+        let t = Time { sec: -5, nsec: 250 };
+        assert_eq!(Time::from_system(t.to_system()), t);
+        let t = Time { sec: 7, nsec: 9 };
+        assert_eq!(Time::from_system(t.to_system()), t);
+    }
+
+    #[test]
+    fn changed_inodes_reports_only_differences() {
+        let mut a = Tree::default();
+        let node = Node {
+            attr: Attr {
+                mode: 0o100644,
+                uid: 0,
+                gid: 0,
+                nlink: 1,
+                rdev: 0,
+                atime: Time::default(),
+                mtime: Time::default(),
+                ctime: Time::default(),
+            },
+            xattrs: OrdMap::new(),
+            kind: Kind::Special,
+        };
+        for i in 0..1000 {
+            a.nodes.insert(i, Arc::new(node.clone()));
+        }
+        let mut b = a.clone();
+        b.get_mut(5).unwrap().attr.mode = 0o100600;
+        b.nodes.remove(&7);
+        let diff = a.changed_inodes(&b);
+        let inos: Vec<Ino> = diff.iter().map(|d| d.0).collect();
+        assert_eq!(inos, vec![5, 7]);
+    }
+}

@@ -1,0 +1,913 @@
+//! The filesystem state of one mount and the POSIX operations on it, independent of FUSE.
+//!
+//! Locking: one `RwLock` over the state. Lookups, getattr and reads share it; every mutation takes
+//! it exclusively, so a checkpoint (which takes it exclusively too) waits for in-flight requests and
+//! sees no half-done operation.
+
+use std::collections::{BTreeSet, HashMap};
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use imbl::OrdMap;
+use nix::errno::Errno;
+use parking_lot::{Mutex, RwLock};
+
+use crate::journal::Record;
+use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Source, Time, Tree, CHUNK_SIZE};
+use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, WritableLayer};
+
+/// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
+const INDEX_EVERY: u32 = 32;
+const NAME_MAX: usize = 255;
+
+pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
+
+fn errno_of(e: &io::Error) -> Errno {
+    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+/// Translation between the ids stored (as the sandbox sees them) and the host ids the kernel uses.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct IdMap {
+    pub uid_base: u32,
+    pub gid_base: u32,
+}
+
+const ID_RANGE: u32 = 65536;
+const OVERFLOW_ID: u32 = 65534;
+
+impl IdMap {
+    fn to_host(base: u32, id: u32) -> u32 {
+        if base == 0 {
+            id
+        } else if id < ID_RANGE {
+            base + id
+        } else {
+            base + OVERFLOW_ID
+        }
+    }
+    fn from_host(base: u32, id: u32) -> u32 {
+        if base == 0 {
+            id
+        } else if (base..base + ID_RANGE).contains(&id) {
+            id - base
+        } else {
+            OVERFLOW_ID
+        }
+    }
+    pub fn uid_to_host(&self, id: u32) -> u32 {
+        Self::to_host(self.uid_base, id)
+    }
+    pub fn gid_to_host(&self, id: u32) -> u32 {
+        Self::to_host(self.gid_base, id)
+    }
+    pub fn uid_from_host(&self, id: u32) -> u32 {
+        Self::from_host(self.uid_base, id)
+    }
+    pub fn gid_from_host(&self, id: u32) -> u32 {
+        Self::from_host(self.gid_base, id)
+    }
+}
+
+/// Who is asking, in stored ids.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Caller {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// An open file or directory.
+#[derive(Debug)]
+pub(crate) struct Handle {
+    pub ino: Ino,
+    /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
+    pub writable: bool,
+    /// Open backing files by (source, opened for writing).
+    files: Mutex<HashMap<(Source, bool), Arc<File>>>,
+    /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
+    pub dir: Option<Vec<(OsString, Ino, u32)>>,
+}
+
+/// What a rollback changed.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct RollbackStats {
+    /// Inodes whose content, attributes or existence differ between the two stacks.
+    pub changed_inodes: usize,
+    /// Directory entries invalidated in the kernel's dentry cache.
+    pub changed_entries: usize,
+}
+
+/// Kernel cache invalidations a rollback must send once the state lock is released.
+#[derive(Debug, Default)]
+pub(crate) struct Invalidations {
+    pub inodes: Vec<Ino>,
+    pub entries: Vec<(Ino, OsString)>,
+}
+
+#[derive(Debug)]
+struct State {
+    tree: Tree,
+    layer: WritableLayer,
+    /// Trees of checkpoints made or loaded by this mount (shared structure: memory follows change).
+    snapshots: HashMap<LayerId, Tree>,
+    /// Files whose size/times changed by writes and are not yet journaled.
+    pending: BTreeSet<Ino>,
+}
+
+#[derive(Debug)]
+pub(crate) struct Volume {
+    store: Store,
+    images: Arc<Vec<PathBuf>>,
+    base: LayerId,
+    pub ids: IdMap,
+    state: RwLock<State>,
+    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    /// Open handles per inode: an unlinked file lives while open.
+    open: Mutex<HashMap<Ino, u32>>,
+    next_fh: AtomicU64,
+}
+
+/// Journal form of a node: directories travel without their entries (those are `Entry` records).
+fn journal_node(ino: Ino, node: &Node) -> Record {
+    let mut node = node.clone();
+    if let Kind::Dir(entries) = &mut node.kind {
+        *entries = OrdMap::new();
+    }
+    Record::Node { ino, node }
+}
+
+impl State {
+    fn log(&mut self, records: &[Record]) -> OpResult<()> {
+        self.layer.journal.append_all(records).map_err(|e| {
+            tracing::error!(error = %e, "journal append failed");
+            Errno::EIO
+        })
+    }
+
+    fn node(&self, ino: Ino) -> OpResult<&Arc<Node>> {
+        self.tree.get(ino).ok_or(Errno::ENOENT)
+    }
+
+    fn dir_entries(&self, ino: Ino) -> OpResult<&OrdMap<OsString, Ino>> {
+        self.node(ino)?.entries().ok_or(Errno::ENOTDIR)
+    }
+
+    fn flush_pending(&mut self, only: Option<Ino>) -> OpResult<()> {
+        let inos: Vec<Ino> = match only {
+            Some(ino) => self.pending.take(&ino).into_iter().collect(),
+            None => std::mem::take(&mut self.pending).into_iter().collect(),
+        };
+        let records: Vec<Record> =
+            inos.iter().filter_map(|ino| self.tree.get(*ino).map(|n| journal_node(*ino, n))).collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        self.log(&records)
+    }
+}
+
+impl Volume {
+    pub fn new(
+        store: Store,
+        images: Arc<Vec<PathBuf>>,
+        base: LayerId,
+        ids: IdMap,
+        mut tree: Tree,
+        layer: WritableLayer,
+    ) -> Self {
+        // Files unlinked while open at checkpoint time are unreachable here: drop them.
+        let orphans: Vec<Ino> = tree.nodes.iter().filter(|(_, n)| n.attr.nlink == 0).map(|(i, _)| *i).collect();
+        for ino in orphans {
+            tree.nodes.remove(&ino);
+        }
+        Volume {
+            store,
+            images,
+            base,
+            ids,
+            state: RwLock::new(State { tree, layer, snapshots: HashMap::new(), pending: BTreeSet::new() }),
+            open: Mutex::new(HashMap::new()),
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn source_path(&self, source: &Source, ino: Ino) -> PathBuf {
+        match source {
+            Source::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
+            Source::Layer(id) => data_path(&self.store.layer_dir(*id), ino),
+        }
+    }
+
+    // ---------------------------------------------------------------- attributes and lookups
+
+    pub fn getattr(&self, ino: Ino) -> OpResult<(Ino, Node)> {
+        let st = self.state.read();
+        Ok((ino, (**st.node(ino)?).clone()))
+    }
+
+    pub fn lookup(&self, parent: Ino, name: &OsStr) -> OpResult<Option<(Ino, Node)>> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let st = self.state.read();
+        let entries = st.dir_entries(parent)?;
+        Ok(entries.get(name).and_then(|ino| st.tree.get(*ino).map(|n| (*ino, (**n).clone()))))
+    }
+
+    pub fn readlink(&self, ino: Ino) -> OpResult<Vec<u8>> {
+        let st = self.state.read();
+        match &st.node(ino)?.kind {
+            Kind::Symlink(t) => Ok(t.clone()),
+            _ => Err(Errno::EINVAL),
+        }
+    }
+
+    // ---------------------------------------------------------------- namespace operations
+
+    fn check_new_name(st: &State, parent: Ino, name: &OsStr) -> OpResult<()> {
+        if name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let entries = st.dir_entries(parent)?;
+        if entries.contains_key(name) {
+            return Err(Errno::EEXIST);
+        }
+        Ok(())
+    }
+
+    /// Creates an inode named `name` in `parent`. `mode` includes the file type.
+    pub fn create_node(
+        &self,
+        caller: Caller,
+        parent: Ino,
+        name: &OsStr,
+        mode: u32,
+        rdev: u64,
+        symlink: Option<&[u8]>,
+    ) -> OpResult<(Ino, Node)> {
+        let mut st = self.state.write();
+        Self::check_new_name(&st, parent, name)?;
+        let now = Time::now();
+        let parent_node = st.node(parent)?.clone();
+        let mut gid = caller.gid;
+        let mut mode = mode;
+        if parent_node.attr.mode & libc::S_ISGID != 0 {
+            gid = parent_node.attr.gid;
+            if mode & libc::S_IFMT == libc::S_IFDIR {
+                mode |= libc::S_ISGID;
+            }
+        }
+        let kind = match mode & libc::S_IFMT {
+            libc::S_IFREG => Kind::File(Content::in_layer(st.layer.id)),
+            libc::S_IFDIR => Kind::Dir(OrdMap::new()),
+            libc::S_IFLNK => Kind::Symlink(symlink.ok_or(Errno::EINVAL)?.to_vec()),
+            libc::S_IFCHR | libc::S_IFBLK | libc::S_IFIFO | libc::S_IFSOCK => Kind::Special,
+            _ => return Err(Errno::EINVAL),
+        };
+        let is_dir = matches!(kind, Kind::Dir(_));
+        let node = Node {
+            attr: Attr {
+                mode,
+                uid: caller.uid,
+                gid,
+                nlink: if is_dir { 2 } else { 1 },
+                rdev,
+                atime: now,
+                mtime: now,
+                ctime: now,
+            },
+            xattrs: OrdMap::new(),
+            kind,
+        };
+        let ino = st.tree.alloc_ino();
+        st.tree.nodes.insert(ino, Arc::new(node.clone()));
+        Self::add_entry(&mut st, parent, name, ino, &node, is_dir)?;
+        Ok((ino, node))
+    }
+
+    /// Enters `ino` (whose new state is `node`) as `name` in `parent`, updates the parent's times
+    /// (and link count for a subdirectory) and journals the three changes.
+    fn add_entry(st: &mut State, parent: Ino, name: &OsStr, ino: Ino, node: &Node, subdir: bool) -> OpResult<()> {
+        let now = node.attr.ctime;
+        let p = st.tree.get_mut(parent).expect("parent checked");
+        if let Kind::Dir(entries) = &mut p.kind {
+            entries.insert(name.to_owned(), ino);
+        }
+        p.attr.mtime = now;
+        p.attr.ctime = now;
+        if subdir {
+            p.attr.nlink += 1;
+        }
+        let parent_rec = journal_node(parent, p);
+        st.log(&[
+            journal_node(ino, node),
+            Record::Entry { dir: parent, name: name.to_owned(), ino: Some(ino) },
+            parent_rec,
+        ])
+    }
+
+    pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> OpResult<(Ino, Node)> {
+        let mut st = self.state.write();
+        Self::check_new_name(&st, parent, name)?;
+        if st.node(ino)?.is_dir() {
+            return Err(Errno::EPERM);
+        }
+        let n = st.tree.get_mut(ino).expect("checked");
+        n.attr.nlink += 1;
+        n.attr.ctime = Time::now();
+        let node = n.clone();
+        Self::add_entry(&mut st, parent, name, ino, &node, false)?;
+        Ok((ino, node))
+    }
+
+    /// Drops one name of `ino`; frees the inode when no name and no open handle is left.
+    fn drop_link(&self, st: &mut State, ino: Ino, now: Time, records: &mut Vec<Record>) {
+        let open = self.open.lock().get(&ino).copied().unwrap_or(0);
+        let Some(n) = st.tree.get_mut(ino) else {
+            return;
+        };
+        n.attr.ctime = now;
+        if n.is_dir() {
+            n.attr.nlink = 0;
+        } else {
+            n.attr.nlink = n.attr.nlink.saturating_sub(1);
+        }
+        if n.attr.nlink == 0 && open == 0 {
+            self.free_inode(st, ino, records);
+        } else {
+            records.push(journal_node(ino, n));
+        }
+    }
+
+    fn free_inode(&self, st: &mut State, ino: Ino, records: &mut Vec<Record>) {
+        if let Some(node) = st.tree.nodes.remove(&ino) {
+            if let Kind::File(_) = node.kind {
+                // Only this layer's copy goes: frozen layers keep theirs for their checkpoints.
+                let _ = std::fs::remove_file(st.layer.data_path(ino));
+            }
+        }
+        st.pending.remove(&ino);
+        records.push(Record::Remove { ino });
+    }
+
+    pub fn unlink(&self, parent: Ino, name: &OsStr, dir: bool) -> OpResult<()> {
+        let mut st = self.state.write();
+        let ino = *st.dir_entries(parent)?.get(name).ok_or(Errno::ENOENT)?;
+        let target = st.node(ino)?;
+        match (dir, target.entries()) {
+            (true, None) => return Err(Errno::ENOTDIR),
+            (true, Some(e)) if !e.is_empty() => return Err(Errno::ENOTEMPTY),
+            (false, Some(_)) => return Err(Errno::EISDIR),
+            _ => {}
+        }
+        let now = Time::now();
+        let p = st.tree.get_mut(parent).expect("checked");
+        if let Kind::Dir(entries) = &mut p.kind {
+            entries.remove(name);
+        }
+        p.attr.mtime = now;
+        p.attr.ctime = now;
+        if dir {
+            p.attr.nlink -= 1;
+        }
+        let mut records =
+            vec![Record::Entry { dir: parent, name: name.to_owned(), ino: None }, journal_node(parent, p)];
+        self.drop_link(&mut st, ino, now, &mut records);
+        st.log(&records)
+    }
+
+    pub fn rename(&self, parent: Ino, name: &OsStr, new_parent: Ino, new_name: &OsStr, flags: u32) -> OpResult<()> {
+        if new_name.len() > NAME_MAX {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        let mut st = self.state.write();
+        let src = *st.dir_entries(parent)?.get(name).ok_or(Errno::ENOENT)?;
+        let dst = st.dir_entries(new_parent)?.get(new_name).copied();
+        let src_dir = st.node(src)?.is_dir();
+        let now = Time::now();
+        let mut records = Vec::new();
+        let set_entry = |st: &mut State, dir: Ino, name: &OsStr, ino: Option<Ino>, records: &mut Vec<Record>| {
+            let d = st.tree.get_mut(dir).expect("directory checked");
+            if let Kind::Dir(entries) = &mut d.kind {
+                match ino {
+                    Some(i) => entries.insert(name.to_owned(), i),
+                    None => entries.remove(name),
+                };
+            }
+            d.attr.mtime = now;
+            d.attr.ctime = now;
+            records.push(Record::Entry { dir, name: name.to_owned(), ino });
+        };
+        let adjust_nlink = |st: &mut State, dir: Ino, delta: i32| {
+            let d = st.tree.get_mut(dir).expect("directory checked");
+            d.attr.nlink = (d.attr.nlink as i32 + delta) as u32;
+        };
+        if flags & libc::RENAME_EXCHANGE != 0 {
+            let dst = dst.ok_or(Errno::ENOENT)?;
+            let dst_dir = st.node(dst)?.is_dir();
+            set_entry(&mut st, parent, name, Some(dst), &mut records);
+            set_entry(&mut st, new_parent, new_name, Some(src), &mut records);
+            if parent != new_parent && src_dir != dst_dir {
+                let d = if src_dir { 1 } else { -1 };
+                adjust_nlink(&mut st, new_parent, d);
+                adjust_nlink(&mut st, parent, -d);
+            }
+            for ino in [src, dst] {
+                st.tree.get_mut(ino).expect("exists").attr.ctime = now;
+            }
+        } else {
+            if flags & libc::RENAME_NOREPLACE != 0 && dst.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if flags & libc::RENAME_WHITEOUT != 0 {
+                return Err(Errno::EINVAL);
+            }
+            if dst == Some(src) {
+                return Ok(());
+            }
+            if let Some(dst) = dst {
+                let d = st.node(dst)?;
+                match (src_dir, d.entries()) {
+                    (true, None) => return Err(Errno::ENOTDIR),
+                    (false, Some(_)) => return Err(Errno::EISDIR),
+                    (true, Some(e)) if !e.is_empty() => return Err(Errno::ENOTEMPTY),
+                    _ => {}
+                }
+                if src_dir {
+                    adjust_nlink(&mut st, new_parent, -1);
+                }
+                self.drop_link(&mut st, dst, now, &mut records);
+            }
+            set_entry(&mut st, parent, name, None, &mut records);
+            set_entry(&mut st, new_parent, new_name, Some(src), &mut records);
+            if src_dir && parent != new_parent {
+                adjust_nlink(&mut st, parent, -1);
+                adjust_nlink(&mut st, new_parent, 1);
+            }
+            st.tree.get_mut(src).expect("exists").attr.ctime = now;
+        }
+        let mut touched = vec![parent, new_parent, src];
+        touched.extend(dst);
+        touched.dedup();
+        for ino in touched {
+            if let Some(n) = st.tree.get(ino) {
+                records.push(journal_node(ino, n));
+            }
+        }
+        st.log(&records)
+    }
+
+    // ---------------------------------------------------------------- attributes
+
+    #[allow(clippy::too_many_arguments)]
+    pub fn setattr(
+        &self,
+        ino: Ino,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<Option<Time>>,
+        mtime: Option<Option<Time>>,
+        ctime: Option<Time>,
+    ) -> OpResult<(Ino, Node)> {
+        let mut st = self.state.write();
+        let now = Time::now();
+        if let Some(size) = size {
+            self.truncate(&mut st, ino, size)?;
+        }
+        let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
+        if let Some(mode) = mode {
+            n.attr.mode = (n.attr.mode & libc::S_IFMT) | (mode & 0o7777);
+        }
+        if let Some(uid) = uid {
+            n.attr.uid = uid;
+        }
+        if let Some(gid) = gid {
+            n.attr.gid = gid;
+        }
+        if let Some(t) = atime {
+            n.attr.atime = t.unwrap_or(now);
+        }
+        if let Some(t) = mtime {
+            n.attr.mtime = t.unwrap_or(now);
+        }
+        n.attr.ctime = ctime.unwrap_or(now);
+        let node = n.clone();
+        st.pending.remove(&ino);
+        st.log(&[journal_node(ino, &node)])?;
+        Ok((ino, node))
+    }
+
+    pub fn getxattr(&self, ino: Ino, name: &OsStr) -> OpResult<Vec<u8>> {
+        let st = self.state.read();
+        st.node(ino)?.xattrs.get(name.as_bytes()).cloned().ok_or(Errno::ENODATA)
+    }
+
+    pub fn listxattr(&self, ino: Ino) -> OpResult<Vec<u8>> {
+        let st = self.state.read();
+        let mut out = Vec::new();
+        for name in st.node(ino)?.xattrs.keys() {
+            out.extend_from_slice(name);
+            out.push(0);
+        }
+        Ok(out)
+    }
+
+    pub fn setxattr(&self, ino: Ino, name: &OsStr, value: Option<&[u8]>, flags: i32) -> OpResult<()> {
+        let mut st = self.state.write();
+        let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
+        let key = name.as_bytes().to_vec();
+        let exists = n.xattrs.contains_key(&key);
+        match value {
+            Some(v) => {
+                if flags & libc::XATTR_CREATE != 0 && exists {
+                    return Err(Errno::EEXIST);
+                }
+                if flags & libc::XATTR_REPLACE != 0 && !exists {
+                    return Err(Errno::ENODATA);
+                }
+                n.xattrs.insert(key, v.to_vec());
+            }
+            None => {
+                if n.xattrs.remove(&key).is_none() {
+                    return Err(Errno::ENODATA);
+                }
+            }
+        }
+        n.attr.ctime = Time::now();
+        let rec = journal_node(ino, n);
+        st.log(&[rec])
+    }
+
+    // ---------------------------------------------------------------- open files
+
+    pub fn open(&self, ino: Ino, dir: bool, writable: bool) -> OpResult<u64> {
+        let st = self.state.read();
+        let node = st.node(ino)?;
+        let entries = match (&node.kind, dir) {
+            (Kind::Dir(e), true) => Some(
+                e.iter()
+                    .map(|(name, ino)| {
+                        let mode = st.tree.get(*ino).map_or(0, |n| n.attr.mode);
+                        (name.clone(), *ino, mode)
+                    })
+                    .collect(),
+            ),
+            (Kind::Dir(_), false) => return Err(Errno::EISDIR),
+            (_, true) => return Err(Errno::ENOTDIR),
+            _ => None,
+        };
+        *self.open.lock().entry(ino).or_insert(0) += 1;
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .insert(fh, Arc::new(Handle { ino, writable, files: Mutex::new(HashMap::new()), dir: entries }));
+        Ok(fh)
+    }
+
+    /// Inodes open for writing (the only ones that can have dirty pages in the kernel).
+    pub fn open_for_writing(&self) -> Vec<Ino> {
+        let mut inos: Vec<Ino> = self.handles.lock().values().filter(|h| h.writable).map(|h| h.ino).collect();
+        inos.sort_unstable();
+        inos.dedup();
+        inos
+    }
+
+    pub fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
+        self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
+    }
+
+    /// Journals the file's size/time changes made by writes (close, fsync).
+    pub fn flush(&self, ino: Ino) -> OpResult<()> {
+        if !self.state.read().pending.contains(&ino) {
+            return Ok(());
+        }
+        self.state.write().flush_pending(Some(ino))
+    }
+
+    pub fn release(&self, fh: u64) -> OpResult<()> {
+        let Some(handle) = self.handles.lock().remove(&fh) else {
+            return Err(Errno::EBADF);
+        };
+        let ino = handle.ino;
+        let last = {
+            let mut open = self.open.lock();
+            let left = open.get_mut(&ino).map_or(0, |n| {
+                *n -= 1;
+                *n
+            });
+            if left == 0 {
+                open.remove(&ino);
+            }
+            left == 0
+        };
+        let needs_write = {
+            let st = self.state.read();
+            st.pending.contains(&ino) || (last && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0))
+        };
+        if !needs_write {
+            return Ok(());
+        }
+        let mut st = self.state.write();
+        st.flush_pending(Some(ino))?;
+        // Re-checked under the write lock: the file may have been opened again meanwhile.
+        let still_closed = !self.open.lock().contains_key(&ino);
+        if still_closed && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0) {
+            let mut records = Vec::new();
+            self.free_inode(&mut st, ino, &mut records);
+            st.log(&records)?;
+        }
+        Ok(())
+    }
+
+    fn source_file(&self, handle: &Handle, source: &Source, writable: bool) -> io::Result<Arc<File>> {
+        let mut files = handle.files.lock();
+        let key = (source.clone(), writable);
+        if let Some(f) = files.get(&key) {
+            return Ok(f.clone());
+        }
+        let path = self.source_path(source, handle.ino);
+        let f = if writable { open_data_rw(&path)? } else { File::open(&path)? };
+        let f = Arc::new(f);
+        files.insert(key, f.clone());
+        Ok(f)
+    }
+
+    /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
+    fn read_content(&self, handle: &Handle, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
+        let mut done = 0usize;
+        while done < buf.len() {
+            let pos = offset + done as u64;
+            let chunk = pos / CHUNK_SIZE;
+            let chunk_end = (chunk + 1) * CHUNK_SIZE;
+            let want = ((chunk_end - pos) as usize).min(buf.len() - done);
+            let out = &mut buf[done..done + want];
+            let source = content.chunk_source(chunk);
+            // Bytes of the base beyond `base_len` were cut off by a truncate: they read as zeros.
+            let limit = match &source {
+                Some(s) if content.chunks.get(&chunk).is_none() && Some(s) == content.base.as_ref() => content.base_len,
+                _ => u64::MAX,
+            };
+            let readable = if pos >= limit { 0 } else { ((limit - pos) as usize).min(want) };
+            let mut got = 0usize;
+            if let (Some(source), true) = (source, readable > 0) {
+                match self.source_file(handle, &source, false) {
+                    Ok(f) => {
+                        while got < readable {
+                            match f.read_at(&mut out[got..readable], pos + got as u64) {
+                                Ok(0) => break,
+                                Ok(n) => got += n,
+                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                                Err(e) => return Err(errno_of(&e)),
+                            }
+                        }
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(errno_of(&e)),
+                }
+            }
+            out[got..].fill(0);
+            done += want;
+        }
+        Ok(())
+    }
+
+    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
+        let handle = self.handle(fh)?;
+        let st = self.state.read();
+        let Kind::File(content) = &st.node(handle.ino).map_err(|_| Errno::ESTALE)?.kind else {
+            return Err(Errno::EISDIR);
+        };
+        if offset >= content.size {
+            return Ok(Vec::new());
+        }
+        let len = (content.size - offset).min(u64::from(size)) as usize;
+        let mut buf = vec![0u8; len];
+        self.read_content(&handle, content, offset, &mut buf)?;
+        Ok(buf)
+    }
+
+    /// Makes chunk `chunk` of the file live in the writable layer, copying its current bytes
+    /// (unless `overwritten` covers them all).
+    fn copy_up_chunk(
+        &self,
+        handle: &Handle,
+        layer: LayerId,
+        content: &mut Content,
+        chunk: u64,
+        overwritten: (u64, u64),
+    ) -> OpResult<()> {
+        if content.chunk_in(chunk, layer) {
+            return Ok(());
+        }
+        let start = chunk * CHUNK_SIZE;
+        let end = ((chunk + 1) * CHUNK_SIZE).min(content.size);
+        if start < end && !(overwritten.0 <= start && overwritten.1 >= end) {
+            let mut buf = vec![0u8; (end - start) as usize];
+            self.read_content(handle, content, start, &mut buf)?;
+            let out = self.source_file(handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+            out.write_all_at(&buf, start).map_err(|e| errno_of(&e))?;
+        }
+        content.chunks.insert(chunk, layer);
+        Ok(())
+    }
+
+    /// Chunks touched by `len` bytes at `offset` (none for an empty range).
+    fn chunks_of(offset: u64, len: u64) -> std::ops::Range<u64> {
+        if len == 0 {
+            return 0..0;
+        }
+        offset / CHUNK_SIZE..(offset + len - 1) / CHUNK_SIZE + 1
+    }
+
+    /// Changes the contents of the file open as `fh` under the write lock: copies up `chunks`
+    /// (except bytes in `overwritten`), runs `f` with the writable layer's data file, stores the new
+    /// contents and updates ctime (and mtime).
+    fn modify_content(
+        &self,
+        fh: u64,
+        chunks: std::ops::Range<u64>,
+        overwritten: (u64, u64),
+        mtime: bool,
+        f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
+    ) -> OpResult<()> {
+        let handle = self.handle(fh)?;
+        let mut st = self.state.write();
+        let layer = st.layer.id;
+        let ino = handle.ino;
+        let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
+            return Err(Errno::EISDIR);
+        };
+        for chunk in chunks {
+            self.copy_up_chunk(&handle, layer, &mut content, chunk, overwritten)?;
+        }
+        let out = self.source_file(&handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+        f(&out, &mut content)?;
+        let now = Time::now();
+        let n = st.tree.get_mut(ino).expect("checked");
+        n.kind = Kind::File(content);
+        n.attr.ctime = now;
+        if mtime {
+            n.attr.mtime = now;
+        }
+        st.pending.insert(ino);
+        Ok(())
+    }
+
+    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+        let end = offset + data.len() as u64;
+        let chunks = Self::chunks_of(offset, data.len() as u64);
+        self.modify_content(fh, chunks, (offset, end), true, |out, content| {
+            out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
+            content.size = content.size.max(end);
+            Ok(())
+        })?;
+        Ok(data.len() as u32)
+    }
+
+    fn truncate(&self, st: &mut State, ino: Ino, size: u64) -> OpResult<()> {
+        let layer = st.layer.id;
+        let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
+            return Err(Errno::EISDIR);
+        };
+        let handle = Handle { ino, writable: true, files: Mutex::new(HashMap::new()), dir: None };
+        let in_layer = content.base == Some(Source::Layer(layer));
+        if size < content.size {
+            if !size.is_multiple_of(CHUNK_SIZE) {
+                self.copy_up_chunk(&handle, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
+            }
+            let first_gone = size.div_ceil(CHUNK_SIZE);
+            let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
+            for c in gone {
+                content.chunks.remove(&c);
+            }
+        }
+        if !in_layer {
+            content.base_len = content.base_len.min(size).min(content.size);
+        }
+        let path = st.layer.data_path(ino);
+        let has_file = in_layer || content.chunks.values().any(|l| *l == layer);
+        if has_file {
+            let f = open_data_rw(&path).map_err(|e| errno_of(&e))?;
+            f.set_len(size).map_err(|e| errno_of(&e))?;
+        }
+        content.size = size;
+        let now = Time::now();
+        let n = st.tree.get_mut(ino).expect("checked");
+        n.kind = Kind::File(content);
+        n.attr.mtime = now;
+        n.attr.ctime = now;
+        Ok(())
+    }
+
+    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> OpResult<()> {
+        let chunks = Self::chunks_of(offset, len);
+        self.modify_content(fh, chunks, (0, 0), mode != 0, |out, content| {
+            let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+            rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+            if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
+                content.size = content.size.max(offset + len);
+            }
+            Ok(())
+        })
+    }
+
+    pub fn statfs(&self) -> OpResult<rustix::fs::StatVfs> {
+        rustix::fs::statvfs(self.store.path()).map_err(|e| Errno::from_raw(e.raw_os_error()))
+    }
+
+    pub fn node_count(&self) -> u64 {
+        self.state.read().tree.nodes.len() as u64
+    }
+
+    // ---------------------------------------------------------------- checkpoint and rollback
+
+    /// Freezes the writable layer and pushes an empty one. Cost: a few small file operations,
+    /// independent of the size of the filesystem and of the change.
+    pub fn checkpoint(&self) -> Result<StackId, StoreError> {
+        let mut st = self.state.write();
+        st.flush_pending(None)
+            .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
+        let frozen = st.layer.id;
+        let write_index = st.layer.meta.replay_depth >= INDEX_EVERY;
+        let next = self.store.create_layer(frozen, &st.layer.meta, write_index)?;
+        self.store.freeze(&mut st.layer)?;
+        let tree = st.tree.clone();
+        st.snapshots.insert(frozen, tree.clone());
+        st.layer = next;
+        drop(st);
+        if write_index {
+            let store = self.store.clone();
+            std::thread::spawn(move || {
+                if let Err(e) = store.write_index(frozen, &tree) {
+                    tracing::warn!(layer = %frozen, error = %e, "writing a stack index failed");
+                }
+            });
+        }
+        Ok(StackId(frozen))
+    }
+
+    /// Switches to stack `to` (with a fresh writable layer) and returns what the kernel must forget.
+    pub fn rollback(&self, to: StackId) -> Result<(RollbackStats, Invalidations), StoreError> {
+        let gc_guard = self.store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
+        let mut st = self.state.write();
+        let (target, meta) = match st.snapshots.get(&to.0) {
+            Some(tree) => match self.store.read_meta(to.0) {
+                Ok(meta) => (tree.clone(), meta),
+                Err(e) => {
+                    // Deleted by the garbage collector: forget the in-memory tree too.
+                    st.snapshots.remove(&to.0);
+                    return Err(e);
+                }
+            },
+            None => {
+                let loaded = self.store.load(to)?;
+                if loaded.meta.base != self.base {
+                    return Err(StoreError::ForeignStack(to));
+                }
+                st.snapshots.insert(to.0, loaded.tree.clone());
+                (loaded.tree, loaded.meta)
+            }
+        };
+        let next = self.store.create_layer(to.0, &meta, self.store.has_index(to.0))?;
+        drop(gc_guard);
+        let mut inval = Invalidations::default();
+        let diff = st.tree.changed_inodes(&target);
+        for (ino, old, new) in &diff {
+            inval.inodes.push(*ino);
+            if let (Some(old), Some(new)) = (old, new) {
+                if let (Some(a), Some(b)) = (old.entries(), new.entries()) {
+                    for item in a.diff(b) {
+                        let name = match item {
+                            imbl::ordmap::DiffItem::Add(k, _) | imbl::ordmap::DiffItem::Remove(k, _) => k,
+                            imbl::ordmap::DiffItem::Update { old, .. } => old.0,
+                        };
+                        inval.entries.push((*ino, name.clone()));
+                    }
+                }
+            }
+        }
+        // Inode numbers handed out in the abandoned branch are not reused by this mount: the
+        // kernel may still hold such a node id (in an fd opened after the checkpoint), and a
+        // different file behind the same id would be read through it.
+        let next_ino = st.tree.next_ino.max(target.next_ino);
+        st.tree = target;
+        st.tree.next_ino = next_ino;
+        st.pending.clear();
+        let old = std::mem::replace(&mut st.layer, next);
+        st.log(&[Record::NextIno(next_ino)])
+            .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
+        drop(st);
+        self.store.discard(old)?;
+        let stats = RollbackStats { changed_inodes: inval.inodes.len(), changed_entries: inval.entries.len() };
+        Ok((stats, inval))
+    }
+}

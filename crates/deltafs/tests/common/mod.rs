@@ -1,0 +1,140 @@
+//! Shared fixtures for DeltaFS integration tests: a store, a base directory, mounts.
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use deltafs::{mount, Mount, MountOptions, StackId, Store};
+
+pub struct Fixture {
+    pub dir: tempfile::TempDir,
+    pub store: Store,
+}
+
+/// Whether this machine can mount FUSE (root + /dev/fuse); prints why not.
+pub fn fuse_available() -> bool {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("SKIP: DeltaFS mount tests need root");
+        return false;
+    }
+    if !Path::new("/dev/fuse").exists() {
+        eprintln!("SKIP: /dev/fuse is missing");
+        return false;
+    }
+    true
+}
+
+impl Fixture {
+    pub fn new() -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("store")).expect("open store");
+        Fixture { dir, store }
+    }
+
+    /// An image layer directory under the fixture, created empty.
+    pub fn layer(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("images").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn mountpoint(&self, name: &str) -> PathBuf {
+        let p = self.dir.path().join("mnt").join(name);
+        std::fs::create_dir_all(&p).unwrap();
+        p
+    }
+
+    pub fn mount(&self, stack: StackId, name: &str) -> Mount {
+        mount(&self.store, stack, &self.mountpoint(name), &MountOptions::default()).expect("mount")
+    }
+
+    /// A base stack from one image layer filled by `fill`.
+    pub fn base(&self, fill: impl FnOnce(&Path)) -> StackId {
+        let layer = self.layer("base");
+        fill(&layer);
+        self.store.base_stack(&[layer]).expect("base stack")
+    }
+}
+
+/// A fixture with a base stack filled by `fill`, mounted at `m`; None (after printing why) when
+/// FUSE mounts are not possible here.
+pub fn mounted(fill: impl FnOnce(&Path)) -> Option<(Fixture, StackId, Mount, PathBuf)> {
+    if !fuse_available() {
+        return None;
+    }
+    let fx = Fixture::new();
+    let base = fx.base(fill);
+    let m = fx.mount(base, "m");
+    let root = m.mountpoint().to_owned();
+    Some((fx, base, m, root))
+}
+
+/// Everything observable about a file, for whole-tree comparisons.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Entry {
+    pub mode: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub nlink: u64,
+    pub ino: u64,
+    pub size: u64,
+    pub content: Vec<u8>,
+    pub xattrs: BTreeMap<Vec<u8>, Vec<u8>>,
+    pub mtime: (i64, i64),
+}
+
+pub fn xattrs_of(path: &Path) -> BTreeMap<Vec<u8>, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut names = vec![0u8; 65536];
+    let n = rustix::fs::llistxattr(path, &mut names[..]).unwrap_or(0);
+    for name in names[..n].split(|b| *b == 0).filter(|s| !s.is_empty()) {
+        let mut v = vec![0u8; 65536];
+        let os = std::ffi::OsStr::from_bytes(name);
+        let got = rustix::fs::lgetxattr(path, os, &mut v[..]).unwrap();
+        v.truncate(got);
+        out.insert(name.to_vec(), v);
+    }
+    out
+}
+
+/// Walks `root` and records every entry (contents of regular files, targets of symlinks).
+pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![PathBuf::new()];
+    while let Some(rel) = stack.pop() {
+        let dir = root.join(&rel);
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let e = e.unwrap();
+            let rel_child = rel.join(e.file_name());
+            let path = root.join(&rel_child);
+            let md = std::fs::symlink_metadata(&path).unwrap();
+            let content = if md.is_file() {
+                std::fs::read(&path).unwrap()
+            } else if md.file_type().is_symlink() {
+                std::fs::read_link(&path).unwrap().as_os_str().as_bytes().to_vec()
+            } else {
+                Vec::new()
+            };
+            if md.is_dir() {
+                stack.push(rel_child.clone());
+            }
+            out.insert(
+                rel_child,
+                Entry {
+                    mode: md.mode(),
+                    uid: md.uid(),
+                    gid: md.gid(),
+                    nlink: md.nlink(),
+                    ino: md.ino(),
+                    size: if md.is_dir() { 0 } else { md.size() },
+                    content,
+                    xattrs: xattrs_of(&path),
+                    mtime: if md.is_dir() { (0, 0) } else { (md.mtime(), md.mtime_nsec()) },
+                },
+            );
+        }
+    }
+    out
+}

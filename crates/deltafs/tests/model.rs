@@ -1,0 +1,219 @@
+//! Property test: random operation sequences, including checkpoints, rollbacks and remounts of
+//! earlier checkpoints (branches), on a real mount against an in-memory model of names, inodes
+//! (hard links), contents, permission bits and an xattr.
+mod common;
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+use deltafs::{mount, Mount, MountOptions, StackId};
+use proptest::prelude::*;
+
+const NAMES: [&str; 6] = ["a", "b", "c", "sub/a", "sub/b", "sub/deeper/c"];
+const XATTR: &str = "user.tag";
+
+#[derive(Debug, Clone)]
+enum Op {
+    Write { file: usize, offset: u64, len: usize, byte: u8 },
+    Truncate { file: usize, size: u64 },
+    Unlink { file: usize },
+    Rename { from: usize, to: usize },
+    Link { from: usize, to: usize },
+    Chmod { file: usize, mode: u32 },
+    Xattr { file: usize, value: Option<u8> },
+    Checkpoint,
+    Rollback { to: usize },
+    Branch { from: usize },
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    prop_oneof![
+        4 => (0..NAMES.len(), 0u64..700_000, 1usize..70_000, any::<u8>())
+            .prop_map(|(file, offset, len, byte)| Op::Write { file, offset, len, byte }),
+        1 => (0..NAMES.len(), 0u64..800_000).prop_map(|(file, size)| Op::Truncate { file, size }),
+        1 => (0..NAMES.len()).prop_map(|file| Op::Unlink { file }),
+        1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Rename { from, to }),
+        1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Link { from, to }),
+        1 => (0..NAMES.len(), 0o400u32..0o777).prop_map(|(file, mode)| Op::Chmod { file, mode }),
+        1 => (0..NAMES.len(), proptest::option::of(any::<u8>())).prop_map(|(file, value)| Op::Xattr { file, value }),
+        2 => Just(Op::Checkpoint),
+        1 => (0usize..8).prop_map(|to| Op::Rollback { to }),
+        1 => (0usize..8).prop_map(|from| Op::Branch { from }),
+    ]
+}
+
+#[derive(Debug, Clone, PartialEq)]
+struct Inode {
+    data: Vec<u8>,
+    mode: u32,
+    xattr: Option<u8>,
+}
+
+#[derive(Debug, Clone, Default)]
+struct Model {
+    names: BTreeMap<&'static str, usize>,
+    inodes: BTreeMap<usize, Inode>,
+    next: usize,
+}
+
+impl Model {
+    fn inode(&mut self, name: &str) -> Option<&mut Inode> {
+        let id = *self.names.get(name)?;
+        self.inodes.get_mut(&id)
+    }
+
+    fn add(&mut self, name: &'static str, data: Vec<u8>) {
+        self.next += 1;
+        self.inodes.insert(self.next, Inode { data, mode: 0o644, xattr: None });
+        self.names.insert(name, self.next);
+    }
+
+    fn unlink(&mut self, name: &str) {
+        if let Some(id) = self.names.remove(name) {
+            if !self.names.values().any(|i| *i == id) {
+                self.inodes.remove(&id);
+            }
+        }
+    }
+}
+
+fn check(root: &Path, model: &Model) {
+    let mut ino_of_model_inode = BTreeMap::new();
+    for name in NAMES {
+        let path = root.join(name);
+        let md = std::fs::metadata(&path).ok();
+        let Some(&id) = model.names.get(name) else {
+            assert!(md.is_none(), "{name} should not exist");
+            continue;
+        };
+        let md = md.unwrap_or_else(|| panic!("{name} should exist"));
+        let inode = &model.inodes[&id];
+        let data = std::fs::read(&path).unwrap();
+        assert_eq!(data.len(), inode.data.len(), "size of {name}");
+        assert!(data == inode.data, "content of {name}");
+        assert_eq!(md.permissions().mode() & 0o777, inode.mode, "mode of {name}");
+        let mut buf = [0u8; 1];
+        let got = rustix::fs::getxattr(&path, XATTR, &mut buf[..]).ok().map(|_| buf[0]);
+        assert_eq!(got, inode.xattr, "xattr of {name}");
+        let links = model.names.values().filter(|i| **i == id).count() as u64;
+        assert_eq!(md.nlink(), links, "link count of {name}");
+        let ino = *ino_of_model_inode.entry(id).or_insert(md.ino());
+        assert_eq!(md.ino(), ino, "{name} shares the inode of its hard links");
+    }
+}
+
+fn run(ops: Vec<Op>) {
+    let fx = Fixture::new();
+    let base = fx.base(|d| {
+        std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
+        std::fs::write(d.join("a"), vec![1u8; 300_000]).unwrap();
+        std::fs::write(d.join("sub/b"), b"image file").unwrap();
+        for f in ["a", "sub/b"] {
+            std::fs::set_permissions(d.join(f), std::fs::Permissions::from_mode(0o644)).unwrap();
+        }
+    });
+    let mut model = Model::default();
+    model.add("a", vec![1u8; 300_000]);
+    model.add("sub/b", b"image file".to_vec());
+    let mut checkpoints: Vec<(StackId, Model)> = vec![(base, model.clone())];
+    let mut generation = 0;
+    let mut m: Mount = fx.mount(base, "g0");
+    for op in ops {
+        let root = m.mountpoint().to_owned();
+        let path = |i: usize| root.join(NAMES[i]);
+        match op {
+            Op::Write { file, offset, len, byte } => {
+                let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path(file)).unwrap();
+                f.set_permissions(std::fs::Permissions::from_mode(model.inode(NAMES[file]).map_or(0o644, |i| i.mode)))
+                    .unwrap();
+                f.write_all_at(&vec![byte; len], offset).unwrap();
+                if model.inode(NAMES[file]).is_none() {
+                    model.add(NAMES[file], Vec::new());
+                }
+                let data = &mut model.inode(NAMES[file]).unwrap().data;
+                let end = offset as usize + len;
+                if data.len() < end {
+                    data.resize(end, 0);
+                }
+                data[offset as usize..end].fill(byte);
+            }
+            Op::Truncate { file, size } => {
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    std::fs::OpenOptions::new().write(true).open(path(file)).unwrap().set_len(size).unwrap();
+                    inode.data.resize(size as usize, 0);
+                }
+            }
+            Op::Unlink { file } => {
+                if model.names.contains_key(NAMES[file]) {
+                    std::fs::remove_file(path(file)).unwrap();
+                    model.unlink(NAMES[file]);
+                }
+            }
+            Op::Rename { from, to } => {
+                if let Some(&id) = model.names.get(NAMES[from]) {
+                    std::fs::rename(path(from), path(to)).unwrap();
+                    // Renaming a name onto another link of the same inode changes nothing.
+                    if model.names.get(NAMES[to]) != Some(&id) {
+                        model.unlink(NAMES[to]);
+                        model.names.remove(NAMES[from]);
+                        model.names.insert(NAMES[to], id);
+                    }
+                }
+            }
+            Op::Link { from, to } => {
+                if let (Some(&id), false) = (model.names.get(NAMES[from]), model.names.contains_key(NAMES[to])) {
+                    std::fs::hard_link(path(from), path(to)).unwrap();
+                    model.names.insert(NAMES[to], id);
+                }
+            }
+            Op::Chmod { file, mode } => {
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    std::fs::set_permissions(path(file), std::fs::Permissions::from_mode(mode)).unwrap();
+                    inode.mode = mode;
+                }
+            }
+            Op::Xattr { file, value } => {
+                if let Some(inode) = model.inode(NAMES[file]) {
+                    match value {
+                        Some(v) => {
+                            rustix::fs::setxattr(path(file), XATTR, &[v], rustix::fs::XattrFlags::empty()).unwrap()
+                        }
+                        None => {
+                            let _ = rustix::fs::removexattr(path(file), XATTR);
+                        }
+                    }
+                    inode.xattr = value;
+                }
+            }
+            Op::Checkpoint => checkpoints.push((m.checkpoint().unwrap(), model.clone())),
+            Op::Rollback { to } => {
+                let (cp, state) = checkpoints[to % checkpoints.len()].clone();
+                m.rollback(cp).unwrap();
+                model = state;
+            }
+            Op::Branch { from } => {
+                let (cp, state) = checkpoints[from % checkpoints.len()].clone();
+                generation += 1;
+                let next =
+                    mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &MountOptions::default()).unwrap();
+                m.unmount().unwrap();
+                m = next;
+                model = state;
+            }
+        }
+        check(m.mountpoint(), &model);
+    }
+    m.unmount().unwrap();
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 40, failure_persistence: None, ..ProptestConfig::default() })]
+    #[test]
+    fn random_operations_match_the_model(ops in proptest::collection::vec(op(), 1..40)) {
+        if fuse_available() {
+            run(ops);
+        }
+    }
+}

@@ -1,0 +1,152 @@
+mod common;
+
+use std::io::{Read, Seek, SeekFrom, Write};
+use std::os::unix::fs::FileExt;
+
+use common::*;
+
+#[test]
+fn basic_file_operations_on_a_mount() {
+    if !fuse_available() {
+        return;
+    }
+    let fx = Fixture::new();
+    let base = fx.base(|d| {
+        std::fs::write(d.join("hello"), b"hello world").unwrap();
+        std::fs::create_dir(d.join("sub")).unwrap();
+        std::fs::write(d.join("sub/a"), b"aaa").unwrap();
+    });
+    let m = fx.mount(base, "m");
+    let root = m.mountpoint().to_owned();
+    assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"hello world");
+    assert_eq!(std::fs::read(root.join("sub/a")).unwrap(), b"aaa");
+    std::fs::write(root.join("new"), b"fresh").unwrap();
+    let mut f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("hello")).unwrap();
+    f.seek(SeekFrom::Start(6)).unwrap();
+    f.write_all(b"WORLD").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"hello WORLD");
+    std::fs::rename(root.join("sub"), root.join("moved")).unwrap();
+    assert_eq!(std::fs::read(root.join("moved/a")).unwrap(), b"aaa");
+    std::fs::hard_link(root.join("new"), root.join("new2")).unwrap();
+    std::os::unix::fs::symlink("new", root.join("link")).unwrap();
+    let mut s = String::new();
+    std::fs::File::open(root.join("link")).unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "fresh");
+    std::fs::remove_file(root.join("new")).unwrap();
+    assert_eq!(std::fs::read(root.join("new2")).unwrap(), b"fresh");
+    // Read, then write through the same open file description.
+    let rw = std::fs::OpenOptions::new().read(true).write(true).open(root.join("new2")).unwrap();
+    let mut buf = [0u8; 5];
+    rw.read_exact_at(&mut buf, 0).unwrap();
+    rw.write_all_at(b"F", 0).unwrap();
+    drop(rw);
+    assert_eq!(std::fs::read(root.join("new2")).unwrap(), b"Fresh");
+    let cp = m.checkpoint().unwrap();
+    std::fs::write(root.join("hello"), b"changed").unwrap();
+    std::fs::remove_dir_all(root.join("moved")).unwrap();
+    m.rollback(cp).unwrap();
+    assert_eq!(std::fs::read(root.join("hello")).unwrap(), b"hello WORLD");
+    assert_eq!(std::fs::read(root.join("moved/a")).unwrap(), b"aaa");
+    m.unmount().unwrap();
+}
+
+#[test]
+fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+    let Some((_fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("log"), b"start\n").unwrap()) else {
+        return;
+    };
+
+    // flock and fcntl locks conflict between open file descriptions, as on ext4.
+    let a = std::fs::File::open(root.join("log")).unwrap();
+    let b = std::fs::File::open(root.join("log")).unwrap();
+    rustix::fs::flock(&a, rustix::fs::FlockOperation::NonBlockingLockExclusive).unwrap();
+    assert_eq!(
+        rustix::fs::flock(&b, rustix::fs::FlockOperation::NonBlockingLockExclusive),
+        Err(rustix::io::Errno::WOULDBLOCK)
+    );
+    let status = std::process::Command::new("python3")
+        .arg("-c")
+        .arg("import fcntl,sys; f=open(sys.argv[1],'r+'); fcntl.lockf(f, fcntl.LOCK_EX|fcntl.LOCK_NB)")
+        .arg(root.join("log"))
+        .status();
+    if let Ok(st) = status {
+        assert!(st.success(), "fcntl lock on a free file");
+    }
+
+    // O_APPEND writes go to the end, also after another writer extended the file.
+    let mut app = std::fs::OpenOptions::new().append(true).open(root.join("log")).unwrap();
+    std::fs::OpenOptions::new().write(true).open(root.join("log")).unwrap().write_all_at(b"START", 0).unwrap();
+    app.write_all(b"one\n").unwrap();
+    std::fs::OpenOptions::new().append(true).open(root.join("log")).unwrap().write_all(b"two\n").unwrap();
+    app.write_all(b"three\n").unwrap();
+    assert_eq!(std::fs::read(root.join("log")).unwrap(), b"START\none\ntwo\nthree\n");
+
+    // Sparse files read zeros in holes and keep their size.
+    let sparse = std::fs::OpenOptions::new().read(true).write(true).create_new(true).open(root.join("sparse")).unwrap();
+    sparse.write_all_at(b"end", 10 << 20).unwrap();
+    let mut buf = vec![1u8; 4096];
+    sparse.read_exact_at(&mut buf, 5 << 20).unwrap();
+    assert!(buf.iter().all(|b| *b == 0));
+    assert_eq!(sparse.metadata().unwrap().len(), (10 << 20) + 3);
+
+    // fallocate extends the size.
+    rustix::fs::fallocate(&sparse, rustix::fs::FallocateFlags::empty(), 0, 20 << 20).unwrap();
+    assert_eq!(sparse.metadata().unwrap().len(), 20 << 20);
+
+    // Fifos and unix sockets are created and work (the kernel serves them).
+    nix::unistd::mkfifo(&root.join("fifo"), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    assert!(std::fs::metadata(root.join("fifo")).unwrap().file_type().is_fifo());
+    let listener = std::os::unix::net::UnixListener::bind(root.join("sock")).unwrap();
+    let mut client = std::os::unix::net::UnixStream::connect(root.join("sock")).unwrap();
+    client.write_all(b"ping").unwrap();
+    let mut got = [0u8; 4];
+    listener.accept().unwrap().0.read_exact(&mut got).unwrap();
+    assert_eq!(&got, b"ping");
+    assert!(std::fs::metadata(root.join("sock")).unwrap().file_type().is_socket());
+
+    let st = nix::sys::statvfs::statvfs(&root).unwrap();
+    assert!(st.blocks() > 0 && st.name_max() == 255);
+
+    // O_DIRECT opens succeed and read the same bytes (served through the FUSE server).
+    let direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(root.join("log"));
+    let mut s = String::new();
+    direct.unwrap().read_to_string(&mut s).unwrap();
+    assert_eq!(s, "START\none\ntwo\nthree\n");
+    drop((a, b, app, sparse, listener, client));
+    m.unmount().unwrap();
+}
+
+#[test]
+fn suid_and_sgid_are_cleared_as_on_ext4() {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    if std::process::Command::new("setpriv").arg("--version").output().is_err() {
+        eprintln!("SKIP: setpriv (util-linux) is not installed");
+        return;
+    }
+    let as_nobody = |script: &str| {
+        let st = std::process::Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "sh", "-c", script])
+            .current_dir(&root)
+            .status()
+            .unwrap();
+        assert!(st.success(), "{script}");
+    };
+    let mode = |name: &str| std::fs::metadata(root.join(name)).unwrap().mode() & 0o7777;
+    for name in ["w", "t", "r"] {
+        std::fs::write(root.join(name), b"x").unwrap();
+        std::os::unix::fs::chown(root.join(name), Some(65534), Some(65534)).unwrap();
+        std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
+    }
+    as_nobody("echo y >> w");
+    as_nobody("truncate -s 0 t");
+    std::fs::OpenOptions::new().append(true).open(root.join("r")).unwrap().write_all(b"root").unwrap();
+    assert_eq!((mode("w"), mode("t"), mode("r")), (0o777, 0o777, 0o6777));
+    std::os::unix::fs::chown(root.join("r"), Some(0), None).unwrap();
+    assert_eq!(mode("r"), 0o777, "chown clears suid/sgid");
+    m.unmount().unwrap();
+}

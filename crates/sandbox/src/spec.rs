@@ -1,0 +1,118 @@
+//! Descriptions of sandboxes and processes shared by the daemon, the shim and init.
+
+use serde::{Deserialize, Serialize};
+
+/// How the sandbox reaches the network.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum Network {
+    /// Its own network namespace with only the loopback interface.
+    #[default]
+    None,
+    /// The host's network namespace.
+    Host,
+}
+
+/// A process to start inside a sandbox.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessSpec {
+    /// Program and arguments; the program is looked up in `PATH` from `env` when it has no `/`.
+    pub argv: Vec<String>,
+    /// The complete environment, `KEY=VALUE`.
+    pub env: Vec<String>,
+    /// Working directory inside the sandbox.
+    pub cwd: String,
+    /// `user`, `uid`, `user:group` or `uid:gid` as in the sandbox's /etc/passwd; `None` = root.
+    pub user: Option<String>,
+    /// Run on a new pseudo-terminal of this size instead of pipes.
+    pub tty: Option<WinSize>,
+    /// Descriptor numbers for the extra descriptors sent with the request (after stdin, stdout and
+    /// stderr when there is no tty).
+    #[serde(default)]
+    pub extra_fds: Vec<i32>,
+}
+
+/// Terminal size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WinSize {
+    pub rows: u16,
+    pub cols: u16,
+}
+
+/// How a process ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExitStatus {
+    /// Exit code when it exited normally.
+    pub code: Option<i32>,
+    /// Signal number when a signal killed it.
+    pub signal: Option<i32>,
+}
+
+impl ExitStatus {
+    /// Decodes a `waitpid` status word.
+    pub fn from_wait_status(status: nix::sys::wait::WaitStatus) -> Option<ExitStatus> {
+        use nix::sys::wait::WaitStatus;
+        match status {
+            WaitStatus::Exited(_, code) => Some(ExitStatus { code: Some(code), signal: None }),
+            WaitStatus::Signaled(_, sig, _) => Some(ExitStatus { code: None, signal: Some(sig as i32) }),
+            _ => None,
+        }
+    }
+
+    /// The shell convention: the code, or 128 + signal number.
+    pub fn shell_code(&self) -> i32 {
+        self.code.unwrap_or_else(|| 128 + self.signal.unwrap_or(0))
+    }
+}
+
+/// Messages from the shim to init.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum ToInit {
+    /// User namespace maps and cgroup are in place: set up the sandbox and report `Ready`. The packet
+    /// carries the root filesystem as a detached mount (from `fsmount` or `open_tree(OPEN_TREE_CLONE)`).
+    Go,
+    /// Fork and exec a process. Without a tty, the packet carries stdin, stdout and stderr, then the
+    /// descriptors listed in `spec.extra_fds`.
+    Spawn { id: u64, spec: ProcessSpec },
+    /// Send `signal` to process `pid` (to its process group when `group`).
+    Signal { pid: i32, signal: i32, group: bool },
+    /// SIGKILL every process of the sandbox except init.
+    KillAll,
+}
+
+/// Messages from init to the shim.
+#[derive(Debug, Serialize, Deserialize)]
+pub enum FromInit {
+    Ready,
+    SetupFailed {
+        message: String,
+    },
+    /// The program was executed. With a tty, the packet carries the pty master.
+    Spawned {
+        id: u64,
+        pid: i32,
+    },
+    /// The process could not be started; `message` says which step failed and why.
+    SpawnFailed {
+        id: u64,
+        message: String,
+    },
+    /// A process started by `Spawn` ended.
+    Exited {
+        pid: i32,
+        status: ExitStatus,
+    },
+    /// `KillAll` was carried out (the processes may still be exiting).
+    KilledAll,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shell_code_follows_the_shell_convention() {
+        assert_eq!(ExitStatus { code: None, signal: Some(9) }.shell_code(), 137);
+        assert_eq!(ExitStatus { code: Some(3), signal: None }.shell_code(), 3);
+    }
+}

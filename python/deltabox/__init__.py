@@ -1,0 +1,91 @@
+"""Python SDK for DeltaBox, a sandbox runtime for AI agents.
+
+    import deltabox
+
+    client = deltabox.Client()                      # $DELTABOX_SOCKET or /run/deltabox/deltabox.sock
+    with client.create("debian", memory="1G") as sb:
+        print(sb.exec("python3 -c 'print(6 * 7)'").check().stdout)
+        shell = sb.session("main")
+        shell.run("cd /tmp && export X=1")
+        print(shell.run("pwd; echo $X").stdout)     # /tmp, 1
+        sb.files.write("/work/hello.txt", "hi\\n")
+
+The SDK uses only the standard library. See docs/api.md for the HTTP API behind it.
+"""
+
+from .client import DEFAULT_SOCKET, Client, Images
+from .errors import (
+    BadRequest,
+    CommandError,
+    Conflict,
+    DaemonUnavailable,
+    DeltaboxError,
+    FileNotFound,
+    Gone,
+    ImageNotFound,
+    ImportFailed,
+    InsufficientStorage,
+    MethodNotAllowed,
+    NotFound,
+    PathEscapesRoot,
+    PayloadTooLarge,
+    SandboxNotFound,
+    ServerError,
+    SessionEnded,
+    SessionNotFound,
+    Unauthorized,
+)
+from .files import Files
+from .models import (
+    ExecEvent,
+    ExecResult,
+    Exit,
+    ExtractStats,
+    FileStat,
+    ImageInfo,
+    ImportProgress,
+    Output,
+    SandboxInfo,
+    Started,
+)
+from .sandbox import Sandbox, Session
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "DEFAULT_SOCKET",
+    "BadRequest",
+    "Client",
+    "CommandError",
+    "Conflict",
+    "DaemonUnavailable",
+    "DeltaboxError",
+    "ExecEvent",
+    "ExecResult",
+    "Exit",
+    "ExtractStats",
+    "FileNotFound",
+    "FileStat",
+    "Files",
+    "Gone",
+    "ImageInfo",
+    "ImageNotFound",
+    "Images",
+    "ImportFailed",
+    "ImportProgress",
+    "InsufficientStorage",
+    "MethodNotAllowed",
+    "NotFound",
+    "Output",
+    "PathEscapesRoot",
+    "PayloadTooLarge",
+    "Sandbox",
+    "SandboxInfo",
+    "SandboxNotFound",
+    "ServerError",
+    "Session",
+    "SessionEnded",
+    "SessionNotFound",
+    "Started",
+    "Unauthorized",
+]

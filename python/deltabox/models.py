@@ -1,0 +1,225 @@
+"""Plain data returned by the SDK."""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import stat as stat_module
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Mapping, Optional, Type, TypeVar, Union
+
+from .errors import CommandError
+
+T = TypeVar("T")
+
+Command = Union[List[str], str]
+
+
+def _known_fields(cls: Type[T], data: Mapping[str, Any]) -> T:
+    """``cls(**data)`` keeping only the fields ``cls`` declares, so newer daemons may add fields."""
+    names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: v for k, v in data.items() if k in names})
+
+
+@dataclass
+class ExecResult:
+    """How a command ended, with its output.
+
+    ``stdout``/``stderr`` are text (invalid UTF-8 replaced); ``stdout_bytes``/``stderr_bytes`` are the exact bytes
+    for :meth:`Sandbox.exec` (for session commands the daemon sends text only, so they are that text encoded).
+    Output beyond ``max_output_bytes`` per stream is dropped and counted in ``*_dropped_bytes``.
+    """
+
+    exit_code: Optional[int]
+    signal: Optional[int] = None
+    stdout: str = ""
+    stderr: str = ""
+    timed_out: bool = False
+    oom_killed: bool = False
+    stdout_truncated: bool = False
+    stderr_truncated: bool = False
+    stdout_dropped_bytes: int = 0
+    stderr_dropped_bytes: int = 0
+    duration_ms: float = 0.0
+    stdout_bytes: bytes = field(default=b"", repr=False)
+    stderr_bytes: bytes = field(default=b"", repr=False)
+    command: Optional[Command] = field(default=None, repr=False)
+
+    @property
+    def ok(self) -> bool:
+        """Whether the command exited with code 0 (not killed, not timed out)."""
+        return self.exit_code == 0 and self.signal is None and not self.timed_out
+
+    def check(self) -> "ExecResult":
+        """Returns ``self`` if :attr:`ok`, else raises :class:`~deltabox.CommandError`."""
+        if not self.ok:
+            raise CommandError(self)
+        return self
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any], *, base64_output: bool = False,
+                  command: Optional[Command] = None) -> "ExecResult":
+        result = _known_fields(cls, data)
+        result.command = command
+        if base64_output:
+            result.stdout_bytes = base64.b64decode(result.stdout)
+            result.stderr_bytes = base64.b64decode(result.stderr)
+            result.stdout = result.stdout_bytes.decode("utf-8", "replace")
+            result.stderr = result.stderr_bytes.decode("utf-8", "replace")
+        else:
+            result.stdout_bytes = result.stdout.encode()
+            result.stderr_bytes = result.stderr.encode()
+        return result
+
+
+@dataclass
+class Started:
+    """Streamed exec event: the command runs as ``pid`` (in the sandbox's pid namespace)."""
+
+    pid: int
+
+
+@dataclass
+class Output:
+    """Streamed exec event: a piece of output on ``stream`` (``"stdout"`` or ``"stderr"``)."""
+
+    stream: str
+    data: bytes
+
+    @property
+    def text(self) -> str:
+        """The piece as text (a multi-byte character split between two pieces decodes as U+FFFD)."""
+        return self.data.decode("utf-8", "replace")
+
+
+@dataclass
+class Exit:
+    """Streamed exec event, always the last: how the command ended (its output fields are empty)."""
+
+    result: ExecResult
+
+
+ExecEvent = Union[Started, Output, Exit]
+
+
+@dataclass
+class ImportProgress:
+    """One progress report of an image import."""
+
+    stage: str
+    done_bytes: int
+    total_bytes: int
+
+
+@dataclass
+class ImageInfo:
+    """An image in the daemon's store."""
+
+    name: str
+    layers: List[str]
+    size: int
+    format: str
+    source: str
+    created: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ImageInfo":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class SandboxInfo:
+    """A sandbox as the daemon reports it.
+
+    ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
+    """
+
+    id: str
+    image: str
+    state: str
+    network: str
+    memory: Optional[int] = None
+    pids: Optional[int] = None
+    cpus: Optional[float] = None
+    created: int = 0
+    uid_base: Optional[int] = None
+    init_pid: Optional[int] = None
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "SandboxInfo":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class FileStat:
+    """A file's metadata as the sandbox sees it (``uid``/``gid`` are ids inside the sandbox)."""
+
+    path: str
+    name: str
+    kind: str
+    size: int
+    mode: int
+    uid: int
+    gid: int
+    mtime: float
+    link_target: Optional[str] = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+    @property
+    def is_file(self) -> bool:
+        return self.kind == "file"
+
+    @property
+    def is_symlink(self) -> bool:
+        return self.kind == "symlink"
+
+    @property
+    def permissions(self) -> str:
+        """The mode as ``ls -l`` shows it, without the type letter (e.g. ``rwxr-xr-x``)."""
+        return stat_module.filemode(self.mode)[1:]
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "FileStat":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class ExtractStats:
+    """What a tar upload created in the sandbox."""
+
+    files: int = 0
+    dirs: int = 0
+    symlinks: int = 0
+    hardlinks: int = 0
+    fifos: int = 0
+    #: Bytes of regular file data written.
+    bytes: int = 0
+    #: Device nodes in the archive, not created (the daemon never makes device nodes).
+    skipped_devices: int = 0
+    #: Entries whose owner or group was outside the sandbox's id range, given to root instead.
+    ids_out_of_range: int = 0
+
+    @property
+    def entries(self) -> int:
+        """Entries created: files, directories, links and fifos."""
+        return self.files + self.dirs + self.symlinks + self.hardlinks + self.fifos
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "ExtractStats":
+        return _known_fields(cls, data)
+
+
+def event_from_json(data: Dict[str, Any], *, command: Optional[Command] = None) -> ExecEvent:
+    """A streamed exec event (the daemon sends output base64-encoded because the SDK asks for it)."""
+    kind = data.get("type")
+    if kind == "started":
+        return Started(pid=int(data["pid"]))
+    if kind in ("stdout", "stderr"):
+        return Output(stream=kind, data=base64.b64decode(data["data"]))
+    if kind == "exit":
+        fields = {k: v for k, v in data.items() if k != "type"}
+        return Exit(ExecResult.from_json(fields, base64_output=True, command=command))
+    raise ValueError(f"unknown exec event {data!r}")

@@ -1,0 +1,191 @@
+"""Helpers of the integration suite: the daemon under test, and what tests inspect on the host."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Optional, Sequence
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "python"))
+
+import deltabox  # noqa: E402
+from deltabox._http import _UnixHTTPConnection  # noqa: E402
+
+IMAGES = ("busybox", "debian")
+START_TIMEOUT = 30.0
+
+
+class Daemon:
+    """A `deltabox serve` process on a private socket and data directory, which tests may kill and restart."""
+
+    def __init__(self, binary: Path, workdir: Path, extra_args: Sequence[str] = ()) -> None:
+        self.binary = binary
+        self.workdir = workdir
+        self.extra_args = list(extra_args)
+        self.socket = str(workdir / "deltabox.sock")
+        self.data_dir = workdir / "data"
+        self.log_path = workdir / "daemon.log"
+        self.proc: Optional[subprocess.Popen] = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        env = dict(os.environ, RUST_LOG=os.environ.get("RUST_LOG", "info"))
+        self.proc = subprocess.Popen(
+            [str(self.binary), "serve", "--socket", self.socket, "--data-dir", str(self.data_dir), *self.extra_args],
+            stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env,
+        )
+        log.close()
+        client = deltabox.Client(socket=self.socket, timeout=5)
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the daemon exited with {self.proc.returncode} at start:\n{self.log_tail()}")
+            try:
+                client.health()
+                client.close()
+                return
+            except deltabox.DaemonUnavailable:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"the daemon did not answer within {START_TIMEOUT} s:\n{self.log_tail()}")
+                time.sleep(0.05)
+
+    def stop(self, sig: int = signal.SIGTERM) -> int:
+        """Sends ``sig`` and waits for the daemon to exit; returns its exit status."""
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        code = self.proc.wait(timeout=30)
+        self.proc = None
+        return code
+
+    def restart_after_kill(self) -> None:
+        """SIGKILL, then a new daemon on the same socket and data directory."""
+        self.stop(signal.SIGKILL)
+        self.start()
+
+    def instance(self) -> str:
+        """The id that names this data directory's cgroups (deltabox/<instance>/<sandbox>)."""
+        return (self.data_dir / "instance").read_text().strip()
+
+    def sandbox_dir(self, sandbox_id: str) -> Path:
+        return self.data_dir / "sandboxes" / sandbox_id
+
+    def log_tail(self, lines: int = 40) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
+        except OSError:
+            return "(no log)"
+
+
+def binary() -> Path:
+    path = Path(os.environ.get("DELTABOX_BIN", REPO / "target" / "release" / "deltabox"))
+    if not os.access(path, os.X_OK):
+        pytest.exit(f"no deltabox binary at {path}: run `cargo build -p deltabox --release` or set DELTABOX_BIN",
+                    returncode=2)
+    return path
+
+
+def image_dir() -> Path:
+    path = Path(os.environ.get("DELTABOX_TEST_IMAGES", "/var/cache/deltabox/images"))
+    missing = [name for name in IMAGES if not (path / name / "index.json").exists()]
+    if missing:
+        pytest.exit(f"test images {missing} missing in {path}: run `bash images/build.sh {path}` "
+                    "or set DELTABOX_TEST_IMAGES", returncode=2)
+    return path
+
+
+def new_sandbox(client: deltabox.Client, image: str = "debian", **options) -> deltabox.Sandbox:
+    """A sandbox ready for requests (use it as a context manager to remove it)."""
+    return client.create(image, **options)
+
+
+def raw_request(daemon: Daemon, method: str, path: str, body: bytes = b"",
+                headers: Optional[dict] = None) -> tuple:
+    """One request as given (no SDK validation): returns (status, parsed JSON body or raw bytes)."""
+    conn = _UnixHTTPConnection(daemon.socket, 30)
+    try:
+        try:
+            conn.request(method, path, body=body, headers=headers or {})
+        except (BrokenPipeError, ConnectionResetError):
+            pass  # the daemon answered before reading the body, and closed: its answer is still readable
+        resp = conn.getresponse()
+        data = resp.read()
+    finally:
+        conn.close()
+    try:
+        return resp.status, json.loads(data)
+    except ValueError:
+        return resp.status, data
+
+
+def cgroup_dirs(daemon: Daemon, sandbox_id: str) -> List[str]:
+    """The sandbox's cgroup directories that exist, in every cgroup hierarchy of the host."""
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields = line.split()
+            fstype = fields[fields.index("-") + 1]
+            if fstype in ("cgroup", "cgroup2"):
+                mountpoint = fields[4].replace("\\040", " ")
+                path = os.path.join(mountpoint, "deltabox", daemon.instance(), sandbox_id)
+                if os.path.isdir(path):
+                    found.append(path)
+    return found
+
+
+def leftovers(daemon: Daemon, sandbox_id: str, uid_base: int) -> List[str]:
+    """Everything of the sandbox that still exists on the host: mounts, cgroups, processes, its directory."""
+    found = []
+    sandbox_dir = str(daemon.sandbox_dir(sandbox_id))
+    for entry in os.scandir("/proc"):
+        if entry.name.isdigit():
+            try:
+                with open(f"/proc/{entry.name}/mountinfo") as f:
+                    found += [f"mount (pid {entry.name}): {line.strip()}" for line in f if sandbox_dir in line]
+            except OSError:
+                continue
+    found += [f"cgroup {path}" for path in cgroup_dirs(daemon, sandbox_id)]
+    # Zombies are dead: a sandbox's init is a child of its shim, and once the shim is gone the host's pid 1
+    # reaps it, in its own time.
+    found += [f"process {pid} uid {uid}: {cmd!r}" for pid, uid, cmd in host_processes()
+              if uid_base <= uid < uid_base + 65536 and not _zombie(pid)]
+    if os.path.exists(sandbox_dir):
+        found.append(f"directory {sandbox_dir}")
+    return found
+
+
+def _zombie(pid: int) -> bool:
+    try:
+        return status_field(pid, "State").startswith("Z")
+    except OSError:
+        return True  # gone meanwhile
+
+
+def host_processes() -> Iterator[tuple]:
+    """(pid, uid, cmdline bytes) of every host process readable now."""
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/status") as f:
+                uid = next(int(line.split()[1]) for line in f if line.startswith("Uid:"))
+            with open(f"/proc/{entry.name}/cmdline", "rb") as f:
+                cmdline = f.read()
+        except (OSError, StopIteration):
+            continue
+        yield int(entry.name), uid, cmdline
+
+
+def status_field(pid: int, name: str) -> str:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith(name + ":"):
+                return line.split(":", 1)[1].strip()
+    raise KeyError(name)

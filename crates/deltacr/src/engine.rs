@@ -38,6 +38,8 @@ pub enum CrError {
     Plan(#[from] PlanError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
+    #[error("cannot make an image id")]
+    ImageId(#[source] std::io::Error),
     #[error("process {pid} ({comm}): {reason}")]
     Unsupported { pid: i32, comm: String, reason: String },
     #[error("checkpoint has no template for process {pid} and restoring from an image is not possible here")]
@@ -95,7 +97,8 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id) })
+        let id = ImageId::random().map_err(CrError::ImageId)?;
+        Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id), id })
     }
 
     /// Pids (in the sandbox) whose template no longer exists.

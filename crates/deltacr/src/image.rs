@@ -540,12 +540,19 @@ pub struct ImageJob {
     /// Per pid: the parent checkpoint's template pages, to find unchanged pages.
     pub(crate) parent_pages: HashMap<i32, ProcessPages>,
     pub(crate) parent: Option<ImageId>,
+    /// Chosen when the job is made, so callers can record it before the image exists.
+    pub(crate) id: ImageId,
 }
 
 impl ImageJob {
+    /// The id the image will have.
+    pub fn id(&self) -> ImageId {
+        self.id
+    }
+
     /// Writes the image into `store` and returns its id and sizes.
     pub fn write(self, store: &ImageStore) -> Result<ImageInfo, ImageError> {
-        let id = ImageId::random().map_err(io_err(&store.root, "make an image id"))?;
+        let id = self.id;
         let header = Header {
             id,
             parent: self.parent,

@@ -5,6 +5,7 @@ mod catalog;
 mod cli;
 mod client;
 mod daemon;
+mod errors;
 mod shim;
 
 use std::net::SocketAddr;

@@ -348,10 +348,14 @@ pub fn read_creds(pid: Pid) -> Result<crate::state::Creds, ProcError> {
         }
         Ok([v[0] as u32, v[1] as u32, v[2] as u32, v[3] as u32])
     };
+    // /proc shows ids as the reader's user namespace sees them (the host's); the checkpoint keeps them as
+    // the process's own namespace sees them, so they mean the same in a sandbox with another id range.
+    let (uid_map, gid_map) = (procfs::IdMap::read(pid, "uid_map")?, procfs::IdMap::read(pid, "gid_map")?);
+    let inner = |map: &procfs::IdMap, ids: [u32; 4]| ids.map(|id| map.inner(id));
     Ok(crate::state::Creds {
-        uids: four("Uid")?,
-        gids: four("Gid")?,
-        groups: st.numbers("Groups")?.into_iter().map(|g| g as u32).collect(),
+        uids: inner(&uid_map, four("Uid")?),
+        gids: inner(&gid_map, four("Gid")?),
+        groups: st.numbers("Groups")?.into_iter().map(|g| gid_map.inner(g as u32)).collect(),
         cap_inheritable: st.hex("CapInh")?,
         cap_permitted: st.hex("CapPrm")?,
         cap_effective: st.hex("CapEff")?,

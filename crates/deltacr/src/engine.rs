@@ -366,7 +366,11 @@ impl Engine {
             threads,
             phases: phases.done,
         };
-        Ok(Checkpoint { tree: TreeState { processes, files, last_pid }, templates, stats })
+        let tree = TreeState { processes, files, last_pid };
+        // A checkpoint that could not be restored must not be reported as one: check the restore plan now
+        // (dropping the templates on failure).
+        plan::plan(&tree)?;
+        Ok(Checkpoint { tree, templates, stats })
     }
 
     /// Kills every process of the sandbox except init, our templates and our helper, and waits until

@@ -161,6 +161,32 @@ impl ImageStore {
         self.root.join(id.to_string())
     }
 
+    /// Every complete image in the store (work in progress, `*.tmp`, is not listed).
+    pub fn ids(&self) -> Result<Vec<ImageId>, ImageError> {
+        let entries = fs::read_dir(&self.root).map_err(io_err(&self.root, "list the image store"))?;
+        let mut ids = Vec::new();
+        for entry in entries {
+            let entry = entry.map_err(io_err(&self.root, "list the image store"))?;
+            if let Some(id) = entry.file_name().to_str().and_then(ImageId::parse) {
+                ids.push(id);
+            }
+        }
+        Ok(ids)
+    }
+
+    /// Deletes image `id` (renamed aside first, so a crash never leaves part of it under its name).
+    pub fn remove(&self, id: ImageId) -> Result<(), ImageError> {
+        let dir = self.path_of(id);
+        let doomed = self.root.join(format!("{id}.removing"));
+        match fs::rename(&dir, &doomed) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(ImageError::Missing { id, store: self.root.clone() })
+            }
+            other => other.map_err(io_err(&dir, "move the image aside"))?,
+        }
+        fs::remove_dir_all(&doomed).map_err(io_err(&doomed, "remove the image"))
+    }
+
     /// Opens image `id` (checking its format and checksums of the metadata).
     pub fn open(&self, id: ImageId) -> Result<Image, ImageError> {
         let dir = self.path_of(id);

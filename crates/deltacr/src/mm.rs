@@ -298,7 +298,7 @@ fn map_all(
                 flags |= libc::MAP_ANONYMOUS as u64;
                 (u64::MAX, 0)
             }
-            VmaBacking::File { path, offset, dev, inode } => {
+            VmaBacking::File { path, offset, inode, .. } => {
                 if v.shared
                     && (path.starts_with("/dev/zero") || path.starts_with("/SYSV") || path.starts_with("/memfd:"))
                 {
@@ -311,7 +311,7 @@ fn map_all(
                 let fd = match files.get(&(path.clone(), writable)) {
                     Some(fd) => *fd,
                     None => {
-                        let fd = open_for_mapping(inj, ns_pid, scratch, path, writable, (*dev, *inode))?;
+                        let fd = open_for_mapping(inj, ns_pid, scratch, path, writable, *inode)?;
                         files.insert((path.clone(), writable), fd);
                         fd
                     }
@@ -360,7 +360,7 @@ fn open_for_mapping(
     scratch: &Scratch,
     path: &str,
     writable: bool,
-    (dev, inode): (u64, u64),
+    inode: u64,
 ) -> Result<u64, MmError> {
     let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     let mut cpath = path.as_bytes().to_vec();
@@ -380,8 +380,13 @@ fn open_for_mapping(
         what: format!("stat {path}"),
         source,
     })?;
-    if (meta.dev(), meta.ino()) != (dev, inode) {
-        return Err(MmError::Layout { pid: ns_pid, reason: format!("{path} is another file than at checkpoint time") });
+    // The inode alone: DeltaFS keeps inode numbers across checkpoints, but a fork mounts the checkpoint
+    // anew, under another device number.
+    if meta.ino() != inode {
+        return Err(MmError::Layout {
+            pid: ns_pid,
+            reason: format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()),
+        });
     }
     Ok(r.ret as u64)
 }

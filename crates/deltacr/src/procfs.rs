@@ -331,3 +331,37 @@ pub fn job_control_stopped(pid: Pid) -> bool {
         Err(_) => false,
     }
 }
+
+/// A user namespace's id map as a reader in an ancestor namespace sees it (`/proc/PID/uid_map`).
+pub struct IdMap {
+    /// (first id inside, first id outside, count)
+    ranges: Vec<(u32, u32, u32)>,
+}
+
+/// The id the kernel shows for ids without a mapping.
+const OVERFLOW_ID: u32 = 65534;
+
+impl IdMap {
+    /// Reads `uid_map` or `gid_map` of process `pid`.
+    pub fn read(pid: Pid, file: &str) -> Result<IdMap, ProcError> {
+        let path = dir(pid).join(file);
+        let text = read_string(path.clone())?;
+        let mut ranges = Vec::new();
+        for line in text.lines() {
+            let v: Vec<u32> = line.split_whitespace().filter_map(|n| n.parse().ok()).collect();
+            match v[..] {
+                [inside, outside, count] => ranges.push((inside, outside, count)),
+                _ => return Err(ProcError::Parse { path, what: format!("id map line {line:?}") }),
+            }
+        }
+        Ok(IdMap { ranges })
+    }
+
+    /// The id inside the namespace of outside id `id`.
+    pub fn inner(&self, id: u32) -> u32 {
+        self.ranges
+            .iter()
+            .find(|(_, outside, count)| id >= *outside && id - outside < *count)
+            .map_or(OVERFLOW_ID, |(inside, outside, _)| inside + (id - outside))
+    }
+}

@@ -51,7 +51,7 @@ pub async fn checkpoint(client: &Client, args: CheckpointArgs) -> anyhow::Result
             );
             Ok(())
         }
-        (None, None) => anyhow::bail!("name the sandbox to checkpoint: deltabox checkpoint ID --fs-only"),
+        (None, None) => anyhow::bail!("name the sandbox to checkpoint: deltabox checkpoint ID [--fs-only]"),
     }
 }
 

@@ -13,10 +13,10 @@ use crate::freezer::Freezer;
 use crate::image::{ImageChain, ImageId, ImageJob};
 use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
-use crate::plan::{self, PlanError};
+use crate::plan::{self, Creator, PlanError, Step};
 use crate::procfs::{self, ProcError};
 use crate::restore::{self, NewProcess, RestoreError};
-use crate::state::{ProcessEntry, ProcessKind, ProcessState, TreeState};
+use crate::state::{Creds, ProcessEntry, ProcessKind, ProcessState, TreeState};
 use crate::template::{self, Detach, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
@@ -460,19 +460,27 @@ impl Engine {
         let no_create = Vec::new();
         // Per pid: how many of its seccomp filters the new process already has from its creator.
         let mut inherited: HashMap<i32, usize> = HashMap::new();
-        for entry in &tree.processes {
-            let parent = made.iter().position(|(_, e)| e.pid == entry.ppid);
+        // Dropped (killed) on error like `made`; they exit before anything runs.
+        let mut session_helpers: Vec<SessionHelper> = Vec::new();
+        // Zombies that are not group leaders join their parent's group, which is final only at the end.
+        let mut late_zombies: Vec<(&ProcessEntry, i32)> = Vec::new();
+        for step in &plan.steps {
+            let entry = match *step {
+                Step::SessionHelper { sid } => {
+                    let members = &plan.session_helpers[&sid];
+                    session_helpers.push(SessionHelper::create(sid, members, tree, mem, sb, pids, &plan)?);
+                    continue;
+                }
+                Step::Process { index } => &tree.processes[index],
+            };
             let st = match &entry.kind {
                 ProcessKind::Live(st) => st,
+                ProcessKind::Zombie { exit_status } if entry.pgid == entry.pid => {
+                    restore_zombie(made, pids, entry, *exit_status)?;
+                    continue;
+                }
                 ProcessKind::Zombie { exit_status } => {
-                    let pidx = parent.expect("plan checked that zombies have a restored parent");
-                    let p = &mut made[pidx].0;
-                    let host = p.fork_child(pids, entry.pid, libc::SIGCHLD)?;
-                    let mut z = NewProcess::take(host, entry.pid, p.gadget())?;
-                    if entry.pgid == entry.pid {
-                        z.set_process_group(entry.pid)?;
-                    }
-                    z.become_zombie(&entry.comm, *exit_status)?;
+                    late_zombies.push((entry, *exit_status));
                     continue;
                 }
             };
@@ -483,59 +491,74 @@ impl Engine {
             if matches!(mem, Memory::Templates(_)) && template.is_none() {
                 return Err(CrError::NoTemplate { pid: entry.pid });
             }
-            let np = match (parent, template) {
-                (None, Some(t)) => {
-                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
-                    let host = restore::create_with_pid(
-                        pids,
-                        entry.pid,
-                        entry.pid,
-                        |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
-                        |_, wrong| {
-                            NewProcess::kill_host(wrong);
-                            Ok(())
-                        },
-                        &mut &*t,
-                    )?;
-                    inherited.insert(entry.pid, st.seccomp.len());
-                    NewProcess::take(host, entry.pid, t.gadget())?
-                }
-                _ => {
-                    let (host, gadget, parent_creds) = match parent {
-                        Some(pidx) => {
-                            tracing::debug!(pid = entry.pid, parent = entry.ppid, "restoring by fork from the parent");
-                            let ProcessKind::Live(pst) = &made[pidx].1.kind else {
-                                unreachable!("only live processes are kept in `made`")
-                            };
-                            let creds = pst.creds.clone();
-                            inherited.insert(entry.pid, pst.seccomp.len());
-                            let p = &mut made[pidx].0;
-                            (p.fork_child(pids, entry.pid, st.exit_signal)?, p.gadget(), creds)
-                        }
-                        None => {
-                            tracing::debug!(pid = entry.pid, "restoring by fork from init");
-                            let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
-                            inherited.insert(entry.pid, f.filters);
-                            (f.child, f.gadget, f.creds)
-                        }
-                    };
-                    let mut np = NewProcess::take(host, entry.pid, gadget)?;
-                    let unreadable = |e: std::io::Error| CrError::Unsupported {
-                        pid: entry.pid,
-                        comm: entry.comm.clone(),
-                        reason: format!("cannot read its template's memory: {e}"),
-                    };
-                    match (&mut *mem, template) {
-                        (Memory::Templates(_), Some(t)) => {
-                            np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
-                        }
-                        (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
-                        (Memory::Templates(_), None) => unreachable!("checked above"),
+            let in_session = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+            // The new task, the syscall instruction to inject with, and — unless it is a copy-on-write
+            // clone of its template — the credentials it starts with (its memory is then rebuilt).
+            let session_helper = match plan.creators[&entry.pid] {
+                Creator::InSession { creator } => session_helpers.iter_mut().find(|h| h.sid == creator),
+                Creator::Init | Creator::Parent => None,
+            };
+            let (host, gadget, start_creds) = match (plan.creators[&entry.pid], template, session_helper) {
+                (_, _, Some(h)) => {
+                    tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
+                    let host = h.np.fork_child(pids, entry.pid, in_session)?;
+                    if h.cow == Some(entry.pid) {
+                        inherited.insert(entry.pid, st.seccomp.len());
+                        (host, h.np.gadget(), None)
+                    } else {
+                        inherited.insert(entry.pid, h.filters);
+                        (host, h.np.gadget(), Some(h.creds.clone()))
                     }
-                    np.restore_static(st, &parent_creds)?;
-                    np
+                }
+                (Creator::Init, Some(t), None) => {
+                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
+                    let host = clone_template(pids, t, entry.pid, (libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+                    inherited.insert(entry.pid, st.seccomp.len());
+                    (host, t.gadget(), None)
+                }
+                (Creator::Init, None, None) => {
+                    tracing::debug!(pid = entry.pid, "restoring by fork from init");
+                    let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
+                    inherited.insert(entry.pid, f.filters);
+                    (f.child, f.gadget, Some(f.creds))
+                }
+                (Creator::Parent | Creator::InSession { .. }, _, None) => {
+                    let (creator, flags) = match plan.creators[&entry.pid] {
+                        Creator::InSession { creator } => (creator, in_session),
+                        _ => (entry.ppid, st.exit_signal as u64 & 0xff),
+                    };
+                    tracing::debug!(pid = entry.pid, creator, "restoring by fork");
+                    let pidx = made.iter().position(|(_, e)| e.pid == creator).expect("the plan orders creators first");
+                    let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                        unreachable!("only live processes are kept in `made`")
+                    };
+                    let creds = pst.creds.clone();
+                    // The creator has only the seccomp filters it was created with until it finishes.
+                    inherited.insert(entry.pid, inherited[&creator]);
+                    let p = &mut made[pidx].0;
+                    (p.fork_child(pids, entry.pid, flags)?, p.gadget(), Some(creds))
                 }
             };
+            let mut np = NewProcess::take(host, entry.pid, gadget)?;
+            if plan.creators[&entry.pid] == Creator::Init && template.is_none() {
+                // A fork of init holds init's fds.
+                np.close_all_fds()?;
+            }
+            if let Some(creds) = start_creds {
+                let unreadable = |e: std::io::Error| CrError::Unsupported {
+                    pid: entry.pid,
+                    comm: entry.comm.clone(),
+                    reason: format!("cannot read its template's memory: {e}"),
+                };
+                match (&mut *mem, template) {
+                    (Memory::Templates(_), Some(t)) => {
+                        np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
+                    }
+                    (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
+                    (Memory::Templates(_), None) => unreachable!("checked above"),
+                }
+                np.restore_static(st, &creds)?;
+            }
             made.push((np, entry));
             let np = &mut made.last_mut().expect("just pushed").0;
             if entry.sid == entry.pid {
@@ -550,6 +573,19 @@ impl Engine {
             np.create_threads(st, pids)?;
             np.restore_thread_state(st)?;
         }
+        // Groups whose leader has exited are led by a helper while their members join.
+        let mut group_helpers = Vec::new();
+        for g in &plan.group_helpers {
+            let creator = match session_helpers.iter_mut().find(|h| h.sid == g.creator) {
+                Some(h) => &mut h.np,
+                None => {
+                    &mut made.iter_mut().find(|(_, e)| e.pid == g.creator).expect("the plan names a restored creator").0
+                }
+            };
+            let mut helper = creator.clone_helper(pids, g.pgid)?;
+            helper.lead_group()?;
+            group_helpers.push(helper);
+        }
         // Process groups: leaders first, then members (a group must exist before others join it).
         for leaders_pass in [true, false] {
             for (np, e) in made.iter_mut() {
@@ -560,6 +596,12 @@ impl Engine {
                 np.set_process_group(e.pgid)?;
             }
         }
+        for (entry, exit_status) in late_zombies {
+            restore_zombie(made, pids, entry, exit_status)?;
+        }
+        for helper in group_helpers {
+            helper.exit()?;
+        }
         // Terminals get their foreground process group once every group exists.
         for (np, e) in made.iter_mut() {
             if let ProcessKind::Live(st) = &e.kind {
@@ -567,6 +609,9 @@ impl Engine {
                     np.set_foreground(ctty, &st.fds, &tree.files)?;
                 }
             }
+        }
+        for helper in session_helpers {
+            helper.np.exit_helper()?;
         }
         for (np, e) in made.iter_mut() {
             let ProcessKind::Live(st) = &e.kind else {
@@ -584,6 +629,101 @@ impl Engine {
         }
         pids.set_last_pid(tree.last_pid)?;
         Ok(())
+    }
+}
+
+/// Injects `clone(flags)` into template `t` so that the new task gets pid `want` (see
+/// [`restore::create_with_pid`]).
+fn clone_template(pids: &mut PidSetter, t: &Template, want: i32, flags: u64) -> Result<Pid, RestoreError> {
+    restore::create_with_pid(
+        pids,
+        want,
+        want,
+        |t: &mut &Template| Ok(t.clone_child(flags)?),
+        |_, wrong| {
+            NewProcess::kill_host(wrong);
+            Ok(())
+        },
+        &mut &*t,
+    )
+}
+
+/// Re-creates a zombie: forked by its restored parent, then it exits as it did.
+fn restore_zombie(
+    made: &mut [(NewProcess, &ProcessEntry)],
+    pids: &mut PidSetter,
+    entry: &ProcessEntry,
+    exit_status: i32,
+) -> Result<(), CrError> {
+    let p = &mut made.iter_mut().find(|(_, e)| e.pid == entry.ppid).expect("the plan orders parents first").0;
+    let host = p.fork_child(pids, entry.pid, libc::SIGCHLD as u64)?;
+    let mut z = NewProcess::take(host, entry.pid, p.gadget())?;
+    if entry.sid == entry.pid {
+        z.set_session_leader()?;
+    } else if entry.pgid == entry.pid {
+        z.set_process_group(entry.pid)?;
+    }
+    z.become_zombie(&entry.comm, exit_status)?;
+    Ok(())
+}
+
+/// A helper that re-creates a session whose leader has exited (see [`plan::Creator::InSession`]): a
+/// child of init with the leader's pid that calls setsid, creates the open files its processes share,
+/// and forks them (with CLONE_PARENT: they are children of init, as they were); it exits before
+/// anything runs.
+struct SessionHelper {
+    np: NewProcess,
+    sid: i32,
+    /// With templates, the helper shares the memory of one process's template (the largest one), so
+    /// that process is a copy-on-write clone of it; the others get their memory copied.
+    cow: Option<i32>,
+    /// Credentials and number of seccomp filters of the processes it forks.
+    creds: Creds,
+    filters: usize,
+}
+
+impl SessionHelper {
+    fn create(
+        sid: i32,
+        members: &[i32],
+        tree: &TreeState,
+        mem: &Memory<'_>,
+        sb: &Sandbox<'_>,
+        pids: &mut PidSetter,
+        plan: &plan::RestorePlan,
+    ) -> Result<SessionHelper, CrError> {
+        tracing::debug!(sid, ?members, "re-creating a session whose leader has exited");
+        let (host, gadget, cow, creds, filters) = match mem {
+            Memory::Templates(templates) => {
+                let (pid, st) = members
+                    .iter()
+                    .filter_map(|pid| match &tree.processes.iter().find(|p| p.pid == *pid)?.kind {
+                        ProcessKind::Live(st) => Some((*pid, st)),
+                        ProcessKind::Zombie { .. } => None,
+                    })
+                    .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(|v| v.len()).sum::<u64>())
+                    .expect("a session helper has live members");
+                let t = templates.get(&pid).filter(|t| t.alive()).ok_or(CrError::NoTemplate { pid })?;
+                let host = clone_template(pids, t, sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+                (host, t.gadget(), Some(pid), st.creds.clone(), st.seccomp.len())
+            }
+            Memory::Image(_) => {
+                let f = restore::fork_from_init(sb.init, pids, sid)?;
+                (f.child, f.gadget, None, f.creds, f.filters)
+            }
+        };
+        let mut np = NewProcess::take(host, sid, gadget)?;
+        let no_create = Vec::new();
+        let res = (|| {
+            np.set_session_leader()?;
+            np.close_all_fds()?;
+            np.restore_fds(&[], plan.create.get(&sid).unwrap_or(&no_create), &tree.files, &plan.fds)
+        })();
+        // Even after an error: the scratch memory may be in a template's address space.
+        let freed = np.free_scratch();
+        res?;
+        freed?;
+        Ok(SessionHelper { np, sid, cow, creds, filters })
     }
 }
 

@@ -873,16 +873,17 @@ impl NewProcess {
         self.call(libc::SYS_seccomp, &[SECCOMP_SET_MODE_FILTER, 0, base + prog_off as u64]).map(drop)
     }
 
-    /// Creates a child of this (stopped) process by an injected fork; the child has pid `want` (chosen
-    /// with the pid helper) and is returned stopped and traced.
-    pub fn fork_child(&mut self, pids: &mut PidSetter, want: i32, exit_signal: i32) -> Result<Pid, RestoreError> {
+    /// Creates a child of this (stopped) process by an injected `clone(flags)` (a fork: the exit signal,
+    /// maybe CLONE_PARENT); the child has pid `want` (chosen with the pid helper) and is returned
+    /// stopped and traced.
+    pub fn fork_child(&mut self, pids: &mut PidSetter, want: i32, flags: u64) -> Result<Pid, RestoreError> {
         create_with_pid(
             pids,
             want,
             want,
             |np: &mut Self| {
                 let e = np.perr();
-                np.leader().clone_task(exit_signal as u64 & 0xff, "forking a child").map_err(e)
+                np.leader().clone_task(flags, "forking a child").map_err(e)
             },
             |_, wrong| {
                 Self::kill_host(wrong);
@@ -890,6 +891,58 @@ impl NewProcess {
             },
             self,
         )
+    }
+
+    /// Creates a helper task with pid `want`: a child of this process's parent (init) in this process's
+    /// session and process group, sharing this process's memory (nothing is copied; the helper runs
+    /// nothing but injected syscalls that touch no memory).
+    pub fn clone_helper(&mut self, pids: &mut PidSetter, want: i32) -> Result<Helper, RestoreError> {
+        let flags = (libc::CLONE_VM | libc::CLONE_PARENT) as u64;
+        let host = create_with_pid(
+            pids,
+            want,
+            want,
+            |np: &mut Self| {
+                let e = np.perr();
+                np.leader().clone_task(flags, "creating a helper").map_err(e)
+            },
+            |_, wrong| {
+                Self::kill_host(wrong);
+                Ok(())
+            },
+            self,
+        )?;
+        match Injector::new(host, host, self.gadget) {
+            Ok(inj) => Ok(Helper { inj: Some(inj), host, ns_pid: want }),
+            Err(source) => {
+                Self::kill_host(host);
+                Err(RestoreError::Ptrace { pid: want, source })
+            }
+        }
+    }
+
+    /// Closes every fd (a helper or a fork of init holds nothing of its own).
+    pub fn close_all_fds(&mut self) -> Result<(), RestoreError> {
+        self.call(libc::SYS_close_range, &[0, u32::MAX as u64, 0]).map(drop)
+    }
+
+    /// Unmaps our scratch memory now: a helper that shares another process's memory must not leave it
+    /// there, nor hand it down to the processes it forks.
+    pub fn free_scratch(&mut self) -> Result<(), RestoreError> {
+        if let Some(scratch) = self.scratch.take() {
+            let e = self.perr();
+            scratch.free(self.leader()).map_err(e)?;
+        }
+        Ok(())
+    }
+
+    /// Ends a helper made with [`NewProcess::take`] (e.g. one that re-created a session): it exits, and
+    /// its parent (init) reaps it.
+    pub fn exit_helper(mut self) -> Result<(), RestoreError> {
+        let e = self.perr();
+        self.leader().syscall(libc::SYS_exit, &[0]).map_err(e)?;
+        self.released = true;
+        Ok(())
     }
 
     /// Replaces the address space (a copy of the parent's) with the checkpointed one.
@@ -1071,6 +1124,43 @@ impl Drop for NewProcess {
     fn drop(&mut self) {
         if !self.released {
             self.kill();
+        }
+    }
+}
+
+/// A helper task that holds a pid for a moment during a restore: it re-creates a process group whose
+/// leader has exited, so that the restored members can join it, and exits before anything runs (its
+/// parent, init, reaps it). Killed if dropped before [`Helper::exit`].
+pub struct Helper {
+    inj: Option<Injector>,
+    host: Pid,
+    ns_pid: i32,
+}
+
+impl Helper {
+    fn injector(&mut self) -> &mut Injector {
+        self.inj.as_mut().expect("a helper has its injector until it exits")
+    }
+
+    /// Makes the helper the leader of a new process group with its pid.
+    pub fn lead_group(&mut self) -> Result<(), RestoreError> {
+        let pid = self.ns_pid;
+        self.injector().call(libc::SYS_setpgid, &[0, 0]).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        Ok(())
+    }
+
+    pub fn exit(mut self) -> Result<(), RestoreError> {
+        let pid = self.ns_pid;
+        self.injector().syscall(libc::SYS_exit, &[0]).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        self.inj = None;
+        Ok(())
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if self.inj.is_some() {
+            NewProcess::kill_host(self.host);
         }
     }
 }

@@ -111,6 +111,8 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
                 let ids = deltacr::capture::ns_ids(host).unwrap();
                 assert_eq!((ids.ppid, ids.pgid, ids.sid), (p.ppid, p.pgid, p.sid), "round {round}: {p:?}");
                 assert_eq!(deltacr::capture::read_creds(host).unwrap(), st.creds, "round {round}: {p:?}");
+                let filters = deltacr::procfs::Status::read(host).unwrap().get("Seccomp_filters").unwrap().parse();
+                assert_eq!(filters, Ok(st.seccomp.len()), "round {round}: seccomp filters of {}", p.pid);
             }
         }
         wait_for(|| {

@@ -180,6 +180,12 @@ impl PidNs {
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
     /// appended to `out` if given. Returns (pid inside the namespace, host pid).
     pub fn spawn(&mut self, argv: &[&str], out: Option<&Path>, setsid: bool) -> (i32, Pid) {
+        let ns_pid = self.start(argv, out, setsid);
+        (ns_pid, self.host_pid(ns_pid))
+    }
+
+    /// Like [`PidNs::spawn`] for a program that may be gone by the time it returns: only its pid inside.
+    pub fn start(&mut self, argv: &[&str], out: Option<&Path>, setsid: bool) -> i32 {
         let bounding = format!("--bounding-set={DOCKER_CAPS}");
         let mut full: Vec<&str> = Vec::new();
         if self.userns {
@@ -190,30 +196,33 @@ impl PidNs {
         self.stdin.write_all(req.as_bytes()).unwrap();
         let mut line = String::new();
         self.stdout.read_line(&mut line).unwrap();
-        let ns_pid: i32 = line.trim().parse().unwrap_or_else(|_| panic!("init said {line:?}"));
-        (ns_pid, self.host_pid(ns_pid))
+        line.trim().parse().unwrap_or_else(|_| panic!("init said {line:?}"))
     }
 
     /// The host pid of a process of this namespace.
     pub fn host_pid(&self, ns_pid: i32) -> Pid {
+        wait_for(|| self.processes().into_iter().find(|&(_, p)| p == ns_pid).map(|(host, _)| host))
+    }
+
+    /// Every process of this namespace (with our templates and pid helper): (host pid, pid inside).
+    pub fn processes(&self) -> Vec<(Pid, i32)> {
         let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init)).unwrap();
-        wait_for(|| {
-            for e in std::fs::read_dir("/proc").ok()? {
-                let name = e.ok()?.file_name();
-                let Some(pid) = name.to_str().and_then(|s| s.parse::<i32>().ok()) else {
-                    continue;
-                };
-                if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
-                    continue;
-                }
-                let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-                let nspid = status.lines().find(|l| l.starts_with("NSpid:"))?;
-                if nspid.split_whitespace().last() == Some(&ns_pid.to_string()) {
-                    return Some(Pid::from_raw(pid));
-                }
+        let mut out = Vec::new();
+        for e in std::fs::read_dir("/proc").unwrap() {
+            let Some(pid) = e.unwrap().file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok().as_ref() != Some(&ns) {
+                continue;
             }
-            None
-        })
+            // Gone meanwhile: skip.
+            let Ok(status) = std::fs::read_to_string(format!("/proc/{pid}/status")) else {
+                continue;
+            };
+            let nspid = status.lines().find(|l| l.starts_with("NSpid:")).unwrap();
+            out.push((Pid::from_raw(pid), nspid.split_whitespace().last().unwrap().parse().unwrap()));
+        }
+        out
     }
 
     pub fn path(&self, name: &str) -> PathBuf {

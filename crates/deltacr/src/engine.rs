@@ -498,7 +498,11 @@ impl Engine {
                         &mut &*t,
                     )?;
                     inherited.insert(entry.pid, st.seccomp.len());
-                    NewProcess::take(host, entry.pid, t.gadget())?
+                    let mut np = NewProcess::take(host, entry.pid, t.gadget())?;
+                    // The template's cwd may name a directory that was deleted (and brought back by the
+                    // filesystem rollback) since: enter it again by path.
+                    np.enter_cwd(&st.cwd)?;
+                    np
                 }
                 _ => {
                     let (host, gadget, parent_creds) = match parent {

@@ -903,6 +903,15 @@ impl NewProcess {
         Ok(())
     }
 
+    /// Changes the process's working directory to `cwd` (a path inside the sandbox).
+    pub fn enter_cwd(&mut self, cwd: &str) -> Result<(), RestoreError> {
+        let mut path = cwd.as_bytes().to_vec();
+        path.push(0);
+        let addr = self.scratch().write(0, &path).map_err(self.perr())?;
+        self.call(libc::SYS_chdir, &[addr])?;
+        Ok(())
+    }
+
     /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
     /// personality, limits, and (when they differ from the parent's) credentials.
     pub fn restore_static(&mut self, st: &ProcessState, parent_creds: &Creds) -> Result<(), RestoreError> {
@@ -925,10 +934,7 @@ impl NewProcess {
         if current != st.personality {
             self.call(libc::SYS_personality, &[st.personality as u64])?;
         }
-        let mut cwd = st.cwd.as_bytes().to_vec();
-        cwd.push(0);
-        let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
-        self.call(libc::SYS_chdir, &[addr])?;
+        self.enter_cwd(&st.cwd)?;
         let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
         for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
             // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.

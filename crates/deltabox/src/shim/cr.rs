@@ -88,6 +88,21 @@ impl Freezer for CgroupFreezer {
     }
 }
 
+/// Longest chain of incremental images a restore reads before the newest is rewritten whole.
+const MAX_CHAIN: usize = 8;
+
+/// Rewrites image `id` with all its pages when its chain of parents got long, so restores stay fast
+/// (the image keeps its id; images built on it keep working).
+fn compact_if_long(store: &ImageStore, id: ImageId) {
+    match store.open_chain(id) {
+        Ok(images) if images.len() > MAX_CHAIN => match store.compact(id) {
+            Ok(info) => tracing::info!(image = %id, bytes = info.page_bytes, "compacted the image chain"),
+            Err(e) => tracing::warn!(image = %id, "cannot compact the image chain: {}", chain(&e)),
+        },
+        _ => {}
+    }
+}
+
 /// The sandbox as DeltaCR sees it (a free function, so it borrows only the fields it needs).
 fn sandbox(init: i32, freezer: &CgroupFreezer) -> Sandbox<'_> {
     Sandbox { init: Pid::from_raw(init), freezer }
@@ -208,6 +223,7 @@ impl Worker {
                 let result = job.write(&store).map(|info| info.page_bytes).map_err(|e| chain(&e));
                 flag.store(result.is_ok(), Ordering::SeqCst);
                 let _ = done_tx.send(result);
+                compact_if_long(&store, image);
             })
             .map_err(|e| format!("start the image writer: {e}"))?;
         self.kept.insert(stack.clone(), Kept { ckpt, image, written });

@@ -88,6 +88,8 @@ impl Freezer for CgroupFreezer {
     }
 }
 
+/// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
+const MAX_TEMPLATES: usize = 8;
 /// Longest chain of incremental images a restore reads before the newest is rewritten whole.
 const MAX_CHAIN: usize = 8;
 
@@ -154,12 +156,14 @@ struct Worker {
     engine: Engine,
     freezer: CgroupFreezer,
     kept: HashMap<String, Kept>,
+    /// Stacks of `kept`, oldest first.
+    order: std::collections::VecDeque<String>,
 }
 
 impl Worker {
     fn new(parts: Parts) -> Worker {
         let freezer = CgroupFreezer(parts.cgroup.clone());
-        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new() }
+        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new(), order: Default::default() }
     }
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
@@ -185,6 +189,7 @@ impl Worker {
                 }
                 Job::Forget { stack } => {
                     self.kept.remove(&stack);
+                    self.order.retain(|s| *s != stack);
                 }
             }
         }
@@ -227,7 +232,23 @@ impl Worker {
             })
             .map_err(|e| format!("start the image writer: {e}"))?;
         self.kept.insert(stack.clone(), Kept { ckpt, image, written });
+        self.order.push_back(stack.clone());
+        self.limit_templates();
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
+    }
+
+    /// Templates hold the pages their processes changed since: keep them for the newest checkpoints only
+    /// (older ones are restored from their image). One whose image is not written yet is kept.
+    fn limit_templates(&mut self) {
+        while self.order.len() > MAX_TEMPLATES {
+            let oldest = self.order.front().expect("not empty").clone();
+            if !self.kept.get(&oldest).is_some_and(|k| k.written.load(Ordering::SeqCst)) {
+                break;
+            }
+            self.order.pop_front();
+            self.kept.remove(&oldest);
+            tracing::debug!(stack = %oldest, "dropped the templates of an older checkpoint");
+        }
     }
 
     fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {

@@ -15,8 +15,9 @@ use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
 use crate::plan::{self, PlanError};
 use crate::procfs::{self, ProcError};
+use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, NewProcess, RestoreError};
-use crate::state::{ProcessEntry, ProcessKind, ProcessState, TreeState};
+use crate::state::{Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
 use crate::template::{self, Detach, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
@@ -36,6 +37,8 @@ pub enum CrError {
     Proc(#[from] ProcError),
     #[error("cannot restore")]
     Plan(#[from] PlanError),
+    #[error("cannot restore")]
+    Pty(#[from] PtyError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
     #[error("cannot make an image id")]
@@ -115,11 +118,14 @@ enum Memory<'a> {
     Image(&'a mut ImageChain),
 }
 
-/// Timings of one restore.
+/// What one restore did.
 #[derive(Debug, Clone, Default)]
 pub struct RestoreStats {
     pub total: Duration,
     pub processes: usize,
+    /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
+    /// terminal is gone (see [`Degraded`]). Empty when everything came back as it was.
+    pub degraded: Vec<Degraded>,
 }
 
 /// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
@@ -256,19 +262,31 @@ impl Engine {
                 } else {
                     Detach::Session
                 };
-                let ctty = if ids.sid == ids.pid {
-                    capture::controlling_pty(l.seized.pid)?.map(|(index, fg)| {
-                        let path = fds
-                            .iter()
-                            .find_map(|f| match &files[f.file as usize].kind {
-                                crate::state::FileKind::Tty { path, index: i, .. } if *i == index => Some(path.clone()),
-                                _ => None,
-                            })
-                            .unwrap_or_else(|| format!("/dev/pts/{index}"));
-                        crate::state::Ctty { index, path, foreground: pgids.get(&fg).copied() }
-                    })
-                } else {
-                    None
+                let ctty = match capture::controlling_pty(l.seized.pid)? {
+                    Some((index, fg)) if ids.sid == ids.pid => {
+                        let held = fds.iter().find_map(|f| match &files[f.file as usize].kind {
+                            FileKind::Tty { path, index: i, node, .. } if *i == index => Some((path.clone(), *node)),
+                            _ => None,
+                        });
+                        let (path, node) = match held {
+                            Some(held) => held,
+                            None => {
+                                // A session leader that holds no fd on its terminal: look at the node.
+                                let path = format!("/dev/pts/{index}");
+                                let meta = std::fs::metadata(format!("/proc/{}/root{path}", l.seized.pid)).map_err(
+                                    |source| FileError::Io {
+                                        pid: ids.pid,
+                                        fd: -1,
+                                        what: "find its controlling terminal",
+                                        source,
+                                    },
+                                )?;
+                                (path, PtyNode::of(&meta))
+                            }
+                        };
+                        Some(Ctty { index, path, node, foreground: pgids.get(&fg).copied() })
+                    }
+                    _ => None,
                 };
                 let gadget = l.gadget;
                 let t = template::create(&mut l.injectors[0], gadget, detach)?;
@@ -430,8 +448,9 @@ impl Engine {
         sb: &Sandbox<'_>,
     ) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
+        let ptys = PtyPlan::new(tree, sb.init)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(tree, &mut mem, sb, &mut made);
+        let res = self.restore_into(tree, &mut mem, sb, &ptys, &mut made);
         if let Err(e) = res {
             // Dropping a process that was not released kills it.
             drop(made);
@@ -441,7 +460,11 @@ impl Engine {
         for (np, _) in made {
             np.release()?;
         }
-        Ok(RestoreStats { total: start.elapsed(), processes })
+        let degraded = ptys.degraded(tree);
+        for d in &degraded {
+            tracing::warn!("restore: {d}");
+        }
+        Ok(RestoreStats { total: start.elapsed(), processes, degraded })
     }
 
     fn restore_into<'c>(
@@ -449,6 +472,7 @@ impl Engine {
         tree: &'c TreeState,
         mem: &mut Memory<'_>,
         sb: &Sandbox<'_>,
+        ptys: &PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
     ) -> Result<(), CrError> {
         let plan = plan::plan(tree)?;
@@ -538,8 +562,8 @@ impl Engine {
                 np.set_session_leader()?;
             }
             let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
-            np.restore_fds(&st.fds, create, &tree.files, &plan.fds)?;
-            if let Some(ctty) = &st.ctty {
+            np.restore_fds(&st.fds, create, &tree.files, &plan.fds, ptys)?;
+            if let Some(ctty) = st.ctty.as_ref().filter(|c| ptys.lost(c.index).is_none()) {
                 np.set_controlling_tty(ctty, &st.fds, &tree.files)?;
             }
             np.restore_process_misc(st)?;
@@ -559,7 +583,7 @@ impl Engine {
         // Terminals get their foreground process group once every group exists.
         for (np, e) in made.iter_mut() {
             if let ProcessKind::Live(st) = &e.kind {
-                if let Some(ctty) = &st.ctty {
+                if let Some(ctty) = st.ctty.as_ref().filter(|c| ptys.lost(c.index).is_none()) {
                     np.set_foreground(ctty, &st.fds, &tree.files)?;
                 }
             }

@@ -10,6 +10,7 @@ pub mod pidns;
 pub mod plan;
 pub mod procfs;
 pub mod ptrace;
+pub mod pty;
 pub mod restore;
 pub mod sockdiag;
 pub mod state;
@@ -18,3 +19,4 @@ pub mod template;
 
 pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, RestoreStats, Sandbox};
 pub use freezer::{CgroupFreezer, Freezer};
+pub use pty::{Degraded, PtyLoss};

@@ -15,6 +15,7 @@ use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
+use crate::pty::PtyPlan;
 use crate::state::{Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, SigInfo, ThreadState};
 use crate::sys;
 
@@ -217,6 +218,7 @@ impl NewProcess {
         create: &[u32],
         files: &[OpenFile],
         plan: &FdPlan,
+        ptys: &PtyPlan,
     ) -> Result<(), RestoreError> {
         let mut made_pipes: HashMap<u64, ()> = HashMap::new();
         for &id in create {
@@ -242,7 +244,12 @@ impl NewProcess {
                     let tmp = self.make_unix(target, of)?;
                     self.place(tmp, plan.temp(id))?;
                 }
-                FileKind::Tty { path, index, termios, winsize } => {
+                kind if ptys.replaced(kind).is_some() => {
+                    let tmp = self.open_null(target, of.flags)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::HungUpTty { .. } => unreachable!("a hung-up terminal is always replaced"),
+                FileKind::Tty { path, index, termios, winsize, .. } => {
                     let tmp = self.open_tty(target, path, *index, of.flags)?;
                     let io = |what| self.io_err(target, what);
                     let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
@@ -593,6 +600,20 @@ impl NewProcess {
         self.call(libc::SYS_close, &[both as u64])?;
         filled?;
         tmp
+    }
+
+    /// Opens /dev/null in place of a terminal that cannot be restored, with the description's access
+    /// mode and non-blocking flag.
+    fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
+        let addr = self.scratch().write(0, b"/dev/null\0").map_err(self.perr())?;
+        let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
+        let r = self.call_file(
+            target,
+            "open /dev/null in place of its terminal",
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        )?;
+        Ok(r as i32)
     }
 
     /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done

@@ -4,11 +4,10 @@
 
 mod common;
 
-use std::io::{Read, Write};
+use std::io::Write;
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
 
-use common::{python, PidNs};
+use common::{python, read_until, PidNs};
 use deltacr::Engine;
 
 const SPAWN: &str = r#"
@@ -23,28 +22,13 @@ os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
 
 struct Term {
     master: std::fs::File,
-    seen: String,
 }
 
 impl Term {
     /// Sends a line and waits until `marker` appears in the output after it.
     fn run(&mut self, line: &str, marker: &str) -> String {
-        self.seen.clear();
         self.master.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let start = Instant::now();
-        let mut buf = [0u8; 4096];
-        while !self.seen.contains(marker) {
-            assert!(start.elapsed() < Duration::from_secs(10), "no {marker:?} after {line:?}; saw {:?}", self.seen);
-            match self.master.read(&mut buf) {
-                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-                // EIO: no process has the slave open at this moment (between kill and restore).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => panic!("pty read: {e}"),
-            }
-        }
-        self.seen.clone()
+        read_until(&mut self.master, marker)
     }
 }
 
@@ -57,7 +41,7 @@ fn interactive_bash_session_comes_back_whole() {
     let py = python();
     ns.spawn(&[py.as_str(), "-c", SPAWN, slave_path.to_str().unwrap()], None, true);
     drop(pty.slave);
-    let mut t = Term { master: std::fs::File::from(pty.master), seen: String::new() };
+    let mut t = Term { master: std::fs::File::from(pty.master) };
     t.run("echo \"up-$((40+2))\"", "up-42");
     t.run("cd /tmp && export EXP=e1 && LOC=l1", "$ ");
     t.run("f() { echo \"fn-$1\"; }", "$ ");

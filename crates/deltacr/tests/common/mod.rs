@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -56,7 +57,13 @@ pub struct PidNs {
 struct Options {
     userns: bool,
     cgroup2: bool,
+    own_dev: bool,
 }
+
+/// Run before init in a namespace with its own /dev/pts (as a sandbox has) and its own tmpfs at
+/// `$1` (a sandbox's /dev tmpfs, where the shim makes its session FIFOs); then execs the rest.
+const OWN_DEV: &str = "mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts && \
+mount --bind /dev/pts/ptmx /dev/ptmx && mount -t tmpfs tmpfs \"$1\" && shift && exec \"$@\"";
 
 /// Where freezer cgroups go: the v1 freezer hierarchy when the host has one (and cgroup2 is not
 /// asked for), else the cgroup2 tree (a hybrid host's `unified` mount or the pure cgroup2 root).
@@ -122,6 +129,12 @@ impl PidNs {
         Self::create(Duration::from_secs(60), Options { userns: true, ..Options::default() })
     }
 
+    /// A namespace with its own devpts instance (its ptys are numbered from 0, apart from the host's)
+    /// and its own tmpfs at [`PidNs::dev_dir`], as a sandbox's /dev is.
+    pub fn with_own_dev() -> PidNs {
+        Self::create(Duration::from_secs(60), Options { own_dev: true, ..Options::default() })
+    }
+
     fn create(limit: Duration, opts: Options) -> PidNs {
         let userns = opts.userns;
         let _ = tracing_subscriber::fmt()
@@ -135,8 +148,13 @@ impl PidNs {
         if userns {
             cmd.arg("--map-root-user");
         }
+        cmd.args(["--pid", "--fork", "--mount-proc"]);
+        if opts.own_dev {
+            let dev = dir.path().join("dev");
+            std::fs::create_dir(&dev).unwrap();
+            cmd.args(["sh", "-c", OWN_DEV, "sh"]).arg(dev);
+        }
         let mut unshare = cmd
-            .args(["--pid", "--fork", "--mount-proc"])
             .arg(if userns { SYSTEM_PYTHON.to_string() } else { python() })
             .arg("-u")
             .arg(&script)
@@ -219,6 +237,51 @@ impl PidNs {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The directory that is a tmpfs of this namespace's own (see [`PidNs::with_own_dev`]), as its
+    /// processes name it.
+    pub fn dev_dir(&self) -> PathBuf {
+        self.path("dev")
+    }
+
+    /// `path` (as the namespace's processes name it) seen from the host.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.init, path.display()))
+    }
+
+    /// Opens a new pty of the namespace's devpts, as the shim does for a session: returns its
+    /// (unlocked, non-blocking) master and its number.
+    pub fn open_pty(&self) -> (std::fs::File, u32) {
+        let master = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(self.inside(Path::new("/dev/ptmx")))
+            .unwrap();
+        rustix::pty::unlockpt(&master).unwrap();
+        let index = deltacr::sys::pty_index(std::os::fd::AsFd::as_fd(&master)).unwrap();
+        (master, index)
+    }
+}
+
+/// Reads what is available on a non-blocking pty master until `marker` shows up (at most 10 s).
+/// EIO (no slave open at the moment, e.g. between kill and restore) counts as nothing yet.
+pub fn read_until(master: &mut std::fs::File, marker: &str) -> String {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(marker) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no {marker:?} on the terminal; saw {seen:?}");
+        match master.read(&mut buf) {
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("pty read: {e}"),
+        }
+    }
+    seen
 }
 
 impl Drop for PidNs {

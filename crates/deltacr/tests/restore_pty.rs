@@ -1,0 +1,142 @@
+//! Processes on a pty whose master (the shim's) is closed: a checkpoint stays restorable. Their fds on
+//! the lost terminal become /dev/null, they lose it as controlling terminal, and the restore says so.
+
+mod common;
+
+use std::path::Path;
+
+use common::{python, read_until, wait_for, PidNs};
+use deltacr::state::FileKind;
+use deltacr::{Degraded, Engine, PtyLoss};
+
+/// A session leader that takes the terminal argv[2] as its controlling terminal and stdio, ignores
+/// SIGHUP (as `nohup` does), says "up" on it and then counts into the file argv[1].
+const ON_PTY: &str = r#"
+import os, signal, sys, time
+signal.signal(signal.SIGHUP, signal.SIG_IGN)
+fd = os.open(sys.argv[2], os.O_RDWR)
+for i in (0, 1, 2):
+    os.dup2(fd, i)
+os.close(fd)
+os.write(1, b"up\n")
+out = open(sys.argv[1], "a")
+i = 0
+while True:
+    i += 1
+    out.write("%d\n" % i)
+    out.flush()
+    time.sleep(0.005)
+"#;
+
+fn lines(path: &Path) -> usize {
+    std::fs::read_to_string(path).unwrap_or_default().lines().count()
+}
+
+/// The fd targets of a process, as the host sees them.
+fn fd_link(host: nix::unistd::Pid, fd: i32) -> String {
+    std::fs::read_link(format!("/proc/{host}/fd/{fd}")).unwrap().to_string_lossy().into_owned()
+}
+
+/// The controlling terminal of a process (tty_nr of /proc/PID/stat; 0 = none).
+fn tty_nr(host: nix::unistd::Pid) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{host}/stat")).unwrap();
+    let after_comm = &stat[stat.rfind(')').unwrap() + 2..];
+    after_comm.split(' ').nth(4).unwrap().parse().unwrap()
+}
+
+/// Starts ON_PTY on a new pty of `ns`; returns the master, the program's pid and its output file.
+fn start_on_pty(ns: &mut PidNs) -> (std::fs::File, i32, std::path::PathBuf) {
+    let (mut master, index) = ns.open_pty();
+    let out = ns.path("out");
+    let py = python();
+    let (pid, host) = ns.spawn(&[&py, "-c", ON_PTY, out.to_str().unwrap(), &format!("/dev/pts/{index}")], None, true);
+    read_until(&mut master, "up");
+    assert_ne!(tty_nr(host), 0, "the program has its controlling terminal");
+    (master, pid, out)
+}
+
+/// Kills the tree, restores `ckpt`, checks the program counts on with /dev/null as stdio and no
+/// controlling terminal, and returns what the restore reported as degraded.
+fn restore_on_dev_null(
+    engine: &mut Engine,
+    ns: &PidNs,
+    ckpt: &deltacr::Checkpoint,
+    pid: i32,
+    out: &Path,
+) -> Vec<Degraded> {
+    let sb = ns.sandbox();
+    engine.kill_processes(&sb).unwrap();
+    let before = lines(out);
+    let stats = engine.restore(ckpt, &sb).unwrap();
+    wait_for(|| (lines(out) > before + 3).then_some(()));
+    let host = ns.host_pid(pid);
+    for fd in 0..3 {
+        assert_eq!(fd_link(host, fd), "/dev/null", "fd {fd}");
+    }
+    assert_eq!(tty_nr(host), 0, "no controlling terminal");
+    stats.degraded
+}
+
+#[test]
+fn a_terminal_hung_up_before_the_checkpoint_becomes_dev_null() {
+    let mut ns = PidNs::with_own_dev();
+    let (master, pid, out) = start_on_pty(&mut ns);
+    let host = ns.host_pid(pid);
+    drop(master);
+    wait_for(|| fd_link(host, 0).ends_with(" (deleted)").then_some(()));
+
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    assert!(
+        ckpt.tree.files.iter().any(|f| matches!(f.kind, FileKind::HungUpTty { index: 0, .. })),
+        "{:?}",
+        ckpt.tree.files
+    );
+    for _ in 0..2 {
+        let degraded = restore_on_dev_null(&mut engine, &ns, &ckpt, pid, &out);
+        let fds: Vec<Option<i32>> = degraded.iter().map(|d| d.fd).collect();
+        assert_eq!(fds, [Some(0), Some(1), Some(2)], "{degraded:?}");
+        assert!(degraded.iter().all(|d| d.pid == pid && d.reason == PtyLoss::HungUp && d.path == "/dev/pts/0"));
+    }
+}
+
+#[test]
+fn a_terminal_whose_number_went_to_another_terminal_is_not_taken_over() {
+    let mut ns = PidNs::with_own_dev();
+    let (master, pid, out) = start_on_pty(&mut ns);
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    // The session's client leaves; once the tree is killed, a new session gets pty 0.
+    drop(master);
+    engine.kill_processes(&sb).unwrap();
+    let (other, index) = ns.open_pty();
+    assert_eq!(index, 0);
+    for _ in 0..2 {
+        let degraded = restore_on_dev_null(&mut engine, &ns, &ckpt, pid, &out);
+        let fds: Vec<Option<i32>> = degraded.iter().map(|d| d.fd).collect();
+        assert_eq!(fds, [Some(0), Some(1), Some(2), None], "fds and the controlling terminal: {degraded:?}");
+        assert!(degraded.iter().all(|d| d.reason == PtyLoss::Taken), "{degraded:?}");
+        assert!(degraded[3].to_string().contains("lost its controlling terminal /dev/pts/0"), "{}", degraded[3]);
+    }
+    drop(other);
+}
+
+#[test]
+fn a_terminal_closed_after_the_checkpoint_becomes_dev_null() {
+    let mut ns = PidNs::with_own_dev();
+    let (master, pid, out) = start_on_pty(&mut ns);
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    drop(master);
+    for _ in 0..2 {
+        let degraded = restore_on_dev_null(&mut engine, &ns, &ckpt, pid, &out);
+        assert_eq!(degraded.len(), 4, "{degraded:?}");
+        assert!(degraded.iter().all(|d| d.reason == PtyLoss::Gone), "{degraded:?}");
+    }
+}

@@ -1,7 +1,8 @@
 //! The engine: checkpoint and restore of a sandbox's process tree, driven from one tracer thread.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -119,22 +120,34 @@ enum Memory<'a> {
 }
 
 /// What one restore did.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Default)]
 pub struct RestoreStats {
     pub total: Duration,
     pub processes: usize,
     /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
-    /// terminal is gone (see [`Degraded`]). Empty when everything came back as it was.
+    /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
+    /// back as it was.
     pub degraded: Vec<Degraded>,
+    /// Masters of the ptys the restore created (by pty number) because the restored processes had
+    /// their slave open and the pty did not exist in the sandbox any more. The caller serves them
+    /// (e.g. as shell sessions); closing one hangs its terminal up.
+    pub pty_masters: BTreeMap<u32, OwnedFd>,
 }
 
 /// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
 /// create it on the shim's dedicated DeltaCR thread and keep it there.
 pub struct Engine {
-    /// Pid helpers by (init's host pid, inode of its pid namespace): a recycled init pid of another
-    /// sandbox gets its own helper.
-    pid_setters: HashMap<(Pid, u64), PidSetter>,
+    /// By (init's host pid, inode of its pid namespace): a recycled init pid of another sandbox gets
+    /// its own.
+    sandboxes: HashMap<(Pid, u64), SandboxState>,
     _tracer_thread: PhantomData<*const ()>,
+}
+
+/// What the engine keeps per sandbox.
+struct SandboxState {
+    pids: PidSetter,
+    /// Ptys made by restores: node at checkpoint time -> the node of the pty made to replace it.
+    pty_aliases: HashMap<PtyNode, PtyNode>,
 }
 
 impl Default for Engine {
@@ -149,20 +162,26 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine { pid_setters: HashMap::new(), _tracer_thread: PhantomData }
+        Engine { sandboxes: HashMap::new(), _tracer_thread: PhantomData }
+    }
+
+    fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
+        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
+            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
+        // The state of sandboxes that are gone (their namespace died with them) is dropped.
+        self.sandboxes.retain(|(pid, ino), _| {
+            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
+        });
+        match self.sandboxes.entry((init, ns.ino())) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(SandboxState { pids: PidSetter::spawn(init)?, pty_aliases: HashMap::new() }))
+            }
+        }
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
-        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
-            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
-        // Helpers of sandboxes that are gone (their namespace died with them) are dropped.
-        self.pid_setters.retain(|(pid, ino), _| {
-            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
-        });
-        match self.pid_setters.entry((init, ns.ino())) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(PidSetter::spawn(init)?)),
-        }
+        Ok(&mut self.sandbox(init)?.pids)
     }
 
     /// The sandbox's processes, parents first, without our templates and helper.
@@ -448,9 +467,9 @@ impl Engine {
         sb: &Sandbox<'_>,
     ) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
-        let ptys = PtyPlan::new(tree, sb.init)?;
+        let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(tree, &mut mem, sb, &ptys, &mut made);
+        let res = self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made);
         if let Err(e) = res {
             // Dropping a process that was not released kills it.
             drop(made);
@@ -464,7 +483,9 @@ impl Engine {
         for d in &degraded {
             tracing::warn!("restore: {d}");
         }
-        Ok(RestoreStats { total: start.elapsed(), processes, degraded })
+        let (pty_masters, aliases) = ptys.into_created();
+        self.sandbox(sb.init)?.pty_aliases.extend(aliases);
+        Ok(RestoreStats { total: start.elapsed(), processes, degraded, pty_masters })
     }
 
     fn restore_into<'c>(
@@ -472,7 +493,7 @@ impl Engine {
         tree: &'c TreeState,
         mem: &mut Memory<'_>,
         sb: &Sandbox<'_>,
-        ptys: &PtyPlan,
+        ptys: &mut PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
     ) -> Result<(), CrError> {
         let plan = plan::plan(tree)?;
@@ -563,8 +584,8 @@ impl Engine {
             }
             let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
             np.restore_fds(&st.fds, create, &tree.files, &plan.fds, ptys)?;
-            if let Some(ctty) = st.ctty.as_ref().filter(|c| ptys.lost(c.index).is_none()) {
-                np.set_controlling_tty(ctty, &st.fds, &tree.files)?;
+            if let Some(ctty) = &st.ctty {
+                np.set_controlling_tty(ctty, &st.fds, &tree.files, ptys)?;
             }
             np.restore_process_misc(st)?;
             np.create_threads(st, pids)?;
@@ -583,8 +604,8 @@ impl Engine {
         // Terminals get their foreground process group once every group exists.
         for (np, e) in made.iter_mut() {
             if let ProcessKind::Live(st) = &e.kind {
-                if let Some(ctty) = st.ctty.as_ref().filter(|c| ptys.lost(c.index).is_none()) {
-                    np.set_foreground(ctty, &st.fds, &tree.files)?;
+                if let Some(ctty) = &st.ctty {
+                    np.set_foreground(ctty, &st.fds, &tree.files, ptys)?;
                 }
             }
         }

@@ -276,7 +276,7 @@ pub enum FileKind {
 /// Which pty a `/dev/pts/N` node is. A pty index is reused once its terminal is gone, and the node of
 /// the new terminal has the same inode number (index + 3) but a new change time (devpts sets it when
 /// it creates the node; only chmod/chown change it later).
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct PtyNode {
     /// The devpts instance.
     pub dev: u64,

@@ -1,11 +1,16 @@
-//! Processes on a pty whose master (the shim's) is closed: a checkpoint stays restorable. Their fds on
-//! the lost terminal become /dev/null, they lose it as controlling terminal, and the restore says so.
+//! Processes on a pty whose master (the shim's) is closed, or restored into another sandbox: the restore
+//! makes a pty with the same number and hands its master over; when that is impossible (or the number
+//! belongs to another terminal now), their fds on it become /dev/null, they lose it as controlling
+//! terminal, and the restore says so.
 
 mod common;
 
 use std::path::Path;
 
-use common::{python, read_until, wait_for, PidNs};
+use std::os::unix::fs::OpenOptionsExt;
+
+use common::{python, read_until, wait_for, PidNs, Term, BASH_ON_PTY};
+use deltacr::image::ImageStore;
 use deltacr::state::FileKind;
 use deltacr::{Degraded, Engine, PtyLoss};
 
@@ -126,17 +131,110 @@ fn a_terminal_whose_number_went_to_another_terminal_is_not_taken_over() {
 }
 
 #[test]
-fn a_terminal_closed_after_the_checkpoint_becomes_dev_null() {
+fn a_shell_whose_terminal_was_closed_gets_a_pty_with_its_number_again() {
     let mut ns = PidNs::with_own_dev();
-    let (master, pid, out) = start_on_pty(&mut ns);
+    let (master, index) = ns.open_pty();
+    let py = python();
+    ns.spawn(&[&py, "-c", BASH_ON_PTY, &format!("/dev/pts/{index}")], None, true);
+    let mut t = Term::new(master);
+    t.run("X=41; stty cols 91 rows 31; echo \"ok$((1+1))\"", "ok2");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     sb.freezer.freeze().unwrap();
     let ckpt = engine.checkpoint(&sb).unwrap();
+    // The client leaves: the shim closes the master and bash dies of the hangup.
+    drop(t);
+    engine.kill_processes(&sb).unwrap();
+    let mut stats = engine.restore(&ckpt, &sb).unwrap();
+    assert!(stats.degraded.is_empty(), "{:?}", stats.degraded);
+    assert_eq!(stats.pty_masters.keys().copied().collect::<Vec<_>>(), [index]);
+    let mut t = Term::new(stats.pty_masters.remove(&index).unwrap());
+    let out = t.run("echo \"V$((X+1)):$(tty):$(stty size)\"", "V42:");
+    assert!(out.contains(&format!("V42:/dev/pts/{index}:31 91")), "{out:?}");
+    // Restored again while the shim serves the pty made by the first restore: it is reused.
+    engine.kill_processes(&sb).unwrap();
+    let stats = engine.restore(&ckpt, &sb).unwrap();
+    assert!(stats.degraded.is_empty() && stats.pty_masters.is_empty(), "{stats:?}");
+    let out = t.run("echo \"W$((X+2)):$(tty)\"", "W43:");
+    assert!(out.contains(&format!("W43:/dev/pts/{index}")), "{out:?}");
+}
+
+/// The entries of a namespace's /dev/pts.
+fn pts_entries(ns: &PidNs) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(ns.inside(Path::new("/dev/pts")))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+#[test]
+fn a_shell_forked_into_another_sandbox_gets_its_pty_made_there() {
+    let mut a = PidNs::with_own_dev();
+    let mut masters: Vec<(std::fs::File, u32)> = (0..3).map(|_| a.open_pty()).collect();
+    let (master, index) = masters.pop().unwrap();
+    assert_eq!(index, 2);
+    let py = python();
+    a.spawn(&[&py, "-c", BASH_ON_PTY, "/dev/pts/2"], None, true);
+    let mut t = Term::new(master);
+    t.run("X=41; stty cols 77 rows 33; echo \"ok$((1+1))\"", "ok2");
+    let mut engine = Engine::new();
+    let sb = a.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let store = ImageStore::new(&a.path("images")).unwrap();
+    let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+
+    let b = PidNs::with_own_dev();
+    assert_eq!(pts_entries(&b), ["ptmx"]);
+    let mut stats = engine.restore_image(&mut store.open_chain(id).unwrap(), &b.sandbox()).unwrap();
+    assert!(stats.degraded.is_empty(), "{:?}", stats.degraded);
+    assert_eq!(stats.pty_masters.keys().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(pts_entries(&b), ["2", "ptmx"], "ptys 0 and 1, made on the way, are gone again");
+    let mut tb = Term::new(stats.pty_masters.remove(&2).unwrap());
+    let out = tb.run("echo \"V$((X+1)):$(tty):$(stty size)\"", "V42:");
+    assert!(out.contains("V42:/dev/pts/2:33 77"), "{out:?}");
+    // The original runs on in its own sandbox.
+    let out = t.run("echo \"A$((X+2))\"", "A43");
+    assert!(out.contains("A43"), "{out:?}");
+}
+
+#[test]
+fn a_pty_number_still_in_use_without_its_node_cannot_be_made() {
+    let mut a = PidNs::with_own_dev();
+    let (_master, pid, out) = start_on_pty(&mut a);
+    let mut engine = Engine::new();
+    let sb = a.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let store = ImageStore::new(&a.path("images")).unwrap();
+    let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+    engine.kill_processes(&sb).unwrap();
+
+    // In the other sandbox pty 0 has lost its node (master closed) but a slave keeps its number.
+    let b = PidNs::with_own_dev();
+    let (master, index) = b.open_pty();
+    assert_eq!(index, 0);
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(b.inside(Path::new("/dev/pts/0")))
+        .unwrap();
     drop(master);
-    for _ in 0..2 {
-        let degraded = restore_on_dev_null(&mut engine, &ns, &ckpt, pid, &out);
-        assert_eq!(degraded.len(), 4, "{degraded:?}");
-        assert!(degraded.iter().all(|d| d.reason == PtyLoss::Gone), "{degraded:?}");
+    assert_eq!(pts_entries(&b), ["ptmx"]);
+    let before = lines(&out);
+    let stats = engine.restore_image(&mut store.open_chain(id).unwrap(), &b.sandbox()).unwrap();
+    assert!(stats.pty_masters.is_empty());
+    assert_eq!(stats.degraded.len(), 4, "fds 0-2 and the controlling terminal: {:?}", stats.degraded);
+    for d in &stats.degraded {
+        assert!(matches!(&d.reason, PtyLoss::CannotCreate(why) if why.contains("still in use")), "{d}");
     }
+    assert_eq!(pts_entries(&b), ["ptmx"], "the pty made on the way is gone again");
+    wait_for(|| (lines(&out) > before + 3).then_some(()));
+    let host = b.host_pid(pid);
+    assert_eq!(fd_link(host, 1), "/dev/null");
+    assert_eq!(tty_nr(host), 0);
+    drop(slave);
 }

@@ -264,8 +264,39 @@ impl PidNs {
     }
 }
 
-/// Reads what is available on a non-blocking pty master until `marker` shows up (at most 10 s).
-/// EIO (no slave open at the moment, e.g. between kill and restore) counts as nothing yet.
+/// Runs an interactive bash on the terminal argv[1] (its stdio and controlling terminal).
+pub const BASH_ON_PTY: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for i in (0, 1, 2):
+    os.dup2(fd, i)
+os.close(fd)
+os.environ.update(TERM="dumb", PS1="$ ", HISTFILE="/dev/null")
+os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+"#;
+
+/// The master side of a terminal, as the shim holds it for a shell session.
+pub struct Term {
+    pub master: std::fs::File,
+}
+
+impl Term {
+    /// Takes a pty master (made non-blocking).
+    pub fn new(master: impl Into<std::os::fd::OwnedFd>) -> Term {
+        let master = master.into();
+        nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+        Term { master: master.into() }
+    }
+
+    /// Sends a line and waits until `marker` appears in the output after it.
+    pub fn run(&mut self, line: &str, marker: &str) -> String {
+        self.master.write_all(format!("{line}\n").as_bytes()).unwrap();
+        read_until(&mut self.master, marker)
+    }
+}
+
+/// Reads what is available on a non-blocking pty master (or FIFO) until `marker` shows up (at most
+/// 10 s). EIO (no slave open at the moment, e.g. between kill and restore) counts as nothing yet.
 pub fn read_until(master: &mut std::fs::File, marker: &str) -> String {
     use std::io::Read;
     let start = Instant::now();

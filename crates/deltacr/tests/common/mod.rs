@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deltacr::Freezer;
 use nix::unistd::Pid;
+use sandbox::cgroup::{Cgroup, Limits};
 
 const INIT_PY: &str = r#"
 import json, os, signal, subprocess, sys, threading, time
@@ -48,15 +48,15 @@ pub struct PidNs {
     stdout: BufReader<ChildStdout>,
     pub init: Pid,
     pub dir: tempfile::TempDir,
-    /// A cgroup v1 freezer cgroup holding init and everything it starts.
-    pub freezer: deltacr::CgroupFreezer,
+    /// The namespace's cgroup (the sandbox crate's, as the shim has), holding init and everything it
+    /// starts.
+    pub cgroup: Cgroup,
     userns: bool,
 }
 
 #[derive(Default)]
 struct Options {
     userns: bool,
-    cgroup2: bool,
     own_dev: bool,
 }
 
@@ -64,20 +64,6 @@ struct Options {
 /// `$1` (a sandbox's /dev tmpfs, where the shim makes its session FIFOs); then execs the rest.
 const OWN_DEV: &str = "mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts && \
 mount --bind /dev/pts/ptmx /dev/ptmx && mount -t tmpfs tmpfs \"$1\" && shift && exec \"$@\"";
-
-/// Where freezer cgroups go: the v1 freezer hierarchy when the host has one (and cgroup2 is not
-/// asked for), else the cgroup2 tree (a hybrid host's `unified` mount or the pure cgroup2 root).
-fn freezer_root(cgroup2: bool) -> PathBuf {
-    let v1 = PathBuf::from("/sys/fs/cgroup/freezer");
-    let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
-    if !cgroup2 && v1.exists() {
-        v1
-    } else if hybrid.join("cgroup.procs").exists() {
-        hybrid
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
-}
 
 /// The distribution's python (not a wrapper script).
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
@@ -115,11 +101,6 @@ impl PidNs {
     /// A namespace killed after `limit` (so a hung ptrace wait fails the test instead of blocking it).
     pub fn with_watchdog(limit: Duration) -> PidNs {
         Self::create(limit, Options::default())
-    }
-
-    /// A namespace frozen through cgroup2's `cgroup.freeze` (as on pure cgroup2 hosts).
-    pub fn with_cgroup2_freezer() -> PidNs {
-        Self::create(Duration::from_secs(60), Options { cgroup2: true, ..Options::default() })
     }
 
     /// Closer to a real sandbox: also a user namespace (owning the pid namespace), and programs started
@@ -172,27 +153,27 @@ impl PidNs {
             let kids = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children")).ok()?;
             kids.split_whitespace().next().and_then(|s| s.parse().ok()).map(Pid::from_raw)
         });
-        let cg = freezer_root(opts.cgroup2).join(format!("deltacr-test-{}", init.as_raw()));
-        std::fs::create_dir_all(&cg).unwrap();
-        std::fs::write(cg.join("cgroup.procs"), init.as_raw().to_string()).unwrap();
-        let freezer = deltacr::CgroupFreezer::new(&cg).unwrap();
+        let cgroup = Cgroup::create(&format!("deltacr-test-{}", init.as_raw()), &Limits::default()).unwrap();
+        cgroup.add_process(init.as_raw()).unwrap();
         // A hung ptrace wait would block the test forever: kill the namespace after `limit`, so the
         // test fails instead.
         // A pidfd, so a recycled pid is never hit.
         let watched = deltacr::sys::pidfd_open(init).unwrap();
-        let watched_freezer = freezer.clone();
+        let name = cgroup.name().to_string();
         std::thread::spawn(move || {
             std::thread::sleep(limit);
             // Frozen tasks do not die until thawed.
             if rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL).is_ok() {
-                let _ = watched_freezer.thaw();
+                if let Ok(cgroup) = Cgroup::open(&name) {
+                    let _ = cgroup.thaw();
+                }
             }
         });
-        PidNs { userns, unshare, stdin, stdout, init, dir, freezer }
+        PidNs { userns, unshare, stdin, stdout, init, dir, cgroup }
     }
 
     pub fn sandbox(&self) -> deltacr::Sandbox<'_> {
-        deltacr::Sandbox { init: self.init, freezer: &self.freezer }
+        deltacr::Sandbox { init: self.init, freezer: &self.cgroup }
     }
 
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
@@ -317,7 +298,7 @@ pub fn read_until(master: &mut std::fs::File, marker: &str) -> String {
 
 impl Drop for PidNs {
     fn drop(&mut self) {
-        let _ = self.freezer.thaw();
+        let _ = self.cgroup.thaw();
         let _ = nix::sys::signal::kill(self.init, nix::sys::signal::Signal::SIGKILL);
         // Processes this thread still traces (after a failed test) must be collected by us, or the
         // dying namespace init waits for them forever.
@@ -331,11 +312,8 @@ impl Drop for PidNs {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        for _ in 0..200 {
-            if std::fs::remove_dir(self.freezer.dir()).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = Cgroup::remove(self.cgroup.name()) {
+            eprintln!("cannot remove the test cgroup: {e}");
         }
     }
 }

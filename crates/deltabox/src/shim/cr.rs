@@ -46,6 +46,8 @@ pub struct Restored {
     /// Processes restored (0 for a filesystem-only rollback: the sandbox's processes were killed).
     pub restored: usize,
     pub from_image: bool,
+    /// Ptys the restore had to make again (by number), for terminals that were gone.
+    pub pty_masters: std::collections::BTreeMap<u32, std::os::fd::OwnedFd>,
 }
 
 enum Job {
@@ -177,13 +179,14 @@ impl Worker {
                 }
                 Job::RestoreImage { image, reply } => {
                     let started = Instant::now();
-                    let restored = self.restore_from_image(image).map(|count| Restored {
+                    let restored = self.restore_from_image(image).map(|stats| Restored {
                         killed: 0,
                         fs_ms: 0.0,
                         changed_inodes: 0,
                         total_ms: ms(started),
-                        restored: count,
+                        restored: stats.processes,
                         from_image: true,
+                        pty_masters: stats.pty_masters,
                     });
                     let _ = reply.send(restored);
                 }
@@ -275,25 +278,34 @@ impl Worker {
                 total_ms: ms(started),
                 restored: 0,
                 from_image: false,
+                pty_masters: Default::default(),
             });
         };
         let from_templates = self.kept.get(stack).filter(|k| k.ckpt.lost_templates().is_empty());
-        let (restored, from_image) = match from_templates {
+        let (stats, from_image) = match from_templates {
             Some(kept) => {
-                let stats =
-                    self.engine.restore(&kept.ckpt, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
-                (stats.processes, false)
+                let sb = sandbox(self.parts.init, &self.freezer);
+                (self.engine.restore(&kept.ckpt, &sb).map_err(|e| chain(&e))?, false)
             }
             // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
             None => (self.restore_from_image(image)?, true),
         };
-        Ok(Restored { killed, fs_ms, changed_inodes, total_ms: ms(started), restored, from_image })
+        for d in &stats.degraded {
+            tracing::warn!("restored with a degraded terminal: {d:?}");
+        }
+        Ok(Restored {
+            killed,
+            fs_ms,
+            changed_inodes,
+            total_ms: ms(started),
+            restored: stats.processes,
+            from_image,
+            pty_masters: stats.pty_masters,
+        })
     }
 
-    fn restore_from_image(&mut self, image: ImageId) -> JobResult<usize> {
+    fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let mut images = self.parts.images.open_chain(image).map_err(|e| format!("open the image: {}", chain(&e)))?;
-        let stats =
-            self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
-        Ok(stats.processes)
+        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))
     }
 }

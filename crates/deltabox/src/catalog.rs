@@ -90,6 +90,9 @@ pub struct CheckpointRecord {
     /// Processes captured.
     #[serde(default)]
     pub processes: Option<usize>,
+    /// Shell sessions whose shells were captured (served again after a restore).
+    #[serde(default)]
+    pub sessions: Vec<crate::shim::proto::SessionSnapshot>,
     pub config: SandboxConfig,
     pub created: i64,
     pub latency_ms: f64,
@@ -326,6 +329,7 @@ mod tests {
             image: None,
             durable: true,
             processes: None,
+            sessions: vec![],
             config: config(Digest::of(b"c")),
             created: 1,
             latency_ms: 1.0,

@@ -1,7 +1,8 @@
 //! The engine: checkpoint and restore of a sandbox's process tree, driven from one tracer thread.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -15,8 +16,9 @@ use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
 use crate::plan::{self, Creator, PlanError, Step};
 use crate::procfs::{self, ProcError};
+use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, NewProcess, RestoreError};
-use crate::state::{Creds, ProcessEntry, ProcessKind, ProcessState, TreeState};
+use crate::state::{Creds, Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
 use crate::template::{self, Detach, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
@@ -36,6 +38,8 @@ pub enum CrError {
     Proc(#[from] ProcError),
     #[error("cannot restore")]
     Plan(#[from] PlanError),
+    #[error("cannot restore")]
+    Pty(#[from] PtyError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
     #[error("cannot make an image id")]
@@ -115,20 +119,35 @@ enum Memory<'a> {
     Image(&'a mut ImageChain),
 }
 
-/// Timings of one restore.
-#[derive(Debug, Clone, Default)]
+/// What one restore did.
+#[derive(Debug, Default)]
 pub struct RestoreStats {
     pub total: Duration,
     pub processes: usize,
+    /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
+    /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
+    /// back as it was.
+    pub degraded: Vec<Degraded>,
+    /// Masters of the ptys the restore created (by pty number) because the restored processes had
+    /// their slave open and the pty did not exist in the sandbox any more. The caller serves them
+    /// (e.g. as shell sessions); closing one hangs its terminal up.
+    pub pty_masters: BTreeMap<u32, OwnedFd>,
 }
 
 /// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
 /// create it on the shim's dedicated DeltaCR thread and keep it there.
 pub struct Engine {
-    /// Pid helpers by (init's host pid, inode of its pid namespace): a recycled init pid of another
-    /// sandbox gets its own helper.
-    pid_setters: HashMap<(Pid, u64), PidSetter>,
+    /// By (init's host pid, inode of its pid namespace): a recycled init pid of another sandbox gets
+    /// its own.
+    sandboxes: HashMap<(Pid, u64), SandboxState>,
     _tracer_thread: PhantomData<*const ()>,
+}
+
+/// What the engine keeps per sandbox.
+struct SandboxState {
+    pids: PidSetter,
+    /// Ptys made by restores: node at checkpoint time -> the node of the pty made to replace it.
+    pty_aliases: HashMap<PtyNode, PtyNode>,
 }
 
 impl Default for Engine {
@@ -143,20 +162,26 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine { pid_setters: HashMap::new(), _tracer_thread: PhantomData }
+        Engine { sandboxes: HashMap::new(), _tracer_thread: PhantomData }
+    }
+
+    fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
+        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
+            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
+        // The state of sandboxes that are gone (their namespace died with them) is dropped.
+        self.sandboxes.retain(|(pid, ino), _| {
+            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
+        });
+        match self.sandboxes.entry((init, ns.ino())) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(SandboxState { pids: PidSetter::spawn(init)?, pty_aliases: HashMap::new() }))
+            }
+        }
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
-        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
-            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
-        // Helpers of sandboxes that are gone (their namespace died with them) are dropped.
-        self.pid_setters.retain(|(pid, ino), _| {
-            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
-        });
-        match self.pid_setters.entry((init, ns.ino())) {
-            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
-            std::collections::hash_map::Entry::Vacant(e) => Ok(e.insert(PidSetter::spawn(init)?)),
-        }
+        Ok(&mut self.sandbox(init)?.pids)
     }
 
     /// The sandbox's processes, parents first, without our templates and helper.
@@ -256,19 +281,31 @@ impl Engine {
                 } else {
                     Detach::Session
                 };
-                let ctty = if ids.sid == ids.pid {
-                    capture::controlling_pty(l.seized.pid)?.map(|(index, fg)| {
-                        let path = fds
-                            .iter()
-                            .find_map(|f| match &files[f.file as usize].kind {
-                                crate::state::FileKind::Tty { path, index: i, .. } if *i == index => Some(path.clone()),
-                                _ => None,
-                            })
-                            .unwrap_or_else(|| format!("/dev/pts/{index}"));
-                        crate::state::Ctty { index, path, foreground: pgids.get(&fg).copied() }
-                    })
-                } else {
-                    None
+                let ctty = match capture::controlling_pty(l.seized.pid)? {
+                    Some((index, fg)) if ids.sid == ids.pid => {
+                        let held = fds.iter().find_map(|f| match &files[f.file as usize].kind {
+                            FileKind::Tty { path, index: i, node, .. } if *i == index => Some((path.clone(), *node)),
+                            _ => None,
+                        });
+                        let (path, node) = match held {
+                            Some(held) => held,
+                            None => {
+                                // A session leader that holds no fd on its terminal: look at the node.
+                                let path = format!("/dev/pts/{index}");
+                                let meta = std::fs::metadata(format!("/proc/{}/root{path}", l.seized.pid)).map_err(
+                                    |source| FileError::Io {
+                                        pid: ids.pid,
+                                        fd: -1,
+                                        what: "find its controlling terminal",
+                                        source,
+                                    },
+                                )?;
+                                (path, PtyNode::of(&meta))
+                            }
+                        };
+                        Some(Ctty { index, path, node, foreground: pgids.get(&fg).copied() })
+                    }
+                    _ => None,
                 };
                 let gadget = l.gadget;
                 let t = template::create(&mut l.injectors[0], gadget, detach)?;
@@ -434,8 +471,9 @@ impl Engine {
         sb: &Sandbox<'_>,
     ) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
+        let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(tree, &mut mem, sb, &mut made);
+        let res = self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made);
         if let Err(e) = res {
             // Dropping a process that was not released kills it.
             drop(made);
@@ -445,7 +483,13 @@ impl Engine {
         for (np, _) in made {
             np.release()?;
         }
-        Ok(RestoreStats { total: start.elapsed(), processes })
+        let degraded = ptys.degraded(tree);
+        for d in &degraded {
+            tracing::warn!("restore: {d}");
+        }
+        let (pty_masters, aliases) = ptys.into_created();
+        self.sandbox(sb.init)?.pty_aliases.extend(aliases);
+        Ok(RestoreStats { total: start.elapsed(), processes, degraded, pty_masters })
     }
 
     fn restore_into<'c>(
@@ -453,6 +497,7 @@ impl Engine {
         tree: &'c TreeState,
         mem: &mut Memory<'_>,
         sb: &Sandbox<'_>,
+        ptys: &mut PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
     ) -> Result<(), CrError> {
         let plan = plan::plan(tree)?;
@@ -467,8 +512,7 @@ impl Engine {
         for step in &plan.steps {
             let entry = match *step {
                 Step::SessionHelper { sid } => {
-                    let members = &plan.session_helpers[&sid];
-                    session_helpers.push(SessionHelper::create(sid, members, tree, mem, sb, pids, &plan)?);
+                    session_helpers.push(SessionHelper::create(sid, tree, &plan, mem, sb, pids, ptys)?);
                     continue;
                 }
                 Step::Process { index } => &tree.processes[index],
@@ -540,6 +584,11 @@ impl Engine {
                 }
             };
             let mut np = NewProcess::take(host, entry.pid, gadget)?;
+            if start_creds.is_none() {
+                // The template's cwd may name a directory that was deleted (and brought back by the
+                // filesystem rollback) since: enter it again by path.
+                np.enter_cwd(&st.cwd)?;
+            }
             if plan.creators[&entry.pid] == Creator::Init && template.is_none() {
                 // A fork of init holds init's fds.
                 np.close_all_fds()?;
@@ -565,9 +614,9 @@ impl Engine {
                 np.set_session_leader()?;
             }
             let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
-            np.restore_fds(&st.fds, create, &tree.files, &plan.fds)?;
+            np.restore_fds(&st.fds, create, &tree.files, &plan.fds, ptys)?;
             if let Some(ctty) = &st.ctty {
-                np.set_controlling_tty(ctty, &st.fds, &tree.files)?;
+                np.set_controlling_tty(ctty, &st.fds, &tree.files, ptys)?;
             }
             np.restore_process_misc(st)?;
             np.create_threads(st, pids)?;
@@ -606,7 +655,7 @@ impl Engine {
         for (np, e) in made.iter_mut() {
             if let ProcessKind::Live(st) = &e.kind {
                 if let Some(ctty) = &st.ctty {
-                    np.set_foreground(ctty, &st.fds, &tree.files)?;
+                    np.set_foreground(ctty, &st.fds, &tree.files, ptys)?;
                 }
             }
         }
@@ -685,13 +734,14 @@ struct SessionHelper {
 impl SessionHelper {
     fn create(
         sid: i32,
-        members: &[i32],
         tree: &TreeState,
+        plan: &plan::RestorePlan,
         mem: &Memory<'_>,
         sb: &Sandbox<'_>,
         pids: &mut PidSetter,
-        plan: &plan::RestorePlan,
+        ptys: &mut PtyPlan,
     ) -> Result<SessionHelper, CrError> {
+        let members = &plan.session_helpers[&sid];
         tracing::debug!(sid, ?members, "re-creating a session whose leader has exited");
         let (host, gadget, cow, creds, filters) = match mem {
             Memory::Templates(templates) => {
@@ -717,7 +767,7 @@ impl SessionHelper {
         let res = (|| {
             np.set_session_leader()?;
             np.close_all_fds()?;
-            np.restore_fds(&[], plan.create.get(&sid).unwrap_or(&no_create), &tree.files, &plan.fds)
+            np.restore_fds(&[], plan.create.get(&sid).unwrap_or(&no_create), &tree.files, &plan.fds, ptys)
         })();
         // Even after an error: the scratch memory may be in a template's address space.
         let freed = np.free_scratch();

@@ -12,7 +12,7 @@ use nix::unistd::{pipe2, Pid};
 
 use crate::procfs::{self, FdInfo};
 use crate::sockdiag::{self, UnixSockInfo};
-use crate::state::{FdState, FileKind, FileLock, LockKind, OpenFile};
+use crate::state::{FdState, FileKind, FileLock, LockKind, OpenFile, PtyNode};
 use crate::sys;
 
 /// Errors of this module. Every variant names the process and the fd.
@@ -188,17 +188,23 @@ fn classify(
     if !link.starts_with('/') {
         return Err(unsupported(format!("{link} is not supported yet")));
     }
-    if link.ends_with(" (deleted)") {
-        return Err(unsupported(format!("{link}: open files that were deleted are not supported yet")));
-    }
     let ft = meta.file_type();
     let major = libc::major(meta.rdev());
     if ft.is_char_device() && (PTS_MAJOR..PTS_MAJOR + 8).contains(&major) {
         let err_io = |what| io_err(owner, fd, what);
         let tty = sys::dup_from(owner.host, fd).map_err(err_io("duplicate the terminal"))?;
-        let (termios, winsize) = sys::tty_get(tty.as_fd()).map_err(err_io("read the terminal settings"))?;
         let index = (major - PTS_MAJOR) * 256 + libc::minor(meta.rdev());
-        return Ok(FileKind::Tty { path: link.to_string(), index, termios, winsize });
+        // Closing the master removes the node, hence " (deleted)".
+        let path = link.trim_end_matches(" (deleted)").to_string();
+        return match sys::tty_get(tty.as_fd()) {
+            Ok((termios, winsize)) => Ok(FileKind::Tty { path, index, node: PtyNode::of(meta), termios, winsize }),
+            // A hung-up terminal (its master was closed) answers every request with EIO.
+            Err(e) if e.raw_os_error() == Some(libc::EIO) => Ok(FileKind::HungUpTty { path, index }),
+            Err(e) => Err(err_io("read the terminal settings")(e)),
+        };
+    }
+    if link.ends_with(" (deleted)") {
+        return Err(unsupported(format!("{link}: open files that were deleted are not supported yet")));
     }
     if ft.is_char_device() && major == TTYAUX_MAJOR {
         return Err(unsupported(format!("{link}: pty masters and /dev/tty are not supported yet")));

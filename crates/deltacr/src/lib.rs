@@ -10,6 +10,7 @@ pub mod pidns;
 pub mod plan;
 pub mod procfs;
 pub mod ptrace;
+pub mod pty;
 pub mod restore;
 pub mod sockdiag;
 pub mod state;
@@ -17,4 +18,5 @@ pub mod sys;
 pub mod template;
 
 pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, RestoreStats, Sandbox};
-pub use freezer::{CgroupFreezer, Freezer};
+pub use freezer::Freezer;
+pub use pty::{Degraded, PtyLoss};

@@ -5,8 +5,8 @@
 
 use std::collections::HashMap;
 use std::io::Write;
-use std::os::fd::AsFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::fcntl::{fcntl, FcntlArg};
 use nix::unistd::Pid;
@@ -15,7 +15,10 @@ use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::state::{Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, SigInfo, ThreadState};
+use crate::pty::{PtyAccess, PtyPlan};
+use crate::state::{
+    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, PtyNode, SigInfo, ThreadState,
+};
 use crate::sys;
 
 /// Errors of this module.
@@ -105,6 +108,16 @@ pub fn create_with_pid<C>(
 /// Reads the pid of a host task inside its own pid namespace.
 pub fn ns_pid_of(host: Pid) -> Result<i32, ProcError> {
     procfs::Status::read(host)?.innermost("NSpid")
+}
+
+/// What a file reopened by path must be.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// The file of the checkpoint: the same inode (the device may differ in another sandbox's mount of
+    /// the same filesystem).
+    Inode(u64),
+    /// A FIFO.
+    Fifo,
 }
 
 /// A process being restored, stopped, with an injector on each of its threads (leader first).
@@ -217,6 +230,7 @@ impl NewProcess {
         create: &[u32],
         files: &[OpenFile],
         plan: &FdPlan,
+        ptys: &mut PtyPlan,
     ) -> Result<(), RestoreError> {
         let mut made_pipes: HashMap<u64, ()> = HashMap::new();
         for &id in create {
@@ -227,8 +241,8 @@ impl NewProcess {
                     let tmp = self.open_path(target, of, path, *inode, *mode)?;
                     self.place(tmp, plan.temp(id))?;
                 }
-                FileKind::Fifo { path, inode, data } => {
-                    let tmp = self.open_fifo(target, of, path, *inode, data)?;
+                FileKind::Fifo { path, data, .. } => {
+                    let tmp = self.open_fifo(target, of, path, data)?;
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Unix { peer: Some(_), .. } => {
@@ -242,11 +256,20 @@ impl NewProcess {
                     let tmp = self.make_unix(target, of)?;
                     self.place(tmp, plan.temp(id))?;
                 }
-                FileKind::Tty { path, index, termios, winsize } => {
-                    let tmp = self.open_tty(target, path, *index, of.flags)?;
-                    let io = |what| self.io_err(target, what);
-                    let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
-                    sys::tty_set(tty.as_fd(), termios, *winsize).map_err(io("set the terminal's settings"))?;
+                FileKind::HungUpTty { .. } => {
+                    let tmp = self.open_null(target, of.flags)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Tty { path, index, termios, winsize, .. } => {
+                    let tmp = match self.reach_pty(target, path, *index, of.flags, ptys)? {
+                        Some(tmp) => {
+                            let io = |what| self.io_err(target, what);
+                            let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
+                            sys::tty_set(tty.as_fd(), termios, *winsize).map_err(io("set the terminal's settings"))?;
+                            tmp
+                        }
+                        None => self.open_null(target, of.flags)?,
+                    };
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Inet { .. } => {
@@ -527,9 +550,8 @@ impl NewProcess {
         Ok(())
     }
 
-    /// Opens `path` in the process with `flags` and checks it is the file of the checkpoint (same inode;
-    /// the device may differ when restoring into another sandbox's mount of the same filesystem).
-    fn open_checked(&mut self, target: i32, path: &str, flags: i32, inode: u64) -> Result<i32, RestoreError> {
+    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
+    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
         if cpath.len() > SCRATCH_LEN {
@@ -547,12 +569,16 @@ impl NewProcess {
         let meta = std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
             RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
         })?;
-        if meta.ino() != inode {
-            return Err(RestoreError::File {
-                pid: self.ns_pid,
-                fd: target,
-                reason: format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()),
-            });
+        let wrong = match expect {
+            Expect::Inode(inode) if meta.ino() != inode => {
+                Some(format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()))
+            }
+            Expect::Fifo if !meta.file_type().is_fifo() => Some(format!("{path} is not a FIFO any more")),
+            _ => None,
+        };
+        if let Some(reason) = wrong {
+            self.call(libc::SYS_close, &[tmp as u64])?;
+            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason });
         }
         Ok(tmp)
     }
@@ -565,7 +591,7 @@ impl NewProcess {
         inode: u64,
         mode: u32,
     ) -> Result<i32, RestoreError> {
-        let tmp = self.open_checked(target, path, of.flags, inode)?;
+        let tmp = self.open_checked(target, path, of.flags, Expect::Inode(inode))?;
         let kind = mode & libc::S_IFMT;
         if kind == libc::S_IFREG || kind == libc::S_IFDIR {
             self.call(libc::SYS_lseek, &[tmp as u64, of.pos, libc::SEEK_SET as u64])?;
@@ -573,19 +599,14 @@ impl NewProcess {
         Ok(tmp)
     }
 
-    /// Reopens a FIFO with its original flags. A read-write open (which never blocks) is held meanwhile,
-    /// so the real open does not wait for the other side; the saved bytes are written back when nothing
-    /// is queued in the FIFO (its other users may be outside the sandbox).
-    fn open_fifo(
-        &mut self,
-        target: i32,
-        of: &OpenFile,
-        path: &str,
-        inode: u64,
-        data: &[u8],
-    ) -> Result<i32, RestoreError> {
-        let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, inode)?;
-        let tmp = self.open_checked(target, path, of.flags, inode);
+    /// Reopens a FIFO by path with its original flags: whatever FIFO has that name now, as a FIFO is a
+    /// meeting point by name (the shim makes its session FIFOs anew in another sandbox's /dev). A
+    /// read-write open (which never blocks) is held meanwhile, so the real open does not wait for the
+    /// other side; the saved bytes are written back when nothing is queued in the FIFO (its other
+    /// users may be outside the sandbox).
+    fn open_fifo(&mut self, target: i32, of: &OpenFile, path: &str, data: &[u8]) -> Result<i32, RestoreError> {
+        let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, Expect::Fifo)?;
+        let tmp = self.open_checked(target, path, of.flags, Expect::Fifo);
         let filled = match tmp {
             Ok(_) if !data.is_empty() => self.fill_fifo(target, both, data),
             _ => Ok(()),
@@ -595,16 +616,30 @@ impl NewProcess {
         tmp
     }
 
+    /// Opens /dev/null in place of a terminal that cannot be restored, with the description's access
+    /// mode and non-blocking flag.
+    fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
+        let addr = self.scratch().write(0, b"/dev/null\0").map_err(self.perr())?;
+        let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
+        let r = self.call_file(
+            target,
+            "open /dev/null in place of its terminal",
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        )?;
+        Ok(r as i32)
+    }
+
     /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
-    /// explicitly) and checks it is pty number `index`.
-    fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<i32, RestoreError> {
+    /// explicitly) and checks it is pty number `index`. Returns the fd and the slave's node.
+    fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<(i32, PtyNode), RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
         let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
         let r = self.call_file(
             target,
-            "reopen the terminal (does its master still exist?)",
+            "reopen the terminal",
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
         )?;
@@ -622,25 +657,94 @@ impl NewProcess {
                 reason: format!("{path} is not pty {index} any more"),
             });
         }
-        Ok(r as i32)
+        Ok((r as i32, PtyNode::of(&meta)))
+    }
+
+    /// Opens the slave of pty `index` (creating the pty first when the plan says so). None when the
+    /// terminal is lost (the caller uses /dev/null).
+    fn reach_pty(
+        &mut self,
+        target: i32,
+        path: &str,
+        index: u32,
+        flags: i32,
+        ptys: &mut PtyPlan,
+    ) -> Result<Option<i32>, RestoreError> {
+        let master = match ptys.access(index) {
+            PtyAccess::Lost => return Ok(None),
+            PtyAccess::Reopen => None,
+            PtyAccess::Create => match self.create_pty(target, index)? {
+                Ok(master) => Some(master),
+                Err(why) => {
+                    ptys.cannot_create(index, why);
+                    return Ok(None);
+                }
+            },
+        };
+        let (fd, node) = self.open_tty(target, path, index, flags)?;
+        if let Some(master) = master {
+            ptys.created(index, master, node);
+        }
+        Ok(Some(fd))
+    }
+
+    /// Creates pty `index` in the process's devpts: devpts gives each new pty the lowest free number,
+    /// so /dev/ptmx is opened until `index` comes out (the others are closed again). Returns the new
+    /// master (the tracer's; the process keeps none), or why the pty cannot be made.
+    fn create_pty(&mut self, target: i32, index: u32) -> Result<Result<OwnedFd, String>, RestoreError> {
+        let addr = self.scratch().write(0, b"/dev/ptmx\0").map_err(self.perr())?;
+        let flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+        let mut opened = Vec::new();
+        let made = loop {
+            let r = self.leader().syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags, 0]);
+            let r = r.map_err(self.perr())?.ret;
+            if r < 0 {
+                break Ok(Err(format!("opening /dev/ptmx: {}", std::io::Error::from_raw_os_error(-r as i32))));
+            }
+            opened.push(r as u64);
+            let io = |what| self.io_err(target, what);
+            let master = sys::dup_from(self.host, r as i32).map_err(io("reach a new pty"));
+            let got = master.and_then(|m| Ok((sys::pty_index(m.as_fd()).map_err(io("read a new pty's number"))?, m)));
+            match got {
+                Err(e) => break Err(e),
+                Ok((got, master)) if got == index => {
+                    break rustix::pty::unlockpt(&master)
+                        .map_err(|e| io("unlock the new pty")(e.into()))
+                        .map(|()| Ok(master));
+                }
+                Ok((got, _)) if got > index => {
+                    break Ok(Err(format!("devpts handed out pty {got}: number {index} is still in use")));
+                }
+                Ok(_) => {}
+            }
+        };
+        for fd in opened {
+            self.call(libc::SYS_close, &[fd])?;
+        }
+        made
     }
 
     /// Runs `f` with an fd of the process on its controlling terminal: one of its own, or a
-    /// temporary one opened for the call.
+    /// temporary one opened for the call. Does nothing when the terminal is lost.
     fn with_tty_fd(
         &mut self,
         ctty: &Ctty,
         own: &[FdState],
         files: &[OpenFile],
+        ptys: &mut PtyPlan,
         f: impl FnOnce(&mut Self, i32) -> Result<(), RestoreError>,
     ) -> Result<(), RestoreError> {
         let mine = own
             .iter()
             .find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
         match mine {
+            _ if ptys.access(ctty.index) == PtyAccess::Lost => Ok(()),
             Some(fd) => f(self, fd.fd),
             None => {
-                let tmp = self.open_tty(-1, &ctty.path, ctty.index, libc::O_RDWR | libc::O_CLOEXEC)?;
+                let flags = libc::O_RDWR | libc::O_CLOEXEC;
+                let Some(tmp) = self.reach_pty(-1, &ctty.path, ctty.index, flags, ptys)? else {
+                    return Ok(());
+                };
                 let res = f(self, tmp);
                 self.call(libc::SYS_close, &[tmp as u64])?;
                 res
@@ -654,19 +758,26 @@ impl NewProcess {
         ctty: &Ctty,
         own: &[FdState],
         files: &[OpenFile],
+        ptys: &mut PtyPlan,
     ) -> Result<(), RestoreError> {
-        self.with_tty_fd(ctty, own, files, |np, fd| {
+        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
             np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0]).map(drop)
         })
     }
 
     /// Gives the controlling terminal its foreground process group back.
-    pub fn set_foreground(&mut self, ctty: &Ctty, own: &[FdState], files: &[OpenFile]) -> Result<(), RestoreError> {
+    pub fn set_foreground(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+        ptys: &mut PtyPlan,
+    ) -> Result<(), RestoreError> {
         let Some(fg) = ctty.foreground else {
             return Ok(());
         };
         let addr = self.scratch().write(0, &fg.to_ne_bytes()).map_err(self.perr())?;
-        self.with_tty_fd(ctty, own, files, |np, fd| {
+        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
             np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr]).map(drop)
         })
     }
@@ -956,6 +1067,15 @@ impl NewProcess {
         Ok(())
     }
 
+    /// Changes the process's working directory to `cwd` (a path inside the sandbox).
+    pub fn enter_cwd(&mut self, cwd: &str) -> Result<(), RestoreError> {
+        let mut path = cwd.as_bytes().to_vec();
+        path.push(0);
+        let addr = self.scratch().write(0, &path).map_err(self.perr())?;
+        self.call(libc::SYS_chdir, &[addr])?;
+        Ok(())
+    }
+
     /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
     /// personality, limits, and (when they differ from the parent's) credentials.
     pub fn restore_static(&mut self, st: &ProcessState, parent_creds: &Creds) -> Result<(), RestoreError> {
@@ -978,10 +1098,7 @@ impl NewProcess {
         if current != st.personality {
             self.call(libc::SYS_personality, &[st.personality as u64])?;
         }
-        let mut cwd = st.cwd.as_bytes().to_vec();
-        cwd.push(0);
-        let addr = self.scratch().write(0, &cwd).map_err(self.perr())?;
-        self.call(libc::SYS_chdir, &[addr])?;
+        self.enter_cwd(&st.cwd)?;
         let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
         for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
             // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.

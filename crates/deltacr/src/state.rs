@@ -264,10 +264,32 @@ pub enum FileKind {
     },
     /// The slave side of a pseudo-terminal (`/dev/pts/N`), reopened by path (its master, e.g. held by
     /// the shim, keeps it alive), with the terminal's settings and window size.
-    Tty { path: String, index: u32, termios: Vec<u8>, winsize: [u16; 4] },
+    Tty { path: String, index: u32, node: PtyNode, termios: Vec<u8>, winsize: [u16; 4] },
+    /// The slave side of a pseudo-terminal whose master had been closed before the checkpoint (a
+    /// hung-up terminal: reads see end of file, writes fail). Restored as /dev/null.
+    HungUpTty { path: String, index: u32 },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
     /// the read end.
     Pipe { pipe: u64, write_end: bool, data: Vec<u8> },
+}
+
+/// Which pty a `/dev/pts/N` node is. A pty index is reused once its terminal is gone, and the node of
+/// the new terminal has the same inode number (index + 3) but a new change time (devpts sets it when
+/// it creates the node; only chmod/chown change it later).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct PtyNode {
+    /// The devpts instance.
+    pub dev: u64,
+    pub ino: u64,
+    /// ctime (seconds, nanoseconds).
+    pub ctime: (i64, i64),
+}
+
+impl PtyNode {
+    pub fn of(meta: &std::fs::Metadata) -> PtyNode {
+        use std::os::unix::fs::MetadataExt;
+        PtyNode { dev: meta.dev(), ino: meta.ino(), ctime: (meta.ctime(), meta.ctime_nsec()) }
+    }
 }
 
 /// One entry of an epoll interest list.
@@ -328,6 +350,7 @@ pub struct Ctty {
     /// `/dev/pts/<index>`.
     pub index: u32,
     pub path: String,
+    pub node: PtyNode,
     /// The terminal's foreground process group (in the sandbox), if any.
     pub foreground: Option<i32>,
 }

@@ -525,3 +525,13 @@ pub fn dup_from(pid: Pid, fd: i32) -> io::Result<OwnedFd> {
     let pidfd = pidfd_open(pid)?;
     pidfd_getfd(pidfd.as_fd(), fd)
 }
+
+/// The number N of the pty whose master is `master` (its slave is /dev/pts/N): TIOCGPTN.
+pub fn pty_index(master: BorrowedFd<'_>) -> io::Result<u32> {
+    let mut n: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut n as *mut libc::c_uint) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(n)
+}

@@ -4,60 +4,20 @@
 
 mod common;
 
-use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
-use std::time::{Duration, Instant};
 
-use common::{python, PidNs};
+use common::{python, PidNs, Term, BASH_ON_PTY};
 use deltacr::Engine;
-
-const SPAWN: &str = r#"
-import os, sys
-fd = os.open(sys.argv[1], os.O_RDWR)
-for i in (0, 1, 2):
-    os.dup2(fd, i)
-os.close(fd)
-os.environ.update(TERM="dumb", PS1="$ ", HISTFILE="/dev/null")
-os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
-"#;
-
-struct Term {
-    master: std::fs::File,
-    seen: String,
-}
-
-impl Term {
-    /// Sends a line and waits until `marker` appears in the output after it.
-    fn run(&mut self, line: &str, marker: &str) -> String {
-        self.seen.clear();
-        self.master.write_all(format!("{line}\n").as_bytes()).unwrap();
-        let start = Instant::now();
-        let mut buf = [0u8; 4096];
-        while !self.seen.contains(marker) {
-            assert!(start.elapsed() < Duration::from_secs(10), "no {marker:?} after {line:?}; saw {:?}", self.seen);
-            match self.master.read(&mut buf) {
-                Ok(n) => self.seen.push_str(&String::from_utf8_lossy(&buf[..n])),
-                // EIO: no process has the slave open at this moment (between kill and restore).
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
-                    std::thread::sleep(Duration::from_millis(5))
-                }
-                Err(e) => panic!("pty read: {e}"),
-            }
-        }
-        self.seen.clone()
-    }
-}
 
 #[test]
 fn interactive_bash_session_comes_back_whole() {
     let mut ns = PidNs::new();
     let pty = nix::pty::openpty(None, None).unwrap();
     let slave_path = std::fs::read_link(format!("/proc/self/fd/{}", pty.slave.as_raw_fd())).unwrap();
-    nix::fcntl::fcntl(&pty.master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
     let py = python();
-    ns.spawn(&[py.as_str(), "-c", SPAWN, slave_path.to_str().unwrap()], None, true);
+    ns.spawn(&[py.as_str(), "-c", BASH_ON_PTY, slave_path.to_str().unwrap()], None, true);
     drop(pty.slave);
-    let mut t = Term { master: std::fs::File::from(pty.master), seen: String::new() };
+    let mut t = Term::new(pty.master);
     t.run("echo \"up-$((40+2))\"", "up-42");
     t.run("cd /tmp && export EXP=e1 && LOC=l1", "$ ");
     t.run("f() { echo \"fn-$1\"; }", "$ ");

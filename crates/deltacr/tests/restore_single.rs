@@ -8,17 +8,7 @@ use deltacr::Engine;
 
 #[test]
 fn a_restored_process_continues_from_the_checkpoint() {
-    continues_from_the_checkpoint(PidNs::new());
-}
-
-#[test]
-fn checkpoint_works_with_the_cgroup2_freezer() {
-    let ns = PidNs::with_cgroup2_freezer();
-    assert_eq!(ns.freezer.version(), deltacr::freezer::CgroupVersion::V2);
-    continues_from_the_checkpoint(ns);
-}
-
-fn continues_from_the_checkpoint(mut ns: PidNs) {
+    let mut ns = PidNs::new();
     let out = ns.path("out");
     let py = python();
     let (pid, host) = ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);

@@ -341,6 +341,10 @@ impl Init {
                         }
                     }
                 }
+                ToInit::MakeFifos { paths } => {
+                    let error = paths.iter().try_for_each(|p| make_fifo(Path::new(p))).err();
+                    self.send(&FromInit::FifosMade { error }, &[]);
+                }
                 ToInit::Watch { pid } => {
                     match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
                         Ok(status) => match ExitStatus::from_wait_status(status) {
@@ -529,20 +533,26 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
     exec_path(&spec.argv, &env)
 }
 
-/// Creates the FIFO (and its directory, private to root) if missing and opens it read-write at its
-/// descriptor number: read-write never blocks waiting for the other side and never sees end of file.
-fn open_fifo(fifo: &crate::spec::FifoFd) -> Result<(), String> {
-    use rustix::fs::{Mode, OFlags};
-    let path = Path::new(&fifo.path);
+/// Creates the FIFO `path` (and its directory, private to root) if missing.
+fn make_fifo(path: &Path) -> Result<(), String> {
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
         std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
     }
-    match rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o600), 0) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-        Err(e) => return Err(format!("mkfifo {}: {e}", fifo.path)),
+    let mode = rustix::fs::Mode::from_raw_mode(0o600);
+    match rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, mode, 0) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(format!("mkfifo {}: {e}", path.display())),
     }
+}
+
+/// Creates the FIFO if missing and opens it read-write at its descriptor number: read-write never
+/// blocks waiting for the other side and never sees end of file.
+fn open_fifo(fifo: &crate::spec::FifoFd) -> Result<(), String> {
+    use rustix::fs::{Mode, OFlags};
+    let path = Path::new(&fifo.path);
+    make_fifo(path)?;
     let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
         .map_err(|e| format!("open {}: {e}", fifo.path))?;
     dup_to(fd.as_fd(), fifo.fd, false).map_err(|e| format!("dup2 to {}: {e}", fifo.fd))

@@ -88,6 +88,9 @@ pub enum ToInit {
     Spawn { id: u64, spec: ProcessSpec },
     /// Send `signal` to process `pid` (to its process group when `group`).
     Signal { pid: i32, signal: i32, group: bool },
+    /// Create these FIFOs (and their directories) inside the sandbox, e.g. before restoring processes
+    /// that had them open; answered by `FifosMade`.
+    MakeFifos { paths: Vec<String> },
     /// Report the end of process `pid` (a child of init it did not start itself, e.g. one restored from a
     /// checkpoint) with `Exited`.
     Watch { pid: i32 },
@@ -109,6 +112,10 @@ pub enum FromInit {
     SpawnFailed {
         id: u64,
         message: String,
+    },
+    /// Answer to `MakeFifos`.
+    FifosMade {
+        error: Option<String>,
     },
     /// A process started by `Spawn` ended.
     Exited {

@@ -13,7 +13,8 @@ pub struct CheckpointArgs {
     pub command: Option<CheckpointCommand>,
     /// The sandbox to checkpoint.
     pub id: Option<String>,
-    /// Checkpoint only the files (processes keep running and are not captured).
+    /// Checkpoint only the files (processes keep running and are not captured; a rollback restarts them).
+    /// By default files and processes are checkpointed together.
     #[arg(long)]
     pub fs_only: bool,
 }

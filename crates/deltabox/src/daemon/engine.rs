@@ -20,7 +20,7 @@ use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
 use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
 use crate::shim::proto::{
-    CheckpointStats, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+    CheckpointStats, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
 };
 
 /// How long a fork or rollback waits for a process image still being written.
@@ -299,7 +299,7 @@ impl Engine {
         config: SandboxConfig,
         stack: String,
         origin: Option<String>,
-        restore: Option<String>,
+        restore: Option<RestoreSpec>,
     ) -> ApiResult<SandboxView> {
         let id = new_id();
         let dir = self.sandbox_dir(&id);
@@ -328,7 +328,7 @@ impl Engine {
         }
     }
 
-    async fn start_shim(&self, record: &SandboxRecord, restore: Option<String>) -> anyhow::Result<ShimInfo> {
+    async fn start_shim(&self, record: &SandboxRecord, restore: Option<RestoreSpec>) -> anyhow::Result<ShimInfo> {
         let dir = self.sandbox_dir(&record.id);
         let c = &record.config;
         let config = ShimConfig {
@@ -459,6 +459,7 @@ impl Engine {
             image: stats.image.clone(),
             durable: stats.image.is_none(),
             processes: stats.processes,
+            sessions: stats.sessions.clone(),
             config: record.config.clone(),
             created: now(),
             latency_ms: stats.latency_ms,
@@ -556,8 +557,9 @@ impl Engine {
             self.wait_durable(&cp).await?;
         }
         let _no_gc = self.fs_gc.read().await;
+        let restore = cp.image.clone().map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });
         let starts = (0..count)
-            .map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone()), cp.image.clone()));
+            .map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone()), restore.clone()));
         let results = futures_util::future::join_all(starts).await;
         let mut created = Vec::new();
         let mut failure = None;

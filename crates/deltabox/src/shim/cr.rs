@@ -46,6 +46,8 @@ pub struct Restored {
     /// Processes restored (0 for a filesystem-only rollback: the sandbox's processes were killed).
     pub restored: usize,
     pub from_image: bool,
+    /// Ptys the restore had to make again (by number), for terminals that were gone.
+    pub pty_masters: std::collections::BTreeMap<u32, std::os::fd::OwnedFd>,
 }
 
 enum Job {
@@ -85,6 +87,23 @@ impl Freezer for CgroupFreezer {
 
     fn thaw(&self) -> std::io::Result<()> {
         self.0.thaw().map_err(std::io::Error::other)
+    }
+}
+
+/// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
+const MAX_TEMPLATES: usize = 8;
+/// Longest chain of incremental images a restore reads before the newest is rewritten whole.
+const MAX_CHAIN: usize = 8;
+
+/// Rewrites image `id` with all its pages when its chain of parents got long, so restores stay fast
+/// (the image keeps its id; images built on it keep working).
+fn compact_if_long(store: &ImageStore, id: ImageId) {
+    match store.open_chain(id) {
+        Ok(images) if images.len() > MAX_CHAIN => match store.compact(id) {
+            Ok(info) => tracing::info!(image = %id, bytes = info.page_bytes, "compacted the image chain"),
+            Err(e) => tracing::warn!(image = %id, "cannot compact the image chain: {}", chain(&e)),
+        },
+        _ => {}
     }
 }
 
@@ -139,12 +158,14 @@ struct Worker {
     engine: Engine,
     freezer: CgroupFreezer,
     kept: HashMap<String, Kept>,
+    /// Stacks of `kept`, oldest first.
+    order: std::collections::VecDeque<String>,
 }
 
 impl Worker {
     fn new(parts: Parts) -> Worker {
         let freezer = CgroupFreezer(parts.cgroup.clone());
-        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new() }
+        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new(), order: Default::default() }
     }
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
@@ -158,18 +179,20 @@ impl Worker {
                 }
                 Job::RestoreImage { image, reply } => {
                     let started = Instant::now();
-                    let restored = self.restore_from_image(image).map(|count| Restored {
+                    let restored = self.restore_from_image(image).map(|stats| Restored {
                         killed: 0,
                         fs_ms: 0.0,
                         changed_inodes: 0,
                         total_ms: ms(started),
-                        restored: count,
+                        restored: stats.processes,
                         from_image: true,
+                        pty_masters: stats.pty_masters,
                     });
                     let _ = reply.send(restored);
                 }
                 Job::Forget { stack } => {
                     self.kept.remove(&stack);
+                    self.order.retain(|s| *s != stack);
                 }
             }
         }
@@ -208,10 +231,27 @@ impl Worker {
                 let result = job.write(&store).map(|info| info.page_bytes).map_err(|e| chain(&e));
                 flag.store(result.is_ok(), Ordering::SeqCst);
                 let _ = done_tx.send(result);
+                compact_if_long(&store, image);
             })
             .map_err(|e| format!("start the image writer: {e}"))?;
         self.kept.insert(stack.clone(), Kept { ckpt, image, written });
+        self.order.push_back(stack.clone());
+        self.limit_templates();
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
+    }
+
+    /// Templates hold the pages their processes changed since: keep them for the newest checkpoints only
+    /// (older ones are restored from their image). One whose image is not written yet is kept.
+    fn limit_templates(&mut self) {
+        while self.order.len() > MAX_TEMPLATES {
+            let oldest = self.order.front().expect("not empty").clone();
+            if !self.kept.get(&oldest).is_some_and(|k| k.written.load(Ordering::SeqCst)) {
+                break;
+            }
+            self.order.pop_front();
+            self.kept.remove(&oldest);
+            tracing::debug!(stack = %oldest, "dropped the templates of an older checkpoint");
+        }
     }
 
     fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {
@@ -238,25 +278,34 @@ impl Worker {
                 total_ms: ms(started),
                 restored: 0,
                 from_image: false,
+                pty_masters: Default::default(),
             });
         };
         let from_templates = self.kept.get(stack).filter(|k| k.ckpt.lost_templates().is_empty());
-        let (restored, from_image) = match from_templates {
+        let (stats, from_image) = match from_templates {
             Some(kept) => {
-                let stats =
-                    self.engine.restore(&kept.ckpt, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
-                (stats.processes, false)
+                let sb = sandbox(self.parts.init, &self.freezer);
+                (self.engine.restore(&kept.ckpt, &sb).map_err(|e| chain(&e))?, false)
             }
             // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
             None => (self.restore_from_image(image)?, true),
         };
-        Ok(Restored { killed, fs_ms, changed_inodes, total_ms: ms(started), restored, from_image })
+        for d in &stats.degraded {
+            tracing::warn!("restored with a degraded terminal: {d:?}");
+        }
+        Ok(Restored {
+            killed,
+            fs_ms,
+            changed_inodes,
+            total_ms: ms(started),
+            restored: stats.processes,
+            from_image,
+            pty_masters: stats.pty_masters,
+        })
     }
 
-    fn restore_from_image(&mut self, image: ImageId) -> JobResult<usize> {
+    fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let mut images = self.parts.images.open_chain(image).map_err(|e| format!("open the image: {}", chain(&e)))?;
-        let stats =
-            self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
-        Ok(stats.processes)
+        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))
     }
 }

@@ -32,6 +32,7 @@ type SpawnReply = Result<(i32, Option<OwnedFd>), String>;
 struct Waiters {
     spawns: HashMap<u64, (oneshot::Sender<SpawnReply>, oneshot::Sender<ExitStatus>)>,
     exits: HashMap<i32, oneshot::Sender<ExitStatus>>,
+    fifos: Option<oneshot::Sender<Option<String>>>,
 }
 
 pub struct InitLink {
@@ -65,6 +66,18 @@ impl InitLink {
     /// Sends `signal` to `pid` (to its process group when `group`). Pids are the sandbox's.
     pub async fn signal(&self, pid: i32, signal: i32, group: bool) -> Result<(), InitError> {
         self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
+    }
+
+    /// Has init create FIFOs (with their directories) inside the sandbox. One call at a time.
+    pub async fn make_fifos(&self, paths: Vec<String>) -> Result<(), InitError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").fifos = Some(tx);
+        self.chan.send(&ToInit::MakeFifos { paths }, &[], &[]).await.map_err(InitError::Lost)?;
+        match rx.await {
+            Ok(None) => Ok(()),
+            Ok(Some(message)) => Err(InitError::StartFailed(message)),
+            Err(_) => Err(InitError::Lost(IpcError::Closed)),
+        }
     }
 
     /// Asks init to report the end of `pid` (a process it did not start, e.g. a restored one).
@@ -103,6 +116,11 @@ impl InitLink {
                 (FromInit::Exited { pid, status }, _) => {
                     if let Some(tx) = w.exits.remove(&pid) {
                         let _ = tx.send(status);
+                    }
+                }
+                (FromInit::FifosMade { error }, _) => {
+                    if let Some(tx) = w.fifos.take() {
+                        let _ = tx.send(error);
                     }
                 }
                 (other, _) => tracing::warn!("unexpected message from init: {other:?}"),

@@ -32,7 +32,8 @@ use tokio::sync::Notify;
 use cr::{Cr, JobResult};
 use init_link::InitLink;
 use proto::{
-    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo,
+    ShimStartup,
 };
 use session::Session;
 
@@ -55,6 +56,13 @@ pub struct Shim {
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
     /// The sessions captured by each process checkpoint kept here (by its stack).
     snapshots: tokio::sync::Mutex<HashMap<String, Vec<(String, Arc<Session>)>>>,
+    /// Terminals a restore had to make again for processes that are not sessions (e.g. an interactive shell
+    /// whose client is gone): kept open and drained, so their processes are not hung up.
+    terminals: std::sync::Mutex<Vec<Arc<fdio::AsyncFile>>>,
+    /// The DeltaFS stack the sandbox was started from.
+    stack: String,
+    /// Keeps the sandbox's uid range reserved.
+    _slot: UidSlot,
     /// Held by checkpoints and rollbacks: one at a time.
     state_change: tokio::sync::Mutex<()>,
     /// Notified when the shim should exit (the sandbox is gone).
@@ -120,7 +128,8 @@ impl Shim {
             .transpose()?;
         let _one_at_a_time = self.state_change.lock().await;
         let mut sessions = self.sessions.lock().await;
-        let restored = self.cr.rollback(stack.to_string(), image).await.map_err(anyhow::Error::msg)?;
+        let mut restored = self.cr.rollback(stack.to_string(), image).await.map_err(anyhow::Error::msg)?;
+        self.keep_terminals(std::mem::take(&mut restored.pty_masters));
         let kept = match image {
             Some(_) => self.snapshots.lock().await.get(stack).cloned().unwrap_or_default(),
             None => vec![],
@@ -144,6 +153,48 @@ impl Shim {
             sessions_restored,
             changed_inodes: restored.changed_inodes,
         })
+    }
+
+    /// Restores, in this fresh sandbox, the processes of the checkpoint it is a fork of, and serves the
+    /// checkpoint's shell sessions again (their FIFOs are made first; DeltaCR makes their ptys again).
+    async fn restore_fork(&self, spec: &RestoreSpec) -> anyhow::Result<()> {
+        let image =
+            deltacr::image::ImageId::parse(&spec.image).with_context(|| format!("bad image id {}", spec.image))?;
+        let fifos = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
+        self.init.make_fifos(fifos).await.context("make the sessions' FIFOs")?;
+        let mut restored = self.cr.restore_image(image).await.map_err(anyhow::Error::msg)?;
+        let mut sessions = self.sessions.lock().await;
+        let mut adopted = Vec::new();
+        for snap in &spec.sessions {
+            let Some(master) = restored.pty_masters.remove(&snap.pty) else {
+                tracing::warn!(session = %snap.name, "the restored shell has no terminal; the session is not served");
+                continue;
+            };
+            let session = Session::attach(self, snap.pid, snap.nonce, master)?;
+            session.watch(self.init.watch(snap.pid).await?);
+            sessions.insert(snap.name.clone(), session.clone());
+            adopted.push((snap.name.clone(), session));
+        }
+        drop(sessions);
+        self.keep_terminals(std::mem::take(&mut restored.pty_masters));
+        tracing::info!(processes = restored.restored, ms = restored.total_ms, "restored the checkpoint's processes");
+        // A rollback of this sandbox to the checkpoint it was forked from serves these sessions again.
+        self.snapshots.lock().await.insert(self.stack.clone(), adopted);
+        Ok(())
+    }
+
+    /// Keeps terminals a restore made again (for processes that are not sessions) open and drained.
+    fn keep_terminals(&self, masters: std::collections::BTreeMap<u32, OwnedFd>) {
+        for (_, master) in masters {
+            match fdio::AsyncFile::new(master) {
+                Ok(file) => {
+                    let file = Arc::new(file);
+                    session::drain(file.clone());
+                    self.terminals.lock().expect("terminals lock").push(file);
+                }
+                Err(e) => tracing::warn!("cannot serve a restored terminal: {e}"),
+            }
+        }
     }
 
     /// Drops the in-memory copies of the process checkpoint of `stack`.
@@ -179,26 +230,16 @@ pub fn main() -> anyhow::Result<()> {
     let cfg: ShimConfig = serde_json::from_reader(std::io::stdin().lock()).context("read the shim config")?;
     let socket = cfg.sandbox_dir.join(SOCKET);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // Listening before we report: the daemon's first request may come right after our report.
-    let built = start(&cfg).and_then(|built| {
-        let ready = restore(&rt, &cfg, &built).and_then(|()| {
-            let _runtime = rt.enter();
-            AsyncListener::bind(&socket).context("listen on the shim socket")
-        });
-        match ready {
-            Ok(listener) => Ok((built, listener)),
-            Err(e) => {
-                discard(&built.cgroup);
-                Err(e)
-            }
+    let ready = start(&cfg).and_then(|built| {
+        let cgroup = built.cgroup.clone();
+        let ready = rt.block_on(ready_to_serve(&cfg, built, &socket));
+        if ready.is_err() {
+            discard(&cgroup);
         }
+        ready
     });
-    let startup = match &built {
-        Ok((b, _)) => ShimStartup::Started(ShimInfo {
-            shim_pid: std::process::id() as i32,
-            init_pid: b.container.init_pid,
-            uid_base: b.slot.map.host_base,
-        }),
+    let startup = match &ready {
+        Ok((shim, _, _)) => ShimStartup::Started(shim.info.clone()),
         Err(e) => ShimStartup::Failed { message: format!("{e:#}") },
     };
     let mut out = std::io::stdout().lock();
@@ -208,10 +249,10 @@ pub fn main() -> anyhow::Result<()> {
     // The daemon reads our stdout up to its end: close it for good.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     sandbox::sys::dup_to(null.as_fd(), 1, false)?;
-    let Ok((built, listener)) = built else {
+    let Ok((shim, listener, init_pidfd)) = ready else {
         std::process::exit(1);
     };
-    rt.block_on(serve(cfg, built, listener, socket))
+    rt.block_on(serve(shim, listener, init_pidfd, socket))
 }
 
 /// Kills whatever a failed start left in the sandbox's cgroup and removes the cgroup.
@@ -220,14 +261,42 @@ fn discard(cgroup: &Cgroup) {
     let _ = Cgroup::remove(cgroup.name());
 }
 
-/// Restores the processes of the checkpoint this sandbox is a fork of, if it is one.
-fn restore(rt: &tokio::runtime::Runtime, cfg: &ShimConfig, built: &Built) -> anyhow::Result<()> {
-    let Some(image) = &cfg.restore else { return Ok(()) };
-    let id = deltacr::image::ImageId::parse(image).with_context(|| format!("bad image id {image}"))?;
-    let restored =
-        rt.block_on(built.cr.restore_image(id)).map_err(anyhow::Error::msg).context("restore the processes")?;
-    tracing::info!(processes = restored.restored, ms = restored.total_ms, "restored the checkpoint's processes");
-    Ok(())
+/// Turns the built sandbox into a serving shim: talks to init, restores the processes of the checkpoint the
+/// sandbox is a fork of (if it is one), and listens — all before we report, since the daemon's first
+/// request may come right after the report.
+async fn ready_to_serve(
+    cfg: &ShimConfig,
+    built: Built,
+    socket: &std::path::Path,
+) -> anyhow::Result<(Arc<Shim>, AsyncListener, OwnedFd)> {
+    let Built { container, cgroup, slot, cr } = built;
+    let info =
+        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
+    let shim = Arc::new(Shim {
+        id: cfg.id.clone(),
+        defaults: cfg.defaults.clone(),
+        init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
+        cgroup,
+        info,
+        init_pidfd: container.pidfd.try_clone()?,
+        cr,
+        _slot: slot,
+        sessions: tokio::sync::Mutex::new(HashMap::new()),
+        snapshots: tokio::sync::Mutex::new(HashMap::new()),
+        terminals: std::sync::Mutex::new(Vec::new()),
+        stack: cfg.stack.clone(),
+        state_change: tokio::sync::Mutex::new(()),
+        exit: Notify::new(),
+    });
+    tokio::spawn({
+        let shim = shim.clone();
+        async move { shim.init.dispatch().await }
+    });
+    if let Some(spec) = &cfg.restore {
+        shim.restore_fork(spec).await.context("restore the checkpoint's processes")?;
+    }
+    let listener = AsyncListener::bind(socket).context("listen on the shim socket")?;
+    Ok((shim, listener, container.pidfd))
 }
 
 /// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
@@ -275,28 +344,8 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     }
 }
 
-async fn serve(cfg: ShimConfig, built: Built, listener: AsyncListener, socket: PathBuf) -> anyhow::Result<()> {
-    let Built { container, cgroup, slot, cr } = built;
-    let info =
-        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
-    let shim = Arc::new(Shim {
-        id: cfg.id.clone(),
-        defaults: cfg.defaults.clone(),
-        init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
-        cgroup,
-        info,
-        init_pidfd: container.pidfd.try_clone()?,
-        cr,
-        sessions: tokio::sync::Mutex::new(HashMap::new()),
-        snapshots: tokio::sync::Mutex::new(HashMap::new()),
-        state_change: tokio::sync::Mutex::new(()),
-        exit: Notify::new(),
-    });
-    tokio::spawn({
-        let shim = shim.clone();
-        async move { shim.init.dispatch().await }
-    });
-    let init_exit = wait_readable(container.pidfd)?;
+async fn serve(shim: Arc<Shim>, listener: AsyncListener, init_pidfd: OwnedFd, socket: PathBuf) -> anyhow::Result<()> {
+    let init_exit = wait_readable(init_pidfd)?;
     tokio::pin!(init_exit);
     let exit = shim.exit.notified();
     tokio::pin!(exit);

@@ -21,8 +21,8 @@ pub struct ShimConfig {
     pub stack: String,
     /// The DeltaCR image store directory.
     pub images: PathBuf,
-    /// The DeltaCR image whose processes to restore once the sandbox is up (a fork of a process checkpoint).
-    pub restore: Option<String>,
+    /// Processes to restore once the sandbox is up (a fork of a process checkpoint).
+    pub restore: Option<RestoreSpec>,
     pub network: Network,
     pub limits: Limits,
     /// cgroup name (relative to each hierarchy's root).
@@ -31,6 +31,14 @@ pub struct ShimConfig {
     pub uid_slot_dir: PathBuf,
     /// Defaults for processes: the image's environment, working directory and user.
     pub defaults: ProcessDefaults,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The DeltaCR image of the checkpoint.
+    pub image: String,
+    /// Its shell sessions, served again once their shells are restored.
+    pub sessions: Vec<SessionSnapshot>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

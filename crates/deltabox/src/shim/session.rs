@@ -98,12 +98,16 @@ fn fifo_dir(nonce: u64) -> String {
     format!("/dev/.deltabox/sessions/{nonce:016x}")
 }
 
+/// The FIFOs of the session with `nonce` (command, stdout, stderr), as paths inside the sandbox.
+pub fn fifo_paths(nonce: u64) -> [String; 3] {
+    ["cmd", "out", "err"].map(|name| format!("{}/{name}", fifo_dir(nonce)))
+}
+
 impl Session {
     /// Starts `bash` and waits for its first prompt.
     pub async fn start(shim: &Shim) -> Result<Arc<Session>, SessionError> {
         let nonce: u64 = rand::rng().random();
-        let dir = fifo_dir(nonce);
-        let fifo = |name: &str, fd| FifoFd { path: format!("{dir}/{name}"), fd };
+        let [cmd, out, err] = fifo_paths(nonce);
         let spec = ProcessSpec {
             argv: ["bash", "--noprofile", "--norc", "--noediting", "-i"].map(String::from).to_vec(),
             env: merged_env(&shim.defaults.env, &[], &shim.id, true),
@@ -111,7 +115,11 @@ impl Session {
             user: shim.defaults.user.clone(),
             tty: Some(WinSize { rows: 50, cols: 200 }),
             extra_fds: vec![],
-            fifos: vec![fifo("cmd", CMD_FD), fifo("out", OUT_FD), fifo("err", ERR_FD)],
+            fifos: vec![
+                FifoFd { path: cmd, fd: CMD_FD },
+                FifoFd { path: out, fd: OUT_FD },
+                FifoFd { path: err, fd: ERR_FD },
+            ],
         };
         let spawned = shim.init.spawn(spec, &[]).await.map_err(|e| SessionError::Start(e.to_string()))?;
         let master = spawned.pty_master.expect("init sends a pty master with a tty spawn");
@@ -168,7 +176,7 @@ impl Session {
             alive,
             generation: AtomicU64::new(0),
         });
-        drain_terminal(AsyncFile::new(master).map_err(SessionError::Io)?);
+        drain(Arc::new(AsyncFile::new(master).map_err(SessionError::Io)?));
         Ok(session)
     }
 
@@ -393,9 +401,9 @@ fn pty_index(master: &OwnedFd) -> std::io::Result<u32> {
         .ok_or_else(|| std::io::Error::other(format!("odd pty name {name}")))
 }
 
-/// The shell's own terminal output (prompts, job notices) is not part of any command's output, but it
-/// must be read or bash blocks once the pty buffer is full.
-fn drain_terminal(master: AsyncFile) {
+/// Reads and discards what `master` gets: a terminal nobody reads blocks its writers once its buffer is
+/// full (a shell's prompts and job notices are not part of any command's output).
+pub fn drain(master: Arc<AsyncFile>) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n) = master.read(&mut buf).await {

@@ -3,12 +3,13 @@
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deltacr::Freezer;
 use nix::unistd::Pid;
+use sandbox::cgroup::{Cgroup, Limits};
 
 const INIT_PY: &str = r#"
 import json, os, signal, subprocess, sys, threading, time
@@ -47,30 +48,22 @@ pub struct PidNs {
     stdout: BufReader<ChildStdout>,
     pub init: Pid,
     pub dir: tempfile::TempDir,
-    /// A cgroup v1 freezer cgroup holding init and everything it starts.
-    pub freezer: deltacr::CgroupFreezer,
+    /// The namespace's cgroup (the sandbox crate's, as the shim has), holding init and everything it
+    /// starts.
+    pub cgroup: Cgroup,
     userns: bool,
 }
 
 #[derive(Default)]
 struct Options {
     userns: bool,
-    cgroup2: bool,
+    own_dev: bool,
 }
 
-/// Where freezer cgroups go: the v1 freezer hierarchy when the host has one (and cgroup2 is not
-/// asked for), else the cgroup2 tree (a hybrid host's `unified` mount or the pure cgroup2 root).
-fn freezer_root(cgroup2: bool) -> PathBuf {
-    let v1 = PathBuf::from("/sys/fs/cgroup/freezer");
-    let hybrid = PathBuf::from("/sys/fs/cgroup/unified");
-    if !cgroup2 && v1.exists() {
-        v1
-    } else if hybrid.join("cgroup.procs").exists() {
-        hybrid
-    } else {
-        PathBuf::from("/sys/fs/cgroup")
-    }
-}
+/// Run before init in a namespace with its own /dev/pts (as a sandbox has) and its own tmpfs at
+/// `$1` (a sandbox's /dev tmpfs, where the shim makes its session FIFOs); then execs the rest.
+const OWN_DEV: &str = "mount -t devpts -o newinstance,ptmxmode=0666,mode=620 devpts /dev/pts && \
+mount --bind /dev/pts/ptmx /dev/ptmx && mount -t tmpfs tmpfs \"$1\" && shift && exec \"$@\"";
 
 /// The distribution's python (not a wrapper script).
 pub const SYSTEM_PYTHON: &str = "/usr/bin/python3";
@@ -110,16 +103,17 @@ impl PidNs {
         Self::create(limit, Options::default())
     }
 
-    /// A namespace frozen through cgroup2's `cgroup.freeze` (as on pure cgroup2 hosts).
-    pub fn with_cgroup2_freezer() -> PidNs {
-        Self::create(Duration::from_secs(60), Options { cgroup2: true, ..Options::default() })
-    }
-
     /// Closer to a real sandbox: also a user namespace (owning the pid namespace), and programs started
     /// with Docker's default capabilities and a seccomp filter (see [`PidNs::spawn`]). Its root is host root (mapping another
     /// uid range needs newuidmap and /etc/subuid entries this machine does not have).
     pub fn user_namespaced() -> PidNs {
         Self::create(Duration::from_secs(60), Options { userns: true, ..Options::default() })
+    }
+
+    /// A namespace with its own devpts instance (its ptys are numbered from 0, apart from the host's)
+    /// and its own tmpfs at [`PidNs::dev_dir`], as a sandbox's /dev is.
+    pub fn with_own_dev() -> PidNs {
+        Self::create(Duration::from_secs(60), Options { own_dev: true, ..Options::default() })
     }
 
     fn create(limit: Duration, opts: Options) -> PidNs {
@@ -135,8 +129,13 @@ impl PidNs {
         if userns {
             cmd.arg("--map-root-user");
         }
+        cmd.args(["--pid", "--fork", "--mount-proc"]);
+        if opts.own_dev {
+            let dev = dir.path().join("dev");
+            std::fs::create_dir(&dev).unwrap();
+            cmd.args(["sh", "-c", OWN_DEV, "sh"]).arg(dev);
+        }
         let mut unshare = cmd
-            .args(["--pid", "--fork", "--mount-proc"])
             .arg(if userns { SYSTEM_PYTHON.to_string() } else { python() })
             .arg("-u")
             .arg(&script)
@@ -154,27 +153,27 @@ impl PidNs {
             let kids = std::fs::read_to_string(format!("/proc/{upid}/task/{upid}/children")).ok()?;
             kids.split_whitespace().next().and_then(|s| s.parse().ok()).map(Pid::from_raw)
         });
-        let cg = freezer_root(opts.cgroup2).join(format!("deltacr-test-{}", init.as_raw()));
-        std::fs::create_dir_all(&cg).unwrap();
-        std::fs::write(cg.join("cgroup.procs"), init.as_raw().to_string()).unwrap();
-        let freezer = deltacr::CgroupFreezer::new(&cg).unwrap();
+        let cgroup = Cgroup::create(&format!("deltacr-test-{}", init.as_raw()), &Limits::default()).unwrap();
+        cgroup.add_process(init.as_raw()).unwrap();
         // A hung ptrace wait would block the test forever: kill the namespace after `limit`, so the
         // test fails instead.
         // A pidfd, so a recycled pid is never hit.
         let watched = deltacr::sys::pidfd_open(init).unwrap();
-        let watched_freezer = freezer.clone();
+        let name = cgroup.name().to_string();
         std::thread::spawn(move || {
             std::thread::sleep(limit);
             // Frozen tasks do not die until thawed.
             if rustix::process::pidfd_send_signal(&watched, rustix::process::Signal::KILL).is_ok() {
-                let _ = watched_freezer.thaw();
+                if let Ok(cgroup) = Cgroup::open(&name) {
+                    let _ = cgroup.thaw();
+                }
             }
         });
-        PidNs { userns, unshare, stdin, stdout, init, dir, freezer }
+        PidNs { userns, unshare, stdin, stdout, init, dir, cgroup }
     }
 
     pub fn sandbox(&self) -> deltacr::Sandbox<'_> {
-        deltacr::Sandbox { init: self.init, freezer: &self.freezer }
+        deltacr::Sandbox { init: self.init, freezer: &self.cgroup }
     }
 
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr
@@ -228,11 +227,87 @@ impl PidNs {
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.path().join(name)
     }
+
+    /// The directory that is a tmpfs of this namespace's own (see [`PidNs::with_own_dev`]), as its
+    /// processes name it.
+    pub fn dev_dir(&self) -> PathBuf {
+        self.path("dev")
+    }
+
+    /// `path` (as the namespace's processes name it) seen from the host.
+    pub fn inside(&self, path: &Path) -> PathBuf {
+        PathBuf::from(format!("/proc/{}/root{}", self.init, path.display()))
+    }
+
+    /// Opens a new pty of the namespace's devpts, as the shim does for a session: returns its
+    /// (unlocked, non-blocking) master and its number.
+    pub fn open_pty(&self) -> (std::fs::File, u32) {
+        let master = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+            .open(self.inside(Path::new("/dev/ptmx")))
+            .unwrap();
+        rustix::pty::unlockpt(&master).unwrap();
+        let index = deltacr::sys::pty_index(std::os::fd::AsFd::as_fd(&master)).unwrap();
+        (master, index)
+    }
+}
+
+/// Runs an interactive bash on the terminal argv[1] (its stdio and controlling terminal).
+pub const BASH_ON_PTY: &str = r#"
+import os, sys
+fd = os.open(sys.argv[1], os.O_RDWR)
+for i in (0, 1, 2):
+    os.dup2(fd, i)
+os.close(fd)
+os.environ.update(TERM="dumb", PS1="$ ", HISTFILE="/dev/null")
+os.execvp("bash", ["bash", "--norc", "--noprofile", "-i"])
+"#;
+
+/// The master side of a terminal, as the shim holds it for a shell session.
+pub struct Term {
+    pub master: std::fs::File,
+}
+
+impl Term {
+    /// Takes a pty master (made non-blocking).
+    pub fn new(master: impl Into<std::os::fd::OwnedFd>) -> Term {
+        let master = master.into();
+        nix::fcntl::fcntl(&master, nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK)).unwrap();
+        Term { master: master.into() }
+    }
+
+    /// Sends a line and waits until `marker` appears in the output after it.
+    pub fn run(&mut self, line: &str, marker: &str) -> String {
+        self.master.write_all(format!("{line}\n").as_bytes()).unwrap();
+        read_until(&mut self.master, marker)
+    }
+}
+
+/// Reads what is available on a non-blocking pty master (or FIFO) until `marker` shows up (at most
+/// 10 s). EIO (no slave open at the moment, e.g. between kill and restore) counts as nothing yet.
+pub fn read_until(master: &mut std::fs::File, marker: &str) -> String {
+    use std::io::Read;
+    let start = Instant::now();
+    let mut seen = String::new();
+    let mut buf = [0u8; 4096];
+    while !seen.contains(marker) {
+        assert!(start.elapsed() < Duration::from_secs(10), "no {marker:?} on the terminal; saw {seen:?}");
+        match master.read(&mut buf) {
+            Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
+                std::thread::sleep(Duration::from_millis(5))
+            }
+            Err(e) => panic!("pty read: {e}"),
+        }
+    }
+    seen
 }
 
 impl Drop for PidNs {
     fn drop(&mut self) {
-        let _ = self.freezer.thaw();
+        let _ = self.cgroup.thaw();
         let _ = nix::sys::signal::kill(self.init, nix::sys::signal::Signal::SIGKILL);
         // Processes this thread still traces (after a failed test) must be collected by us, or the
         // dying namespace init waits for them forever.
@@ -246,11 +321,8 @@ impl Drop for PidNs {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
-        for _ in 0..200 {
-            if std::fs::remove_dir(self.freezer.dir()).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = Cgroup::remove(self.cgroup.name()) {
+            eprintln!("cannot remove the test cgroup: {e}");
         }
     }
 }

@@ -19,7 +19,7 @@ use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, NewProcess, RestoreError};
 use crate::state::{Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
-use crate::template::{self, Detach, Template, TemplateError};
+use crate::template::{self, Detach, Stopped, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
 #[derive(Debug, thiserror::Error)]
@@ -124,6 +124,8 @@ enum Memory<'a> {
 pub struct RestoreStats {
     pub total: Duration,
     pub processes: usize,
+    /// Processes that took over a spare's memory (see [`Engine::prepare_spares`]).
+    pub from_spares: usize,
     /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
     /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
     /// back as it was.
@@ -247,11 +249,14 @@ impl Engine {
             }
         }
         phases.mark("wait for stops");
-        let init_sid = capture::ns_ids(sb.init)?.sid;
         let mut live: Vec<LiveProcess> = Vec::new();
         let mut zombies: Vec<SeizedProcess> = Vec::new();
         type Captured = (Vec<(ProcessEntry, Option<Template>)>, Vec<crate::state::OpenFile>);
-        let mut result = (|| -> Result<Captured, CrError> {
+        // Templates take their pids from the reserved top of the range (see
+        // PidSetter::reserved_floor); the counter is put back before anything else runs.
+        let reserved = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(p.reserved_floor()));
+        let mut result: Result<Captured, CrError> = reserved.map_err(CrError::from).and_then(|()| {
+            let init_sid = capture::ns_ids(sb.init)?.sid;
             for s in seized.drain(..) {
                 if s.zombie.is_some() {
                     // init reaps its own zombie children; they are not part of the sandbox's state.
@@ -357,7 +362,11 @@ impl Engine {
                 ));
             }
             Ok((out, files))
-        })();
+        });
+        if let Err(e) = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(last_pid)) {
+            result = result.and(Err(e.into()));
+        }
+        release_seized(&mut seized);
         let mut resume_err = None;
         for l in live {
             if let Err(e) = l.resume() {
@@ -453,6 +462,32 @@ impl Engine {
         self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
     }
 
+    /// Gives every template of a process whose parent is init a spare, unless it has one: a
+    /// copy-on-write fork made ahead of time, so that the next [`Engine::restore`] of `ckpt` takes it
+    /// over instead of copying page tables (the part of a restore that grows with memory; a spare
+    /// serves one restore). Costs what it saves (one fork of each template) and the spares' page
+    /// tables; the sandbox runs meanwhile. Call it when the tracer thread is idle, e.g. right after a
+    /// checkpoint or a rollback of the checkpoints likely to be restored next. Returns how many spares
+    /// were made.
+    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<usize, CrError> {
+        let pids = self.pid_setter(sb.init)?;
+        let last = pids.last_pid()?;
+        // Spares take pids from the reserved range, as templates do; the sandbox may fork meanwhile
+        // (it runs), so its next pid is only kept when it did not.
+        pids.set_last_pid(pids.reserved_floor())?;
+        let mut made = 0;
+        let res = (|| -> Result<(), CrError> {
+            for p in ckpt.tree.processes.iter().filter(|p| p.ppid == 1) {
+                if let Some(t) = ckpt.templates.get(&p.pid).filter(|t| t.alive()) {
+                    made += usize::from(t.make_spare()?);
+                }
+            }
+            Ok(())
+        })();
+        pids.set_last_pid(last)?;
+        res.map(|()| made)
+    }
+
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
     /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
     pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
@@ -469,12 +504,14 @@ impl Engine {
         let start = Instant::now();
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made);
-        if let Err(e) = res {
-            // Dropping a process that was not released kills it.
-            drop(made);
-            return Err(e);
-        }
+        let from_spares = match self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made) {
+            Ok(n) => n,
+            Err(e) => {
+                // Dropping a process that was not released kills it.
+                drop(made);
+                return Err(e);
+            }
+        };
         let processes = made.len();
         for (np, _) in made {
             np.release()?;
@@ -485,7 +522,7 @@ impl Engine {
         }
         let (pty_masters, aliases) = ptys.into_created();
         self.sandbox(sb.init)?.pty_aliases.extend(aliases);
-        Ok(RestoreStats { total: start.elapsed(), processes, degraded, pty_masters })
+        Ok(RestoreStats { total: start.elapsed(), processes, from_spares, degraded, pty_masters })
     }
 
     fn restore_into<'c>(
@@ -495,8 +532,9 @@ impl Engine {
         sb: &Sandbox<'_>,
         ptys: &mut PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
-    ) -> Result<(), CrError> {
+    ) -> Result<usize, CrError> {
         let plan = plan::plan(tree)?;
+        let mut from_spares = 0;
         let pids = self.pid_setter(sb.init)?;
         let no_create = Vec::new();
         // Per pid: how many of its seccomp filters the new process already has from its creator.
@@ -526,18 +564,27 @@ impl Engine {
             }
             let np = match (parent, template) {
                 (None, Some(t)) => {
-                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
+                    // With a spare, the process shares the spare's memory (CLONE_VM: no page tables
+                    // copied) and the spare exits: the memory is the process's alone.
+                    let spare = t.take_spare();
+                    let (source, flags) = match &spare {
+                        Some(s) => (s, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
+                        None => (t.task(), libc::CLONE_PARENT | libc::SIGCHLD),
+                    };
+                    tracing::debug!(pid = entry.pid, source = source.pid().as_raw(), "restoring from template");
                     let host = restore::create_with_pid(
                         pids,
                         entry.pid,
                         entry.pid,
-                        |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
+                        |s: &mut &Stopped| Ok(s.clone_child(flags as u64)?),
                         |_, wrong| {
                             NewProcess::kill_host(wrong);
                             Ok(())
                         },
-                        &mut &*t,
+                        &mut &*source,
                     )?;
+                    from_spares += usize::from(spare.is_some());
+                    drop(spare);
                     inherited.insert(entry.pid, st.seccomp.len());
                     NewProcess::take(host, entry.pid, t.gadget())?
                 }
@@ -624,7 +671,7 @@ impl Engine {
             np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
         }
         pids.set_last_pid(tree.last_pid)?;
-        Ok(())
+        Ok(from_spares)
     }
 }
 

@@ -28,12 +28,23 @@ fn a_restored_process_continues_from_the_checkpoint() {
     wait_for(|| counter_lines(&out).iter().any(|&(i, _)| i == m).then_some(()));
     let later = counter_lines(&out);
 
-    for round in 0..2 {
+    // Rounds 1 and 3 take over a spare prepared before them (and the spare is used up).
+    for round in 0..4 {
+        let spare = round % 2 == 1;
+        if spare {
+            assert_eq!(engine.prepare_spares(&ckpt, &sb).unwrap(), 1);
+            assert_eq!(engine.prepare_spares(&ckpt, &sb).unwrap(), 0, "it has one already");
+        }
         engine.kill_processes(&sb).unwrap();
         assert!(nix::sys::signal::kill(host, None).is_err(), "live process is gone");
         let before = counter_lines(&out).len();
-        engine.restore(&ckpt, &sb).unwrap();
+        let stats = engine.restore(&ckpt, &sb).unwrap();
+        assert_eq!(stats.from_spares, usize::from(spare), "round {round}");
         let restored = ns.host_pid(pid);
+        if spare {
+            // The spare is gone: init keeps the pid helper, the template and the restored process.
+            wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 3).then_some(()));
+        }
         wait_for(|| (counter_lines(&out).len() >= before + 3).then_some(()));
         let now = counter_lines(&out);
         // Continues right after the checkpoint's last line, with the same memory contents.

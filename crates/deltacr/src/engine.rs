@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -19,6 +19,7 @@ use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, NewProcess, RestoreError};
 use crate::state::{Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
+use crate::sys;
 use crate::template::{self, Detach, Stopped, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
@@ -42,6 +43,8 @@ pub enum CrError {
     Pty(#[from] PtyError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
+    #[error("waiting for killed processes")]
+    Kill(#[source] std::io::Error),
     #[error("cannot make an image id")]
     ImageId(#[source] std::io::Error),
     #[error("process {pid} ({comm}): {reason}")]
@@ -142,6 +145,8 @@ pub struct Engine {
     /// By (init's host pid, inode of its pid namespace): a recycled init pid of another sandbox gets
     /// its own.
     sandboxes: HashMap<(Pid, u64), SandboxState>,
+    /// Holders killed and not collected yet (their exits free memory).
+    dying: Vec<Stopped>,
     _tracer_thread: PhantomData<*const ()>,
 }
 
@@ -150,6 +155,26 @@ struct SandboxState {
     pids: PidSetter,
     /// Ptys made by restores: node at checkpoint time -> the node of the pty made to replace it.
     pty_aliases: HashMap<PtyNode, PtyNode>,
+    holders: Vec<Holder>,
+}
+
+/// A spare a restored process took its memory from, kept (stopped) while the process uses that
+/// memory: when the process is killed, the memory then still has a user and the process exits at
+/// once; the holder, killed right after (without waiting), frees the memory on its own time. So a
+/// kill does not wait for the page tables of the process to be torn down.
+struct Holder {
+    task: Stopped,
+    /// The restored process (host pid; its pidfd tells when it is gone).
+    partner: Pid,
+    partner_fd: OwnedFd,
+}
+
+impl Holder {
+    /// True while the partner runs with the memory the holder holds (not after it exited or exec'd).
+    fn in_use(&self) -> bool {
+        matches!(sys::pidfd_exited(self.partner_fd.as_fd()), Ok(false))
+            && matches!(sys::same_mm(self.partner, self.task.pid()), Ok(true))
+    }
 }
 
 impl Default for Engine {
@@ -164,7 +189,7 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine { sandboxes: HashMap::new(), _tracer_thread: PhantomData }
+        Engine { sandboxes: HashMap::new(), dying: Vec::new(), _tracer_thread: PhantomData }
     }
 
     fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
@@ -177,9 +202,26 @@ impl Engine {
         match self.sandboxes.entry((init, ns.ino())) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
-                Ok(e.insert(SandboxState { pids: PidSetter::spawn(init)?, pty_aliases: HashMap::new() }))
+                let pids = PidSetter::spawn(init)?;
+                Ok(e.insert(SandboxState { pids, pty_aliases: HashMap::new(), holders: Vec::new() }))
             }
         }
+    }
+
+    /// Lets go of memory the engine keeps alive for no use: holders (see [`Engine::kill_processes`])
+    /// whose process exited or exec'd are killed, and exited holders are collected. Cheap (one
+    /// `kcmp` per holder); the other calls do it too. Call it now and then while the tracer thread
+    /// is idle, so a finished process's memory is freed soon.
+    pub fn tidy(&mut self) {
+        for st in self.sandboxes.values_mut() {
+            let (keep, unused): (Vec<Holder>, Vec<Holder>) = st.holders.drain(..).partition(Holder::in_use);
+            st.holders = keep;
+            for h in unused {
+                h.task.kill();
+                self.dying.push(h.task);
+            }
+        }
+        self.dying.retain(|t| !t.try_collect());
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
@@ -209,6 +251,7 @@ impl Engine {
     /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
     pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
         let start = Instant::now();
+        self.tidy();
         let mut phases = Phases::new();
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let pids = self.sandbox_processes(sb.init);
@@ -415,41 +458,61 @@ impl Engine {
         Ok(Checkpoint { tree: TreeState { processes, files, last_pid }, templates, stats })
     }
 
-    /// Kills every process of the sandbox except init, our templates and our helper, and waits until
-    /// init has reaped them.
+    /// Kills every process of the sandbox except init, our templates, spares and helper, and waits until
+    /// init has reaped them. A process restored from a spare exits at once: its memory is freed
+    /// afterwards by the spare, which kept it (see [`Engine::tidy`]). No freeze is needed: a process forked while we list and kill (its parent
+    /// listed before it existed) shows up in the next listing and is killed then; killed processes
+    /// cannot fork, so this ends.
     pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
-        sb.freezer.freeze().map_err(CrError::Freezer)?;
-        let victims = self.sandbox_processes(sb.init);
-        if let Ok(v) = &victims {
-            for p in v {
-                let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        sb.freezer.thaw().map_err(CrError::Freezer)?;
-        let victims = victims?;
-        tracing::debug!(?victims, "killed");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        // Pidfds of the processes killed so far: a pidfd reports POLLHUP once its process is reaped.
+        let mut dying: HashMap<Pid, OwnedFd> = HashMap::new();
         loop {
             let left = self.sandbox_processes(sb.init)?;
             if left.is_empty() {
+                // The victims' memory is held by their holders: freeing it is theirs to do, later.
+                let holders = std::mem::take(&mut self.sandbox(sb.init)?.holders);
+                for h in holders {
+                    h.task.kill();
+                    self.dying.push(h.task);
+                }
+                self.dying.retain(|t| !t.try_collect());
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                let states: Vec<String> = left
-                    .iter()
-                    .map(|p| {
-                        let st = procfs::Status::read(*p);
-                        let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
-                        format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
-                    })
-                    .collect();
-                return Err(CrError::Unsupported {
-                    pid: 0,
-                    comm: String::new(),
-                    reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
-                });
+            for p in left {
+                if let std::collections::hash_map::Entry::Vacant(e) = dying.entry(p) {
+                    // Gone already (ESRCH) is fine.
+                    if let Ok(fd) = sys::pidfd_open(p) {
+                        let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+                        e.insert(fd);
+                    }
+                }
             }
-            std::thread::sleep(Duration::from_micros(200));
+            tracing::debug!(victims = ?dying.keys().collect::<Vec<_>>(), "killed");
+            let timeout = deadline.saturating_duration_since(Instant::now()).min(KILL_POLL);
+            if timeout.is_zero() {
+                return Err(self.survivors(sb.init));
+            }
+            sys::wait_all_hung_up(dying.values(), timeout).map_err(CrError::Kill)?;
+            dying.retain(|_, fd| !sys::hung_up(fd.as_fd()));
+        }
+    }
+
+    /// The error for processes that survived SIGKILL, naming them.
+    fn survivors(&mut self, init: Pid) -> CrError {
+        let left = self.sandbox_processes(init).unwrap_or_default();
+        let states: Vec<String> = left
+            .iter()
+            .map(|p| {
+                let st = procfs::Status::read(*p);
+                let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
+                format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
+            })
+            .collect();
+        CrError::Unsupported {
+            pid: 0,
+            comm: String::new(),
+            reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
         }
     }
 
@@ -470,6 +533,7 @@ impl Engine {
     /// checkpoint or a rollback of the checkpoints likely to be restored next. Returns how many spares
     /// were made.
     pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<usize, CrError> {
+        self.tidy();
         let pids = self.pid_setter(sb.init)?;
         let last = pids.last_pid()?;
         // Spares take pids from the reserved range, as templates do; the sandbox may fork meanwhile
@@ -504,14 +568,15 @@ impl Engine {
         let start = Instant::now();
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let from_spares = match self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made) {
-            Ok(n) => n,
+        let holders = match self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made) {
+            Ok(holders) => holders,
             Err(e) => {
                 // Dropping a process that was not released kills it.
                 drop(made);
                 return Err(e);
             }
         };
+        let from_spares = holders.len();
         let processes = made.len();
         for (np, _) in made {
             np.release()?;
@@ -521,7 +586,9 @@ impl Engine {
             tracing::warn!("restore: {d}");
         }
         let (pty_masters, aliases) = ptys.into_created();
-        self.sandbox(sb.init)?.pty_aliases.extend(aliases);
+        let state = self.sandbox(sb.init)?;
+        state.pty_aliases.extend(aliases);
+        state.holders.extend(holders);
         Ok(RestoreStats { total: start.elapsed(), processes, from_spares, degraded, pty_masters })
     }
 
@@ -532,9 +599,9 @@ impl Engine {
         sb: &Sandbox<'_>,
         ptys: &mut PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
-    ) -> Result<usize, CrError> {
+    ) -> Result<Vec<Holder>, CrError> {
         let plan = plan::plan(tree)?;
-        let mut from_spares = 0;
+        let mut holders = Vec::new();
         let pids = self.pid_setter(sb.init)?;
         let no_create = Vec::new();
         // Per pid: how many of its seccomp filters the new process already has from its creator.
@@ -565,7 +632,7 @@ impl Engine {
             let np = match (parent, template) {
                 (None, Some(t)) => {
                     // With a spare, the process shares the spare's memory (CLONE_VM: no page tables
-                    // copied) and the spare exits: the memory is the process's alone.
+                    // copied); the spare, stopped for good, becomes its holder.
                     let spare = t.take_spare();
                     let (source, flags) = match &spare {
                         Some(s) => (s, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
@@ -583,28 +650,36 @@ impl Engine {
                         },
                         &mut &*source,
                     )?;
-                    from_spares += usize::from(spare.is_some());
-                    drop(spare);
+                    if let Some(task) = spare {
+                        let partner_fd = sys::pidfd_open(host).map_err(|source| RestoreError::FileIo {
+                            pid: entry.pid,
+                            fd: -1,
+                            what: "open a pidfd",
+                            source,
+                        })?;
+                        holders.push(Holder { task, partner: host, partner_fd });
+                    }
                     inherited.insert(entry.pid, st.seccomp.len());
                     NewProcess::take(host, entry.pid, t.gadget())?
                 }
                 _ => {
-                    let (host, gadget, parent_creds) = match parent {
+                    let (host, gadget, parent_creds, parent_actions) = match parent {
                         Some(pidx) => {
                             tracing::debug!(pid = entry.pid, parent = entry.ppid, "restoring by fork from the parent");
-                            let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                            let parent_entry: &ProcessEntry = made[pidx].1;
+                            let ProcessKind::Live(pst) = &parent_entry.kind else {
                                 unreachable!("only live processes are kept in `made`")
                             };
-                            let creds = pst.creds.clone();
                             inherited.insert(entry.pid, pst.seccomp.len());
                             let p = &mut made[pidx].0;
-                            (p.fork_child(pids, entry.pid, st.exit_signal)?, p.gadget(), creds)
+                            let host = p.fork_child(pids, entry.pid, st.exit_signal)?;
+                            (host, p.gadget(), pst.creds.clone(), Some(pst.sigactions.as_slice()))
                         }
                         None => {
                             tracing::debug!(pid = entry.pid, "restoring by fork from init");
                             let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
                             inherited.insert(entry.pid, f.filters);
-                            (f.child, f.gadget, f.creds)
+                            (f.child, f.gadget, f.creds, None)
                         }
                     };
                     let mut np = NewProcess::take(host, entry.pid, gadget)?;
@@ -620,7 +695,7 @@ impl Engine {
                         (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
                         (Memory::Templates(_), None) => unreachable!("checked above"),
                     }
-                    np.restore_static(st, &parent_creds)?;
+                    np.restore_static(st, &parent_creds, parent_actions)?;
                     np
                 }
             };
@@ -671,9 +746,14 @@ impl Engine {
             np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
         }
         pids.set_last_pid(tree.last_pid)?;
-        Ok(from_spares)
+        Ok(holders)
     }
 }
+
+/// How long killed processes may take to go away.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for killed processes before looking for new ones.
+const KILL_POLL: Duration = Duration::from_millis(50);
 
 /// Records how long each step took.
 struct Phases {

@@ -17,7 +17,7 @@ use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, OwnedFd};
 
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::procfs;
@@ -158,6 +158,17 @@ impl Stopped {
         matches!(sys::pidfd_exited(self.pidfd.as_fd()), Ok(false))
     }
 
+    /// Sends SIGKILL without waiting: the task exits on its own (collect it with
+    /// [`Stopped::try_collect`]; dropping it waits).
+    pub fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(self.pidfd.as_fd(), rustix::process::Signal::KILL);
+    }
+
+    /// Collects the task's exit if it has exited (then init can reap it). True once it is collected.
+    pub fn try_collect(&self) -> bool {
+        !matches!(waitpid(self.pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
+    }
+
     /// Injects `clone(flags)` into the task and returns the new child's host pid, stopped and traced.
     /// The pid the child gets is chosen beforehand with the pid helper.
     pub fn clone_child(&self, flags: u64) -> Result<Pid, TemplateError> {
@@ -207,8 +218,8 @@ impl Template {
     /// Makes the template's spare unless it has one: a copy-on-write fork of the template (a child of
     /// init, stopped like the template). Forking copies the page tables, the part of a restore whose
     /// cost grows with memory; a restore that finds a spare creates the process with `clone(CLONE_VM)`
-    /// from it instead, so the process takes over the spare's memory as it is (the spare then exits,
-    /// leaving the memory to the process alone). Returns whether a spare was made.
+    /// from it instead, so the process takes over the spare's memory as it is. Returns whether a spare
+    /// was made.
     pub fn make_spare(&self) -> Result<bool, TemplateError> {
         if self.spare.borrow().as_ref().is_some_and(Stopped::alive) {
             return Ok(false);

@@ -835,10 +835,6 @@ impl NewProcess {
         if st.child_subreaper {
             self.call(libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1])?;
         }
-        for info in &st.shared_pending {
-            let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
-            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
-        }
         Ok(())
     }
 

@@ -50,8 +50,65 @@ struct Row {
     image_kib: Vec<f64>,
     image_write: Vec<f64>,
     baseline_full: Vec<f64>,
+    rollback: Rollbacks,
     /// Per checkpoint step: the times measured for it.
     phases: Vec<(&'static str, Vec<f64>)>,
+}
+
+/// Rollbacks (kill_processes + restore from templates) of one workload: cloning the templates
+/// (baseline) and taking over spares; and the time prepare_spares took.
+#[derive(Default)]
+struct Rollbacks {
+    clone: Vec<f64>,
+    spare: Vec<f64>,
+    prepare: Vec<f64>,
+}
+
+impl Rollbacks {
+    /// Measures `n` rollbacks to `ckpt` cloning the templates, then `n` taking over spares (each made
+    /// right before, as the shim would between two rollbacks): each kind in its steady state, where
+    /// the tree it kills was restored the same way.
+    fn measure(engine: &mut Engine, ckpt: &deltacr::Checkpoint, sb: &deltacr::Sandbox<'_>, n: usize) -> Rollbacks {
+        let mut r = Rollbacks::default();
+        for _ in 0..n + 1 {
+            let t0 = Instant::now();
+            engine.kill_processes(sb).unwrap();
+            assert_eq!(engine.restore(ckpt, sb).unwrap().from_spares, 0);
+            r.clone.push(ms(t0.elapsed()));
+        }
+        for _ in 0..n + 1 {
+            let p0 = Instant::now();
+            assert!(engine.prepare_spares(ckpt, sb).unwrap() > 0);
+            r.prepare.push(ms(p0.elapsed()));
+            let t1 = Instant::now();
+            engine.kill_processes(sb).unwrap();
+            assert!(engine.restore(ckpt, sb).unwrap().from_spares > 0);
+            r.spare.push(ms(t1.elapsed()));
+        }
+        // The first of each kind killed a tree restored the other way.
+        r.clone.remove(0);
+        r.spare.remove(0);
+        r.prepare.remove(0);
+        r
+    }
+
+    fn print(&mut self, name: &str) {
+        for v in [&mut self.clone, &mut self.spare, &mut self.prepare] {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        }
+        println!(
+            "{:>22} | {} | {} | {:>11.2} | {}",
+            name,
+            pp(&self.clone),
+            pp(&self.spare),
+            pct(&self.spare, 0.5) / pct(&self.clone, 0.5),
+            pp(&self.prepare)
+        );
+    }
+}
+
+fn pp(v: &[f64]) -> String {
+    format!("{:>7.2} / {:>7.2}", pct(v, 0.5), pct(v, 0.99))
 }
 
 fn run(rss: u64, dirty: u64, iters: usize) -> Row {
@@ -80,6 +137,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         image_kib: vec![],
         image_write: vec![],
         baseline_full: vec![],
+        rollback: Rollbacks::default(),
         phases: vec![],
     };
     let dirty_step = |cmd_w: &mut std::fs::File, ack_r: &mut BufReader<std::fs::File>| {
@@ -132,8 +190,30 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         }
         parent = Some((ckpt, info.id));
     }
+    if let Some((ckpt, _)) = &parent {
+        row.rollback = Rollbacks::measure(&mut engine, ckpt, &sb, iters);
+    }
     drop(cmd_w);
     row
+}
+
+/// Rollbacks of an interactive bash on a pty with `jobs` background jobs (children of bash, rebuilt by
+/// copying their memory; spares serve processes whose parent is init).
+fn shell_rollbacks(jobs: usize, iters: usize) -> Rollbacks {
+    let mut ns = common::PidNs::with_own_dev();
+    let (master, index) = ns.open_pty();
+    let py = common::python();
+    ns.spawn(&[&py, "-c", common::BASH_ON_PTY, &format!("/dev/pts/{index}")], None, true);
+    let mut t = common::Term::new(master);
+    t.run(&format!("{} echo \"ok$((1+1))\"", "sleep 1000 & ".repeat(jobs)), "ok2");
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    assert_eq!(ckpt.tree.processes.len(), 1 + jobs);
+    let r = Rollbacks::measure(&mut engine, &ckpt, &sb, iters);
+    t.run("echo \"alive$((2+2))\"", "alive4");
+    r
 }
 
 fn main() {
@@ -175,7 +255,6 @@ fn main() {
         ] {
             v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         }
-        let pp = |v: &[f64]| format!("{:>7.2} / {:>7.2}", pct(v, 0.5), pct(v, 0.99));
         println!(
             "{:>7} {:>5} | {} | {} | {} | {:>9.0} | {} | {} | {:>9.2}",
             r.rss,
@@ -189,6 +268,19 @@ fn main() {
             pct(&r.image_write, 0.5) / pct(&r.baseline_full, 0.5)
         );
     }
+    println!();
+    println!("rollback = kill_processes + restore from templates (ms, p50 / p99); baseline: cloning the templates;");
+    println!("spare: taking over spares made by prepare_spares beforehand (its time in the last column)");
+    println!(
+        "{:>22} | {:>17} | {:>17} | {:>11} | {:>17}",
+        "workload", "rollback (clone)", "rollback (spare)", "spare/clone", "prepare_spares"
+    );
+    for r in &mut rows {
+        r.rollback.print(&format!("python {} MiB, {} dirty", r.rss, r.dirty));
+    }
+    let shell_iters = iters * 2;
+    shell_rollbacks(0, shell_iters).print("bash on a pty");
+    shell_rollbacks(2, shell_iters).print("bash + 2 jobs");
     println!();
     println!("checkpoint steps, p50 ms (freeze itself is the caller's and not included)");
     for r in &mut rows {

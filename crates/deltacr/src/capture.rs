@@ -204,18 +204,20 @@ fn read_timeval(b: &[u8]) -> u64 {
     sec * 1_000_000 + usec
 }
 
-/// Takes over the stopped threads of `seized` and reads their state.
+/// Takes over the stopped threads of `seized` and reads their state. On error the process is released
+/// (it runs on).
 pub fn capture_live(seized: SeizedProcess) -> Result<LiveProcess, CaptureError> {
     let pid = seized.pid;
-    let perr = pt_err(pid);
-    let gadget = ptrace::find_syscall_gadget(pid).map_err(perr)?;
     let mut injectors = Vec::with_capacity(seized.threads.len());
-    for t in &seized.threads {
-        injectors.push(Injector::new(pid, t.tid, gadget).map_err(pt_err(pid))?);
-    }
-    let res = capture_with(&seized, &mut injectors);
+    let res = (|| {
+        let gadget = ptrace::find_syscall_gadget(pid).map_err(pt_err(pid))?;
+        for t in &seized.threads {
+            injectors.push(Injector::new(pid, t.tid, gadget).map_err(pt_err(pid))?);
+        }
+        Ok((gadget, capture_with(&seized, &mut injectors)?))
+    })();
     match res {
-        Ok(parts) => Ok(LiveProcess {
+        Ok((gadget, parts)) => Ok(LiveProcess {
             gadget,
             threads: parts.threads,
             shared_pending: parts.shared_pending,
@@ -231,6 +233,7 @@ pub fn capture_live(seized: SeizedProcess) -> Result<LiveProcess, CaptureError> 
             for inj in injectors {
                 let _ = inj.finish();
             }
+            seized.detach();
             Err(e)
         }
     }

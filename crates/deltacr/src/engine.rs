@@ -2,7 +2,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 use std::time::{Duration, Instant};
 
@@ -19,7 +19,8 @@ use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, NewProcess, RestoreError};
 use crate::state::{Creds, Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
-use crate::template::{self, Detach, Template, TemplateError};
+use crate::sys;
+use crate::template::{self, Detach, Stopped, Template, TemplateError};
 
 /// Errors of checkpoint and restore.
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub enum CrError {
     Pty(#[from] PtyError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
+    #[error("waiting for killed processes")]
+    Kill(#[source] std::io::Error),
     #[error("cannot make an image id")]
     ImageId(#[source] std::io::Error),
     #[error("process {pid} ({comm}): {reason}")]
@@ -124,6 +127,8 @@ enum Memory<'a> {
 pub struct RestoreStats {
     pub total: Duration,
     pub processes: usize,
+    /// Processes that took over a spare's memory (see [`Engine::prepare_spares`]).
+    pub from_spares: usize,
     /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
     /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
     /// back as it was.
@@ -140,6 +145,8 @@ pub struct Engine {
     /// By (init's host pid, inode of its pid namespace): a recycled init pid of another sandbox gets
     /// its own.
     sandboxes: HashMap<(Pid, u64), SandboxState>,
+    /// Holders killed and not collected yet (their exits free memory).
+    dying: Vec<Stopped>,
     _tracer_thread: PhantomData<*const ()>,
 }
 
@@ -148,6 +155,26 @@ struct SandboxState {
     pids: PidSetter,
     /// Ptys made by restores: node at checkpoint time -> the node of the pty made to replace it.
     pty_aliases: HashMap<PtyNode, PtyNode>,
+    holders: Vec<Holder>,
+}
+
+/// A spare a restored process took its memory from, kept (stopped) while the process uses that
+/// memory: when the process is killed, the memory then still has a user and the process exits at
+/// once; the holder, killed right after (without waiting), frees the memory on its own time. So a
+/// kill does not wait for the page tables of the process to be torn down.
+struct Holder {
+    task: Stopped,
+    /// The restored process (host pid; its pidfd tells when it is gone).
+    partner: Pid,
+    partner_fd: OwnedFd,
+}
+
+impl Holder {
+    /// True while the partner runs with the memory the holder holds (not after it exited or exec'd).
+    fn in_use(&self) -> bool {
+        matches!(sys::pidfd_exited(self.partner_fd.as_fd()), Ok(false))
+            && matches!(sys::same_mm(self.partner, self.task.pid()), Ok(true))
+    }
 }
 
 impl Default for Engine {
@@ -162,7 +189,7 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine { sandboxes: HashMap::new(), _tracer_thread: PhantomData }
+        Engine { sandboxes: HashMap::new(), dying: Vec::new(), _tracer_thread: PhantomData }
     }
 
     fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
@@ -175,9 +202,26 @@ impl Engine {
         match self.sandboxes.entry((init, ns.ino())) {
             std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
             std::collections::hash_map::Entry::Vacant(e) => {
-                Ok(e.insert(SandboxState { pids: PidSetter::spawn(init)?, pty_aliases: HashMap::new() }))
+                let pids = PidSetter::spawn(init)?;
+                Ok(e.insert(SandboxState { pids, pty_aliases: HashMap::new(), holders: Vec::new() }))
             }
         }
+    }
+
+    /// Lets go of memory the engine keeps alive for no use: holders (see [`Engine::kill_processes`])
+    /// whose process exited or exec'd are killed, and exited holders are collected. Cheap (one
+    /// `kcmp` per holder); the other calls do it too. Call it now and then while the tracer thread
+    /// is idle, so a finished process's memory is freed soon.
+    pub fn tidy(&mut self) {
+        for st in self.sandboxes.values_mut() {
+            let (keep, unused): (Vec<Holder>, Vec<Holder>) = st.holders.drain(..).partition(Holder::in_use);
+            st.holders = keep;
+            for h in unused {
+                h.task.kill();
+                self.dying.push(h.task);
+            }
+        }
+        self.dying.retain(|t| !t.try_collect());
     }
 
     fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
@@ -207,6 +251,7 @@ impl Engine {
     /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
     pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
         let start = Instant::now();
+        self.tidy();
         let mut phases = Phases::new();
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let pids = self.sandbox_processes(sb.init);
@@ -247,11 +292,14 @@ impl Engine {
             }
         }
         phases.mark("wait for stops");
-        let init_sid = capture::ns_ids(sb.init)?.sid;
         let mut live: Vec<LiveProcess> = Vec::new();
         let mut zombies: Vec<SeizedProcess> = Vec::new();
         type Captured = (Vec<(ProcessEntry, Option<Template>)>, Vec<crate::state::OpenFile>);
-        let mut result = (|| -> Result<Captured, CrError> {
+        // Templates take their pids from the reserved top of the range (see
+        // PidSetter::reserved_floor); the counter is put back before anything else runs.
+        let reserved = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(p.reserved_floor()));
+        let mut result: Result<Captured, CrError> = reserved.map_err(CrError::from).and_then(|()| {
+            let init_sid = capture::ns_ids(sb.init)?.sid;
             for s in seized.drain(..) {
                 if s.zombie.is_some() {
                     // init reaps its own zombie children; they are not part of the sandbox's state.
@@ -357,7 +405,11 @@ impl Engine {
                 ));
             }
             Ok((out, files))
-        })();
+        });
+        if let Err(e) = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(last_pid)) {
+            result = result.and(Err(e.into()));
+        }
+        release_seized(&mut seized);
         let mut resume_err = None;
         for l in live {
             if let Err(e) = l.resume() {
@@ -410,41 +462,61 @@ impl Engine {
         Ok(Checkpoint { tree, templates, stats })
     }
 
-    /// Kills every process of the sandbox except init, our templates and our helper, and waits until
-    /// init has reaped them.
+    /// Kills every process of the sandbox except init, our templates, spares and helper, and waits until
+    /// init has reaped them. A process restored from a spare exits at once: its memory is freed
+    /// afterwards by the spare, which kept it (see [`Engine::tidy`]). No freeze is needed: a process forked while we list and kill (its parent
+    /// listed before it existed) shows up in the next listing and is killed then; killed processes
+    /// cannot fork, so this ends.
     pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
-        sb.freezer.freeze().map_err(CrError::Freezer)?;
-        let victims = self.sandbox_processes(sb.init);
-        if let Ok(v) = &victims {
-            for p in v {
-                let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
-            }
-        }
-        sb.freezer.thaw().map_err(CrError::Freezer)?;
-        let victims = victims?;
-        tracing::debug!(?victims, "killed");
-        let deadline = Instant::now() + Duration::from_secs(10);
+        let deadline = Instant::now() + KILL_TIMEOUT;
+        // Pidfds of the processes killed so far: a pidfd reports POLLHUP once its process is reaped.
+        let mut dying: HashMap<Pid, OwnedFd> = HashMap::new();
         loop {
             let left = self.sandbox_processes(sb.init)?;
             if left.is_empty() {
+                // The victims' memory is held by their holders: freeing it is theirs to do, later.
+                let holders = std::mem::take(&mut self.sandbox(sb.init)?.holders);
+                for h in holders {
+                    h.task.kill();
+                    self.dying.push(h.task);
+                }
+                self.dying.retain(|t| !t.try_collect());
                 return Ok(());
             }
-            if Instant::now() > deadline {
-                let states: Vec<String> = left
-                    .iter()
-                    .map(|p| {
-                        let st = procfs::Status::read(*p);
-                        let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
-                        format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
-                    })
-                    .collect();
-                return Err(CrError::Unsupported {
-                    pid: 0,
-                    comm: String::new(),
-                    reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
-                });
+            for p in left {
+                if let std::collections::hash_map::Entry::Vacant(e) = dying.entry(p) {
+                    // Gone already (ESRCH) is fine.
+                    if let Ok(fd) = sys::pidfd_open(p) {
+                        let _ = rustix::process::pidfd_send_signal(&fd, rustix::process::Signal::KILL);
+                        e.insert(fd);
+                    }
+                }
             }
-            std::thread::sleep(Duration::from_micros(200));
+            tracing::debug!(victims = ?dying.keys().collect::<Vec<_>>(), "killed");
+            let timeout = deadline.saturating_duration_since(Instant::now()).min(KILL_POLL);
+            if timeout.is_zero() {
+                return Err(self.survivors(sb.init));
+            }
+            sys::wait_all_hung_up(dying.values(), timeout).map_err(CrError::Kill)?;
+            dying.retain(|_, fd| !sys::hung_up(fd.as_fd()));
+        }
+    }
+
+    /// The error for processes that survived SIGKILL, naming them.
+    fn survivors(&mut self, init: Pid) -> CrError {
+        let left = self.sandbox_processes(init).unwrap_or_default();
+        let states: Vec<String> = left
+            .iter()
+            .map(|p| {
+                let st = procfs::Status::read(*p);
+                let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
+                format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
+            })
+            .collect();
+        CrError::Unsupported {
+            pid: 0,
+            comm: String::new(),
+            reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
         }
     }
 
@@ -455,6 +527,33 @@ impl Engine {
     /// processes are killed.
     pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
         self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
+    }
+
+    /// Gives every template of a process whose parent is init a spare, unless it has one: a
+    /// copy-on-write fork made ahead of time, so that the next [`Engine::restore`] of `ckpt` takes it
+    /// over instead of copying page tables (the part of a restore that grows with memory; a spare
+    /// serves one restore). Costs what it saves (one fork of each template) and the spares' page
+    /// tables; the sandbox runs meanwhile. Call it when the tracer thread is idle, e.g. right after a
+    /// checkpoint or a rollback of the checkpoints likely to be restored next. Returns how many spares
+    /// were made.
+    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<usize, CrError> {
+        self.tidy();
+        let pids = self.pid_setter(sb.init)?;
+        let last = pids.last_pid()?;
+        // Spares take pids from the reserved range, as templates do; the sandbox may fork meanwhile
+        // (it runs), so its next pid is only kept when it did not.
+        pids.set_last_pid(pids.reserved_floor())?;
+        let mut made = 0;
+        let res = (|| -> Result<(), CrError> {
+            for p in ckpt.tree.processes.iter().filter(|p| p.ppid == 1) {
+                if let Some(t) = ckpt.templates.get(&p.pid).filter(|t| t.alive()) {
+                    made += usize::from(t.make_spare()?);
+                }
+            }
+            Ok(())
+        })();
+        pids.set_last_pid(last)?;
+        res.map(|()| made)
     }
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
@@ -473,12 +572,15 @@ impl Engine {
         let start = Instant::now();
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let res = self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made);
-        if let Err(e) = res {
-            // Dropping a process that was not released kills it.
-            drop(made);
-            return Err(e);
-        }
+        let holders = match self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made) {
+            Ok(holders) => holders,
+            Err(e) => {
+                // Dropping a process that was not released kills it.
+                drop(made);
+                return Err(e);
+            }
+        };
+        let from_spares = holders.len();
         let processes = made.len();
         for (np, _) in made {
             np.release()?;
@@ -488,8 +590,10 @@ impl Engine {
             tracing::warn!("restore: {d}");
         }
         let (pty_masters, aliases) = ptys.into_created();
-        self.sandbox(sb.init)?.pty_aliases.extend(aliases);
-        Ok(RestoreStats { total: start.elapsed(), processes, degraded, pty_masters })
+        let state = self.sandbox(sb.init)?;
+        state.pty_aliases.extend(aliases);
+        state.holders.extend(holders);
+        Ok(RestoreStats { total: start.elapsed(), processes, from_spares, degraded, pty_masters })
     }
 
     fn restore_into<'c>(
@@ -499,8 +603,9 @@ impl Engine {
         sb: &Sandbox<'_>,
         ptys: &mut PtyPlan,
         made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
-    ) -> Result<(), CrError> {
+    ) -> Result<Vec<Holder>, CrError> {
         let plan = plan::plan(tree)?;
+        let mut holders = Vec::new();
         let pids = self.pid_setter(sb.init)?;
         let no_create = Vec::new();
         // Per pid: how many of its seccomp filters the new process already has from its creator.
@@ -537,12 +642,13 @@ impl Engine {
             }
             let in_session = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
             // The new task, the syscall instruction to inject with, and — unless it is a copy-on-write
-            // clone of its template — the credentials it starts with (its memory is then rebuilt).
+            // clone of its template — the credentials it starts with (its memory is then rebuilt) and
+            // the signal actions of the process it was forked from, when known.
             let session_helper = match plan.creators[&entry.pid] {
                 Creator::InSession { creator } => session_helpers.iter_mut().find(|h| h.sid == creator),
                 Creator::Init | Creator::Parent => None,
             };
-            let (host, gadget, start_creds) = match (plan.creators[&entry.pid], template, session_helper) {
+            let (host, gadget, start) = match (plan.creators[&entry.pid], template, session_helper) {
                 (_, _, Some(h)) => {
                     tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
                     let host = h.np.fork_child(pids, entry.pid, in_session)?;
@@ -551,12 +657,28 @@ impl Engine {
                         (host, h.np.gadget(), None)
                     } else {
                         inherited.insert(entry.pid, h.filters);
-                        (host, h.np.gadget(), Some(h.creds.clone()))
+                        (host, h.np.gadget(), Some((h.creds.clone(), None)))
                     }
                 }
                 (Creator::Init, Some(t), None) => {
-                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
-                    let host = clone_template(pids, t, entry.pid, (libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+                    // With a spare, the process shares the spare's memory (CLONE_VM: no page tables
+                    // copied); the spare, stopped for good, becomes its holder.
+                    let spare = t.take_spare();
+                    let (source, flags) = match &spare {
+                        Some(s) => (s, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
+                        None => (t.task(), libc::CLONE_PARENT | libc::SIGCHLD),
+                    };
+                    tracing::debug!(pid = entry.pid, source = source.pid().as_raw(), "restoring from template");
+                    let host = clone_stopped(pids, source, entry.pid, flags as u64)?;
+                    if let Some(task) = spare {
+                        let partner_fd = sys::pidfd_open(host).map_err(|source| RestoreError::FileIo {
+                            pid: entry.pid,
+                            fd: -1,
+                            what: "open a pidfd",
+                            source,
+                        })?;
+                        holders.push(Holder { task, partner: host, partner_fd });
+                    }
                     inherited.insert(entry.pid, st.seccomp.len());
                     (host, t.gadget(), None)
                 }
@@ -564,7 +686,7 @@ impl Engine {
                     tracing::debug!(pid = entry.pid, "restoring by fork from init");
                     let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
                     inherited.insert(entry.pid, f.filters);
-                    (f.child, f.gadget, Some(f.creds))
+                    (f.child, f.gadget, Some((f.creds, None)))
                 }
                 (Creator::Parent | Creator::InSession { .. }, _, None) => {
                     let (creator, flags) = match plan.creators[&entry.pid] {
@@ -573,18 +695,22 @@ impl Engine {
                     };
                     tracing::debug!(pid = entry.pid, creator, "restoring by fork");
                     let pidx = made.iter().position(|(_, e)| e.pid == creator).expect("the plan orders creators first");
-                    let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                    let creator_entry: &ProcessEntry = made[pidx].1;
+                    let ProcessKind::Live(pst) = &creator_entry.kind else {
                         unreachable!("only live processes are kept in `made`")
                     };
-                    let creds = pst.creds.clone();
                     // The creator has only the seccomp filters it was created with until it finishes.
                     inherited.insert(entry.pid, inherited[&creator]);
                     let p = &mut made[pidx].0;
-                    (p.fork_child(pids, entry.pid, flags)?, p.gadget(), Some(creds))
+                    (
+                        p.fork_child(pids, entry.pid, flags)?,
+                        p.gadget(),
+                        Some((pst.creds.clone(), Some(&pst.sigactions[..]))),
+                    )
                 }
             };
             let mut np = NewProcess::take(host, entry.pid, gadget)?;
-            if start_creds.is_none() {
+            if start.is_none() {
                 // The template's cwd may name a directory that was deleted (and brought back by the
                 // filesystem rollback) since: enter it again by path.
                 np.enter_cwd(&st.cwd)?;
@@ -593,7 +719,7 @@ impl Engine {
                 // A fork of init holds init's fds.
                 np.close_all_fds()?;
             }
-            if let Some(creds) = start_creds {
+            if let Some((creds, parent_actions)) = start {
                 let unreadable = |e: std::io::Error| CrError::Unsupported {
                     pid: entry.pid,
                     comm: entry.comm.clone(),
@@ -606,7 +732,7 @@ impl Engine {
                     (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
                     (Memory::Templates(_), None) => unreachable!("checked above"),
                 }
-                np.restore_static(st, &creds)?;
+                np.restore_static(st, &creds, parent_actions)?;
             }
             made.push((np, entry));
             let np = &mut made.last_mut().expect("just pushed").0;
@@ -677,18 +803,18 @@ impl Engine {
             np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
         }
         pids.set_last_pid(tree.last_pid)?;
-        Ok(())
+        Ok(holders)
     }
 }
 
-/// Injects `clone(flags)` into template `t` so that the new task gets pid `want` (see
-/// [`restore::create_with_pid`]).
-fn clone_template(pids: &mut PidSetter, t: &Template, want: i32, flags: u64) -> Result<Pid, RestoreError> {
+/// Injects `clone(flags)` into `t` (a template's task or spare) so that the new task gets pid `want`
+/// (see [`restore::create_with_pid`]).
+fn clone_stopped(pids: &mut PidSetter, t: &Stopped, want: i32, flags: u64) -> Result<Pid, RestoreError> {
     restore::create_with_pid(
         pids,
         want,
         want,
-        |t: &mut &Template| Ok(t.clone_child(flags)?),
+        |t: &mut &Stopped| Ok(t.clone_child(flags)?),
         |_, wrong| {
             NewProcess::kill_host(wrong);
             Ok(())
@@ -754,7 +880,8 @@ impl SessionHelper {
                     .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(|v| v.len()).sum::<u64>())
                     .expect("a session helper has live members");
                 let t = templates.get(&pid).filter(|t| t.alive()).ok_or(CrError::NoTemplate { pid })?;
-                let host = clone_template(pids, t, sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+                let host =
+                    clone_stopped(pids, t.task(), sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
                 (host, t.gadget(), Some(pid), st.creds.clone(), st.seccomp.len())
             }
             Memory::Image(_) => {
@@ -776,6 +903,11 @@ impl SessionHelper {
         Ok(SessionHelper { np, sid, cow, creds, filters })
     }
 }
+
+/// How long killed processes may take to go away.
+const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long to wait for killed processes before looking for new ones.
+const KILL_POLL: Duration = Duration::from_millis(50);
 
 /// Records how long each step took.
 struct Phases {

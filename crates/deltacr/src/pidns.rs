@@ -42,6 +42,8 @@ pub struct PidSetter {
     req: File,
     ack: File,
     helper_ns_pid: i32,
+    /// Start of the pids our own long-lived tasks take (see [`PidSetter::reserved_floor`]).
+    reserved_floor: i32,
 }
 
 impl PidSetter {
@@ -63,7 +65,8 @@ impl PidSetter {
         let first = forked.map_err(PidNsError::Spawn)?;
         drop::<OwnedFd>(req_rd);
         drop::<OwnedFd>(ack_wr);
-        let mut setter = PidSetter { req: req_wr.into(), ack: ack_rd.into(), helper_ns_pid: 0 };
+        let reserved_floor = pid_max - pid_max / 8;
+        let mut setter = PidSetter { req: req_wr.into(), ack: ack_rd.into(), helper_ns_pid: 0, reserved_floor };
         let answer = setter.read_answer();
         waitpid(first, None).map_err(|e| PidNsError::Spawn(e.into()))?;
         setter.helper_ns_pid = answer?;
@@ -99,6 +102,14 @@ impl PidSetter {
     /// Sets the namespace's last allocated pid.
     pub fn set_last_pid(&mut self, pid: i32) -> Result<(), PidNsError> {
         self.request(pid).map(drop)
+    }
+
+    /// Where the pids of DeltaCR's long-lived tasks in the namespace (templates, spares) start: the top
+    /// eighth of the pid range (the helper sits at its very end). Set the counter here while making
+    /// them, then back: they then never hold a pid that a restore of another checkpoint needs (after
+    /// rollbacks, timelines reuse pids), and do not change the pids the sandbox hands out next.
+    pub fn reserved_floor(&self) -> i32 {
+        self.reserved_floor
     }
 
     /// The helper's own pid inside the namespace.

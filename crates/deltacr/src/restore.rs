@@ -17,7 +17,8 @@ use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
 use crate::pty::{PtyAccess, PtyPlan};
 use crate::state::{
-    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, PtyNode, SigInfo, ThreadState,
+    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, PtyNode, SigAction, SigInfo,
+    ThreadState,
 };
 use crate::sys;
 
@@ -834,10 +835,6 @@ impl NewProcess {
         if st.child_subreaper {
             self.call(libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1])?;
         }
-        for info in &st.shared_pending {
-            let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
-            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
-        }
         Ok(())
     }
 
@@ -1078,10 +1075,28 @@ impl NewProcess {
 
     /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
     /// personality, limits, and (when they differ from the parent's) credentials.
-    pub fn restore_static(&mut self, st: &ProcessState, parent_creds: &Creds) -> Result<(), RestoreError> {
+    /// `parent_actions`, when known, are the signal actions of the process it was forked from: exec
+    /// left each of them ignored if it was, else default, with no flags, mask or restorer, and only
+    /// the actions that differ from that are set (most programs change few).
+    pub fn restore_static(
+        &mut self,
+        st: &ProcessState,
+        parent_creds: &Creds,
+        parent_actions: Option<&[SigAction]>,
+    ) -> Result<(), RestoreError> {
         for (i, a) in st.sigactions.iter().enumerate() {
             let sig = i as u64 + 1;
             if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+                continue;
+            }
+            let after_exec = parent_actions.map(|p| {
+                let ignored = p.get(i).is_some_and(|pa| pa.handler == libc::SIG_IGN as u64);
+                SigAction {
+                    handler: if ignored { libc::SIG_IGN } else { libc::SIG_DFL } as u64,
+                    ..SigAction::default()
+                }
+            });
+            if after_exec.as_ref() == Some(a) {
                 continue;
             }
             let mut b = Vec::with_capacity(32);

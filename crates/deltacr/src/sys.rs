@@ -164,21 +164,24 @@ pub fn get_robust_list(tid: Pid) -> io::Result<(u64, u64)> {
     Ok((head, len as u64))
 }
 
+/// `kcmp(pid1, pid2, type, a, b)` for the types that take no pointers: orders two kernel objects
+/// (0 = the same one).
+fn kcmp(pid1: Pid, pid2: Pid, kind: libc::c_int, a: libc::c_ulong, b: libc::c_ulong) -> io::Result<i32> {
+    // SAFETY: kcmp takes no pointers for KCMP_FILE and KCMP_VM.
+    let r = check(unsafe { libc::syscall(libc::SYS_kcmp, pid1.as_raw(), pid2.as_raw(), kind, a, b) })?;
+    Ok(r as i32)
+}
+
 /// `kcmp(pid1, pid2, KCMP_FILE, fd1, fd2)`: orders two open file descriptions (0 = the same one).
 pub fn kcmp_file(pid1: Pid, fd1: i32, pid2: Pid, fd2: i32) -> io::Result<i32> {
     const KCMP_FILE: libc::c_int = 0;
-    // SAFETY: kcmp takes no pointers for KCMP_FILE.
-    let r = check(unsafe {
-        libc::syscall(
-            libc::SYS_kcmp,
-            pid1.as_raw(),
-            pid2.as_raw(),
-            KCMP_FILE,
-            fd1 as libc::c_ulong,
-            fd2 as libc::c_ulong,
-        )
-    })?;
-    Ok(r as i32)
+    kcmp(pid1, pid2, KCMP_FILE, fd1 as libc::c_ulong, fd2 as libc::c_ulong)
+}
+
+/// Whether two processes share their address space (`kcmp(KCMP_VM)`).
+pub fn same_mm(pid1: Pid, pid2: Pid) -> io::Result<bool> {
+    const KCMP_VM: libc::c_int = 1;
+    Ok(kcmp(pid1, pid2, KCMP_VM, 0, 0)? == 0)
 }
 
 /// `tgkill(tgid, tid, sig)`.
@@ -234,6 +237,41 @@ pub fn pidfd_exited(pidfd: BorrowedFd<'_>) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     Ok(r > 0)
+}
+
+/// True when the process behind `pidfd` has been reaped (POLLHUP).
+pub fn hung_up(pidfd: BorrowedFd<'_>) -> bool {
+    let mut fds = [rustix::event::PollFd::new(&pidfd, rustix::event::PollFlags::empty())];
+    matches!(rustix::event::poll(&mut fds, Some(&rustix::event::Timespec::default())), Ok(n) if n > 0)
+        && fds[0].revents().contains(rustix::event::PollFlags::HUP)
+}
+
+/// Waits until every process behind `pidfds` has been reaped (each pidfd reports POLLHUP), or
+/// `timeout` passed.
+pub fn wait_all_hung_up<'a>(pidfds: impl Iterator<Item = &'a OwnedFd>, timeout: std::time::Duration) -> io::Result<()> {
+    use rustix::event::{PollFd, PollFlags, Timespec};
+    let deadline = std::time::Instant::now() + timeout;
+    let mut waiting: Vec<&OwnedFd> = pidfds.collect();
+    while !waiting.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        // No events asked for: POLLHUP (reaped) is reported anyway, POLLIN (exited, a zombie) is not.
+        let mut fds: Vec<PollFd<'_>> = waiting.iter().map(|fd| PollFd::new(*fd, PollFlags::empty())).collect();
+        let ts = Timespec { tv_sec: left.as_secs() as i64, tv_nsec: i64::from(left.subsec_nanos()) };
+        match rustix::event::poll(&mut fds, Some(&ts)) {
+            Ok(_) | Err(rustix::io::Errno::INTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+        let hung: Vec<bool> = fds.iter().map(|f| f.revents().contains(PollFlags::HUP)).collect();
+        let mut i = 0;
+        waiting.retain(|_| {
+            i += 1;
+            !hung[i - 1]
+        });
+    }
+    Ok(())
 }
 
 fn remote_iovecs(remote: &[(u64, usize)]) -> Vec<libc::iovec> {

@@ -10,12 +10,14 @@
 //! point at `exit_group(0)` so it can never run X's code on its own.
 //!
 //! Restoring X from T is one injected `clone(CLONE_PARENT)` in T: a copy-on-write child of init whose
-//! memory is exactly X's at the checkpoint.
+//! memory is exactly X's at the checkpoint. That clone copies T's page tables; a *spare* (a fork of T
+//! made ahead of time, see [`Template::make_spare`]) moves this cost out of the restore.
 
+use std::cell::RefCell;
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, OwnedFd};
 
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use crate::procfs;
@@ -56,15 +58,24 @@ pub enum Detach {
     Session,
 }
 
-/// A stopped copy-on-write fork of a process at checkpoint time. Killed when dropped. Lives on the
-/// tracer thread.
+/// A task of ours in the sandbox that stays in ptrace-stop under the tracer thread and can never run
+/// its own code (its registers point at `exit_group(0)`; PTRACE_O_EXITKILL). Killed when dropped.
 #[derive(Debug)]
-pub struct Template {
+pub struct Stopped {
     pid: Pid,
     pidfd: OwnedFd,
     gadget: u64,
     trap_regs: Regs,
     _tracer_thread: PhantomData<*const ()>,
+}
+
+/// A stopped copy-on-write fork of a process at checkpoint time, and possibly its spare: a
+/// copy-on-write fork of the template made ahead of time, whose memory a restore takes over without
+/// copying page tables (see [`Template::make_spare`]). Killed when dropped. Lives on the tracer thread.
+#[derive(Debug)]
+pub struct Template {
+    task: Stopped,
+    spare: RefCell<Option<Stopped>>,
 }
 
 const CLONE_VM: u64 = libc::CLONE_VM as u64;
@@ -113,8 +124,7 @@ pub fn create(leader: &mut Injector, gadget: u64, detach: Detach) -> Result<Temp
     let (trap_regs, pidfd) = match finish {
         Ok(v) => v,
         Err(e) => {
-            let _ = nix::sys::signal::kill(tpid, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(tpid, Some(WaitPidFlag::__WALL));
+            kill_and_collect(tpid);
             return Err(create_err(pid)(e));
         }
     };
@@ -122,34 +132,44 @@ pub fn create(leader: &mut Injector, gadget: u64, detach: Detach) -> Result<Temp
     if let Err(e) = procfs::write_int(tpid, "oom_score_adj", -1000) {
         tracing::debug!(template = tpid.as_raw(), error = %e, "cannot protect the template from the OOM killer");
     }
-    Ok(Template { pid: tpid, pidfd, gadget, trap_regs, _tracer_thread: PhantomData })
+    let task = Stopped { pid: tpid, pidfd, gadget, trap_regs, _tracer_thread: PhantomData };
+    Ok(Template { task, spare: RefCell::new(None) })
 }
 
-impl Template {
-    /// Host pid of the template.
+/// Kills a traced task of ours that is not set up yet and collects its exit.
+fn kill_and_collect(pid: Pid) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = waitpid(pid, Some(WaitPidFlag::__WALL));
+}
+
+impl Stopped {
+    /// Host pid of the task.
     pub fn pid(&self) -> Pid {
         self.pid
     }
 
-    /// The syscall instruction used to inject into the template (and its clones: same vdso address).
+    /// The syscall instruction used to inject into the task (and its clones: same vdso address).
     pub fn gadget(&self) -> u64 {
         self.gadget
     }
 
-    /// True while the template process exists.
+    /// True while the task exists.
     pub fn alive(&self) -> bool {
         matches!(sys::pidfd_exited(self.pidfd.as_fd()), Ok(false))
     }
 
-    /// Runs `f` with an injector on the template, then puts the template back in its idle state.
-    pub fn with_injector<R>(&self, f: impl FnOnce(&mut Injector) -> Result<R, PtraceError>) -> Result<R, PtraceError> {
-        let mut inj = Injector::new(self.pid, self.pid, self.gadget)?;
-        let res = f(&mut inj);
-        inj.finish_with(&self.trap_regs, u64::MAX)?;
-        res
+    /// Sends SIGKILL without waiting: the task exits on its own (collect it with
+    /// [`Stopped::try_collect`]; dropping it waits).
+    pub fn kill(&self) {
+        let _ = rustix::process::pidfd_send_signal(self.pidfd.as_fd(), rustix::process::Signal::KILL);
     }
 
-    /// Injects `clone(flags)` into the template and returns the new child's host pid, stopped and traced.
+    /// Collects the task's exit if it has exited (then init can reap it). True once it is collected.
+    pub fn try_collect(&self) -> bool {
+        !matches!(waitpid(self.pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
+    }
+
+    /// Injects `clone(flags)` into the task and returns the new child's host pid, stopped and traced.
     /// The pid the child gets is chosen beforehand with the pid helper.
     pub fn clone_child(&self, flags: u64) -> Result<Pid, TemplateError> {
         let err = |source| TemplateError::Clone { template: self.pid.as_raw(), source };
@@ -160,7 +180,74 @@ impl Template {
     }
 }
 
-impl Drop for Template {
+impl Template {
+    /// The template's stopped task.
+    pub fn task(&self) -> &Stopped {
+        &self.task
+    }
+
+    /// Host pid of the template.
+    pub fn pid(&self) -> Pid {
+        self.task.pid
+    }
+
+    /// The syscall instruction used to inject into the template (and its clones: same vdso address).
+    pub fn gadget(&self) -> u64 {
+        self.task.gadget
+    }
+
+    /// True while the template process exists.
+    pub fn alive(&self) -> bool {
+        self.task.alive()
+    }
+
+    /// Runs `f` with an injector on the template, then puts the template back in its idle state.
+    pub fn with_injector<R>(&self, f: impl FnOnce(&mut Injector) -> Result<R, PtraceError>) -> Result<R, PtraceError> {
+        let t = &self.task;
+        let mut inj = Injector::new(t.pid, t.pid, t.gadget)?;
+        let res = f(&mut inj);
+        inj.finish_with(&t.trap_regs, u64::MAX)?;
+        res
+    }
+
+    /// Makes the template's spare unless it has one: a copy-on-write fork of the template (a child of
+    /// init, stopped like the template). Forking copies the page tables, the part of a restore whose
+    /// cost grows with memory; a restore that finds a spare creates the process with `clone(CLONE_VM)`
+    /// from it instead, so the process takes over the spare's memory as it is. Returns whether a spare
+    /// was made.
+    pub fn make_spare(&self) -> Result<bool, TemplateError> {
+        if self.spare.borrow().as_ref().is_some_and(Stopped::alive) {
+            return Ok(false);
+        }
+        let t = &self.task;
+        let pid = self.task.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+        let setup = (|| {
+            ptrace::setregs(pid, &t.trap_regs)?;
+            ptrace::set_sigmask(pid, u64::MAX)?;
+            ptrace::set_exitkill(pid)?;
+            sys::pidfd_open(pid).map_err(|source| PtraceError::Request { op: "pidfd_open", tid: pid.as_raw(), source })
+        })();
+        match setup {
+            Ok(pidfd) => {
+                let spare =
+                    Stopped { pid, pidfd, gadget: t.gadget, trap_regs: t.trap_regs, _tracer_thread: PhantomData };
+                self.spare.replace(Some(spare));
+                Ok(true)
+            }
+            Err(source) => {
+                kill_and_collect(pid);
+                Err(TemplateError::Clone { template: t.pid.as_raw(), source })
+            }
+        }
+    }
+
+    /// Takes the template's spare, if it has a live one.
+    pub fn take_spare(&self) -> Option<Stopped> {
+        self.spare.take().filter(Stopped::alive)
+    }
+}
+
+impl Drop for Stopped {
     fn drop(&mut self) {
         // SIGKILL through the pidfd cannot hit a recycled pid; then collect the exit as its tracer so
         // init can reap it.

@@ -113,6 +113,16 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
                 assert_eq!(deltacr::capture::read_creds(host).unwrap(), st.creds, "round {round}: {p:?}");
                 let filters = deltacr::procfs::Status::read(host).unwrap().get("Seccomp_filters").unwrap().parse();
                 assert_eq!(filters, Ok(st.seccomp.len()), "round {round}: seccomp filters of {}", p.pid);
+                // Ignored and caught signals (python ignores SIGPIPE and catches SIGINT).
+                let (ign, cgt) =
+                    st.sigactions.iter().enumerate().fold((0u64, 0u64), |(i, c), (n, a)| match a.handler {
+                        0 => (i, c),
+                        1 => (i | 1 << n, c),
+                        _ => (i, c | 1 << n),
+                    });
+                assert_ne!((ign, cgt), (0, 0));
+                let status = deltacr::procfs::Status::read(host).unwrap();
+                assert_eq!((status.hex("SigIgn").unwrap(), status.hex("SigCgt").unwrap()), (ign, cgt), "{p:?}");
             }
         }
         wait_for(|| {

@@ -22,12 +22,14 @@ def reap(*_):
         if pid == 0:
             return
 signal.signal(signal.SIGCHLD, reap)
-# Python runs signal handlers only between bytecodes of the main thread: reap from a thread too, as a
-# real init's wait loop would.
+# Python runs signal handlers only between bytecodes of the main thread: reap from a thread blocked in
+# wait too, as a real init's wait loop does.
 def reaper():
     while True:
-        reap()
-        time.sleep(0.02)
+        try:
+            os.waitpid(-1, 0x40000000)
+        except ChildProcessError:
+            time.sleep(0.02)
 threading.Thread(target=reaper, daemon=True).start()
 print("ready", flush=True)
 for line in sys.stdin:

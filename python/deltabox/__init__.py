@@ -9,6 +9,10 @@
         shell.run("cd /tmp && export X=1")
         print(shell.run("pwd; echo $X").stdout)     # /tmp, 1
         sb.files.write("/work/hello.txt", "hi\\n")
+        ck = sb.checkpoint(fs_only=True)            # the files, now (processes keep running)
+        sb.exec("rm -rf /work")
+        sb.rollback(ck)                             # /work is back; the sandbox's processes were killed
+        (branch,) = ck.fork(1)                      # a new sandbox starting from the checkpoint
 
 The SDK uses only the standard library. See docs/api.md for the HTTP API behind it.
 """
@@ -16,6 +20,9 @@ The SDK uses only the standard library. See docs/api.md for the HTTP API behind 
 from .client import DEFAULT_SOCKET, Client, Images
 from .errors import (
     BadRequest,
+    CheckpointFailed,
+    CheckpointNotFound,
+    CheckpointOfAnotherSandbox,
     CommandError,
     Conflict,
     DaemonUnavailable,
@@ -25,10 +32,12 @@ from .errors import (
     ImageNotFound,
     ImportFailed,
     InsufficientStorage,
+    InvalidCount,
     MethodNotAllowed,
     NotFound,
     PathEscapesRoot,
     PayloadTooLarge,
+    ProcessCheckpointUnavailable,
     SandboxNotFound,
     ServerError,
     SessionEnded,
@@ -45,16 +54,21 @@ from .models import (
     ImageInfo,
     ImportProgress,
     Output,
+    RollbackResult,
     SandboxInfo,
     Started,
 )
-from .sandbox import Sandbox, Session
+from .sandbox import Checkpoint, Sandbox, Session
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SOCKET",
     "BadRequest",
+    "Checkpoint",
+    "CheckpointFailed",
+    "CheckpointNotFound",
+    "CheckpointOfAnotherSandbox",
     "Client",
     "CommandError",
     "Conflict",
@@ -74,11 +88,14 @@ __all__ = [
     "ImportFailed",
     "ImportProgress",
     "InsufficientStorage",
+    "InvalidCount",
     "MethodNotAllowed",
     "NotFound",
     "Output",
     "PathEscapesRoot",
     "PayloadTooLarge",
+    "ProcessCheckpointUnavailable",
+    "RollbackResult",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFound",

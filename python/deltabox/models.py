@@ -132,6 +132,8 @@ class SandboxInfo:
     """A sandbox as the daemon reports it.
 
     ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
+    ``origin`` is the checkpoint it was forked from (``None`` if created from an image); ``head`` the checkpoint
+    its current files descend from (its last checkpoint or rollback target; ``None`` before the first).
     """
 
     id: str
@@ -144,9 +146,36 @@ class SandboxInfo:
     created: int = 0
     uid_base: Optional[int] = None
     init_pid: Optional[int] = None
+    origin: Optional[str] = None
+    head: Optional[str] = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SandboxInfo":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class RollbackResult:
+    """What a rollback did.
+
+    The sandbox's files are as at ``checkpoint``. Filesystem-only: every process except the sandbox's init was
+    killed (``processes_killed``) and the sessions ended (``sessions_closed``); nothing was restarted.
+    ``latency_ms`` is the whole rollback as the sandbox's supervisor measured it, ``fs_ms`` the part spent
+    switching the filesystem and invalidating the kernel's caches for the ``changed_inodes`` that differ.
+    """
+
+    sandbox: str
+    checkpoint: str
+    latency_ms: float = 0.0
+    fs_ms: float = 0.0
+    covers: List[str] = field(default_factory=list)
+    processes: str = ""
+    processes_killed: int = 0
+    sessions_closed: List[str] = field(default_factory=list)
+    changed_inodes: int = 0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RollbackResult":
         return _known_fields(cls, data)
 
 

@@ -10,8 +10,8 @@ In one sandbox of the image, at each filesystem size — the image alone, then a
   * rollback to a checkpoint after changing 1 file / 1,000 files since it.
 Changing the files is not timed. Each row gives the API round trip (what the SDK caller waits for) and the latency
 the daemon reports (`latency_ms`: freeze to thaw for a checkpoint; kill + filesystem switch for a rollback; `fs_ms`
-is the filesystem part of a rollback). Then fork of 1 and of 8 sandboxes from a checkpoint (until all run), each
-removed untimed afterwards.
+is the filesystem part of a rollback). Then, at each size, fork of 1 and of 8 sandboxes from a checkpoint (until all
+run), each removed untimed afterwards.
 
 Baselines in the same run: the API floor (`GET /v1/health` round trip) for checkpoint and rollback rows; creating a
 sandbox from the image (1, and 8 concurrent creates) for the fork rows. Prints p50/p99 in ms and each row's p50 as
@@ -112,22 +112,29 @@ def bench_size(sb: deltabox.Sandbox, label: str, iterations: int, rows: List[Row
         rows.append(row)
 
 
-def bench_fork(client: deltabox.Client, ck: deltabox.Checkpoint, image: str, iterations: int,
-               rows: List[Row]) -> None:
+def bench_creates(client: deltabox.Client, image: str, iterations: int, rows: List[Row]) -> None:
+    """The baselines of the fork rows: sandboxes created from the image, 1 and 8 at once (concurrent calls)."""
     for count in (1, 8):
-        create = Row(f"create {count} from the image" + (" (concurrent)" if count > 1 else ""))
-        fork = Row(f"fork {count} from a checkpoint", baseline=create.name)
+        row = Row(f"create {count} from the image" + (" (concurrent)" if count > 1 else ""))
+        with concurrent.futures.ThreadPoolExecutor(count) as pool:
+            for _ in range(iterations):
+                ms, made = timed(lambda: list(pool.map(lambda _: client.create(image), range(count))))
+                row.round_trip.append(ms)
+                for sb in made:  # type: ignore[attr-defined]
+                    sb.delete()
+        rows.append(row)
+
+
+def bench_fork(label: str, ck: deltabox.Checkpoint, iterations: int, rows: List[Row]) -> None:
+    for count in (1, 8):
+        row = Row(f"{label}: fork {count}", baseline=f"create {count} from the image" + (" (concurrent)" if count > 1
+                                                                                         else ""))
         for _ in range(iterations):
             ms, made = timed(lambda: ck.fork(count))
-            fork.round_trip.append(ms)
+            row.round_trip.append(ms)
             for sb in made:  # type: ignore[attr-defined]
                 sb.delete()
-            with concurrent.futures.ThreadPoolExecutor(count) as pool:
-                ms, made = timed(lambda: list(pool.map(lambda _: client.create(image), range(count))))
-            create.round_trip.append(ms)
-            for sb in made:  # type: ignore[attr-defined]
-                sb.delete()
-        rows += [create, fork]
+        rows.append(row)
 
 
 def print_table(rows: List[Row], title: str) -> None:
@@ -168,6 +175,7 @@ def main() -> int:
     for _ in range(200):
         floor.round_trip.append(timed(client.health)[0])
     rows: List[Row] = [floor]
+    bench_creates(client, args.image, args.forks, rows)
     counts: Dict[str, int] = {}
     with client.create(args.image) as sb:
         stages = [("image", 0)] + [(f"+{total // 1000}k files", total) for total in sizes]
@@ -176,8 +184,8 @@ def main() -> int:
                 sb.exec(["python3", "-", str(total)], stdin=BULK, timeout=3600).check()
             counts[label] = file_count(sb)
             bench_size(sb, label, args.iterations, rows)
+            bench_fork(label, sb.checkpoint(fs_only=True), args.forks, rows)
         depth = len(sb.checkpoints())
-        bench_fork(client, sb.checkpoints()[-1], args.image, args.forks, rows)
     sizes_text = ", ".join(f"{label}: {n} entries" for label, n in counts.items())
     print_table(rows, f"DeltaBox filesystem checkpoints (ms) via the Python SDK; image {args.image}; "
                       f"{args.iterations} checkpoints/rollbacks and {args.forks} forks per row; {os.cpu_count()} "

@@ -31,6 +31,7 @@ from typing import Callable, Dict, List, Optional, Tuple
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import deltabox  # noqa: E402
+from sandbox_latency import percentile  # noqa: E402  (same directory)
 
 CHANGED = (1, 1000)
 # Rewrites files /work/churn/f0 .. f{n-1} with new content (argv: n, round).
@@ -54,11 +55,6 @@ for i in range(have, total):
     with open(f"{d}/f{i % 100:02}", "w") as f:
         f.write(f"file {i}\n")
 """
-
-
-def percentile(samples: List[float], p: float) -> float:
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
 @dataclass

@@ -5,7 +5,8 @@ import subprocess
 import threading
 
 import pytest
-from support import new_sandbox
+from support import new_sandbox, status_field
+from test_cleanup import wait_pid_dead
 
 import deltabox
 
@@ -15,8 +16,8 @@ def sandboxes(client):
     """Makes sandboxes (``sandboxes()``) and collects forks (``sandboxes.add``); removes what is left at the end."""
     made = []
 
-    def make(image="debian"):
-        made.append(new_sandbox(client, image))
+    def make(image="debian", **options):
+        made.append(new_sandbox(client, image, **options))
         return made[-1]
 
     make.add = made.extend
@@ -30,9 +31,17 @@ def sh(sb, script):
     return sb.exec(["sh", "-c", script]).check().stdout
 
 
-def test_forks_are_isolated_from_each_other_and_from_the_source(client, sandboxes):
-    source = new_sandbox(client, "debian", memory="256M", pids=200, env={"BRANCH_VAR": "from-source"})
-    sandboxes.add([source])
+def line_of_checkpoints(sb, *values):
+    """Writes each value to /work/v and checkpoints after each: a line of checkpoints, one per value."""
+    made = []
+    for value in values:
+        sh(sb, f"mkdir -p /work && echo {value} > /work/v")
+        made.append(sb.checkpoint(fs_only=True))
+    return made
+
+
+def test_forks_are_isolated_from_each_other_and_from_the_source(sandboxes):
+    source = sandboxes(memory="256M", pids=200, env={"BRANCH_VAR": "from-source"})
     sh(source, "mkdir -p /work && echo base > /work/state")
     ck = source.checkpoint(fs_only=True)
     forks = ck.fork(3)
@@ -84,12 +93,7 @@ def test_fork_of_a_checkpoint_of_a_forked_sandbox(client, sandboxes):
 
 def test_deleting_the_source_keeps_the_checkpoints_forks_use(client, sandboxes):
     a = sandboxes()
-    sh(a, "mkdir -p /work && echo 1 > /work/v")
-    c1 = a.checkpoint(fs_only=True)
-    sh(a, "echo 2 > /work/v")
-    c2 = a.checkpoint(fs_only=True)
-    sh(a, "echo 3 > /work/v")
-    c3 = a.checkpoint(fs_only=True)
+    c1, c2, c3 = line_of_checkpoints(a, 1, 2, 3)
     (b,) = c2.fork()
     sandboxes.add([b])
     sh(b, "echo b > /work/v")
@@ -131,10 +135,7 @@ def test_a_checkpoint_taken_on_top_of_another_sandboxs_keeps_it(client, sandboxe
 
 def test_keep_checkpoints(client, sandboxes):
     a = sandboxes()
-    sh(a, "mkdir -p /work && echo one > /work/v")
-    c1 = a.checkpoint(fs_only=True)
-    sh(a, "echo two > /work/v")
-    c2 = a.checkpoint(fs_only=True)
+    c1, c2 = line_of_checkpoints(a, "one", "two")
     a.delete(keep_checkpoints=True)
     assert client.checkpoint(c1.id) == c1
     assert client.checkpoint(c2.id).parent == c1.id
@@ -175,10 +176,7 @@ def test_checkpoint_rm_relinks_children_and_moves_the_head(client, sandboxes):
                    "back to its own head any more (400 checkpoint_of_another_sandbox)")
 def test_deleting_a_forks_origin_keeps_its_ancestors_reachable(client, sandboxes):
     a = sandboxes()
-    sh(a, "mkdir -p /work && echo 1 > /work/v")
-    c1 = a.checkpoint(fs_only=True)
-    sh(a, "echo 2 > /work/v")
-    c2 = a.checkpoint(fs_only=True)
+    c1, c2 = line_of_checkpoints(a, 1, 2)
     (b,) = c2.fork()
     sandboxes.add([b])
     c2.delete()
@@ -198,8 +196,14 @@ def disk_usage_kib(path):
     return int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
 
 
+def shim_pid(sb):
+    """The host pid of the sandbox's shim (the parent of its init)."""
+    return int(status_field(sb.refresh().init_pid, "PPid"))
+
+
 def test_removing_everything_frees_the_filesystem_data(client, daemon, sandboxes):
     store = daemon.data_dir / "deltafs"
+    helper = sandboxes("busybox")
     before = disk_usage_kib(store)
     a = sandboxes()
     sh(a, "mkdir -p /work && head -c 32M /dev/urandom > /work/big")
@@ -213,16 +217,39 @@ def test_removing_everything_frees_the_filesystem_data(client, daemon, sandboxes
         sh(f, "head -c 8M /dev/urandom > /work/mine")
     grown = disk_usage_kib(store)
     assert grown - before >= (32 + 16 + 4 + 3 * 8) * 1024
+    shims = [shim_pid(sb) for sb in [a, *forks]]
     for f in forks:
         f.delete()
-    # The forks' own data is gone; the checkpoints' data is still needed.
+    # The forks' own data may be gone; the checkpoints' data is still needed.
     assert disk_usage_kib(store) - before >= (32 + 16) * 1024
     a.delete()
     for ck in (c1, c2):
         with pytest.raises(deltabox.CheckpointNotFound):
             client.checkpoint(ck.id)
+    # Each removal collects garbage, but a removed sandbox's shim may still hold its layers for a moment (see the
+    # next test): once the shims are gone, one more collection (any checkpoint deletion runs one) frees it all.
+    for pid in shims:
+        wait_pid_dead(pid)
+    helper.checkpoint(fs_only=True).delete()
     after = disk_usage_kib(store)
-    assert after - before < 4 * 1024, f"{after - before} KiB of {grown - before} KiB left in {store}"
+    assert after - before < 4 * 1024, \
+        f"{after - before} KiB of {grown - before} KiB left in {store}; the daemon's log:\n{daemon.log_tail()}"
+
+
+@pytest.mark.xfail(strict=False, reason="daemon bug: removing a sandbox collects garbage as soon as its shim answers "
+                   "Destroy, but the shim still holds the flock of its writable layer until it has exited, so the "
+                   "sandbox's data (and that of its deleted checkpoints) often stays until a later collection")
+def test_removing_a_sandbox_frees_its_data_at_once(daemon, sandboxes):
+    store = daemon.data_dir / "deltafs"
+    for _ in range(3):
+        before = disk_usage_kib(store)
+        sb = sandboxes()
+        sh(sb, "head -c 16M /dev/urandom > /tmp/big")
+        forks = sb.checkpoint(fs_only=True).fork(2)
+        for f in forks:
+            f.delete()
+        sb.delete()
+        assert disk_usage_kib(store) - before < 1024
 
 
 @pytest.mark.xfail(strict=False, reason="daemon bug: a rollback racing the deletion of its target checkpoint sets "

@@ -76,7 +76,8 @@ pub struct SandboxView {
 #[derive(Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CheckpointRequest {
-    /// Checkpoint only the filesystem; processes keep running and are not captured.
+    /// Checkpoint only the filesystem: processes keep running and are not captured (and a rollback to it
+    /// restarts them). By default files and processes are checkpointed together.
     #[serde(default)]
     pub fs_only: bool,
 }
@@ -91,10 +92,15 @@ pub struct CheckpointView {
     pub created: i64,
     /// Freeze to thaw, as measured by the sandbox's supervisor.
     pub latency_ms: f64,
-    /// What the checkpoint holds.
+    /// What the checkpoint holds: "filesystem", and "processes" for a full checkpoint.
     pub covers: Vec<String>,
     /// What happened to the sandbox's processes.
     pub processes: String,
+    /// Processes captured (full checkpoints).
+    pub process_count: Option<usize>,
+    /// Whether the checkpoint survives the sandbox's in-memory copies (a full checkpoint's process image
+    /// is written right after the sandbox runs again).
+    pub durable: bool,
 }
 
 #[derive(Debug, Serialize, Deserialize)]
@@ -113,7 +119,13 @@ pub struct RollbackView {
     pub covers: Vec<String>,
     pub processes: String,
     pub processes_killed: usize,
+    pub processes_restored: usize,
+    /// Whether the processes came from the durable image (their in-memory copies were gone).
+    pub from_image: bool,
+    /// Shell sessions that ended (they were not part of the checkpoint).
     pub sessions_closed: Vec<String>,
+    /// Shell sessions that came back with the state they had at the checkpoint.
+    pub sessions_restored: Vec<String>,
     pub changed_inodes: usize,
 }
 

@@ -78,8 +78,21 @@ pub struct CheckpointRecord {
     pub parent: Option<String>,
     /// The frozen DeltaFS stack.
     pub stack: String,
-    /// "filesystem" (processes not captured).
+    /// "full" (files and processes) or "filesystem" (processes not captured).
     pub kind: String,
+    /// The DeltaCR image of its processes (full checkpoints).
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Whether everything it needs is on disk (a full checkpoint's image is written after the sandbox
+    /// runs again; until then it lives in the shim's memory only).
+    #[serde(default = "durable_by_default")]
+    pub durable: bool,
+    /// Processes captured.
+    #[serde(default)]
+    pub processes: Option<usize>,
+    /// Shell sessions whose shells were captured (served again after a restore).
+    #[serde(default)]
+    pub sessions: Vec<crate::shim::proto::SessionSnapshot>,
     pub config: SandboxConfig,
     pub created: i64,
     pub latency_ms: f64,
@@ -166,6 +179,18 @@ impl Catalog {
         tx.execute("INSERT INTO checkpoints (id, record) VALUES (?1, ?2)", params![cp.id, serde_json::to_string(cp)?])?;
         set_head(&tx, &cp.sandbox, Some(&cp.id))?;
         tx.commit()?;
+        Ok(())
+    }
+
+    /// Records that checkpoint `id`'s process image is written.
+    pub fn mark_durable(&self, id: &str) -> Result<()> {
+        if let Some(mut cp) = self.checkpoint(id)? {
+            cp.durable = true;
+            self.conn.execute(
+                "UPDATE checkpoints SET record = ?2 WHERE id = ?1",
+                params![id, serde_json::to_string(&cp)?],
+            )?;
+        }
         Ok(())
     }
 
@@ -256,6 +281,10 @@ impl Catalog {
     }
 }
 
+fn durable_by_default() -> bool {
+    true
+}
+
 fn set_head(tx: &rusqlite::Transaction<'_>, sandbox: &str, head: Option<&str>) -> Result<()> {
     let json: Option<String> =
         tx.query_row("SELECT record FROM sandboxes WHERE id = ?1", [sandbox], |r| r.get(0)).optional()?;
@@ -297,6 +326,10 @@ mod tests {
             parent: parent.map(String::from),
             stack: format!("stack-{id}"),
             kind: "filesystem".into(),
+            image: None,
+            durable: true,
+            processes: None,
+            sessions: vec![],
             config: config(Digest::of(b"c")),
             created: 1,
             latency_ms: 1.0,

@@ -5,6 +5,7 @@ mod catalog;
 mod cli;
 mod client;
 mod daemon;
+mod errors;
 mod shim;
 
 use std::net::SocketAddr;
@@ -59,7 +60,8 @@ enum Command {
         #[arg(long)]
         keep_checkpoints: bool,
     },
-    /// Checkpoint a sandbox (`checkpoint ID --fs-only`), or delete checkpoints (`checkpoint rm CK...`).
+    /// Checkpoint a sandbox's files and processes (`checkpoint ID [--fs-only]`), or delete checkpoints
+    /// (`checkpoint rm CK...`).
     Checkpoint(cli::checkpoint::CheckpointArgs),
     /// Roll a sandbox back to one of its checkpoints.
     Rollback { id: String, checkpoint: String },

@@ -1,1 +1,22 @@
-//! DeltaCR: incremental checkpoint/restore of a sandbox's process tree (see `docs/architecture.md`).
+//! DeltaCR: incremental checkpoint/restore of a sandbox's process tree with ptrace (see `docs/deltacr.md`).
+
+pub mod capture;
+pub mod engine;
+pub mod files;
+pub mod freezer;
+pub mod image;
+pub mod mm;
+pub mod pidns;
+pub mod plan;
+pub mod procfs;
+pub mod ptrace;
+pub mod pty;
+pub mod restore;
+pub mod sockdiag;
+pub mod state;
+pub mod sys;
+pub mod template;
+
+pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, RestoreStats, Sandbox};
+pub use freezer::Freezer;
+pub use pty::{Degraded, PtyLoss};

@@ -58,7 +58,7 @@ impl DeltaFs {
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
-            Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino))),
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -125,7 +125,9 @@ impl fuser::Filesystem for DeltaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.vol.lookup(parent.0, name) {
-            Ok(Some((ino, node))) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            Ok(Some((ino, node))) => {
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino)))
+            }
             // A negative entry: the kernel caches the absence (rollback invalidates it precisely).
             Ok(None) => {
                 let mut attr = self.attr(0, &empty_node());
@@ -335,7 +337,7 @@ impl fuser::Filesystem for DeltaFs {
                 // Removed since opendir: skip it.
                 Err(_) => continue,
             };
-            let (ttl, generation) = (&self.ttl, Generation(0));
+            let (ttl, generation) = (&self.ttl, Generation(self.vol.generation(*child)));
             if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
                 break;
             }
@@ -416,7 +418,7 @@ impl fuser::Filesystem for DeltaFs {
             Ok(fh) => reply.created(
                 &self.ttl,
                 &self.attr(ino, &node),
-                Generation(0),
+                Generation(self.vol.generation(ino)),
                 FileHandle(fh),
                 FopenFlags::FOPEN_KEEP_CACHE,
             ),

@@ -130,6 +130,8 @@ pub(crate) struct Volume {
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
     /// Open handles per inode: an unlinked file lives while open.
     open: Mutex<HashMap<Ino, u32>>,
+    /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
+    generations: Mutex<HashMap<Ino, u64>>,
     next_fh: AtomicU64,
 }
 
@@ -193,6 +195,7 @@ impl Volume {
             ids,
             state: RwLock::new(State { tree, layer, snapshots: HashMap::new(), pending: BTreeSet::new() }),
             open: Mutex::new(HashMap::new()),
+            generations: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
@@ -581,6 +584,11 @@ impl Volume {
         inos
     }
 
+    /// The FUSE generation to report for `ino`.
+    pub fn generation(&self, ino: Ino) -> u64 {
+        self.generations.lock().get(&ino).copied().unwrap_or(0)
+    }
+
     pub fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
         self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
@@ -881,8 +889,16 @@ impl Volume {
         drop(gc_guard);
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);
+        let mut generations = self.generations.lock();
         for (ino, old, new) in &diff {
             inval.inodes.push(*ino);
+            // A directory removed since the checkpoint may live on in the kernel as a dead inode (rmdir
+            // marks an inode still in use — say, a template process's cwd — dead, and a dead directory
+            // lists as empty for good). A new generation makes the kernel drop it and take a fresh one
+            // for the same node id when it looks the directory up again.
+            if old.is_none() && new.as_ref().is_some_and(|n| n.is_dir()) {
+                *generations.entry(*ino).or_insert(0) += 1;
+            }
             if let (Some(old), Some(new)) = (old, new) {
                 if let (Some(a), Some(b)) = (old.entries(), new.entries()) {
                     for item in a.diff(b) {
@@ -895,6 +911,7 @@ impl Volume {
                 }
             }
         }
+        drop(generations);
         // Inode numbers handed out in the abandoned branch are not reused by this mount: the
         // kernel may still hold such a node id (in an fd opened after the checkpoint), and a
         // different file behind the same id would be read through it.

@@ -464,3 +464,24 @@ fn bad_rollback_targets_are_refused_without_harm() {
     assert_eq!(std::fs::read(root.join("f")).unwrap(), b"live");
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_directory_removed_while_a_process_kept_it_as_cwd_comes_back_whole() {
+    let Some((_fx, _base, m, root)) = mounted(populate) else {
+        return;
+    };
+    // A process whose cwd is the directory keeps its kernel inode alive through the rmdir, which marks
+    // that inode dead: a rollback must make the kernel use a fresh one.
+    let mut holder = Command::new("sleep").arg("60").current_dir(root.join("etc/deep")).spawn().unwrap();
+    let cp = m.checkpoint().unwrap();
+    std::fs::remove_dir_all(root.join("etc/deep")).unwrap();
+    m.rollback(cp).unwrap();
+    let names: Vec<String> = std::fs::read_dir(root.join("etc/deep"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, ["er"]);
+    assert_eq!(std::fs::read(root.join("etc/deep/er/file")).unwrap().len(), 300_000);
+    holder.kill().unwrap();
+    holder.wait().unwrap();
+}

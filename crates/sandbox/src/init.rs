@@ -341,10 +341,25 @@ impl Init {
                         }
                     }
                 }
-                ToInit::KillAll => {
-                    // kill(-1) from init reaches every process in the namespace but init itself.
-                    let _ = kill(Pid::from_raw(-1), Signal::SIGKILL);
-                    self.send(&FromInit::KilledAll, &[]);
+                ToInit::MakeFifos { paths } => {
+                    let error = paths.iter().try_for_each(|p| make_fifo(Path::new(p))).err();
+                    self.send(&FromInit::FifosMade { error }, &[]);
+                }
+                ToInit::Watch { pid } => {
+                    match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
+                        Ok(status) => match ExitStatus::from_wait_status(status) {
+                            // Ended before we were asked: report it now, as nobody else will.
+                            Some(status) => self.send(&FromInit::Exited { pid, status }, &[]),
+                            None => {
+                                self.watched.insert(pid);
+                            }
+                        },
+                        // Not (or no longer) our child: it is gone.
+                        Err(_) => {
+                            let status = ExitStatus { code: None, signal: Some(libc::SIGKILL) };
+                            self.send(&FromInit::Exited { pid, status }, &[]);
+                        }
+                    }
                 }
             },
         }
@@ -491,6 +506,9 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
             }
         }
     }
+    for fifo in &spec.fifos {
+        open_fifo(fifo)?;
+    }
     // Copy the extra descriptors out of the way first, so placing one never clobbers another.
     let moved = extra
         .iter()
@@ -513,6 +531,31 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
     nix::unistd::setresuid(Uid::from_raw(user.uid), Uid::from_raw(user.uid), Uid::from_raw(user.uid))
         .map_err(|e| format!("setuid {}: {e}", user.uid))?;
     exec_path(&spec.argv, &env)
+}
+
+/// Creates the FIFO `path` (and its directory, private to root) if missing.
+fn make_fifo(path: &Path) -> Result<(), String> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
+        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+    }
+    let mode = rustix::fs::Mode::from_raw_mode(0o600);
+    match rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, mode, 0) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
+        Err(e) => Err(format!("mkfifo {}: {e}", path.display())),
+    }
+}
+
+/// Creates the FIFO if missing and opens it read-write at its descriptor number: read-write never
+/// blocks waiting for the other side and never sees end of file.
+fn open_fifo(fifo: &crate::spec::FifoFd) -> Result<(), String> {
+    use rustix::fs::{Mode, OFlags};
+    let path = Path::new(&fifo.path);
+    make_fifo(path)?;
+    let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
+        .map_err(|e| format!("open {}: {e}", fifo.path))?;
+    dup_to(fd.as_fd(), fifo.fd, false).map_err(|e| format!("dup2 to {}: {e}", fifo.fd))
 }
 
 /// `execve` with a `PATH` search that uses the process's new environment (glibc's execvpe would use init's).

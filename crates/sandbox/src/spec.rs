@@ -30,6 +30,18 @@ pub struct ProcessSpec {
     /// stderr when there is no tty).
     #[serde(default)]
     pub extra_fds: Vec<i32>,
+    /// FIFOs created (with their directory, if missing) inside the sandbox and opened read-write at the
+    /// given descriptor numbers. Unlike pipes to the shim, a FIFO is found again by its path when the
+    /// process is restored from a checkpoint.
+    #[serde(default)]
+    pub fifos: Vec<FifoFd>,
+}
+
+/// A FIFO at `path` (inside the sandbox) opened at descriptor `fd`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FifoFd {
+    pub path: String,
+    pub fd: i32,
 }
 
 /// Terminal size.
@@ -76,8 +88,12 @@ pub enum ToInit {
     Spawn { id: u64, spec: ProcessSpec },
     /// Send `signal` to process `pid` (to its process group when `group`).
     Signal { pid: i32, signal: i32, group: bool },
-    /// SIGKILL every process of the sandbox except init.
-    KillAll,
+    /// Create these FIFOs (and their directories) inside the sandbox, e.g. before restoring processes
+    /// that had them open; answered by `FifosMade`.
+    MakeFifos { paths: Vec<String> },
+    /// Report the end of process `pid` (a child of init it did not start itself, e.g. one restored from a
+    /// checkpoint) with `Exited`.
+    Watch { pid: i32 },
 }
 
 /// Messages from init to the shim.
@@ -97,13 +113,15 @@ pub enum FromInit {
         id: u64,
         message: String,
     },
+    /// Answer to `MakeFifos`.
+    FifosMade {
+        error: Option<String>,
+    },
     /// A process started by `Spawn` ended.
     Exited {
         pid: i32,
         status: ExitStatus,
     },
-    /// `KillAll` was carried out (the processes may still be exiting).
-    KilledAll,
 }
 
 #[cfg(test)]

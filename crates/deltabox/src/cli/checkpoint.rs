@@ -13,7 +13,8 @@ pub struct CheckpointArgs {
     pub command: Option<CheckpointCommand>,
     /// The sandbox to checkpoint.
     pub id: Option<String>,
-    /// Checkpoint only the files (processes keep running and are not captured).
+    /// Checkpoint only the files (processes keep running and are not captured; a rollback restarts them).
+    /// By default files and processes are checkpointed together.
     #[arg(long)]
     pub fs_only: bool,
 }
@@ -51,7 +52,7 @@ pub async fn checkpoint(client: &Client, args: CheckpointArgs) -> anyhow::Result
             );
             Ok(())
         }
-        (None, None) => anyhow::bail!("name the sandbox to checkpoint: deltabox checkpoint ID --fs-only"),
+        (None, None) => anyhow::bail!("name the sandbox to checkpoint: deltabox checkpoint ID [--fs-only]"),
     }
 }
 

@@ -131,17 +131,14 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
     session(client, id, "sleep 60", 1.0).await?;
     session(client, id, "greet; jobs", 30.0).await?;
 
-    step("Checkpoint the files, break things, roll back (filesystem-only: processes restart)");
+    step("Checkpoint files and processes, break everything, roll back");
     let cp: CheckpointView = client
-        .json(Method::POST, &format!("/v1/sandboxes/{id}/checkpoints"), Some(&CheckpointRequest { fs_only: true }))
+        .json(Method::POST, &format!("/v1/sandboxes/{id}/checkpoints"), Some(&CheckpointRequest { fs_only: false }))
         .await?;
-    println!("  checkpoint {} in {:.2} ms", cp.id, cp.latency_ms);
-    run(
-        client,
-        id,
-        &["sh", "-c", "rm -rf /usr/bin/python3* /root/repo; echo broken > /etc/motd; python3 -V; ls /root"],
-    )
-    .await?;
+    println!("  checkpoint {} ({}) in {:.2} ms: {}", cp.id, cp.covers.join(" + "), cp.latency_ms, cp.processes);
+    session(client, id, "kill %1; cd /; GREETING=changed; unset -f greet; rm -rf /root/repo /usr/bin/python3*", 30.0)
+        .await?;
+    session(client, id, "jobs; echo $GREETING; ls /root; python3 -V", 30.0).await?;
     let rb: RollbackView = client
         .json(
             Method::POST,
@@ -149,9 +146,13 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
             Some(&RollbackRequest { checkpoint: cp.id.clone() }),
         )
         .await?;
-    println!("  rolled back in {:.2} ms ({} process(es) killed)", rb.latency_ms, rb.processes_killed);
-    run(client, id, &["sh", "-c", "python3 -V; head -c 40 /etc/motd; echo; cd /root/repo && git log --oneline"])
-        .await?;
+    println!(
+        "  rolled back in {:.2} ms: {} (sessions back: {})",
+        rb.latency_ms,
+        rb.processes,
+        rb.sessions_restored.join(", ")
+    );
+    session(client, id, "greet; jobs; python3 -V; git log --oneline", 30.0).await?;
 
     step("Fork the checkpoint into 3 sandboxes that diverge");
     let started = Instant::now();

@@ -20,9 +20,11 @@ use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
 use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
 use crate::shim::proto::{
-    CheckpointStats, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+    CheckpointStats, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
 };
 
+/// How long a fork or rollback waits for a process image still being written.
+const IMAGE_WAIT: Duration = Duration::from_secs(120);
 /// Most sandboxes one fork call creates.
 pub const MAX_FORKS: usize = 64;
 /// How long a shim may take to build a sandbox.
@@ -63,6 +65,8 @@ pub struct Engine {
     pub image_lock: tokio::sync::Mutex<()>,
     /// The DeltaFS store every sandbox's filesystem lives in.
     fs: deltafs::Store,
+    /// The DeltaCR store of process images.
+    images: deltacr::image::ImageStore,
     /// Read-held while a sandbox is started from a stack, write-held by filesystem GC: a stack about to be
     /// mounted is not yet protected by the mount's lock.
     fs_gc: RwLock<()>,
@@ -80,6 +84,7 @@ impl Engine {
         let catalog = Catalog::open(&dir.join("catalog.db")).context("open the catalog")?;
         let layers = LayerStore::open(&dir.join("images")).context("open the layer store")?;
         let fs = deltafs::Store::open(&dir.join("deltafs")).context("open the DeltaFS store")?;
+        let images = deltacr::image::ImageStore::new(&dir.join("deltacr")).context("open the process image store")?;
         let engine = Arc::new(Engine {
             data_dir: dir.clone(),
             instance,
@@ -90,6 +95,7 @@ impl Engine {
             exe: std::env::current_exe().context("find our own executable")?,
             image_lock: tokio::sync::Mutex::new(()),
             fs,
+            images,
             fs_gc: RwLock::new(()),
             _lock: lock,
         });
@@ -184,6 +190,13 @@ impl Engine {
     fn force_cleanup(&self, id: &str) {
         let name = self.cgroup_name(id);
         if let Ok(cg) = Cgroup::open(&name) {
+            // With the shim gone, processes waiting on its FUSE server would wait forever: abort the
+            // connection first (any sandbox process sees the root filesystem as `/`).
+            if let Some(&pid) = cg.procs().unwrap_or_default().first() {
+                if let Err(e) = deltafs::abort_stale_mount(Some(pid as u32), Path::new("/")) {
+                    tracing::debug!(%id, "no FUSE connection to abort: {e}");
+                }
+            }
             if let Err(e) = cg.kill_all() {
                 tracing::error!(%id, "cannot kill the sandbox's processes: {e}");
             }
@@ -259,7 +272,7 @@ impl Engine {
             cwd: image.config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into()),
             user: image.config.user.clone().filter(|u| !u.is_empty()),
         };
-        self.start_sandbox(config, stack, None).await
+        self.start_sandbox(config, stack, None, None).await
     }
 
     /// The DeltaFS stack of `image`'s layers (indexed once, then recorded with the image).
@@ -272,7 +285,7 @@ impl Engine {
         let stack = tokio::task::spawn_blocking(move || store.base_stack(&paths))
             .await
             .map_err(|e| ApiError::internal(e.to_string()))?
-            .map_err(|e| ApiError::internal(format!("index the image's layers: {}", super::routes::error_chain(&e))))?
+            .map_err(|e| ApiError::internal(format!("index the image's layers: {}", crate::errors::error_chain(&e))))?
             .to_string();
         let mut updated = image.clone();
         updated.base_stack = Some(stack.clone());
@@ -286,6 +299,7 @@ impl Engine {
         config: SandboxConfig,
         stack: String,
         origin: Option<String>,
+        restore: Option<RestoreSpec>,
     ) -> ApiResult<SandboxView> {
         let id = new_id();
         let dir = self.sandbox_dir(&id);
@@ -294,7 +308,7 @@ impl Engine {
             SandboxRecord { id: id.clone(), config, stack, origin: origin.clone(), head: origin, created: now() };
         // Recorded before the shim starts: a crash in between leaves a record that recovery cleans up.
         self.catalog().put_sandbox(&record).map_err(anyhow::Error::from)?;
-        match self.start_shim(&record).await {
+        match self.start_shim(&record, restore).await {
             Ok(info) => {
                 self.watch_shim(id.clone(), info.shim_pid);
                 let live = Live::new(record, info);
@@ -314,7 +328,7 @@ impl Engine {
         }
     }
 
-    async fn start_shim(&self, record: &SandboxRecord) -> anyhow::Result<ShimInfo> {
+    async fn start_shim(&self, record: &SandboxRecord, restore: Option<RestoreSpec>) -> anyhow::Result<ShimInfo> {
         let dir = self.sandbox_dir(&record.id);
         let c = &record.config;
         let config = ShimConfig {
@@ -322,6 +336,8 @@ impl Engine {
             sandbox_dir: dir.clone(),
             store: self.fs.path().to_path_buf(),
             stack: record.stack.clone(),
+            images: self.data_dir.join("deltacr"),
+            restore,
             network: c.network,
             limits: c.limits,
             cgroup: self.cgroup_name(&record.id),
@@ -406,22 +422,44 @@ impl Engine {
         Ok(checkpoints.into_iter().filter(|c| c.sandbox == id && !used.contains(&c.id)).map(|c| c.id).collect())
     }
 
-    /// Filesystem checkpoint of sandbox `id`: its processes keep running.
-    pub async fn checkpoint(&self, id: &str) -> ApiResult<(CheckpointRecord, CheckpointStats)> {
+    /// Checkpoints sandbox `id`: its files, and with `processes` its processes too. A process checkpoint
+    /// is answered once the sandbox runs again; its image is written afterwards and the checkpoint is
+    /// marked durable then.
+    pub async fn checkpoint(
+        self: &Arc<Self>,
+        id: &str,
+        processes: bool,
+    ) -> ApiResult<(CheckpointRecord, CheckpointStats)> {
         let live = self.live(id).await?;
         let _one_at_a_time = live.ops.lock().await;
-        let stats = match self.shim_control(id, Request::Checkpoint).await? {
+        let mut record = self.sandbox_record(id)?;
+        // An incremental image needs the previous process checkpoint of this sandbox.
+        let parent = record
+            .head
+            .as_deref()
+            .and_then(|h| self.catalog().checkpoint(h).ok().flatten())
+            .filter(|c| c.sandbox == id && c.image.is_some())
+            .map(|c| c.stack);
+        let conn = self.shim_connect(id, &Request::Checkpoint { processes, parent }).await?;
+        let first = tokio::time::timeout(SHIM_CONTROL_TIMEOUT, conn.recv::<Reply>())
+            .await
+            .map_err(|_| ApiError::internal("the sandbox did not answer the checkpoint in time"))?
+            .map_err(|e| ApiError::internal(format!("lost the shim: {e}")))?;
+        let stats = match first.msg {
             Reply::Checkpointed(stats) => stats,
             Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
             other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
         };
-        let mut record = self.sandbox_record(id)?;
         let cp = CheckpointRecord {
             id: new_checkpoint_id(),
             sandbox: id.to_string(),
             parent: record.head.clone(),
             stack: stats.stack.clone(),
-            kind: "filesystem".into(),
+            kind: if processes { "full" } else { "filesystem" }.into(),
+            image: stats.image.clone(),
+            durable: stats.image.is_none(),
+            processes: stats.processes,
+            sessions: stats.sessions.clone(),
             config: record.config.clone(),
             created: now(),
             latency_ms: stats.latency_ms,
@@ -429,10 +467,58 @@ impl Engine {
         self.catalog.lock().expect("catalog lock").add_checkpoint(&cp).map_err(anyhow::Error::from)?;
         record.head = Some(cp.id.clone());
         self.refresh(record).await;
+        if cp.image.is_some() {
+            self.await_image(cp.id.clone(), conn);
+        }
         Ok((cp, stats))
     }
 
-    /// Rolls sandbox `id`'s files back to checkpoint `checkpoint`; its processes are killed (init stays).
+    /// Waits (in the background) for the shim to report checkpoint `cp`'s image written.
+    fn await_image(self: &Arc<Self>, cp: String, conn: AsyncChannel) {
+        let engine = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let reply = conn.recv::<Reply>().await;
+            let Some(engine) = engine.upgrade() else { return };
+            match reply {
+                Ok(Packet { msg: Reply::ImageWritten { bytes }, .. }) => {
+                    tracing::info!(checkpoint = %cp, bytes, "process image written");
+                    if let Err(e) = engine.catalog().mark_durable(&cp) {
+                        tracing::error!(checkpoint = %cp, "cannot record the image as written: {e}");
+                    }
+                }
+                Ok(Packet { msg: Reply::Error { message, .. }, .. }) => {
+                    tracing::error!(checkpoint = %cp, "the process image was not written: {message}")
+                }
+                Ok(Packet { msg, .. }) => tracing::error!(checkpoint = %cp, "unexpected answer from the shim: {msg:?}"),
+                Err(e) => tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}"),
+            }
+        });
+    }
+
+    /// Waits until checkpoint `cp`'s process image is on disk (it is written right after the checkpoint).
+    async fn wait_durable(&self, cp: &CheckpointRecord) -> ApiResult<()> {
+        let deadline = tokio::time::Instant::now() + IMAGE_WAIT;
+        loop {
+            let current = self.checkpoint_record(&cp.id)?;
+            if current.durable {
+                return Ok(());
+            }
+            if let Some(image) = current.image.as_deref().and_then(deltacr::image::ImageId::parse) {
+                if self.images.open(image).is_ok() {
+                    let _ = self.catalog().mark_durable(&cp.id);
+                    return Ok(());
+                }
+            }
+            if tokio::time::Instant::now() > deadline {
+                let message = format!("the process image of checkpoint {} is not written (yet)", cp.id);
+                return Err(ApiError::conflict("checkpoint_not_durable", message));
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// Rolls sandbox `id` back to checkpoint `checkpoint`: its files, and for a full checkpoint its
+    /// processes; after a filesystem-only checkpoint the processes are killed (init stays).
     pub async fn rollback(&self, id: &str, checkpoint: &str) -> ApiResult<(CheckpointRecord, RollbackStats)> {
         let live = self.live(id).await?;
         let _one_at_a_time = live.ops.lock().await;
@@ -445,7 +531,12 @@ impl Engine {
             );
             return Err(ApiError::bad_request("checkpoint_of_another_sandbox", message));
         }
-        let stats = match self.shim_control(id, Request::Rollback { stack: cp.stack.clone() }).await? {
+        // Another sandbox's checkpoint (the one this sandbox was forked from) comes from its image.
+        if cp.image.is_some() && cp.sandbox != id {
+            self.wait_durable(&cp).await?;
+        }
+        let request = Request::Rollback { stack: cp.stack.clone(), image: cp.image.clone() };
+        let stats = match self.shim_control(id, request).await? {
             Reply::RolledBack(stats) => stats,
             Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
             other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
@@ -462,8 +553,13 @@ impl Engine {
             return Err(ApiError::bad_request("invalid_count", format!("count must be between 1 and {MAX_FORKS}")));
         }
         let cp = self.checkpoint_record(checkpoint)?;
+        if cp.image.is_some() {
+            self.wait_durable(&cp).await?;
+        }
         let _no_gc = self.fs_gc.read().await;
-        let starts = (0..count).map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone())));
+        let restore = cp.image.clone().map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });
+        let starts = (0..count)
+            .map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone()), restore.clone()));
         let results = futures_util::future::join_all(starts).await;
         let mut created = Vec::new();
         let mut failure = None;
@@ -497,7 +593,13 @@ impl Engine {
     }
 
     pub async fn delete_checkpoint(&self, checkpoint: &str) -> ApiResult<()> {
-        self.checkpoint_record(checkpoint)?;
+        let cp = self.checkpoint_record(checkpoint)?;
+        if cp.image.is_some() && self.sandboxes.read().await.contains_key(&cp.sandbox) {
+            // Frees the memory its in-memory copies hold in the sandbox.
+            if let Err(e) = self.shim_control(&cp.sandbox, Request::Forget { stack: cp.stack.clone() }).await {
+                tracing::warn!(checkpoint = %cp.id, "the sandbox could not drop the checkpoint's templates: {e:#}");
+            }
+        }
         self.catalog
             .lock()
             .expect("catalog lock")
@@ -564,6 +666,7 @@ impl Engine {
             Ok(Err(e)) => tracing::error!("filesystem garbage collection failed: {e}"),
             Err(e) => tracing::error!("filesystem garbage collection panicked: {e}"),
         }
+        self.collect_images();
         let (stored, used) = match (self.layers.layers(), self.catalog().referenced_layers()) {
             (Ok(s), Ok(u)) => (s, u),
             (Err(e), _) => return tracing::error!("cannot list layers: {e}"),
@@ -573,6 +676,39 @@ impl Engine {
             match self.layers.remove_layer(&layer) {
                 Ok(()) => tracing::info!(%layer, "removed unused image layer"),
                 Err(e) => tracing::error!(%layer, "cannot remove unused image layer: {e}"),
+            }
+        }
+    }
+
+    /// Deletes process images no checkpoint needs (an image is needed by its checkpoint and by every image
+    /// whose parent chain it is on). Images younger than a minute are left alone: a checkpoint may be
+    /// being recorded for them right now.
+    fn collect_images(&self) {
+        let referenced: Vec<deltacr::image::ImageId> = match self.catalog().checkpoints() {
+            Ok(cps) => {
+                cps.iter().filter_map(|c| c.image.as_deref()).filter_map(deltacr::image::ImageId::parse).collect()
+            }
+            Err(e) => return tracing::error!("cannot read checkpoints: {e}"),
+        };
+        let mut needed = std::collections::HashSet::new();
+        for id in referenced {
+            let mut next = Some(id);
+            while let Some(id) = next.filter(|id| needed.insert(*id)) {
+                next = self.images.open(id).ok().and_then(|image| image.header.parent);
+            }
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_millis() as u64)
+            .unwrap_or(0);
+        for id in self.images.ids().unwrap_or_default().into_iter().filter(|id| !needed.contains(id)) {
+            let young = self.images.open(id).is_ok_and(|i| now_ms.saturating_sub(i.header.created_unix_ms) < 60_000);
+            if young {
+                continue;
+            }
+            match self.images.remove(id) {
+                Ok(()) => tracing::info!(image = %id, "removed unused process image"),
+                Err(e) => tracing::error!(image = %id, "cannot remove unused process image: {e}"),
             }
         }
     }

@@ -97,7 +97,7 @@ fn files_error(e: FilesError) -> ApiError {
         FilesError::NotFound { .. } => "file_not_found",
         other => other.code(),
     };
-    ApiError::new(status, code, super::routes::error_chain(&e))
+    ApiError::new(status, code, crate::errors::error_chain(&e))
 }
 
 /// Opens the root of running sandbox `id`.

@@ -21,6 +21,7 @@ use super::engine::{now, view, Engine};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::api::*;
 use crate::catalog::ImageRecord;
+use crate::errors::error_chain;
 use crate::shim::proto::{self, Input, Outcome, Reply, Request, Stream};
 
 const DEFAULT_MAX_OUTPUT: u64 = 16 << 20;
@@ -191,18 +192,6 @@ async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportReque
     Ok(ndjson(rx))
 }
 
-/// An error and its sources, joined by ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
-
 // ---- sandboxes ----
 
 async fn list_sandboxes(State(engine): AppState) -> Json<serde_json::Value> {
@@ -244,9 +233,13 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 
 // ---- checkpoints ----
 
-const FS_ONLY_PROCESSES: &str = "kept running (filesystem-only checkpoint: processes are not captured)";
-
 fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
+    let full = c.kind == "full";
+    let processes = match (full, c.durable) {
+        (false, _) => "not captured (filesystem-only checkpoint): they kept running".to_string(),
+        (true, true) => format!("{} captured; durable image written", c.processes.unwrap_or(0)),
+        (true, false) => format!("{} captured; durable image being written", c.processes.unwrap_or(0)),
+    };
     CheckpointView {
         id: c.id.clone(),
         sandbox: c.sandbox.clone(),
@@ -254,8 +247,10 @@ fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
         kind: c.kind.clone(),
         created: c.created,
         latency_ms: c.latency_ms,
-        covers: vec!["filesystem".into()],
-        processes: FS_ONLY_PROCESSES.into(),
+        covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
+        processes,
+        process_count: c.processes,
+        durable: c.durable,
     }
 }
 
@@ -265,12 +260,7 @@ async fn create_checkpoint(
     body: axum::body::Bytes,
 ) -> ApiResult<Response> {
     let req: CheckpointRequest = optional_json(&body)?.unwrap_or_default();
-    if !req.fs_only {
-        let message = "checkpointing processes is not available yet (DeltaCR, issue #4); ask for a filesystem-only \
-                       checkpoint with {\"fs_only\": true}";
-        return Err(ApiError::bad_request("process_checkpoint_unavailable", message));
-    }
-    let (cp, _) = engine.checkpoint(&id).await?;
+    let (cp, _) = engine.checkpoint(&id, !req.fs_only).await?;
     Ok((StatusCode::CREATED, Json(checkpoint_view(&cp))).into_response())
 }
 
@@ -298,18 +288,29 @@ async fn rollback(
     ApiJson(req): ApiJson<RollbackRequest>,
 ) -> ApiResult<Json<RollbackView>> {
     let (cp, stats) = engine.rollback(&id, &req.checkpoint).await?;
+    let full = cp.kind == "full";
+    let processes = if full {
+        format!(
+            "{} killed; {} restored from the checkpoint{}",
+            stats.processes_killed,
+            stats.processes_restored,
+            if stats.from_image { " (from its durable image)" } else { "" }
+        )
+    } else {
+        format!("{} killed, init kept (filesystem-only checkpoint: processes are not restored)", stats.processes_killed)
+    };
     Ok(Json(RollbackView {
         sandbox: id,
         checkpoint: cp.id,
         latency_ms: stats.latency_ms,
         fs_ms: stats.fs_ms,
-        covers: vec!["filesystem".into()],
-        processes: format!(
-            "restarted: {} process(es) killed, init kept (filesystem-only checkpoint: processes are not restored)",
-            stats.processes_killed
-        ),
+        covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
+        processes,
         processes_killed: stats.processes_killed,
+        processes_restored: stats.processes_restored,
+        from_image: stats.from_image,
         sessions_closed: stats.sessions_closed,
+        sessions_restored: stats.sessions_restored,
         changed_inodes: stats.changed_inodes,
     }))
 }

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use sandbox::ipc::{AsyncChannel, IpcError, Packet};
 use sandbox::spec::{ExitStatus, FromInit, ProcessSpec, ToInit};
-use tokio::sync::{oneshot, Notify};
+use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
 pub enum InitError {
@@ -32,23 +32,18 @@ type SpawnReply = Result<(i32, Option<OwnedFd>), String>;
 struct Waiters {
     spawns: HashMap<u64, (oneshot::Sender<SpawnReply>, oneshot::Sender<ExitStatus>)>,
     exits: HashMap<i32, oneshot::Sender<ExitStatus>>,
+    fifos: Option<oneshot::Sender<Option<String>>>,
 }
 
 pub struct InitLink {
     chan: AsyncChannel,
     waiters: Mutex<Waiters>,
     next_id: AtomicU64,
-    killed_all: Notify,
 }
 
 impl InitLink {
     pub fn new(chan: AsyncChannel) -> InitLink {
-        InitLink {
-            chan,
-            waiters: Mutex::new(Waiters::default()),
-            next_id: AtomicU64::new(1),
-            killed_all: Notify::new(),
-        }
+        InitLink { chan, waiters: Mutex::new(Waiters::default()), next_id: AtomicU64::new(1) }
     }
 
     /// Starts a process. Without a tty, `stdio` are the stdin, stdout and stderr descriptors.
@@ -73,12 +68,24 @@ impl InitLink {
         self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
     }
 
-    /// SIGKILLs every process but init; returns once init has sent the signal.
-    pub async fn kill_all(&self) -> Result<(), InitError> {
-        let done = self.killed_all.notified();
-        self.chan.send(&ToInit::KillAll, &[], &[]).await.map_err(InitError::Lost)?;
-        done.await;
-        Ok(())
+    /// Has init create FIFOs (with their directories) inside the sandbox. One call at a time.
+    pub async fn make_fifos(&self, paths: Vec<String>) -> Result<(), InitError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").fifos = Some(tx);
+        self.chan.send(&ToInit::MakeFifos { paths }, &[], &[]).await.map_err(InitError::Lost)?;
+        match rx.await {
+            Ok(None) => Ok(()),
+            Ok(Some(message)) => Err(InitError::StartFailed(message)),
+            Err(_) => Err(InitError::Lost(IpcError::Closed)),
+        }
+    }
+
+    /// Asks init to report the end of `pid` (a process it did not start, e.g. a restored one).
+    pub async fn watch(&self, pid: i32) -> Result<oneshot::Receiver<ExitStatus>, InitError> {
+        let (tx, rx) = oneshot::channel();
+        self.waiters.lock().expect("waiters lock").exits.insert(pid, tx);
+        self.chan.send(&ToInit::Watch { pid }, &[], &[]).await.map_err(InitError::Lost)?;
+        Ok(rx)
     }
 
     /// Receives init's messages until the channel closes. Run this in exactly one task.
@@ -90,7 +97,6 @@ impl InitLink {
                     tracing::warn!("init channel closed: {e}");
                     // Dropping the waiters wakes every task still waiting with an error.
                     *self.waiters.lock().expect("waiters lock") = Waiters::default();
-                    self.killed_all.notify_waiters();
                     return;
                 }
             };
@@ -112,7 +118,11 @@ impl InitLink {
                         let _ = tx.send(status);
                     }
                 }
-                (FromInit::KilledAll, _) => self.killed_all.notify_waiters(),
+                (FromInit::FifosMade { error }, _) => {
+                    if let Some(tx) = w.fifos.take() {
+                        let _ = tx.send(error);
+                    }
+                }
                 (other, _) => tracing::warn!("unexpected message from init: {other:?}"),
             }
         }

@@ -5,6 +5,7 @@
 //! [`proto::ShimStartup`] line on stdout, then serves the daemon on `<sandbox_dir>/shim.sock` until the
 //! sandbox is destroyed or its init dies. See docs/architecture.md.
 
+pub mod cr;
 pub mod exec;
 pub mod fdio;
 pub mod init_link;
@@ -16,7 +17,7 @@ use std::io::Write;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 use sandbox::cgroup::Cgroup;
@@ -28,11 +29,16 @@ use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
 use tokio::sync::Notify;
 
+use cr::{Cr, JobResult};
 use init_link::InitLink;
 use proto::{
-    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo,
+    ShimStartup,
 };
 use session::Session;
+
+/// Resolves once a process checkpoint's image is written: its size in bytes.
+type ImageWritten = tokio::sync::oneshot::Receiver<JobResult<u64>>;
 
 /// Socket file name in the sandbox directory.
 pub const SOCKET: &str = "shim.sock";
@@ -42,11 +48,21 @@ pub struct Shim {
     pub id: String,
     pub defaults: ProcessDefaults,
     pub init: InitLink,
-    cgroup: Cgroup,
-    fs: deltafs::Mount,
+    cgroup: Arc<Cgroup>,
     info: ShimInfo,
     init_pidfd: OwnedFd,
+    /// The checkpoint thread (DeltaCR, DeltaFS checkpoints and rollbacks).
+    cr: Cr,
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
+    /// The sessions captured by each process checkpoint kept here (by its stack).
+    snapshots: tokio::sync::Mutex<HashMap<String, Vec<(String, Arc<Session>)>>>,
+    /// Terminals a restore had to make again for processes that are not sessions (e.g. an interactive shell
+    /// whose client is gone): kept open and drained, so their processes are not hung up.
+    terminals: std::sync::Mutex<Vec<Arc<fdio::AsyncFile>>>,
+    /// The DeltaFS stack the sandbox was started from.
+    stack: String,
+    /// Keeps the sandbox's uid range reserved.
+    _slot: UidSlot,
     /// Held by checkpoints and rollbacks: one at a time.
     state_change: tokio::sync::Mutex<()>,
     /// Notified when the shim should exit (the sandbox is gone).
@@ -54,6 +70,11 @@ pub struct Shim {
 }
 
 impl Shim {
+    /// Init's pid in the host's pid namespace.
+    pub fn init_pid(&self) -> i32 {
+        self.info.init_pid
+    }
+
     /// OOM kills in the sandbox so far (0 if the counter cannot be read).
     pub fn oom_kills(&self) -> u64 {
         self.cgroup.oom_kills().unwrap_or(0)
@@ -68,62 +89,118 @@ impl Shim {
         (ids.len() == 2 && self.cgroup.procs().ok()?.contains(&host_pid)).then(|| ids[1])
     }
 
-    /// Filesystem checkpoint: the sandbox's processes are frozen while the writable layer is frozen, so
-    /// no write can fall between them and the checkpoint is a consistent point in time.
-    async fn checkpoint(self: &Arc<Self>) -> anyhow::Result<CheckpointStats> {
+    /// Checkpoint (freeze, filesystem, with `processes` every process, thaw) on the checkpoint thread. The
+    /// sessions are held while it runs, so the set of shells captured is the set recorded. Returns the
+    /// stats and, for a process checkpoint, a receiver that resolves once the image is durable.
+    async fn checkpoint(
+        &self,
+        processes: bool,
+        parent: Option<String>,
+    ) -> anyhow::Result<(CheckpointStats, Option<ImageWritten>)> {
         let _one_at_a_time = self.state_change.lock().await;
-        let shim = self.clone();
-        tokio::task::spawn_blocking(move || {
-            let started = Instant::now();
-            shim.cgroup.freeze().context("freeze the sandbox")?;
-            let fs_started = Instant::now();
-            let frozen = shim.fs.checkpoint();
-            let fs_ms = ms(fs_started);
-            let thawed = shim.cgroup.thaw();
-            let stack = frozen.context("checkpoint the filesystem")?;
-            thawed.context("thaw the sandbox")?;
-            Ok(CheckpointStats { stack: stack.to_string(), latency_ms: ms(started), fs_ms })
-        })
-        .await?
+        let sessions = self.sessions.lock().await;
+        let captured = self.cr.checkpoint(processes, parent).await.map_err(anyhow::Error::msg)?;
+        let live: Vec<(String, Arc<Session>)> =
+            sessions.iter().filter(|(_, s)| s.alive()).map(|(n, s)| (n.clone(), s.clone())).collect();
+        drop(sessions);
+        let mut stats = CheckpointStats {
+            stack: captured.stack.clone(),
+            latency_ms: captured.stopped_ms,
+            fs_ms: captured.fs_ms,
+            processes: None,
+            image: None,
+            sessions: vec![],
+        };
+        let Some(capture) = captured.processes else { return Ok((stats, None)) };
+        stats.processes = Some(capture.count);
+        stats.image = Some(capture.image.to_string());
+        stats.sessions = live.iter().map(|(name, s)| s.snapshot(name)).collect();
+        // The shells' terminals and FIFOs stay open while the checkpoint may be restored here.
+        self.snapshots.lock().await.insert(captured.stack, live);
+        Ok((stats, Some(capture.written)))
     }
 
-    /// Filesystem rollback: every process but init is killed (their state belongs to the abandoned
-    /// branch), then the filesystem switches to `stack`.
-    async fn rollback(self: &Arc<Self>, stack: &str) -> anyhow::Result<RollbackStats> {
-        let target: deltafs::StackId = stack.parse().context("parse the stack id")?;
+    /// Rollback on the checkpoint thread: every process but init is killed, the filesystem switches to
+    /// `stack`, and with `image` the checkpoint's processes come back — its shell sessions included.
+    async fn rollback(&self, stack: &str, image: Option<String>) -> anyhow::Result<RollbackStats> {
+        let image = image
+            .map(|i| deltacr::image::ImageId::parse(&i).with_context(|| format!("bad image id {i}")))
+            .transpose()?;
         let _one_at_a_time = self.state_change.lock().await;
-        let started = Instant::now();
-        let killed = self.kill_all_but_init().await?;
-        let sessions_closed: Vec<String> = self.sessions.lock().await.drain().map(|(name, _)| name).collect();
-        let shim = self.clone();
-        let (stats, fs_ms) = tokio::task::spawn_blocking(move || {
-            let fs_started = Instant::now();
-            shim.fs.rollback(target).map(|stats| (stats, ms(fs_started)))
-        })
-        .await?
-        .context("roll back the filesystem")?;
-        Ok(RollbackStats {
-            latency_ms: ms(started),
-            fs_ms,
-            processes_killed: killed,
-            sessions_closed,
-            changed_inodes: stats.changed_inodes,
-        })
-    }
-
-    /// SIGKILLs every sandbox process but init and waits until they are gone; returns how many there were.
-    async fn kill_all_but_init(&self) -> anyhow::Result<usize> {
-        let others = |procs: Vec<i32>| procs.into_iter().filter(|&p| p != self.info.init_pid).count();
-        let before = others(self.cgroup.procs()?);
-        self.init.kill_all().await?;
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while others(self.cgroup.procs()?) > 0 {
-            if Instant::now() > deadline {
-                anyhow::bail!("processes of the sandbox survived SIGKILL for 10 s");
-            }
-            tokio::time::sleep(Duration::from_millis(1)).await;
+        let mut sessions = self.sessions.lock().await;
+        let mut restored = self.cr.rollback(stack.to_string(), image).await.map_err(anyhow::Error::msg)?;
+        self.keep_terminals(std::mem::take(&mut restored.pty_masters));
+        let kept = match image {
+            Some(_) => self.snapshots.lock().await.get(stack).cloned().unwrap_or_default(),
+            None => vec![],
+        };
+        let sessions_closed: Vec<String> =
+            sessions.keys().filter(|name| !kept.iter().any(|(k, _)| k == *name)).cloned().collect();
+        sessions.clear();
+        let mut sessions_restored = Vec::new();
+        for (name, session) in kept {
+            session.watch(self.init.watch(session.pid()).await?);
+            sessions_restored.push(name.clone());
+            sessions.insert(name, session);
         }
-        Ok(before)
+        Ok(RollbackStats {
+            latency_ms: restored.total_ms,
+            fs_ms: restored.fs_ms,
+            processes_killed: restored.killed,
+            processes_restored: restored.restored,
+            from_image: restored.from_image,
+            sessions_closed,
+            sessions_restored,
+            changed_inodes: restored.changed_inodes,
+        })
+    }
+
+    /// Restores, in this fresh sandbox, the processes of the checkpoint it is a fork of, and serves the
+    /// checkpoint's shell sessions again (their FIFOs are made first; DeltaCR makes their ptys again).
+    async fn restore_fork(&self, spec: &RestoreSpec) -> anyhow::Result<()> {
+        let image =
+            deltacr::image::ImageId::parse(&spec.image).with_context(|| format!("bad image id {}", spec.image))?;
+        let fifos = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
+        self.init.make_fifos(fifos).await.context("make the sessions' FIFOs")?;
+        let mut restored = self.cr.restore_image(image).await.map_err(anyhow::Error::msg)?;
+        let mut sessions = self.sessions.lock().await;
+        let mut adopted = Vec::new();
+        for snap in &spec.sessions {
+            let Some(master) = restored.pty_masters.remove(&snap.pty) else {
+                tracing::warn!(session = %snap.name, "the restored shell has no terminal; the session is not served");
+                continue;
+            };
+            let session = Session::attach(self, snap.pid, snap.nonce, master)?;
+            session.watch(self.init.watch(snap.pid).await?);
+            sessions.insert(snap.name.clone(), session.clone());
+            adopted.push((snap.name.clone(), session));
+        }
+        drop(sessions);
+        self.keep_terminals(std::mem::take(&mut restored.pty_masters));
+        tracing::info!(processes = restored.restored, ms = restored.total_ms, "restored the checkpoint's processes");
+        // A rollback of this sandbox to the checkpoint it was forked from serves these sessions again.
+        self.snapshots.lock().await.insert(self.stack.clone(), adopted);
+        Ok(())
+    }
+
+    /// Keeps terminals a restore made again (for processes that are not sessions) open and drained.
+    fn keep_terminals(&self, masters: std::collections::BTreeMap<u32, OwnedFd>) {
+        for (_, master) in masters {
+            match fdio::AsyncFile::new(master) {
+                Ok(file) => {
+                    let file = Arc::new(file);
+                    session::drain(file.clone());
+                    self.terminals.lock().expect("terminals lock").push(file);
+                }
+                Err(e) => tracing::warn!("cannot serve a restored terminal: {e}"),
+            }
+        }
+    }
+
+    /// Drops the in-memory copies of the process checkpoint of `stack`.
+    async fn forget(&self, stack: String) {
+        self.snapshots.lock().await.remove(&stack);
+        self.cr.forget(stack);
     }
 
     /// Kills every process of the sandbox (init included, so the kernel ends the pid namespace) and
@@ -143,9 +220,9 @@ impl Shim {
 /// A sandbox built by [`start`], before the runtime starts.
 struct Built {
     container: Container,
-    cgroup: Cgroup,
+    cgroup: Arc<Cgroup>,
     slot: UidSlot,
-    fs: deltafs::Mount,
+    cr: Cr,
 }
 
 /// Entry point of `deltabox shim`.
@@ -153,18 +230,16 @@ pub fn main() -> anyhow::Result<()> {
     let cfg: ShimConfig = serde_json::from_reader(std::io::stdin().lock()).context("read the shim config")?;
     let socket = cfg.sandbox_dir.join(SOCKET);
     let rt = tokio::runtime::Builder::new_current_thread().enable_all().build()?;
-    // Listening before we report: the daemon's first request may come right after our report.
-    let built = start(&cfg).and_then(|built| {
-        let _runtime = rt.enter();
-        let listener = AsyncListener::bind(&socket).context("listen on the shim socket")?;
-        Ok((built, listener))
+    let ready = start(&cfg).and_then(|built| {
+        let cgroup = built.cgroup.clone();
+        let ready = rt.block_on(ready_to_serve(&cfg, built, &socket));
+        if ready.is_err() {
+            discard(&cgroup);
+        }
+        ready
     });
-    let startup = match &built {
-        Ok((b, _)) => ShimStartup::Started(ShimInfo {
-            shim_pid: std::process::id() as i32,
-            init_pid: b.container.init_pid,
-            uid_base: b.slot.map.host_base,
-        }),
+    let startup = match &ready {
+        Ok((shim, _, _)) => ShimStartup::Started(shim.info.clone()),
         Err(e) => ShimStartup::Failed { message: format!("{e:#}") },
     };
     let mut out = std::io::stdout().lock();
@@ -174,10 +249,54 @@ pub fn main() -> anyhow::Result<()> {
     // The daemon reads our stdout up to its end: close it for good.
     let null = std::fs::OpenOptions::new().write(true).open("/dev/null")?;
     sandbox::sys::dup_to(null.as_fd(), 1, false)?;
-    let Ok((built, listener)) = built else {
+    let Ok((shim, listener, init_pidfd)) = ready else {
         std::process::exit(1);
     };
-    rt.block_on(serve(cfg, built, listener, socket))
+    rt.block_on(serve(shim, listener, init_pidfd, socket))
+}
+
+/// Kills whatever a failed start left in the sandbox's cgroup and removes the cgroup.
+fn discard(cgroup: &Cgroup) {
+    let _ = cgroup.kill_all();
+    let _ = Cgroup::remove(cgroup.name());
+}
+
+/// Turns the built sandbox into a serving shim: talks to init, restores the processes of the checkpoint the
+/// sandbox is a fork of (if it is one), and listens — all before we report, since the daemon's first
+/// request may come right after the report.
+async fn ready_to_serve(
+    cfg: &ShimConfig,
+    built: Built,
+    socket: &std::path::Path,
+) -> anyhow::Result<(Arc<Shim>, AsyncListener, OwnedFd)> {
+    let Built { container, cgroup, slot, cr } = built;
+    let info =
+        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
+    let shim = Arc::new(Shim {
+        id: cfg.id.clone(),
+        defaults: cfg.defaults.clone(),
+        init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
+        cgroup,
+        info,
+        init_pidfd: container.pidfd.try_clone()?,
+        cr,
+        _slot: slot,
+        sessions: tokio::sync::Mutex::new(HashMap::new()),
+        snapshots: tokio::sync::Mutex::new(HashMap::new()),
+        terminals: std::sync::Mutex::new(Vec::new()),
+        stack: cfg.stack.clone(),
+        state_change: tokio::sync::Mutex::new(()),
+        exit: Notify::new(),
+    });
+    tokio::spawn({
+        let shim = shim.clone();
+        async move { shim.init.dispatch().await }
+    });
+    if let Some(spec) = &cfg.restore {
+        shim.restore_fork(spec).await.context("restore the checkpoint's processes")?;
+    }
+    let listener = AsyncListener::bind(socket).context("listen on the shim socket")?;
+    Ok((shim, listener, container.pidfd))
 }
 
 /// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
@@ -209,36 +328,24 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
         container.boot(detached).context("set up the sandbox")?;
         Ok((container, fs))
     });
+    let cgroup = Arc::new(cgroup);
+    let started = started.and_then(|(container, fs)| {
+        let images = deltacr::image::ImageStore::new(&cfg.images).context("open the process image store")?;
+        let parts = cr::Parts { init: container.init_pid, cgroup: cgroup.clone(), fs: Arc::new(fs), images };
+        let cr = Cr::spawn(parts).context("start the checkpoint thread")?;
+        Ok((container, cr))
+    });
     match started {
-        Ok((container, fs)) => Ok(Built { container, cgroup, slot, fs }),
+        Ok((container, cr)) => Ok(Built { container, cgroup, slot, cr }),
         Err(e) => {
-            let _ = cgroup.destroy();
+            discard(&cgroup);
             Err(e)
         }
     }
 }
 
-async fn serve(cfg: ShimConfig, built: Built, listener: AsyncListener, socket: PathBuf) -> anyhow::Result<()> {
-    let Built { container, cgroup, slot, fs } = built;
-    let info =
-        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
-    let shim = Arc::new(Shim {
-        id: cfg.id.clone(),
-        defaults: cfg.defaults.clone(),
-        init: InitLink::new(AsyncChannel::new(container.channel.into_inner())?),
-        cgroup,
-        fs,
-        info,
-        init_pidfd: container.pidfd.try_clone()?,
-        sessions: tokio::sync::Mutex::new(HashMap::new()),
-        state_change: tokio::sync::Mutex::new(()),
-        exit: Notify::new(),
-    });
-    tokio::spawn({
-        let shim = shim.clone();
-        async move { shim.init.dispatch().await }
-    });
-    let init_exit = wait_readable(container.pidfd)?;
+async fn serve(shim: Arc<Shim>, listener: AsyncListener, init_pidfd: OwnedFd, socket: PathBuf) -> anyhow::Result<()> {
+    let init_exit = wait_readable(init_pidfd)?;
     tokio::pin!(init_exit);
     let exit = shim.exit.notified();
     tokio::pin!(exit);
@@ -275,10 +382,6 @@ fn wait_readable(fd: OwnedFd) -> std::io::Result<impl std::future::Future<Output
 
 fn valid_session_name(name: &str) -> bool {
     !name.is_empty() && name.len() <= 64 && name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.".contains(&b))
-}
-
-fn ms(since: Instant) -> f64 {
-    since.elapsed().as_secs_f64() * 1000.0
 }
 
 async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
@@ -333,19 +436,42 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
             drop(sessions);
             conn.send(&Reply::Sessions(names), &[], &[]).await
         }
-        Request::Checkpoint => {
-            let reply = match shim.checkpoint().await {
-                Ok(stats) => Reply::Checkpointed(stats),
-                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
-            };
-            conn.send(&reply, &[], &[]).await
-        }
-        Request::Rollback { stack } => {
-            let reply = match shim.rollback(&stack).await {
+        Request::Checkpoint { processes, parent } => match shim.checkpoint(processes, parent).await {
+            Err(e) => {
+                let reply = Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") };
+                conn.send(&reply, &[], &[]).await
+            }
+            Ok((stats, written)) => {
+                let sent = conn.send(&Reply::Checkpointed(stats), &[], &[]).await;
+                match written {
+                    None => sent,
+                    Some(written) => {
+                        let reply = match written.await {
+                            Ok(Ok(bytes)) => Reply::ImageWritten { bytes },
+                            Ok(Err(e)) => Reply::Error {
+                                kind: ErrorKind::CheckpointFailed,
+                                message: format!("writing the process image failed: {e}"),
+                            },
+                            Err(_) => Reply::Error {
+                                kind: ErrorKind::CheckpointFailed,
+                                message: "the image writer stopped".into(),
+                            },
+                        };
+                        conn.send(&reply, &[], &[]).await
+                    }
+                }
+            }
+        },
+        Request::Rollback { stack, image } => {
+            let reply = match shim.rollback(&stack, image).await {
                 Ok(stats) => Reply::RolledBack(stats),
                 Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
             };
             conn.send(&reply, &[], &[]).await
+        }
+        Request::Forget { stack } => {
+            shim.forget(stack).await;
+            conn.send(&Reply::Done, &[], &[]).await
         }
         Request::Destroy => {
             let reply = match shim.teardown() {

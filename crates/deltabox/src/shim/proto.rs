@@ -4,6 +4,7 @@
 
 use std::path::PathBuf;
 
+pub use super::session::SessionSnapshot;
 use sandbox::cgroup::Limits;
 use sandbox::spec::{Network, WinSize};
 use serde::{Deserialize, Serialize};
@@ -18,6 +19,10 @@ pub struct ShimConfig {
     pub store: PathBuf,
     /// The DeltaFS stack to mount (an image's base stack or a checkpoint's).
     pub stack: String,
+    /// The DeltaCR image store directory.
+    pub images: PathBuf,
+    /// Processes to restore once the sandbox is up (a fork of a process checkpoint).
+    pub restore: Option<RestoreSpec>,
     pub network: Network,
     pub limits: Limits,
     /// cgroup name (relative to each hierarchy's root).
@@ -26,6 +31,14 @@ pub struct ShimConfig {
     pub uid_slot_dir: PathBuf,
     /// Defaults for processes: the image's environment, working directory and user.
     pub defaults: ProcessDefaults,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RestoreSpec {
+    /// The DeltaCR image of the checkpoint.
+    pub image: String,
+    /// Its shell sessions, served again once their shells are restored.
+    pub sessions: Vec<SessionSnapshot>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -69,10 +82,21 @@ pub enum Request {
         name: String,
     },
     SessionList,
-    /// Filesystem checkpoint: freeze the sandbox's processes, freeze the writable layer, thaw.
-    Checkpoint,
-    /// Filesystem rollback: kill every process but init, switch the filesystem to `stack`.
+    /// Checkpoint: freeze, filesystem checkpoint, with `processes` a process checkpoint, thaw. `parent`
+    /// is the stack of the checkpoint the sandbox descends from (for an incremental image). Answers
+    /// `Checkpointed`, then — for a process checkpoint — `ImageWritten` once the image is durable.
+    Checkpoint {
+        processes: bool,
+        parent: Option<String>,
+    },
+    /// Rollback: kill every process but init, switch the filesystem to `stack`, and with `image` restore
+    /// the processes of that process checkpoint.
     Rollback {
+        stack: String,
+        image: Option<String>,
+    },
+    /// Drop the in-memory copies (templates) of the process checkpoint of `stack`.
+    Forget {
         stack: String,
     },
     /// Kill init and everything else, remove the cgroup, exit.
@@ -126,6 +150,10 @@ pub enum Reply {
     Exited(Outcome),
     Sessions(Vec<String>),
     Checkpointed(CheckpointStats),
+    /// The process image of the checkpoint just answered is durable.
+    ImageWritten {
+        bytes: u64,
+    },
     RolledBack(RollbackStats),
     Done,
     Error {
@@ -155,6 +183,12 @@ pub struct CheckpointStats {
     pub latency_ms: f64,
     /// Of which: the filesystem checkpoint itself.
     pub fs_ms: f64,
+    /// Processes captured (None: a filesystem-only checkpoint).
+    pub processes: Option<usize>,
+    /// The process image being written.
+    pub image: Option<String>,
+    /// Shell sessions whose shells were captured.
+    pub sessions: Vec<SessionSnapshot>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -164,8 +198,14 @@ pub struct RollbackStats {
     pub fs_ms: f64,
     /// Processes killed (init is never killed).
     pub processes_killed: usize,
-    /// Shell sessions that ended with their processes.
+    /// Processes restored from the checkpoint (0 for a filesystem-only checkpoint).
+    pub processes_restored: usize,
+    /// Whether they came from the durable image (their in-memory copies were gone).
+    pub from_image: bool,
+    /// Shell sessions that ended (not part of the checkpoint).
     pub sessions_closed: Vec<String>,
+    /// Shell sessions restored with their state.
+    pub sessions_restored: Vec<String>,
     /// Inodes whose content, attributes or existence differed.
     pub changed_inodes: usize,
 }

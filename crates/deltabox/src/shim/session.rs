@@ -1,9 +1,11 @@
 //! Persistent bash sessions (how coding agents drive a sandbox).
 //!
 //! bash runs interactively on a pty (job control, ^C semantics). Commands do not travel through the pty:
-//! for each call the shim types one fixed line that reads the command text from a pipe (fd 249) up to a
-//! NUL and `eval`s it at top level, with stdout and stderr redirected to two more pipes (fds 250 and 251)
-//! and stdin from /dev/null. bash's `PROMPT_COMMAND` then prints an end marker carrying `$?` on both
+//! for each call the shim types one fixed line that reads the command text from a FIFO (fd 249) up to a
+//! NUL and `eval`s it at top level, with stdout and stderr redirected to two more FIFOs (fds 250 and 251)
+//! and stdin from /dev/null. The FIFOs live in the sandbox's /dev tmpfs and both sides hold them open
+//! read-write: a shell restored from a checkpoint reopens them by path and is connected to the shim
+//! again, and neither side ever sees end of file (the shell's end is noticed through init). bash's `PROMPT_COMMAND` then prints an end marker carrying `$?` on both
 //! pipes. A timeout types ^C: the foreground job — or a loop running in bash itself — is interrupted,
 //! the prompt returns, and the session keeps its cwd, variables, functions and jobs.
 
@@ -13,11 +15,14 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sandbox::ipc::{AsyncChannel, IpcError};
-use sandbox::spec::{ExitStatus, ProcessSpec, WinSize};
-use tokio::sync::{oneshot, Mutex};
+use sandbox::spec::{ExitStatus, FifoFd, ProcessSpec, WinSize};
+use serde::{Deserialize, Serialize};
+use std::os::fd::OwnedFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use tokio::sync::{oneshot, watch, Mutex};
 
 use super::exec::{merged_env, Output};
-use super::fdio::{pipe, AsyncFile};
+use super::fdio::AsyncFile;
 use super::proto::{ErrorKind, Outcome, Reply, Stream};
 use super::Shim;
 
@@ -70,52 +75,56 @@ struct MarkedStream {
 
 pub struct Session {
     pid: i32,
+    nonce: u64,
+    /// Index of its pty in the sandbox's devpts (the shell's terminal is /dev/pts/<pty>).
+    pty: u32,
     master: AsyncFile,
     pipes: Mutex<Pipes>,
-    exited: std::sync::Mutex<Option<oneshot::Receiver<ExitStatus>>>,
+    /// Whether the shell runs; `generation` ignores the exit report of a shell replaced by a restore.
+    alive: watch::Sender<bool>,
+    generation: AtomicU64,
+}
+
+/// What a checkpoint keeps of a session: enough to serve it again once its shell is restored.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SessionSnapshot {
+    pub name: String,
+    pub pid: i32,
+    pub nonce: u64,
+    pub pty: u32,
+}
+
+fn fifo_dir(nonce: u64) -> String {
+    format!("/dev/.deltabox/sessions/{nonce:016x}")
+}
+
+/// The FIFOs of the session with `nonce` (command, stdout, stderr), as paths inside the sandbox.
+pub fn fifo_paths(nonce: u64) -> [String; 3] {
+    ["cmd", "out", "err"].map(|name| format!("{}/{name}", fifo_dir(nonce)))
 }
 
 impl Session {
     /// Starts `bash` and waits for its first prompt.
     pub async fn start(shim: &Shim) -> Result<Arc<Session>, SessionError> {
-        let (cmd_r, cmd_w) = pipe().map_err(SessionError::Io)?;
-        let (out_r, out_w) = pipe().map_err(SessionError::Io)?;
-        let (err_r, err_w) = pipe().map_err(SessionError::Io)?;
+        let nonce: u64 = rand::rng().random();
+        let [cmd, out, err] = fifo_paths(nonce);
         let spec = ProcessSpec {
             argv: ["bash", "--noprofile", "--norc", "--noediting", "-i"].map(String::from).to_vec(),
             env: merged_env(&shim.defaults.env, &[], &shim.id, true),
             cwd: shim.defaults.cwd.clone(),
             user: shim.defaults.user.clone(),
             tty: Some(WinSize { rows: 50, cols: 200 }),
-            extra_fds: vec![CMD_FD, OUT_FD, ERR_FD],
+            extra_fds: vec![],
+            fifos: vec![
+                FifoFd { path: cmd, fd: CMD_FD },
+                FifoFd { path: out, fd: OUT_FD },
+                FifoFd { path: err, fd: ERR_FD },
+            ],
         };
-        let spawned = shim
-            .init
-            .spawn(spec, &[cmd_r.as_fd(), out_w.as_fd(), err_w.as_fd()])
-            .await
-            .map_err(|e| SessionError::Start(e.to_string()))?;
-        drop((cmd_r, out_w, err_w));
-        let nonce: u64 = rand::rng().random();
-        let marker = format!("\x1eDBX{nonce:016x}:").into_bytes();
-        let stream = |fd, s| -> Result<MarkedStream, SessionError> {
-            Ok(MarkedStream {
-                output: Output::new(fd, s).map_err(SessionError::Io)?,
-                marker: marker.clone(),
-                held: vec![],
-            })
-        };
+        let spawned = shim.init.spawn(spec, &[]).await.map_err(|e| SessionError::Start(e.to_string()))?;
         let master = spawned.pty_master.expect("init sends a pty master with a tty spawn");
-        let session = Arc::new(Session {
-            pid: spawned.pid,
-            master: AsyncFile::new(master.try_clone().map_err(SessionError::Io)?).map_err(SessionError::Io)?,
-            pipes: Mutex::new(Pipes {
-                cmd: AsyncFile::new(cmd_w).map_err(SessionError::Io)?,
-                out: stream(out_r, Stream::Stdout)?,
-                err: stream(err_r, Stream::Stderr)?,
-            }),
-            exited: std::sync::Mutex::new(Some(spawned.exit)),
-        });
-        drain_terminal(AsyncFile::new(master).map_err(SessionError::Io)?);
+        let session = Session::attach(shim, spawned.pid, nonce, master)?;
+        session.watch(spawned.exit);
         // Lines starting with a space stay out of the history; the real command is added with history -s.
         let setup = format!(
             " HISTCONTROL=ignorespace; PS1=''; PS2=''; PS0=''; PROMPT_COMMAND='__dbx_rc=$?; \
@@ -124,7 +133,7 @@ impl Session {
         );
         session.master.write_all(setup.as_bytes()).await.map_err(SessionError::Io)?;
         let mut pipes = session.pipes.lock().await;
-        let ready = tokio::time::timeout(STARTUP_TIMEOUT, pipes.wait_for_marker(None, 0)).await;
+        let ready = tokio::time::timeout(STARTUP_TIMEOUT, session.wait_for_marker(&mut pipes, None, 0)).await;
         drop(pipes);
         match ready {
             Ok(Ok(_)) => Ok(session),
@@ -133,28 +142,77 @@ impl Session {
         }
     }
 
+    /// Serves the shell `pid` whose terminal is `master` and whose FIFOs are those of `nonce` (a new
+    /// shell, or one restored from a checkpoint). Call [`Session::watch`] next.
+    pub fn attach(shim: &Shim, pid: i32, nonce: u64, master: OwnedFd) -> Result<Arc<Session>, SessionError> {
+        let pty = pty_index(&master).map_err(SessionError::Io)?;
+        let root = format!("/proc/{}/root{}", shim.init_pid(), fifo_dir(nonce));
+        let open = |name: &str| -> Result<AsyncFile, SessionError> {
+            let fd: OwnedFd = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(format!("{root}/{name}"))
+                .map_err(SessionError::Io)?
+                .into();
+            AsyncFile::new(fd).map_err(SessionError::Io)
+        };
+        let marker = format!("\x1eDBX{nonce:016x}:").into_bytes();
+        let stream = |file, s| MarkedStream {
+            output: Output { file, stream: s, kept: 0, dropped: 0, eof: false },
+            marker: marker.clone(),
+            held: vec![],
+        };
+        let (alive, _) = watch::channel(false);
+        let session = Arc::new(Session {
+            pid,
+            nonce,
+            pty,
+            master: AsyncFile::new(master.try_clone().map_err(SessionError::Io)?).map_err(SessionError::Io)?,
+            pipes: Mutex::new(Pipes {
+                cmd: open("cmd")?,
+                out: stream(open("out")?, Stream::Stdout),
+                err: stream(open("err")?, Stream::Stderr),
+            }),
+            alive,
+            generation: AtomicU64::new(0),
+        });
+        drain(Arc::new(AsyncFile::new(master).map_err(SessionError::Io)?));
+        Ok(session)
+    }
+
+    /// Follows the shell's life through `exit` (from init), replacing any earlier watch.
+    pub fn watch(self: &Arc<Self>, exit: oneshot::Receiver<ExitStatus>) {
+        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        self.alive.send_replace(true);
+        let session = Arc::downgrade(self);
+        tokio::spawn(async move {
+            let _ = exit.await;
+            if let Some(s) = session.upgrade() {
+                if s.generation.load(Ordering::SeqCst) == generation {
+                    s.alive.send_replace(false);
+                }
+            }
+        });
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn snapshot(&self, name: &str) -> SessionSnapshot {
+        SessionSnapshot { name: name.to_string(), pid: self.pid, nonce: self.nonce, pty: self.pty }
+    }
+
     /// Whether the shell is still alive.
     pub fn alive(&self) -> bool {
-        let mut exited = self.exited.lock().expect("exit lock");
-        match exited.as_mut().map(|rx| rx.try_recv()) {
-            Some(Err(oneshot::error::TryRecvError::Empty)) => true,
-            _ => {
-                *exited = None;
-                false
-            }
-        }
+        *self.alive.borrow()
     }
 
     /// Whether the shell exits within `wait` (i/o on a dying shell fails before its exit is reported).
     async fn exits_within(&self, wait: Duration) -> bool {
-        let Some(mut rx) = self.exited.lock().expect("exit lock").take() else { return true };
-        match tokio::time::timeout(wait, &mut rx).await {
-            Ok(_) => true,
-            Err(_) => {
-                *self.exited.lock().expect("exit lock") = Some(rx);
-                false
-            }
-        }
+        let mut alive = self.alive.subscribe();
+        let ended = tokio::time::timeout(wait, alive.wait_for(|a| !a)).await.is_ok();
+        ended
     }
 
     /// Runs `command`, streaming its output to `conn`; returns the outcome. An i/o failure because the
@@ -204,22 +262,28 @@ impl Session {
         let mut timed_out = false;
         let code = loop {
             let waited = match deadline {
-                Some(d) => tokio::time::timeout_at(d, pipes.wait_for_marker(Some(conn), max_output)).await,
-                None => Ok(pipes.wait_for_marker(Some(conn), max_output).await),
+                Some(d) => tokio::time::timeout_at(d, self.wait_for_marker(&mut pipes, Some(conn), max_output)).await,
+                None => Ok(self.wait_for_marker(&mut pipes, Some(conn), max_output).await),
             };
             match waited {
                 Ok(result) => break result?,
                 Err(_elapsed) if !timed_out => {
                     timed_out = true;
                     self.master.write_all(&[3]).await.map_err(SessionError::Io)?;
-                    match tokio::time::timeout(INTERRUPT_GRACE, pipes.wait_for_marker(Some(conn), max_output)).await {
+                    match tokio::time::timeout(
+                        INTERRUPT_GRACE,
+                        self.wait_for_marker(&mut pipes, Some(conn), max_output),
+                    )
+                    .await
+                    {
                         Ok(result) => break result?,
                         // ^C was ignored: kill the foreground job; bash returns to its prompt.
                         Err(_) => self.kill_foreground_job(shim).await,
                     }
                 }
                 Err(_elapsed) => {
-                    let result = tokio::time::timeout(INTERRUPT_GRACE, pipes.wait_for_marker(Some(conn), max_output));
+                    let result =
+                        tokio::time::timeout(INTERRUPT_GRACE, self.wait_for_marker(&mut pipes, Some(conn), max_output));
                     match result.await {
                         Ok(result) => break result?,
                         Err(_) => return Err(SessionError::NoAnswer),
@@ -254,11 +318,23 @@ impl Session {
     /// Ends the shell (SIGHUP, as when a terminal closes, then SIGKILL).
     pub async fn close(&self, shim: &Shim) {
         let _ = shim.init.signal(self.pid, libc::SIGHUP, true).await;
-        let rx = self.exited.lock().expect("exit lock").take();
-        if let Some(rx) = rx {
-            if tokio::time::timeout(Duration::from_secs(1), rx).await.is_err() {
-                let _ = shim.init.signal(self.pid, libc::SIGKILL, true).await;
-            }
+        if !self.exits_within(Duration::from_secs(1)).await {
+            let _ = shim.init.signal(self.pid, libc::SIGKILL, true).await;
+        }
+    }
+
+    /// Reads both streams up to their end markers; returns the exit code the marker carries. Fails with
+    /// `Ended` when the shell exits first (the FIFOs never report end of file).
+    async fn wait_for_marker(
+        &self,
+        pipes: &mut Pipes,
+        conn: Option<&AsyncChannel>,
+        max: u64,
+    ) -> Result<i32, SessionError> {
+        let mut alive = self.alive.subscribe();
+        tokio::select! {
+            result = pipes.wait_for_marker(conn, max) => result,
+            _ = alive.wait_for(|a| !a) => Err(SessionError::Ended),
         }
     }
 }
@@ -315,9 +391,19 @@ fn find_marker(held: &[u8], marker: &[u8]) -> Option<(usize, i32, Vec<u8>)> {
     Some((start, code, after[end + 2..].to_vec()))
 }
 
-/// The shell's own terminal output (prompts, job notices) is not part of any command's output, but it
-/// must be read or bash blocks once the pty buffer is full.
-fn drain_terminal(master: AsyncFile) {
+/// The index of the pty whose master is `master`.
+fn pty_index(master: &OwnedFd) -> std::io::Result<u32> {
+    let name = rustix::pty::ptsname(master, Vec::new())?;
+    let name = name.to_string_lossy();
+    name.rsplit('/')
+        .next()
+        .and_then(|n| n.parse().ok())
+        .ok_or_else(|| std::io::Error::other(format!("odd pty name {name}")))
+}
+
+/// Reads and discards what `master` gets: a terminal nobody reads blocks its writers once its buffer is
+/// full (a shell's prompts and job notices are not part of any command's output).
+pub fn drain(master: Arc<AsyncFile>) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         while let Ok(n) = master.read(&mut buf).await {

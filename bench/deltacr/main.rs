@@ -1,0 +1,205 @@
+//! DeltaCR benchmark: checkpoint (freeze to thaw) and restore latency vs resident memory and vs memory
+//! dirtied since the parent checkpoint, and incremental image sizes. Prints tables with p50/p99.
+//!
+//! Run as root: `cargo bench -p deltacr --bench deltacr` (set DELTACR_BENCH_QUICK=1 for a short run).
+//! The workload is a python process in a real pid namespace holding RSS MiB of written memory; before
+//! each checkpoint it rewrites one byte in each page of the first DIRTY MiB.
+
+#[path = "../../crates/deltacr/tests/common/mod.rs"]
+mod common;
+
+use std::io::{BufRead, BufReader, Write};
+use std::time::{Duration, Instant};
+
+use deltacr::image::ImageStore;
+use deltacr::Engine;
+
+const WORKLOAD: &str = r#"
+import sys
+rss = int(sys.argv[1]) << 20
+buf = bytearray(rss)
+for k in range(0, rss, 4096):
+    buf[k] = 1
+cmd = open(sys.argv[2], "r")
+ack = open(sys.argv[3], "w")
+ack.write("ready\n"); ack.flush()
+v = 1
+for line in cmd:
+    n = int(line) << 20
+    v = (v + 1) % 251
+    for k in range(0, n, 4096):
+        buf[k] = v
+    ack.write("ok\n"); ack.flush()
+"#;
+
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i]
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+struct Row {
+    rss: u64,
+    dirty: u64,
+    freeze_to_thaw: Vec<f64>,
+    restore_template: Vec<f64>,
+    restore_image: Vec<f64>,
+    image_kib: Vec<f64>,
+    image_write: Vec<f64>,
+    baseline_full: Vec<f64>,
+    /// Per checkpoint step: the times measured for it.
+    phases: Vec<(&'static str, Vec<f64>)>,
+}
+
+fn run(rss: u64, dirty: u64, iters: usize) -> Row {
+    let mut ns = common::PidNs::with_watchdog(Duration::from_secs(3600));
+    let cmd = ns.path("cmd");
+    let ack = ns.path("ack");
+    for f in [&cmd, &ack] {
+        nix::unistd::mkfifo(f.as_path(), nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    }
+    let py = common::python();
+    ns.spawn(&[&py, "-c", WORKLOAD, &rss.to_string(), cmd.to_str().unwrap(), ack.to_str().unwrap()], None, false);
+    let mut cmd_w = std::fs::OpenOptions::new().write(true).open(&cmd).unwrap();
+    let mut ack_r = BufReader::new(std::fs::File::open(&ack).unwrap());
+    let mut line = String::new();
+    ack_r.read_line(&mut line).unwrap();
+    assert_eq!(line, "ready\n");
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut row = Row {
+        rss,
+        dirty,
+        freeze_to_thaw: vec![],
+        restore_template: vec![],
+        restore_image: vec![],
+        image_kib: vec![],
+        image_write: vec![],
+        baseline_full: vec![],
+        phases: vec![],
+    };
+    let dirty_step = |cmd_w: &mut std::fs::File, ack_r: &mut BufReader<std::fs::File>| {
+        writeln!(cmd_w, "{dirty}").unwrap();
+        cmd_w.flush().unwrap();
+        let mut l = String::new();
+        ack_r.read_line(&mut l).unwrap();
+    };
+    let mut parent: Option<(deltacr::Checkpoint, deltacr::image::ImageId)> = None;
+    for i in 0..iters + 1 {
+        dirty_step(&mut cmd_w, &mut ack_r);
+        let t0 = Instant::now();
+        sb.freezer.freeze().unwrap();
+        let ckpt = engine.checkpoint(&sb).unwrap();
+        let frozen = ms(t0.elapsed()) - ms(ckpt.stats.total) + ms(ckpt.stats.stopped);
+        let w0 = Instant::now();
+        let job = ckpt.image_job(parent.as_ref().map(|(c, id)| (c, *id))).unwrap();
+        let info = job.write(&store).unwrap();
+        let incremental = ms(w0.elapsed());
+        // Baseline: a full (non-incremental) image of the same checkpoint.
+        let f0 = Instant::now();
+        let full = ckpt.image_job(None).unwrap().write(&store).unwrap();
+        let baseline = ms(f0.elapsed());
+        std::fs::remove_dir_all(store.path_of(full.id)).unwrap();
+        // Restore from the image first, then from the template: the process that runs on is then a
+        // copy-on-write clone of this checkpoint's template, as after a rollback.
+        engine.kill_processes(&sb).unwrap();
+        let mut chain = store.open_chain(info.id).unwrap();
+        let r1 = Instant::now();
+        engine.restore_image(&mut chain, &sb).unwrap();
+        let from_image = ms(r1.elapsed());
+        engine.kill_processes(&sb).unwrap();
+        let r0 = Instant::now();
+        engine.restore(&ckpt, &sb).unwrap();
+        let from_template = ms(r0.elapsed());
+        if i > 0 {
+            // The first checkpoint has no parent: its image is full.
+            row.freeze_to_thaw.push(frozen);
+            row.image_kib.push(info.page_bytes as f64 / 1024.0);
+            row.image_write.push(incremental);
+            row.baseline_full.push(baseline);
+            row.restore_image.push(from_image);
+            row.restore_template.push(from_template);
+            for (k, (name, d)) in ckpt.stats.phases.iter().enumerate() {
+                if row.phases.len() <= k {
+                    row.phases.push((name, Vec::new()));
+                }
+                row.phases[k].1.push(ms(*d));
+            }
+        }
+        parent = Some((ckpt, info.id));
+    }
+    drop(cmd_w);
+    row
+}
+
+fn main() {
+    let quick = std::env::var_os("DELTACR_BENCH_QUICK").is_some();
+    let (rss_list, iters): (&[u64], usize) = if quick { (&[10, 200], 5) } else { (&[10, 200, 2048], 20) };
+    let dirty_list: &[u64] = &[0, 1, 100];
+    let mut rows = Vec::new();
+    for &rss in rss_list {
+        for &dirty in dirty_list.iter().filter(|&&d| d <= rss) {
+            let n = if rss >= 2048 { iters.min(8) } else { iters };
+            eprintln!("rss {rss} MiB, dirty {dirty} MiB, {n} iterations ...");
+            rows.push(run(rss, dirty, n));
+        }
+    }
+    println!(
+        "DeltaCR benchmark (ms unless noted; p50 / p99 over {iters} incremental checkpoints per row, 2 GiB rows: 8)"
+    );
+    println!("baseline: writing a full (non-incremental) image of the same checkpoint");
+    println!(
+        "{:>7} {:>5} | {:>17} | {:>17} | {:>17} | {:>9} | {:>17} | {:>17} | {:>9}",
+        "RSS MiB",
+        "dirty",
+        "freeze->thaw",
+        "restore(template)",
+        "restore(image)",
+        "image KiB",
+        "image write",
+        "baseline full",
+        "write/base"
+    );
+    for r in &mut rows {
+        for v in [
+            &mut r.freeze_to_thaw,
+            &mut r.restore_template,
+            &mut r.restore_image,
+            &mut r.image_kib,
+            &mut r.image_write,
+            &mut r.baseline_full,
+        ] {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        }
+        let pp = |v: &[f64]| format!("{:>7.2} / {:>7.2}", pct(v, 0.5), pct(v, 0.99));
+        println!(
+            "{:>7} {:>5} | {} | {} | {} | {:>9.0} | {} | {} | {:>9.2}",
+            r.rss,
+            r.dirty,
+            pp(&r.freeze_to_thaw),
+            pp(&r.restore_template),
+            pp(&r.restore_image),
+            pct(&r.image_kib, 0.5),
+            pp(&r.image_write),
+            pp(&r.baseline_full),
+            pct(&r.image_write, 0.5) / pct(&r.baseline_full, 0.5)
+        );
+    }
+    println!();
+    println!("checkpoint steps, p50 ms (freeze itself is the caller's and not included)");
+    for r in &mut rows {
+        let parts: Vec<String> = r
+            .phases
+            .iter_mut()
+            .map(|(name, v)| {
+                v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+                format!("{name} {:.2}", pct(v, 0.5))
+            })
+            .collect();
+        println!("{:>5} MiB / {:>3} MiB dirty: {}", r.rss, r.dirty, parts.join(", "));
+    }
+}

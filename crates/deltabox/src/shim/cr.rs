@@ -1,0 +1,311 @@
+//! The shim's checkpoint thread. ptrace belongs to the thread that attached, so every process checkpoint
+//! and restore of this sandbox (DeltaCR) runs on this one thread, together with the filesystem side
+//! (DeltaFS) and the freezer, in the order that makes a checkpoint consistent: freeze → filesystem →
+//! processes → thaw.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use deltacr::image::{ImageId, ImageStore};
+use deltacr::{Engine, Freezer, Sandbox};
+use nix::unistd::Pid;
+use sandbox::cgroup::Cgroup;
+use tokio::sync::oneshot;
+
+/// Errors go back to the requester as messages (with their causes).
+pub type JobResult<T> = Result<T, String>;
+
+use crate::errors::error_chain as chain;
+
+/// What a checkpoint captured.
+pub struct Captured {
+    pub stack: String,
+    /// Freeze to thaw.
+    pub stopped_ms: f64,
+    pub fs_ms: f64,
+    /// Process capture (part of `stopped_ms`), when processes were captured.
+    pub processes: Option<ProcessCapture>,
+}
+
+pub struct ProcessCapture {
+    pub count: usize,
+    pub image: ImageId,
+    /// Resolves once the durable image is written (or failed).
+    pub written: oneshot::Receiver<JobResult<u64>>,
+}
+
+pub struct Restored {
+    /// Processes killed (init, our templates and helpers are never killed).
+    pub killed: usize,
+    pub fs_ms: f64,
+    /// Inodes that differed between the abandoned state and the checkpoint.
+    pub changed_inodes: usize,
+    pub total_ms: f64,
+    /// Processes restored (0 for a filesystem-only rollback: the sandbox's processes were killed).
+    pub restored: usize,
+    pub from_image: bool,
+    /// Ptys the restore had to make again (by number), for terminals that were gone.
+    pub pty_masters: std::collections::BTreeMap<u32, std::os::fd::OwnedFd>,
+}
+
+enum Job {
+    Checkpoint { processes: bool, parent: Option<String>, reply: oneshot::Sender<JobResult<Captured>> },
+    Rollback { stack: String, image: Option<ImageId>, reply: oneshot::Sender<JobResult<Restored>> },
+    RestoreImage { image: ImageId, reply: oneshot::Sender<JobResult<Restored>> },
+    Forget { stack: String },
+}
+
+/// Handle to the checkpoint thread.
+pub struct Cr {
+    jobs: std::sync::mpsc::Sender<Job>,
+}
+
+/// What the checkpoint thread works on.
+pub struct Parts {
+    pub init: i32,
+    pub cgroup: Arc<Cgroup>,
+    pub fs: Arc<deltafs::Mount>,
+    pub images: ImageStore,
+}
+
+/// A process checkpoint kept in memory (its templates) with its image.
+struct Kept {
+    ckpt: deltacr::Checkpoint,
+    image: ImageId,
+    /// Set once the image is on disk: only then may it be the parent of an incremental image.
+    written: Arc<AtomicBool>,
+}
+
+struct CgroupFreezer(Arc<Cgroup>);
+
+impl Freezer for CgroupFreezer {
+    fn freeze(&self) -> std::io::Result<()> {
+        self.0.freeze().map_err(std::io::Error::other)
+    }
+
+    fn thaw(&self) -> std::io::Result<()> {
+        self.0.thaw().map_err(std::io::Error::other)
+    }
+}
+
+/// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
+const MAX_TEMPLATES: usize = 8;
+/// Longest chain of incremental images a restore reads before the newest is rewritten whole.
+const MAX_CHAIN: usize = 8;
+
+/// Rewrites image `id` with all its pages when its chain of parents got long, so restores stay fast
+/// (the image keeps its id; images built on it keep working).
+fn compact_if_long(store: &ImageStore, id: ImageId) {
+    match store.open_chain(id) {
+        Ok(images) if images.len() > MAX_CHAIN => match store.compact(id) {
+            Ok(info) => tracing::info!(image = %id, bytes = info.page_bytes, "compacted the image chain"),
+            Err(e) => tracing::warn!(image = %id, "cannot compact the image chain: {}", chain(&e)),
+        },
+        _ => {}
+    }
+}
+
+/// The sandbox as DeltaCR sees it (a free function, so it borrows only the fields it needs).
+fn sandbox(init: i32, freezer: &CgroupFreezer) -> Sandbox<'_> {
+    Sandbox { init: Pid::from_raw(init), freezer }
+}
+
+fn ms(since: Instant) -> f64 {
+    since.elapsed().as_secs_f64() * 1000.0
+}
+
+impl Cr {
+    pub fn spawn(parts: Parts) -> std::io::Result<Cr> {
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::Builder::new().name("deltacr".into()).spawn(move || Worker::new(parts).run(rx))?;
+        Ok(Cr { jobs: tx })
+    }
+
+    async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<JobResult<T>>) -> Job) -> JobResult<T> {
+        let (tx, rx) = oneshot::channel();
+        self.jobs.send(make(tx)).map_err(|_| "the checkpoint thread is gone".to_string())?;
+        rx.await.map_err(|_| "the checkpoint thread is gone".to_string())?
+    }
+
+    /// Checkpoints the filesystem and, with `processes`, every process. `parent` is the stack of the
+    /// checkpoint the sandbox's state descends from (for an incremental process image).
+    pub async fn checkpoint(&self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
+        self.ask(|reply| Job::Checkpoint { processes, parent, reply }).await
+    }
+
+    /// Kills every process but init (and our templates), switches the filesystem to `stack`, and with
+    /// `image` (a process checkpoint) restores the processes: from their templates when this thread
+    /// still has them, else from the image.
+    pub async fn rollback(&self, stack: String, image: Option<ImageId>) -> JobResult<Restored> {
+        self.ask(|reply| Job::Rollback { stack, image, reply }).await
+    }
+
+    /// Restores the processes of `image` into this (fresh) sandbox.
+    pub async fn restore_image(&self, image: ImageId) -> JobResult<Restored> {
+        self.ask(|reply| Job::RestoreImage { image, reply }).await
+    }
+
+    /// Drops the templates of the checkpoint of `stack` (its image stays).
+    pub fn forget(&self, stack: String) {
+        let _ = self.jobs.send(Job::Forget { stack });
+    }
+}
+
+struct Worker {
+    parts: Parts,
+    engine: Engine,
+    freezer: CgroupFreezer,
+    kept: HashMap<String, Kept>,
+    /// Stacks of `kept`, oldest first.
+    order: std::collections::VecDeque<String>,
+}
+
+impl Worker {
+    fn new(parts: Parts) -> Worker {
+        let freezer = CgroupFreezer(parts.cgroup.clone());
+        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new(), order: Default::default() }
+    }
+
+    fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
+        while let Ok(job) = jobs.recv() {
+            match job {
+                Job::Checkpoint { processes, parent, reply } => {
+                    let _ = reply.send(self.checkpoint(processes, parent));
+                }
+                Job::Rollback { stack, image, reply } => {
+                    let _ = reply.send(self.rollback(&stack, image));
+                }
+                Job::RestoreImage { image, reply } => {
+                    let started = Instant::now();
+                    let restored = self.restore_from_image(image).map(|stats| Restored {
+                        killed: 0,
+                        fs_ms: 0.0,
+                        changed_inodes: 0,
+                        total_ms: ms(started),
+                        restored: stats.processes,
+                        from_image: true,
+                        pty_masters: stats.pty_masters,
+                    });
+                    let _ = reply.send(restored);
+                }
+                Job::Forget { stack } => {
+                    self.kept.remove(&stack);
+                    self.order.retain(|s| *s != stack);
+                }
+            }
+        }
+    }
+
+    fn checkpoint(&mut self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
+        let started = Instant::now();
+        self.parts.cgroup.freeze().map_err(|e| format!("freeze the sandbox: {}", chain(&e)))?;
+        let fs_started = Instant::now();
+        let stack = match self.parts.fs.checkpoint() {
+            Ok(stack) => stack.to_string(),
+            Err(e) => {
+                let _ = self.parts.cgroup.thaw();
+                return Err(format!("checkpoint the filesystem: {}", chain(&e)));
+            }
+        };
+        let fs_ms = ms(fs_started);
+        if !processes {
+            self.parts.cgroup.thaw().map_err(|e| format!("thaw the sandbox: {}", chain(&e)))?;
+            return Ok(Captured { stack, stopped_ms: ms(started), fs_ms, processes: None });
+        }
+        // Thaws the sandbox, also when it fails (the filesystem checkpoint is then simply not used).
+        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
+        let stopped_ms = ms(started);
+        let parent = parent.as_ref().and_then(|p| self.kept.get(p)).filter(|k| k.written.load(Ordering::SeqCst));
+        let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image))).map_err(|e| chain(&e))?;
+        let image = job.id();
+        let count = ckpt.tree.processes.len();
+        let written = Arc::new(AtomicBool::new(false));
+        let (done_tx, done_rx) = oneshot::channel();
+        let (store, flag) = (self.parts.images.clone(), written.clone());
+        // The image is written while the sandbox runs again (from the templates, which do not change).
+        std::thread::Builder::new()
+            .name("deltacr-image".into())
+            .spawn(move || {
+                let result = job.write(&store).map(|info| info.page_bytes).map_err(|e| chain(&e));
+                flag.store(result.is_ok(), Ordering::SeqCst);
+                let _ = done_tx.send(result);
+                compact_if_long(&store, image);
+            })
+            .map_err(|e| format!("start the image writer: {e}"))?;
+        self.kept.insert(stack.clone(), Kept { ckpt, image, written });
+        self.order.push_back(stack.clone());
+        self.limit_templates();
+        Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
+    }
+
+    /// Templates hold the pages their processes changed since: keep them for the newest checkpoints only
+    /// (older ones are restored from their image). One whose image is not written yet is kept.
+    fn limit_templates(&mut self) {
+        while self.order.len() > MAX_TEMPLATES {
+            let oldest = self.order.front().expect("not empty").clone();
+            if !self.kept.get(&oldest).is_some_and(|k| k.written.load(Ordering::SeqCst)) {
+                break;
+            }
+            self.order.pop_front();
+            self.kept.remove(&oldest);
+            tracing::debug!(stack = %oldest, "dropped the templates of an older checkpoint");
+        }
+    }
+
+    fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {
+        let target: deltafs::StackId = stack.parse().map_err(|e| format!("bad stack id {stack}: {e}"))?;
+        let started = Instant::now();
+        let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
+        self.engine
+            .kill_processes(&sandbox(self.parts.init, &self.freezer))
+            .map_err(|e| format!("kill the sandbox's processes: {}", chain(&e)))?;
+        let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
+        let fs_started = Instant::now();
+        let changed_inodes = self
+            .parts
+            .fs
+            .rollback(target)
+            .map_err(|e| format!("roll back the filesystem: {}", chain(&e)))?
+            .changed_inodes;
+        let fs_ms = ms(fs_started);
+        let Some(image) = image else {
+            return Ok(Restored {
+                killed,
+                fs_ms,
+                changed_inodes,
+                total_ms: ms(started),
+                restored: 0,
+                from_image: false,
+                pty_masters: Default::default(),
+            });
+        };
+        let from_templates = self.kept.get(stack).filter(|k| k.ckpt.lost_templates().is_empty());
+        let (stats, from_image) = match from_templates {
+            Some(kept) => {
+                let sb = sandbox(self.parts.init, &self.freezer);
+                (self.engine.restore(&kept.ckpt, &sb).map_err(|e| chain(&e))?, false)
+            }
+            // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
+            None => (self.restore_from_image(image)?, true),
+        };
+        for d in &stats.degraded {
+            tracing::warn!("restored with a degraded terminal: {d:?}");
+        }
+        Ok(Restored {
+            killed,
+            fs_ms,
+            changed_inodes,
+            total_ms: ms(started),
+            restored: stats.processes,
+            from_image,
+            pty_masters: stats.pty_masters,
+        })
+    }
+
+    fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
+        let mut images = self.parts.images.open_chain(image).map_err(|e| format!("open the image: {}", chain(&e)))?;
+        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))
+    }
+}

@@ -1,0 +1,682 @@
+//! The engine: checkpoint and restore of a sandbox's process tree, driven from one tracer thread.
+
+use std::collections::{BTreeMap, HashMap};
+use std::marker::PhantomData;
+use std::os::fd::OwnedFd;
+use std::os::unix::fs::MetadataExt;
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
+use crate::files::{self, FdOwner, FileError};
+use crate::freezer::Freezer;
+use crate::image::{ImageChain, ImageId, ImageJob};
+use crate::mm::ProcessPages;
+use crate::pidns::{PidNsError, PidSetter};
+use crate::plan::{self, PlanError};
+use crate::procfs::{self, ProcError};
+use crate::pty::{Degraded, PtyError, PtyPlan};
+use crate::restore::{self, NewProcess, RestoreError};
+use crate::state::{Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
+use crate::template::{self, Detach, Template, TemplateError};
+
+/// Errors of checkpoint and restore.
+#[derive(Debug, thiserror::Error)]
+pub enum CrError {
+    #[error("checkpoint failed")]
+    Capture(#[from] CaptureError),
+    #[error("checkpoint failed")]
+    Files(#[from] FileError),
+    #[error("checkpoint failed")]
+    Template(#[from] TemplateError),
+    #[error("restore failed")]
+    Restore(#[from] RestoreError),
+    #[error("pid namespace helper")]
+    PidNs(#[from] PidNsError),
+    #[error("reading /proc")]
+    Proc(#[from] ProcError),
+    #[error("cannot restore")]
+    Plan(#[from] PlanError),
+    #[error("cannot restore")]
+    Pty(#[from] PtyError),
+    #[error("freezer")]
+    Freezer(#[source] std::io::Error),
+    #[error("cannot make an image id")]
+    ImageId(#[source] std::io::Error),
+    #[error("process {pid} ({comm}): {reason}")]
+    Unsupported { pid: i32, comm: String, reason: String },
+    #[error("checkpoint has no template for process {pid} and restoring from an image is not possible here")]
+    NoTemplate { pid: i32 },
+}
+
+/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed) and its freezer.
+pub struct Sandbox<'a> {
+    pub init: Pid,
+    pub freezer: &'a dyn Freezer,
+}
+
+/// Timings of one checkpoint.
+#[derive(Debug, Clone, Default)]
+pub struct CheckpointStats {
+    /// From the call (sandbox frozen) until every process runs again.
+    pub stopped: Duration,
+    /// The whole call, including reading what templates share.
+    pub total: Duration,
+    pub processes: usize,
+    pub threads: usize,
+    /// Time spent in each step, in order (for benchmarks and tuning).
+    pub phases: Vec<(&'static str, Duration)>,
+}
+
+/// A checkpoint held in memory: the tree's state plus a template per live process.
+pub struct Checkpoint {
+    pub tree: TreeState,
+    templates: HashMap<i32, Template>,
+    pub stats: CheckpointStats,
+}
+
+impl Checkpoint {
+    /// Prepares writing this checkpoint's durable image (the job can run on any thread while the
+    /// sandbox runs). With `parent` (the previous checkpoint of this sandbox and the id of its image),
+    /// the image holds only the pages that changed since then.
+    pub fn image_job(&self, parent: Option<(&Checkpoint, ImageId)>) -> Result<ImageJob, CrError> {
+        let mut pages = Vec::new();
+        for (pid, t) in &self.templates {
+            if !t.alive() {
+                return Err(CrError::NoTemplate { pid: *pid });
+            }
+            let p = ProcessPages::open(t.pid()).map_err(|_| CrError::NoTemplate { pid: *pid })?;
+            pages.push((*pid, p));
+        }
+        pages.sort_by_key(|(pid, _)| *pid);
+        let mut parent_pages = HashMap::new();
+        if let Some((pc, _)) = parent {
+            for (pid, t) in &pc.templates {
+                if !t.alive() {
+                    continue;
+                }
+                if let Ok(p) = ProcessPages::open(t.pid()) {
+                    parent_pages.insert(*pid, p);
+                }
+            }
+        }
+        let id = ImageId::random().map_err(CrError::ImageId)?;
+        Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id), id })
+    }
+
+    /// Pids (in the sandbox) whose template no longer exists.
+    pub fn lost_templates(&self) -> Vec<i32> {
+        let mut lost: Vec<i32> = self.templates.iter().filter(|(_, t)| !t.alive()).map(|(p, _)| *p).collect();
+        lost.sort();
+        lost
+    }
+}
+
+/// Where restored memory comes from.
+enum Memory<'a> {
+    Templates(&'a HashMap<i32, Template>),
+    Image(&'a mut ImageChain),
+}
+
+/// What one restore did.
+#[derive(Debug, Default)]
+pub struct RestoreStats {
+    pub total: Duration,
+    pub processes: usize,
+    /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
+    /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
+    /// back as it was.
+    pub degraded: Vec<Degraded>,
+    /// Masters of the ptys the restore created (by pty number) because the restored processes had
+    /// their slave open and the pty did not exist in the sandbox any more. The caller serves them
+    /// (e.g. as shell sessions); closing one hangs its terminal up.
+    pub pty_masters: BTreeMap<u32, OwnedFd>,
+}
+
+/// Checkpoint/restore engine. Not `Send`: ptrace attachments belong to the thread that made them, so
+/// create it on the shim's dedicated DeltaCR thread and keep it there.
+pub struct Engine {
+    /// By (init's host pid, inode of its pid namespace): a recycled init pid of another sandbox gets
+    /// its own.
+    sandboxes: HashMap<(Pid, u64), SandboxState>,
+    _tracer_thread: PhantomData<*const ()>,
+}
+
+/// What the engine keeps per sandbox.
+struct SandboxState {
+    pids: PidSetter,
+    /// Ptys made by restores: node at checkpoint time -> the node of the pty made to replace it.
+    pty_aliases: HashMap<PtyNode, PtyNode>,
+}
+
+impl Default for Engine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn own_tid() -> i32 {
+    nix::unistd::gettid().as_raw()
+}
+
+impl Engine {
+    pub fn new() -> Engine {
+        Engine { sandboxes: HashMap::new(), _tracer_thread: PhantomData }
+    }
+
+    fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
+        let ns = std::fs::metadata(format!("/proc/{}/ns/pid", init.as_raw()))
+            .map_err(|source| PidNsError::Enter { pid: init.as_raw(), source })?;
+        // The state of sandboxes that are gone (their namespace died with them) is dropped.
+        self.sandboxes.retain(|(pid, ino), _| {
+            std::fs::metadata(format!("/proc/{}/ns/pid", pid.as_raw())).is_ok_and(|m| m.ino() == *ino)
+        });
+        match self.sandboxes.entry((init, ns.ino())) {
+            std::collections::hash_map::Entry::Occupied(e) => Ok(e.into_mut()),
+            std::collections::hash_map::Entry::Vacant(e) => {
+                Ok(e.insert(SandboxState { pids: PidSetter::spawn(init)?, pty_aliases: HashMap::new() }))
+            }
+        }
+    }
+
+    fn pid_setter(&mut self, init: Pid) -> Result<&mut PidSetter, PidNsError> {
+        Ok(&mut self.sandbox(init)?.pids)
+    }
+
+    /// The sandbox's processes, parents first, without our templates and helper.
+    fn sandbox_processes(&mut self, init: Pid) -> Result<Vec<Pid>, CrError> {
+        let helper = self.pid_setter(init)?.helper_pid();
+        let me = own_tid();
+        let mut skip = std::collections::HashSet::new();
+        for kid in procfs::children(init)? {
+            let Ok(st) = procfs::Status::read(kid) else {
+                continue;
+            };
+            let traced_by_us = st.get("TracerPid").ok().and_then(|t| t.parse::<i32>().ok()) == Some(me);
+            let is_helper = st.innermost("NSpid").ok() == Some(helper);
+            if traced_by_us || is_helper {
+                skip.insert(kid);
+            }
+        }
+        Ok(capture::list_tree(init, &skip)?)
+    }
+
+    /// Checkpoints every process below init. Call it with the sandbox frozen (after any filesystem
+    /// checkpoint); it thaws the sandbox itself and returns once the processes run again and the
+    /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
+    pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
+        let start = Instant::now();
+        let mut phases = Phases::new();
+        let last_pid = self.pid_setter(sb.init)?.last_pid()?;
+        let pids = self.sandbox_processes(sb.init);
+        let mut seized: Vec<SeizedProcess> = Vec::new();
+        // PTRACE_SEIZE of a process in job-control stop waits until the process has moved to a
+        // traced stop, which a frozen process cannot do: those are seized after the thaw (they stay
+        // stopped, so they cannot run meanwhile).
+        let mut job_stopped = Vec::new();
+        let seize_res = pids.and_then(|pids| {
+            for p in pids {
+                if procfs::job_control_stopped(p) {
+                    job_stopped.push(p);
+                    continue;
+                }
+                tracing::debug!(pid = p.as_raw(), "seizing");
+                seized.push(capture::seize_process(p)?);
+            }
+            Ok(())
+        });
+        phases.mark("list+seize");
+        sb.freezer.thaw().map_err(CrError::Freezer)?;
+        phases.mark("thaw");
+        let seize_res = seize_res.and_then(|()| {
+            for p in job_stopped {
+                tracing::debug!(pid = p.as_raw(), "seizing (job-control stopped)");
+                seized.push(capture::seize_process(p)?);
+            }
+            Ok(())
+        });
+        if let Err(e) = seize_res {
+            release_seized(&mut seized);
+            return Err(e);
+        }
+        for s in &mut seized {
+            if let Err(e) = s.wait_stopped() {
+                release_seized(&mut seized);
+                return Err(e.into());
+            }
+        }
+        phases.mark("wait for stops");
+        let init_sid = capture::ns_ids(sb.init)?.sid;
+        let mut live: Vec<LiveProcess> = Vec::new();
+        let mut zombies: Vec<SeizedProcess> = Vec::new();
+        type Captured = (Vec<(ProcessEntry, Option<Template>)>, Vec<crate::state::OpenFile>);
+        let mut result = (|| -> Result<Captured, CrError> {
+            for s in seized.drain(..) {
+                if s.zombie.is_some() {
+                    // init reaps its own zombie children; they are not part of the sandbox's state.
+                    if s.ids.ppid != 1 {
+                        zombies.push(s);
+                    }
+                } else {
+                    live.push(capture::capture_live(s)?);
+                }
+            }
+            let owners: Vec<FdOwner> =
+                live.iter().map(|l| FdOwner { host: l.seized.pid, ns_pid: l.seized.ids.pid }).collect();
+            phases.mark("registers and signals");
+            let (files, tables) = files::capture(&owners)?;
+            phases.mark("fds");
+            let mut out = Vec::new();
+            // Host process group -> process group in the sandbox, to translate a terminal's
+            // foreground group.
+            let mut pgids = HashMap::new();
+            for l in &live {
+                pgids.insert(capture::host_pgid(l.seized.pid)?, l.seized.ids.pgid);
+            }
+            for (l, fds) in live.iter_mut().zip(tables) {
+                let ids = l.seized.ids;
+                let detach = if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0) {
+                    Detach::ProcessGroup
+                } else {
+                    Detach::Session
+                };
+                let ctty = match capture::controlling_pty(l.seized.pid)? {
+                    Some((index, fg)) if ids.sid == ids.pid => {
+                        let held = fds.iter().find_map(|f| match &files[f.file as usize].kind {
+                            FileKind::Tty { path, index: i, node, .. } if *i == index => Some((path.clone(), *node)),
+                            _ => None,
+                        });
+                        let (path, node) = match held {
+                            Some(held) => held,
+                            None => {
+                                // A session leader that holds no fd on its terminal: look at the node.
+                                let path = format!("/dev/pts/{index}");
+                                let meta = std::fs::metadata(format!("/proc/{}/root{path}", l.seized.pid)).map_err(
+                                    |source| FileError::Io {
+                                        pid: ids.pid,
+                                        fd: -1,
+                                        what: "find its controlling terminal",
+                                        source,
+                                    },
+                                )?;
+                                (path, PtyNode::of(&meta))
+                            }
+                        };
+                        Some(Ctty { index, path, node, foreground: pgids.get(&fg).copied() })
+                    }
+                    _ => None,
+                };
+                let gadget = l.gadget;
+                let t = template::create(&mut l.injectors[0], gadget, detach)?;
+                tracing::debug!(pid = ids.pid, template = t.pid().as_raw(), ?detach, "template made");
+                let st = ProcessState {
+                    threads: l.threads.clone(),
+                    shared_pending: l.shared_pending.clone(),
+                    sigactions: Vec::new(),
+                    creds: Default::default(),
+                    seccomp: Vec::new(),
+                    personality: 0,
+                    umask: 0,
+                    rlimits: Vec::new(),
+                    cwd: String::new(),
+                    root: String::new(),
+                    mm: Default::default(),
+                    vmas: Vec::new(),
+                    fds,
+                    itimers: l.itimers,
+                    pdeath_signal: l.pdeath_signal,
+                    child_subreaper: l.child_subreaper,
+                    dumpable: l.dumpable,
+                    oom_score_adj: l.oom_score_adj,
+                    job_stopped: l.seized.job_stopped(),
+                    ctty,
+                    exit_signal: 0,
+                };
+                let entry = ProcessEntry {
+                    pid: ids.pid,
+                    ppid: ids.ppid,
+                    pgid: ids.pgid,
+                    sid: ids.sid,
+                    comm: l.seized.comm.clone(),
+                    kind: ProcessKind::Live(Box::new(st)),
+                };
+                out.push((entry, Some(t)));
+            }
+            for z in &zombies {
+                out.push((
+                    ProcessEntry {
+                        pid: z.ids.pid,
+                        ppid: z.ids.ppid,
+                        pgid: z.ids.pgid,
+                        sid: z.ids.sid,
+                        comm: z.comm.clone(),
+                        kind: ProcessKind::Zombie { exit_status: z.zombie.unwrap_or(0) },
+                    },
+                    None,
+                ));
+            }
+            Ok((out, files))
+        })();
+        let mut resume_err = None;
+        for l in live {
+            if let Err(e) = l.resume() {
+                resume_err.get_or_insert(e);
+            }
+        }
+        phases.mark("templates, resume");
+        let stopped = start.elapsed();
+        if let (Ok(_), Some(e)) = (&result, resume_err) {
+            result = Err(e.into());
+        }
+        let (entries, files) = result?;
+        let mut processes = Vec::with_capacity(entries.len());
+        let mut templates = HashMap::new();
+        let mut threads = 0;
+        for (mut entry, t) in entries {
+            if let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, &t) {
+                let s = capture::capture_static(t, entry.pid)?;
+                st.sigactions = s.sigactions;
+                st.creds = s.creds;
+                st.seccomp = s.seccomp;
+                st.personality = s.personality;
+                st.umask = s.umask;
+                st.rlimits = s.rlimits;
+                st.cwd = s.cwd;
+                st.root = s.root;
+                st.mm = s.mm;
+                st.vmas = s.vmas;
+                st.exit_signal = s.exit_signal;
+                threads += st.threads.len();
+            }
+            if let Some(t) = t {
+                templates.insert(entry.pid, t);
+            }
+            processes.push(entry);
+        }
+        sort_parents_first(&mut processes);
+        phases.mark("state shared with templates");
+        let stats = CheckpointStats {
+            stopped,
+            total: start.elapsed(),
+            processes: processes.len(),
+            threads,
+            phases: phases.done,
+        };
+        let tree = TreeState { processes, files, last_pid };
+        // A checkpoint that could not be restored must not be reported as one: check the restore plan now
+        // (dropping the templates on failure).
+        plan::plan(&tree)?;
+        Ok(Checkpoint { tree, templates, stats })
+    }
+
+    /// Kills every process of the sandbox except init, our templates and our helper, and waits until
+    /// init has reaped them.
+    pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
+        sb.freezer.freeze().map_err(CrError::Freezer)?;
+        let victims = self.sandbox_processes(sb.init);
+        if let Ok(v) = &victims {
+            for p in v {
+                let _ = nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+        sb.freezer.thaw().map_err(CrError::Freezer)?;
+        let victims = victims?;
+        tracing::debug!(?victims, "killed");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = self.sandbox_processes(sb.init)?;
+            if left.is_empty() {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                let states: Vec<String> = left
+                    .iter()
+                    .map(|p| {
+                        let st = procfs::Status::read(*p);
+                        let get = |k| st.as_ref().ok().and_then(|s| s.get(k).ok().map(str::to_string));
+                        format!("{p} (state {:?}, parent {:?})", get("State"), get("PPid"))
+                    })
+                    .collect();
+                return Err(CrError::Unsupported {
+                    pid: 0,
+                    comm: String::new(),
+                    reason: format!("processes did not go away after SIGKILL: {}", states.join(", ")),
+                });
+            }
+            std::thread::sleep(Duration::from_micros(200));
+        }
+    }
+
+    /// Recreates the checkpoint's processes in the sandbox, whose processes (except init) must be gone.
+    /// Every process keeps its pid. Processes whose parent is init are copy-on-write clones of their
+    /// templates; the others are forked by their restored parent and get their memory copied from
+    /// their template. Nothing runs until the whole tree is in place; on error the partially restored
+    /// processes are killed.
+    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+        self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
+    }
+
+    /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
+    /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
+    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+        let tree = chain.head().tree.clone();
+        self.restore_tree(&tree, Memory::Image(chain), sb)
+    }
+
+    fn restore_tree(
+        &mut self,
+        tree: &TreeState,
+        mut mem: Memory<'_>,
+        sb: &Sandbox<'_>,
+    ) -> Result<RestoreStats, CrError> {
+        let start = Instant::now();
+        let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
+        let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
+        let res = self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made);
+        if let Err(e) = res {
+            // Dropping a process that was not released kills it.
+            drop(made);
+            return Err(e);
+        }
+        let processes = made.len();
+        for (np, _) in made {
+            np.release()?;
+        }
+        let degraded = ptys.degraded(tree);
+        for d in &degraded {
+            tracing::warn!("restore: {d}");
+        }
+        let (pty_masters, aliases) = ptys.into_created();
+        self.sandbox(sb.init)?.pty_aliases.extend(aliases);
+        Ok(RestoreStats { total: start.elapsed(), processes, degraded, pty_masters })
+    }
+
+    fn restore_into<'c>(
+        &mut self,
+        tree: &'c TreeState,
+        mem: &mut Memory<'_>,
+        sb: &Sandbox<'_>,
+        ptys: &mut PtyPlan,
+        made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
+    ) -> Result<(), CrError> {
+        let plan = plan::plan(tree)?;
+        let pids = self.pid_setter(sb.init)?;
+        let no_create = Vec::new();
+        // Per pid: how many of its seccomp filters the new process already has from its creator.
+        let mut inherited: HashMap<i32, usize> = HashMap::new();
+        for entry in &tree.processes {
+            let parent = made.iter().position(|(_, e)| e.pid == entry.ppid);
+            let st = match &entry.kind {
+                ProcessKind::Live(st) => st,
+                ProcessKind::Zombie { exit_status } => {
+                    let pidx = parent.expect("plan checked that zombies have a restored parent");
+                    let p = &mut made[pidx].0;
+                    let host = p.fork_child(pids, entry.pid, libc::SIGCHLD)?;
+                    let mut z = NewProcess::take(host, entry.pid, p.gadget())?;
+                    if entry.pgid == entry.pid {
+                        z.set_process_group(entry.pid)?;
+                    }
+                    z.become_zombie(&entry.comm, *exit_status)?;
+                    continue;
+                }
+            };
+            let template = match mem {
+                Memory::Templates(t) => t.get(&entry.pid).filter(|t| t.alive()),
+                Memory::Image(_) => None,
+            };
+            if matches!(mem, Memory::Templates(_)) && template.is_none() {
+                return Err(CrError::NoTemplate { pid: entry.pid });
+            }
+            let np = match (parent, template) {
+                (None, Some(t)) => {
+                    tracing::debug!(pid = entry.pid, template = t.pid().as_raw(), "restoring from template");
+                    let host = restore::create_with_pid(
+                        pids,
+                        entry.pid,
+                        entry.pid,
+                        |t: &mut &Template| Ok(t.clone_child((libc::CLONE_PARENT | libc::SIGCHLD) as u64)?),
+                        |_, wrong| {
+                            NewProcess::kill_host(wrong);
+                            Ok(())
+                        },
+                        &mut &*t,
+                    )?;
+                    inherited.insert(entry.pid, st.seccomp.len());
+                    let mut np = NewProcess::take(host, entry.pid, t.gadget())?;
+                    // The template's cwd may name a directory that was deleted (and brought back by the
+                    // filesystem rollback) since: enter it again by path.
+                    np.enter_cwd(&st.cwd)?;
+                    np
+                }
+                _ => {
+                    let (host, gadget, parent_creds) = match parent {
+                        Some(pidx) => {
+                            tracing::debug!(pid = entry.pid, parent = entry.ppid, "restoring by fork from the parent");
+                            let ProcessKind::Live(pst) = &made[pidx].1.kind else {
+                                unreachable!("only live processes are kept in `made`")
+                            };
+                            let creds = pst.creds.clone();
+                            inherited.insert(entry.pid, pst.seccomp.len());
+                            let p = &mut made[pidx].0;
+                            (p.fork_child(pids, entry.pid, st.exit_signal)?, p.gadget(), creds)
+                        }
+                        None => {
+                            tracing::debug!(pid = entry.pid, "restoring by fork from init");
+                            let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
+                            inherited.insert(entry.pid, f.filters);
+                            (f.child, f.gadget, f.creds)
+                        }
+                    };
+                    let mut np = NewProcess::take(host, entry.pid, gadget)?;
+                    let unreadable = |e: std::io::Error| CrError::Unsupported {
+                        pid: entry.pid,
+                        comm: entry.comm.clone(),
+                        reason: format!("cannot read its template's memory: {e}"),
+                    };
+                    match (&mut *mem, template) {
+                        (Memory::Templates(_), Some(t)) => {
+                            np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
+                        }
+                        (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
+                        (Memory::Templates(_), None) => unreachable!("checked above"),
+                    }
+                    np.restore_static(st, &parent_creds)?;
+                    np
+                }
+            };
+            made.push((np, entry));
+            let np = &mut made.last_mut().expect("just pushed").0;
+            if entry.sid == entry.pid {
+                np.set_session_leader()?;
+            }
+            let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
+            np.restore_fds(&st.fds, create, &tree.files, &plan.fds, ptys)?;
+            if let Some(ctty) = &st.ctty {
+                np.set_controlling_tty(ctty, &st.fds, &tree.files, ptys)?;
+            }
+            np.restore_process_misc(st)?;
+            np.create_threads(st, pids)?;
+            np.restore_thread_state(st)?;
+        }
+        // Process groups: leaders first, then members (a group must exist before others join it).
+        for leaders_pass in [true, false] {
+            for (np, e) in made.iter_mut() {
+                let is_leader = e.pgid == e.pid;
+                if e.sid == e.pid || e.pgid == 0 || is_leader != leaders_pass {
+                    continue;
+                }
+                np.set_process_group(e.pgid)?;
+            }
+        }
+        // Terminals get their foreground process group once every group exists.
+        for (np, e) in made.iter_mut() {
+            if let ProcessKind::Live(st) = &e.kind {
+                if let Some(ctty) = &st.ctty {
+                    np.set_foreground(ctty, &st.fds, &tree.files, ptys)?;
+                }
+            }
+        }
+        for (np, e) in made.iter_mut() {
+            let ProcessKind::Live(st) = &e.kind else {
+                continue;
+            };
+            let inherited = inherited.get(&e.pid).copied().unwrap_or(0);
+            if st.seccomp.get(..inherited).is_none() {
+                return Err(CrError::Unsupported {
+                    pid: e.pid,
+                    comm: e.comm.clone(),
+                    reason: "it has fewer seccomp filters than the process it is restored from".into(),
+                });
+            }
+            np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
+        }
+        pids.set_last_pid(tree.last_pid)?;
+        Ok(())
+    }
+}
+
+/// Records how long each step took.
+struct Phases {
+    last: Instant,
+    done: Vec<(&'static str, Duration)>,
+}
+
+impl Phases {
+    fn new() -> Phases {
+        Phases { last: Instant::now(), done: Vec::new() }
+    }
+    fn mark(&mut self, name: &'static str) {
+        let now = Instant::now();
+        self.done.push((name, now - self.last));
+        self.last = now;
+    }
+}
+
+fn release_seized(seized: &mut Vec<SeizedProcess>) {
+    for s in seized.drain(..) {
+        s.detach();
+    }
+}
+
+/// Orders processes so that every parent comes before its children (stable otherwise).
+fn sort_parents_first(procs: &mut Vec<ProcessEntry>) {
+    let mut out: Vec<ProcessEntry> = Vec::with_capacity(procs.len());
+    let mut placed: std::collections::HashSet<i32> = std::collections::HashSet::new();
+    let mut rest = std::mem::take(procs);
+    while !rest.is_empty() {
+        let before = rest.len();
+        let all: std::collections::HashSet<i32> = rest.iter().map(|p| p.pid).collect();
+        let (ready, wait): (Vec<_>, Vec<_>) =
+            rest.into_iter().partition(|p| placed.contains(&p.ppid) || !all.contains(&p.ppid));
+        for p in ready {
+            placed.insert(p.pid);
+            out.push(p);
+        }
+        rest = wait;
+        if rest.len() == before {
+            out.append(&mut rest);
+        }
+    }
+    *procs = out;
+}

@@ -1,0 +1,1248 @@
+//! Putting a checkpointed process's state into a freshly created process (stopped under us): session
+//! and process group, fds, threads, per-thread state, signals, timers, and finally the registers.
+//!
+//! Nothing runs until [`NewProcess::release`]: a tree is released only once every process is complete.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::os::fd::{AsFd, OwnedFd};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+use nix::fcntl::{fcntl, FcntlArg};
+use nix::unistd::Pid;
+
+use crate::mm::{self, PageSource};
+use crate::pidns::{PidNsError, PidSetter};
+use crate::procfs::{self, ProcError};
+use crate::ptrace::{self, Injector, PtraceError, Scratch};
+use crate::pty::{PtyAccess, PtyPlan};
+use crate::state::{
+    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, PtyNode, SigInfo, ThreadState,
+};
+use crate::sys;
+
+/// Errors of this module.
+#[derive(Debug, thiserror::Error)]
+pub enum RestoreError {
+    #[error("restoring from a template")]
+    Template(#[from] crate::template::TemplateError),
+    #[error("restoring process {pid}")]
+    Ptrace {
+        pid: i32,
+        #[source]
+        source: PtraceError,
+    },
+    #[error("restoring process {pid}")]
+    Proc {
+        pid: i32,
+        #[source]
+        source: ProcError,
+    },
+    #[error("restoring process {pid}: choosing pid {want}")]
+    PidNs {
+        pid: i32,
+        want: i32,
+        #[source]
+        source: PidNsError,
+    },
+    #[error("restoring process {pid}: got pid {got} instead of {want} (is it still in use?)")]
+    WrongPid { pid: i32, want: i32, got: i32 },
+    #[error("restoring the memory of process {pid}")]
+    Memory {
+        pid: i32,
+        #[source]
+        source: crate::mm::MmError,
+    },
+    #[error("restoring process {pid}, fd {fd}: {reason}")]
+    File { pid: i32, fd: i32, reason: String },
+    #[error("restoring process {pid}, fd {fd}: cannot {what}")]
+    FileIo {
+        pid: i32,
+        fd: i32,
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+const SCRATCH_LEN: usize = 64 * 1024;
+const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
+    | libc::CLONE_FS
+    | libc::CLONE_FILES
+    | libc::CLONE_SIGHAND
+    | libc::CLONE_THREAD
+    | libc::CLONE_SYSVSEM) as u64;
+const PR_SET_PDEATHSIG: u64 = 1;
+const PR_SET_DUMPABLE: u64 = 4;
+const PR_SET_CHILD_SUBREAPER: u64 = 36;
+
+/// How often a pid that is not free yet is retried (see [`create_with_pid`]).
+const PID_ATTEMPTS: u32 = 2000;
+const PID_RETRY_PAUSE: std::time::Duration = std::time::Duration::from_micros(50);
+
+/// Creates a task (with `make`) that must get pid `want` in the sandbox. The kernel releases a reaped
+/// task's pid only after its parent's wait returned (after dropping tasklist_lock), so the pids of a tree
+/// we just killed can stay taken for a moment: a task that got another pid is discarded and we retry.
+pub fn create_with_pid<C>(
+    pids: &mut PidSetter,
+    want: i32,
+    owner: i32,
+    mut make: impl FnMut(&mut C) -> Result<Pid, RestoreError>,
+    mut discard: impl FnMut(&mut C, Pid) -> Result<(), RestoreError>,
+    ctx: &mut C,
+) -> Result<Pid, RestoreError> {
+    let mut got = 0;
+    for _ in 0..PID_ATTEMPTS {
+        pids.set_next(want).map_err(|source| RestoreError::PidNs { pid: owner, want, source })?;
+        let task = make(ctx)?;
+        got = ns_pid_of(task).map_err(|source| RestoreError::Proc { pid: owner, source })?;
+        if got == want {
+            return Ok(task);
+        }
+        discard(ctx, task)?;
+        std::thread::sleep(PID_RETRY_PAUSE);
+    }
+    Err(RestoreError::WrongPid { pid: owner, want, got })
+}
+
+/// Reads the pid of a host task inside its own pid namespace.
+pub fn ns_pid_of(host: Pid) -> Result<i32, ProcError> {
+    procfs::Status::read(host)?.innermost("NSpid")
+}
+
+/// What a file reopened by path must be.
+#[derive(Debug, Clone, Copy)]
+enum Expect {
+    /// The file of the checkpoint: the same inode (the device may differ in another sandbox's mount of
+    /// the same filesystem).
+    Inode(u64),
+    /// A FIFO.
+    Fifo,
+}
+
+/// A process being restored, stopped, with an injector on each of its threads (leader first).
+pub struct NewProcess {
+    pub host: Pid,
+    pub ns_pid: i32,
+    gadget: u64,
+    threads: Vec<(Injector, i32)>,
+    /// Threads whose final state is loaded (after `finish`).
+    threads_done: Vec<Pid>,
+    scratch: Option<Scratch>,
+    /// Put back into job-control stop when released.
+    job_stopped: bool,
+    /// Set once the process runs on its own (or became a zombie); until then dropping kills it.
+    released: bool,
+}
+
+/// Temporary fd numbers used while a tree is restored: open file description `id` lives at
+/// `base + id` in every process that carries it. `pairs` gives, per pipe, the description ids of
+/// its read and write ends.
+#[derive(Debug, Clone, Default)]
+pub struct FdPlan {
+    pub base: i32,
+    pub count: i32,
+    pub pairs: HashMap<u64, (Option<u32>, Option<u32>)>,
+}
+
+impl FdPlan {
+    pub fn temp(&self, id: u32) -> i32 {
+        self.base + id as i32
+    }
+}
+
+impl NewProcess {
+    /// Takes over a just-created process (stopped, traced) that must have pid `want` in its namespace.
+    pub fn take(host: Pid, want: i32, gadget: u64) -> Result<NewProcess, RestoreError> {
+        let inj = Injector::new(host, host, gadget).map_err(|source| RestoreError::Ptrace { pid: want, source })?;
+        let mut np = NewProcess {
+            host,
+            ns_pid: want,
+            gadget,
+            threads: vec![(inj, want)],
+            threads_done: Vec::new(),
+            scratch: None,
+            job_stopped: false,
+            released: false,
+        };
+        let scratch = Scratch::map(np.leader(), SCRATCH_LEN).map_err(np.perr())?;
+        np.scratch = Some(scratch);
+        Ok(np)
+    }
+
+    /// The syscall instruction used to inject into this process (and its forks: same vdso address).
+    pub fn gadget(&self) -> u64 {
+        self.gadget
+    }
+
+    fn leader(&mut self) -> &mut Injector {
+        &mut self.threads[0].0
+    }
+
+    fn perr(&self) -> impl FnOnce(PtraceError) -> RestoreError {
+        let pid = self.ns_pid;
+        move |source| RestoreError::Ptrace { pid, source }
+    }
+
+    fn scratch(&self) -> &Scratch {
+        self.scratch.as_ref().expect("scratch is mapped until release")
+    }
+
+    fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
+        let e = self.perr();
+        self.leader().call(nr, args).map_err(e)
+    }
+
+    /// Error for an I/O step on fd `target` of this process.
+    fn io_err(&self, target: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {
+        let pid = self.ns_pid;
+        move |source| RestoreError::FileIo { pid, fd: target, what, source }
+    }
+
+    /// Injects a syscall whose failure is reported as `what` on fd `target`.
+    fn call_file(&mut self, target: i32, what: &'static str, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
+        let r = self.leader().syscall(nr, args).map_err(self.perr())?.ret;
+        if r < 0 {
+            return Err(self.io_err(target, what)(std::io::Error::from_raw_os_error(-r as i32)));
+        }
+        Ok(r)
+    }
+
+    /// Makes the process the leader of a new session (when it led one at checkpoint time).
+    pub fn set_session_leader(&mut self) -> Result<(), RestoreError> {
+        self.call(libc::SYS_setsid, &[]).map(drop)
+    }
+
+    /// Moves the process into process group `pgid` (its own when `pgid` is its pid).
+    pub fn set_process_group(&mut self, pgid: i32) -> Result<(), RestoreError> {
+        let target = if pgid == self.ns_pid { 0 } else { pgid as u64 };
+        self.call(libc::SYS_setpgid, &[0, target]).map(drop)
+    }
+
+    /// Sets up the process's fds. Every open file description of the tree has a fixed temporary fd
+    /// number `plan.temp(id)` while the tree is restored: a process creates the descriptions it is the
+    /// lowest common ancestor of (`create`), its children inherit them by fork (so shared descriptions
+    /// stay shared), and each process then places its own fds with dup3. Everything below the
+    /// temporary range that the process inherited from its parent is closed first.
+    pub fn restore_fds(
+        &mut self,
+        own: &[FdState],
+        create: &[u32],
+        files: &[OpenFile],
+        plan: &FdPlan,
+        ptys: &mut PtyPlan,
+    ) -> Result<(), RestoreError> {
+        let mut made_pipes: HashMap<u64, ()> = HashMap::new();
+        for &id in create {
+            let of = &files[id as usize];
+            let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
+            match &of.kind {
+                FileKind::Path { path, inode, mode, .. } => {
+                    let tmp = self.open_path(target, of, path, *inode, *mode)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Fifo { path, data, .. } => {
+                    let tmp = self.open_fifo(target, of, path, data)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Unix { peer: Some(_), .. } => {
+                    let key = crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
+                    if made_pipes.insert(key, ()).is_some() {
+                        continue;
+                    }
+                    self.make_socketpair(target, key, files, plan)?;
+                }
+                FileKind::Unix { .. } => {
+                    let tmp = self.make_unix(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::HungUpTty { .. } => {
+                    let tmp = self.open_null(target, of.flags)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Tty { path, index, termios, winsize, .. } => {
+                    let tmp = match self.reach_pty(target, path, *index, of.flags, ptys)? {
+                        Some(tmp) => {
+                            let io = |what| self.io_err(target, what);
+                            let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
+                            sys::tty_set(tty.as_fd(), termios, *winsize).map_err(io("set the terminal's settings"))?;
+                            tmp
+                        }
+                        None => self.open_null(target, of.flags)?,
+                    };
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Inet { .. } => {
+                    let tmp = self.make_inet(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::EventFd { .. }
+                | FileKind::SignalFd { .. }
+                | FileKind::TimerFd { .. }
+                | FileKind::Epoll { .. } => {
+                    let tmp = self.make_anon(target, of)?;
+                    self.place(tmp, plan.temp(id))?;
+                }
+                FileKind::Pipe { pipe, .. } => {
+                    if made_pipes.insert(*pipe, ()).is_some() {
+                        continue;
+                    }
+                    let (r, w) = self.make_pipe()?;
+                    let ends = plan.pairs.get(pipe).copied().unwrap_or((None, None));
+                    let data = ends.0.map(|rid| &files[rid as usize]).and_then(|f| match &f.kind {
+                        FileKind::Pipe { data, .. } if !data.is_empty() => Some(data.as_slice()),
+                        _ => None,
+                    });
+                    if let Some(data) = data {
+                        self.fill_pipe(target, w, data)?;
+                    }
+                    for (end, fd) in [(ends.0, r), (ends.1, w)] {
+                        match end {
+                            Some(eid) => {
+                                let settable =
+                                    files[eid as usize].flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
+                                self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
+                                self.place(fd, plan.temp(eid))?;
+                            }
+                            None => {
+                                self.call(libc::SYS_close, &[fd as u64])?;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // Locks owned by open file descriptions (flock, OFD) come with the description.
+        for &id in create {
+            for lock in &files[id as usize].locks {
+                let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
+                self.apply_lock(target, plan.temp(id), lock)?;
+            }
+        }
+        self.call(libc::SYS_close_range, &[0, plan.base as u64 - 1, 0])?;
+        for fd in own {
+            let flags = if fd.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
+            self.call(libc::SYS_dup3, &[plan.temp(fd.file) as u64, fd.fd as u64, flags])?;
+        }
+        // epoll interest lists name this process's fd numbers: fill them once every fd is in place.
+        for &id in create {
+            if let FileKind::Epoll { targets } = &files[id as usize].kind {
+                let Some(owner_fd) = own.iter().find(|f| f.file == id) else {
+                    return Err(RestoreError::File {
+                        pid: self.ns_pid,
+                        fd: -1,
+                        reason: "an epoll instance shared by processes that do not hold it themselves".into(),
+                    });
+                };
+                for t in targets {
+                    let mut ev = Vec::with_capacity(12);
+                    ev.extend_from_slice(&t.events.to_ne_bytes());
+                    ev.extend_from_slice(&t.data.to_ne_bytes());
+                    let addr = self.scratch().write(0, &ev).map_err(self.perr())?;
+                    self.call_file(
+                        owner_fd.fd,
+                        "add a watched fd to the epoll instance",
+                        libc::SYS_epoll_ctl,
+                        &[plan.temp(id) as u64, libc::EPOLL_CTL_ADD as u64, t.fd as u64, addr],
+                    )?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes file lock `lock` through fd `fd` (non-blocking: the holders of conflicting locks were
+    /// killed, so a conflict means something else holds the file).
+    fn apply_lock(&mut self, target: i32, fd: i32, lock: &FileLock) -> Result<(), RestoreError> {
+        const F_OFD_SETLK: u64 = 37;
+        if lock.kind == LockKind::Flock {
+            let op = if lock.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
+            self.call_file(target, "take its flock lock again", libc::SYS_flock, &[fd as u64, op as u64])?;
+            return Ok(());
+        }
+        // struct flock: l_type, l_whence (i16 each), padding, l_start, l_len (i64), l_pid (i32), padding.
+        let mut fl = Vec::with_capacity(32);
+        fl.extend_from_slice(&(if lock.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16).to_ne_bytes());
+        fl.extend_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
+        fl.extend_from_slice(&[0u8; 4]);
+        fl.extend_from_slice(&(lock.start as i64).to_ne_bytes());
+        let len = lock.end.map_or(0, |e| e - lock.start + 1);
+        fl.extend_from_slice(&(len as i64).to_ne_bytes());
+        fl.extend_from_slice(&[0u8; 8]);
+        let addr = self.scratch().write(0, &fl).map_err(self.perr())?;
+        let cmd = if lock.kind == LockKind::Ofd { F_OFD_SETLK } else { libc::F_SETLK as u64 };
+        self.call_file(target, "take its file lock again", libc::SYS_fcntl, &[fd as u64, cmd, addr])?;
+        Ok(())
+    }
+
+    /// Creates an eventfd, signalfd, timerfd or epoll instance with the saved state; returns its fd.
+    fn make_anon(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        let nonblock = of.flags & libc::O_NONBLOCK;
+        let fd = match &of.kind {
+            FileKind::EventFd { count, semaphore } => {
+                let flags = nonblock | if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
+                let fd = self.call(libc::SYS_eventfd2, &[0, flags as u64])? as i32;
+                if *count > 0 {
+                    self.write_through(target, fd, &count.to_ne_bytes())?;
+                }
+                fd
+            }
+            FileKind::SignalFd { mask } => {
+                let addr = self.scratch().write(0, &mask.to_ne_bytes()).map_err(self.perr())?;
+                self.call(libc::SYS_signalfd4, &[u64::MAX, addr, 8, nonblock as u64])? as i32
+            }
+            FileKind::TimerFd { clockid, ticks, value, interval } => {
+                const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
+                let fd = self.call(libc::SYS_timerfd_create, &[*clockid as u64, nonblock as u64])? as i32;
+                if *value != (0, 0) {
+                    let mut its = Vec::with_capacity(32);
+                    for v in [interval.0, interval.1, value.0, value.1] {
+                        its.extend_from_slice(&v.to_ne_bytes());
+                    }
+                    let addr = self.scratch().write(0, &its).map_err(self.perr())?;
+                    self.call(libc::SYS_timerfd_settime, &[fd as u64, 0, addr, 0])?;
+                }
+                if *ticks > 0 {
+                    let addr = self.scratch().write(0, &ticks.to_ne_bytes()).map_err(self.perr())?;
+                    self.call(libc::SYS_ioctl, &[fd as u64, TFD_IOC_SET_TICKS, addr])?;
+                }
+                fd
+            }
+            FileKind::Epoll { .. } => self.call(libc::SYS_epoll_create1, &[0])? as i32,
+            _ => unreachable!("make_anon is only called for anonymous-inode files"),
+        };
+        Ok(fd)
+    }
+
+    /// Recreates an inet socket: options, address (SO_REUSEADDR held during bind, as the killed tree's
+    /// connections may linger in TIME_WAIT), listen, and the peer of a connected UDP socket.
+    fn make_inet(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        const LISTEN_BACKLOG: u64 = 128;
+        let FileKind::Inet { family, sock_type, protocol, local, peer, listening, options } = &of.kind else {
+            unreachable!("make_inet is only called for inet sockets")
+        };
+        let fd = self.new_socket(*family, *sock_type, *protocol, of)?;
+        let setopt = |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
+            let addr = np.scratch().write(0, &value.to_ne_bytes()).map_err(np.perr())?;
+            np.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, addr, 4]).map(drop)
+        };
+        for &(level, name, value) in options {
+            setopt(self, level, name, value)?;
+        }
+        if let Some(addr) = local {
+            let reuse = options.contains(&(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1));
+            if !reuse {
+                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+            }
+            self.bind_socket(target, fd, addr)?;
+            if !reuse {
+                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
+            }
+        }
+        if *listening {
+            self.call(libc::SYS_listen, &[fd, LISTEN_BACKLOG])?;
+        }
+        if let Some(addr) = peer {
+            let a = self.scratch().write(0, addr).map_err(self.perr())?;
+            self.call(libc::SYS_connect, &[fd, a, addr.len() as u64])?;
+        }
+        Ok(fd as i32)
+    }
+
+    /// Recreates a connected unix socket pair with socketpair(2); each end's queued data is sent
+    /// again from the other end.
+    fn make_socketpair(
+        &mut self,
+        target: i32,
+        key: u64,
+        files: &[OpenFile],
+        plan: &FdPlan,
+    ) -> Result<(), RestoreError> {
+        let (a_id, b_id) = plan.pairs[&key];
+        let sock_type = [a_id, b_id]
+            .into_iter()
+            .flatten()
+            .find_map(|id| match files[id as usize].kind {
+                FileKind::Unix { sock_type, .. } => Some(sock_type),
+                _ => None,
+            })
+            .expect("a pair has a unix end");
+        let addr = self.scratch().addr;
+        self.call(libc::SYS_socketpair, &[libc::AF_UNIX as u64, sock_type as u64, 0, addr])?;
+        let b = self.scratch().read(0, 8).map_err(self.perr())?;
+        let fds = [
+            i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
+            i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
+        ];
+        for (end, (id, fd)) in [a_id, b_id].into_iter().zip(fds).enumerate() {
+            let Some(id) = id else {
+                self.call(libc::SYS_close, &[fd as u64])?;
+                continue;
+            };
+            if let FileKind::Unix { queue, .. } = &files[id as usize].kind {
+                // Bytes waiting at this end were sent by the other one.
+                for msg in queue {
+                    self.write_through(target, fds[1 - end], msg)?;
+                }
+            }
+            let settable = files[id as usize].flags & (libc::O_NONBLOCK | libc::O_ASYNC);
+            self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
+        }
+        for (id, fd) in [a_id, b_id].into_iter().zip(fds) {
+            if let Some(id) = id {
+                self.place(fd, plan.temp(id))?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Injects socket(2) with the description's non-blocking flag.
+    fn new_socket(&mut self, family: i32, sock_type: i32, protocol: i32, of: &OpenFile) -> Result<u64, RestoreError> {
+        let ty = sock_type | (of.flags & libc::O_NONBLOCK);
+        Ok(self.call(libc::SYS_socket, &[family as u64, ty as u64, protocol as u64])? as u64)
+    }
+
+    /// Binds socket `fd` to raw sockaddr `addr`.
+    fn bind_socket(&mut self, target: i32, fd: u64, addr: &[u8]) -> Result<(), RestoreError> {
+        let a = self.scratch().write(0, addr).map_err(self.perr())?;
+        self.call_file(target, "bind the socket to its address again", libc::SYS_bind, &[fd, a, addr.len() as u64])
+            .map(drop)
+    }
+
+    /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at
+    /// the path is removed first, as bind needs the name free).
+    fn make_unix(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        let FileKind::Unix { sock_type, name, listening, .. } = &of.kind else {
+            unreachable!("make_unix is only called for unix sockets")
+        };
+        let fd = self.new_socket(libc::AF_UNIX, *sock_type, 0, of)?;
+        if let Some(name) = name {
+            if name.first() != Some(&0) {
+                let mut path: Vec<u8> = name.iter().copied().take_while(|&c| c != 0).collect();
+                path.push(0);
+                let p = self.scratch().write(0, &path).map_err(self.perr())?;
+                // ENOENT is fine: the name may be free already.
+                self.leader().syscall(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, p, 0]).map_err(self.perr())?;
+            }
+            let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
+            sa.extend_from_slice(name);
+            self.bind_socket(target, fd, &sa)?;
+        }
+        if let Some(backlog) = listening {
+            self.call(libc::SYS_listen, &[fd, *backlog as u64])?;
+        }
+        Ok(fd as i32)
+    }
+
+    /// Writes bytes into one of the process's fds from the tracer (through pidfd_getfd).
+    fn write_through(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
+        let io = |what| self.io_err(target, what);
+        let f = sys::dup_from(self.host, fd).map_err(io("reach the new file"))?;
+        std::fs::File::from(f).write_all(data).map_err(io("write its saved state"))
+    }
+
+    /// Moves fd `from` to number `to` (closing `from`).
+    fn place(&mut self, from: i32, to: i32) -> Result<(), RestoreError> {
+        if from != to {
+            self.call(libc::SYS_dup3, &[from as u64, to as u64, 0])?;
+            self.call(libc::SYS_close, &[from as u64])?;
+        }
+        Ok(())
+    }
+
+    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
+    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
+        let mut cpath = path.as_bytes().to_vec();
+        cpath.push(0);
+        if cpath.len() > SCRATCH_LEN {
+            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason: format!("path too long: {path}") });
+        }
+        let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
+        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let raw = self.call_file(
+            target,
+            "reopen the file",
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        )?;
+        let tmp = raw as i32;
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
+            RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
+        })?;
+        let wrong = match expect {
+            Expect::Inode(inode) if meta.ino() != inode => {
+                Some(format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()))
+            }
+            Expect::Fifo if !meta.file_type().is_fifo() => Some(format!("{path} is not a FIFO any more")),
+            _ => None,
+        };
+        if let Some(reason) = wrong {
+            self.call(libc::SYS_close, &[tmp as u64])?;
+            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason });
+        }
+        Ok(tmp)
+    }
+
+    fn open_path(
+        &mut self,
+        target: i32,
+        of: &OpenFile,
+        path: &str,
+        inode: u64,
+        mode: u32,
+    ) -> Result<i32, RestoreError> {
+        let tmp = self.open_checked(target, path, of.flags, Expect::Inode(inode))?;
+        let kind = mode & libc::S_IFMT;
+        if kind == libc::S_IFREG || kind == libc::S_IFDIR {
+            self.call(libc::SYS_lseek, &[tmp as u64, of.pos, libc::SEEK_SET as u64])?;
+        }
+        Ok(tmp)
+    }
+
+    /// Reopens a FIFO by path with its original flags: whatever FIFO has that name now, as a FIFO is a
+    /// meeting point by name (the shim makes its session FIFOs anew in another sandbox's /dev). A
+    /// read-write open (which never blocks) is held meanwhile, so the real open does not wait for the
+    /// other side; the saved bytes are written back when nothing is queued in the FIFO (its other
+    /// users may be outside the sandbox).
+    fn open_fifo(&mut self, target: i32, of: &OpenFile, path: &str, data: &[u8]) -> Result<i32, RestoreError> {
+        let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, Expect::Fifo)?;
+        let tmp = self.open_checked(target, path, of.flags, Expect::Fifo);
+        let filled = match tmp {
+            Ok(_) if !data.is_empty() => self.fill_fifo(target, both, data),
+            _ => Ok(()),
+        };
+        self.call(libc::SYS_close, &[both as u64])?;
+        filled?;
+        tmp
+    }
+
+    /// Opens /dev/null in place of a terminal that cannot be restored, with the description's access
+    /// mode and non-blocking flag.
+    fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
+        let addr = self.scratch().write(0, b"/dev/null\0").map_err(self.perr())?;
+        let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
+        let r = self.call_file(
+            target,
+            "open /dev/null in place of its terminal",
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        )?;
+        Ok(r as i32)
+    }
+
+    /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
+    /// explicitly) and checks it is pty number `index`. Returns the fd and the slave's node.
+    fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<(i32, PtyNode), RestoreError> {
+        let mut cpath = path.as_bytes().to_vec();
+        cpath.push(0);
+        let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
+        let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
+        let r = self.call_file(
+            target,
+            "reopen the terminal",
+            libc::SYS_openat,
+            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
+        )?;
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| RestoreError::FileIo {
+            pid: self.ns_pid,
+            fd: target,
+            what: "stat the terminal",
+            source,
+        })?;
+        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+        if major < crate::files::PTS_MAJOR || (major - crate::files::PTS_MAJOR) * 256 + minor != index {
+            return Err(RestoreError::File {
+                pid: self.ns_pid,
+                fd: target,
+                reason: format!("{path} is not pty {index} any more"),
+            });
+        }
+        Ok((r as i32, PtyNode::of(&meta)))
+    }
+
+    /// Opens the slave of pty `index` (creating the pty first when the plan says so). None when the
+    /// terminal is lost (the caller uses /dev/null).
+    fn reach_pty(
+        &mut self,
+        target: i32,
+        path: &str,
+        index: u32,
+        flags: i32,
+        ptys: &mut PtyPlan,
+    ) -> Result<Option<i32>, RestoreError> {
+        let master = match ptys.access(index) {
+            PtyAccess::Lost => return Ok(None),
+            PtyAccess::Reopen => None,
+            PtyAccess::Create => match self.create_pty(target, index)? {
+                Ok(master) => Some(master),
+                Err(why) => {
+                    ptys.cannot_create(index, why);
+                    return Ok(None);
+                }
+            },
+        };
+        let (fd, node) = self.open_tty(target, path, index, flags)?;
+        if let Some(master) = master {
+            ptys.created(index, master, node);
+        }
+        Ok(Some(fd))
+    }
+
+    /// Creates pty `index` in the process's devpts: devpts gives each new pty the lowest free number,
+    /// so /dev/ptmx is opened until `index` comes out (the others are closed again). Returns the new
+    /// master (the tracer's; the process keeps none), or why the pty cannot be made.
+    fn create_pty(&mut self, target: i32, index: u32) -> Result<Result<OwnedFd, String>, RestoreError> {
+        let addr = self.scratch().write(0, b"/dev/ptmx\0").map_err(self.perr())?;
+        let flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
+        let mut opened = Vec::new();
+        let made = loop {
+            let r = self.leader().syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags, 0]);
+            let r = r.map_err(self.perr())?.ret;
+            if r < 0 {
+                break Ok(Err(format!("opening /dev/ptmx: {}", std::io::Error::from_raw_os_error(-r as i32))));
+            }
+            opened.push(r as u64);
+            let io = |what| self.io_err(target, what);
+            let master = sys::dup_from(self.host, r as i32).map_err(io("reach a new pty"));
+            let got = master.and_then(|m| Ok((sys::pty_index(m.as_fd()).map_err(io("read a new pty's number"))?, m)));
+            match got {
+                Err(e) => break Err(e),
+                Ok((got, master)) if got == index => {
+                    break rustix::pty::unlockpt(&master)
+                        .map_err(|e| io("unlock the new pty")(e.into()))
+                        .map(|()| Ok(master));
+                }
+                Ok((got, _)) if got > index => {
+                    break Ok(Err(format!("devpts handed out pty {got}: number {index} is still in use")));
+                }
+                Ok(_) => {}
+            }
+        };
+        for fd in opened {
+            self.call(libc::SYS_close, &[fd])?;
+        }
+        made
+    }
+
+    /// Runs `f` with an fd of the process on its controlling terminal: one of its own, or a
+    /// temporary one opened for the call. Does nothing when the terminal is lost.
+    fn with_tty_fd(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+        ptys: &mut PtyPlan,
+        f: impl FnOnce(&mut Self, i32) -> Result<(), RestoreError>,
+    ) -> Result<(), RestoreError> {
+        let mine = own
+            .iter()
+            .find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
+        match mine {
+            _ if ptys.access(ctty.index) == PtyAccess::Lost => Ok(()),
+            Some(fd) => f(self, fd.fd),
+            None => {
+                let flags = libc::O_RDWR | libc::O_CLOEXEC;
+                let Some(tmp) = self.reach_pty(-1, &ctty.path, ctty.index, flags, ptys)? else {
+                    return Ok(());
+                };
+                let res = f(self, tmp);
+                self.call(libc::SYS_close, &[tmp as u64])?;
+                res
+            }
+        }
+    }
+
+    /// Makes the process's terminal its controlling terminal again (the process leads its session).
+    pub fn set_controlling_tty(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+        ptys: &mut PtyPlan,
+    ) -> Result<(), RestoreError> {
+        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0]).map(drop)
+        })
+    }
+
+    /// Gives the controlling terminal its foreground process group back.
+    pub fn set_foreground(
+        &mut self,
+        ctty: &Ctty,
+        own: &[FdState],
+        files: &[OpenFile],
+        ptys: &mut PtyPlan,
+    ) -> Result<(), RestoreError> {
+        let Some(fg) = ctty.foreground else {
+            return Ok(());
+        };
+        let addr = self.scratch().write(0, &fg.to_ne_bytes()).map_err(self.perr())?;
+        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
+            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr]).map(drop)
+        })
+    }
+
+    fn make_pipe(&mut self) -> Result<(i32, i32), RestoreError> {
+        let addr = self.scratch().addr;
+        self.call(libc::SYS_pipe2, &[addr, 0])?;
+        let b = self.scratch().read(0, 8).map_err(self.perr())?;
+        let r = i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes"));
+        let w = i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
+        Ok((r, w))
+    }
+
+    fn fill_fifo(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
+        let f = sys::dup_from(self.host, fd).map_err(self.io_err(target, "reach the FIFO"))?;
+        let queued = sys::fionread(f.as_fd()).map_err(self.io_err(target, "count queued bytes"))?;
+        if queued == 0 {
+            self.fill_pipe(target, fd, data)?;
+        }
+        Ok(())
+    }
+
+    fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {
+        let io = |what| self.io_err(target, what);
+        let w = sys::dup_from(self.host, write_end).map_err(io("reach the new pipe"))?;
+        let size = fcntl(w.as_fd(), FcntlArg::F_GETPIPE_SZ).map_err(|e| io("read the pipe size")(e.into()))?;
+        if (size as usize) < data.len() {
+            fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(data.len() as i32)).map_err(|e| io("grow the pipe")(e.into()))?;
+        }
+        std::fs::File::from(w).write_all(data).map_err(io("refill the pipe"))
+    }
+
+    /// Process-wide state that fork does not carry over, plus what our templates changed.
+    pub fn restore_process_misc(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
+        let dumpable = if st.dumpable == 1 { 1 } else { 0 };
+        self.call(libc::SYS_prctl, &[PR_SET_DUMPABLE, dumpable])?;
+        procfs::write_int(self.host, "oom_score_adj", st.oom_score_adj as i64)
+            .map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
+        for (which, t) in st.itimers.iter().enumerate() {
+            if t.value_us == 0 {
+                continue;
+            }
+            let mut b = Vec::with_capacity(32);
+            for us in [t.interval_us, t.value_us] {
+                b.extend_from_slice(&(us / 1_000_000).to_ne_bytes());
+                b.extend_from_slice(&(us % 1_000_000).to_ne_bytes());
+            }
+            let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+            self.call(libc::SYS_setitimer, &[which as u64, addr, 0])?;
+        }
+        if st.pdeath_signal != 0 {
+            self.call(libc::SYS_prctl, &[PR_SET_PDEATHSIG, st.pdeath_signal as u64])?;
+        }
+        if st.child_subreaper {
+            self.call(libc::SYS_prctl, &[PR_SET_CHILD_SUBREAPER, 1])?;
+        }
+        for info in &st.shared_pending {
+            let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
+        }
+        Ok(())
+    }
+
+    /// Creates the process's other threads with their tids (chosen through `pids`).
+    pub fn create_threads(&mut self, st: &ProcessState, pids: &mut PidSetter) -> Result<(), RestoreError> {
+        for t in st.threads.iter().skip(1) {
+            let tid = create_with_pid(
+                pids,
+                t.tid,
+                self.ns_pid,
+                |np: &mut Self| np.clone_thread(),
+                |np: &mut Self, wrong| np.discard_thread(wrong),
+                self,
+            )?;
+            let inj = Injector::new(self.host, tid, self.gadget).map_err(self.perr())?;
+            self.threads.push((inj, t.tid));
+        }
+        Ok(())
+    }
+
+    fn clone_thread(&mut self) -> Result<Pid, RestoreError> {
+        let e = self.perr();
+        self.leader().clone_task(CLONE_THREAD_FLAGS, "creating a thread").map_err(e)
+    }
+
+    /// Ends a thread created with the wrong tid (exit ends just the calling thread).
+    fn discard_thread(&mut self, tid: Pid) -> Result<(), RestoreError> {
+        let mut inj = Injector::new(self.host, tid, self.gadget).map_err(self.perr())?;
+        inj.syscall(libc::SYS_exit, &[0]).map_err(self.perr())?;
+        Ok(())
+    }
+
+    /// Per-thread kernel state: rseq, robust list, tid address, alternate stack, pending signals, name.
+    pub fn restore_thread_state(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
+        let scratch = self.scratch.take().expect("scratch is mapped until release");
+        let res = self.restore_thread_state_with(st, &scratch);
+        self.scratch = Some(scratch);
+        res
+    }
+
+    fn restore_thread_state_with(&mut self, st: &ProcessState, scratch: &Scratch) -> Result<(), RestoreError> {
+        let pid = self.ns_pid;
+        let perr = |source| RestoreError::Ptrace { pid, source };
+        for ((inj, _), t) in self.threads.iter_mut().zip(&st.threads) {
+            if let Some(r) = t.rseq {
+                inj.call(libc::SYS_rseq, &[r.addr, r.len as u64, 0, r.sig as u64]).map_err(perr)?;
+            }
+            if t.robust_list.0 != 0 {
+                inj.call(libc::SYS_set_robust_list, &[t.robust_list.0, t.robust_list.1]).map_err(perr)?;
+            }
+            inj.call(libc::SYS_set_tid_address, &[t.clear_child_tid]).map_err(perr)?;
+            let mut ss = Vec::with_capacity(24);
+            ss.extend_from_slice(&t.altstack.sp.to_ne_bytes());
+            ss.extend_from_slice(&(t.altstack.flags & !libc::SS_ONSTACK).to_ne_bytes());
+            ss.extend_from_slice(&0u32.to_ne_bytes());
+            ss.extend_from_slice(&t.altstack.size.to_ne_bytes());
+            let addr = scratch.write(0, &ss).map_err(perr)?;
+            inj.call(libc::SYS_sigaltstack, &[addr, 0]).map_err(perr)?;
+            requeue_thread_signals(inj, scratch, pid, t, &t.pending).map_err(perr)?;
+            // Only a thread can rename itself (writing another task's comm file is EINVAL).
+            let mut name = t.comm.as_bytes().to_vec();
+            name.truncate(15);
+            name.push(0);
+            let addr = scratch.write(0, &name).map_err(perr)?;
+            inj.call(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, addr]).map_err(perr)?;
+        }
+        Ok(())
+    }
+
+    /// Last steps before the process may run: drop the SIGCHLDs our re-created zombie children sent,
+    /// re-queue the process's pending signals, close the temporary fds, install the seccomp filters the
+    /// process added over those it inherited (`inherited_filters`; last, as they may forbid what we
+    /// inject), unmap our scratch memory, and load registers, FPU state and signal masks. The process
+    /// stays stopped until [`NewProcess::release`].
+    pub fn finish(
+        &mut self,
+        st: &ProcessState,
+        plan: &FdPlan,
+        made_zombies: bool,
+        inherited_filters: usize,
+    ) -> Result<(), RestoreError> {
+        if made_zombies {
+            self.drop_pending_sigchld()?;
+        }
+        for info in &st.shared_pending {
+            let addr = self.scratch().write(0, &info.0).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigqueueinfo, &[self.ns_pid as u64, info.signo() as u64, addr])?;
+        }
+        if plan.count > 0 {
+            let last = (plan.base + plan.count - 1) as u64;
+            self.call(libc::SYS_close_range, &[plan.base as u64, last, 0])?;
+        }
+        // POSIX locks belong to the process and go away when it closes any fd of the file (such as
+        // the temporary ones just closed): take them last.
+        for fd in &st.fds {
+            for lock in &fd.posix_locks {
+                self.apply_lock(fd.fd, fd.fd, lock)?;
+            }
+        }
+        for filter in st.seccomp.iter().skip(inherited_filters) {
+            self.install_seccomp(filter)?;
+        }
+        if let Some(scratch) = self.scratch.take() {
+            let e = self.perr();
+            scratch.free(self.leader()).map_err(e)?;
+        }
+        let pid = self.ns_pid;
+        let perr = |source| RestoreError::Ptrace { pid, source };
+        for ((inj, _), t) in self.threads.iter().zip(&st.threads) {
+            ptrace::set_xstate(inj.tid(), &t.xstate).map_err(perr)?;
+        }
+        for ((inj, _), t) in std::mem::take(&mut self.threads).into_iter().zip(&st.threads) {
+            let tid = inj.tid();
+            inj.finish_with(&t.regs.to_regs(), t.sigmask).map_err(perr)?;
+            self.threads_done.push(tid);
+        }
+        self.job_stopped = st.job_stopped;
+        Ok(())
+    }
+
+    fn drop_pending_sigchld(&mut self) -> Result<(), RestoreError> {
+        let mut block = Vec::with_capacity(24);
+        block.extend_from_slice(&(1u64 << (libc::SIGCHLD - 1)).to_ne_bytes());
+        block.extend_from_slice(&[0u8; 16]); // timespec {0, 0}: poll
+        let set = self.scratch().write(0, &block).map_err(self.perr())?;
+        loop {
+            let r = self.leader().syscall(libc::SYS_rt_sigtimedwait, &[set, 0, set + 8, 8]).map_err(self.perr())?;
+            if r.ret < 0 {
+                return Ok(());
+            }
+        }
+    }
+
+    fn install_seccomp(&mut self, filter: &[u8]) -> Result<(), RestoreError> {
+        const SECCOMP_SET_MODE_FILTER: u64 = 1;
+        let prog_off = filter.len().next_multiple_of(8);
+        let mut block = filter.to_vec();
+        block.resize(prog_off, 0);
+        let insns = (filter.len() / 8) as u16;
+        block.extend_from_slice(&insns.to_ne_bytes());
+        block.extend_from_slice(&[0u8; 6]);
+        block.extend_from_slice(&self.scratch().addr.to_ne_bytes());
+        let base = self.scratch().write(0, &block).map_err(self.perr())?;
+        self.call(libc::SYS_seccomp, &[SECCOMP_SET_MODE_FILTER, 0, base + prog_off as u64]).map(drop)
+    }
+
+    /// Creates a child of this (stopped) process by an injected fork; the child has pid `want` (chosen
+    /// with the pid helper) and is returned stopped and traced.
+    pub fn fork_child(&mut self, pids: &mut PidSetter, want: i32, exit_signal: i32) -> Result<Pid, RestoreError> {
+        create_with_pid(
+            pids,
+            want,
+            want,
+            |np: &mut Self| {
+                let e = np.perr();
+                np.leader().clone_task(exit_signal as u64 & 0xff, "forking a child").map_err(e)
+            },
+            |_, wrong| {
+                Self::kill_host(wrong);
+                Ok(())
+            },
+            self,
+        )
+    }
+
+    /// Replaces the address space (a copy of the parent's) with the checkpointed one.
+    pub fn rebuild_memory(&mut self, st: &ProcessState, src: &mut dyn PageSource) -> Result<(), RestoreError> {
+        let scratch = self.scratch.take().expect("scratch is mapped until finish");
+        let pid = self.ns_pid;
+        let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src)
+            .map_err(|source| RestoreError::Memory { pid, source })?;
+        self.gadget = self.threads[0].0.gadget();
+        self.scratch = Some(new);
+        Ok(())
+    }
+
+    /// Changes the process's working directory to `cwd` (a path inside the sandbox).
+    pub fn enter_cwd(&mut self, cwd: &str) -> Result<(), RestoreError> {
+        let mut path = cwd.as_bytes().to_vec();
+        path.push(0);
+        let addr = self.scratch().write(0, &path).map_err(self.perr())?;
+        self.call(libc::SYS_chdir, &[addr])?;
+        Ok(())
+    }
+
+    /// What a fork from the parent plus exec did not give the process: signal handlers, umask, cwd,
+    /// personality, limits, and (when they differ from the parent's) credentials.
+    pub fn restore_static(&mut self, st: &ProcessState, parent_creds: &Creds) -> Result<(), RestoreError> {
+        for (i, a) in st.sigactions.iter().enumerate() {
+            let sig = i as u64 + 1;
+            if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+                continue;
+            }
+            let mut b = Vec::with_capacity(32);
+            for w in [a.handler, a.flags, a.restorer, a.mask] {
+                b.extend_from_slice(&w.to_ne_bytes());
+            }
+            let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigaction, &[sig, addr, 0, 8])?;
+        }
+        self.call(libc::SYS_umask, &[st.umask as u64])?;
+        // Only when it differs: a Docker-like seccomp filter allows few personality values.
+        // personality(0xffffffff) queries without changing.
+        let current = self.call(libc::SYS_personality, &[0xffff_ffff])? as u32;
+        if current != st.personality {
+            self.call(libc::SYS_personality, &[st.personality as u64])?;
+        }
+        self.enter_cwd(&st.cwd)?;
+        let current = procfs::limits(self.host).map_err(|source| RestoreError::Proc { pid: self.ns_pid, source })?;
+        for (res, &(cur, max)) in st.rlimits.iter().enumerate() {
+            // Only limits that differ: raising a hard limit needs CAP_SYS_RESOURCE.
+            let now = current.get(res).copied().unwrap_or((0, 0));
+            if now == (cur, max) {
+                continue;
+            }
+            let mut b = Vec::with_capacity(16);
+            b.extend_from_slice(&cur.to_ne_bytes());
+            b.extend_from_slice(&max.to_ne_bytes());
+            let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+            self.call(libc::SYS_prlimit64, &[0, res as u64, addr, 0])?;
+        }
+        if &st.creds != parent_creds {
+            self.restore_creds(&st.creds, parent_creds)?;
+        }
+        Ok(())
+    }
+
+    /// Changes credentials and capabilities to `c` (which the parent's allow: a process can only drop).
+    fn restore_creds(&mut self, c: &Creds, from: &Creds) -> Result<(), RestoreError> {
+        const PR_SET_KEEPCAPS: u64 = 8;
+        const PR_CAPBSET_DROP: u64 = 24;
+        const PR_CAP_AMBIENT: u64 = 47;
+        const PR_CAP_AMBIENT_RAISE: u64 = 2;
+        const PR_CAP_AMBIENT_CLEAR_ALL: u64 = 4;
+        const PR_SET_NO_NEW_PRIVS: u64 = 38;
+        const LAST_CAP: u64 = 40;
+        for cap in 0..=LAST_CAP {
+            if c.cap_bounding & (1 << cap) == 0 && from.cap_bounding & (1 << cap) != 0 {
+                self.call(libc::SYS_prctl, &[PR_CAPBSET_DROP, cap])?;
+            }
+        }
+        // setgroups only when the list changed: it is refused in user namespaces with
+        // setgroups=deny.
+        if c.groups != from.groups {
+            let mut groups = Vec::with_capacity(c.groups.len() * 4);
+            for g in &c.groups {
+                groups.extend_from_slice(&g.to_ne_bytes());
+            }
+            let addr = if groups.is_empty() { 0 } else { self.scratch().write(0, &groups).map_err(self.perr())? };
+            self.call(libc::SYS_setgroups, &[c.groups.len() as u64, addr])?;
+        }
+        self.call(libc::SYS_setresgid, &[c.gids[0] as u64, c.gids[1] as u64, c.gids[2] as u64])?;
+        self.call(libc::SYS_setfsgid, &[c.gids[3] as u64])?;
+        self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 1])?;
+        self.call(libc::SYS_setresuid, &[c.uids[0] as u64, c.uids[1] as u64, c.uids[2] as u64])?;
+        self.call(libc::SYS_setfsuid, &[c.uids[3] as u64])?;
+        self.call(libc::SYS_prctl, &[PR_SET_KEEPCAPS, 0])?;
+        // capset(v3): header {version, pid}, then two {effective, permitted, inheritable} u32 triples.
+        let mut b = Vec::with_capacity(32);
+        b.extend_from_slice(&0x2008_0522u32.to_ne_bytes());
+        b.extend_from_slice(&0i32.to_ne_bytes());
+        for half in [0, 32] {
+            for set in [c.cap_effective, c.cap_permitted, c.cap_inheritable] {
+                b.extend_from_slice(&((set >> half) as u32).to_ne_bytes());
+            }
+        }
+        let addr = self.scratch().write(0, &b).map_err(self.perr())?;
+        self.call(libc::SYS_capset, &[addr, addr + 8])?;
+        self.call(libc::SYS_prctl, &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0])?;
+        for cap in 0..=LAST_CAP {
+            if c.cap_ambient & (1 << cap) != 0 {
+                self.call(libc::SYS_prctl, &[PR_CAP_AMBIENT, PR_CAP_AMBIENT_RAISE, cap, 0, 0])?;
+            }
+        }
+        if c.no_new_privs {
+            self.call(libc::SYS_prctl, &[PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0])?;
+        }
+        Ok(())
+    }
+
+    /// Turns this new process into the zombie it was: it exits with `exit_status` (a raw wait status)
+    /// and stays unreaped because its parent is still stopped.
+    pub fn become_zombie(mut self, comm: &str, exit_status: i32) -> Result<(), RestoreError> {
+        let mut name = comm.as_bytes().to_vec();
+        name.truncate(15);
+        name.push(0);
+        let addr = self.scratch().write(0, &name).map_err(self.perr())?;
+        self.call(libc::SYS_prctl, &[libc::PR_SET_NAME as u64, addr])?;
+        let termsig = exit_status & 0x7f;
+        if termsig == 0 {
+            self.call(libc::SYS_exit_group, &[((exit_status >> 8) & 0xff) as u64])?;
+            self.released = true;
+            return Ok(());
+        }
+        // Killed by a signal: default action, no core file, then let the signal through on detach.
+        self.call(libc::SYS_rt_sigaction, &[termsig as u64, 0, 0, 8]).map(drop).or_else(|_| {
+            let addr = self.scratch().write(0, &[0u8; 32]).map_err(self.perr())?;
+            self.call(libc::SYS_rt_sigaction, &[termsig as u64, addr, 0, 8]).map(drop)
+        })?;
+        let zero = self.scratch().write(0, &[0u8; 16]).map_err(self.perr())?;
+        self.call(libc::SYS_prlimit64, &[0, libc::RLIMIT_CORE as u64, zero, 0])?;
+        let (inj, _) = self.threads.remove(0);
+        let tid = inj.tid();
+        let pid = self.ns_pid;
+        let regs = *inj.orig_regs();
+        inj.finish_with(&regs, 0).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        let sig = nix::sys::signal::Signal::try_from(termsig).map_err(|e| RestoreError::Ptrace {
+            pid,
+            source: PtraceError::Request { op: "signal number", tid: tid.as_raw(), source: e.into() },
+        })?;
+        ptrace::detach(tid, Some(sig)).map_err(|source| RestoreError::Ptrace { pid, source })?;
+        self.released = true;
+        Ok(())
+    }
+
+    /// Lets the process run.
+    pub fn release(mut self) -> Result<(), RestoreError> {
+        // A process that was in job-control stop is stopped again (its parent sees the stop again).
+        let sig = self.job_stopped.then_some(nix::sys::signal::Signal::SIGSTOP);
+        for (i, tid) in self.threads_done.iter().enumerate() {
+            ptrace::detach(*tid, if i == 0 { sig } else { None })
+                .map_err(|source| RestoreError::Ptrace { pid: self.ns_pid, source })?;
+        }
+        self.released = true;
+        Ok(())
+    }
+
+    /// Kills a traced process we created and collects its exit.
+    pub fn kill_host(host: Pid) {
+        let _ = nix::sys::signal::kill(host, nix::sys::signal::Signal::SIGKILL);
+        let _ = nix::sys::wait::waitpid(host, Some(nix::sys::wait::WaitPidFlag::__WALL));
+    }
+
+    /// Kills the half-restored process and collects the exit of each of its (traced) threads.
+    fn kill(&mut self) {
+        use nix::sys::wait::{waitpid, WaitPidFlag};
+        let _ = nix::sys::signal::kill(self.host, nix::sys::signal::Signal::SIGKILL);
+        let tids: Vec<Pid> =
+            self.threads.iter().map(|(inj, _)| inj.tid()).chain(self.threads_done.iter().copied()).collect();
+        for tid in tids.iter().filter(|t| **t != self.host) {
+            let _ = waitpid(*tid, Some(WaitPidFlag::__WALL));
+        }
+        let _ = waitpid(self.host, Some(WaitPidFlag::__WALL));
+    }
+}
+
+impl Drop for NewProcess {
+    fn drop(&mut self) {
+        if !self.released {
+            self.kill();
+        }
+    }
+}
+
+fn requeue_thread_signals(
+    inj: &mut Injector,
+    scratch: &Scratch,
+    tgid: i32,
+    t: &ThreadState,
+    pending: &[SigInfo],
+) -> Result<(), PtraceError> {
+    for info in pending {
+        let addr = scratch.write(0, &info.0)?;
+        inj.call(libc::SYS_rt_tgsigqueueinfo, &[tgid as u64, t.tid as u64, info.signo() as u64, addr])?;
+    }
+    Ok(())
+}
+
+/// A process forked from the sandbox's init to be turned into a restored process.
+pub struct InitFork {
+    pub child: Pid,
+    /// Syscall instruction in the child (its vdso is init's).
+    pub gadget: u64,
+    /// init's credentials (the child starts with them).
+    pub creds: Creds,
+    /// How many seccomp filters init has (the child inherits them).
+    pub filters: usize,
+}
+
+/// Forks a child of the sandbox's init (host pid `init`) with pid `want`, by briefly taking over
+/// init's main thread. Used for processes whose parent is init when no template exists.
+pub fn fork_from_init(init: Pid, pids: &mut PidSetter, want: i32) -> Result<InitFork, RestoreError> {
+    let perr = |source| RestoreError::Ptrace { pid: want, source };
+    ptrace::seize(init).map_err(perr)?;
+    let res = (|| {
+        ptrace::interrupt(init).map_err(perr)?;
+        ptrace::wait_stop(init, "forking from init").map_err(perr)?;
+        let gadget = ptrace::find_syscall_gadget(init).map_err(perr)?;
+        let creds = crate::capture::read_creds(init).map_err(|source| RestoreError::Proc { pid: want, source })?;
+        let filters = ptrace::seccomp_filters(init).map_err(perr)?.len();
+        let mut inj = Injector::new(init, init, gadget).map_err(perr)?;
+        let child = create_with_pid(
+            pids,
+            want,
+            want,
+            |inj: &mut Injector| inj.clone_task(libc::SIGCHLD as u64, "forking from init").map_err(perr),
+            |_, wrong| {
+                NewProcess::kill_host(wrong);
+                Ok(())
+            },
+            &mut inj,
+        );
+        inj.finish().map_err(perr)?;
+        Ok(InitFork { child: child?, gadget, creds, filters })
+    })();
+    ptrace::detach(init, None).map_err(perr)?;
+    res
+}

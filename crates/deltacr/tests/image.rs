@@ -1,0 +1,149 @@
+//! Durable images: restore without templates (also into another pid namespace), incremental images
+//! that store only changed pages, compaction, and refusal of corrupted or truncated images.
+
+mod common;
+
+use common::{counter_lines, python, wait_for, PidNs, COUNTER};
+use deltacr::image::{ImageError, ImageStore};
+use deltacr::Engine;
+
+/// Restores from `chain` into `ns` and checks the counter continues right after `n` with the crc the
+/// original run had for `n + 1`.
+fn restore_and_check(
+    engine: &mut Engine,
+    ns: &PidNs,
+    store: &ImageStore,
+    id: deltacr::image::ImageId,
+    out: &std::path::Path,
+    n: u64,
+    crc_next: u64,
+) {
+    let sb = ns.sandbox();
+    engine.kill_processes(&sb).unwrap();
+    let before = counter_lines(out).len();
+    let mut chain = store.open_chain(id).unwrap();
+    engine.restore_image(&mut chain, &sb).unwrap();
+    wait_for(|| (counter_lines(out).len() > before + 2).then_some(()));
+    let first = counter_lines(out)[before];
+    assert_eq!(first, (n + 1, crc_next), "continues from the image");
+}
+
+#[test]
+fn images_restore_incrementally_compact_and_refuse_corruption() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
+    wait_for(|| (counter_lines(&out).len() > 3).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+
+    // First checkpoint: a full image.
+    sb.freezer.freeze().unwrap();
+    let n1 = counter_lines(&out).last().unwrap().0;
+    let c1 = engine.checkpoint(&sb).unwrap();
+    let i1 = c1.image_job(None).unwrap().write(&store).unwrap();
+    assert!(i1.page_bytes > 8 << 20, "the 8 MB buffer is in the first image: {i1:?}");
+    assert_eq!(i1.parent_bytes, 0);
+
+    // Second checkpoint: only what changed.
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
+    sb.freezer.freeze().unwrap();
+    let n2 = counter_lines(&out).last().unwrap().0;
+    let c2 = engine.checkpoint(&sb).unwrap();
+    let i2 = c2.image_job(Some((&c1, i1.id))).unwrap().write(&store).unwrap();
+    assert!(i2.page_bytes < i1.page_bytes / 4, "incremental image is small: {i2:?} vs {i1:?}");
+    assert!(i2.parent_bytes > 8 << 20, "unchanged pages stay in the parent: {i2:?}");
+    assert_eq!(store.open_chain(i2.id).unwrap().len(), 2);
+    let describe = store.open(i2.id).unwrap().describe();
+    assert!(describe.contains(&format!("parent {}", i1.id)), "{describe}");
+
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
+    let after = counter_lines(&out);
+    let crc_after = |n: u64| after.iter().find(|l| l.0 == n).unwrap().1;
+    // Without templates: restore must come from the images.
+    drop(c2);
+    drop(c1);
+    restore_and_check(&mut engine, &ns, &store, i2.id, &out, n2, crc_after(n2 + 1));
+    restore_and_check(&mut engine, &ns, &store, i1.id, &out, n1, crc_after(n1 + 1));
+
+    // Compaction makes the newer image stand alone: it still restores after its parent is gone.
+    let compacted = store.compact(i2.id).unwrap();
+    assert_eq!(compacted.parent, None);
+    std::fs::remove_dir_all(store.path_of(i1.id)).unwrap();
+    assert_eq!(store.open_chain(i2.id).unwrap().len(), 1);
+    restore_and_check(&mut engine, &ns, &store, i2.id, &out, n2, crc_after(n2 + 1));
+
+    // The same image forks into another pid namespace.
+    engine.kill_processes(&sb).unwrap();
+    let other = PidNs::new();
+    let other_out_before = counter_lines(&out).len();
+    let mut other_engine = Engine::new();
+    let mut chain = store.open_chain(i2.id).unwrap();
+    other_engine.restore_image(&mut chain, &other.sandbox()).unwrap();
+    wait_for(|| (counter_lines(&out).len() > other_out_before).then_some(()));
+    assert_eq!(counter_lines(&out)[other_out_before], (n2 + 1, crc_after(n2 + 1)));
+    drop(other);
+
+    // Corruption: one flipped byte in the page data is refused and nothing is left running.
+    let pages = store.path_of(i2.id).join("pages.img");
+    let mut data = std::fs::read(&pages).unwrap();
+    data[5000] ^= 0xff;
+    std::fs::write(&pages, &data).unwrap();
+    engine.kill_processes(&sb).unwrap();
+    let mut chain = store.open_chain(i2.id).unwrap();
+    let err = engine.restore_image(&mut chain, &sb).unwrap_err();
+    let msg = format!("{:?}", err);
+    assert!(msg.contains("checksum mismatch"), "{msg}");
+    // Only the pid helper stays (init reaps the killed half-restored process).
+    wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 1).then_some(()));
+
+    // Truncated metadata is refused when opening.
+    let meta = store.path_of(i2.id).join("meta.img");
+    let m = std::fs::read(&meta).unwrap();
+    std::fs::write(&meta, &m[..m.len() - 20]).unwrap();
+    match store.open(i2.id) {
+        Err(ImageError::Corrupt { reason, .. }) => {
+            assert!(reason.contains("short") || reason.contains("end record"), "{reason}")
+        }
+        other => panic!("truncated image opened: {other:?}"),
+    }
+}
+
+#[test]
+fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
+    wait_for(|| (counter_lines(&out).len() > 2).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+    let meta = store.path_of(id).join("meta.img");
+    let good = std::fs::read(&meta).unwrap();
+    store.open(id).unwrap().verify_pages().unwrap();
+    // Every prefix (a torn write) is refused.
+    for len in (0..good.len()).step_by(good.len() / 97 + 1).chain([good.len() - 1]) {
+        std::fs::write(&meta, &good[..len]).unwrap();
+        assert!(store.open(id).is_err(), "a metadata file cut at {len} of {} bytes was accepted", good.len());
+    }
+    // Any flipped bit is refused (magic, version, record headers and payloads are all covered).
+    for pos in (0..good.len()).step_by(good.len() / 89 + 1) {
+        let mut bad = good.clone();
+        bad[pos] ^= 0x10;
+        std::fs::write(&meta, &bad).unwrap();
+        assert!(store.open(id).is_err(), "a flipped bit at byte {pos} was accepted");
+    }
+    std::fs::write(&meta, &good).unwrap();
+    // Truncated page data is refused when read.
+    let pages = store.path_of(id).join("pages.img");
+    let len = std::fs::metadata(&pages).unwrap().len();
+    std::fs::OpenOptions::new().write(true).open(&pages).unwrap().set_len(len / 2).unwrap();
+    let err = store.open(id).unwrap().verify_pages().unwrap_err();
+    assert!(err.to_string().contains("truncated"), "{err}");
+}

@@ -1,0 +1,118 @@
+//! Sockets: python's http.server keeps listening after a restore and answers; an established TCP
+//! connection makes the checkpoint fail with an error naming the process, the fd and the reason.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+
+use common::{python, wait_for, PidNs};
+use deltacr::Engine;
+
+fn get(port: u16) -> Option<String> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.write_all(b"GET /hello.txt HTTP/1.0\r\n\r\n").ok()?;
+    let mut body = String::new();
+    s.read_to_string(&mut body).ok()?;
+    Some(body)
+}
+
+#[test]
+fn http_server_answers_after_restore_and_connections_are_refused() {
+    let mut ns = PidNs::new();
+    let dir = ns.path("www");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::write(dir.join("hello.txt"), "hello from the sandbox").unwrap();
+    // A free port: bind, read it, release it.
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let py = python();
+    let port_s = port.to_string();
+    let args = [py.as_str(), "-m", "http.server", &port_s, "--bind", "127.0.0.1", "--directory", dir.to_str().unwrap()];
+    ns.spawn(&args, None, false);
+    wait_for(|| get(port).filter(|b| b.contains("hello from the sandbox")));
+
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+
+    // A client connected to the server: the server holds an established connection.
+    let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    sb.freezer.freeze().unwrap();
+    let err = engine.checkpoint(&sb).err().expect("an established TCP connection cannot be checkpointed");
+    let msg = format!("{:?}", err);
+    assert!(msg.contains("TCP connection") && msg.contains("fd"), "{msg}");
+    drop(client);
+    // The failed checkpoint left the server running.
+    wait_for(|| get(port).filter(|b| b.contains("hello from the sandbox")));
+
+    // The server closes its side of our last request a moment after answering: retry until it has.
+    let ckpt = wait_for(|| {
+        sb.freezer.freeze().unwrap();
+        engine.checkpoint(&sb).ok()
+    });
+    for _ in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        assert!(get(port).is_none(), "nothing listens after the kill");
+        engine.restore(&ckpt, &sb).unwrap();
+        let body = wait_for(|| get(port));
+        assert!(body.contains("200 OK") && body.contains("hello from the sandbox"), "{body}");
+    }
+}
+
+const UNIX: &str = r#"
+import os, socket, sys, time
+out = open(sys.argv[1], "a")
+flag, path = sys.argv[2], sys.argv[3]
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+c, d = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+srv = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+srv.bind(path)
+srv.listen(4)
+a.sendall(b"queued-stream")
+c.send(b"m1")
+c.send(b"m2")
+out.write("ready\n")
+out.flush()
+while not os.path.exists(flag):
+    time.sleep(0.005)
+out.write("stream %s\n" % b.recv(100).decode())
+out.write("dgram %s %s\n" % (d.recv(10).decode(), d.recv(10).decode()))
+cl, _ = srv.accept()
+out.write("accepted %s\n" % cl.recv(100).decode())
+out.flush()
+time.sleep(100)
+"#;
+
+const UNIX_EXPECTED: &str = "stream queued-stream\ndgram m1 m2\naccepted hi\n";
+
+#[test]
+fn unix_socket_pairs_listeners_and_queued_data_come_back() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let flag = ns.path("flag");
+    let sock = ns.path("sock");
+    let py = python();
+    let args = [py.as_str(), "-c", UNIX, out.to_str().unwrap(), flag.to_str().unwrap(), sock.to_str().unwrap()];
+    ns.spawn(&args, None, false);
+    common::wait_for_content(&out, "ready\n");
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    sb.freezer.freeze().unwrap();
+    let ckpt = engine.checkpoint(&sb).unwrap();
+    let talk = || {
+        std::fs::write(&flag, "").unwrap();
+        let mut s = wait_for(|| std::os::unix::net::UnixStream::connect(&sock).ok());
+        s.write_all(b"hi").unwrap();
+        common::wait_for_content(&out, "accepted");
+    };
+    talk();
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("ready\n{UNIX_EXPECTED}"));
+    for _ in 0..2 {
+        engine.kill_processes(&sb).unwrap();
+        std::fs::remove_file(&flag).unwrap();
+        std::fs::write(&out, "").unwrap();
+        engine.restore(&ckpt, &sb).unwrap();
+        talk();
+        wait_for(|| (std::fs::read_to_string(&out).unwrap() == UNIX_EXPECTED).then_some(()));
+    }
+}

@@ -9,9 +9,9 @@
         shell.run("cd /tmp && export X=1")
         print(shell.run("pwd; echo $X").stdout)     # /tmp, 1
         sb.files.write("/work/hello.txt", "hi\\n")
-        ck = sb.checkpoint(fs_only=True)            # the files, now (processes keep running)
+        ck = sb.checkpoint()                        # files and processes (the session's shell too)
         sb.exec("rm -rf /work")
-        sb.rollback(ck)                             # /work is back; the sandbox's processes were killed
+        sb.rollback(ck)                             # /work is back, and the shell with its cwd and $X
         (branch,) = ck.fork(1)                      # a new sandbox starting from the checkpoint
 
 The SDK uses only the standard library. See docs/api.md for the HTTP API behind it.
@@ -21,6 +21,7 @@ from .client import DEFAULT_SOCKET, Client, Images
 from .errors import (
     BadRequest,
     CheckpointFailed,
+    CheckpointNotDurable,
     CheckpointNotFound,
     CheckpointOfAnotherSandbox,
     CommandError,
@@ -37,7 +38,6 @@ from .errors import (
     NotFound,
     PathEscapesRoot,
     PayloadTooLarge,
-    ProcessCheckpointUnavailable,
     SandboxNotFound,
     ServerError,
     SessionEnded,
@@ -67,6 +67,7 @@ __all__ = [
     "BadRequest",
     "Checkpoint",
     "CheckpointFailed",
+    "CheckpointNotDurable",
     "CheckpointNotFound",
     "CheckpointOfAnotherSandbox",
     "Client",
@@ -94,7 +95,6 @@ __all__ = [
     "Output",
     "PathEscapesRoot",
     "PayloadTooLarge",
-    "ProcessCheckpointUnavailable",
     "RollbackResult",
     "Sandbox",
     "SandboxInfo",

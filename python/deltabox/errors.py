@@ -98,16 +98,16 @@ class CheckpointNotFound(NotFound):
     """No checkpoint with that id (never made, deleted, or deleted with its sandbox)."""
 
 
-class ProcessCheckpointUnavailable(BadRequest):
-    """A checkpoint of the processes was asked for; only filesystem checkpoints exist yet (``fs_only=True``)."""
-
-
 class CheckpointOfAnotherSandbox(BadRequest):
     """A rollback named a checkpoint of another sandbox (not one this sandbox was forked from): fork it instead."""
 
 
 class InvalidCount(BadRequest):
     """A fork asked for fewer than 1 or more than 64 sandboxes."""
+
+
+class CheckpointNotDurable(Conflict):
+    """A fork (or a rollback to another sandbox's checkpoint) waited too long for the checkpoint's process image."""
 
 
 class CheckpointFailed(ServerError):
@@ -149,7 +149,7 @@ _BY_CODE: Dict[str, Type[DeltaboxError]] = {
     "session_ended": SessionEnded,
     "path_escapes_root": PathEscapesRoot,
     "checkpoint_not_found": CheckpointNotFound,
-    "process_checkpoint_unavailable": ProcessCheckpointUnavailable,
+    "checkpoint_not_durable": CheckpointNotDurable,
     "checkpoint_of_another_sandbox": CheckpointOfAnotherSandbox,
     "invalid_count": InvalidCount,
     "checkpoint_failed": CheckpointFailed,

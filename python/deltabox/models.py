@@ -158,10 +158,12 @@ class SandboxInfo:
 class RollbackResult:
     """What a rollback did.
 
-    The sandbox's files are as at ``checkpoint``. Filesystem-only: every process except the sandbox's init was
-    killed (``processes_killed``) and the sessions ended (``sessions_closed``); nothing was restarted.
-    ``latency_ms`` is the whole rollback as the sandbox's supervisor measured it, ``fs_ms`` the part spent
-    switching the filesystem and invalidating the kernel's caches for the ``changed_inodes`` that differ.
+    The sandbox is as at ``checkpoint``. Every process except the sandbox's init was killed (``processes_killed``);
+    for a full checkpoint its processes were restored (``processes_restored``, from the durable image if
+    ``from_image``) with its sessions (``sessions_restored``); sessions not in the checkpoint ended
+    (``sessions_closed``). ``latency_ms`` is the whole rollback as the sandbox's supervisor measured it, ``fs_ms``
+    the part spent switching the filesystem and invalidating the kernel's caches for the ``changed_inodes`` that
+    differ.
     """
 
     sandbox: str
@@ -171,7 +173,10 @@ class RollbackResult:
     covers: List[str] = field(default_factory=list)
     processes: str = ""
     processes_killed: int = 0
+    processes_restored: int = 0
+    from_image: bool = False
     sessions_closed: List[str] = field(default_factory=list)
+    sessions_restored: List[str] = field(default_factory=list)
     changed_inodes: int = 0
 
     @classmethod

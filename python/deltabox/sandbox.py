@@ -34,7 +34,7 @@ def _quote(segment: str) -> str:
 
 @dataclass
 class Checkpoint:
-    """A saved state of a sandbox (today: its files only, see ``covers`` and ``processes``).
+    """A saved state of a sandbox: its files, and for a full checkpoint (``kind == "full"``) its processes.
 
     Made by :meth:`Sandbox.checkpoint`, listed by :meth:`Sandbox.checkpoints`, looked up with
     :meth:`Client.checkpoint`. A checkpoint outlives its sandbox while another sandbox uses it (was forked from it
@@ -46,14 +46,19 @@ class Checkpoint:
     sandbox: str
     #: The checkpoint it was taken on top of (``None`` for the first of a line).
     parent: Optional[str] = None
+    #: ``"full"`` (files and processes) or ``"filesystem"``.
     kind: str = ""
     created: int = 0
-    #: Freeze to thaw of the sandbox, as its supervisor measured it.
+    #: How long the sandbox was frozen for it, as its supervisor measured it.
     latency_ms: float = 0.0
-    #: What it holds, e.g. ``["filesystem"]``.
+    #: What it holds: ``["filesystem", "processes"]`` or ``["filesystem"]``.
     covers: List[str] = field(default_factory=list)
-    #: What happened to the sandbox's processes (filesystem-only: they kept running, not captured).
+    #: What happened to the sandbox's processes, in words.
     processes: str = ""
+    #: Processes captured (``None`` for a filesystem-only checkpoint).
+    process_count: Optional[int] = None
+    #: Whether it is all on disk: a full checkpoint's process image is written just after the sandbox runs again.
+    durable: bool = True
     _transport: Optional["Transport"] = field(default=None, repr=False, compare=False)
 
     @classmethod
@@ -72,7 +77,8 @@ class Checkpoint:
         return self._transport
 
     def fork(self, count: int = 1) -> List["Sandbox"]:
-        """Starts ``count`` (1 to 64) new sandboxes whose files start as in this checkpoint.
+        """Starts ``count`` (1 to 64) new sandboxes as this checkpoint: its files, and for a full checkpoint its
+        processes and sessions.
 
         Each gets its own id (and hostname), writable layer and processes; they share the checkpoint's data.
         All or nothing: if one cannot start, none is left. Raises :class:`~deltabox.InvalidCount` for a count
@@ -246,9 +252,10 @@ class Sandbox:
     def checkpoint(self, *, fs_only: bool = False) -> Checkpoint:
         """Saves the sandbox's state as a new checkpoint on top of its current :attr:`SandboxInfo.head`.
 
-        Only filesystem checkpoints exist yet: pass ``fs_only=True`` (processes keep running and are not
-        captured); without it the daemon raises :class:`~deltabox.ProcessCheckpointUnavailable`. The
-        sandbox's processes are frozen for the moment the checkpoint takes, so it is one consistent point in time.
+        By default a full checkpoint: the files and every process (memory, open files, shell sessions). With
+        ``fs_only`` the files only: the processes keep running and are not captured, and a rollback to it kills
+        them. Either way the sandbox is frozen for the moment it takes, so it is one consistent point in time.
+        Raises :class:`~deltabox.CheckpointFailed` with the reason if a process cannot be checkpointed.
         """
         body = {"fs_only": True} if fs_only else {}
         return Checkpoint.from_json(self._transport, self._transport.call("POST", self._path + "/checkpoints",
@@ -260,12 +267,13 @@ class Sandbox:
         return [Checkpoint.from_json(self._transport, c) for c in data["checkpoints"]]
 
     def rollback(self, checkpoint: CheckpointRef) -> RollbackResult:
-        """Puts the sandbox's files back as they were at ``checkpoint`` (a :class:`Checkpoint` or its id).
+        """Puts the sandbox back as it was at ``checkpoint`` (a :class:`Checkpoint` or its id).
 
-        The checkpoint must be one of this sandbox's or one it was forked from (else
+        The checkpoint must be one of this sandbox's or one it descends from through a fork (else
         :class:`~deltabox.CheckpointOfAnotherSandbox`: fork it instead). Every process except the sandbox's init
-        is killed and every session ends; the sandbox stays usable. Newer checkpoints are kept, so one can roll
-        forward to them again.
+        is killed; a full checkpoint's processes and sessions come back as they were, after a filesystem-only
+        one nothing is restarted and every session ends. Newer checkpoints are kept, so one can roll forward to
+        them again.
         """
         body = {"checkpoint": _checkpoint_id(checkpoint)}
         return RollbackResult.from_json(self._transport.call("POST", self._path + "/rollback", json_body=body))

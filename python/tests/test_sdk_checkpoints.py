@@ -16,7 +16,9 @@ CHECKPOINT = {
     "created": 1700000100,
     "latency_ms": 0.81,
     "covers": ["filesystem"],
-    "processes": "kept running (filesystem-only checkpoint: processes are not captured)",
+    "processes": "not captured (filesystem-only checkpoint): they kept running",
+    "process_count": None,
+    "durable": True,
 }
 ROLLBACK = {
     "sandbox": SANDBOX["id"],
@@ -24,9 +26,12 @@ ROLLBACK = {
     "latency_ms": 3.5,
     "fs_ms": 1.25,
     "covers": ["filesystem"],
-    "processes": "restarted: 2 process(es) killed, init kept (filesystem-only checkpoint: processes are not restored)",
+    "processes": "2 killed; 2 restored from the checkpoint",
     "processes_killed": 2,
+    "processes_restored": 2,
+    "from_image": False,
     "sessions_closed": ["main"],
+    "sessions_restored": ["work"],
     "changed_inodes": 7,
 }
 FORKED = [dict(SANDBOX, id=f"00000000000{i}", origin=CHECKPOINT["id"], head=CHECKPOINT["id"]) for i in (1, 2)]
@@ -46,14 +51,21 @@ def test_fs_only_checkpoint(fake, sandbox):
     assert ck == dataclasses.replace(ck, _transport=None)
 
 
-def test_process_checkpoint_is_refused_with_a_typed_error(fake, sandbox):
-    error = {"error": "process_checkpoint_unavailable", "message": "ask for {\"fs_only\": true}"}
-    fake.route("POST", f"{SB}/checkpoints", Reply(400, error))
-    with pytest.raises(deltabox.ProcessCheckpointUnavailable) as err:
-        sandbox.checkpoint()
-    # Without fs_only the SDK asks for a full checkpoint, which the daemon refuses with a clear message.
+def test_full_checkpoint_by_default(fake, sandbox):
+    full = dict(CHECKPOINT, kind="full", covers=["filesystem", "processes"], process_count=3, durable=False,
+                processes="3 captured; durable image being written")
+    fake.route("POST", f"{SB}/checkpoints", Reply(201, full))
+    ck = sandbox.checkpoint()
+    # Without fs_only the SDK asks for the daemon's default: files and processes.
     assert fake.requests[-1].json() == {}
-    assert isinstance(err.value, deltabox.BadRequest) and "fs_only" in err.value.message
+    assert (ck.kind, ck.covers, ck.process_count, ck.durable) == ("full", ["filesystem", "processes"], 3, False)
+
+
+def test_checkpoint_fields_of_an_older_daemon_have_defaults(fake, sandbox):
+    old = {k: v for k, v in CHECKPOINT.items() if k not in ("process_count", "durable")}
+    fake.route("POST", f"{SB}/checkpoints", Reply(201, old))
+    ck = sandbox.checkpoint(fs_only=True)
+    assert (ck.process_count, ck.durable) == (None, True)
 
 
 def test_list_checkpoints(fake, sandbox):
@@ -62,6 +74,14 @@ def test_list_checkpoints(fake, sandbox):
     listed = sandbox.checkpoints()
     assert [c.id for c in listed] == ["ck-000000001234", CHECKPOINT["id"]]
     assert [c.parent for c in listed] == [None, "ck-000000001234"]
+
+
+def test_a_fork_waiting_too_long_for_the_process_image(fake):
+    error = {"error": "checkpoint_not_durable", "message": "the process image of checkpoint ck-1 is not written (yet)"}
+    fake.route("POST", "/v1/checkpoints/ck-1/fork", Reply(409, error))
+    with pytest.raises(deltabox.CheckpointNotDurable) as err:
+        fake.client.fork("ck-1")
+    assert isinstance(err.value, deltabox.Conflict)
 
 
 @pytest.mark.parametrize("as_object", [True, False])
@@ -75,6 +95,7 @@ def test_rollback_takes_a_checkpoint_or_its_id(fake, sandbox, as_object):
     assert isinstance(result, deltabox.RollbackResult)
     assert (result.checkpoint, result.processes_killed, result.sessions_closed) == (CHECKPOINT["id"], 2, ["main"])
     assert (result.latency_ms, result.fs_ms, result.changed_inodes) == (3.5, 1.25, 7)
+    assert (result.processes_restored, result.from_image, result.sessions_restored) == (2, False, ["work"])
 
 
 def test_rollback_to_a_checkpoint_of_another_sandbox(fake, sandbox):

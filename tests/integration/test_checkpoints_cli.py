@@ -35,7 +35,7 @@ def test_checkpoint_rollback_fork_and_rm(client, cli):
         assert [line.split()[:3] for line in listing[1:]] == [[ck, "-", "filesystem"], [second, ck, "filesystem"]]
 
         rolled = cli("rollback", sb.id, ck)
-        assert "1 process(es) killed" in rolled.stderr and "not restored" in rolled.stderr
+        assert "1 killed" in rolled.stderr and "not restored" in rolled.stderr
         assert sb.files.read("/tmp/v") == b"one\n"
 
         forks = cli("fork", second, "--count", "2").stdout.split()
@@ -56,7 +56,6 @@ def test_checkpoint_rollback_fork_and_rm(client, cli):
 
 def test_cli_errors(client, cli):
     with new_sandbox(client, "busybox") as sb:
-        assert "fs_only" in cli("checkpoint", sb.id, ok=False).stderr.replace("-", "_")
         assert "checkpoint_not_found" in cli("rollback", sb.id, "ck-000000000000", ok=False).stderr
         ck = sb.checkpoint(fs_only=True)
         assert "between 1 and 64" in cli("fork", ck.id, "--count", "65", ok=False).stderr

@@ -78,15 +78,6 @@ def test_rollback_to_a_checkpoint_of_another_sandbox(client, sb):
     assert foreign.id in err.value.message and other.id in err.value.message and "fork" in err.value.message
 
 
-@pytest.mark.parametrize("body", [b"", b"{}", b'{"fs_only": false}'])
-def test_a_process_checkpoint_is_not_available_yet(daemon, sb, body):
-    status, answer = request(daemon, "POST", f"/v1/sandboxes/{sb.id}/checkpoints", body, JSON)
-    assert (status, answer["error"]) == (400, "process_checkpoint_unavailable")
-    assert '"fs_only": true' in answer["message"]
-    with pytest.raises(deltabox.ProcessCheckpointUnavailable):
-        sb.checkpoint()
-
-
 # The checkpoint and fork handlers read their optional bodies themselves and report every problem as invalid_json.
 OPTIONAL_BODY_CODES = pytest.mark.xfail(
     strict=False, reason="daemon bug: POST .../checkpoints and POST /v1/checkpoints/{id}/fork answer invalid_json "

@@ -9,6 +9,10 @@
         shell.run("cd /tmp && export X=1")
         print(shell.run("pwd; echo $X").stdout)     # /tmp, 1
         sb.files.write("/work/hello.txt", "hi\\n")
+        ck = sb.checkpoint()                        # files and processes (the session's shell too)
+        sb.exec("rm -rf /work")
+        sb.rollback(ck)                             # /work is back, and the shell with its cwd and $X
+        (branch,) = ck.fork(1)                      # a new sandbox starting from the checkpoint
 
 The SDK uses only the standard library. See docs/api.md for the HTTP API behind it.
 """
@@ -16,6 +20,10 @@ The SDK uses only the standard library. See docs/api.md for the HTTP API behind 
 from .client import DEFAULT_SOCKET, Client, Images
 from .errors import (
     BadRequest,
+    CheckpointFailed,
+    CheckpointNotDurable,
+    CheckpointNotFound,
+    CheckpointOfAnotherSandbox,
     CommandError,
     Conflict,
     DaemonUnavailable,
@@ -25,6 +33,7 @@ from .errors import (
     ImageNotFound,
     ImportFailed,
     InsufficientStorage,
+    InvalidCount,
     MethodNotAllowed,
     NotFound,
     PathEscapesRoot,
@@ -45,16 +54,22 @@ from .models import (
     ImageInfo,
     ImportProgress,
     Output,
+    RollbackResult,
     SandboxInfo,
     Started,
 )
-from .sandbox import Sandbox, Session
+from .sandbox import Checkpoint, Sandbox, Session
 
 __version__ = "0.1.0"
 
 __all__ = [
     "DEFAULT_SOCKET",
     "BadRequest",
+    "Checkpoint",
+    "CheckpointFailed",
+    "CheckpointNotDurable",
+    "CheckpointNotFound",
+    "CheckpointOfAnotherSandbox",
     "Client",
     "CommandError",
     "Conflict",
@@ -74,11 +89,13 @@ __all__ = [
     "ImportFailed",
     "ImportProgress",
     "InsufficientStorage",
+    "InvalidCount",
     "MethodNotAllowed",
     "NotFound",
     "Output",
     "PathEscapesRoot",
     "PayloadTooLarge",
+    "RollbackResult",
     "Sandbox",
     "SandboxInfo",
     "SandboxNotFound",

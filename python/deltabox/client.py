@@ -10,7 +10,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Union
 from ._http import Transport
 from .errors import DeltaboxError, make_error
 from .models import ImageInfo, ImportProgress, SandboxInfo
-from .sandbox import Sandbox
+from .sandbox import Checkpoint, CheckpointRef, Sandbox, _checkpoint_id, _fork
 
 DEFAULT_SOCKET = "/run/deltabox/deltabox.sock"
 
@@ -116,6 +116,16 @@ class Client:
         """Every sandbox of the daemon, oldest first."""
         data = self._transport.call("GET", "/v1/sandboxes")
         return [Sandbox(self._transport, SandboxInfo.from_json(s)) for s in data["sandboxes"]]
+
+    def checkpoint(self, id: str) -> Checkpoint:
+        """The checkpoint ``id`` (raises :class:`~deltabox.CheckpointNotFound`), also after its sandbox is gone."""
+        path = f"/v1/checkpoints/{urllib.parse.quote(_checkpoint_id(id), safe='')}"
+        return Checkpoint.from_json(self._transport, self._transport.call("GET", path))
+
+    def fork(self, checkpoint: CheckpointRef, count: int = 1) -> List[Sandbox]:
+        """Starts ``count`` (1 to 64) new sandboxes whose files start as in ``checkpoint`` (a
+        :class:`~deltabox.Checkpoint` or its id); see :meth:`Checkpoint.fork`."""
+        return _fork(self._transport, checkpoint, count)
 
     def close(self) -> None:
         """Closes the kept-open connections (the client stays usable and reconnects when needed)."""

@@ -94,6 +94,26 @@ class PathEscapesRoot(BadRequest):
     """A files call named a path that climbs above the sandbox's root."""
 
 
+class CheckpointNotFound(NotFound):
+    """No checkpoint with that id (never made, deleted, or deleted with its sandbox)."""
+
+
+class CheckpointOfAnotherSandbox(BadRequest):
+    """A rollback named a checkpoint of another sandbox (not one this sandbox was forked from): fork it instead."""
+
+
+class InvalidCount(BadRequest):
+    """A fork asked for fewer than 1 or more than 64 sandboxes."""
+
+
+class CheckpointNotDurable(Conflict):
+    """A fork (or a rollback to another sandbox's checkpoint) waited too long for the checkpoint's process image."""
+
+
+class CheckpointFailed(ServerError):
+    """The sandbox's supervisor could not take the checkpoint or do the rollback (the message says why)."""
+
+
 class ImportFailed(DeltaboxError):
     """An image import was refused while it ran (bad archive, unreadable source ...)."""
 
@@ -128,6 +148,11 @@ _BY_CODE: Dict[str, Type[DeltaboxError]] = {
     "file_not_found": FileNotFound,
     "session_ended": SessionEnded,
     "path_escapes_root": PathEscapesRoot,
+    "checkpoint_not_found": CheckpointNotFound,
+    "checkpoint_not_durable": CheckpointNotDurable,
+    "checkpoint_of_another_sandbox": CheckpointOfAnotherSandbox,
+    "invalid_count": InvalidCount,
+    "checkpoint_failed": CheckpointFailed,
     "import_failed": ImportFailed,
 }
 

@@ -132,6 +132,8 @@ class SandboxInfo:
     """A sandbox as the daemon reports it.
 
     ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
+    ``origin`` is the checkpoint it was forked from (``None`` if created from an image); ``head`` the checkpoint
+    its current files descend from (its last checkpoint or rollback target; ``None`` before the first).
     """
 
     id: str
@@ -144,9 +146,41 @@ class SandboxInfo:
     created: int = 0
     uid_base: Optional[int] = None
     init_pid: Optional[int] = None
+    origin: Optional[str] = None
+    head: Optional[str] = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SandboxInfo":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class RollbackResult:
+    """What a rollback did.
+
+    The sandbox is as at ``checkpoint``. Every process except the sandbox's init was killed (``processes_killed``);
+    for a full checkpoint its processes were restored (``processes_restored``, from the durable image if
+    ``from_image``) with its sessions (``sessions_restored``); sessions not in the checkpoint ended
+    (``sessions_closed``). ``latency_ms`` is the whole rollback as the sandbox's supervisor measured it, ``fs_ms``
+    the part spent switching the filesystem and invalidating the kernel's caches for the ``changed_inodes`` that
+    differ.
+    """
+
+    sandbox: str
+    checkpoint: str
+    latency_ms: float = 0.0
+    fs_ms: float = 0.0
+    covers: List[str] = field(default_factory=list)
+    processes: str = ""
+    processes_killed: int = 0
+    processes_restored: int = 0
+    from_image: bool = False
+    sessions_closed: List[str] = field(default_factory=list)
+    sessions_restored: List[str] = field(default_factory=list)
+    changed_inodes: int = 0
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "RollbackResult":
         return _known_fields(cls, data)
 
 

@@ -1,15 +1,16 @@
-"""A sandbox handle: commands, shell sessions, files."""
+"""A sandbox handle: commands, shell sessions, files, checkpoints."""
 
 from __future__ import annotations
 
 import base64
 import json
 import urllib.parse
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Union
 
 from .errors import DeltaboxError, NotFound, make_error
 from .files import Files
-from .models import Command, ExecEvent, ExecResult, SandboxInfo, event_from_json
+from .models import Command, ExecEvent, ExecResult, RollbackResult, SandboxInfo, _known_fields, event_from_json
 
 if TYPE_CHECKING:
     from ._http import Transport
@@ -29,6 +30,89 @@ def _argv(cmd: Command) -> List[str]:
 
 def _quote(segment: str) -> str:
     return urllib.parse.quote(segment, safe="")
+
+
+@dataclass
+class Checkpoint:
+    """A saved state of a sandbox: its files, and for a full checkpoint (``kind == "full"``) its processes.
+
+    Made by :meth:`Sandbox.checkpoint`, listed by :meth:`Sandbox.checkpoints`, looked up with
+    :meth:`Client.checkpoint`. A checkpoint outlives its sandbox while another sandbox uses it (was forked from it
+    or built a checkpoint on top of it), or when the sandbox was deleted with ``keep_checkpoints=True``.
+    """
+
+    id: str
+    #: The sandbox it was taken in.
+    sandbox: str
+    #: The checkpoint it was taken on top of (``None`` for the first of a line).
+    parent: Optional[str] = None
+    #: ``"full"`` (files and processes) or ``"filesystem"``.
+    kind: str = ""
+    created: int = 0
+    #: How long the sandbox was frozen for it, as its supervisor measured it.
+    latency_ms: float = 0.0
+    #: What it holds: ``["filesystem", "processes"]`` or ``["filesystem"]``.
+    covers: List[str] = field(default_factory=list)
+    #: What happened to the sandbox's processes, in words.
+    processes: str = ""
+    #: Processes captured (``None`` for a filesystem-only checkpoint).
+    process_count: Optional[int] = None
+    #: Whether it is all on disk: a full checkpoint's process image is written just after the sandbox runs again.
+    durable: bool = True
+    _transport: Optional["Transport"] = field(default=None, repr=False, compare=False)
+
+    @classmethod
+    def from_json(cls, transport: "Transport", data: Mapping[str, Any]) -> "Checkpoint":
+        checkpoint = _known_fields(cls, {k: v for k, v in data.items() if not k.startswith("_")})
+        checkpoint._transport = transport
+        return checkpoint
+
+    @property
+    def _path(self) -> str:
+        return f"/v1/checkpoints/{_quote(self.id)}"
+
+    def _require_transport(self) -> "Transport":
+        if self._transport is None:
+            raise ValueError(f"checkpoint {self.id} is not bound to a client (use Client.checkpoint(id))")
+        return self._transport
+
+    def fork(self, count: int = 1) -> List["Sandbox"]:
+        """Starts ``count`` (1 to 64) new sandboxes as this checkpoint: its files, and for a full checkpoint its
+        processes and sessions.
+
+        Each gets its own id (and hostname), writable layer and processes; they share the checkpoint's data.
+        All or nothing: if one cannot start, none is left. Raises :class:`~deltabox.InvalidCount` for a count
+        out of range and :class:`~deltabox.CheckpointNotFound` if the checkpoint was deleted.
+        """
+        return _fork(self._require_transport(), self.id, count)
+
+    def delete(self) -> None:
+        """Deletes the checkpoint. Its children are relinked to its parent; its data is freed once no sandbox
+        or other checkpoint needs it."""
+        self._require_transport().call("DELETE", self._path)
+
+    def refresh(self) -> "Checkpoint":
+        """The checkpoint as the daemon describes it now (its ``parent`` changes when its parent is deleted)."""
+        return Checkpoint.from_json(self._require_transport(), self._require_transport().call("GET", self._path))
+
+
+CheckpointRef = Union[Checkpoint, str]
+
+
+def _checkpoint_id(checkpoint: CheckpointRef) -> str:
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint.id
+    if isinstance(checkpoint, str) and checkpoint:
+        return checkpoint
+    raise TypeError(f"expected a Checkpoint or a checkpoint id, not {checkpoint!r}")
+
+
+def _fork(transport: "Transport", checkpoint: CheckpointRef, count: int) -> List["Sandbox"]:
+    if isinstance(count, bool) or not isinstance(count, int):
+        raise TypeError(f"count must be an int, not {count!r}")
+    path = f"/v1/checkpoints/{_quote(_checkpoint_id(checkpoint))}/fork"
+    data = transport.call("POST", path, json_body={"count": count})
+    return [Sandbox(transport, SandboxInfo.from_json(s)) for s in data["sandboxes"]]
 
 
 class Session:
@@ -165,9 +249,44 @@ class Sandbox:
         """Names of the sandbox's open sessions."""
         return list(self._transport.call("GET", self._path + "/sessions")["sessions"])
 
-    def delete(self) -> None:
-        """Removes the sandbox: kills every process in it and frees its files, mounts and cgroups."""
-        self._transport.call("DELETE", self._path)
+    def checkpoint(self, *, fs_only: bool = False) -> Checkpoint:
+        """Saves the sandbox's state as a new checkpoint on top of its current :attr:`SandboxInfo.head`.
+
+        By default a full checkpoint: the files and every process (memory, open files, shell sessions). With
+        ``fs_only`` the files only: the processes keep running and are not captured, and a rollback to it kills
+        them. Either way the sandbox is frozen for the moment it takes, so it is one consistent point in time.
+        Raises :class:`~deltabox.CheckpointFailed` with the reason if a process cannot be checkpointed.
+        """
+        body = {"fs_only": True} if fs_only else {}
+        return Checkpoint.from_json(self._transport, self._transport.call("POST", self._path + "/checkpoints",
+                                                                          json_body=body))
+
+    def checkpoints(self) -> List[Checkpoint]:
+        """The checkpoints taken in this sandbox, oldest first (a parent before its children)."""
+        data = self._transport.call("GET", self._path + "/checkpoints")
+        return [Checkpoint.from_json(self._transport, c) for c in data["checkpoints"]]
+
+    def rollback(self, checkpoint: CheckpointRef) -> RollbackResult:
+        """Puts the sandbox back as it was at ``checkpoint`` (a :class:`Checkpoint` or its id).
+
+        The checkpoint must be one of this sandbox's or one it descends from through a fork (else
+        :class:`~deltabox.CheckpointOfAnotherSandbox`: fork it instead). Every process except the sandbox's init
+        is killed; a full checkpoint's processes and sessions come back as they were, after a filesystem-only
+        one nothing is restarted and every session ends. Newer checkpoints are kept, so one can roll forward to
+        them again.
+        """
+        body = {"checkpoint": _checkpoint_id(checkpoint)}
+        return RollbackResult.from_json(self._transport.call("POST", self._path + "/rollback", json_body=body))
+
+    def delete(self, *, keep_checkpoints: bool = False) -> None:
+        """Removes the sandbox: kills every process in it and frees its files, mounts and cgroups.
+
+        Its checkpoints are deleted too, except those another sandbox uses (was forked from, or built a
+        checkpoint on top of); with ``keep_checkpoints`` all of them stay (delete them with
+        :meth:`Checkpoint.delete`).
+        """
+        query = {"keep_checkpoints": True} if keep_checkpoints else None
+        self._transport.call("DELETE", self._path, query=query)
 
     def __enter__(self) -> "Sandbox":
         return self

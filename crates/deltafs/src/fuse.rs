@@ -19,6 +19,11 @@ use crate::volume::{Caller, OpResult, Volume};
 pub(crate) struct DeltaFs {
     pub vol: Arc<Volume>,
     pub ttl: Duration,
+    /// Opens need not reach the server (the engine finds dirty shared mappings another way):
+    /// OPEN and CREATE answer ENOSYS once, then the kernel opens files without a round trip
+    /// (FUSE_NO_OPEN_SUPPORT) and creates them with MKNOD. Cleared in `init` if the kernel
+    /// cannot do that.
+    pub no_open: bool,
 }
 
 impl DeltaFs {
@@ -58,7 +63,10 @@ impl DeltaFs {
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
-            Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            Ok((ino, node)) => {
+                self.vol.remember(ino);
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -112,11 +120,15 @@ fn file_type(mode: u32) -> FileType {
 
 impl fuser::Filesystem for DeltaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_CACHE_SYMLINKS
+        self.no_open &= config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        let mut wanted = InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            | InitFlags::FUSE_READDIRPLUS_AUTO;
+        // The truncation then comes with OPEN; without OPEN it must come as SETATTR.
+        if !self.no_open {
+            wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
+        }
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -125,7 +137,7 @@ impl fuser::Filesystem for DeltaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.vol.lookup(parent.0, name) {
-            Ok(Some((ino, node))) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(0)),
+            Ok(Some(found)) => self.reply_entry(reply, Ok(found)),
             // A negative entry: the kernel caches the absence (rollback invalidates it precisely).
             Ok(None) => {
                 let mut attr = self.attr(0, &empty_node());
@@ -134,6 +146,10 @@ impl fuser::Filesystem for DeltaFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vol.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -240,6 +256,9 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
             let r = self.vol.setattr(ino.0, None, None, None, Some(0), None, None, None);
@@ -258,22 +277,22 @@ impl fuser::Filesystem for DeltaFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.vol.read(fh.0, offset, size));
+        reply_data(reply, self.vol.read(ino.0, offset, size));
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -281,7 +300,7 @@ impl fuser::Filesystem for DeltaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vol.write(fh.0, offset, data) {
+        match self.vol.write(ino.0, offset, data) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -338,6 +357,10 @@ impl fuser::Filesystem for DeltaFs {
             let (ttl, generation) = (&self.ttl, Generation(0));
             if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
                 break;
+            }
+            // The kernel takes a reference to every entry but `.` and `..`.
+            if i >= 2 {
+                self.vol.remember(*child);
             }
         }
         reply.ok();
@@ -407,19 +430,25 @@ impl fuser::Filesystem for DeltaFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.no_open {
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         let mode = libc::S_IFREG | (mode & 0o7777);
         let (ino, node) = match self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
         match self.vol.open(ino, false, true) {
-            Ok(fh) => reply.created(
-                &self.ttl,
-                &self.attr(ino, &node),
-                Generation(0),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(fh) => {
+                self.vol.remember(ino);
+                reply.created(
+                    &self.ttl,
+                    &self.attr(ino, &node),
+                    Generation(0),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
@@ -427,14 +456,14 @@ impl fuser::Filesystem for DeltaFs {
     fn fallocate(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.fallocate(fh.0, offset, length, mode));
+        reply_empty(reply, self.vol.fallocate(ino.0, offset, length, mode));
     }
 }
 

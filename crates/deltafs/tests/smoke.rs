@@ -150,3 +150,65 @@ fn suid_and_sgid_are_cleared_as_on_ext4() {
     assert_eq!(mode("r"), 0o777, "chown clears suid/sgid");
     m.unmount().unwrap();
 }
+
+#[test]
+fn unlinked_files_live_while_open_or_mapped() {
+    for how in BOTH_MODES {
+        unlinked_file_lifetime(how);
+    }
+}
+
+/// Data files the store holds for inode `ino`, in any layer.
+fn data_files_of(fx: &Fixture, ino: u64) -> usize {
+    let layers = fx.dir.path().join("store/layers");
+    let mut n = 0;
+    for layer in std::fs::read_dir(layers).unwrap() {
+        let data = layer.unwrap().path().join("data");
+        for fan in std::fs::read_dir(data).into_iter().flatten() {
+            n += usize::from(fan.unwrap().path().join(ino.to_string()).exists());
+        }
+    }
+    n
+}
+
+fn unlinked_file_lifetime(how: MountFn) {
+    use std::os::unix::fs::MetadataExt;
+    let Some((fx, _base, m, root)) = mounted_with(how, |_| {}) else {
+        return;
+    };
+    std::fs::write(root.join("gone"), b"still here").unwrap();
+    let ino = std::fs::metadata(root.join("gone")).unwrap().ino();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("gone")).unwrap();
+    std::fs::remove_file(root.join("gone")).unwrap();
+    f.write_all_at(b"STILL", 0).unwrap();
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"STILL here");
+    // SAFETY: a fresh read-only shared mapping of the open file, unmapped below.
+    let map = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            std::num::NonZeroUsize::new(10).unwrap(),
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &f,
+            0,
+        )
+        .unwrap()
+    };
+    drop(f);
+    // The mapping alone keeps the unlinked file: its pages can still be read in from the server.
+    // SAFETY: map points at 10 mapped bytes.
+    let mapped = unsafe { std::slice::from_raw_parts(map.as_ptr() as *const u8, 10).to_vec() };
+    assert_eq!(mapped, b"STILL here");
+    assert_eq!(data_files_of(&fx, ino), 1);
+    // SAFETY: unmapping the mapping created above.
+    unsafe { nix::sys::mman::munmap(map, 10).unwrap() };
+    // The kernel then forgets the inode (FORGET arrives asynchronously) and its data is freed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while data_files_of(&fx, ino) > 0 {
+        assert!(std::time::Instant::now() < deadline, "data of the unlinked file is never freed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    m.unmount().unwrap();
+}

@@ -14,7 +14,7 @@ use fuser::{
 use nix::errno::Errno;
 
 use crate::node::{Ino, Node, Time};
-use crate::volume::{Caller, OpResult, Volume};
+use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume};
 
 pub(crate) struct DeltaFs {
     pub vol: Arc<Volume>,
@@ -29,6 +29,13 @@ pub(crate) struct DeltaFs {
 impl DeltaFs {
     fn caller(&self, req: &Request) -> Caller {
         Caller { uid: self.vol.ids.uid_from_host(req.uid()), gid: self.vol.ids.gid_from_host(req.gid()) }
+    }
+
+    /// Whether a truncation or allocation of `ino` by the caller must clear set-ID bits. With
+    /// FUSE_HANDLE_KILLPRIV_V2 the kernel says so only in flags fuser does not pass on, so the
+    /// caller's capability is looked up, and only when the file has such bits.
+    fn kills_suidgid(&self, req: &Request, ino: Ino) -> bool {
+        self.vol.getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -70,6 +77,27 @@ impl DeltaFs {
             Err(e) => reply.error(errno(e)),
         }
     }
+}
+
+/// The capability's bit number (linux/capability.h).
+const CAP_FSETID: u32 = 4;
+
+/// Whether process `pid` lacks CAP_FSETID in the initial user namespace (what the kernel's
+/// `capable(CAP_FSETID)` checks), so that its truncation or allocation clears set-ID bits. A process
+/// that cannot be inspected counts as lacking it: clearing is the safe side.
+fn lacks_cap_fsetid(pid: u32) -> bool {
+    let capable = || -> Option<bool> {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()?;
+        // Mounting FUSE needs the initial user namespace, so this server runs in it.
+        if theirs != std::fs::read_link("/proc/self/ns/user").ok()? {
+            return Some(false);
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+        let eff = u64::from_str_radix(eff.trim(), 16).ok()?;
+        Some(eff & (1 << CAP_FSETID) != 0)
+    };
+    !capable().unwrap_or(false)
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -124,7 +152,11 @@ impl fuser::Filesystem for DeltaFs {
         let mut wanted = InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
-            | InitFlags::FUSE_READDIRPLUS_AUTO;
+            | InitFlags::FUSE_READDIRPLUS_AUTO
+            // The server clears set-ID bits: no GETATTR before every chown, and the kernel can
+            // remember per inode that no security.capability needs removing (SB_NOSEC) instead of
+            // asking with a GETXATTR before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
         // The truncation then comes with OPEN; without OPEN it must come as SETATTR.
         if !self.no_open {
             wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
@@ -161,7 +193,7 @@ impl fuser::Filesystem for DeltaFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -177,16 +209,20 @@ impl fuser::Filesystem for DeltaFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let r = self.vol.setattr(
-            ino.0,
+        // A chown of a non-directory always clears set-ID bits; a truncation when the caller lacks
+        // CAP_FSETID.
+        let chown = (uid.is_some() || gid.is_some()) && self.vol.getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
+        let change = AttrChange {
             mode,
-            uid.map(|u| self.vol.ids.uid_from_host(u)),
-            gid.map(|g| self.vol.ids.gid_from_host(g)),
+            uid: uid.map(|u| self.vol.ids.uid_from_host(u)),
+            gid: gid.map(|g| self.vol.ids.gid_from_host(g)),
             size,
-            time_arg(atime),
-            time_arg(mtime),
-            ctime.map(Time::from_system),
-        );
+            atime: time_arg(atime),
+            mtime: time_arg(mtime),
+            ctime: ctime.map(Time::from_system),
+            kill_suidgid: chown || (size.is_some() && self.kills_suidgid(req, ino.0)),
+        };
+        let r = self.vol.setattr(ino.0, change);
         match r {
             Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
             Err(e) => reply.error(errno(e)),
@@ -255,13 +291,14 @@ impl fuser::Filesystem for DeltaFs {
         self.reply_entry(reply, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
         if self.no_open {
             return reply.error(fuser::Errno::ENOSYS);
         }
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
-            let r = self.vol.setattr(ino.0, None, None, None, Some(0), None, None, None);
+            let kill_suidgid = self.kills_suidgid(req, ino.0);
+            let r = self.vol.setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
             if let Err(e) = r {
                 return reply.error(errno(e));
             }
@@ -295,12 +332,13 @@ impl fuser::Filesystem for DeltaFs {
         _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vol.write(ino.0, offset, data) {
+        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.vol.write(ino.0, offset, data, kill_suidgid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -455,7 +493,7 @@ impl fuser::Filesystem for DeltaFs {
 
     fn fallocate(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         _fh: FileHandle,
         offset: u64,
@@ -463,7 +501,8 @@ impl fuser::Filesystem for DeltaFs {
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.fallocate(ino.0, offset, length, mode));
+        let kill_suidgid = self.kills_suidgid(req, ino.0);
+        reply_empty(reply, self.vol.fallocate(ino.0, offset, length, mode, kill_suidgid));
     }
 }
 

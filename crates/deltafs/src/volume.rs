@@ -81,6 +81,36 @@ impl IdMap {
     }
 }
 
+/// A SETATTR: the attributes to change (in stored ids; a time of `Some(None)` means now).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Option<Time>>,
+    pub mtime: Option<Option<Time>>,
+    pub ctime: Option<Time>,
+    /// Clear set-user-ID and (for group-executable files) set-group-ID, as the VFS does on chown
+    /// and on truncation by a caller without CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2 leaves it to us).
+    pub kill_suidgid: bool,
+}
+
+/// The mode without set-user-ID and, when group-executable, without set-group-ID (what a write,
+/// truncate or chown leaves of a privileged mode).
+fn killed_suidgid(mode: u32) -> u32 {
+    let mut mode = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    mode
+}
+
+/// Whether `mode` has bits a write, truncate or chown would clear.
+pub(crate) fn has_suidgid(mode: u32) -> bool {
+    killed_suidgid(mode) != mode
+}
+
 /// Who is asking, in stored ids.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Caller {
@@ -123,7 +153,7 @@ struct State {
     layer: WritableLayer,
     /// Trees of checkpoints made or loaded by this mount (shared structure: memory follows change).
     snapshots: HashMap<LayerId, Tree>,
-    /// Files whose size/times changed by writes and are not yet journaled.
+    /// Files changed by writes (size, times, cleared set-ID bits) whose new state is not yet journaled.
     pending: BTreeSet<Ino>,
 }
 
@@ -477,40 +507,32 @@ impl Volume {
 
     // ---------------------------------------------------------------- attributes
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn setattr(
-        &self,
-        ino: Ino,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<Option<Time>>,
-        mtime: Option<Option<Time>>,
-        ctime: Option<Time>,
-    ) -> OpResult<(Ino, Node)> {
+    pub fn setattr(&self, ino: Ino, change: AttrChange) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
         let now = Time::now();
-        if let Some(size) = size {
+        if let Some(size) = change.size {
             self.truncate(&mut st, ino, size)?;
         }
         let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
-        if let Some(mode) = mode {
+        if let Some(mode) = change.mode {
             n.attr.mode = (n.attr.mode & libc::S_IFMT) | (mode & 0o7777);
         }
-        if let Some(uid) = uid {
+        if change.kill_suidgid {
+            n.attr.mode = killed_suidgid(n.attr.mode);
+        }
+        if let Some(uid) = change.uid {
             n.attr.uid = uid;
         }
-        if let Some(gid) = gid {
+        if let Some(gid) = change.gid {
             n.attr.gid = gid;
         }
-        if let Some(t) = atime {
+        if let Some(t) = change.atime {
             n.attr.atime = t.unwrap_or(now);
         }
-        if let Some(t) = mtime {
+        if let Some(t) = change.mtime {
             n.attr.mtime = t.unwrap_or(now);
         }
-        n.attr.ctime = ctime.unwrap_or(now);
+        n.attr.ctime = change.ctime.unwrap_or(now);
         let node = n.clone();
         st.pending.remove(&ino);
         st.log(&[journal_node(ino, &node)])?;
@@ -745,13 +767,13 @@ impl Volume {
 
     /// Changes the contents of file `ino` under the write lock: copies up `chunks` (except bytes in
     /// `overwritten`), runs `f` with the writable layer's data file, stores the new contents and
-    /// updates ctime (and mtime).
+    /// updates ctime (and mtime), clearing set-user/group-ID if `kill_suidgid`.
     fn modify_content(
         &self,
         ino: Ino,
         chunks: std::ops::Range<u64>,
         overwritten: (u64, u64),
-        mtime: bool,
+        (mtime, kill_suidgid): (bool, bool),
         f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
     ) -> OpResult<()> {
         let mut st = self.state.write();
@@ -771,6 +793,9 @@ impl Volume {
         if mtime {
             n.attr.mtime = now;
         }
+        if kill_suidgid {
+            n.attr.mode = killed_suidgid(n.attr.mode);
+        }
         st.pending.insert(ino);
         if st.pending.len() > PENDING_MAX {
             st.flush_pending(None)?;
@@ -778,10 +803,10 @@ impl Volume {
         Ok(())
     }
 
-    pub fn write(&self, ino: Ino, offset: u64, data: &[u8]) -> OpResult<u32> {
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
         let end = offset + data.len() as u64;
         let chunks = Self::chunks_of(offset, data.len() as u64);
-        self.modify_content(ino, chunks, (offset, end), true, |out, content| {
+        self.modify_content(ino, chunks, (offset, end), (true, kill_suidgid), |out, content| {
             out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
             content.size = content.size.max(end);
             Ok(())
@@ -822,9 +847,9 @@ impl Volume {
         Ok(())
     }
 
-    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32) -> OpResult<()> {
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {
         let chunks = Self::chunks_of(offset, len);
-        self.modify_content(ino, chunks, (0, 0), mode != 0, |out, content| {
+        self.modify_content(ino, chunks, (0, 0), (mode != 0, kill_suidgid), |out, content| {
             let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
             rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {

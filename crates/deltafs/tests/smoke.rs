@@ -120,8 +120,14 @@ fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
 
 #[test]
 fn suid_and_sgid_are_cleared_as_on_ext4() {
+    for how in BOTH_MODES {
+        suid_and_sgid_clearing(how);
+    }
+}
+
+fn suid_and_sgid_clearing(how: MountFn) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+    let Some((_fx, _base, m, root)) = mounted_with(how, |_| {}) else {
         return;
     };
     if std::process::Command::new("setpriv").arg("--version").output().is_err() {
@@ -137,15 +143,25 @@ fn suid_and_sgid_are_cleared_as_on_ext4() {
         assert!(st.success(), "{script}");
     };
     let mode = |name: &str| std::fs::metadata(root.join(name)).unwrap().mode() & 0o7777;
-    for name in ["w", "t", "r"] {
+    for name in ["w", "t", "o", "f", "r", "g"] {
         std::fs::write(root.join(name), b"x").unwrap();
         std::os::unix::fs::chown(root.join(name), Some(65534), Some(65534)).unwrap();
         std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
     }
+    // Set-group-ID without group execute is a locking mark, not a privilege: it stays.
+    std::fs::set_permissions(root.join("g"), std::fs::Permissions::from_mode(0o6767)).unwrap();
     as_nobody("echo y >> w");
     as_nobody("truncate -s 0 t");
+    as_nobody(": > o");
+    as_nobody("fallocate -l 8192 f");
+    as_nobody("echo y >> g");
     std::fs::OpenOptions::new().append(true).open(root.join("r")).unwrap().write_all(b"root").unwrap();
-    assert_eq!((mode("w"), mode("t"), mode("r")), (0o777, 0o777, 0o6777));
+    std::fs::OpenOptions::new().write(true).truncate(true).open(root.join("r")).unwrap();
+    assert_eq!(
+        (mode("w"), mode("t"), mode("o"), mode("f"), mode("g"), mode("r")),
+        (0o777, 0o777, 0o777, 0o777, 0o2767, 0o6777),
+        "writes, truncation and allocation by an unprivileged process clear set-ID bits; root's do not"
+    );
     std::os::unix::fs::chown(root.join("r"), Some(0), None).unwrap();
     assert_eq!(mode("r"), 0o777, "chown clears suid/sgid");
     m.unmount().unwrap();

@@ -4,7 +4,7 @@
 //! 3. real workloads on DeltaFS vs kernel overlayfs vs fuse-overlayfs, as ratios to overlayfs.
 //!
 //! Env: DELTAFS_BENCH_DIR (work directory, default /var/tmp), DELTAFS_BENCH_QUICK=1 (smaller
-//! sizes and fewer repetitions, for a smoke run).
+//! sizes and fewer repetitions, for a smoke run), DELTAFS_BENCH_REPS (workload repetitions).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -17,6 +17,9 @@ struct Bench {
     dir: PathBuf,
     quick: bool,
     store: Store,
+    /// Mount options as the sandbox engine uses them: with the mount's processes listed (this
+    /// process: the checkpoint sections write through it; no checkpoint runs during a workload).
+    opts: MountOptions,
 }
 
 fn ms(d: Duration) -> f64 {
@@ -80,7 +83,7 @@ impl Bench {
     }
 
     fn mount(&self, stack: StackId, name: &str) -> Mount {
-        mount(&self.store, stack, &self.path(name), &MountOptions::default()).unwrap()
+        mount(&self.store, stack, &self.path(name), &self.opts).unwrap()
     }
 
     /// Checkpoint after a one-file change, rollback after a one-file change.
@@ -308,26 +311,34 @@ impl Bench {
             ("make -j2 (gcc)", "make -s -j2".into()),
             ("rm -rf (3,000 files)", "rm -rf x".into()),
         ];
-        let mut results: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
         let kinds = ["overlayfs", "deltafs", "fuse-overlayfs"];
-        for kind in kinds {
-            let mut per_run: Vec<Vec<f64>> = vec![Vec::new(); workloads.len()];
-            for rep in 0..self.reps() {
-                let env = self.fs_env(kind, &project, rep);
-                let Some((root, teardown)) = env else {
+        // Repetitions go round the file systems (not one file system's runs after another's), so
+        // a change in the machine's load hits all of them alike.
+        let mut runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); workloads.len()]; kinds.len()];
+        let mut available = [true; 3];
+        for rep in 0..self.reps() {
+            for (k, kind) in kinds.iter().enumerate() {
+                if !available[k] {
+                    continue;
+                }
+                let Some((root, teardown)) = self.fs_env(kind, &project, rep) else {
                     println!("({kind} not available: skipped)");
-                    break;
+                    available[k] = false;
+                    continue;
                 };
                 for (i, (_, script)) in workloads.iter().enumerate() {
-                    per_run[i].push(ms(timed(|| sh(&root, script)).0));
+                    runs[k][i].push(ms(timed(|| sh(&root, script)).0));
                 }
                 teardown();
             }
-            for (i, mut v) in per_run.into_iter().enumerate() {
-                v.sort_by(f64::total_cmp);
-                results[i].push(v.get(v.len() / 2).copied().unwrap_or(f64::NAN));
-            }
         }
+        let median = |v: &[f64]| {
+            let mut v = v.to_vec();
+            v.sort_by(f64::total_cmp);
+            v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+        };
+        let results: Vec<Vec<f64>> =
+            (0..workloads.len()).map(|i| runs.iter().map(|per_kind| median(&per_kind[i])).collect()).collect();
         print!("| {:<28} |", "workload");
         for kind in kinds {
             print!(" {kind:>19} |");
@@ -357,12 +368,10 @@ impl Bench {
         }
     }
 
+    /// Workload repetitions per file system: DELTAFS_BENCH_REPS, else 1 (quick) or 5.
     fn reps(&self) -> usize {
-        if self.quick {
-            1
-        } else {
-            3
-        }
+        let default = if self.quick { 1 } else { 5 };
+        std::env::var("DELTAFS_BENCH_REPS").ok().and_then(|r| r.parse().ok()).unwrap_or(default)
     }
 
     /// A fresh mount of kind `kind` over the project as its only lower layer.
@@ -399,7 +408,7 @@ impl Bench {
             }
             _ => {
                 let base = self.store.base_stack(&[project.to_owned()]).unwrap();
-                let m = mount(&self.store, base, &mnt, &MountOptions::default()).unwrap();
+                let m = mount(&self.store, base, &mnt, &self.opts).unwrap();
                 Some((mnt, Box::new(move || m.unmount().unwrap())))
             }
         }
@@ -453,7 +462,10 @@ fn main() {
     let root = std::env::var_os("DELTAFS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
     let dir = tempfile::Builder::new().prefix("deltafs-bench").tempdir_in(root).unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
-    let bench = Bench { dir: dir.path().to_owned(), quick, store };
+    let procs = dir.path().join("procs");
+    std::fs::write(&procs, format!("{}\n", std::process::id())).unwrap();
+    let opts = MountOptions { processes: Some(procs), ..MountOptions::default() };
+    let bench = Bench { dir: dir.path().to_owned(), quick, store, opts };
     let only: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
     let want = |s: &str| only.is_empty() || only.iter().any(|o| o == s);
     println!("# DeltaFS benchmark ({})", if quick { "quick" } else { "full" });

@@ -47,29 +47,40 @@ start=$(date +%s)
 run_suite overlayfs "$work/ovl"
 echo "overlayfs run: $(( $(date +%s) - start )) s"
 
-"$deltafs" --store "$work/store" mount --layer "$work/base" "$work/dfs" >"$work/deltafs-mount.log" 2>&1 &
-dfs_pid=$!
-for _ in $(seq 100); do findmnt "$work/dfs" >/dev/null && break; sleep 0.1; done
-findmnt "$work/dfs" >/dev/null || { cat "$work/deltafs-mount.log"; exit 1; }
-start=$(date +%s)
-run_suite deltafs "$work/dfs"
-echo "deltafs run: $(( $(date +%s) - start )) s"
+# Both ways DeltaFS can see opens: with the processes listed (as sandboxes mount it: opens need no
+# FUSE request) and tracking every open.
+echo $$ >"$work/procs"
+for mode in deltafs deltafs-tracking; do
+  opts=(); [ $mode = deltafs ] && opts=(--processes "$work/procs")
+  rm -rf "$work/store"
+  "$deltafs" --store "$work/store" mount "${opts[@]}" --layer "$work/base" "$work/dfs" >"$work/$mode-mount.log" 2>&1 &
+  dfs_pid=$!
+  for _ in $(seq 100); do findmnt "$work/dfs" >/dev/null && break; sleep 0.1; done
+  findmnt "$work/dfs" >/dev/null || { cat "$work/$mode-mount.log"; exit 1; }
+  start=$(date +%s)
+  run_suite $mode "$work/dfs"
+  echo "$mode run: $(( $(date +%s) - start )) s"
+  kill "$dfs_pid"; wait "$dfs_pid" 2>/dev/null || true; dfs_pid=
+  umount -l "$work/dfs" 2>/dev/null || true
+done
 
 status=0
-regressions=$(join <(grep ' ok$' "$work/overlayfs.results" | cut -d' ' -f1) \
-                   <(grep ' FAILED$' "$work/deltafs.results" | cut -d' ' -f1) || true)
-if [ -n "$regressions" ]; then
-  echo "FAIL: tests overlayfs passes but DeltaFS fails:"; echo "$regressions"; status=1
-fi
-known=$(awk '!/^#/ && NF {print $1}' "$here/known-failures.txt" | sort)
-unexpected=$(comm -23 <(grep ' FAILED$' "$work/deltafs.results" | cut -d' ' -f1) <(echo "$known") || true)
-if [ -n "$unexpected" ]; then
-  echo "FAIL: DeltaFS failures not in known-failures.txt:"; echo "$unexpected"; status=1
-fi
-for t in $(grep ' FAILED$' "$work/deltafs.results" | cut -d' ' -f1); do
-  grep -A3 "^$t " "$work/deltafs.log" | sed 's/^/    /'
+for mode in deltafs deltafs-tracking; do
+  regressions=$(join <(grep ' ok$' "$work/overlayfs.results" | cut -d' ' -f1) \
+                     <(grep ' FAILED$' "$work/$mode.results" | cut -d' ' -f1) || true)
+  if [ -n "$regressions" ]; then
+    echo "FAIL: tests overlayfs passes but DeltaFS ($mode) fails:"; echo "$regressions"; status=1
+  fi
+  known=$(awk '!/^#/ && NF {print $1}' "$here/known-failures.txt" | sort)
+  unexpected=$(comm -23 <(grep ' FAILED$' "$work/$mode.results" | cut -d' ' -f1) <(echo "$known") || true)
+  if [ -n "$unexpected" ]; then
+    echo "FAIL: DeltaFS ($mode) failures not in known-failures.txt:"; echo "$unexpected"; status=1
+  fi
+  for t in $(grep ' FAILED$' "$work/$mode.results" | cut -d' ' -f1); do
+    grep -A3 "^$t " "$work/$mode.log" | sed 's/^/    /'
+  done
+  ok=$(grep -c ' ok$' "$work/$mode.results" || true)
+  failed=$(grep -c ' FAILED$' "$work/$mode.results" || true)
+  echo "pjdfstest on DeltaFS ($mode): $ok passed, $failed failed"
 done
-ok=$(grep -c ' ok$' "$work/deltafs.results" || true)
-failed=$(grep -c ' FAILED$' "$work/deltafs.results" || true)
-echo "pjdfstest on DeltaFS: $ok passed, $failed failed"
 exit $status

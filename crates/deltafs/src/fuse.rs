@@ -14,16 +14,28 @@ use fuser::{
 use nix::errno::Errno;
 
 use crate::node::{Ino, Node, Time};
-use crate::volume::{Caller, OpResult, Volume};
+use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume};
 
 pub(crate) struct DeltaFs {
     pub vol: Arc<Volume>,
     pub ttl: Duration,
+    /// Opens need not reach the server (the engine finds dirty shared mappings another way):
+    /// OPEN and CREATE answer ENOSYS once, then the kernel opens files without a round trip
+    /// (FUSE_NO_OPEN_SUPPORT) and creates them with MKNOD. Cleared in `init` if the kernel
+    /// cannot do that.
+    pub no_open: bool,
 }
 
 impl DeltaFs {
     fn caller(&self, req: &Request) -> Caller {
         Caller { uid: self.vol.ids.uid_from_host(req.uid()), gid: self.vol.ids.gid_from_host(req.gid()) }
+    }
+
+    /// Whether a truncation or allocation of `ino` by the caller must clear set-ID bits. With
+    /// FUSE_HANDLE_KILLPRIV_V2 the kernel says so only in flags fuser does not pass on, so the
+    /// caller's capability is looked up, and only when the file has such bits.
+    fn kills_suidgid(&self, req: &Request, ino: Ino) -> bool {
+        self.vol.getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -58,10 +70,34 @@ impl DeltaFs {
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
-            Ok((ino, node)) => reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino))),
+            Ok((ino, node)) => {
+                self.vol.remember(ino);
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino)))
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
+}
+
+/// The capability's bit number (linux/capability.h).
+const CAP_FSETID: u32 = 4;
+
+/// Whether process `pid` lacks CAP_FSETID in the initial user namespace (what the kernel's
+/// `capable(CAP_FSETID)` checks), so that its truncation or allocation clears set-ID bits. A process
+/// that cannot be inspected counts as lacking it: clearing is the safe side.
+fn lacks_cap_fsetid(pid: u32) -> bool {
+    let capable = || -> Option<bool> {
+        let theirs = std::fs::read_link(format!("/proc/{pid}/ns/user")).ok()?;
+        // Mounting FUSE needs the initial user namespace, so this server runs in it.
+        if theirs != std::fs::read_link("/proc/self/ns/user").ok()? {
+            return Some(false);
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let eff = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?;
+        let eff = u64::from_str_radix(eff.trim(), 16).ok()?;
+        Some(eff & (1 << CAP_FSETID) != 0)
+    };
+    !capable().unwrap_or(false)
 }
 
 fn errno(e: Errno) -> fuser::Errno {
@@ -112,11 +148,19 @@ fn file_type(mode: u32) -> FileType {
 
 impl fuser::Filesystem for DeltaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let wanted = InitFlags::FUSE_CACHE_SYMLINKS
+        self.no_open &= config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        let mut wanted = InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
             | InitFlags::FUSE_READDIRPLUS_AUTO
-            | InitFlags::FUSE_ATOMIC_O_TRUNC;
+            // The server clears set-ID bits: no GETATTR before every chown, and the kernel can
+            // remember per inode that no security.capability needs removing (SB_NOSEC) instead of
+            // asking with a GETXATTR before every write.
+            | InitFlags::FUSE_HANDLE_KILLPRIV_V2;
+        // The truncation then comes with OPEN; without OPEN it must come as SETATTR.
+        if !self.no_open {
+            wanted |= InitFlags::FUSE_ATOMIC_O_TRUNC;
+        }
         let _ = config.add_capabilities(wanted & config.capabilities());
         let _ = config.set_max_write(1 << 20);
         let _ = config.set_max_readahead(1 << 20);
@@ -125,9 +169,7 @@ impl fuser::Filesystem for DeltaFs {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         match self.vol.lookup(parent.0, name) {
-            Ok(Some((ino, node))) => {
-                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino)))
-            }
+            Ok(Some(found)) => self.reply_entry(reply, Ok(found)),
             // A negative entry: the kernel caches the absence (rollback invalidates it precisely).
             Ok(None) => {
                 let mut attr = self.attr(0, &empty_node());
@@ -136,6 +178,10 @@ impl fuser::Filesystem for DeltaFs {
             }
             Err(e) => reply.error(errno(e)),
         }
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
+        self.vol.forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
@@ -147,7 +193,7 @@ impl fuser::Filesystem for DeltaFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -163,16 +209,20 @@ impl fuser::Filesystem for DeltaFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        let r = self.vol.setattr(
-            ino.0,
+        // A chown of a non-directory always clears set-ID bits; a truncation when the caller lacks
+        // CAP_FSETID.
+        let chown = (uid.is_some() || gid.is_some()) && self.vol.getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
+        let change = AttrChange {
             mode,
-            uid.map(|u| self.vol.ids.uid_from_host(u)),
-            gid.map(|g| self.vol.ids.gid_from_host(g)),
+            uid: uid.map(|u| self.vol.ids.uid_from_host(u)),
+            gid: gid.map(|g| self.vol.ids.gid_from_host(g)),
             size,
-            time_arg(atime),
-            time_arg(mtime),
-            ctime.map(Time::from_system),
-        );
+            atime: time_arg(atime),
+            mtime: time_arg(mtime),
+            ctime: ctime.map(Time::from_system),
+            kill_suidgid: chown || (size.is_some() && self.kills_suidgid(req, ino.0)),
+        };
+        let r = self.vol.setattr(ino.0, change);
         match r {
             Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
             Err(e) => reply.error(errno(e)),
@@ -241,10 +291,14 @@ impl fuser::Filesystem for DeltaFs {
         self.reply_entry(reply, r);
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
-            let r = self.vol.setattr(ino.0, None, None, None, Some(0), None, None, None);
+            let kill_suidgid = self.kills_suidgid(req, ino.0);
+            let r = self.vol.setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
             if let Err(e) = r {
                 return reply.error(errno(e));
             }
@@ -260,30 +314,31 @@ impl fuser::Filesystem for DeltaFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.vol.read(fh.0, offset, size));
+        reply_data(reply, self.vol.read(ino.0, offset, size));
     }
 
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         data: &[u8],
-        _write_flags: WriteFlags,
+        write_flags: WriteFlags,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.vol.write(fh.0, offset, data) {
+        let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
+        match self.vol.write(ino.0, offset, data, kill_suidgid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -340,6 +395,10 @@ impl fuser::Filesystem for DeltaFs {
             let (ttl, generation) = (&self.ttl, Generation(self.vol.generation(*child)));
             if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
                 break;
+            }
+            // The kernel takes a reference to every entry but `.` and `..`.
+            if i >= 2 {
+                self.vol.remember(*child);
             }
         }
         reply.ok();
@@ -409,34 +468,41 @@ impl fuser::Filesystem for DeltaFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
+        if self.no_open {
+            return reply.error(fuser::Errno::ENOSYS);
+        }
         let mode = libc::S_IFREG | (mode & 0o7777);
         let (ino, node) = match self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
         match self.vol.open(ino, false, true) {
-            Ok(fh) => reply.created(
-                &self.ttl,
-                &self.attr(ino, &node),
-                Generation(self.vol.generation(ino)),
-                FileHandle(fh),
-                FopenFlags::FOPEN_KEEP_CACHE,
-            ),
+            Ok(fh) => {
+                self.vol.remember(ino);
+                reply.created(
+                    &self.ttl,
+                    &self.attr(ino, &node),
+                    Generation(self.vol.generation(ino)),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
             Err(e) => reply.error(errno(e)),
         }
     }
 
     fn fallocate(
         &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         length: u64,
         mode: i32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.fallocate(fh.0, offset, length, mode));
+        let kill_suidgid = self.kills_suidgid(req, ino.0);
+        reply_empty(reply, self.vol.fallocate(ino.0, offset, length, mode, kill_suidgid));
     }
 }
 

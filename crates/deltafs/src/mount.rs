@@ -1,7 +1,9 @@
 //! Mounting a stack and the engine-facing operations on a mounted DeltaFS: checkpoint, rollback,
 //! unmount.
 
+use std::collections::BTreeSet;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -9,6 +11,7 @@ use std::time::Duration;
 use fuser::{Config, MountOption, SessionACL};
 
 use crate::fuse::DeltaFs;
+use crate::node::Ino;
 use crate::store::{StackId, Store, StoreError};
 use crate::volume::{IdMap, RollbackStats, Volume};
 
@@ -37,6 +40,12 @@ pub enum MountError {
         #[source]
         source: io::Error,
     },
+    #[error("cannot list the shared file mappings of the processes in {path}")]
+    Mappings {
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
 }
 
 /// How to present a stack.
@@ -52,11 +61,18 @@ pub struct MountOptions {
     pub cache_ttl: Duration,
     /// Threads serving FUSE requests.
     pub threads: usize,
+    /// A file listing, one per line, the ids of every process that may write to files of this mount
+    /// through shared memory mappings — the sandbox cgroup's `cgroup.procs`. With it, a
+    /// checkpoint finds the files whose dirty pages it must flush in these processes' memory maps,
+    /// so the kernel need not tell the server about opens: opening a file then costs no FUSE round
+    /// trip (`FUSE_NO_OPEN_SUPPORT`). Without it, every open and close is a request, and the files
+    /// open for writing are flushed.
+    pub processes: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { uid_base: 0, gid_base: 0, cache_ttl: Duration::from_secs(3600), threads: 4 }
+        MountOptions { uid_base: 0, gid_base: 0, cache_ttl: Duration::from_secs(3600), threads: 4, processes: None }
     }
 }
 
@@ -66,6 +82,8 @@ pub struct Mount {
     session: Option<fuser::BackgroundSession>,
     notifier: fuser::Notifier,
     mountpoint: PathBuf,
+    /// With `MountOptions::processes`: that file, and the mount's device (as in /proc/PID/maps).
+    processes: Option<(PathBuf, u64)>,
 }
 
 impl std::fmt::Debug for Mount {
@@ -101,13 +119,50 @@ pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOption
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl };
+    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl, no_open: opts.processes.is_some() };
     let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();
     let session = session.spawn().map_err(mount_err)?;
+    let mut m = Mount { vol, session: Some(session), notifier, mountpoint: mountpoint.to_owned(), processes: None };
+    if let Some(procs) = &opts.processes {
+        // Asked once the server runs: the kernel forwards the stat of the root to it.
+        let dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
+        m.processes = Some((procs.clone(), dev));
+    }
     tracing::info!(stack = %from, mountpoint = %mountpoint.display(), "DeltaFS mounted");
-    Ok(Mount { vol, session: Some(session), notifier, mountpoint: mountpoint.to_owned() })
+    Ok(m)
+}
+
+/// Inodes of the filesystem with device `dev` that processes listed in `procs` map shared: the only
+/// files whose pages can be dirty in the kernel while opens are not tracked. Processes that exit
+/// meanwhile are skipped (their mappings were written back as they went).
+fn shared_mappings(procs: &Path, dev: u64) -> io::Result<BTreeSet<Ino>> {
+    let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
+    let mut inos = BTreeSet::new();
+    for pid in std::fs::read_to_string(procs)?.split_whitespace() {
+        let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
+            Ok(m) => m,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => continue,
+            Err(e) => return Err(e),
+        };
+        // address perms offset major:minor inode [path]; shared mappings have perms "...s"
+        // (also read-only ones: mprotect can have made a writable one read-only after writing).
+        for line in maps.lines() {
+            let mut fields = line.split_ascii_whitespace();
+            let (Some(perms), Some(dev_field), Some(inode)) = (fields.nth(1), fields.nth(1), fields.next()) else {
+                continue;
+            };
+            let Some((ma, mi)) = dev_field.split_once(':') else {
+                continue;
+            };
+            let ours = u32::from_str_radix(ma, 16) == Ok(major) && u32::from_str_radix(mi, 16) == Ok(minor);
+            if ours && perms.ends_with('s') {
+                inos.extend(inode.parse::<Ino>().ok());
+            }
+        }
+    }
+    Ok(inos)
 }
 
 impl Mount {
@@ -118,23 +173,32 @@ impl Mount {
 
     /// Pushes the kernel's dirty pages to the server, so they land in the layer being frozen (or
     /// left), not in the next one. Without writeback caching, writes are write-through and only
-    /// shared writable mmaps leave dirty pages, which needs a file open for writing. syncfs is no
-    /// use here: on this kernel it starts writeback of a FUSE mount without waiting for the server
-    /// (and walks every cached inode). Invalidating an inode's pages does wait — the kernel
-    /// launders dirty pages synchronously — so that is done for every file open for writing.
-    fn flush_kernel_pages(&self) {
-        for ino in self.vol.open_for_writing() {
+    /// shared writable mmaps leave dirty pages. syncfs is no use here: on this kernel it starts
+    /// writeback of a FUSE mount without waiting for the server (and walks every cached inode).
+    /// Invalidating an inode's pages does wait — the kernel launders dirty pages synchronously —
+    /// so that is done for every file mapped shared by the mount's processes (when they are
+    /// known), else for every file open for writing.
+    fn flush_kernel_pages(&self) -> Result<(), MountError> {
+        let inos: Vec<Ino> = match &self.processes {
+            Some((procs, dev)) => shared_mappings(procs, *dev)
+                .map_err(|source| MountError::Mappings { path: procs.clone(), source })?
+                .into_iter()
+                .collect(),
+            None => self.vol.open_for_writing(),
+        };
+        for ino in inos {
             if let Err(e) = self.notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
                 tracing::debug!(ino, error = %e, "flushing pages by invalidation");
             }
         }
+        Ok(())
     }
 
     /// Freezes the current writable layer (a checkpoint) and pushes an empty one. O(1): copies no
     /// data. Durable against a kill of this process on return. Processes writing to the mount
     /// should be frozen around this call for a consistent point in time.
     pub fn checkpoint(&self) -> Result<StackId, MountError> {
-        self.flush_kernel_pages();
+        self.flush_kernel_pages()?;
         Ok(self.vol.checkpoint()?)
     }
 
@@ -143,7 +207,7 @@ impl Mount {
     /// caches for exactly the inodes and names that differ. Node ids stay valid; open fds read the
     /// new stack's content.
     pub fn rollback(&self, to: StackId) -> Result<RollbackStats, MountError> {
-        self.flush_kernel_pages();
+        self.flush_kernel_pages()?;
         let (stats, inval) = self.vol.rollback(to)?;
         // Sent with the state lock released: the kernel may need to wait for requests in flight.
         for (dir, name) in &inval.entries {

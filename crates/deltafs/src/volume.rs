@@ -2,7 +2,8 @@
 //!
 //! Locking: one `RwLock` over the state. Lookups, getattr and reads share it; every mutation takes
 //! it exclusively, so a checkpoint (which takes it exclusively too) waits for in-flight requests and
-//! sees no half-done operation.
+//! sees no half-done operation. File I/O is addressed by inode, not by open handle: the kernel may
+//! open files without telling the server (FUSE_NO_OPEN_SUPPORT).
 
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
@@ -24,6 +25,11 @@ use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, Writable
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
 const INDEX_EVERY: u32 = 32;
+/// Size/time changes of written files are journaled in batches of this many files (or at release,
+/// fsync, checkpoint), which also bounds what a checkpoint has to write.
+const PENDING_MAX: usize = 256;
+/// Open backing files kept for reuse (each READ or WRITE would otherwise open one).
+const FILE_CACHE_MAX: usize = 256;
 const NAME_MAX: usize = 255;
 
 pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
@@ -75,6 +81,36 @@ impl IdMap {
     }
 }
 
+/// A SETATTR: the attributes to change (in stored ids; a time of `Some(None)` means now).
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct AttrChange {
+    pub mode: Option<u32>,
+    pub uid: Option<u32>,
+    pub gid: Option<u32>,
+    pub size: Option<u64>,
+    pub atime: Option<Option<Time>>,
+    pub mtime: Option<Option<Time>>,
+    pub ctime: Option<Time>,
+    /// Clear set-user-ID and (for group-executable files) set-group-ID, as the VFS does on chown
+    /// and on truncation by a caller without CAP_FSETID (FUSE_HANDLE_KILLPRIV_V2 leaves it to us).
+    pub kill_suidgid: bool,
+}
+
+/// The mode without set-user-ID and, when group-executable, without set-group-ID (what a write,
+/// truncate or chown leaves of a privileged mode).
+fn killed_suidgid(mode: u32) -> u32 {
+    let mut mode = mode & !libc::S_ISUID;
+    if mode & libc::S_IXGRP != 0 {
+        mode &= !libc::S_ISGID;
+    }
+    mode
+}
+
+/// Whether `mode` has bits a write, truncate or chown would clear.
+pub(crate) fn has_suidgid(mode: u32) -> bool {
+    killed_suidgid(mode) != mode
+}
+
 /// Who is asking, in stored ids.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Caller {
@@ -82,17 +118,18 @@ pub(crate) struct Caller {
     pub gid: u32,
 }
 
-/// An open file or directory.
+/// An open file or directory (for opens the kernel tells the server about).
 #[derive(Debug)]
 pub(crate) struct Handle {
     pub ino: Ino,
     /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
     pub writable: bool,
-    /// Open backing files by (source, opened for writing).
-    files: Mutex<HashMap<(Source, bool), Arc<File>>>,
     /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
     pub dir: Option<Vec<(OsString, Ino, u32)>>,
 }
+
+/// Backing file descriptors by (inode, source, opened for writing).
+type FileKey = (Ino, Source, bool);
 
 /// What a rollback changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -116,7 +153,7 @@ struct State {
     layer: WritableLayer,
     /// Trees of checkpoints made or loaded by this mount (shared structure: memory follows change).
     snapshots: HashMap<LayerId, Tree>,
-    /// Files whose size/times changed by writes and are not yet journaled.
+    /// Files changed by writes (size, times, cleared set-ID bits) whose new state is not yet journaled.
     pending: BTreeSet<Ino>,
 }
 
@@ -128,8 +165,10 @@ pub(crate) struct Volume {
     pub ids: IdMap,
     state: RwLock<State>,
     handles: Mutex<HashMap<u64, Arc<Handle>>>,
-    /// Open handles per inode: an unlinked file lives while open.
-    open: Mutex<HashMap<Ino, u32>>,
+    /// The kernel's references (lookup counts) per inode, until FORGET: an unlinked file lives
+    /// while the kernel holds it (open files and mappings hold their inode).
+    lookups: Mutex<HashMap<Ino, u64>>,
+    files: Mutex<HashMap<FileKey, Arc<File>>>,
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
     generations: Mutex<HashMap<Ino, u64>>,
     next_fh: AtomicU64,
@@ -194,9 +233,10 @@ impl Volume {
             base,
             ids,
             state: RwLock::new(State { tree, layer, snapshots: HashMap::new(), pending: BTreeSet::new() }),
-            open: Mutex::new(HashMap::new()),
             generations: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
+            lookups: Mutex::new(HashMap::new()),
+            files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -330,9 +370,9 @@ impl Volume {
         Ok((ino, node))
     }
 
-    /// Drops one name of `ino`; frees the inode when no name and no open handle is left.
+    /// Drops one name of `ino`; frees the inode when no name and no kernel reference is left.
     fn drop_link(&self, st: &mut State, ino: Ino, now: Time, records: &mut Vec<Record>) {
-        let open = self.open.lock().get(&ino).copied().unwrap_or(0);
+        let held = self.lookups.lock().contains_key(&ino);
         let Some(n) = st.tree.get_mut(ino) else {
             return;
         };
@@ -342,7 +382,7 @@ impl Volume {
         } else {
             n.attr.nlink = n.attr.nlink.saturating_sub(1);
         }
-        if n.attr.nlink == 0 && open == 0 {
+        if n.attr.nlink == 0 && !held {
             self.free_inode(st, ino, records);
         } else {
             records.push(journal_node(ino, n));
@@ -352,6 +392,7 @@ impl Volume {
     fn free_inode(&self, st: &mut State, ino: Ino, records: &mut Vec<Record>) {
         if let Some(node) = st.tree.nodes.remove(&ino) {
             if let Kind::File(_) = node.kind {
+                self.files.lock().retain(|(i, _, _), _| *i != ino);
                 // Only this layer's copy goes: frozen layers keep theirs for their checkpoints.
                 let _ = std::fs::remove_file(st.layer.data_path(ino));
             }
@@ -469,40 +510,32 @@ impl Volume {
 
     // ---------------------------------------------------------------- attributes
 
-    #[allow(clippy::too_many_arguments)]
-    pub fn setattr(
-        &self,
-        ino: Ino,
-        mode: Option<u32>,
-        uid: Option<u32>,
-        gid: Option<u32>,
-        size: Option<u64>,
-        atime: Option<Option<Time>>,
-        mtime: Option<Option<Time>>,
-        ctime: Option<Time>,
-    ) -> OpResult<(Ino, Node)> {
+    pub fn setattr(&self, ino: Ino, change: AttrChange) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
         let now = Time::now();
-        if let Some(size) = size {
+        if let Some(size) = change.size {
             self.truncate(&mut st, ino, size)?;
         }
         let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
-        if let Some(mode) = mode {
+        if let Some(mode) = change.mode {
             n.attr.mode = (n.attr.mode & libc::S_IFMT) | (mode & 0o7777);
         }
-        if let Some(uid) = uid {
+        if change.kill_suidgid {
+            n.attr.mode = killed_suidgid(n.attr.mode);
+        }
+        if let Some(uid) = change.uid {
             n.attr.uid = uid;
         }
-        if let Some(gid) = gid {
+        if let Some(gid) = change.gid {
             n.attr.gid = gid;
         }
-        if let Some(t) = atime {
+        if let Some(t) = change.atime {
             n.attr.atime = t.unwrap_or(now);
         }
-        if let Some(t) = mtime {
+        if let Some(t) = change.mtime {
             n.attr.mtime = t.unwrap_or(now);
         }
-        n.attr.ctime = ctime.unwrap_or(now);
+        n.attr.ctime = change.ctime.unwrap_or(now);
         let node = n.clone();
         st.pending.remove(&ino);
         st.log(&[journal_node(ino, &node)])?;
@@ -568,11 +601,8 @@ impl Volume {
             (_, true) => return Err(Errno::ENOTDIR),
             _ => None,
         };
-        *self.open.lock().entry(ino).or_insert(0) += 1;
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
-            .lock()
-            .insert(fh, Arc::new(Handle { ino, writable, files: Mutex::new(HashMap::new()), dir: entries }));
+        self.handles.lock().insert(fh, Arc::new(Handle { ino, writable, dir: entries }));
         Ok(fh)
     }
 
@@ -602,55 +632,63 @@ impl Volume {
     }
 
     pub fn release(&self, fh: u64) -> OpResult<()> {
-        let Some(handle) = self.handles.lock().remove(&fh) else {
-            return Err(Errno::EBADF);
-        };
-        let ino = handle.ino;
-        let last = {
-            let mut open = self.open.lock();
-            let left = open.get_mut(&ino).map_or(0, |n| {
-                *n -= 1;
-                *n
-            });
-            if left == 0 {
-                open.remove(&ino);
-            }
-            left == 0
-        };
-        let needs_write = {
-            let st = self.state.read();
-            st.pending.contains(&ino) || (last && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0))
-        };
-        if !needs_write {
-            return Ok(());
-        }
-        let mut st = self.state.write();
-        st.flush_pending(Some(ino))?;
-        // Re-checked under the write lock: the file may have been opened again meanwhile.
-        let still_closed = !self.open.lock().contains_key(&ino);
-        if still_closed && st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0) {
-            let mut records = Vec::new();
-            self.free_inode(&mut st, ino, &mut records);
-            st.log(&records)?;
-        }
-        Ok(())
+        let handle = self.handles.lock().remove(&fh).ok_or(Errno::EBADF)?;
+        self.flush(handle.ino)
     }
 
-    fn source_file(&self, handle: &Handle, source: &Source, writable: bool) -> io::Result<Arc<File>> {
-        let mut files = handle.files.lock();
-        let key = (source.clone(), writable);
-        if let Some(f) = files.get(&key) {
+    /// The kernel took one more reference to `ino` (an entry reply other than `.`/`..`).
+    pub fn remember(&self, ino: Ino) {
+        *self.lookups.lock().entry(ino).or_insert(0) += 1;
+    }
+
+    /// The kernel dropped `count` references to `ino` (FORGET). An unlinked inode goes with the last.
+    pub fn forget(&self, ino: Ino, count: u64) {
+        {
+            let mut lookups = self.lookups.lock();
+            let Some(n) = lookups.get_mut(&ino) else {
+                return;
+            };
+            *n = n.saturating_sub(count);
+            if *n > 0 {
+                return;
+            }
+            lookups.remove(&ino);
+        }
+        if self.state.read().tree.get(ino).is_none_or(|n| n.attr.nlink != 0) {
+            return;
+        }
+        let mut st = self.state.write();
+        // Re-checked under the write lock: the kernel may have looked it up again meanwhile.
+        let orphan = st.tree.get(ino).is_some_and(|n| n.attr.nlink == 0);
+        if orphan && !self.lookups.lock().contains_key(&ino) {
+            let mut records = Vec::new();
+            self.free_inode(&mut st, ino, &mut records);
+            if let Err(e) = st.log(&records) {
+                tracing::warn!(ino, error = %e, "journaling a freed orphan");
+            }
+        }
+    }
+
+    /// An open backing file of `ino` (from the cache, or opened and cached).
+    fn source_file(&self, ino: Ino, source: &Source, writable: bool) -> io::Result<Arc<File>> {
+        let key = (ino, source.clone(), writable);
+        if let Some(f) = self.files.lock().get(&key) {
             return Ok(f.clone());
         }
-        let path = self.source_path(source, handle.ino);
-        let f = if writable { open_data_rw(&path)? } else { File::open(&path)? };
-        let f = Arc::new(f);
+        let path = self.source_path(source, ino);
+        let f = Arc::new(if writable { open_data_rw(&path)? } else { File::open(&path)? });
+        let mut files = self.files.lock();
+        if files.len() >= FILE_CACHE_MAX {
+            if let Some(victim) = files.keys().next().cloned() {
+                files.remove(&victim);
+            }
+        }
         files.insert(key, f.clone());
         Ok(f)
     }
 
     /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
-    fn read_content(&self, handle: &Handle, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
+    fn read_content(&self, ino: Ino, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
         let mut done = 0usize;
         while done < buf.len() {
             let pos = offset + done as u64;
@@ -667,7 +705,7 @@ impl Volume {
             let readable = if pos >= limit { 0 } else { ((limit - pos) as usize).min(want) };
             let mut got = 0usize;
             if let (Some(source), true) = (source, readable > 0) {
-                match self.source_file(handle, &source, false) {
+                match self.source_file(ino, &source, false) {
                     Ok(f) => {
                         while got < readable {
                             match f.read_at(&mut out[got..readable], pos + got as u64) {
@@ -688,10 +726,9 @@ impl Volume {
         Ok(())
     }
 
-    pub fn read(&self, fh: u64, offset: u64, size: u32) -> OpResult<Vec<u8>> {
-        let handle = self.handle(fh)?;
+    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> OpResult<Vec<u8>> {
         let st = self.state.read();
-        let Kind::File(content) = &st.node(handle.ino).map_err(|_| Errno::ESTALE)?.kind else {
+        let Kind::File(content) = &st.node(ino).map_err(|_| Errno::ESTALE)?.kind else {
             return Err(Errno::EISDIR);
         };
         if offset >= content.size {
@@ -699,7 +736,7 @@ impl Volume {
         }
         let len = (content.size - offset).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; len];
-        self.read_content(&handle, content, offset, &mut buf)?;
+        self.read_content(ino, content, offset, &mut buf)?;
         Ok(buf)
     }
 
@@ -707,7 +744,7 @@ impl Volume {
     /// (unless `overwritten` covers them all).
     fn copy_up_chunk(
         &self,
-        handle: &Handle,
+        ino: Ino,
         layer: LayerId,
         content: &mut Content,
         chunk: u64,
@@ -720,8 +757,8 @@ impl Volume {
         let end = ((chunk + 1) * CHUNK_SIZE).min(content.size);
         if start < end && !(overwritten.0 <= start && overwritten.1 >= end) {
             let mut buf = vec![0u8; (end - start) as usize];
-            self.read_content(handle, content, start, &mut buf)?;
-            let out = self.source_file(handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+            self.read_content(ino, content, start, &mut buf)?;
+            let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
             out.write_all_at(&buf, start).map_err(|e| errno_of(&e))?;
         }
         content.chunks.insert(chunk, layer);
@@ -736,28 +773,26 @@ impl Volume {
         offset / CHUNK_SIZE..(offset + len - 1) / CHUNK_SIZE + 1
     }
 
-    /// Changes the contents of the file open as `fh` under the write lock: copies up `chunks`
-    /// (except bytes in `overwritten`), runs `f` with the writable layer's data file, stores the new
-    /// contents and updates ctime (and mtime).
+    /// Changes the contents of file `ino` under the write lock: copies up `chunks` (except bytes in
+    /// `overwritten`), runs `f` with the writable layer's data file, stores the new contents and
+    /// updates ctime (and mtime), clearing set-user/group-ID if `kill_suidgid`.
     fn modify_content(
         &self,
-        fh: u64,
+        ino: Ino,
         chunks: std::ops::Range<u64>,
         overwritten: (u64, u64),
-        mtime: bool,
+        (mtime, kill_suidgid): (bool, bool),
         f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
     ) -> OpResult<()> {
-        let handle = self.handle(fh)?;
         let mut st = self.state.write();
         let layer = st.layer.id;
-        let ino = handle.ino;
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
         for chunk in chunks {
-            self.copy_up_chunk(&handle, layer, &mut content, chunk, overwritten)?;
+            self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
         }
-        let out = self.source_file(&handle, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+        let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
         f(&out, &mut content)?;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
@@ -766,14 +801,20 @@ impl Volume {
         if mtime {
             n.attr.mtime = now;
         }
+        if kill_suidgid {
+            n.attr.mode = killed_suidgid(n.attr.mode);
+        }
         st.pending.insert(ino);
+        if st.pending.len() > PENDING_MAX {
+            st.flush_pending(None)?;
+        }
         Ok(())
     }
 
-    pub fn write(&self, fh: u64, offset: u64, data: &[u8]) -> OpResult<u32> {
+    pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
         let end = offset + data.len() as u64;
         let chunks = Self::chunks_of(offset, data.len() as u64);
-        self.modify_content(fh, chunks, (offset, end), true, |out, content| {
+        self.modify_content(ino, chunks, (offset, end), (true, kill_suidgid), |out, content| {
             out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
             content.size = content.size.max(end);
             Ok(())
@@ -786,11 +827,10 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let handle = Handle { ino, writable: true, files: Mutex::new(HashMap::new()), dir: None };
         let in_layer = content.base == Some(Source::Layer(layer));
         if size < content.size {
             if !size.is_multiple_of(CHUNK_SIZE) {
-                self.copy_up_chunk(&handle, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
+                self.copy_up_chunk(ino, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
             }
             let first_gone = size.div_ceil(CHUNK_SIZE);
             let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
@@ -801,10 +841,9 @@ impl Volume {
         if !in_layer {
             content.base_len = content.base_len.min(size).min(content.size);
         }
-        let path = st.layer.data_path(ino);
         let has_file = in_layer || content.chunks.values().any(|l| *l == layer);
         if has_file {
-            let f = open_data_rw(&path).map_err(|e| errno_of(&e))?;
+            let f = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
             f.set_len(size).map_err(|e| errno_of(&e))?;
         }
         content.size = size;
@@ -816,9 +855,9 @@ impl Volume {
         Ok(())
     }
 
-    pub fn fallocate(&self, fh: u64, offset: u64, len: u64, mode: i32) -> OpResult<()> {
+    pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {
         let chunks = Self::chunks_of(offset, len);
-        self.modify_content(fh, chunks, (0, 0), mode != 0, |out, content| {
+        self.modify_content(ino, chunks, (0, 0), (mode != 0, kill_suidgid), |out, content| {
             let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
             rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
@@ -895,8 +934,10 @@ impl Volume {
             // A directory removed since the checkpoint may live on in the kernel as a dead inode (rmdir
             // marks an inode still in use — say, a template process's cwd — dead, and a dead directory
             // lists as empty for good). A new generation makes the kernel drop it and take a fresh one
-            // for the same node id when it looks the directory up again.
-            if old.is_none() && new.as_ref().is_some_and(|n| n.is_dir()) {
+            // for the same node id when it looks the directory up again. The removed directory may
+            // still be a node (an orphan, nlink 0, while the kernel holds it).
+            let was_removed = old.as_ref().is_none_or(|n| n.attr.nlink == 0);
+            if was_removed && new.as_ref().is_some_and(|n| n.is_dir()) {
                 *generations.entry(*ino).or_insert(0) += 1;
             }
             if let (Some(old), Some(new)) = (old, new) {
@@ -923,6 +964,8 @@ impl Volume {
         st.log(&[Record::NextIno(next_ino)])
             .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
         drop(st);
+        // Descriptors of the discarded layer's files (and of layers no longer in the stack) go.
+        self.files.lock().clear();
         self.store.discard(old)?;
         let stats = RollbackStats { changed_inodes: inval.inodes.len(), changed_entries: inval.entries.len() };
         Ok((stats, inval))

@@ -85,7 +85,13 @@ fn rollback_to_any_earlier_checkpoint_and_forward_again() {
 
 #[test]
 fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
-    let Some((_fx, _base, m, root)) = mounted(populate) else {
+    for how in BOTH_MODES {
+        open_files_and_cwd_survive_a_rollback(how);
+    }
+}
+
+fn open_files_and_cwd_survive_a_rollback(how: MountFn) {
+    let Some((_fx, _base, m, root)) = mounted_with(how, populate) else {
         return;
     };
     std::fs::write(root.join("data"), b"checkpointed content").unwrap();
@@ -128,7 +134,14 @@ fn open_files_and_cwd_survive_a_rollback_and_see_the_checkpoint() {
 
 #[test]
 fn shared_mmap_sees_the_checkpoint_after_rollback() {
-    let Some((fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap()) else {
+    for how in BOTH_MODES {
+        shared_mmap_across_checkpoint_and_rollback(how);
+    }
+}
+
+fn shared_mmap_across_checkpoint_and_rollback(how: MountFn) {
+    let Some((fx, _base, m, root)) = mounted_with(how, |d| std::fs::write(d.join("m"), vec![b'a'; 8192]).unwrap())
+    else {
         return;
     };
     let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("m")).unwrap();

@@ -8,7 +8,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
-use deltafs::{mount, Mount, MountOptions, StackId};
+use deltafs::{mount, Mount, StackId};
 use proptest::prelude::*;
 
 const NAMES: [&str; 6] = ["a", "b", "c", "sub/a", "sub/b", "sub/deeper/c"];
@@ -196,8 +196,7 @@ fn run(ops: Vec<Op>) {
             Op::Branch { from } => {
                 let (cp, state) = checkpoints[from % checkpoints.len()].clone();
                 generation += 1;
-                let next =
-                    mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &MountOptions::default()).unwrap();
+                let next = mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &fx.options()).unwrap();
                 m.unmount().unwrap();
                 m = next;
                 model = state;

@@ -120,8 +120,14 @@ fn locks_append_sparse_fifo_socket_statfs_and_direct_io() {
 
 #[test]
 fn suid_and_sgid_are_cleared_as_on_ext4() {
+    for how in BOTH_MODES {
+        suid_and_sgid_clearing(how);
+    }
+}
+
+fn suid_and_sgid_clearing(how: MountFn) {
     use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    let Some((_fx, _base, m, root)) = mounted(|_| {}) else {
+    let Some((_fx, _base, m, root)) = mounted_with(how, |_| {}) else {
         return;
     };
     if std::process::Command::new("setpriv").arg("--version").output().is_err() {
@@ -137,16 +143,88 @@ fn suid_and_sgid_are_cleared_as_on_ext4() {
         assert!(st.success(), "{script}");
     };
     let mode = |name: &str| std::fs::metadata(root.join(name)).unwrap().mode() & 0o7777;
-    for name in ["w", "t", "r"] {
+    for name in ["w", "t", "o", "f", "r", "g"] {
         std::fs::write(root.join(name), b"x").unwrap();
         std::os::unix::fs::chown(root.join(name), Some(65534), Some(65534)).unwrap();
         std::fs::set_permissions(root.join(name), std::fs::Permissions::from_mode(0o6777)).unwrap();
     }
+    // Set-group-ID without group execute is a locking mark, not a privilege: it stays.
+    std::fs::set_permissions(root.join("g"), std::fs::Permissions::from_mode(0o6767)).unwrap();
     as_nobody("echo y >> w");
     as_nobody("truncate -s 0 t");
+    as_nobody(": > o");
+    as_nobody("fallocate -l 8192 f");
+    as_nobody("echo y >> g");
     std::fs::OpenOptions::new().append(true).open(root.join("r")).unwrap().write_all(b"root").unwrap();
-    assert_eq!((mode("w"), mode("t"), mode("r")), (0o777, 0o777, 0o6777));
+    std::fs::OpenOptions::new().write(true).truncate(true).open(root.join("r")).unwrap();
+    assert_eq!(
+        (mode("w"), mode("t"), mode("o"), mode("f"), mode("g"), mode("r")),
+        (0o777, 0o777, 0o777, 0o777, 0o2767, 0o6777),
+        "writes, truncation and allocation by an unprivileged process clear set-ID bits; root's do not"
+    );
     std::os::unix::fs::chown(root.join("r"), Some(0), None).unwrap();
     assert_eq!(mode("r"), 0o777, "chown clears suid/sgid");
+    m.unmount().unwrap();
+}
+
+#[test]
+fn unlinked_files_live_while_open_or_mapped() {
+    for how in BOTH_MODES {
+        unlinked_file_lifetime(how);
+    }
+}
+
+/// Data files the store holds for inode `ino`, in any layer.
+fn data_files_of(fx: &Fixture, ino: u64) -> usize {
+    let layers = fx.dir.path().join("store/layers");
+    let mut n = 0;
+    for layer in std::fs::read_dir(layers).unwrap() {
+        let data = layer.unwrap().path().join("data");
+        for fan in std::fs::read_dir(data).into_iter().flatten() {
+            n += usize::from(fan.unwrap().path().join(ino.to_string()).exists());
+        }
+    }
+    n
+}
+
+fn unlinked_file_lifetime(how: MountFn) {
+    use std::os::unix::fs::MetadataExt;
+    let Some((fx, _base, m, root)) = mounted_with(how, |_| {}) else {
+        return;
+    };
+    std::fs::write(root.join("gone"), b"still here").unwrap();
+    let ino = std::fs::metadata(root.join("gone")).unwrap().ino();
+    let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("gone")).unwrap();
+    std::fs::remove_file(root.join("gone")).unwrap();
+    f.write_all_at(b"STILL", 0).unwrap();
+    let mut buf = [0u8; 10];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    assert_eq!(&buf, b"STILL here");
+    // SAFETY: a fresh read-only shared mapping of the open file, unmapped below.
+    let map = unsafe {
+        nix::sys::mman::mmap(
+            None,
+            std::num::NonZeroUsize::new(10).unwrap(),
+            nix::sys::mman::ProtFlags::PROT_READ,
+            nix::sys::mman::MapFlags::MAP_SHARED,
+            &f,
+            0,
+        )
+        .unwrap()
+    };
+    drop(f);
+    // The mapping alone keeps the unlinked file: its pages can still be read in from the server.
+    // SAFETY: map points at 10 mapped bytes.
+    let mapped = unsafe { std::slice::from_raw_parts(map.as_ptr() as *const u8, 10).to_vec() };
+    assert_eq!(mapped, b"STILL here");
+    assert_eq!(data_files_of(&fx, ino), 1);
+    // SAFETY: unmapping the mapping created above.
+    unsafe { nix::sys::mman::munmap(map, 10).unwrap() };
+    // The kernel then forgets the inode (FORGET arrives asynchronously) and its data is freed.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while data_files_of(&fx, ino) > 0 {
+        assert!(std::time::Instant::now() < deadline, "data of the unlinked file is never freed");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
     m.unmount().unwrap();
 }

@@ -30,6 +30,10 @@ enum Cmd {
         /// Threads serving FUSE requests.
         #[arg(long, default_value_t = MountOptions::default().threads)]
         threads: usize,
+        /// File listing the processes that use the mount (e.g. a cgroup's cgroup.procs): opens
+        /// then need no FUSE request (see `MountOptions::processes`).
+        #[arg(long)]
+        processes: Option<PathBuf>,
         mountpoint: PathBuf,
     },
     /// Delete every layer not needed by the given stacks or a live mount.
@@ -46,7 +50,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let store = Store::open(&cli.store).context("opening the store")?;
     match cli.cmd {
-        Cmd::Mount { layers, stack, threads, mountpoint } => {
+        Cmd::Mount { layers, stack, threads, processes, mountpoint } => {
             let stack = match stack {
                 Some(s) => s,
                 None => store.base_stack(&layers).context("indexing image layers")?,
@@ -57,7 +61,7 @@ fn main() -> anyhow::Result<()> {
             // Blocked before the server threads start, so they inherit the mask and only
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
-            let opts = MountOptions { threads, ..MountOptions::default() };
+            let opts = MountOptions { threads, processes, ..MountOptions::default() };
             let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;

@@ -30,7 +30,14 @@ impl Fixture {
     pub fn new() -> Fixture {
         let dir = tempfile::tempdir().expect("tempdir");
         let store = Store::open(&dir.path().join("store")).expect("open store");
+        std::fs::write(dir.path().join("procs"), format!("{}\n", std::process::id())).expect("procs file");
         Fixture { dir, store }
+    }
+
+    /// Options as the sandbox engine mounts: the processes using the mount are listed (this test
+    /// process, as a cgroup.procs file would list it), so opens need no FUSE round trip.
+    pub fn options(&self) -> MountOptions {
+        MountOptions { processes: Some(self.dir.path().join("procs")), ..MountOptions::default() }
     }
 
     /// An image layer directory under the fixture, created empty.
@@ -47,6 +54,11 @@ impl Fixture {
     }
 
     pub fn mount(&self, stack: StackId, name: &str) -> Mount {
+        mount(&self.store, stack, &self.mountpoint(name), &self.options()).expect("mount")
+    }
+
+    /// A mount without a process list: every open reaches the server, which tracks them.
+    pub fn mount_tracking_opens(&self, stack: StackId, name: &str) -> Mount {
         mount(&self.store, stack, &self.mountpoint(name), &MountOptions::default()).expect("mount")
     }
 
@@ -61,12 +73,23 @@ impl Fixture {
 /// A fixture with a base stack filled by `fill`, mounted at `m`; None (after printing why) when
 /// FUSE mounts are not possible here.
 pub fn mounted(fill: impl FnOnce(&Path)) -> Option<(Fixture, StackId, Mount, PathBuf)> {
+    mounted_with(Fixture::mount, fill)
+}
+
+/// How a test mounts: [`Fixture::mount`] or [`Fixture::mount_tracking_opens`].
+pub type MountFn = fn(&Fixture, StackId, &str) -> Mount;
+
+/// Both ways of mounting, for tests of behaviour that depends on how opens are seen.
+pub const BOTH_MODES: [MountFn; 2] = [Fixture::mount, Fixture::mount_tracking_opens];
+
+/// As [`mounted`], mounting with `how`.
+pub fn mounted_with(how: MountFn, fill: impl FnOnce(&Path)) -> Option<(Fixture, StackId, Mount, PathBuf)> {
     if !fuse_available() {
         return None;
     }
     let fx = Fixture::new();
     let base = fx.base(fill);
-    let m = fx.mount(base, "m");
+    let m = how(&fx, base, "m");
     let root = m.mountpoint().to_owned();
     Some((fx, base, m, root))
 }

@@ -1,7 +1,7 @@
 //! Capturing the fd tables of a process tree: which open file descriptions exist, which fds (in which
 //! processes) share them, and the state of each (offset, flags, unread pipe data).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::Read;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
@@ -119,6 +119,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
         tables.push(table);
     }
     capture_pipe_data(owners, &tables, &mut files)?;
+    mark_outside_readers(owners, &tables, &mut files)?;
     check_unix_peers(owners, &tables, &files)?;
     Ok((files, tables))
 }
@@ -183,7 +184,8 @@ fn classify(
             fd,
             source,
         })?;
-        return Ok(FileKind::Pipe { pipe, write_end: flags & libc::O_ACCMODE == libc::O_WRONLY, data: Vec::new() });
+        let write_end = flags & libc::O_ACCMODE == libc::O_WRONLY;
+        return Ok(FileKind::Pipe { pipe, write_end, data: Vec::new(), readers_outside: false });
     }
     if !link.starts_with('/') {
         return Err(unsupported(format!("{link} is not supported yet")));
@@ -210,7 +212,12 @@ fn classify(
         return Err(unsupported(format!("{link}: pty masters and /dev/tty are not supported yet")));
     }
     if ft.is_fifo() {
-        return Ok(FileKind::Fifo { path: link.to_string(), inode: meta.ino(), data: Vec::new() });
+        return Ok(FileKind::Fifo {
+            path: link.to_string(),
+            inode: meta.ino(),
+            data: Vec::new(),
+            readers_outside: false,
+        });
     }
     let ok = ft.is_file() || ft.is_dir() || (ft.is_char_device() && libc::major(meta.rdev()) as u64 == MEM_MAJOR);
     if !ok {
@@ -478,6 +485,41 @@ fn capture_pipe_data(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut [O
         let bytes = peek_pipe(&owner, fd)?;
         if let FileKind::Pipe { data, .. } | FileKind::Fifo { data, .. } = &mut files[keeper].kind {
             *data = bytes;
+        }
+    }
+    Ok(())
+}
+
+/// Marks the write ends of pipes and FIFOs whose readers are all outside the checkpointed processes
+/// (see `FileKind::Pipe`): no read end of theirs is in the tree, and the kernel still counts readers.
+fn mark_outside_readers(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut [OpenFile]) -> Result<(), FileError> {
+    let write_only = |f: &OpenFile| f.flags & libc::O_ACCMODE == libc::O_WRONLY;
+    // Pipes (by inode) and FIFOs (by inode) read inside the tree.
+    let read_inside: HashSet<u64> = files
+        .iter()
+        .filter_map(|f| match f.kind {
+            FileKind::Pipe { pipe, write_end: false, .. } => Some(pipe),
+            FileKind::Fifo { inode, .. } if !write_only(f) => Some(inode),
+            _ => None,
+        })
+        .collect();
+    let mut checked = HashSet::new();
+    for (owner, table) in owners.iter().zip(tables) {
+        for fd in table {
+            let f = &mut files[fd.file as usize];
+            let key = match f.kind {
+                FileKind::Pipe { pipe, write_end: true, .. } => pipe,
+                FileKind::Fifo { inode, .. } if write_only(f) => inode,
+                _ => continue,
+            };
+            if read_inside.contains(&key) || !checked.insert(fd.file) {
+                continue;
+            }
+            let end = sys::dup_from(owner.host, fd.fd).map_err(io_err(owner, fd.fd, "duplicate the pipe"))?;
+            let outside = sys::pipe_has_readers(end.as_fd()).map_err(io_err(owner, fd.fd, "poll the pipe"))?;
+            if let FileKind::Pipe { readers_outside, .. } | FileKind::Fifo { readers_outside, .. } = &mut f.kind {
+                *readers_outside = outside;
+            }
         }
     }
     Ok(())

@@ -24,7 +24,7 @@ use crate::sys;
 
 const MAGIC: &[u8; 8] = b"DCRIMAGE";
 /// Format version written by this code; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 2;
+pub const FORMAT_VERSION: u32 = 3;
 const META: &str = "meta.img";
 const PAGES: &str = "pages.img";
 /// Runs are split so that one CRC covers at most this many bytes (and one read).

@@ -242,8 +242,8 @@ impl NewProcess {
                     let tmp = self.open_path(target, of, path, *inode, *mode)?;
                     self.place(tmp, plan.temp(id))?;
                 }
-                FileKind::Fifo { path, data, .. } => {
-                    let tmp = self.open_fifo(target, of, path, data)?;
+                FileKind::Fifo { path, data, readers_outside, .. } => {
+                    let tmp = self.open_fifo(target, of, path, data, *readers_outside)?;
                     self.place(tmp, plan.temp(id))?;
                 }
                 FileKind::Unix { peer: Some(_), .. } => {
@@ -288,8 +288,16 @@ impl NewProcess {
                     if made_pipes.insert(*pipe, ()).is_some() {
                         continue;
                     }
-                    let (r, w) = self.make_pipe()?;
                     let ends = plan.pairs.get(pipe).copied().unwrap_or((None, None));
+                    if let (None, Some(wid)) = ends {
+                        let end = &files[wid as usize];
+                        if matches!(end.kind, FileKind::Pipe { readers_outside: true, .. }) {
+                            let tmp = self.open_null(target, end.flags)?;
+                            self.place(tmp, plan.temp(wid))?;
+                            continue;
+                        }
+                    }
+                    let (r, w) = self.make_pipe()?;
                     let data = ends.0.map(|rid| &files[rid as usize]).and_then(|f| match &f.kind {
                         FileKind::Pipe { data, .. } if !data.is_empty() => Some(data.as_slice()),
                         _ => None,
@@ -604,8 +612,16 @@ impl NewProcess {
     /// meeting point by name (the shim makes its session FIFOs anew in another sandbox's /dev). A
     /// read-write open (which never blocks) is held meanwhile, so the real open does not wait for the
     /// other side; the saved bytes are written back when nothing is queued in the FIFO (its other
-    /// users may be outside the sandbox).
-    fn open_fifo(&mut self, target: i32, of: &OpenFile, path: &str, data: &[u8]) -> Result<i32, RestoreError> {
+    /// users may be outside the sandbox). A write end whose readers were all outside
+    /// (`readers_outside`) writes to /dev/null when no reader has the FIFO open now.
+    fn open_fifo(
+        &mut self,
+        target: i32,
+        of: &OpenFile,
+        path: &str,
+        data: &[u8],
+        readers_outside: bool,
+    ) -> Result<i32, RestoreError> {
         let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, Expect::Fifo)?;
         let tmp = self.open_checked(target, path, of.flags, Expect::Fifo);
         let filled = match tmp {
@@ -614,17 +630,26 @@ impl NewProcess {
         };
         self.call(libc::SYS_close, &[both as u64])?;
         filled?;
-        tmp
+        let tmp = tmp?;
+        if readers_outside {
+            let io = |what| self.io_err(target, what);
+            let end = sys::dup_from(self.host, tmp).map_err(io("reach the FIFO"))?;
+            if !sys::pipe_has_readers(end.as_fd()).map_err(io("poll the FIFO"))? {
+                self.call(libc::SYS_close, &[tmp as u64])?;
+                return self.open_null(target, of.flags);
+            }
+        }
+        Ok(tmp)
     }
 
-    /// Opens /dev/null in place of a terminal that cannot be restored, with the description's access
-    /// mode and non-blocking flag.
+    /// Opens /dev/null in place of a file that cannot be restored (a terminal that is gone, a pipe whose
+    /// readers were outside), with the description's access mode and non-blocking flag.
     fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
         let addr = self.scratch().write(0, b"/dev/null\0").map_err(self.perr())?;
         let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
         let r = self.call_file(
             target,
-            "open /dev/null in place of its terminal",
+            "open /dev/null in its place",
             libc::SYS_openat,
             &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
         )?;

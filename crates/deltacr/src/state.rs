@@ -227,8 +227,10 @@ pub enum FileKind {
     /// A regular file, directory or device node, reopened by path.
     Path { path: String, dev: u64, inode: u64, mode: u32 },
     /// A named pipe (FIFO), reopened by path. Its unread bytes (`data`) are kept on one open file of
-    /// the FIFO and written back when nothing is queued in it at restore.
-    Fifo { path: String, inode: u64, data: Vec<u8> },
+    /// the FIFO and written back when nothing is queued in it at restore. `readers_outside`: a
+    /// write-only open whose FIFO had readers, all outside the checkpointed processes; when the FIFO
+    /// has no reader at restore, it writes to /dev/null instead (as a pipe end in that case does).
+    Fifo { path: String, inode: u64, data: Vec<u8>, readers_outside: bool },
     /// eventfd(2) with its counter.
     EventFd { count: u64, semaphore: bool },
     /// signalfd(2) with its signal mask.
@@ -269,8 +271,12 @@ pub enum FileKind {
     /// hung-up terminal: reads see end of file, writes fail). Restored as /dev/null.
     HungUpTty { path: String, index: u32 },
     /// One end of a pipe. Both ends of a pipe share `pipe`; `data` (the unread bytes) is kept once, on
-    /// the read end.
-    Pipe { pipe: u64, write_end: bool, data: Vec<u8> },
+    /// the read end. `readers_outside`: a write end whose pipe had readers, all outside the
+    /// checkpointed processes (e.g. the shim reading a command's output); those readers are not
+    /// restored, so it is restored as a write to /dev/null: writes succeed and the output is discarded
+    /// (a pipe without readers would fail every write with EPIPE and SIGPIPE). A write end whose pipe
+    /// had no reader at all stays such a pipe.
+    Pipe { pipe: u64, write_end: bool, data: Vec<u8>, readers_outside: bool },
 }
 
 /// Which pty a `/dev/pts/N` node is. A pty index is reused once its terminal is gone, and the node of

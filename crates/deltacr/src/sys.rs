@@ -202,6 +202,14 @@ pub fn tee(from: BorrowedFd<'_>, to: BorrowedFd<'_>, len: usize) -> io::Result<u
     }
 }
 
+/// Whether the pipe or FIFO of write end `fd` has readers (a write end without any polls POLLERR).
+pub fn pipe_has_readers(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut fds = [PollFd::new(fd, PollFlags::POLLOUT)];
+    poll(&mut fds, PollTimeout::ZERO)?;
+    Ok(!fds[0].revents().is_some_and(|r| r.contains(PollFlags::POLLERR)))
+}
+
 /// `FIONREAD`: bytes queued for reading on a pipe, socket or tty.
 pub fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
     let mut n: libc::c_int = 0;

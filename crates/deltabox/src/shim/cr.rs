@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use deltacr::image::{ImageId, ImageStore};
-use deltacr::{Engine, Freezer, Sandbox};
+use deltacr::{Engine, Sandbox};
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
 use tokio::sync::oneshot;
@@ -51,10 +51,27 @@ pub struct Restored {
 }
 
 enum Job {
-    Checkpoint { processes: bool, parent: Option<String>, reply: oneshot::Sender<JobResult<Captured>> },
-    Rollback { stack: String, image: Option<ImageId>, reply: oneshot::Sender<JobResult<Restored>> },
-    RestoreImage { image: ImageId, reply: oneshot::Sender<JobResult<Restored>> },
-    Forget { stack: String },
+    Checkpoint {
+        processes: bool,
+        parent: Option<String>,
+        reply: oneshot::Sender<JobResult<Captured>>,
+    },
+    Rollback {
+        stack: String,
+        image: Option<ImageId>,
+        reply: oneshot::Sender<JobResult<Restored>>,
+    },
+    RestoreImage {
+        image: ImageId,
+        reply: oneshot::Sender<JobResult<Restored>>,
+    },
+    Forget {
+        stack: String,
+    },
+    /// Ends the thread once its templates and other stopped tasks are killed and collected.
+    Shutdown {
+        done: std::sync::mpsc::Sender<()>,
+    },
 }
 
 /// Handle to the checkpoint thread.
@@ -78,20 +95,10 @@ struct Kept {
     written: Arc<AtomicBool>,
 }
 
-struct CgroupFreezer(Arc<Cgroup>);
-
-impl Freezer for CgroupFreezer {
-    fn freeze(&self) -> std::io::Result<()> {
-        self.0.freeze().map_err(std::io::Error::other)
-    }
-
-    fn thaw(&self) -> std::io::Result<()> {
-        self.0.thaw().map_err(std::io::Error::other)
-    }
-}
-
 /// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
 const MAX_TEMPLATES: usize = 8;
+/// How often an idle checkpoint thread lets go of memory held for processes that exited since.
+const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
 /// Longest chain of incremental images a restore reads before the newest is rewritten whole.
 const MAX_CHAIN: usize = 8;
 
@@ -108,7 +115,7 @@ fn compact_if_long(store: &ImageStore, id: ImageId) {
 }
 
 /// The sandbox as DeltaCR sees it (a free function, so it borrows only the fields it needs).
-fn sandbox(init: i32, freezer: &CgroupFreezer) -> Sandbox<'_> {
+fn sandbox(init: i32, freezer: &Cgroup) -> Sandbox<'_> {
     Sandbox { init: Pid::from_raw(init), freezer }
 }
 
@@ -151,12 +158,21 @@ impl Cr {
     pub fn forget(&self, stack: String) {
         let _ = self.jobs.send(Job::Forget { stack });
     }
+
+    /// Kills and collects the stopped tasks this thread traces (templates, spares) and ends it; waits
+    /// for a job under way first. Must come before the sandbox is killed: a traced task that is killed
+    /// stays a zombie until its tracer collects it, and the sandbox's pid namespace cannot end before.
+    pub fn shutdown(&self) {
+        let (done, finished) = std::sync::mpsc::channel();
+        if self.jobs.send(Job::Shutdown { done }).is_ok() {
+            let _ = finished.recv();
+        }
+    }
 }
 
 struct Worker {
     parts: Parts,
     engine: Engine,
-    freezer: CgroupFreezer,
     kept: HashMap<String, Kept>,
     /// Stacks of `kept`, oldest first.
     order: std::collections::VecDeque<String>,
@@ -164,18 +180,35 @@ struct Worker {
 
 impl Worker {
     fn new(parts: Parts) -> Worker {
-        let freezer = CgroupFreezer(parts.cgroup.clone());
-        Worker { parts, engine: Engine::new(), freezer, kept: HashMap::new(), order: Default::default() }
+        Worker { parts, engine: Engine::new(), kept: HashMap::new(), order: Default::default() }
     }
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
-        while let Ok(job) = jobs.recv() {
+        loop {
+            let job = match jobs.recv_timeout(TIDY_EVERY) {
+                Ok(job) => job,
+                Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
+                    self.engine.tidy();
+                    continue;
+                }
+                Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
+            };
             match job {
                 Job::Checkpoint { processes, parent, reply } => {
-                    let _ = reply.send(self.checkpoint(processes, parent));
+                    let result = self.checkpoint(processes, parent);
+                    let spares_for = result.as_ref().ok().filter(|c| c.processes.is_some()).map(|c| c.stack.clone());
+                    let _ = reply.send(result);
+                    if let Some(stack) = spares_for {
+                        self.prepare_spares(&stack);
+                    }
                 }
                 Job::Rollback { stack, image, reply } => {
-                    let _ = reply.send(self.rollback(&stack, image));
+                    let result = self.rollback(&stack, image);
+                    let restored = result.as_ref().is_ok_and(|r| r.restored > 0);
+                    let _ = reply.send(result);
+                    if restored {
+                        self.prepare_spares(&stack);
+                    }
                 }
                 Job::RestoreImage { image, reply } => {
                     let started = Instant::now();
@@ -193,6 +226,12 @@ impl Worker {
                 Job::Forget { stack } => {
                     self.kept.remove(&stack);
                     self.order.retain(|s| *s != stack);
+                }
+                Job::Shutdown { done } => {
+                    // Dropping templates and the engine kills and collects their tasks.
+                    drop(self);
+                    let _ = done.send(());
+                    return;
                 }
             }
         }
@@ -215,7 +254,7 @@ impl Worker {
             return Ok(Captured { stack, stopped_ms: ms(started), fs_ms, processes: None });
         }
         // Thaws the sandbox, also when it fails (the filesystem checkpoint is then simply not used).
-        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))?;
+        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.parts.cgroup)).map_err(|e| chain(&e))?;
         let stopped_ms = ms(started);
         let parent = parent.as_ref().and_then(|p| self.kept.get(p)).filter(|k| k.written.load(Ordering::SeqCst));
         let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image))).map_err(|e| chain(&e))?;
@@ -240,6 +279,20 @@ impl Worker {
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
     }
 
+    /// Gives the templates of the checkpoint of `stack` — the likeliest next rollback target, just made
+    /// or rolled back to — their spares, while the sandbox runs: the rollback then takes over their
+    /// memory instead of copying page tables (see docs/deltacr.md, "Spares").
+    fn prepare_spares(&mut self, stack: &str) {
+        let Some(kept) = self.kept.get(stack) else {
+            return;
+        };
+        let sb = sandbox(self.parts.init, &self.parts.cgroup);
+        match self.engine.prepare_spares(&kept.ckpt, &sb) {
+            Ok(made) => tracing::debug!(stack, made, "prepared spares"),
+            Err(e) => tracing::warn!(stack, "cannot prepare spares (rollbacks copy page tables): {}", chain(&e)),
+        }
+    }
+
     /// Templates hold the pages their processes changed since: keep them for the newest checkpoints only
     /// (older ones are restored from their image). One whose image is not written yet is kept.
     fn limit_templates(&mut self) {
@@ -259,7 +312,7 @@ impl Worker {
         let started = Instant::now();
         let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
         self.engine
-            .kill_processes(&sandbox(self.parts.init, &self.freezer))
+            .kill_processes(&sandbox(self.parts.init, &self.parts.cgroup))
             .map_err(|e| format!("kill the sandbox's processes: {}", chain(&e)))?;
         let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
         let fs_started = Instant::now();
@@ -284,7 +337,7 @@ impl Worker {
         let from_templates = self.kept.get(stack).filter(|k| k.ckpt.lost_templates().is_empty());
         let (stats, from_image) = match from_templates {
             Some(kept) => {
-                let sb = sandbox(self.parts.init, &self.freezer);
+                let sb = sandbox(self.parts.init, &self.parts.cgroup);
                 (self.engine.restore(&kept.ckpt, &sb).map_err(|e| chain(&e))?, false)
             }
             // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
@@ -306,6 +359,6 @@ impl Worker {
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let mut images = self.parts.images.open_chain(image).map_err(|e| format!("open the image: {}", chain(&e)))?;
-        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.freezer)).map_err(|e| chain(&e))
+        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.parts.cgroup)).map_err(|e| chain(&e))
     }
 }

@@ -206,6 +206,7 @@ impl Shim {
     /// Kills every process of the sandbox (init included, so the kernel ends the pid namespace) and
     /// removes its cgroup. The rootfs mount goes away with our mount namespace when the shim exits.
     fn teardown(&self) -> anyhow::Result<()> {
+        self.cr.shutdown();
         self.cgroup.kill_all().context("kill the sandbox's processes")?;
         // Reap init (our child) so it does not linger as a zombie with the sandbox's uid.
         let _ = rustix::process::waitid(

@@ -170,6 +170,17 @@ struct Holder {
 }
 
 impl Holder {
+    /// `task` holds the memory of `host` (pid `pid` in the sandbox), which took it over.
+    fn new(task: Stopped, pid: i32, host: Pid) -> Result<Holder, RestoreError> {
+        let partner_fd = sys::pidfd_open(host).map_err(|source| RestoreError::FileIo {
+            pid,
+            fd: -1,
+            what: "open a pidfd",
+            source,
+        })?;
+        Ok(Holder { task, partner: host, partner_fd })
+    }
+
     /// True while the partner runs with the memory the holder holds (not after it exited or exec'd).
     fn in_use(&self) -> bool {
         matches!(sys::pidfd_exited(self.partner_fd.as_fd()), Ok(false))
@@ -651,7 +662,14 @@ impl Engine {
             let (host, gadget, start) = match (plan.creators[&entry.pid], template, session_helper) {
                 (_, _, Some(h)) => {
                     tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
-                    let host = h.np.fork_child(pids, entry.pid, in_session)?;
+                    // The copy-on-write member takes over the memory of the spare the helper was made
+                    // from, if any (see below).
+                    let spare = if h.cow == Some(entry.pid) { h.spare.take() } else { None };
+                    let flags = if spare.is_some() { in_session | libc::CLONE_VM as u64 } else { in_session };
+                    let host = h.np.fork_child(pids, entry.pid, flags)?;
+                    if let Some(task) = spare {
+                        holders.push(Holder::new(task, entry.pid, host)?);
+                    }
                     if h.cow == Some(entry.pid) {
                         inherited.insert(entry.pid, st.seccomp.len());
                         (host, h.np.gadget(), None)
@@ -671,13 +689,7 @@ impl Engine {
                     tracing::debug!(pid = entry.pid, source = source.pid().as_raw(), "restoring from template");
                     let host = clone_stopped(pids, source, entry.pid, flags as u64)?;
                     if let Some(task) = spare {
-                        let partner_fd = sys::pidfd_open(host).map_err(|source| RestoreError::FileIo {
-                            pid: entry.pid,
-                            fd: -1,
-                            what: "open a pidfd",
-                            source,
-                        })?;
-                        holders.push(Holder { task, partner: host, partner_fd });
+                        holders.push(Holder::new(task, entry.pid, host)?);
                     }
                     inherited.insert(entry.pid, st.seccomp.len());
                     (host, t.gadget(), None)
@@ -852,6 +864,9 @@ struct SessionHelper {
     /// With templates, the helper shares the memory of one process's template (the largest one), so
     /// that process is a copy-on-write clone of it; the others get their memory copied.
     cow: Option<i32>,
+    /// When that template had a spare, the helper shares the spare's memory instead, and the process
+    /// takes it over (`CLONE_VM`, no page tables copied); the spare then becomes its holder.
+    spare: Option<Stopped>,
     /// Credentials and number of seccomp filters of the processes it forks.
     creds: Creds,
     filters: usize,
@@ -869,6 +884,7 @@ impl SessionHelper {
     ) -> Result<SessionHelper, CrError> {
         let members = &plan.session_helpers[&sid];
         tracing::debug!(sid, ?members, "re-creating a session whose leader has exited");
+        let mut spare = None;
         let (host, gadget, cow, creds, filters) = match mem {
             Memory::Templates(templates) => {
                 let (pid, st) = members
@@ -880,8 +896,10 @@ impl SessionHelper {
                     .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(|v| v.len()).sum::<u64>())
                     .expect("a session helper has live members");
                 let t = templates.get(&pid).filter(|t| t.alive()).ok_or(CrError::NoTemplate { pid })?;
+                spare = t.take_spare();
+                let source = spare.as_ref().unwrap_or(t.task());
                 let host =
-                    clone_stopped(pids, t.task(), sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
+                    clone_stopped(pids, source, sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
                 (host, t.gadget(), Some(pid), st.creds.clone(), st.seccomp.len())
             }
             Memory::Image(_) => {
@@ -900,7 +918,7 @@ impl SessionHelper {
         let freed = np.free_scratch();
         res?;
         freed?;
-        Ok(SessionHelper { np, sid, cow, creds, filters })
+        Ok(SessionHelper { np, sid, cow, spare, creds, filters })
     }
 }
 

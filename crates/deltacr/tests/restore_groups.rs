@@ -100,29 +100,43 @@ fn wait_gone(ns: &PidNs, pid: i32) {
     wait_for(|| (!ns.processes().iter().any(|&(_, p)| p == pid)).then_some(()));
 }
 
-/// Restores `ckpt` from its templates twice, then from its image. `before` runs once the processes
-/// are killed (their output files stand still), `check` after each restore with what `before` said.
+/// Restores `ckpt` from its templates twice (the second time with spares), then from its image.
+/// `before` runs once the processes are killed (their output files stand still), `check` after each
+/// restore with what `before` said. Returns how many processes took over a spare.
 fn restore_rounds<B>(
     ns: &PidNs,
     engine: &mut Engine,
     ckpt: Checkpoint,
     mut before: impl FnMut() -> B,
     mut check: impl FnMut(&Checkpoint, usize, B),
-) {
+) -> usize {
     let sb = ns.sandbox();
     let store = deltacr::image::ImageStore::new(&ns.path("images")).unwrap();
     let image = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
+    let mut from_spares = 0;
     for round in 0..3 {
+        if round == 1 {
+            engine.prepare_spares(&ckpt, &sb).unwrap();
+        }
         engine.kill_processes(&sb).unwrap();
         let seen = before();
         if round < 2 {
-            engine.restore(&ckpt, &sb).unwrap();
+            let stats = engine.restore(&ckpt, &sb).unwrap();
+            assert_eq!(stats.from_spares > 0, round == 1 && from_spares_expected(&ckpt), "round {round}");
+            from_spares += stats.from_spares;
         } else {
             let mut chain = store.open_chain(image).unwrap();
             engine.restore_image(&mut chain, &sb).unwrap();
         }
         check(&ckpt, round, seen);
     }
+    from_spares
+}
+
+/// Whether a restore with spares uses one: spares are made for children of init, and one is taken
+/// over by a child of init restored from its template or by a session helper's copy-on-write member.
+fn from_spares_expected(ckpt: &Checkpoint) -> bool {
+    ckpt.tree.processes.iter().any(|p| p.ppid == 1 && matches!(p.kind, ProcessKind::Live(_)))
 }
 
 /// Restores (see [`restore_rounds`]) and checks that every process is back with its ids and that
@@ -136,7 +150,7 @@ fn restore_and_check(
     at: &[u64],
 ) {
     let row_counts = || outs.iter().map(|o| number_rows(o).len()).collect::<Vec<_>>();
-    restore_rounds(ns, engine, ckpt, row_counts, |_, round, before| {
+    let _ = restore_rounds(ns, engine, ckpt, row_counts, |_, round, before| {
         check_ids(ns, procs, round);
         for ((o, b), a) in outs.iter().zip(&before).zip(at) {
             wait_for(|| (number_rows(o).len() > *b).then_some(()));
@@ -189,7 +203,7 @@ fn background_jobs_of_an_exited_shell(mut ns: PidNs) {
     let next_a = counter_lines(&out_a)[a0];
 
     let counts = || (counter_lines(&out_a).len(), number_rows(&out_c).len());
-    restore_rounds(&ns, &mut engine, ckpt, counts, |ckpt, round, (a_before, c_before)| {
+    let from_spares = restore_rounds(&ns, &mut engine, ckpt, counts, |ckpt, round, (a_before, c_before)| {
         check_ids(&ns, &procs, round);
         // The helper that re-created the session is gone.
         wait_gone(&ns, sh);
@@ -204,6 +218,8 @@ fn background_jobs_of_an_exited_shell(mut ns: PidNs) {
         }
         assert_eq!(ckpt.lost_templates(), Vec::<i32>::new(), "round {round}");
     });
+    // The session helper's copy-on-write member took over its template's spare.
+    assert_eq!(from_spares, 1);
 }
 
 /// Job-control shells: one alive with two jobs (one a pipeline), one that exited leaving its jobs in

@@ -53,7 +53,7 @@ def test_fs_only_checkpoint(fake, sandbox):
 
 def test_full_checkpoint_by_default(fake, sandbox):
     full = dict(CHECKPOINT, kind="full", covers=["filesystem", "processes"], process_count=3, durable=False,
-                processes="3 captured; durable image being written")
+                processes="3 captured")
     fake.route("POST", f"{SB}/checkpoints", Reply(201, full))
     ck = sandbox.checkpoint()
     # Without fs_only the SDK asks for the daemon's default: files and processes.

@@ -2,7 +2,7 @@
 
 Each ```sh block is run (in order, in one bash, with $SOCK set) and must be followed by a ```json or ```text
 sample. JSON output must match the sample's documents — same fields, same values except those that differ
-between runs (ids, pids, times, latencies, image digests; sandbox and checkpoint ids inside other values, e.g.
+between runs (ids, pids, times, latencies, image digests, whether a process image is written yet; sandbox and checkpoint ids inside other values, e.g.
 messages, are masked), same sequence of event types (repeated progress events count once); text output must
 equal the sample (up to trailing newlines).
 """
@@ -17,7 +17,7 @@ from support import REPO
 
 DOC = REPO / "docs" / "api.md"
 VOLATILE = {"id", "pid", "created", "duration_ms", "uid_base", "init_pid", "source", "layers", "size", "done_bytes",
-            "total_bytes", "mtime", "latency_ms", "fs_ms", "changed_inodes"}
+            "total_bytes", "mtime", "latency_ms", "fs_ms", "changed_inodes", "durable"}
 # Sandbox ids (12 hex digits) and checkpoint ids ("ck-" + 12 hex digits) in any string value.
 IDS = re.compile(r"\b(ck-)?[0-9a-f]{12}\b")
 EXAMPLE = re.compile(r"```sh\n(.*?)```\s*```(json|text)\n(.*?)```", re.S)

@@ -235,10 +235,9 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 
 fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
     let full = c.kind == "full";
-    let processes = match (full, c.durable) {
-        (false, _) => "not captured (filesystem-only checkpoint): they kept running".to_string(),
-        (true, true) => format!("{} captured; durable image written", c.processes.unwrap_or(0)),
-        (true, false) => format!("{} captured; durable image being written", c.processes.unwrap_or(0)),
+    let processes = match full {
+        false => "not captured (filesystem-only checkpoint): they kept running".to_string(),
+        true => format!("{} captured", c.processes.unwrap_or(0)),
     };
     CheckpointView {
         id: c.id.clone(),

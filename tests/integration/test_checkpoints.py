@@ -229,7 +229,7 @@ def test_exec_output_and_session_state_after_rollback_see_the_checkpoint(sb):
     assert sb.files.read("/work/counter") == b"1\n"
 
 
-@pytest.mark.xfail(strict=False, reason="DeltaFS bug: st_blocks is size/512 for sparse files and SEEK_HOLE finds "
+@pytest.mark.xfail(strict=True, reason="DeltaFS limitation: st_blocks is size/512 for sparse files and SEEK_HOLE finds "
                    "no hole (ext4 and overlayfs report the allocated blocks), so du, cp and tar see no sparseness")
 def test_a_sparse_file_reports_its_holes(sb):
     script = r"""
@@ -245,9 +245,6 @@ print(st.st_blocks * 512 < (1 << 20), os.lseek(fd, 0, os.SEEK_HOLE) == 0)
     assert run_python(sb, script) == "True True\n"
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: a session whose command is running when the rollback kills it "
-                   "is sometimes missing from sessions_closed (its shell's death removes it before the rollback "
-                   "collects the sessions), although it ended")
 def test_rollback_reports_every_session_it_ended(sb):
     ck = sb.checkpoint(fs_only=True)
     for _ in range(6):

@@ -78,15 +78,9 @@ def test_rollback_to_a_checkpoint_of_another_sandbox(client, sb):
     assert foreign.id in err.value.message and other.id in err.value.message and "fork" in err.value.message
 
 
-# The checkpoint and fork handlers read their optional bodies themselves and report every problem as invalid_json.
-OPTIONAL_BODY_CODES = pytest.mark.xfail(
-    strict=False, reason="daemon bug: POST .../checkpoints and POST /v1/checkpoints/{id}/fork answer invalid_json "
-    "for unknown fields and wrong types, where every other endpoint (and docs/api.md) says invalid_request")
-
-
 @pytest.mark.parametrize("suffix, body, code", [
-    pytest.param("/checkpoints", b'{"fs_only": true, "processes": true}', "invalid_request", marks=OPTIONAL_BODY_CODES),
-    pytest.param("/checkpoints", b'{"fs_only": "yes"}', "invalid_request", marks=OPTIONAL_BODY_CODES),
+    ("/checkpoints", b'{"fs_only": true, "processes": true}', "invalid_request"),
+    ("/checkpoints", b'{"fs_only": "yes"}', "invalid_request"),
     ("/checkpoints", b'{"fs_only": tru', "invalid_json"),
     ("/rollback", b"{}", "invalid_request"),
     ("/rollback", b'{"checkpoint": 7}', "invalid_request"),
@@ -108,7 +102,6 @@ def test_fork_count_out_of_range(client, kept, count):
     assert {s.id for s in client.list()} == before
 
 
-@OPTIONAL_BODY_CODES
 @pytest.mark.parametrize("body", [b'{"count": -1}', b'{"count": 1.5}', b'{"count": "2"}', b'{"count": 1, "x": 1}'])
 def test_fork_count_of_the_wrong_type(daemon, kept, body):
     status, answer = request(daemon, "POST", f"/v1/checkpoints/{kept.id}/fork", body, JSON)

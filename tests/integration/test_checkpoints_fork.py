@@ -171,9 +171,6 @@ def test_checkpoint_rm_relinks_children_and_moves_the_head(client, sandboxes):
     assert sh(a, "ls /work") == "one\nthree\ntwo\n"
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: deleting a fork's origin checkpoint relinks the fork's head to "
-                   "the origin's parent but leaves its origin naming the deleted checkpoint, so the fork cannot roll "
-                   "back to its own head any more (400 checkpoint_of_another_sandbox)")
 def test_deleting_a_forks_origin_keeps_its_ancestors_reachable(client, sandboxes):
     a = sandboxes()
     c1, c2 = line_of_checkpoints(a, 1, 2)
@@ -236,9 +233,6 @@ def test_removing_everything_frees_the_filesystem_data(client, daemon, sandboxes
         f"{after - before} KiB of {grown - before} KiB left in {store}; the daemon's log:\n{daemon.log_tail()}"
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: removing a sandbox collects garbage as soon as its shim answers "
-                   "Destroy, but the shim still holds the flock of its writable layer until it has exited, so the "
-                   "sandbox's data (and that of its deleted checkpoints) often stays until a later collection")
 def test_removing_a_sandbox_frees_its_data_at_once(daemon, sandboxes):
     store = daemon.data_dir / "deltafs"
     for _ in range(3):
@@ -252,9 +246,6 @@ def test_removing_a_sandbox_frees_its_data_at_once(daemon, sandboxes):
         assert disk_usage_kib(store) - before < 1024
 
 
-@pytest.mark.xfail(strict=False, reason="daemon bug: a rollback racing the deletion of its target checkpoint sets "
-                   "the sandbox's head to the deleted checkpoint, so the next checkpoint's parent names a checkpoint "
-                   "that does not exist")
 def test_deleting_a_checkpoint_during_a_rollback_to_it_leaves_no_dangling_link(client, sandboxes):
     sb = sandboxes("busybox")
     for i in range(10):

@@ -220,13 +220,17 @@ impl Catalog {
             .filter(|c| !doomed.contains(&c.id) && c.parent.as_ref().is_some_and(|p| doomed.contains(p)))
             .map(|c| (c.id.clone(), survivor(c.parent.clone())))
             .collect();
-        let heads: Vec<(SandboxRecord, Option<String>)> = self
+        // A sandbox at (head) or forked from (origin) a deleted checkpoint moves to the nearest survivor:
+        // it may still roll back to that one and its ancestors.
+        let is_doomed = |c: &Option<String>| c.as_ref().is_some_and(|c| doomed.contains(c));
+        let moved: Vec<SandboxRecord> = self
             .sandboxes()?
             .into_iter()
-            .filter(|s| s.head.as_ref().is_some_and(|h| doomed.contains(h)))
-            .map(|s| {
-                let head = survivor(s.head.clone());
-                (s, head)
+            .filter(|s| is_doomed(&s.head) || is_doomed(&s.origin))
+            .map(|mut s| {
+                s.head = survivor(s.head.take());
+                s.origin = survivor(s.origin.take());
+                s
             })
             .collect();
         let tx = self.conn.transaction()?;
@@ -235,8 +239,7 @@ impl Catalog {
             cp.parent = parent;
             tx.execute("UPDATE checkpoints SET record = ?2 WHERE id = ?1", params![id, serde_json::to_string(&*cp)?])?;
         }
-        for (mut sandbox, head) in heads {
-            sandbox.head = head;
+        for sandbox in moved {
             tx.execute(
                 "UPDATE sandboxes SET record = ?2 WHERE id = ?1",
                 params![sandbox.id, serde_json::to_string(&sandbox)?],

@@ -70,6 +70,9 @@ pub struct Engine {
     /// Read-held while a sandbox is started from a stack, write-held by filesystem GC: a stack about to be
     /// mounted is not yet protected by the mount's lock.
     fs_gc: RwLock<()>,
+    /// Held (read) while a checkpoint, rollback or fork links a sandbox or checkpoint to a checkpoint
+    /// (parent, head, origin), and (write) while checkpoints are deleted: a link never names a deleted one.
+    links: RwLock<()>,
     _lock: File,
 }
 
@@ -97,6 +100,7 @@ impl Engine {
             fs,
             images,
             fs_gc: RwLock::new(()),
+            links: RwLock::new(()),
             _lock: lock,
         });
         engine.recover().await?;
@@ -122,13 +126,10 @@ impl Engine {
     /// Watches sandbox `id`'s shim: if it exits while the sandbox is still listed (it crashed, or someone
     /// killed it), the sandbox cannot be managed any more and is removed.
     fn watch_shim(self: &Arc<Self>, id: String, shim_pid: i32) {
-        let Some(pid) = rustix::process::Pid::from_raw(shim_pid) else { return };
-        let pidfd = match rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty()) {
-            Ok(fd) => fd,
+        let watch = match shim_exit(shim_pid) {
+            Ok(watch) => watch,
             Err(e) => return tracing::warn!(%id, "cannot watch the shim (pid {shim_pid}): {e}"),
         };
-        // SAFETY: we own `pidfd` and never replace or close it while the AsyncFd holds it.
-        let Ok(watch) = (unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }) else { return };
         let engine = Arc::downgrade(self);
         tokio::spawn(async move {
             let _ = watch.readable().await;
@@ -386,21 +387,32 @@ impl Engine {
     /// uses them (was forked from one, or took a checkpoint on top of one).
     pub async fn remove(&self, id: &str, keep_checkpoints: bool) -> ApiResult<()> {
         // Unlisted first, so the shim watcher does not race us when the shim exits.
-        if self.sandboxes.write().await.remove(id).is_none() {
+        let Some(live) = self.sandboxes.write().await.remove(id) else {
             return Err(ApiError::not_found("sandbox_not_found", format!("no sandbox with id {id:?}")));
-        }
+        };
+        // The shim holds the lock of the sandbox's writable layer until it exits: the garbage collection
+        // below frees the sandbox's data only after that.
+        let exited = shim_exit(live.info.shim_pid);
         let destroyed = match self.shim_control(id, Request::Destroy).await {
             Ok(Reply::Done) => Ok(()),
             Ok(Reply::Error { message, .. }) => Err(anyhow::anyhow!(message)),
             Ok(other) => Err(anyhow::anyhow!("unexpected answer {other:?}")),
             Err(e) => Err(e),
         };
-        if let Err(e) = destroyed {
-            tracing::warn!(%id, "the shim could not destroy the sandbox ({e:#}); cleaning up directly");
+        match destroyed {
+            Ok(()) => {
+                if let Ok(exited) = exited {
+                    if tokio::time::timeout(SHIM_EXIT_WAIT, exited.readable()).await.is_err() {
+                        tracing::warn!(%id, "the shim did not exit after destroying the sandbox");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(%id, "the shim could not destroy the sandbox ({e:#}); cleaning up directly"),
         }
         self.force_cleanup(id);
         self.catalog().delete_sandbox(id).map_err(anyhow::Error::from)?;
         if !keep_checkpoints {
+            let _links = self.links.write().await;
             let doomed = self.unused_checkpoints_of(id).map_err(anyhow::Error::from)?;
             self.catalog().delete_checkpoints(&doomed).map_err(anyhow::Error::from)?;
         }
@@ -432,6 +444,7 @@ impl Engine {
     ) -> ApiResult<(CheckpointRecord, CheckpointStats)> {
         let live = self.live(id).await?;
         let _one_at_a_time = live.ops.lock().await;
+        let _links = self.links.read().await;
         let mut record = self.sandbox_record(id)?;
         // An incremental image needs the previous process checkpoint of this sandbox.
         let parent = record
@@ -522,6 +535,7 @@ impl Engine {
     pub async fn rollback(&self, id: &str, checkpoint: &str) -> ApiResult<(CheckpointRecord, RollbackStats)> {
         let live = self.live(id).await?;
         let _one_at_a_time = live.ops.lock().await;
+        let _links = self.links.read().await;
         let cp = self.checkpoint_record(checkpoint)?;
         let mut record = self.sandbox_record(id)?;
         if cp.sandbox != id && !self.ancestors(record.origin.as_deref()).contains(&cp.id) {
@@ -552,6 +566,7 @@ impl Engine {
         if !(1..=MAX_FORKS).contains(&count) {
             return Err(ApiError::bad_request("invalid_count", format!("count must be between 1 and {MAX_FORKS}")));
         }
+        let _links = self.links.read().await;
         let cp = self.checkpoint_record(checkpoint)?;
         if cp.image.is_some() {
             self.wait_durable(&cp).await?;
@@ -593,6 +608,7 @@ impl Engine {
     }
 
     pub async fn delete_checkpoint(&self, checkpoint: &str) -> ApiResult<()> {
+        let links = self.links.write().await;
         let cp = self.checkpoint_record(checkpoint)?;
         if cp.image.is_some() && self.sandboxes.read().await.contains_key(&cp.sandbox) {
             // Frees the memory its in-memory copies hold in the sandbox.
@@ -606,12 +622,13 @@ impl Engine {
             .delete_checkpoints(&[checkpoint.to_string()])
             .map_err(anyhow::Error::from)?;
         for live in self.sandboxes.write().await.values_mut() {
-            if live.record.head.as_deref() == Some(checkpoint) {
+            if [&live.record.head, &live.record.origin].iter().any(|c| c.as_deref() == Some(checkpoint)) {
                 if let Ok(Some(r)) = self.catalog().sandbox(&live.record.id) {
                     live.record = r;
                 }
             }
         }
+        drop(links);
         self.collect_garbage().await;
         Ok(())
     }
@@ -823,4 +840,15 @@ fn instance_id(dir: &Path) -> anyhow::Result<String> {
             Ok(id)
         }
     }
+}
+
+/// How long a sandbox's removal waits for its shim to exit after it destroyed the sandbox.
+const SHIM_EXIT_WAIT: Duration = Duration::from_secs(5);
+
+/// Becomes readable when the shim `shim_pid` exits.
+fn shim_exit(shim_pid: i32) -> std::io::Result<AsyncFd<std::os::fd::OwnedFd>> {
+    let pid = rustix::process::Pid::from_raw(shim_pid).ok_or_else(|| std::io::Error::other("pid 0"))?;
+    let pidfd = rustix::process::pidfd_open(pid, rustix::process::PidfdFlags::empty())?;
+    // SAFETY: we own `pidfd` and never replace or close it while the AsyncFd holds it.
+    unsafe { AsyncFd::register_with_interest(pidfd, Interest::READABLE) }.map_err(|e| e.into_parts().1)
 }

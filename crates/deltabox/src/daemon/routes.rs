@@ -228,7 +228,11 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
     if body.iter().all(|b| b.is_ascii_whitespace()) {
         return Ok(None);
     }
-    serde_json::from_slice(body).map(Some).map_err(|e| ApiError::bad_request("invalid_json", e.to_string()))
+    // As for the other bodies: unparsable JSON is invalid_json, JSON of the wrong shape invalid_request.
+    serde_json::from_slice(body).map(Some).map_err(|e| {
+        let code = if e.classify() == serde_json::error::Category::Data { "invalid_request" } else { "invalid_json" };
+        ApiError::bad_request(code, e.to_string())
+    })
 }
 
 // ---- checkpoints ----

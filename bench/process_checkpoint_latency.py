@@ -6,7 +6,8 @@
 
 For each resident size, a fresh sandbox runs one python3 process holding that much memory (every page written).
 Between timed calls it rewrites 0, 1 or 100 MB of it (at most all of it) (not timed; the process waits on a FIFO for each order), then:
-  * checkpoint (full) — incremental: only pages changed since the previous checkpoint go to its image;
+  * checkpoint (full) — incremental: only pages changed since the previous checkpoint go to its image, which is
+    written in the background after the call; the bench waits for it (untimed) before the next call;
   * rollback to the latest full checkpoint after changing 1 MB (the processes are killed and restored from the
     checkpoint's in-memory templates).
 Each row gives the API round trip (what the SDK caller waits for) and the latency the daemon reports (`latency_ms`:
@@ -56,6 +57,14 @@ def timed(call):
     return (time.perf_counter() - start) * 1000, result
 
 
+def settle(client: deltabox.Client, ck: deltabox.Checkpoint) -> None:
+    """Waits (untimed) until the checkpoint's image is written: as between an agent's steps, the next call
+    does not compete with the background writer for the CPUs."""
+    deadline = time.monotonic() + 300
+    while not client.checkpoint(ck.id).durable and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
 def dirty(sb: deltabox.Sandbox, mb: int) -> None:
     sb.exec(["sh", "-c", f"echo {mb} > /root/cmd && cat /root/ack"], timeout=120).check()
 
@@ -78,7 +87,9 @@ def bench_rss(client: deltabox.Client, image: str, rss: int, iterations: int) ->
                 ms, ck = timed(sb.checkpoint)
                 rt.append(ms)
                 daemon.append(ck.latency_ms)
+                settle(client, ck)
         target = sb.checkpoint()
+        settle(client, target)
         rt, daemon = rows.setdefault(f"{rss} MB: rollback, 1 MB changed", ([], []))
         for _ in range(iterations):
             dirty(sb, 1)

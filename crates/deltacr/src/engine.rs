@@ -664,13 +664,14 @@ impl Engine {
                     tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
                     // The copy-on-write member takes over the memory of the spare the helper was made
                     // from, if any (see below).
-                    let spare = if h.cow == Some(entry.pid) { h.spare.take() } else { None };
+                    let cow = h.cow == Some(entry.pid);
+                    let spare = if cow { h.spare.take() } else { None };
                     let flags = if spare.is_some() { in_session | libc::CLONE_VM as u64 } else { in_session };
                     let host = h.np.fork_child(pids, entry.pid, flags)?;
                     if let Some(task) = spare {
                         holders.push(Holder::new(task, entry.pid, host)?);
                     }
-                    if h.cow == Some(entry.pid) {
+                    if cow {
                         inherited.insert(entry.pid, st.seccomp.len());
                         (host, h.np.gadget(), None)
                     } else {

@@ -1010,13 +1010,24 @@ impl NewProcess {
     /// maybe CLONE_PARENT); the child has pid `want` (chosen with the pid helper) and is returned
     /// stopped and traced.
     pub fn fork_child(&mut self, pids: &mut PidSetter, want: i32, flags: u64) -> Result<Pid, RestoreError> {
+        self.clone_with_pid(pids, want, flags, "forking a child")
+    }
+
+    /// Injects `clone(flags)` so that the new task gets pid `want` (see [`create_with_pid`]).
+    fn clone_with_pid(
+        &mut self,
+        pids: &mut PidSetter,
+        want: i32,
+        flags: u64,
+        what: &'static str,
+    ) -> Result<Pid, RestoreError> {
         create_with_pid(
             pids,
             want,
             want,
             |np: &mut Self| {
                 let e = np.perr();
-                np.leader().clone_task(flags, "forking a child").map_err(e)
+                np.leader().clone_task(flags, what).map_err(e)
             },
             |_, wrong| {
                 Self::kill_host(wrong);
@@ -1031,20 +1042,7 @@ impl NewProcess {
     /// nothing but injected syscalls that touch no memory).
     pub fn clone_helper(&mut self, pids: &mut PidSetter, want: i32) -> Result<Helper, RestoreError> {
         let flags = (libc::CLONE_VM | libc::CLONE_PARENT) as u64;
-        let host = create_with_pid(
-            pids,
-            want,
-            want,
-            |np: &mut Self| {
-                let e = np.perr();
-                np.leader().clone_task(flags, "creating a helper").map_err(e)
-            },
-            |_, wrong| {
-                Self::kill_host(wrong);
-                Ok(())
-            },
-            self,
-        )?;
+        let host = self.clone_with_pid(pids, want, flags, "creating a helper")?;
         match Injector::new(host, host, self.gadget) {
             Ok(inj) => Ok(Helper { inj: Some(inj), host, ns_pid: want }),
             Err(source) => {

@@ -198,7 +198,11 @@ def test_rollback_ends_every_process_but_init_and_the_sandbox_works_on(sb):
     sb.exec(["sh", "-c", "setsid sh -c 'sleep 1000 & sleep 1000 & wait' > /dev/null 2>&1 < /dev/null &"]).check()
     sb.exec(["sh", "-c", "setsid su nobody -s /bin/sh -c 'sleep 1000' > /dev/null 2>&1 < /dev/null &"]).check()
     info = sb.refresh()
-    assert len(sandbox_processes(info)) >= 7  # init, 2 bash, their sleep, sh + 2 sleeps, su's sleep
+    # init, 2 bash, their sleep, sh + 2 sleeps, su's sleep; the background shells fork after exec has returned.
+    deadline = time.monotonic() + 10
+    while len(sandbox_processes(info)) < 7:
+        assert time.monotonic() < deadline, sandbox_processes(info)
+        time.sleep(0.02)
     result = sb.rollback(ck)
     assert result.processes_killed >= 6
     assert sorted(result.sessions_closed) == ["other", "work"]

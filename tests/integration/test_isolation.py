@@ -45,7 +45,8 @@ def test_root_inside_is_not_root_outside(debian):
     marker = f"1000.{uuid.uuid4().int % 10**9}"
     session = debian.session("isolation-uid")
     try:
-        session.run(f"sleep {marker} &").check()
+        # `&` returns before the child has exec'd sleep: wait inside until its command line is sleep's.
+        session.run(f"sleep {marker} & until grep -aq {marker} /proc/$!/cmdline; do :; done").check()
         (found,) = [(pid, uid) for pid, uid, cmd in host_processes() if cmd == f"sleep\0{marker}\0".encode()]
         assert found[1] == info.uid_base != 0
     finally:

@@ -150,6 +150,8 @@ impl Indexer<'_> {
                     base: Some(Source::Image(self.layer, rel_str)),
                     base_len: u64::MAX,
                     chunks: OrdMap::new(),
+                    // Taken once here: a getattr must not stat the image file.
+                    blocks: md.blocks(),
                 })
             } else if ft.is_symlink() {
                 let target = std::fs::read_link(&path).map_err(io_err(&path))?;

@@ -3,6 +3,10 @@
 //!
 //! Frame = `len: u32 LE | crc32(payload): u32 LE | payload (postcard)`. A reader stops at the first
 //! frame that is short or fails its CRC: that is the torn tail of a write interrupted by a kill.
+//!
+//! Every snapshot carries the format version it was written in; a layer's journal is in the version
+//! of the layer's meta snapshot. Format 1 (before file contents counted their allocated blocks) is
+//! still read: see [`v1`].
 
 use std::ffi::OsString;
 use std::fs::{File, OpenOptions};
@@ -25,8 +29,10 @@ pub enum JournalError {
         #[source]
         source: io::Error,
     },
-    #[error("{path} is not a DeltaFS {what} file (bad magic or version)")]
+    #[error("{path} is not a DeltaFS {what} file (bad magic)")]
     BadMagic { path: PathBuf, what: &'static str },
+    #[error("{path} is in DeltaFS format {version}; this version reads formats 1 to {FORMAT_VERSION}")]
+    UnknownVersion { path: PathBuf, version: u32 },
     #[error("{path} is corrupt (checksum mismatch)")]
     Corrupt { path: PathBuf },
     #[error("cannot decode {path}")]
@@ -142,8 +148,9 @@ impl JournalWriter {
     }
 }
 
-/// Reads every complete record of a journal; a missing file is an empty journal.
-pub fn read_journal(path: &Path) -> Result<Vec<Record>> {
+/// Reads every complete record of a journal written in format `version`; a missing file is an
+/// empty journal.
+pub fn read_journal(path: &Path, version: u32) -> Result<Vec<Record>> {
     let data = match std::fs::read(path) {
         Ok(d) => d,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
@@ -162,22 +169,30 @@ pub fn read_journal(path: &Path) -> Result<Vec<Record>> {
             tracing::warn!(path = %path.display(), offset = pos, "journal record fails its CRC");
             break;
         }
-        let record =
-            postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })?;
-        records.push(record);
+        records.push(match version {
+            FORMAT_V1 => decode::<v1::Record>(path, payload)?.into(),
+            _ => decode(path, payload)?,
+        });
         pos += 8 + len;
     }
     Ok(records)
 }
 
-const SNAPSHOT_VERSION: u32 = 1;
+/// The on-disk format this code writes: 2 = file contents carry their allocated block count.
+pub const FORMAT_VERSION: u32 = 2;
+/// The first format (no block counts), still read.
+pub(crate) const FORMAT_V1: u32 = 1;
+
+fn decode<T: DeserializeOwned>(path: &Path, payload: &[u8]) -> Result<T> {
+    postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })
+}
 
 /// Writes `value` to `path` atomically (temporary file + rename) as `magic | version | frame`.
 pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> Result<()> {
     let payload = postcard::to_stdvec(value).map_err(JournalError::Encode)?;
     let mut buf = Vec::with_capacity(payload.len() + 20);
     buf.extend_from_slice(magic);
-    buf.extend_from_slice(&SNAPSHOT_VERSION.to_le_bytes());
+    buf.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
     buf.extend_from_slice(&frame(&payload));
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
@@ -186,12 +201,27 @@ pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> 
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
 
-/// Reads a file written by [`write_snapshot`] with the same magic.
-pub fn read_snapshot<T: DeserializeOwned>(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<T> {
+/// The format version of a file written by [`write_snapshot`] with `magic` (reads its header only).
+pub fn snapshot_version(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<u32> {
+    let mut header = [0u8; 12];
+    File::open(path).and_then(|mut f| f.read_exact(&mut header)).map_err(io_err(path))?;
+    if &header[..8] != magic {
+        return Err(JournalError::BadMagic { path: path.to_owned(), what });
+    }
+    Ok(u32::from_le_bytes(header[8..12].try_into().expect("4 bytes")))
+}
+
+/// Reads a file written by [`write_snapshot`] with the same magic: its format version and its
+/// checked payload.
+fn read_snapshot_payload(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<(u32, Vec<u8>)> {
     let mut data = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err(path))?;
-    if data.len() < 20 || &data[..8] != magic || data[8..12] != SNAPSHOT_VERSION.to_le_bytes() {
+    if data.len() < 20 || &data[..8] != magic {
         return Err(JournalError::BadMagic { path: path.to_owned(), what });
+    }
+    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
+        return Err(JournalError::UnknownVersion { path: path.to_owned(), version });
     }
     let len = u32::from_le_bytes(data[12..16].try_into().expect("4 bytes")) as usize;
     let crc = u32::from_le_bytes(data[16..20].try_into().expect("4 bytes"));
@@ -199,7 +229,132 @@ pub fn read_snapshot<T: DeserializeOwned>(path: &Path, magic: &[u8; 8], what: &'
     if crc32fast::hash(payload) != crc {
         return Err(JournalError::Corrupt { path: path.to_owned() });
     }
-    postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })
+    Ok((version, payload.to_vec()))
+}
+
+/// Reads a snapshot whose encoding is the same in every format version; returns the version too.
+pub fn read_snapshot<T: DeserializeOwned>(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<(u32, T)> {
+    let (version, payload) = read_snapshot_payload(path, magic, what)?;
+    Ok((version, decode(path, &payload)?))
+}
+
+/// Reads a tree index snapshot of any format version.
+pub fn read_tree(path: &Path, magic: &[u8; 8]) -> Result<Tree> {
+    let (version, payload) = read_snapshot_payload(path, magic, "tree index")?;
+    Ok(match version {
+        FORMAT_V1 => decode::<v1::Tree>(path, &payload)?.into(),
+        _ => decode(path, &payload)?,
+    })
+}
+
+/// Format 1: the same records and trees, but file contents without `blocks`. Read only; their
+/// files count the blocks of a dense file of their size (what format 1 could not know better).
+pub(crate) mod v1 {
+    use std::ffi::OsString;
+    use std::sync::Arc;
+
+    use imbl::OrdMap;
+    use serde::Deserialize;
+
+    use crate::node::{self, Attr, Ino, LayerId, Source};
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Content {
+        pub size: u64,
+        pub base: Option<Source>,
+        pub base_len: u64,
+        pub chunks: OrdMap<u64, LayerId>,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub enum Kind {
+        File(Content),
+        Dir(OrdMap<OsString, Ino>),
+        Symlink(Vec<u8>),
+        Special,
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Node {
+        pub attr: Attr,
+        pub xattrs: OrdMap<Vec<u8>, Vec<u8>>,
+        pub kind: Kind,
+    }
+
+    /// As [`super::Record`] (same variants in the same order); only `Node` differs.
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub enum Record {
+        Node { ino: Ino, node: Node },
+        Entry { dir: Ino, name: OsString, ino: Option<Ino> },
+        Remove { ino: Ino },
+        NextIno(Ino),
+    }
+
+    impl From<Record> for super::Record {
+        fn from(r: Record) -> Self {
+            match r {
+                Record::Node { ino, node } => super::Record::Node { ino, node: node.into() },
+                Record::Entry { dir, name, ino } => super::Record::Entry { dir, name, ino },
+                Record::Remove { ino } => super::Record::Remove { ino },
+                Record::NextIno(ino) => super::Record::NextIno(ino),
+            }
+        }
+    }
+
+    #[derive(Debug, Clone, Deserialize)]
+    #[cfg_attr(test, derive(serde::Serialize))]
+    pub struct Tree {
+        pub nodes: OrdMap<Ino, Arc<Node>>,
+        pub next_ino: Ino,
+    }
+
+    impl From<Node> for node::Node {
+        fn from(n: Node) -> Self {
+            let kind = match n.kind {
+                Kind::File(c) => node::Kind::File(node::Content {
+                    blocks: c.size.div_ceil(4096) * 8,
+                    size: c.size,
+                    base: c.base,
+                    base_len: c.base_len,
+                    chunks: c.chunks,
+                }),
+                Kind::Dir(entries) => node::Kind::Dir(entries),
+                Kind::Symlink(target) => node::Kind::Symlink(target),
+                Kind::Special => node::Kind::Special,
+            };
+            node::Node { attr: n.attr, xattrs: n.xattrs, kind }
+        }
+    }
+
+    impl From<Tree> for node::Tree {
+        fn from(t: Tree) -> Self {
+            let nodes = t
+                .nodes
+                .into_iter()
+                .map(|(ino, n)| (ino, Arc::new(node::Node::from(Arc::unwrap_or_clone(n)))))
+                .collect();
+            node::Tree { nodes, next_ino: t.next_ino }
+        }
+    }
+}
+
+/// Writes `values` as format `version` did: a snapshot (with `magic`) or a journal, for tests of
+/// reading older formats.
+#[cfg(test)]
+pub(crate) fn write_old_format<T: Serialize>(path: &Path, magic: Option<&[u8; 8]>, version: u32, values: &[T]) {
+    let mut buf = Vec::new();
+    if let Some(magic) = magic {
+        buf.extend_from_slice(magic);
+        buf.extend_from_slice(&version.to_le_bytes());
+    }
+    for value in values {
+        buf.extend_from_slice(&frame(&postcard::to_stdvec(value).unwrap()));
+    }
+    std::fs::write(path, buf).unwrap();
 }
 
 #[cfg(test)]
@@ -217,7 +372,7 @@ mod tests {
         drop(w);
         let full = std::fs::read(&path).unwrap();
         std::fs::write(&path, &full[..full.len() - 1]).unwrap();
-        let records = read_journal(&path).unwrap();
+        let records = read_journal(&path, FORMAT_VERSION).unwrap();
         assert_eq!(records.len(), 1);
         assert!(matches!(records[0], Record::NextIno(7)));
     }
@@ -227,13 +382,75 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
         write_snapshot(&path, b"TESTSNAP", &vec![1u32, 2, 3]).unwrap();
-        let v: Vec<u32> = read_snapshot(&path, b"TESTSNAP", "test").unwrap();
-        assert_eq!(v, vec![1, 2, 3]);
+        let v: (u32, Vec<u32>) = read_snapshot(&path, b"TESTSNAP", "test").unwrap();
+        assert_eq!(v, (FORMAT_VERSION, vec![1, 2, 3]));
         assert!(matches!(read_snapshot::<Vec<u32>>(&path, b"OTHERMAG", "test"), Err(JournalError::BadMagic { .. })));
         let mut data = std::fs::read(&path).unwrap();
         let last = data.len() - 1;
         data[last] ^= 0xff;
         std::fs::write(&path, &data).unwrap();
         assert!(matches!(read_snapshot::<Vec<u32>>(&path, b"TESTSNAP", "test"), Err(JournalError::Corrupt { .. })));
+    }
+
+    #[test]
+    fn format_1_journals_and_indexes_are_read_with_estimated_blocks() {
+        use crate::node::{Attr, LayerId, Source, Time};
+        let attr = Attr {
+            mode: 0o100644,
+            uid: 1,
+            gid: 2,
+            nlink: 1,
+            rdev: 0,
+            atime: Time::default(),
+            mtime: Time::default(),
+            ctime: Time::default(),
+        };
+        let layer = LayerId::random();
+        let file = v1::Node {
+            attr: attr.clone(),
+            xattrs: imbl::OrdMap::new(),
+            kind: v1::Kind::File(v1::Content {
+                size: 5000,
+                base: Some(Source::Layer(layer)),
+                base_len: u64::MAX,
+                chunks: imbl::OrdMap::new(),
+            }),
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let journal = dir.path().join("journal");
+        let records = [
+            v1::Record::Node { ino: 5, node: file },
+            v1::Record::Entry { dir: 1, name: "f".into(), ino: Some(5) },
+            v1::Record::Remove { ino: 4 },
+            v1::Record::NextIno(9),
+        ];
+        write_old_format(&journal, None, FORMAT_V1, &records);
+        let read = read_journal(&journal, FORMAT_V1).unwrap();
+        let Record::Node { ino: 5, node } = &read[0] else { panic!("{read:?}") };
+        let Kind::File(content) = &node.kind else { panic!("{node:?}") };
+        assert_eq!((content.size, content.blocks, &node.attr), (5000, 16, &attr));
+        assert!(matches!(&read[1], Record::Entry { dir: 1, ino: Some(5), .. }));
+        assert!(matches!(read[2], Record::Remove { ino: 4 }));
+        assert!(matches!(read[3], Record::NextIno(9)));
+
+        let symlink = v1::Node { attr, xattrs: imbl::OrdMap::new(), kind: v1::Kind::Symlink(b"target".to_vec()) };
+        let tree = v1::Tree { nodes: [(3u64, Arc::new(symlink))].into_iter().collect(), next_ino: 4 };
+        let index = dir.path().join("index");
+        write_old_format(&index, Some(b"TESTINDX"), FORMAT_V1, &[tree]);
+        assert_eq!(snapshot_version(&index, b"TESTINDX", "test").unwrap(), FORMAT_V1);
+        let tree = read_tree(&index, b"TESTINDX").unwrap();
+        assert_eq!((tree.next_ino, &tree.get(3).unwrap().kind), (4, &Kind::Symlink(b"target".to_vec())));
+    }
+
+    #[test]
+    fn snapshots_of_a_later_format_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("snap");
+        let mut data = b"TESTSNAP".to_vec();
+        data.extend_from_slice(&(FORMAT_VERSION + 1).to_le_bytes());
+        data.extend_from_slice(&frame(b"x"));
+        std::fs::write(&path, data).unwrap();
+        let err = read_snapshot::<u8>(&path, b"TESTSNAP", "test").unwrap_err();
+        assert!(matches!(err, JournalError::UnknownVersion { version, .. } if version == FORMAT_VERSION + 1));
     }
 }

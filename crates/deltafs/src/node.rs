@@ -120,12 +120,15 @@ pub struct Content {
     pub base: Option<Source>,
     pub base_len: u64,
     pub chunks: OrdMap<u64, LayerId>,
+    /// 512-byte blocks allocated to the contents (`st_blocks`): kept up to date by every change,
+    /// because counting them from the backing files would cost every getattr a walk of the chunks.
+    pub blocks: u64,
 }
 
 impl Content {
     /// Contents of a file created in layer `layer`: every byte lives in that layer's data file.
     pub fn in_layer(layer: LayerId) -> Self {
-        Content { size: 0, base: Some(Source::Layer(layer)), base_len: u64::MAX, chunks: OrdMap::new() }
+        Content { size: 0, base: Some(Source::Layer(layer)), base_len: u64::MAX, chunks: OrdMap::new(), blocks: 0 }
     }
 
     /// Where chunk `chunk` is read from (None = zeros).
@@ -252,6 +255,7 @@ mod tests {
             base: Some(Source::Layer(lower)),
             base_len: 5 * CHUNK_SIZE,
             chunks: OrdMap::new(),
+            blocks: 0,
         };
         c.chunks.insert(2, upper);
         assert_eq!(c.chunk_source(0), Some(Source::Layer(lower)));

@@ -231,6 +231,11 @@ impl Store {
     }
 
     pub(crate) fn read_meta(&self, id: LayerId) -> Result<LayerMeta> {
+        Ok(self.read_meta_and_format(id)?.1)
+    }
+
+    /// A layer's meta and the format version of the layer (which its journal is written in).
+    fn read_meta_and_format(&self, id: LayerId) -> Result<(u32, LayerMeta)> {
         let path = self.layer_dir(id).join("meta");
         if !path.exists() {
             return Err(StoreError::UnknownStack(StackId(id)));
@@ -241,19 +246,12 @@ impl Store {
     /// The base stack for a list of image layer directories (bottom first). The first call indexes
     /// the layers and stores the index; later calls (from any process) reuse it.
     pub fn base_stack(&self, image_layers: &[PathBuf]) -> Result<StackId> {
-        let mut hasher = sha2::Sha256::new();
-        for layer in image_layers {
-            if !layer.is_absolute() {
-                return Err(StoreError::RelativeImagePath(layer.clone()));
-            }
-            hasher.update(layer.as_os_str().as_encoded_bytes());
-            hasher.update([0u8]);
-        }
-        let key = hex::encode(hasher.finalize());
-        let key_path = self.root.join("bases").join(&key);
+        let key_path = self.base_key_path(image_layers)?;
         if let Ok(text) = std::fs::read_to_string(&key_path) {
             if let Some(id) = LayerId::parse(text.trim()) {
-                if self.layer_dir(id).join("index").exists() {
+                // A base indexed in an older format is indexed again (image files' block counts).
+                let index = self.layer_dir(id).join("index");
+                if journal::snapshot_version(&index, INDEX_MAGIC, "tree index").ok() == Some(journal::FORMAT_VERSION) {
                     return Ok(StackId(id));
                 }
             }
@@ -275,6 +273,19 @@ impl Store {
         Ok(StackId(id))
     }
 
+    /// Where the id of the base indexing `image_layers` is kept: `bases/<sha256 of the paths>`.
+    fn base_key_path(&self, image_layers: &[PathBuf]) -> Result<PathBuf> {
+        let mut hasher = sha2::Sha256::new();
+        for layer in image_layers {
+            if !layer.is_absolute() {
+                return Err(StoreError::RelativeImagePath(layer.clone()));
+            }
+            hasher.update(layer.as_os_str().as_encoded_bytes());
+            hasher.update([0u8]);
+        }
+        Ok(self.root.join("bases").join(hex::encode(hasher.finalize())))
+    }
+
     /// Loads a stack's tree: the nearest stored index below it plus the journals above that index.
     pub(crate) fn load(&self, stack: StackId) -> Result<Loaded> {
         let top = stack.0;
@@ -284,24 +295,25 @@ impl Store {
             }
             return Err(StoreError::UnknownStack(stack));
         }
-        let top_meta = self.read_meta(top)?;
+        let (top_format, top_meta) = self.read_meta_and_format(top)?;
         let mut replay = Vec::new();
         let mut cur = top;
         let mut tree = loop {
             let index = self.layer_dir(cur).join("index");
             if index.exists() {
-                break journal::read_snapshot::<Tree>(&index, INDEX_MAGIC, "tree index")?;
+                break journal::read_tree(&index, INDEX_MAGIC)?;
             }
-            replay.push(cur);
-            let meta = if cur == top { top_meta.clone() } else { self.read_meta(cur)? };
+            let (format, meta) =
+                if cur == top { (top_format, top_meta.clone()) } else { self.read_meta_and_format(cur)? };
+            replay.push((cur, format));
             let parent = meta.parent.ok_or(StoreError::UnknownStack(StackId(cur)))?;
             if !self.layer_dir(parent).exists() {
                 return Err(StoreError::MissingParent { layer: cur, parent });
             }
             cur = parent;
         };
-        for layer in replay.iter().rev() {
-            for record in journal::read_journal(&self.layer_dir(*layer).join("journal"))? {
+        for (layer, format) in replay.iter().rev() {
+            for record in journal::read_journal(&self.layer_dir(*layer).join("journal"), *format)? {
                 journal::apply(&mut tree, record);
             }
         }
@@ -387,13 +399,13 @@ impl Store {
         let mut out = Vec::new();
         let mut cur = Some(stack.0);
         while let Some(id) = cur {
-            let meta = self.read_meta(id)?;
+            let (format, meta) = self.read_meta_and_format(id)?;
             let dir = self.layer_dir(id);
             out.push(LayerInfo {
                 id: StackId(id),
                 frozen: dir.join("frozen").exists(),
                 indexed: dir.join("index").exists(),
-                records: journal::read_journal(&dir.join("journal"))?.len(),
+                records: journal::read_journal(&dir.join("journal"), format)?.len(),
                 data_bytes: allocated_bytes(&dir.join("data")).map_err(io_err(&dir))?,
                 images: meta.images,
             });
@@ -472,5 +484,93 @@ impl Store {
         }
         tracing::info!(deleted = stats.layers_deleted, kept = stats.layers_kept, "store GC");
         Ok(stats)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::MetadataExt;
+
+    use imbl::OrdMap;
+
+    use super::*;
+    use crate::journal::{v1, write_old_format, FORMAT_V1};
+    use crate::node::{Attr, Kind, Source, Time};
+
+    fn v1_node(mode: u32, kind: v1::Kind) -> v1::Node {
+        let t = Time::default();
+        let attr = Attr { mode, uid: 0, gid: 0, nlink: 1, rdev: 0, atime: t, mtime: t, ctime: t };
+        v1::Node { attr, xattrs: OrdMap::new(), kind }
+    }
+
+    fn v1_file(size: u64, base: Source) -> v1::Node {
+        let content = v1::Content { size, base: Some(base), base_len: u64::MAX, chunks: OrdMap::new() };
+        v1_node(libc::S_IFREG | 0o644, v1::Kind::File(content))
+    }
+
+    /// A layer as format 1 wrote it: meta, an index or a journal, frozen.
+    fn write_v1_layer(store: &Store, id: LayerId, meta: &LayerMeta, index: Option<&v1::Tree>, journal: &[v1::Record]) {
+        let dir = store.layer_dir(id);
+        std::fs::create_dir_all(dir.join("data")).unwrap();
+        write_old_format(&dir.join("meta"), Some(META_MAGIC), FORMAT_V1, std::slice::from_ref(meta));
+        if let Some(tree) = index {
+            write_old_format(&dir.join("index"), Some(INDEX_MAGIC), FORMAT_V1, std::slice::from_ref(tree));
+        }
+        write_old_format(&dir.join("journal"), None, FORMAT_V1, journal);
+        File::create(dir.join("frozen")).unwrap();
+    }
+
+    #[test]
+    fn format_1_stacks_load_and_their_bases_are_indexed_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store")).unwrap();
+        let image = dir.path().join("image");
+        std::fs::create_dir(&image).unwrap();
+        let f = File::create(image.join("f")).unwrap();
+        f.set_len(1 << 20).unwrap();
+        std::os::unix::fs::FileExt::write_all_at(&f, b"data", 0).unwrap();
+
+        // A base and a checkpoint above it, as format 1 stored them.
+        let base = LayerId::random();
+        let root = v1_node(
+            libc::S_IFDIR | 0o755,
+            v1::Kind::Dir([(std::ffi::OsString::from("f"), 2u64)].into_iter().collect()),
+        );
+        let file = v1_file(1 << 20, Source::Image(0, "f".into()));
+        let tree = v1::Tree { nodes: [(1u64, Arc::new(root)), (2, Arc::new(file))].into_iter().collect(), next_ino: 3 };
+        let meta = LayerMeta { parent: None, base, images: vec![image.clone()], replay_depth: 0 };
+        write_v1_layer(&store, base, &meta, Some(&tree), &[]);
+        std::fs::write(store.base_key_path(std::slice::from_ref(&image)).unwrap(), base.to_string()).unwrap();
+        let top = LayerId::random();
+        let meta = LayerMeta { parent: Some(base), base, images: Vec::new(), replay_depth: 1 };
+        let written = v1::Record::Node { ino: 3, node: v1_file(9000, Source::Layer(top)) };
+        let entry = v1::Record::Entry { dir: 1, name: "g".into(), ino: Some(3) };
+        write_v1_layer(&store, top, &meta, None, &[written, entry]);
+
+        let loaded = store.load(StackId(top)).unwrap();
+        let blocks = |tree: &Tree, ino| match &tree.get(ino).unwrap().kind {
+            Kind::File(c) => (c.size, c.blocks),
+            other => panic!("{other:?}"),
+        };
+        // Format 1 did not know the blocks: those of a dense file of the size.
+        assert_eq!((blocks(&loaded.tree, 2), blocks(&loaded.tree, 3)), ((1 << 20, 2048), (9000, 24)));
+        assert_eq!(loaded.tree.lookup(1, "g".as_ref()), Some(3));
+        // A checkpoint on top is written in the current format and loads with the layers below.
+        let next = store.create_layer(top, &loaded.meta, false).unwrap();
+        assert_eq!(
+            journal::snapshot_version(&next.dir.join("meta"), META_MAGIC, "meta").unwrap(),
+            journal::FORMAT_VERSION
+        );
+        let mut next = next;
+        store.freeze(&mut next).unwrap();
+        assert_eq!(blocks(&store.load(StackId(next.id)).unwrap().tree, 3), (9000, 24));
+
+        // Asking for the base again indexes the image in the current format, with real counts.
+        let again = store.base_stack(std::slice::from_ref(&image)).unwrap();
+        assert_ne!(again, StackId(base));
+        let allocated = std::fs::metadata(image.join("f")).unwrap().blocks();
+        assert!(allocated < 2048);
+        assert_eq!(blocks(&store.load(again).unwrap().tree, 2), (1 << 20, allocated));
+        assert_eq!(store.base_stack(&[image]).unwrap(), again);
     }
 }

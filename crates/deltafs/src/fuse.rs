@@ -9,7 +9,8 @@ use std::time::{Duration, SystemTime};
 use fuser::{
     AccessFlags, FileAttr, FileHandle, FileType, FopenFlags, Generation, INodeNo, InitFlags, IoctlFlags, KernelConfig,
     LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
-    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow, WriteFlags,
+    ReplyEmpty, ReplyEntry, ReplyIoctl, ReplyLseek, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, Request, TimeOrNow,
+    WriteFlags,
 };
 use nix::errno::Errno;
 
@@ -44,7 +45,7 @@ impl DeltaFs {
         FileAttr {
             ino: INodeNo(ino),
             size,
-            blocks: size.div_ceil(512),
+            blocks: node.blocks(),
             atime: a.atime.to_system(),
             mtime: a.mtime.to_system(),
             ctime: a.ctime.to_system(),
@@ -427,6 +428,19 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyIoctl,
     ) {
         reply.error(fuser::Errno::ENOTTY);
+    }
+
+    /// The kernel asks only for SEEK_DATA and SEEK_HOLE (it answers the other whences itself).
+    fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
+        let r = match whence {
+            libc::SEEK_DATA => self.vol.seek(ino.0, offset, true),
+            libc::SEEK_HOLE => self.vol.seek(ino.0, offset, false),
+            _ => Err(Errno::EINVAL),
+        };
+        match r {
+            Ok(pos) => reply.offset(pos as i64),
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

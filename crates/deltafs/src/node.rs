@@ -125,21 +125,65 @@ pub struct Content {
     pub blocks: u64,
 }
 
+/// A stretch `[start, end)` of a file's offsets whose bytes come from one place.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Region {
+    pub start: u64,
+    pub end: u64,
+    /// The backing file, at the same offsets (None: the stretch reads as zeros).
+    pub source: Option<Source>,
+    /// The stretch is read from the base (not from a chunk written later).
+    pub from_base: bool,
+}
+
 impl Content {
     /// Contents of a file created in layer `layer`: every byte lives in that layer's data file.
     pub fn in_layer(layer: LayerId) -> Self {
         Content { size: 0, base: Some(Source::Layer(layer)), base_len: u64::MAX, chunks: OrdMap::new(), blocks: 0 }
     }
 
-    /// Where chunk `chunk` is read from (None = zeros).
-    pub fn chunk_source(&self, chunk: u64) -> Option<Source> {
-        if let Some(layer) = self.chunks.get(&chunk) {
-            return Some(Source::Layer(*layer));
+    /// Where the offsets `[from, to)` are read from, in order; neighbouring chunks of one layer
+    /// form one region.
+    pub fn regions(&self, from: u64, to: u64) -> Vec<Region> {
+        let mut out: Vec<Region> = Vec::new();
+        let mut push = |region: Region| {
+            if region.start >= region.end {
+                return;
+            }
+            match out.last_mut() {
+                Some(last)
+                    if last.end == region.start
+                        && last.source == region.source
+                        && last.from_base == region.from_base =>
+                {
+                    last.end = region.end
+                }
+                _ => out.push(region),
+            }
+        };
+        // Offsets not covered by a chunk: the base below `base_len`, zeros above.
+        let uncovered = |start: u64, end: u64, push: &mut dyn FnMut(Region)| {
+            let base_end = end.min(self.base_len).max(start);
+            push(Region { start, end: base_end, source: self.base.clone(), from_base: self.base.is_some() });
+            push(Region { start: base_end, end, source: None, from_base: false });
+        };
+        let mut pos = from;
+        for (chunk, layer) in self.chunks.range(from / CHUNK_SIZE..) {
+            let chunk_start = chunk * CHUNK_SIZE;
+            if chunk_start >= to {
+                break;
+            }
+            if pos < chunk_start {
+                uncovered(pos, chunk_start, &mut push);
+            }
+            let end = (chunk_start + CHUNK_SIZE).min(to);
+            push(Region { start: pos.max(chunk_start), end, source: Some(Source::Layer(*layer)), from_base: false });
+            pos = end;
         }
-        if chunk * CHUNK_SIZE < self.base_len {
-            return self.base.clone();
+        if pos < to {
+            uncovered(pos, to, &mut push);
         }
-        None
+        out
     }
 
     /// Whether chunk `chunk` already lives in the writable layer `layer` (so it can be written in place).
@@ -175,6 +219,18 @@ impl Node {
             Kind::File(c) => c.size,
             Kind::Dir(entries) => 4096.max(entries.len() as u64 * 32),
             Kind::Symlink(target) => target.len() as u64,
+            Kind::Special => 0,
+        }
+    }
+
+    /// 512-byte blocks allocated (`st_blocks`): what ext4 reports for the same inode. A directory
+    /// takes whole 4 KiB blocks; a symlink target shorter than 60 bytes lives in the inode.
+    pub fn blocks(&self) -> u64 {
+        match &self.kind {
+            Kind::File(c) => c.blocks,
+            Kind::Dir(_) => self.size().div_ceil(4096) * 8,
+            Kind::Symlink(target) if target.len() < 60 => 0,
+            Kind::Symlink(_) => 8,
             Kind::Special => 0,
         }
     }
@@ -247,20 +303,39 @@ mod tests {
     use super::*;
 
     #[test]
-    fn chunk_sources_follow_overrides_then_base_then_zeros() {
+    fn regions_follow_chunks_then_base_then_zeros() {
         let lower = LayerId::random();
         let upper = LayerId::random();
         let mut c = Content {
             size: 10 * CHUNK_SIZE,
             base: Some(Source::Layer(lower)),
-            base_len: 5 * CHUNK_SIZE,
+            base_len: 5 * CHUNK_SIZE + 100,
             chunks: OrdMap::new(),
             blocks: 0,
         };
         c.chunks.insert(2, upper);
-        assert_eq!(c.chunk_source(0), Some(Source::Layer(lower)));
-        assert_eq!(c.chunk_source(2), Some(Source::Layer(upper)));
-        assert_eq!(c.chunk_source(7), None);
+        c.chunks.insert(3, upper);
+        c.chunks.insert(8, upper);
+        let region = |start, end, source: Option<LayerId>, from_base| Region {
+            start,
+            end,
+            source: source.map(Source::Layer),
+            from_base,
+        };
+        let k = CHUNK_SIZE;
+        assert_eq!(
+            c.regions(100, 10 * k),
+            vec![
+                region(100, 2 * k, Some(lower), true),
+                region(2 * k, 4 * k, Some(upper), false),
+                region(4 * k, 5 * k + 100, Some(lower), true),
+                region(5 * k + 100, 8 * k, None, false),
+                region(8 * k, 9 * k, Some(upper), false),
+                region(9 * k, 10 * k, None, false),
+            ]
+        );
+        assert_eq!(c.regions(3 * k + 7, 3 * k + 9), vec![region(3 * k + 7, 3 * k + 9, Some(upper), false)]);
+        assert_eq!(c.regions(7, 7), vec![]);
         assert!(c.chunk_in(2, upper));
         assert!(!c.chunk_in(0, upper));
     }

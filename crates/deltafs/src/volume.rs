@@ -20,7 +20,7 @@ use nix::errno::Errno;
 use parking_lot::{Mutex, RwLock};
 
 use crate::journal::Record;
-use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Source, Time, Tree, CHUNK_SIZE};
+use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Region, Source, Time, Tree, CHUNK_SIZE};
 use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, WritableLayer};
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
@@ -36,6 +36,79 @@ pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
 
 fn errno_of(e: &io::Error) -> Errno {
     e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+}
+
+/// Reads into `buf` from `pos` until it is full or the file ends; returns the bytes read.
+fn read_at_most(file: &File, buf: &mut [u8], pos: u64) -> OpResult<usize> {
+    let mut got = 0;
+    while got < buf.len() {
+        match file.read_at(&mut buf[got..], pos + got as u64) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(errno_of(&e)),
+        }
+    }
+    Ok(got)
+}
+
+/// The first stretch of data of `file` within `[start, end)`, clipped to it, as SEEK_DATA and
+/// SEEK_HOLE see it (a filesystem without holes reports everything up to its end as data).
+fn first_data_extent(file: &File, start: u64, end: u64) -> io::Result<Option<(u64, u64)>> {
+    use rustix::fs::SeekFrom;
+    let data = match rustix::fs::seek(file, SeekFrom::Data(start)) {
+        Ok(pos) if pos < end => pos,
+        Ok(_) | Err(rustix::io::Errno::NXIO) => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    let hole = rustix::fs::seek(file, SeekFrom::Hole(data))?;
+    Ok(Some((data, hole.min(end))))
+}
+
+/// Every stretch of data of `file` within `[start, end)`, in order.
+fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
+    let mut out = Vec::new();
+    let mut pos = start;
+    while let Some((from, to)) = first_data_extent(file, pos, end)? {
+        out.push((from, to));
+        pos = to;
+    }
+    Ok(out)
+}
+
+/// 512-byte blocks of `file` allocated to data in the filesystem blocks that start in
+/// `[start, end)`. Extents allocated but never written (fallocate) read as holes and are not
+/// counted.
+fn allocated_blocks(file: &File, start: u64, end: u64) -> io::Result<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let block = file.metadata()?.blksize().max(512);
+    let (first, limit) = (start.div_ceil(block), end.div_ceil(block));
+    let mut counted_to = first;
+    let mut blocks = 0;
+    for (from, to) in data_extents(file, first.saturating_mul(block), limit.saturating_mul(block))? {
+        let (a, b) = ((from / block).max(counted_to), to.div_ceil(block).min(limit));
+        if a < b {
+            blocks += b - a;
+            counted_to = b;
+        }
+    }
+    Ok(blocks * (block / 512))
+}
+
+/// `st_blocks` of an open file.
+fn file_blocks(file: &File) -> OpResult<u64> {
+    use std::os::unix::fs::MetadataExt;
+    file.metadata().map(|m| m.blocks()).map_err(|e| errno_of(&e))
+}
+
+/// `st_blocks` of the file at `path` (0 if there is none).
+fn path_blocks(path: &std::path::Path) -> OpResult<u64> {
+    use std::os::unix::fs::MetadataExt;
+    match std::fs::metadata(path) {
+        Ok(m) => Ok(m.blocks()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+        Err(e) => Err(errno_of(&e)),
+    }
 }
 
 /// Translation between the ids stored (as the sandbox sees them) and the host ids the kernel uses.
@@ -172,6 +245,8 @@ pub(crate) struct Volume {
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
     generations: Mutex<HashMap<Ino, u64>>,
     next_fh: AtomicU64,
+    /// Block size of the store's filesystem: the granularity of the holes it reports.
+    block_size: u64,
 }
 
 /// Journal form of a node: directories travel without their entries (those are `Entry` records).
@@ -227,7 +302,9 @@ impl Volume {
         for ino in orphans {
             tree.nodes.remove(&ino);
         }
+        let block_size = rustix::fs::statvfs(store.path()).map_or(4096, |s| s.f_bsize.max(512));
         Volume {
+            block_size,
             store,
             images,
             base,
@@ -687,41 +764,28 @@ impl Volume {
         Ok(f)
     }
 
+    /// The open backing file of a region's source (None: the region reads as zeros, or its file
+    /// was never written).
+    fn region_file(&self, ino: Ino, region: &Region) -> OpResult<Option<Arc<File>>> {
+        let Some(source) = &region.source else {
+            return Ok(None);
+        };
+        match self.source_file(ino, source, false) {
+            Ok(f) => Ok(Some(f)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(errno_of(&e)),
+        }
+    }
+
     /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
     fn read_content(&self, ino: Ino, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
-        let mut done = 0usize;
-        while done < buf.len() {
-            let pos = offset + done as u64;
-            let chunk = pos / CHUNK_SIZE;
-            let chunk_end = (chunk + 1) * CHUNK_SIZE;
-            let want = ((chunk_end - pos) as usize).min(buf.len() - done);
-            let out = &mut buf[done..done + want];
-            let source = content.chunk_source(chunk);
-            // Bytes of the base beyond `base_len` were cut off by a truncate: they read as zeros.
-            let limit = match &source {
-                Some(s) if content.chunks.get(&chunk).is_none() && Some(s) == content.base.as_ref() => content.base_len,
-                _ => u64::MAX,
+        for region in content.regions(offset, offset + buf.len() as u64) {
+            let out = &mut buf[(region.start - offset) as usize..(region.end - offset) as usize];
+            let got = match self.region_file(ino, &region)? {
+                Some(f) => read_at_most(&f, out, region.start)?,
+                None => 0,
             };
-            let readable = if pos >= limit { 0 } else { ((limit - pos) as usize).min(want) };
-            let mut got = 0usize;
-            if let (Some(source), true) = (source, readable > 0) {
-                match self.source_file(ino, &source, false) {
-                    Ok(f) => {
-                        while got < readable {
-                            match f.read_at(&mut out[got..readable], pos + got as u64) {
-                                Ok(0) => break,
-                                Ok(n) => got += n,
-                                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                                Err(e) => return Err(errno_of(&e)),
-                            }
-                        }
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                    Err(e) => return Err(errno_of(&e)),
-                }
-            }
             out[got..].fill(0);
-            done += want;
         }
         Ok(())
     }
@@ -740,8 +804,68 @@ impl Volume {
         Ok(buf)
     }
 
-    /// Makes chunk `chunk` of the file live in the writable layer, copying its current bytes
-    /// (unless `overwritten` covers them all).
+    /// `lseek(SEEK_DATA)` (`data`) or `lseek(SEEK_HOLE)` from `offset`, answered from the backing
+    /// files as the store's filesystem answers for a file of the same data: whole blocks are data
+    /// or holes; ENXIO for an offset outside the file or no data after it; the end of the file
+    /// counts as a hole.
+    pub fn seek(&self, ino: Ino, offset: i64, data: bool) -> OpResult<u64> {
+        let st = self.state.read();
+        let Kind::File(content) = &st.node(ino).map_err(|_| Errno::ESTALE)?.kind else {
+            return Err(Errno::EINVAL);
+        };
+        let offset = u64::try_from(offset).map_err(|_| Errno::ENXIO)?;
+        if offset >= content.size {
+            return Err(Errno::ENXIO);
+        }
+        // From the start of the block holding `offset`: data before `offset` in that block makes
+        // the whole block data.
+        let block_start = offset - offset % self.block_size;
+        for region in content.regions(block_start, content.size) {
+            let extent = match self.region_file(ino, &region)? {
+                Some(f) => first_data_extent(&f, region.start, region.end).map_err(|e| errno_of(&e))?,
+                None => None,
+            };
+            let found = match (data, extent) {
+                (true, extent) => extent.map(|(start, _)| start),
+                (false, Some((start, end))) if start == region.start => Some(end),
+                (false, _) => Some(region.start),
+            };
+            // Data ending mid-block (at the end of a backing file or of a truncated base) fills
+            // its block, as on the store's filesystem. (Regions with backing files start on block
+            // boundaries, so this never moves a hole past data.)
+            let found = if data { found } else { found.map(|hole| hole.next_multiple_of(self.block_size)) };
+            if let Some(pos) = found.filter(|pos| *pos < region.end) {
+                return Ok(pos.max(offset));
+            }
+        }
+        if data {
+            Err(Errno::ENXIO)
+        } else {
+            Ok(content.size)
+        }
+    }
+
+    /// 512-byte blocks allocated in the backing files of `content`'s regions within `[from, to)`
+    /// that `which` selects (a block counts in the region holding its first byte).
+    fn allocated_in(
+        &self,
+        ino: Ino,
+        content: &Content,
+        (from, to): (u64, u64),
+        which: impl Fn(&Region) -> bool,
+    ) -> OpResult<u64> {
+        let mut blocks = 0;
+        for region in content.regions(from, to).iter().filter(|r| which(r)) {
+            if let Some(f) = self.region_file(ino, region)? {
+                blocks += allocated_blocks(&f, region.start, region.end).map_err(|e| errno_of(&e))?;
+            }
+        }
+        Ok(blocks)
+    }
+
+    /// Makes chunk `chunk` of the file live in the writable layer, copying the data (not the
+    /// holes) of its current bytes unless `overwritten` covers them all. Returns the blocks the
+    /// chunk held in the layers below, which the file no longer uses.
     fn copy_up_chunk(
         &self,
         ino: Ino,
@@ -749,20 +873,29 @@ impl Volume {
         content: &mut Content,
         chunk: u64,
         overwritten: (u64, u64),
-    ) -> OpResult<()> {
+    ) -> OpResult<u64> {
         if content.chunk_in(chunk, layer) {
-            return Ok(());
+            return Ok(0);
         }
         let start = chunk * CHUNK_SIZE;
-        let end = ((chunk + 1) * CHUNK_SIZE).min(content.size);
-        if start < end && !(overwritten.0 <= start && overwritten.1 >= end) {
-            let mut buf = vec![0u8; (end - start) as usize];
-            self.read_content(ino, content, start, &mut buf)?;
+        let end = start + CHUNK_SIZE;
+        let released = self.allocated_in(ino, content, (start, end), |_| true)?;
+        let copy_end = end.min(content.size);
+        if start < copy_end && !(overwritten.0 <= start && overwritten.1 >= copy_end) {
             let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-            out.write_all_at(&buf, start).map_err(|e| errno_of(&e))?;
+            for region in content.regions(start, copy_end) {
+                let Some(f) = self.region_file(ino, &region)? else {
+                    continue;
+                };
+                for (from, to) in data_extents(&f, region.start, region.end).map_err(|e| errno_of(&e))? {
+                    let mut buf = vec![0u8; (to - from) as usize];
+                    let got = read_at_most(&f, &mut buf, from)?;
+                    out.write_all_at(&buf[..got], from).map_err(|e| errno_of(&e))?;
+                }
+            }
         }
         content.chunks.insert(chunk, layer);
-        Ok(())
+        Ok(released)
     }
 
     /// Chunks touched by `len` bytes at `offset` (none for an empty range).
@@ -789,11 +922,16 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        for chunk in chunks {
-            self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
-        }
         let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+        let before = file_blocks(&out)?;
+        let mut released = 0;
+        for chunk in chunks {
+            released += self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
+        }
         f(&out, &mut content)?;
+        // This layer's data file holds only this file's bytes in this layer: its growth is the
+        // file's, plus what the chunks copied up released below.
+        content.blocks = (content.blocks + file_blocks(&out)?).saturating_sub(before + released);
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.kind = Kind::File(content);
@@ -828,24 +966,35 @@ impl Volume {
             return Err(Errno::EISDIR);
         };
         let in_layer = content.base == Some(Source::Layer(layer));
+        let data_path = st.layer.data_path(ino);
+        let before = path_blocks(&data_path)?;
+        let mut released = 0;
+        if size < content.size && !size.is_multiple_of(CHUNK_SIZE) {
+            released += self.copy_up_chunk(ino, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
+        }
+        // Bytes past the new end in this layer's data file (even of chunks dropped below) must go:
+        // a later copy-up writes only data and would leave them showing through its holes.
+        let in_data_file = in_layer || content.chunks.values().any(|l| *l == layer);
+        if !in_layer {
+            // The base's blocks past its new end no longer count (those under chunks never did).
+            let base_len = content.base_len.min(size).min(content.size);
+            released += self.allocated_in(ino, &content, (base_len, content.base_len), |r| r.from_base)?;
+            content.base_len = base_len;
+        }
         if size < content.size {
-            if !size.is_multiple_of(CHUNK_SIZE) {
-                self.copy_up_chunk(ino, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
-            }
             let first_gone = size.div_ceil(CHUNK_SIZE);
+            let below = |r: &Region| !r.from_base && r.source != Some(Source::Layer(layer));
+            released += self.allocated_in(ino, &content, (first_gone * CHUNK_SIZE, u64::MAX), below)?;
             let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
             for c in gone {
                 content.chunks.remove(&c);
             }
         }
-        if !in_layer {
-            content.base_len = content.base_len.min(size).min(content.size);
-        }
-        let has_file = in_layer || content.chunks.values().any(|l| *l == layer);
-        if has_file {
+        if in_data_file {
             let f = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
             f.set_len(size).map_err(|e| errno_of(&e))?;
         }
+        content.blocks = (content.blocks + path_blocks(&data_path)?).saturating_sub(before + released);
         content.size = size;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
@@ -856,11 +1005,15 @@ impl Volume {
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {
+        use rustix::fs::FallocateFlags;
         let chunks = Self::chunks_of(offset, len);
-        self.modify_content(ino, chunks, (0, 0), (mode != 0, kill_suidgid), |out, content| {
-            let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
+        let flags = FallocateFlags::from_bits_retain(mode as u32);
+        // Punching or zeroing a whole chunk needs none of its old bytes.
+        let discarded = flags.intersects(FallocateFlags::PUNCH_HOLE | FallocateFlags::ZERO_RANGE);
+        let overwritten = if discarded { (offset, offset.saturating_add(len)) } else { (0, 0) };
+        self.modify_content(ino, chunks, overwritten, (mode != 0, kill_suidgid), |out, content| {
             rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
-            if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
+            if !flags.contains(FallocateFlags::KEEP_SIZE) {
                 content.size = content.size.max(offset + len);
             }
             Ok(())

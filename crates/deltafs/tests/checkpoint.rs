@@ -498,3 +498,134 @@ fn a_directory_removed_while_a_process_kept_it_as_cwd_comes_back_whole() {
     holder.kill().unwrap();
     holder.wait().unwrap();
 }
+
+/// What `du`, `cp --sparse` and `tar -S` see of a file: its size, `st_blocks`, its data extents
+/// (SEEK_DATA/SEEK_HOLE), and the answers to both seeks at the edges of every extent and of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Layout {
+    size: u64,
+    blocks: u64,
+    data: Vec<(i64, i64)>,
+    seeks: Vec<Seeks>,
+}
+
+/// An offset and what SEEK_DATA and SEEK_HOLE answer from it.
+type Seeks = (i64, nix::Result<i64>, nix::Result<i64>);
+
+fn layout(path: &Path) -> Layout {
+    use nix::unistd::{lseek, Whence};
+    let f = std::fs::File::open(path).unwrap();
+    let md = f.metadata().unwrap();
+    let mut data = Vec::new();
+    let mut pos = 0;
+    loop {
+        match lseek(&f, pos, Whence::SeekData) {
+            Ok(start) => {
+                let end = lseek(&f, start, Whence::SeekHole).unwrap();
+                assert!(
+                    start >= pos && end > start,
+                    "SEEK_DATA {pos} → {start}, SEEK_HOLE → {end}: {}",
+                    path.display()
+                );
+                data.push((start, end));
+                pos = end;
+            }
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => panic!("SEEK_DATA {pos} on {}: {e}", path.display()),
+        }
+    }
+    let size = md.len() as i64;
+    let mut probes = vec![-1, 0, 1, size - 1, size, size + 1, size + 4096];
+    for (start, end) in &data {
+        probes.extend([start - 1, *start, start + 1, end - 1, *end, end + 1]);
+    }
+    probes.sort_unstable();
+    probes.dedup();
+    let seeks =
+        probes.into_iter().map(|p| (p, lseek(&f, p, Whence::SeekData), lseek(&f, p, Whence::SeekHole))).collect();
+    Layout { size: md.len(), blocks: md.blocks(), data, seeks }
+}
+
+/// Runs `op` on the file at each path (opened for reading and writing).
+fn on_both(paths: [&Path; 2], op: impl Fn(&std::fs::File)) {
+    for p in paths {
+        op(&std::fs::OpenOptions::new().read(true).write(true).open(p).unwrap());
+    }
+}
+
+fn punch_hole(f: &std::fs::File, offset: u64, len: u64) {
+    use rustix::fs::FallocateFlags;
+    rustix::fs::fallocate(f, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, offset, len).unwrap();
+}
+
+#[test]
+fn sparse_files_report_holes_and_allocated_blocks_as_the_store_filesystem_does() {
+    const K: u64 = 256 * 1024;
+    // An image file with a hole at its start, data in chunks 1 and 2 (two extents in chunk 1) and
+    // a hole at its end.
+    let image_pattern = |f: &std::fs::File| {
+        f.set_len(3 * K + 1000).unwrap();
+        f.write_all_at(&[1u8; 4096], K + 4096).unwrap();
+        f.write_all_at(&[2u8; 4096], K + 65536).unwrap();
+        f.write_all_at(&[3u8; 100], 2 * K + 8192).unwrap();
+    };
+    let Some((fx, _base, m, root)) = mounted(|d| image_pattern(&std::fs::File::create(d.join("img")).unwrap())) else {
+        return;
+    };
+    // The same writes on a file of the filesystem the store lives on are the reference.
+    let reference = fx.dir.path().join("reference");
+    std::fs::create_dir(&reference).unwrap();
+    image_pattern(&std::fs::File::create(reference.join("img")).unwrap());
+    const NAMES: [&str; 3] = ["img", "new", "short"];
+    let check = |root: &Path, expected: &[Layout; 3], when: &str| {
+        for (name, expected) in NAMES.iter().zip(expected) {
+            assert_eq!(&layout(&root.join(name)), expected, "{name} {when}");
+        }
+    };
+    let current = || NAMES.map(|name| layout(&reference.join(name)));
+
+    // A new file with holes at the start, in the middle and at the end; a short one.
+    for dir in [&root, &reference] {
+        let f = std::fs::File::create(dir.join("new")).unwrap();
+        f.write_all_at(&[4u8; 5000], 1 << 20).unwrap();
+        f.write_all_at(&[5u8; 100], 3 << 20).unwrap();
+        f.set_len(5 << 20).unwrap();
+        std::fs::write(dir.join("short"), [6u8; 5000]).unwrap();
+    }
+    let first = current();
+    assert!(first[1].data.len() == 2 && first[1].blocks < first[1].size / 512, "{:?}", first[1]);
+    check(&root, &first, "as written");
+    let cp1 = m.checkpoint().unwrap();
+    check(&root, &first, "after a checkpoint");
+
+    // Writing into a hole of the image file copies its chunk up with the chunk's holes.
+    on_both([&root.join("img"), &reference.join("img")], |f| f.write_all_at(b"copy-up", K + 131072).unwrap());
+    check(&root, &current(), "after a copy-up");
+    let layers = fx.store.describe(m.checkpoint().unwrap()).unwrap();
+    assert!(layers[0].data_bytes <= 3 * 4096, "the copied-up chunk keeps its holes: {layers:?}");
+
+    // Truncation inside an extent of the image file, then growth; a punched hole and an
+    // allocation (read as a hole) in the new file, whose data lies in a checkpoint below; the
+    // short file grown past its last block (whose data ends mid-block in a checkpoint below).
+    on_both([&root.join("img"), &reference.join("img")], |f| {
+        f.set_len(K + 66000).unwrap();
+        f.set_len(3 * K).unwrap();
+    });
+    on_both([&root.join("new"), &reference.join("new")], |f| {
+        punch_hole(f, 1 << 20, 4096);
+        rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 4 << 20, 8192).unwrap();
+    });
+    on_both([&root.join("short"), &reference.join("short")], |f| f.set_len(1 << 20).unwrap());
+    let last = current();
+    check(&root, &last, "after truncate and fallocate");
+    let cp3 = m.checkpoint().unwrap();
+
+    let m2 = fx.mount(cp3, "m2");
+    check(m2.mountpoint(), &last, "in a mount loaded from disk");
+    m2.unmount().unwrap();
+    m.rollback(cp1).unwrap();
+    check(&root, &first, "after a rollback");
+    m.rollback(cp3).unwrap();
+    check(&root, &last, "after a rollback forward");
+    m.unmount().unwrap();
+}

@@ -233,8 +233,6 @@ def test_exec_output_and_session_state_after_rollback_see_the_checkpoint(sb):
     assert sb.files.read("/work/counter") == b"1\n"
 
 
-@pytest.mark.xfail(strict=True, reason="DeltaFS limitation: st_blocks is size/512 for sparse files and SEEK_HOLE finds "
-                   "no hole (ext4 and overlayfs report the allocated blocks), so du, cp and tar see no sparseness")
 def test_a_sparse_file_reports_its_holes(sb):
     script = r"""
 import os

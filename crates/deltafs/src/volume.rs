@@ -228,6 +228,11 @@ struct State {
     snapshots: HashMap<LayerId, Tree>,
     /// Files changed by writes (size, times, cleared set-ID bits) whose new state is not yet journaled.
     pending: BTreeSet<Ino>,
+    /// Files whose block count lags behind writes in the writable layer: `st_blocks` of their data
+    /// file there when the count was last brought up to date, plus the blocks released below since
+    /// (chunks copied up). The count catches up when it is shown or journaled, so a stream of
+    /// writes costs no `fstat` each. Keys are a subset of `pending`.
+    layer_blocks: HashMap<Ino, u64>,
 }
 
 #[derive(Debug)]
@@ -273,19 +278,6 @@ impl State {
     fn dir_entries(&self, ino: Ino) -> OpResult<&OrdMap<OsString, Ino>> {
         self.node(ino)?.entries().ok_or(Errno::ENOTDIR)
     }
-
-    fn flush_pending(&mut self, only: Option<Ino>) -> OpResult<()> {
-        let inos: Vec<Ino> = match only {
-            Some(ino) => self.pending.take(&ino).into_iter().collect(),
-            None => std::mem::take(&mut self.pending).into_iter().collect(),
-        };
-        let records: Vec<Record> =
-            inos.iter().filter_map(|ino| self.tree.get(*ino).map(|n| journal_node(*ino, n))).collect();
-        if records.is_empty() {
-            return Ok(());
-        }
-        self.log(&records)
-    }
 }
 
 impl Volume {
@@ -309,13 +301,70 @@ impl Volume {
             images,
             base,
             ids,
-            state: RwLock::new(State { tree, layer, snapshots: HashMap::new(), pending: BTreeSet::new() }),
+            state: RwLock::new(State {
+                tree,
+                layer,
+                snapshots: HashMap::new(),
+                pending: BTreeSet::new(),
+                layer_blocks: HashMap::new(),
+            }),
             generations: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// Journals the state of files changed by writes (`only` one, or all).
+    fn flush_pending(&self, st: &mut State, only: Option<Ino>) -> OpResult<()> {
+        let inos: Vec<Ino> = match only {
+            Some(ino) => st.pending.take(&ino).into_iter().collect(),
+            None => std::mem::take(&mut st.pending).into_iter().collect(),
+        };
+        for ino in &inos {
+            self.sync_blocks(st, *ino)?;
+        }
+        debug_assert!(only.is_some() || st.layer_blocks.is_empty(), "block counts lag only for pending files");
+        let records: Vec<Record> =
+            inos.iter().filter_map(|ino| st.tree.get(*ino).map(|n| journal_node(*ino, n))).collect();
+        if records.is_empty() {
+            return Ok(());
+        }
+        st.log(&records)
+    }
+
+    /// `blocks`, the stored count of file `ino`, caught up with its writes in the writable layer.
+    fn current_blocks(&self, st: &State, ino: Ino, blocks: u64) -> OpResult<u64> {
+        let Some(base) = st.layer_blocks.get(&ino) else {
+            return Ok(blocks);
+        };
+        let data = self.source_file(ino, &Source::Layer(st.layer.id), true).map_err(|e| errno_of(&e))?;
+        Ok((blocks + file_blocks(&data)?).saturating_sub(*base))
+    }
+
+    /// Brings the stored block count of `ino` up to date with its writes.
+    fn sync_blocks(&self, st: &mut State, ino: Ino) -> OpResult<()> {
+        let Some(Kind::File(content)) = st.tree.get(ino).map(|n| &n.kind) else {
+            st.layer_blocks.remove(&ino);
+            return Ok(());
+        };
+        let blocks = self.current_blocks(st, ino, content.blocks)?;
+        if st.layer_blocks.remove(&ino).is_some() {
+            if let Some(Kind::File(content)) = st.tree.get_mut(ino).map(|n| &mut n.kind) {
+                content.blocks = blocks;
+            }
+        }
+        Ok(())
+    }
+
+    /// Node `ino` as the kernel is shown it (block count caught up with writes).
+    fn shown(&self, st: &State, ino: Ino, node: &Node) -> OpResult<Node> {
+        let mut node = node.clone();
+        if let Kind::File(content) = &mut node.kind {
+            content.blocks = self.current_blocks(st, ino, content.blocks)?;
+        }
+        Ok(node)
     }
 
     fn source_path(&self, source: &Source, ino: Ino) -> PathBuf {
@@ -329,7 +378,7 @@ impl Volume {
 
     pub fn getattr(&self, ino: Ino) -> OpResult<(Ino, Node)> {
         let st = self.state.read();
-        Ok((ino, (**st.node(ino)?).clone()))
+        Ok((ino, self.shown(&st, ino, st.node(ino)?)?))
     }
 
     pub fn lookup(&self, parent: Ino, name: &OsStr) -> OpResult<Option<(Ino, Node)>> {
@@ -337,8 +386,13 @@ impl Volume {
             return Err(Errno::ENAMETOOLONG);
         }
         let st = self.state.read();
-        let entries = st.dir_entries(parent)?;
-        Ok(entries.get(name).and_then(|ino| st.tree.get(*ino).map(|n| (*ino, (**n).clone()))))
+        let Some(&ino) = st.dir_entries(parent)?.get(name) else {
+            return Ok(None);
+        };
+        let Some(node) = st.tree.get(ino) else {
+            return Ok(None);
+        };
+        Ok(Some((ino, self.shown(&st, ino, node)?)))
     }
 
     pub fn readlink(&self, ino: Ino) -> OpResult<Vec<u8>> {
@@ -444,7 +498,7 @@ impl Volume {
         n.attr.ctime = Time::now();
         let node = n.clone();
         Self::add_entry(&mut st, parent, name, ino, &node, false)?;
-        Ok((ino, node))
+        Ok((ino, self.shown(&st, ino, &node)?))
     }
 
     /// Drops one name of `ino`; frees the inode when no name and no kernel reference is left.
@@ -475,6 +529,7 @@ impl Volume {
             }
         }
         st.pending.remove(&ino);
+        st.layer_blocks.remove(&ino);
         records.push(Record::Remove { ino });
     }
 
@@ -589,6 +644,8 @@ impl Volume {
 
     pub fn setattr(&self, ino: Ino, change: AttrChange) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
+        // The node is journaled here, with its block count up to date.
+        self.sync_blocks(&mut st, ino)?;
         let now = Time::now();
         if let Some(size) = change.size {
             self.truncate(&mut st, ino, size)?;
@@ -705,7 +762,8 @@ impl Volume {
         if !self.state.read().pending.contains(&ino) {
             return Ok(());
         }
-        self.state.write().flush_pending(Some(ino))
+        let mut st = self.state.write();
+        self.flush_pending(&mut st, Some(ino))
     }
 
     pub fn release(&self, fh: u64) -> OpResult<()> {
@@ -923,15 +981,18 @@ impl Volume {
             return Err(Errno::EISDIR);
         };
         let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-        let before = file_blocks(&out)?;
+        // This layer's data file holds only this file's bytes in this layer: the file's count
+        // grows with it (caught up lazily, see `layer_blocks`) and loses what chunks copied up
+        // held below.
+        if let std::collections::hash_map::Entry::Vacant(lagging) = st.layer_blocks.entry(ino) {
+            lagging.insert(file_blocks(&out)?);
+        }
         let mut released = 0;
         for chunk in chunks {
             released += self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
         }
         f(&out, &mut content)?;
-        // This layer's data file holds only this file's bytes in this layer: its growth is the
-        // file's, plus what the chunks copied up released below.
-        content.blocks = (content.blocks + file_blocks(&out)?).saturating_sub(before + released);
+        *st.layer_blocks.get_mut(&ino).expect("inserted above") += released;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.kind = Kind::File(content);
@@ -944,7 +1005,7 @@ impl Volume {
         }
         st.pending.insert(ino);
         if st.pending.len() > PENDING_MAX {
-            st.flush_pending(None)?;
+            self.flush_pending(&mut st, None)?;
         }
         Ok(())
     }
@@ -960,6 +1021,7 @@ impl Volume {
         Ok(data.len() as u32)
     }
 
+    /// Sets the size of file `ino`, whose block count is up to date (see `sync_blocks`).
     fn truncate(&self, st: &mut State, ino: Ino, size: u64) -> OpResult<()> {
         let layer = st.layer.id;
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
@@ -1034,7 +1096,7 @@ impl Volume {
     /// independent of the size of the filesystem and of the change.
     pub fn checkpoint(&self) -> Result<StackId, StoreError> {
         let mut st = self.state.write();
-        st.flush_pending(None)
+        self.flush_pending(&mut st, None)
             .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
         let frozen = st.layer.id;
         let write_index = st.layer.meta.replay_depth >= INDEX_EVERY;
@@ -1113,6 +1175,7 @@ impl Volume {
         st.tree = target;
         st.tree.next_ino = next_ino;
         st.pending.clear();
+        st.layer_blocks.clear();
         let old = std::mem::replace(&mut st.layer, next);
         st.log(&[Record::NextIno(next_ino)])
             .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;

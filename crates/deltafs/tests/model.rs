@@ -1,9 +1,9 @@
 //! Property test: random operation sequences, including checkpoints, rollbacks and remounts of
 //! earlier checkpoints (branches), on a real mount against an in-memory model of names, inodes
-//! (hard links), contents, permission bits and an xattr.
+//! (hard links), contents, allocated blocks, permission bits and an xattr.
 mod common;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
@@ -47,8 +47,27 @@ fn op() -> impl Strategy<Value = Op> {
 #[derive(Debug, Clone, PartialEq)]
 struct Inode {
     data: Vec<u8>,
+    /// 4 KiB blocks holding written data, as the store's filesystem (tmpfs) allocates them.
+    blocks: BTreeSet<u64>,
     mode: u32,
     xattr: Option<u8>,
+}
+
+const BLOCK: u64 = 4096;
+
+impl Inode {
+    /// `st_blocks` and the data extents SEEK_DATA/SEEK_HOLE must report.
+    fn allocation(&self) -> (u64, Vec<(i64, i64)>) {
+        let mut extents: Vec<(i64, i64)> = Vec::new();
+        for b in &self.blocks {
+            let (start, end) = ((b * BLOCK) as i64, ((b + 1) * BLOCK).min(self.data.len() as u64) as i64);
+            match extents.last_mut() {
+                Some(last) if last.1 == start => last.1 = end,
+                _ => extents.push((start, end)),
+            }
+        }
+        (self.blocks.len() as u64 * BLOCK / 512, extents)
+    }
 }
 
 #[derive(Debug, Clone, Default)]
@@ -66,7 +85,8 @@ impl Model {
 
     fn add(&mut self, name: &'static str, data: Vec<u8>) {
         self.next += 1;
-        self.inodes.insert(self.next, Inode { data, mode: 0o644, xattr: None });
+        let blocks = (0..(data.len() as u64).div_ceil(BLOCK)).collect();
+        self.inodes.insert(self.next, Inode { data, blocks, mode: 0o644, xattr: None });
         self.names.insert(name, self.next);
     }
 
@@ -93,6 +113,8 @@ fn check(root: &Path, model: &Model) {
         let data = std::fs::read(&path).unwrap();
         assert_eq!(data.len(), inode.data.len(), "size of {name}");
         assert!(data == inode.data, "content of {name}");
+        let layout = layout(&path);
+        assert_eq!((layout.blocks, layout.data), inode.allocation(), "st_blocks and data extents of {name}");
         assert_eq!(md.permissions().mode() & 0o777, inode.mode, "mode of {name}");
         let mut buf = [0u8; 1];
         let got = rustix::fs::getxattr(&path, XATTR, &mut buf[..]).ok().map(|_| buf[0]);
@@ -105,7 +127,9 @@ fn check(root: &Path, model: &Model) {
 }
 
 fn run(ops: Vec<Op>) {
-    let fx = Fixture::new();
+    // On tmpfs, whose st_blocks counts exactly the pages holding data (ext4 adds extent-tree blocks
+    // when it writes back fragmented files).
+    let fx = Fixture::new_in(Path::new("/dev/shm"));
     let base = fx.base(|d| {
         std::fs::create_dir_all(d.join("sub/deeper")).unwrap();
         std::fs::write(d.join("a"), vec![1u8; 300_000]).unwrap();
@@ -132,17 +156,19 @@ fn run(ops: Vec<Op>) {
                 if model.inode(NAMES[file]).is_none() {
                     model.add(NAMES[file], Vec::new());
                 }
-                let data = &mut model.inode(NAMES[file]).unwrap().data;
+                let inode = model.inode(NAMES[file]).unwrap();
                 let end = offset as usize + len;
-                if data.len() < end {
-                    data.resize(end, 0);
+                if inode.data.len() < end {
+                    inode.data.resize(end, 0);
                 }
-                data[offset as usize..end].fill(byte);
+                inode.data[offset as usize..end].fill(byte);
+                inode.blocks.extend(offset / BLOCK..(end as u64).div_ceil(BLOCK));
             }
             Op::Truncate { file, size } => {
                 if let Some(inode) = model.inode(NAMES[file]) {
                     std::fs::OpenOptions::new().write(true).open(path(file)).unwrap().set_len(size).unwrap();
                     inode.data.resize(size as usize, 0);
+                    inode.blocks.retain(|b| b * BLOCK < size);
                 }
             }
             Op::Unlink { file } => {

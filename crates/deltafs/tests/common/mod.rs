@@ -28,7 +28,15 @@ pub fn fuse_available() -> bool {
 
 impl Fixture {
     pub fn new() -> Fixture {
-        let dir = tempfile::tempdir().expect("tempdir");
+        Fixture::with_dir(tempfile::tempdir().expect("tempdir"))
+    }
+
+    /// A fixture whose store, image layers and mount points live in a new directory under `parent`.
+    pub fn new_in(parent: &Path) -> Fixture {
+        Fixture::with_dir(tempfile::tempdir_in(parent).expect("tempdir"))
+    }
+
+    fn with_dir(dir: tempfile::TempDir) -> Fixture {
         let store = Store::open(&dir.path().join("store")).expect("open store");
         std::fs::write(dir.path().join("procs"), format!("{}\n", std::process::id())).expect("procs file");
         Fixture { dir, store }
@@ -160,4 +168,51 @@ pub fn snapshot(root: &Path) -> BTreeMap<PathBuf, Entry> {
         }
     }
     out
+}
+
+/// What `du`, `cp --sparse` and `tar -S` see of a file: its size, `st_blocks`, its data extents
+/// (SEEK_DATA/SEEK_HOLE), and the answers to both seeks at the edges of every extent and of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Layout {
+    pub size: u64,
+    pub blocks: u64,
+    pub data: Vec<(i64, i64)>,
+    pub seeks: Vec<Seeks>,
+}
+
+/// An offset and what SEEK_DATA and SEEK_HOLE answer from it.
+pub type Seeks = (i64, nix::Result<i64>, nix::Result<i64>);
+
+pub fn layout(path: &Path) -> Layout {
+    use nix::unistd::{lseek, Whence};
+    let f = std::fs::File::open(path).unwrap();
+    let md = f.metadata().unwrap();
+    let mut data = Vec::new();
+    let mut pos = 0;
+    loop {
+        match lseek(&f, pos, Whence::SeekData) {
+            Ok(start) => {
+                let end = lseek(&f, start, Whence::SeekHole).unwrap();
+                assert!(
+                    start >= pos && end > start,
+                    "SEEK_DATA {pos} → {start}, SEEK_HOLE → {end}: {}",
+                    path.display()
+                );
+                data.push((start, end));
+                pos = end;
+            }
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => panic!("SEEK_DATA {pos} on {}: {e}", path.display()),
+        }
+    }
+    let size = md.len() as i64;
+    let mut probes = vec![-1, 0, 1, size - 1, size, size + 1, size + 4096];
+    for (start, end) in &data {
+        probes.extend([start - 1, *start, start + 1, end - 1, *end, end + 1]);
+    }
+    probes.sort_unstable();
+    probes.dedup();
+    let seeks =
+        probes.into_iter().map(|p| (p, lseek(&f, p, Whence::SeekData), lseek(&f, p, Whence::SeekHole))).collect();
+    Layout { size: md.len(), blocks: md.blocks(), data, seeks }
 }

@@ -20,8 +20,8 @@ use nix::errno::Errno;
 use parking_lot::{Mutex, RwLock};
 
 use crate::journal::Record;
-use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Source, Time, Tree, CHUNK_SIZE};
-use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, WritableLayer};
+use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Source, Time, Tree, CHUNK_SIZE, PACK_SLOT};
+use crate::store::{data_path, open_data_rw, pack_path, StackId, Store, StoreError, WritableLayer};
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
 const INDEX_EVERY: u32 = 32;
@@ -128,8 +128,29 @@ pub(crate) struct Handle {
     pub dir: Option<Vec<(OsString, Ino, u32)>>,
 }
 
-/// Backing file descriptors by (inode, source, opened for writing).
-type FileKey = (Ino, Source, bool);
+/// A file on the host holding bytes of DeltaFS files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Backing {
+    Image(u16, Arc<str>),
+    /// The data file of an inode in a layer.
+    Data(LayerId, Ino),
+    /// A layer's pack file (shared by its small files).
+    Pack(LayerId),
+}
+
+impl Backing {
+    /// The backing file of `source` for inode `ino`, and the backing file's offset of the file's byte 0.
+    fn of(source: &Source, ino: Ino) -> (Backing, u64) {
+        match source {
+            Source::Image(layer, rel) => (Backing::Image(*layer, rel.clone()), 0),
+            Source::Layer(id) => (Backing::Data(*id, ino), 0),
+            Source::Packed(id, slot) => (Backing::Pack(*id), *slot),
+        }
+    }
+}
+
+/// Backing file descriptors by (backing file, opened for writing).
+type FileKey = (Backing, bool);
 
 /// What a rollback changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -241,10 +262,11 @@ impl Volume {
         }
     }
 
-    fn source_path(&self, source: &Source, ino: Ino) -> PathBuf {
-        match source {
-            Source::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
-            Source::Layer(id) => data_path(&self.store.layer_dir(*id), ino),
+    fn backing_path(&self, backing: &Backing) -> PathBuf {
+        match backing {
+            Backing::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
+            Backing::Data(id, ino) => data_path(&self.store.layer_dir(*id), *ino),
+            Backing::Pack(id) => pack_path(&self.store.layer_dir(*id)),
         }
     }
 
@@ -391,10 +413,12 @@ impl Volume {
 
     fn free_inode(&self, st: &mut State, ino: Ino, records: &mut Vec<Record>) {
         if let Some(node) = st.tree.nodes.remove(&ino) {
-            if let Kind::File(_) = node.kind {
-                self.files.lock().retain(|(i, _, _), _| *i != ino);
+            if let Kind::File(content) = &node.kind {
+                self.files.lock().retain(|(b, _), _| !matches!(b, Backing::Data(_, i) if *i == ino));
                 // Only this layer's copy goes: frozen layers keep theirs for their checkpoints.
-                let _ = std::fs::remove_file(st.layer.data_path(ino));
+                if !Self::release_slot(st, content) {
+                    let _ = std::fs::remove_file(st.layer.data_path(ino));
+                }
             }
         }
         st.pending.remove(&ino);
@@ -669,13 +693,13 @@ impl Volume {
         }
     }
 
-    /// An open backing file of `ino` (from the cache, or opened and cached).
-    fn source_file(&self, ino: Ino, source: &Source, writable: bool) -> io::Result<Arc<File>> {
-        let key = (ino, source.clone(), writable);
+    /// An open backing file (from the cache, or opened and cached).
+    fn backing_file(&self, backing: &Backing, writable: bool) -> io::Result<Arc<File>> {
+        let key = (backing.clone(), writable);
         if let Some(f) = self.files.lock().get(&key) {
             return Ok(f.clone());
         }
-        let path = self.source_path(source, ino);
+        let path = self.backing_path(backing);
         let f = Arc::new(if writable { open_data_rw(&path)? } else { File::open(&path)? });
         let mut files = self.files.lock();
         if files.len() >= FILE_CACHE_MAX {
@@ -705,10 +729,11 @@ impl Volume {
             let readable = if pos >= limit { 0 } else { ((limit - pos) as usize).min(want) };
             let mut got = 0usize;
             if let (Some(source), true) = (source, readable > 0) {
-                match self.source_file(ino, &source, false) {
+                let (backing, delta) = Backing::of(&source, ino);
+                match self.backing_file(&backing, false) {
                     Ok(f) => {
                         while got < readable {
-                            match f.read_at(&mut out[got..readable], pos + got as u64) {
+                            match f.read_at(&mut out[got..readable], delta + pos + got as u64) {
                                 Ok(0) => break,
                                 Ok(n) => got += n,
                                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
@@ -758,7 +783,7 @@ impl Volume {
         if start < end && !(overwritten.0 <= start && overwritten.1 >= end) {
             let mut buf = vec![0u8; (end - start) as usize];
             self.read_content(ino, content, start, &mut buf)?;
-            let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
+            let out = self.data_file(layer, ino)?;
             out.write_all_at(&buf, start).map_err(|e| errno_of(&e))?;
         }
         content.chunks.insert(chunk, layer);
@@ -773,27 +798,84 @@ impl Volume {
         offset / CHUNK_SIZE..(offset + len - 1) / CHUNK_SIZE + 1
     }
 
-    /// Changes the contents of file `ino` under the write lock: copies up `chunks` (except bytes in
-    /// `overwritten`), runs `f` with the writable layer's data file, stores the new contents and
-    /// updates ctime (and mtime), clearing set-user/group-ID if `kill_suidgid`.
+    /// The writable data file of `ino` in layer `layer`.
+    fn data_file(&self, layer: LayerId, ino: Ino) -> OpResult<Arc<File>> {
+        self.backing_file(&Backing::Data(layer, ino), true).map_err(|e| errno_of(&e))
+    }
+
+    /// Gives a packed file's slot back to the writable layer if the slot is the layer's (slots of
+    /// frozen layers belong to their checkpoints). Returns whether the contents were packed.
+    fn release_slot(st: &mut State, content: &Content) -> bool {
+        match content.pack_slot() {
+            Some((layer, slot)) => {
+                if layer == st.layer.id {
+                    st.layer.pack.free(slot);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Makes packed contents live in a slot of the writable layer (copying them from a frozen
+    /// layer's slot, or from wherever a small file's bytes are) and returns the slot.
+    fn own_slot(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<u64> {
+        let layer = st.layer.id;
+        if let Some((l, slot)) = content.pack_slot() {
+            if l == layer {
+                return Ok(slot);
+            }
+        }
+        let (slot, reused) = st.layer.pack.alloc();
+        // A reused slot is overwritten whole: bytes past the size must read as zeros.
+        let mut buf = vec![0u8; if reused { PACK_SLOT } else { content.size } as usize];
+        self.read_content(ino, content, 0, &mut buf[..content.size as usize])?;
+        if !buf.is_empty() {
+            let pack = self.backing_file(&Backing::Pack(layer), true).map_err(|e| errno_of(&e))?;
+            pack.write_all_at(&buf, slot).map_err(|e| errno_of(&e))?;
+        }
+        *content = Content::packed(layer, slot, content.size);
+        Ok(slot)
+    }
+
+    /// Moves packed contents into a data file of the writable layer (the file outgrows its slot, or
+    /// an operation needs a file of its own).
+    fn unpack(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<()> {
+        if content.pack_slot().is_none() {
+            return Ok(());
+        }
+        let mut buf = vec![0u8; content.size as usize];
+        self.read_content(ino, content, 0, &mut buf)?;
+        let layer = st.layer.id;
+        let out = self.data_file(layer, ino)?;
+        out.write_all_at(&buf, 0).map_err(|e| errno_of(&e))?;
+        // A data file left by an earlier, larger version of the file: cut its tail.
+        out.set_len(content.size).map_err(|e| errno_of(&e))?;
+        Self::release_slot(st, content);
+        *content = Content { size: content.size, ..Content::in_layer(layer) };
+        Ok(())
+    }
+
+    /// Whether a file of `content` that will be `size` bytes long keeps (or gets) its bytes in a
+    /// pack slot: it fits, and it has no data file in the writable layer yet.
+    fn packs(st: &State, content: &Content, size: u64) -> bool {
+        size <= PACK_SLOT && (content.size == 0 || !content.chunk_in(0, st.layer.id))
+    }
+
+    /// Changes the contents of file `ino` under the write lock: runs `f` with the state and the
+    /// contents, stores the new contents and updates ctime (and mtime), clearing set-user/group-ID
+    /// if `kill_suidgid`.
     fn modify_content(
         &self,
         ino: Ino,
-        chunks: std::ops::Range<u64>,
-        overwritten: (u64, u64),
         (mtime, kill_suidgid): (bool, bool),
-        f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
+        f: impl FnOnce(&mut State, &mut Content) -> OpResult<()>,
     ) -> OpResult<()> {
         let mut st = self.state.write();
-        let layer = st.layer.id;
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        for chunk in chunks {
-            self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
-        }
-        let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-        f(&out, &mut content)?;
+        f(&mut st, &mut content)?;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.kind = Kind::File(content);
@@ -811,12 +893,38 @@ impl Volume {
         Ok(())
     }
 
+    /// Copies up the chunks `chunks` of a file that is not packed (except bytes in `overwritten`)
+    /// and returns the writable layer's data file.
+    fn copy_up(
+        &self,
+        st: &mut State,
+        ino: Ino,
+        content: &mut Content,
+        chunks: std::ops::Range<u64>,
+        overwritten: (u64, u64),
+    ) -> OpResult<Arc<File>> {
+        self.unpack(st, ino, content)?;
+        let layer = st.layer.id;
+        for chunk in chunks {
+            self.copy_up_chunk(ino, layer, content, chunk, overwritten)?;
+        }
+        self.data_file(layer, ino)
+    }
+
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
         let end = offset + data.len() as u64;
-        let chunks = Self::chunks_of(offset, data.len() as u64);
-        self.modify_content(ino, chunks, (offset, end), (true, kill_suidgid), |out, content| {
+        self.modify_content(ino, (true, kill_suidgid), |st, content| {
+            let size = content.size.max(end);
+            if Self::packs(st, content, size) {
+                let slot = self.own_slot(st, ino, content)?;
+                let pack = self.backing_file(&Backing::Pack(st.layer.id), true).map_err(|e| errno_of(&e))?;
+                pack.write_all_at(data, slot + offset).map_err(|e| errno_of(&e))?;
+                content.size = size;
+                return Ok(());
+            }
+            let out = self.copy_up(st, ino, content, Self::chunks_of(offset, data.len() as u64), (offset, end))?;
             out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
-            content.size = content.size.max(end);
+            content.size = size;
             Ok(())
         })?;
         Ok(data.len() as u32)
@@ -827,10 +935,32 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
+        if content.pack_slot().is_some() && size <= PACK_SLOT {
+            let slot = self.own_slot(st, ino, &mut content)?;
+            if size < content.size {
+                // Bytes past the size read as zeros if the file grows again.
+                let pack = self.backing_file(&Backing::Pack(layer), true).map_err(|e| errno_of(&e))?;
+                let zeros = vec![0u8; (content.size - size) as usize];
+                pack.write_all_at(&zeros, slot + size).map_err(|e| errno_of(&e))?;
+            }
+        } else {
+            self.unpack(st, ino, &mut content)?;
+            self.truncate_unpacked(ino, layer, &mut content, size)?;
+        }
+        content.size = size;
+        let now = Time::now();
+        let n = st.tree.get_mut(ino).expect("checked");
+        n.kind = Kind::File(content);
+        n.attr.mtime = now;
+        n.attr.ctime = now;
+        Ok(())
+    }
+
+    fn truncate_unpacked(&self, ino: Ino, layer: LayerId, content: &mut Content, size: u64) -> OpResult<()> {
         let in_layer = content.base == Some(Source::Layer(layer));
         if size < content.size {
             if !size.is_multiple_of(CHUNK_SIZE) {
-                self.copy_up_chunk(ino, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
+                self.copy_up_chunk(ino, layer, content, size / CHUNK_SIZE, (0, 0))?;
             }
             let first_gone = size.div_ceil(CHUNK_SIZE);
             let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
@@ -843,23 +973,16 @@ impl Volume {
         }
         let has_file = in_layer || content.chunks.values().any(|l| *l == layer);
         if has_file {
-            let f = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-            f.set_len(size).map_err(|e| errno_of(&e))?;
+            self.data_file(layer, ino)?.set_len(size).map_err(|e| errno_of(&e))?;
         }
-        content.size = size;
-        let now = Time::now();
-        let n = st.tree.get_mut(ino).expect("checked");
-        n.kind = Kind::File(content);
-        n.attr.mtime = now;
-        n.attr.ctime = now;
         Ok(())
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {
-        let chunks = Self::chunks_of(offset, len);
-        self.modify_content(ino, chunks, (0, 0), (mode != 0, kill_suidgid), |out, content| {
+        self.modify_content(ino, (mode != 0, kill_suidgid), |st, content| {
+            let out = self.copy_up(st, ino, content, Self::chunks_of(offset, len), (0, 0))?;
             let flags = rustix::fs::FallocateFlags::from_bits_retain(mode as u32);
-            rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+            rustix::fs::fallocate(&*out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(rustix::fs::FallocateFlags::KEEP_SIZE) {
                 content.size = content.size.max(offset + len);
             }

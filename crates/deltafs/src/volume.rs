@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -30,6 +31,10 @@ const INDEX_EVERY: u32 = 32;
 const PENDING_MAX: usize = 256;
 /// Open backing files kept for reuse (each READ or WRITE would otherwise open one).
 const FILE_CACHE_MAX: usize = 256;
+/// Directory listings in cookie order kept for reuse (a large directory is read in many requests).
+const LISTINGS_MAX: usize = 64;
+/// Readdir offsets 1 and 2 are `.` and `..`; entries' cookies are above.
+pub(crate) const FIRST_COOKIE: u64 = 3;
 const NAME_MAX: usize = 255;
 
 pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
@@ -118,14 +123,29 @@ pub(crate) struct Caller {
     pub gid: u32,
 }
 
-/// An open file or directory (for opens the kernel tells the server about).
-#[derive(Debug)]
-pub(crate) struct Handle {
-    pub ino: Ino,
+/// An open file (for opens the kernel tells the server about).
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: Ino,
     /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
-    pub writable: bool,
-    /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
-    pub dir: Option<Vec<(OsString, Ino, u32)>>,
+    writable: bool,
+}
+
+/// A directory's entries by name.
+type DirEntries = OrdMap<OsString, Ino>;
+
+/// A directory's entries as (readdir cookie, name, inode, file type), in cookie order.
+pub(crate) type Listing = Arc<Vec<(u64, OsString, Ino, u32)>>;
+
+/// The readdir offset of entry `name`: a hash of the name, so it stays valid while the entry exists
+/// whatever else changes in the directory. A listing read in several requests then neither skips
+/// nor repeats an entry that stays (POSIX leaves only entries added or removed meanwhile open).
+/// Two names of one directory with the same 62-bit hash (odds about n²/2⁶³) would make a listing
+/// resumed between them skip the second.
+fn cookie(name: &OsStr) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    name.as_bytes().hash(&mut h);
+    (h.finish() >> 2) + FIRST_COOKIE
 }
 
 /// A file on the host holding bytes of DeltaFS files.
@@ -185,13 +205,15 @@ pub(crate) struct Volume {
     base: LayerId,
     pub ids: IdMap,
     state: RwLock<State>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
     /// The kernel's references (lookup counts) per inode, until FORGET: an unlinked file lives
     /// while the kernel holds it (open files and mappings hold their inode).
     lookups: Mutex<HashMap<Ino, u64>>,
     files: Mutex<HashMap<FileKey, Arc<File>>>,
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
     generations: Mutex<HashMap<Ino, u64>>,
+    /// Listings by directory, with the entry map they were made from (valid while it is unchanged).
+    listings: Mutex<HashMap<Ino, (DirEntries, Listing)>>,
     next_fh: AtomicU64,
 }
 
@@ -258,6 +280,7 @@ impl Volume {
             handles: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -609,25 +632,42 @@ impl Volume {
 
     // ---------------------------------------------------------------- open files
 
-    pub fn open(&self, ino: Ino, dir: bool, writable: bool) -> OpResult<u64> {
-        let st = self.state.read();
-        let node = st.node(ino)?;
-        let entries = match (&node.kind, dir) {
-            (Kind::Dir(e), true) => Some(
-                e.iter()
-                    .map(|(name, ino)| {
-                        let mode = st.tree.get(*ino).map_or(0, |n| n.attr.mode);
-                        (name.clone(), *ino, mode)
-                    })
-                    .collect(),
-            ),
-            (Kind::Dir(_), false) => return Err(Errno::EISDIR),
-            (_, true) => return Err(Errno::ENOTDIR),
-            _ => None,
-        };
+    pub fn open(&self, ino: Ino, writable: bool) -> OpResult<u64> {
+        if self.state.read().node(ino)?.is_dir() {
+            return Err(Errno::EISDIR);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Arc::new(Handle { ino, writable, dir: entries }));
+        self.handles.lock().insert(fh, Handle { ino, writable });
         Ok(fh)
+    }
+
+    /// The entries of directory `dir` in cookie order, and the index of the first one after
+    /// readdir offset `offset`.
+    pub fn listing(&self, dir: Ino, offset: u64) -> OpResult<(Listing, usize)> {
+        let entries = self.state.read().dir_entries(dir)?.clone();
+        let cached = self.listings.lock().get(&dir).filter(|(e, _)| e.ptr_eq(&entries)).map(|(_, l)| l.clone());
+        let listing = match cached {
+            Some(l) => l,
+            None => {
+                let mut v: Vec<(u64, OsString, Ino, u32)> = {
+                    let st = self.state.read();
+                    let type_of = |ino: &Ino| st.tree.get(*ino).map_or(0, |n| n.attr.mode & libc::S_IFMT);
+                    entries.iter().map(|(name, ino)| (cookie(name), name.clone(), *ino, type_of(ino))).collect()
+                };
+                v.sort_unstable_by_key(|e| e.0);
+                let l = Arc::new(v);
+                let mut listings = self.listings.lock();
+                if listings.len() >= LISTINGS_MAX {
+                    if let Some(victim) = listings.keys().next().copied() {
+                        listings.remove(&victim);
+                    }
+                }
+                listings.insert(dir, (entries, l.clone()));
+                l
+            }
+        };
+        let start = listing.partition_point(|e| e.0 <= offset);
+        Ok((listing, start))
     }
 
     /// Inodes open for writing (the only ones that can have dirty pages in the kernel).
@@ -641,10 +681,6 @@ impl Volume {
     /// The FUSE generation to report for `ino`.
     pub fn generation(&self, ino: Ino) -> u64 {
         self.generations.lock().get(&ino).copied().unwrap_or(0)
-    }
-
-    pub fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
-        self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// Journals the file's size/time changes made by writes (close, fsync).

@@ -304,3 +304,50 @@ fn small_files_are_packed_and_their_slots_reused() {
     assert_eq!(std::fs::read(root.join("sparse-small")).unwrap(), [&[0u8; 100][..], b"end"].concat());
     m.unmount().unwrap();
 }
+
+#[test]
+fn a_directory_changed_while_it_is_read_lists_every_remaining_entry_once() {
+    let Some((_fx, _base, m, root)) = mounted(|d| {
+        std::fs::create_dir(d.join("big")).unwrap();
+        for i in 0..3000 {
+            std::fs::write(d.join(format!("big/image-{i:04}")), b"").unwrap();
+        }
+    }) else {
+        return;
+    };
+    let dir = root.join("big");
+    for i in 0..1000 {
+        std::fs::write(dir.join(format!("new-{i:04}")), b"").unwrap();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut changed = false;
+    // Several getdents calls (of at most 32 KiB) read the 4,000 entries; between them, a third of
+    // the entries go and others come.
+    let mut stream = nix::dir::Dir::open(&dir, nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+    for entry in stream.iter() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        *seen.entry(name).or_insert(0) += 1;
+        if seen.len() == 100 && !changed {
+            changed = true;
+            for i in (0..3000).step_by(3) {
+                std::fs::remove_file(dir.join(format!("image-{i:04}"))).unwrap();
+            }
+            for i in 0..500 {
+                std::fs::write(dir.join(format!("later-{i:04}")), b"").unwrap();
+            }
+        }
+    }
+    assert!(changed);
+    let remaining: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("later-"))
+        .collect();
+    assert_eq!(remaining.len(), 3000);
+    for name in &remaining {
+        assert_eq!(seen.get(name), Some(&1), "{name} listed once");
+    }
+    assert!(seen.values().all(|n| *n == 1), "no entry is listed twice");
+    drop(stream);
+    m.unmount().unwrap();
+}

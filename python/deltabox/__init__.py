@@ -24,6 +24,7 @@ from .errors import (
     CheckpointNotDurable,
     CheckpointNotFound,
     CheckpointOfAnotherSandbox,
+    CheckpointUnsupported,
     CommandError,
     Conflict,
     DaemonUnavailable,
@@ -43,6 +44,7 @@ from .errors import (
     SessionEnded,
     SessionNotFound,
     Unauthorized,
+    Unprocessable,
 )
 from .files import Files
 from .models import (
@@ -70,6 +72,7 @@ __all__ = [
     "CheckpointNotDurable",
     "CheckpointNotFound",
     "CheckpointOfAnotherSandbox",
+    "CheckpointUnsupported",
     "Client",
     "CommandError",
     "Conflict",
@@ -105,4 +108,5 @@ __all__ = [
     "SessionNotFound",
     "Started",
     "Unauthorized",
+    "Unprocessable",
 ]

@@ -62,6 +62,10 @@ class PayloadTooLarge(DeltaboxError):
     """413: the request body is larger than the daemon accepts."""
 
 
+class Unprocessable(DeltaboxError):
+    """422: the request is valid but the object's current state does not allow it (changing the state can)."""
+
+
 class InsufficientStorage(DeltaboxError):
     """507: the sandbox's filesystem is full."""
 
@@ -114,6 +118,15 @@ class CheckpointFailed(ServerError):
     """The sandbox's supervisor could not take the checkpoint or do the rollback (the message says why)."""
 
 
+class CheckpointUnsupported(Unprocessable):
+    """Raised by :meth:`Sandbox.checkpoint` (full) when a process holds something that cannot be checkpointed
+    (a TCP connection, System V shared memory, ...; the message names the process, fd and reason).
+
+    The sandbox runs on unchanged and no checkpoint is recorded: end what the message names, or take a
+    filesystem-only checkpoint (``fs_only=True``).
+    """
+
+
 class ImportFailed(DeltaboxError):
     """An image import was refused while it ran (bad archive, unreadable source ...)."""
 
@@ -153,6 +166,7 @@ _BY_CODE: Dict[str, Type[DeltaboxError]] = {
     "checkpoint_of_another_sandbox": CheckpointOfAnotherSandbox,
     "invalid_count": InvalidCount,
     "checkpoint_failed": CheckpointFailed,
+    "checkpoint_unsupported": CheckpointUnsupported,
     "import_failed": ImportFailed,
 }
 
@@ -164,6 +178,7 @@ _BY_STATUS: Dict[int, Type[DeltaboxError]] = {
     409: Conflict,
     410: Gone,
     413: PayloadTooLarge,
+    422: Unprocessable,
     507: InsufficientStorage,
 }
 

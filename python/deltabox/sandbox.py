@@ -255,7 +255,10 @@ class Sandbox:
         By default a full checkpoint: the files and every process (memory, open files, shell sessions). With
         ``fs_only`` the files only: the processes keep running and are not captured, and a rollback to it kills
         them. Either way the sandbox is frozen for the moment it takes, so it is one consistent point in time.
-        Raises :class:`~deltabox.CheckpointFailed` with the reason if a process cannot be checkpointed.
+        A full checkpoint raises :class:`~deltabox.CheckpointUnsupported` (422) when a process holds something
+        that cannot be checkpointed (a TCP connection, ...; the message names the process, fd and reason): the
+        sandbox runs on and no checkpoint is recorded, a filesystem-only one still works.
+        :class:`~deltabox.CheckpointFailed` (500) means the checkpoint itself failed (freezing, saving the files).
         """
         body = {"fs_only": True} if fs_only else {}
         return Checkpoint.from_json(self._transport, self._transport.call("POST", self._path + "/checkpoints",

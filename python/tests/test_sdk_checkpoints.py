@@ -176,6 +176,23 @@ def test_checkpoint_failed_is_a_server_error(fake, sandbox):
     assert isinstance(err.value, deltabox.ServerError) and "EBUSY" in err.value.message
 
 
+def test_checkpoint_unsupported_is_a_client_error(fake, sandbox):
+    error = {"error": "checkpoint_unsupported",
+             "message": "checkpoint failed: process 7, fd 3: TCP connection 127.0.0.1:8124 -> 127.0.0.1:40000"}
+    fake.route("POST", f"{SB}/checkpoints", Reply(422, error))
+    with pytest.raises(deltabox.CheckpointUnsupported) as err:
+        sandbox.checkpoint()
+    assert isinstance(err.value, deltabox.Unprocessable) and not isinstance(err.value, deltabox.ServerError)
+    assert (err.value.status, err.value.code) == (422, "checkpoint_unsupported") and "fd 3" in err.value.message
+
+
+def test_unknown_422_codes_are_unprocessable(fake, sandbox):
+    fake.route("POST", f"{SB}/checkpoints", Reply(422, {"error": "something_new", "message": "not now"}))
+    with pytest.raises(deltabox.Unprocessable) as err:
+        sandbox.checkpoint()
+    assert type(err.value) is deltabox.Unprocessable
+
+
 def test_a_checkpoint_made_by_hand_is_not_bound(fake):
     ck = deltabox.Checkpoint(id="ck-1", sandbox="x")
     with pytest.raises(ValueError, match="not bound"):

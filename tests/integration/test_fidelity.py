@@ -6,8 +6,9 @@ import json
 import time
 
 import pytest
-
 from support import new_sandbox
+
+import deltabox
 
 PY_COUNTERS = r"""
 import hashlib, json, os, threading, time
@@ -300,12 +301,21 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
 
 def test_unsupported_resources_fail_the_checkpoint_with_the_reason(client, sandbox):
     sh = sandbox.session("main")
+    first = sandbox.checkpoint()
     run(sh, "python3 -c \"import socket,time\ns=socket.socket(); s.bind(('127.0.0.1', 8124)); s.listen()\n"
             "c=socket.create_connection(('127.0.0.1', 8124)); a,_=s.accept(); time.sleep(1000)\" &")
     time.sleep(1)
-    with pytest.raises(Exception) as info:
+    # The sandbox's state, which its user can change: a client error (422), not a server error.
+    with pytest.raises(deltabox.CheckpointUnsupported) as info:
         sandbox.checkpoint()
-    message = str(info.value)
-    assert "TCP" in message and "fd" in message, message
-    # The sandbox keeps running and can still take a filesystem checkpoint.
-    assert sandbox.checkpoint(fs_only=True).kind == "filesystem"
+    err = info.value
+    assert (err.status, err.code) == (422, "checkpoint_unsupported") and not isinstance(err, deltabox.ServerError)
+    assert "TCP" in err.message and "fd" in err.message, err.message
+    # Nothing was recorded: the failed checkpoint is not listed and the sandbox's head did not move.
+    assert [c.id for c in sandbox.checkpoints()] == [first.id]
+    assert sandbox.refresh().head == first.id
+    # The sandbox keeps running, its connection too, and it can still take a filesystem checkpoint.
+    assert "running" in run(sh, "kill -0 %1 && echo running")
+    files_only = sandbox.checkpoint(fs_only=True)
+    assert (files_only.kind, files_only.parent) == ("filesystem", first.id)
+    assert [c.id for c in sandbox.checkpoints()] == [first.id, files_only.id]

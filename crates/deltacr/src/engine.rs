@@ -53,6 +53,20 @@ pub enum CrError {
     NoTemplate { pid: i32 },
 }
 
+impl CrError {
+    /// Whether a checkpoint failed because a process holds something DeltaCR cannot capture (a TCP
+    /// connection, shared memory, ...): a property of the sandbox's state, which its user can change,
+    /// rather than a failure of the checkpoint itself (freezing, reading /proc, ptrace, ...).
+    pub fn is_unsupported(&self) -> bool {
+        matches!(
+            self,
+            CrError::Unsupported { .. }
+                | CrError::Capture(CaptureError::Unsupported { .. })
+                | CrError::Files(FileError::Unsupported { .. })
+        )
+    }
+}
+
 /// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed) and its freezer.
 pub struct Sandbox<'a> {
     pub init: Pid,
@@ -971,4 +985,30 @@ fn sort_parents_first(procs: &mut Vec<ProcessEntry>) {
         }
     }
     *procs = out;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unsupported_state_is_told_apart_from_failures() {
+        let io = || std::io::Error::from_raw_os_error(libc::EBUSY);
+        let unsupported = [
+            CrError::Unsupported { pid: 1, comm: "sh".into(), reason: "seccomp".into() },
+            CaptureError::Unsupported { pid: 2, comm: "py".into(), reason: "shared memory".into() }.into(),
+            FileError::Unsupported { pid: 3, fd: 4, reason: "TCP connection".into() }.into(),
+        ];
+        for e in &unsupported {
+            assert!(e.is_unsupported(), "{e:?}");
+        }
+        let failures = [
+            CrError::Freezer(io()),
+            CrError::NoTemplate { pid: 1 },
+            FileError::Io { pid: 3, fd: 4, what: "read the TCP state", source: io() }.into(),
+        ];
+        for e in &failures {
+            assert!(!e.is_unsupported(), "{e:?}");
+        }
+    }
 }

@@ -141,6 +141,11 @@ pub struct ImageInfo {
     pub parent_bytes: u64,
 }
 
+/// Ends the name of an image being written: `<id>.<writer's pid>.tmp`.
+const TMP_SUFFIX: &str = ".tmp";
+/// Ends the name of an image being deleted.
+const REMOVING_SUFFIX: &str = ".removing";
+
 /// A directory holding images, one subdirectory per image id.
 #[derive(Debug, Clone)]
 pub struct ImageStore {
@@ -152,8 +157,27 @@ fn io_err<'a>(path: &'a Path, what: &'static str) -> impl FnOnce(io::Error) -> I
 }
 
 impl ImageStore {
+    /// Opens (creating it if needed) the store at `root`, and deletes what writers that died (a
+    /// killed shim) left: half-written images and images half deleted. Several processes share a
+    /// store: images still being written by a live process are kept.
     pub fn new(root: &Path) -> Result<ImageStore, ImageError> {
         fs::create_dir_all(root).map_err(io_err(root, "create the image store"))?;
+        let entries = fs::read_dir(root).map_err(io_err(root, "list the image store"))?;
+        for entry in entries.flatten() {
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            let dead_writer = name
+                .strip_suffix(TMP_SUFFIX)
+                .and_then(|n| n.rsplit_once('.'))
+                .and_then(|(_, pid)| pid.parse::<i32>().ok())
+                .is_some_and(|pid| {
+                    nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) == Err(nix::errno::Errno::ESRCH)
+                });
+            if dead_writer || name.ends_with(REMOVING_SUFFIX) {
+                tracing::info!(path = %entry.path().display(), "deleting what a dead image writer left");
+                let _ = fs::remove_dir_all(entry.path());
+            }
+        }
         Ok(ImageStore { root: root.to_path_buf() })
     }
 
@@ -177,7 +201,7 @@ impl ImageStore {
     /// Deletes image `id` (renamed aside first, so a crash never leaves part of it under its name).
     pub fn remove(&self, id: ImageId) -> Result<(), ImageError> {
         let dir = self.path_of(id);
-        let doomed = self.root.join(format!("{id}.removing"));
+        let doomed = self.root.join(format!("{id}{REMOVING_SUFFIX}"));
         match fs::rename(&dir, &doomed) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(ImageError::Missing { id, store: self.root.clone() })
@@ -576,8 +600,19 @@ impl ImageJob {
         self.id
     }
 
-    /// Writes the image into `store` and returns its id and sizes.
+    /// Writes the image into `store` and returns its id and sizes. A failed write (a full disk...)
+    /// leaves nothing behind.
     pub fn write(self, store: &ImageStore) -> Result<ImageInfo, ImageError> {
+        let tmp = store.root.join(format!("{}.{}{TMP_SUFFIX}", self.id, std::process::id()));
+        let written = self.write_via(store, &tmp);
+        if written.is_err() {
+            let _ = fs::remove_dir_all(&tmp);
+        }
+        written
+    }
+
+    /// Writes the image into directory `tmp`, then publishes it in `store` under its id.
+    fn write_via(self, store: &ImageStore, tmp: &Path) -> Result<ImageInfo, ImageError> {
         let id = self.id;
         let header = Header {
             id,
@@ -587,8 +622,7 @@ impl ImageJob {
                 .map_or(0, |d| d.as_millis() as u64),
             page_size: PAGE as u32,
         };
-        let tmp = store.root.join(format!("{id}.tmp"));
-        let mut w = ImageWriter::create(&tmp, header)?;
+        let mut w = ImageWriter::create(tmp, header)?;
         let mut index = PageIndex::default();
         let mut parent_bytes = 0;
         let mut buf = Vec::new();
@@ -637,7 +671,7 @@ impl ImageJob {
         }
         let info = w.finish(&self.tree, &index, parent_bytes)?;
         let dir = store.path_of(id);
-        fs::rename(&tmp, &dir).map_err(io_err(&tmp, "publish the image"))?;
+        fs::rename(tmp, &dir).map_err(io_err(tmp, "publish the image"))?;
         File::open(&store.root).and_then(|d| d.sync_all()).map_err(io_err(&store.root, "sync the store"))?;
         Ok(info)
     }

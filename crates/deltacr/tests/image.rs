@@ -147,3 +147,24 @@ fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
     let err = store.open(id).unwrap().verify_pages().unwrap_err();
     assert!(err.to_string().contains("truncated"), "{err}");
 }
+
+#[test]
+fn opening_a_store_deletes_what_dead_writers_left() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("images");
+    let mut gone = std::process::Command::new("true").spawn().unwrap();
+    let dead = gone.id();
+    gone.wait().unwrap();
+    let id = "0123456789abcdef0123456789abcdef";
+    let dead_writers = [format!("{id}.{dead}.tmp"), format!("{id}.removing")];
+    let live_writer = format!("{id}.{}.tmp", std::process::id());
+    for name in dead_writers.iter().chain([&live_writer]) {
+        std::fs::create_dir_all(root.join(name)).unwrap();
+        std::fs::write(root.join(name).join("pages"), b"half written").unwrap();
+    }
+    ImageStore::new(&root).unwrap();
+    for name in &dead_writers {
+        assert!(!root.join(name).exists(), "{name} is left");
+    }
+    assert!(root.join(&live_writer).exists(), "the image a live process writes is kept");
+}

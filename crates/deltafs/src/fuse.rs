@@ -15,7 +15,7 @@ use fuser::{
 use nix::errno::Errno;
 
 use crate::node::{Ino, Node, Time};
-use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume};
+use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume, FIRST_COOKIE};
 
 pub(crate) struct DeltaFs {
     pub vol: Arc<Volume>,
@@ -25,6 +25,8 @@ pub(crate) struct DeltaFs {
     /// (FUSE_NO_OPEN_SUPPORT) and creates them with MKNOD. Cleared in `init` if the kernel
     /// cannot do that.
     pub no_open: bool,
+    /// The kernel opens directories without OPENDIR (set in `init` when it can).
+    pub no_opendir: bool,
 }
 
 impl DeltaFs {
@@ -61,12 +63,15 @@ impl DeltaFs {
         }
     }
 
-    /// `.`, `..` (reported with the directory's own inode) and the entries of the directory
-    /// open as `fh`, as of opendir: (name, inode, mode).
-    fn listing(&self, fh: FileHandle, ino: INodeNo) -> OpResult<Vec<(OsString, Ino, u32)>> {
-        let handle = self.vol.handle(fh.0)?;
-        let dots = [".", ".."].map(|d| (OsString::from(d), ino.0, libc::S_IFDIR));
-        Ok(dots.into_iter().chain(handle.dir.iter().flatten().cloned()).collect())
+    /// The directory's entries after readdir offset `offset`, as (offset, name, inode, file type):
+    /// `.` and `..` (reported with the directory's own inode) at offsets 1 and 2, then the entries
+    /// at their cookies. Directories are read without OPENDIR, from the live state.
+    fn dir_entries(&self, dir: Ino, offset: u64) -> OpResult<impl Iterator<Item = (u64, OsString, Ino, u32)>> {
+        let (listing, start) = self.vol.listing(dir, offset)?;
+        let dots = [(1, "."), (2, "..")].into_iter().filter(move |(c, _)| *c > offset);
+        let dots = dots.map(move |(c, name)| (c, OsString::from(name), dir, libc::S_IFDIR));
+        let entries = (start..listing.len()).map(move |i| listing[i].clone());
+        Ok(dots.chain(entries))
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
@@ -150,6 +155,7 @@ fn file_type(mode: u32) -> FileType {
 impl fuser::Filesystem for DeltaFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         self.no_open &= config.capabilities().contains(InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_opendir = config.capabilities().contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         let mut wanted = InitFlags::FUSE_CACHE_SYMLINKS
             | InitFlags::FUSE_PARALLEL_DIROPS
             | InitFlags::FUSE_DO_READDIRPLUS
@@ -305,7 +311,7 @@ impl fuser::Filesystem for DeltaFs {
             }
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let fh = match self.vol.open(ino.0, false, !read_only) {
+        let fh = match self.vol.open(ino.0, !read_only) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
@@ -362,51 +368,54 @@ impl fuser::Filesystem for DeltaFs {
         reply_empty(reply, self.vol.flush(ino.0));
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.vol.open(ino.0, true, false) {
-            Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR),
-            Err(e) => reply.error(errno(e)),
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // Listings come from the live state, so opening a directory needs no server state: once
+        // this answers ENOSYS, the kernel opens directories without a request
+        // (FUSE_NO_OPENDIR_SUPPORT) and caches their listings as asked here.
+        if self.no_opendir {
+            return reply.error(fuser::Errno::ENOSYS);
         }
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR);
     }
 
-    fn readdir(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
-        let entries = match self.listing(fh, ino) {
+    fn readdir(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectory) {
+        let entries = match self.dir_entries(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, (name, child, mode)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*child), i as u64 + 1, file_type(*mode), name) {
+        for (cookie, name, child, mode) in entries {
+            if reply.add(INodeNo(child), cookie, file_type(mode), &name) {
                 break;
             }
         }
         reply.ok();
     }
 
-    fn readdirplus(&self, _req: &Request, ino: INodeNo, fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
-        let entries = match self.listing(fh, ino) {
+    fn readdirplus(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: u64, mut reply: ReplyDirectoryPlus) {
+        let entries = match self.dir_entries(ino.0, offset) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
-        for (i, (name, child, _)) in entries.iter().enumerate().skip(offset as usize) {
-            let attr = match self.vol.getattr(*child) {
-                Ok((_, n)) => self.attr(*child, &n),
-                // Removed since opendir: skip it.
+        for (cookie, name, child, _) in entries {
+            let attr = match self.vol.getattr(child) {
+                Ok((_, n)) => self.attr(child, &n),
+                // Removed since the listing was taken: skip it.
                 Err(_) => continue,
             };
-            let (ttl, generation) = (&self.ttl, Generation(self.vol.generation(*child)));
-            if reply.add(INodeNo(*child), i as u64 + 1, name, ttl, &attr, generation) {
+            let (ttl, generation) = (&self.ttl, Generation(self.vol.generation(child)));
+            if reply.add(INodeNo(child), cookie, &name, ttl, &attr, generation) {
                 break;
             }
             // The kernel takes a reference to every entry but `.` and `..`.
-            if i >= 2 {
-                self.vol.remember(*child);
+            if cookie >= FIRST_COOKIE {
+                self.vol.remember(child);
             }
         }
         reply.ok();
     }
 
-    fn releasedir(&self, _req: &Request, _ino: INodeNo, fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.release(fh.0));
+    fn releasedir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _flags: OpenFlags, reply: ReplyEmpty) {
+        reply.ok();
     }
 
     fn fsyncdir(&self, _req: &Request, _ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
@@ -507,7 +516,7 @@ impl fuser::Filesystem for DeltaFs {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
-        match self.vol.open(ino, false, true) {
+        match self.vol.open(ino, true) {
             Ok(fh) => {
                 self.vol.remember(ino);
                 reply.created(

@@ -119,7 +119,7 @@ pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOption
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl, no_open: opts.processes.is_some() };
+    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl, no_open: opts.processes.is_some(), no_opendir: false };
     let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();

@@ -26,7 +26,7 @@ use sha2::Digest;
 
 use crate::image::{self, ImageError};
 use crate::journal::{self, JournalError, JournalWriter};
-use crate::node::{LayerId, Tree};
+use crate::node::{LayerId, Tree, PACK_SLOT};
 
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +139,7 @@ pub(crate) struct WritableLayer {
     pub dir: PathBuf,
     pub journal: JournalWriter,
     pub meta: LayerMeta,
+    pub pack: PackSlots,
     _lock: File,
 }
 
@@ -146,6 +147,35 @@ impl WritableLayer {
     pub fn data_path(&self, ino: u64) -> PathBuf {
         data_path(&self.dir, ino)
     }
+}
+
+/// Slots of a writable layer's pack file: freed slots are reused, so deleting and creating small
+/// files does not grow the pack.
+#[derive(Debug, Default)]
+pub(crate) struct PackSlots {
+    end: u64,
+    free: Vec<u64>,
+}
+
+impl PackSlots {
+    /// A slot, and whether it held an earlier file (its bytes must then be overwritten).
+    pub fn alloc(&mut self) -> (u64, bool) {
+        if let Some(slot) = self.free.pop() {
+            return (slot, true);
+        }
+        let slot = self.end;
+        self.end += PACK_SLOT;
+        (slot, false)
+    }
+
+    pub fn free(&mut self, slot: u64) {
+        self.free.push(slot);
+    }
+}
+
+/// The pack file of a layer: small files' bytes in [`PACK_SLOT`]-sized slots.
+pub(crate) fn pack_path(layer_dir: &Path) -> PathBuf {
+    layer_dir.join("data").join("pack")
 }
 
 /// Where a layer keeps the bytes of inode `ino`: `data/<ino / 256 in hex>/<ino>`. Spreading files
@@ -346,7 +376,7 @@ impl Store {
         let dir = self.layer_dir(id);
         std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         let journal = JournalWriter::open(&dir.join("journal"))?;
-        Ok(WritableLayer { id, dir, journal, meta, _lock: lock })
+        Ok(WritableLayer { id, dir, journal, meta, pack: PackSlots::default(), _lock: lock })
     }
 
     /// Locks the set of layers: shared while a stack is loaded and a layer is put on top of it

@@ -8,6 +8,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
+use std::hash::{Hash, Hasher};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileExt;
@@ -20,8 +21,8 @@ use nix::errno::Errno;
 use parking_lot::{Mutex, RwLock};
 
 use crate::journal::Record;
-use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Region, Source, Time, Tree, CHUNK_SIZE};
-use crate::store::{data_path, open_data_rw, StackId, Store, StoreError, WritableLayer};
+use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Region, Source, Time, Tree, CHUNK_SIZE, PACK_SLOT};
+use crate::store::{data_path, open_data_rw, pack_path, StackId, Store, StoreError, WritableLayer};
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
 const INDEX_EVERY: u32 = 32;
@@ -30,6 +31,10 @@ const INDEX_EVERY: u32 = 32;
 const PENDING_MAX: usize = 256;
 /// Open backing files kept for reuse (each READ or WRITE would otherwise open one).
 const FILE_CACHE_MAX: usize = 256;
+/// Directory listings in cookie order kept for reuse (a large directory is read in many requests).
+const LISTINGS_MAX: usize = 64;
+/// Readdir offsets 1 and 2 are `.` and `..`; entries' cookies are above.
+pub(crate) const FIRST_COOKIE: u64 = 3;
 const NAME_MAX: usize = 255;
 
 pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
@@ -191,18 +196,54 @@ pub(crate) struct Caller {
     pub gid: u32,
 }
 
-/// An open file or directory (for opens the kernel tells the server about).
-#[derive(Debug)]
-pub(crate) struct Handle {
-    pub ino: Ino,
+/// An open file (for opens the kernel tells the server about).
+#[derive(Debug, Clone, Copy)]
+struct Handle {
+    ino: Ino,
     /// Opened for writing: the kernel may hold dirty shared-mmap pages of the file.
-    pub writable: bool,
-    /// Entries of an open directory as of opendir (POSIX lets readdir miss concurrent changes).
-    pub dir: Option<Vec<(OsString, Ino, u32)>>,
+    writable: bool,
 }
 
-/// Backing file descriptors by (inode, source, opened for writing).
-type FileKey = (Ino, Source, bool);
+/// A directory's entries by name.
+type DirEntries = OrdMap<OsString, Ino>;
+
+/// A directory's entries as (readdir cookie, name, inode, file type), in cookie order.
+pub(crate) type Listing = Arc<Vec<(u64, OsString, Ino, u32)>>;
+
+/// The readdir offset of entry `name`: a hash of the name, so it stays valid while the entry exists
+/// whatever else changes in the directory. A listing read in several requests then neither skips
+/// nor repeats an entry that stays (POSIX leaves only entries added or removed meanwhile open).
+/// Two names of one directory with the same 62-bit hash (odds about n²/2⁶³) would make a listing
+/// resumed between them skip the second.
+fn cookie(name: &OsStr) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    name.as_bytes().hash(&mut h);
+    (h.finish() >> 2) + FIRST_COOKIE
+}
+
+/// A file on the host holding bytes of DeltaFS files.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+enum Backing {
+    Image(u16, Arc<str>),
+    /// The data file of an inode in a layer.
+    Data(LayerId, Ino),
+    /// A layer's pack file (shared by its small files).
+    Pack(LayerId),
+}
+
+impl Backing {
+    /// The backing file of `source` for inode `ino`, and the backing file's offset of the file's byte 0.
+    fn of(source: &Source, ino: Ino) -> (Backing, u64) {
+        match source {
+            Source::Image(layer, rel) => (Backing::Image(*layer, rel.clone()), 0),
+            Source::Layer(id) => (Backing::Data(*id, ino), 0),
+            Source::Packed(id, slot) => (Backing::Pack(*id), *slot),
+        }
+    }
+}
+
+/// Backing file descriptors by (backing file, opened for writing).
+type FileKey = (Backing, bool);
 
 /// What a rollback changed.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
@@ -228,10 +269,10 @@ struct State {
     snapshots: HashMap<LayerId, Tree>,
     /// Files changed by writes (size, times, cleared set-ID bits) whose new state is not yet journaled.
     pending: BTreeSet<Ino>,
-    /// Files whose block count lags behind writes in the writable layer: `st_blocks` of their data
-    /// file there when the count was last brought up to date, plus the blocks released below since
-    /// (chunks copied up). The count catches up when it is shown or journaled, so a stream of
-    /// writes costs no `fstat` each. Keys are a subset of `pending`.
+    /// Files whose block count lags behind writes to their data file in the writable layer:
+    /// `st_blocks` of that data file when the count was last brought up to date, plus the blocks
+    /// released below since (chunks copied up). The count catches up when it is shown or
+    /// journaled, so a stream of writes costs no `fstat` each. Keys are a subset of `pending`.
     layer_blocks: HashMap<Ino, u64>,
 }
 
@@ -242,13 +283,15 @@ pub(crate) struct Volume {
     base: LayerId,
     pub ids: IdMap,
     state: RwLock<State>,
-    handles: Mutex<HashMap<u64, Arc<Handle>>>,
+    handles: Mutex<HashMap<u64, Handle>>,
     /// The kernel's references (lookup counts) per inode, until FORGET: an unlinked file lives
     /// while the kernel holds it (open files and mappings hold their inode).
     lookups: Mutex<HashMap<Ino, u64>>,
     files: Mutex<HashMap<FileKey, Arc<File>>>,
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
     generations: Mutex<HashMap<Ino, u64>>,
+    /// Listings by directory, with the entry map they were made from (valid while it is unchanged).
+    listings: Mutex<HashMap<Ino, (DirEntries, Listing)>>,
     next_fh: AtomicU64,
     /// Block size of the store's filesystem: the granularity of the holes it reports.
     block_size: u64,
@@ -312,6 +355,7 @@ impl Volume {
             handles: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
     }
@@ -339,7 +383,7 @@ impl Volume {
         let Some(base) = st.layer_blocks.get(&ino) else {
             return Ok(blocks);
         };
-        let data = self.source_file(ino, &Source::Layer(st.layer.id), true).map_err(|e| errno_of(&e))?;
+        let data = self.data_file(st.layer.id, ino)?;
         Ok((blocks + file_blocks(&data)?).saturating_sub(*base))
     }
 
@@ -373,10 +417,11 @@ impl Volume {
         Ok(node)
     }
 
-    fn source_path(&self, source: &Source, ino: Ino) -> PathBuf {
-        match source {
-            Source::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
-            Source::Layer(id) => data_path(&self.store.layer_dir(*id), ino),
+    fn backing_path(&self, backing: &Backing) -> PathBuf {
+        match backing {
+            Backing::Image(layer, rel) => self.images[usize::from(*layer)].join(&**rel),
+            Backing::Data(id, ino) => data_path(&self.store.layer_dir(*id), *ino),
+            Backing::Pack(id) => pack_path(&self.store.layer_dir(*id)),
         }
     }
 
@@ -528,10 +573,12 @@ impl Volume {
 
     fn free_inode(&self, st: &mut State, ino: Ino, records: &mut Vec<Record>) {
         if let Some(node) = st.tree.nodes.remove(&ino) {
-            if let Kind::File(_) = node.kind {
-                self.files.lock().retain(|(i, _, _), _| *i != ino);
+            if let Kind::File(content) = &node.kind {
+                self.files.lock().retain(|(b, _), _| !matches!(b, Backing::Data(_, i) if *i == ino));
                 // Only this layer's copy goes: frozen layers keep theirs for their checkpoints.
-                let _ = std::fs::remove_file(st.layer.data_path(ino));
+                if !Self::release_slot(st, content) {
+                    let _ = std::fs::remove_file(st.layer.data_path(ino));
+                }
             }
         }
         st.pending.remove(&ino);
@@ -725,25 +772,42 @@ impl Volume {
 
     // ---------------------------------------------------------------- open files
 
-    pub fn open(&self, ino: Ino, dir: bool, writable: bool) -> OpResult<u64> {
-        let st = self.state.read();
-        let node = st.node(ino)?;
-        let entries = match (&node.kind, dir) {
-            (Kind::Dir(e), true) => Some(
-                e.iter()
-                    .map(|(name, ino)| {
-                        let mode = st.tree.get(*ino).map_or(0, |n| n.attr.mode);
-                        (name.clone(), *ino, mode)
-                    })
-                    .collect(),
-            ),
-            (Kind::Dir(_), false) => return Err(Errno::EISDIR),
-            (_, true) => return Err(Errno::ENOTDIR),
-            _ => None,
-        };
+    pub fn open(&self, ino: Ino, writable: bool) -> OpResult<u64> {
+        if self.state.read().node(ino)?.is_dir() {
+            return Err(Errno::EISDIR);
+        }
         let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles.lock().insert(fh, Arc::new(Handle { ino, writable, dir: entries }));
+        self.handles.lock().insert(fh, Handle { ino, writable });
         Ok(fh)
+    }
+
+    /// The entries of directory `dir` in cookie order, and the index of the first one after
+    /// readdir offset `offset`.
+    pub fn listing(&self, dir: Ino, offset: u64) -> OpResult<(Listing, usize)> {
+        let entries = self.state.read().dir_entries(dir)?.clone();
+        let cached = self.listings.lock().get(&dir).filter(|(e, _)| e.ptr_eq(&entries)).map(|(_, l)| l.clone());
+        let listing = match cached {
+            Some(l) => l,
+            None => {
+                let mut v: Vec<(u64, OsString, Ino, u32)> = {
+                    let st = self.state.read();
+                    let type_of = |ino: &Ino| st.tree.get(*ino).map_or(0, |n| n.attr.mode & libc::S_IFMT);
+                    entries.iter().map(|(name, ino)| (cookie(name), name.clone(), *ino, type_of(ino))).collect()
+                };
+                v.sort_unstable_by_key(|e| e.0);
+                let l = Arc::new(v);
+                let mut listings = self.listings.lock();
+                if listings.len() >= LISTINGS_MAX {
+                    if let Some(victim) = listings.keys().next().copied() {
+                        listings.remove(&victim);
+                    }
+                }
+                listings.insert(dir, (entries, l.clone()));
+                l
+            }
+        };
+        let start = listing.partition_point(|e| e.0 <= offset);
+        Ok((listing, start))
     }
 
     /// Inodes open for writing (the only ones that can have dirty pages in the kernel).
@@ -757,10 +821,6 @@ impl Volume {
     /// The FUSE generation to report for `ino`.
     pub fn generation(&self, ino: Ino) -> u64 {
         self.generations.lock().get(&ino).copied().unwrap_or(0)
-    }
-
-    pub fn handle(&self, fh: u64) -> OpResult<Arc<Handle>> {
-        self.handles.lock().get(&fh).cloned().ok_or(Errno::EBADF)
     }
 
     /// Journals the file's size/time changes made by writes (close, fsync).
@@ -810,13 +870,13 @@ impl Volume {
         }
     }
 
-    /// An open backing file of `ino` (from the cache, or opened and cached).
-    fn source_file(&self, ino: Ino, source: &Source, writable: bool) -> io::Result<Arc<File>> {
-        let key = (ino, source.clone(), writable);
+    /// An open backing file (from the cache, or opened and cached).
+    fn backing_file(&self, backing: &Backing, writable: bool) -> io::Result<Arc<File>> {
+        let key = (backing.clone(), writable);
         if let Some(f) = self.files.lock().get(&key) {
             return Ok(f.clone());
         }
-        let path = self.source_path(source, ino);
+        let path = self.backing_path(backing);
         let f = Arc::new(if writable { open_data_rw(&path)? } else { File::open(&path)? });
         let mut files = self.files.lock();
         if files.len() >= FILE_CACHE_MAX {
@@ -828,17 +888,27 @@ impl Volume {
         Ok(f)
     }
 
-    /// The open backing file of a region's source (None: the region reads as zeros, or its file
-    /// was never written).
-    fn region_file(&self, ino: Ino, region: &Region) -> OpResult<Option<Arc<File>>> {
+    /// The open backing file of a region and the offset in it of the file's byte 0 (None: the
+    /// region reads as zeros, or its file was never written).
+    fn region_file(&self, ino: Ino, region: &Region) -> OpResult<Option<(Arc<File>, u64)>> {
         let Some(source) = &region.source else {
             return Ok(None);
         };
-        match self.source_file(ino, source, false) {
-            Ok(f) => Ok(Some(f)),
+        let (backing, delta) = Backing::of(source, ino);
+        match self.backing_file(&backing, false) {
+            Ok(f) => Ok(Some((f, delta))),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(errno_of(&e)),
         }
+    }
+
+    /// The data extents of a region, in file offsets.
+    fn region_data(&self, ino: Ino, region: &Region) -> OpResult<Vec<(u64, u64)>> {
+        let Some((f, delta)) = self.region_file(ino, region)? else {
+            return Ok(Vec::new());
+        };
+        let extents = data_extents(&f, delta + region.start, delta + region.end).map_err(|e| errno_of(&e))?;
+        Ok(extents.into_iter().map(|(from, to)| (from - delta, to - delta)).collect())
     }
 
     /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
@@ -846,10 +916,22 @@ impl Volume {
         for region in content.regions(offset, offset + buf.len() as u64) {
             let out = &mut buf[(region.start - offset) as usize..(region.end - offset) as usize];
             let got = match self.region_file(ino, &region)? {
-                Some(f) => read_at_most(&f, out, region.start)?,
+                Some((f, delta)) => read_at_most(&f, out, delta + region.start)?,
                 None => 0,
             };
             out[got..].fill(0);
+        }
+        Ok(())
+    }
+
+    /// Writes the data (not the holes) of `[from, to)` of the contents to `out` at `at + offset`.
+    fn copy_data(&self, ino: Ino, content: &Content, (from, to): (u64, u64), out: &File, at: u64) -> OpResult<()> {
+        for region in content.regions(from, to) {
+            for (start, end) in self.region_data(ino, &region)? {
+                let mut buf = vec![0u8; (end - start) as usize];
+                self.read_content(ino, content, start, &mut buf)?;
+                out.write_all_at(&buf, at + start).map_err(|e| errno_of(&e))?;
+            }
         }
         Ok(())
     }
@@ -886,7 +968,9 @@ impl Volume {
         let block_start = offset - offset % self.block_size;
         for region in content.regions(block_start, content.size) {
             let extent = match self.region_file(ino, &region)? {
-                Some(f) => first_data_extent(&f, region.start, region.end).map_err(|e| errno_of(&e))?,
+                Some((f, delta)) => first_data_extent(&f, delta + region.start, delta + region.end)
+                    .map_err(|e| errno_of(&e))?
+                    .map(|(from, to)| (from - delta, to - delta)),
                 None => None,
             };
             let found = match (data, extent) {
@@ -920,8 +1004,9 @@ impl Volume {
     ) -> OpResult<u64> {
         let mut blocks = 0;
         for region in content.regions(from, to).iter().filter(|r| which(r)) {
-            if let Some(f) = self.region_file(ino, region)? {
-                blocks += allocated_blocks(&f, region.start, region.end).map_err(|e| errno_of(&e))?;
+            if let Some((f, delta)) = self.region_file(ino, region)? {
+                let (start, end) = (delta + region.start, delta.saturating_add(region.end));
+                blocks += allocated_blocks(&f, start, end).map_err(|e| errno_of(&e))?;
             }
         }
         Ok(blocks)
@@ -946,17 +1031,7 @@ impl Volume {
         let released = self.allocated_in(ino, content, (start, end), |_| true)?;
         let copy_end = end.min(content.size);
         if start < copy_end && !(overwritten.0 <= start && overwritten.1 >= copy_end) {
-            let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-            for region in content.regions(start, copy_end) {
-                let Some(f) = self.region_file(ino, &region)? else {
-                    continue;
-                };
-                for (from, to) in data_extents(&f, region.start, region.end).map_err(|e| errno_of(&e))? {
-                    let mut buf = vec![0u8; (to - from) as usize];
-                    let got = read_at_most(&f, &mut buf, from)?;
-                    out.write_all_at(&buf[..got], from).map_err(|e| errno_of(&e))?;
-                }
-            }
+            self.copy_data(ino, content, (start, copy_end), &*self.data_file(layer, ino)?, 0)?;
         }
         content.chunks.insert(chunk, layer);
         Ok(released)
@@ -970,35 +1045,113 @@ impl Volume {
         offset / CHUNK_SIZE..(offset + len - 1) / CHUNK_SIZE + 1
     }
 
-    /// Changes the contents of file `ino` under the write lock: copies up `chunks` (except bytes in
-    /// `overwritten`), runs `f` with the writable layer's data file, stores the new contents and
-    /// updates ctime (and mtime), clearing set-user/group-ID if `kill_suidgid`.
+    /// The writable data file of `ino` in layer `layer`.
+    fn data_file(&self, layer: LayerId, ino: Ino) -> OpResult<Arc<File>> {
+        self.backing_file(&Backing::Data(layer, ino), true).map_err(|e| errno_of(&e))
+    }
+
+    /// Gives a packed file's slot back to the writable layer if the slot is the layer's (slots of
+    /// frozen layers belong to their checkpoints). Returns whether the contents were packed.
+    fn release_slot(st: &mut State, content: &Content) -> bool {
+        match content.pack_slot() {
+            Some((layer, slot)) => {
+                if layer == st.layer.id {
+                    st.layer.pack.free(slot);
+                }
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// The writable layer's pack file.
+    fn pack_file(&self, st: &State) -> OpResult<Arc<File>> {
+        self.backing_file(&Backing::Pack(st.layer.id), true).map_err(|e| errno_of(&e))
+    }
+
+    /// Makes `[from, to)` of a slot of the writable layer's pack read as zeros, keeping the slot's
+    /// block allocated only if it still holds bytes of the file, as a truncate does on the store's
+    /// filesystem (a filesystem that cannot punch holes gets zeros written).
+    fn clear_slot(&self, st: &State, slot: u64, (from, to): (u64, u64)) -> OpResult<()> {
+        use rustix::fs::FallocateFlags;
+        if from >= to {
+            return Ok(());
+        }
+        let pack = self.pack_file(st)?;
+        let punch = FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE;
+        match rustix::fs::fallocate(&*pack, punch, slot + from, to - from) {
+            Ok(()) => Ok(()),
+            Err(rustix::io::Errno::OPNOTSUPP) => {
+                pack.write_all_at(&vec![0u8; (to - from) as usize], slot + from).map_err(|e| errno_of(&e))
+            }
+            Err(e) => Err(Errno::from_raw(e.raw_os_error())),
+        }
+    }
+
+    /// 512-byte blocks holding data in a slot of the writable layer's pack: packed contents' count.
+    fn slot_blocks(&self, st: &State, slot: u64) -> OpResult<u64> {
+        allocated_blocks(&*self.pack_file(st)?, slot, slot + PACK_SLOT).map_err(|e| errno_of(&e))
+    }
+
+    /// Makes packed contents live in a slot of the writable layer (copying the data of a frozen
+    /// layer's slot, or of wherever a small file's bytes are) and returns the slot.
+    fn own_slot(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<u64> {
+        let layer = st.layer.id;
+        if let Some((l, slot)) = content.pack_slot() {
+            if l == layer {
+                return Ok(slot);
+            }
+        }
+        let (slot, reused) = st.layer.pack.alloc();
+        // A reused slot must read as zeros (and hold no blocks) where the file has no data.
+        if reused {
+            self.clear_slot(st, slot, (0, PACK_SLOT))?;
+        }
+        self.copy_data(ino, content, (0, content.size), &*self.pack_file(st)?, slot)?;
+        // Whatever held the contents before (a data file, an image file, a frozen layer's slot) no
+        // longer counts: the slot alone does.
+        st.layer_blocks.remove(&ino);
+        *content = Content::packed(layer, slot, content.size, self.slot_blocks(st, slot)?);
+        Ok(slot)
+    }
+
+    /// Moves packed contents into a data file of the writable layer (the file outgrows its slot, or
+    /// an operation needs a file of its own). The count of blocks starts from 0: they are all the
+    /// data file's (whose growth the caller counts).
+    fn unpack(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<()> {
+        if content.pack_slot().is_none() {
+            return Ok(());
+        }
+        let layer = st.layer.id;
+        let out = self.data_file(layer, ino)?;
+        self.copy_data(ino, content, (0, content.size), &out, 0)?;
+        // A data file left by an earlier, larger version of the file: cut its tail.
+        out.set_len(content.size).map_err(|e| errno_of(&e))?;
+        Self::release_slot(st, content);
+        *content = Content { size: content.size, ..Content::in_layer(layer) };
+        Ok(())
+    }
+
+    /// Whether a file of `content` that will be `size` bytes long keeps (or gets) its bytes in a
+    /// pack slot: it fits, and it has no data file in the writable layer yet.
+    fn packs(st: &State, content: &Content, size: u64) -> bool {
+        size <= PACK_SLOT && (content.size == 0 || !content.chunk_in(0, st.layer.id))
+    }
+
+    /// Changes the contents of file `ino` under the write lock: runs `f` with the state and the
+    /// contents, stores the new contents and updates ctime (and mtime), clearing set-user/group-ID
+    /// if `kill_suidgid`.
     fn modify_content(
         &self,
         ino: Ino,
-        chunks: std::ops::Range<u64>,
-        overwritten: (u64, u64),
         (mtime, kill_suidgid): (bool, bool),
-        f: impl FnOnce(&File, &mut Content) -> OpResult<()>,
+        f: impl FnOnce(&mut State, &mut Content) -> OpResult<()>,
     ) -> OpResult<()> {
         let mut st = self.state.write();
-        let layer = st.layer.id;
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let out = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-        // This layer's data file holds only this file's bytes in this layer: the file's count
-        // grows with it (caught up lazily, see `layer_blocks`) and loses what chunks copied up
-        // held below.
-        if let std::collections::hash_map::Entry::Vacant(lagging) = st.layer_blocks.entry(ino) {
-            lagging.insert(file_blocks(&out)?);
-        }
-        let mut released = 0;
-        for chunk in chunks {
-            released += self.copy_up_chunk(ino, layer, &mut content, chunk, overwritten)?;
-        }
-        f(&out, &mut content)?;
-        *st.layer_blocks.get_mut(&ino).expect("inserted above") += released;
+        f(&mut st, &mut content)?;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
         n.kind = Kind::File(content);
@@ -1016,12 +1169,50 @@ impl Volume {
         Ok(())
     }
 
+    /// Copies up the chunks `chunks` of a file that is not packed (except bytes in `overwritten`)
+    /// and returns the writable layer's data file.
+    fn copy_up(
+        &self,
+        st: &mut State,
+        ino: Ino,
+        content: &mut Content,
+        chunks: std::ops::Range<u64>,
+        overwritten: (u64, u64),
+    ) -> OpResult<Arc<File>> {
+        let layer = st.layer.id;
+        let out = self.data_file(layer, ino)?;
+        // This layer's data file holds only this file's bytes in this layer: the file's count
+        // grows with it (caught up lazily, see `layer_blocks`) and loses what chunks copied up
+        // held below.
+        if let std::collections::hash_map::Entry::Vacant(lagging) = st.layer_blocks.entry(ino) {
+            lagging.insert(file_blocks(&out)?);
+        }
+        self.unpack(st, ino, content)?;
+        let mut released = 0;
+        for chunk in chunks {
+            released += self.copy_up_chunk(ino, layer, content, chunk, overwritten)?;
+        }
+        *st.layer_blocks.get_mut(&ino).expect("inserted above") += released;
+        Ok(out)
+    }
+
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
         let end = offset + data.len() as u64;
-        let chunks = Self::chunks_of(offset, data.len() as u64);
-        self.modify_content(ino, chunks, (offset, end), (true, kill_suidgid), |out, content| {
+        self.modify_content(ino, (true, kill_suidgid), |st, content| {
+            let size = content.size.max(end);
+            if Self::packs(st, content, size) {
+                let slot = self.own_slot(st, ino, content)?;
+                self.pack_file(st)?.write_all_at(data, slot + offset).map_err(|e| errno_of(&e))?;
+                content.size = size;
+                // A slot is one block: once it holds data, writes allocate nothing more.
+                if content.blocks < PACK_SLOT / 512 {
+                    content.blocks = self.slot_blocks(st, slot)?;
+                }
+                return Ok(());
+            }
+            let out = self.copy_up(st, ino, content, Self::chunks_of(offset, data.len() as u64), (offset, end))?;
             out.write_all_at(data, offset).map_err(|e| errno_of(&e))?;
-            content.size = content.size.max(end);
+            content.size = size;
             Ok(())
         })?;
         Ok(data.len() as u32)
@@ -1033,36 +1224,19 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let in_layer = content.base == Some(Source::Layer(layer));
-        let data_path = st.layer.data_path(ino);
-        let before = path_blocks(&data_path)?;
-        let mut released = 0;
-        if size < content.size && !size.is_multiple_of(CHUNK_SIZE) {
-            released += self.copy_up_chunk(ino, layer, &mut content, size / CHUNK_SIZE, (0, 0))?;
+        if content.pack_slot().is_some() && size <= PACK_SLOT {
+            let slot = self.own_slot(st, ino, &mut content)?;
+            // Bytes past the size read as zeros if the file grows again; an empty file has no block.
+            let cleared = if size == 0 { (0, PACK_SLOT) } else { (size, content.size) };
+            self.clear_slot(st, slot, cleared)?;
+            content.blocks = self.slot_blocks(st, slot)?;
+        } else {
+            let data_path = st.layer.data_path(ino);
+            let before = path_blocks(&data_path)?;
+            self.unpack(st, ino, &mut content)?;
+            let released = self.truncate_unpacked(ino, layer, &mut content, size)?;
+            content.blocks = (content.blocks + path_blocks(&data_path)?).saturating_sub(before + released);
         }
-        // Bytes past the new end in this layer's data file (even of chunks dropped below) must go:
-        // a later copy-up writes only data and would leave them showing through its holes.
-        let in_data_file = in_layer || content.chunks.values().any(|l| *l == layer);
-        if !in_layer {
-            // The base's blocks past its new end no longer count (those under chunks never did).
-            let base_len = content.base_len.min(size).min(content.size);
-            released += self.allocated_in(ino, &content, (base_len, content.base_len), |r| r.from_base)?;
-            content.base_len = base_len;
-        }
-        if size < content.size {
-            let first_gone = size.div_ceil(CHUNK_SIZE);
-            let below = |r: &Region| !r.from_base && r.source != Some(Source::Layer(layer));
-            released += self.allocated_in(ino, &content, (first_gone * CHUNK_SIZE, u64::MAX), below)?;
-            let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
-            for c in gone {
-                content.chunks.remove(&c);
-            }
-        }
-        if in_data_file {
-            let f = self.source_file(ino, &Source::Layer(layer), true).map_err(|e| errno_of(&e))?;
-            f.set_len(size).map_err(|e| errno_of(&e))?;
-        }
-        content.blocks = (content.blocks + path_blocks(&data_path)?).saturating_sub(before + released);
         content.size = size;
         let now = Time::now();
         let n = st.tree.get_mut(ino).expect("checked");
@@ -1072,15 +1246,47 @@ impl Volume {
         Ok(())
     }
 
+    /// Truncates contents that are not packed; returns the blocks released in the layers below
+    /// (this layer's data file shrinks on its own).
+    fn truncate_unpacked(&self, ino: Ino, layer: LayerId, content: &mut Content, size: u64) -> OpResult<u64> {
+        let in_layer = content.base == Some(Source::Layer(layer));
+        let mut released = 0;
+        if size < content.size && !size.is_multiple_of(CHUNK_SIZE) {
+            released += self.copy_up_chunk(ino, layer, content, size / CHUNK_SIZE, (0, 0))?;
+        }
+        // Bytes past the new end in this layer's data file (even of chunks dropped below) must go:
+        // a later copy-up writes only data and would leave them showing through its holes.
+        let in_data_file = in_layer || content.chunks.values().any(|l| *l == layer);
+        if !in_layer {
+            // The base's blocks past its new end no longer count (those under chunks never did).
+            let base_len = content.base_len.min(size).min(content.size);
+            released += self.allocated_in(ino, content, (base_len, content.base_len), |r| r.from_base)?;
+            content.base_len = base_len;
+        }
+        if size < content.size {
+            let first_gone = size.div_ceil(CHUNK_SIZE);
+            let below = |r: &Region| !r.from_base && r.source != Some(Source::Layer(layer));
+            released += self.allocated_in(ino, content, (first_gone * CHUNK_SIZE, u64::MAX), below)?;
+            let gone: Vec<u64> = content.chunks.range(first_gone..).map(|(c, _)| *c).collect();
+            for c in gone {
+                content.chunks.remove(&c);
+            }
+        }
+        if in_data_file {
+            self.data_file(layer, ino)?.set_len(size).map_err(|e| errno_of(&e))?;
+        }
+        Ok(released)
+    }
+
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {
         use rustix::fs::FallocateFlags;
-        let chunks = Self::chunks_of(offset, len);
         let flags = FallocateFlags::from_bits_retain(mode as u32);
         // Punching or zeroing a whole chunk needs none of its old bytes.
         let discarded = flags.intersects(FallocateFlags::PUNCH_HOLE | FallocateFlags::ZERO_RANGE);
         let overwritten = if discarded { (offset, offset.saturating_add(len)) } else { (0, 0) };
-        self.modify_content(ino, chunks, overwritten, (mode != 0, kill_suidgid), |out, content| {
-            rustix::fs::fallocate(out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+        self.modify_content(ino, (mode != 0, kill_suidgid), |st, content| {
+            let out = self.copy_up(st, ino, content, Self::chunks_of(offset, len), overwritten)?;
+            rustix::fs::fallocate(&*out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(FallocateFlags::KEEP_SIZE) {
                 content.size = content.size.max(offset + len);
             }

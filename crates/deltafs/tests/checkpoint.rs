@@ -539,21 +539,24 @@ fn sparse_files_as_on_the_store_filesystem(how: MountFn) {
     let reference = fx.dir.path().join("reference");
     std::fs::create_dir(&reference).unwrap();
     image_pattern(&std::fs::File::create(reference.join("img")).unwrap());
-    const NAMES: [&str; 3] = ["img", "new", "short"];
-    let check = |root: &Path, expected: &[Layout; 3], when: &str| {
+    const NAMES: [&str; 5] = ["img", "new", "short", "small", "emptied"];
+    let check = |root: &Path, expected: &[Layout; 5], when: &str| {
         for (name, expected) in NAMES.iter().zip(expected) {
             assert_eq!(&layout(&root.join(name)), expected, "{name} {when}");
         }
     };
     let current = || NAMES.map(|name| layout(&reference.join(name)));
 
-    // A new file with holes at the start, in the middle and at the end; a short one.
+    // A new file with holes at the start, in the middle and at the end; a short one; two small
+    // ones (kept in pack slots), one with data only at its end.
     for dir in [&root, &reference] {
         let f = std::fs::File::create(dir.join("new")).unwrap();
         f.write_all_at(&[4u8; 5000], 1 << 20).unwrap();
         f.write_all_at(&[5u8; 100], 3 << 20).unwrap();
         f.set_len(5 << 20).unwrap();
         std::fs::write(dir.join("short"), [6u8; 5000]).unwrap();
+        std::fs::File::create(dir.join("small")).unwrap().write_all_at(&[7u8; 100], 3000).unwrap();
+        std::fs::write(dir.join("emptied"), [8u8; 2000]).unwrap();
     }
     let first = current();
     assert!(first[1].data.len() == 2 && first[1].blocks < first[1].size / 512, "{:?}", first[1]);
@@ -579,6 +582,12 @@ fn sparse_files_as_on_the_store_filesystem(how: MountFn) {
         rustix::fs::fallocate(f, rustix::fs::FallocateFlags::empty(), 4 << 20, 8192).unwrap();
     });
     on_both([&root.join("short"), &reference.join("short")], |f| f.set_len(1 << 20).unwrap());
+    // A small file of a checkpoint below written again, and one emptied and grown without data.
+    on_both([&root.join("small"), &reference.join("small")], |f| f.write_all_at(b"again", 10).unwrap());
+    on_both([&root.join("emptied"), &reference.join("emptied")], |f| {
+        f.set_len(0).unwrap();
+        f.set_len(3000).unwrap();
+    });
     let last = current();
     check(&root, &last, "after truncate and fallocate");
     let cp3 = m.checkpoint().unwrap();

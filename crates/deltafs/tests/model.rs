@@ -30,9 +30,13 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0..NAMES.len(), 0u64..700_000, 1usize..70_000, any::<u8>())
+        3 => (0..NAMES.len(), 0u64..700_000, 1usize..70_000, any::<u8>())
+            .prop_map(|(file, offset, len, byte)| Op::Write { file, offset, len, byte }),
+        // Small files live in pack slots.
+        1 => (0..NAMES.len(), 0u64..4_000, 1usize..1_500, any::<u8>())
             .prop_map(|(file, offset, len, byte)| Op::Write { file, offset, len, byte }),
         1 => (0..NAMES.len(), 0u64..800_000).prop_map(|(file, size)| Op::Truncate { file, size }),
+        1 => (0..NAMES.len(), 0u64..5_000).prop_map(|(file, size)| Op::Truncate { file, size }),
         1 => (0..NAMES.len()).prop_map(|file| Op::Unlink { file }),
         1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Rename { from, to }),
         1 => (0..NAMES.len(), 0..NAMES.len()).prop_map(|(from, to)| Op::Link { from, to }),

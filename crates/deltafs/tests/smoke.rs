@@ -192,7 +192,8 @@ fn unlinked_file_lifetime(how: MountFn) {
     let Some((fx, _base, m, root)) = mounted_with(how, |_| {}) else {
         return;
     };
-    std::fs::write(root.join("gone"), b"still here").unwrap();
+    // Larger than a pack slot, so it has a data file of its own (see `pack_slots_are_reused`).
+    std::fs::write(root.join("gone"), [&b"still here"[..], &[b'x'; 5000]].concat()).unwrap();
     let ino = std::fs::metadata(root.join("gone")).unwrap().ino();
     let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("gone")).unwrap();
     std::fs::remove_file(root.join("gone")).unwrap();
@@ -226,5 +227,127 @@ fn unlinked_file_lifetime(how: MountFn) {
         assert!(std::time::Instant::now() < deadline, "data of the unlinked file is never freed");
         std::thread::sleep(std::time::Duration::from_millis(10));
     }
+    m.unmount().unwrap();
+}
+
+/// Sizes of the pack files of every layer of the store.
+fn pack_sizes(fx: &Fixture) -> Vec<u64> {
+    let layers = fx.dir.path().join("store/layers");
+    let packs = std::fs::read_dir(layers).unwrap().map(|l| l.unwrap().path().join("data/pack"));
+    packs.filter_map(|p| std::fs::metadata(p).ok()).map(|m| m.len()).collect()
+}
+
+#[test]
+fn small_files_are_packed_and_their_slots_reused() {
+    use std::os::unix::fs::MetadataExt;
+    let Some((fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("image-small"), b"from the image").unwrap())
+    else {
+        return;
+    };
+    std::fs::write(root.join("small"), b"tiny").unwrap();
+    let ino = std::fs::metadata(root.join("small")).unwrap().ino();
+    assert_eq!(data_files_of(&fx, ino), 0, "a small file has no data file of its own");
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), b"tiny");
+    // A small image file changed: packed copy, the image itself untouched.
+    let f = std::fs::OpenOptions::new().write(true).open(root.join("image-small")).unwrap();
+    f.write_all_at(b"FROM", 0).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(root.join("image-small")).unwrap(), b"FROM the image");
+    assert_eq!(std::fs::read(fx.layer("base").join("image-small")).unwrap(), b"from the image");
+    // Shrinking then growing reads zeros where the old bytes were.
+    let f = std::fs::OpenOptions::new().write(true).open(root.join("small")).unwrap();
+    f.set_len(1).unwrap();
+    f.set_len(3).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), b"t\0\0");
+    let cp = m.checkpoint().unwrap();
+    // After the checkpoint the slot is frozen: changes go to a new slot, the rollback brings the old bytes.
+    std::fs::write(root.join("small"), b"rewritten").unwrap();
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), b"rewritten");
+    // Outgrowing the slot moves the file into a data file, bytes intact.
+    let mut grown = b"rewritten".to_vec();
+    let mut f = std::fs::OpenOptions::new().append(true).open(root.join("small")).unwrap();
+    for i in 0..100u8 {
+        let piece = [b'a' + i % 26; 97];
+        f.write_all(&piece).unwrap();
+        grown.extend_from_slice(&piece);
+    }
+    drop(f);
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), grown);
+    assert_eq!(data_files_of(&fx, ino), 1);
+    m.rollback(cp).unwrap();
+    assert_eq!(std::fs::read(root.join("small")).unwrap(), b"t\0\0");
+    assert_eq!(std::fs::read(root.join("image-small")).unwrap(), b"FROM the image");
+    // Deleted files give their slots back: creating as many again does not grow the pack, and a
+    // file in a reused slot reads zeros where it was not written.
+    let round = |tag: &str| {
+        for i in 0..200 {
+            std::fs::write(root.join(format!("f{i}")), format!("{tag} {i}").repeat(50)).unwrap();
+        }
+        for i in 0..200 {
+            assert_eq!(std::fs::read(root.join(format!("f{i}"))).unwrap(), format!("{tag} {i}").repeat(50).as_bytes());
+            std::fs::remove_file(root.join(format!("f{i}"))).unwrap();
+        }
+    };
+    // Slots come back when the kernel forgets the deleted inodes (FORGET is asynchronous), so
+    // rounds overlap a little; without reuse six rounds would make the pack six times as large.
+    round("first");
+    let first: u64 = pack_sizes(&fx).iter().sum();
+    for tag in ["2", "3", "4", "5", "6"] {
+        round(tag);
+    }
+    let last: u64 = pack_sizes(&fx).iter().sum();
+    assert!(last < 3 * first, "the pack grew from {first} to {last} bytes over six rounds");
+    let f = std::fs::File::create(root.join("sparse-small")).unwrap();
+    f.write_all_at(b"end", 100).unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(root.join("sparse-small")).unwrap(), [&[0u8; 100][..], b"end"].concat());
+    m.unmount().unwrap();
+}
+
+#[test]
+fn a_directory_changed_while_it_is_read_lists_every_remaining_entry_once() {
+    let Some((_fx, _base, m, root)) = mounted(|d| {
+        std::fs::create_dir(d.join("big")).unwrap();
+        for i in 0..3000 {
+            std::fs::write(d.join(format!("big/image-{i:04}")), b"").unwrap();
+        }
+    }) else {
+        return;
+    };
+    let dir = root.join("big");
+    for i in 0..1000 {
+        std::fs::write(dir.join(format!("new-{i:04}")), b"").unwrap();
+    }
+    let mut seen = std::collections::HashMap::new();
+    let mut changed = false;
+    // Several getdents calls (of at most 32 KiB) read the 4,000 entries; between them, a third of
+    // the entries go and others come.
+    let mut stream = nix::dir::Dir::open(&dir, nix::fcntl::OFlag::O_RDONLY, nix::sys::stat::Mode::empty()).unwrap();
+    for entry in stream.iter() {
+        let name = entry.unwrap().file_name().to_string_lossy().into_owned();
+        *seen.entry(name).or_insert(0) += 1;
+        if seen.len() == 100 && !changed {
+            changed = true;
+            for i in (0..3000).step_by(3) {
+                std::fs::remove_file(dir.join(format!("image-{i:04}"))).unwrap();
+            }
+            for i in 0..500 {
+                std::fs::write(dir.join(format!("later-{i:04}")), b"").unwrap();
+            }
+        }
+    }
+    assert!(changed);
+    let remaining: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| !n.starts_with("later-"))
+        .collect();
+    assert_eq!(remaining.len(), 3000);
+    for name in &remaining {
+        assert_eq!(seen.get(name), Some(&1), "{name} listed once");
+    }
+    assert!(seen.values().all(|n| *n == 1), "no entry is listed twice");
+    drop(stream);
     m.unmount().unwrap();
 }

@@ -50,6 +50,7 @@ impl ApiError {
             ErrorKind::SessionExists => (StatusCode::CONFLICT, "session_exists"),
             ErrorKind::SessionLost => (StatusCode::GONE, "session_ended"),
             ErrorKind::CheckpointFailed => (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed"),
+            ErrorKind::CheckpointUnsupported => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported"),
             ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
         };
         ApiError::new(status, code, message)

@@ -8,14 +8,16 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
 use deltacr::{Engine, Sandbox};
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
 use tokio::sync::oneshot;
 
-/// Errors go back to the requester as messages (with their causes).
-pub type JobResult<T> = Result<T, String>;
+/// Errors go back to the requester typed, with their causes (so the shim can tell a process DeltaCR cannot
+/// capture, `deltacr::CrError::is_unsupported`, from a failed checkpoint).
+pub type JobResult<T> = anyhow::Result<T>;
 
 use crate::errors::error_chain as chain;
 
@@ -132,8 +134,8 @@ impl Cr {
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<JobResult<T>>) -> Job) -> JobResult<T> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(make(tx)).map_err(|_| "the checkpoint thread is gone".to_string())?;
-        rx.await.map_err(|_| "the checkpoint thread is gone".to_string())?
+        self.jobs.send(make(tx)).map_err(|_| anyhow!("the checkpoint thread is gone"))?;
+        rx.await.map_err(|_| anyhow!("the checkpoint thread is gone"))?
     }
 
     /// Checkpoints the filesystem and, with `processes`, every process. `parent` is the stack of the
@@ -239,25 +241,25 @@ impl Worker {
 
     fn checkpoint(&mut self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
         let started = Instant::now();
-        self.parts.cgroup.freeze().map_err(|e| format!("freeze the sandbox: {}", chain(&e)))?;
+        self.parts.cgroup.freeze().context("freeze the sandbox")?;
         let fs_started = Instant::now();
         let stack = match self.parts.fs.checkpoint() {
             Ok(stack) => stack.to_string(),
             Err(e) => {
                 let _ = self.parts.cgroup.thaw();
-                return Err(format!("checkpoint the filesystem: {}", chain(&e)));
+                return Err(anyhow::Error::new(e).context("checkpoint the filesystem"));
             }
         };
         let fs_ms = ms(fs_started);
         if !processes {
-            self.parts.cgroup.thaw().map_err(|e| format!("thaw the sandbox: {}", chain(&e)))?;
+            self.parts.cgroup.thaw().context("thaw the sandbox")?;
             return Ok(Captured { stack, stopped_ms: ms(started), fs_ms, processes: None });
         }
         // Thaws the sandbox, also when it fails (the filesystem checkpoint is then simply not used).
-        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.parts.cgroup)).map_err(|e| chain(&e))?;
+        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.parts.cgroup))?;
         let stopped_ms = ms(started);
         let parent = parent.as_ref().and_then(|p| self.kept.get(p)).filter(|k| k.written.load(Ordering::SeqCst));
-        let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image))).map_err(|e| chain(&e))?;
+        let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image)))?;
         let image = job.id();
         let count = ckpt.tree.processes.len();
         let written = Arc::new(AtomicBool::new(false));
@@ -267,12 +269,12 @@ impl Worker {
         std::thread::Builder::new()
             .name("deltacr-image".into())
             .spawn(move || {
-                let result = job.write(&store).map(|info| info.page_bytes).map_err(|e| chain(&e));
+                let result = job.write(&store).map(|info| info.page_bytes).map_err(anyhow::Error::from);
                 flag.store(result.is_ok(), Ordering::SeqCst);
                 let _ = done_tx.send(result);
                 compact_if_long(&store, image);
             })
-            .map_err(|e| format!("start the image writer: {e}"))?;
+            .context("start the image writer")?;
         self.kept.insert(stack.clone(), Kept { ckpt, image, written });
         self.order.push_back(stack.clone());
         self.limit_templates();
@@ -308,20 +310,15 @@ impl Worker {
     }
 
     fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {
-        let target: deltafs::StackId = stack.parse().map_err(|e| format!("bad stack id {stack}: {e}"))?;
+        let target: deltafs::StackId = stack.parse().with_context(|| format!("bad stack id {stack}"))?;
         let started = Instant::now();
         let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
         self.engine
             .kill_processes(&sandbox(self.parts.init, &self.parts.cgroup))
-            .map_err(|e| format!("kill the sandbox's processes: {}", chain(&e)))?;
+            .context("kill the sandbox's processes")?;
         let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
         let fs_started = Instant::now();
-        let changed_inodes = self
-            .parts
-            .fs
-            .rollback(target)
-            .map_err(|e| format!("roll back the filesystem: {}", chain(&e)))?
-            .changed_inodes;
+        let changed_inodes = self.parts.fs.rollback(target).context("roll back the filesystem")?.changed_inodes;
         let fs_ms = ms(fs_started);
         let Some(image) = image else {
             return Ok(Restored {
@@ -338,7 +335,7 @@ impl Worker {
         let (stats, from_image) = match from_templates {
             Some(kept) => {
                 let sb = sandbox(self.parts.init, &self.parts.cgroup);
-                (self.engine.restore(&kept.ckpt, &sb).map_err(|e| chain(&e))?, false)
+                (self.engine.restore(&kept.ckpt, &sb)?, false)
             }
             // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
             None => (self.restore_from_image(image)?, true),
@@ -358,7 +355,7 @@ impl Worker {
     }
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
-        let mut images = self.parts.images.open_chain(image).map_err(|e| format!("open the image: {}", chain(&e)))?;
-        self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.parts.cgroup)).map_err(|e| chain(&e))
+        let mut images = self.parts.images.open_chain(image).context("open the image")?;
+        Ok(self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.parts.cgroup))?)
     }
 }

@@ -99,7 +99,7 @@ impl Shim {
     ) -> anyhow::Result<(CheckpointStats, Option<ImageWritten>)> {
         let _one_at_a_time = self.state_change.lock().await;
         let sessions = self.sessions.lock().await;
-        let captured = self.cr.checkpoint(processes, parent).await.map_err(anyhow::Error::msg)?;
+        let captured = self.cr.checkpoint(processes, parent).await?;
         let live: Vec<(String, Arc<Session>)> =
             sessions.iter().filter(|(_, s)| s.alive()).map(|(n, s)| (n.clone(), s.clone())).collect();
         drop(sessions);
@@ -128,7 +128,7 @@ impl Shim {
             .transpose()?;
         let _one_at_a_time = self.state_change.lock().await;
         let mut sessions = self.sessions.lock().await;
-        let mut restored = self.cr.rollback(stack.to_string(), image).await.map_err(anyhow::Error::msg)?;
+        let mut restored = self.cr.rollback(stack.to_string(), image).await?;
         self.keep_terminals(std::mem::take(&mut restored.pty_masters));
         let kept = match image {
             Some(_) => self.snapshots.lock().await.get(stack).cloned().unwrap_or_default(),
@@ -162,7 +162,7 @@ impl Shim {
             deltacr::image::ImageId::parse(&spec.image).with_context(|| format!("bad image id {}", spec.image))?;
         let fifos = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
         self.init.make_fifos(fifos).await.context("make the sessions' FIFOs")?;
-        let mut restored = self.cr.restore_image(image).await.map_err(anyhow::Error::msg)?;
+        let mut restored = self.cr.restore_image(image).await?;
         let mut sessions = self.sessions.lock().await;
         let mut adopted = Vec::new();
         for snap in &spec.sessions {
@@ -439,7 +439,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
         }
         Request::Checkpoint { processes, parent } => match shim.checkpoint(processes, parent).await {
             Err(e) => {
-                let reply = Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") };
+                let reply = Reply::Error { kind: checkpoint_error_kind(&e), message: format!("{e:#}") };
                 conn.send(&reply, &[], &[]).await
             }
             Ok((stats, written)) => {
@@ -451,7 +451,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
                             Ok(Ok(bytes)) => Reply::ImageWritten { bytes },
                             Ok(Err(e)) => Reply::Error {
                                 kind: ErrorKind::CheckpointFailed,
-                                message: format!("writing the process image failed: {e}"),
+                                message: format!("writing the process image failed: {e:#}"),
                             },
                             Err(_) => Reply::Error {
                                 kind: ErrorKind::CheckpointFailed,
@@ -486,6 +486,18 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
     };
     if let Err(e) = result {
         tracing::debug!("client connection ended: {e}");
+    }
+}
+
+/// A process holding something DeltaCR cannot capture is the sandbox's state, which its user can change
+/// (or take a filesystem-only checkpoint): not a failure of the checkpoint.
+fn checkpoint_error_kind(e: &anyhow::Error) -> ErrorKind {
+    let unsupported =
+        e.chain().any(|cause| cause.downcast_ref::<deltacr::CrError>().is_some_and(deltacr::CrError::is_unsupported));
+    if unsupported {
+        ErrorKind::CheckpointUnsupported
+    } else {
+        ErrorKind::CheckpointFailed
     }
 }
 

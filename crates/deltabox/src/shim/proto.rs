@@ -224,5 +224,8 @@ pub enum ErrorKind {
     SessionLost,
     /// A checkpoint or rollback failed; the sandbox is unchanged and running.
     CheckpointFailed,
+    /// A process holds something that cannot be checkpointed (a TCP connection, ...); the sandbox is
+    /// unchanged and running.
+    CheckpointUnsupported,
     Internal,
 }

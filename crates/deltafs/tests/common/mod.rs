@@ -11,7 +11,12 @@ use deltafs::{mount, Mount, MountOptions, StackId, Store};
 pub struct Fixture {
     pub dir: tempfile::TempDir,
     pub store: Store,
+    _one_at_a_time: std::sync::MutexGuard<'static, ()>,
 }
+
+/// Tests with mounts run one at a time: a child another test thread forks holds every open file
+/// of this process until it execs (files on a mount too), and an unmount meanwhile fails (EBUSY).
+static MOUNT_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Whether this machine can mount FUSE (root + /dev/fuse); prints why not.
 pub fn fuse_available() -> bool {
@@ -39,7 +44,9 @@ impl Fixture {
     fn with_dir(dir: tempfile::TempDir) -> Fixture {
         let store = Store::open(&dir.path().join("store")).expect("open store");
         std::fs::write(dir.path().join("procs"), format!("{}\n", std::process::id())).expect("procs file");
-        Fixture { dir, store }
+        // A test that failed while holding the lock leaves nothing the next one depends on.
+        let _one_at_a_time = MOUNT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        Fixture { dir, store, _one_at_a_time }
     }
 
     /// Options as the sandbox engine mounts: the processes using the mount are listed (this test

@@ -74,46 +74,42 @@ fn first_data_extent(file: &File, start: u64, end: u64) -> io::Result<Option<(u6
 fn data_extents(file: &File, start: u64, end: u64) -> io::Result<Vec<(u64, u64)>> {
     let mut out = Vec::new();
     let mut pos = start;
-    while let Some((from, to)) = first_data_extent(file, pos, end)? {
+    while pos < end {
+        let Some((from, to)) = first_data_extent(file, pos, end)? else {
+            break;
+        };
         out.push((from, to));
         pos = to;
     }
     Ok(out)
 }
 
-/// 512-byte blocks of `file` allocated to data in the filesystem blocks that start in
-/// `[start, end)`. Extents allocated but never written (fallocate) read as holes and are not
-/// counted.
-fn allocated_blocks(file: &File, start: u64, end: u64) -> io::Result<u64> {
-    use std::os::unix::fs::MetadataExt;
-    let block = file.metadata()?.blksize().max(512);
+/// 512-byte blocks of `file` allocated to data, in blocks of `block` bytes, among the blocks that
+/// start in `[start, end)`. Extents allocated but never written (fallocate) read as holes and are
+/// not counted.
+fn allocated_blocks(file: &File, start: u64, end: u64, block: u64) -> io::Result<u64> {
     let (first, limit) = (start.div_ceil(block), end.div_ceil(block));
+    let (mut pos, end) = (first.saturating_mul(block), limit.saturating_mul(block));
     let mut counted_to = first;
     let mut blocks = 0;
-    for (from, to) in data_extents(file, first.saturating_mul(block), limit.saturating_mul(block))? {
+    // Until the last block counts: data ending mid-block needs no look past it.
+    while counted_to < limit && pos < end {
+        let Some((from, to)) = first_data_extent(file, pos, end)? else {
+            break;
+        };
         let (a, b) = ((from / block).max(counted_to), to.div_ceil(block).min(limit));
         if a < b {
             blocks += b - a;
             counted_to = b;
         }
+        pos = to;
     }
     Ok(blocks * (block / 512))
 }
 
 /// `st_blocks` of an open file.
 fn file_blocks(file: &File) -> OpResult<u64> {
-    use std::os::unix::fs::MetadataExt;
-    file.metadata().map(|m| m.blocks()).map_err(|e| errno_of(&e))
-}
-
-/// `st_blocks` of the file at `path` (0 if there is none).
-fn path_blocks(path: &std::path::Path) -> OpResult<u64> {
-    use std::os::unix::fs::MetadataExt;
-    match std::fs::metadata(path) {
-        Ok(m) => Ok(m.blocks()),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
-        Err(e) => Err(errno_of(&e)),
-    }
+    rustix::fs::fstat(file).map(|st| st.st_blocks as u64).map_err(|e| Errno::from_raw(e.raw_os_error()))
 }
 
 /// Translation between the ids stored (as the sandbox sees them) and the host ids the kernel uses.
@@ -293,7 +289,8 @@ pub(crate) struct Volume {
     /// Listings by directory, with the entry map they were made from (valid while it is unchanged).
     listings: Mutex<HashMap<Ino, (DirEntries, Listing)>>,
     next_fh: AtomicU64,
-    /// Block size of the store's filesystem: the granularity of the holes it reports.
+    /// Block size of the store's filesystem: the granularity of the holes it reports and of the
+    /// blocks counted (also for image files elsewhere: what the store would allocate for them).
     block_size: u64,
 }
 
@@ -697,12 +694,12 @@ impl Volume {
 
     pub fn setattr(&self, ino: Ino, change: AttrChange) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
-        // The node is journaled here, with its block count up to date.
-        self.sync_blocks(&mut st, ino);
         let now = Time::now();
         if let Some(size) = change.size {
             self.truncate(&mut st, ino, size)?;
         }
+        // The node is journaled below, with its block count up to date.
+        self.sync_blocks(&mut st, ino);
         let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
         if let Some(mode) = change.mode {
             n.attr.mode = (n.attr.mode & libc::S_IFMT) | (mode & 0o7777);
@@ -1006,7 +1003,7 @@ impl Volume {
         for region in content.regions(from, to).iter().filter(|r| which(r)) {
             if let Some((f, delta)) = self.region_file(ino, region)? {
                 let (start, end) = (delta + region.start, delta.saturating_add(region.end));
-                blocks += allocated_blocks(&f, start, end).map_err(|e| errno_of(&e))?;
+                blocks += allocated_blocks(&f, start, end, self.block_size).map_err(|e| errno_of(&e))?;
             }
         }
         Ok(blocks)
@@ -1090,7 +1087,7 @@ impl Volume {
 
     /// 512-byte blocks holding data in a slot of the writable layer's pack: packed contents' count.
     fn slot_blocks(&self, st: &State, slot: u64) -> OpResult<u64> {
-        allocated_blocks(&*self.pack_file(st)?, slot, slot + PACK_SLOT).map_err(|e| errno_of(&e))
+        allocated_blocks(&*self.pack_file(st)?, slot, slot + PACK_SLOT, self.block_size).map_err(|e| errno_of(&e))
     }
 
     /// Makes packed contents live in a slot of the writable layer (copying the data of a frozen
@@ -1107,11 +1104,16 @@ impl Volume {
         if reused {
             self.clear_slot(st, slot, (0, PACK_SLOT))?;
         }
-        self.copy_data(ino, content, (0, content.size), &*self.pack_file(st)?, slot)?;
         // Whatever held the contents before (a data file, an image file, a frozen layer's slot) no
-        // longer counts: the slot alone does.
+        // longer counts: the slot alone does (an empty file's slot holds nothing).
         st.layer_blocks.remove(&ino);
-        *content = Content::packed(layer, slot, content.size, self.slot_blocks(st, slot)?);
+        let blocks = if content.size == 0 {
+            0
+        } else {
+            self.copy_data(ino, content, (0, content.size), &*self.pack_file(st)?, slot)?;
+            self.slot_blocks(st, slot)?
+        };
+        *content = Content::packed(layer, slot, content.size, blocks);
         Ok(slot)
     }
 
@@ -1180,20 +1182,34 @@ impl Volume {
         overwritten: (u64, u64),
     ) -> OpResult<Arc<File>> {
         let layer = st.layer.id;
-        let out = self.data_file(layer, ino)?;
-        // This layer's data file holds only this file's bytes in this layer: the file's count
-        // grows with it (caught up lazily, see `layer_blocks`) and loses what chunks copied up
-        // held below.
-        if let std::collections::hash_map::Entry::Vacant(lagging) = st.layer_blocks.entry(ino) {
-            lagging.insert(file_blocks(&out)?);
-        }
+        let out = self.lag(st, ino)?;
         self.unpack(st, ino, content)?;
         let mut released = 0;
         for chunk in chunks {
             released += self.copy_up_chunk(ino, layer, content, chunk, overwritten)?;
         }
-        *st.layer_blocks.get_mut(&ino).expect("inserted above") += released;
+        Self::release_blocks(st, ino, content, released);
         Ok(out)
+    }
+
+    /// The writable layer's data file of `ino`, about to change. It holds only this file's bytes
+    /// in this layer, so the file's block count grows with it: caught up lazily (see
+    /// `layer_blocks`), from its `st_blocks` now.
+    fn lag(&self, st: &mut State, ino: Ino) -> OpResult<Arc<File>> {
+        let out = self.data_file(st.layer.id, ino)?;
+        if let std::collections::hash_map::Entry::Vacant(lagging) = st.layer_blocks.entry(ino) {
+            lagging.insert(file_blocks(&out)?);
+        }
+        Ok(out)
+    }
+
+    /// Takes `released` blocks (held in layers below by parts the file no longer reads from them)
+    /// off the file's count: now, or when a lagging count catches up.
+    fn release_blocks(st: &mut State, ino: Ino, content: &mut Content, released: u64) {
+        match st.layer_blocks.get_mut(&ino) {
+            Some(base) => *base += released,
+            None => content.blocks = content.blocks.saturating_sub(released),
+        }
     }
 
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
@@ -1218,9 +1234,7 @@ impl Volume {
         Ok(data.len() as u32)
     }
 
-    /// Sets the size of file `ino`, whose block count is up to date (see `sync_blocks`).
     fn truncate(&self, st: &mut State, ino: Ino, size: u64) -> OpResult<()> {
-        let layer = st.layer.id;
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
@@ -1231,11 +1245,11 @@ impl Volume {
             self.clear_slot(st, slot, cleared)?;
             content.blocks = self.slot_blocks(st, slot)?;
         } else {
-            let data_path = st.layer.data_path(ino);
-            let before = path_blocks(&data_path)?;
-            self.unpack(st, ino, &mut content)?;
-            let released = self.truncate_unpacked(ino, layer, &mut content, size)?;
-            content.blocks = (content.blocks + path_blocks(&data_path)?).saturating_sub(before + released);
+            if content.pack_slot().is_some() {
+                self.lag(st, ino)?;
+                self.unpack(st, ino, &mut content)?;
+            }
+            self.truncate_unpacked(st, ino, &mut content, size)?;
         }
         content.size = size;
         let now = Time::now();
@@ -1246,12 +1260,14 @@ impl Volume {
         Ok(())
     }
 
-    /// Truncates contents that are not packed; returns the blocks released in the layers below
-    /// (this layer's data file shrinks on its own).
-    fn truncate_unpacked(&self, ino: Ino, layer: LayerId, content: &mut Content, size: u64) -> OpResult<u64> {
+    /// Truncates contents that are not packed. The writable layer's data file is opened (and so
+    /// created) only if the file has bytes there or gets its boundary chunk copied up.
+    fn truncate_unpacked(&self, st: &mut State, ino: Ino, content: &mut Content, size: u64) -> OpResult<()> {
+        let layer = st.layer.id;
         let in_layer = content.base == Some(Source::Layer(layer));
         let mut released = 0;
         if size < content.size && !size.is_multiple_of(CHUNK_SIZE) {
+            self.lag(st, ino)?;
             released += self.copy_up_chunk(ino, layer, content, size / CHUNK_SIZE, (0, 0))?;
         }
         // Bytes past the new end in this layer's data file (even of chunks dropped below) must go:
@@ -1273,9 +1289,10 @@ impl Volume {
             }
         }
         if in_data_file {
-            self.data_file(layer, ino)?.set_len(size).map_err(|e| errno_of(&e))?;
+            self.lag(st, ino)?.set_len(size).map_err(|e| errno_of(&e))?;
         }
-        Ok(released)
+        Self::release_blocks(st, ino, content, released);
+        Ok(())
     }
 
     pub fn fallocate(&self, ino: Ino, offset: u64, len: u64, mode: i32, kill_suidgid: bool) -> OpResult<()> {

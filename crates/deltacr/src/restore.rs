@@ -559,22 +559,23 @@ impl NewProcess {
         Ok(())
     }
 
-    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
-    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
+    /// Opens `path` in the process (openat from its cwd) with `flags`, for its fd `target`; `what`
+    /// names the step in errors.
+    fn open_in(&mut self, target: i32, path: &str, flags: i32, what: &'static str) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
         cpath.push(0);
         if cpath.len() > SCRATCH_LEN {
             return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason: format!("path too long: {path}") });
         }
         let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
+        let fd = self.call_file(target, what, libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags as u64, 0])?;
+        Ok(fd as i32)
+    }
+
+    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
+    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let raw = self.call_file(
-            target,
-            "reopen the file",
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        )?;
-        let tmp = raw as i32;
+        let tmp = self.open_in(target, path, flags, "reopen the file")?;
         let meta = std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
             RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
         })?;
@@ -645,35 +646,17 @@ impl NewProcess {
     /// Opens /dev/null in place of a file that cannot be restored (a terminal that is gone, a pipe whose
     /// readers were outside), with the description's access mode and non-blocking flag.
     fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
-        let addr = self.scratch().write(0, b"/dev/null\0").map_err(self.perr())?;
         let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
-        let r = self.call_file(
-            target,
-            "open /dev/null in its place",
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        )?;
-        Ok(r as i32)
+        self.open_in(target, "/dev/null", flags, "open /dev/null in its place")
     }
 
     /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
     /// explicitly) and checks it is pty number `index`. Returns the fd and the slave's node.
     fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<(i32, PtyNode), RestoreError> {
-        let mut cpath = path.as_bytes().to_vec();
-        cpath.push(0);
-        let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
         let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let r = self.call_file(
-            target,
-            "reopen the terminal",
-            libc::SYS_openat,
-            &[libc::AT_FDCWD as u64, addr, flags as u64, 0],
-        )?;
-        let meta = std::fs::metadata(format!("/proc/{}/fd/{r}", self.host)).map_err(|source| RestoreError::FileIo {
-            pid: self.ns_pid,
-            fd: target,
-            what: "stat the terminal",
-            source,
+        let fd = self.open_in(target, path, flags, "reopen the terminal")?;
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", self.host)).map_err(|source| {
+            RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the terminal", source }
         })?;
         let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
         if major < crate::files::PTS_MAJOR || (major - crate::files::PTS_MAJOR) * 256 + minor != index {
@@ -683,7 +666,7 @@ impl NewProcess {
                 reason: format!("{path} is not pty {index} any more"),
             });
         }
-        Ok((r as i32, PtyNode::of(&meta)))
+        Ok((fd, PtyNode::of(&meta)))
     }
 
     /// Opens the slave of pty `index` (creating the pty first when the plan says so). None when the

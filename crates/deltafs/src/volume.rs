@@ -200,6 +200,16 @@ struct Handle {
     writable: bool,
 }
 
+/// Inserts into a cache of at most `max` entries, evicting an arbitrary one when it is full.
+fn insert_bounded<K: Eq + std::hash::Hash + Clone, V>(cache: &mut HashMap<K, V>, max: usize, key: K, value: V) {
+    if cache.len() >= max {
+        if let Some(victim) = cache.keys().next().cloned() {
+            cache.remove(&victim);
+        }
+    }
+    cache.insert(key, value);
+}
+
 /// A directory's entries by name.
 type DirEntries = OrdMap<OsString, Ino>;
 
@@ -781,25 +791,18 @@ impl Volume {
     /// The entries of directory `dir` in cookie order, and the index of the first one after
     /// readdir offset `offset`.
     pub fn listing(&self, dir: Ino, offset: u64) -> OpResult<(Listing, usize)> {
-        let entries = self.state.read().dir_entries(dir)?.clone();
-        let cached = self.listings.lock().get(&dir).filter(|(e, _)| e.ptr_eq(&entries)).map(|(_, l)| l.clone());
+        let st = self.state.read();
+        let entries = st.dir_entries(dir)?;
+        let cached = self.listings.lock().get(&dir).filter(|(e, _)| e.ptr_eq(entries)).map(|(_, l)| l.clone());
         let listing = match cached {
             Some(l) => l,
             None => {
-                let mut v: Vec<(u64, OsString, Ino, u32)> = {
-                    let st = self.state.read();
-                    let type_of = |ino: &Ino| st.tree.get(*ino).map_or(0, |n| n.attr.mode & libc::S_IFMT);
-                    entries.iter().map(|(name, ino)| (cookie(name), name.clone(), *ino, type_of(ino))).collect()
-                };
+                let type_of = |ino: &Ino| st.tree.get(*ino).map_or(0, |n| n.attr.mode & libc::S_IFMT);
+                let mut v: Vec<(u64, OsString, Ino, u32)> =
+                    entries.iter().map(|(name, ino)| (cookie(name), name.clone(), *ino, type_of(ino))).collect();
                 v.sort_unstable_by_key(|e| e.0);
                 let l = Arc::new(v);
-                let mut listings = self.listings.lock();
-                if listings.len() >= LISTINGS_MAX {
-                    if let Some(victim) = listings.keys().next().copied() {
-                        listings.remove(&victim);
-                    }
-                }
-                listings.insert(dir, (entries, l.clone()));
+                insert_bounded(&mut self.listings.lock(), LISTINGS_MAX, dir, (entries.clone(), l.clone()));
                 l
             }
         };
@@ -875,13 +878,7 @@ impl Volume {
         }
         let path = self.backing_path(backing);
         let f = Arc::new(if writable { open_data_rw(&path)? } else { File::open(&path)? });
-        let mut files = self.files.lock();
-        if files.len() >= FILE_CACHE_MAX {
-            if let Some(victim) = files.keys().next().cloned() {
-                files.remove(&victim);
-            }
-        }
-        files.insert(key, f.clone());
+        insert_bounded(&mut self.files.lock(), FILE_CACHE_MAX, key, f.clone());
         Ok(f)
     }
 

@@ -189,3 +189,15 @@ def status_field(pid: int, name: str) -> str:
             if line.startswith(name + ":"):
                 return line.split(":", 1)[1].strip()
     raise KeyError(name)
+
+
+def wait_until(predicate, timeout: float = 20.0, step: float = 0.05, what: str = "the condition"):
+    """Returns ``predicate()`` once it is true; fails the test after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(step)

@@ -5,7 +5,7 @@ import time
 
 import pytest
 from fstree import BUILD, MUTATE, differences, manifest, run_python
-from support import host_processes, new_sandbox, status_field
+from support import host_processes, new_sandbox, status_field, wait_until
 
 import deltabox
 
@@ -20,10 +20,7 @@ def sb(client):
 
 def wait_for(sb, path, seconds=30):
     """Waits until ``path`` exists in the sandbox."""
-    deadline = time.monotonic() + seconds
-    while not sb.files.exists(path):
-        assert time.monotonic() < deadline, f"{path} did not appear in {seconds} s"
-        time.sleep(0.02)
+    wait_until(lambda: sb.files.exists(path), seconds, 0.02, f"{path} to appear")
 
 
 def assert_same(expected, actual, what):
@@ -199,10 +196,7 @@ def test_rollback_ends_every_process_but_init_and_the_sandbox_works_on(sb):
     sb.exec(["sh", "-c", "setsid su nobody -s /bin/sh -c 'sleep 1000' > /dev/null 2>&1 < /dev/null &"]).check()
     info = sb.refresh()
     # init, 2 bash, their sleep, sh + 2 sleeps, su's sleep; the background shells fork after exec has returned.
-    deadline = time.monotonic() + 10
-    while len(sandbox_processes(info)) < 7:
-        assert time.monotonic() < deadline, sandbox_processes(info)
-        time.sleep(0.02)
+    wait_until(lambda: len(sandbox_processes(info)) >= 7, 10, 0.02, "7 processes in the sandbox")
     result = sb.rollback(ck)
     assert result.processes_killed >= 6
     assert sorted(result.sessions_closed) == ["other", "work"]

@@ -6,7 +6,7 @@ import json
 import time
 
 import pytest
-from support import new_sandbox
+from support import new_sandbox, wait_until
 
 import deltabox
 
@@ -28,17 +28,6 @@ while True:
     os.replace("/root/counters.tmp", "/root/counters.json")
     time.sleep(0.05)
 """
-
-
-def wait_for(predicate, timeout=20.0, step=0.05):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out waiting")
-        time.sleep(step)
 
 
 def run(session, command, timeout=60):
@@ -88,9 +77,9 @@ def test_python_process_with_200mb_and_four_counting_threads(client, sandbox):
     sandbox.files.write("/root/counters.py", PY_COUNTERS.encode())
     sh = sandbox.session("main")
     run(sh, "python3 /root/counters.py & disown")
-    first = wait_for(lambda: (c := counters(sandbox)) and min(c["counts"]) > 20 and c)
+    first = wait_until(lambda: (c := counters(sandbox)) and min(c["counts"]) > 20 and c)
     ck = sandbox.checkpoint()
-    at_checkpoint = wait_for(lambda: counters(sandbox))
+    at_checkpoint = wait_until(lambda: counters(sandbox))
     time.sleep(1.0)
     later = counters(sandbox)
     assert min(later["counts"]) > max(at_checkpoint["counts"])
@@ -99,7 +88,7 @@ def test_python_process_with_200mb_and_four_counting_threads(client, sandbox):
         assert rb.processes_restored >= 2
         # The files are the checkpoint's; the process continues from its memory at the checkpoint: its next
         # counts are just above the checkpoint's, far below what the abandoned run had reached.
-        resumed = wait_for(lambda: (c := counters(sandbox)) and c["counts"] != at_checkpoint["counts"] and c)
+        resumed = wait_until(lambda: (c := counters(sandbox)) and c["counts"] != at_checkpoint["counts"] and c)
         assert resumed["pid"] == first["pid"] and resumed["digest"] == first["digest"]
         assert resumed["threads"] == 5
         for i in range(4):
@@ -117,7 +106,7 @@ def fetch(sb, port):
 def test_http_server_answers_after_restore(client, sandbox):
     sh = sandbox.session("main")
     run(sh, "cd /root && python3 -m http.server 8123 >/root/http.log 2>&1 &")
-    wait_for(lambda: fetch(sandbox, 8123).exit_code == 0)
+    wait_until(lambda: fetch(sandbox, 8123).exit_code == 0)
     ck = sandbox.checkpoint()
     run(sh, "kill %1; wait; true")
     assert fetch(sandbox, 8123).exit_code != 0
@@ -148,11 +137,11 @@ def test_sqlite_wal_in_the_middle_of_a_transaction(client, sandbox):
     sandbox.files.write("/root/txn.py", SQLITE_TXN.encode())
     sh = sandbox.session("main")
     run(sh, "python3 /root/txn.py & disown")
-    wait_for(lambda: sandbox.files.exists("/root/txn-open"))
+    wait_until(lambda: sandbox.files.exists("/root/txn-open"))
     ck = sandbox.checkpoint()
     # Let the transaction finish in the abandoned timeline, then go back to the open transaction.
     sandbox.files.write("/root/commit-now", b"1")
-    wait_for(lambda: sandbox.files.exists("/root/txn-done"))
+    wait_until(lambda: sandbox.files.exists("/root/txn-done"))
     sandbox.rollback(ck)
     assert not sandbox.files.exists("/root/txn-done")
     # The transaction is still open after the restore: another writer is refused.
@@ -161,7 +150,7 @@ def test_sqlite_wal_in_the_middle_of_a_transaction(client, sandbox):
     locked = sandbox.exec(["python3", "-c", probe], timeout=30)
     assert locked.exit_code != 0 and "locked" in locked.stderr, locked.stderr
     sandbox.files.write("/root/commit-now", b"1")
-    wait_for(lambda: sandbox.files.exists("/root/txn-done"))
+    wait_until(lambda: sandbox.files.exists("/root/txn-done"))
     rows = sandbox.exec(["python3", "-c", "import sqlite3; print(sqlite3.connect('/root/db.sqlite')"
                                           ".execute('SELECT v FROM t ORDER BY v').fetchall())"]).stdout
     assert rows.strip() == "[(1,), (2,)]"
@@ -189,14 +178,14 @@ def test_shared_file_mapping(client, sandbox):
     sandbox.files.write("/root/mm.py", MMAP_SHARED.encode())
     sh = sandbox.session("main")
     run(sh, "python3 /root/mm.py & disown")
-    wait_for(lambda: sandbox.files.exists("/root/mapped"))
+    wait_until(lambda: sandbox.files.exists("/root/mapped"))
     ck = sandbox.checkpoint()
     sandbox.files.write("/root/write-now", b"1")
-    wait_for(lambda: sandbox.files.read("/root/shared.bin")[:6] == b"second")
+    wait_until(lambda: sandbox.files.read("/root/shared.bin")[:6] == b"second")
     sandbox.rollback(ck)
     assert sandbox.files.read("/root/shared.bin")[:5] == b"first"
     sandbox.files.write("/root/dump-now", b"1")
-    wait_for(lambda: sandbox.files.exists("/root/seen.txt"))
+    wait_until(lambda: sandbox.files.exists("/root/seen.txt"))
     assert sandbox.files.read("/root/seen.txt")[:5] == b"first"
 
 
@@ -205,10 +194,10 @@ def test_pipeline_with_full_pipes_finishes_after_restore(client, sandbox):
     # `yes` fills the pipe; `head` reads slowly through `pv`-like throttling (a shell loop).
     run(sh, "(yes | head -c 200000000 | (sleep 1; cat > /root/out.bin; echo done > /root/out.done)) &")
     ck = sandbox.checkpoint()
-    wait_for(lambda: sandbox.files.exists("/root/out.done"), timeout=60)
+    wait_until(lambda: sandbox.files.exists("/root/out.done"), timeout=60)
     sandbox.rollback(ck)
     assert not sandbox.files.exists("/root/out.done")
-    wait_for(lambda: sandbox.files.exists("/root/out.done"), timeout=60)
+    wait_until(lambda: sandbox.files.exists("/root/out.done"), timeout=60)
     assert sandbox.files.stat("/root/out.bin").size == 200_000_000
 
 
@@ -231,14 +220,14 @@ while True:
 """
     sandbox.files.write("/root/tree.py", tree.encode())
     run(sh, "bash -c 'python3 /root/tree.py' & disown")
-    first = wait_for(lambda: (t := tree_state(sandbox)) and t["n"] > 5 and t)
+    first = wait_until(lambda: (t := tree_state(sandbox)) and t["n"] > 5 and t)
     ck = sandbox.checkpoint()
     time.sleep(0.5)
     sandbox.rollback(ck)
     ps = sandbox.exec(["ps", "-eo", "pid,ppid,stat,comm"]).stdout
     assert f"{first['zombie']} " in ps and " Z" in ps, ps                 # the zombie is still there
     before = tree_state(sandbox)["n"]
-    wait_for(lambda: tree_state(sandbox)["n"] > before + 3)            # the tree keeps working through its pipe
+    wait_until(lambda: tree_state(sandbox)["n"] > before + 3)            # the tree keeps working through its pipe
     assert int(sandbox.files.read_text("/root/last").strip()) >= before
 
 
@@ -284,11 +273,11 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
     loop = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/n; sleep 0.05; done"
     command = f"nohup sh -c '{loop}' >/dev/null 2>&1 &" if output == "redirected" else f"sh -c '{loop}' &"
     sandbox.exec(["sh", "-c", command]).check()
-    wait_for(lambda: sandbox.files.exists("/root/n"))
+    wait_until(lambda: sandbox.files.exists("/root/n"))
     ck = sandbox.checkpoint()
     n_at = int(sandbox.files.read_text("/root/n"))
     def counter():
-        return int(wait_for(lambda: sandbox.files.read_text("/root/n").strip()))
+        return int(wait_until(lambda: sandbox.files.read_text("/root/n").strip()))
 
     for _ in range(2):
         time.sleep(1)
@@ -296,7 +285,7 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
         sandbox.rollback(ck)
         # Back at the checkpoint's count, and counting on.
         assert counter() < n_at + 15
-        wait_for(lambda: counter() > n_at + 20)
+        wait_until(lambda: counter() > n_at + 20)
 
 
 def test_unsupported_resources_fail_the_checkpoint_with_the_reason(client, sandbox):

@@ -660,6 +660,7 @@ impl NewProcess {
         })?;
         let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
         if major < crate::files::PTS_MAJOR || (major - crate::files::PTS_MAJOR) * 256 + minor != index {
+            self.call(libc::SYS_close, &[fd as u64])?;
             return Err(RestoreError::File {
                 pid: self.ns_pid,
                 fd: target,

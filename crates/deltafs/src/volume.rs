@@ -1114,21 +1114,21 @@ impl Volume {
         Ok(slot)
     }
 
-    /// Moves packed contents into a data file of the writable layer (the file outgrows its slot, or
-    /// an operation needs a file of its own). The count of blocks starts from 0: they are all the
-    /// data file's (whose growth the caller counts).
-    fn unpack(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<()> {
+    /// The writable layer's data file of `ino`, about to change: its lagging block count is started
+    /// (see `lag`) and packed contents are moved into it (the file outgrows its slot, or an operation
+    /// needs a file of its own). The packed bytes count as the data file's growth from then on.
+    fn own_data_file(&self, st: &mut State, ino: Ino, content: &mut Content) -> OpResult<Arc<File>> {
+        let out = self.lag(st, ino)?;
         if content.pack_slot().is_none() {
-            return Ok(());
+            return Ok(out);
         }
         let layer = st.layer.id;
-        let out = self.data_file(layer, ino)?;
         self.copy_data(ino, content, (0, content.size), &out, 0)?;
         // A data file left by an earlier, larger version of the file: cut its tail.
         out.set_len(content.size).map_err(|e| errno_of(&e))?;
         Self::release_slot(st, content);
         *content = Content { size: content.size, ..Content::in_layer(layer) };
-        Ok(())
+        Ok(out)
     }
 
     /// Whether a file of `content` that will be `size` bytes long keeps (or gets) its bytes in a
@@ -1179,8 +1179,7 @@ impl Volume {
         overwritten: (u64, u64),
     ) -> OpResult<Arc<File>> {
         let layer = st.layer.id;
-        let out = self.lag(st, ino)?;
-        self.unpack(st, ino, content)?;
+        let out = self.own_data_file(st, ino, content)?;
         let mut released = 0;
         for chunk in chunks {
             released += self.copy_up_chunk(ino, layer, content, chunk, overwritten)?;
@@ -1243,8 +1242,7 @@ impl Volume {
             content.blocks = self.slot_blocks(st, slot)?;
         } else {
             if content.pack_slot().is_some() {
-                self.lag(st, ino)?;
-                self.unpack(st, ino, &mut content)?;
+                self.own_data_file(st, ino, &mut content)?;
             }
             self.truncate_unpacked(st, ino, &mut content, size)?;
         }

@@ -5,6 +5,8 @@ use std::collections::BTreeMap;
 use sandbox::spec::Network;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::shim::proto::RollbackStats;
+
 /// Error body of every failed request.
 #[derive(Debug, Serialize, Deserialize)]
 pub struct ErrorBody {
@@ -113,20 +115,10 @@ pub struct RollbackRequest {
 pub struct RollbackView {
     pub sandbox: String,
     pub checkpoint: String,
-    pub latency_ms: f64,
-    /// Of which: switching the filesystem and invalidating the kernel's caches.
-    pub fs_ms: f64,
     pub covers: Vec<String>,
     pub processes: String,
-    pub processes_killed: usize,
-    pub processes_restored: usize,
-    /// Whether the processes came from the durable image (their in-memory copies were gone).
-    pub from_image: bool,
-    /// Shell sessions that ended (they were not part of the checkpoint).
-    pub sessions_closed: Vec<String>,
-    /// Shell sessions that came back with the state they had at the checkpoint.
-    pub sessions_restored: Vec<String>,
-    pub changed_inodes: usize,
+    #[serde(flatten)]
+    pub stats: RollbackStats,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -64,11 +64,11 @@ pub async fn rollback(client: &Client, id: &str, checkpoint: &str) -> anyhow::Re
         r.sandbox,
         r.checkpoint,
         r.covers.join(", "),
-        r.latency_ms,
+        r.stats.latency_ms,
         r.processes
     );
-    if !r.sessions_closed.is_empty() {
-        eprintln!("sessions ended: {}", r.sessions_closed.join(", "));
+    if !r.stats.sessions_closed.is_empty() {
+        eprintln!("sessions ended: {}", r.stats.sessions_closed.join(", "));
     }
     Ok(())
 }

@@ -148,9 +148,9 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
         .await?;
     println!(
         "  rolled back in {:.2} ms: {} (sessions back: {})",
-        rb.latency_ms,
+        rb.stats.latency_ms,
         rb.processes,
-        rb.sessions_restored.join(", ")
+        rb.stats.sessions_restored.join(", ")
     );
     session(client, id, "greet; jobs; python3 -V; git log --oneline", 30.0).await?;
 

@@ -305,16 +305,9 @@ async fn rollback(
     Ok(Json(RollbackView {
         sandbox: id,
         checkpoint: cp.id,
-        latency_ms: stats.latency_ms,
-        fs_ms: stats.fs_ms,
         covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
         processes,
-        processes_killed: stats.processes_killed,
-        processes_restored: stats.processes_restored,
-        from_image: stats.from_image,
-        sessions_closed: stats.sessions_closed,
-        sessions_restored: stats.sessions_restored,
-        changed_inodes: stats.changed_inodes,
+        stats,
     }))
 }
 

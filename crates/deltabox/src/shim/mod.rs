@@ -43,6 +43,9 @@ type ImageWritten = tokio::sync::oneshot::Receiver<JobResult<u64>>;
 /// Socket file name in the sandbox directory.
 pub const SOCKET: &str = "shim.sock";
 
+/// A shell session and the name it answers to.
+type NamedSession = (String, Arc<Session>);
+
 /// State shared by the shim's request handlers.
 pub struct Shim {
     pub id: String,
@@ -55,7 +58,7 @@ pub struct Shim {
     cr: Cr,
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
     /// The sessions captured by each process checkpoint kept here (by its stack).
-    snapshots: tokio::sync::Mutex<HashMap<String, Vec<(String, Arc<Session>)>>>,
+    snapshots: tokio::sync::Mutex<HashMap<String, Vec<NamedSession>>>,
     /// Terminals a restore had to make again for processes that are not sessions (e.g. an interactive shell
     /// whose client is gone): kept open and drained, so their processes are not hung up.
     terminals: std::sync::Mutex<Vec<Arc<fdio::AsyncFile>>>,

@@ -896,15 +896,6 @@ impl Volume {
         }
     }
 
-    /// The data extents of a region, in file offsets.
-    fn region_data(&self, ino: Ino, region: &Region) -> OpResult<Vec<(u64, u64)>> {
-        let Some((f, delta)) = self.region_file(ino, region)? else {
-            return Ok(Vec::new());
-        };
-        let extents = data_extents(&f, delta + region.start, delta + region.end).map_err(|e| errno_of(&e))?;
-        Ok(extents.into_iter().map(|(from, to)| (from - delta, to - delta)).collect())
-    }
-
     /// Reads `[offset, offset+buf.len())` of the file into `buf` (already clipped to the size).
     fn read_content(&self, ino: Ino, content: &Content, offset: u64, buf: &mut [u8]) -> OpResult<()> {
         for region in content.regions(offset, offset + buf.len() as u64) {
@@ -921,10 +912,15 @@ impl Volume {
     /// Writes the data (not the holes) of `[from, to)` of the contents to `out` at `at + offset`.
     fn copy_data(&self, ino: Ino, content: &Content, (from, to): (u64, u64), out: &File, at: u64) -> OpResult<()> {
         for region in content.regions(from, to) {
-            for (start, end) in self.region_data(ino, &region)? {
+            let Some((f, delta)) = self.region_file(ino, &region)? else {
+                continue;
+            };
+            let extents = data_extents(&f, delta + region.start, delta + region.end).map_err(|e| errno_of(&e))?;
+            for (start, end) in extents {
+                // Bytes past the backing file's end (none inside a data extent) stay zeros.
                 let mut buf = vec![0u8; (end - start) as usize];
-                self.read_content(ino, content, start, &mut buf)?;
-                out.write_all_at(&buf, at + start).map_err(|e| errno_of(&e))?;
+                read_at_most(&f, &mut buf, start)?;
+                out.write_all_at(&buf, at + start - delta).map_err(|e| errno_of(&e))?;
             }
         }
         Ok(())

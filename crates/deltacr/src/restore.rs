@@ -572,25 +572,38 @@ impl NewProcess {
         Ok(fd as i32)
     }
 
-    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
-    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
+    /// Reopens `path` in the process (never creating or truncating it) for its fd `target` and checks
+    /// the opened file with `wrong` (Some: why it is not the file wanted; it is closed again).
+    fn reopen(
+        &mut self,
+        target: i32,
+        path: &str,
+        flags: i32,
+        what: &'static str,
+        wrong: impl FnOnce(&std::fs::Metadata) -> Option<String>,
+    ) -> Result<(i32, std::fs::Metadata), RestoreError> {
         let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let tmp = self.open_in(target, path, flags, "reopen the file")?;
-        let meta = std::fs::metadata(format!("/proc/{}/fd/{tmp}", self.host)).map_err(|source| {
+        let fd = self.open_in(target, path, flags, what)?;
+        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", self.host)).map_err(|source| {
             RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
         })?;
-        let wrong = match expect {
+        if let Some(reason) = wrong(&meta) {
+            self.call(libc::SYS_close, &[fd as u64])?;
+            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason });
+        }
+        Ok((fd, meta))
+    }
+
+    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
+    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
+        let wrong = |meta: &std::fs::Metadata| match expect {
             Expect::Inode(inode) if meta.ino() != inode => {
                 Some(format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()))
             }
             Expect::Fifo if !meta.file_type().is_fifo() => Some(format!("{path} is not a FIFO any more")),
             _ => None,
         };
-        if let Some(reason) = wrong {
-            self.call(libc::SYS_close, &[tmp as u64])?;
-            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason });
-        }
-        Ok(tmp)
+        Ok(self.reopen(target, path, flags, "reopen the file", wrong)?.0)
     }
 
     fn open_path(
@@ -653,20 +666,12 @@ impl NewProcess {
     /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
     /// explicitly) and checks it is pty number `index`. Returns the fd and the slave's node.
     fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<(i32, PtyNode), RestoreError> {
-        let flags = (flags | libc::O_NOCTTY) & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let fd = self.open_in(target, path, flags, "reopen the terminal")?;
-        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", self.host)).map_err(|source| {
-            RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the terminal", source }
-        })?;
-        let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-        if major < crate::files::PTS_MAJOR || (major - crate::files::PTS_MAJOR) * 256 + minor != index {
-            self.call(libc::SYS_close, &[fd as u64])?;
-            return Err(RestoreError::File {
-                pid: self.ns_pid,
-                fd: target,
-                reason: format!("{path} is not pty {index} any more"),
-            });
-        }
+        let wrong = |meta: &std::fs::Metadata| {
+            let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
+            let is_index = major >= crate::files::PTS_MAJOR && (major - crate::files::PTS_MAJOR) * 256 + minor == index;
+            (!is_index).then(|| format!("{path} is not pty {index} any more"))
+        };
+        let (fd, meta) = self.reopen(target, path, flags | libc::O_NOCTTY, "reopen the terminal", wrong)?;
         Ok((fd, PtyNode::of(&meta)))
     }
 

@@ -5,7 +5,7 @@ import signal
 import time
 
 import pytest
-from support import leftovers, new_sandbox, status_field
+from support import leftovers, new_sandbox, status_field, wait_until
 
 import deltabox
 
@@ -27,15 +27,13 @@ def kill_shim(info):
 
 
 def wait_pid_dead(pid, seconds=10):
-    deadline = time.monotonic() + seconds
-    while True:
+    def dead():
         try:
-            if status_field(pid, "State").startswith("Z"):
-                return
+            return status_field(pid, "State").startswith("Z")
         except OSError:
-            return
-        assert time.monotonic() < deadline, f"pid {pid} is still alive"
-        time.sleep(0.01)
+            return True
+
+    wait_until(dead, seconds, 0.01, f"pid {pid} to die")
 
 
 def test_remove_leaves_nothing(client, daemon):

@@ -1,8 +1,7 @@
 """Persistent bash sessions, as coding agents use them."""
 
-import time
-
 import pytest
+from support import wait_until
 
 import deltabox
 
@@ -60,10 +59,7 @@ def test_exit_ends_the_session(debian):
     with pytest.raises(deltabox.SessionEnded):
         session.run("exit")
     # The daemon forgets the ended session (once init reported the shell's exit, which may come a moment later).
-    deadline = time.monotonic() + 10
-    while "ending" in debian.sessions():
-        assert time.monotonic() < deadline, "the ended session is still listed"
-        time.sleep(0.01)
+    wait_until(lambda: "ending" not in debian.sessions(), 10, 0.01, "the ended session to be unlisted")
     with pytest.raises(deltabox.SessionNotFound):
         session.run("echo still there?")
 

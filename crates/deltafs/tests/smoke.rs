@@ -192,7 +192,7 @@ fn unlinked_file_lifetime(how: MountFn) {
     let Some((fx, _base, m, root)) = mounted_with(how, |_| {}) else {
         return;
     };
-    // Larger than a pack slot, so it has a data file of its own (see `pack_slots_are_reused`).
+    // Larger than a pack slot, so it has a data file of its own (see `small_files_are_packed_and_their_slots_reused`).
     std::fs::write(root.join("gone"), [&b"still here"[..], &[b'x'; 5000]].concat()).unwrap();
     let ino = std::fs::metadata(root.join("gone")).unwrap().ino();
     let f = std::fs::OpenOptions::new().read(true).write(true).open(root.join("gone")).unwrap();

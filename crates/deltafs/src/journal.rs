@@ -205,6 +205,11 @@ pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> 
 pub fn snapshot_version(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<u32> {
     let mut header = [0u8; 12];
     File::open(path).and_then(|mut f| f.read_exact(&mut header)).map_err(io_err(path))?;
+    header_version(&header, path, magic, what)
+}
+
+/// The format version in the 12-byte header `magic | version` of a snapshot.
+fn header_version(header: &[u8; 12], path: &Path, magic: &[u8; 8], what: &'static str) -> Result<u32> {
     if &header[..8] != magic {
         return Err(JournalError::BadMagic { path: path.to_owned(), what });
     }
@@ -216,10 +221,10 @@ pub fn snapshot_version(path: &Path, magic: &[u8; 8], what: &'static str) -> Res
 fn read_snapshot_payload(path: &Path, magic: &[u8; 8], what: &'static str) -> Result<(u32, Vec<u8>)> {
     let mut data = Vec::new();
     File::open(path).and_then(|mut f| f.read_to_end(&mut data)).map_err(io_err(path))?;
-    if data.len() < 20 || &data[..8] != magic {
+    let Some(header) = data.first_chunk::<12>().filter(|_| data.len() >= 20) else {
         return Err(JournalError::BadMagic { path: path.to_owned(), what });
-    }
-    let version = u32::from_le_bytes(data[8..12].try_into().expect("4 bytes"));
+    };
+    let version = header_version(header, path, magic, what)?;
     if !(FORMAT_V1..=FORMAT_VERSION).contains(&version) {
         return Err(JournalError::UnknownVersion { path: path.to_owned(), version });
     }

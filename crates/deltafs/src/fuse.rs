@@ -14,11 +14,14 @@ use fuser::{
 };
 use nix::errno::Errno;
 
+use crate::busy_poll::BusyPoll;
 use crate::node::{Ino, Node, Time};
 use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume, FIRST_COOKIE};
 
 pub(crate) struct DeltaFs {
-    pub vol: Arc<Volume>,
+    pub volume: Arc<Volume>,
+    /// Told of every request (see `vol`).
+    pub busy_poll: Option<Arc<BusyPoll>>,
     pub ttl: Duration,
     /// Opens need not reach the server (the engine finds dirty shared mappings another way):
     /// OPEN and CREATE answer ENOSYS once, then the kernel opens files without a round trip
@@ -30,15 +33,24 @@ pub(crate) struct DeltaFs {
 }
 
 impl DeltaFs {
+    /// The volume, for a request being served: every request reaches the volume, so this is
+    /// where the busy polling of the device learns of request bursts.
+    fn vol(&self) -> &Volume {
+        if let Some(poll) = &self.busy_poll {
+            poll.note_request();
+        }
+        &self.volume
+    }
+
     fn caller(&self, req: &Request) -> Caller {
-        Caller { uid: self.vol.ids.uid_from_host(req.uid()), gid: self.vol.ids.gid_from_host(req.gid()) }
+        Caller { uid: self.vol().ids.uid_from_host(req.uid()), gid: self.vol().ids.gid_from_host(req.gid()) }
     }
 
     /// Whether a truncation or allocation of `ino` by the caller must clear set-ID bits. With
     /// FUSE_HANDLE_KILLPRIV_V2 the kernel says so only in flags fuser does not pass on, so the
     /// caller's capability is looked up, and only when the file has such bits.
     fn kills_suidgid(&self, req: &Request, ino: Ino) -> bool {
-        self.vol.getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
+        self.vol().getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -55,8 +67,8 @@ impl DeltaFs {
             kind: file_type(a.mode),
             perm: (a.mode & 0o7777) as u16,
             nlink: a.nlink,
-            uid: self.vol.ids.uid_to_host(a.uid),
-            gid: self.vol.ids.gid_to_host(a.gid),
+            uid: self.vol().ids.uid_to_host(a.uid),
+            gid: self.vol().ids.gid_to_host(a.gid),
             rdev: a.rdev as u32,
             blksize: 4096,
             flags: 0,
@@ -67,7 +79,7 @@ impl DeltaFs {
     /// `.` and `..` (reported with the directory's own inode) at offsets 1 and 2, then the entries
     /// at their cookies. Directories are read without OPENDIR, from the live state.
     fn dir_entries(&self, dir: Ino, offset: u64) -> OpResult<impl Iterator<Item = (u64, OsString, Ino, u32)>> {
-        let (listing, start) = self.vol.listing(dir, offset)?;
+        let (listing, start) = self.vol().listing(dir, offset)?;
         let dots = [(1, "."), (2, "..")].into_iter().filter(move |(c, _)| *c > offset);
         let dots = dots.map(move |(c, name)| (c, OsString::from(name), dir, libc::S_IFDIR));
         let entries = (start..listing.len()).map(move |i| listing[i].clone());
@@ -77,8 +89,8 @@ impl DeltaFs {
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
             Ok((ino, node)) => {
-                self.vol.remember(ino);
-                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol.generation(ino)))
+                self.vol().remember(ino);
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol().generation(ino)))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -175,7 +187,7 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.vol.lookup(parent.0, name) {
+        match self.vol().lookup(parent.0, name) {
             Ok(Some(found)) => self.reply_entry(reply, Ok(found)),
             // A negative entry: the kernel caches the absence (rollback invalidates it precisely).
             Ok(None) => {
@@ -188,11 +200,11 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
-        self.vol.forget(ino.0, nlookup);
+        self.vol().forget(ino.0, nlookup);
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.vol.getattr(ino.0) {
+        match self.vol().getattr(ino.0) {
             Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
             Err(e) => reply.error(errno(e)),
         }
@@ -218,18 +230,18 @@ impl fuser::Filesystem for DeltaFs {
     ) {
         // A chown of a non-directory always clears set-ID bits; a truncation when the caller lacks
         // CAP_FSETID.
-        let chown = (uid.is_some() || gid.is_some()) && self.vol.getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
+        let chown = (uid.is_some() || gid.is_some()) && self.vol().getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
         let change = AttrChange {
             mode,
-            uid: uid.map(|u| self.vol.ids.uid_from_host(u)),
-            gid: gid.map(|g| self.vol.ids.gid_from_host(g)),
+            uid: uid.map(|u| self.vol().ids.uid_from_host(u)),
+            gid: gid.map(|g| self.vol().ids.gid_from_host(g)),
             size,
             atime: time_arg(atime),
             mtime: time_arg(mtime),
             ctime: ctime.map(Time::from_system),
             kill_suidgid: chown || (size.is_some() && self.kills_suidgid(req, ino.0)),
         };
-        let r = self.vol.setattr(ino.0, change);
+        let r = self.vol().setattr(ino.0, change);
         match r {
             Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
             Err(e) => reply.error(errno(e)),
@@ -237,7 +249,7 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        reply_data(reply, self.vol.readlink(ino.0));
+        reply_data(reply, self.vol().readlink(ino.0));
     }
 
     fn mknod(
@@ -250,26 +262,26 @@ impl fuser::Filesystem for DeltaFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, u64::from(rdev), None);
+        let r = self.vol().create_node(self.caller(req), parent.0, name, mode, u64::from(rdev), None);
         self.reply_entry(reply, r);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        let r = self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None);
+        let r = self.vol().create_node(self.caller(req), parent.0, name, mode, 0, None);
         self.reply_entry(reply, r);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.unlink(parent.0, name, false));
+        reply_empty(reply, self.vol().unlink(parent.0, name, false));
     }
 
     fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.unlink(parent.0, name, true));
+        reply_empty(reply, self.vol().unlink(parent.0, name, true));
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.vol.create_node(
+        let r = self.vol().create_node(
             self.caller(req),
             parent.0,
             link_name,
@@ -290,11 +302,11 @@ impl fuser::Filesystem for DeltaFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.rename(parent.0, name, newparent.0, newname, flags.bits()));
+        reply_empty(reply, self.vol().rename(parent.0, name, newparent.0, newname, flags.bits()));
     }
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
-        let r = self.vol.link(ino.0, newparent.0, newname);
+        let r = self.vol().link(ino.0, newparent.0, newname);
         self.reply_entry(reply, r);
     }
 
@@ -305,13 +317,13 @@ impl fuser::Filesystem for DeltaFs {
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
             let kill_suidgid = self.kills_suidgid(req, ino.0);
-            let r = self.vol.setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
+            let r = self.vol().setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
             if let Err(e) = r {
                 return reply.error(errno(e));
             }
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let fh = match self.vol.open(ino.0, !read_only) {
+        let fh = match self.vol().open(ino.0, !read_only) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
@@ -329,7 +341,7 @@ impl fuser::Filesystem for DeltaFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.vol.read(ino.0, offset, size));
+        reply_data(reply, self.vol().read(ino.0, offset, size));
     }
 
     fn write(
@@ -345,7 +357,7 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyWrite,
     ) {
         let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.vol.write(ino.0, offset, data, kill_suidgid) {
+        match self.vol().write(ino.0, offset, data, kill_suidgid) {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
         }
@@ -361,11 +373,11 @@ impl fuser::Filesystem for DeltaFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.release(fh.0));
+        reply_empty(reply, self.vol().release(fh.0));
     }
 
     fn fsync(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, _datasync: bool, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.flush(ino.0));
+        reply_empty(reply, self.vol().flush(ino.0));
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
@@ -397,18 +409,18 @@ impl fuser::Filesystem for DeltaFs {
             Err(e) => return reply.error(errno(e)),
         };
         for (cookie, name, child, _) in entries {
-            let attr = match self.vol.getattr(child) {
+            let attr = match self.vol().getattr(child) {
                 Ok((_, n)) => self.attr(child, &n),
                 // Removed since the listing was taken: skip it.
                 Err(_) => continue,
             };
-            let (ttl, generation) = (&self.ttl, Generation(self.vol.generation(child)));
+            let (ttl, generation) = (&self.ttl, Generation(self.vol().generation(child)));
             if reply.add(INodeNo(child), cookie, &name, ttl, &attr, generation) {
                 break;
             }
             // The kernel takes a reference to every entry but `.` and `..`.
             if cookie >= FIRST_COOKIE {
-                self.vol.remember(child);
+                self.vol().remember(child);
             }
         }
         reply.ok();
@@ -442,8 +454,8 @@ impl fuser::Filesystem for DeltaFs {
     /// The kernel asks only for SEEK_DATA and SEEK_HOLE (it answers the other whences itself).
     fn lseek(&self, _req: &Request, ino: INodeNo, _fh: FileHandle, offset: i64, whence: i32, reply: ReplyLseek) {
         let r = match whence {
-            libc::SEEK_DATA => self.vol.seek(ino.0, offset, true),
-            libc::SEEK_HOLE => self.vol.seek(ino.0, offset, false),
+            libc::SEEK_DATA => self.vol().seek(ino.0, offset, true),
+            libc::SEEK_HOLE => self.vol().seek(ino.0, offset, false),
             _ => Err(Errno::EINVAL),
         };
         match r {
@@ -453,12 +465,12 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.vol.statfs() {
+        match self.vol().statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
                 s.f_bavail,
-                s.f_files.max(self.vol.node_count()),
+                s.f_files.max(self.vol().node_count()),
                 s.f_ffree,
                 s.f_bsize as u32,
                 255,
@@ -478,24 +490,24 @@ impl fuser::Filesystem for DeltaFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol.setxattr(ino.0, name, Some(value), flags));
+        reply_empty(reply, self.vol().setxattr(ino.0, name, Some(value), flags));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vol.getxattr(ino.0, name));
+        reply_xattr(reply, size, self.vol().getxattr(ino.0, name));
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        reply_xattr(reply, size, self.vol.listxattr(ino.0));
+        reply_xattr(reply, size, self.vol().listxattr(ino.0));
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        reply_empty(reply, self.vol.setxattr(ino.0, name, None, 0));
+        reply_empty(reply, self.vol().setxattr(ino.0, name, None, 0));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
         // Permission checks are the kernel's (default_permissions); this only answers existence.
-        reply_empty(reply, self.vol.getattr(ino.0).map(|_| ()));
+        reply_empty(reply, self.vol().getattr(ino.0).map(|_| ()));
     }
 
     fn create(
@@ -512,17 +524,17 @@ impl fuser::Filesystem for DeltaFs {
             return reply.error(fuser::Errno::ENOSYS);
         }
         let mode = libc::S_IFREG | (mode & 0o7777);
-        let (ino, node) = match self.vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
+        let (ino, node) = match self.vol().create_node(self.caller(req), parent.0, name, mode, 0, None) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
-        match self.vol.open(ino, true) {
+        match self.vol().open(ino, true) {
             Ok(fh) => {
-                self.vol.remember(ino);
+                self.vol().remember(ino);
                 reply.created(
                     &self.ttl,
                     &self.attr(ino, &node),
-                    Generation(self.vol.generation(ino)),
+                    Generation(self.vol().generation(ino)),
                     FileHandle(fh),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )
@@ -542,7 +554,7 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyEmpty,
     ) {
         let kill_suidgid = self.kills_suidgid(req, ino.0);
-        reply_empty(reply, self.vol.fallocate(ino.0, offset, length, mode, kill_suidgid));
+        reply_empty(reply, self.vol().fallocate(ino.0, offset, length, mode, kill_suidgid));
     }
 }
 

@@ -20,6 +20,7 @@
 //! ```
 //! Design, on-disk format and measured behaviour: `docs/deltafs.md`.
 
+mod busy_poll;
 mod fuse;
 mod image;
 mod journal;

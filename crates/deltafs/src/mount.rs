@@ -3,6 +3,7 @@
 
 use std::collections::BTreeSet;
 use std::io;
+use std::os::fd::AsFd;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -10,6 +11,7 @@ use std::time::Duration;
 
 use fuser::{Config, MountOption, SessionACL};
 
+use crate::busy_poll::{BusyPoll, Controller};
 use crate::fuse::DeltaFs;
 use crate::node::Ino;
 use crate::store::{StackId, Store, StoreError};
@@ -59,7 +61,9 @@ pub struct MountOptions {
     /// How long the kernel may cache entries and attributes. Every change goes through this server
     /// and rollbacks invalidate precisely, so this can be long.
     pub cache_ttl: Duration,
-    /// Threads serving FUSE requests.
+    /// Threads reading FUSE requests. Only the session's first thread busy-polls, and each request
+    /// also wakes a blocked thread, which takes back most of the polling's gain (measured in
+    /// `docs/deltafs.md`): one thread serves best while requests are answered without waiting.
     pub threads: usize,
     /// A file listing, one per line, the ids of every process that may write to files of this mount
     /// through shared memory mappings — the sandbox cgroup's `cgroup.procs`. With it, a
@@ -68,17 +72,29 @@ pub struct MountOptions {
     /// trip (`FUSE_NO_OPEN_SUPPORT`). Without it, every open and close is a request, and the files
     /// open for writing are flushed.
     pub processes: Option<PathBuf>,
+    /// Busy polling of the FUSE device during request bursts (see `docs/deltafs.md`): requests
+    /// less than this apart start it, this long without a request ends it. `None` never polls.
+    pub busy_poll: Option<Duration>,
 }
 
 impl Default for MountOptions {
     fn default() -> Self {
-        MountOptions { uid_base: 0, gid_base: 0, cache_ttl: Duration::from_secs(3600), threads: 4, processes: None }
+        MountOptions {
+            uid_base: 0,
+            gid_base: 0,
+            cache_ttl: Duration::from_secs(3600),
+            threads: 1,
+            processes: None,
+            busy_poll: Some(Duration::from_micros(100)),
+        }
     }
 }
 
 /// A mounted DeltaFS. Dropping it unmounts (without the error report of [`Mount::unmount`]).
 pub struct Mount {
     vol: Arc<Volume>,
+    /// Stopped before the session ends.
+    busy_poll: Option<Controller>,
     session: Option<fuser::BackgroundSession>,
     notifier: fuser::Notifier,
     mountpoint: PathBuf,
@@ -119,12 +135,23 @@ pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOption
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let fs = DeltaFs { vol: vol.clone(), ttl: opts.cache_ttl, no_open: opts.processes.is_some(), no_opendir: false };
+    let busy_poll = opts.busy_poll.map(BusyPoll::new);
+    let fs = DeltaFs {
+        volume: vol.clone(),
+        busy_poll: busy_poll.clone(),
+        ttl: opts.cache_ttl,
+        no_open: opts.processes.is_some(),
+        no_opendir: false,
+    };
     let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();
+    // fuser serves the session's own fd with its last thread and cloned fds with the others: one
+    // thread spins during bursts, the rest block.
+    let busy_poll = busy_poll.map(|poll| poll.start(session.as_fd())).transpose().map_err(mount_err)?;
     let session = session.spawn().map_err(mount_err)?;
-    let mut m = Mount { vol, session: Some(session), notifier, mountpoint: mountpoint.to_owned(), processes: None };
+    let mut m =
+        Mount { vol, session: Some(session), busy_poll, notifier, mountpoint: mountpoint.to_owned(), processes: None };
     if let Some(procs) = &opts.processes {
         // Asked once the server runs: the kernel forwards the stat of the root to it.
         let dev = std::fs::metadata(mountpoint).map_err(mount_err)?.dev();
@@ -226,6 +253,7 @@ impl Mount {
     /// Unmounts and waits for the server threads. The writable layer (changes since the last
     /// checkpoint) is left for the garbage collector.
     pub fn unmount(mut self) -> Result<(), MountError> {
+        drop(self.busy_poll.take());
         let session = self.session.take().expect("session present until unmount");
         match session.umount_and_join() {
             // Worker threads reading a cloned device fd may see the unmount as ECONNABORTED.

@@ -351,3 +351,50 @@ fn a_directory_changed_while_it_is_read_lists_every_remaining_entry_once() {
     drop(stream);
     m.unmount().unwrap();
 }
+
+/// Whether one of this process's `/dev/fuse` fds reads without blocking (flags in fdinfo, octal).
+fn a_fuse_device_is_nonblocking() -> bool {
+    std::fs::read_dir("/proc/self/fd").unwrap().flatten().any(|fd| {
+        let is_fuse = std::fs::read_link(fd.path()).is_ok_and(|p| p == std::path::Path::new("/dev/fuse"));
+        let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", fd.file_name().to_string_lossy()));
+        let flags = info.ok().and_then(|i| {
+            i.lines().find_map(|l| l.strip_prefix("flags:")).and_then(|f| u32::from_str_radix(f.trim(), 8).ok())
+        });
+        is_fuse && flags.is_some_and(|f| f & libc::O_NONBLOCK as u32 != 0)
+    })
+}
+
+fn wait_for(what: &str, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn a_burst_of_requests_turns_busy_polling_on_and_quiet_turns_it_off() {
+    let Some((_fx, _base, m, root)) = mounted(|_| {}) else { return };
+    assert!(!a_fuse_device_is_nonblocking(), "the device polls before any request");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load = std::thread::spawn({
+        let (stop, root) = (stop.clone(), root.clone());
+        move || {
+            // Distinct missing names: each is a LOOKUP round trip.
+            let mut i = 0u64;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                assert!(std::fs::symlink_metadata(root.join(format!("missing-{i}"))).is_err());
+                i += 1;
+            }
+            i
+        }
+    });
+    wait_for("a burst polls the device", a_fuse_device_is_nonblocking);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    assert!(load.join().unwrap() > 0);
+    wait_for("quiet makes the device block again", || !a_fuse_device_is_nonblocking());
+    // Requests are still answered after polling ended.
+    std::fs::write(root.join("after"), b"x").unwrap();
+    assert_eq!(std::fs::read(root.join("after")).unwrap(), b"x");
+    m.unmount().unwrap();
+}

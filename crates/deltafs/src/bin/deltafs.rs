@@ -2,6 +2,7 @@
 //! debugging), or collect garbage in a store. The sandbox engine links the library instead.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -34,12 +35,19 @@ enum Cmd {
         /// then need no FUSE request (see `MountOptions::processes`).
         #[arg(long)]
         processes: Option<PathBuf>,
+        /// Busy-poll window in microseconds (0: never poll; see `MountOptions::busy_poll`).
+        #[arg(long, default_value_t = default_busy_poll_us())]
+        busy_poll_us: u64,
         mountpoint: PathBuf,
     },
     /// Delete every layer not needed by the given stacks or a live mount.
     Gc { keep: Vec<StackId> },
     /// Show the layers of a stack, top first.
     Show { stack: StackId },
+}
+
+fn default_busy_poll_us() -> u64 {
+    MountOptions::default().busy_poll.map_or(0, |w| w.as_micros() as u64)
 }
 
 fn main() -> anyhow::Result<()> {
@@ -50,7 +58,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let store = Store::open(&cli.store).context("opening the store")?;
     match cli.cmd {
-        Cmd::Mount { layers, stack, threads, processes, mountpoint } => {
+        Cmd::Mount { layers, stack, threads, processes, busy_poll_us, mountpoint } => {
             let stack = match stack {
                 Some(s) => s,
                 None => store.base_stack(&layers).context("indexing image layers")?,
@@ -61,7 +69,8 @@ fn main() -> anyhow::Result<()> {
             // Blocked before the server threads start, so they inherit the mask and only
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
-            let opts = MountOptions { threads, processes, ..MountOptions::default() };
+            let busy_poll = (busy_poll_us > 0).then(|| Duration::from_micros(busy_poll_us));
+            let opts = MountOptions { threads, processes, busy_poll, ..MountOptions::default() };
             let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;

@@ -33,8 +33,10 @@ pub(crate) struct DeltaFs {
 }
 
 impl DeltaFs {
-    /// The volume, for a request being served: every request reaches the volume, so this is
-    /// where the busy polling of the device learns of request bursts.
+    /// The volume, for a request being served: every request but the rare ones with nothing to look
+    /// up (opendir, releasedir, fsyncdir, ioctl) reaches the volume, so this is where the busy
+    /// polling of the device learns of request bursts. Taken once per request; the helpers a
+    /// request calls use `volume`.
     fn vol(&self) -> &Volume {
         if let Some(poll) = &self.busy_poll {
             poll.note_request();
@@ -43,14 +45,14 @@ impl DeltaFs {
     }
 
     fn caller(&self, req: &Request) -> Caller {
-        Caller { uid: self.vol().ids.uid_from_host(req.uid()), gid: self.vol().ids.gid_from_host(req.gid()) }
+        Caller { uid: self.volume.ids.uid_from_host(req.uid()), gid: self.volume.ids.gid_from_host(req.gid()) }
     }
 
     /// Whether a truncation or allocation of `ino` by the caller must clear set-ID bits. With
     /// FUSE_HANDLE_KILLPRIV_V2 the kernel says so only in flags fuser does not pass on, so the
     /// caller's capability is looked up, and only when the file has such bits.
     fn kills_suidgid(&self, req: &Request, ino: Ino) -> bool {
-        self.vol().getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
+        self.volume.getattr(ino).is_ok_and(|(_, n)| has_suidgid(n.attr.mode)) && lacks_cap_fsetid(req.pid())
     }
 
     fn attr(&self, ino: Ino, node: &Node) -> FileAttr {
@@ -67,8 +69,8 @@ impl DeltaFs {
             kind: file_type(a.mode),
             perm: (a.mode & 0o7777) as u16,
             nlink: a.nlink,
-            uid: self.vol().ids.uid_to_host(a.uid),
-            gid: self.vol().ids.gid_to_host(a.gid),
+            uid: self.volume.ids.uid_to_host(a.uid),
+            gid: self.volume.ids.gid_to_host(a.gid),
             rdev: a.rdev as u32,
             blksize: 4096,
             flags: 0,
@@ -89,8 +91,8 @@ impl DeltaFs {
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
         match r {
             Ok((ino, node)) => {
-                self.vol().remember(ino);
-                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.vol().generation(ino)))
+                self.volume.remember(ino);
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.volume.generation(ino)))
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -230,18 +232,19 @@ impl fuser::Filesystem for DeltaFs {
     ) {
         // A chown of a non-directory always clears set-ID bits; a truncation when the caller lacks
         // CAP_FSETID.
-        let chown = (uid.is_some() || gid.is_some()) && self.vol().getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
+        let vol = self.vol();
+        let chown = (uid.is_some() || gid.is_some()) && vol.getattr(ino.0).is_ok_and(|(_, n)| !n.is_dir());
         let change = AttrChange {
             mode,
-            uid: uid.map(|u| self.vol().ids.uid_from_host(u)),
-            gid: gid.map(|g| self.vol().ids.gid_from_host(g)),
+            uid: uid.map(|u| vol.ids.uid_from_host(u)),
+            gid: gid.map(|g| vol.ids.gid_from_host(g)),
             size,
             atime: time_arg(atime),
             mtime: time_arg(mtime),
             ctime: ctime.map(Time::from_system),
             kill_suidgid: chown || (size.is_some() && self.kills_suidgid(req, ino.0)),
         };
-        let r = self.vol().setattr(ino.0, change);
+        let r = vol.setattr(ino.0, change);
         match r {
             Ok((ino, node)) => reply.attr(&self.ttl, &self.attr(ino, &node)),
             Err(e) => reply.error(errno(e)),
@@ -314,16 +317,17 @@ impl fuser::Filesystem for DeltaFs {
         if self.no_open {
             return reply.error(fuser::Errno::ENOSYS);
         }
+        let vol = self.vol();
         // FUSE_ATOMIC_O_TRUNC: the truncation comes with the open instead of a separate setattr.
         if flags.0 & libc::O_TRUNC != 0 {
             let kill_suidgid = self.kills_suidgid(req, ino.0);
-            let r = self.vol().setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
+            let r = vol.setattr(ino.0, AttrChange { size: Some(0), kill_suidgid, ..AttrChange::default() });
             if let Err(e) = r {
                 return reply.error(errno(e));
             }
         }
         let read_only = flags.0 & libc::O_ACCMODE == libc::O_RDONLY;
-        let fh = match self.vol().open(ino.0, !read_only) {
+        let fh = match vol.open(ino.0, !read_only) {
             Ok(fh) => fh,
             Err(e) => return reply.error(errno(e)),
         };
@@ -408,19 +412,21 @@ impl fuser::Filesystem for DeltaFs {
             Ok(e) => e,
             Err(e) => return reply.error(errno(e)),
         };
+        // The request was taken by `dir_entries`.
+        let vol = &self.volume;
         for (cookie, name, child, _) in entries {
-            let attr = match self.vol().getattr(child) {
+            let attr = match vol.getattr(child) {
                 Ok((_, n)) => self.attr(child, &n),
                 // Removed since the listing was taken: skip it.
                 Err(_) => continue,
             };
-            let (ttl, generation) = (&self.ttl, Generation(self.vol().generation(child)));
+            let (ttl, generation) = (&self.ttl, Generation(vol.generation(child)));
             if reply.add(INodeNo(child), cookie, &name, ttl, &attr, generation) {
                 break;
             }
             // The kernel takes a reference to every entry but `.` and `..`.
             if cookie >= FIRST_COOKIE {
-                self.vol().remember(child);
+                vol.remember(child);
             }
         }
         reply.ok();
@@ -465,12 +471,13 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.vol().statfs() {
+        let vol = self.vol();
+        match vol.statfs() {
             Ok(s) => reply.statfs(
                 s.f_blocks,
                 s.f_bfree,
                 s.f_bavail,
-                s.f_files.max(self.vol().node_count()),
+                s.f_files.max(vol.node_count()),
                 s.f_ffree,
                 s.f_bsize as u32,
                 255,
@@ -524,17 +531,18 @@ impl fuser::Filesystem for DeltaFs {
             return reply.error(fuser::Errno::ENOSYS);
         }
         let mode = libc::S_IFREG | (mode & 0o7777);
-        let (ino, node) = match self.vol().create_node(self.caller(req), parent.0, name, mode, 0, None) {
+        let vol = self.vol();
+        let (ino, node) = match vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
             Ok(r) => r,
             Err(e) => return reply.error(errno(e)),
         };
-        match self.vol().open(ino, true) {
+        match vol.open(ino, true) {
             Ok(fh) => {
-                self.vol().remember(ino);
+                vol.remember(ino);
                 reply.created(
                     &self.ttl,
                     &self.attr(ino, &node),
-                    Generation(self.vol().generation(ino)),
+                    Generation(vol.generation(ino)),
                     FileHandle(fh),
                     FopenFlags::FOPEN_KEEP_CACHE,
                 )

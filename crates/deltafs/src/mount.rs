@@ -61,7 +61,7 @@ pub struct MountOptions {
     /// How long the kernel may cache entries and attributes. Every change goes through this server
     /// and rollbacks invalidate precisely, so this can be long.
     pub cache_ttl: Duration,
-    /// Threads reading FUSE requests. Only the session's first thread busy-polls, and each request
+    /// Threads reading FUSE requests. Only the thread reading the session's own fd busy-polls, and each request
     /// also wakes a blocked thread, which takes back most of the polling's gain (measured in
     /// `docs/deltafs.md`): one thread serves best while requests are answered without waiting.
     pub threads: usize,

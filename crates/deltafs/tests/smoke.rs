@@ -175,6 +175,15 @@ fn unlinked_files_live_while_open_or_mapped() {
 }
 
 /// Data files the store holds for inode `ino`, in any layer.
+/// Polls `cond` every 10 ms until it holds; fails after `secs` seconds.
+fn wait_for(what: &str, secs: u64, cond: impl Fn() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !cond() {
+        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 fn data_files_of(fx: &Fixture, ino: u64) -> usize {
     let layers = fx.dir.path().join("store/layers");
     let mut n = 0;
@@ -222,11 +231,7 @@ fn unlinked_file_lifetime(how: MountFn) {
     // SAFETY: unmapping the mapping created above.
     unsafe { nix::sys::mman::munmap(map, 10).unwrap() };
     // The kernel then forgets the inode (FORGET arrives asynchronously) and its data is freed.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while data_files_of(&fx, ino) > 0 {
-        assert!(std::time::Instant::now() < deadline, "data of the unlinked file is never freed");
-        std::thread::sleep(std::time::Duration::from_millis(10));
-    }
+    wait_for("the data of the unlinked file is freed", 10, || data_files_of(&fx, ino) == 0);
     m.unmount().unwrap();
 }
 
@@ -364,14 +369,6 @@ fn a_fuse_device_is_nonblocking() -> bool {
     })
 }
 
-fn wait_for(what: &str, cond: impl Fn() -> bool) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    while !cond() {
-        assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
-        std::thread::sleep(std::time::Duration::from_millis(1));
-    }
-}
-
 #[test]
 fn a_burst_of_requests_turns_busy_polling_on_and_quiet_turns_it_off() {
     let Some((_fx, _base, m, root)) = mounted(|_| {}) else { return };
@@ -389,10 +386,10 @@ fn a_burst_of_requests_turns_busy_polling_on_and_quiet_turns_it_off() {
             i
         }
     });
-    wait_for("a burst polls the device", a_fuse_device_is_nonblocking);
+    wait_for("a burst polls the device", 20, a_fuse_device_is_nonblocking);
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     assert!(load.join().unwrap() > 0);
-    wait_for("quiet makes the device block again", || !a_fuse_device_is_nonblocking());
+    wait_for("quiet makes the device block again", 20, || !a_fuse_device_is_nonblocking());
     // Requests are still answered after polling ended.
     std::fs::write(root.join("after"), b"x").unwrap();
     assert_eq!(std::fs::read(root.join("after")).unwrap(), b"x");

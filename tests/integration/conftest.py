@@ -12,6 +12,7 @@ sandbox is removed and the daemon is stopped with SIGTERM. Needs root (namespace
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 from pathlib import Path
 from typing import Iterator, List
@@ -55,6 +56,19 @@ def daemon() -> Iterator[Daemon]:
 def client(daemon: Daemon) -> Iterator[deltabox.Client]:
     with deltabox.Client(socket=daemon.socket) as c:
         yield c
+
+
+@pytest.fixture
+def cli(daemon: Daemon):
+    """Runs the `deltabox` CLI against the suite's daemon; asserts it succeeds (or, with ok=False, fails)."""
+
+    def run(*args: str, ok: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([str(binary()), *args, "--socket", daemon.socket], capture_output=True, text=True,
+                                timeout=60)
+        assert (result.returncode == 0) == ok, result.stderr
+        return result
+
+    return run
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,9 @@
 """The checkpoint commands of the `deltabox` CLI, against the suite's daemon."""
 
-import subprocess
-
 import pytest
-from support import binary, new_sandbox
+from support import new_sandbox
 
 import deltabox
-
-
-@pytest.fixture
-def cli(daemon):
-    def run(*args, ok=True):
-        result = subprocess.run([str(binary()), *args, "--socket", daemon.socket], capture_output=True, text=True,
-                                timeout=60)
-        assert (result.returncode == 0) == ok, result.stderr
-        return result
-
-    return run
 
 
 def test_checkpoint_rollback_fork_and_rm(client, cli):

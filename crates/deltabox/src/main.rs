@@ -77,7 +77,8 @@ enum Command {
     Exec(cli::ExecArgs),
     /// Open an interactive shell in a sandbox.
     Shell { id: String },
-    /// Copy files between the local machine and a sandbox (`ID:/path` names the sandbox side).
+    /// Copy files between the local machine and a sandbox (`ID:/path` names the sandbox side), as `cp -r`:
+    /// into DST when it is a directory, else to the path DST.
     Cp { src: String, dst: String },
     /// Read, write and inspect files in a sandbox.
     #[command(subcommand)]

@@ -5,10 +5,10 @@ use std::path::Path;
 
 use anyhow::Context;
 use clap::Subcommand;
-use hyper::Method;
+use hyper::{Method, StatusCode};
 use serde::Deserialize;
 
-use crate::client::Client;
+use crate::client::{Client, DaemonError};
 
 #[derive(Subcommand)]
 pub enum FilesCommand {
@@ -105,41 +105,82 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
     (!id.is_empty() && !id.contains('/') && path.starts_with('/')).then_some((id, path))
 }
 
-/// `deltabox cp SRC DST`: one side is `ID:/path`. A local file or directory is copied into the sandbox
-/// directory DST; a sandbox path is copied into the local directory DST.
+/// `deltabox cp SRC DST`, one side `ID:/path`, as `cp -r`: into DST when it is an existing directory
+/// (under SRC's name), else to the path DST (a file replaces a file; a directory's contents go into a
+/// new directory DST). Missing parents of DST are created in the sandbox, not locally.
 pub async fn cp(client: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
     match (remote(src), remote(dst)) {
-        (None, Some((id, dir))) => {
-            let local = Path::new(src);
-            let name = local.file_name().context("the local source has no file name")?;
-            let mut builder = tar::Builder::new(Vec::new());
-            builder.follow_symlinks(false);
-            if local.is_dir() {
-                builder.append_dir_all(name, local)
-            } else {
-                builder.append_path_with_name(local, name)
-            }
-            .with_context(|| format!("read {}", local.display()))?;
-            let archive = builder.into_inner()?;
-            let url = format!("/v1/sandboxes/{id}/files/tar?path={}", q(dir));
-            client.put_bytes::<serde_json::Value>(&url, archive).await?;
-        }
-        (Some((id, path)), None) => {
-            let stat: serde_json::Value = client
-                .json(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(path)), None::<&()>)
-                .await?;
-            // A file's archive holds it by name; a directory's holds its contents: keep its name, as `cp -r`.
-            let target = match (stat["kind"].as_str(), stat["name"].as_str()) {
-                (Some("dir"), Some(name)) if name != "/" => Path::new(dst).join(name),
-                _ => Path::new(dst).to_path_buf(),
-            };
-            let archive = client.get_bytes(&format!("/v1/sandboxes/{id}/files/tar?path={}", q(path))).await?;
-            std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
-            tar::Archive::new(&archive[..])
-                .unpack(&target)
-                .with_context(|| format!("unpack into {}", target.display()))?;
-        }
+        (None, Some((id, dst))) => upload(client, Path::new(src), id, dst).await,
+        (Some((id, src)), None) => download(client, id, src, Path::new(dst)).await,
         _ => anyhow::bail!("exactly one of SRC and DST must be a sandbox path, written ID:/path"),
     }
+}
+
+/// The kind (`file`, `dir`, ...) of a sandbox path, None when it does not exist.
+async fn remote_kind(client: &Client, id: &str, path: &str) -> anyhow::Result<Option<String>> {
+    match client
+        .json::<serde_json::Value>(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(path)), None::<&()>)
+        .await
+    {
+        Ok(stat) => Ok(stat["kind"].as_str().map(str::to_owned)),
+        Err(e)
+            if e.downcast_ref::<DaemonError>()
+                .is_some_and(|d| d.status == StatusCode::NOT_FOUND && d.code == "file_not_found") =>
+        {
+            Ok(None)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+async fn upload(client: &Client, local: &Path, id: &str, dst: &str) -> anyhow::Result<()> {
+    let meta = std::fs::symlink_metadata(local).with_context(|| format!("read {}", local.display()))?;
+    let dst_kind = remote_kind(client, id, dst).await?;
+    // The directory to unpack into, and the name SRC gets there.
+    let (dir, name) = match dst_kind.as_deref() {
+        Some("dir") => (dst, local.file_name().context("the local source has no file name")?),
+        Some(_) if meta.is_dir() => anyhow::bail!("cannot copy directory {} onto non-directory {dst}", local.display()),
+        _ => {
+            let (parent, name) =
+                dst.rsplit_once('/').filter(|(_, n)| !n.is_empty()).context("the destination has no file name")?;
+            (if parent.is_empty() { "/" } else { parent }, std::ffi::OsStr::new(name))
+        }
+    };
+    let mut builder = tar::Builder::new(Vec::new());
+    builder.follow_symlinks(false);
+    if meta.is_dir() { builder.append_dir_all(name, local) } else { builder.append_path_with_name(local, name) }
+        .with_context(|| format!("read {}", local.display()))?;
+    let archive = builder.into_inner()?;
+    let url = format!("/v1/sandboxes/{id}/files/tar?path={}", q(dir));
+    client.put_bytes::<serde_json::Value>(&url, archive).await?;
+    Ok(())
+}
+
+async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> anyhow::Result<()> {
+    let stat: serde_json::Value =
+        client.json(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(src)), None::<&()>).await?;
+    let is_dir = stat["kind"].as_str() == Some("dir");
+    let name = stat["name"].as_str().filter(|n| *n != "/");
+    let into_existing_dir = dst.is_dir();
+    if is_dir && dst.exists() && !into_existing_dir {
+        anyhow::bail!("cannot copy directory {src} onto non-directory {}", dst.display());
+    }
+    // A directory's archive holds its contents, a file's archive the file by name.
+    let archive = client.get_bytes(&format!("/v1/sandboxes/{id}/files/tar?path={}", q(src))).await?;
+    let mut archive = tar::Archive::new(&archive[..]);
+    if is_dir {
+        let target = match name {
+            Some(name) if into_existing_dir => dst.join(name),
+            _ => dst.to_path_buf(),
+        };
+        std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
+        return archive.unpack(&target).with_context(|| format!("unpack into {}", target.display()));
+    }
+    if into_existing_dir {
+        return archive.unpack(dst).with_context(|| format!("unpack into {}", dst.display()));
+    }
+    let mut entries = archive.entries()?;
+    let mut entry = entries.next().context("the sandbox sent an empty archive")??;
+    entry.unpack(dst).with_context(|| format!("write {}", dst.display()))?;
     Ok(())
 }

@@ -27,6 +27,7 @@ mod journal;
 mod mount;
 mod node;
 mod store;
+mod sys;
 mod volume;
 
 pub use image::ImageError;

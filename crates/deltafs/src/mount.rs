@@ -15,6 +15,7 @@ use crate::busy_poll::{BusyPoll, Controller};
 use crate::fuse::DeltaFs;
 use crate::node::Ino;
 use crate::store::{StackId, Store, StoreError};
+use crate::sys;
 use crate::volume::{IdMap, RollbackStats, Volume};
 
 /// Errors of mount-level operations.
@@ -168,28 +169,40 @@ fn shared_mappings(procs: &Path, dev: u64) -> io::Result<BTreeSet<Ino>> {
     let (major, minor) = (rustix::fs::major(dev), rustix::fs::minor(dev));
     let mut inos = BTreeSet::new();
     for pid in std::fs::read_to_string(procs)?.split_whitespace() {
-        let maps = match std::fs::read_to_string(format!("/proc/{pid}/maps")) {
-            Ok(m) => m,
+        let files =
+            std::fs::File::open(format!("/proc/{pid}/maps")).and_then(|maps| match sys::shared_mapped_files(&maps) {
+                Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
+                    io::read_to_string(&maps).map(|text| shared_mapped_files_in_text(&text))
+                }
+                r => r,
+            });
+        let files = match files {
+            Ok(files) => files,
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ESRCH)) => continue,
             Err(e) => return Err(e),
         };
-        // address perms offset major:minor inode [path]; shared mappings have perms "...s"
-        // (also read-only ones: mprotect can have made a writable one read-only after writing).
-        for line in maps.lines() {
-            let mut fields = line.split_ascii_whitespace();
-            let (Some(perms), Some(dev_field), Some(inode)) = (fields.nth(1), fields.nth(1), fields.next()) else {
-                continue;
-            };
-            let Some((ma, mi)) = dev_field.split_once(':') else {
-                continue;
-            };
-            let ours = u32::from_str_radix(ma, 16) == Ok(major) && u32::from_str_radix(mi, 16) == Ok(minor);
-            if ours && perms.ends_with('s') {
-                inos.extend(inode.parse::<Ino>().ok());
-            }
-        }
+        inos.extend(files.iter().filter(|f| (f.dev_major, f.dev_minor) == (major, minor)).map(|f| f.inode));
     }
     Ok(inos)
+}
+
+/// [`sys::shared_mapped_files`] for kernels without `PROCMAP_QUERY` (before 6.11), from the text of
+/// `/proc/PID/maps`: `address perms offset major:minor inode [path]`, shared mappings have perms
+/// "...s" (also read-only ones: mprotect can have made a writable one read-only after writing).
+fn shared_mapped_files_in_text(maps: &str) -> Vec<sys::MappedFile> {
+    maps.lines()
+        .filter_map(|line| {
+            let mut fields = line.split_ascii_whitespace();
+            let (perms, dev, inode) = (fields.nth(1)?, fields.nth(1)?, fields.next()?);
+            let (major, minor) = dev.split_once(':')?;
+            perms.ends_with('s').then_some(())?;
+            Some(sys::MappedFile {
+                dev_major: u32::from_str_radix(major, 16).ok()?,
+                dev_minor: u32::from_str_radix(minor, 16).ok()?,
+                inode: inode.parse().ok()?,
+            })
+        })
+        .collect()
 }
 
 impl Mount {
@@ -302,4 +315,26 @@ pub fn abort_stale_mount(ns_pid: Option<u32>, mountpoint: &Path) -> Result<(), M
     }
     nix::mount::umount2(mountpoint, nix::mount::MntFlags::MNT_DETACH)
         .map_err(|e| MountError::Unmount { path: mountpoint.to_owned(), source: e.into() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_text_of_maps_gives_the_files_mapped_shared() {
+        let maps = "\
+55d0c2a00000-55d0c2a02000 r--p 00000000 fe:01 1048602                    /usr/bin/cat
+7f1c2e000000-7f1c2e001000 rw-s 00000000 00:3a 17                         /data/shared (deleted)
+7f1c2e001000-7f1c2e002000 r--s 00001000 00:3a 18                         /data/was-writable
+7f1c2e002000-7f1c2e003000 rw-p 00000000 00:3a 19                         /data/private
+7f1c2e003000-7f1c2e004000 rw-s 00000000 00:01 2050                       /dev/zero (deleted)
+7ffd6a1e0000-7ffd6a201000 rw-p 00000000 00:00 0                          [stack]
+";
+        let files = shared_mapped_files_in_text(maps);
+        let on = |major, minor| files.iter().filter(move |f| (f.dev_major, f.dev_minor) == (major, minor));
+        assert_eq!(on(0, 0x3a).map(|f| f.inode).collect::<Vec<_>>(), [17, 18]);
+        assert_eq!(on(0, 1).map(|f| f.inode).collect::<Vec<_>>(), [2050]);
+        assert_eq!(files.len(), 3);
+    }
 }

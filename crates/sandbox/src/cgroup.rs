@@ -521,6 +521,13 @@ impl Cgroup {
         Ok(())
     }
 
+    /// A file listing every process of the cgroup, one pid (of the caller's pid namespace) per line:
+    /// the freezer's `cgroup.procs` (every hierarchy holds the same processes, and the freezer's
+    /// are the ones a checkpoint stops).
+    pub fn procs_file(&self) -> Result<PathBuf> {
+        Ok(self.freezer()?.file("cgroup.procs"))
+    }
+
     /// Processes in the cgroup, as pids of the caller's pid namespace.
     pub fn procs(&self) -> Result<Vec<i32>> {
         let mut pids = Vec::new();

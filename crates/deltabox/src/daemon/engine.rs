@@ -35,6 +35,8 @@ const SHIM_CONTROL_TIMEOUT: Duration = Duration::from_secs(30);
 pub struct DaemonConfig {
     pub data_dir: PathBuf,
     pub uid_slot_dir: PathBuf,
+    /// DeltaFS busy polling for the sandboxes this daemon starts (`deltafs::MountOptions::busy_poll`).
+    pub fs_busy_poll: Option<Duration>,
 }
 
 /// A running sandbox.
@@ -60,6 +62,7 @@ pub struct Engine {
     pub layers: LayerStore,
     sandboxes: RwLock<HashMap<String, Live>>,
     uid_slot_dir: PathBuf,
+    fs_busy_poll: Option<Duration>,
     exe: PathBuf,
     /// Held by imports and layer garbage collection, so GC never deletes a layer an import just wrote.
     pub image_lock: tokio::sync::Mutex<()>,
@@ -95,6 +98,7 @@ impl Engine {
             layers,
             sandboxes: RwLock::new(HashMap::new()),
             uid_slot_dir: cfg.uid_slot_dir,
+            fs_busy_poll: cfg.fs_busy_poll,
             exe: std::env::current_exe().context("find our own executable")?,
             image_lock: tokio::sync::Mutex::new(()),
             fs,
@@ -343,6 +347,7 @@ impl Engine {
             limits: c.limits,
             cgroup: self.cgroup_name(&record.id),
             uid_slot_dir: self.uid_slot_dir.clone(),
+            fs_busy_poll: self.fs_busy_poll,
             defaults: ProcessDefaults { env: c.env.clone(), cwd: c.cwd.clone(), user: c.user.clone() },
         };
         let log = File::create(dir.join("shim.log")).context("create the shim log")?;

@@ -9,6 +9,7 @@ use std::future::IntoFuture;
 use std::net::SocketAddr;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use anyhow::Context;
 use axum::extract::Request;
@@ -23,13 +24,18 @@ pub struct ServeOptions {
     pub socket: PathBuf,
     pub data_dir: PathBuf,
     pub uid_slot_dir: PathBuf,
+    pub fs_busy_poll: Option<Duration>,
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
-    let engine =
-        Engine::open(DaemonConfig { data_dir: opts.data_dir.clone(), uid_slot_dir: opts.uid_slot_dir }).await?;
+    let engine = Engine::open(DaemonConfig {
+        data_dir: opts.data_dir.clone(),
+        uid_slot_dir: opts.uid_slot_dir,
+        fs_busy_poll: opts.fs_busy_poll,
+    })
+    .await?;
     let app = routes::router(engine.clone());
     let unix = bind_unix(&opts.socket)?;
     tracing::info!(socket = %opts.socket.display(), data_dir = %opts.data_dir.display(), "deltabox daemon listening");

@@ -322,7 +322,13 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
         let stack: deltafs::StackId = cfg.stack.parse().context("parse the stack id")?;
         // With the sandbox's processes listed, opening a file costs no FUSE round trip.
         let processes = Some(cgroup.procs_file().context("find the sandbox cgroup's process list")?);
-        let opts = deltafs::MountOptions { uid_base: base, gid_base: base, processes, ..Default::default() };
+        let opts = deltafs::MountOptions {
+            uid_base: base,
+            gid_base: base,
+            processes,
+            busy_poll: cfg.fs_busy_poll,
+            ..Default::default()
+        };
         let fs = deltafs::mount(&store, stack, &rootfs, &opts).context("mount DeltaFS")?;
         // Init attaches a copy of our mount in its own mount namespace.
         let detached = rustix::mount::open_tree(

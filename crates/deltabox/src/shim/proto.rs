@@ -3,6 +3,7 @@
 //! packets until the request is finished; binary data travels as packet payload.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 pub use super::session::SessionSnapshot;
 use sandbox::cgroup::Limits;
@@ -29,6 +30,8 @@ pub struct ShimConfig {
     pub cgroup: String,
     /// Directory of host-wide uid slot locks.
     pub uid_slot_dir: PathBuf,
+    /// DeltaFS busy polling (`deltafs::MountOptions::busy_poll`).
+    pub fs_busy_poll: Option<Duration>,
     /// Defaults for processes: the image's environment, working directory and user.
     pub defaults: ProcessDefaults,
 }

@@ -14,45 +14,53 @@ from support import Daemon, binary, image_dir, new_sandbox
 import deltabox
 
 O_NONBLOCK = 0o4000
-# getxattr is never answered from the kernel's cache: every call is a FUSE request.
-BURST = """
+STOP = "/tmp/burst-stop"
+# getxattr is never answered from the kernel's cache: every call is a FUSE request (asked of / : /etc/hostname and
+# /etc/hosts are bind mounts from a tmpfs). The burst lasts 10 s, or until the test has seen what it looked for
+# (on a busy machine the requests can be too far apart for a while).
+BURST = f"""
 import os, time
-end = time.time() + 3
-while time.time() < end:
-    try:
-        os.getxattr("/etc/hostname", "user.none")
-    except OSError:
-        pass
+end = time.time() + 10
+while time.time() < end and not os.path.exists("{STOP}"):
+    for _ in range(1000):
+        try:
+            os.getxattr("/", "user.none")
+        except OSError:
+            pass
 """
 
 
-def fuse_fd_flags(data_dir: Path, sandbox_id: str) -> list:
-    """The flags of the /dev/fuse descriptors of the sandbox's shim (the process whose stderr is its shim.log)."""
+def fuse_fdinfo(data_dir: Path, sandbox_id: str) -> list:
+    """The fdinfo files of the /dev/fuse descriptors of the sandbox's shim (the process whose stderr is its
+    shim.log)."""
     log = str(data_dir / "sandboxes" / sandbox_id / "shim.log")
-    flags = []
+    found = []
     for pid in filter(str.isdigit, os.listdir("/proc")):
         try:
             if os.readlink(f"/proc/{pid}/fd/2") != log:
                 continue
-            for fd in os.listdir(f"/proc/{pid}/fd"):
-                if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse":
-                    info = Path(f"/proc/{pid}/fdinfo/{fd}").read_text()
-                    flags.append(int(info.split("flags:")[1].split()[0], 8))
+            found += [Path(f"/proc/{pid}/fdinfo/{fd}") for fd in os.listdir(f"/proc/{pid}/fd")
+                      if os.readlink(f"/proc/{pid}/fd/{fd}") == "/dev/fuse"]
         except (FileNotFoundError, ProcessLookupError, PermissionError):
             continue
-    return flags
+    return found
 
 
 def polled_during_a_burst(data_dir: Path, sb: deltabox.Sandbox) -> bool:
     """Runs a burst of requests in the sandbox; whether the shim's device was seen non-blocking meanwhile."""
-    assert fuse_fd_flags(data_dir, sb.id), "the sandbox's shim has no /dev/fuse descriptor"
+    fdinfo = fuse_fdinfo(data_dir, sb.id)
+    assert fdinfo, "the sandbox's shim has no /dev/fuse descriptor"
     burst = threading.Thread(target=lambda: sb.exec(["python3", "-c", BURST], timeout=30).check())
     burst.start()
     seen = False
-    while burst.is_alive():
-        seen = seen or any(f & O_NONBLOCK for f in fuse_fd_flags(data_dir, sb.id))
+    # Only the known fdinfo files are read while the burst runs: scanning /proc would take the CPU from it.
+    while burst.is_alive() and not seen:
+        flags = [int(f.read_text().split("flags:")[1].split()[0], 8) for f in fdinfo]
+        seen = any(f & O_NONBLOCK for f in flags)
         time.sleep(0.005)
+    sb.files.write(STOP, "")
     burst.join()
+    sb.files.remove(STOP)
     return seen
 
 

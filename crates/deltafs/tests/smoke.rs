@@ -174,7 +174,6 @@ fn unlinked_files_live_while_open_or_mapped() {
     }
 }
 
-/// Data files the store holds for inode `ino`, in any layer.
 /// Polls `cond` every 10 ms until it holds; fails after `secs` seconds.
 fn wait_for(what: &str, secs: u64, cond: impl Fn() -> bool) {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
@@ -184,6 +183,7 @@ fn wait_for(what: &str, secs: u64, cond: impl Fn() -> bool) {
     }
 }
 
+/// Data files the store holds for inode `ino`, in any layer.
 fn data_files_of(fx: &Fixture, ino: u64) -> usize {
     let layers = fx.dir.path().join("store/layers");
     let mut n = 0;

@@ -116,13 +116,10 @@ pub async fn cp(client: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
     }
 }
 
-/// The kind (`file`, `dir`, ...) of a sandbox path, None when it does not exist.
-async fn remote_kind(client: &Client, id: &str, path: &str) -> anyhow::Result<Option<String>> {
-    match client
-        .json::<serde_json::Value>(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(path)), None::<&()>)
-        .await
-    {
-        Ok(stat) => Ok(stat["kind"].as_str().map(str::to_owned)),
+/// The `FileStat` of a sandbox path, None when it does not exist.
+async fn remote_stat(client: &Client, id: &str, path: &str) -> anyhow::Result<Option<serde_json::Value>> {
+    match client.json(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(path)), None::<&()>).await {
+        Ok(stat) => Ok(Some(stat)),
         Err(e)
             if e.downcast_ref::<DaemonError>()
                 .is_some_and(|d| d.status == StatusCode::NOT_FOUND && d.code == "file_not_found") =>
@@ -135,10 +132,10 @@ async fn remote_kind(client: &Client, id: &str, path: &str) -> anyhow::Result<Op
 
 async fn upload(client: &Client, local: &Path, id: &str, dst: &str) -> anyhow::Result<()> {
     let meta = std::fs::symlink_metadata(local).with_context(|| format!("read {}", local.display()))?;
-    let dst_kind = remote_kind(client, id, dst).await?;
+    let dst_stat = remote_stat(client, id, dst).await?;
     // The directory to unpack into, and the name SRC gets there.
-    let (dir, name) = match dst_kind.as_deref() {
-        Some("dir") => (dst, local.file_name().context("the local source has no file name")?),
+    let (dir, name) = match dst_stat.as_ref().map(|stat| stat["kind"].as_str()) {
+        Some(Some("dir")) => (dst, local.file_name().context("the local source has no file name")?),
         Some(_) if meta.is_dir() => anyhow::bail!("cannot copy directory {} onto non-directory {dst}", local.display()),
         _ => {
             let (parent, name) =
@@ -157,8 +154,7 @@ async fn upload(client: &Client, local: &Path, id: &str, dst: &str) -> anyhow::R
 }
 
 async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> anyhow::Result<()> {
-    let stat: serde_json::Value =
-        client.json(Method::GET, &format!("/v1/sandboxes/{id}/files/stat?path={}", q(src)), None::<&()>).await?;
+    let stat = remote_stat(client, id, src).await?.with_context(|| format!("{src}: no such file or directory"))?;
     let is_dir = stat["kind"].as_str() == Some("dir");
     let name = stat["name"].as_str().filter(|n| *n != "/");
     let into_existing_dir = dst.is_dir();

@@ -1315,6 +1315,9 @@ impl Volume {
     /// Freezes the writable layer and pushes an empty one. Cost: a few small file operations,
     /// independent of the size of the filesystem and of the change.
     pub fn checkpoint(&self) -> Result<StackId, StoreError> {
+        // From the freeze until the next layer holds its lock, only the old layer's lock (dropped
+        // below) protects the new checkpoint: a collector must not list the layers in between.
+        let gc_guard = self.store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
         let mut st = self.state.write();
         self.flush_pending(&mut st, None)
             .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;
@@ -1326,6 +1329,7 @@ impl Volume {
         st.snapshots.insert(frozen, tree.clone());
         st.layer = next;
         drop(st);
+        drop(gc_guard);
         if write_index {
             let store = self.store.clone();
             std::thread::spawn(move || {

@@ -601,3 +601,36 @@ fn sparse_files_as_on_the_store_filesystem(how: MountFn) {
     check(&root, &last, "after a rollback forward");
     m.unmount().unwrap();
 }
+
+/// A garbage collection running while a mount checkpoints must never take the layer that just
+/// became the mount's parent: nothing is kept here except what the live mount stands on.
+#[test]
+fn checkpoints_survive_concurrent_garbage_collections() {
+    let Some((fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let collector = {
+        let (store, stop) = (fx.store.clone(), stop.clone());
+        std::thread::spawn(move || {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                store.delete_unreferenced(&[]).unwrap();
+                // flock is not fair: a collector retaking its lock at once could starve the mount.
+                std::thread::sleep(std::time::Duration::from_micros(200));
+            }
+        })
+    };
+    for i in 0..300 {
+        std::fs::write(root.join(format!("f{i}")), i.to_string()).unwrap();
+        m.checkpoint().unwrap();
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    collector.join().unwrap();
+    let last = m.checkpoint().unwrap();
+    m.unmount().unwrap();
+    let again = fx.mount(last, "again");
+    for i in 0..300 {
+        assert_eq!(std::fs::read_to_string(again.mountpoint().join(format!("f{i}"))).unwrap(), i.to_string());
+    }
+    again.unmount().unwrap();
+}

@@ -1,5 +1,6 @@
 //! DeltaFS benchmarks (run as root: `bench/deltafs/run.sh`). Prints tables:
 //! 1. checkpoint / rollback latency (p50, p99) vs filesystem size, change size and stack depth;
+//!    garbage collection time and space when an agent keeps only its last checkpoints;
 //! 2. baselines measured in the same run: `cp -a`, tar of an overlayfs upper dir, btrfs snapshot;
 //! 3. real workloads on DeltaFS vs kernel overlayfs vs fuse-overlayfs, as ratios to overlayfs.
 //!
@@ -207,6 +208,49 @@ impl Bench {
             }
             row(&format!("mount a depth-{depth} stack (load from disk)"), mounts);
         }
+    }
+
+    /// An agent that checkpoints every step and keeps only its last checkpoints: each step rewrites
+    /// a 1 MiB file (so the deleted checkpoints' copies are shadowed) and adds small files (still
+    /// read by the kept ones). Store of its own, so the collector sees only this sandbox.
+    fn gc_section(&self) {
+        header("Deleting checkpoints: garbage collection (sliding window of 10 kept checkpoints)");
+        let store = Store::open(&self.dir.join("gc-store")).unwrap();
+        let files = if self.quick { 1_000 } else { 10_000 };
+        self.base_with(files);
+        let base = store.base_stack(&[self.dir.join(format!("image-{files}"))]).unwrap();
+        let m = mount(&store, base, &self.path("gc"), &self.opts).unwrap();
+        let root = m.mountpoint().to_owned();
+        let steps = if self.quick { 100 } else { 1_000 };
+        let (mut window, mut gcs, mut idle) = (Vec::new(), Vec::new(), Vec::new());
+        let mut reclaimed = 0;
+        for i in 0..steps {
+            std::fs::write(root.join("log"), vec![i as u8; 1 << 20]).unwrap();
+            for j in 0..5 {
+                std::fs::write(root.join(format!("d{}/step{i}-{j}", j % 10)), b"small").unwrap();
+            }
+            window.push(m.checkpoint().unwrap());
+            if window.len() > 10 {
+                window.remove(0);
+            }
+            let (t, stats) = timed(|| store.delete_unreferenced(&window).unwrap());
+            reclaimed += stats.bytes_reclaimed;
+            if i >= steps / 2 {
+                gcs.push(t);
+                idle.push(timed(|| store.delete_unreferenced(&window).unwrap()).0);
+            }
+        }
+        row(&format!("GC after deleting the oldest kept checkpoint, {steps} steps"), gcs);
+        row("GC again, nothing changed", idle);
+        m.unmount().unwrap();
+        let out = Command::new("du").args(["-s", "--block-size=1"]).arg(store.path().join("layers")).output().unwrap();
+        let bytes: u64 = String::from_utf8_lossy(&out.stdout).split_whitespace().next().unwrap().parse().unwrap();
+        let layers = std::fs::read_dir(store.path().join("layers")).unwrap().count();
+        println!(
+            "\n{steps} steps wrote {steps} MiB of log; reclaimed {} MiB; the store holds {:.1} MiB ({layers} layers)",
+            reclaimed >> 20,
+            bytes as f64 / (1 << 20) as f64,
+        );
     }
 
     fn baseline_section(&self) {
@@ -483,6 +527,9 @@ fn main() {
     }
     if want("depth") {
         bench.depth_section();
+    }
+    if want("gc") {
+        bench.gc_section();
     }
     if want("baselines") {
         bench.baseline_section();

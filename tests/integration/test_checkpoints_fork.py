@@ -233,6 +233,29 @@ def test_removing_everything_frees_the_filesystem_data(client, daemon, sandboxes
         f"{after - before} KiB of {grown - before} KiB left in {store}; the daemon's log:\n{daemon.log_tail()}"
 
 
+def test_deleting_an_older_checkpoint_frees_what_only_it_read(client, daemon, sandboxes):
+    store = daemon.data_dir / "deltafs"
+    a = sandboxes()
+    sh(a, "mkdir -p /work && head -c 24M /dev/urandom > /work/log")
+    c1 = a.checkpoint(fs_only=True)
+    sh(a, "head -c 24M /dev/urandom > /work/log && echo small > /work/small")
+    digest = sh(a, "md5sum /work/log")
+    c2 = a.checkpoint(fs_only=True)
+    sh(a, "rm /work/log")
+    before = disk_usage_kib(store)
+    # c1's layer stays (c2 is stacked on it), but nothing reads its copy of the log any more.
+    c1.delete()
+    freed = before - disk_usage_kib(store)
+    assert freed >= 20 * 1024, f"{freed} KiB freed; the daemon's log:\n{daemon.log_tail()}"
+    a.rollback(c2)
+    assert sh(a, "md5sum /work/log; cat /work/small") == digest + "small\n"
+    (b,) = c2.fork()
+    sandboxes.add([b])
+    assert sh(b, "md5sum /work/log") == digest
+    with pytest.raises(deltabox.CheckpointNotFound):
+        a.rollback(c1)
+
+
 def test_removing_a_sandbox_frees_its_data_at_once(daemon, sandboxes):
     store = daemon.data_dir / "deltafs"
     for _ in range(3):

@@ -26,6 +26,7 @@ mod image;
 mod journal;
 mod mount;
 mod node;
+mod reclaim;
 mod store;
 mod sys;
 mod volume;

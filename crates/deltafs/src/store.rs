@@ -7,6 +7,7 @@
 //! <store>/layers/<id>/index     optional full tree of the stack ending at this layer        [snapshot]
 //! <store>/layers/<id>/data/<ino> file bytes written in this layer, at their file offsets (sparse)
 //! <store>/layers/<id>/lock      flock'ed by the mount that writes (or just created) the layer
+//! <store>/layers/<id>/hollow    exists once the layer's checkpoint was deleted (kept for descendants)
 //! <store>/bases/<sha256>        id of the base layer indexing a list of image layers
 //! <store>/tmp/<pid>.<rand>      layers under construction, renamed into layers/ when complete
 //! <store>/gc.lock               flock: exclusive during GC, shared while a layer is stacked on a stack
@@ -27,6 +28,7 @@ use sha2::Digest;
 use crate::image::{self, ImageError};
 use crate::journal::{self, JournalError, JournalWriter};
 use crate::node::{LayerId, Tree, PACK_SLOT};
+use crate::reclaim::{self, Family, HOLLOW};
 
 /// Errors of store operations.
 #[derive(Debug, thiserror::Error)]
@@ -45,6 +47,8 @@ pub enum StoreError {
     UnknownStack(StackId),
     #[error("layer {0} is not a completed checkpoint")]
     NotFrozen(StackId),
+    #[error("checkpoint {0} was deleted: its layer is kept only for the checkpoints made after it")]
+    Deleted(StackId),
     #[error("stack {0} does not share this mount's image base: cannot roll back to it")]
     ForeignStack(StackId),
     #[error("layer {layer} names parent {parent}, which is missing")]
@@ -55,7 +59,7 @@ pub enum StoreError {
 
 type Result<T> = std::result::Result<T, StoreError>;
 
-fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
+pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
     move |source| StoreError::Io { path: path.to_owned(), source }
 }
 
@@ -87,6 +91,8 @@ pub struct InvalidStackId(String);
 pub struct GcStats {
     pub layers_deleted: usize,
     pub layers_kept: usize,
+    /// Bytes freed inside layers kept only for the checkpoints made after theirs.
+    pub bytes_reclaimed: u64,
 }
 
 /// One layer of a stack, as [`Store::describe`] reports it.
@@ -129,6 +135,7 @@ pub(crate) struct Loaded {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: Arc<PathBuf>,
+    reclaimed: Arc<parking_lot::Mutex<reclaim::Memory>>,
 }
 
 /// A layer being written by one mount: its journal, its data directory, and the lock that tells
@@ -227,7 +234,7 @@ impl Store {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let store = Store { root: Arc::new(dir.to_owned()) };
+        let store = Store { root: Arc::new(dir.to_owned()), reclaimed: Arc::default() };
         store.clean_tmp()?;
         Ok(store)
     }
@@ -265,7 +272,7 @@ impl Store {
     }
 
     /// A layer's meta and the format version of the layer (which its journal is written in).
-    fn read_meta_and_format(&self, id: LayerId) -> Result<(u32, LayerMeta)> {
+    pub(crate) fn read_meta_and_format(&self, id: LayerId) -> Result<(u32, LayerMeta)> {
         let path = self.layer_dir(id).join("meta");
         if !path.exists() {
             return Err(StoreError::UnknownStack(StackId(id)));
@@ -316,16 +323,32 @@ impl Store {
         Ok(self.root.join("bases").join(hex::encode(hasher.finalize())))
     }
 
-    /// Loads a stack's tree: the nearest stored index below it plus the journals above that index.
-    pub(crate) fn load(&self, stack: StackId) -> Result<Loaded> {
-        let top = stack.0;
-        if !self.layer_dir(top).join("frozen").exists() {
-            if self.layer_dir(top).exists() {
+    /// The format and meta of a stack's top layer, if the stack can be mounted: the layer is a
+    /// completed checkpoint that was not deleted.
+    pub(crate) fn stack_meta(&self, stack: StackId) -> Result<(u32, LayerMeta)> {
+        let dir = self.layer_dir(stack.0);
+        if !dir.join("frozen").exists() {
+            if dir.exists() {
                 return Err(StoreError::NotFrozen(stack));
             }
             return Err(StoreError::UnknownStack(stack));
         }
-        let (top_format, top_meta) = self.read_meta_and_format(top)?;
+        if dir.join(HOLLOW).exists() {
+            return Err(StoreError::Deleted(stack));
+        }
+        self.read_meta_and_format(stack.0)
+    }
+
+    /// Loads a stack's tree: the nearest stored index below it plus the journals above that index.
+    pub(crate) fn load(&self, stack: StackId) -> Result<Loaded> {
+        let (format, meta) = self.stack_meta(stack)?;
+        let tree = self.tree_of(stack.0, format, &meta)?;
+        let images = Arc::new(self.read_meta(meta.base)?.images);
+        Ok(Loaded { tree, meta, images })
+    }
+
+    /// The tree of frozen layer `top` (format and meta already read).
+    pub(crate) fn tree_of(&self, top: LayerId, top_format: u32, top_meta: &LayerMeta) -> Result<Tree> {
         let mut replay = Vec::new();
         let mut cur = top;
         let mut tree = loop {
@@ -343,12 +366,17 @@ impl Store {
             cur = parent;
         };
         for (layer, format) in replay.iter().rev() {
-            for record in journal::read_journal(&self.layer_dir(*layer).join("journal"), *format)? {
-                journal::apply(&mut tree, record);
-            }
+            self.replay(&mut tree, *layer, *format)?;
         }
-        let images = Arc::new(self.read_meta(top_meta.base)?.images);
-        Ok(Loaded { tree, meta: top_meta, images })
+        Ok(tree)
+    }
+
+    /// Applies layer `layer`'s journal (written in format `format`) to `tree`, its parent's tree.
+    pub(crate) fn replay(&self, tree: &mut Tree, layer: LayerId, format: u32) -> Result<()> {
+        for record in journal::read_journal(&self.layer_dir(layer).join("journal"), format)? {
+            journal::apply(tree, record);
+        }
+        Ok(())
     }
 
     /// Creates a new writable layer on top of stack `parent` (already loaded: `parent_meta`).
@@ -445,9 +473,11 @@ impl Store {
     }
 
     /// Deletes every layer that neither a stack in `keep` nor a live mount (a writable layer whose
-    /// lock is held) needs. Stacks share their ancestors' data, so a checkpoint's layer is freed
-    /// only when no kept stack and no live mount descends from it. Writable layers left by a
-    /// killed mount (lock free, never frozen) are deleted.
+    /// lock is held) needs. Stacks share their ancestors' data, so a checkpoint's layer stays while a
+    /// kept stack or a live mount descends from it; of such a layer whose own stack is no longer
+    /// kept, only the bytes the remaining stacks read stay (see `reclaim`), and the stack can no
+    /// longer be mounted ([`StoreError::Deleted`]). Writable layers left by a killed mount (lock
+    /// free, never frozen) are deleted.
     pub fn delete_unreferenced(&self, keep: &[StackId]) -> Result<GcStats> {
         let _gc = self.lock_layers(rustix::fs::FlockOperation::LockExclusive)?;
         let layers_dir = self.root.join("layers");
@@ -458,12 +488,12 @@ impl Store {
                 all.push(id);
             }
         }
-        let mut roots: Vec<LayerId> = keep.iter().map(|s| s.0).collect();
+        let mut live = HashSet::new();
         for id in &all {
             let lock_path = self.layer_dir(*id).join("lock");
             if let Ok(f) = File::open(&lock_path) {
                 if !try_lock(&f).map_err(io_err(&lock_path))? {
-                    roots.push(*id);
+                    live.insert(*id);
                 }
             }
         }
@@ -473,7 +503,7 @@ impl Store {
             parents.insert(*id, parent);
         }
         let mut reached = HashSet::new();
-        for root in roots {
+        for root in keep.iter().map(|s| s.0).chain(live.iter().copied()) {
             let mut cur = Some(root);
             while let Some(id) = cur {
                 if !reached.insert(id) {
@@ -512,7 +542,34 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        tracing::info!(deleted = stats.layers_deleted, kept = stats.layers_kept, "store GC");
+        // The trees that can still be read: kept stacks and what live mounts stand on (a live
+        // layer already frozen is a checkpoint whose next layer is being made).
+        let mut views: HashSet<LayerId> = keep.iter().map(|s| s.0).collect();
+        for id in &live {
+            views.extend(parents.get(id).copied().flatten());
+            if self.layer_dir(*id).join("frozen").exists() {
+                views.insert(*id);
+            }
+        }
+        let hollow: Vec<LayerId> = reached
+            .iter()
+            .copied()
+            .filter(|id| parents.get(id).is_some_and(Option::is_some) && !views.contains(id) && !live.contains(id))
+            .collect();
+        for id in &hollow {
+            let path = self.layer_dir(*id).join(HOLLOW);
+            if !path.exists() {
+                File::create(&path).map_err(io_err(&path))?;
+            }
+        }
+        let family = Family::new(parents.iter().filter_map(|(id, parent)| Some((*id, (*parent)?))));
+        stats.bytes_reclaimed = reclaim::reclaim(self, &mut self.reclaimed.lock(), &hollow, &views, &family)?;
+        tracing::info!(
+            deleted = stats.layers_deleted,
+            kept = stats.layers_kept,
+            reclaimed = stats.bytes_reclaimed,
+            "store GC"
+        );
         Ok(stats)
     }
 }

@@ -1346,8 +1346,8 @@ impl Volume {
         let gc_guard = self.store.lock_layers(rustix::fs::FlockOperation::LockShared)?;
         let mut st = self.state.write();
         let (target, meta) = match st.snapshots.get(&to.0) {
-            Some(tree) => match self.store.read_meta(to.0) {
-                Ok(meta) => (tree.clone(), meta),
+            Some(tree) => match self.store.stack_meta(to) {
+                Ok((_, meta)) => (tree.clone(), meta),
                 Err(e) => {
                     // Deleted by the garbage collector: forget the in-memory tree too.
                     st.snapshots.remove(&to.0);

@@ -634,3 +634,99 @@ fn checkpoints_survive_concurrent_garbage_collections() {
     }
     again.unmount().unwrap();
 }
+
+fn data_bytes_of(store: &deltafs::Store, stack: deltafs::StackId, layer: usize) -> u64 {
+    store.describe(stack).unwrap()[layer].data_bytes
+}
+
+/// Deleting a checkpoint in the middle of a chain frees the bytes that only it read: whole data
+/// files, chunks of partly rewritten files and pack slots of small files; what later checkpoints
+/// read stays, and the deleted checkpoint can no longer be mounted or rolled back to.
+#[test]
+fn deleting_a_middle_checkpoint_frees_the_data_only_it_read() {
+    let Some((fx, _base, m, root)) = mounted(populate) else {
+        return;
+    };
+    std::fs::write(root.join("big"), vec![b'a'; 2 << 20]).unwrap();
+    std::fs::write(root.join("small"), b"old small file").unwrap();
+    std::fs::write(root.join("partial"), vec![b'b'; 1 << 20]).unwrap();
+    let cp1 = m.checkpoint().unwrap();
+    std::fs::write(root.join("big"), vec![b'c'; 2 << 20]).unwrap();
+    std::fs::write(root.join("small"), b"new").unwrap();
+    std::fs::OpenOptions::new().write(true).open(root.join("partial")).unwrap().write_all_at(b"d", 300_000).unwrap();
+    let cp2 = m.checkpoint().unwrap();
+    let expected = snapshot(&root);
+    m.unmount().unwrap();
+    let before = data_bytes_of(&fx.store, cp2, 1);
+    assert!(before >= (3 << 20), "{before}");
+    let stats = fx.store.delete_unreferenced(&[cp2]).unwrap();
+    // big (2 MiB), partial's rewritten chunk (256 KiB) and the old small file's slot (4 KiB).
+    assert!(stats.bytes_reclaimed >= (2 << 20) + (256 << 10) + 4096, "{stats:?}");
+    let after = data_bytes_of(&fx.store, cp2, 1);
+    assert_eq!(before - after, stats.bytes_reclaimed);
+    assert!(after <= (768 << 10) + 8192, "{after}");
+    let again = fx.mount(cp2, "again");
+    assert_eq!(snapshot(again.mountpoint()), expected);
+    match deltafs::mount(&fx.store, cp1, &fx.mountpoint("deleted"), &Default::default()) {
+        Err(e) => assert!(format!("{e:?}").contains("Deleted"), "{e:?}"),
+        Ok(_) => panic!("a deleted checkpoint was mounted"),
+    }
+    assert!(again.rollback(cp1).is_err());
+    // Nothing changed since: nothing more to free, and no work beyond noticing it.
+    assert_eq!(fx.store.delete_unreferenced(&[cp2]).unwrap().bytes_reclaimed, 0);
+    again.unmount().unwrap();
+}
+
+/// A deleted checkpoint's bytes stay while any branch below it reads them, and go with the last.
+#[test]
+fn a_deleted_checkpoint_keeps_what_any_branch_below_reads() {
+    let Some((fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    std::fs::write(root.join("big"), vec![b'a'; 1 << 20]).unwrap();
+    let cp1 = m.checkpoint().unwrap();
+    std::fs::write(root.join("big"), vec![b'x'; 1 << 20]).unwrap();
+    let rewritten = m.checkpoint().unwrap();
+    m.rollback(cp1).unwrap();
+    std::fs::write(root.join("other"), b"y").unwrap();
+    let untouched = m.checkpoint().unwrap();
+    m.unmount().unwrap();
+    let stats = fx.store.delete_unreferenced(&[rewritten, untouched]).unwrap();
+    assert!(stats.bytes_reclaimed < (1 << 20), "{stats:?}");
+    let b = fx.mount(untouched, "untouched");
+    assert_eq!(std::fs::read(b.mountpoint().join("big")).unwrap(), vec![b'a'; 1 << 20]);
+    b.unmount().unwrap();
+    let stats = fx.store.delete_unreferenced(&[rewritten]).unwrap();
+    // `untouched` and the writable layer the mount of it left.
+    assert_eq!(stats.layers_deleted, 2, "{stats:?}");
+    assert!(stats.bytes_reclaimed >= (1 << 20), "{stats:?}");
+    let a = fx.mount(rewritten, "rewritten");
+    assert_eq!(std::fs::read(a.mountpoint().join("big")).unwrap(), vec![b'x'; 1 << 20]);
+    a.unmount().unwrap();
+}
+
+/// A file unlinked while open lives on in the checkpoints taken while it is open: its bytes in a
+/// deleted checkpoint's layer are still read through the descriptor.
+#[test]
+fn an_open_unlinked_file_keeps_its_bytes_when_its_checkpoint_is_deleted() {
+    let Some((fx, _base, m, root)) = mounted(|_| {}) else {
+        return;
+    };
+    let content: Vec<u8> = (0..(1u32 << 20)).map(|i| (i % 251) as u8).collect();
+    std::fs::write(root.join("doomed"), &content).unwrap();
+    let cp1 = m.checkpoint().unwrap();
+    let mut open = std::fs::File::open(root.join("doomed")).unwrap();
+    std::fs::remove_file(root.join("doomed")).unwrap();
+    let cp2 = m.checkpoint().unwrap();
+    let stats = fx.store.delete_unreferenced(&[cp2]).unwrap();
+    assert!(stats.bytes_reclaimed < (1 << 20), "{stats:?}");
+    assert!(data_bytes_of(&fx.store, cp2, 1) >= (1 << 20));
+    // Read from the server, not from the page cache.
+    rustix::fs::fadvise(&open, 0, None, rustix::fs::Advice::DontNeed).unwrap();
+    let mut read = Vec::new();
+    open.read_to_end(&mut read).unwrap();
+    assert!(read == content, "the open file's bytes changed");
+    drop(open);
+    let _ = cp1;
+    m.unmount().unwrap();
+}

@@ -1,6 +1,7 @@
-//! Property test: random operation sequences, including checkpoints, rollbacks and remounts of
-//! earlier checkpoints (branches), on a real mount against an in-memory model of names, inodes
-//! (hard links), contents, allocated blocks, permission bits and an xattr.
+//! Property test: random operation sequences, including checkpoints, rollbacks, remounts of
+//! earlier checkpoints (branches) and deletions of checkpoints (with a garbage collection), on a real
+//! mount against an in-memory model of names, inodes (hard links), contents, allocated blocks,
+//! permission bits and an xattr. At the end every checkpoint still kept is mounted and checked.
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,6 +27,7 @@ enum Op {
     Checkpoint,
     Rollback { to: usize },
     Branch { from: usize },
+    Delete { which: usize },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -45,6 +47,7 @@ fn op() -> impl Strategy<Value = Op> {
         2 => Just(Op::Checkpoint),
         1 => (0usize..8).prop_map(|to| Op::Rollback { to }),
         1 => (0usize..8).prop_map(|from| Op::Branch { from }),
+        1 => (0usize..8).prop_map(|which| Op::Delete { which }),
     ]
 }
 
@@ -231,10 +234,23 @@ fn run(ops: Vec<Op>) {
                 m = next;
                 model = state;
             }
+            Op::Delete { which } => {
+                // The base stays: it stands for the image, which is never a deleted checkpoint.
+                if checkpoints.len() > 1 {
+                    checkpoints.remove(1 + which % (checkpoints.len() - 1));
+                    let keep: Vec<StackId> = checkpoints.iter().map(|(cp, _)| *cp).collect();
+                    fx.store.delete_unreferenced(&keep).unwrap();
+                }
+            }
         }
         check(m.mountpoint(), &model);
     }
     m.unmount().unwrap();
+    for (i, (cp, state)) in checkpoints.iter().enumerate() {
+        let kept = mount(&fx.store, *cp, &fx.mountpoint(&format!("kept{i}")), &fx.options()).unwrap();
+        check(kept.mountpoint(), state);
+        kept.unmount().unwrap();
+    }
 }
 
 proptest! {

@@ -681,9 +681,12 @@ impl Engine {
         };
         let store = self.fs.clone();
         match tokio::task::spawn_blocking(move || store.delete_unreferenced(&keep)).await {
-            Ok(Ok(stats)) if stats.layers_deleted > 0 => {
-                tracing::info!(deleted = stats.layers_deleted, kept = stats.layers_kept, "freed filesystem layers")
-            }
+            Ok(Ok(stats)) if stats.layers_deleted > 0 || stats.bytes_reclaimed > 0 => tracing::info!(
+                deleted = stats.layers_deleted,
+                kept = stats.layers_kept,
+                reclaimed_bytes = stats.bytes_reclaimed,
+                "freed filesystem layers"
+            ),
             Ok(Ok(_)) => {}
             Ok(Err(e)) => tracing::error!("filesystem garbage collection failed: {e}"),
             Err(e) => tracing::error!("filesystem garbage collection panicked: {e}"),

@@ -92,7 +92,10 @@ fn main() -> anyhow::Result<()> {
         }
         Cmd::Gc { keep } => {
             let stats = store.delete_unreferenced(&keep).context("collecting garbage")?;
-            println!("deleted {} layers, kept {}", stats.layers_deleted, stats.layers_kept);
+            println!(
+                "deleted {} layers, kept {}, freed {} bytes of deleted checkpoints in kept layers",
+                stats.layers_deleted, stats.layers_kept, stats.bytes_reclaimed
+            );
         }
     }
     Ok(())

@@ -3,6 +3,7 @@ state, roll back, and check that they continue exactly from the checkpoint — s
 newer, and in forks."""
 
 import json
+import subprocess
 import time
 
 import pytest
@@ -308,3 +309,47 @@ def test_unsupported_resources_fail_the_checkpoint_with_the_reason(client, sandb
     files_only = sandbox.checkpoint(fs_only=True)
     assert (files_only.kind, files_only.parent) == ("filesystem", first.id)
     assert [c.id for c in sandbox.checkpoints()] == [first.id, files_only.id]
+
+
+PY_HOLDER = r"""
+import hashlib, os, signal, time
+blob = bytearray(os.urandom(128 << 20))
+def report(*_):
+    with open("/root/digest.tmp", "w") as f:
+        f.write(hashlib.sha256(blob).hexdigest())
+    os.replace("/root/digest.tmp", "/root/digest")
+signal.signal(signal.SIGUSR1, report)
+report()
+while True:
+    time.sleep(1)
+"""
+
+
+def disk_usage_kib(path):
+    return int(subprocess.run(["du", "-sk", str(path)], capture_output=True, text=True, check=True).stdout.split()[0])
+
+
+def test_back_to_back_checkpoints_write_incremental_images(client, daemon, sandbox):
+    """Checkpoints taken while the previous image is still being written stay incremental (each image is
+    published after its parent), and a fork restored from the newest image has the whole memory."""
+    sandbox.files.write("/root/holder.py", PY_HOLDER.encode())
+    run(sandbox.session("main"), "python3 /root/holder.py & disown")
+    digest = wait_until(lambda: sandbox.files.read_text("/root/digest") if sandbox.files.exists("/root/digest")
+                        else None)
+    images = daemon.data_dir / "deltacr"
+    before = disk_usage_kib(images)
+    checkpoints = [sandbox.checkpoint() for _ in range(3)]
+    wait_until(lambda: all(client.checkpoint(c.id).durable for c in checkpoints), timeout=120)
+    grown = disk_usage_kib(images) - before
+    # One image with the 128 MiB, two with what changed since (the interpreter's own churn).
+    assert 128 * 1024 <= grown < (128 + 2 * 16) * 1024, f"{grown} KiB of images for 3 checkpoints"
+    sandbox.files.remove("/root/digest")
+    (fork,) = checkpoints[-1].fork()
+    try:
+        signal_holder = ("n=0; for p in /proc/[0-9]*; do if grep -qs 'holder[.]py' $p/cmdline; then "
+                         "kill -USR1 ${p#/proc/} && n=$((n+1)); fi; done; [ $n = 1 ]")
+        run(fork.session("probe"), signal_holder)
+        assert wait_until(lambda: fork.files.read_text("/root/digest") if fork.files.exists("/root/digest")
+                          else None) == digest
+    finally:
+        fork.delete()

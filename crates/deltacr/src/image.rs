@@ -600,6 +600,13 @@ impl ImageJob {
         self.id
     }
 
+    /// The same image with every page in it, for when its parent's image could not be written.
+    pub fn without_parent(mut self) -> ImageJob {
+        self.parent = None;
+        self.parent_pages.clear();
+        self
+    }
+
     /// Writes the image into `store` and returns its id and sizes. A failed write (a full disk...)
     /// leaves nothing behind.
     pub fn write(self, store: &ImageStore) -> Result<ImageInfo, ImageError> {

@@ -1,5 +1,6 @@
 //! Durable images: restore without templates (also into another pid namespace), incremental images
-//! that store only changed pages, compaction, and refusal of corrupted or truncated images.
+//! that store only changed pages, an image written whole when its parent is missing, compaction, and
+//! refusal of corrupted or truncated images.
 
 mod common;
 
@@ -58,6 +59,17 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     assert_eq!(store.open_chain(i2.id).unwrap().len(), 2);
     let describe = store.open(i2.id).unwrap().describe();
     assert!(describe.contains(&format!("parent {}", i1.id)), "{describe}");
+
+    // An image whose parent's write failed is written whole, under the id it was given.
+    sb.freezer.freeze().unwrap();
+    let c3 = engine.checkpoint(&sb).unwrap();
+    let job = c3.image_job(Some((&c2, i2.id))).unwrap();
+    let id3 = job.id();
+    let i3 = job.without_parent().write(&store).unwrap();
+    assert_eq!((i3.id, i3.parent, i3.parent_bytes), (id3, None, 0));
+    assert!(i3.page_bytes > 8 << 20, "the whole 8 MB buffer: {i3:?}");
+    assert_eq!(store.open_chain(i3.id).unwrap().len(), 1);
+    drop(c3);
 
     wait_for(|| (counter_lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
     let after = counter_lines(&out);

@@ -4,8 +4,7 @@
 //! processes → thaw.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
 use anyhow::{anyhow, Context};
@@ -93,8 +92,46 @@ pub struct Parts {
 struct Kept {
     ckpt: deltacr::Checkpoint,
     image: ImageId,
-    /// Set once the image is on disk: only then may it be the parent of an incremental image.
-    written: Arc<AtomicBool>,
+    write: Arc<ImageWrite>,
+}
+
+/// How the write of a checkpoint's image ended: `None` while it runs, then whether it succeeded.
+#[derive(Default)]
+struct ImageWrite {
+    outcome: Mutex<Option<bool>>,
+    ended: Condvar,
+}
+
+impl ImageWrite {
+    /// Records the outcome (the first one recorded stands).
+    fn end(&self, ok: bool) {
+        let mut outcome = self.outcome.lock().expect("image write lock");
+        if outcome.is_none() {
+            *outcome = Some(ok);
+            self.ended.notify_all();
+        }
+    }
+
+    fn succeeded(&self) -> bool {
+        *self.outcome.lock().expect("image write lock") == Some(true)
+    }
+
+    /// Waits until the write ended; whether it succeeded.
+    fn wait(&self) -> bool {
+        let outcome = self.outcome.lock().expect("image write lock");
+        let outcome = self.ended.wait_while(outcome, |o| o.is_none()).expect("image write lock");
+        *outcome == Some(true)
+    }
+}
+
+/// Records a failed write if the writer thread ends without an outcome (a panic): images waiting
+/// for it as their parent must not wait for ever.
+struct EndsWrite(Arc<ImageWrite>);
+
+impl Drop for EndsWrite {
+    fn drop(&mut self) {
+        self.0.end(false);
+    }
 }
 
 /// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
@@ -258,24 +295,31 @@ impl Worker {
         // Thaws the sandbox, also when it fails (the filesystem checkpoint is then simply not used).
         let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.parts.cgroup))?;
         let stopped_ms = ms(started);
-        let parent = parent.as_ref().and_then(|p| self.kept.get(p)).filter(|k| k.written.load(Ordering::SeqCst));
+        let parent = parent.as_ref().and_then(|p| self.kept.get(p));
         let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image)))?;
+        let parent_write = parent.map(|k| k.write.clone());
         let image = job.id();
         let count = ckpt.tree.processes.len();
-        let written = Arc::new(AtomicBool::new(false));
+        let write = Arc::new(ImageWrite::default());
         let (done_tx, done_rx) = oneshot::channel();
-        let (store, flag) = (self.parts.images.clone(), written.clone());
+        let (store, ends) = (self.parts.images.clone(), EndsWrite(write.clone()));
         // The image is written while the sandbox runs again (from the templates, which do not change).
         std::thread::Builder::new()
             .name("deltacr-image".into())
             .spawn(move || {
+                // An image is published after its parent (a restore reads the whole chain). Back-to-back
+                // checkpoints thus stay incremental; if the parent's write failed, this one is written whole.
+                let job = match parent_write {
+                    Some(parent) if !parent.wait() => job.without_parent(),
+                    _ => job,
+                };
                 let result = job.write(&store).map(|info| info.page_bytes).map_err(anyhow::Error::from);
-                flag.store(result.is_ok(), Ordering::SeqCst);
+                ends.0.end(result.is_ok());
                 let _ = done_tx.send(result);
                 compact_if_long(&store, image);
             })
             .context("start the image writer")?;
-        self.kept.insert(stack.clone(), Kept { ckpt, image, written });
+        self.kept.insert(stack.clone(), Kept { ckpt, image, write });
         self.order.push_back(stack.clone());
         self.limit_templates();
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
@@ -300,7 +344,7 @@ impl Worker {
     fn limit_templates(&mut self) {
         while self.order.len() > MAX_TEMPLATES {
             let oldest = self.order.front().expect("not empty").clone();
-            if !self.kept.get(&oldest).is_some_and(|k| k.written.load(Ordering::SeqCst)) {
+            if !self.kept.get(&oldest).is_some_and(|k| k.write.succeeded()) {
                 break;
             }
             self.order.pop_front();
@@ -357,5 +401,37 @@ impl Worker {
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let mut images = self.parts.images.open_chain(image).context("open the image")?;
         Ok(self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.parts.cgroup))?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_child_image_waits_for_its_parents_outcome() {
+        let parent = Arc::new(ImageWrite::default());
+        let waiter = {
+            let parent = parent.clone();
+            std::thread::spawn(move || parent.wait())
+        };
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        assert!(!waiter.is_finished(), "returned before the parent's write ended");
+        parent.end(true);
+        parent.end(false);
+        assert!(waiter.join().unwrap());
+        assert!(parent.succeeded(), "the first outcome stands");
+    }
+
+    #[test]
+    fn a_writer_that_ends_without_an_outcome_counts_as_failed() {
+        let write = Arc::new(ImageWrite::default());
+        let ends = EndsWrite(write.clone());
+        let _ = std::thread::spawn(move || {
+            let _ends = ends;
+            panic!("writer died");
+        })
+        .join();
+        assert!(!write.wait());
     }
 }

@@ -174,9 +174,9 @@ pub(crate) fn reclaim(
             look
         }
     };
-    let mut refs = scan_views(store, &look, views, family)?;
+    let (mut refs, covered) = scan_views(store, &look, views, family)?;
     let mut freed = 0;
-    for layer in look.drain() {
+    for layer in look.drain().filter(|l| covered.contains(l)) {
         let mut read = refs.0.remove(&layer).unwrap_or_default();
         let fingerprint = read.settle();
         if memory.reclaimed.get(&layer) == Some(&fingerprint) {
@@ -189,19 +189,27 @@ pub(crate) fn reclaim(
     Ok(freed)
 }
 
-/// Notes what every view below the layers of `look` reads of them. The views below one topmost
-/// layer of `look` are reached from the deepest layer they all descend from: its tree is loaded
-/// once, and each layer below it is its parent's tree plus its own journal, so the trees share
-/// structure and each view costs only what differs from the one scanned before it.
-fn scan_views(store: &Store, look: &HashSet<LayerId>, views: &HashSet<LayerId>, family: &Family) -> Result<Refs> {
-    let mut refs = Refs::default();
+/// Notes what every view below the layers of `look` reads of them, and returns which layers of
+/// `look` that covers (a layer with no view below would not be, though every kept layer has one).
+/// The views below one topmost layer of `look` are reached from the deepest layer they all descend
+/// from: its tree is loaded once, and each layer below it is its parent's tree plus its own journal,
+/// so the trees share structure and each view costs only what differs from the one scanned before it.
+fn scan_views(
+    store: &Store,
+    look: &HashSet<LayerId>,
+    views: &HashSet<LayerId>,
+    family: &Family,
+) -> Result<(Refs, HashSet<LayerId>)> {
+    let (mut refs, mut covered) = (Refs::default(), HashSet::new());
     for &top in look {
         if family.ancestors(top).any(|l| look.contains(&l)) {
             continue;
         }
-        let below: Vec<LayerId> = family.subtree(top).into_iter().filter(|l| views.contains(l)).collect();
+        let subtree = family.subtree(top);
+        let below: Vec<LayerId> = subtree.iter().copied().filter(|l| views.contains(l)).collect();
         let paths: Vec<Vec<LayerId>> = below.iter().map(|v| family.path(top, *v)).collect();
         let Some(first) = paths.first() else { continue };
+        covered.extend(subtree.into_iter().filter(|l| look.contains(l)));
         let common = (0..first.len()).take_while(|i| paths.iter().all(|p| p.get(*i) == first.get(*i))).count();
         let start = first[common - 1];
         let needed: HashSet<LayerId> = paths.iter().flat_map(|p| p[common - 1..].iter().copied()).collect();
@@ -221,7 +229,7 @@ fn scan_views(store: &Store, look: &HashSet<LayerId>, views: &HashSet<LayerId>, 
             }
         }
     }
-    Ok(refs)
+    Ok((refs, covered))
 }
 
 /// Deletes or punches out the data of `layer` that the views do not read; returns the bytes freed.

@@ -157,19 +157,18 @@ impl Refs {
 pub(crate) fn reclaim(
     store: &Store,
     memory: &mut Memory,
-    hollow: &[LayerId],
+    hollow: &HashSet<LayerId>,
     views: &HashSet<LayerId>,
     family: &Family,
 ) -> Result<u64> {
-    let hollow_set: HashSet<LayerId> = hollow.iter().copied().collect();
-    memory.reclaimed.retain(|layer, _| hollow_set.contains(layer));
+    memory.reclaimed.retain(|layer, _| hollow.contains(layer));
     let mut look: HashSet<LayerId> = match memory.views.take() {
-        None => hollow_set.clone(),
+        None => hollow.clone(),
         Some(last) => {
             let mut look: HashSet<LayerId> =
                 hollow.iter().copied().filter(|l| !memory.reclaimed.contains_key(l)).collect();
             for gone in last.difference(views) {
-                look.extend(family.ancestors(*gone).filter(|l| hollow_set.contains(l)));
+                look.extend(family.ancestors(*gone).filter(|l| hollow.contains(l)));
             }
             look
         }

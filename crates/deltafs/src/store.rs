@@ -135,7 +135,18 @@ pub(crate) struct Loaded {
 #[derive(Debug, Clone)]
 pub struct Store {
     root: Arc<PathBuf>,
-    reclaimed: Arc<parking_lot::Mutex<reclaim::Memory>>,
+    gc: Arc<parking_lot::Mutex<GcMemory>>,
+}
+
+/// What this process's garbage collections learnt that stays true, so a collection reads only what
+/// is new: the parents of frozen layers (a frozen layer never changes and holds no lock while a
+/// collection runs: `checkpoint` holds `gc.lock` until its next layer is locked), the layers marked
+/// hollow, and what `reclaim` did.
+#[derive(Debug, Default)]
+struct GcMemory {
+    frozen: HashMap<LayerId, Option<LayerId>>,
+    hollow: HashSet<LayerId>,
+    reclaim: reclaim::Memory,
 }
 
 /// A layer being written by one mount: its journal, its data directory, and the lock that tells
@@ -234,7 +245,7 @@ impl Store {
             let p = dir.join(sub);
             std::fs::create_dir_all(&p).map_err(io_err(&p))?;
         }
-        let store = Store { root: Arc::new(dir.to_owned()), reclaimed: Arc::default() };
+        let store = Store { root: Arc::new(dir.to_owned()), gc: Arc::default() };
         store.clean_tmp()?;
         Ok(store)
     }
@@ -488,19 +499,29 @@ impl Store {
                 all.push(id);
             }
         }
+        let mut memory = self.gc.lock();
+        let memory = &mut *memory;
+        let listed: HashSet<LayerId> = all.iter().copied().collect();
+        memory.frozen.retain(|id, _| listed.contains(id));
         let mut live = HashSet::new();
+        let mut parents: HashMap<LayerId, Option<LayerId>> = HashMap::new();
         for id in &all {
-            let lock_path = self.layer_dir(*id).join("lock");
+            if let Some(parent) = memory.frozen.get(id) {
+                parents.insert(*id, *parent);
+                continue;
+            }
+            let dir = self.layer_dir(*id);
+            let lock_path = dir.join("lock");
             if let Ok(f) = File::open(&lock_path) {
                 if !try_lock(&f).map_err(io_err(&lock_path))? {
                     live.insert(*id);
                 }
             }
-        }
-        let mut parents: HashMap<LayerId, Option<LayerId>> = HashMap::new();
-        for id in &all {
-            let parent = self.read_meta(*id).ok().and_then(|m| m.parent);
-            parents.insert(*id, parent);
+            let meta = self.read_meta(*id).ok();
+            parents.insert(*id, meta.as_ref().and_then(|m| m.parent));
+            if let Some(meta) = meta.filter(|_| !live.contains(id) && dir.join("frozen").exists()) {
+                memory.frozen.insert(*id, meta.parent);
+            }
         }
         let mut reached = HashSet::new();
         for root in keep.iter().map(|s| s.0).chain(live.iter().copied()) {
@@ -551,19 +572,21 @@ impl Store {
                 views.insert(*id);
             }
         }
-        let hollow: Vec<LayerId> = reached
+        let hollow: HashSet<LayerId> = reached
             .iter()
             .copied()
             .filter(|id| parents.get(id).is_some_and(Option::is_some) && !views.contains(id) && !live.contains(id))
             .collect();
+        memory.hollow.retain(|id| hollow.contains(id));
         for id in &hollow {
             let path = self.layer_dir(*id).join(HOLLOW);
-            if !path.exists() {
+            if !memory.hollow.contains(id) && !path.exists() {
                 File::create(&path).map_err(io_err(&path))?;
             }
+            memory.hollow.insert(*id);
         }
         let family = Family::new(parents.iter().filter_map(|(id, parent)| Some((*id, (*parent)?))));
-        stats.bytes_reclaimed = reclaim::reclaim(self, &mut self.reclaimed.lock(), &hollow, &views, &family)?;
+        stats.bytes_reclaimed = reclaim::reclaim(self, &mut memory.reclaim, &hollow, &views, &family)?;
         tracing::info!(
             deleted = stats.layers_deleted,
             kept = stats.layers_kept,

@@ -1,6 +1,7 @@
 //! File endpoints: the daemon works on the sandbox's root as `/proc/<init>/root` through
 //! `sandbox::files`, which resolves every path inside the sandbox (see docs/files.md).
 
+use std::io::Read;
 use std::sync::Arc;
 
 use axum::body::Body;
@@ -9,7 +10,7 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use futures_util::TryStreamExt;
+use futures_util::{StreamExt, TryStreamExt};
 use sandbox::files::{FilesError, SandboxRoot, WriteOptions};
 use sandbox::userns::{IdMap, IDS_PER_SANDBOX};
 use serde::Deserialize;
@@ -118,19 +119,38 @@ fn body_reader(body: Body) -> SyncIoBridge<impl tokio::io::AsyncRead + Unpin> {
     SyncIoBridge::new(StreamReader::new(stream))
 }
 
+/// Files up to this size are read whole before the answer starts, so the answer's length is that of
+/// the bytes read even when the sandbox rewrites the file meanwhile. A larger file streams without a
+/// length (chunked) and ends where reading ends: a length taken from `fstat` broke the connection when
+/// the file shrank while it was sent.
+const READ_WHOLE: u64 = 1 << 20;
+
 async fn read(
     State(engine): AppState,
     ApiPath(id): ApiPath<String>,
     ApiQuery(q): ApiQuery<PathQuery>,
 ) -> ApiResult<Response> {
     let root = root(&engine, &id).await?;
-    let (file, stat) = blocking(move || root.open_read(&q.path)).await?;
-    let stream = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
-    Ok(Response::builder()
-        .header(header::CONTENT_TYPE, "application/octet-stream")
-        .header(header::CONTENT_LENGTH, stat.size)
-        .body(Body::from_stream(stream))
-        .expect("valid response"))
+    let (file, head) = blocking(move || {
+        let (mut file, _) = root.open_read(&q.path)?;
+        let mut head = Vec::new();
+        (&mut file).take(READ_WHOLE + 1).read_to_end(&mut head).map_err(|source| FilesError::Io {
+            op: "read",
+            path: q.path,
+            source,
+        })?;
+        Ok((file, head))
+    })
+    .await?;
+    let response = Response::builder().header(header::CONTENT_TYPE, "application/octet-stream");
+    let response = if head.len() as u64 <= READ_WHOLE {
+        response.header(header::CONTENT_LENGTH, head.len()).body(Body::from(head))
+    } else {
+        let rest = tokio_util::io::ReaderStream::new(tokio::fs::File::from_std(file));
+        let head = futures_util::stream::once(async { Ok::<_, std::io::Error>(axum::body::Bytes::from(head)) });
+        response.body(Body::from_stream(head.chain(rest)))
+    };
+    Ok(response.expect("valid response"))
 }
 
 async fn write(

@@ -271,8 +271,7 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
     # process group whose leader is gone. With "exec_pipe" the program keeps writing to the exec's output
     # pipe, whose reader (the supervisor) is not part of the checkpoint: restored, its writes must still
     # succeed (sh dies of SIGPIPE otherwise).
-    # The count is renamed into place: a read racing `>`'s truncation could see NUL bytes (docs/deltafs.md).
-    loop = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/n.new; mv /root/n.new /root/n; sleep 0.05; done"
+    loop = "i=0; while :; do i=$((i+1)); echo $i; echo $i > /root/n; sleep 0.05; done"
     command = f"nohup sh -c '{loop}' >/dev/null 2>&1 &" if output == "redirected" else f"sh -c '{loop}' &"
     sandbox.exec(["sh", "-c", command]).check()
     wait_until(lambda: sandbox.files.exists("/root/n"))

@@ -341,11 +341,13 @@ impl fuser::Filesystem for DeltaFs {
         _fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
+        flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        reply_data(reply, self.vol().read(ino.0, offset, size));
+        // Direct reads are sent whatever the kernel's size: only cached ones can race a truncation.
+        let cached = flags.0 & libc::O_DIRECT == 0;
+        reply_data(reply, self.vol().read(ino.0, offset, size, cached));
     }
 
     fn write(

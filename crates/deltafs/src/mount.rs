@@ -147,6 +147,19 @@ pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOption
     let mount_err = |source| MountError::Mount { path: mountpoint.to_owned(), source };
     let session = fuser::Session::new(fs, mountpoint, &config).map_err(mount_err)?;
     let notifier = session.notifier();
+    let (raced_reads, inodes) = std::sync::mpsc::channel::<u64>();
+    let raced_notifier = session.notifier();
+    std::thread::Builder::new()
+        .name("deltafs-raced".into())
+        .spawn(move || {
+            for ino in inodes {
+                if let Err(e) = raced_notifier.inval_inode(fuser::INodeNo(ino), 0, 0) {
+                    tracing::trace!(ino, error = %e, "inval_inode after a read that raced a truncation");
+                }
+            }
+        })
+        .map_err(mount_err)?;
+    vol.set_raced_reads(raced_reads);
     // fuser serves the session's own fd with its last thread and cloned fds with the others: one
     // thread spins during bursts, the rest block.
     let busy_poll = busy_poll.map(|poll| poll.start(session.as_fd())).transpose().map_err(mount_err)?;

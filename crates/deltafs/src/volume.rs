@@ -280,7 +280,33 @@ struct State {
     /// released below since (chunks copied up). The count catches up when it is shown or
     /// journaled, so a stream of writes costs no `fstat` each. Keys are a subset of `pending`.
     layer_blocks: HashMap<Ino, u64>,
+    /// Small files just emptied by a truncation, with the bytes they had (see [`Emptied`]).
+    emptied: HashMap<Ino, Emptied>,
 }
+
+/// The bytes a file had before a truncation emptied it, kept for a moment while it stays empty.
+///
+/// While a SETATTR that shrinks a file is in flight the kernel keeps the old `i_size`
+/// (`FUSE_I_SIZE_UNSTABLE`). A READ it sends meanwhile that the server answers after truncating
+/// comes back short; the kernel zero-fills the page and the reader gets the old length of NUL
+/// bytes, a state the file never had. Once the kernel has applied the truncation to 0 it sends no
+/// READ for the file (it reads nothing past `i_size`), so a READ of a file that is still empty is
+/// such a racing one: it gets the old bytes, as a read just before the truncation would have. The
+/// inode's cached pages are then dropped ([`Volume::set_raced_reads`]): a reader that read the old
+/// size before the truncation but inserted its page after the kernel truncated the cache would
+/// otherwise leave the old bytes cached past the end of the file.
+#[derive(Debug)]
+struct Emptied {
+    bytes: Vec<u8>,
+    at: std::time::Instant,
+}
+
+/// Files up to this size keep their bytes in [`Emptied`] when truncated to 0.
+const EMPTIED_MAX: u64 = 64 * 1024;
+/// How long, and for how many files, [`Emptied`] bytes are kept: racing READs come within
+/// microseconds of the truncation.
+const EMPTIED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
+const EMPTIED_FILES: usize = 64;
 
 #[derive(Debug)]
 pub(crate) struct Volume {
@@ -294,6 +320,8 @@ pub(crate) struct Volume {
     /// while the kernel holds it (open files and mappings hold their inode).
     lookups: Mutex<HashMap<Ino, u64>>,
     files: Mutex<HashMap<FileKey, Arc<File>>>,
+    /// Inodes whose page cache must be dropped after a READ that raced a truncation (see [`Emptied`]).
+    raced_reads: Mutex<Option<std::sync::mpsc::Sender<Ino>>>,
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
     generations: Mutex<HashMap<Ino, u64>>,
     /// Listings by directory, with the entry map they were made from (valid while it is unchanged).
@@ -357,14 +385,22 @@ impl Volume {
                 snapshots: HashMap::new(),
                 pending: BTreeSet::new(),
                 layer_blocks: HashMap::new(),
+                emptied: HashMap::new(),
             }),
             generations: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
+            raced_reads: Mutex::new(None),
             listings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
         }
+    }
+
+    /// Where to send inodes whose cached pages a thread outside the FUSE session must invalidate
+    /// (the serving thread itself must not wait for pages that requests it has yet to answer lock).
+    pub fn set_raced_reads(&self, inodes: std::sync::mpsc::Sender<Ino>) {
+        *self.raced_reads.lock() = Some(inodes);
     }
 
     /// Journals the state of files changed by writes (`only` one, or all).
@@ -926,13 +962,24 @@ impl Volume {
         Ok(())
     }
 
-    pub fn read(&self, ino: Ino, offset: u64, size: u32) -> OpResult<Vec<u8>> {
+    /// `cached`: a read through the page cache (not `O_DIRECT`), which the kernel sends only below
+    /// the size it knows (see [`Emptied`]).
+    pub fn read(&self, ino: Ino, offset: u64, size: u32, cached: bool) -> OpResult<Vec<u8>> {
         let st = self.state.read();
         let Kind::File(content) = &st.node(ino).map_err(|_| Errno::ESTALE)?.kind else {
             return Err(Errno::EISDIR);
         };
         if offset >= content.size {
-            return Ok(Vec::new());
+            let old = st.emptied.get(&ino).filter(|e| cached && e.at.elapsed() < EMPTIED_FOR);
+            return Ok(match old {
+                Some(e) if content.size == 0 && offset < e.bytes.len() as u64 => {
+                    if let Some(raced) = &*self.raced_reads.lock() {
+                        let _ = raced.send(ino);
+                    }
+                    e.bytes[offset as usize..(offset + u64::from(size)).min(e.bytes.len() as u64) as usize].to_vec()
+                }
+                _ => Vec::new(),
+            });
         }
         let len = (content.size - offset).min(u64::from(size)) as usize;
         let mut buf = vec![0u8; len];
@@ -1230,6 +1277,12 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
+        let mut emptied = None;
+        if size == 0 && content.size > 0 && content.size <= EMPTIED_MAX {
+            let mut bytes = vec![0u8; content.size as usize];
+            self.read_content(ino, &content, 0, &mut bytes)?;
+            emptied = Some(bytes);
+        }
         if content.pack_slot().is_some() && size <= PACK_SLOT {
             let slot = self.own_slot(st, ino, &mut content)?;
             // Bytes past the size read as zeros if the file grows again; an empty file has no block.
@@ -1248,6 +1301,10 @@ impl Volume {
         n.kind = Kind::File(content);
         n.attr.mtime = now;
         n.attr.ctime = now;
+        st.emptied.retain(|i, e| *i != ino && e.at.elapsed() < EMPTIED_FOR);
+        if let Some(bytes) = emptied.filter(|_| st.emptied.len() < EMPTIED_FILES) {
+            st.emptied.insert(ino, Emptied { bytes, at: std::time::Instant::now() });
+        }
         Ok(())
     }
 
@@ -1400,6 +1457,7 @@ impl Volume {
         st.tree.next_ino = next_ino;
         st.pending.clear();
         st.layer_blocks.clear();
+        st.emptied.clear();
         let old = std::mem::replace(&mut st.layer, next);
         st.log(&[Record::NextIno(next_ino)])
             .map_err(|e| StoreError::Io { path: st.layer.dir.join("journal"), source: io::Error::from(e) })?;

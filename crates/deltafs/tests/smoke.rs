@@ -395,3 +395,62 @@ fn a_burst_of_requests_turns_busy_polling_on_and_quiet_turns_it_off() {
     assert_eq!(std::fs::read(root.join("after")).unwrap(), b"x");
     m.unmount().unwrap();
 }
+
+/// A read racing a truncation sees the old bytes, nothing, or the new bytes, as on ext4 — never the
+/// old length of NUL bytes (the kernel's zero-filled page while the truncation is in flight; see
+/// `Emptied` in volume.rs). Both ways of truncating: `O_TRUNC` (a SETATTR when opens are not sent to
+/// the server) and `ftruncate`.
+#[test]
+fn reads_racing_a_truncation_never_see_nul_bytes() {
+    use std::os::unix::fs::OpenOptionsExt;
+    for how in BOTH_MODES {
+        let Some((_fx, _base, m, root)) = mounted_with(how, |_| {}) else {
+            return;
+        };
+        let path = root.join("n");
+        std::fs::write(&path, b"0\n").unwrap();
+        for use_ftruncate in [false, true] {
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let writer = {
+                let (path, stop) = (path.clone(), stop.clone());
+                std::thread::spawn(move || {
+                    let fd = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+                    let mut i = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        i += 1;
+                        let line = format!("{i}\n");
+                        if use_ftruncate {
+                            fd.set_len(0).unwrap();
+                            fd.write_all_at(line.as_bytes(), 0).unwrap();
+                        } else {
+                            std::fs::write(&path, line).unwrap();
+                        }
+                    }
+                })
+            };
+            let (mut reads, mut nul) = (0, 0);
+            let start = std::time::Instant::now();
+            while start.elapsed() < std::time::Duration::from_secs(2) {
+                let data = std::fs::read(&path).unwrap();
+                reads += 1;
+                let a_line = data.ends_with(b"\n") && data[..data.len() - 1].iter().all(u8::is_ascii_digit);
+                if !data.is_empty() && !a_line {
+                    nul += 1;
+                }
+            }
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            writer.join().unwrap();
+            assert_eq!(nul, 0, "{nul} of {reads} reads saw bytes the file never held (ftruncate: {use_ftruncate})");
+        }
+        // Emptied and not racing: a read finds nothing, cached or direct.
+        let fd = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        fd.set_len(0).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"");
+        let mut direct = std::fs::OpenOptions::new().read(true).custom_flags(libc::O_DIRECT).open(&path).unwrap();
+        let mut got = Vec::new();
+        direct.read_to_end(&mut got).unwrap();
+        assert_eq!(got, b"");
+        drop((fd, direct));
+        m.unmount().unwrap();
+    }
+}

@@ -1277,12 +1277,13 @@ impl Volume {
         let Kind::File(mut content) = st.node(ino)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };
-        let mut emptied = None;
-        if size == 0 && content.size > 0 && content.size <= EMPTIED_MAX {
-            let mut bytes = vec![0u8; content.size as usize];
-            self.read_content(ino, &content, 0, &mut bytes)?;
-            emptied = Some(bytes);
-        }
+        // Best effort: only a read racing this truncation needs them, so failing to read them fails nothing.
+        let emptied = (size == 0 && content.size > 0 && content.size <= EMPTIED_MAX)
+            .then(|| {
+                let mut bytes = vec![0u8; content.size as usize];
+                self.read_content(ino, &content, 0, &mut bytes).ok().map(|()| bytes)
+            })
+            .flatten();
         if content.pack_slot().is_some() && size <= PACK_SLOT {
             let slot = self.own_slot(st, ino, &mut content)?;
             // Bytes past the size read as zeros if the file grows again; an empty file has no block.

@@ -563,15 +563,10 @@ impl Store {
                 let _ = std::fs::remove_file(entry.path());
             }
         }
-        // The trees that can still be read: kept stacks and what live mounts stand on (a live
-        // layer already frozen is a checkpoint whose next layer is being made).
+        // The trees that can still be read: kept stacks and what live mounts stand on (a live layer
+        // is never frozen here: `checkpoint` holds `gc.lock` until its next layer is locked).
         let mut views: HashSet<LayerId> = keep.iter().map(|s| s.0).collect();
-        for id in &live {
-            views.extend(parents.get(id).copied().flatten());
-            if self.layer_dir(*id).join("frozen").exists() {
-                views.insert(*id);
-            }
-        }
+        views.extend(live.iter().filter_map(|id| parents.get(id).copied().flatten()));
         let hollow: HashSet<LayerId> = reached
             .iter()
             .copied()

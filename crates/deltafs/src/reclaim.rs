@@ -278,7 +278,12 @@ fn keep_only(path: &Path, kept: &mut [(u64, u64)]) -> io::Result<u64> {
     let file = File::options().write(true).open(path)?;
     let punch = |from: u64, to: u64| -> io::Result<()> {
         if to > from {
-            rustix::fs::fallocate(&file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, from, to - from)?;
+            match rustix::fs::fallocate(&file, FallocateFlags::PUNCH_HOLE | FallocateFlags::KEEP_SIZE, from, to - from)
+            {
+                // A store filesystem without hole punching (DeltaFS supports those) keeps the bytes.
+                Ok(()) | Err(rustix::io::Errno::OPNOTSUPP) => {}
+                Err(e) => return Err(e.into()),
+            }
         }
         Ok(())
     };

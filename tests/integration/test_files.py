@@ -46,7 +46,8 @@ def test_reading_a_file_the_sandbox_keeps_rewriting(debian, files):
     """Each read answers bytes the file held, whole; it never breaks the connection when the file shrinks or grows
     while it is read (the answer's length was taken from fstat before), and a read racing the truncation of `>`
     never sees the old length as NUL bytes (docs/deltafs.md, "Reading while another process truncates")."""
-    inside(debian, "rm -f /tmp/stop; mkdir -p /work && (i=0; while [ ! -e /tmp/stop ] && [ $i -lt 100000 ]; do "
+    # Both files exist before the loop starts, so every read below must find them.
+    inside(debian, "rm -f /tmp/stop; mkdir -p /work && echo 0 > /work/n && : > /work/z && (i=0; while [ ! -e /tmp/stop ] && [ $i -lt 100000 ]; do "
                    "i=$((i+1)); echo $i > /work/n; head -c $((i % 3000)) /dev/zero > /work/z; done) "
                    ">/dev/null 2>&1 &")
     try:

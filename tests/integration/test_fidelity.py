@@ -280,21 +280,22 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
     def counter():
         return int(wait_until(lambda: sandbox.files.read_text("/root/n").strip()))
 
+    # The loop counts ~20 a second: 40 counts leave a slow machine 2 s between the rollback and the read.
     for _ in range(2):
-        time.sleep(1)
-        assert counter() > n_at + 15
+        wait_until(lambda: counter() > n_at + 40)
         sandbox.rollback(ck)
         # Back at the checkpoint's count, and counting on.
-        assert counter() < n_at + 15
-        wait_until(lambda: counter() > n_at + 20)
+        assert counter() < n_at + 40
+        wait_until(lambda: counter() > n_at + 45)
 
 
 def test_unsupported_resources_fail_the_checkpoint_with_the_reason(client, sandbox):
     sh = sandbox.session("main")
     first = sandbox.checkpoint()
     run(sh, "python3 -c \"import socket,time\ns=socket.socket(); s.bind(('127.0.0.1', 8124)); s.listen()\n"
-            "c=socket.create_connection(('127.0.0.1', 8124)); a,_=s.accept(); time.sleep(1000)\" &")
-    time.sleep(1)
+            "c=socket.create_connection(('127.0.0.1', 8124)); a,_=s.accept(); open('/root/connected', 'w')\n"
+            "time.sleep(1000)\" &")
+    wait_until(lambda: sandbox.files.exists("/root/connected"), what="the TCP connection")
     # The sandbox's state, which its user can change: a client error (422), not a server error.
     with pytest.raises(deltabox.CheckpointUnsupported) as info:
         sandbox.checkpoint()

@@ -108,11 +108,21 @@ fn frame(payload: &[u8]) -> Vec<u8> {
 /// Appends records to a layer's journal file. Records are buffered and written in batches of
 /// [`JOURNAL_BATCH`] bytes: a writable layer is only ever loaded after it was frozen, and freezing
 /// writes the rest ([`JournalWriter::write_out`]), so per-operation writes would buy nothing.
+///
+/// A batch that cannot be written (a full disk) stays buffered: the operations it records have been
+/// applied, so they are written later, and a checkpoint fails until they are (see `write_out`).
 #[derive(Debug)]
 pub struct JournalWriter {
     file: File,
     path: PathBuf,
     buf: Vec<u8>,
+    /// Length of the complete records on disk: a failed write is cut back to it.
+    written: u64,
+    /// The last write failed part-way and the cut did not succeed yet.
+    torn: bool,
+    /// Buffered bytes at which the next write is tried: one batch, or one more batch after a failed
+    /// write, so that operations on a full disk do not each retry it.
+    write_at: usize,
 }
 
 /// Bytes of records buffered before a write(2).
@@ -121,29 +131,54 @@ pub const JOURNAL_BATCH: usize = 256 * 1024;
 impl JournalWriter {
     pub fn open(path: &Path) -> Result<Self> {
         let file = OpenOptions::new().create(true).append(true).open(path).map_err(io_err(path))?;
-        Ok(JournalWriter { file, path: path.to_owned(), buf: Vec::new() })
+        let written = file.metadata().map_err(io_err(path))?.len();
+        Ok(JournalWriter {
+            file,
+            path: path.to_owned(),
+            buf: Vec::new(),
+            written,
+            torn: false,
+            write_at: JOURNAL_BATCH,
+        })
     }
 
-    /// Adds records to the journal (written once a batch is full, or by `write_out`).
+    /// Adds records to the journal (written once a batch is full, or by `write_out`). Fails only if
+    /// a record cannot be encoded; a batch that cannot be written stays buffered.
     pub fn append_all(&mut self, records: &[Record]) -> Result<()> {
         for record in records {
             let payload = postcard::to_stdvec(record).map_err(JournalError::Encode)?;
             self.buf.extend_from_slice(&frame(&payload));
         }
-        if self.buf.len() >= JOURNAL_BATCH {
-            self.write_out()?;
+        if self.buf.len() >= self.write_at {
+            if let Err(e) = self.write_out() {
+                tracing::warn!(error = %e, buffered = self.buf.len(), "journal batch not written; kept in memory");
+            }
         }
         Ok(())
     }
 
     /// Writes buffered records with one write(2): once it returns they survive a kill of this
-    /// process (not a power loss: nothing is fsynced).
+    /// process (not a power loss: nothing is fsynced). On failure the records stay buffered and the
+    /// file keeps only complete records: a torn record would end the journal for every reader.
     pub fn write_out(&mut self) -> Result<()> {
+        if self.torn {
+            self.file.set_len(self.written).map_err(io_err(&self.path))?;
+            self.torn = false;
+        }
         if self.buf.is_empty() {
             return Ok(());
         }
-        self.file.write_all(&self.buf).map_err(io_err(&self.path))?;
+        if let Err(e) = self.file.write_all(&self.buf) {
+            self.write_at = self.buf.len() + JOURNAL_BATCH;
+            self.torn = true;
+            if self.file.set_len(self.written).is_ok() {
+                self.torn = false;
+            }
+            return Err(io_err(&self.path)(e));
+        }
+        self.written += self.buf.len() as u64;
         self.buf.clear();
+        self.write_at = JOURNAL_BATCH;
         Ok(())
     }
 }

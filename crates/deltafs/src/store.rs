@@ -57,6 +57,16 @@ pub enum StoreError {
     RelativeImagePath(PathBuf),
 }
 
+impl StoreError {
+    /// The store's filesystem is full, or its disk quota is used up.
+    pub fn is_no_space(&self) -> bool {
+        let (StoreError::Io { source, .. } | StoreError::Journal(JournalError::Io { source, .. })) = self else {
+            return false;
+        };
+        matches!(source.raw_os_error(), Some(libc::ENOSPC | libc::EDQUOT))
+    }
+}
+
 type Result<T> = std::result::Result<T, StoreError>;
 
 pub(crate) fn io_err(path: &Path) -> impl FnOnce(io::Error) -> StoreError + '_ {
@@ -399,23 +409,32 @@ impl Store {
         parent_meta: &LayerMeta,
         parent_indexed: bool,
     ) -> Result<WritableLayer> {
-        let id = LayerId::random();
         let tmp = self.tmp_path();
-        std::fs::create_dir_all(tmp.join("data")).map_err(io_err(&tmp))?;
-        let lock_path = tmp.join("lock");
-        let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
-        try_lock(&lock).map_err(io_err(&lock_path))?;
         let meta = LayerMeta {
             parent: Some(parent),
             base: parent_meta.base,
             images: Vec::new(),
             replay_depth: if parent_indexed { 1 } else { parent_meta.replay_depth + 1 },
         };
-        journal::write_snapshot(&tmp.join("meta"), META_MAGIC, &meta)?;
-        let dir = self.layer_dir(id);
-        std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
-        let journal = JournalWriter::open(&dir.join("journal"))?;
-        Ok(WritableLayer { id, dir, journal, meta, pack: PackSlots::default(), _lock: lock })
+        // What a failure (a full disk) leaves behind goes at once, not at the next collection.
+        let made = (|| {
+            std::fs::create_dir_all(tmp.join("data")).map_err(io_err(&tmp))?;
+            let lock_path = tmp.join("lock");
+            let lock = File::create(&lock_path).map_err(io_err(&lock_path))?;
+            try_lock(&lock).map_err(io_err(&lock_path))?;
+            journal::write_snapshot(&tmp.join("meta"), META_MAGIC, &meta)?;
+            let id = LayerId::random();
+            let dir = self.layer_dir(id);
+            std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
+            let journal = JournalWriter::open(&dir.join("journal")).inspect_err(|_| {
+                let _ = std::fs::remove_dir_all(&dir);
+            })?;
+            Ok(WritableLayer { id, dir, journal, meta, pack: PackSlots::default(), _lock: lock })
+        })();
+        if made.is_err() {
+            let _ = std::fs::remove_dir_all(&tmp);
+        }
+        made
     }
 
     /// Locks the set of layers: shared while a stack is loaded and a layer is put on top of it
@@ -446,6 +465,20 @@ impl Store {
         let path = self.layer_dir(layer).join("index");
         journal::write_snapshot(&path, INDEX_MAGIC, tree)?;
         Ok(())
+    }
+
+    /// Removes a writable layer that holds nothing yet (of a checkpoint that failed after creating it).
+    pub(crate) fn remove_unused(&self, layer: WritableLayer) -> Result<()> {
+        let dir = layer.dir.clone();
+        drop(layer);
+        std::fs::remove_dir_all(&dir).map_err(io_err(&dir))
+    }
+
+    /// Deletes the file data of a writable layer that a rollback is about to discard, at once: on a
+    /// full disk that data may be what fills it.
+    pub(crate) fn drop_data(&self, layer: &WritableLayer) -> Result<()> {
+        let data = layer.dir.join("data");
+        std::fs::remove_dir_all(&data).map_err(io_err(&data))
     }
 
     /// Removes a writable layer that will never become a checkpoint (after a rollback). The

@@ -1382,7 +1382,13 @@ impl Volume {
         let frozen = st.layer.id;
         let write_index = st.layer.meta.replay_depth >= INDEX_EVERY;
         let next = self.store.create_layer(frozen, &st.layer.meta, write_index)?;
-        self.store.freeze(&mut st.layer)?;
+        // A freeze that fails (the journal cannot be written: a full disk) leaves the layer writable.
+        if let Err(e) = self.store.freeze(&mut st.layer) {
+            if let Err(d) = self.store.remove_unused(next) {
+                tracing::warn!(error = %d, "removing the next layer of a failed checkpoint");
+            }
+            return Err(e);
+        }
         let tree = st.tree.clone();
         st.snapshots.insert(frozen, tree.clone());
         st.layer = next;
@@ -1421,7 +1427,18 @@ impl Volume {
                 (loaded.tree, loaded.meta)
             }
         };
-        let next = self.store.create_layer(to.0, &meta, self.store.has_index(to.0))?;
+        let indexed = self.store.has_index(to.0);
+        let next = match self.store.create_layer(to.0, &meta, indexed) {
+            Err(e) if e.is_no_space() => {
+                // What fills the store may be the very change this rollback discards: it goes first.
+                // If the next layer still does not fit, the rollback fails and that change is lost.
+                tracing::warn!(error = %e, "store full: deleting the discarded layer's data before rolling back");
+                self.files.lock().clear();
+                self.store.drop_data(&st.layer)?;
+                self.store.create_layer(to.0, &meta, indexed)?
+            }
+            made => made?,
+        };
         drop(gc_guard);
         let mut inval = Invalidations::default();
         let diff = st.tree.changed_inodes(&target);

@@ -477,7 +477,10 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
         Request::Rollback { stack, image } => {
             let reply = match shim.rollback(&stack, image).await {
                 Ok(stats) => Reply::RolledBack(stats),
-                Err(e) => Reply::Error { kind: ErrorKind::CheckpointFailed, message: format!("{e:#}") },
+                Err(e) => {
+                    let kind = if store_full(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed };
+                    Reply::Error { kind, message: format!("{e:#}") }
+                }
             };
             conn.send(&reply, &[], &[]).await
         }
@@ -507,9 +510,16 @@ fn checkpoint_error_kind(e: &anyhow::Error) -> ErrorKind {
         e.chain().any(|cause| cause.downcast_ref::<deltacr::CrError>().is_some_and(deltacr::CrError::is_unsupported));
     if unsupported {
         ErrorKind::CheckpointUnsupported
+    } else if store_full(e) {
+        ErrorKind::NoSpace
     } else {
         ErrorKind::CheckpointFailed
     }
+}
+
+/// The filesystem store's disk is full: the user can free space (or roll back) and try again.
+fn store_full(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| cause.downcast_ref::<deltafs::MountError>().is_some_and(deltafs::MountError::is_no_space))
 }
 
 fn not_found(name: &str) -> Reply {

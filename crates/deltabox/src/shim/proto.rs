@@ -230,5 +230,7 @@ pub enum ErrorKind {
     /// A process holds something that cannot be checkpointed (a TCP connection, ...); the sandbox is
     /// unchanged and running.
     CheckpointUnsupported,
+    /// A checkpoint or rollback found the disk of the filesystem store full; the sandbox is unchanged.
+    NoSpace,
     Internal,
 }

@@ -230,7 +230,8 @@ pub enum ErrorKind {
     /// A process holds something that cannot be checkpointed (a TCP connection, ...); the sandbox is
     /// unchanged and running.
     CheckpointUnsupported,
-    /// A checkpoint or rollback found the disk of the filesystem store full; the sandbox is unchanged.
+    /// The disk of the filesystem store is full: a checkpoint failed (the sandbox is unchanged), or a
+    /// rollback failed even after deleting the changes it discards.
     NoSpace,
     Internal,
 }

@@ -2,26 +2,28 @@
 with `507 no_space` and records nothing, the sandbox keeps working, and a rollback (which discards what filled the
 disk) works and frees the space."""
 
+import os
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
-from support import Daemon, binary, image_dir, new_sandbox
+from support import Daemon, binary, image_dir, new_sandbox, wait_until
 
 import deltabox
 
 
-@pytest.fixture(scope="module")
-def small_daemon():
+def daemon_on_tmpfs(size: str, image: str):
+    """A daemon whose data directory is a tmpfs of `size`, with `image` imported."""
     workdir = Path(tempfile.mkdtemp(prefix="deltabox-it-full-"))
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96m", "tmpfs", str(workdir)], check=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(workdir)], check=True)
     d = Daemon(binary(), workdir)
     try:
         d.start()
         with deltabox.Client(socket=d.socket) as c:
-            c.images.import_(str(image_dir() / "busybox"), "busybox")
+            c.images.import_(str(image_dir() / image), image)
         yield d
         assert d.stop() == 0
     finally:
@@ -29,6 +31,16 @@ def small_daemon():
             d.stop()
         subprocess.run(["umount", "-l", str(workdir)], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def small_daemon():
+    yield from daemon_on_tmpfs("96m", "busybox")
+
+
+@pytest.fixture(scope="module")
+def debian_daemon():
+    yield from daemon_on_tmpfs("700m", "debian")
 
 
 def test_a_full_disk_fails_the_checkpoint_clearly_and_a_rollback_frees_it(small_daemon):
@@ -74,3 +86,36 @@ def test_a_checkpoint_after_freeing_space_holds_every_change(small_daemon):
         with fork:
             assert fork.exec(["sh", "-c", "ls /d | wc -l"]).check().stdout.strip() == "500"
             assert not fork.files.exists("/big")
+
+
+HOLDER = r"""
+import os, time
+blob = os.urandom(150 << 20)
+open("/root/ready", "w").close()
+time.sleep(1000)
+"""
+
+
+def test_a_process_image_that_does_not_fit_fails_forks_at_once_with_the_reason(debian_daemon):
+    with deltabox.Client(socket=debian_daemon.socket) as c, new_sandbox(c, "debian", memory="1G") as sb:
+        sb.files.write("/root/holder.py", HOLDER)
+        sb.exec(["sh", "-c", "setsid python3 /root/holder.py > /dev/null 2>&1 < /dev/null &"]).check()
+        wait_until(lambda: sb.files.exists("/root/ready"))
+        # Leave 40 MiB: room for the filesystem checkpoint, not for 150 MiB of process memory.
+        st = os.statvfs(debian_daemon.workdir)
+        spare_mib = st.f_bavail * st.f_frsize // (1 << 20) - 40
+        sb.exec(["dd", "if=/dev/zero", "of=/root/fill", "bs=1M", f"count={spare_mib}"], timeout=60).check()
+        ck = sb.checkpoint()
+        assert ck.kind == "full"
+        started = time.monotonic()
+        with pytest.raises(deltabox.InsufficientStorage) as info:
+            ck.fork(1)
+        # The reason, at once: not after the wait for an image still being written (minutes).
+        assert time.monotonic() - started < 30
+        assert "could not be written" in info.value.message and "No space left" in info.value.message, \
+            info.value.message
+        assert [x.id for x in c.list()] == [sb.id]
+        # The sandbox itself still rolls back to it: its processes come from the copies kept in memory.
+        sb.exec(["pkill", "-f", "holder.py"])
+        assert sb.rollback(ck).processes_restored >= 1
+        assert "holder.py" in sb.exec(["ps", "-eo", "args"]).check().stdout

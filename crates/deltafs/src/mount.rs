@@ -51,13 +51,6 @@ pub enum MountError {
     },
 }
 
-impl MountError {
-    /// A checkpoint or rollback failed because the store's filesystem is full (or over quota).
-    pub fn is_no_space(&self) -> bool {
-        matches!(self, MountError::Store(e) if e.is_no_space())
-    }
-}
-
 /// How to present a stack.
 #[derive(Debug, Clone)]
 pub struct MountOptions {

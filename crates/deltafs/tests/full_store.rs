@@ -7,6 +7,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use common::{fuse_available, snapshot, Entry, Fixture};
+use deltafs::MountError;
 
 /// A tmpfs of `size` at a new directory, unmounted (lazily) on drop.
 struct SmallFs(tempfile::TempDir);
@@ -90,13 +91,14 @@ fn a_full_store_fails_the_checkpoint_and_loses_nothing() {
 
     // No room for the next layer: the checkpoint fails, says why, and leaves nothing behind.
     let err = m.checkpoint().unwrap_err();
-    assert!(err.is_no_space(), "{err:?}");
+    assert!(matches!(&err, MountError::Store(e) if e.is_no_space()), "{err:?}");
     assert!(format!("{:?}", anyhow::Error::new(err)).contains("No space left on device"));
     assert_eq!((entries(&store.join("layers")), entries(&store.join("tmp"))), (layers, 0));
     // Room for the next layer but not for the journal: the freeze fails, the layer stays writable.
     std::fs::remove_file(&spare).unwrap();
     let err = m.checkpoint().unwrap_err();
-    assert!(err.is_no_space() && format!("{err:?}").contains("journal"), "{err:?}");
+    assert!(matches!(&err, MountError::Store(e) if e.is_no_space()), "{err:?}");
+    assert!(format!("{err:?}").contains("journal"), "{err:?}");
     assert_eq!((entries(&store.join("layers")), entries(&store.join("tmp"))), (layers, 0));
 
     // Once space is freed, a checkpoint holds every change, also those made while the store was full.

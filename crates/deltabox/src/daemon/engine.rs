@@ -20,7 +20,8 @@ use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
 use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
 use crate::shim::proto::{
-    CheckpointStats, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo, ShimStartup,
+    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo,
+    ShimStartup,
 };
 
 /// How long a fork or rollback waits for a process image still being written.
@@ -76,6 +77,9 @@ pub struct Engine {
     /// Held (read) while a checkpoint, rollback or fork links a sandbox or checkpoint to a checkpoint
     /// (parent, head, origin), and (write) while checkpoints are deleted: a link never names a deleted one.
     links: RwLock<()>,
+    /// Checkpoints whose process image could not be written, with the shim's reason: waiting for them
+    /// (to fork one) would only time out.
+    image_failures: Mutex<HashMap<String, (ErrorKind, String)>>,
     _lock: File,
 }
 
@@ -105,6 +109,7 @@ impl Engine {
             images,
             fs_gc: RwLock::new(()),
             links: RwLock::new(()),
+            image_failures: Mutex::new(HashMap::new()),
             _lock: lock,
         });
         engine.recover().await?;
@@ -419,9 +424,19 @@ impl Engine {
         if !keep_checkpoints {
             let _links = self.links.write().await;
             let doomed = self.unused_checkpoints_of(id).map_err(anyhow::Error::from)?;
-            self.catalog().delete_checkpoints(&doomed).map_err(anyhow::Error::from)?;
+            self.delete_checkpoint_records(&doomed).map_err(anyhow::Error::from)?;
         }
         self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// Deletes checkpoints from the catalog, and what the engine remembers of them.
+    fn delete_checkpoint_records(&self, ids: &[String]) -> Result<(), crate::catalog::CatalogError> {
+        self.catalog().delete_checkpoints(ids)?;
+        let mut failures = self.image_failures.lock().expect("image failures lock");
+        for id in ids {
+            failures.remove(id);
+        }
         Ok(())
     }
 
@@ -504,8 +519,9 @@ impl Engine {
                         tracing::error!(checkpoint = %cp, "cannot record the image as written: {e}");
                     }
                 }
-                Ok(Packet { msg: Reply::Error { message, .. }, .. }) => {
-                    tracing::error!(checkpoint = %cp, "the process image was not written: {message}")
+                Ok(Packet { msg: Reply::Error { kind, message }, .. }) => {
+                    tracing::error!(checkpoint = %cp, "the process image was not written: {message}");
+                    engine.image_failures.lock().expect("image failures lock").insert(cp, (kind, message));
                 }
                 Ok(Packet { msg, .. }) => tracing::error!(checkpoint = %cp, "unexpected answer from the shim: {msg:?}"),
                 Err(e) => tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}"),
@@ -526,6 +542,10 @@ impl Engine {
                     let _ = self.catalog().mark_durable(&cp.id);
                     return Ok(());
                 }
+            }
+            if let Some((kind, reason)) = self.image_failures.lock().expect("image failures lock").get(&cp.id) {
+                let message = format!("the process image of checkpoint {} could not be written: {reason}", cp.id);
+                return Err(ApiError::from_shim(*kind, message));
             }
             if tokio::time::Instant::now() > deadline {
                 let message = format!("the process image of checkpoint {} is not written (yet)", cp.id);
@@ -621,11 +641,7 @@ impl Engine {
                 tracing::warn!(checkpoint = %cp.id, "the sandbox could not drop the checkpoint's templates: {e:#}");
             }
         }
-        self.catalog
-            .lock()
-            .expect("catalog lock")
-            .delete_checkpoints(&[checkpoint.to_string()])
-            .map_err(anyhow::Error::from)?;
+        self.delete_checkpoint_records(&[checkpoint.to_string()]).map_err(anyhow::Error::from)?;
         for live in self.sandboxes.write().await.values_mut() {
             if [&live.record.head, &live.record.origin].iter().any(|c| c.as_deref() == Some(checkpoint)) {
                 if let Ok(Some(r)) = self.catalog().sandbox(&live.record.id) {

@@ -461,7 +461,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
                         let reply = match written.await {
                             Ok(Ok(bytes)) => Reply::ImageWritten { bytes },
                             Ok(Err(e)) => Reply::Error {
-                                kind: ErrorKind::CheckpointFailed,
+                                kind: if no_space(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed },
                                 message: format!("writing the process image failed: {e:#}"),
                             },
                             Err(_) => Reply::Error {
@@ -478,7 +478,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
             let reply = match shim.rollback(&stack, image).await {
                 Ok(stats) => Reply::RolledBack(stats),
                 Err(e) => {
-                    let kind = if store_full(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed };
+                    let kind = if no_space(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed };
                     Reply::Error { kind, message: format!("{e:#}") }
                 }
             };
@@ -510,16 +510,20 @@ fn checkpoint_error_kind(e: &anyhow::Error) -> ErrorKind {
         e.chain().any(|cause| cause.downcast_ref::<deltacr::CrError>().is_some_and(deltacr::CrError::is_unsupported));
     if unsupported {
         ErrorKind::CheckpointUnsupported
-    } else if store_full(e) {
+    } else if no_space(e) {
         ErrorKind::NoSpace
     } else {
         ErrorKind::CheckpointFailed
     }
 }
 
-/// The filesystem store's disk is full: the user can free space (or roll back) and try again.
-fn store_full(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| cause.downcast_ref::<deltafs::MountError>().is_some_and(deltafs::MountError::is_no_space))
+/// The data directory's disk is full (or its quota used up): the user can free space (or roll back) and try
+/// again.
+fn no_space(e: &anyhow::Error) -> bool {
+    e.chain().any(|cause| {
+        let errno = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
+        matches!(errno, Some(libc::ENOSPC | libc::EDQUOT))
+    })
 }
 
 fn not_found(name: &str) -> Reply {

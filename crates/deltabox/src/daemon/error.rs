@@ -64,22 +64,13 @@ impl ApiError {
 
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
-        if disk_full(&e) {
+        if crate::errors::is_disk_full(&e) {
             tracing::warn!("the data directory's disk is full: {e:#}");
             return ApiError::new(StatusCode::INSUFFICIENT_STORAGE, "no_space", format!("{e:#}"));
         }
         tracing::error!("internal error: {e:#}");
         ApiError::internal(format!("{e:#}"))
     }
-}
-
-/// The failure is a full disk (or used-up quota): the user can free space and try again.
-fn disk_full(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        let io = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
-        let sql = cause.downcast_ref::<rusqlite::Error>().and_then(rusqlite::Error::sqlite_error_code);
-        matches!(io, Some(libc::ENOSPC | libc::EDQUOT)) || sql == Some(rusqlite::ErrorCode::DiskFull)
-    })
 }
 
 impl IntoResponse for ApiError {

@@ -461,7 +461,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
                         let reply = match written.await {
                             Ok(Ok(bytes)) => Reply::ImageWritten { bytes },
                             Ok(Err(e)) => Reply::Error {
-                                kind: if no_space(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed },
+                                kind: failure_kind(&e),
                                 message: format!("writing the process image failed: {e:#}"),
                             },
                             Err(_) => Reply::Error {
@@ -477,10 +477,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
         Request::Rollback { stack, image } => {
             let reply = match shim.rollback(&stack, image).await {
                 Ok(stats) => Reply::RolledBack(stats),
-                Err(e) => {
-                    let kind = if no_space(&e) { ErrorKind::NoSpace } else { ErrorKind::CheckpointFailed };
-                    Reply::Error { kind, message: format!("{e:#}") }
-                }
+                Err(e) => Reply::Error { kind: failure_kind(&e), message: format!("{e:#}") },
             };
             conn.send(&reply, &[], &[]).await
         }
@@ -510,20 +507,19 @@ fn checkpoint_error_kind(e: &anyhow::Error) -> ErrorKind {
         e.chain().any(|cause| cause.downcast_ref::<deltacr::CrError>().is_some_and(deltacr::CrError::is_unsupported));
     if unsupported {
         ErrorKind::CheckpointUnsupported
-    } else if no_space(e) {
+    } else {
+        failure_kind(e)
+    }
+}
+
+/// A failed checkpoint, rollback or image write: a full disk (which the user can free, or roll back) or
+/// another failure.
+fn failure_kind(e: &anyhow::Error) -> ErrorKind {
+    if crate::errors::is_disk_full(e) {
         ErrorKind::NoSpace
     } else {
         ErrorKind::CheckpointFailed
     }
-}
-
-/// The data directory's disk is full (or its quota used up): the user can free space (or roll back) and try
-/// again.
-fn no_space(e: &anyhow::Error) -> bool {
-    e.chain().any(|cause| {
-        let errno = cause.downcast_ref::<std::io::Error>().and_then(std::io::Error::raw_os_error);
-        matches!(errno, Some(libc::ENOSPC | libc::EDQUOT))
-    })
 }
 
 fn not_found(name: &str) -> Reply {

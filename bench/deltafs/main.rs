@@ -12,7 +12,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use deltafs::{mount, Mount, MountOptions, StackId, Store};
+use deltafs::{mount, Mount, MountOptions, Quota, StackId, Store};
 
 struct Bench {
     dir: PathBuf,
@@ -356,12 +356,13 @@ impl Bench {
             ("rm -rf (3,000 files)", "rm -rf x".into()),
         ];
         // "deltafs-nopoll": DeltaFS as it served before busy polling (4 threads blocking on the
-        // device), to show what polling changes in the same run.
-        let kinds = ["overlayfs", "deltafs", "deltafs-nopoll", "fuse-overlayfs"];
+        // device), to show what polling changes in the same run. "deltafs-quota": with a quota
+        // (never reached), to show what counting usage costs.
+        let kinds = ["overlayfs", "deltafs", "deltafs-nopoll", "deltafs-quota", "fuse-overlayfs"];
         // Repetitions go round the file systems (not one file system's runs after another's), so
         // a change in the machine's load hits all of them alike.
         let mut runs: Vec<Vec<Vec<f64>>> = vec![vec![Vec::new(); workloads.len()]; kinds.len()];
-        let mut available = [true; 4];
+        let mut available = [true; 5];
         for rep in 0..self.reps() {
             for (k, kind) in kinds.iter().enumerate() {
                 if !available[k] {
@@ -456,6 +457,10 @@ impl Bench {
                 let base = self.store.base_stack(&[project.to_owned()]).unwrap();
                 let opts = match kind {
                     "deltafs-nopoll" => MountOptions { threads: 4, busy_poll: None, ..self.opts.clone() },
+                    "deltafs-quota" => {
+                        let quota = Quota { bytes: Some(64 << 30), inodes: Some(10_000_000) };
+                        MountOptions { quota, ..self.opts.clone() }
+                    }
                     _ => self.opts.clone(),
                 };
                 let m = mount(&self.store, base, &mnt, &opts).unwrap();

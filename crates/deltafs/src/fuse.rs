@@ -18,6 +18,7 @@ use crate::busy_poll::BusyPoll;
 use crate::node::{Ino, Node, Time};
 use crate::volume::{has_suidgid, AttrChange, Caller, OpResult, Volume, FIRST_COOKIE};
 
+#[derive(Clone)]
 pub(crate) struct DeltaFs {
     pub volume: Arc<Volume>,
     /// Told of every request (see `vol`).
@@ -42,6 +43,51 @@ impl DeltaFs {
             poll.note_request();
         }
         &self.volume
+    }
+
+    /// Whether a request that failed with `r` should run once more, after pending FORGETs (see
+    /// [`Self::retry`]).
+    fn short_of_space<T>(&self, r: &OpResult<T>) -> bool {
+        matches!(r, Err(Errno::ENOSPC)) && self.volume.awaiting_forgets()
+    }
+
+    /// Runs `f` on a helper thread once the kernel has forgotten the files removed in the last
+    /// moments. A removed file gives back its blocks and inode at its FORGET, which the kernel can
+    /// send just after the remover's next request (seen ~40 µs after it): without this, `rm` and
+    /// then a write on a full filesystem could fail although the removal made room. The serving
+    /// thread goes on meanwhile (it is the one that takes the FORGET).
+    fn retry(&self, f: impl FnOnce(&DeltaFs) + Send + 'static) {
+        let fs = self.clone();
+        let spawned = std::thread::Builder::new().name("deltafs-retry".into()).spawn(move || {
+            fs.volume.wait_for_forgets();
+            f(&fs);
+        });
+        if let Err(e) = spawned {
+            // The reply, dropped unanswered, fails the request with EIO.
+            tracing::warn!(error = %e, "cannot start a thread to retry a request");
+        }
+    }
+
+    /// Creates a node of `mode` (with `rdev` and a symlink's `target`) and answers with its entry
+    /// (retried as [`Self::retry`] says).
+    fn create_entry(
+        &self,
+        req: &Request,
+        (parent, name): (Ino, &OsStr),
+        (mode, rdev): (u32, u64),
+        target: Option<&[u8]>,
+        reply: ReplyEntry,
+    ) {
+        let caller = self.caller(req);
+        let r = self.vol().create_node(caller, parent, name, mode, rdev, target);
+        if self.short_of_space(&r) {
+            let (name, target) = (name.to_owned(), target.map(<[u8]>::to_vec));
+            return self.retry(move |fs| {
+                let r = fs.volume.create_node(caller, parent, &name, mode, rdev, target.as_deref());
+                fs.reply_entry(reply, r);
+            });
+        }
+        self.reply_entry(reply, r);
     }
 
     fn caller(&self, req: &Request) -> Caller {
@@ -86,6 +132,27 @@ impl DeltaFs {
         let dots = dots.map(move |(c, name)| (c, OsString::from(name), dir, libc::S_IFDIR));
         let entries = (start..listing.len()).map(move |i| listing[i].clone());
         Ok(dots.chain(entries))
+    }
+
+    /// Opens a file just created and answers CREATE.
+    fn reply_created(&self, reply: ReplyCreate, r: OpResult<(Ino, Node)>) {
+        let (ino, node) = match r {
+            Ok(r) => r,
+            Err(e) => return reply.error(errno(e)),
+        };
+        match self.volume.open(ino, true) {
+            Ok(fh) => {
+                self.volume.remember(ino);
+                reply.created(
+                    &self.ttl,
+                    &self.attr(ino, &node),
+                    Generation(self.volume.generation(ino)),
+                    FileHandle(fh),
+                    FopenFlags::FOPEN_KEEP_CACHE,
+                )
+            }
+            Err(e) => reply.error(errno(e)),
+        }
     }
 
     fn reply_entry(&self, reply: ReplyEntry, r: OpResult<(Ino, Node)>) {
@@ -265,14 +332,12 @@ impl fuser::Filesystem for DeltaFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let r = self.vol().create_node(self.caller(req), parent.0, name, mode, u64::from(rdev), None);
-        self.reply_entry(reply, r);
+        self.create_entry(req, (parent.0, name), (mode, u64::from(rdev)), None, reply);
     }
 
     fn mkdir(&self, req: &Request, parent: INodeNo, name: &OsStr, mode: u32, _umask: u32, reply: ReplyEntry) {
         let mode = libc::S_IFDIR | (mode & 0o7777);
-        let r = self.vol().create_node(self.caller(req), parent.0, name, mode, 0, None);
-        self.reply_entry(reply, r);
+        self.create_entry(req, (parent.0, name), (mode, 0), None, reply);
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
@@ -284,15 +349,8 @@ impl fuser::Filesystem for DeltaFs {
     }
 
     fn symlink(&self, req: &Request, parent: INodeNo, link_name: &OsStr, target: &Path, reply: ReplyEntry) {
-        let r = self.vol().create_node(
-            self.caller(req),
-            parent.0,
-            link_name,
-            libc::S_IFLNK | 0o777,
-            0,
-            Some(target.as_os_str().as_bytes()),
-        );
-        self.reply_entry(reply, r);
+        let target = Some(target.as_os_str().as_bytes());
+        self.create_entry(req, (parent.0, link_name), (libc::S_IFLNK | 0o777, 0), target, reply);
     }
 
     fn rename(
@@ -310,6 +368,10 @@ impl fuser::Filesystem for DeltaFs {
 
     fn link(&self, _req: &Request, ino: INodeNo, newparent: INodeNo, newname: &OsStr, reply: ReplyEntry) {
         let r = self.vol().link(ino.0, newparent.0, newname);
+        if self.short_of_space(&r) {
+            let newname = newname.to_owned();
+            return self.retry(move |fs| fs.reply_entry(reply, fs.volume.link(ino.0, newparent.0, &newname)));
+        }
         self.reply_entry(reply, r);
     }
 
@@ -363,10 +425,16 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyWrite,
     ) {
         let kill_suidgid = write_flags.contains(WriteFlags::FUSE_WRITE_KILL_SUIDGID);
-        match self.vol().write(ino.0, offset, data, kill_suidgid) {
+        let answer = |reply: ReplyWrite, r: OpResult<u32>| match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(e)),
+        };
+        let r = self.vol().write(ino.0, offset, data, kill_suidgid);
+        if self.short_of_space(&r) {
+            let data = data.to_vec();
+            return self.retry(move |fs| answer(reply, fs.volume.write(ino.0, offset, &data, kill_suidgid)));
         }
+        answer(reply, r);
     }
 
     fn release(
@@ -499,7 +567,12 @@ impl fuser::Filesystem for DeltaFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply_empty(reply, self.vol().setxattr(ino.0, name, Some(value), flags));
+        let r = self.vol().setxattr(ino.0, name, Some(value), flags);
+        if self.short_of_space(&r) {
+            let (name, value) = (name.to_owned(), value.to_vec());
+            return self.retry(move |fs| reply_empty(reply, fs.volume.setxattr(ino.0, &name, Some(&value), flags)));
+        }
+        reply_empty(reply, r);
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -533,24 +606,15 @@ impl fuser::Filesystem for DeltaFs {
             return reply.error(fuser::Errno::ENOSYS);
         }
         let mode = libc::S_IFREG | (mode & 0o7777);
-        let vol = self.vol();
-        let (ino, node) = match vol.create_node(self.caller(req), parent.0, name, mode, 0, None) {
-            Ok(r) => r,
-            Err(e) => return reply.error(errno(e)),
-        };
-        match vol.open(ino, true) {
-            Ok(fh) => {
-                vol.remember(ino);
-                reply.created(
-                    &self.ttl,
-                    &self.attr(ino, &node),
-                    Generation(vol.generation(ino)),
-                    FileHandle(fh),
-                    FopenFlags::FOPEN_KEEP_CACHE,
-                )
-            }
-            Err(e) => reply.error(errno(e)),
+        let caller = self.caller(req);
+        let r = self.vol().create_node(caller, parent.0, name, mode, 0, None);
+        if self.short_of_space(&r) {
+            let name = name.to_owned();
+            return self.retry(move |fs| {
+                fs.reply_created(reply, fs.volume.create_node(caller, parent.0, &name, mode, 0, None))
+            });
         }
+        self.reply_created(reply, r);
     }
 
     fn fallocate(
@@ -564,7 +628,12 @@ impl fuser::Filesystem for DeltaFs {
         reply: ReplyEmpty,
     ) {
         let kill_suidgid = self.kills_suidgid(req, ino.0);
-        reply_empty(reply, self.vol().fallocate(ino.0, offset, length, mode, kill_suidgid));
+        let r = self.vol().fallocate(ino.0, offset, length, mode, kill_suidgid);
+        if self.short_of_space(&r) {
+            return self
+                .retry(move |fs| reply_empty(reply, fs.volume.fallocate(ino.0, offset, length, mode, kill_suidgid)));
+        }
+        reply_empty(reply, r);
     }
 }
 

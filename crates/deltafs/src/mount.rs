@@ -76,6 +76,30 @@ pub struct MountOptions {
     /// Busy polling of the FUSE device during request bursts (see `docs/deltafs.md`): requests
     /// less than this apart start it, this long without a request ends it. `None` never polls.
     pub busy_poll: Option<Duration>,
+    /// Size limits of the filesystem, as `df` inside the mount shows them.
+    pub quota: Quota,
+}
+
+/// Limits of a mount's filesystem. `statfs` shows them as its size; past them, writes, `fallocate`,
+/// creations and `setxattr` fail with `ENOSPC` (as ext4's project quotas answer), while overwrites,
+/// deletions and renames still work. A rollback brings back the usage of its checkpoint. `None`:
+/// only the store's filesystem limits the mount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Quota {
+    /// Bytes: the files' allocated blocks (`st_blocks`, holes are free), directories, symlink
+    /// targets of 60 bytes or more, and extended attributes by their size. The image's files count;
+    /// the copies that frozen layers (checkpoints) keep of changed files do not.
+    pub bytes: Option<u64>,
+    /// Inodes (a file with several hard links is one).
+    pub inodes: Option<u64>,
+}
+
+/// What a mount's files use, as its [`Quota`] counts them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskUsage {
+    /// Bytes; counted only by a mount with a byte quota.
+    pub bytes: Option<u64>,
+    pub inodes: u64,
 }
 
 impl Default for MountOptions {
@@ -87,6 +111,7 @@ impl Default for MountOptions {
             threads: 1,
             processes: None,
             busy_poll: Some(Duration::from_micros(100)),
+            quota: Quota::default(),
         }
     }
 }
@@ -124,6 +149,7 @@ pub fn mount(store: &Store, from: StackId, mountpoint: &Path, opts: &MountOption
         IdMap { uid_base: opts.uid_base, gid_base: opts.gid_base },
         loaded.tree,
         layer,
+        opts.quota,
     ));
     let mut config = Config::default();
     config.mount_options = vec![
@@ -222,6 +248,11 @@ impl Mount {
     /// Where it is mounted.
     pub fn mountpoint(&self) -> &Path {
         &self.mountpoint
+    }
+
+    /// What the files use now, as the quota counts it.
+    pub fn usage(&self) -> DiskUsage {
+        self.vol.usage()
     }
 
     /// Pushes the kernel's dirty pages to the server, so they land in the layer being frozen (or

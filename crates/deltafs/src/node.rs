@@ -238,7 +238,7 @@ impl Node {
     pub fn size(&self) -> u64 {
         match &self.kind {
             Kind::File(c) => c.size,
-            Kind::Dir(entries) => 4096.max(entries.len() as u64 * 32),
+            Kind::Dir(entries) => dir_size(entries.len()),
             Kind::Symlink(target) => target.len() as u64,
             Kind::Special => 0,
         }
@@ -249,11 +249,22 @@ impl Node {
     pub fn blocks(&self) -> u64 {
         match &self.kind {
             Kind::File(c) => c.blocks,
-            Kind::Dir(_) => self.size().div_ceil(4096) * 8,
+            Kind::Dir(entries) => dir_blocks(entries.len()),
             Kind::Symlink(target) if target.len() < 60 => 0,
             Kind::Symlink(_) => 8,
             Kind::Special => 0,
         }
+    }
+
+    /// Bytes of its extended attributes' names and values.
+    pub fn xattr_bytes(&self) -> u64 {
+        self.xattrs.iter().map(|(k, v)| (k.len() + v.len()) as u64).sum()
+    }
+
+    /// 512-byte blocks charged to a mount's byte quota: its `st_blocks`, and its extended
+    /// attributes by their size (ext4 keeps small ones inside the inode, larger ones in a block).
+    pub fn charged_blocks(&self) -> u64 {
+        self.blocks() + self.xattr_bytes().div_ceil(512)
     }
 
     pub fn is_dir(&self) -> bool {
@@ -266,6 +277,16 @@ impl Node {
             _ => None,
         }
     }
+}
+
+/// `st_size` of a directory of `entries` entries: whole 4 KiB blocks, ~32 bytes per entry.
+fn dir_size(entries: usize) -> u64 {
+    4096.max(entries as u64 * 32)
+}
+
+/// `st_blocks` of a directory of `entries` entries.
+pub fn dir_blocks(entries: usize) -> u64 {
+    dir_size(entries).div_ceil(4096) * 8
 }
 
 /// An inode that differs between two trees: number, old node (if any), new node (if any).

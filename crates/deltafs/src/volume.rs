@@ -21,7 +21,10 @@ use nix::errno::Errno;
 use parking_lot::{Mutex, RwLock};
 
 use crate::journal::Record;
-use crate::node::{Attr, Content, Ino, Kind, LayerId, Node, Region, Source, Time, Tree, CHUNK_SIZE, PACK_SLOT};
+use crate::mount::{DiskUsage, Quota};
+use crate::node::{
+    dir_blocks, Attr, Content, Ino, Kind, LayerId, Node, Region, Source, Time, Tree, CHUNK_SIZE, PACK_SLOT,
+};
 use crate::store::{data_path, open_data_rw, pack_path, StackId, Store, StoreError, WritableLayer};
 
 /// Inodes whose stored journal exceeds this many layers get a full index written at checkpoint.
@@ -36,6 +39,9 @@ const LISTINGS_MAX: usize = 64;
 /// Readdir offsets 1 and 2 are `.` and `..`; entries' cookies are above.
 pub(crate) const FIRST_COOKIE: u64 = 3;
 const NAME_MAX: usize = 255;
+/// Bytes of extended attribute names and values one inode may hold: they live in the server's
+/// memory, so a sandbox must not grow them without bound (ext4 allows ~4 KiB, XFS 64 KiB values).
+const XATTRS_MAX: u64 = 64 * 1024;
 
 pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
 
@@ -282,6 +288,53 @@ struct State {
     layer_blocks: HashMap<Ino, u64>,
     /// Small files just emptied by a truncation, with the bytes they had (see [`Emptied`]).
     emptied: HashMap<Ino, Emptied>,
+    /// With a byte quota: the blocks charged to the tree.
+    usage: Option<Charged>,
+}
+
+/// The blocks a mount's tree is charged for its byte quota ([`Node::charged_blocks`]), counted
+/// once at mount and then brought up to date by comparing the tree with the one last counted: the
+/// cost follows what changed, also across a rollback (which swaps the tree). Between counts, every
+/// change that can add blocks reserves an upper bound of what it adds, and the tree is counted
+/// again only when that bound reaches the limit: far from it a change costs no count.
+#[derive(Debug)]
+struct Charged {
+    counted: Tree,
+    blocks: u64,
+    /// Blocks reserved since `counted` was counted: the tree is charged at most `blocks + since`.
+    since: u64,
+}
+
+impl Charged {
+    fn of(tree: &Tree) -> Self {
+        Charged { counted: tree.clone(), blocks: tree.nodes.values().map(|n| n.charged_blocks()).sum(), since: 0 }
+    }
+
+    /// Blocks charged to `tree`.
+    fn update(&mut self, tree: &Tree) -> u64 {
+        for (_, old, new) in self.counted.changed_inodes(tree) {
+            let added = new.map_or(0, |n| n.charged_blocks());
+            self.blocks = (self.blocks + added).saturating_sub(old.map_or(0, |n| n.charged_blocks()));
+        }
+        self.counted = tree.clone();
+        self.since = 0;
+        self.blocks
+    }
+
+    /// Reserves `want` blocks for a change of `tree` if the limit of `max` blocks has room for them.
+    fn reserve(&mut self, tree: &Tree, want: u64, max: u64) -> bool {
+        let fits = |used: u64| used.saturating_add(want) <= max;
+        if !fits(self.blocks.saturating_add(self.since)) && !fits(self.update(tree)) {
+            return false;
+        }
+        self.since = self.since.saturating_add(want);
+        true
+    }
+
+    /// The tree was replaced by one whose growth was not reserved: count it at the next reservation.
+    fn forget_reservations(&mut self) {
+        self.since = u64::MAX;
+    }
 }
 
 /// The bytes a file had before a truncation emptied it, kept for a moment while it stays empty.
@@ -307,6 +360,8 @@ const EMPTIED_MAX: u64 = 64 * 1024;
 /// microseconds of the truncation.
 const EMPTIED_FOR: std::time::Duration = std::time::Duration::from_secs(1);
 const EMPTIED_FILES: usize = 64;
+/// How long after its removal an inode the kernel held is awaited (see [`Volume::wait_for_forgets`]).
+const ORPHAN_GRACE: std::time::Duration = std::time::Duration::from_millis(50);
 
 #[derive(Debug)]
 pub(crate) struct Volume {
@@ -320,6 +375,8 @@ pub(crate) struct Volume {
     /// while the kernel holds it (open files and mappings hold their inode).
     lookups: Mutex<HashMap<Ino, u64>>,
     files: Mutex<HashMap<FileKey, Arc<File>>>,
+    /// Inodes removed while the kernel held them, with when (see [`Volume::wait_for_forgets`]).
+    orphaned: Mutex<HashMap<Ino, std::time::Instant>>,
     /// Inodes whose page cache must be dropped after a READ that raced a truncation (see [`Emptied`]).
     raced_reads: Mutex<Option<std::sync::mpsc::Sender<Ino>>>,
     /// FUSE generation of inodes whose kernel inode had to be replaced (0 for all others), see rollback.
@@ -330,6 +387,7 @@ pub(crate) struct Volume {
     /// Block size of the store's filesystem: the granularity of the holes it reports and of the
     /// blocks counted (also for image files elsewhere: what the store would allocate for them).
     block_size: u64,
+    quota: Quota,
 }
 
 /// Journal form of a node: directories travel without their entries (those are `Entry` records).
@@ -366,6 +424,7 @@ impl Volume {
         ids: IdMap,
         mut tree: Tree,
         layer: WritableLayer,
+        quota: Quota,
     ) -> Self {
         // Files unlinked while open at checkpoint time are unreachable here: drop them.
         let orphans: Vec<Ino> = tree.nodes.iter().filter(|(_, n)| n.attr.nlink == 0).map(|(i, _)| *i).collect();
@@ -373,8 +432,10 @@ impl Volume {
             tree.nodes.remove(&ino);
         }
         let block_size = rustix::fs::statvfs(store.path()).map_or(4096, |s| s.f_bsize.max(512));
+        let usage = quota.bytes.map(|_| Charged::of(&tree));
         Volume {
             block_size,
+            quota,
             store,
             images,
             base,
@@ -386,10 +447,12 @@ impl Volume {
                 pending: BTreeSet::new(),
                 layer_blocks: HashMap::new(),
                 emptied: HashMap::new(),
+                usage,
             }),
             generations: Mutex::new(HashMap::new()),
             handles: Mutex::new(HashMap::new()),
             lookups: Mutex::new(HashMap::new()),
+            orphaned: Mutex::new(HashMap::new()),
             files: Mutex::new(HashMap::new()),
             raced_reads: Mutex::new(None),
             listings: Mutex::new(HashMap::new()),
@@ -458,6 +521,51 @@ impl Volume {
             content.blocks = self.current_blocks(st, ino, content.blocks)?;
         }
         Ok(node)
+    }
+
+    /// Fails with `ENOSPC` unless `blocks` more 512-byte blocks fit in the byte quota.
+    fn reserve(&self, st: &mut State, blocks: u64) -> OpResult<()> {
+        let (Some(limit), Some(usage)) = (self.quota.bytes, st.usage.as_mut()) else {
+            return Ok(());
+        };
+        match blocks == 0 || usage.reserve(&st.tree, blocks, limit / 512) {
+            true => Ok(()),
+            false => Err(Errno::ENOSPC),
+        }
+    }
+
+    /// Reserves what writing (or allocating) `[from, to)` of file `ino` can add: the store blocks
+    /// it touches, less those the file already has there (looked up only when the first bound does
+    /// not fit, so an overwrite on a full filesystem still works).
+    fn reserve_range(&self, st: &mut State, ino: Ino, content: &Content, (from, to): (u64, u64)) -> OpResult<()> {
+        if self.quota.bytes.is_none() || to <= from {
+            return Ok(());
+        }
+        let (start, end) = (from / self.block_size * self.block_size, to.div_ceil(self.block_size) * self.block_size);
+        let touched = (end - start) / 512;
+        if self.reserve(st, touched).is_ok() {
+            return Ok(());
+        }
+        let held = match content.pack_slot() {
+            Some(_) if start < PACK_SLOT => content.blocks.min(touched),
+            Some(_) => 0,
+            None => self.allocated_in(ino, content, (start, end), |_| true)?,
+        };
+        self.reserve(st, touched.saturating_sub(held))
+    }
+
+    /// Fails with `ENOSPC` if the inode quota has no inode left.
+    fn reserve_inode(&self, st: &State) -> OpResult<()> {
+        match self.quota.inodes {
+            Some(max) if st.tree.nodes.len() as u64 >= max => Err(Errno::ENOSPC),
+            _ => Ok(()),
+        }
+    }
+
+    /// The blocks a directory grows by when it gets one more entry.
+    fn entry_growth(st: &State, dir: Ino) -> OpResult<u64> {
+        let len = st.dir_entries(dir)?.len();
+        Ok(dir_blocks(len + 1) - dir_blocks(len))
     }
 
     fn backing_path(&self, backing: &Backing) -> PathBuf {
@@ -554,6 +662,9 @@ impl Volume {
             xattrs: OrdMap::new(),
             kind,
         };
+        self.reserve_inode(&st)?;
+        let growth = Self::entry_growth(&st, parent)?;
+        self.reserve(&mut st, node.charged_blocks() + growth)?;
         let ino = st.tree.alloc_ino();
         st.tree.nodes.insert(ino, Arc::new(node.clone()));
         Self::add_entry(&mut st, parent, name, ino, &node, is_dir)?;
@@ -587,6 +698,8 @@ impl Volume {
         if st.node(ino)?.is_dir() {
             return Err(Errno::EPERM);
         }
+        let growth = Self::entry_growth(&st, parent)?;
+        self.reserve(&mut st, growth)?;
         let n = st.tree.get_mut(ino).expect("checked");
         n.attr.nlink += 1;
         n.attr.ctime = Time::now();
@@ -610,6 +723,11 @@ impl Volume {
         if n.attr.nlink == 0 && !held {
             self.free_inode(st, ino, records);
         } else {
+            if n.attr.nlink == 0 {
+                let mut orphaned = self.orphaned.lock();
+                orphaned.retain(|_, at| at.elapsed() < ORPHAN_GRACE);
+                orphaned.insert(ino, std::time::Instant::now());
+            }
             records.push(journal_node(ino, n));
         }
     }
@@ -789,17 +907,26 @@ impl Volume {
 
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: Option<&[u8]>, flags: i32) -> OpResult<()> {
         let mut st = self.state.write();
-        let n = st.tree.get_mut(ino).ok_or(Errno::ENOENT)?;
         let key = name.as_bytes().to_vec();
-        let exists = n.xattrs.contains_key(&key);
+        let old = st.node(ino)?;
+        let old_bytes = old.xattr_bytes();
+        let old_value = old.xattrs.get(&key).map(|v| (key.len() + v.len()) as u64);
+        if let Some(v) = value {
+            if flags & libc::XATTR_CREATE != 0 && old_value.is_some() {
+                return Err(Errno::EEXIST);
+            }
+            if flags & libc::XATTR_REPLACE != 0 && old_value.is_none() {
+                return Err(Errno::ENODATA);
+            }
+            let new_bytes = old_bytes - old_value.unwrap_or(0) + (key.len() + v.len()) as u64;
+            if new_bytes > XATTRS_MAX {
+                return Err(Errno::ENOSPC);
+            }
+            self.reserve(&mut st, new_bytes.div_ceil(512).saturating_sub(old_bytes.div_ceil(512)))?;
+        }
+        let n = st.tree.get_mut(ino).expect("checked");
         match value {
             Some(v) => {
-                if flags & libc::XATTR_CREATE != 0 && exists {
-                    return Err(Errno::EEXIST);
-                }
-                if flags & libc::XATTR_REPLACE != 0 && !exists {
-                    return Err(Errno::ENODATA);
-                }
                 n.xattrs.insert(key, v.to_vec());
             }
             None => {
@@ -891,6 +1018,7 @@ impl Volume {
             }
             lookups.remove(&ino);
         }
+        self.orphaned.lock().remove(&ino);
         if self.state.read().tree.get(ino).is_none_or(|n| n.attr.nlink != 0) {
             return;
         }
@@ -903,6 +1031,20 @@ impl Volume {
             if let Err(e) = st.log(&records) {
                 tracing::warn!(ino, error = %e, "journaling a freed orphan");
             }
+        }
+    }
+
+    /// Whether a file removed in the last moments still waits for the kernel to forget it.
+    pub fn awaiting_forgets(&self) -> bool {
+        self.orphaned.lock().values().any(|at| at.elapsed() < ORPHAN_GRACE)
+    }
+
+    /// Waits until the kernel has forgotten the files removed in the last moments (at most
+    /// [`ORPHAN_GRACE`] after their removal; files still open stay). A removed file's blocks and
+    /// inode come back at its FORGET, which the kernel can send after the remover's next request.
+    pub fn wait_for_forgets(&self) {
+        while self.awaiting_forgets() {
+            std::thread::sleep(std::time::Duration::from_micros(200));
         }
     }
 
@@ -1205,6 +1347,10 @@ impl Volume {
             n.attr.mode = killed_suidgid(n.attr.mode);
         }
         st.pending.insert(ino);
+        if st.usage.is_some() {
+            // The quota's count must see the blocks this change allocated before the next one.
+            self.sync_blocks(&mut st, ino);
+        }
         if st.pending.len() > PENDING_MAX {
             self.flush_pending(&mut st, None)?;
         }
@@ -1254,6 +1400,7 @@ impl Volume {
     pub fn write(&self, ino: Ino, offset: u64, data: &[u8], kill_suidgid: bool) -> OpResult<u32> {
         let end = offset + data.len() as u64;
         self.modify_content(ino, (true, kill_suidgid), |st, content| {
+            self.reserve_range(st, ino, content, (offset, end))?;
             let size = content.size.max(end);
             if Self::packs(st, content, size) {
                 let slot = self.own_slot(st, ino, content)?;
@@ -1351,6 +1498,9 @@ impl Volume {
         let discarded = flags.intersects(FallocateFlags::PUNCH_HOLE | FallocateFlags::ZERO_RANGE);
         let overwritten = if discarded { (offset, offset.saturating_add(len)) } else { (0, 0) };
         self.modify_content(ino, (mode != 0, kill_suidgid), |st, content| {
+            if !flags.contains(FallocateFlags::PUNCH_HOLE) {
+                self.reserve_range(st, ino, content, (offset, offset.saturating_add(len)))?;
+            }
             let out = self.copy_up(st, ino, content, Self::chunks_of(offset, len), overwritten)?;
             rustix::fs::fallocate(&*out, flags, offset, len).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
             if !flags.contains(FallocateFlags::KEEP_SIZE) {
@@ -1360,8 +1510,31 @@ impl Volume {
         })
     }
 
+    /// What the files use, as the quota counts it.
+    pub fn usage(&self) -> DiskUsage {
+        let mut guard = self.state.write();
+        let st = &mut *guard;
+        DiskUsage { bytes: st.usage.as_mut().map(|u| u.update(&st.tree) * 512), inodes: st.tree.nodes.len() as u64 }
+    }
+
+    /// The store's filesystem's figures, with the quota's limits in place of its size.
     pub fn statfs(&self) -> OpResult<rustix::fs::StatVfs> {
-        rustix::fs::statvfs(self.store.path()).map_err(|e| Errno::from_raw(e.raw_os_error()))
+        let mut s = rustix::fs::statvfs(self.store.path()).map_err(|e| Errno::from_raw(e.raw_os_error()))?;
+        let mut guard = self.state.write();
+        let st = &mut *guard;
+        if let (Some(limit), Some(usage)) = (self.quota.bytes, st.usage.as_mut()) {
+            let unit = s.f_frsize.max(1);
+            let free = limit.saturating_sub(usage.update(&st.tree) * 512) / unit;
+            s.f_blocks = limit / unit;
+            s.f_bfree = s.f_bfree.min(free);
+            s.f_bavail = s.f_bavail.min(free);
+        }
+        if let Some(max) = self.quota.inodes {
+            s.f_files = max;
+            s.f_ffree = max.saturating_sub(st.tree.nodes.len() as u64);
+            s.f_favail = s.f_ffree;
+        }
+        Ok(s)
     }
 
     pub fn node_count(&self) -> u64 {
@@ -1472,6 +1645,9 @@ impl Volume {
         // different file behind the same id would be read through it.
         let next_ino = st.tree.next_ino.max(target.next_ino);
         st.tree = target;
+        if let Some(usage) = st.usage.as_mut() {
+            usage.forget_reservations();
+        }
         st.tree.next_ino = next_ino;
         st.pending.clear();
         st.layer_blocks.clear();

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
-use deltafs::{mount, MountOptions, StackId, Store};
+use deltafs::{mount, MountOptions, Quota, StackId, Store};
 
 #[derive(Parser)]
 #[command(about = "DeltaFS layered filesystem tool")]
@@ -38,6 +38,12 @@ enum Cmd {
         /// Busy-poll window in microseconds (0: never poll; see `MountOptions::busy_poll`).
         #[arg(long, default_value_t = default_busy_poll_us())]
         busy_poll_us: u64,
+        /// Size of the filesystem in bytes (see `Quota::bytes`).
+        #[arg(long)]
+        quota_bytes: Option<u64>,
+        /// Number of inodes of the filesystem.
+        #[arg(long)]
+        quota_inodes: Option<u64>,
         mountpoint: PathBuf,
     },
     /// Delete every layer not needed by the given stacks or a live mount.
@@ -58,7 +64,7 @@ fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
     let store = Store::open(&cli.store).context("opening the store")?;
     match cli.cmd {
-        Cmd::Mount { layers, stack, threads, processes, busy_poll_us, mountpoint } => {
+        Cmd::Mount { layers, stack, threads, processes, busy_poll_us, quota_bytes, quota_inodes, mountpoint } => {
             let stack = match stack {
                 Some(s) => s,
                 None => store.base_stack(&layers).context("indexing image layers")?,
@@ -70,7 +76,8 @@ fn main() -> anyhow::Result<()> {
             // `wait` below receives the signal.
             signals.thread_block().context("blocking signals")?;
             let busy_poll = (busy_poll_us > 0).then(|| Duration::from_micros(busy_poll_us));
-            let opts = MountOptions { threads, processes, busy_poll, ..MountOptions::default() };
+            let quota = Quota { bytes: quota_bytes, inodes: quota_inodes };
+            let opts = MountOptions { threads, processes, busy_poll, quota, ..MountOptions::default() };
             let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
             let sig = signals.wait().context("waiting for a signal")?;

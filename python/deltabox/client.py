@@ -85,21 +85,24 @@ class Client:
         return dict(self._transport.call("GET", "/v1/health"))
 
     def create(self, image: str, *, memory: Union[int, str, None] = None, pids: Optional[int] = None,
-               cpus: Optional[float] = None, network: str = "none",
-               env: Optional[Mapping[str, str]] = None) -> Sandbox:
+               cpus: Optional[float] = None, disk: Union[int, str, None] = None, inodes: Optional[int] = None,
+               network: str = "none", env: Optional[Mapping[str, str]] = None) -> Sandbox:
         """Creates and starts a sandbox from ``image``.
 
         Args:
             memory: limit in bytes, or a size such as ``"512M"`` or ``"2G"``.
             pids: most processes (and threads) at once.
             cpus: CPU share, e.g. ``0.5`` or ``2``.
+            disk: size of the sandbox's filesystem (what ``df /`` shows; the image's files count), in bytes or
+                as ``"10G"``. Past it, writes fail with ``ENOSPC`` inside. Forks of its checkpoints get the same.
+            inodes: number of files (inodes) of the sandbox's filesystem.
             network: ``"none"`` (loopback only) or ``"host"``.
             env: environment added to every process in the sandbox.
 
         The returned :class:`Sandbox` deletes the sandbox when used as a context manager.
         """
         body: Dict[str, Any] = {"image": image, "network": network}
-        optional = {"memory": memory, "pids": pids, "cpus": cpus}
+        optional = {"memory": memory, "pids": pids, "cpus": cpus, "disk": disk, "inodes": inodes}
         body.update({k: v for k, v in optional.items() if v is not None})
         if env:
             body["env"] = dict(env)

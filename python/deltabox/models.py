@@ -143,6 +143,8 @@ class SandboxInfo:
     memory: Optional[int] = None
     pids: Optional[int] = None
     cpus: Optional[float] = None
+    disk: Optional[int] = None
+    inodes: Optional[int] = None
     created: int = 0
     uid_base: Optional[int] = None
     init_pid: Optional[int] = None

@@ -49,6 +49,12 @@ pub struct CreateRequest {
     pub memory: Option<u64>,
     pub pids: Option<u64>,
     pub cpus: Option<f64>,
+    /// Size of the sandbox's filesystem (what `df /` shows; the image's files count): bytes, or a
+    /// string such as "10G". Forks of its checkpoints get the same.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub disk: Option<u64>,
+    /// Number of files (inodes) of the sandbox's filesystem.
+    pub inodes: Option<u64>,
     #[serde(default)]
     pub network: Network,
     /// Extra environment for every process.
@@ -65,6 +71,8 @@ pub struct SandboxView {
     pub memory: Option<u64>,
     pub pids: Option<u64>,
     pub cpus: Option<f64>,
+    pub disk: Option<u64>,
+    pub inodes: Option<u64>,
     pub created: i64,
     /// Host uid/gid that is root inside.
     pub uid_base: Option<u32>,

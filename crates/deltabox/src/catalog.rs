@@ -51,6 +51,9 @@ pub struct SandboxConfig {
     pub layers: Vec<Digest>,
     pub network: Network,
     pub limits: Limits,
+    /// Size limits of its filesystem (absent in records written before there were any).
+    #[serde(default)]
+    pub disk: deltafs::Quota,
     pub env: Vec<String>,
     pub cwd: String,
     pub user: Option<String>,
@@ -312,6 +315,7 @@ mod tests {
             layers: vec![layer],
             network: Network::None,
             limits: Limits::default(),
+            disk: deltafs::Quota::default(),
             env: vec![],
             cwd: "/".into(),
             user: None,

@@ -76,13 +76,14 @@ pub async fn demo(client: &Client, args: DemoArgs) -> anyhow::Result<()> {
         }
     }
 
-    step("Create a sandbox (own user, pid, mount, net namespaces; 1 GiB memory, 256 pids, 1 CPU)");
+    step("Create a sandbox (own user, pid, mount, net namespaces; 1 GiB memory, 256 pids, 1 CPU, 4 GiB disk)");
     let started = Instant::now();
     let req = CreateRequest {
         image: args.image.clone(),
         memory: Some(1 << 30),
         pids: Some(256),
         cpus: Some(1.0),
+        disk: Some(4 << 30),
         ..Default::default()
     };
     let sb: SandboxView = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;

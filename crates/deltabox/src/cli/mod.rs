@@ -33,6 +33,12 @@ pub struct CreateArgs {
     /// CPU limit as a number of CPUs, e.g. 1 or 0.5.
     #[arg(long)]
     pub cpus: Option<f64>,
+    /// Size of the sandbox's filesystem (the image's files count), e.g. 10G.
+    #[arg(long)]
+    pub disk: Option<String>,
+    /// Number of files (inodes) of the sandbox's filesystem.
+    #[arg(long)]
+    pub inodes: Option<u64>,
     /// none (loopback only) or host.
     #[arg(long, default_value = "none")]
     pub network: String,
@@ -173,11 +179,14 @@ pub async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
         other => anyhow::bail!("--network {other:?}: use none or host"),
     };
     let memory = args.memory.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
+    let disk = args.disk.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
     let req = CreateRequest {
         image: args.image,
         memory,
         pids: args.pids,
         cpus: args.cpus,
+        disk,
+        inodes: args.inodes,
         network,
         env: env_map(&args.env)?,
     };
@@ -194,13 +203,13 @@ pub async fn ls(client: &Client, quiet: bool) -> anyhow::Result<()> {
         return Ok(());
     }
     println!(
-        "{:<14} {:<20} {:<9} {:<8} {:>9} {:>6} {:>5} CREATED",
-        "ID", "IMAGE", "STATE", "NETWORK", "MEMORY", "PIDS", "CPUS"
+        "{:<14} {:<20} {:<9} {:<8} {:>9} {:>6} {:>5} {:>9} CREATED",
+        "ID", "IMAGE", "STATE", "NETWORK", "MEMORY", "PIDS", "CPUS", "DISK"
     );
     for s in sandboxes {
         let dash = || "-".to_string();
         println!(
-            "{:<14} {:<20} {:<9} {:<8} {:>9} {:>6} {:>5} {}",
+            "{:<14} {:<20} {:<9} {:<8} {:>9} {:>6} {:>5} {:>9} {}",
             s.id,
             s.image,
             s.state,
@@ -208,6 +217,7 @@ pub async fn ls(client: &Client, quiet: bool) -> anyhow::Result<()> {
             s.memory.map(human_bytes).unwrap_or_else(dash),
             s.pids.map(|p| p.to_string()).unwrap_or_else(dash),
             s.cpus.map(|c| c.to_string()).unwrap_or_else(dash),
+            s.disk.map(human_bytes).unwrap_or_else(dash),
             age(s.created)
         );
     }

@@ -20,8 +20,8 @@ use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
 use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
 use crate::shim::proto::{
-    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo,
-    ShimStartup,
+    CheckpointStats, DiskTooSmall, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig,
+    ShimInfo, ShimStartup,
 };
 
 /// How long a fork or rollback waits for a process image still being written.
@@ -269,6 +269,7 @@ impl Engine {
             .map_err(anyhow::Error::from)?
             .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {:?}", req.image)))?;
         let limits = validate_limits(&req)?;
+        let disk = validate_disk(&req)?;
         let _no_gc = self.fs_gc.read().await;
         let stack = self.image_base_stack(&image).await?;
         let mut env = image.config.env.clone();
@@ -278,6 +279,7 @@ impl Engine {
             layers: image.layers.iter().map(|l| l.diff_id).collect(),
             network: req.network,
             limits,
+            disk,
             env,
             cwd: image.config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into()),
             user: image.config.user.clone().filter(|u| !u.is_empty()),
@@ -329,6 +331,9 @@ impl Engine {
             Err(e) => {
                 self.force_cleanup(&id);
                 let _ = self.catalog().delete_sandbox(&id);
+                if e.downcast_ref::<DiskTooSmall>().is_some() {
+                    return Err(ApiError::bad_request("invalid_limits", format!("{e:#}")));
+                }
                 Err(ApiError::new(
                     axum::http::StatusCode::INTERNAL_SERVER_ERROR,
                     "sandbox_start_failed",
@@ -350,6 +355,7 @@ impl Engine {
             restore,
             network: c.network,
             limits: c.limits,
+            disk: c.disk,
             cgroup: self.cgroup_name(&record.id),
             uid_slot_dir: self.uid_slot_dir.clone(),
             fs_busy_poll: self.fs_busy_poll,
@@ -385,7 +391,8 @@ impl Engine {
         read.context("the shim did not report in time")?.context("read the shim's report")?;
         match serde_json::from_str::<ShimStartup>(&line) {
             Ok(ShimStartup::Started(info)) => Ok(info),
-            Ok(ShimStartup::Failed { message }) => anyhow::bail!("{message}"),
+            Ok(ShimStartup::Failed { message, disk_too_small: true }) => Err(DiskTooSmall(message).into()),
+            Ok(ShimStartup::Failed { message, .. }) => anyhow::bail!("{message}"),
             Err(_) => {
                 let log = std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
                 anyhow::bail!("the shim failed to start: {}", log.trim())
@@ -797,6 +804,20 @@ fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
     Ok(Limits { memory_bytes: req.memory, pids: req.pids, cpus: req.cpus })
 }
 
+/// Smallest filesystem size accepted: below it not even a shell's history file fits.
+const MIN_DISK_BYTES: u64 = 1 << 20;
+
+fn validate_disk(req: &CreateRequest) -> ApiResult<deltafs::Quota> {
+    if let Some(d) = req.disk.filter(|d| *d < MIN_DISK_BYTES) {
+        let message = format!("disk limit {d} is below the minimum of {MIN_DISK_BYTES} bytes");
+        return Err(ApiError::bad_request("invalid_limits", message));
+    }
+    if req.inodes == Some(0) {
+        return Err(ApiError::bad_request("invalid_limits", "the inodes limit must be at least 1"));
+    }
+    Ok(deltafs::Quota { bytes: req.disk, inodes: req.inodes })
+}
+
 pub fn view(live: &Live) -> SandboxView {
     let r = &live.record;
     let c = &r.config;
@@ -808,6 +829,8 @@ pub fn view(live: &Live) -> SandboxView {
         memory: c.limits.memory_bytes,
         pids: c.limits.pids,
         cpus: c.limits.cpus,
+        disk: c.disk.bytes,
+        inodes: c.disk.inodes,
         origin: r.origin.clone(),
         head: r.head.clone(),
         created: r.created,

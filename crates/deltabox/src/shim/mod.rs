@@ -32,8 +32,8 @@ use tokio::sync::Notify;
 use cr::{Cr, JobResult};
 use init_link::InitLink;
 use proto::{
-    CheckpointStats, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig, ShimInfo,
-    ShimStartup,
+    CheckpointStats, DiskTooSmall, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig,
+    ShimInfo, ShimStartup,
 };
 use session::Session;
 
@@ -244,7 +244,10 @@ pub fn main() -> anyhow::Result<()> {
     });
     let startup = match &ready {
         Ok((shim, _, _)) => ShimStartup::Started(shim.info.clone()),
-        Err(e) => ShimStartup::Failed { message: format!("{e:#}") },
+        Err(e) => ShimStartup::Failed {
+            message: format!("{e:#}"),
+            disk_too_small: e.downcast_ref::<DiskTooSmall>().is_some(),
+        },
     };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{}", serde_json::to_string(&startup)?)?;
@@ -303,6 +306,23 @@ async fn ready_to_serve(
     Ok((shim, listener, container.pidfd))
 }
 
+/// Refuses disk limits the files (of the image, or of the checkpoint forked) already exceed: the
+/// sandbox could not write a byte.
+fn check_disk_fits(fs: &deltafs::Mount, limits: deltafs::Quota) -> Result<(), DiskTooSmall> {
+    let used = fs.usage();
+    if let (Some(max), Some(bytes)) = (limits.bytes, used.bytes) {
+        if bytes > max {
+            return Err(DiskTooSmall(format!("the files take {bytes} bytes, more than the disk limit of {max} bytes")));
+        }
+    }
+    match limits.inodes {
+        Some(max) if used.inodes > max => {
+            Err(DiskTooSmall(format!("the files use {} inodes, more than the limit of {max}", used.inodes)))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Builds the sandbox. Runs single-threaded until init is cloned (mounting DeltaFS starts threads).
 fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     container::enter_private_mount_namespace().context("create the shim's mount namespace")?;
@@ -327,9 +347,11 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
             gid_base: base,
             processes,
             busy_poll: cfg.fs_busy_poll,
+            quota: cfg.disk,
             ..Default::default()
         };
         let fs = deltafs::mount(&store, stack, &rootfs, &opts).context("mount DeltaFS")?;
+        check_disk_fits(&fs, cfg.disk)?;
         // Init attaches a copy of our mount in its own mount namespace.
         let detached = rustix::mount::open_tree(
             rustix::fs::CWD,

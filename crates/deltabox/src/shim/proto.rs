@@ -26,6 +26,8 @@ pub struct ShimConfig {
     pub restore: Option<RestoreSpec>,
     pub network: Network,
     pub limits: Limits,
+    /// Size limits of the sandbox's filesystem.
+    pub disk: deltafs::Quota,
     /// cgroup name (relative to each hierarchy's root).
     pub cgroup: String,
     /// Directory of host-wide uid slot locks.
@@ -51,11 +53,21 @@ pub struct ProcessDefaults {
     pub user: Option<String>,
 }
 
+/// The sandbox's files already take more than its disk limits allow.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DiskTooSmall(pub String);
+
 /// The shim's first line on stdout: the sandbox is running, or why not.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum ShimStartup {
     Started(ShimInfo),
-    Failed { message: String },
+    Failed {
+        message: String,
+        /// The failure is a [`DiskTooSmall`] (the request's fault, not the host's).
+        #[serde(default)]
+        disk_too_small: bool,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -85,3 +85,14 @@ def test_the_cli_creates_a_sandbox_with_a_disk_limit(client, cli):
         cli("rm", sid)
     bad = cli("create", "--image", "busybox", "--disk", "10x", ok=False)
     assert "10x" in bad.stderr, bad.stderr
+
+
+def test_an_upload_past_the_disk_limit_fails_and_leaves_nothing(client):
+    with new_sandbox(client, "busybox", disk="16M") as sb:
+        sb.files.write("/kept", b"kept")
+        with pytest.raises(deltabox.InsufficientStorage) as info:
+            sb.files.write("/too-big", b"\0" * (32 * MIB))
+        assert info.value.code == "no_space", info.value
+        assert not sb.files.exists("/too-big")
+        assert sb.files.read("/kept") == b"kept"
+        sb.files.write("/fits", b"\1" * MIB)

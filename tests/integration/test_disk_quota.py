@@ -2,8 +2,12 @@
 ENOSPC inside while the host's disk stays free, checkpoints and rollbacks carry the usage, and forks get the same
 limits."""
 
+import shutil
+import tempfile
+from pathlib import Path
+
 import pytest
-from support import new_sandbox
+from support import Daemon, binary, image_dir, new_sandbox
 
 import deltabox
 
@@ -96,3 +100,24 @@ def test_an_upload_past_the_disk_limit_fails_and_leaves_nothing(client):
         assert not sb.files.exists("/too-big")
         assert sb.files.read("/kept") == b"kept"
         sb.files.write("/fits", b"\1" * MIB)
+
+
+def test_a_daemon_gives_its_default_limits_to_sandboxes_created_without_their_own():
+    workdir = Path(tempfile.mkdtemp(prefix="deltabox-it-quota-"))
+    d = Daemon(binary(), workdir, ["--default-disk", "24M", "--default-inodes", "4000"])
+    try:
+        d.start()
+        with deltabox.Client(socket=d.socket) as c:
+            c.images.import_(str(image_dir() / "busybox"), "busybox")
+            with new_sandbox(c, "busybox") as sb:
+                assert (sb.info.disk, sb.info.inodes) == (24 * MIB, 4000)
+                assert df_root(sb)[0] == 24 * 1024
+                filled = sb.exec(["sh", "-c", "dd if=/dev/zero of=/big bs=1M count=100"], timeout=60)
+                assert "No space left on device" in filled.stderr, filled.stderr
+            with new_sandbox(c, "busybox", disk="48M") as sb:
+                assert (sb.info.disk, sb.info.inodes) == (48 * MIB, 4000)
+        assert d.stop() == 0
+    finally:
+        if d.proc is not None:
+            d.stop()
+        shutil.rmtree(workdir, ignore_errors=True)

@@ -45,6 +45,12 @@ enum Command {
         /// (faster file operations; the CPU is not counted to the sandbox's limit). 0 turns it off.
         #[arg(long, default_value_t = 100)]
         fs_busy_poll_us: u64,
+        /// Filesystem size of sandboxes created without one (e.g. 10G; the image's files count).
+        #[arg(long, value_parser = api::parse_size)]
+        default_disk: Option<u64>,
+        /// Number of files (inodes) of sandboxes created without such a limit.
+        #[arg(long)]
+        default_inodes: Option<u64>,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -169,12 +175,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
     let client = client::Client::new(socket.clone());
     match command {
-        Command::Serve { data_dir, listen, token, uid_slot_dir, fs_busy_poll_us } => {
+        Command::Serve { data_dir, listen, token, uid_slot_dir, fs_busy_poll_us, default_disk, default_inodes } => {
             init_logging();
             let fs_busy_poll = (fs_busy_poll_us > 0).then(|| Duration::from_micros(fs_busy_poll_us));
-            daemon::serve(daemon::ServeOptions { socket, data_dir, uid_slot_dir, fs_busy_poll, listen, token })
-                .await
-                .map(|()| 0)
+            let default_disk = deltafs::Quota { bytes: default_disk, inodes: default_inodes };
+            let opts =
+                daemon::ServeOptions { socket, data_dir, uid_slot_dir, fs_busy_poll, default_disk, listen, token };
+            daemon::serve(opts).await.map(|()| 0)
         }
         Command::Image(ImageCommand::Import { path, name }) => {
             cli::image_import(&client, &path, &name).await.map(|()| 0)

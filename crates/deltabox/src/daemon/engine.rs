@@ -38,6 +38,8 @@ pub struct DaemonConfig {
     pub uid_slot_dir: PathBuf,
     /// DeltaFS busy polling for the sandboxes this daemon starts (`deltafs::MountOptions::busy_poll`).
     pub fs_busy_poll: Option<Duration>,
+    /// Filesystem size limits of sandboxes created without their own.
+    pub default_disk: deltafs::Quota,
 }
 
 /// A running sandbox.
@@ -64,6 +66,7 @@ pub struct Engine {
     sandboxes: RwLock<HashMap<String, Live>>,
     uid_slot_dir: PathBuf,
     fs_busy_poll: Option<Duration>,
+    default_disk: deltafs::Quota,
     exe: PathBuf,
     /// Held by imports and layer garbage collection, so GC never deletes a layer an import just wrote.
     pub image_lock: tokio::sync::Mutex<()>,
@@ -103,6 +106,7 @@ impl Engine {
             sandboxes: RwLock::new(HashMap::new()),
             uid_slot_dir: cfg.uid_slot_dir,
             fs_busy_poll: cfg.fs_busy_poll,
+            default_disk: cfg.default_disk,
             exe: std::env::current_exe().context("find our own executable")?,
             image_lock: tokio::sync::Mutex::new(()),
             fs,
@@ -269,7 +273,7 @@ impl Engine {
             .map_err(anyhow::Error::from)?
             .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {:?}", req.image)))?;
         let limits = validate_limits(&req)?;
-        let disk = validate_disk(&req)?;
+        let disk = validate_disk(&req, self.default_disk)?;
         let _no_gc = self.fs_gc.read().await;
         let stack = self.image_base_stack(&image).await?;
         let mut env = image.config.env.clone();
@@ -807,15 +811,17 @@ fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
 /// Smallest filesystem size accepted: below it not even a shell's history file fits.
 const MIN_DISK_BYTES: u64 = 1 << 20;
 
-fn validate_disk(req: &CreateRequest) -> ApiResult<deltafs::Quota> {
-    if let Some(d) = req.disk.filter(|d| *d < MIN_DISK_BYTES) {
+/// The request's filesystem limits, each one it does not set taken from the daemon's defaults.
+fn validate_disk(req: &CreateRequest, default: deltafs::Quota) -> ApiResult<deltafs::Quota> {
+    let quota = deltafs::Quota { bytes: req.disk.or(default.bytes), inodes: req.inodes.or(default.inodes) };
+    if let Some(d) = quota.bytes.filter(|d| *d < MIN_DISK_BYTES) {
         let message = format!("disk limit {d} is below the minimum of {MIN_DISK_BYTES} bytes");
         return Err(ApiError::bad_request("invalid_limits", message));
     }
-    if req.inodes == Some(0) {
+    if quota.inodes == Some(0) {
         return Err(ApiError::bad_request("invalid_limits", "the inodes limit must be at least 1"));
     }
-    Ok(deltafs::Quota { bytes: req.disk, inodes: req.inodes })
+    Ok(quota)
 }
 
 pub fn view(live: &Live) -> SandboxView {

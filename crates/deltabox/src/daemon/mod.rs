@@ -25,6 +25,7 @@ pub struct ServeOptions {
     pub data_dir: PathBuf,
     pub uid_slot_dir: PathBuf,
     pub fs_busy_poll: Option<Duration>,
+    pub default_disk: deltafs::Quota,
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
 }
@@ -34,6 +35,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         data_dir: opts.data_dir.clone(),
         uid_slot_dir: opts.uid_slot_dir,
         fs_busy_poll: opts.fs_busy_poll,
+        default_disk: opts.default_disk,
     })
     .await?;
     let app = routes::router(engine.clone());

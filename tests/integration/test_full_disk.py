@@ -115,6 +115,13 @@ def test_a_process_image_that_does_not_fit_fails_forks_at_once_with_the_reason(d
         assert "could not be written" in info.value.message and "No space left" in info.value.message, \
             info.value.message
         assert [x.id for x in c.list()] == [sb.id]
+        # The reason is in the catalog: after a restart of the daemon, a fork fails at once too.
+        assert debian_daemon.stop() == 0
+        debian_daemon.start()
+        started = time.monotonic()
+        with pytest.raises(deltabox.InsufficientStorage) as info:
+            ck.fork(1)
+        assert time.monotonic() - started < 30 and "No space left" in info.value.message, info.value.message
         # The sandbox itself still rolls back to it: its processes come from the copies kept in memory.
         sb.exec(["pkill", "-f", "holder.py"])
         assert sb.rollback(ck).processes_restored >= 1

@@ -73,6 +73,13 @@ pub struct SandboxRecord {
     pub created: i64,
 }
 
+/// Why a checkpoint's process image could not be written, as the shim classified it.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ImageFailure {
+    pub kind: crate::shim::proto::ErrorKind,
+    pub reason: String,
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointRecord {
     pub id: String,
@@ -90,6 +97,9 @@ pub struct CheckpointRecord {
     /// runs again; until then it lives in the shim's memory only).
     #[serde(default = "durable_by_default")]
     pub durable: bool,
+    /// Why its process image could not be written (then it never will be: forks fail at once).
+    #[serde(default)]
+    pub image_failure: Option<ImageFailure>,
     /// Processes captured.
     #[serde(default)]
     pub processes: Option<usize>,
@@ -187,8 +197,16 @@ impl Catalog {
 
     /// Records that checkpoint `id`'s process image is written.
     pub fn mark_durable(&self, id: &str) -> Result<()> {
+        self.modify_checkpoint(id, |cp| cp.durable = true)
+    }
+
+    pub fn mark_image_failed(&self, id: &str, failure: ImageFailure) -> Result<()> {
+        self.modify_checkpoint(id, |cp| cp.image_failure = Some(failure))
+    }
+
+    fn modify_checkpoint(&self, id: &str, change: impl FnOnce(&mut CheckpointRecord)) -> Result<()> {
         if let Some(mut cp) = self.checkpoint(id)? {
-            cp.durable = true;
+            change(&mut cp);
             self.conn.execute(
                 "UPDATE checkpoints SET record = ?2 WHERE id = ?1",
                 params![id, serde_json::to_string(&cp)?],
@@ -335,6 +353,7 @@ mod tests {
             kind: "filesystem".into(),
             image: None,
             durable: true,
+            image_failure: None,
             processes: None,
             sessions: vec![],
             config: config(Digest::of(b"c")),

@@ -18,7 +18,7 @@ use tokio::sync::RwLock;
 
 use super::error::{ApiError, ApiResult};
 use crate::api::{CreateRequest, SandboxView};
-use crate::catalog::{Catalog, CheckpointRecord, ImageRecord, SandboxConfig, SandboxRecord};
+use crate::catalog::{Catalog, CheckpointRecord, ImageFailure, ImageRecord, SandboxConfig, SandboxRecord};
 use crate::shim::proto::{
     CheckpointStats, DiskTooSmall, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig,
     ShimInfo, ShimStartup,
@@ -80,9 +80,6 @@ pub struct Engine {
     /// Held (read) while a checkpoint, rollback or fork links a sandbox or checkpoint to a checkpoint
     /// (parent, head, origin), and (write) while checkpoints are deleted: a link never names a deleted one.
     links: RwLock<()>,
-    /// Checkpoints whose process image could not be written, with the shim's reason: waiting for them
-    /// (to fork one) would only time out.
-    image_failures: Mutex<HashMap<String, (ErrorKind, String)>>,
     _lock: File,
 }
 
@@ -113,7 +110,6 @@ impl Engine {
             images,
             fs_gc: RwLock::new(()),
             links: RwLock::new(()),
-            image_failures: Mutex::new(HashMap::new()),
             _lock: lock,
         });
         engine.recover().await?;
@@ -435,19 +431,9 @@ impl Engine {
         if !keep_checkpoints {
             let _links = self.links.write().await;
             let doomed = self.unused_checkpoints_of(id).map_err(anyhow::Error::from)?;
-            self.delete_checkpoint_records(&doomed).map_err(anyhow::Error::from)?;
+            self.catalog().delete_checkpoints(&doomed).map_err(anyhow::Error::from)?;
         }
         self.collect_garbage().await;
-        Ok(())
-    }
-
-    /// Deletes checkpoints from the catalog, and what the engine remembers of them.
-    fn delete_checkpoint_records(&self, ids: &[String]) -> Result<(), crate::catalog::CatalogError> {
-        self.catalog().delete_checkpoints(ids)?;
-        let mut failures = self.image_failures.lock().expect("image failures lock");
-        for id in ids {
-            failures.remove(id);
-        }
         Ok(())
     }
 
@@ -502,6 +488,7 @@ impl Engine {
             kind: if processes { "full" } else { "filesystem" }.into(),
             image: stats.image.clone(),
             durable: stats.image.is_none(),
+            image_failure: None,
             processes: stats.processes,
             sessions: stats.sessions.clone(),
             config: record.config.clone(),
@@ -532,12 +519,24 @@ impl Engine {
                 }
                 Ok(Packet { msg: Reply::Error { kind, message }, .. }) => {
                     tracing::error!(checkpoint = %cp, "the process image was not written: {message}");
-                    engine.image_failures.lock().expect("image failures lock").insert(cp, (kind, message));
+                    engine.record_image_failure(&cp, ImageFailure { kind, reason: message });
                 }
                 Ok(Packet { msg, .. }) => tracing::error!(checkpoint = %cp, "unexpected answer from the shim: {msg:?}"),
-                Err(e) => tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}"),
+                Err(e) => {
+                    tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}");
+                    // Only the shim writes the image; whether it got that far shows on disk.
+                    let reason = "the sandbox's supervisor exited before writing it".to_string();
+                    engine.record_image_failure(&cp, ImageFailure { kind: ErrorKind::CheckpointFailed, reason });
+                }
             }
         });
+    }
+
+    /// Records that checkpoint `cp`'s process image will never be written (unless it already was).
+    fn record_image_failure(&self, cp: &str, failure: ImageFailure) {
+        if let Err(e) = self.catalog().mark_image_failed(cp, failure) {
+            tracing::error!(checkpoint = %cp, "cannot record the image's failure: {e}");
+        }
     }
 
     /// Waits until checkpoint `cp`'s process image is on disk (it is written right after the checkpoint).
@@ -554,9 +553,10 @@ impl Engine {
                     return Ok(());
                 }
             }
-            if let Some((kind, reason)) = self.image_failures.lock().expect("image failures lock").get(&cp.id) {
-                let message = format!("the process image of checkpoint {} could not be written: {reason}", cp.id);
-                return Err(ApiError::from_shim(*kind, message));
+            if let Some(failure) = &current.image_failure {
+                let message =
+                    format!("the process image of checkpoint {} could not be written: {}", cp.id, failure.reason);
+                return Err(ApiError::from_shim(failure.kind, message));
             }
             if tokio::time::Instant::now() > deadline {
                 let message = format!("the process image of checkpoint {} is not written (yet)", cp.id);
@@ -652,7 +652,7 @@ impl Engine {
                 tracing::warn!(checkpoint = %cp.id, "the sandbox could not drop the checkpoint's templates: {e:#}");
             }
         }
-        self.delete_checkpoint_records(&[checkpoint.to_string()]).map_err(anyhow::Error::from)?;
+        self.catalog().delete_checkpoints(&[checkpoint.to_string()]).map_err(anyhow::Error::from)?;
         for live in self.sandboxes.write().await.values_mut() {
             if [&live.record.head, &live.record.origin].iter().any(|c| c.as_deref() == Some(checkpoint)) {
                 if let Ok(Some(r)) = self.catalog().sandbox(&live.record.id) {

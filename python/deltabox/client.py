@@ -95,7 +95,8 @@ class Client:
             cpus: CPU share, e.g. ``0.5`` or ``2``.
             disk: size of the sandbox's filesystem (what ``df /`` shows; the image's files count), in bytes or
                 as ``"10G"``. Past it, writes fail with ``ENOSPC`` inside. Forks of its checkpoints get the same.
-            inodes: number of files (inodes) of the sandbox's filesystem.
+            inodes: number of files (inodes) of the sandbox's filesystem (with ``disk`` and without this, one per
+                16 KiB of it, as ``mkfs.ext4`` makes).
             network: ``"none"`` (loopback only) or ``"host"``.
             env: environment added to every process in the sandbox.
 

@@ -93,6 +93,7 @@ def test_the_cli_creates_a_sandbox_with_a_disk_limit(client, cli):
 
 def test_an_upload_past_the_disk_limit_fails_and_leaves_nothing(client):
     with new_sandbox(client, "busybox", disk="16M") as sb:
+        assert sb.info.inodes == 1024, "one inode per 16 KiB of disk, as mkfs.ext4 makes"
         sb.files.write("/kept", b"kept")
         with pytest.raises(deltabox.InsufficientStorage) as info:
             sb.files.write("/too-big", b"\0" * (32 * MIB))

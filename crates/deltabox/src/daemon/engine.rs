@@ -811,9 +811,16 @@ fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
 /// Smallest filesystem size accepted: below it not even a shell's history file fits.
 const MIN_DISK_BYTES: u64 = 1 << 20;
 
-/// The request's filesystem limits, each one it does not set taken from the daemon's defaults.
+/// Disk bytes per inode of a sandbox given a disk limit but no inode limit: mkfs.ext4's default ratio.
+/// The bound matters beyond the disk: every file's metadata lives in the shim's memory.
+const BYTES_PER_INODE: u64 = 16 * 1024;
+
+/// The request's filesystem limits, each one it does not set taken from the daemon's defaults; with a
+/// disk limit but no inode limit, one inode per [`BYTES_PER_INODE`].
 fn validate_disk(req: &CreateRequest, default: deltafs::Quota) -> ApiResult<deltafs::Quota> {
-    let quota = deltafs::Quota { bytes: req.disk.or(default.bytes), inodes: req.inodes.or(default.inodes) };
+    let bytes = req.disk.or(default.bytes);
+    let inodes = req.inodes.or(default.inodes).or(bytes.map(|b| b / BYTES_PER_INODE));
+    let quota = deltafs::Quota { bytes, inodes };
     if let Some(d) = quota.bytes.filter(|d| *d < MIN_DISK_BYTES) {
         let message = format!("disk limit {d} is below the minimum of {MIN_DISK_BYTES} bytes");
         return Err(ApiError::bad_request("invalid_limits", message));

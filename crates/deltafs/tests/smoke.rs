@@ -428,19 +428,30 @@ fn reads_racing_a_truncation_never_see_nul_bytes() {
                     }
                 })
             };
-            let (mut reads, mut nul) = (0, 0);
+            let (mut reads, mut bad, mut torn) = (0, Vec::new(), 0);
             let start = std::time::Instant::now();
             while start.elapsed() < std::time::Duration::from_secs(2) {
                 let data = std::fs::read(&path).unwrap();
                 reads += 1;
                 let a_line = data.ends_with(b"\n") && data[..data.len() - 1].iter().all(u8::is_ascii_digit);
-                if !data.is_empty() && !a_line {
-                    nul += 1;
+                if data.iter().any(|b| !b.is_ascii_digit() && *b != b'\n') {
+                    bad.push(data);
+                } else if !data.is_empty() && !a_line {
+                    // A prefix of a line (seen once in ~200,000 reads under load, docs/deltafs.md "Not done").
+                    torn += 1;
                 }
             }
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             writer.join().unwrap();
-            assert_eq!(nul, 0, "{nul} of {reads} reads saw bytes the file never held (ftruncate: {use_ftruncate})");
+            assert!(
+                bad.is_empty(),
+                "{} of {reads} reads saw bytes the file never held (ftruncate: {use_ftruncate}), first {:?}",
+                bad.len(),
+                bad.first().map(|d| String::from_utf8_lossy(d).into_owned())
+            );
+            if torn > 0 {
+                eprintln!("{torn} of {reads} reads returned a prefix of a line (ftruncate: {use_ftruncate})");
+            }
         }
         // Emptied and not racing: a read finds nothing, cached or direct.
         let fd = std::fs::OpenOptions::new().write(true).open(&path).unwrap();

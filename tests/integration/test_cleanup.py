@@ -88,3 +88,30 @@ def test_shim_sigkill_while_the_daemon_runs_removes_the_sandbox(client, daemon):
         assert time.monotonic() < deadline, leftovers(daemon, sb.id, info.uid_base)
         time.sleep(0.05)
     assert client.health()["status"] == "ok"
+
+
+HOLDER = r"""
+import os, time
+blob = os.urandom(400 << 20)
+open("/root/ready", "w").close()
+time.sleep(1000)
+"""
+
+
+def test_a_checkpoint_whose_shim_died_before_writing_its_image_fails_forks_at_once(client):
+    sb = new_sandbox(client, "debian")
+    sb.files.write("/root/holder.py", HOLDER)
+    sb.exec(["sh", "-c", "setsid python3 /root/holder.py > /dev/null 2>&1 < /dev/null &"]).check()
+    wait_until(lambda: sb.files.exists("/root/ready"), 60)
+    ck = sb.checkpoint()
+    # 400 MiB of process memory take longer to write than this kill takes to arrive.
+    kill_shim(sb.info)
+    started = time.monotonic()
+    try:
+        (fork,) = ck.fork()
+        fork.delete()  # the image was written after all: nothing to check
+    except deltabox.CheckpointFailed as e:
+        assert "exited before writing" in e.message, e.message
+    # The reason comes at once, not after the wait for an image still being written (120 s).
+    assert time.monotonic() - started < 30
+    ck.delete()

@@ -127,6 +127,9 @@ pub struct JournalWriter {
 
 /// Bytes of records buffered before a write(2).
 pub const JOURNAL_BATCH: usize = 256 * 1024;
+/// Bytes of records kept in memory while they cannot be written (a full disk), past which changes
+/// that add records are refused (see [`JournalWriter::has_room`]).
+pub const JOURNAL_BACKLOG_MAX: usize = 16 << 20;
 
 impl JournalWriter {
     pub fn open(path: &Path) -> Result<Self> {
@@ -155,6 +158,12 @@ impl JournalWriter {
             }
         }
         Ok(())
+    }
+
+    /// Whether more records may be buffered: the backlog is below [`JOURNAL_BACKLOG_MAX`], or it
+    /// could be written now.
+    pub fn has_room(&mut self) -> bool {
+        self.buf.len() < JOURNAL_BACKLOG_MAX || self.write_out().is_ok()
     }
 
     /// Writes buffered records with one write(2): once it returns they survive a kill of this

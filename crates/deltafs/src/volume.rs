@@ -411,6 +411,17 @@ impl State {
         self.tree.get(ino).ok_or(Errno::ENOENT)
     }
 
+    /// Fails with `ENOSPC` while the journal cannot be written (a full disk) and the records kept in
+    /// memory meanwhile reach their bound. Checked by changes that add to the filesystem; those that
+    /// remove (unlink, rmdir, removexattr, a shrinking truncation) are never refused: they are how
+    /// space is freed from inside, and they are bounded by what exists.
+    fn room_to_add(&mut self) -> OpResult<()> {
+        match self.layer.journal.has_room() {
+            true => Ok(()),
+            false => Err(Errno::ENOSPC),
+        }
+    }
+
     fn dir_entries(&self, ino: Ino) -> OpResult<&OrdMap<OsString, Ino>> {
         self.node(ino)?.entries().ok_or(Errno::ENOTDIR)
     }
@@ -629,6 +640,7 @@ impl Volume {
         symlink: Option<&[u8]>,
     ) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
+        st.room_to_add()?;
         Self::check_new_name(&st, parent, name)?;
         let now = Time::now();
         let parent_node = st.node(parent)?.clone();
@@ -694,6 +706,7 @@ impl Volume {
 
     pub fn link(&self, ino: Ino, parent: Ino, name: &OsStr) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
+        st.room_to_add()?;
         Self::check_new_name(&st, parent, name)?;
         if st.node(ino)?.is_dir() {
             return Err(Errno::EPERM);
@@ -778,6 +791,7 @@ impl Volume {
             return Err(Errno::ENAMETOOLONG);
         }
         let mut st = self.state.write();
+        st.room_to_add()?;
         let src = *st.dir_entries(parent)?.get(name).ok_or(Errno::ENOENT)?;
         let dst = st.dir_entries(new_parent)?.get(new_name).copied();
         let src_dir = st.node(src)?.is_dir();
@@ -858,6 +872,9 @@ impl Volume {
 
     pub fn setattr(&self, ino: Ino, change: AttrChange) -> OpResult<(Ino, Node)> {
         let mut st = self.state.write();
+        if !change.size.is_some_and(|size| st.node(ino).is_ok_and(|n| size < n.size())) {
+            st.room_to_add()?;
+        }
         let now = Time::now();
         if let Some(size) = change.size {
             self.truncate(&mut st, ino, size)?;
@@ -907,6 +924,9 @@ impl Volume {
 
     pub fn setxattr(&self, ino: Ino, name: &OsStr, value: Option<&[u8]>, flags: i32) -> OpResult<()> {
         let mut st = self.state.write();
+        if value.is_some() {
+            st.room_to_add()?;
+        }
         let key = name.as_bytes().to_vec();
         let old = st.node(ino)?;
         let old_bytes = old.xattr_bytes();
@@ -1332,6 +1352,7 @@ impl Volume {
         f: impl FnOnce(&mut State, &mut Content) -> OpResult<()>,
     ) -> OpResult<()> {
         let mut st = self.state.write();
+        st.room_to_add()?;
         let Kind::File(mut content) = st.node(ino).map_err(|_| Errno::ESTALE)?.kind.clone() else {
             return Err(Errno::EISDIR);
         };

@@ -124,3 +124,43 @@ fn a_full_store_fails_the_checkpoint_and_loses_nothing() {
     again.unmount().unwrap();
     m.unmount().unwrap();
 }
+
+/// While the store is full, records of changes that need no file data are kept in memory: past a
+/// bound, changes that add are refused (ENOSPC), removals still work, and once space is freed from
+/// inside everything made meanwhile is checkpointed.
+#[test]
+fn a_full_store_bounds_the_records_it_keeps_in_memory() {
+    if !fuse_available() {
+        return;
+    }
+    let small = SmallFs::new("24m");
+    let fx = Fixture::new_in(small.0.path());
+    let base = fx.base(|d| std::fs::write(d.join("f"), b"base").unwrap());
+    let m = fx.mount(base, "m");
+    let root = m.mountpoint().to_owned();
+    let err = fill(&root.join("big"));
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    let name = |i: usize| format!("d{i:06}-{}", "x".repeat(240));
+    let mut made = 0;
+    let err = loop {
+        match std::fs::create_dir(root.join(name(made))) {
+            Ok(()) => made += 1,
+            Err(e) => break e,
+        }
+        assert!(made < 1_000_000, "no bound on the records kept in memory");
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ENOSPC), "{err}");
+    // ~400 bytes of records per directory, 16 MiB kept.
+    assert!((20_000..80_000).contains(&made), "{made} directories made on the full store");
+    assert_eq!(std::fs::write(root.join("f"), b"more").unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+    std::fs::remove_dir(root.join(name(0))).expect("removals are not refused");
+
+    std::fs::remove_file(root.join("big")).unwrap();
+    std::fs::create_dir(root.join("after")).expect("room once the store has space again");
+    let live = snapshot(&root);
+    let cp = m.checkpoint().expect("checkpoint after freeing space");
+    let again = fx.mount(cp, "again");
+    assert_same(&snapshot(again.mountpoint()), &live);
+    again.unmount().unwrap();
+    m.unmount().unwrap();
+}

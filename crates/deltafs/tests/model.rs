@@ -2,6 +2,7 @@
 //! earlier checkpoints (branches) and deletions of checkpoints (with a garbage collection), on a real
 //! mount against an in-memory model of names, inodes (hard links), contents, allocated blocks,
 //! permission bits and an xattr. At the end every checkpoint still kept is mounted and checked.
+//! Mounts have a quota (never reached) whose usage is checked against the model after every step.
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -9,7 +10,7 @@ use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::Path;
 
 use common::*;
-use deltafs::{mount, Mount, StackId};
+use deltafs::{mount, DiskUsage, Mount, MountOptions, Quota, StackId};
 use proptest::prelude::*;
 
 const NAMES: [&str; 6] = ["a", "b", "c", "sub/a", "sub/b", "sub/deeper/c"];
@@ -133,6 +134,31 @@ fn check(root: &Path, model: &Model) {
     }
 }
 
+/// The directories of the tree (/, sub, sub/deeper): 4 KiB each.
+const DIRS: u64 = 3;
+
+/// What the quota must count for the model's tree: each inode's blocks, its xattr (`user.tag` and
+/// one byte, charged as one 512-byte block) and the directories.
+fn expected_usage(model: &Model) -> DiskUsage {
+    let blocks: u64 = model.inodes.values().map(|i| i.allocation().0 + u64::from(i.xattr.is_some())).sum();
+    DiskUsage { bytes: Some((blocks + DIRS * 8) * 512), inodes: model.inodes.len() as u64 + DIRS }
+}
+
+/// The usage the mount counts matches the model's. A removed file leaves when the kernel forgets
+/// it, which can come a moment after the removal: a mismatch is given that moment.
+fn check_usage(m: &Mount, model: &Model) {
+    let want = expected_usage(model);
+    let start = std::time::Instant::now();
+    while m.usage() != want && start.elapsed() < std::time::Duration::from_secs(2) {
+        std::thread::sleep(std::time::Duration::from_millis(1));
+    }
+    assert_eq!(m.usage(), want, "usage counted by the quota");
+}
+
+fn with_quota(fx: &Fixture) -> MountOptions {
+    MountOptions { quota: Quota { bytes: Some(1 << 40), inodes: Some(1 << 20) }, ..fx.options() }
+}
+
 fn run(ops: Vec<Op>) {
     // On tmpfs, whose st_blocks counts exactly the pages holding data (ext4 adds extent-tree blocks
     // when it writes back fragmented files).
@@ -150,7 +176,7 @@ fn run(ops: Vec<Op>) {
     model.add("sub/b", b"image file".to_vec());
     let mut checkpoints: Vec<(StackId, Model)> = vec![(base, model.clone())];
     let mut generation = 0;
-    let mut m: Mount = fx.mount(base, "g0");
+    let mut m: Mount = mount(&fx.store, base, &fx.mountpoint("g0"), &with_quota(&fx)).unwrap();
     for op in ops {
         let root = m.mountpoint().to_owned();
         let path = |i: usize| root.join(NAMES[i]);
@@ -229,7 +255,7 @@ fn run(ops: Vec<Op>) {
             Op::Branch { from } => {
                 let (cp, state) = checkpoints[from % checkpoints.len()].clone();
                 generation += 1;
-                let next = mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &fx.options()).unwrap();
+                let next = mount(&fx.store, cp, &fx.mountpoint(&format!("g{generation}")), &with_quota(&fx)).unwrap();
                 m.unmount().unwrap();
                 m = next;
                 model = state;
@@ -244,11 +270,13 @@ fn run(ops: Vec<Op>) {
             }
         }
         check(m.mountpoint(), &model);
+        check_usage(&m, &model);
     }
     m.unmount().unwrap();
     for (i, (cp, state)) in checkpoints.iter().enumerate() {
-        let kept = mount(&fx.store, *cp, &fx.mountpoint(&format!("kept{i}")), &fx.options()).unwrap();
+        let kept = mount(&fx.store, *cp, &fx.mountpoint(&format!("kept{i}")), &with_quota(&fx)).unwrap();
         check(kept.mountpoint(), state);
+        check_usage(&kept, state);
         kept.unmount().unwrap();
     }
 }

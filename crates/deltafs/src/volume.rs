@@ -795,6 +795,10 @@ impl Volume {
         let src = *st.dir_entries(parent)?.get(name).ok_or(Errno::ENOENT)?;
         let dst = st.dir_entries(new_parent)?.get(new_name).copied();
         let src_dir = st.node(src)?.is_dir();
+        if dst.is_none() && new_parent != parent {
+            let growth = Self::entry_growth(&st, new_parent)?;
+            self.reserve(&mut st, growth)?;
+        }
         let now = Time::now();
         let mut records = Vec::new();
         let set_entry = |st: &mut State, dir: Ino, name: &OsStr, ino: Option<Ino>, records: &mut Vec<Record>| {

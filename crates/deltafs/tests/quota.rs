@@ -95,6 +95,29 @@ fn a_byte_quota_limits_writes_and_follows_rollbacks() {
 }
 
 #[test]
+fn a_rename_into_a_directory_that_must_grow_needs_room() {
+    if !fuse_available() {
+        return;
+    }
+    let fx = Fixture::new();
+    let base = fx.base(|d| std::fs::create_dir(d.join("dir")).unwrap());
+    let m = mount_with(&fx, base, Quota { bytes: Some(4 * MIB), inodes: None });
+    let root = m.mountpoint().to_owned();
+    // 128 entries fill a directory's first 4 KiB block: the 129th needs a second one.
+    for i in 0..128 {
+        std::fs::write(root.join(format!("dir/f{i}")), b"").unwrap();
+    }
+    std::fs::write(root.join("moved"), b"").unwrap();
+    let (_, err) = fill(&root.join("big"));
+    assert!(is_enospc(&err), "{err}");
+    let err = std::fs::rename(root.join("moved"), root.join("dir/moved")).unwrap_err();
+    assert!(is_enospc(&err), "{err}");
+    std::fs::rename(root.join("moved"), root.join("still-here")).expect("a rename within a directory");
+    std::fs::rename(root.join("still-here"), root.join("dir/f0")).expect("a rename over an entry");
+    m.unmount().unwrap();
+}
+
+#[test]
 fn changing_a_file_of_a_checkpoint_charges_only_new_blocks() {
     if !fuse_available() {
         return;

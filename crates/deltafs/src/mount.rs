@@ -82,8 +82,8 @@ pub struct MountOptions {
 
 /// Limits of a mount's filesystem. `statfs` shows them as its size; past them, writes, `fallocate`,
 /// creations, `setxattr` and renames into a directory that must grow fail with `ENOSPC` (as ext4's
-/// project quotas answer), while overwrites, deletions and other renames still work. A rollback brings back the usage of its checkpoint. `None`:
-/// only the store's filesystem limits the mount.
+/// project quotas answer), while overwrites, deletions and other renames still work. A rollback
+/// brings back the usage of its checkpoint. `None`: only the store's filesystem limits the mount.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Quota {
     /// Bytes: the files' allocated blocks (`st_blocks`, holes are free), directories, symlink

@@ -1548,18 +1548,17 @@ impl Volume {
         if self.quota == Quota::default() {
             return Ok(s);
         }
-        let mut guard = self.state.write();
-        let st = &mut *guard;
-        if let (Some(limit), Some(usage)) = (self.quota.bytes, st.usage.as_mut()) {
+        let used = self.usage();
+        if let (Some(limit), Some(bytes)) = (self.quota.bytes, used.bytes) {
             let unit = s.f_frsize.max(1);
-            let free = limit.saturating_sub(usage.update(&st.tree) * 512) / unit;
+            let free = limit.saturating_sub(bytes) / unit;
             s.f_blocks = limit / unit;
             s.f_bfree = s.f_bfree.min(free);
             s.f_bavail = s.f_bavail.min(free);
         }
         if let Some(max) = self.quota.inodes {
             s.f_files = max;
-            s.f_ffree = max.saturating_sub(st.tree.nodes.len() as u64);
+            s.f_ffree = max.saturating_sub(used.inodes);
             s.f_favail = s.f_ffree;
         }
         Ok(s)

@@ -148,7 +148,7 @@ impl Bench {
         row("rollback undoing 1,000 new files", rbs);
         let gib: u64 = if self.quick { 64 << 20 } else { 1 << 30 };
         let label = if self.quick { "64 MiB" } else { "1 GiB" };
-        let (mut cps, mut rbs) = (Vec::new(), Vec::new());
+        let (mut cps, mut rewrites, mut rbs) = (Vec::new(), Vec::new(), Vec::new());
         let buf = vec![0x5au8; 1 << 20];
         for _ in 0..3 {
             let f = std::fs::File::create(root.join("big")).unwrap();
@@ -158,16 +158,20 @@ impl Bench {
             drop(f);
             let (t, cp) = timed(|| m.checkpoint().unwrap());
             cps.push(t);
-            let f = std::fs::OpenOptions::new().write(true).open(root.join("big")).unwrap();
-            for off in (0..gib).step_by(buf.len() * 4) {
-                f.write_all_at(&buf, off).unwrap();
-            }
-            drop(f);
+            // Every 4th MiB: each write copies up the chunks it touches from the frozen layer.
+            let (t, ()) = timed(|| {
+                let f = std::fs::OpenOptions::new().write(true).open(root.join("big")).unwrap();
+                for off in (0..gib).step_by(buf.len() * 4) {
+                    f.write_all_at(&buf, off).unwrap();
+                }
+            });
+            rewrites.push(t);
             let (t, _) = timed(|| m.rollback(cp).unwrap());
             rbs.push(t);
             std::fs::remove_file(root.join("big")).unwrap();
         }
         row(&format!("checkpoint after writing a {label} file"), cps);
+        row(&format!("rewriting 1/4 of a checkpointed {label} file"), rewrites);
         row(&format!("rollback undoing a {label} rewrite (1/4 of it)"), rbs);
         m.unmount().unwrap();
     }
@@ -354,6 +358,8 @@ impl Bench {
             ("sqlite WAL 2,000 inserts", "python3 sqlite_bench.py".into()),
             ("make -j2 (gcc)", "make -s -j2".into()),
             ("rm -rf (3,000 files)", "rm -rf x".into()),
+            // Into the space the removed files left (DeltaFS reuses their pack slots).
+            ("tar xf again (after rm -rf)", format!("mkdir -p x && tar xf {} -C x", tarball.display())),
         ];
         // "deltafs-nopoll": DeltaFS as it served before busy polling (4 threads blocking on the
         // device), to show what polling changes in the same run. "deltafs-quota": with a quota

@@ -307,12 +307,21 @@ impl Mount {
         Ok(stats)
     }
 
-    /// Unmounts and waits for the server threads. The writable layer (changes since the last
-    /// checkpoint) is left for the garbage collector.
+    /// Whether the filesystem is still served: false once it was unmounted from outside (`umount`)
+    /// or its connection aborted, which ends the session.
+    pub fn is_served(&self) -> bool {
+        self.session.as_ref().is_some_and(|s| !s.guard.is_finished())
+    }
+
+    /// Unmounts (unless that was done from outside) and waits for the server threads. The writable
+    /// layer (changes since the last checkpoint) is left for the garbage collector.
     pub fn unmount(mut self) -> Result<(), MountError> {
         drop(self.busy_poll.take());
         let session = self.session.take().expect("session present until unmount");
-        match session.umount_and_join() {
+        // An ended session has nothing mounted to unmount. (fuser 0.18 still tries when the session
+        // is dropped, and fails with EINVAL: its check of the connection reads a dead one as live.)
+        let joined = if session.guard.is_finished() { session.join() } else { session.umount_and_join() };
+        match joined {
             // Worker threads reading a cloned device fd may see the unmount as ECONNABORTED.
             Err(e) if e.raw_os_error() == Some(libc::ECONNABORTED) => Ok(()),
             r => r.map_err(|source| MountError::Unmount { path: self.mountpoint.clone(), source }),

@@ -465,3 +465,14 @@ fn reads_racing_a_truncation_never_see_nul_bytes() {
         m.unmount().unwrap();
     }
 }
+
+#[test]
+fn a_mount_unmounted_from_outside_is_no_longer_served_and_unmounts_cleanly() {
+    let Some((_fx, _base, m, root)) = mounted(|d| std::fs::write(d.join("a"), b"a").unwrap()) else {
+        return;
+    };
+    assert!(m.is_served());
+    nix::mount::umount(&root).unwrap();
+    wait_for("the session to end", 10, || !m.is_served());
+    m.unmount().unwrap();
+}

@@ -1,12 +1,15 @@
 //! `deltafs`: mount a DeltaFS stack in the foreground (for conformance runs, benchmarks and
 //! debugging), or collect garbage in a store. The sandbox engine links the library instead.
 
+use std::os::fd::AsFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
 use deltafs::{mount, MountOptions, Quota, StackId, Store};
+use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+use nix::sys::signalfd::SignalFd;
 
 #[derive(Parser)]
 #[command(about = "DeltaFS layered filesystem tool")]
@@ -20,7 +23,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Mount image layers (bottom first) or a stack; serve until SIGINT/SIGTERM, then unmount.
+    /// Mount image layers (bottom first) or a stack; serve until SIGINT/SIGTERM (then unmount) or until
+    /// unmounted from outside.
     Mount {
         /// Image layer directory (repeatable, bottom first).
         #[arg(long = "layer")]
@@ -73,15 +77,26 @@ fn main() -> anyhow::Result<()> {
             signals.add(nix::sys::signal::Signal::SIGINT);
             signals.add(nix::sys::signal::Signal::SIGTERM);
             // Blocked before the server threads start, so they inherit the mask and only
-            // `wait` below receives the signal.
+            // the signalfd below receives the signal.
             signals.thread_block().context("blocking signals")?;
             let busy_poll = (busy_poll_us > 0).then(|| Duration::from_micros(busy_poll_us));
             let quota = Quota { bytes: quota_bytes, inodes: quota_inodes };
             let opts = MountOptions { threads, processes, busy_poll, quota, ..MountOptions::default() };
             let m = mount(&store, stack, &mountpoint, &opts).context("mounting")?;
             println!("mounted {stack} at {}", mountpoint.display());
-            let sig = signals.wait().context("waiting for a signal")?;
-            eprintln!("{sig:?}: unmounting");
+            let signal_fd = SignalFd::new(&signals).context("receiving signals")?;
+            loop {
+                let mut fds = [PollFd::new(signal_fd.as_fd(), PollFlags::POLLIN)];
+                if poll(&mut fds, PollTimeout::from(100u8)).context("waiting for a signal")? > 0 {
+                    let sig = signal_fd.read_signal().context("reading the signal")?.map(|s| s.ssi_signo);
+                    eprintln!("signal {}: unmounting", sig.unwrap_or_default());
+                    break;
+                }
+                if !m.is_served() {
+                    eprintln!("unmounted from outside (or the connection was aborted): exiting");
+                    break;
+                }
+            }
             m.unmount().context("unmounting")?;
         }
         Cmd::Show { stack } => {

@@ -59,6 +59,9 @@ class Checkpoint:
     process_count: Optional[int] = None
     #: Whether it is all on disk: a full checkpoint's process image is written just after the sandbox runs again.
     durable: bool = True
+    #: Bytes it adds to the daemon's disk: its files' changes since its parent and, once ``durable``, its process
+    #: image (incremental too). Deleting it frees at most this. ``None`` if the daemon could not measure it.
+    disk_bytes: Optional[int] = None
     _transport: Optional["Transport"] = field(default=None, repr=False, compare=False)
 
     @classmethod

@@ -261,3 +261,25 @@ def test_rollback_reports_every_session_it_ended(sb):
         running.join(30)
         assert outcome == ["ended"] and sb.sessions() == []
         assert sorted(closed) == ["busy", "idle"], closed
+
+
+def test_a_checkpoints_size_on_disk_is_what_changed_since_its_parent(client, sb):
+    MiB = 1 << 20
+    sb.checkpoint(fs_only=True)
+    sb.exec(["sh", "-c", "head -c 8M /dev/urandom > /work-big"]).check()
+    grown = sb.checkpoint(fs_only=True)
+    assert 8 * MiB <= grown.disk_bytes < 9 * MiB
+    unchanged = sb.checkpoint(fs_only=True)
+    assert unchanged.disk_bytes < 256 * 1024
+    # A process with 32 MiB of memory: the first full checkpoint's image holds all of it, the next only what
+    # changed (counted once written, i.e. durable).
+    sb.exec(["sh", "-c", "python3 -c 'x = bytearray(b\"\\x01\" * (32 << 20)); import time; time.sleep(1000)' "
+                         "> /dev/null 2>&1 < /dev/null & sleep 1"]).check()
+    whole = sb.checkpoint()
+    again = sb.checkpoint()
+    whole, again = (wait_until(lambda c=c: client.checkpoint(c.id) if client.checkpoint(c.id).durable else None,
+                               60, 0.1, "the image to be written") for c in (whole, again))
+    assert whole.disk_bytes >= 32 * MiB
+    assert again.disk_bytes < 8 * MiB
+    assert [c.disk_bytes for c in sb.checkpoints()][1:] == [grown.disk_bytes, unchanged.disk_bytes,
+                                                             whole.disk_bytes, again.disk_bytes]

@@ -18,7 +18,7 @@ def test_checkpoint_rollback_fork_and_rm(client, cli):
         second = cli("checkpoint", sb.id, "--fs-only").stdout.strip()
 
         listing = cli("checkpoints", sb.id).stdout.splitlines()
-        assert listing[0].split()[:3] == ["ID", "PARENT", "KIND"]
+        assert listing[0].split()[:3] == ["ID", "PARENT", "KIND"] and "SIZE" in listing[0].split()
         assert [line.split()[:3] for line in listing[1:]] == [[ck, "-", "filesystem"], [second, ck, "filesystem"]]
 
         rolled = cli("rollback", sb.id, ck)

@@ -111,6 +111,9 @@ pub struct CheckpointView {
     /// Whether the checkpoint survives the sandbox's in-memory copies (a full checkpoint's process image
     /// is written right after the sandbox runs again).
     pub durable: bool,
+    /// Bytes it adds to the data directory's disk: its files' changes since its parent and, once
+    /// durable, its process image (incremental too). None if they could not be measured.
+    pub disk_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

@@ -185,6 +185,19 @@ impl ImageStore {
         self.root.join(id.to_string())
     }
 
+    /// Bytes image `id` takes on disk (the blocks of its files; an incremental image holds only
+    /// the pages that changed since its parent).
+    pub fn disk_bytes(&self, id: ImageId) -> Result<u64, ImageError> {
+        use std::os::unix::fs::MetadataExt;
+        let dir = self.path_of(id);
+        let mut bytes = 0;
+        for entry in fs::read_dir(&dir).map_err(io_err(&dir, "list the image"))? {
+            let md = entry.and_then(|e| e.metadata()).map_err(io_err(&dir, "measure the image"))?;
+            bytes += md.blocks() * 512;
+        }
+        Ok(bytes)
+    }
+
     /// Every complete image in the store (work in progress, `*.tmp`, is not listed).
     pub fn ids(&self) -> Result<Vec<ImageId>, ImageError> {
         let entries = fs::read_dir(&self.root).map_err(io_err(&self.root, "list the image store"))?;

@@ -496,6 +496,14 @@ impl Store {
         Ok(())
     }
 
+    /// Bytes the top layer of `stack` takes on disk (its data, journal and index): what a
+    /// checkpoint adds to the store, the changes since the stack below. Deleting the checkpoint
+    /// frees at most this (what stacks above it still read stays).
+    pub fn layer_bytes(&self, stack: StackId) -> Result<u64> {
+        let dir = self.layer_dir(stack.0);
+        allocated_bytes(&dir).map_err(io_err(&dir))
+    }
+
     /// The layers of a stack, top first (for inspection and debugging).
     pub fn describe(&self, stack: StackId) -> Result<Vec<LayerInfo>> {
         let mut out = Vec::new();

@@ -88,10 +88,12 @@ pub async fn list(client: &Client, id: &str) -> anyhow::Result<()> {
     let r: serde_json::Value =
         client.json(Method::GET, &format!("/v1/sandboxes/{id}/checkpoints"), None::<&()>).await?;
     let checkpoints: Vec<CheckpointView> = serde_json::from_value(r["checkpoints"].clone())?;
-    println!("{:<16} {:<16} {:<11} {:>10} CREATED", "ID", "PARENT", "KIND", "LATENCY");
+    println!("{:<16} {:<16} {:<11} {:>10} {:>10} CREATED", "ID", "PARENT", "KIND", "LATENCY", "SIZE");
     for c in checkpoints {
         let parent = c.parent.unwrap_or_else(|| "-".into());
-        println!("{:<16} {:<16} {:<11} {:>7.2} ms {}", c.id, parent, c.kind, c.latency_ms, super::age(c.created));
+        let size = c.disk_bytes.map_or_else(|| "?".into(), super::human_bytes);
+        let (id, kind, latency, age) = (c.id, c.kind, c.latency_ms, super::age(c.created));
+        println!("{id:<16} {parent:<16} {kind:<11} {latency:>7.2} ms {size:>10} {age}");
     }
     Ok(())
 }

@@ -665,6 +665,33 @@ impl Engine {
         Ok(())
     }
 
+    /// `checkpoints` with the bytes on disk each adds to the data directory: its filesystem layer (the
+    /// changes since its parent) and, once written, its process image (incremental too). None where
+    /// that cannot be measured (logged).
+    pub fn with_disk_bytes(&self, checkpoints: Vec<CheckpointRecord>) -> Vec<(CheckpointRecord, Option<u64>)> {
+        let measure = |cp: &CheckpointRecord| -> Result<u64, String> {
+            let stack: deltafs::StackId = cp.stack.parse().map_err(|e| format!("{e}"))?;
+            let files = self.fs.layer_bytes(stack).map_err(|e| e.to_string())?;
+            let image = match cp.image.as_deref().filter(|_| cp.durable) {
+                Some(id) => {
+                    let id = deltacr::image::ImageId::parse(id).ok_or_else(|| format!("bad image id {id:?}"))?;
+                    self.images.disk_bytes(id).map_err(|e| e.to_string())?
+                }
+                None => 0,
+            };
+            Ok(files + image)
+        };
+        // A few system calls per checkpoint: done in place, as a hop to the blocking pool costs more
+        // (measured: it added 0.1 ms to a 0.7 ms checkpoint call).
+        tokio::task::block_in_place(|| {
+            let measured = checkpoints.into_iter().map(|cp| {
+                let bytes = measure(&cp).inspect_err(|e| tracing::warn!(checkpoint = %cp.id, "cannot measure it: {e}"));
+                (cp, bytes.ok())
+            });
+            measured.collect()
+        })
+    }
+
     pub fn checkpoint_record(&self, id: &str) -> ApiResult<CheckpointRecord> {
         self.catalog()
             .checkpoint(id)

@@ -237,7 +237,7 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 
 // ---- checkpoints ----
 
-fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
+fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u64>)) -> CheckpointView {
     let full = c.kind == "full";
     let processes = match full {
         false => "not captured (filesystem-only checkpoint): they kept running".to_string(),
@@ -254,6 +254,7 @@ fn checkpoint_view(c: &crate::catalog::CheckpointRecord) -> CheckpointView {
         processes,
         process_count: c.processes,
         durable: c.durable,
+        disk_bytes: *disk_bytes,
     }
 }
 
@@ -264,17 +265,20 @@ async fn create_checkpoint(
 ) -> ApiResult<Response> {
     let req: CheckpointRequest = optional_json(&body)?.unwrap_or_default();
     let (cp, _) = engine.checkpoint(&id, !req.fs_only).await?;
-    Ok((StatusCode::CREATED, Json(checkpoint_view(&cp))).into_response())
+    let measured = engine.with_disk_bytes(vec![cp]);
+    Ok((StatusCode::CREATED, Json(checkpoint_view(&measured[0]))).into_response())
 }
 
 async fn list_checkpoints(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
     engine.live(&id).await?;
-    let list: Vec<CheckpointView> = engine.checkpoints_of(&id)?.iter().map(checkpoint_view).collect();
+    let list: Vec<CheckpointView> =
+        engine.with_disk_bytes(engine.checkpoints_of(&id)?).iter().map(checkpoint_view).collect();
     Ok(Json(serde_json::json!({ "checkpoints": list })))
 }
 
 async fn get_checkpoint(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CheckpointView>> {
-    Ok(Json(checkpoint_view(&engine.checkpoint_record(&id)?)))
+    let measured = engine.with_disk_bytes(vec![engine.checkpoint_record(&id)?]);
+    Ok(Json(checkpoint_view(&measured[0])))
 }
 
 async fn remove_checkpoint(

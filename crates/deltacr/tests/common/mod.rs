@@ -314,13 +314,18 @@ impl Drop for PidNs {
         // Processes this thread still traces (after a failed test) must be collected by us, or the
         // dying namespace init waits for them forever.
         use nix::sys::wait::{waitpid, WaitPidFlag};
+        let unshare = Some(Pid::from_raw(self.unshare.id() as i32));
         loop {
-            if let Ok(Some(_)) = self.unshare.try_wait() {
+            // Err: the wait below already collected it (try_wait then never sees it: a test hung
+            // here for good in a full run).
+            if let Ok(Some(_)) | Err(_) = self.unshare.try_wait() {
                 break;
             }
             let flags = WaitPidFlag::__WALL | WaitPidFlag::__WNOTHREAD | WaitPidFlag::WNOHANG;
-            if let Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) = waitpid(None, Some(flags)) {
-                std::thread::sleep(Duration::from_millis(5));
+            match waitpid(None, Some(flags)) {
+                Ok(status) if status.pid() == unshare => break,
+                Ok(nix::sys::wait::WaitStatus::StillAlive) | Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                Ok(_) => {}
             }
         }
         if let Err(e) = Cgroup::remove(self.cgroup.name()) {

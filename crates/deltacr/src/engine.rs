@@ -365,14 +365,13 @@ impl Engine {
                             None => {
                                 // A session leader that holds no fd on its terminal: look at the node.
                                 let path = format!("/dev/pts/{index}");
-                                let meta = std::fs::metadata(format!("/proc/{}/root{path}", l.seized.pid)).map_err(
-                                    |source| FileError::Io {
+                                let meta =
+                                    crate::sys::stat_in_root(l.seized.pid, &path).map_err(|source| FileError::Io {
                                         pid: ids.pid,
                                         fd: -1,
                                         what: "find its controlling terminal",
                                         source,
-                                    },
-                                )?;
+                                    })?;
                                 (path, PtyNode::of(&meta))
                             }
                         };

@@ -112,7 +112,7 @@ impl PtyPlan {
             if !seen.insert(index) {
                 continue;
             }
-            let fate = match std::fs::metadata(format!("/proc/{}/root{path}", init.as_raw())) {
+            let fate = match crate::sys::stat_in_root(init, path) {
                 Ok(meta) if PtyNode::of(&meta) == node || aliases.get(&node) == Some(&PtyNode::of(&meta)) => continue,
                 Ok(_) => Fate::Lost(PtyLoss::Taken),
                 Err(e) if e.kind() == io::ErrorKind::NotFound => Fate::Create(node),

@@ -35,6 +35,21 @@ fn check(ret: libc::c_long) -> io::Result<libc::c_long> {
     }
 }
 
+/// Metadata of `path` as process `pid` sees it: resolved under its root, by the kernel, with no symlink
+/// followed, so a host-root caller never reaches outside the sandbox however the sandbox's processes
+/// rearrange their files.
+pub fn stat_in_root(pid: Pid, path: &str) -> io::Result<std::fs::Metadata> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let root = rustix::fs::open(
+        format!("/proc/{}/root", pid.as_raw()),
+        OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC,
+        Mode::empty(),
+    )?;
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS;
+    let file = rustix::fs::openat2(&root, path, OFlags::PATH | OFlags::CLOEXEC, Mode::empty(), resolve)?;
+    std::fs::File::from(file).metadata()
+}
+
 /// The tracee's extended FPU state (`NT_X86_XSTATE`), as many bytes as the CPU's xsave area has.
 pub fn ptrace_get_xstate(tid: Pid) -> io::Result<Vec<u8>> {
     let mut buf = vec![0u8; 16 * 1024];

@@ -341,9 +341,14 @@ impl Init {
                         }
                     }
                 }
-                ToInit::MakeFifos { paths } => {
-                    let error = paths.iter().try_for_each(|p| make_fifo(Path::new(p))).err();
-                    self.send(&FromInit::FifosMade { error }, &[]);
+                ToInit::OpenFifos { paths } => {
+                    match paths.iter().map(|p| open_fifo(p)).collect::<Result<Vec<_>, _>>() {
+                        Ok(fifos) => {
+                            let fds: Vec<BorrowedFd<'_>> = fifos.iter().map(|f| f.as_fd()).collect();
+                            self.send(&FromInit::FifosOpened { error: None }, &fds);
+                        }
+                        Err(error) => self.send(&FromInit::FifosOpened { error: Some(error) }, &[]),
+                    }
                 }
                 ToInit::Watch { pid } => {
                     match waitpid(Pid::from_raw(pid), Some(WaitPidFlag::WNOHANG | WaitPidFlag::__WALL)) {
@@ -506,9 +511,6 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
             }
         }
     }
-    for fifo in &spec.fifos {
-        open_fifo(fifo)?;
-    }
     // Copy the extra descriptors out of the way first, so placing one never clobbers another.
     let moved = extra
         .iter()
@@ -533,29 +535,40 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
     exec_path(&spec.argv, &env)
 }
 
-/// Creates the FIFO `path` (and its directory, private to root) if missing.
-fn make_fifo(path: &Path) -> Result<(), String> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).map_err(|e| format!("mkdir {}: {e}", dir.display()))?;
-        std::fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .map_err(|e| format!("chmod {}: {e}", dir.display()))?;
+/// Opens FIFO `path` read-write (which never blocks and never sees end of file), creating it and its
+/// directories (private to root) if missing. Nothing on the way may be a symlink, and what is opened must be
+/// a FIFO: processes of the sandbox can rename things in /dev, and its FIFOs end up in the shim's hands.
+fn open_fifo(path: &str) -> Result<OwnedFd, String> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let fail = |what: &'static str| move |e: rustix::io::Errno| format!("{what} {path}: {e}");
+    let relative = path.strip_prefix('/').filter(|p| !p.is_empty()).ok_or_else(|| format!("{path}: not absolute"))?;
+    let (dirs, name) = relative.rsplit_once('/').unwrap_or(("", relative));
+    let beneath = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::BENEATH;
+    let mut dir = rustix::fs::open("/", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+        .map_err(fail("open / for"))?;
+    for part in dirs.split('/').filter(|p| !p.is_empty()) {
+        let created = match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o700)) {
+            Ok(()) => true,
+            Err(rustix::io::Errno::EXIST) => false,
+            Err(e) => return Err(fail("mkdir for")(e)),
+        };
+        let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC;
+        dir = rustix::fs::openat2(&dir, part, flags, Mode::empty(), beneath).map_err(fail("open a directory of"))?;
+        if created {
+            rustix::fs::fchmod(&dir, Mode::from_raw_mode(0o700)).map_err(fail("chmod a directory of"))?;
+        }
     }
-    let mode = rustix::fs::Mode::from_raw_mode(0o600);
-    match rustix::fs::mknodat(rustix::fs::CWD, path, rustix::fs::FileType::Fifo, mode, 0) {
-        Ok(()) | Err(rustix::io::Errno::EXIST) => Ok(()),
-        Err(e) => Err(format!("mkfifo {}: {e}", path.display())),
+    match rustix::fs::mknodat(&dir, name, rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o600), 0) {
+        Ok(()) | Err(rustix::io::Errno::EXIST) => {}
+        Err(e) => return Err(fail("mkfifo")(e)),
     }
-}
-
-/// Creates the FIFO if missing and opens it read-write at its descriptor number: read-write never
-/// blocks waiting for the other side and never sees end of file.
-fn open_fifo(fifo: &crate::spec::FifoFd) -> Result<(), String> {
-    use rustix::fs::{Mode, OFlags};
-    let path = Path::new(&fifo.path);
-    make_fifo(path)?;
-    let fd = rustix::fs::open(path, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty())
-        .map_err(|e| format!("open {}: {e}", fifo.path))?;
-    dup_to(fd.as_fd(), fifo.fd, false).map_err(|e| format!("dup2 to {}: {e}", fifo.fd))
+    let fifo = rustix::fs::openat2(&dir, name, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty(), beneath)
+        .map_err(fail("open"))?;
+    let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fifo).map_err(fail("stat"))?.st_mode);
+    if kind != rustix::fs::FileType::Fifo {
+        return Err(format!("{path} is not a FIFO"));
+    }
+    Ok(fifo)
 }
 
 /// `execve` with a `PATH` search that uses the process's new environment (glibc's execvpe would use init's).

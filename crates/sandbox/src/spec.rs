@@ -30,18 +30,6 @@ pub struct ProcessSpec {
     /// stderr when there is no tty).
     #[serde(default)]
     pub extra_fds: Vec<i32>,
-    /// FIFOs created (with their directory, if missing) inside the sandbox and opened read-write at the
-    /// given descriptor numbers. Unlike pipes to the shim, a FIFO is found again by its path when the
-    /// process is restored from a checkpoint.
-    #[serde(default)]
-    pub fifos: Vec<FifoFd>,
-}
-
-/// A FIFO at `path` (inside the sandbox) opened at descriptor `fd`.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct FifoFd {
-    pub path: String,
-    pub fd: i32,
 }
 
 /// Terminal size.
@@ -88,9 +76,10 @@ pub enum ToInit {
     Spawn { id: u64, spec: ProcessSpec },
     /// Send `signal` to process `pid` (to its process group when `group`).
     Signal { pid: i32, signal: i32, group: bool },
-    /// Create these FIFOs (and their directories) inside the sandbox, e.g. before restoring processes
-    /// that had them open; answered by `FifosMade`.
-    MakeFifos { paths: Vec<String> },
+    /// Create these FIFOs (and their directories) inside the sandbox if missing, and send each opened
+    /// read-write, in order, with `FifosOpened`. The shim never opens a path inside the sandbox itself: a
+    /// process there could have put a symlink to a host file in its way (see docs/security.md).
+    OpenFifos { paths: Vec<String> },
     /// Report the end of process `pid` (a child of init it did not start itself, e.g. one restored from a
     /// checkpoint) with `Exited`.
     Watch { pid: i32 },
@@ -113,8 +102,8 @@ pub enum FromInit {
         id: u64,
         message: String,
     },
-    /// Answer to `MakeFifos`.
-    FifosMade {
+    /// Answer to `OpenFifos`: without an error, the packet carries one descriptor per path.
+    FifosOpened {
         error: Option<String>,
     },
     /// A process started by `Spawn` ended.

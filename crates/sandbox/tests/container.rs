@@ -73,7 +73,6 @@ fn run(sb: &Sandbox, argv: &[&str]) -> (i32, String) {
         user: None,
         tty: None,
         extra_fds: vec![],
-        fifos: vec![],
     };
     sb.c.channel.send(&ToInit::Spawn { id: 1, spec }, &[], &[null.as_fd(), out_w.as_fd(), out_w.as_fd()]).unwrap();
     drop(out_w);

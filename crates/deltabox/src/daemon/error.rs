@@ -49,6 +49,7 @@ impl ApiError {
             ErrorKind::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
             ErrorKind::SessionExists => (StatusCode::CONFLICT, "session_exists"),
             ErrorKind::SessionLost => (StatusCode::GONE, "session_ended"),
+            ErrorKind::SessionRolledBack => (StatusCode::CONFLICT, "session_rolled_back"),
             ErrorKind::CheckpointFailed => (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed"),
             ErrorKind::CheckpointUnsupported => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported"),
             ErrorKind::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),

@@ -75,6 +75,12 @@ enum Job {
     },
 }
 
+/// What a rollback restores processes from.
+enum Source {
+    Templates,
+    Image(deltacr::image::ImageChain),
+}
+
 /// Handle to the checkpoint thread.
 pub struct Cr {
     jobs: std::sync::mpsc::Sender<Job>,
@@ -356,6 +362,9 @@ impl Worker {
     fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {
         let target: deltafs::StackId = stack.parse().with_context(|| format!("bad stack id {stack}"))?;
         let started = Instant::now();
+        // Whatever the processes are restored from is made sure of before the live ones are killed: a
+        // rollback that cannot restore leaves the sandbox as it was.
+        let source = image.map(|image| self.restore_source(stack, image)).transpose()?;
         let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
         self.engine
             .kill_processes(&sandbox(self.parts.init, &self.parts.cgroup))
@@ -364,7 +373,7 @@ impl Worker {
         let fs_started = Instant::now();
         let changed_inodes = self.parts.fs.rollback(target).context("roll back the filesystem")?.changed_inodes;
         let fs_ms = ms(fs_started);
-        let Some(image) = image else {
+        let Some(source) = source else {
             return Ok(Restored {
                 killed,
                 fs_ms,
@@ -375,14 +384,13 @@ impl Worker {
                 pty_masters: Default::default(),
             });
         };
-        let from_templates = self.kept.get(stack).filter(|k| k.ckpt.lost_templates().is_empty());
-        let (stats, from_image) = match from_templates {
-            Some(kept) => {
-                let sb = sandbox(self.parts.init, &self.parts.cgroup);
+        let sb = sandbox(self.parts.init, &self.parts.cgroup);
+        let (stats, from_image) = match source {
+            Source::Templates => {
+                let kept = self.kept.get(stack).expect("restore_source found its templates");
                 (self.engine.restore(&kept.ckpt, &sb)?, false)
             }
-            // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
-            None => (self.restore_from_image(image)?, true),
+            Source::Image(mut images) => (self.engine.restore_image(&mut images, &sb)?, true),
         };
         for d in &stats.degraded {
             tracing::warn!("restored with a degraded terminal: {d:?}");
@@ -396,6 +404,24 @@ impl Worker {
             from_image,
             pty_masters: stats.pty_masters,
         })
+    }
+
+    /// Where the processes of the checkpoint of `stack` can come back from: its templates while they are all
+    /// alive, else its image (waiting for a write under way). Fails when neither is there.
+    fn restore_source(&self, stack: &str, image: ImageId) -> JobResult<Source> {
+        let kept = self.kept.get(stack);
+        if kept.is_some_and(|k| k.ckpt.lost_templates().is_empty()) {
+            return Ok(Source::Templates);
+        }
+        // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
+        if kept.is_some_and(|k| !k.write.wait()) {
+            return Err(anyhow!(
+                "the checkpoint's processes cannot be restored: processes it was being saved from were killed \
+                 before its image was written, and writing the image failed"
+            ));
+        }
+        let images = self.parts.images.open_chain(image).context("open the checkpoint's process image")?;
+        Ok(Source::Image(images))
     }
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {

@@ -111,7 +111,6 @@ pub async fn serve(shim: &Shim, conn: &AsyncChannel, req: ExecRequest) -> Result
         user: req.user.clone().or_else(|| shim.defaults.user.clone()),
         tty: req.tty,
         extra_fds: vec![],
-        fifos: vec![],
     };
     let oom_before = shim.oom_kills();
     let started = Instant::now();

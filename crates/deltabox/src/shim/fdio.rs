@@ -33,6 +33,21 @@ impl AsyncFile {
         }
     }
 
+    /// Reads and drops whatever can be read now, without waiting; the bytes dropped.
+    pub fn discard_pending(&self) -> io::Result<usize> {
+        let mut buf = [0u8; 16 * 1024];
+        let mut dropped = 0;
+        loop {
+            match rustix::io::read(self.fd.get_ref(), &mut buf) {
+                Ok(0) => return Ok(dropped),
+                Ok(n) => dropped += n,
+                Err(rustix::io::Errno::AGAIN) => return Ok(dropped),
+                Err(rustix::io::Errno::INTR) => continue,
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.fd.writable().await?;

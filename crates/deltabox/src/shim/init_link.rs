@@ -32,7 +32,7 @@ type SpawnReply = Result<(i32, Option<OwnedFd>), String>;
 struct Waiters {
     spawns: HashMap<u64, (oneshot::Sender<SpawnReply>, oneshot::Sender<ExitStatus>)>,
     exits: HashMap<i32, oneshot::Sender<ExitStatus>>,
-    fifos: Option<oneshot::Sender<Option<String>>>,
+    fifos: Option<oneshot::Sender<Result<Vec<OwnedFd>, String>>>,
 }
 
 pub struct InitLink {
@@ -68,14 +68,17 @@ impl InitLink {
         self.chan.send(&ToInit::Signal { pid, signal, group }, &[], &[]).await.map_err(InitError::Lost)
     }
 
-    /// Has init create FIFOs (with their directories) inside the sandbox. One call at a time.
-    pub async fn make_fifos(&self, paths: Vec<String>) -> Result<(), InitError> {
+    /// Has init open FIFOs inside the sandbox (creating them and their directories if missing); one
+    /// read-write descriptor per path, in order. One call at a time.
+    pub async fn open_fifos(&self, paths: Vec<String>) -> Result<Vec<OwnedFd>, InitError> {
+        let count = paths.len();
         let (tx, rx) = oneshot::channel();
         self.waiters.lock().expect("waiters lock").fifos = Some(tx);
-        self.chan.send(&ToInit::MakeFifos { paths }, &[], &[]).await.map_err(InitError::Lost)?;
+        self.chan.send(&ToInit::OpenFifos { paths }, &[], &[]).await.map_err(InitError::Lost)?;
         match rx.await {
-            Ok(None) => Ok(()),
-            Ok(Some(message)) => Err(InitError::StartFailed(message)),
+            Ok(Ok(fds)) if fds.len() == count => Ok(fds),
+            Ok(Ok(fds)) => Err(InitError::StartFailed(format!("init sent {} FIFOs for {count} paths", fds.len()))),
+            Ok(Err(message)) => Err(InitError::StartFailed(message)),
             Err(_) => Err(InitError::Lost(IpcError::Closed)),
         }
     }
@@ -118,9 +121,9 @@ impl InitLink {
                         let _ = tx.send(status);
                     }
                 }
-                (FromInit::FifosMade { error }, _) => {
+                (FromInit::FifosOpened { error }, fds) => {
                     if let Some(tx) = w.fifos.take() {
-                        let _ = tx.send(error);
+                        let _ = tx.send(error.map_or(Ok(fds), Err));
                     }
                 }
                 (other, _) => tracing::warn!("unexpected message from init: {other:?}"),

@@ -73,11 +73,6 @@ pub struct Shim {
 }
 
 impl Shim {
-    /// Init's pid in the host's pid namespace.
-    pub fn init_pid(&self) -> i32 {
-        self.info.init_pid
-    }
-
     /// OOM kills in the sandbox so far (0 if the counter cannot be read).
     pub fn oom_kills(&self) -> u64 {
         self.cgroup.oom_kills().unwrap_or(0)
@@ -143,6 +138,7 @@ impl Shim {
         let mut sessions_restored = Vec::new();
         for (name, session) in kept {
             session.watch(self.init.watch(session.pid()).await?);
+            session.reset_channels().await.context("empty a restored session's FIFOs")?;
             sessions_restored.push(name.clone());
             sessions.insert(name, session);
         }
@@ -159,21 +155,23 @@ impl Shim {
     }
 
     /// Restores, in this fresh sandbox, the processes of the checkpoint it is a fork of, and serves the
-    /// checkpoint's shell sessions again (their FIFOs are made first; DeltaCR makes their ptys again).
+    /// checkpoint's shell sessions again (init opens their FIFOs first, for the restored shells to find by
+    /// path and for the shim; DeltaCR makes their ptys again).
     async fn restore_fork(&self, spec: &RestoreSpec) -> anyhow::Result<()> {
         let image =
             deltacr::image::ImageId::parse(&spec.image).with_context(|| format!("bad image id {}", spec.image))?;
-        let fifos = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
-        self.init.make_fifos(fifos).await.context("make the sessions' FIFOs")?;
+        let paths = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
+        let mut fifos = self.init.open_fifos(paths).await.context("open the sessions' FIFOs")?.into_iter();
         let mut restored = self.cr.restore_image(image).await?;
         let mut sessions = self.sessions.lock().await;
         let mut adopted = Vec::new();
         for snap in &spec.sessions {
+            let own = [(); 3].map(|()| fifos.next().expect("three FIFOs per session"));
             let Some(master) = restored.pty_masters.remove(&snap.pty) else {
                 tracing::warn!(session = %snap.name, "the restored shell has no terminal; the session is not served");
                 continue;
             };
-            let session = Session::attach(self, snap.pid, snap.nonce, master)?;
+            let session = Session::attach(snap.pid, snap.nonce, master, own)?;
             session.watch(self.init.watch(snap.pid).await?);
             sessions.insert(snap.name.clone(), session.clone());
             adopted.push((snap.name.clone(), session));
@@ -437,16 +435,15 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
             let session = shim.sessions.lock().await.get(&name).cloned();
             match session {
                 None => conn.send(&not_found(&name), &[], &[]).await,
+                Some(_) if command.contains('\0') => {
+                    let message = "the command contains a NUL byte".to_string();
+                    conn.send(&Reply::Error { kind: ErrorKind::BadRequest, message }, &[], &[]).await
+                }
                 Some(session) => {
                     let timeout = timeout_ms.map(Duration::from_millis);
                     let reply = match session.run(shim, &conn, &command, timeout, max_output).await {
                         Ok(outcome) => Reply::Exited(outcome),
-                        // Whatever failed, a shell that is gone means the session ended.
-                        Err(_) if !session.alive() => {
-                            shim.sessions.lock().await.remove(&name);
-                            session::SessionError::Ended.reply()
-                        }
-                        Err(e) => e.reply(),
+                        Err(e) => run_failed(shim, &name, &session, e).await,
                     };
                     conn.send(&reply, &[], &[]).await
                 }
@@ -541,6 +538,23 @@ fn failure_kind(e: &anyhow::Error) -> ErrorKind {
         ErrorKind::NoSpace
     } else {
         ErrorKind::CheckpointFailed
+    }
+}
+
+/// The reply to a session run that failed. A shell that is gone means the session ended: it is forgotten,
+/// unless a rollback meanwhile put another session (or this one, restored) under its name.
+async fn run_failed(shim: &Shim, name: &str, session: &Arc<Session>, e: session::SessionError) -> Reply {
+    let mut sessions = shim.sessions.lock().await;
+    let current = sessions.get(name).is_some_and(|s| Arc::ptr_eq(s, session));
+    match e {
+        _ if current && !session.alive() => {
+            sessions.remove(name);
+            session::SessionError::Ended.reply()
+        }
+        // The shell was killed by a rollback that restored it before this reply.
+        session::SessionError::Ended if current => session::SessionError::RolledBack.reply(),
+        _ if !current => session::SessionError::Ended.reply(),
+        e => e.reply(),
     }
 }
 

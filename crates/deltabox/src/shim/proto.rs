@@ -237,6 +237,8 @@ pub enum ErrorKind {
     SessionExists,
     /// The session's shell died or stopped answering.
     SessionLost,
+    /// A rollback restored the session while the command ran (the session lives on, as checkpointed).
+    SessionRolledBack,
     /// A checkpoint or rollback failed; the sandbox is unchanged and running.
     CheckpointFailed,
     /// A process holds something that cannot be checkpointed (a TCP connection, ...); the sandbox is

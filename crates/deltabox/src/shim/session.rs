@@ -1,13 +1,18 @@
 //! Persistent bash sessions (how coding agents drive a sandbox).
 //!
 //! bash runs interactively on a pty (job control, ^C semantics). Commands do not travel through the pty:
-//! for each call the shim types one fixed line that reads the command text from a FIFO (fd 249) up to a
-//! NUL and `eval`s it at top level, with stdout and stderr redirected to two more FIFOs (fds 250 and 251)
-//! and stdin from /dev/null. The FIFOs live in the sandbox's /dev tmpfs and both sides hold them open
-//! read-write: a shell restored from a checkpoint reopens them by path and is connected to the shim
-//! again, and neither side ever sees end of file (the shell's end is noticed through init). bash's `PROMPT_COMMAND` then prints an end marker carrying `$?` on both
-//! pipes. A timeout types ^C: the foreground job — or a loop running in bash itself — is interrupted,
-//! the prompt returns, and the session keeps its cwd, variables, functions and jobs.
+//! for each call the shim types one line that sets the call's token, reads the command text from a FIFO
+//! (fd 249) up to a NUL and `eval`s it at top level, with stdout and stderr redirected to two more FIFOs
+//! (fds 250 and 251) and stdin from /dev/null. The FIFOs live in the sandbox's /dev tmpfs and both sides
+//! hold them open read-write: a shell restored from a checkpoint reopens them by path and is connected to
+//! the shim again, and neither side ever sees end of file (the shell's end is noticed through init).
+//! The shim never opens them by path itself: init opens them inside the sandbox and passes the
+//! descriptors (a process of the sandbox could have put a symlink to a host file there).
+//! bash's `PROMPT_COMMAND` then prints an end marker carrying the token and `$?` on both pipes. The token
+//! is new for each call and travels only on the terminal, which the shim alone holds the master of: a
+//! process of the sandbox that writes a marker into the FIFOs does not know it (docs/security.md says
+//! what can still learn it). A timeout types ^C: the foreground job — or a loop running in bash itself —
+//! is interrupted, the prompt returns, and the session keeps its cwd, variables, functions and jobs.
 
 use std::os::fd::AsFd;
 use std::sync::Arc;
@@ -15,10 +20,9 @@ use std::time::{Duration, Instant};
 
 use rand::Rng;
 use sandbox::ipc::{AsyncChannel, IpcError};
-use sandbox::spec::{ExitStatus, FifoFd, ProcessSpec, WinSize};
+use sandbox::spec::{ExitStatus, ProcessSpec, WinSize};
 use serde::{Deserialize, Serialize};
-use std::os::fd::OwnedFd;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::os::fd::{AsRawFd, OwnedFd};
 use tokio::sync::{oneshot, watch, Mutex};
 
 use super::exec::{merged_env, Output};
@@ -42,6 +46,8 @@ pub enum SessionError {
     Ended,
     #[error("the session's shell did not answer")]
     NoAnswer,
+    #[error("the sandbox was rolled back while the command ran: the session is as it was at the checkpoint")]
+    RolledBack,
     #[error("session i/o failed")]
     Io(#[source] std::io::Error),
     #[error(transparent)]
@@ -53,6 +59,7 @@ impl SessionError {
         let kind = match self {
             SessionError::Start(_) => ErrorKind::StartFailed,
             SessionError::Ended | SessionError::NoAnswer => ErrorKind::SessionLost,
+            SessionError::RolledBack => ErrorKind::SessionRolledBack,
             SessionError::Io(_) | SessionError::Client(_) => ErrorKind::Internal,
         };
         Reply::Error { kind, message: self.to_string() }
@@ -68,8 +75,8 @@ struct Pipes {
 /// One output pipe of the session, read up to each end marker.
 struct MarkedStream {
     output: Output,
-    marker: Vec<u8>,
-    /// Bytes read but not yet forwarded: a possible beginning of the marker.
+    /// Bytes read but not yet forwarded: a possible beginning of the marker (a few dozen bytes), or
+    /// what followed the last marker (at most one read).
     held: Vec<u8>,
 }
 
@@ -80,9 +87,11 @@ pub struct Session {
     pty: u32,
     master: AsyncFile,
     pipes: Mutex<Pipes>,
-    /// Whether the shell runs; `generation` ignores the exit report of a shell replaced by a restore.
+    /// Whether the shell runs.
     alive: watch::Sender<bool>,
-    generation: AtomicU64,
+    /// Bumped each time a shell (new or restored) is watched: the exit report of a shell replaced by a
+    /// restore is ignored, and a command running when the sandbox is rolled back ends.
+    generation: watch::Sender<u64>,
 }
 
 /// What a checkpoint keeps of a session: enough to serve it again once its shell is restored.
@@ -107,33 +116,39 @@ impl Session {
     /// Starts `bash` and waits for its first prompt.
     pub async fn start(shim: &Shim) -> Result<Arc<Session>, SessionError> {
         let nonce: u64 = rand::rng().random();
-        let [cmd, out, err] = fifo_paths(nonce);
+        let fifos =
+            shim.init.open_fifos(fifo_paths(nonce).to_vec()).await.map_err(|e| SessionError::Start(e.to_string()))?;
+        let fifos: [OwnedFd; 3] = fifos.try_into().map_err(|_| SessionError::Start("init sent no FIFOs".into()))?;
+        // The shell gets init's descriptions (blocking); the shim reads and writes its own.
+        let own: Vec<OwnedFd> = fifos.iter().map(reopen).collect::<Result<_, _>>().map_err(SessionError::Io)?;
+        let own: [OwnedFd; 3] = own.try_into().expect("three FIFOs");
         let spec = ProcessSpec {
             argv: ["bash", "--noprofile", "--norc", "--noediting", "-i"].map(String::from).to_vec(),
             env: merged_env(&shim.defaults.env, &[], &shim.id, true),
             cwd: shim.defaults.cwd.clone(),
             user: shim.defaults.user.clone(),
             tty: Some(WinSize { rows: 50, cols: 200 }),
-            extra_fds: vec![],
-            fifos: vec![
-                FifoFd { path: cmd, fd: CMD_FD },
-                FifoFd { path: out, fd: OUT_FD },
-                FifoFd { path: err, fd: ERR_FD },
-            ],
+            extra_fds: vec![CMD_FD, OUT_FD, ERR_FD],
         };
-        let spawned = shim.init.spawn(spec, &[]).await.map_err(|e| SessionError::Start(e.to_string()))?;
+        let borrowed = fifos.each_ref().map(|f| f.as_fd());
+        let spawned = shim.init.spawn(spec, &borrowed).await.map_err(|e| SessionError::Start(e.to_string()))?;
+        drop(fifos);
         let master = spawned.pty_master.expect("init sends a pty master with a tty spawn");
-        let session = Session::attach(shim, spawned.pid, nonce, master)?;
+        let session = Session::attach(spawned.pid, nonce, master, own)?;
         session.watch(spawned.exit);
         // Lines starting with a space stay out of the history; the real command is added with history -s.
+        let token = new_token();
         let setup = format!(
-            " HISTCONTROL=ignorespace; PS1=''; PS2=''; PS0=''; PROMPT_COMMAND='__dbx_rc=$?; \
-             printf \"\\036DBX{nonce:016x}:%d\\036\\n\" \"$__dbx_rc\" >&{OUT_FD}; \
-             printf \"\\036DBX{nonce:016x}:%d\\036\\n\" \"$__dbx_rc\" >&{ERR_FD}'\n"
+            " __dbx_tok={token}; HISTCONTROL=ignorespace; PS1=''; PS2=''; PS0=''; PROMPT_COMMAND='__dbx_rc=$?; \
+             printf \"\\036DBX%s:%d\\036\\n\" \"$__dbx_tok\" \"$__dbx_rc\" >&{OUT_FD}; \
+             printf \"\\036DBX%s:%d\\036\\n\" \"$__dbx_tok\" \"$__dbx_rc\" >&{ERR_FD}'\n"
         );
         session.master.write_all(setup.as_bytes()).await.map_err(SessionError::Io)?;
         let mut pipes = session.pipes.lock().await;
-        let ready = tokio::time::timeout(STARTUP_TIMEOUT, session.wait_for_marker(&mut pipes, None, 0)).await;
+        let generation = *session.generation.borrow();
+        let marker = marker(&token);
+        let wait = session.wait_for_marker(&mut pipes, None, 0, &marker, generation);
+        let ready = tokio::time::timeout(STARTUP_TIMEOUT, wait).await;
         drop(pipes);
         match ready {
             Ok(Ok(_)) => Ok(session),
@@ -142,39 +157,30 @@ impl Session {
         }
     }
 
-    /// Serves the shell `pid` whose terminal is `master` and whose FIFOs are those of `nonce` (a new
-    /// shell, or one restored from a checkpoint). Call [`Session::watch`] next.
-    pub fn attach(shim: &Shim, pid: i32, nonce: u64, master: OwnedFd) -> Result<Arc<Session>, SessionError> {
+    /// Serves the shell `pid` whose terminal is `master` and whose FIFOs (command, stdout, stderr) are
+    /// `fifos`, descriptions of the shim's own (a new shell, or one restored from a checkpoint). Call
+    /// [`Session::watch`] next.
+    pub fn attach(pid: i32, nonce: u64, master: OwnedFd, fifos: [OwnedFd; 3]) -> Result<Arc<Session>, SessionError> {
         let pty = pty_index(&master).map_err(SessionError::Io)?;
-        let root = format!("/proc/{}/root{}", shim.init_pid(), fifo_dir(nonce));
-        let open = |name: &str| -> Result<AsyncFile, SessionError> {
-            let fd: OwnedFd = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(format!("{root}/{name}"))
-                .map_err(SessionError::Io)?
-                .into();
-            AsyncFile::new(fd).map_err(SessionError::Io)
-        };
-        let marker = format!("\x1eDBX{nonce:016x}:").into_bytes();
+        let [cmd, out, err] = fifos.map(|fd| AsyncFile::new(fd).map_err(SessionError::Io));
         let stream = |file, s| MarkedStream {
             output: Output { file, stream: s, kept: 0, dropped: 0, eof: false },
-            marker: marker.clone(),
             held: vec![],
         };
         let (alive, _) = watch::channel(false);
+        let (generation, _) = watch::channel(0);
         let session = Arc::new(Session {
             pid,
             nonce,
             pty,
             master: AsyncFile::new(master.try_clone().map_err(SessionError::Io)?).map_err(SessionError::Io)?,
             pipes: Mutex::new(Pipes {
-                cmd: open("cmd")?,
-                out: stream(open("out")?, Stream::Stdout),
-                err: stream(open("err")?, Stream::Stderr),
+                cmd: cmd?,
+                out: stream(out?, Stream::Stdout),
+                err: stream(err?, Stream::Stderr),
             }),
             alive,
-            generation: AtomicU64::new(0),
+            generation,
         });
         drain(Arc::new(AsyncFile::new(master).map_err(SessionError::Io)?));
         Ok(session)
@@ -182,17 +188,35 @@ impl Session {
 
     /// Follows the shell's life through `exit` (from init), replacing any earlier watch.
     pub fn watch(self: &Arc<Self>, exit: oneshot::Receiver<ExitStatus>) {
-        let generation = self.generation.fetch_add(1, Ordering::SeqCst) + 1;
+        let mut generation = 0;
+        self.generation.send_modify(|g| {
+            *g += 1;
+            generation = *g;
+        });
         self.alive.send_replace(true);
         let session = Arc::downgrade(self);
         tokio::spawn(async move {
             let _ = exit.await;
             if let Some(s) = session.upgrade() {
-                if s.generation.load(Ordering::SeqCst) == generation {
+                if *s.generation.borrow() == generation {
                     s.alive.send_replace(false);
                 }
             }
         });
+    }
+
+    /// After a rollback restored this session's shell (call [`Session::watch`] first, which ends a command
+    /// still waiting): empties its FIFOs, which outlive rollbacks in /dev, so no command text or output
+    /// of the abandoned branch reaches the restored shell or the next caller.
+    pub async fn reset_channels(&self) -> std::io::Result<()> {
+        let mut pipes = self.pipes.lock().await;
+        let Pipes { cmd, out, err } = &mut *pipes;
+        cmd.discard_pending()?;
+        for stream in [out, err] {
+            stream.output.file.discard_pending()?;
+            stream.held.clear();
+        }
+        Ok(())
     }
 
     pub fn pid(&self) -> i32 {
@@ -225,8 +249,10 @@ impl Session {
         timeout: Option<Duration>,
         max_output: u64,
     ) -> Result<Outcome, SessionError> {
-        match self.run_command(shim, conn, command, timeout, max_output).await {
+        let generation = *self.generation.borrow();
+        match self.run_command(shim, conn, command, timeout, max_output, generation).await {
             Err(SessionError::Io(_)) if self.exits_within(Duration::from_millis(500)).await => Err(SessionError::Ended),
+            Err(_) if *self.generation.borrow() != generation => Err(SessionError::RolledBack),
             other => other,
         }
     }
@@ -238,10 +264,14 @@ impl Session {
         command: &str,
         timeout: Option<Duration>,
         max_output: u64,
+        generation: u64,
     ) -> Result<Outcome, SessionError> {
         let mut pipes = self.pipes.lock().await;
         if !self.alive() {
             return Err(SessionError::Ended);
+        }
+        if *self.generation.borrow() != generation {
+            return Err(SessionError::RolledBack);
         }
         let started = Instant::now();
         let oom_before = shim.oom_kills();
@@ -249,8 +279,10 @@ impl Session {
         pipes.out.output.dropped = 0;
         pipes.err.output.kept = 0;
         pipes.err.output.dropped = 0;
+        let token = new_token();
+        let marker = marker(&token);
         let line = format!(
-            " IFS= read -r -d '' __dbx_cmd <&{CMD_FD}; history -s \"$__dbx_cmd\"; \
+            " __dbx_tok={token}; IFS= read -r -d '' __dbx_cmd <&{CMD_FD}; history -s \"$__dbx_cmd\"; \
              eval \"$__dbx_cmd\" </dev/null >&{OUT_FD} 2>&{ERR_FD}\n"
         );
         self.master.write_all(line.as_bytes()).await.map_err(SessionError::Io)?;
@@ -261,30 +293,26 @@ impl Session {
         let deadline = timeout.map(|t| tokio::time::Instant::now() + t);
         let mut timed_out = false;
         let code = loop {
+            let wait = self.wait_for_marker(&mut pipes, Some(conn), max_output, &marker, generation);
             let waited = match deadline {
-                Some(d) => tokio::time::timeout_at(d, self.wait_for_marker(&mut pipes, Some(conn), max_output)).await,
-                None => Ok(self.wait_for_marker(&mut pipes, Some(conn), max_output).await),
+                Some(d) => tokio::time::timeout_at(d, wait).await,
+                None => Ok(wait.await),
             };
             match waited {
                 Ok(result) => break result?,
                 Err(_elapsed) if !timed_out => {
                     timed_out = true;
                     self.master.write_all(&[3]).await.map_err(SessionError::Io)?;
-                    match tokio::time::timeout(
-                        INTERRUPT_GRACE,
-                        self.wait_for_marker(&mut pipes, Some(conn), max_output),
-                    )
-                    .await
-                    {
+                    let wait = self.wait_for_marker(&mut pipes, Some(conn), max_output, &marker, generation);
+                    match tokio::time::timeout(INTERRUPT_GRACE, wait).await {
                         Ok(result) => break result?,
                         // ^C was ignored: kill the foreground job; bash returns to its prompt.
                         Err(_) => self.kill_foreground_job(shim).await,
                     }
                 }
                 Err(_elapsed) => {
-                    let result =
-                        tokio::time::timeout(INTERRUPT_GRACE, self.wait_for_marker(&mut pipes, Some(conn), max_output));
-                    match result.await {
+                    let wait = self.wait_for_marker(&mut pipes, Some(conn), max_output, &marker, generation);
+                    match tokio::time::timeout(INTERRUPT_GRACE, wait).await {
                         Ok(result) => break result?,
                         Err(_) => return Err(SessionError::NoAnswer),
                     }
@@ -323,27 +351,37 @@ impl Session {
         }
     }
 
-    /// Reads both streams up to their end markers; returns the exit code the marker carries. Fails with
-    /// `Ended` when the shell exits first (the FIFOs never report end of file).
+    /// Reads both streams up to their end markers (`marker`: the call's); returns the exit code the marker
+    /// carries. Fails with `Ended` when the shell exits first (the FIFOs never report end of file), and with
+    /// `RolledBack` when a rollback replaced the shell of `generation`.
     async fn wait_for_marker(
         &self,
         pipes: &mut Pipes,
         conn: Option<&AsyncChannel>,
         max: u64,
+        marker: &[u8],
+        generation: u64,
     ) -> Result<i32, SessionError> {
         let mut alive = self.alive.subscribe();
+        let mut replaced = self.generation.subscribe();
         tokio::select! {
-            result = pipes.wait_for_marker(conn, max) => result,
+            result = pipes.wait_for_marker(conn, max, marker) => result,
             _ = alive.wait_for(|a| !a) => Err(SessionError::Ended),
+            _ = replaced.wait_for(|g| *g != generation) => Err(SessionError::RolledBack),
         }
     }
 }
 
 impl Pipes {
     /// Reads both streams up to their end markers; returns the exit code the marker carries.
-    async fn wait_for_marker(&mut self, conn: Option<&AsyncChannel>, max: u64) -> Result<i32, SessionError> {
+    async fn wait_for_marker(
+        &mut self,
+        conn: Option<&AsyncChannel>,
+        max: u64,
+        marker: &[u8],
+    ) -> Result<i32, SessionError> {
         let (out, err) = (&mut self.out, &mut self.err);
-        let (a, b) = tokio::join!(out.read_to_marker(conn, max), err.read_to_marker(conn, max));
+        let (a, b) = tokio::join!(out.read_to_marker(conn, max, marker), err.read_to_marker(conn, max, marker));
         let code = a?;
         b?;
         Ok(code)
@@ -351,25 +389,28 @@ impl Pipes {
 }
 
 impl MarkedStream {
-    async fn read_to_marker(&mut self, conn: Option<&AsyncChannel>, max: u64) -> Result<i32, SessionError> {
+    /// Forwards what it reads up to `marker` (at most `max` bytes kept in all); each byte is looked at a
+    /// bounded number of times and only a possible beginning of the marker is held back.
+    async fn read_to_marker(
+        &mut self,
+        conn: Option<&AsyncChannel>,
+        max: u64,
+        marker: &[u8],
+    ) -> Result<i32, SessionError> {
         let mut buf = vec![0u8; 64 * 1024];
         loop {
-            if let Some((data_end, code, rest)) = find_marker(&self.held, &self.marker) {
-                let data: Vec<u8> = self.held[..data_end].to_vec();
-                self.held = rest;
-                if let Some(conn) = conn {
-                    self.output.forward(conn, &data, max).await?;
-                }
+            let (forward_to, found) = match scan_for_marker(&self.held, marker) {
+                Scan::Found { start, code, end } => (start, Some((code, end))),
+                Scan::NotYet { keep_from } => (keep_from, None),
+            };
+            if let Some(conn) = conn {
+                self.output.forward(conn, &self.held[..forward_to], max).await?;
+            }
+            if let Some((code, end)) = found {
+                self.held.drain(..end);
                 return Ok(code);
             }
-            // Forward everything that cannot be the start of a marker.
-            let keep_from = self.held.iter().rposition(|&b| b == 0x1e).unwrap_or(self.held.len());
-            if keep_from > 0 {
-                let data: Vec<u8> = self.held.drain(..keep_from).collect();
-                if let Some(conn) = conn {
-                    self.output.forward(conn, &data, max).await?;
-                }
-            }
+            self.held.drain(..forward_to);
             let n = self.output.file.read(&mut buf).await.map_err(SessionError::Io)?;
             if n == 0 {
                 return Err(SessionError::Ended);
@@ -379,16 +420,66 @@ impl MarkedStream {
     }
 }
 
-/// Finds `marker` + digits + `\x1e\n` in `held`: (where the data before it ends, the code, what follows).
-fn find_marker(held: &[u8], marker: &[u8]) -> Option<(usize, i32, Vec<u8>)> {
-    let start = held.windows(marker.len()).position(|w| w == marker)?;
-    let after = &held[start + marker.len()..];
-    let end = after.iter().position(|&b| b == 0x1e)?;
-    if after.get(end + 1) != Some(&b'\n') {
-        return None;
+/// A new per-call token: 128 random bits, hex.
+fn new_token() -> String {
+    format!("{:032x}", rand::rng().random::<u128>())
+}
+
+/// The beginning of the end marker of the call with `token`; the exit code, `\x1e` and a newline follow.
+fn marker(token: &str) -> Vec<u8> {
+    format!("\x1eDBX{token}:").into_bytes()
+}
+
+/// Longest exit code text `$?` can print (0-255, but be lenient: a sign and ten digits).
+const MAX_CODE_LEN: usize = 11;
+
+#[derive(Debug, PartialEq)]
+enum Scan {
+    /// The data before `start` is output; the marker carries `code` and ends at `end`.
+    Found { start: usize, code: i32, end: usize },
+    /// No marker yet: everything before `keep_from` is output; the rest may begin a marker.
+    NotYet { keep_from: usize },
+}
+
+/// Looks for `marker` + code + `\x1e\n` in `held`. Only positions of `\x1e` bytes are tried, each with at
+/// most `marker.len() + MAX_CODE_LEN + 2` bytes compared, so the work is linear in `held`.
+fn scan_for_marker(held: &[u8], marker: &[u8]) -> Scan {
+    let separators = held.iter().enumerate().filter(|(_, b)| **b == 0x1e).map(|(i, _)| i);
+    for start in separators {
+        let rest = &held[start..];
+        if rest.len() <= marker.len() {
+            if marker.starts_with(rest) {
+                return Scan::NotYet { keep_from: start };
+            }
+            continue;
+        }
+        if !rest.starts_with(marker) {
+            continue;
+        }
+        let after = &rest[marker.len()..];
+        let digits = after.iter().take(MAX_CODE_LEN + 1).take_while(|b| b.is_ascii_digit() || **b == b'-').count();
+        if digits > MAX_CODE_LEN {
+            continue;
+        }
+        match (after.get(digits), after.get(digits + 1)) {
+            (None, _) | (Some(0x1e), None) => return Scan::NotYet { keep_from: start },
+            (Some(0x1e), Some(b'\n')) => {
+                let code = std::str::from_utf8(&after[..digits]).ok().and_then(|c| c.parse().ok());
+                if let Some(code) = code {
+                    return Scan::Found { start, code, end: start + marker.len() + digits + 2 };
+                }
+            }
+            _ => {}
+        }
     }
-    let code = std::str::from_utf8(&after[..end]).ok()?.parse().ok()?;
-    Some((start, code, after[end + 2..].to_vec()))
+    Scan::NotYet { keep_from: held.len() }
+}
+
+/// A description of the shim's own of the FIFO `fd` is open on (reopened through /proc/self, which
+/// names the shim's own descriptor: nothing of the sandbox is resolved).
+fn reopen(fd: &OwnedFd) -> std::io::Result<OwnedFd> {
+    let own = std::fs::OpenOptions::new().read(true).write(true).open(format!("/proc/self/fd/{}", fd.as_raw_fd()))?;
+    Ok(own.into())
 }
 
 /// The index of the pty whose master is `master`.
@@ -419,11 +510,47 @@ mod tests {
     use super::*;
 
     #[test]
-    fn marker_is_found_with_its_code_and_what_follows() {
+    fn marker_is_found_with_its_code_and_where_it_ends() {
         let m = b"\x1eDBXab:";
-        let held = b"hello\n\x1eDBXab:130\x1e\nnext".to_vec();
-        assert_eq!(find_marker(&held, m), Some((6, 130, b"next".to_vec())));
-        assert_eq!(find_marker(b"\x1eDBXab:13", m), None);
-        assert_eq!(find_marker(b"no marker", m), None);
+        let held = b"hello\n\x1eDBXab:130\x1e\nnext";
+        assert_eq!(scan_for_marker(held, m), Scan::Found { start: 6, code: 130, end: 18 });
+        assert_eq!(&held[18..], b"next");
+        assert_eq!(scan_for_marker(b"no marker", m), Scan::NotYet { keep_from: 9 });
+    }
+
+    #[test]
+    fn only_a_possible_beginning_of_the_marker_is_held_back() {
+        let m = b"\x1eDBXab:";
+        assert_eq!(scan_for_marker(b"out\x1eDBXab:13", m), Scan::NotYet { keep_from: 3 });
+        assert_eq!(scan_for_marker(b"out\x1eDB", m), Scan::NotYet { keep_from: 3 });
+        assert_eq!(scan_for_marker(b"out\x1eDBXab:13\x1e", m), Scan::NotYet { keep_from: 3 });
+        // A record separator that cannot start the marker is output.
+        let other = b"a\x1ex\x1eDBXzz:0\x1e\nb";
+        assert_eq!(scan_for_marker(other, m), Scan::NotYet { keep_from: other.len() });
+    }
+
+    #[test]
+    fn a_marker_with_another_token_is_output() {
+        let ours = marker("11111111111111111111111111111111");
+        let forged = b"\x1eDBX22222222222222222222222222222222:0\x1e\n";
+        assert_eq!(scan_for_marker(forged, &ours), Scan::NotYet { keep_from: forged.len() });
+        let mut both = forged.to_vec();
+        both.extend_from_slice(&ours);
+        both.extend_from_slice(b"7\x1e\n");
+        assert_eq!(scan_for_marker(&both, &ours), Scan::Found { start: forged.len(), code: 7, end: both.len() });
+    }
+
+    #[test]
+    fn a_long_run_of_digits_is_not_a_marker() {
+        let m = b"\x1eDBXab:";
+        let held = b"\x1eDBXab:123456789012345\x1e\n";
+        assert_eq!(scan_for_marker(held, m), Scan::NotYet { keep_from: held.len() });
+    }
+
+    #[test]
+    fn output_full_of_separators_is_forwarded_but_the_last() {
+        let held = vec![0x1eu8; 1 << 20];
+        let m = marker("11111111111111111111111111111111");
+        assert_eq!(scan_for_marker(&held, &m), Scan::NotYet { keep_from: held.len() - 1 });
     }
 }

@@ -94,6 +94,11 @@ class SessionEnded(Gone):
     """The session's shell exited (e.g. after ``exit``) or stopped answering."""
 
 
+class SessionRolledBack(Conflict):
+    """The sandbox was rolled back while the command ran: the command's output is lost, and the session lives on
+    as it was at the checkpoint."""
+
+
 class PathEscapesRoot(BadRequest):
     """A files call named a path that climbs above the sandbox's root."""
 
@@ -160,6 +165,7 @@ _BY_CODE: Dict[str, Type[DeltaboxError]] = {
     "session_not_found": SessionNotFound,
     "file_not_found": FileNotFound,
     "session_ended": SessionEnded,
+    "session_rolled_back": SessionRolledBack,
     "path_escapes_root": PathEscapesRoot,
     "checkpoint_not_found": CheckpointNotFound,
     "checkpoint_not_durable": CheckpointNotDurable,

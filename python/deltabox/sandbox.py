@@ -59,6 +59,9 @@ class Checkpoint:
     process_count: Optional[int] = None
     #: Whether it is all on disk: a full checkpoint's process image is written just after the sandbox runs again.
     durable: bool = True
+    #: Why its process image could not be written (then it never will be: forks fail, and a rollback works only
+    #: while the sandbox still holds the checkpoint in memory). ``None`` while it is written or once it is.
+    image_failure: Optional[str] = None
     #: Bytes it adds to the daemon's disk: its files' changes since its parent and, once ``durable``, its process
     #: image (incremental too). Deleting it frees at most this. ``None`` if the daemon could not measure it.
     disk_bytes: Optional[int] = None

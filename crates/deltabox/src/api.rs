@@ -111,6 +111,9 @@ pub struct CheckpointView {
     /// Whether the checkpoint survives the sandbox's in-memory copies (a full checkpoint's process image
     /// is written right after the sandbox runs again).
     pub durable: bool,
+    /// Why its process image could not be written (it never will be: rollbacks need its in-memory copies,
+    /// which the sandbox may have lost, and forks fail). None while it is written or once it is.
+    pub image_failure: Option<String>,
     /// Bytes it adds to the data directory's disk: its files' changes since its parent and, once
     /// durable, its process image (incremental too). None if they could not be measured.
     pub disk_bytes: Option<u64>,
@@ -269,7 +272,12 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
     if !value.is_finite() || value < 0.0 {
         return Err(format!("invalid size {text:?}"));
     }
-    Ok((value * (1u64 << shift) as f64) as u64)
+    let bytes = value * (1u64 << shift) as f64;
+    // A float cast saturates: a size past 2^64 bytes would silently become "unlimited".
+    if bytes >= u64::MAX as f64 {
+        return Err(format!("size {text:?} is too large"));
+    }
+    Ok(bytes as u64)
 }
 
 fn opt_size<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u64>, D::Error> {
@@ -298,6 +306,9 @@ mod tests {
         assert_eq!(parse_size("4096"), Ok(4096));
         assert!(parse_size("lots").is_err());
         assert!(parse_size("-1G").is_err());
+        assert!(parse_size("1e30").is_err());
+        assert!(parse_size("9999999999999999999999G").is_err());
+        assert_eq!(parse_size("16E").ok(), None);
         let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":"1G"}"#).unwrap();
         assert_eq!(r.memory, Some(1 << 30));
         let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":1024}"#).unwrap();

@@ -51,6 +51,18 @@ enum Command {
         /// Number of files (inodes) of sandboxes created without such a limit.
         #[arg(long)]
         default_inodes: Option<u64>,
+        /// Processes and threads a sandbox created without a pids limit may have (one fork bomb must not
+        /// take the host's pids, the daemon's included). 0: unlimited.
+        #[arg(long, default_value_t = daemon::DEFAULT_PIDS)]
+        default_pids: u64,
+        /// Memory of a sandbox created without a memory limit (e.g. 4G). Default: half of the host's
+        /// memory. 0: unlimited.
+        #[arg(long, value_parser = api::parse_size)]
+        default_memory: Option<u64>,
+        /// CPUs a sandbox created without a cpus limit may use (e.g. 1.5). Default: all of the host's.
+        /// 0: unlimited.
+        #[arg(long)]
+        default_cpus: Option<f64>,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -175,12 +187,32 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
     let client = client::Client::new(socket.clone());
     match command {
-        Command::Serve { data_dir, listen, token, uid_slot_dir, fs_busy_poll_us, default_disk, default_inodes } => {
+        Command::Serve {
+            data_dir,
+            listen,
+            token,
+            uid_slot_dir,
+            fs_busy_poll_us,
+            default_disk,
+            default_inodes,
+            default_pids,
+            default_memory,
+            default_cpus,
+        } => {
             init_logging();
             let fs_busy_poll = (fs_busy_poll_us > 0).then(|| Duration::from_micros(fs_busy_poll_us));
             let default_disk = deltafs::Quota { bytes: default_disk, inodes: default_inodes };
-            let opts =
-                daemon::ServeOptions { socket, data_dir, uid_slot_dir, fs_busy_poll, default_disk, listen, token };
+            let default_limits = daemon::default_limits(default_pids, default_memory, default_cpus)?;
+            let opts = daemon::ServeOptions {
+                socket,
+                data_dir,
+                uid_slot_dir,
+                fs_busy_poll,
+                default_disk,
+                default_limits,
+                listen,
+                token,
+            };
             daemon::serve(opts).await.map(|()| 0)
         }
         Command::Image(ImageCommand::Import { path, name }) => {

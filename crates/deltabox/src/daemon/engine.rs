@@ -40,6 +40,8 @@ pub struct DaemonConfig {
     pub fs_busy_poll: Option<Duration>,
     /// Filesystem size limits of sandboxes created without their own.
     pub default_disk: deltafs::Quota,
+    /// Memory, pids and CPU limits of sandboxes created without their own (`None`: unlimited).
+    pub default_limits: Limits,
 }
 
 /// A running sandbox.
@@ -67,6 +69,7 @@ pub struct Engine {
     uid_slot_dir: PathBuf,
     fs_busy_poll: Option<Duration>,
     default_disk: deltafs::Quota,
+    default_limits: Limits,
     exe: PathBuf,
     /// Held by imports and layer garbage collection, so GC never deletes a layer an import just wrote.
     pub image_lock: tokio::sync::Mutex<()>,
@@ -104,6 +107,7 @@ impl Engine {
             uid_slot_dir: cfg.uid_slot_dir,
             fs_busy_poll: cfg.fs_busy_poll,
             default_disk: cfg.default_disk,
+            default_limits: cfg.default_limits,
             exe: std::env::current_exe().context("find our own executable")?,
             image_lock: tokio::sync::Mutex::new(()),
             fs,
@@ -190,8 +194,55 @@ impl Engine {
                 self.force_cleanup(&id);
             }
         }
+        self.recheck_images()?;
         self.collect_garbage().await;
         Ok(())
+    }
+
+    /// After a restart: a process image finished while the daemon was away is durable; one whose shim is
+    /// gone and left no image never will be. Images still being written are looked at again in the
+    /// background until [`IMAGE_WAIT`] has passed.
+    fn recheck_images(self: &Arc<Self>) -> anyhow::Result<()> {
+        let pending: Vec<CheckpointRecord> = self
+            .catalog()
+            .checkpoints()?
+            .into_iter()
+            .filter(|c| c.image.is_some() && !c.durable && c.image_failure.is_none())
+            .collect();
+        for cp in pending {
+            let engine = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + IMAGE_WAIT;
+                loop {
+                    let Some(engine) = engine.upgrade() else { return };
+                    if engine.image_on_disk(&cp) {
+                        tracing::info!(checkpoint = %cp.id, "its process image was written while the daemon was away");
+                        let _ = engine.catalog().mark_durable(&cp.id);
+                        return;
+                    }
+                    let writer_alive = engine.sandboxes.read().await.contains_key(&cp.sandbox);
+                    if !writer_alive || tokio::time::Instant::now() > deadline {
+                        let reason = "the sandbox's supervisor ended before writing it".to_string();
+                        if !writer_alive {
+                            engine.record_image_failure(
+                                &cp.id,
+                                ImageFailure { kind: ErrorKind::CheckpointFailed, reason },
+                            );
+                        }
+                        return;
+                    }
+                    drop(engine);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+        Ok(())
+    }
+
+    /// Whether checkpoint `cp`'s process image is complete on disk.
+    fn image_on_disk(&self, cp: &CheckpointRecord) -> bool {
+        let image = cp.image.as_deref().and_then(deltacr::image::ImageId::parse);
+        image.is_some_and(|image| self.images.open(image).is_ok())
     }
 
     /// Kills what is left of sandbox `id` (through its cgroup: init and every process) and removes its
@@ -268,12 +319,12 @@ impl Engine {
             .image(&req.image)
             .map_err(anyhow::Error::from)?
             .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {:?}", req.image)))?;
-        let limits = validate_limits(&req)?;
+        let limits = validate_limits(&req, &self.default_limits)?;
         let disk = validate_disk(&req, self.default_disk)?;
+        let mut env = image.config.env.clone();
+        env.extend(env_pairs(&req.env)?);
         let _no_gc = self.fs_gc.read().await;
         let stack = self.image_base_stack(&image).await?;
-        let mut env = image.config.env.clone();
-        env.extend(req.env.iter().map(|(k, v)| format!("{k}={v}")));
         let config = SandboxConfig {
             image: image.name.clone(),
             layers: image.layers.iter().map(|l| l.diff_id).collect(),
@@ -547,11 +598,9 @@ impl Engine {
             if current.durable {
                 return Ok(());
             }
-            if let Some(image) = current.image.as_deref().and_then(deltacr::image::ImageId::parse) {
-                if self.images.open(image).is_ok() {
-                    let _ = self.catalog().mark_durable(&cp.id);
-                    return Ok(());
-                }
+            if self.image_on_disk(&current) {
+                let _ = self.catalog().mark_durable(&cp.id);
+                return Ok(());
             }
             if let Some(failure) = &current.image_failure {
                 let message =
@@ -817,22 +866,56 @@ fn depth<'a>(parents: &HashMap<&'a str, Option<&'a str>>, mut id: &'a str) -> us
     d
 }
 
-fn validate_limits(req: &CreateRequest) -> ApiResult<Limits> {
-    if let Some(m) = req.memory {
-        if m < MIN_MEMORY_BYTES {
-            let message = format!("memory limit {m} is below the minimum of {MIN_MEMORY_BYTES} bytes");
-            return Err(ApiError::bad_request("invalid_limits", message));
+/// Largest pids limit: the kernel's own maximum number of pids (PID_MAX_LIMIT on 64-bit).
+const MAX_PIDS: u64 = 4 << 20;
+/// Smallest CPU share accepted (as Docker's `--cpus`).
+const MIN_CPUS: f64 = 0.01;
+
+/// Sandbox limits: the request's, each one it does not set taken from the daemon's defaults.
+fn validate_limits(req: &CreateRequest, default: &Limits) -> ApiResult<Limits> {
+    let limits = Limits {
+        memory_bytes: req.memory.or(default.memory_bytes),
+        pids: req.pids.or(default.pids),
+        cpus: req.cpus.or(default.cpus),
+    };
+    check_limits(&limits).map_err(|message| ApiError::bad_request("invalid_limits", message))?;
+    Ok(limits)
+}
+
+/// Why `limits` cannot be set on a cgroup of this host, if they cannot.
+pub fn check_limits(limits: &Limits) -> Result<(), String> {
+    if let Some(m) = limits.memory_bytes.filter(|m| *m < MIN_MEMORY_BYTES) {
+        return Err(format!("memory limit {m} is below the minimum of {MIN_MEMORY_BYTES} bytes"));
+    }
+    if let Some(p) = limits.pids.filter(|p| !(1..=MAX_PIDS).contains(p)) {
+        return Err(format!("pids limit {p} is out of range: use 1 to {MAX_PIDS}"));
+    }
+    if let Some(c) = limits.cpus {
+        let host = host_cpus();
+        if !(c.is_finite() && (MIN_CPUS..=host).contains(&c)) {
+            return Err(format!("cpus {c} is out of range: use {MIN_CPUS} to {host} (the host's CPUs)"));
         }
     }
-    if req.pids == Some(0) {
-        return Err(ApiError::bad_request("invalid_limits", "the pids limit must be at least 1"));
-    }
-    if let Some(c) = req.cpus {
-        if !(c.is_finite() && c > 0.0) {
-            return Err(ApiError::bad_request("invalid_limits", "cpus must be a positive number"));
-        }
-    }
-    Ok(Limits { memory_bytes: req.memory, pids: req.pids, cpus: req.cpus })
+    Ok(())
+}
+
+/// CPUs this host has.
+pub fn host_cpus() -> f64 {
+    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
+/// `KEY=VALUE` pairs of `env`; refuses names that are empty or hold `=`, and NUL bytes anywhere (the
+/// process could not be started with them).
+pub fn env_pairs(env: &std::collections::BTreeMap<String, String>) -> ApiResult<Vec<String>> {
+    env.iter()
+        .map(|(k, v)| {
+            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
+                Err(ApiError::bad_request("invalid_env", format!("invalid environment variable {k:?}")))
+            } else {
+                Ok(format!("{k}={v}"))
+            }
+        })
+        .collect()
 }
 
 /// Smallest filesystem size accepted: below it not even a shell's history file fits.

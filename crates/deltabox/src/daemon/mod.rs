@@ -26,8 +26,32 @@ pub struct ServeOptions {
     pub uid_slot_dir: PathBuf,
     pub fs_busy_poll: Option<Duration>,
     pub default_disk: deltafs::Quota,
+    pub default_limits: sandbox::cgroup::Limits,
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
+}
+
+/// Pids limit of sandboxes created without one, unless `--default-pids` says otherwise.
+pub const DEFAULT_PIDS: u64 = 4096;
+
+/// The limits of sandboxes created without their own, from the `serve` flags (0 = unlimited): memory
+/// defaults to half of the host's, CPUs to all of them.
+pub fn default_limits(pids: u64, memory: Option<u64>, cpus: Option<f64>) -> anyhow::Result<sandbox::cgroup::Limits> {
+    let host_memory = || -> anyhow::Result<u64> {
+        let info = rustix::system::sysinfo();
+        Ok(info.totalram.saturating_mul(u64::from(info.mem_unit)) / 2)
+    };
+    let memory = match memory {
+        Some(m) => m,
+        None => host_memory()?,
+    };
+    let limits = sandbox::cgroup::Limits {
+        memory_bytes: (memory > 0).then_some(memory),
+        pids: (pids > 0).then_some(pids),
+        cpus: Some(cpus.unwrap_or_else(engine::host_cpus)).filter(|c| *c != 0.0),
+    };
+    engine::check_limits(&limits).map_err(|e| anyhow::anyhow!("bad default limit: {e}"))?;
+    Ok(limits)
 }
 
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
@@ -36,6 +60,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         uid_slot_dir: opts.uid_slot_dir,
         fs_busy_poll: opts.fs_busy_poll,
         default_disk: opts.default_disk,
+        default_limits: opts.default_limits,
     })
     .await?;
     let app = routes::router(engine.clone());

@@ -17,7 +17,7 @@ use sandbox::spec::WinSize;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
-use super::engine::{now, view, Engine};
+use super::engine::{env_pairs, now, view, Engine};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use crate::api::*;
 use crate::catalog::ImageRecord;
@@ -254,6 +254,7 @@ fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u
         processes,
         process_count: c.processes,
         durable: c.durable,
+        image_failure: c.image_failure.as_ref().map(|f| f.reason.clone()),
         disk_bytes: *disk_bytes,
     }
 }
@@ -329,18 +330,6 @@ fn timeout_ms(seconds: Option<f64>) -> ApiResult<Option<u64>> {
         Some(s) if s.is_finite() && s > 0.0 => Ok(Some(((s * 1000.0).ceil() as u64).max(1))),
         Some(_) => Err(ApiError::bad_request("invalid_timeout", "timeout must be a positive number of seconds")),
     }
-}
-
-fn env_pairs(env: &std::collections::BTreeMap<String, String>) -> ApiResult<Vec<String>> {
-    env.iter()
-        .map(|(k, v)| {
-            if k.is_empty() || k.contains('=') || k.contains('\0') || v.contains('\0') {
-                Err(ApiError::bad_request("invalid_env", format!("invalid environment variable {k:?}")))
-            } else {
-                Ok(format!("{k}={v}"))
-            }
-        })
-        .collect()
 }
 
 fn encode(data: &[u8], encoding: Encoding) -> String {
@@ -627,6 +616,10 @@ async fn run_in_session(
     ApiJson(req): ApiJson<SessionRunRequest>,
 ) -> ApiResult<Json<ExecResult>> {
     engine.live(&id).await?;
+    if req.command.contains('\0') {
+        // The shell reads the command up to a NUL: the rest would run as the next call's command.
+        return Err(ApiError::bad_request("invalid_command", "the command contains a NUL byte"));
+    }
     let max_output = req.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT);
     let request = Request::SessionRun { name, command: req.command, timeout_ms: timeout_ms(req.timeout)?, max_output };
     let conn = engine.shim_connect(&id, &request).await?;

@@ -406,7 +406,7 @@ pub(super) fn write(root: &SandboxRoot, path: SandboxPath, out: &mut dyn Write) 
         builder: tar::Builder::new(Output { out, failed: false, poisoned: false }),
         links: HashMap::new(),
     };
-    match writer.add(fd, &st, &path, None) {
+    match writer.add(fd, &st, &path, None, 0) {
         Ok(()) => writer.builder.into_inner().map(drop).map_err(|source| FilesError::WriteOutput { source }),
         Err(e) => {
             // Dropping the builder would end the archive properly: a reader must not take a
@@ -449,8 +449,17 @@ struct TarWriter<'a, 'o> {
 
 impl TarWriter<'_, '_> {
     /// Adds the inode behind the `O_PATH` descriptor `fd` (and, for a directory, everything
-    /// beneath it) as `path`. `parent_dev` is the device of the directory that holds it.
-    fn add(&mut self, fd: OwnedFd, st: &Stat, path: &SandboxPath, parent_dev: Option<u64>) -> Result<(), FilesError> {
+    /// beneath it) as `path`, `depth` levels below the top. `parent_dev` is the device of the directory that
+    /// holds it.
+    fn add(
+        &mut self,
+        fd: OwnedFd,
+        st: &Stat,
+        path: &SandboxPath,
+        parent_dev: Option<u64>,
+        depth: usize,
+    ) -> Result<(), FilesError> {
+        super::check_depth(depth, path)?;
         let kind = FileKind::of(st);
         let name = path.strip_prefix(&self.top).archive_name(kind == FileKind::Dir);
         let mut header = Header::new_gnu();
@@ -489,7 +498,7 @@ impl TarWriter<'_, '_> {
                         other => other.map_err(|e| fs_error("open", &child, e))?,
                     };
                     let child_st = rfs::fstat(&child_fd).map_err(|e| fs_error("stat", &child, e))?;
-                    self.add(child_fd, &child_st, &child, Some(st.st_dev))?;
+                    self.add(child_fd, &child_st, &child, Some(st.st_dev), depth + 1)?;
                 }
                 Ok(())
             }

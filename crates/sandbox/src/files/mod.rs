@@ -56,6 +56,8 @@ pub enum FilesError {
     PseudoFilesystem { path: String },
     #[error("id {id} is outside the sandbox's id range 0..{count}")]
     IdNotMapped { id: u32, count: u32 },
+    #[error("{path}: the directory tree is deeper than {MAX_TREE_DEPTH} levels")]
+    TooDeep { path: String },
     #[error("mode {mode:#o} has bits beyond 0o7777")]
     InvalidMode { mode: u32 },
     #[error("archive entry {entry:?} refused: {reason}")]
@@ -106,6 +108,7 @@ impl FilesError {
             FilesError::PseudoFilesystem { .. } => "pseudo_filesystem",
             FilesError::IdNotMapped { .. } => "id_not_mapped",
             FilesError::InvalidMode { .. } => "invalid_mode",
+            FilesError::TooDeep { .. } => "too_deep",
             FilesError::ArchiveEntry { .. } => "archive_entry_refused",
             FilesError::BadArchive { .. } => "bad_archive",
             FilesError::ReadInput { .. } => "read_input",
@@ -114,6 +117,18 @@ impl FilesError {
             FilesError::Io { .. } => "io",
         }
     }
+}
+
+/// Deepest directory tree that a recursive operation (archive, recursive removal) walks: a sandbox can nest
+/// directories far deeper than any path can name, and each level costs a stack frame of the host's walker.
+pub const MAX_TREE_DEPTH: usize = 512;
+
+/// Refuses to go one level deeper than `depth` when that passes [`MAX_TREE_DEPTH`].
+fn check_depth(depth: usize, path: &SandboxPath) -> Result<(), FilesError> {
+    if depth > MAX_TREE_DEPTH {
+        return Err(FilesError::TooDeep { path: path.to_string() });
+    }
+    Ok(())
 }
 
 /// The kernel's answer `e` to operation `op` on `path`, as the error a caller can act on.
@@ -385,7 +400,7 @@ impl SandboxRoot {
         }
         if recursive {
             let sub = open_subdir(dir.as_fd(), name).map_err(|e| fs_error("remove", &path, e))?;
-            remove_contents(sub.as_fd(), &path)?;
+            remove_contents(sub.as_fd(), &path, 1)?;
         }
         rfs::unlinkat(&dir, name, AtFlags::REMOVEDIR).map_err(|e| fs_error("remove", &path, e))
     }
@@ -691,8 +706,10 @@ fn read_link(dir: BorrowedFd<'_>, name: &OsStr, path: &SandboxPath) -> Result<St
     Ok(String::from_utf8_lossy(target.as_bytes()).into_owned())
 }
 
-/// Removes everything in the directory `dir` (at `path`) without following symlinks.
-fn remove_contents(dir: BorrowedFd<'_>, path: &SandboxPath) -> Result<(), FilesError> {
+/// Removes everything in the directory `dir` (at `path`, `depth` levels below where the removal started)
+/// without following symlinks.
+fn remove_contents(dir: BorrowedFd<'_>, path: &SandboxPath, depth: usize) -> Result<(), FilesError> {
+    check_depth(depth, path)?;
     for name in dir_names(dir).map_err(|e| fs_error("list", path, e))? {
         let child = path.child(&name);
         let st = match rfs::statat(dir, &name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -702,7 +719,7 @@ fn remove_contents(dir: BorrowedFd<'_>, path: &SandboxPath) -> Result<(), FilesE
         let flags = match FileKind::of(&st) {
             FileKind::Dir => {
                 let sub = open_subdir(dir, &name).map_err(|e| fs_error("remove", &child, e))?;
-                remove_contents(sub.as_fd(), &child)?;
+                remove_contents(sub.as_fd(), &child, depth + 1)?;
                 AtFlags::REMOVEDIR
             }
             _ => AtFlags::empty(),

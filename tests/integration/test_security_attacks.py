@@ -1,0 +1,329 @@
+"""Attacks from inside a sandbox (and careless clients) that once worked, each kept from working again.
+
+The threat model and the list of checks are in docs/security.md. An agent inside is root of its own user
+namespace: it may do anything there, but must not reach the host, another sandbox, or break a checkpoint that
+the API reported.
+"""
+
+import os
+import signal
+import stat
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from support import Daemon, binary, image_dir, new_sandbox, raw_request, status_field
+
+import deltabox
+
+# Replaces every session FIFO that appears in the sandbox by a symlink to TARGET, for SECONDS: what a process
+# inside can do between the FIFOs' creation and their opening by whoever opens them. With "in-fork", it starts
+# only once it runs in a fork (another hostname), so the checkpoint it is taken in is not refused for the
+# FIFOs it replaced.
+SWAPPER = r"""
+import os, sys, time
+target, seconds, when = sys.argv[1], float(sys.argv[2]), sys.argv[3]
+base = "/dev/.deltabox/sessions"
+host = os.uname().nodename
+swapped = 0
+end = time.monotonic() + seconds
+while time.monotonic() < end:
+    if when == "in-fork" and os.uname().nodename == host:
+        time.sleep(0.0001)
+        continue
+    try:
+        dirs = os.listdir(base)
+    except OSError:
+        continue
+    for d in dirs:
+        for name in ("cmd", "out", "err"):
+            tmp = f"{base}/{d}/.{name}.swap"
+            try:
+                os.symlink(target, tmp)
+                os.rename(tmp, f"{base}/{d}/{name}")
+                swapped += 1
+            except OSError:
+                pass
+print(swapped)
+"""
+
+
+def shim_of(sb: deltabox.Sandbox) -> int:
+    shim = int(status_field(sb.refresh().init_pid, "PPid"))
+    assert b"shim" in open(f"/proc/{shim}/cmdline", "rb").read()
+    return shim
+
+
+def shim_files(shim: int):
+    """(device, inode) of every file the shim holds open."""
+    held = set()
+    for fd in os.listdir(f"/proc/{shim}/fd"):
+        try:
+            st = os.stat(f"/proc/{shim}/fd/{fd}")
+        except FileNotFoundError:
+            continue
+        held.add((st.st_dev, st.st_ino))
+    return held
+
+
+@pytest.fixture
+def host_fifo():
+    """A FIFO on the host that no sandbox may ever reach: (path, a read-write fd on it, its (dev, inode))."""
+    with tempfile.TemporaryDirectory(prefix="deltabox-sec-") as d:
+        path = Path(d) / "host-fifo"
+        os.mkfifo(path, 0o600)
+        fd = os.open(path, os.O_RDWR | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        try:
+            yield path, fd, (st.st_dev, st.st_ino)
+        finally:
+            os.close(fd)
+
+
+def assert_untouched(host_fifo, shims):
+    path, fd, ident = host_fifo
+    with pytest.raises(BlockingIOError):
+        data = os.read(fd, 4096)
+        pytest.fail(f"the host FIFO received {data!r} from a sandbox")
+    for shim in shims:
+        assert ident not in shim_files(shim), f"shim {shim} holds the host FIFO {path} open"
+
+
+def start_swapper(sb, target: str, seconds: float, when: str = "now") -> int:
+    started = sb.exec(["sh", "-c", f"python3 -c '{SWAPPER}' {target} {seconds} {when} >/tmp/swapped 2>&1 & echo $!"])
+    return int(started.stdout)
+
+
+def test_session_fifo_swap_race_never_reaches_the_host(client, host_fifo):
+    """A process renaming symlinks to a host FIFO over the session FIFOs while sessions are created: the shim
+    only ever holds the FIFOs init opened, and sessions work or fail cleanly."""
+    with new_sandbox(client, "debian") as sb:
+        start_swapper(sb, str(host_fifo[0]), 30)
+        worked = 0
+        for i in range(12):
+            try:
+                s = sb.session(f"s{i}")
+            except deltabox.BadRequest:
+                continue  # init refused a symlink where it made a FIFO: the session is not started
+            result = s.run("echo ok", timeout=10)
+            assert result.stdout == "ok\n"
+            worked += 1
+        swapped = sb.exec(["sh", "-c", "sleep 31; cat /tmp/swapped"], timeout=60).stdout
+        assert int(swapped) > 0, "the swapper never replaced a FIFO: the race was not run"
+        assert_untouched(host_fifo, [shim_of(sb)])
+        assert worked > 0
+
+
+def test_session_fifo_swap_race_during_fork_never_reaches_the_host(client, host_fifo):
+    """The same swapper running in a checkpoint restored by fork (it runs again there as the FIFOs are made)."""
+    with new_sandbox(client, "debian") as sb:
+        sb.session("main").run("X=kept")
+        start_swapper(sb, str(host_fifo[0]), 30, "in-fork")
+        time.sleep(0.5)
+        ckpt = sb.checkpoint()
+        children = ckpt.fork(3)
+        try:
+            for child in children:
+                try:
+                    out = child.session("main", create=False).run("echo $X", timeout=10).stdout
+                    assert out == "kept\n"
+                except deltabox.DeltaboxError:
+                    pass  # the child's own swapper may break its session: that stays inside the child
+            for child in children:
+                swapped = child.exec(["sh", "-c", "for i in $(seq 100); do test -L /dev/.deltabox/sessions/*/cmd "
+                                                  "&& exit 0; sleep 0.1; done; exit 1"])
+                assert swapped.exit_code == 0, "the swapper did not run in the fork: the race was not run"
+            assert_untouched(host_fifo, [shim_of(sb)] + [shim_of(c) for c in children])
+        finally:
+            for child in children:
+                child.delete()
+
+
+def test_a_nul_byte_in_a_session_command_is_refused(daemon, debian):
+    """The shell reads a command up to a NUL: the rest would have run as the next call."""
+    s = debian.session("nul")
+    status, body = raw_request(daemon, "POST", f"/v1/sandboxes/{debian.id}/sessions/nul/run",
+                               b'{"command": "echo a\\u0000echo smuggled"}', {"Content-Type": "application/json"})
+    assert (status, body["error"]) == (400, "invalid_command")
+    assert s.run("echo next").stdout == "next\n"
+    assert s.run("echo after").stdout == "after\n"
+
+
+def test_forged_end_markers_do_not_end_a_command(debian):
+    """A background process writing end markers (old fixed format with the session's nonce, and random tokens)
+    into the session's stdout FIFO: the command still runs to its end and its real exit code is reported."""
+    s = debian.session("forged")
+    forger = (
+        "(d=$(dirname $(readlink /proc/$$/fd/250)); n=${d##*/}; "
+        "while :; do printf '\\036DBX%s:0\\036\\n' $n > $d/out; "
+        "printf '\\036DBX%s:0\\036\\n' $(head -c16 /dev/urandom | od -An -tx1 | tr -d ' \\n') > $d/out; "
+        "sleep 0.01; done) >/dev/null 2>&1 &"
+    )
+    s.run(forger)
+    try:
+        result = s.run("sleep 1; echo done; (exit 7)", timeout=30)
+        assert result.exit_code == 7
+        assert "done\n" in result.stdout  # the forged markers are output like any other bytes
+    finally:
+        s.run("kill %1")
+
+
+def test_session_output_with_separators_is_passed_through_whole(debian):
+    """Output holding record separators (0x1e) once made the shim's scan quadratic: 8 MB after one separator
+    come through intact."""
+    s = debian.session("separators")
+    result = s.run("printf '\\036'; head -c 8000000 /dev/zero | tr '\\0' a; echo", timeout=120,
+                   max_output_bytes=16 << 20)
+    assert result.exit_code == 0
+    assert result.stdout == "\x1e" + "a" * 8000000 + "\n"
+
+
+def test_rollback_during_a_session_command_keeps_the_session(client):
+    """A rollback while a session command runs: the command fails with SessionRolledBack and the session lives
+    on as checkpointed (it was once removed by the failing command)."""
+    with new_sandbox(client, "debian") as sb:
+        s = sb.session("main")
+        s.run("X=before")
+        ckpt = sb.checkpoint()
+        s.run("X=after")
+        errors = []
+
+        def long_command():
+            try:
+                s.run("sleep 20", timeout=60)
+                errors.append("the command was not interrupted")
+            except deltabox.SessionRolledBack:
+                pass
+            except Exception as e:  # reported to the test thread
+                errors.append(repr(e))
+
+        t = threading.Thread(target=long_command)
+        t.start()
+        time.sleep(1)
+        sb.rollback(ckpt)
+        t.join(60)
+        assert not t.is_alive()
+        assert errors == []
+        assert "main" in sb.sessions()
+        assert s.run("echo $X").stdout == "before\n"
+
+
+def test_session_channels_are_emptied_by_rollback(client):
+    """Bytes written into a session's FIFOs after a checkpoint (a command waiting to be read, stale output) do
+    not reach the branch rolled back to."""
+    with new_sandbox(client, "debian") as sb:
+        s = sb.session("main")
+        s.run("true")
+        ckpt = sb.checkpoint()
+        sb.exec(["sh", "-c", "d=$(ls -d /dev/.deltabox/sessions/*); printf 'echo smuggled\\0' > $d/cmd; "
+                             "echo stale > $d/out"])
+        sb.rollback(ckpt)
+        result = s.run("echo ok")
+        assert result.stdout == "ok\n"
+
+
+def test_a_rollback_that_cannot_restore_keeps_the_live_processes(client):
+    """`kill -9 -1` right after a full checkpoint kills the in-memory copies the image is being written from.
+    Then the checkpoint shows why its image failed, and a rollback to it fails without killing anything."""
+    with new_sandbox(client, "debian", memory="2G") as sb:
+        # Enough memory that writing the image takes longer than the kill below.
+        sb.exec(["sh", "-c", "python3 -c 'import os,time; b=os.urandom(400<<20); time.sleep(1000)' "
+                             ">/dev/null 2>&1 &"])
+        time.sleep(2)
+        ckpt = sb.checkpoint()
+        sb.exec(["sh", "-c", "kill -9 -1"])
+        deadline = time.monotonic() + 60
+        while True:
+            view = ckpt.refresh()
+            if view.durable or view.image_failure or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+        sb.exec(["sh", "-c", "sleep 1000 >/dev/null 2>&1 &"])
+        print(f"durable={view.durable} image_failure={view.image_failure}")
+        if view.durable:
+            # The image won the race: the checkpoint is whole and restores.
+            sb.rollback(ckpt)
+            return
+        assert view.image_failure, "the checkpoint stayed neither durable nor failed"
+        with pytest.raises(deltabox.CheckpointFailed):
+            sb.rollback(ckpt)
+        alive = sb.exec(["sh", "-c", "pgrep -x sleep"])
+        assert alive.exit_code == 0, "the failed rollback killed the live processes"
+
+
+@pytest.mark.parametrize("env", [{"A\u0000B": "1"}, {"A": "x\u0000y"}, {"": "1"}, {"A=B": "1"}])
+def test_create_refuses_bad_environment(client, env):
+    with pytest.raises(deltabox.BadRequest) as e:
+        client.create("busybox", env=env)
+    assert e.value.code == "invalid_env"
+
+
+@pytest.mark.parametrize("limits", [
+    {"memory": "1e30"}, {"memory": "9999999999999999999999G"}, {"cpus": 1e308}, {"cpus": 0.000001},
+    {"pids": 4294967296}, {"pids": 0},
+])
+def test_create_refuses_limits_it_cannot_set(client, limits):
+    with pytest.raises(deltabox.BadRequest) as e:
+        client.create("busybox", **limits)
+    # A size that is no size is refused while the request is read.
+    expected = "invalid_request" if isinstance(limits.get("memory"), str) else "invalid_limits"
+    assert e.value.code == expected
+
+
+def test_a_sandbox_without_limits_gets_the_defaults(client):
+    """One fork bomb in a default sandbox must not take the host's pids."""
+    with new_sandbox(client, "busybox") as sb:
+        info = sb.refresh()
+        assert info.pids == 4096
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        assert info.memory == pytest.approx(total // 2, rel=0.01)
+        assert info.cpus == os.cpu_count()
+
+
+def test_an_image_written_while_the_daemon_was_away_is_durable_after_its_restart(tmp_path):
+    """The daemon is SIGKILLed right after a full checkpoint, before the shim reports the image written: the
+    restarted daemon finds the image and marks the checkpoint durable (it stayed not durable until a fork)."""
+    d = Daemon(binary(), tmp_path)
+    d.start()
+    try:
+        with deltabox.Client(socket=d.socket) as c:
+            c.images.import_(str(image_dir() / "debian"), "debian")
+            sb = c.create("debian", memory="2G")
+            # Enough memory that the image is still being written when the daemon is killed.
+            sb.exec(["sh", "-c", "python3 -c 'import os,time; b=os.urandom(300<<20); time.sleep(1000)' "
+                                 ">/dev/null 2>&1 &"])
+            time.sleep(2)
+            ckpt = sb.checkpoint()
+            d.stop(signal.SIGKILL)
+        assert not ckpt.durable
+        time.sleep(5)
+        d.start()
+        with deltabox.Client(socket=d.socket) as c:
+            deadline = time.monotonic() + 30
+            while not c.checkpoint(ckpt.id).durable:
+                assert time.monotonic() < deadline, "the image written meanwhile was not found"
+                time.sleep(0.1)
+            c.sandbox(sb.id).delete()
+    finally:
+        if d.proc is not None:
+            d.stop(signal.SIGTERM)
+
+
+def test_a_deep_directory_tree_does_not_crash_the_daemon(client, debian):
+    """2,500 nested directories (deeper than any path can name) once overflowed the daemon's stack in a tar
+    download or a recursive removal: both now stop at 512 levels with `too_deep`, and the daemon serves on."""
+    debian.exec(["python3", "-c", "import os\nos.makedirs('/deep')\nfd=os.open('/deep',os.O_RDONLY)\n"
+                 "for i in range(2500):\n os.mkdir('d',dir_fd=fd)\n n=os.open('d',os.O_RDONLY,dir_fd=fd)\n"
+                 " os.close(fd); fd=n"]).check()
+    with pytest.raises(deltabox.DeltaboxError) as e:
+        b"".join(debian.files.download_tar("/deep"))
+    # The archive streams: past its start, the daemon can only end the answer early.
+    assert e.value.code in ("too_deep", "connection_lost")
+    client.health()
+    with pytest.raises(deltabox.BadRequest) as e:
+        debian.files.remove("/deep", recursive=True)
+    assert e.value.code == "too_deep"
+    client.health()
+    assert debian.exec(["rm", "-rf", "/deep"]).exit_code == 0

@@ -224,33 +224,88 @@ def test_session_channels_are_emptied_by_rollback(client):
         assert result.stdout == "ok\n"
 
 
-def test_a_rollback_that_cannot_restore_keeps_the_live_processes(client):
-    """`kill -9 -1` right after a full checkpoint kills the in-memory copies the image is being written from.
-    Then the checkpoint shows why its image failed, and a rollback to it fails without killing anything."""
+def test_kill_minus_one_after_a_checkpoint_leaves_it_whole(client):
+    """`kill -9 -1` right after a full checkpoint (a common cleanup) once killed the checkpoint's in-memory
+    copies before its image was written: the image failed and the checkpoint was lost. Now they cannot be
+    signalled from inside; everything else is killed as asked, the image is written, and the rollback
+    restores from the in-memory copies."""
     with new_sandbox(client, "debian", memory="2G") as sb:
         # Enough memory that writing the image takes longer than the kill below.
         sb.exec(["sh", "-c", "python3 -c 'import os,time; b=os.urandom(400<<20); time.sleep(1000)' "
                              ">/dev/null 2>&1 &"])
         time.sleep(2)
         ckpt = sb.checkpoint()
-        sb.exec(["sh", "-c", "kill -9 -1"])
+        killed = sb.exec(["sh", "-c", "kill -9 -1; sleep 0.5; pgrep -c python3"])
+        assert killed.stdout.strip() == "0", "kill -9 -1 did not kill the sandbox's processes"
         deadline = time.monotonic() + 60
-        while True:
-            view = ckpt.refresh()
-            if view.durable or view.image_failure or time.monotonic() > deadline:
-                break
+        while not ckpt.refresh().durable:
+            assert ckpt.refresh().image_failure is None, ckpt.refresh().image_failure
+            assert time.monotonic() < deadline, "the image was not written"
             time.sleep(0.1)
+        result = sb.rollback(ckpt)
+        assert not result.from_image
+        # Running ones only: a stopped task of ours that shares the restored process's memory shows in ps.
+        running = sb.exec(["sh", "-c", "ps -eo stat=,comm= | awk '$1 !~ /^t/ && $2 == \"python3\"' | wc -l"])
+        assert running.stdout.strip() == "1"
+
+
+# Every pid of the sandbox's namespace that kill(pid, 0) may signal, against those /proc shows. (EPERM, as
+# for DeltaCR's pid helper, a host-root process, is not counted: it cannot be signalled.)
+PID_PROBE = r"""
+import os, sys
+found = []
+for pid in range(2, int(sys.argv[1]) + 1):
+    try:
+        os.kill(pid, 0)
+        found.append(pid)
+    except (ProcessLookupError, PermissionError):
+        pass
+visible = {int(p) for p in os.listdir("/proc") if p.isdigit()}
+print(" ".join(str(p) for p in found if p not in visible and p != os.getpid()))
+"""
+
+
+def test_our_tasks_cannot_be_found_or_signalled_by_pid(client):
+    """The checkpoint's in-memory copies (templates and spares) are hidden from /proc; probing every pid with
+    kill(pid, 0) once found them all, signalable. Now no pid hidden from /proc can be signalled."""
+    with new_sandbox(client, "debian") as sb:
         sb.exec(["sh", "-c", "sleep 1000 >/dev/null 2>&1 &"])
-        print(f"durable={view.durable} image_failure={view.image_failure}")
-        if view.durable:
-            # The image won the race: the checkpoint is whole and restores.
-            sb.rollback(ckpt)
-            return
-        assert view.image_failure, "the checkpoint stayed neither durable nor failed"
+        sb.session("main").run("true")
+        sb.checkpoint()
+        sb.checkpoint()
+        # DeltaCR keeps its tasks below the host's pid_max (the sandbox's own is larger on recent kernels).
+        host_pid_max = Path("/proc/sys/kernel/pid_max").read_text().strip()
+        hidden = sb.exec(["python3", "-c", PID_PROBE, host_pid_max], timeout=120)
+        assert hidden.exit_code == 0, hidden.stderr
+        assert hidden.stdout.strip() == "", f"pids hidden from /proc answer signals: {hidden.stdout}"
+        # Signals to visible processes still work, through every call.
+        assert sb.exec(["sh", "-c", "sleep 100 & p=$!; kill -TERM $p; wait $p; echo $?"]).stdout == "143\n"
+        assert sb.exec(["python3", "-c", "import os,signal,subprocess; p=subprocess.Popen(['sleep','100']); "
+                                          "signal.pidfd_send_signal(os.pidfd_open(p.pid), 9); print(p.wait())"]
+                       ).stdout == "-9\n"
+
+
+def test_a_rollback_that_cannot_restore_keeps_the_live_processes(client, daemon):
+    """When what a checkpoint's processes come back from is gone (its in-memory copies dropped for newer
+    checkpoints, its image deleted on disk underneath), a rollback fails and kills nothing (it once killed
+    every process first)."""
+    with new_sandbox(client, "debian") as sb:
+        first = sb.checkpoint()
+        for _ in range(9):  # past the 8 checkpoints whose in-memory copies are kept
+            sb.checkpoint()
+        deadline = time.monotonic() + 60
+        while not all(c.durable for c in sb.checkpoints()):
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        images = daemon.data_dir / "deltacr"
+        removed = [f for f in images.rglob("*") if f.is_file()]
+        assert removed, f"no process image under {images}"
+        for f in removed:
+            f.unlink()
+        sb.exec(["sh", "-c", "sleep 1000 >/dev/null 2>&1 &"])
         with pytest.raises(deltabox.CheckpointFailed):
-            sb.rollback(ckpt)
-        alive = sb.exec(["sh", "-c", "pgrep -x sleep"])
-        assert alive.exit_code == 0, "the failed rollback killed the live processes"
+            sb.rollback(first)
+        assert sb.exec(["pgrep", "-x", "sleep"]).exit_code == 0, "the failed rollback killed the live processes"
 
 
 @pytest.mark.parametrize("env", [{"A\u0000B": "1"}, {"A": "x\u0000y"}, {"": "1"}, {"A=B": "1"}])

@@ -65,7 +65,7 @@ impl PidSetter {
         let first = forked.map_err(PidNsError::Spawn)?;
         drop::<OwnedFd>(req_rd);
         drop::<OwnedFd>(ack_wr);
-        let reserved_floor = pid_max - pid_max / 8;
+        let reserved_floor = sandbox::signal_guard::reserved_floor(pid_max);
         let mut setter = PidSetter { req: req_wr.into(), ack: ack_rd.into(), helper_ns_pid: 0, reserved_floor };
         let answer = setter.read_answer();
         waitpid(first, None).map_err(|e| PidNsError::Spawn(e.into()))?;
@@ -105,7 +105,8 @@ impl PidSetter {
     }
 
     /// Where the pids of DeltaCR's long-lived tasks in the namespace (templates, spares) start: the top
-    /// eighth of the pid range (the helper sits at its very end). Set the counter here while making
+    /// eighth of the pid range (the helper sits at its very end; the sandbox's signal guard looks only
+    /// at signals aimed there). Set the counter here while making
     /// them, then back: they then never hold a pid that a restore of another checkpoint needs (after
     /// rollbacks, timelines reuse pids), and do not change the pids the sandbox hands out next.
     pub fn reserved_floor(&self) -> i32 {

@@ -94,12 +94,15 @@ pub fn start(
 
 impl Container {
     /// Gives init its root filesystem (a detached mount) and waits until the sandbox is set up.
-    /// On failure init is killed.
-    pub fn boot(&self, rootfs: OwnedFd) -> Result<(), ContainerError> {
+    /// On failure init is killed. Returns the signal guard's listener, to be served
+    /// ([`crate::signal_guard::serve`]) from now on.
+    pub fn boot(&self, rootfs: OwnedFd) -> Result<OwnedFd, ContainerError> {
         let booted =
             self.channel.send(&ToInit::Go, &[], &[rootfs.as_fd()]).map_err(ContainerError::InitLost).and_then(|()| {
                 match self.channel.recv::<FromInit>().map_err(ContainerError::InitLost)? {
-                    Packet { msg: FromInit::Ready, .. } => Ok(()),
+                    Packet { msg: FromInit::Ready, fds, .. } if fds.len() == 1 => {
+                        Ok(fds.into_iter().next().expect("one fd"))
+                    }
                     Packet { msg: FromInit::SetupFailed { message }, .. } => Err(ContainerError::Setup(message)),
                     Packet { msg, .. } => Err(ContainerError::Protocol(format!("{msg:?}"))),
                 }

@@ -57,22 +57,24 @@ pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
         // The shim gave up on us before we started.
         _ => std::process::exit(1),
     };
-    match setup(cfg, rootfs).and_then(|()| Init::new()) {
+    match setup(cfg, rootfs).and_then(|guard| Ok((guard, Init::new()?))) {
         Err(e) => {
             let _ = chan.send(&FromInit::SetupFailed { message: e.to_string() }, &[], &[]);
             std::process::exit(1)
         }
-        Ok(mut init) => {
-            if chan.send(&FromInit::Ready, &[], &[]).is_err() {
+        Ok((guard, mut init)) => {
+            if chan.send(&FromInit::Ready, &[], &[guard.as_fd()]).is_err() {
                 std::process::exit(1)
             }
+            drop(guard);
             init.chan = Some(chan);
             init.serve()
         }
     }
 }
 
-fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<(), SetupError> {
+/// Sets the sandbox up around init; returns the signal guard's listener (see [`crate::signal_guard`]).
+fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<OwnedFd, SetupError> {
     // Our fsuid is still host root's, the owner of the data directory on the way to the mount point:
     // after become_root we could no longer walk there.
     let mountpoint = rustix::fs::open(
@@ -96,12 +98,13 @@ fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<(), SetupError> {
         .map_err(step("PR_SET_DUMPABLE"))?;
     // Restricting init itself (rather than each child) makes every fork inherit both for free; init
     // needs nothing beyond them from here on.
-    cfg.seccomp
-        .install()
+    let guard = cfg
+        .seccomp
+        .install_with_signal_guard()
         .map_err(|e| SetupError { step: "install the seccomp filter".into(), source: std::io::Error::other(e) })?;
     crate::caps::restrict_to_default()
         .map_err(|e| SetupError { step: "restrict capabilities".into(), source: std::io::Error::other(e) })?;
-    Ok(())
+    Ok(guard)
 }
 
 /// We were cloned by host root into a new user namespace, where host root is unmapped; switch to the

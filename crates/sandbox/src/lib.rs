@@ -9,6 +9,7 @@ pub mod image;
 pub mod init;
 pub mod ipc;
 pub mod seccomp;
+pub mod signal_guard;
 pub mod spec;
 pub mod sys;
 pub mod userns;

@@ -18,6 +18,7 @@
 
 use std::collections::BTreeMap;
 use std::io;
+use std::os::fd::{FromRawFd, OwnedFd};
 
 use seccompiler::{BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule};
 
@@ -45,6 +46,7 @@ pub enum SeccompError {
 pub struct SeccompFilter {
     allow_list: BpfProgram,
     enosys_list: BpfProgram,
+    signal_guard: BpfProgram,
 }
 
 impl SeccompFilter {
@@ -56,19 +58,70 @@ impl SeccompFilter {
     /// filter *before* [`crate::caps::restrict_to_default`] drops `CAP_SYS_ADMIN`). Without it,
     /// `no_new_privs` is set first, which also stops setuid binaries from gaining privileges.
     pub fn install(&self) -> Result<(), SeccompError> {
-        install_program(&self.allow_list)?;
-        install_program(&self.enosys_list)
+        install_program(&self.allow_list, 0)?;
+        install_program(&self.enosys_list, 0).map(drop)
+    }
+
+    /// [`SeccompFilter::install`], then a third filter that hands every system call that signals a
+    /// process chosen by pid (`kill`, `tkill`, `tgkill`, `rt_sigqueueinfo`, `rt_tgsigqueueinfo`, and
+    /// `pidfd_open`) to a supervisor: returns its listener, for [`crate::signal_guard::serve`]. Until it
+    /// is served those calls wait; once it is closed they fail with `ENOSYS`.
+    pub fn install_with_signal_guard(&self) -> Result<OwnedFd, SeccompError> {
+        self.install()?;
+        let fd = install_program(&self.signal_guard, libc::SECCOMP_FILTER_FLAG_NEW_LISTENER as libc::c_uint)?;
+        // SAFETY: with NEW_LISTENER the kernel answered a new descriptor that nothing else owns.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
     }
 }
 
-fn install_program(program: &[seccompiler::sock_filter]) -> Result<(), SeccompError> {
-    match sys::seccomp_set_mode_filter(program) {
+fn install_program(program: &[seccompiler::sock_filter], flags: libc::c_uint) -> Result<i32, SeccompError> {
+    match sys::seccomp_set_mode_filter(program, flags) {
         Err(err) if err.raw_os_error() == Some(libc::EACCES) => {
             rustix::thread::set_no_new_privs(true).map_err(|errno| SeccompError::NoNewPrivs(errno.into()))?;
-            sys::seccomp_set_mode_filter(program).map_err(SeccompError::Install)
+            sys::seccomp_set_mode_filter(program, flags).map_err(SeccompError::Install)
         }
         result => result.map_err(SeccompError::Install),
     }
+}
+
+/// System calls that signal (or open a pidfd of) a process named by its pid: the ones the signal guard
+/// sees. `pidfd_send_signal` needs a pidfd, which for another process comes from `pidfd_open` or from
+/// opening its /proc directory (hidden for our tasks).
+pub const GUARDED_SIGNAL_CALLS: [i64; 6] = [
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_pidfd_open,
+];
+
+/// The signal guard's program, written out because seccompiler has no `SECCOMP_RET_USER_NOTIF` action:
+/// for x86_64 calls in [`GUARDED_SIGNAL_CALLS`] notify the listener, allow everything else (the other
+/// two filters decide about it, and an `ERRNO` of theirs wins over a notification).
+fn signal_guard_program() -> BpfProgram {
+    const RET_USER_NOTIF: u32 = 0x7fc0_0000;
+    const RET_ALLOW: u32 = 0x7fff_0000;
+    // EM_X86_64 | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE (linux/audit.h).
+    const AUDIT_ARCH_X86_64: u32 = 0xc000_003e;
+    let stmt = |code: u32, k: u32| seccompiler::sock_filter { code: code as u16, jt: 0, jf: 0, k };
+    let jeq = |k: u32, jt: u8, jf: u8| seccompiler::sock_filter {
+        code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
+        jt,
+        jf,
+        k,
+    };
+    let load = |offset: u32| stmt(libc::BPF_LD | libc::BPF_W | libc::BPF_ABS, offset);
+    let calls = GUARDED_SIGNAL_CALLS.len() as u8;
+    // seccomp_data: nr at offset 0, arch at offset 4.
+    let mut program = vec![load(4), jeq(AUDIT_ARCH_X86_64, 0, calls + 1), load(0)];
+    for (i, nr) in GUARDED_SIGNAL_CALLS.iter().enumerate() {
+        // On a match jump over the remaining comparisons and the ALLOW to the notification.
+        program.push(jeq(*nr as u32, calls - i as u8, 0));
+    }
+    program.push(stmt(libc::BPF_RET | libc::BPF_K, RET_ALLOW));
+    program.push(stmt(libc::BPF_RET | libc::BPF_K, RET_USER_NOTIF));
+    program
 }
 
 /// Compiles the default profile. Call once (e.g. in the shim) and keep the result.
@@ -123,7 +176,11 @@ fn compile(profile: Profile) -> Result<SeccompFilter, seccompiler::BackendError>
         SeccompAction::Errno(libc::ENOSYS as u32),
         profile.arch,
     )?;
-    Ok(SeccompFilter { allow_list: allow_list.try_into()?, enosys_list: enosys_list.try_into()? })
+    Ok(SeccompFilter {
+        allow_list: allow_list.try_into()?,
+        enosys_list: enosys_list.try_into()?,
+        signal_guard: signal_guard_program(),
+    })
 }
 
 /// One argument condition; `Dword` compares the low 32 bits only, which is what the kernel reads

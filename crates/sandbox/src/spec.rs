@@ -88,6 +88,8 @@ pub enum ToInit {
 /// Messages from init to the shim.
 #[derive(Debug, Serialize, Deserialize)]
 pub enum FromInit {
+    /// Set up; the packet carries the signal guard's seccomp listener, for the shim to serve
+    /// ([`crate::signal_guard::serve`]): until it does, signals sent inside by pid wait.
     Ready,
     SetupFailed {
         message: String,

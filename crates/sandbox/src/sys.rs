@@ -111,9 +111,10 @@ pub fn dup_to(fd: BorrowedFd<'_>, target: RawFd, cloexec: bool) -> io::Result<()
     Ok(())
 }
 
-/// `seccomp(SECCOMP_SET_MODE_FILTER, 0, program)`: installs a classic-BPF filter on the calling
-/// thread. Allocates nothing (callable in a child forked from a multi-threaded process).
-pub(crate) fn seccomp_set_mode_filter(program: &[seccompiler::sock_filter]) -> io::Result<()> {
+/// `seccomp(SECCOMP_SET_MODE_FILTER, flags, program)`: installs a classic-BPF filter on the calling
+/// thread; answers what the kernel answers (a listener fd with `SECCOMP_FILTER_FLAG_NEW_LISTENER`, else 0).
+/// Allocates nothing (callable in a child forked from a multi-threaded process).
+pub(crate) fn seccomp_set_mode_filter(program: &[seccompiler::sock_filter], flags: libc::c_uint) -> io::Result<i32> {
     let len = u16::try_from(program.len()).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
     let fprog = libc::sock_fprog {
         len,
@@ -124,13 +125,51 @@ pub(crate) fn seccomp_set_mode_filter(program: &[seccompiler::sock_filter]) -> i
     // `seccompiler::sock_filter` and `libc::sock_filter` are both `#[repr(C)]`
     // `{ u16 code; u8 jt; u8 jf; u32 k }`, the kernel's `struct sock_filter`.
     let rc = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            0 as libc::c_uint,
-            &fprog as *const libc::sock_fprog,
-        )
+        libc::syscall(libc::SYS_seccomp, libc::SECCOMP_SET_MODE_FILTER, flags, &fprog as *const libc::sock_fprog)
     };
+    if rc >= 0 {
+        Ok(rc as i32)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// `pidfd_send_signal(pidfd, signal, NULL, 0)` for any signal number (real-time ones included).
+pub fn pidfd_send_raw_signal(pidfd: BorrowedFd<'_>, signal: i32) -> io::Result<()> {
+    // SAFETY: no pointer is passed (info is NULL); the kernel checks the signal number.
+    let rc =
+        unsafe { libc::syscall(libc::SYS_pidfd_send_signal, pidfd.as_raw_fd(), signal, std::ptr::null::<u8>(), 0) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Waits for the next seccomp user notification on `listener` (`SECCOMP_IOCTL_NOTIF_RECV`).
+pub fn seccomp_notif_recv(listener: BorrowedFd<'_>) -> io::Result<libc::seccomp_notif> {
+    // SAFETY: an all-zero seccomp_notif is valid (plain integers), and the kernel requires it zeroed.
+    let mut notif: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: the ioctl writes one `seccomp_notif` into `notif`, which is that size.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_RECV as _, &mut notif) };
+    if rc == 0 {
+        Ok(notif)
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
+/// Answers notification `id`: with `Ok(value)` the system call returns `value`, with `Err(errno)` it fails
+/// with it, and with `None` the kernel carries the call out itself (`SECCOMP_USER_NOTIF_FLAG_CONTINUE`).
+pub fn seccomp_notif_send(listener: BorrowedFd<'_>, id: u64, answer: Option<Result<i64, i32>>) -> io::Result<()> {
+    let (val, error, flags) = match answer {
+        None => (0, 0, libc::SECCOMP_USER_NOTIF_FLAG_CONTINUE as u32),
+        Some(Ok(val)) => (val, 0, 0),
+        Some(Err(errno)) => (0, -errno, 0),
+    };
+    let mut resp = libc::seccomp_notif_resp { id, val, error, flags };
+    // SAFETY: the ioctl reads one `seccomp_notif_resp`, which `resp` is.
+    let rc = unsafe { libc::ioctl(listener.as_raw_fd(), libc::SECCOMP_IOCTL_NOTIF_SEND as _, &mut resp) };
     if rc == 0 {
         Ok(())
     } else {

@@ -357,11 +357,17 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
             rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
         )
         .context("clone the DeltaFS mount for init")?;
-        container.boot(detached).context("set up the sandbox")?;
-        Ok((container, fs))
+        let guard = container.boot(detached).context("set up the sandbox")?;
+        Ok((container, fs, guard))
     });
     let cgroup = Arc::new(cgroup);
-    let started = started.and_then(|(container, fs)| {
+    let started = started.and_then(|(container, fs, guard)| {
+        // From here on the sandbox's signals by pid wait for this thread (docs/security.md).
+        let guarded = cgroup.clone();
+        std::thread::Builder::new()
+            .name("signal-guard".into())
+            .spawn(move || sandbox::signal_guard::serve(guard, guarded))
+            .context("start the signal guard")?;
         let images = deltacr::image::ImageStore::new(&cfg.images).context("open the process image store")?;
         let parts = cr::Parts { init: container.init_pid, cgroup: cgroup.clone(), fs: Arc::new(fs), images };
         let cr = Cr::spawn(parts).context("start the checkpoint thread")?;

@@ -382,3 +382,86 @@ def test_a_deep_directory_tree_does_not_crash_the_daemon(client, debian):
     assert e.value.code == "too_deep"
     client.health()
     assert debian.exec(["rm", "-rf", "/deep"]).exit_code == 0
+
+
+def test_a_process_running_a_deleted_executable_is_refused_at_checkpoint(client):
+    """A binary rebuilt or upgraded while it runs: the checkpoint was reported whole, then could not be restored
+    from its image (fork failed). Now it is refused up front, naming the process and the file."""
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", "cp /bin/sleep /tmp/rebuilt && (/tmp/rebuilt 1000 >/dev/null 2>&1 &) && sleep 0.2 "
+                             "&& rm /tmp/rebuilt"]).check()
+        with pytest.raises(deltabox.CheckpointUnsupported) as e:
+            sb.checkpoint()
+        assert "/tmp/rebuilt" in e.value.message and "deleted" in e.value.message
+        sb.exec(["pkill", "rebuilt"])
+        sb.checkpoint()
+
+
+# Maps a 3-page file privately, deletes it, and on each /tmp/go writes the mapping's checksum to /tmp/out.
+DELETED_MAPPING = r"""
+import ctypes, hashlib, os, time
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+data = os.urandom(3 * 4096 + 100)
+with open("/tmp/lib.so", "wb") as f:
+    f.write(data)
+fd = os.open("/tmp/lib.so", os.O_RDONLY)
+addr = libc.mmap(None, len(data), 1, 2, fd, 0)  # PROT_READ, MAP_PRIVATE (the mmap module keeps the fd)
+os.close(fd)
+os.unlink("/tmp/lib.so")
+with open("/tmp/expected", "w") as f:
+    f.write(hashlib.sha256(data).hexdigest())
+size = len(data)
+del data
+while True:
+    if os.path.exists("/tmp/go"):
+        os.unlink("/tmp/go")
+        with open("/tmp/out", "w") as f:
+            f.write(hashlib.sha256(ctypes.string_at(addr, size)).hexdigest())
+    time.sleep(0.01)
+"""
+
+
+def test_a_private_mapping_of_a_deleted_file_is_restored_from_the_image(client):
+    """A library upgraded while a program runs leaves a mapping of a deleted file: its pages (also those never
+    read) are kept with the image, so a fork (restored from the image) reads the same bytes."""
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", f"python3 -c '{DELETED_MAPPING}' >/tmp/log 2>&1 &"])
+        deadline = time.monotonic() + 30
+        while sb.exec(["test", "-s", "/tmp/expected"]).exit_code != 0:
+            assert time.monotonic() < deadline, sb.exec(["cat", "/tmp/log"]).stdout
+            time.sleep(0.1)
+        expected = sb.exec(["cat", "/tmp/expected"]).stdout
+        ckpt = sb.checkpoint()
+        [child] = ckpt.fork()
+        try:
+            child.exec(["touch", "/tmp/go"]).check()
+            deadline = time.monotonic() + 30
+            while child.exec(["test", "-s", "/tmp/out"]).exit_code != 0:
+                assert time.monotonic() < deadline, child.exec(["cat", "/tmp/log"]).stdout
+                time.sleep(0.1)
+            assert child.exec(["cat", "/tmp/out"]).stdout == expected
+        finally:
+            child.delete()
+
+
+def test_a_daemon_started_from_a_session_is_checkpointed(client):
+    """`(setsid cmd &)` in a session (how `service x start` daemonises) leaves a process outside the shell's
+    subtree holding the session's FIFOs: every full checkpoint failed with 500. Now each subtree reopens the
+    FIFOs, and rollback and fork bring back both the shell and the daemon, whose output still reaches the
+    session."""
+    with new_sandbox(client, "debian") as sb:
+        s = sb.session("main")
+        s.run("X=kept; (setsid sh -c 'while :; do echo tick; sleep 0.2; done' &)")
+        ckpt = sb.checkpoint()
+        s.run("X=changed; pkill -f tick")
+        sb.rollback(ckpt)
+        out = s.run("echo $X; sleep 0.5").stdout.splitlines()
+        assert "kept" in out and "tick" in out
+        [child] = ckpt.fork()
+        try:
+            out = child.session("main", create=False).run("echo $X; sleep 0.5").stdout.splitlines()
+            assert "kept" in out and "tick" in out
+        finally:
+            child.delete()

@@ -163,12 +163,12 @@ def confinement(output):
 
 
 ROOT_CONFINED = {"CapInh": "0" * 16, "CapPrm": DEFAULT_CAPS, "CapEff": DEFAULT_CAPS, "CapBnd": DEFAULT_CAPS,
-                 "CapAmb": "0" * 16, "NoNewPrivs": "0", "Seccomp": "2", "Seccomp_filters": "2"}
+                 "CapAmb": "0" * 16, "NoNewPrivs": "0", "Seccomp": "2", "Seccomp_filters": "3"}
 
 
 def test_every_way_in_runs_with_the_filter_and_the_default_capabilities(debian):
-    """exec (as root and as another user) and sessions all start processes under both seccomp filters and
-    within Docker's default capability set; a non-root user has no capabilities at all."""
+    """exec (as root and as another user) and sessions all start processes under the three seccomp filters
+    (allow-list, ENOSYS list, signal guard) and within Docker's default capability set; a non-root user has no capabilities at all."""
     assert confinement(debian.exec(["sh", "-c", CONFINEMENT]).check().stdout) == ROOT_CONFINED
     with debian.session("confinement") as shell:
         assert confinement(shell.run(CONFINEMENT).check().stdout) == ROOT_CONFINED
@@ -188,7 +188,7 @@ def test_processes_restored_by_rollback_and_fork_stay_confined(client, daemon):
         assert "restored" in sb.rollback(ck).sessions_restored
         # $$ is the restored bash itself, not a new child of it.
         status = "grep -E '^(CapBnd|CapEff|Seccomp|Seccomp_filters):' /proc/$$/status /proc/$!/status"
-        expected = {"CapBnd": DEFAULT_CAPS, "CapEff": DEFAULT_CAPS, "Seccomp": "2", "Seccomp_filters": "2"}
+        expected = {"CapBnd": DEFAULT_CAPS, "CapEff": DEFAULT_CAPS, "Seccomp": "2", "Seccomp_filters": "3"}
 
         def per_process(output):
             found = {}

@@ -432,6 +432,18 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
         auxv: procfs::auxv(pid).map_err(prerr)?,
         exe: procfs::link(pid, "exe").map_err(prerr)?,
     };
+    // A restore from the image starts from an exec of the executable: one deleted (or replaced) since the
+    // process started cannot be found again.
+    if let Some(path) = mm.exe.strip_suffix(" (deleted)") {
+        return Err(CaptureError::Unsupported {
+            pid: ns_pid,
+            comm: stat.comm.clone(),
+            reason: format!(
+                "its executable {path} was deleted or replaced since it started (e.g. rebuilt or upgraded): \
+                 it could not be restored from the checkpoint's image; restart it"
+            ),
+        });
+    }
     let vmas: Vec<crate::state::Vma> = procfs::smaps(pid).map_err(prerr)?.iter().filter_map(vma_of).collect();
     // Shared memory objects are shared with the live processes by the template too, so their
     // checkpoint-time contents are not kept anywhere: refuse rather than restore them wrongly.
@@ -472,6 +484,11 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
     let (backing, dumped) = match m.name.as_str() {
         "[vsyscall]" => return None,
         "[vdso]" | "[vvar]" | "[vvar_vclock]" => (VmaBacking::Special { name: m.name.clone() }, false),
+        // A private mapping of a file deleted since (a library upgraded while it runs): the file cannot be
+        // mapped again, so every page is saved, and it comes back as anonymous memory with that content.
+        n if n.starts_with('/') && m.inode != 0 && !m.shared && n.ends_with(" (deleted)") => {
+            (VmaBacking::DeletedFile { path: n.trim_end_matches(" (deleted)").to_string() }, true)
+        }
         n if n.starts_with('/') && m.inode != 0 => {
             // Shared memory objects (shared anonymous, SysV shm, memfd, deleted files) keep their
             // contents in the kernel, not in a file of the sandbox: they are saved like anonymous

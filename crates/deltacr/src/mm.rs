@@ -103,6 +103,8 @@ pub fn page_is_saved(vma: &Vma, entry: u64) -> bool {
     match vma.backing {
         // Private file mappings: only the pages that were written (now anonymous copies).
         VmaBacking::File { .. } if !vma.shared => in_memory && entry & PM_FILE == 0,
+        // Its file cannot be mapped again: every page, read through the mapping.
+        VmaBacking::DeletedFile { .. } => true,
         _ => in_memory,
     }
 }
@@ -294,7 +296,7 @@ fn map_all(
         }
         let (fd, offset) = match &v.backing {
             VmaBacking::Special { .. } => continue,
-            VmaBacking::Anonymous => {
+            VmaBacking::Anonymous | VmaBacking::DeletedFile { .. } => {
                 flags |= libc::MAP_ANONYMOUS as u64;
                 (u64::MAX, 0)
             }

@@ -144,17 +144,36 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         }
     }
     for (unit, pids) in users {
-        let mut common: Option<Vec<i32>> = None;
-        for pid in &pids {
-            let chain = ancestors(*pid);
-            common = Some(match common {
-                None => chain,
-                Some(c) => c.into_iter().filter(|a| chain.contains(a)).collect(),
-            });
-        }
-        let lca =
-            common.and_then(|c| c.into_iter().find(|a| live.contains_key(a) || out.session_helpers.contains_key(a)));
-        let Some(lca) = lca else {
+        let lca_of = |pids: &[i32]| -> Option<i32> {
+            let mut common: Option<Vec<i32>> = None;
+            for pid in pids {
+                let chain = ancestors(*pid);
+                common = Some(match common {
+                    None => chain,
+                    Some(c) => c.into_iter().filter(|a| chain.contains(a)).collect(),
+                });
+            }
+            common.and_then(|c| c.into_iter().find(|a| live.contains_key(a) || out.session_helpers.contains_key(a)))
+        };
+        let creators = match lca_of(&pids) {
+            Some(lca) => vec![lca],
+            // A FIFO is a meeting point by name: processes in separate subtrees of init (e.g. a daemon
+            // started with `setsid cmd &` from a shell session, which keeps the session's FIFOs) each
+            // reopen it, one description per subtree.
+            None if matches!(tree.files[unit as usize].kind, FileKind::Fifo { .. }) => {
+                let mut subtrees: BTreeMap<i32, Vec<i32>> = BTreeMap::new();
+                for &pid in &pids {
+                    let top = ancestors(pid)
+                        .into_iter()
+                        .rev()
+                        .find(|a| live.contains_key(a) || out.session_helpers.contains_key(a));
+                    subtrees.entry(top.unwrap_or(pid)).or_default().push(pid);
+                }
+                subtrees.values().map(|members| lca_of(members)).collect::<Option<Vec<i32>>>().unwrap_or_default()
+            }
+            None => vec![],
+        };
+        if creators.is_empty() {
             let p = live[&pids[0]];
             return Err(PlanError {
                 pid: p.pid,
@@ -163,15 +182,17 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
                     "an open file is shared with processes {pids:?} outside its subtree (not supported yet)"
                 ),
             });
-        };
-        let create = out.create.entry(lca).or_default();
-        create.push(unit);
-        // The other end of a pipe or socket pair is created with it.
-        if let Some(key) = pair_key(&tree.files[unit as usize].kind) {
-            let (r, w) = out.fds.pairs[&key];
-            for end in [r, w].into_iter().flatten() {
-                if end != unit {
-                    create.push(end);
+        }
+        for lca in creators {
+            let create = out.create.entry(lca).or_default();
+            create.push(unit);
+            // The other end of a pipe or socket pair is created with it.
+            if let Some(key) = pair_key(&tree.files[unit as usize].kind) {
+                let (r, w) = out.fds.pairs[&key];
+                for end in [r, w].into_iter().flatten() {
+                    if end != unit {
+                        create.push(end);
+                    }
                 }
             }
         }

@@ -160,6 +160,9 @@ pub enum VmaBacking {
     File { path: String, offset: u64, dev: u64, inode: u64 },
     /// The vdso or one of the vvar pages (named as in /proc/PID/maps).
     Special { name: String },
+    /// A private mapping of a file that was deleted since it was mapped (`path` is where it was): all its
+    /// pages are saved, and it is restored as anonymous memory holding them.
+    DeletedFile { path: String },
 }
 
 /// One mapping of the address space.
@@ -174,8 +177,9 @@ pub struct Vma {
     /// smaps VmFlags kept for restore: `gd` (grows down), `dc` (dontfork), `wf` (wipeonfork), `lo`
     /// (mlocked), `hg`/`nh` (hugepage advice), `dd` (dontdump).
     pub vm_flags: Vec<String>,
-    /// True when the pages of this mapping are saved (anonymous memory, and the privately modified
-    /// pages of private file mappings). Shared file mappings and special mappings are not saved.
+    /// True when the pages of this mapping are saved (anonymous memory, the privately modified pages of
+    /// private file mappings, every page of a deleted file's private mapping). Shared file mappings and
+    /// special mappings are not saved.
     pub dumped: bool,
 }
 

@@ -216,8 +216,23 @@ fn ensure_sticky_dir(dir: &Path) -> Result<(), SetupError> {
 
 /// A minimal /dev: a tmpfs with the host's harmless character devices bind-mounted in (a user
 /// namespace cannot mknod), a private devpts instance, and /dev/shm.
+///
+/// /dev/shm is the root filesystem's own `/dev/shm` directory, bound over the tmpfs: POSIX shared memory
+/// and semaphores are part of the sandbox's state, so checkpoints, rollbacks and forks carry them (a
+/// tmpfs would keep one branch's objects in the next).
 fn setup_dev(dev: &Path) -> Result<(), SetupError> {
     let nosuid = MsFlags::MS_NOSUID;
+    let shm = dev.join("shm");
+    std::fs::create_dir_all(&shm).map_err(step("mkdir /dev/shm"))?;
+    // Every user may create shared memory objects, as in a tmpfs /dev/shm (images ship it 0755).
+    std::fs::set_permissions(&shm, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
+        .map_err(step("chmod /dev/shm"))?;
+    let own_shm = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        &shm,
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(step("take the root filesystem's /dev/shm"))?;
     mount_fs("tmpfs", dev, "tmpfs", nosuid | MsFlags::MS_NOEXEC, "mode=755,size=65536k")?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
@@ -233,7 +248,26 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
         nosuid | MsFlags::MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620,gid=5",
     )?;
-    mount_fs("shm", &dev.join("shm"), "tmpfs", nosuid | MsFlags::MS_NODEV, "mode=1777,size=65536k")?;
+    std::fs::create_dir(&shm).map_err(step("mkdir /dev/shm"))?;
+    let target =
+        rustix::fs::open(&shm, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY, rustix::fs::Mode::empty())
+            .map_err(step("open /dev/shm"))?;
+    move_mount(
+        &own_shm,
+        "",
+        &target,
+        "",
+        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
+    )
+    .map_err(step("attach /dev/shm"))?;
+    mount(
+        None::<&str>,
+        &shm,
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | nosuid | MsFlags::MS_NODEV,
+        None::<&str>,
+    )
+    .map_err(step("remount /dev/shm nosuid,nodev"))?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),

@@ -48,3 +48,47 @@ def test_cp_out_of_the_sandbox(client, cli, tmp_path):
         assert "onto non-directory" in failed.stderr
         missing = cli("cp", f"{sb.id}:/work/nope", str(tmp_path / "x"), ok=False)
         assert "no such file" in missing.stderr
+
+
+def test_cp_out_keeps_holes(client, cli, tmp_path):
+    """A sparse file (an agent can plant 100 GB of holes under a small disk limit) travels as its data regions
+    and is written sparse: it once came out dense, through the client's memory."""
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", "mkdir /work && printf head > /work/big && truncate -s 100G /work/big "
+                             "&& printf tail >> /work/big && printf plain > /work/small"]).check()
+        cli("cp", f"{sb.id}:/work", str(tmp_path / "out"))
+        big = tmp_path / "out" / "big"
+        assert big.stat().st_size == 100 * 2**30 + 4
+        assert big.stat().st_blocks * 512 < 1 << 20, "the holes were written as data"
+        with open(big, "rb") as f:
+            assert f.read(4) == b"head"
+            f.seek(100 * 2**30)
+            assert f.read() == b"tail"
+        assert (tmp_path / "out" / "small").read_text() == "plain"
+        # The SDK reads the same archive (Python's tarfile knows GNU sparse entries).
+        local = sb.files.download("/work/big", tmp_path / "sdk")
+        assert os.stat(local).st_size == 100 * 2**30 + 4
+
+
+def test_cp_out_stops_at_max_size(client, cli, tmp_path):
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", "mkdir /work && for f in a b c; do head -c 1048576 /dev/urandom > /work/$f; done"]).check()
+        failed = cli("cp", "--max-size", "2500K", f"{sb.id}:/work", str(tmp_path / "out"), ok=False)
+        assert "--max-size" in failed.stderr
+        assert sum(f.stat().st_size for f in (tmp_path / "out").iterdir()) <= 2500 * 1024
+        cli("cp", "--max-size", "4M", f"{sb.id}:/work", str(tmp_path / "all"))
+        assert len(list((tmp_path / "all").iterdir())) == 3
+
+
+def test_cp_out_links_pointing_out(client, cli, tmp_path):
+    """A sandbox's symlink to an absolute path comes out as that link (as with `docker cp`: on this machine it
+    names this machine's file); --no-outside-links refuses it."""
+    with new_sandbox(client, "busybox") as sb:
+        sb.exec(["sh", "-c", "mkdir /work && ln -s /etc/passwd /work/pw && ln -s sub/x /work/in"]).check()
+        cli("cp", f"{sb.id}:/work", str(tmp_path / "plain"))
+        assert os.readlink(tmp_path / "plain" / "pw") == "/etc/passwd"
+        failed = cli("cp", "--no-outside-links", f"{sb.id}:/work", str(tmp_path / "safe"), ok=False)
+        assert "points outside" in failed.stderr
+        sb.exec(["rm", "/work/pw"]).check()
+        cli("cp", "--no-outside-links", f"{sb.id}:/work", str(tmp_path / "safe2"))
+        assert os.readlink(tmp_path / "safe2" / "in") == "sub/x"

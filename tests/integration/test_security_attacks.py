@@ -465,3 +465,23 @@ def test_a_daemon_started_from_a_session_is_checkpointed(client):
             assert "kept" in out and "tick" in out
         finally:
             child.delete()
+
+
+def test_dev_shm_is_part_of_the_checkpoint(client):
+    """/dev/shm was a tmpfs outside checkpoints: what one branch of a tree search left there was seen by the
+    next. It is now the sandbox's own filesystem: rolled back and forked with the files."""
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", "echo checkpointed > /dev/shm/state"]).check()
+        ckpt = sb.checkpoint()
+        sb.exec(["sh", "-c", "echo branch > /dev/shm/state; echo leaked > /dev/shm/note"]).check()
+        sb.rollback(ckpt)
+        assert sb.exec(["cat", "/dev/shm/state"]).stdout == "checkpointed\n"
+        assert sb.exec(["test", "-e", "/dev/shm/note"]).exit_code == 1
+        [child] = ckpt.fork()
+        try:
+            assert child.exec(["cat", "/dev/shm/state"]).stdout == "checkpointed\n"
+            # Any user may still create shared memory objects there.
+            made = child.exec(["python3", "-c", "import multiprocessing as m; m.Lock(); print('ok')"], user="1000")
+            assert made.stdout == "ok\n", made.stderr
+        finally:
+            child.delete()

@@ -110,10 +110,12 @@ impl Client {
         Ok(serde_json::from_slice(&body)?)
     }
 
-    /// GETs raw bytes.
-    pub async fn get_bytes(&self, path: &str) -> anyhow::Result<Bytes> {
+    /// GETs the answer's body, to be read as it arrives.
+    pub async fn get_reader(&self, path: &str) -> anyhow::Result<impl tokio::io::AsyncRead + Send + Unpin + 'static> {
+        use futures_util::TryStreamExt;
         let resp = self.send(Method::GET, path, "application/json", Bytes::new()).await?;
-        Ok(resp.into_body().collect().await?.to_bytes())
+        let body = resp.into_body().into_data_stream().map_err(std::io::Error::other);
+        Ok(tokio_util::io::StreamReader::new(body))
     }
 
     /// Opens the websocket at `path`.

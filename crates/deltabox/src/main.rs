@@ -103,7 +103,18 @@ enum Command {
     Shell { id: String },
     /// Copy files between the local machine and a sandbox (`ID:/path` names the sandbox side), as `cp -r`:
     /// into DST when it is a directory, else to the path DST.
-    Cp { src: String, dst: String },
+    Cp {
+        src: String,
+        dst: String,
+        /// From a sandbox: stop with an error before a file would bring the bytes written past this size
+        /// (e.g. 2G; holes do not count). Files written until then stay.
+        #[arg(long, value_parser = api::parse_size)]
+        max_size: Option<u64>,
+        /// From a sandbox: refuse symlinks that are absolute or point outside the destination (by default
+        /// they are created as they are, as `docker cp` does: such a link names a file of this machine).
+        #[arg(long)]
+        no_outside_links: bool,
+    },
     /// Read, write and inspect files in a sandbox.
     #[command(subcommand)]
     Files(cli::files::FilesCommand),
@@ -237,7 +248,10 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
         }
         Command::Session(SessionCommand::Ls { id }) => cli::session_ls(&client, &id).await.map(|()| 0),
         Command::Session(SessionCommand::Rm { id, name }) => cli::session_rm(&client, &id, &name).await.map(|()| 0),
-        Command::Cp { src, dst } => cli::files::cp(&client, &src, &dst).await.map(|()| 0),
+        Command::Cp { src, dst, max_size, no_outside_links } => {
+            let limits = cli::files::DownloadLimits { max_size, no_outside_links };
+            cli::files::cp(&client, &src, &dst, limits).await.map(|()| 0)
+        }
         Command::Files(command) => cli::files::run(&client, command).await.map(|()| 0),
         Command::Demo(args) => cli::demo(&client, args).await.map(|()| 0),
         Command::Shim => unreachable!("handled before the runtime starts"),

@@ -1,6 +1,6 @@
 //! `deltabox cp` and `deltabox files ...`.
 
-use std::io::{Read, Write};
+use std::io::Read;
 use std::path::Path;
 
 use anyhow::Context;
@@ -62,8 +62,10 @@ struct Entry {
 pub async fn run(client: &Client, command: FilesCommand) -> anyhow::Result<()> {
     match command {
         FilesCommand::Cat { id, path } => {
-            let data = client.get_bytes(&format!("/v1/sandboxes/{id}/files?path={}", q(&path))).await?;
-            std::io::stdout().write_all(&data)?;
+            let mut data = client.get_reader(&format!("/v1/sandboxes/{id}/files?path={}", q(&path))).await?;
+            let mut out = tokio::io::stdout();
+            tokio::io::copy(&mut data, &mut out).await.context("write the file to stdout")?;
+            tokio::io::AsyncWriteExt::flush(&mut out).await?;
         }
         FilesCommand::Write { id, path, mode } => {
             let mut data = Vec::new();
@@ -108,10 +110,10 @@ fn remote(spec: &str) -> Option<(&str, &str)> {
 /// `deltabox cp SRC DST`, one side `ID:/path`, as `cp -r`: into DST when it is an existing directory
 /// (under SRC's name), else to the path DST (a file replaces a file; a directory's contents go into a
 /// new directory DST). Missing parents of DST are created in the sandbox, not locally.
-pub async fn cp(client: &Client, src: &str, dst: &str) -> anyhow::Result<()> {
+pub async fn cp(client: &Client, src: &str, dst: &str, limits: DownloadLimits) -> anyhow::Result<()> {
     match (remote(src), remote(dst)) {
         (None, Some((id, dst))) => upload(client, Path::new(src), id, dst).await,
-        (Some((id, src)), None) => download(client, id, src, Path::new(dst)).await,
+        (Some((id, src)), None) => download(client, id, src, Path::new(dst), limits).await,
         _ => anyhow::bail!("exactly one of SRC and DST must be a sandbox path, written ID:/path"),
     }
 }
@@ -153,7 +155,16 @@ async fn upload(client: &Client, local: &Path, id: &str, dst: &str) -> anyhow::R
     Ok(())
 }
 
-async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> anyhow::Result<()> {
+/// What a copy out of a sandbox may write on this machine.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct DownloadLimits {
+    /// Most bytes of file data written (holes do not count).
+    pub max_size: Option<u64>,
+    /// Refuse symlinks that are absolute or climb out of the destination.
+    pub no_outside_links: bool,
+}
+
+async fn download(client: &Client, id: &str, src: &str, dst: &Path, limits: DownloadLimits) -> anyhow::Result<()> {
     let stat = remote_stat(client, id, src).await?.with_context(|| format!("{src}: no such file or directory"))?;
     let is_dir = stat["kind"].as_str() == Some("dir");
     let name = stat["name"].as_str().filter(|n| *n != "/");
@@ -162,21 +173,94 @@ async fn download(client: &Client, id: &str, src: &str, dst: &Path) -> anyhow::R
         anyhow::bail!("cannot copy directory {src} onto non-directory {}", dst.display());
     }
     // A directory's archive holds its contents, a file's archive the file by name.
-    let archive = client.get_bytes(&format!("/v1/sandboxes/{id}/files/tar?path={}", q(src))).await?;
-    let mut archive = tar::Archive::new(&archive[..]);
-    if is_dir {
-        let target = match name {
-            Some(name) if into_existing_dir => dst.join(name),
-            _ => dst.to_path_buf(),
-        };
-        std::fs::create_dir_all(&target).with_context(|| format!("create {}", target.display()))?;
-        return archive.unpack(&target).with_context(|| format!("unpack into {}", target.display()));
+    let target = match (is_dir, name) {
+        (true, Some(name)) if into_existing_dir => Target::Into(dst.join(name)),
+        (true, _) => Target::Into(dst.to_path_buf()),
+        (false, _) if into_existing_dir => Target::Into(dst.to_path_buf()),
+        (false, _) => Target::File(dst.to_path_buf()),
+    };
+    // The archive streams into the files as it arrives (bounded memory; sparse entries stay sparse).
+    let archive = tokio_util::io::SyncIoBridge::new(
+        client.get_reader(&format!("/v1/sandboxes/{id}/files/tar?path={}", q(src))).await?,
+    );
+    tokio::task::spawn_blocking(move || unpack(archive, &target, limits)).await.context("the unpacking thread")?
+}
+
+/// Where a downloaded archive goes: into a directory, or (a single file) to a path.
+enum Target {
+    Into(std::path::PathBuf),
+    File(std::path::PathBuf),
+}
+
+fn unpack(archive: impl std::io::Read, target: &Target, limits: DownloadLimits) -> anyhow::Result<()> {
+    let mut archive = tar::Archive::new(archive);
+    let mut written = 0u64;
+    let mut admit = |entry: &tar::Entry<'_, _>, dest: &Path| -> anyhow::Result<()> {
+        let name = entry.path()?.into_owned();
+        written += entry.header().entry_size()?;
+        if let Some(max) = limits.max_size.filter(|max| written > *max) {
+            anyhow::bail!("{}: copying it would write more than --max-size ({max} bytes); stopped", name.display());
+        }
+        if limits.no_outside_links && entry.header().entry_type() == tar::EntryType::Symlink {
+            let link = entry.link_name()?.unwrap_or_default().into_owned();
+            if !stays_inside(&name, &link) {
+                anyhow::bail!(
+                    "{}: symlink to {} points outside {} (--no-outside-links)",
+                    name.display(),
+                    link.display(),
+                    dest.display()
+                );
+            }
+        }
+        Ok(())
+    };
+    match target {
+        Target::File(path) => {
+            let mut entries = archive.entries()?;
+            let mut entry = entries.next().context("the sandbox sent an empty archive")??;
+            admit(&entry, path.parent().unwrap_or(Path::new(".")))?;
+            entry.unpack(path).with_context(|| format!("write {}", path.display()))?;
+        }
+        Target::Into(dir) => {
+            std::fs::create_dir_all(dir).with_context(|| format!("create {}", dir.display()))?;
+            // Directories last, deepest first (as tar's own unpack): a read-only one must not stop its contents.
+            let mut directories = Vec::new();
+            for entry in archive.entries()? {
+                let mut entry = entry?;
+                admit(&entry, dir)?;
+                if entry.header().entry_type() == tar::EntryType::Directory {
+                    directories.push(entry);
+                } else {
+                    entry.unpack_in(dir).with_context(|| format!("unpack into {}", dir.display()))?;
+                }
+            }
+            directories.sort_by(|a, b| b.path_bytes().cmp(&a.path_bytes()));
+            for mut entry in directories {
+                entry.unpack_in(dir).with_context(|| format!("unpack into {}", dir.display()))?;
+            }
+        }
     }
-    if into_existing_dir {
-        return archive.unpack(dst).with_context(|| format!("unpack into {}", dst.display()));
-    }
-    let mut entries = archive.entries()?;
-    let mut entry = entries.next().context("the sandbox sent an empty archive")??;
-    entry.unpack(dst).with_context(|| format!("write {}", dst.display()))?;
     Ok(())
+}
+
+/// Whether symlink `name` (relative to the destination) with target `link` resolves inside the destination,
+/// lexically.
+fn stays_inside(name: &Path, link: &Path) -> bool {
+    use std::path::Component;
+    if link.is_absolute() {
+        return false;
+    }
+    let mut depth: i64 =
+        name.parent().map_or(0, |p| p.components().filter(|c| matches!(c, Component::Normal(_))).count() as i64);
+    for c in link.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            _ => {}
+        }
+        if depth < 0 {
+            return false;
+        }
+    }
+    true
 }

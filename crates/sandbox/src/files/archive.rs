@@ -391,6 +391,96 @@ impl<R: Read> Read for Counted<R> {
     }
 }
 
+/// The data regions `(offset, length)` of a file of `size` bytes, from `SEEK_DATA`/`SEEK_HOLE`; a file
+/// without holes is one region. A file ending in a hole gets an empty last region at `size` (how a GNU
+/// sparse entry states its full size). Leaves the file's offset at 0.
+fn data_regions(file: BorrowedFd<'_>, size: u64) -> Result<Vec<(u64, u64)>, Errno> {
+    let mut regions = Vec::new();
+    let mut at = 0;
+    while at < size {
+        let start = match rfs::seek(file, rfs::SeekFrom::Data(at)) {
+            Ok(start) => start.min(size),
+            Err(Errno::NXIO) => size,
+            Err(e) => return Err(e),
+        };
+        if start >= size {
+            break;
+        }
+        let end = rfs::seek(file, rfs::SeekFrom::Hole(start))?.min(size);
+        regions.push((start, end - start));
+        at = end;
+    }
+    if regions.last().is_none_or(|(start, len)| start + len < size) {
+        regions.push((size, 0));
+    }
+    rfs::seek(file, rfs::SeekFrom::Start(0))?;
+    Ok(regions)
+}
+
+/// Makes `header` a GNU sparse entry for `regions` of a file of `size` bytes (`data_len` of them data);
+/// returns the extension blocks that follow the header for regions past the four it holds.
+fn sparse_header(header: &mut Header, regions: &[(u64, u64)], size: u64, data_len: u64) -> Vec<u8> {
+    header.set_entry_type(EntryType::GNUSparse);
+    header.set_size(data_len);
+    let gnu = header.as_gnu_mut().expect("archive headers are GNU headers");
+    gnu.set_real_size(size);
+    let (first, rest) = regions.split_at(regions.len().min(gnu.sparse.len()));
+    for (slot, (offset, len)) in gnu.sparse.iter_mut().zip(first) {
+        slot.set_offset(*offset);
+        slot.set_length(*len);
+    }
+    gnu.set_is_extended(!rest.is_empty());
+    let chunks: Vec<&[(u64, u64)]> = rest.chunks(tar::GnuExtSparseHeader::new().sparse.len()).collect();
+    let mut blocks = Vec::with_capacity(chunks.len() * 512);
+    for (i, chunk) in chunks.iter().enumerate() {
+        let mut ext = tar::GnuExtSparseHeader::new();
+        for (slot, (offset, len)) in ext.sparse.iter_mut().zip(*chunk) {
+            slot.set_offset(*offset);
+            slot.set_length(*len);
+        }
+        ext.set_is_extended(i + 1 < chunks.len());
+        blocks.extend_from_slice(ext.as_bytes());
+    }
+    blocks
+}
+
+/// Reads the data regions of a file one after the other; a region the file no longer fills (it shrank
+/// meanwhile) is padded with zeros, so the entry has the length its header states.
+struct RegionReader {
+    file: File,
+    regions: std::vec::IntoIter<(u64, u64)>,
+    /// Offset and bytes left of the region being read.
+    current: (u64, u64),
+}
+
+impl RegionReader {
+    fn new(file: File, regions: Vec<(u64, u64)>) -> RegionReader {
+        RegionReader { file, regions: regions.into_iter(), current: (0, 0) }
+    }
+}
+
+impl Read for RegionReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.current.1 == 0 {
+            match self.regions.next() {
+                Some(region) => self.current = region,
+                None => return Ok(0),
+            }
+        }
+        let (offset, left) = self.current;
+        let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
+        let n = match std::os::unix::fs::FileExt::read_at(&self.file, &mut buf[..want], offset)? {
+            0 => {
+                buf[..want].fill(0);
+                want
+            }
+            n => n,
+        };
+        self.current = (offset + n as u64, left - n as u64);
+        Ok(n)
+    }
+}
+
 pub(super) fn write(root: &SandboxRoot, path: SandboxPath, out: &mut dyn Write) -> Result<(), FilesError> {
     let fd = root.resolve(&path, OFlags::PATH).map_err(|e| fs_error("open", &path, e))?;
     let st = rfs::fstat(&fd).map_err(|e| fs_error("stat", &path, e))?;
@@ -505,10 +595,19 @@ impl TarWriter<'_, '_> {
             FileKind::File => {
                 let file = File::from(reopen(fd.as_fd(), OFlags::RDONLY).map_err(|e| fs_error("open", path, e))?);
                 let size = st.st_size as u64;
-                header.set_entry_type(EntryType::Regular);
-                header.set_size(size);
-                // Exactly `size` bytes even if the file changes meanwhile: a short file is padded.
-                let data = file.take(size).chain(io::repeat(0)).take(size);
+                let regions = data_regions(file.as_fd(), size).map_err(|e| fs_error("find the data of", path, e))?;
+                if regions.as_slice() == [(0, size)] || size == 0 {
+                    header.set_entry_type(EntryType::Regular);
+                    header.set_size(size);
+                    // Exactly `size` bytes even if the file changes meanwhile: a short file is padded.
+                    let data = file.take(size).chain(io::repeat(0)).take(size);
+                    return self.append(&mut header, &name, data, path);
+                }
+                // Holes stay holes: a GNU sparse entry carries the data regions only (a 100 GB file of
+                // holes is a few blocks, and the receiver writes it sparse).
+                let data_len = regions.iter().map(|(_, len)| len).sum();
+                let extensions = sparse_header(&mut header, &regions, size, data_len);
+                let data = Cursor::new(extensions).chain(RegionReader::new(file, regions));
                 self.append(&mut header, &name, data, path)
             }
             FileKind::Symlink => {

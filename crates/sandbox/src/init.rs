@@ -122,17 +122,15 @@ fn mount_fs(source: &str, target: &Path, fstype: &str, flags: MsFlags, data: &st
         .map_err(step(format!("mount {fstype} on {}", target.display())))
 }
 
+/// Attaches the detached mount `mount` on the directory `target` (both descriptors).
+fn attach(mount: &OwnedFd, target: &OwnedFd) -> rustix::io::Result<()> {
+    move_mount(mount, "", target, "", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH)
+}
+
 fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Result<(), SetupError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(step("make mounts private"))?;
-    move_mount(
-        &rootfs,
-        "",
-        &mountpoint,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(step("attach the root filesystem"))?;
+    attach(&rootfs, &mountpoint).map_err(step("attach the root filesystem"))?;
     // The mount's descriptor now names the attached root: work relative to it from here on.
     rustix::process::fchdir(&rootfs).map_err(step("enter the root filesystem"))?;
     let root = Path::new(".");
@@ -252,14 +250,7 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
     let target =
         rustix::fs::open(&shm, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY, rustix::fs::Mode::empty())
             .map_err(step("open /dev/shm"))?;
-    move_mount(
-        &own_shm,
-        "",
-        &target,
-        "",
-        MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH,
-    )
-    .map_err(step("attach /dev/shm"))?;
+    attach(&own_shm, &target).map_err(step("attach /dev/shm"))?;
     mount(
         None::<&str>,
         &shm,

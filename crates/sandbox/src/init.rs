@@ -57,7 +57,7 @@ pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
         // The shim gave up on us before we started.
         _ => std::process::exit(1),
     };
-    match setup(cfg, rootfs).and_then(|guard| Ok((guard, Init::new()?))) {
+    match setup(cfg, rootfs).and_then(|(guard, channels)| Ok((guard, Init::new(channels)?))) {
         Err(e) => {
             let _ = chan.send(&FromInit::SetupFailed { message: e.to_string() }, &[], &[]);
             std::process::exit(1)
@@ -73,8 +73,9 @@ pub fn run(cfg: &InitConfig, chan: Channel) -> ! {
     }
 }
 
-/// Sets the sandbox up around init; returns the signal guard's listener (see [`crate::signal_guard`]).
-fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<OwnedFd, SetupError> {
+/// Sets the sandbox up around init; returns the signal guard's listener (see [`crate::signal_guard`]) and
+/// init's views of /dev/.deltabox (see [`seal_channels`]).
+fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<(OwnedFd, Channels), SetupError> {
     // Our fsuid is still host root's, the owner of the data directory on the way to the mount point:
     // after become_root we could no longer walk there.
     let mountpoint = rustix::fs::open(
@@ -84,7 +85,7 @@ fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<OwnedFd, SetupError> {
     )
     .map_err(step("open the rootfs mount point"))?;
     become_root()?;
-    setup_mounts(cfg, rootfs, mountpoint)?;
+    let channels = setup_mounts(cfg, rootfs, mountpoint)?;
     rustix::system::sethostname(cfg.hostname.as_bytes()).map_err(step("sethostname"))?;
     if cfg.network == Network::None {
         let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)
@@ -104,7 +105,7 @@ fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<OwnedFd, SetupError> {
         .map_err(|e| SetupError { step: "install the seccomp filter".into(), source: std::io::Error::other(e) })?;
     crate::caps::restrict_to_default()
         .map_err(|e| SetupError { step: "restrict capabilities".into(), source: std::io::Error::other(e) })?;
-    Ok(guard)
+    Ok((guard, channels))
 }
 
 /// We were cloned by host root into a new user namespace, where host root is unmapped; switch to the
@@ -127,7 +128,8 @@ fn attach(mount: &OwnedFd, target: &OwnedFd) -> rustix::io::Result<()> {
     move_mount(mount, "", target, "", MoveMountFlags::MOVE_MOUNT_F_EMPTY_PATH | MoveMountFlags::MOVE_MOUNT_T_EMPTY_PATH)
 }
 
-fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Result<(), SetupError> {
+/// Mounts the sandbox's filesystems and enters its root; returns init's views of [`CHANNELS`].
+fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Result<Channels, SetupError> {
     mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
         .map_err(step("make mounts private"))?;
     attach(&rootfs, &mountpoint).map_err(step("attach the root filesystem"))?;
@@ -160,6 +162,7 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     }
     setup_dev(&root.join("dev"))?;
     setup_etc(cfg, root)?;
+    let writable = seal_channels(&root.join(CHANNELS.trim_start_matches('/')))?;
     // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
     // include it (agents keep work there).
     ensure_sticky_dir(&root.join("tmp"))?;
@@ -167,7 +170,42 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     rustix::process::pivot_root(".", ".").map_err(step("pivot_root"))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(step("detach the host's root"))?;
     rustix::process::chdir("/").map_err(step("chdir /"))?;
-    Ok(())
+    let flags = rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY | rustix::fs::OFlags::CLOEXEC;
+    let sealed = rustix::fs::open(CHANNELS, flags, rustix::fs::Mode::empty()).map_err(step("open /dev/.deltabox"))?;
+    Ok(Channels { sealed, writable })
+}
+
+/// Init's two views of [`CHANNELS`]: the sandbox's (read-only; processes find FIFOs there by path, and a
+/// FIFO opened through it is named by that path, which DeltaCR records), and a writable detached copy only
+/// init holds (to make FIFOs and their directories).
+struct Channels {
+    sealed: OwnedFd,
+    writable: OwnedFd,
+}
+
+/// Where init keeps what is the sandbox's but not part of its checkpoints: /etc/hostname and /etc/hosts
+/// (bound to /etc) and the shell sessions' FIFOs.
+pub const CHANNELS: &str = "/dev/.deltabox";
+
+/// Makes `dir` (/dev/.deltabox, with its `sessions` directory) read-only for every process of the sandbox,
+/// and returns a writable detached copy of it that only init holds. The sandbox can then neither store data
+/// there (it would survive rollbacks: /dev is not part of checkpoints) nor rename or replace the session
+/// FIFOs; opening a FIFO for writing needs no writable mount.
+fn seal_channels(dir: &Path) -> Result<OwnedFd, SetupError> {
+    let sessions = dir.join("sessions");
+    std::fs::create_dir_all(&sessions).map_err(step("mkdir /dev/.deltabox/sessions"))?;
+    std::fs::set_permissions(&sessions, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .map_err(step("chmod /dev/.deltabox/sessions"))?;
+    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(step("bind /dev/.deltabox"))?;
+    let own = rustix::mount::open_tree(
+        rustix::fs::CWD,
+        dir,
+        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
+    )
+    .map_err(step("clone /dev/.deltabox for init"))?;
+    let sealed = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
+    mount(None::<&str>, dir, None::<&str>, sealed, None::<&str>).map_err(step("remount /dev/.deltabox read-only"))?;
+    Ok(own)
 }
 
 /// Per-sandbox files the image's copies must not provide: /etc/hostname and /etc/hosts name this sandbox,
@@ -178,7 +216,7 @@ fn setup_etc(cfg: &InitConfig, root: &Path) -> Result<(), SetupError> {
     if !etc.is_dir() {
         return Ok(());
     }
-    let dir = root.join("dev/.deltabox");
+    let dir = root.join(CHANNELS.trim_start_matches('/'));
     std::fs::create_dir_all(&dir).map_err(step("mkdir /dev/.deltabox"))?;
     let hosts =
         format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", cfg.hostname);
@@ -282,6 +320,8 @@ struct Pending {
 
 struct Init {
     chan: Option<Channel>,
+    /// [`CHANNELS`] as the sandbox sees it (read-only), and init's own writable view of it.
+    channels: Channels,
     signals: SignalFd,
     pending: Vec<Pending>,
     /// Processes started by `Spawn` whose end the shim wants to hear about.
@@ -293,7 +333,7 @@ struct Init {
 const HANDLED_SIGNALS: [Signal; 4] = [Signal::SIGCHLD, Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP];
 
 impl Init {
-    fn new() -> Result<Init, SetupError> {
+    fn new(channels: Channels) -> Result<Init, SetupError> {
         let mut mask = SigSet::empty();
         for s in HANDLED_SIGNALS {
             mask.add(s);
@@ -301,7 +341,14 @@ impl Init {
         sigprocmask(SigmaskHow::SIG_BLOCK, Some(&mask), None).map_err(step("block signals"))?;
         let signals =
             SignalFd::with_flags(&mask, SfdFlags::SFD_CLOEXEC | SfdFlags::SFD_NONBLOCK).map_err(step("signalfd"))?;
-        Ok(Init { chan: None, signals, pending: Vec::new(), watched: HashSet::new(), early_exits: HashMap::new() })
+        Ok(Init {
+            chan: None,
+            channels,
+            signals,
+            pending: Vec::new(),
+            watched: HashSet::new(),
+            early_exits: HashMap::new(),
+        })
     }
 
     fn send(&mut self, msg: &FromInit, fds: &[BorrowedFd<'_>]) {
@@ -370,7 +417,7 @@ impl Init {
                     }
                 }
                 ToInit::OpenFifos { paths } => {
-                    match paths.iter().map(|p| open_fifo(p)).collect::<Result<Vec<_>, _>>() {
+                    match paths.iter().map(|p| open_fifo(&self.channels, p)).collect::<Result<Vec<_>, _>>() {
                         Ok(fifos) => {
                             let fds: Vec<BorrowedFd<'_>> = fifos.iter().map(|f| f.as_fd()).collect();
                             self.send(&FromInit::FifosOpened { error: None }, &fds);
@@ -563,17 +610,22 @@ fn exec_child(spec: &ProcessSpec, stdio: &Stdio, extra: &[OwnedFd]) -> Result<In
     exec_path(&spec.argv, &env)
 }
 
-/// Opens FIFO `path` read-write (which never blocks and never sees end of file), creating it and its
-/// directories (private to root) if missing. Nothing on the way may be a symlink, and what is opened must be
-/// a FIFO: processes of the sandbox can rename things in /dev, and its FIFOs end up in the shim's hands.
-fn open_fifo(path: &str) -> Result<OwnedFd, String> {
+/// Opens FIFO `path` (under [`CHANNELS`]) read-write (which never blocks and never sees end of file),
+/// making it and its directories (private to root) through init's writable view if missing. Nothing on the
+/// way may be a symlink, and what is opened must be a FIFO.
+fn open_fifo(channels: &Channels, path: &str) -> Result<OwnedFd, String> {
     use rustix::fs::{Mode, OFlags, ResolveFlags};
     let fail = |what: &'static str| move |e: rustix::io::Errno| format!("{what} {path}: {e}");
-    let relative = path.strip_prefix('/').filter(|p| !p.is_empty()).ok_or_else(|| format!("{path}: not absolute"))?;
+    let relative = path
+        .strip_prefix(CHANNELS)
+        .and_then(|p| p.strip_prefix('/'))
+        .filter(|p| !p.is_empty())
+        .ok_or_else(|| format!("{path}: not under {CHANNELS}"))?;
     let (dirs, name) = relative.rsplit_once('/').unwrap_or(("", relative));
     let beneath = ResolveFlags::NO_SYMLINKS | ResolveFlags::NO_MAGICLINKS | ResolveFlags::BENEATH;
-    let mut dir = rustix::fs::open("/", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
-        .map_err(fail("open / for"))?;
+    let mut dir =
+        rustix::fs::openat(&channels.writable, ".", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty())
+            .map_err(fail("open the directory of"))?;
     for part in dirs.split('/').filter(|p| !p.is_empty()) {
         let created = match rustix::fs::mkdirat(&dir, part, Mode::from_raw_mode(0o700)) {
             Ok(()) => true,
@@ -590,7 +642,7 @@ fn open_fifo(path: &str) -> Result<OwnedFd, String> {
         Ok(()) | Err(rustix::io::Errno::EXIST) => {}
         Err(e) => return Err(fail("mkfifo")(e)),
     }
-    let fifo = rustix::fs::openat2(&dir, name, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty(), beneath)
+    let fifo = rustix::fs::openat2(&channels.sealed, relative, OFlags::RDWR | OFlags::CLOEXEC, Mode::empty(), beneath)
         .map_err(fail("open"))?;
     let kind = rustix::fs::FileType::from_raw_mode(rustix::fs::fstat(&fifo).map_err(fail("stat"))?.st_mode);
     if kind != rustix::fs::FileType::Fifo {

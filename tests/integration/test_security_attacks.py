@@ -472,3 +472,17 @@ def test_dev_shm_is_part_of_the_checkpoint(client):
             assert made.stdout == "ok\n", made.stderr
         finally:
             child.delete()
+
+
+def test_files_written_in_dev_are_rolled_back(client):
+    """/dev was a tmpfs outside checkpoints: any file an agent wrote there reached every later branch. It is now
+    the sandbox's own filesystem (but for /dev/.deltabox, which is read-only inside)."""
+    with new_sandbox(client, "debian") as sb:
+        ckpt = sb.checkpoint()
+        sb.exec(["sh", "-c", "echo stash > /dev/stash"]).check()
+        sb.rollback(ckpt)
+        assert sb.exec(["test", "-e", "/dev/stash"]).exit_code == 1
+        assert "Read-only" in sb.exec(["sh", "-c", "echo x > /dev/.deltabox/stash"]).stderr
+        # The devices still work.
+        assert sb.exec(["sh", "-c", "head -c 4 /dev/zero | od -An -tx1; echo ok > /dev/null; ls /dev/pts/ptmx"]
+                       ).stdout.split() == ["00", "00", "00", "00", "/dev/pts/ptmx"]

@@ -250,29 +250,33 @@ fn ensure_sticky_dir(dir: &Path) -> Result<(), SetupError> {
     Ok(())
 }
 
-/// A minimal /dev: a tmpfs with the host's harmless character devices bind-mounted in (a user
-/// namespace cannot mknod), a private devpts instance, and /dev/shm.
-///
-/// /dev/shm is the root filesystem's own `/dev/shm` directory, bound over the tmpfs: POSIX shared memory
-/// and semaphores are part of the sandbox's state, so checkpoints, rollbacks and forks carry them (a
-/// tmpfs would keep one branch's objects in the next).
+/// A minimal /dev in the root filesystem's own `/dev` directory, so what processes write there (a socket
+/// such as /dev/log, POSIX shared memory in /dev/shm, any file) is part of checkpoints, rollbacks and forks:
+/// the host's harmless character devices bind-mounted onto files there (a user namespace cannot mknod;
+/// device nodes the image ships are removed: the root filesystem is `nodev`, they could not be opened), a
+/// private devpts instance, /dev/shm (mode 1777), and a small tmpfs at [`CHANNELS`] for what is the
+/// sandbox's but stays out of its checkpoints.
 fn setup_dev(dev: &Path) -> Result<(), SetupError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
     let nosuid = MsFlags::MS_NOSUID;
+    std::fs::create_dir_all(dev).map_err(step("mkdir /dev"))?;
+    for entry in std::fs::read_dir(dev).map_err(step("list /dev"))? {
+        let entry = entry.map_err(step("list /dev"))?;
+        let kind = entry.file_type().map_err(step("stat an entry of /dev"))?;
+        if kind.is_char_device() || kind.is_block_device() {
+            std::fs::remove_file(entry.path()).map_err(step(format!("remove {}", entry.path().display())))?;
+        }
+    }
     let shm = dev.join("shm");
     std::fs::create_dir_all(&shm).map_err(step("mkdir /dev/shm"))?;
     // Every user may create shared memory objects, as in a tmpfs /dev/shm (images ship it 0755).
-    std::fs::set_permissions(&shm, std::os::unix::fs::PermissionsExt::from_mode(0o1777))
-        .map_err(step("chmod /dev/shm"))?;
-    let own_shm = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        &shm,
-        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(step("take the root filesystem's /dev/shm"))?;
-    mount_fs("tmpfs", dev, "tmpfs", nosuid | MsFlags::MS_NOEXEC, "mode=755,size=65536k")?;
+    std::fs::set_permissions(&shm, PermissionsExt::from_mode(0o1777)).map_err(step("chmod /dev/shm"))?;
     for name in ["null", "zero", "full", "random", "urandom", "tty"] {
         let target = dev.join(name);
-        std::fs::File::create(&target).map_err(step(format!("create /dev/{name}")))?;
+        if !std::fs::symlink_metadata(&target).is_ok_and(|m| m.is_file()) {
+            let _ = std::fs::remove_file(&target);
+            std::fs::File::create(&target).map_err(step(format!("create /dev/{name}")))?;
+        }
         let host = Path::new("/dev").join(name);
         mount(Some(&host), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
             .map_err(step(format!("bind /dev/{name}")))?;
@@ -284,19 +288,8 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
         nosuid | MsFlags::MS_NOEXEC,
         "newinstance,ptmxmode=0666,mode=0620,gid=5",
     )?;
-    std::fs::create_dir(&shm).map_err(step("mkdir /dev/shm"))?;
-    let target =
-        rustix::fs::open(&shm, rustix::fs::OFlags::PATH | rustix::fs::OFlags::DIRECTORY, rustix::fs::Mode::empty())
-            .map_err(step("open /dev/shm"))?;
-    attach(&own_shm, &target).map_err(step("attach /dev/shm"))?;
-    mount(
-        None::<&str>,
-        &shm,
-        None::<&str>,
-        MsFlags::MS_BIND | MsFlags::MS_REMOUNT | nosuid | MsFlags::MS_NODEV,
-        None::<&str>,
-    )
-    .map_err(step("remount /dev/shm nosuid,nodev"))?;
+    let channels = dev.join(CHANNELS.trim_start_matches("/dev/"));
+    mount_fs("deltabox", &channels, "tmpfs", nosuid | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC, "mode=755,size=1m")?;
     for (link, target) in [
         ("ptmx", "pts/ptmx"),
         ("fd", "/proc/self/fd"),
@@ -304,7 +297,14 @@ fn setup_dev(dev: &Path) -> Result<(), SetupError> {
         ("stdout", "/proc/self/fd/1"),
         ("stderr", "/proc/self/fd/2"),
     ] {
-        std::os::unix::fs::symlink(target, dev.join(link)).map_err(step(format!("symlink /dev/{link}")))?;
+        let path = dev.join(link);
+        if std::fs::read_link(&path).is_ok_and(|t| t == Path::new(target)) {
+            continue;
+        }
+        if std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path).map_err(step(format!("remove /dev/{link}")))?;
+        }
+        std::os::unix::fs::symlink(target, &path).map_err(step(format!("symlink /dev/{link}")))?;
     }
     Ok(())
 }

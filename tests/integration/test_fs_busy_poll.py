@@ -15,8 +15,8 @@ import deltabox
 
 O_NONBLOCK = 0o4000
 STOP = "/tmp/burst-stop"
-# getxattr is never answered from the kernel's cache: every call is a FUSE request (asked of / : /etc/hostname and
-# /etc/hosts are bind mounts from a tmpfs). The burst lasts 10 s, or until the test has seen what it looked for
+# getxattr is never answered from the kernel's cache: every call is a FUSE request (asked of /, which is on the
+# sandbox's filesystem). The burst lasts 10 s, or until the test has seen what it looked for
 # (on a busy machine the requests can be too far apart for a while).
 BURST = f"""
 import os, time

@@ -486,3 +486,24 @@ def test_files_written_in_dev_are_rolled_back(client):
         # The devices still work.
         assert sb.exec(["sh", "-c", "head -c 4 /dev/zero | od -An -tx1; echo ok > /dev/null; ls /dev/pts/ptmx"]
                        ).stdout.split() == ["00", "00", "00", "00", "/dev/pts/ptmx"]
+
+
+def test_etc_hosts_is_part_of_the_checkpoint_and_names_each_fork(client):
+    """/etc/hostname and /etc/hosts were bound from a tmpfs outside checkpoints: an edit reached every later
+    branch. They are now the sandbox's own files, rewritten at start to name it: an edit is rolled back, and a
+    fork keeps the checkpoint's edits under its own name."""
+    with new_sandbox(client, "debian") as sb:
+        sb.exec(["sh", "-c", "echo '10.1.2.3 db' >> /etc/hosts"]).check()
+        ckpt = sb.checkpoint()
+        sb.exec(["sh", "-c", "echo '10.9.9.9 leaked' >> /etc/hosts; echo leaked > /etc/hostname"]).check()
+        sb.rollback(ckpt)
+        hosts = sb.exec(["cat", "/etc/hosts"]).stdout
+        assert "10.1.2.3 db" in hosts and "leaked" not in hosts
+        assert sb.exec(["cat", "/etc/hostname"]).stdout == f"{sb.id}\n"
+        [child] = ckpt.fork()
+        try:
+            hosts = child.exec(["cat", "/etc/hosts"]).stdout
+            assert "10.1.2.3 db" in hosts and f"127.0.1.1\t{child.id}" in hosts and sb.id not in hosts
+            assert child.exec(["sh", "-c", "hostname; cat /etc/hostname"]).stdout == f"{child.id}\n{child.id}\n"
+        finally:
+            child.delete()

@@ -161,8 +161,9 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
         }
     }
     setup_dev(&root.join("dev"))?;
-    setup_etc(cfg, root)?;
-    let writable = seal_channels(&root.join(CHANNELS.trim_start_matches('/')))?;
+    let channels = root.join(CHANNELS.trim_start_matches('/'));
+    setup_etc(cfg, rootfs.as_fd(), &channels)?;
+    let writable = seal_channels(&channels)?;
     // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
     // include it (agents keep work there).
     ensure_sticky_dir(&root.join("tmp"))?;
@@ -183,11 +184,11 @@ struct Channels {
     writable: OwnedFd,
 }
 
-/// Where init keeps what is the sandbox's but not part of its checkpoints: /etc/hostname and /etc/hosts
-/// (bound to /etc) and the shell sessions' FIFOs.
+/// Where init keeps what is the sandbox's but not part of its checkpoints: the shell sessions' FIFOs (and,
+/// with the host's network, the host's /etc/resolv.conf).
 pub const CHANNELS: &str = "/dev/.deltabox";
 
-/// Makes `dir` (/dev/.deltabox, with its `sessions` directory) read-only for every process of the sandbox,
+/// Makes `dir` ([`CHANNELS`], with its `sessions` directory) read-only for every process of the sandbox,
 /// and returns a writable detached copy of it that only init holds. The sandbox can then neither store data
 /// there (it would survive rollbacks: /dev is not part of checkpoints) nor rename or replace the session
 /// FIFOs; opening a FIFO for writing needs no writable mount.
@@ -208,35 +209,70 @@ fn seal_channels(dir: &Path) -> Result<OwnedFd, SetupError> {
     Ok(own)
 }
 
-/// Per-sandbox files the image's copies must not provide: /etc/hostname and /etc/hosts name this sandbox,
-/// and with the host's network the host's resolver configuration applies. They are bind-mounted from
-/// /dev (our tmpfs), so they are not part of the sandbox's filesystem: a fork gets its own.
-fn setup_etc(cfg: &InitConfig, root: &Path) -> Result<(), SetupError> {
-    let etc = root.join("etc");
-    if !etc.is_dir() {
+/// /etc/hostname and the `127.0.1.1` line of /etc/hosts name this sandbox: they are written into the
+/// sandbox's own /etc at each start (a fork renames itself; the rest of /etc/hosts stays as the image or the
+/// checkpoint had it), so edits are part of checkpoints like any file and cannot pass data between branches.
+/// With the host's network, /etc/resolv.conf is the host's, bound read-only from [`CHANNELS`]. Paths resolve
+/// under the sandbox's root (`root`): a symlink the image or a checkpoint put there stays inside.
+fn setup_etc(cfg: &InitConfig, root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    let in_root = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    let etc =
+        rustix::fs::openat2(root, "etc", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), in_root);
+    if etc.is_err() {
         return Ok(());
     }
-    let dir = root.join(CHANNELS.trim_start_matches('/'));
-    std::fs::create_dir_all(&dir).map_err(step("mkdir /dev/.deltabox"))?;
-    let hosts =
-        format!("127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{}\n", cfg.hostname);
-    let mut files = vec![("hostname", format!("{}\n", cfg.hostname)), ("hosts", hosts)];
+    // Non-blocking: a FIFO put there must not stop init.
+    let open = |name: &str, flags: OFlags| {
+        // openat2 refuses a mode without O_CREAT.
+        let mode = if flags.contains(OFlags::CREATE) { Mode::from_raw_mode(0o644) } else { Mode::empty() };
+        let flags = flags | OFlags::CLOEXEC | OFlags::NONBLOCK;
+        rustix::fs::openat2(root, format!("etc/{name}"), flags, mode, in_root).map(std::fs::File::from)
+    };
+    let mut current = String::new();
+    if let Ok(file) = open("hosts", OFlags::RDONLY) {
+        // Bounded: a checkpoint's /etc/hosts is the agent's to write.
+        let _ = std::io::Read::read_to_string(&mut std::io::Read::take(file, 1 << 20), &mut current);
+    }
+    let write = |name: &str, content: String| -> Result<(), SetupError> {
+        let mut file =
+            open(name, OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC).map_err(step(format!("open /etc/{name}")))?;
+        std::io::Write::write_all(&mut file, content.as_bytes()).map_err(step(format!("write /etc/{name}")))
+    };
+    write("hostname", format!("{}\n", cfg.hostname))?;
+    write("hosts", hosts_naming(&current, &cfg.hostname))?;
     if cfg.network == Network::Host {
         if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {
-            files.push(("resolv.conf", resolv));
+            let source = channels.join("resolv.conf");
+            std::fs::write(&source, resolv).map_err(step("write /dev/.deltabox/resolv.conf"))?;
+            let target = Path::new("etc/resolv.conf");
+            if std::fs::symlink_metadata(target).is_err() {
+                open("resolv.conf", OFlags::WRONLY | OFlags::CREATE).map_err(step("create /etc/resolv.conf"))?;
+            }
+            mount(Some(&source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
+                .map_err(step("bind /etc/resolv.conf"))?;
+            let read_only = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
+            mount(None::<&str>, target, None::<&str>, read_only, None::<&str>)
+                .map_err(step("remount /etc/resolv.conf read-only"))?;
         }
-    }
-    for (name, content) in files {
-        let source = dir.join(name);
-        std::fs::write(&source, content).map_err(step(format!("write /dev/.deltabox/{name}")))?;
-        let target = etc.join(name);
-        if !target.exists() {
-            std::fs::write(&target, "").map_err(step(format!("create /etc/{name}")))?;
-        }
-        mount(Some(&source), &target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-            .map_err(step(format!("bind /etc/{name}")))?;
     }
     Ok(())
+}
+
+/// `hosts` (an /etc/hosts) naming `hostname` as 127.0.1.1 (any other 127.0.1.1 line is dropped), with the
+/// usual localhost lines when it has none.
+fn hosts_naming(hosts: &str, hostname: &str) -> String {
+    let first = |line: &str| line.split_whitespace().next().map(str::to_string);
+    let mut lines: Vec<&str> = hosts.lines().filter(|l| first(l).as_deref() != Some("127.0.1.1")).collect();
+    if !lines.iter().any(|l| first(l).as_deref() == Some("127.0.0.1")) {
+        lines.splice(0..0, ["127.0.0.1\tlocalhost", "::1\tlocalhost ip6-localhost ip6-loopback"]);
+    }
+    let mut out = lines.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    out.push_str(&format!("127.0.1.1\t{hostname}\n"));
+    out
 }
 
 /// Creates `dir` as a world-writable sticky directory if the image has none.
@@ -680,4 +716,19 @@ fn exec_path(argv: &[String], env: &[String]) -> Result<Infallible, String> {
         }
     }
     Err(format!("cannot execute {program:?}: {}", last.desc()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::hosts_naming;
+
+    #[test]
+    fn hosts_name_the_sandbox_and_keep_the_rest() {
+        let image = "127.0.0.1\tlocalhost\n10.0.0.5 db\n127.0.1.1\told-name\n";
+        assert_eq!(hosts_naming(image, "new"), "127.0.0.1\tlocalhost\n10.0.0.5 db\n127.0.1.1\tnew\n");
+        assert_eq!(
+            hosts_naming("", "sb"),
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\tsb\n"
+        );
+    }
 }

@@ -42,6 +42,9 @@ pub fn pid_max() -> io::Result<i32> {
 /// sandbox is gone). Blocks: run it on a thread of its own.
 pub fn serve(listener: OwnedFd, cgroup: Arc<Cgroup>) {
     let floor = pid_max().map_or(0, reserved_floor);
+    if let Err(e) = sys::seccomp_notif_sync_wake_up(listener.as_fd()) {
+        tracing::debug!("signal guard: no synchronous wake-ups ({e}); signals by pid cost two wake-ups");
+    }
     loop {
         let notif = match sys::seccomp_notif_recv(listener.as_fd()) {
             Ok(notif) => notif,

@@ -1,8 +1,8 @@
 """Forks of checkpoints, and what deleting sandboxes and checkpoints keeps and frees."""
 
+import concurrent.futures
 import contextlib
 import subprocess
-import threading
 
 import pytest
 from support import new_sandbox, status_field
@@ -275,11 +275,11 @@ def test_deleting_a_checkpoint_during_a_rollback_to_it_leaves_no_dangling_link(c
         sh(sb, f"echo {i} > /tmp/v")
         ck = sb.checkpoint(fs_only=True)
         sh(sb, "echo changed > /tmp/v")
-        racers = [threading.Thread(target=rollback_unless_gone, args=(sb, ck)), threading.Thread(target=ck.delete)]
-        for t in racers:
-            t.start()
-        for t in racers:
-            t.join(30)
+        # Futures hand an exception of either racer back to the test.
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            racers = [pool.submit(rollback_unless_gone, sb, ck), pool.submit(ck.delete)]
+            for racer in racers:
+                racer.result(timeout=30)
         head = sb.refresh().head
         parent = sb.checkpoint(fs_only=True).parent
         for link in (head, parent):

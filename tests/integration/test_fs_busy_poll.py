@@ -1,10 +1,10 @@
 """`deltabox serve --fs-busy-poll-us`: a sandbox's DeltaFS server busy-polls its FUSE device during bursts of
 requests (the device is then non-blocking), unless the daemon turned it off with 0."""
 
+import concurrent.futures
 import os
 import shutil
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -50,16 +50,17 @@ def polled_during_a_burst(data_dir: Path, sb: deltabox.Sandbox) -> bool:
     """Runs a burst of requests in the sandbox; whether the shim's device was seen non-blocking meanwhile."""
     fdinfo = fuse_fdinfo(data_dir, sb.id)
     assert fdinfo, "the sandbox's shim has no /dev/fuse descriptor"
-    burst = threading.Thread(target=lambda: sb.exec(["python3", "-c", BURST], timeout=30).check())
-    burst.start()
-    seen = False
-    # Only the known fdinfo files are read while the burst runs: scanning /proc would take the CPU from it.
-    while burst.is_alive() and not seen:
-        flags = [int(f.read_text().split("flags:")[1].split()[0], 8) for f in fdinfo]
-        seen = any(f & O_NONBLOCK for f in flags)
-        time.sleep(0.005)
-    sb.files.write(STOP, "")
-    burst.join()
+    # A future hands the burst's failure (e.g. its command failing) back to the test.
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        burst = pool.submit(lambda: sb.exec(["python3", "-c", BURST], timeout=30).check())
+        seen = False
+        # Only the known fdinfo files are read while the burst runs: scanning /proc would take the CPU from it.
+        while not burst.done() and not seen:
+            flags = [int(f.read_text().split("flags:")[1].split()[0], 8) for f in fdinfo]
+            seen = any(f & O_NONBLOCK for f in flags)
+            time.sleep(0.005)
+        sb.files.write(STOP, "")
+        burst.result()
     sb.files.remove(STOP)
     return seen
 

@@ -91,7 +91,7 @@ mod tests {
         let inodes: Vec<u64> = match shared_mapped_files(&maps) {
             Ok(files) => files.iter().map(|f| f.inode).collect(),
             Err(e) if e.raw_os_error() == Some(libc::ENOTTY) => {
-                eprintln!("SKIPPED: this kernel has no PROCMAP_QUERY (Linux 6.11+)");
+                testing::skip("this kernel has no PROCMAP_QUERY (Linux 6.11+)");
                 return;
             }
             Err(e) => panic!("{e}"),

@@ -131,7 +131,7 @@ fn suid_and_sgid_clearing(how: MountFn) {
         return;
     };
     if std::process::Command::new("setpriv").arg("--version").output().is_err() {
-        eprintln!("SKIP: setpriv (util-linux) is not installed");
+        testing::skip("setpriv (util-linux) is not installed");
         return;
     }
     let as_nobody = |script: &str| {

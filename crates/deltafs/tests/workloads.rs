@@ -143,7 +143,7 @@ fn workloads_match_kernel_overlayfs() {
             .map(|o| !o.status.success())
             .unwrap_or(true)
         {
-            eprintln!("SKIP: {tool} is not installed");
+            testing::skip(format!("{tool} is not installed"));
             return;
         }
     }
@@ -211,12 +211,12 @@ fn run_in_chroot(root: &Path) -> String {
 #[test]
 fn workloads_in_a_debian_image_chroot_match_kernel_overlayfs() {
     let Some(images) = std::env::var_os("DELTABOX_TEST_IMAGES") else {
-        eprintln!("SKIP: DELTABOX_TEST_IMAGES is not set (no Debian test image)");
+        testing::skip("DELTABOX_TEST_IMAGES is not set (no Debian test image)");
         return;
     };
     let layout = Path::new(&images).join("debian");
     if !layout.join("index.json").exists() {
-        eprintln!("SKIP: no Debian image at {}", layout.display());
+        testing::skip(format!("no Debian image at {}", layout.display()));
         return;
     }
     if !fuse_available() {

@@ -915,7 +915,7 @@ mod tests {
             .into_iter()
             .find(|m| m.version == Version::V1 && m.controllers.iter().any(|c| c == "freezer"))
         else {
-            eprintln!("skipped: this kernel has no cgroup v1 freezer mounted");
+            testing::skip("this kernel has no cgroup v1 freezer mounted");
             return;
         };
         layout.freezer = Hierarchy { root: v1.root, version: Version::V1 };

@@ -235,7 +235,7 @@ fn missing_source_and_unsupported_compression_are_clear_errors() {
 #[test]
 fn built_busybox_image_as_oci_layout_and_docker_archive() {
     let Some(images) = std::env::var_os("DELTABOX_TEST_IMAGES") else {
-        eprintln!("skipping: DELTABOX_TEST_IMAGES is not set (run images/build.sh and point it at the output)");
+        testing::skip("DELTABOX_TEST_IMAGES is not set (run images/build.sh and point it at the output)");
         return;
     };
     let layout = Path::new(&images).join("busybox");

@@ -21,11 +21,11 @@ static MOUNT_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Whether this machine can mount FUSE (root + /dev/fuse); prints why not.
 pub fn fuse_available() -> bool {
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("SKIP: DeltaFS mount tests need root");
+        testing::skip("DeltaFS mount tests need root");
         return false;
     }
     if !Path::new("/dev/fuse").exists() {
-        eprintln!("SKIP: /dev/fuse is missing");
+        testing::skip("/dev/fuse is missing");
         return false;
     }
     true

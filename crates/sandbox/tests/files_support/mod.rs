@@ -83,7 +83,7 @@ impl MountNsProcess {
             if let Some(status) = child.try_wait().unwrap() {
                 let mut stderr = String::new();
                 std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut stderr).unwrap();
-                eprintln!("SKIP: cannot create user and mount namespaces here ({status}): {stderr}");
+                testing::skip(format!("cannot create user and mount namespaces here ({status}): {stderr}"));
                 return None;
             }
             if fs::read_link(format!("/proc/{pid}/ns/user")).is_ok_and(|ns| ns != own_userns) {

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs every DeltaBox test (as root): installs and builds what the tests need, then the Rust tests of all
-# crates, the Python SDK's unit tests and the integration suite against a real daemon.
+# crates, formatting and lints, the Python SDK's unit tests and the integration suite against a real daemon.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 repo=$(pwd)
@@ -17,6 +17,10 @@ trap 'rm -f "$DELTABOX_SKIP_LOG" "$pytest_log"' EXIT
 status=0
 echo "==> Rust tests"
 cargo test --release --workspace || status=1
+
+echo "==> Formatting and lints (cargo fmt --check, cargo clippy -D warnings)"
+cargo fmt --all --check || status=1
+cargo clippy --release --workspace --all-targets -- -D warnings || status=1
 
 echo "==> POSIX conformance: pjdfstest on DeltaFS and on kernel overlayfs"
 bash tests/pjdfstest/run.sh || status=1

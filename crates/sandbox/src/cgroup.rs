@@ -158,8 +158,17 @@ const THAW_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long `kill_all` waits for the processes to disappear.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// Largest pids limit: the kernel's own maximum number of pids (`PID_MAX_LIMIT` on 64-bit).
+pub const MAX_PIDS: u64 = 4 << 20;
+
+/// CPUs this host has (the largest `cpus` limit).
+pub fn host_cpus() -> f64 {
+    thread::available_parallelism().map_or(1, |n| n.get()) as f64
+}
+
 impl Limits {
-    fn validate(&self) -> Result<()> {
+    /// Refuses limits a cgroup of this host cannot take (checked again by [`Cgroup::create`]).
+    pub fn validate(&self) -> Result<()> {
         if let Some(bytes) = self.memory_bytes {
             if bytes < MIN_MEMORY_BYTES {
                 return Err(CgroupError::InvalidLimit {
@@ -168,11 +177,14 @@ impl Limits {
                 });
             }
         }
-        if self.pids == Some(0) {
-            return Err(CgroupError::InvalidLimit { what: "pids", reason: "must be at least 1".into() });
+        if let Some(pids) = self.pids.filter(|p| !(1..=MAX_PIDS).contains(p)) {
+            return Err(CgroupError::InvalidLimit {
+                what: "pids",
+                reason: format!("{pids} is outside 1..={MAX_PIDS}"),
+            });
         }
         if let Some(cpus) = self.cpus {
-            let max = thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+            let max = host_cpus();
             if !cpus.is_finite() || cpus < 0.01 || cpus > max {
                 return Err(CgroupError::InvalidLimit {
                     what: "cpus",
@@ -1006,6 +1018,7 @@ mod tests {
         let bad = [
             Limits { memory_bytes: Some(MIN_MEMORY_BYTES - 1), ..Limits::default() },
             Limits { pids: Some(0), ..Limits::default() },
+            Limits { pids: Some(MAX_PIDS + 1), ..Limits::default() },
             Limits { cpus: Some(0.0), ..Limits::default() },
             Limits { cpus: Some(f64::NAN), ..Limits::default() },
             Limits { cpus: Some(1e9), ..Limits::default() },

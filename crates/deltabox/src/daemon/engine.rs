@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use anyhow::Context;
 use rand::Rng;
-use sandbox::cgroup::{Cgroup, Limits, MIN_MEMORY_BYTES};
+use sandbox::cgroup::{Cgroup, Limits};
 use sandbox::image::LayerStore;
 use sandbox::ipc::{AsyncChannel, Packet};
 use tokio::io::unix::AsyncFd;
@@ -866,11 +866,6 @@ fn depth<'a>(parents: &HashMap<&'a str, Option<&'a str>>, mut id: &'a str) -> us
     d
 }
 
-/// Largest pids limit: the kernel's own maximum number of pids (PID_MAX_LIMIT on 64-bit).
-const MAX_PIDS: u64 = 4 << 20;
-/// Smallest CPU share accepted (as Docker's `--cpus`).
-const MIN_CPUS: f64 = 0.01;
-
 /// Sandbox limits: the request's, each one it does not set taken from the daemon's defaults.
 fn validate_limits(req: &CreateRequest, default: &Limits) -> ApiResult<Limits> {
     let limits = Limits {
@@ -878,30 +873,8 @@ fn validate_limits(req: &CreateRequest, default: &Limits) -> ApiResult<Limits> {
         pids: req.pids.or(default.pids),
         cpus: req.cpus.or(default.cpus),
     };
-    check_limits(&limits).map_err(|message| ApiError::bad_request("invalid_limits", message))?;
+    limits.validate().map_err(|e| ApiError::bad_request("invalid_limits", e.to_string()))?;
     Ok(limits)
-}
-
-/// Why `limits` cannot be set on a cgroup of this host, if they cannot.
-pub fn check_limits(limits: &Limits) -> Result<(), String> {
-    if let Some(m) = limits.memory_bytes.filter(|m| *m < MIN_MEMORY_BYTES) {
-        return Err(format!("memory limit {m} is below the minimum of {MIN_MEMORY_BYTES} bytes"));
-    }
-    if let Some(p) = limits.pids.filter(|p| !(1..=MAX_PIDS).contains(p)) {
-        return Err(format!("pids limit {p} is out of range: use 1 to {MAX_PIDS}"));
-    }
-    if let Some(c) = limits.cpus {
-        let host = host_cpus();
-        if !(c.is_finite() && (MIN_CPUS..=host).contains(&c)) {
-            return Err(format!("cpus {c} is out of range: use {MIN_CPUS} to {host} (the host's CPUs)"));
-        }
-    }
-    Ok(())
-}
-
-/// CPUs this host has.
-pub fn host_cpus() -> f64 {
-    std::thread::available_parallelism().map_or(1, |n| n.get()) as f64
 }
 
 /// `KEY=VALUE` pairs of `env`; refuses names that are empty or hold `=`, and NUL bytes anywhere (the

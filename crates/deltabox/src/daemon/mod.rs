@@ -37,20 +37,16 @@ pub const DEFAULT_PIDS: u64 = 4096;
 /// The limits of sandboxes created without their own, from the `serve` flags (0 = unlimited): memory
 /// defaults to half of the host's, CPUs to all of them.
 pub fn default_limits(pids: u64, memory: Option<u64>, cpus: Option<f64>) -> anyhow::Result<sandbox::cgroup::Limits> {
-    let host_memory = || -> anyhow::Result<u64> {
+    let memory = memory.unwrap_or_else(|| {
         let info = rustix::system::sysinfo();
-        Ok(info.totalram.saturating_mul(u64::from(info.mem_unit)) / 2)
-    };
-    let memory = match memory {
-        Some(m) => m,
-        None => host_memory()?,
-    };
+        info.totalram.saturating_mul(u64::from(info.mem_unit)) / 2
+    });
     let limits = sandbox::cgroup::Limits {
         memory_bytes: (memory > 0).then_some(memory),
         pids: (pids > 0).then_some(pids),
-        cpus: Some(cpus.unwrap_or_else(engine::host_cpus)).filter(|c| *c != 0.0),
+        cpus: Some(cpus.unwrap_or_else(sandbox::cgroup::host_cpus)).filter(|c| *c != 0.0),
     };
-    engine::check_limits(&limits).map_err(|e| anyhow::anyhow!("bad default limit: {e}"))?;
+    limits.validate().context("bad default limit")?;
     Ok(limits)
 }
 

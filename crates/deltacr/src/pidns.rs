@@ -52,11 +52,7 @@ impl PidSetter {
         let enter = |source| PidNsError::Enter { pid: ns_member.as_raw(), source };
         let target = File::open(format!("/proc/{}/ns/pid", ns_member.as_raw())).map_err(enter)?;
         let own = File::open("/proc/thread-self/ns/pid_for_children").map_err(enter)?;
-        let pid_max: i32 = std::fs::read_to_string("/proc/sys/kernel/pid_max")
-            .map_err(PidNsError::Spawn)?
-            .trim()
-            .parse()
-            .map_err(|_| PidNsError::Spawn(io::Error::other("bad pid_max")))?;
+        let pid_max = sandbox::signal_guard::pid_max().map_err(PidNsError::Spawn)?;
         let (req_rd, req_wr) = pipe().map_err(|e| PidNsError::Spawn(e.into()))?;
         let (ack_rd, ack_wr) = pipe().map_err(|e| PidNsError::Spawn(e.into()))?;
         setns(&target, CloneFlags::CLONE_NEWPID).map_err(|e| enter(e.into()))?;

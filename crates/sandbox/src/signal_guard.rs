@@ -129,11 +129,16 @@ fn answer(notif: &libc::seccomp_notif, cgroup: &Cgroup, floor: i32) -> io::Resul
     let nr = i64::from(notif.data.nr);
     // Pids are ints: the kernel reads the low 32 bits.
     let pid_arg = |i: usize| args[i] as u32 as i32;
+    // The caller's status and its thread group's pid in the sandbox, read only when needed.
+    let caller = || -> io::Result<(String, i32)> {
+        let st = status(notif.pid as i32)?;
+        let tgid = inner_pid(&st, "NStgid").ok_or_else(|| io::Error::other("no NStgid"))?;
+        Ok((st, tgid))
+    };
     let targets: Vec<i32> = match nr {
         libc::SYS_kill if pid_arg(0) == -1 => {
-            let caller = status(notif.pid as i32)?;
-            let caller_tgid = inner_pid(&caller, "NStgid").ok_or_else(|| io::Error::other("no NStgid"))?;
-            return kill_all(&caller, caller_tgid, args[1] as u32 as i32, cgroup);
+            let (st, tgid) = caller()?;
+            return kill_all(&st, tgid, args[1] as u32 as i32, cgroup);
         }
         // kill(0) is the caller's own process group, which never holds our tasks (each has its own group).
         libc::SYS_kill => vec![pid_arg(0).saturating_abs()],
@@ -143,8 +148,7 @@ fn answer(notif: &libc::seccomp_notif, cgroup: &Cgroup, floor: i32) -> io::Resul
     if targets.iter().all(|&p| p < floor) {
         return Ok(None);
     }
-    let caller = status(notif.pid as i32)?;
-    let caller_tgid = inner_pid(&caller, "NStgid").ok_or_else(|| io::Error::other("no NStgid"))?;
+    let (_, caller_tgid) = caller()?;
     let targets: Vec<i32> = targets.into_iter().filter(|&p| p > 0 && p != caller_tgid).collect();
     if targets.is_empty() {
         return Ok(None);

@@ -507,3 +507,11 @@ def test_etc_hosts_is_part_of_the_checkpoint_and_names_each_fork(client):
             assert child.exec(["sh", "-c", "hostname; cat /etc/hostname"]).stdout == f"{child.id}\n{child.id}\n"
         finally:
             child.delete()
+
+
+def test_the_hosts_resolv_conf_is_read_only_with_the_hosts_network(client):
+    """With the host's network, /etc/resolv.conf is the host's, bound from outside the checkpoints: read-only, so
+    it cannot carry data between branches either."""
+    with new_sandbox(client, "debian", network="host") as sb:
+        assert sb.exec(["cat", "/etc/resolv.conf"]).stdout == Path("/etc/resolv.conf").read_text()
+        assert "Read-only file system" in sb.exec(["sh", "-c", "echo x >> /etc/resolv.conf"]).stderr

@@ -164,6 +164,9 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     let channels = root.join(CHANNELS.trim_start_matches('/'));
     setup_etc(cfg, rootfs.as_fd(), &channels)?;
     let writable = seal_channels(&channels)?;
+    if cfg.network == Network::Host {
+        bind_host_resolv_conf(rootfs.as_fd(), &channels)?;
+    }
     // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
     // include it (agents keep work there).
     ensure_sticky_dir(&root.join("tmp"))?;
@@ -188,75 +191,84 @@ struct Channels {
 /// with the host's network, the host's /etc/resolv.conf).
 pub const CHANNELS: &str = "/dev/.deltabox";
 
-/// Makes `dir` ([`CHANNELS`], with its `sessions` directory) read-only for every process of the sandbox,
-/// and returns a writable detached copy of it that only init holds. The sandbox can then neither store data
-/// there (it would survive rollbacks: /dev is not part of checkpoints) nor rename or replace the session
+/// Makes `dir` ([`CHANNELS`], a tmpfs, with its `sessions` directory) read-only for every process of the
+/// sandbox, and returns a writable detached copy of it that only init holds. The sandbox can then neither store
+/// data there (it would survive rollbacks: it is outside the checkpoints) nor rename or replace the session
 /// FIFOs; opening a FIFO for writing needs no writable mount.
 fn seal_channels(dir: &Path) -> Result<OwnedFd, SetupError> {
     let sessions = dir.join("sessions");
     std::fs::create_dir_all(&sessions).map_err(step("mkdir /dev/.deltabox/sessions"))?;
     std::fs::set_permissions(&sessions, std::os::unix::fs::PermissionsExt::from_mode(0o700))
         .map_err(step("chmod /dev/.deltabox/sessions"))?;
-    mount(Some(dir), dir, None::<&str>, MsFlags::MS_BIND, None::<&str>).map_err(step("bind /dev/.deltabox"))?;
-    let own = rustix::mount::open_tree(
-        rustix::fs::CWD,
-        dir,
-        rustix::mount::OpenTreeFlags::OPEN_TREE_CLONE | rustix::mount::OpenTreeFlags::OPEN_TREE_CLOEXEC,
-    )
-    .map_err(step("clone /dev/.deltabox for init"))?;
+    let own = clone_mount(dir).map_err(step("clone /dev/.deltabox for init"))?;
     let sealed = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC;
     mount(None::<&str>, dir, None::<&str>, sealed, None::<&str>).map_err(step("remount /dev/.deltabox read-only"))?;
     Ok(own)
 }
 
+/// A detached copy of the mount at `path` (with its flags), to attach elsewhere or to use through its fd.
+fn clone_mount(path: &Path) -> rustix::io::Result<OwnedFd> {
+    use rustix::mount::OpenTreeFlags;
+    rustix::mount::open_tree(rustix::fs::CWD, path, OpenTreeFlags::OPEN_TREE_CLONE | OpenTreeFlags::OPEN_TREE_CLOEXEC)
+}
+
+/// Opens `path` under the sandbox's root `root` (a symlink the image or a checkpoint put there stays inside),
+/// non-blocking unless `O_PATH` (a FIFO put there must not stop init), with mode 0644 when it is created.
+fn open_in_root(root: BorrowedFd<'_>, path: &str, flags: rustix::fs::OFlags) -> rustix::io::Result<std::fs::File> {
+    use rustix::fs::{Mode, OFlags, ResolveFlags};
+    // openat2 refuses a mode without O_CREAT, and O_PATH with flags beyond O_DIRECTORY and O_CLOEXEC.
+    let mode = if flags.contains(OFlags::CREATE) { Mode::from_raw_mode(0o644) } else { Mode::empty() };
+    let nonblock = if flags.contains(OFlags::PATH) { OFlags::empty() } else { OFlags::NONBLOCK };
+    let flags = flags | OFlags::CLOEXEC | nonblock;
+    let resolve = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
+    rustix::fs::openat2(root, path, flags, mode, resolve).map(std::fs::File::from)
+}
+
 /// /etc/hostname and the `127.0.1.1` line of /etc/hosts name this sandbox: they are written into the
 /// sandbox's own /etc at each start (a fork renames itself; the rest of /etc/hosts stays as the image or the
 /// checkpoint had it), so edits are part of checkpoints like any file and cannot pass data between branches.
-/// With the host's network, /etc/resolv.conf is the host's, bound read-only from [`CHANNELS`]. Paths resolve
-/// under the sandbox's root (`root`): a symlink the image or a checkpoint put there stays inside.
+/// With the host's network, the host's /etc/resolv.conf is copied into `channels` ([`CHANNELS`]), to be
+/// bound read-only by [`bind_host_resolv_conf`] once they are sealed.
 fn setup_etc(cfg: &InitConfig, root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
-    use rustix::fs::{Mode, OFlags, ResolveFlags};
-    let in_root = ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS;
-    let etc =
-        rustix::fs::openat2(root, "etc", OFlags::PATH | OFlags::DIRECTORY | OFlags::CLOEXEC, Mode::empty(), in_root);
-    if etc.is_err() {
+    use rustix::fs::OFlags;
+    if open_in_root(root, "etc", OFlags::PATH | OFlags::DIRECTORY).is_err() {
         return Ok(());
     }
-    // Non-blocking: a FIFO put there must not stop init.
-    let open = |name: &str, flags: OFlags| {
-        // openat2 refuses a mode without O_CREAT.
-        let mode = if flags.contains(OFlags::CREATE) { Mode::from_raw_mode(0o644) } else { Mode::empty() };
-        let flags = flags | OFlags::CLOEXEC | OFlags::NONBLOCK;
-        rustix::fs::openat2(root, format!("etc/{name}"), flags, mode, in_root).map(std::fs::File::from)
-    };
     let mut current = String::new();
-    if let Ok(file) = open("hosts", OFlags::RDONLY) {
+    if let Ok(file) = open_in_root(root, "etc/hosts", OFlags::RDONLY) {
         // Bounded: a checkpoint's /etc/hosts is the agent's to write.
         let _ = std::io::Read::read_to_string(&mut std::io::Read::take(file, 1 << 20), &mut current);
     }
     let write = |name: &str, content: String| -> Result<(), SetupError> {
-        let mut file =
-            open(name, OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC).map_err(step(format!("open /etc/{name}")))?;
+        let mut file = open_in_root(root, &format!("etc/{name}"), OFlags::WRONLY | OFlags::CREATE | OFlags::TRUNC)
+            .map_err(step(format!("open /etc/{name}")))?;
         std::io::Write::write_all(&mut file, content.as_bytes()).map_err(step(format!("write /etc/{name}")))
     };
     write("hostname", format!("{}\n", cfg.hostname))?;
     write("hosts", hosts_naming(&current, &cfg.hostname))?;
     if cfg.network == Network::Host {
         if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {
-            let source = channels.join("resolv.conf");
-            std::fs::write(&source, resolv).map_err(step("write /dev/.deltabox/resolv.conf"))?;
-            let target = Path::new("etc/resolv.conf");
-            if std::fs::symlink_metadata(target).is_err() {
-                open("resolv.conf", OFlags::WRONLY | OFlags::CREATE).map_err(step("create /etc/resolv.conf"))?;
-            }
-            mount(Some(&source), target, None::<&str>, MsFlags::MS_BIND, None::<&str>)
-                .map_err(step("bind /etc/resolv.conf"))?;
-            let read_only = MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY;
-            mount(None::<&str>, target, None::<&str>, read_only, None::<&str>)
-                .map_err(step("remount /etc/resolv.conf read-only"))?;
+            std::fs::write(channels.join("resolv.conf"), resolv).map_err(step("write /dev/.deltabox/resolv.conf"))?;
         }
     }
     Ok(())
+}
+
+/// Binds the host's /etc/resolv.conf, copied into the sealed `channels` by [`setup_etc`], onto the sandbox's
+/// /etc/resolv.conf (created if missing; resolved under `root`): read-only, as a copy of the sealed mount is.
+fn bind_host_resolv_conf(root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
+    use rustix::fs::OFlags;
+    let source = channels.join("resolv.conf");
+    if !source.exists() || open_in_root(root, "etc", OFlags::PATH | OFlags::DIRECTORY).is_err() {
+        return Ok(());
+    }
+    let copy = clone_mount(&source).map_err(step("clone /dev/.deltabox/resolv.conf"))?;
+    if open_in_root(root, "etc/resolv.conf", OFlags::PATH).is_err() {
+        open_in_root(root, "etc/resolv.conf", OFlags::WRONLY | OFlags::CREATE)
+            .map_err(step("create /etc/resolv.conf"))?;
+    }
+    let target = open_in_root(root, "etc/resolv.conf", OFlags::PATH).map_err(step("open /etc/resolv.conf"))?;
+    attach(&copy, &target.into()).map_err(step("bind /etc/resolv.conf"))
 }
 
 /// `hosts` (an /etc/hosts) naming `hostname` as 127.0.1.1 (any other 127.0.1.1 line is dropped), with the

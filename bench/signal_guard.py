@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "python"))
 
 import deltabox  # noqa: E402
+from sandbox_latency import percentile  # noqa: E402  (same directory)
 
 PROBE = r"""
 import os, sys, time
@@ -42,11 +43,6 @@ rows = {"getppid (baseline)": timed(os.getppid), "kill(pid, 0), pid below the re
 for name, samples in rows.items():
     print(name + "\t" + " ".join(f"{s:.3f}" for s in samples))
 """
-
-
-def percentile(samples, p):
-    ordered = sorted(samples)
-    return ordered[min(len(ordered) - 1, max(0, round(p / 100 * len(ordered) + 0.5) - 1))]
 
 
 def main() -> int:

@@ -3,9 +3,10 @@
 //! bash runs interactively on a pty (job control, ^C semantics). Commands do not travel through the pty:
 //! for each call the shim types one line that sets the call's token, reads the command text from a FIFO
 //! (fd 249) up to a NUL and `eval`s it at top level, with stdout and stderr redirected to two more FIFOs
-//! (fds 250 and 251) and stdin from /dev/null. The FIFOs live in the sandbox's /dev/.deltabox (read-only for
-//! the sandbox's processes) and both sides hold them open read-write: a shell restored from a checkpoint reopens them by path and is connected to
-//! the shim again, and neither side ever sees end of file (the shell's end is noticed through init).
+//! (fds 250 and 251) and stdin from /dev/null. The FIFOs live in the sandbox's /dev/.deltabox (read-only
+//! for the sandbox's processes) and both sides hold them open read-write: a shell restored from a
+//! checkpoint reopens them by path and is connected to the shim again, and neither side ever sees end of
+//! file (the shell's end is noticed through init).
 //! The shim never opens them by path itself: init opens them inside the sandbox and passes the
 //! descriptors (a process of the sandbox could have put a symlink to a host file there).
 //! bash's `PROMPT_COMMAND` then prints an end marker carrying the token and `$?` on both pipes. The token

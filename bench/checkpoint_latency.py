@@ -9,7 +9,7 @@ In one sandbox of the image, at each filesystem size — the image alone, then a
   * checkpoint (fs_only) after changing 1 file / 1,000 files since the previous checkpoint;
   * rollback to a checkpoint after changing 1 file / 1,000 files since it.
 Changing the files is not timed. Each row gives the API round trip (what the SDK caller waits for) and the latency
-the daemon reports (`latency_ms`: freeze to thaw for a checkpoint; kill + filesystem switch for a rollback; `fs_ms`
+the daemon reports (`pause_ms`: freeze to thaw for a checkpoint; kill + filesystem switch for a rollback; `fs_ms`
 is the filesystem part of a rollback). Then, at each size, fork of 1 and of 8 sandboxes from a checkpoint (until all
 run), each removed untimed afterwards.
 
@@ -62,7 +62,7 @@ class Row:
     name: str
     #: Round trips as the SDK caller sees them (ms).
     round_trip: List[float] = field(default_factory=list)
-    #: The daemon's latency_ms.
+    #: The daemon's pause_ms.
     daemon: List[float] = field(default_factory=list)
     #: The filesystem part (fs_ms) of a rollback.
     fs: List[float] = field(default_factory=list)
@@ -94,7 +94,7 @@ def bench_size(sb: deltabox.Sandbox, label: str, iterations: int, rows: List[Row
             churn(sb, n, i + 1)
             ms, ck = timed(lambda: sb.checkpoint(fs_only=True))
             row.round_trip.append(ms)
-            row.daemon.append(ck.latency_ms)  # type: ignore[attr-defined]
+            row.daemon.append(ck.pause_ms)  # type: ignore[attr-defined]
         rows.append(row)
     target = sb.checkpoint(fs_only=True)
     for n in CHANGED:
@@ -103,7 +103,7 @@ def bench_size(sb: deltabox.Sandbox, label: str, iterations: int, rows: List[Row
             churn(sb, n, iterations + i + 1)
             ms, result = timed(lambda: sb.rollback(target))
             row.round_trip.append(ms)
-            row.daemon.append(result.latency_ms)  # type: ignore[attr-defined]
+            row.daemon.append(result.pause_ms)  # type: ignore[attr-defined]
             row.fs.append(result.fs_ms)  # type: ignore[attr-defined]
         rows.append(row)
 
@@ -186,7 +186,7 @@ def main() -> int:
     print_table(rows, f"DeltaBox filesystem checkpoints (ms) via the Python SDK; image {args.image}; "
                       f"{args.iterations} checkpoints/rollbacks and {args.forks} forks per row; {os.cpu_count()} "
                       f"CPUs\nfilesystem sizes: {sizes_text}; {depth} checkpoints in the sandbox at the end\n"
-                      "rt = API round trip; daemon = reported latency_ms; fs = reported fs_ms (rollback)")
+                      "rt = API round trip; daemon = reported pause_ms; fs = reported fs_ms (rollback)")
     return 0
 
 

@@ -10,7 +10,7 @@ Between timed calls it rewrites 0, 1 or 100 MB of it (at most all of it) (not ti
     written in the background after the call; the bench waits for it (untimed) before the next call;
   * rollback to the latest full checkpoint after changing 1 MB (the processes are killed and restored from the
     checkpoint's in-memory templates).
-Each row gives the API round trip (what the SDK caller waits for) and the latency the daemon reports (`latency_ms`:
+Each row gives the API round trip (what the SDK caller waits for) and the latency the daemon reports (`pause_ms`:
 freeze to thaw for a checkpoint; kill + filesystem switch + restore for a rollback). Baseline in the same run and
 sandbox: a filesystem-only checkpoint (`fs_only`) and its rollback. Prints p50/p99 in ms and each row's daemon p50
 as a multiple of its baseline's.
@@ -86,7 +86,7 @@ def bench_rss(client: deltabox.Client, image: str, rss: int, iterations: int) ->
                 dirty(sb, mb)
                 ms, ck = timed(sb.checkpoint)
                 rt.append(ms)
-                daemon.append(ck.latency_ms)
+                daemon.append(ck.pause_ms)
                 settle(client, ck)
         target = sb.checkpoint()
         settle(client, target)
@@ -95,18 +95,18 @@ def bench_rss(client: deltabox.Client, image: str, rss: int, iterations: int) ->
             dirty(sb, 1)
             ms, result = timed(lambda: sb.rollback(target))
             rt.append(ms)
-            daemon.append(result.latency_ms)
+            daemon.append(result.pause_ms)
         fs_target = sb.checkpoint(fs_only=True)
         rt, daemon = rows.setdefault(f"{rss} MB: fs-only checkpoint (baseline)", ([], []))
         for _ in range(iterations):
             ms, ck = timed(lambda: sb.checkpoint(fs_only=True))
             rt.append(ms)
-            daemon.append(ck.latency_ms)
+            daemon.append(ck.pause_ms)
         rt, daemon = rows.setdefault(f"{rss} MB: fs-only rollback (baseline)", ([], []))
         for _ in range(iterations):
             ms, result = timed(lambda: sb.rollback(fs_target))
             rt.append(ms)
-            daemon.append(result.latency_ms)
+            daemon.append(result.pause_ms)
     return rows
 
 
@@ -119,7 +119,7 @@ def main() -> int:
     args = parser.parse_args()
     client = deltabox.Client(socket=args.socket)
     print(f"DeltaBox full checkpoints via the Python SDK (ms); image {args.image}; {args.iterations} calls per row; "
-          f"{os.cpu_count()} CPUs\nrt = API round trip; daemon = reported latency_ms")
+          f"{os.cpu_count()} CPUs\nrt = API round trip; daemon = reported pause_ms")
     header = f"{'measurement':44} {'rt p50':>8} {'rt p99':>8} {'daemon p50':>10} {'daemon p99':>10}  daemon p50 vs baseline"
     print(header)
     print("-" * len(header))

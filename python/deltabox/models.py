@@ -163,14 +163,16 @@ class RollbackResult:
     The sandbox is as at ``checkpoint``. Every process except the sandbox's init was killed (``processes_killed``);
     for a full checkpoint its processes were restored (``processes_restored``, from the durable image if
     ``from_image``) with its sessions (``sessions_restored``); sessions not in the checkpoint ended
-    (``sessions_closed``). ``latency_ms`` is the whole rollback as the sandbox's supervisor measured it, ``fs_ms``
-    the part spent switching the filesystem and invalidating the kernel's caches for the ``changed_inodes`` that
-    differ.
+    (``sessions_closed``). ``pause_ms`` is the pause the sandbox saw, as its supervisor measured it (from the first
+    process killed until the restored ones run), ``fs_ms`` the part of it spent switching the filesystem and
+    invalidating the kernel's caches for the ``changed_inodes`` that differ, ``duration_ms`` the whole call in the
+    daemon (the pause included, and any wait for the checkpoint's process image to be written).
     """
 
     sandbox: str
     checkpoint: str
-    latency_ms: float = 0.0
+    pause_ms: float = 0.0
+    duration_ms: float = 0.0
     fs_ms: float = 0.0
     covers: List[str] = field(default_factory=list)
     processes: str = ""

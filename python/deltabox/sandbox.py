@@ -49,8 +49,11 @@ class Checkpoint:
     #: ``"full"`` (files and processes) or ``"filesystem"``.
     kind: str = ""
     created: int = 0
-    #: How long the sandbox was frozen for it, as its supervisor measured it.
-    latency_ms: float = 0.0
+    #: The pause the sandbox saw: freeze to thaw, as its supervisor measured it.
+    pause_ms: float = 0.0
+    #: The checkpoint call's duration in the daemon (the pause included; not the HTTP round trip, nor writing the
+    #: process image, which follows in the background).
+    duration_ms: float = 0.0
     #: What it holds: ``["filesystem", "processes"]`` or ``["filesystem"]``.
     covers: List[str] = field(default_factory=list)
     #: What happened to the sandbox's processes, in words.

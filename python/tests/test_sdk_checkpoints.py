@@ -14,7 +14,7 @@ CHECKPOINT = {
     "parent": "ck-000000001234",
     "kind": "filesystem",
     "created": 1700000100,
-    "latency_ms": 0.81,
+    "pause_ms": 0.81,
     "covers": ["filesystem"],
     "processes": "not captured (filesystem-only checkpoint): they kept running",
     "process_count": None,
@@ -23,7 +23,7 @@ CHECKPOINT = {
 ROLLBACK = {
     "sandbox": SANDBOX["id"],
     "checkpoint": CHECKPOINT["id"],
-    "latency_ms": 3.5,
+    "pause_ms": 3.5,
     "fs_ms": 1.25,
     "covers": ["filesystem"],
     "processes": "2 killed; 2 restored from the checkpoint",
@@ -44,7 +44,7 @@ def test_fs_only_checkpoint(fake, sandbox):
     assert isinstance(ck, deltabox.Checkpoint)
     assert (ck.id, ck.sandbox, ck.parent, ck.kind) == (CHECKPOINT["id"], SANDBOX["id"], CHECKPOINT["parent"],
                                                        "filesystem")
-    assert (ck.latency_ms, ck.covers, ck.created) == (0.81, ["filesystem"], 1700000100)
+    assert (ck.pause_ms, ck.covers, ck.created) == (0.81, ["filesystem"], 1700000100)
     assert "kept running" in ck.processes
     # The handle is plain data for comparisons and printing: the connection is not part of it.
     assert "transport" not in repr(ck)
@@ -94,7 +94,7 @@ def test_rollback_takes_a_checkpoint_or_its_id(fake, sandbox, as_object):
     assert fake.requests[-1].headers["content-type"] == "application/json"
     assert isinstance(result, deltabox.RollbackResult)
     assert (result.checkpoint, result.processes_killed, result.sessions_closed) == (CHECKPOINT["id"], 2, ["main"])
-    assert (result.latency_ms, result.fs_ms, result.changed_inodes) == (3.5, 1.25, 7)
+    assert (result.pause_ms, result.fs_ms, result.changed_inodes) == (3.5, 1.25, 7)
     assert (result.processes_restored, result.from_image, result.sessions_restored) == (2, False, ["work"])
 
 

@@ -32,7 +32,7 @@ def test_checkpoint_view_and_list(client, sb):
     first = sb.checkpoint(fs_only=True)
     assert first.id.startswith("ck-") and first.sandbox == sb.id and first.parent is None
     assert (first.kind, first.covers) == ("filesystem", ["filesystem"])
-    assert "not captured" in first.processes and first.latency_ms > 0
+    assert "not captured" in first.processes and first.pause_ms > 0
     second = sb.checkpoint(fs_only=True)
     assert second.parent == first.id
     assert [c.id for c in sb.checkpoints()] == [first.id, second.id]
@@ -55,7 +55,7 @@ def test_rollback_restores_the_tree_exactly(sb):
     assert len(differences(tree, manifest(sb, TREE), limit=1000)) > 100
     result = sb.rollback(ck)
     assert (result.sandbox, result.checkpoint, result.covers) == (sb.id, ck.id, ["filesystem"])
-    assert result.changed_inodes > 0 and result.latency_ms >= result.fs_ms > 0
+    assert result.changed_inodes > 0 and result.pause_ms >= result.fs_ms > 0
     assert_same(tree, manifest(sb, TREE), "the tree after rollback")
     assert_same(root, manifest(sb, "/", light=True), "the root filesystem after rollback")
     # The rolled-back files are usable as before: the sandbox's programs run, a setuid bit is honoured by stat.

@@ -81,6 +81,15 @@ pub struct SandboxView {
     pub origin: Option<String>,
     /// The checkpoint its current state descends from.
     pub head: Option<String>,
+    /// Set when `state` is "incompatible shim": the sandbox runs, but its supervisor speaks another
+    /// protocol version than this daemon (an upgrade while it ran). It can be listed and deleted only.
+    pub incompatible_shim: Option<IncompatibleShim>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct IncompatibleShim {
+    pub shim_protocol: u32,
+    pub daemon_protocol: u32,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -100,8 +109,11 @@ pub struct CheckpointView {
     pub parent: Option<String>,
     pub kind: String,
     pub created: i64,
-    /// Freeze to thaw, as measured by the sandbox's supervisor.
-    pub latency_ms: f64,
+    /// The pause the sandbox saw: freeze to thaw, as measured by its supervisor.
+    pub pause_ms: f64,
+    /// The checkpoint call's duration in the daemon: from the request's arrival until the checkpoint
+    /// was recorded (the pause included; not the HTTP transfer, nor writing the process image).
+    pub duration_ms: f64,
     /// What the checkpoint holds: "filesystem", and "processes" for a full checkpoint.
     pub covers: Vec<String>,
     /// What happened to the sandbox's processes.
@@ -131,6 +143,9 @@ pub struct RollbackView {
     pub checkpoint: String,
     pub covers: Vec<String>,
     pub processes: String,
+    /// The rollback call's duration in the daemon: from the request's arrival until the sandbox's new
+    /// state was recorded (the pause included, and a wait for a process image being written).
+    pub duration_ms: f64,
     #[serde(flatten)]
     pub stats: RollbackStats,
 }

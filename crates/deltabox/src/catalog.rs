@@ -108,7 +108,12 @@ pub struct CheckpointRecord {
     pub sessions: Vec<crate::shim::proto::SessionSnapshot>,
     pub config: SandboxConfig,
     pub created: i64,
-    pub latency_ms: f64,
+    /// The pause the sandbox saw (freeze to thaw, measured by its shim).
+    #[serde(alias = "latency_ms")]
+    pub pause_ms: f64,
+    /// The checkpoint call's duration in the daemon (0 in records from before it was kept).
+    #[serde(default)]
+    pub duration_ms: f64,
 }
 
 pub struct Catalog {
@@ -358,7 +363,8 @@ mod tests {
             sessions: vec![],
             config: config(Digest::of(b"c")),
             created: 1,
-            latency_ms: 1.0,
+            pause_ms: 1.0,
+            duration_ms: 2.0,
         }
     }
 

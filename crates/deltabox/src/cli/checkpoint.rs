@@ -47,7 +47,7 @@ pub async fn checkpoint(client: &Client, args: CheckpointArgs) -> anyhow::Result
                 cp.id,
                 cp.sandbox,
                 cp.covers.join(", "),
-                cp.latency_ms,
+                cp.pause_ms,
                 cp.processes
             );
             Ok(())
@@ -64,7 +64,7 @@ pub async fn rollback(client: &Client, id: &str, checkpoint: &str) -> anyhow::Re
         r.sandbox,
         r.checkpoint,
         r.covers.join(", "),
-        r.stats.latency_ms,
+        r.stats.pause_ms,
         r.processes
     );
     if !r.stats.sessions_closed.is_empty() {
@@ -92,7 +92,7 @@ pub async fn list(client: &Client, id: &str) -> anyhow::Result<()> {
     for c in checkpoints {
         let parent = c.parent.unwrap_or_else(|| "-".into());
         let size = c.disk_bytes.map_or_else(|| "?".into(), super::human_bytes);
-        let (id, kind, latency, age) = (c.id, c.kind, c.latency_ms, super::age(c.created));
+        let (id, kind, latency, age) = (c.id, c.kind, c.pause_ms, super::age(c.created));
         println!("{id:<16} {parent:<16} {kind:<11} {latency:>7.2} ms {size:>10} {age}");
     }
     Ok(())

@@ -136,7 +136,7 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
     let cp: CheckpointView = client
         .json(Method::POST, &format!("/v1/sandboxes/{id}/checkpoints"), Some(&CheckpointRequest { fs_only: false }))
         .await?;
-    println!("  checkpoint {} ({}) in {:.2} ms: {}", cp.id, cp.covers.join(" + "), cp.latency_ms, cp.processes);
+    println!("  checkpoint {} ({}) in {:.2} ms: {}", cp.id, cp.covers.join(" + "), cp.pause_ms, cp.processes);
     session(client, id, "kill %1; cd /; GREETING=changed; unset -f greet; rm -rf /root/repo /usr/bin/python3*", 30.0)
         .await?;
     session(client, id, "jobs; echo $GREETING; ls /root; python3 -V", 30.0).await?;
@@ -149,7 +149,7 @@ async fn demo_steps(client: &Client, id: &str) -> anyhow::Result<()> {
         .await?;
     println!(
         "  rolled back in {:.2} ms: {} (sessions back: {})",
-        rb.stats.latency_ms,
+        rb.stats.pause_ms,
         rb.processes,
         rb.stats.sessions_restored.join(", ")
     );

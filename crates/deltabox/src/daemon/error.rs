@@ -1,4 +1,5 @@
 //! API errors: every failure is a JSON body `{"error": CODE, "message": ...}` with a fitting status.
+//! The engine's, the shim's and the files API's errors become HTTP answers here and nowhere else.
 
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts, Request};
@@ -8,7 +9,12 @@ use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::de::DeserializeOwned;
 
+use sandbox::files::FilesError;
+
+use super::engine::EngineError;
+use super::shim_client::ShimError;
 use crate::api::ErrorBody;
+use crate::catalog::CatalogError;
 use crate::shim::proto::ErrorKind;
 
 #[derive(Debug)]
@@ -41,25 +47,61 @@ impl ApiError {
         ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
     }
 
-    /// An error the shim reported.
-    pub fn from_shim(kind: ErrorKind, message: String) -> ApiError {
-        let (status, code) = match kind {
-            ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
-            ErrorKind::StartFailed => (StatusCode::BAD_REQUEST, "start_failed"),
-            ErrorKind::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
-            ErrorKind::SessionExists => (StatusCode::CONFLICT, "session_exists"),
-            ErrorKind::SessionLost => (StatusCode::GONE, "session_ended"),
-            ErrorKind::SessionRolledBack => (StatusCode::CONFLICT, "session_rolled_back"),
-            ErrorKind::CheckpointFailed => (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed"),
-            ErrorKind::CheckpointUnsupported => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported"),
-            ErrorKind::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
-            ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
-        };
-        ApiError::new(status, code, message)
-    }
-
     pub fn body(&self) -> ErrorBody {
         ErrorBody { error: self.code.to_string(), message: self.message.clone() }
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(e: EngineError) -> Self {
+        let message = crate::errors::error_chain(&e);
+        match e {
+            EngineError::SandboxNotFound(_) => ApiError::not_found("sandbox_not_found", message),
+            EngineError::CheckpointNotFound(_) => ApiError::not_found("checkpoint_not_found", message),
+            EngineError::ImageNotFound(_) => ApiError::not_found("image_not_found", message),
+            EngineError::Invalid { code, .. } => ApiError::bad_request(code, message),
+            EngineError::Conflict { code, .. } => ApiError::conflict(code, message),
+            EngineError::StartFailed(_) => {
+                ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_start_failed", message)
+            }
+            EngineError::Shim(e) => e.into(),
+            EngineError::Catalog(e) => e.into(),
+            EngineError::Internal(e) => e.into(),
+        }
+    }
+}
+
+impl From<ShimError> for ApiError {
+    fn from(e: ShimError) -> Self {
+        let (status, code) = match &e {
+            ShimError::Reported { kind, .. } => match kind {
+                ErrorKind::BadRequest => (StatusCode::BAD_REQUEST, "bad_request"),
+                ErrorKind::StartFailed => (StatusCode::BAD_REQUEST, "start_failed"),
+                ErrorKind::SessionNotFound => (StatusCode::NOT_FOUND, "session_not_found"),
+                ErrorKind::SessionExists => (StatusCode::CONFLICT, "session_exists"),
+                ErrorKind::SessionLost => (StatusCode::GONE, "session_ended"),
+                ErrorKind::SessionRolledBack => (StatusCode::CONFLICT, "session_rolled_back"),
+                ErrorKind::CheckpointFailed => (StatusCode::INTERNAL_SERVER_ERROR, "checkpoint_failed"),
+                ErrorKind::CheckpointUnsupported => (StatusCode::UNPROCESSABLE_ENTITY, "checkpoint_unsupported"),
+                ErrorKind::NoSpace => (StatusCode::INSUFFICIENT_STORAGE, "no_space"),
+                ErrorKind::Internal => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            },
+            ShimError::Incompatible { .. } => (StatusCode::CONFLICT, "incompatible_shim"),
+            ShimError::Unreachable { .. } | ShimError::Lost { .. } | ShimError::Timeout { .. } => {
+                (StatusCode::INTERNAL_SERVER_ERROR, "shim_unavailable")
+            }
+            ShimError::Unexpected { .. } => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+        };
+        if status == StatusCode::INTERNAL_SERVER_ERROR {
+            tracing::error!("{}", crate::errors::error_chain(&e));
+        }
+        ApiError::new(status, code, crate::errors::error_chain(&e))
+    }
+}
+
+impl From<CatalogError> for ApiError {
+    fn from(e: CatalogError) -> Self {
+        anyhow::Error::from(e).into()
     }
 }
 
@@ -71,6 +113,27 @@ impl From<anyhow::Error> for ApiError {
         }
         tracing::error!("internal error: {e:#}");
         ApiError::internal(format!("{e:#}"))
+    }
+}
+
+impl From<FilesError> for ApiError {
+    fn from(e: FilesError) -> Self {
+        let status = match &e {
+            FilesError::NotFound { .. } => StatusCode::NOT_FOUND,
+            FilesError::AlreadyExists { .. } | FilesError::DirectoryNotEmpty { .. } | FilesError::ReadOnly { .. } => {
+                StatusCode::CONFLICT
+            }
+            FilesError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
+            FilesError::OpenRoot { .. } | FilesError::Io { .. } | FilesError::WriteOutput { .. } => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
+            _ => StatusCode::BAD_REQUEST,
+        };
+        let code = match &e {
+            FilesError::NotFound { .. } => "file_not_found",
+            other => other.code(),
+        };
+        ApiError::new(status, code, crate::errors::error_chain(&e))
     }
 }
 

@@ -82,35 +82,16 @@ fn octal(mode: Option<&str>, default: u32) -> ApiResult<u32> {
     }
 }
 
-fn files_error(e: FilesError) -> ApiError {
-    let status = match &e {
-        FilesError::NotFound { .. } => StatusCode::NOT_FOUND,
-        FilesError::AlreadyExists { .. } | FilesError::DirectoryNotEmpty { .. } | FilesError::ReadOnly { .. } => {
-            StatusCode::CONFLICT
-        }
-        FilesError::NoSpace { .. } => StatusCode::INSUFFICIENT_STORAGE,
-        FilesError::OpenRoot { .. } | FilesError::Io { .. } | FilesError::WriteOutput { .. } => {
-            StatusCode::INTERNAL_SERVER_ERROR
-        }
-        _ => StatusCode::BAD_REQUEST,
-    };
-    let code = match &e {
-        FilesError::NotFound { .. } => "file_not_found",
-        other => other.code(),
-    };
-    ApiError::new(status, code, crate::errors::error_chain(&e))
-}
-
 /// Opens the root of running sandbox `id`.
 async fn root(engine: &Engine, id: &str) -> ApiResult<SandboxRoot> {
     let live = engine.live(id).await?;
     let map = IdMap { host_base: live.info.uid_base, count: IDS_PER_SANDBOX };
-    SandboxRoot::open(std::path::Path::new(&format!("/proc/{}/root", live.info.init_pid)), map).map_err(files_error)
+    SandboxRoot::open(std::path::Path::new(&format!("/proc/{}/root", live.info.init_pid)), map).map_err(ApiError::from)
 }
 
 /// Runs blocking file work off the async threads.
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T, FilesError> + Send + 'static) -> ApiResult<T> {
-    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(files_error)
+    tokio::task::spawn_blocking(f).await.map_err(|e| ApiError::internal(e.to_string()))?.map_err(ApiError::from)
 }
 
 /// The request body as a blocking reader (to be used inside `spawn_blocking`).

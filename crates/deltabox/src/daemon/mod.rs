@@ -4,6 +4,7 @@ pub mod engine;
 pub mod error;
 pub mod files;
 pub mod routes;
+pub mod shim_client;
 
 use std::future::IntoFuture;
 use std::net::SocketAddr;

@@ -12,17 +12,17 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use base64::Engine as _;
 use futures_util::StreamExt;
-use sandbox::ipc::{AsyncChannel, Packet};
 use sandbox::spec::WinSize;
 use serde::Serialize;
 use tokio::sync::mpsc;
 
 use super::engine::{env_pairs, now, view, Engine};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
+use super::shim_client::{Event, Running, ShimError};
 use crate::api::*;
 use crate::catalog::ImageRecord;
 use crate::errors::error_chain;
-use crate::shim::proto::{self, Input, Outcome, Reply, Request, Stream};
+use crate::shim::proto::{self, Input, Outcome, Stream};
 
 const DEFAULT_MAX_OUTPUT: u64 = 16 << 20;
 /// Stdin bytes per packet to the shim.
@@ -109,28 +109,16 @@ fn validate_image_name(name: &str) -> ApiResult<()> {
 }
 
 async fn list_images(State(engine): AppState) -> ApiResult<Json<serde_json::Value>> {
-    let images = engine.catalog().images().map_err(anyhow::Error::from)?;
+    let images = engine.catalog().images()?;
     Ok(Json(serde_json::json!({ "images": images.iter().map(image_view).collect::<Vec<_>>() })))
 }
 
 async fn get_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -> ApiResult<Json<ImageView>> {
-    let image = engine.catalog().image(&name).map_err(anyhow::Error::from)?;
-    image
-        .map(|i| Json(image_view(&i)))
-        .ok_or_else(|| ApiError::not_found("image_not_found", format!("no image named {name:?}")))
+    Ok(Json(image_view(&engine.image(&name)?)))
 }
 
 async fn remove_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
-    if engine.catalog().image(&name).map_err(anyhow::Error::from)?.is_none() {
-        return Err(ApiError::not_found("image_not_found", format!("no image named {name:?}")));
-    }
-    let users = engine.users_of_image(&name).await;
-    if !users.is_empty() {
-        let message = format!("image {name:?} is used by sandbox(es) {}; remove them first", users.join(", "));
-        return Err(ApiError::conflict("image_in_use", message));
-    }
-    engine.catalog().delete_image(&name).map_err(anyhow::Error::from)?;
-    engine.collect_garbage().await;
+    engine.remove_image(&name).await?;
     Ok(Json(serde_json::json!({ "name": name, "removed": true })))
 }
 
@@ -176,7 +164,10 @@ async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportReque
                     // Index the layers for DeltaFS now, so the first sandbox starts fast.
                     Ok(()) => match engine.image_base_stack(&record).await {
                         Ok(_) => ImportEvent::Done { image: image_view(&record) },
-                        Err(e) => ImportEvent::Error { error: e.code.into(), message: e.message },
+                        Err(e) => {
+                            let e = ApiError::from(e);
+                            ImportEvent::Error { error: e.code.into(), message: e.message }
+                        }
                     },
                     Err(e) => ImportEvent::Error { error: "internal".into(), message: format!("{e:#}") },
                 }
@@ -204,7 +195,7 @@ async fn create_sandbox(State(engine): AppState, ApiJson(req): ApiJson<CreateReq
 }
 
 async fn get_sandbox(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<SandboxView>> {
-    Ok(Json(view(&engine.live(&id).await?)))
+    Ok(Json(view(&engine.listed(&id).await?)))
 }
 
 #[derive(serde::Deserialize)]
@@ -249,7 +240,8 @@ fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u
         parent: c.parent.clone(),
         kind: c.kind.clone(),
         created: c.created,
-        latency_ms: c.latency_ms,
+        pause_ms: c.pause_ms,
+        duration_ms: c.duration_ms,
         covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
         processes,
         process_count: c.processes,
@@ -295,7 +287,7 @@ async fn rollback(
     ApiPath(id): ApiPath<String>,
     ApiJson(req): ApiJson<RollbackRequest>,
 ) -> ApiResult<Json<RollbackView>> {
-    let (cp, stats) = engine.rollback(&id, &req.checkpoint).await?;
+    let (cp, stats, duration_ms) = engine.rollback(&id, &req.checkpoint).await?;
     let full = cp.kind == "full";
     let processes = if full {
         format!(
@@ -312,6 +304,7 @@ async fn rollback(
         checkpoint: cp.id,
         covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
         processes,
+        duration_ms,
         stats,
     }))
 }
@@ -370,52 +363,36 @@ async fn exec(
         max_output: req.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT),
         stdin: stdin.is_some(),
     };
-    let conn = engine.shim_connect(&id, &Request::Exec(shim_req)).await?;
+    let running = engine.shim(&id).exec(shim_req).await?;
     if let Some(data) = stdin {
-        send_stdin(&conn, &data).await?;
+        send_stdin(&running, &data).await?;
     }
     let encoding = req.encoding;
     if req.stream {
-        // The first answer decides between an HTTP error and a stream.
-        let first = conn.recv::<Reply>().await.map_err(|e| ApiError::internal(e.to_string()))?;
-        if let Reply::Error { kind, message } = first.msg {
-            return Err(ApiError::from_shim(kind, message));
-        }
+        // The first event decides between an HTTP error and a stream.
+        let first = running.next().await?;
         let (tx, rx) = mpsc::channel(64);
         tokio::spawn(async move {
-            let mut next = Some(first);
+            let mut next = Some(Ok(first));
             loop {
-                let packet = match next.take() {
-                    Some(p) => p,
+                let event = match next.take() {
+                    Some(event) => event,
                     None => tokio::select! {
-                        received = conn.recv::<Reply>() => match received {
-                            Ok(p) => p,
-                            Err(e) => {
-                                let event = ExecEvent::Error { error: "internal".into(), message: e.to_string() };
-                                let _ = tx.send(json_value(&event)).await;
-                                return;
-                            }
-                        },
-                        // The client left while the command is quiet: dropping `conn` kills the command.
+                        event = running.next() => event,
+                        // The client left while the command is quiet: dropping `running` kills the command.
                         _ = tx.closed() => return,
                     },
                 };
-                let (event, last) = match packet.msg {
-                    Reply::Started { pid } => (ExecEvent::Started { pid }, false),
-                    Reply::Output { stream: Stream::Stdout } => {
-                        (ExecEvent::Stdout { data: encode(&packet.payload, encoding) }, false)
+                let (event, last) = match event {
+                    Ok(Event::Started { pid }) => (ExecEvent::Started { pid }, false),
+                    Ok(Event::Output { stream: Stream::Stdout, data }) => {
+                        (ExecEvent::Stdout { data: encode(&data, encoding) }, false)
                     }
-                    Reply::Output { stream: Stream::Stderr } => {
-                        (ExecEvent::Stderr { data: encode(&packet.payload, encoding) }, false)
+                    Ok(Event::Output { stream: Stream::Stderr, data }) => {
+                        (ExecEvent::Stderr { data: encode(&data, encoding) }, false)
                     }
-                    Reply::Exited(o) => (ExecEvent::Exit(result(o, String::new(), String::new())), true),
-                    Reply::Error { kind, message } => {
-                        let e = ApiError::from_shim(kind, message);
-                        (ExecEvent::Error { error: e.code.into(), message: e.message }, true)
-                    }
-                    other => {
-                        (ExecEvent::Error { error: "internal".into(), message: format!("unexpected {other:?}") }, true)
-                    }
+                    Ok(Event::Exited(o)) => (ExecEvent::Exit(result(o, String::new(), String::new())), true),
+                    Err(e) => (error_event(e), true),
                 };
                 // Stop (and so kill the command, as the shim sees us leave) when the client is gone.
                 if tx.send(json_value(&event)).await.is_err() || last {
@@ -425,33 +402,21 @@ async fn exec(
         });
         return Ok(ndjson(rx));
     }
-    let (outcome, stdout, stderr) = collect(&conn).await?;
+    let (outcome, stdout, stderr) = running.collect().await?;
     Ok(Json(result(outcome, encode(&stdout, encoding), encode(&stderr, encoding))).into_response())
 }
 
-async fn send_stdin(conn: &AsyncChannel, data: &[u8]) -> ApiResult<()> {
-    let err = |e: sandbox::ipc::IpcError| ApiError::internal(format!("send stdin to the shim: {e}"));
-    for chunk in data.chunks(STDIN_CHUNK) {
-        conn.send(&Input::Stdin, chunk, &[]).await.map_err(err)?;
-    }
-    conn.send(&Input::StdinEof, &[], &[]).await.map_err(err)
+/// An error as the last event of a stream.
+fn error_event(e: ShimError) -> ExecEvent {
+    let e = ApiError::from(e);
+    ExecEvent::Error { error: e.code.into(), message: e.message }
 }
 
-/// Reads a command's replies to the end: its outcome, stdout and stderr.
-async fn collect(conn: &AsyncChannel) -> ApiResult<(Outcome, Vec<u8>, Vec<u8>)> {
-    let (mut stdout, mut stderr) = (Vec::new(), Vec::new());
-    loop {
-        let Packet { msg, payload, .. } =
-            conn.recv::<Reply>().await.map_err(|e| ApiError::internal(format!("lost the shim: {e}")))?;
-        match msg {
-            Reply::Started { .. } => {}
-            Reply::Output { stream: Stream::Stdout } => stdout.extend_from_slice(&payload),
-            Reply::Output { stream: Stream::Stderr } => stderr.extend_from_slice(&payload),
-            Reply::Exited(outcome) => return Ok((outcome, stdout, stderr)),
-            Reply::Error { kind, message } => return Err(ApiError::from_shim(kind, message)),
-            other => return Err(ApiError::internal(format!("unexpected answer from the shim: {other:?}"))),
-        }
+async fn send_stdin(running: &Running, data: &[u8]) -> Result<(), ShimError> {
+    for chunk in data.chunks(STDIN_CHUNK) {
+        running.send(&Input::Stdin, chunk).await?;
     }
+    running.send(&Input::StdinEof, &[]).await
 }
 
 fn result(o: Outcome, stdout: String, stderr: String) -> ExecResult {
@@ -505,7 +470,8 @@ async fn attach_session(engine: Arc<Engine>, id: String, mut socket: WebSocket) 
         },
         _ => anyhow::bail!("the client sent no attach request"),
     };
-    let shim_req = match (env_pairs(&req.env), timeout_ms(req.timeout)) {
+    let env = env_pairs(&req.env).map_err(ApiError::from);
+    let shim_req = match (env, timeout_ms(req.timeout)) {
         (Ok(env), Ok(timeout_ms)) if !req.cmd.is_empty() => proto::ExecRequest {
             argv: req.cmd,
             env,
@@ -524,36 +490,31 @@ async fn attach_session(engine: Arc<Engine>, id: String, mut socket: WebSocket) 
             return ws_send(&mut socket, &event).await;
         }
     };
-    let conn = engine.shim_connect(&id, &Request::Exec(shim_req)).await?;
+    let running = engine.shim(&id).exec(shim_req).await?;
     loop {
         tokio::select! {
-            reply = conn.recv::<Reply>() => {
-                let Packet { msg, payload, .. } = reply?;
-                match msg {
-                    Reply::Started { pid } => ws_send(&mut socket, &ExecEvent::Started { pid }).await?,
-                    Reply::Output { stream } => {
-                        let tag = if stream == Stream::Stdout { FRAME_STDOUT } else { FRAME_STDERR };
-                        let mut frame = Vec::with_capacity(payload.len() + 1);
-                        frame.push(tag);
-                        frame.extend_from_slice(&payload);
-                        socket.send(Message::Binary(frame.into())).await?;
-                    }
-                    Reply::Exited(o) => {
-                        ws_send(&mut socket, &ExecEvent::Exit(result(o, String::new(), String::new()))).await?;
-                        let _ = socket.send(Message::Close(None)).await;
-                        return Ok(());
-                    }
-                    Reply::Error { kind, message } => {
-                        let e = ApiError::from_shim(kind, message);
-                        ws_send(&mut socket, &ExecEvent::Error { error: e.code.into(), message: e.message }).await?;
-                        let _ = socket.send(Message::Close(None)).await;
-                        return Ok(());
-                    }
-                    _ => {}
+            event = running.next() => match event {
+                Ok(Event::Started { pid }) => ws_send(&mut socket, &ExecEvent::Started { pid }).await?,
+                Ok(Event::Output { stream, data }) => {
+                    let tag = if stream == Stream::Stdout { FRAME_STDOUT } else { FRAME_STDERR };
+                    let mut frame = Vec::with_capacity(data.len() + 1);
+                    frame.push(tag);
+                    frame.extend_from_slice(&data);
+                    socket.send(Message::Binary(frame.into())).await?;
                 }
-            }
+                Ok(Event::Exited(o)) => {
+                    ws_send(&mut socket, &ExecEvent::Exit(result(o, String::new(), String::new()))).await?;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+                Err(e) => {
+                    ws_send(&mut socket, &error_event(e)).await?;
+                    let _ = socket.send(Message::Close(None)).await;
+                    return Ok(());
+                }
+            },
             incoming = socket.recv() => {
-                // A failed send means the shim already finished the request: its reply is queued on `conn`.
+                // A failed send means the shim already finished the request: its reply is queued.
                 let input = match incoming {
                     Some(Ok(Message::Binary(data))) if data.first() == Some(&FRAME_STDIN) => Some((Input::Stdin, data[1..].to_vec())),
                     Some(Ok(Message::Text(text))) => match serde_json::from_str::<AttachControl>(&text) {
@@ -570,7 +531,7 @@ async fn attach_session(engine: Arc<Engine>, id: String, mut socket: WebSocket) 
                     None | Some(Err(_)) => return Ok(()),
                 };
                 if let Some((input, payload)) = input {
-                    let _ = conn.send(&input, &payload, &[]).await;
+                    let _ = running.send(&input, &payload).await;
                 }
             }
         }
@@ -581,10 +542,7 @@ async fn attach_session(engine: Arc<Engine>, id: String, mut socket: WebSocket) 
 
 async fn list_sessions(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<SessionList>> {
     engine.live(&id).await?;
-    match single_reply(&engine, &id, Request::SessionList).await? {
-        Reply::Sessions(sessions) => Ok(Json(SessionList { sessions })),
-        other => Err(unexpected(other)),
-    }
+    Ok(Json(SessionList { sessions: engine.shim(&id).sessions().await? }))
 }
 
 async fn create_session(
@@ -593,10 +551,8 @@ async fn create_session(
     ApiJson(req): ApiJson<SessionCreate>,
 ) -> ApiResult<Response> {
     engine.live(&id).await?;
-    match single_reply(&engine, &id, Request::SessionOpen { name: req.name.clone() }).await? {
-        Reply::Done => Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": req.name }))).into_response()),
-        other => Err(unexpected(other)),
-    }
+    engine.shim(&id).open_session(req.name.clone()).await?;
+    Ok((StatusCode::CREATED, Json(serde_json::json!({ "name": req.name }))).into_response())
 }
 
 async fn close_session(
@@ -604,10 +560,8 @@ async fn close_session(
     ApiPath((id, name)): ApiPath<(String, String)>,
 ) -> ApiResult<Json<serde_json::Value>> {
     engine.live(&id).await?;
-    match single_reply(&engine, &id, Request::SessionClose { name: name.clone() }).await? {
-        Reply::Done => Ok(Json(serde_json::json!({ "name": name, "closed": true }))),
-        other => Err(unexpected(other)),
-    }
+    engine.shim(&id).close_session(name.clone()).await?;
+    Ok(Json(serde_json::json!({ "name": name, "closed": true })))
 }
 
 async fn run_in_session(
@@ -621,22 +575,7 @@ async fn run_in_session(
         return Err(ApiError::bad_request("invalid_command", "the command contains a NUL byte"));
     }
     let max_output = req.max_output_bytes.unwrap_or(DEFAULT_MAX_OUTPUT);
-    let request = Request::SessionRun { name, command: req.command, timeout_ms: timeout_ms(req.timeout)?, max_output };
-    let conn = engine.shim_connect(&id, &request).await?;
-    let (outcome, stdout, stderr) = collect(&conn).await?;
+    let running = engine.shim(&id).run_in_session(name, req.command, timeout_ms(req.timeout)?, max_output).await?;
+    let (outcome, stdout, stderr) = running.collect().await?;
     Ok(Json(result(outcome, encode(&stdout, Encoding::Utf8), encode(&stderr, Encoding::Utf8))))
-}
-
-async fn single_reply(engine: &Engine, id: &str, request: Request) -> ApiResult<Reply> {
-    let conn = engine.shim_connect(id, &request).await?;
-    let Packet { msg, .. } =
-        conn.recv::<Reply>().await.map_err(|e| ApiError::internal(format!("lost the shim: {e}")))?;
-    match msg {
-        Reply::Error { kind, message } => Err(ApiError::from_shim(kind, message)),
-        other => Ok(other),
-    }
-}
-
-fn unexpected(reply: Reply) -> ApiError {
-    ApiError::internal(format!("unexpected answer from the shim: {reply:?}"))
 }

@@ -103,7 +103,7 @@ impl Shim {
         drop(sessions);
         let mut stats = CheckpointStats {
             stack: captured.stack.clone(),
-            latency_ms: captured.stopped_ms,
+            pause_ms: captured.stopped_ms,
             fs_ms: captured.fs_ms,
             processes: None,
             image: None,
@@ -143,7 +143,7 @@ impl Shim {
             sessions.insert(name, session);
         }
         Ok(RollbackStats {
-            latency_ms: restored.total_ms,
+            pause_ms: restored.total_ms,
             fs_ms: restored.fs_ms,
             processes_killed: restored.killed,
             processes_restored: restored.restored,
@@ -275,8 +275,12 @@ async fn ready_to_serve(
     socket: &std::path::Path,
 ) -> anyhow::Result<(Arc<Shim>, AsyncListener, OwnedFd)> {
     let Built { container, cgroup, slot, cr } = built;
-    let info =
-        ShimInfo { shim_pid: std::process::id() as i32, init_pid: container.init_pid, uid_base: slot.map.host_base };
+    let info = ShimInfo {
+        protocol: proto::PROTOCOL,
+        shim_pid: std::process::id() as i32,
+        init_pid: container.init_pid,
+        uid_base: slot.map.host_base,
+    };
     let shim = Arc::new(Shim {
         id: cfg.id.clone(),
         defaults: cfg.defaults.clone(),

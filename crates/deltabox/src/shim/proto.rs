@@ -10,6 +10,10 @@ use sandbox::cgroup::Limits;
 use sandbox::spec::{Network, WinSize};
 use serde::{Deserialize, Serialize};
 
+/// The protocol's version, announced by every shim in its [`ShimInfo`]. Raise it with any change to the
+/// messages below that a shim or daemon of the previous version would misread.
+pub const PROTOCOL: u32 = 1;
+
 /// Everything a shim needs to start a sandbox; the daemon writes it as JSON to the shim's stdin.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShimConfig {
@@ -72,6 +76,10 @@ pub enum ShimStartup {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ShimInfo {
+    /// [`PROTOCOL`] of the shim. Read first, before anything else of the answer (see
+    /// `daemon::shim_client`); 0 for shims from before versioning.
+    #[serde(default)]
+    pub protocol: u32,
     pub shim_pid: i32,
     /// Init's pid in the host's pid namespace.
     pub init_pid: i32,
@@ -194,8 +202,8 @@ pub struct Outcome {
 pub struct CheckpointStats {
     /// The frozen filesystem stack.
     pub stack: String,
-    /// Freeze to thaw.
-    pub latency_ms: f64,
+    /// The pause the sandbox saw: freeze to thaw.
+    pub pause_ms: f64,
     /// Of which: the filesystem checkpoint itself.
     pub fs_ms: f64,
     /// Processes captured (None: a filesystem-only checkpoint).
@@ -208,7 +216,9 @@ pub struct CheckpointStats {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RollbackStats {
-    pub latency_ms: f64,
+    /// The pause the sandbox saw: from the first process killed to the restored ones running again
+    /// (or, for a filesystem-only checkpoint, to the filesystem switched).
+    pub pause_ms: f64,
     /// Of which: the filesystem switch and cache invalidation.
     pub fs_ms: f64,
     /// Processes killed (init is never killed).

@@ -1,0 +1,105 @@
+//! Recovery at daemon start: reattach to the sandboxes whose shims still run, clean up the rest.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use sandbox::cgroup::Cgroup;
+
+use super::{Engine, Live, IMAGE_WAIT};
+use crate::catalog::{CheckpointRecord, ImageFailure};
+use crate::daemon::shim_client::Announced;
+use crate::shim::proto::ErrorKind;
+
+impl Engine {
+    /// Reattaches to every sandbox whose shim still runs (a shim of another protocol version too: its
+    /// sandbox keeps running and is listed as such); destroys what cannot be recovered.
+    pub(super) async fn recover(self: &Arc<Self>) -> anyhow::Result<()> {
+        let records = self.catalog().sandboxes()?;
+        let mut known = std::collections::HashSet::new();
+        for record in records {
+            known.insert(record.id.clone());
+            let info = match self.shim(&record.id).announce().await {
+                Ok(Announced::Compatible(info)) => info,
+                Ok(Announced::Incompatible { protocol, info }) => {
+                    tracing::warn!(
+                        id = %record.id,
+                        shim_protocol = protocol,
+                        "the sandbox's shim speaks another protocol version; leaving it running, unused"
+                    );
+                    info
+                }
+                Err(e) => {
+                    tracing::warn!(id = %record.id, "sandbox's shim is gone ({e:#}); cleaning it up");
+                    self.force_cleanup(&record.id);
+                    self.catalog().delete_sandbox(&record.id)?;
+                    continue;
+                }
+            };
+            tracing::info!(id = %record.id, shim = info.shim_pid, "reattached to sandbox");
+            self.watch_shim(record.id.clone(), info.shim_pid);
+            self.sandboxes.write().await.insert(record.id.clone(), Live::new(record, info));
+        }
+        // Leftovers of sandboxes the catalog never recorded (a crash during create).
+        for name in Cgroup::list_children(&self.cgroup_parent()).unwrap_or_default() {
+            let id = name.rsplit('/').next().unwrap_or_default().to_string();
+            if !known.contains(&id) {
+                tracing::warn!(%id, "removing a stray cgroup");
+                self.force_cleanup(&id);
+            }
+        }
+        for entry in std::fs::read_dir(self.data_dir.join("sandboxes"))? {
+            let id = entry?.file_name().to_string_lossy().into_owned();
+            if !known.contains(&id) {
+                let shim = self.shim(&id);
+                if shim.info().await.is_ok() {
+                    let _ = shim.destroy().await;
+                }
+                tracing::warn!(%id, "removing a stray sandbox directory");
+                self.force_cleanup(&id);
+            }
+        }
+        self.recheck_images()?;
+        self.collect_garbage().await;
+        Ok(())
+    }
+
+    /// After a restart: a process image finished while the daemon was away is durable; one whose shim is
+    /// gone and left no image never will be. Images still being written are looked at again in the
+    /// background until [`IMAGE_WAIT`] has passed.
+    fn recheck_images(self: &Arc<Self>) -> anyhow::Result<()> {
+        let pending: Vec<CheckpointRecord> = self
+            .catalog()
+            .checkpoints()?
+            .into_iter()
+            .filter(|c| c.image.is_some() && !c.durable && c.image_failure.is_none())
+            .collect();
+        for cp in pending {
+            let engine = Arc::downgrade(self);
+            tokio::spawn(async move {
+                let deadline = tokio::time::Instant::now() + IMAGE_WAIT;
+                loop {
+                    let Some(engine) = engine.upgrade() else { return };
+                    if engine.image_on_disk(&cp) {
+                        tracing::info!(checkpoint = %cp.id, "its process image was written while the daemon was away");
+                        let _ = engine.catalog().mark_durable(&cp.id);
+                        return;
+                    }
+                    let writer_alive = engine.sandboxes.read().await.contains_key(&cp.sandbox);
+                    if !writer_alive || tokio::time::Instant::now() > deadline {
+                        let reason = "the sandbox's supervisor ended before writing it".to_string();
+                        if !writer_alive {
+                            engine.record_image_failure(
+                                &cp.id,
+                                ImageFailure { kind: ErrorKind::CheckpointFailed, reason },
+                            );
+                        }
+                        return;
+                    }
+                    drop(engine);
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            });
+        }
+        Ok(())
+    }
+}

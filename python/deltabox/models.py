@@ -134,6 +134,9 @@ class SandboxInfo:
     ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
     ``origin`` is the checkpoint it was forked from (``None`` if created from an image); ``head`` the checkpoint
     its current files descend from (its last checkpoint or rollback target; ``None`` before the first).
+    ``state`` is ``"running"``, or ``"incompatible shim"`` when its supervisor speaks another protocol version than
+    the daemon (the daemon was upgraded while it ran): it keeps running but can only be listed and deleted, and
+    ``incompatible_shim`` holds both versions (``shim_protocol``, ``daemon_protocol``).
     """
 
     id: str
@@ -150,6 +153,7 @@ class SandboxInfo:
     init_pid: Optional[int] = None
     origin: Optional[str] = None
     head: Optional[str] = None
+    incompatible_shim: Optional[Dict[str, int]] = None
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SandboxInfo":

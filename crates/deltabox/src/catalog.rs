@@ -1,5 +1,11 @@
 //! The daemon's crash-safe catalog: images and sandboxes in SQLite (WAL mode). Every change is one
-//! transaction, so after a crash the catalog holds exactly what was committed.
+//! transaction, so after a crash the catalog holds exactly what was committed. Commits are not fsynced
+//! (`synchronous = NORMAL`): after a power loss the newest may be gone, which is why a checkpoint is
+//! reported durable only once a sync of the data directory's filesystem followed its record (see
+//! `daemon/engine/durable.rs`).
+//!
+//! The schema carries a version (`PRAGMA user_version`): [`MIGRATIONS`] bring an older catalog up to
+//! date, one transaction each, and a catalog of a newer version is refused.
 
 use std::path::Path;
 
@@ -15,6 +21,11 @@ pub enum CatalogError {
     Sql(#[from] rusqlite::Error),
     #[error("catalog holds a malformed record")]
     Json(#[from] serde_json::Error),
+    #[error(
+        "the catalog has schema version {found}, newer than this deltabox's ({supported}): it was written by a \
+         newer deltabox; run that one, or use another --data-dir"
+    )]
+    Newer { found: i64, supported: i64 },
 }
 
 type Result<T> = std::result::Result<T, CatalogError>;
@@ -93,9 +104,12 @@ pub struct CheckpointRecord {
     /// The DeltaCR image of its processes (full checkpoints).
     #[serde(default)]
     pub image: Option<String>,
-    /// Whether everything it needs is on disk (a full checkpoint's image is written after the sandbox
-    /// runs again; until then it lives in the shim's memory only).
-    #[serde(default = "durable_by_default")]
+    /// Whether its process image is written (a full checkpoint's image is written after the sandbox runs
+    /// again; until then it lives in the shim's memory only). False for a filesystem checkpoint.
+    #[serde(default)]
+    pub image_written: bool,
+    /// Whether all of it — record, files and process image — is on disk, so it survives a power loss.
+    #[serde(default)]
     pub durable: bool,
     /// Why its process image could not be written (then it never will be: forks fail at once).
     #[serde(default)]
@@ -120,7 +134,27 @@ pub struct Catalog {
     conn: Connection,
 }
 
-const SCHEMA_VERSION: i64 = 2;
+/// Each step brings the catalog from the version before it to `.0`.
+const MIGRATIONS: &[(i64, &str)] = &[
+    (
+        2,
+        "CREATE TABLE IF NOT EXISTS images (name TEXT PRIMARY KEY, record TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, record TEXT NOT NULL);
+         CREATE TABLE IF NOT EXISTS checkpoints (id TEXT PRIMARY KEY, record TEXT NOT NULL);",
+    ),
+    // `durable` meant "the process image is written"; it now means "all on disk", which nothing was
+    // made before (the daemon syncs them at its next start), and the old meaning is `image_written`.
+    (
+        3,
+        "UPDATE checkpoints SET record = json_set(record,
+             '$.image_written', json(CASE WHEN json_extract(record, '$.image') IS NOT NULL
+                                           AND json_extract(record, '$.durable') THEN 'true' ELSE 'false' END),
+             '$.durable', json('false'));",
+    ),
+];
+
+/// The schema version this deltabox writes.
+pub const SCHEMA_VERSION: i64 = MIGRATIONS[MIGRATIONS.len() - 1].0;
 
 impl Catalog {
     pub fn open(path: &Path) -> Result<Catalog> {
@@ -128,18 +162,24 @@ impl Catalog {
         conn.pragma_update(None, "journal_mode", "WAL")?;
         conn.pragma_update(None, "synchronous", "NORMAL")?;
         conn.busy_timeout(std::time::Duration::from_secs(5))?;
-        let version: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
-        if version < SCHEMA_VERSION {
-            conn.execute_batch(
-                "BEGIN;
-                 CREATE TABLE IF NOT EXISTS images (name TEXT PRIMARY KEY, record TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS sandboxes (id TEXT PRIMARY KEY, record TEXT NOT NULL);
-                 CREATE TABLE IF NOT EXISTS checkpoints (id TEXT PRIMARY KEY, record TEXT NOT NULL);
-                 PRAGMA user_version = 2;
-                 COMMIT;",
-            )?;
+        let mut catalog = Catalog { conn };
+        catalog.migrate()?;
+        Ok(catalog)
+    }
+
+    fn migrate(&mut self) -> Result<()> {
+        let found: i64 = self.conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
+        if found > SCHEMA_VERSION {
+            return Err(CatalogError::Newer { found, supported: SCHEMA_VERSION });
         }
-        Ok(Catalog { conn })
+        for (version, sql) in MIGRATIONS.iter().filter(|(v, _)| *v > found) {
+            let tx = self.conn.transaction()?;
+            tx.execute_batch(sql)?;
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(version, "catalog schema migrated");
+        }
+        Ok(())
     }
 
     pub fn put_image(&self, image: &ImageRecord) -> Result<()> {
@@ -201,6 +241,11 @@ impl Catalog {
     }
 
     /// Records that checkpoint `id`'s process image is written.
+    pub fn mark_image_written(&self, id: &str) -> Result<()> {
+        self.modify_checkpoint(id, |cp| cp.image_written = true)
+    }
+
+    /// Records that all of checkpoint `id` is on disk.
     pub fn mark_durable(&self, id: &str) -> Result<()> {
         self.modify_checkpoint(id, |cp| cp.durable = true)
     }
@@ -310,10 +355,6 @@ impl Catalog {
     }
 }
 
-fn durable_by_default() -> bool {
-    true
-}
-
 fn set_head(tx: &rusqlite::Transaction<'_>, sandbox: &str, head: Option<&str>) -> Result<()> {
     let json: Option<String> =
         tx.query_row("SELECT record FROM sandboxes WHERE id = ?1", [sandbox], |r| r.get(0)).optional()?;
@@ -357,6 +398,7 @@ mod tests {
             stack: format!("stack-{id}"),
             kind: "filesystem".into(),
             image: None,
+            image_written: false,
             durable: true,
             image_failure: None,
             processes: None,
@@ -412,5 +454,49 @@ mod tests {
         assert!(!c.delete_image("img").unwrap());
         assert_eq!(c.referenced_layers().unwrap(), [b].into_iter().collect());
         assert_eq!(c.sandboxes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_version_2_catalog_is_migrated_and_a_newer_one_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("catalog.db");
+        let old = |id: &str, image: Option<&str>| {
+            let mut record = serde_json::to_value(checkpoint(id, "s1", None)).unwrap();
+            let fields = record.as_object_mut().unwrap();
+            for gone in ["image_written", "pause_ms", "duration_ms"] {
+                fields.remove(gone);
+            }
+            fields.insert("latency_ms".into(), 3.5.into());
+            fields.insert("image".into(), image.into());
+            record.to_string()
+        };
+        let (full, filesystem) = (old("c1", Some("img-1")), old("c2", None));
+        {
+            let conn = Connection::open(&path).unwrap();
+            conn.execute_batch(MIGRATIONS[0].1).unwrap();
+            conn.pragma_update(None, "user_version", 2).unwrap();
+            for (id, record) in [("c1", &full), ("c2", &filesystem)] {
+                conn.execute("INSERT INTO checkpoints (id, record) VALUES (?1, ?2)", params![id, record]).unwrap();
+            }
+        }
+        let c = Catalog::open(&path).unwrap();
+        let version: i64 = c.conn.pragma_query_value(None, "user_version", |r| r.get(0)).unwrap();
+        assert_eq!(version, SCHEMA_VERSION);
+        let c1 = c.checkpoint("c1").unwrap().unwrap();
+        let c2 = c.checkpoint("c2").unwrap().unwrap();
+        // The image a v2 catalog called durable is written; nothing was synced yet.
+        assert_eq!((c1.image_written, c1.durable, c1.pause_ms, c1.duration_ms), (true, false, 3.5, 0.0));
+        assert_eq!((c2.image_written, c2.durable), (false, false));
+        c.mark_durable("c1").unwrap();
+        drop(c);
+        // Reopening migrates nothing twice: what was recorded since stays.
+        assert!(Catalog::open(&path).unwrap().checkpoint("c1").unwrap().unwrap().durable);
+
+        Connection::open(&path).unwrap().pragma_update(None, "user_version", SCHEMA_VERSION + 1).unwrap();
+        let refused = Catalog::open(&path).err().expect("a newer schema is refused");
+        assert!(
+            matches!(refused, CatalogError::Newer { found, supported } if found == SCHEMA_VERSION + 1 && supported == SCHEMA_VERSION)
+        );
+        assert!(refused.to_string().contains("newer than this deltabox"));
     }
 }

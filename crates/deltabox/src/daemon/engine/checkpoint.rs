@@ -5,14 +5,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{create::new_id, now, tree, Engine, EngineError, EngineResult, IMAGE_WAIT};
-use crate::catalog::{CheckpointRecord, ImageFailure};
-use crate::daemon::shim_client::{PendingImage, ShimError};
-use crate::shim::proto::{CheckpointStats, ErrorKind};
+use crate::catalog::CheckpointRecord;
+use crate::daemon::shim_client::ShimError;
+use crate::shim::proto::CheckpointStats;
 
 impl Engine {
-    /// Checkpoints sandbox `id`: its files, and with `processes` its processes too. A process checkpoint
-    /// is answered once the sandbox runs again; its image is written afterwards and the checkpoint is
-    /// marked durable then.
+    /// Checkpoints sandbox `id`: its files, and with `processes` its processes too. Answered once the
+    /// sandbox runs again; a process image is written afterwards, and the checkpoint is made durable in
+    /// the background (`durable.rs`).
     pub async fn checkpoint(
         self: &Arc<Self>,
         id: &str,
@@ -38,7 +38,8 @@ impl Engine {
             stack: stats.stack.clone(),
             kind: if processes { "full" } else { "filesystem" }.into(),
             image: stats.image.clone(),
-            durable: stats.image.is_none(),
+            image_written: false,
+            durable: false,
             image_failure: None,
             processes: stats.processes,
             sessions: stats.sessions.clone(),
@@ -52,56 +53,20 @@ impl Engine {
         self.catalog.lock().expect("catalog lock").add_checkpoint(&cp)?;
         record.head = Some(cp.id.clone());
         self.refresh(record).await;
-        if let Some(pending) = pending {
-            self.await_image(cp.id.clone(), pending);
-        }
+        self.make_durable(cp.id.clone(), pending);
         Ok((cp, stats))
     }
 
-    /// Waits (in the background) for the shim to report checkpoint `cp`'s image written.
-    fn await_image(self: &Arc<Self>, cp: String, pending: PendingImage) {
-        let engine = Arc::downgrade(self);
-        tokio::spawn(async move {
-            let written = pending.written().await;
-            let Some(engine) = engine.upgrade() else { return };
-            match written {
-                Ok(bytes) => {
-                    tracing::info!(checkpoint = %cp, bytes, "process image written");
-                    if let Err(e) = engine.catalog().mark_durable(&cp) {
-                        tracing::error!(checkpoint = %cp, "cannot record the image as written: {e}");
-                    }
-                }
-                Err(ShimError::Reported { kind, message }) => {
-                    tracing::error!(checkpoint = %cp, "the process image was not written: {message}");
-                    engine.record_image_failure(&cp, ImageFailure { kind, reason: message });
-                }
-                Err(e) => {
-                    tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}");
-                    // Only the shim writes the image; whether it got that far shows on disk.
-                    let reason = "the sandbox's supervisor exited before writing it".to_string();
-                    engine.record_image_failure(&cp, ImageFailure { kind: ErrorKind::CheckpointFailed, reason });
-                }
-            }
-        });
-    }
-
-    /// Records that checkpoint `cp`'s process image will never be written (unless it already was).
-    pub(super) fn record_image_failure(&self, cp: &str, failure: ImageFailure) {
-        if let Err(e) = self.catalog().mark_image_failed(cp, failure) {
-            tracing::error!(checkpoint = %cp, "cannot record the image's failure: {e}");
-        }
-    }
-
-    /// Waits until checkpoint `cp`'s process image is on disk (it is written right after the checkpoint).
-    pub(super) async fn wait_durable(&self, cp: &CheckpointRecord) -> EngineResult<()> {
+    /// Waits until checkpoint `cp`'s process image is written (right after the checkpoint).
+    pub(super) async fn wait_image_written(&self, cp: &CheckpointRecord) -> EngineResult<()> {
         let deadline = tokio::time::Instant::now() + IMAGE_WAIT;
         loop {
             let current = self.checkpoint_record(&cp.id)?;
-            if current.durable {
+            if current.image_written {
                 return Ok(());
             }
             if self.image_on_disk(&current) {
-                let _ = self.catalog().mark_durable(&cp.id);
+                let _ = self.catalog().mark_image_written(&cp.id);
                 return Ok(());
             }
             if let Some(failure) = current.image_failure {
@@ -157,7 +122,7 @@ impl Engine {
         let measure = |cp: &CheckpointRecord| -> Result<u64, String> {
             let stack: deltafs::StackId = cp.stack.parse().map_err(|e| format!("{e}"))?;
             let files = self.fs.layer_bytes(stack).map_err(|e| e.to_string())?;
-            let image = match cp.image.as_deref().filter(|_| cp.durable) {
+            let image = match cp.image.as_deref().filter(|_| cp.image_written) {
                 Some(id) => {
                     let id = deltacr::image::ImageId::parse(id).ok_or_else(|| format!("bad image id {id:?}"))?;
                     self.images.disk_bytes(id).map_err(|e| e.to_string())?

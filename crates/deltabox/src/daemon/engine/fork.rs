@@ -16,7 +16,7 @@ impl Engine {
         let _links = self.links.read().await;
         let cp = self.checkpoint_record(checkpoint)?;
         if cp.image.is_some() {
-            self.wait_durable(&cp).await?;
+            self.wait_image_written(&cp).await?;
         }
         let no_gc = self.fs_gc.read().await;
         let restore = cp.image.clone().map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });

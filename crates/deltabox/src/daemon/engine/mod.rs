@@ -7,6 +7,7 @@
 
 mod checkpoint;
 mod create;
+mod durable;
 mod error;
 mod fork;
 mod gc;
@@ -100,6 +101,7 @@ pub struct Engine {
     /// Held (read) while a checkpoint, rollback or fork links a sandbox or checkpoint to a checkpoint
     /// (parent, head, origin), and (write) while checkpoints are deleted: a link never names a deleted one.
     links: RwLock<()>,
+    syncer: durable::Syncer,
     _lock: File,
 }
 
@@ -115,6 +117,8 @@ impl Engine {
         let layers = LayerStore::open(&dir.join("images")).context("open the layer store")?;
         let fs = deltafs::Store::open(&dir.join("deltafs")).context("open the DeltaFS store")?;
         let images = deltacr::image::ImageStore::new(&dir.join("deltacr")).context("open the process image store")?;
+        let syncer =
+            durable::Syncer::new(&[dir, fs.path(), &dir.join("deltacr")]).context("open the data directory")?;
         let engine = Arc::new(Engine {
             data_dir: dir.clone(),
             instance,
@@ -131,6 +135,7 @@ impl Engine {
             images,
             fs_gc: RwLock::new(()),
             links: RwLock::new(()),
+            syncer,
             _lock: lock,
         });
         engine.recover().await?;

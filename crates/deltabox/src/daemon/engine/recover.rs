@@ -58,31 +58,30 @@ impl Engine {
                 self.force_cleanup(&id);
             }
         }
-        self.recheck_images()?;
+        self.make_pending_durable()?;
         self.collect_garbage().await;
         Ok(())
     }
 
-    /// After a restart: a process image finished while the daemon was away is durable; one whose shim is
-    /// gone and left no image never will be. Images still being written are looked at again in the
-    /// background until [`IMAGE_WAIT`] has passed.
-    fn recheck_images(self: &Arc<Self>) -> anyhow::Result<()> {
-        let pending: Vec<CheckpointRecord> = self
-            .catalog()
-            .checkpoints()?
-            .into_iter()
-            .filter(|c| c.image.is_some() && !c.durable && c.image_failure.is_none())
-            .collect();
+    /// After a restart, every checkpoint not yet durable is made so: one whose process image is still
+    /// unwritten is watched until the image shows up on disk (then it is durable once synced), until its
+    /// shim is gone (it never will be: recorded as its `image_failure`) or [`IMAGE_WAIT`] has passed.
+    fn make_pending_durable(self: &Arc<Self>) -> anyhow::Result<()> {
+        let pending: Vec<CheckpointRecord> =
+            self.catalog().checkpoints()?.into_iter().filter(|c| !c.durable && c.image_failure.is_none()).collect();
         for cp in pending {
             let engine = Arc::downgrade(self);
             tokio::spawn(async move {
                 let deadline = tokio::time::Instant::now() + IMAGE_WAIT;
                 loop {
                     let Some(engine) = engine.upgrade() else { return };
+                    if cp.image.is_none() || cp.image_written {
+                        return engine.sync_and_mark_durable(&cp.id).await;
+                    }
                     if engine.image_on_disk(&cp) {
                         tracing::info!(checkpoint = %cp.id, "its process image was written while the daemon was away");
-                        let _ = engine.catalog().mark_durable(&cp.id);
-                        return;
+                        let _ = engine.catalog().mark_image_written(&cp.id);
+                        return engine.sync_and_mark_durable(&cp.id).await;
                     }
                     let writer_alive = engine.sandboxes.read().await.contains_key(&cp.sandbox);
                     if !writer_alive || tokio::time::Instant::now() > deadline {

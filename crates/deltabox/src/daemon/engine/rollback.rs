@@ -28,7 +28,7 @@ impl Engine {
         }
         // Another sandbox's checkpoint (the one this sandbox was forked from) comes from its image.
         if cp.image.is_some() && cp.sandbox != id {
-            self.wait_durable(&cp).await?;
+            self.wait_image_written(&cp).await?;
         }
         let stats = self.shim(id).rollback(cp.stack.clone(), cp.image.clone()).await?;
         record.head = Some(cp.id.clone());

@@ -82,6 +82,7 @@ mod tests {
             stack: format!("stack-{id}"),
             kind: "filesystem".into(),
             image: None,
+            image_written: false,
             durable: true,
             image_failure: None,
             processes: None,

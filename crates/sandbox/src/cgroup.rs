@@ -12,6 +12,9 @@
 //!   ptrace-stopped), else the v1 `freezer` controller.
 //!
 //! A sandbox's cgroup is `<hierarchy root>/<name>` in every hierarchy used (see `docs/cgroups.md`).
+//!
+//! The public functions detect the [`Layout`] and pass it to the `*_in` functions that do the
+//! work, which the unit tests call with a layout of fixture directories (no root needed).
 
 use std::fs;
 use std::io::{self, Read, Seek, SeekFrom};
@@ -222,7 +225,13 @@ struct Layout {
 impl Layout {
     fn detect() -> Result<Layout> {
         let mountinfo = fs::read_to_string("/proc/self/mountinfo").map_err(CgroupError::Mountinfo)?;
-        let mounts = parse_cgroup_mounts(&mountinfo);
+        Layout::from_mountinfo(&mountinfo)
+    }
+
+    /// The layout of the cgroup mounts listed in `mountinfo`; reads the cgroup2 root's
+    /// `cgroup.controllers`.
+    fn from_mountinfo(mountinfo: &str) -> Result<Layout> {
+        let mounts = parse_cgroup_mounts(mountinfo);
         let unified = mounts.iter().find(|m| m.version == Version::V2).map(|m| m.root.clone());
         let v2_controllers = match &unified {
             Some(root) => read(&root.join("cgroup.controllers"))?,
@@ -421,8 +430,12 @@ impl Cgroup {
 
     /// Re-attaches to an existing cgroup (e.g. after a daemon restart).
     pub fn open(name: &str) -> Result<Cgroup> {
+        Cgroup::open_in(&Layout::detect()?, name)
+    }
+
+    fn open_in(layout: &Layout, name: &str) -> Result<Cgroup> {
         validate_name(name)?;
-        let cgroup = Cgroup::from_layout(&Layout::detect()?, name);
+        let cgroup = Cgroup::from_layout(layout, name);
         let missing: Vec<PathBuf> = cgroup.dirs.iter().filter(|d| !d.path.is_dir()).map(|d| d.path.clone()).collect();
         if missing.len() == cgroup.dirs.len() {
             return Err(CgroupError::NotFound { name: name.to_owned() });
@@ -437,19 +450,28 @@ impl Cgroup {
     /// hierarchy, also when it is incomplete. Succeeds when nothing of it exists.
     pub fn remove(name: &str) -> Result<()> {
         validate_name(name)?;
-        let mut cgroup = Cgroup::from_layout(&Layout::detect()?, name);
+        Cgroup::existing_parts(&Layout::detect()?, name).destroy()
+    }
+
+    /// A handle on the directories of `name` that exist (without freezer if its directory is
+    /// missing), so that an incomplete cgroup can be destroyed.
+    fn existing_parts(layout: &Layout, name: &str) -> Cgroup {
+        let mut cgroup = Cgroup::from_layout(layout, name);
         cgroup.dirs.retain(|d| d.path.is_dir());
         if cgroup.freezer.as_ref().is_some_and(|f| !cgroup.dirs.contains(f)) {
             cgroup.freezer = None;
         }
-        cgroup.destroy()
+        cgroup
     }
 
     /// Names (`parent/child`) of the cgroups directly under `parent` in any hierarchy, so the
     /// daemon can find stale ones. Empty if `parent` does not exist.
     pub fn list_children(parent: &str) -> Result<Vec<String>> {
+        Cgroup::list_children_in(&Layout::detect()?, parent)
+    }
+
+    fn list_children_in(layout: &Layout, parent: &str) -> Result<Vec<String>> {
         validate_name(parent)?;
-        let layout = Layout::detect()?;
         let mut names = Vec::new();
         for hierarchy in layout.hierarchies() {
             for child in subdir_names(&hierarchy.root.join(parent))? {
@@ -956,11 +978,7 @@ mod tests {
             child.wait().unwrap();
         });
         // Clean up in the layout the test used, also after a failure.
-        let cleanup = [&name, &parent].map(|n| {
-            let mut cgroup = Cgroup::from_layout(&layout, n);
-            cgroup.dirs.retain(|d| d.path.is_dir());
-            cgroup.destroy()
-        });
+        let cleanup = [&name, &parent].map(|n| Cgroup::existing_parts(&layout, n).destroy());
         if let Err(panic) = test {
             std::panic::resume_unwind(panic);
         }
@@ -1036,5 +1054,321 @@ mod tests {
         assert_eq!(parse_key(events, "oom"), Some(1));
         assert_eq!(parse_key(events, "missing"), None);
         assert_eq!(parse_key("populated 1\nfrozen 0\n", "frozen"), Some(0));
+    }
+
+    /// cgroup mounts on fixture directories, laid out as the kernel would: a root of each mount
+    /// and, for cgroup2, its `cgroup.controllers` and `cgroup.subtree_control` (empty). A plain
+    /// directory is not cgroupfs (no files appear in new directories, writes are not checked, a
+    /// directory with files cannot be removed), so these tests check which directories and files
+    /// the code creates and writes for a layout, not what the kernel does with them.
+    struct Fixture {
+        dir: tempfile::TempDir,
+        mountinfo: String,
+    }
+
+    impl Fixture {
+        fn new() -> Fixture {
+            Fixture { dir: tempfile::tempdir().unwrap(), mountinfo: String::new() }
+        }
+
+        fn path(&self, relative: &str) -> PathBuf {
+            self.dir.path().join(relative)
+        }
+
+        /// A v1 hierarchy of `controllers`, at `<fixture>/<controllers joined by ','>`.
+        fn v1(mut self, controllers: &[&str]) -> Fixture {
+            let options = controllers.join(",");
+            let root = self.path(&options);
+            fs::create_dir(&root).unwrap();
+            self.mountinfo += &format!("40 31 0:40 / {} rw,relatime - cgroup cgroup rw,{options}\n", root.display());
+            self
+        }
+
+        /// A cgroup2 hierarchy at `<fixture>/<dir>` offering `controllers`.
+        fn v2(mut self, dir: &str, controllers: &str) -> Fixture {
+            let root = self.path(dir);
+            fs::create_dir(&root).unwrap();
+            fs::write(root.join("cgroup.controllers"), controllers).unwrap();
+            fs::write(root.join("cgroup.subtree_control"), "").unwrap();
+            self.mountinfo += &format!("41 31 0:41 / {} rw,relatime - cgroup2 cgroup2 rw,nsdelegate\n", root.display());
+            self
+        }
+
+        /// A cgroup2 cgroup that exists already (e.g. `deltabox`, made by the daemon before).
+        fn v2_cgroup(self, relative: &str) -> Fixture {
+            fs::create_dir(self.path(relative)).unwrap();
+            fs::write(self.path(relative).join("cgroup.subtree_control"), "").unwrap();
+            self
+        }
+
+        fn layout(&self) -> Layout {
+            Layout::from_mountinfo(&self.mountinfo).unwrap()
+        }
+
+        fn read(&self, relative: &str) -> String {
+            fs::read_to_string(self.path(relative)).unwrap()
+        }
+
+        /// Names in `<fixture>/<relative>`, sorted; none if it does not exist.
+        fn entries(&self, relative: &str) -> Vec<String> {
+            let Ok(entries) = fs::read_dir(self.path(relative)) else {
+                return Vec::new();
+            };
+            let mut names: Vec<String> = entries.map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+            names.sort();
+            names
+        }
+    }
+
+    fn v1_all() -> Fixture {
+        Fixture::new().v1(&["memory"]).v1(&["pids"]).v1(&["cpu", "cpuacct"]).v1(&["freezer"])
+    }
+
+    const LIMITS: Limits = Limits { memory_bytes: Some(64 << 20), pids: Some(100), cpus: Some(0.5) };
+
+    #[test]
+    fn layouts_are_detected_from_the_mounts() {
+        let v1 = |root: PathBuf| Some(Hierarchy { root, version: Version::V1 });
+        let v2 = |root: PathBuf| Some(Hierarchy { root, version: Version::V2 });
+
+        let fixture = Fixture::new().v2("v2", "cpuset cpu io memory pids");
+        let root = fixture.path("v2");
+        let layout = fixture.layout();
+        assert_eq!(
+            layout,
+            Layout {
+                memory: v2(root.clone()),
+                pids: v2(root.clone()),
+                cpu: v2(root.clone()),
+                freezer: Hierarchy { root, version: Version::V2 },
+            }
+        );
+        assert_eq!(layout.hierarchies().len(), 1);
+        assert_eq!(layout.v2_controllers(), ["memory", "pids", "cpu"]);
+
+        // A controller cgroup2 does not offer is unavailable.
+        let fixture = Fixture::new().v2("v2", "memory io");
+        let layout = fixture.layout();
+        assert_eq!((&layout.pids, &layout.cpu), (&None, &None));
+        assert_eq!(layout.v2_controllers(), ["memory"]);
+
+        // Hybrid (this machine): v1 controllers, the freezer of the controller-less cgroup2.
+        let fixture = v1_all().v2("unified", "");
+        let layout = fixture.layout();
+        assert_eq!(
+            layout,
+            Layout {
+                memory: v1(fixture.path("memory")),
+                pids: v1(fixture.path("pids")),
+                cpu: v1(fixture.path("cpu,cpuacct")),
+                freezer: Hierarchy { root: fixture.path("unified"), version: Version::V2 },
+            }
+        );
+        assert!(layout.v2_controllers().is_empty());
+
+        // A controller on v1 stays there even if cgroup2 offers it too.
+        let layout = Fixture::new().v1(&["memory"]).v2("unified", "memory pids").layout();
+        assert_eq!(layout.memory.unwrap().version, Version::V1);
+        assert_eq!(layout.pids.unwrap().version, Version::V2);
+
+        let fixture = v1_all();
+        assert_eq!(fixture.layout().freezer, Hierarchy { root: fixture.path("freezer"), version: Version::V1 });
+        assert!(matches!(
+            Layout::from_mountinfo(&Fixture::new().v1(&["memory"]).mountinfo),
+            Err(CgroupError::NoFreezer)
+        ));
+    }
+
+    #[test]
+    fn v2_create_enables_controllers_down_the_tree_and_writes_limits() {
+        let fixture = Fixture::new().v2("v2", "cpuset cpu io memory pids").v2_cgroup("v2/deltabox");
+        fs::write(fixture.path("v2/cgroup.subtree_control"), "memory").unwrap();
+        let cgroup = Cgroup::create_in(&fixture.layout(), "deltabox/sbx", &LIMITS).unwrap();
+        // Only the controllers not yet enabled are written.
+        assert_eq!(fixture.read("v2/cgroup.subtree_control"), "+pids +cpu");
+        assert_eq!(fixture.read("v2/deltabox/cgroup.subtree_control"), "+memory +pids +cpu");
+        // memory.swap.max is absent (no swap accounting), so it is not written.
+        assert_eq!(fixture.entries("v2/deltabox/sbx"), ["cpu.max", "memory.max", "pids.max"]);
+        assert_eq!(fixture.read("v2/deltabox/sbx/memory.max"), (64u64 << 20).to_string());
+        assert_eq!(fixture.read("v2/deltabox/sbx/pids.max"), "100");
+        assert_eq!(fixture.read("v2/deltabox/sbx/cpu.max"), "50000 100000");
+        assert_eq!(cgroup.procs_file().unwrap(), fixture.path("v2/deltabox/sbx/cgroup.procs"));
+
+        // Without limits nothing is enabled or written.
+        let fixture = Fixture::new().v2("v2", "cpu memory pids");
+        let layout = Layout { memory: None, pids: None, cpu: None, ..fixture.layout() };
+        Cgroup::create_in(&layout, "sbx", &Limits::default()).unwrap();
+        assert_eq!(fixture.read("v2/cgroup.subtree_control"), "");
+        assert!(fixture.entries("v2/sbx").is_empty());
+    }
+
+    #[test]
+    fn swap_is_disabled_where_it_is_accounted() {
+        let fixture = Fixture::new().v2("v2", "memory");
+        let cgroup = Cgroup::from_layout(&fixture.layout(), "sbx");
+        fs::create_dir(fixture.path("v2/sbx")).unwrap();
+        fs::write(fixture.path("v2/sbx/memory.swap.max"), "max").unwrap();
+        cgroup.apply_limits(&Limits::default()).unwrap();
+        assert_eq!(fixture.read("v2/sbx/memory.swap.max"), "0");
+        assert_eq!(fixture.entries("v2/sbx"), ["memory.swap.max"]);
+
+        let fixture = v1_all();
+        let cgroup = Cgroup::from_layout(&fixture.layout(), "sbx");
+        fs::create_dir(fixture.path("memory/sbx")).unwrap();
+        fs::write(fixture.path("memory/sbx/memory.memsw.limit_in_bytes"), "max").unwrap();
+        cgroup.apply_limits(&Limits { memory_bytes: LIMITS.memory_bytes, ..Limits::default() }).unwrap();
+        assert_eq!(fixture.read("memory/sbx/memory.memsw.limit_in_bytes"), (64u64 << 20).to_string());
+        assert_eq!(fixture.read("memory/sbx/memory.limit_in_bytes"), (64u64 << 20).to_string());
+    }
+
+    #[test]
+    fn v1_create_makes_one_directory_per_hierarchy() {
+        let fixture = v1_all();
+        let cgroup = Cgroup::create_in(&fixture.layout(), "deltabox/sbx", &LIMITS).unwrap();
+        assert_eq!(fixture.entries("memory/deltabox/sbx"), ["memory.limit_in_bytes", "memory.swappiness"]);
+        assert_eq!(fixture.read("memory/deltabox/sbx/memory.limit_in_bytes"), (64u64 << 20).to_string());
+        assert_eq!(fixture.read("memory/deltabox/sbx/memory.swappiness"), "0");
+        assert_eq!(fixture.entries("pids/deltabox/sbx"), ["pids.max"]);
+        assert_eq!(fixture.read("pids/deltabox/sbx/pids.max"), "100");
+        assert_eq!(fixture.entries("cpu,cpuacct/deltabox/sbx"), ["cpu.cfs_period_us", "cpu.cfs_quota_us"]);
+        assert_eq!(fixture.read("cpu,cpuacct/deltabox/sbx/cpu.cfs_period_us"), "100000");
+        assert_eq!(fixture.read("cpu,cpuacct/deltabox/sbx/cpu.cfs_quota_us"), "50000");
+        assert!(fixture.entries("freezer/deltabox/sbx").is_empty());
+
+        cgroup.add_process(1234).unwrap();
+        for hierarchy in ["freezer", "memory", "pids", "cpu,cpuacct"] {
+            assert_eq!(fixture.read(&format!("{hierarchy}/deltabox/sbx/cgroup.procs")), "1234");
+        }
+        assert_eq!(cgroup.procs_file().unwrap(), fixture.path("freezer/deltabox/sbx/cgroup.procs"));
+
+        // The v1 freezer (freezer.state reads back what was written here).
+        cgroup.freeze().unwrap();
+        assert_eq!(fixture.read("freezer/deltabox/sbx/freezer.state"), "FROZEN");
+        cgroup.thaw().unwrap();
+        assert_eq!(fixture.read("freezer/deltabox/sbx/freezer.state"), "THAWED");
+        // No cgroup.kill on v1: freeze, kill the listed (none), thaw.
+        for hierarchy in ["freezer", "memory", "pids", "cpu,cpuacct"] {
+            fs::write(fixture.path(&format!("{hierarchy}/deltabox/sbx/cgroup.procs")), "").unwrap();
+        }
+        fs::write(fixture.path("freezer/deltabox/sbx/freezer.state"), "FROZEN").unwrap();
+        cgroup.kill_all().unwrap();
+        assert_eq!(fixture.read("freezer/deltabox/sbx/freezer.state"), "THAWED");
+    }
+
+    #[test]
+    fn hybrid_freezes_on_cgroup2_and_limits_on_v1() {
+        let fixture = v1_all().v2("unified", "");
+        let cgroup = Cgroup::create_in(&fixture.layout(), "sbx", &LIMITS).unwrap();
+        // No controller is on cgroup2: its subtree_control is left alone.
+        assert_eq!(fixture.read("unified/cgroup.subtree_control"), "");
+        assert!(fixture.entries("unified/sbx").is_empty());
+        // The v1 freezer hierarchy is not used.
+        assert!(!fixture.path("freezer/sbx").exists());
+        assert_eq!(fixture.entries("pids/sbx"), ["pids.max"]);
+
+        fs::write(fixture.path("unified/sbx/cgroup.events"), "populated 0\nfrozen 1\n").unwrap();
+        cgroup.freeze().unwrap();
+        assert_eq!(fixture.read("unified/sbx/cgroup.freeze"), "1");
+        fs::write(fixture.path("unified/sbx/cgroup.events"), "populated 0\nfrozen 0\n").unwrap();
+        cgroup.thaw().unwrap();
+        assert_eq!(fixture.read("unified/sbx/cgroup.freeze"), "0");
+
+        // cgroup.kill where the kernel has it, then a thaw.
+        for hierarchy in ["unified", "memory", "pids", "cpu,cpuacct"] {
+            fs::write(fixture.path(&format!("{hierarchy}/sbx/cgroup.procs")), "").unwrap();
+        }
+        fs::write(fixture.path("unified/sbx/cgroup.kill"), "").unwrap();
+        fs::write(fixture.path("unified/sbx/cgroup.freeze"), "").unwrap();
+        cgroup.kill_all().unwrap();
+        assert_eq!(fixture.read("unified/sbx/cgroup.kill"), "1");
+        assert_eq!(fixture.read("unified/sbx/cgroup.freeze"), "0");
+    }
+
+    #[test]
+    fn create_refuses_before_touching_anything() {
+        let fixture = Fixture::new().v2("v2", "memory");
+        let limits = Limits { pids: Some(10), ..Limits::default() };
+        assert!(matches!(
+            Cgroup::create_in(&fixture.layout(), "sbx", &limits),
+            Err(CgroupError::ControllerUnavailable { controller: "pids" })
+        ));
+        assert_eq!(fixture.entries("v2"), ["cgroup.controllers", "cgroup.subtree_control"]);
+
+        let fixture = v1_all();
+        fs::create_dir_all(fixture.path("pids/deltabox/sbx")).unwrap();
+        let err = Cgroup::create_in(&fixture.layout(), "deltabox/sbx", &LIMITS).unwrap_err();
+        assert!(matches!(err, CgroupError::AlreadyExists { path, .. } if path == fixture.path("pids/deltabox/sbx")));
+        for hierarchy in ["freezer", "memory", "cpu,cpuacct"] {
+            assert!(fixture.entries(hierarchy).is_empty(), "{hierarchy} touched");
+        }
+    }
+
+    #[test]
+    fn half_created_cgroups_are_removed() {
+        let fixture = v1_all();
+        // The cpu hierarchy, created last, cannot take the cgroup.
+        fs::write(fixture.path("cpu,cpuacct/deltabox"), "").unwrap();
+        let err = Cgroup::create_in(&fixture.layout(), "deltabox/sbx", &LIMITS).unwrap_err();
+        assert!(matches!(err, CgroupError::Io { op: "create", .. }), "{err:?}");
+        // Parents stay, the cgroup's own directories go.
+        for hierarchy in ["freezer", "memory", "pids"] {
+            assert_eq!(fixture.entries(&format!("{hierarchy}/deltabox")), Vec::<String>::new(), "{hierarchy}");
+            assert!(fixture.path(&format!("{hierarchy}/deltabox")).is_dir());
+        }
+    }
+
+    #[test]
+    fn open_needs_every_hierarchy() {
+        let fixture = v1_all();
+        let layout = fixture.layout();
+        assert!(matches!(Cgroup::open_in(&layout, "deltabox/sbx"), Err(CgroupError::NotFound { .. })));
+        for hierarchy in ["freezer", "memory"] {
+            fs::create_dir_all(fixture.path(&format!("{hierarchy}/deltabox/sbx"))).unwrap();
+        }
+        let err = Cgroup::open_in(&layout, "deltabox/sbx").unwrap_err();
+        let missing = vec![fixture.path("pids/deltabox/sbx"), fixture.path("cpu,cpuacct/deltabox/sbx")];
+        assert!(matches!(&err, CgroupError::Incomplete { missing: m, .. } if *m == missing), "{err:?}");
+        for hierarchy in ["pids", "cpu,cpuacct"] {
+            fs::create_dir_all(fixture.path(&format!("{hierarchy}/deltabox/sbx"))).unwrap();
+        }
+        let cgroup = Cgroup::open_in(&layout, "deltabox/sbx").unwrap();
+        assert_eq!(cgroup.dirs.len(), 4);
+        assert!(matches!(Cgroup::open_in(&layout, "../sbx"), Err(CgroupError::InvalidName { .. })));
+    }
+
+    #[test]
+    fn children_are_listed_across_hierarchies() {
+        let fixture = Fixture::new().v1(&["memory"]).v2("unified", "").v2_cgroup("unified/deltabox");
+        let layout = fixture.layout();
+        assert!(Cgroup::list_children_in(&layout, "other").unwrap().is_empty());
+        for dir in ["unified/deltabox/b", "unified/deltabox/a", "memory/deltabox/a", "memory/deltabox/c"] {
+            fs::create_dir_all(fixture.path(dir)).unwrap();
+        }
+        assert_eq!(Cgroup::list_children_in(&layout, "deltabox").unwrap(), ["deltabox/a", "deltabox/b", "deltabox/c"]);
+    }
+
+    #[test]
+    fn remove_takes_what_exists() {
+        let fixture = Fixture::new().v1(&["memory"]).v1(&["pids"]).v2("unified", "");
+        let layout = fixture.layout();
+        // Nothing exists: nothing to do.
+        let cgroup = Cgroup::existing_parts(&layout, "sbx");
+        assert!(cgroup.dirs.is_empty() && cgroup.freezer.is_none());
+        cgroup.destroy().unwrap();
+
+        // Without its freezer directory the rest is still taken (and killed without freezing).
+        fs::create_dir(fixture.path("pids/sbx")).unwrap();
+        let cgroup = Cgroup::existing_parts(&layout, "sbx");
+        assert_eq!(cgroup.dirs, [Dir { path: fixture.path("pids/sbx"), version: Version::V1 }]);
+        assert!(cgroup.freezer.is_none());
+
+        // A child cgroup (in any hierarchy) stops it before anything is killed or removed.
+        fs::create_dir_all(fixture.path("unified/sbx/child")).unwrap();
+        let cgroup = Cgroup::existing_parts(&layout, "sbx");
+        assert_eq!(cgroup.dirs.len(), 2);
+        assert!(cgroup.freezer.is_some());
+        let err = cgroup.destroy().unwrap_err();
+        assert!(matches!(err, CgroupError::HasChildren { child, .. } if child == fixture.path("unified/sbx/child")));
+        assert!(fixture.path("pids/sbx").is_dir() && fixture.entries("unified/sbx") == ["child"]);
     }
 }

@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use sandbox::spec::Network;
 use serde::{Deserialize, Deserializer, Serialize};
 
+pub use crate::catalog::CheckpointKind;
 pub use crate::shim::proto::RollbackStats;
 
 /// Error body of every failed request.
@@ -107,7 +108,7 @@ pub struct CheckpointView {
     /// The sandbox it was taken in.
     pub sandbox: String,
     pub parent: Option<String>,
-    pub kind: String,
+    pub kind: CheckpointKind,
     pub created: i64,
     /// The pause the sandbox saw: freeze to thaw, as measured by its supervisor.
     pub pause_ms: f64,

@@ -91,6 +91,36 @@ pub struct ImageFailure {
     pub reason: String,
 }
 
+/// What a checkpoint holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckpointKind {
+    /// Files and processes.
+    Full,
+    /// Files only: processes were not captured.
+    Filesystem,
+}
+
+impl CheckpointKind {
+    /// The parts it covers, as the API names them.
+    pub fn covers(self) -> Vec<String> {
+        match self {
+            CheckpointKind::Full => vec!["filesystem".into(), "processes".into()],
+            CheckpointKind::Filesystem => vec!["filesystem".into()],
+        }
+    }
+}
+
+impl std::fmt::Display for CheckpointKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // `pad`, so widths in format strings apply.
+        f.pad(match self {
+            CheckpointKind::Full => "full",
+            CheckpointKind::Filesystem => "filesystem",
+        })
+    }
+}
+
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointRecord {
     pub id: String,
@@ -99,8 +129,7 @@ pub struct CheckpointRecord {
     pub parent: Option<String>,
     /// The frozen DeltaFS stack.
     pub stack: String,
-    /// "full" (files and processes) or "filesystem" (processes not captured).
-    pub kind: String,
+    pub kind: CheckpointKind,
     /// The DeltaCR image of its processes (full checkpoints).
     #[serde(default)]
     pub image: Option<String>,
@@ -396,7 +425,7 @@ mod tests {
             sandbox: sandbox.into(),
             parent: parent.map(String::from),
             stack: format!("stack-{id}"),
-            kind: "filesystem".into(),
+            kind: CheckpointKind::Filesystem,
             image: None,
             image_written: false,
             durable: true,

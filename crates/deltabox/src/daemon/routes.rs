@@ -20,7 +20,7 @@ use super::engine::{env_pairs, now, view, Engine};
 use super::error::{ApiError, ApiJson, ApiPath, ApiQuery, ApiResult};
 use super::shim_client::{Event, Running, ShimError};
 use crate::api::*;
-use crate::catalog::ImageRecord;
+use crate::catalog::{CheckpointKind, ImageRecord};
 use crate::errors::error_chain;
 use crate::shim::proto::{self, Input, Outcome, Stream};
 
@@ -229,7 +229,7 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 // ---- checkpoints ----
 
 fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u64>)) -> CheckpointView {
-    let full = c.kind == "full";
+    let full = c.kind == CheckpointKind::Full;
     let processes = match full {
         false => "not captured (filesystem-only checkpoint): they kept running".to_string(),
         true => format!("{} captured", c.processes.unwrap_or(0)),
@@ -238,11 +238,11 @@ fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u
         id: c.id.clone(),
         sandbox: c.sandbox.clone(),
         parent: c.parent.clone(),
-        kind: c.kind.clone(),
+        kind: c.kind,
         created: c.created,
         pause_ms: c.pause_ms,
         duration_ms: c.duration_ms,
-        covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
+        covers: c.kind.covers(),
         processes,
         process_count: c.processes,
         durable: c.durable,
@@ -288,7 +288,7 @@ async fn rollback(
     ApiJson(req): ApiJson<RollbackRequest>,
 ) -> ApiResult<Json<RollbackView>> {
     let (cp, stats, duration_ms) = engine.rollback(&id, &req.checkpoint).await?;
-    let full = cp.kind == "full";
+    let full = cp.kind == CheckpointKind::Full;
     let processes = if full {
         format!(
             "{} killed; {} restored from the checkpoint{}",
@@ -299,14 +299,7 @@ async fn rollback(
     } else {
         format!("{} killed, init kept (filesystem-only checkpoint: processes are not restored)", stats.processes_killed)
     };
-    Ok(Json(RollbackView {
-        sandbox: id,
-        checkpoint: cp.id,
-        covers: if full { vec!["filesystem".into(), "processes".into()] } else { vec!["filesystem".into()] },
-        processes,
-        duration_ms,
-        stats,
-    }))
+    Ok(Json(RollbackView { sandbox: id, checkpoint: cp.id, covers: cp.kind.covers(), processes, duration_ms, stats }))
 }
 
 async fn fork(State(engine): AppState, ApiPath(id): ApiPath<String>, body: axum::body::Bytes) -> ApiResult<Response> {

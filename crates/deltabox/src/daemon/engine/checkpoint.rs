@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{create::new_id, now, tree, Engine, EngineError, EngineResult, IMAGE_WAIT};
-use crate::catalog::CheckpointRecord;
+use crate::catalog::{CheckpointKind, CheckpointRecord};
 use crate::daemon::shim_client::ShimError;
 use crate::shim::proto::CheckpointStats;
 
@@ -36,7 +36,7 @@ impl Engine {
             sandbox: id.to_string(),
             parent: record.head.clone(),
             stack: stats.stack.clone(),
-            kind: if processes { "full" } else { "filesystem" }.into(),
+            kind: if processes { CheckpointKind::Full } else { CheckpointKind::Filesystem },
             image: stats.image.clone(),
             image_written: false,
             durable: false,

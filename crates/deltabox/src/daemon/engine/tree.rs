@@ -80,7 +80,7 @@ mod tests {
             sandbox: sandbox.into(),
             parent: parent.map(String::from),
             stack: format!("stack-{id}"),
-            kind: "filesystem".into(),
+            kind: crate::catalog::CheckpointKind::Filesystem,
             image: None,
             image_written: false,
             durable: true,

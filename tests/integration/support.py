@@ -9,9 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Iterator, List, Optional, Sequence
-
-import pytest
+from typing import Dict, Iterator, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "python"))
@@ -21,6 +19,11 @@ from deltabox._http import _UnixHTTPConnection  # noqa: E402
 
 IMAGES = ("busybox", "debian")
 START_TIMEOUT = 30.0
+# A self-checking state of a sandbox's files: a fresh random blob, its checksum, and a step's name. STEP writes one
+# (and prints the checksum line), VERIFY fails if the blob does not match its checksum, else prints step and line.
+STEP = "mkdir -p /data && head -c 262144 /dev/urandom > /data/blob && sha256sum /data/blob > /data/blob.sha " \
+       "&& echo {step} > /data/step && cat /data/blob.sha"
+VERIFY = "sha256sum -c /data/blob.sha > /dev/null && cat /data/step /data/blob.sha"
 
 
 class Daemon:
@@ -85,6 +88,8 @@ class Daemon:
 
 
 def binary() -> Path:
+    import pytest  # here, not at the top: bench scripts import this module without pytest installed
+
     path = Path(os.environ.get("DELTABOX_BIN", REPO / "target" / "release" / "deltabox"))
     if not os.access(path, os.X_OK):
         pytest.exit(f"no deltabox binary at {path}: run `cargo build -p deltabox --release` or set DELTABOX_BIN",
@@ -93,6 +98,8 @@ def binary() -> Path:
 
 
 def image_dir() -> Path:
+    import pytest
+
     path = Path(os.environ.get("DELTABOX_TEST_IMAGES", "/var/cache/deltabox/images"))
     missing = [name for name in IMAGES if not (path / name / "index.json").exists()]
     if missing:
@@ -125,19 +132,67 @@ def raw_request(daemon: Daemon, method: str, path: str, body: bytes = b"",
         return resp.status, data
 
 
-def cgroup_dirs(daemon: Daemon, sandbox_id: str) -> List[str]:
-    """The sandbox's cgroup directories that exist, in every cgroup hierarchy of the host."""
-    found = []
+def _cgroup_mountpoints() -> Iterator[str]:
     with open("/proc/self/mountinfo") as f:
         for line in f:
             fields = line.split()
             fstype = fields[fields.index("-") + 1]
             if fstype in ("cgroup", "cgroup2"):
-                mountpoint = fields[4].replace("\\040", " ")
-                path = os.path.join(mountpoint, "deltabox", daemon.instance(), sandbox_id)
-                if os.path.isdir(path):
-                    found.append(path)
+                yield fields[4].replace("\\040", " ")
+
+
+def cgroup_dirs(daemon: Daemon, sandbox_id: str) -> List[str]:
+    """The sandbox's cgroup directories that exist, in every cgroup hierarchy of the host."""
+    paths = (os.path.join(mountpoint, "deltabox", daemon.instance(), sandbox_id)
+             for mountpoint in _cgroup_mountpoints())
+    return [path for path in paths if os.path.isdir(path)]
+
+
+def instance_cgroups(daemon: Daemon) -> Dict[str, List[str]]:
+    """Every cgroup directory under the daemon's deltabox/<instance>/, in every hierarchy: {name: [paths]}."""
+    found: Dict[str, List[str]] = {}
+    for mountpoint in _cgroup_mountpoints():
+        parent = os.path.join(mountpoint, "deltabox", daemon.instance())
+        try:
+            names = [entry.name for entry in os.scandir(parent) if entry.is_dir()]
+        except OSError:
+            continue
+        for name in names:
+            found.setdefault(name, []).append(os.path.join(parent, name))
     return found
+
+
+def shim_processes(daemon: Daemon) -> Dict[int, str]:
+    """{pid: sandbox id} of every live `deltabox shim` process of the daemon's data directory (a shim's stderr
+    is its sandbox's <data-dir>/sandboxes/<id>/shim.log; the shim's command line does not name the sandbox)."""
+    prefix = str(daemon.data_dir / "sandboxes") + "/"
+    found = {}
+    for pid, uid, cmdline in host_processes():
+        argv = cmdline.split(b"\0")
+        # uid 0: a sandbox's init is a clone of its shim (same command line) running as the sandbox's root.
+        if uid != 0 or len(argv) < 2 or argv[1] != b"shim" or not argv[0].endswith(b"deltabox") or _zombie(pid):
+            continue
+        try:
+            log = os.readlink(f"/proc/{pid}/fd/2")
+        except OSError:
+            continue
+        if log.startswith(prefix):
+            found[pid] = log[len(prefix):].split("/")[0]
+    return found
+
+
+def catalog_records(daemon: Daemon, table: str) -> Dict[str, dict]:
+    """{id: record} of a table of the daemon's catalog (`sandboxes`, `checkpoints`, `images`), read directly and
+    read-only (the API lists checkpoints per live sandbox only)."""
+    import sqlite3
+
+    assert table in ("sandboxes", "checkpoints", "images"), table
+    key = "name" if table == "images" else "id"
+    db = sqlite3.connect(f"file:{daemon.data_dir / 'catalog.db'}?mode=ro", uri=True)
+    try:
+        return {row[0]: json.loads(row[1]) for row in db.execute(f"SELECT {key}, record FROM {table}")}
+    finally:
+        db.close()
 
 
 def leftovers(daemon: Daemon, sandbox_id: str, uid_base: int) -> List[str]:
@@ -154,11 +209,24 @@ def leftovers(daemon: Daemon, sandbox_id: str, uid_base: int) -> List[str]:
     found += [f"cgroup {path}" for path in cgroup_dirs(daemon, sandbox_id)]
     # Zombies are dead: a sandbox's init is a child of its shim, and once the shim is gone the host's pid 1
     # reaps it, in its own time.
+    # Uid ranges are unique among the live sandboxes of every daemon on the host, so once the sandbox is gone its
+    # range may go to a sandbox of another daemon (one in another instance's cgroups is none of ours).
     found += [f"process {pid} uid {uid}: {cmd!r}" for pid, uid, cmd in host_processes()
-              if uid_base <= uid < uid_base + 65536 and not _zombie(pid)]
+              if uid_base <= uid < uid_base + 65536 and not _zombie(pid) and not _other_instance(daemon, pid)]
     if os.path.exists(sandbox_dir):
         found.append(f"directory {sandbox_dir}")
     return found
+
+
+def _other_instance(daemon: Daemon, pid: int) -> bool:
+    """Whether the process is in the cgroups of another daemon's sandbox (deltabox/<other instance>/...)."""
+    try:
+        with open(f"/proc/{pid}/cgroup") as f:
+            paths = [line.rstrip("\n").split(":", 2)[2] for line in f]
+    except OSError:
+        return False
+    ours = f"/deltabox/{daemon.instance()}/"
+    return any("/deltabox/" in path and ours not in path for path in paths)
 
 
 def _zombie(pid: int) -> bool:
@@ -189,6 +257,24 @@ def status_field(pid: int, name: str) -> str:
             if line.startswith(name + ":"):
                 return line.split(":", 1)[1].strip()
     raise KeyError(name)
+
+
+def shim_pid(info: "deltabox.SandboxInfo") -> int:
+    """The pid of the sandbox's shim: the parent of its init (the API does not name it)."""
+    shim = int(status_field(info.init_pid, "PPid"))
+    assert b"shim" in open(f"/proc/{shim}/cmdline", "rb").read()
+    return shim
+
+
+def kill_shim(info: "deltabox.SandboxInfo") -> None:
+    """SIGKILLs the sandbox's shim and waits until it died."""
+    shim = shim_pid(info)
+    os.kill(shim, signal.SIGKILL)
+    wait_pid_dead(shim)
+
+
+def wait_pid_dead(pid: int, seconds: float = 10) -> None:
+    wait_until(lambda: _zombie(pid), seconds, 0.01, f"pid {pid} to die")
 
 
 def wait_until(predicate, timeout: float = 20.0, step: float = 0.05, what: str = "the condition"):

@@ -8,22 +8,16 @@ import contextlib
 import random
 import shutil
 import signal
-import sqlite3
 import tempfile
 import threading
 import time
 from pathlib import Path
 
 import pytest
-from support import Daemon, binary, image_dir, leftovers
-from test_cleanup import kill_shim
+from support import STEP, VERIFY, Daemon, binary, catalog_records, image_dir, kill_shim, leftovers
 
 import deltabox
 
-# Each step leaves a self-checking state: a fresh random blob, its checksum, and the step's number.
-STEP = "mkdir -p /data && head -c 262144 /dev/urandom > /data/blob && sha256sum /data/blob > /data/blob.sha " \
-       "&& echo {step} > /data/step && cat /data/blob.sha"
-VERIFY = "sha256sum -c /data/blob.sha > /dev/null && cat /data/step /data/blob.sha"
 
 
 @pytest.fixture(scope="module")
@@ -88,11 +82,7 @@ def kill_daemon_repeatedly(daemon, rounds, rng):
 
 def catalog_checkpoints(daemon):
     """Every checkpoint id in the daemon's catalog (read directly: the API lists checkpoints per live sandbox)."""
-    db = sqlite3.connect(f"file:{daemon.data_dir / 'catalog.db'}?mode=ro", uri=True)
-    try:
-        return {row[0] for row in db.execute("SELECT id FROM checkpoints")}
-    finally:
-        db.close()
+    return set(catalog_records(daemon, "checkpoints"))
 
 
 def verify_by_forking(client, checkpoint_ids, reported):

@@ -6,8 +6,7 @@ import contextlib
 import subprocess
 
 import pytest
-from support import new_sandbox, status_field
-from test_cleanup import wait_pid_dead
+from support import new_sandbox, status_field, wait_pid_dead
 
 import deltabox
 

@@ -1,11 +1,10 @@
 """Cleanup: nothing of a removed sandbox remains; daemon crashes keep or clean up sandboxes."""
 
-import os
 import signal
 import time
 
 import pytest
-from support import leftovers, new_sandbox, status_field, wait_until
+from support import kill_shim, leftovers, new_sandbox, wait_until
 
 import deltabox
 
@@ -16,24 +15,6 @@ def busy_sandbox(client):
     sb.session("work").run("cd /tmp; export KEPT=yes; sleep 1000 &").check()
     sb.exec(["sh", "-c", "setsid sleep 1000 > /dev/null 2>&1 < /dev/null &"]).check()
     return sb
-
-
-def kill_shim(info):
-    """SIGKILLs the sandbox's shim (the parent of its init; the API does not name it) and waits until it died."""
-    shim = int(status_field(info.init_pid, "PPid"))
-    assert b"shim" in open(f"/proc/{shim}/cmdline", "rb").read()
-    os.kill(shim, signal.SIGKILL)
-    wait_pid_dead(shim)
-
-
-def wait_pid_dead(pid, seconds=10):
-    def dead():
-        try:
-            return status_field(pid, "State").startswith("Z")
-        except OSError:
-            return True
-
-    wait_until(dead, seconds, 0.01, f"pid {pid} to die")
 
 
 def test_remove_leaves_nothing(client, daemon):

@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::restore::FdPlan;
+use crate::files::FdPlan;
 use crate::state::{FileKind, ProcessEntry, ProcessKind, TreeState};
 
 /// Why a tree cannot be restored as it was.

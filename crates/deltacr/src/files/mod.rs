@@ -21,7 +21,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::unistd::Pid;
 
-pub use tty::pts_index;
+pub use tty::{controlling_tty, pts_index};
 
 use crate::procfs::{self, FdInfo};
 use crate::pty::PtyPlan;

@@ -40,6 +40,32 @@ pub(super) fn capture(
     }
 }
 
+/// The controlling terminal of session leader `owner`, pty number `index`, whose foreground process
+/// group is `foreground` (in the sandbox; None when it is not one of the tree's). The node is that of
+/// the leader's fd on it, or, when it holds none, the one its path names.
+pub fn controlling_tty(
+    owner: &FdOwner,
+    index: u32,
+    foreground: Option<i32>,
+    fds: &[FdState],
+    files: &[OpenFile],
+) -> Result<Ctty, FileError> {
+    let held = fds.iter().find_map(|f| match &files[f.file as usize].kind {
+        FileKind::Tty { path, index: i, node, .. } if *i == index => Some((path.clone(), *node)),
+        _ => None,
+    });
+    let (path, node) = match held {
+        Some(held) => held,
+        None => {
+            let path = format!("/dev/pts/{index}");
+            let meta =
+                sys::stat_in_root(owner.host, &path).map_err(io_err(owner, -1, "find its controlling terminal"))?;
+            (path, PtyNode::of(&meta))
+        }
+    };
+    Ok(Ctty { index, path, node, foreground })
+}
+
 impl NewProcess {
     /// Opens a terminal file for fd `target` with its settings; /dev/null when the terminal is lost
     /// (or was hung up at checkpoint time). Returns the fd.

@@ -10,7 +10,7 @@ use nix::unistd::Pid;
 
 use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
 use crate::files::{self, FdOwner, FileError};
-use crate::freezer::Freezer;
+use crate::freezer::Frozen;
 use crate::image::{ImageChain, ImageId, ImageJob};
 use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
@@ -69,10 +69,10 @@ impl CrError {
     }
 }
 
-/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed) and its freezer.
-pub struct Sandbox<'a> {
+/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed). Its freezer comes
+/// to a checkpoint as a [`Frozen`].
+pub struct Sandbox {
     pub init: Pid,
-    pub freezer: &'a dyn Freezer,
 }
 
 /// Timings of one checkpoint.
@@ -88,10 +88,13 @@ pub struct CheckpointStats {
     pub phases: Vec<(&'static str, Duration)>,
 }
 
+/// Templates by pid (in the sandbox).
+type Templates = HashMap<i32, Template>;
+
 /// A checkpoint held in memory: the tree's state plus a template per live process.
 pub struct Checkpoint {
     pub tree: TreeState,
-    templates: HashMap<i32, Template>,
+    templates: Templates,
     pub stats: CheckpointStats,
 }
 
@@ -134,7 +137,7 @@ impl Checkpoint {
 
 /// Where restored memory comes from.
 enum Memory<'a> {
-    Templates(&'a HashMap<i32, Template>),
+    Templates(&'a Templates),
     Image(&'a mut ImageChain),
 }
 
@@ -273,17 +276,18 @@ impl Engine {
         Ok(capture::list_tree(init, &skip)?)
     }
 
-    /// Checkpoints every process below init. Call it with the sandbox frozen (after any filesystem
-    /// checkpoint); it thaws the sandbox itself and returns once the processes run again and the
-    /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
-    pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
+    /// Checkpoints every process below init. Call it with the sandbox frozen by `frozen` (after any
+    /// filesystem checkpoint): it thaws the sandbox through `frozen` once every running process is
+    /// seized, and returns once the processes run again and the checkpoint is complete. On error nothing
+    /// is left seized; a sandbox still frozen then is thawed when the caller drops `frozen`.
+    pub fn checkpoint(&mut self, sb: &Sandbox, frozen: &mut Frozen<'_>) -> Result<Checkpoint, CrError> {
         let start = Instant::now();
         let mut phases = Phases::new();
         self.tidy();
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let listed = self.sandbox_processes(sb.init);
         let mut stopped_tree = StoppedTree::new(self.pid_setter(sb.init)?);
-        stopped_tree.seize_all(listed, sb.freezer, &mut phases)?;
+        stopped_tree.seize_all(listed, frozen, &mut phases)?;
         stopped_tree.reserve_pids(last_pid)?;
         stopped_tree.capture_live()?;
         phases.mark("registers and signals");
@@ -314,7 +318,7 @@ impl Engine {
     /// afterwards by the spare, which kept it (see [`Engine::tidy`]). No freeze is needed: a process forked while we list and kill (its parent
     /// listed before it existed) shows up in the next listing and is killed then; killed processes
     /// cannot fork, so this ends.
-    pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
+    pub fn kill_processes(&mut self, sb: &Sandbox) -> Result<(), CrError> {
         let deadline = Instant::now() + KILL_TIMEOUT;
         // Pidfds of the processes killed so far: a pidfd reports POLLHUP once its process is reaped.
         let mut dying: HashMap<Pid, OwnedFd> = HashMap::new();
@@ -372,7 +376,7 @@ impl Engine {
     /// templates; the others are forked by their restored parent and get their memory copied from
     /// their template. Nothing runs until the whole tree is in place; on error the partially restored
     /// processes are killed.
-    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
     }
 
@@ -383,7 +387,7 @@ impl Engine {
     /// tables; the sandbox runs meanwhile. Call it when the tracer thread is idle, e.g. right after a
     /// checkpoint or a rollback of the checkpoints likely to be restored next. Returns how many spares
     /// were made.
-    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<usize, CrError> {
+    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox) -> Result<usize, CrError> {
         self.tidy();
         let pids = self.pid_setter(sb.init)?;
         let last = pids.last_pid()?;
@@ -405,17 +409,12 @@ impl Engine {
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
     /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
-    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         let tree = chain.head().tree.clone();
         self.restore_tree(&tree, Memory::Image(chain), sb)
     }
 
-    fn restore_tree(
-        &mut self,
-        tree: &TreeState,
-        mut mem: Memory<'_>,
-        sb: &Sandbox<'_>,
-    ) -> Result<RestoreStats, CrError> {
+    fn restore_tree(&mut self, tree: &TreeState, mut mem: Memory<'_>, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let plan = plan::plan(tree)?;
@@ -489,7 +488,7 @@ impl<'c> Restoring<'c> {
     fn create_all(
         &mut self,
         mem: &mut Memory<'_>,
-        sb: &Sandbox<'_>,
+        sb: &Sandbox,
         pids: &mut PidSetter,
         ptys: &mut PtyPlan,
     ) -> Result<(), CrError> {
@@ -522,7 +521,7 @@ impl<'c> Restoring<'c> {
         entry: &'c ProcessEntry,
         st: &'c ProcessState,
         mem: &mut Memory<'_>,
-        sb: &Sandbox<'_>,
+        sb: &Sandbox,
         pids: &mut PidSetter,
         ptys: &mut PtyPlan,
     ) -> Result<(), CrError> {
@@ -582,7 +581,7 @@ impl<'c> Restoring<'c> {
         entry: &'c ProcessEntry,
         st: &ProcessState,
         template: Option<&Template>,
-        sb: &Sandbox<'_>,
+        sb: &Sandbox,
         pids: &mut PidSetter,
     ) -> Result<(Pid, u64, Start<'c>), CrError> {
         let in_session = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
@@ -816,7 +815,7 @@ impl SessionHelper {
         tree: &TreeState,
         plan: &plan::RestorePlan,
         mem: &Memory<'_>,
-        sb: &Sandbox<'_>,
+        sb: &Sandbox,
         pids: &mut PidSetter,
         ptys: &mut PtyPlan,
     ) -> Result<SessionHelper, CrError> {
@@ -891,7 +890,7 @@ impl<'a> StoppedTree<'a> {
     fn seize_all(
         &mut self,
         listed: Result<Vec<Pid>, CrError>,
-        freezer: &dyn Freezer,
+        frozen: &mut Frozen<'_>,
         phases: &mut Phases,
     ) -> Result<(), CrError> {
         let mut job_stopped = Vec::new();
@@ -907,7 +906,7 @@ impl<'a> StoppedTree<'a> {
             Ok(())
         });
         phases.mark("list+seize");
-        freezer.thaw().map_err(CrError::Freezer)?;
+        frozen.thaw().map_err(CrError::Freezer)?;
         phases.mark("thaw");
         seized?;
         for p in job_stopped {
@@ -1070,7 +1069,7 @@ fn live_entry(l: &LiveProcess, fds: Vec<FdState>, ctty: Option<Ctty>) -> Process
 /// the processes (parents first), the templates by pid, and the number of threads.
 fn complete_from_templates(
     entries: Vec<(ProcessEntry, Option<Template>)>,
-) -> Result<(Vec<ProcessEntry>, HashMap<i32, Template>, usize), CrError> {
+) -> Result<(Vec<ProcessEntry>, Templates, usize), CrError> {
     let mut processes = Vec::with_capacity(entries.len());
     let mut templates = HashMap::new();
     let mut threads = 0;

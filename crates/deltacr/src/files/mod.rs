@@ -281,7 +281,6 @@ impl NewProcess {
     }
 
     /// Opens `path` in the process (openat from its cwd) with `flags`, for its fd `target`; `what`
-
     /// names the step in errors.
     fn open_in(&mut self, target: i32, path: &str, flags: i32, what: &'static str) -> Result<i32, RestoreError> {
         let mut cpath = path.as_bytes().to_vec();
@@ -295,7 +294,6 @@ impl NewProcess {
     }
 
     /// Reopens `path` in the process (never creating or truncating it) for its fd `target` and checks
-
     /// the opened file with `wrong` (Some: why it is not the file wanted; it is closed again).
     fn reopen(
         &mut self,
@@ -330,7 +328,6 @@ impl NewProcess {
     }
 
     /// Opens /dev/null in place of a file that cannot be restored (a terminal that is gone, a pipe whose
-
     /// readers were outside), with the description's access mode and non-blocking flag.
     fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
         let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;

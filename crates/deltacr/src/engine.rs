@@ -881,7 +881,7 @@ impl<'a> StoppedTree<'a> {
         StoppedTree { pids, last_pid: None, seized: Vec::new(), live: Vec::new(), zombies: Vec::new() }
     }
 
-    /// Seizes every listed process, thaws the sandbox, and waits until every seized
+    /// Seizes every listed process, thaws the sandbox through `frozen`, and waits until every seized
     /// thread is stopped. Tasks frozen by the cgroup v1 freezer sit in the kernel and enter ptrace-stop
     /// only once thawed; the interrupt queued by the seize stops them before they run any user code.
     /// PTRACE_SEIZE of a process in job-control stop waits until the process has moved to a traced stop,

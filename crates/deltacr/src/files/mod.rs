@@ -155,8 +155,9 @@ fn classify(
             other => other,
         });
     }
-    if link.starts_with("pipe:[") {
-        return pipe::capture_pipe(owner, fd, link);
+    if let Some(rest) = link.strip_prefix("pipe:[") {
+        let pipe = rest.trim_end_matches(']').parse().map_err(|_| unsupported(format!("odd pipe link {link}")))?;
+        return pipe::capture_pipe(owner, fd, pipe);
     }
     if !link.starts_with('/') {
         return Err(unsupported(format!("{link} is not supported yet")));

@@ -3,8 +3,7 @@
 //! At restore both ends of a pipe are made together by one process (then placed at their temporary
 //! fds) and refilled; a FIFO is reopened by name.
 
-use std::collections::HashMap;
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::fs::File;
 use std::io::{Read, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -19,11 +18,8 @@ use crate::restore::{NewProcess, RestoreError};
 use crate::state::{FdState, FileKind, OpenFile};
 use crate::sys;
 
-/// An fd on a pipe (`link` is its /proc fd link, "pipe:[INODE]").
-pub(super) fn capture_pipe(owner: &FdOwner, fd: i32, link: &str) -> Result<FileKind, FileError> {
-    let unsupported = |reason: String| FileError::Unsupported { pid: owner.ns_pid, fd, reason };
-    let rest = link.strip_prefix("pipe:[").ok_or_else(|| unsupported(format!("odd pipe link {link}")))?;
-    let pipe = rest.trim_end_matches(']').parse().map_err(|_| unsupported(format!("odd pipe link {link}")))?;
+/// An fd on pipe `pipe` (its inode).
+pub(super) fn capture_pipe(owner: &FdOwner, fd: i32, pipe: u64) -> Result<FileKind, FileError> {
     let flags = FdInfo::read(owner.host, fd).and_then(|i| i.flags()).map_err(|source| FileError::Proc {
         pid: owner.ns_pid,
         fd,

@@ -68,7 +68,7 @@ impl Rollbacks {
     /// Measures `n` rollbacks to `ckpt` cloning the templates, then `n` taking over spares (each made
     /// right before, as the shim would between two rollbacks): each kind in its steady state, where
     /// the tree it kills was restored the same way.
-    fn measure(engine: &mut Engine, ckpt: &deltacr::Checkpoint, sb: &deltacr::Sandbox<'_>, n: usize) -> Rollbacks {
+    fn measure(engine: &mut Engine, ckpt: &deltacr::Checkpoint, sb: &deltacr::Sandbox, n: usize) -> Rollbacks {
         let mut r = Rollbacks::default();
         for _ in 0..n + 1 {
             let t0 = Instant::now();
@@ -150,9 +150,9 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
     for i in 0..iters + 1 {
         dirty_step(&mut cmd_w, &mut ack_r);
         let t0 = Instant::now();
-        sb.freezer.freeze().unwrap();
-        let ckpt = engine.checkpoint(&sb).unwrap();
-        let frozen = ms(t0.elapsed()) - ms(ckpt.stats.total) + ms(ckpt.stats.stopped);
+        let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+        let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+        let frozen_ms = ms(t0.elapsed()) - ms(ckpt.stats.total) + ms(ckpt.stats.stopped);
         let w0 = Instant::now();
         let job = ckpt.image_job(parent.as_ref().map(|(c, id)| (c, *id))).unwrap();
         let info = job.write(&store).unwrap();
@@ -175,7 +175,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         let from_template = ms(r0.elapsed());
         if i > 0 {
             // The first checkpoint has no parent: its image is full.
-            row.freeze_to_thaw.push(frozen);
+            row.freeze_to_thaw.push(frozen_ms);
             row.image_kib.push(info.page_bytes as f64 / 1024.0);
             row.image_write.push(incremental);
             row.baseline_full.push(baseline);
@@ -208,8 +208,8 @@ fn shell_rollbacks(jobs: usize, iters: usize) -> Rollbacks {
     t.run(&format!("{} echo \"ok$((1+1))\"", "sleep 1000 & ".repeat(jobs)), "ok2");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert_eq!(ckpt.tree.processes.len(), 1 + jobs);
     let r = Rollbacks::measure(&mut engine, &ckpt, &sb, iters);
     t.run("echo \"alive$((2+2))\"", "alive4");

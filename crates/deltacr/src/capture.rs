@@ -527,11 +527,7 @@ pub fn controlling_pty(pid: Pid) -> Result<Option<(u32, i32)>, CaptureError> {
     let tty_nr = stat.field(7) as u32;
     let major = (tty_nr >> 8) & 0xfff;
     let minor = (tty_nr & 0xff) | ((tty_nr >> 12) & 0xfff00);
-    if tty_nr == 0 || !(crate::files::PTS_MAJOR..crate::files::PTS_MAJOR + 8).contains(&major) {
-        return Ok(None);
-    }
-    let index = (major - crate::files::PTS_MAJOR) * 256 + minor;
-    Ok(Some((index, stat.field(8) as i64 as i32)))
+    Ok(crate::files::pts_index(major, minor).map(|index| (index, stat.field(8) as i64 as i32)))
 }
 
 /// The process group of a process as the host sees it (/proc/PID/stat field 5).

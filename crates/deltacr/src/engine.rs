@@ -10,15 +10,17 @@ use nix::unistd::Pid;
 
 use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
 use crate::files::{self, FdOwner, FileError};
-use crate::freezer::Freezer;
+use crate::freezer::Frozen;
 use crate::image::{ImageChain, ImageId, ImageJob};
 use crate::mm::ProcessPages;
 use crate::pidns::{PidNsError, PidSetter};
 use crate::plan::{self, Creator, PlanError, Step};
 use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
-use crate::restore::{self, NewProcess, RestoreError};
-use crate::state::{Creds, Ctty, FileKind, ProcessEntry, ProcessKind, ProcessState, PtyNode, TreeState};
+use crate::restore::{self, Helper, NewProcess, RestoreError};
+use crate::state::{
+    Creds, Ctty, FdState, OpenFile, ProcessEntry, ProcessKind, ProcessState, PtyNode, SigAction, TreeState,
+};
 use crate::sys;
 use crate::template::{self, Detach, Stopped, Template, TemplateError};
 
@@ -67,10 +69,10 @@ impl CrError {
     }
 }
 
-/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed) and its freezer.
-pub struct Sandbox<'a> {
+/// The sandbox DeltaCR works on: its init (host pid; never checkpointed or killed). Its freezer comes
+/// to a checkpoint as a [`Frozen`].
+pub struct Sandbox {
     pub init: Pid,
-    pub freezer: &'a dyn Freezer,
 }
 
 /// Timings of one checkpoint.
@@ -86,10 +88,13 @@ pub struct CheckpointStats {
     pub phases: Vec<(&'static str, Duration)>,
 }
 
+/// Templates by pid (in the sandbox).
+type Templates = HashMap<i32, Template>;
+
 /// A checkpoint held in memory: the tree's state plus a template per live process.
 pub struct Checkpoint {
     pub tree: TreeState,
-    templates: HashMap<i32, Template>,
+    templates: Templates,
     pub stats: CheckpointStats,
 }
 
@@ -132,7 +137,7 @@ impl Checkpoint {
 
 /// Where restored memory comes from.
 enum Memory<'a> {
-    Templates(&'a HashMap<i32, Template>),
+    Templates(&'a Templates),
     Image(&'a mut ImageChain),
 }
 
@@ -271,206 +276,28 @@ impl Engine {
         Ok(capture::list_tree(init, &skip)?)
     }
 
-    /// Checkpoints every process below init. Call it with the sandbox frozen (after any filesystem
-    /// checkpoint); it thaws the sandbox itself and returns once the processes run again and the
-    /// checkpoint is complete. On error nothing is left seized and the sandbox runs.
-    pub fn checkpoint(&mut self, sb: &Sandbox<'_>) -> Result<Checkpoint, CrError> {
+    /// Checkpoints every process below init. Call it with the sandbox frozen by `frozen` (after any
+    /// filesystem checkpoint): it thaws the sandbox through `frozen` once every running process is
+    /// seized, and returns once the processes run again and the checkpoint is complete. On error nothing
+    /// is left seized; a sandbox still frozen then is thawed when the caller drops `frozen`.
+    pub fn checkpoint(&mut self, sb: &Sandbox, frozen: &mut Frozen<'_>) -> Result<Checkpoint, CrError> {
         let start = Instant::now();
-        self.tidy();
         let mut phases = Phases::new();
+        self.tidy();
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
-        let pids = self.sandbox_processes(sb.init);
-        let mut seized: Vec<SeizedProcess> = Vec::new();
-        // PTRACE_SEIZE of a process in job-control stop waits until the process has moved to a
-        // traced stop, which a frozen process cannot do: those are seized after the thaw (they stay
-        // stopped, so they cannot run meanwhile).
-        let mut job_stopped = Vec::new();
-        let seize_res = pids.and_then(|pids| {
-            for p in pids {
-                if procfs::job_control_stopped(p) {
-                    job_stopped.push(p);
-                    continue;
-                }
-                tracing::debug!(pid = p.as_raw(), "seizing");
-                seized.push(capture::seize_process(p)?);
-            }
-            Ok(())
-        });
-        phases.mark("list+seize");
-        sb.freezer.thaw().map_err(CrError::Freezer)?;
-        phases.mark("thaw");
-        let seize_res = seize_res.and_then(|()| {
-            for p in job_stopped {
-                tracing::debug!(pid = p.as_raw(), "seizing (job-control stopped)");
-                seized.push(capture::seize_process(p)?);
-            }
-            Ok(())
-        });
-        if let Err(e) = seize_res {
-            release_seized(&mut seized);
-            return Err(e);
-        }
-        for s in &mut seized {
-            if let Err(e) = s.wait_stopped() {
-                release_seized(&mut seized);
-                return Err(e.into());
-            }
-        }
-        phases.mark("wait for stops");
-        let mut live: Vec<LiveProcess> = Vec::new();
-        let mut zombies: Vec<SeizedProcess> = Vec::new();
-        type Captured = (Vec<(ProcessEntry, Option<Template>)>, Vec<crate::state::OpenFile>);
-        // Templates take their pids from the reserved top of the range (see
-        // PidSetter::reserved_floor); the counter is put back before anything else runs.
-        let reserved = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(p.reserved_floor()));
-        let mut result: Result<Captured, CrError> = reserved.map_err(CrError::from).and_then(|()| {
-            let init_sid = capture::ns_ids(sb.init)?.sid;
-            for s in seized.drain(..) {
-                if s.zombie.is_some() {
-                    // init reaps its own zombie children; they are not part of the sandbox's state.
-                    if s.ids.ppid != 1 {
-                        zombies.push(s);
-                    }
-                } else {
-                    live.push(capture::capture_live(s)?);
-                }
-            }
-            let owners: Vec<FdOwner> =
-                live.iter().map(|l| FdOwner { host: l.seized.pid, ns_pid: l.seized.ids.pid }).collect();
-            phases.mark("registers and signals");
-            let (files, tables) = files::capture(&owners)?;
-            phases.mark("fds");
-            let mut out = Vec::new();
-            // Host process group -> process group in the sandbox, to translate a terminal's
-            // foreground group.
-            let mut pgids = HashMap::new();
-            for l in &live {
-                pgids.insert(capture::host_pgid(l.seized.pid)?, l.seized.ids.pgid);
-            }
-            for (l, fds) in live.iter_mut().zip(tables) {
-                let ids = l.seized.ids;
-                let detach = if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0) {
-                    Detach::ProcessGroup
-                } else {
-                    Detach::Session
-                };
-                let ctty = match capture::controlling_pty(l.seized.pid)? {
-                    Some((index, fg)) if ids.sid == ids.pid => {
-                        let held = fds.iter().find_map(|f| match &files[f.file as usize].kind {
-                            FileKind::Tty { path, index: i, node, .. } if *i == index => Some((path.clone(), *node)),
-                            _ => None,
-                        });
-                        let (path, node) = match held {
-                            Some(held) => held,
-                            None => {
-                                // A session leader that holds no fd on its terminal: look at the node.
-                                let path = format!("/dev/pts/{index}");
-                                let meta =
-                                    crate::sys::stat_in_root(l.seized.pid, &path).map_err(|source| FileError::Io {
-                                        pid: ids.pid,
-                                        fd: -1,
-                                        what: "find its controlling terminal",
-                                        source,
-                                    })?;
-                                (path, PtyNode::of(&meta))
-                            }
-                        };
-                        Some(Ctty { index, path, node, foreground: pgids.get(&fg).copied() })
-                    }
-                    _ => None,
-                };
-                let gadget = l.gadget;
-                let t = template::create(&mut l.injectors[0], gadget, detach)?;
-                tracing::debug!(pid = ids.pid, template = t.pid().as_raw(), ?detach, "template made");
-                let st = ProcessState {
-                    threads: l.threads.clone(),
-                    shared_pending: l.shared_pending.clone(),
-                    sigactions: Vec::new(),
-                    creds: Default::default(),
-                    seccomp: Vec::new(),
-                    personality: 0,
-                    umask: 0,
-                    rlimits: Vec::new(),
-                    cwd: String::new(),
-                    root: String::new(),
-                    mm: Default::default(),
-                    vmas: Vec::new(),
-                    fds,
-                    itimers: l.itimers,
-                    pdeath_signal: l.pdeath_signal,
-                    child_subreaper: l.child_subreaper,
-                    dumpable: l.dumpable,
-                    oom_score_adj: l.oom_score_adj,
-                    job_stopped: l.seized.job_stopped(),
-                    ctty,
-                    exit_signal: 0,
-                };
-                let entry = ProcessEntry {
-                    pid: ids.pid,
-                    ppid: ids.ppid,
-                    pgid: ids.pgid,
-                    sid: ids.sid,
-                    comm: l.seized.comm.clone(),
-                    kind: ProcessKind::Live(Box::new(st)),
-                };
-                out.push((entry, Some(t)));
-            }
-            for z in &zombies {
-                out.push((
-                    ProcessEntry {
-                        pid: z.ids.pid,
-                        ppid: z.ids.ppid,
-                        pgid: z.ids.pgid,
-                        sid: z.ids.sid,
-                        comm: z.comm.clone(),
-                        kind: ProcessKind::Zombie { exit_status: z.zombie.unwrap_or(0) },
-                    },
-                    None,
-                ));
-            }
-            Ok((out, files))
-        });
-        if let Err(e) = self.pid_setter(sb.init).and_then(|p| p.set_last_pid(last_pid)) {
-            result = result.and(Err(e.into()));
-        }
-        release_seized(&mut seized);
-        let mut resume_err = None;
-        for l in live {
-            if let Err(e) = l.resume() {
-                resume_err.get_or_insert(e);
-            }
-        }
+        let listed = self.sandbox_processes(sb.init);
+        let mut stopped_tree = StoppedTree::new(self.pid_setter(sb.init)?);
+        stopped_tree.seize_all(listed, frozen, &mut phases)?;
+        stopped_tree.reserve_pids(last_pid)?;
+        stopped_tree.capture_live()?;
+        phases.mark("registers and signals");
+        let (files, tables) = stopped_tree.capture_fds()?;
+        phases.mark("fds");
+        let entries = stopped_tree.make_templates(sb.init, &files, tables)?;
+        stopped_tree.resume_all()?;
         phases.mark("templates, resume");
         let stopped = start.elapsed();
-        if let (Ok(_), Some(e)) = (&result, resume_err) {
-            result = Err(e.into());
-        }
-        let (entries, files) = result?;
-        let mut processes = Vec::with_capacity(entries.len());
-        let mut templates = HashMap::new();
-        let mut threads = 0;
-        for (mut entry, t) in entries {
-            if let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, &t) {
-                let s = capture::capture_static(t, entry.pid)?;
-                st.sigactions = s.sigactions;
-                st.creds = s.creds;
-                st.seccomp = s.seccomp;
-                st.personality = s.personality;
-                st.umask = s.umask;
-                st.rlimits = s.rlimits;
-                st.cwd = s.cwd;
-                st.root = s.root;
-                st.mm = s.mm;
-                st.vmas = s.vmas;
-                st.exit_signal = s.exit_signal;
-                threads += st.threads.len();
-            }
-            if let Some(t) = t {
-                templates.insert(entry.pid, t);
-            }
-            processes.push(entry);
-        }
-        sort_parents_first(&mut processes);
+        let (processes, templates, threads) = complete_from_templates(entries)?;
         phases.mark("state shared with templates");
         let stats = CheckpointStats {
             stopped,
@@ -491,7 +318,7 @@ impl Engine {
     /// afterwards by the spare, which kept it (see [`Engine::tidy`]). No freeze is needed: a process forked while we list and kill (its parent
     /// listed before it existed) shows up in the next listing and is killed then; killed processes
     /// cannot fork, so this ends.
-    pub fn kill_processes(&mut self, sb: &Sandbox<'_>) -> Result<(), CrError> {
+    pub fn kill_processes(&mut self, sb: &Sandbox) -> Result<(), CrError> {
         let deadline = Instant::now() + KILL_TIMEOUT;
         // Pidfds of the processes killed so far: a pidfd reports POLLHUP once its process is reaped.
         let mut dying: HashMap<Pid, OwnedFd> = HashMap::new();
@@ -549,7 +376,7 @@ impl Engine {
     /// templates; the others are forked by their restored parent and get their memory copied from
     /// their template. Nothing runs until the whole tree is in place; on error the partially restored
     /// processes are killed.
-    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+    pub fn restore(&mut self, ckpt: &Checkpoint, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         self.restore_tree(&ckpt.tree, Memory::Templates(&ckpt.templates), sb)
     }
 
@@ -560,7 +387,7 @@ impl Engine {
     /// tables; the sandbox runs meanwhile. Call it when the tracer thread is idle, e.g. right after a
     /// checkpoint or a rollback of the checkpoints likely to be restored next. Returns how many spares
     /// were made.
-    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox<'_>) -> Result<usize, CrError> {
+    pub fn prepare_spares(&mut self, ckpt: &Checkpoint, sb: &Sandbox) -> Result<usize, CrError> {
         self.tidy();
         let pids = self.pid_setter(sb.init)?;
         let last = pids.last_pid()?;
@@ -582,33 +409,27 @@ impl Engine {
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
     /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
-    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox<'_>) -> Result<RestoreStats, CrError> {
+    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         let tree = chain.head().tree.clone();
         self.restore_tree(&tree, Memory::Image(chain), sb)
     }
 
-    fn restore_tree(
-        &mut self,
-        tree: &TreeState,
-        mut mem: Memory<'_>,
-        sb: &Sandbox<'_>,
-    ) -> Result<RestoreStats, CrError> {
+    fn restore_tree(&mut self, tree: &TreeState, mut mem: Memory<'_>, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         let start = Instant::now();
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
-        let mut made: Vec<(NewProcess, &ProcessEntry)> = Vec::new();
-        let holders = match self.restore_into(tree, &mut mem, sb, &mut ptys, &mut made) {
-            Ok(holders) => holders,
-            Err(e) => {
-                // Dropping a process that was not released kills it.
-                drop(made);
-                return Err(e);
-            }
-        };
-        let from_spares = holders.len();
-        let processes = made.len();
-        for (np, _) in made {
-            np.release()?;
-        }
+        let plan = plan::plan(tree)?;
+        let pids = self.pid_setter(sb.init)?;
+        let mut restoring = Restoring::new(tree, plan);
+        restoring.create_all(&mut mem, sb, pids, &mut ptys)?;
+        restoring.lead_orphaned_groups(pids)?;
+        restoring.join_groups()?;
+        restoring.create_late_zombies(pids)?;
+        restoring.end_group_helpers()?;
+        restoring.set_foregrounds(&mut ptys)?;
+        restoring.end_session_helpers()?;
+        restoring.finish_all()?;
+        pids.set_last_pid(tree.last_pid)?;
+        let (processes, holders) = restoring.release_all()?;
         let degraded = ptys.degraded(tree);
         for d in &degraded {
             tracing::warn!("restore: {d}");
@@ -616,180 +437,251 @@ impl Engine {
         let (pty_masters, aliases) = ptys.into_created();
         let state = self.sandbox(sb.init)?;
         state.pty_aliases.extend(aliases);
+        let from_spares = holders.len();
         state.holders.extend(holders);
         Ok(RestoreStats { total: start.elapsed(), processes, from_spares, degraded, pty_masters })
     }
+}
 
-    fn restore_into<'c>(
-        &mut self,
-        tree: &'c TreeState,
-        mem: &mut Memory<'_>,
-        sb: &Sandbox<'_>,
-        ptys: &mut PtyPlan,
-        made: &mut Vec<(NewProcess, &'c ProcessEntry)>,
-    ) -> Result<Vec<Holder>, CrError> {
-        let plan = plan::plan(tree)?;
-        let mut holders = Vec::new();
-        let pids = self.pid_setter(sb.init)?;
-        let no_create = Vec::new();
-        // Per pid: how many of its seccomp filters the new process already has from its creator.
-        let mut inherited: HashMap<i32, usize> = HashMap::new();
-        // Dropped (killed) on error like `made`; they exit before anything runs.
-        let mut session_helpers: Vec<SessionHelper> = Vec::new();
-        // Zombies that are not group leaders join their parent's group, which is final only at the end.
-        let mut late_zombies: Vec<(&ProcessEntry, i32)> = Vec::new();
-        for step in &plan.steps {
-            let entry = match *step {
-                Step::SessionHelper { sid } => {
-                    session_helpers.push(SessionHelper::create(sid, tree, &plan, mem, sb, pids, ptys)?);
-                    continue;
-                }
-                Step::Process { index } => &tree.processes[index],
-            };
-            let st = match &entry.kind {
-                ProcessKind::Live(st) => st,
-                ProcessKind::Zombie { exit_status } if entry.pgid == entry.pid => {
-                    restore_zombie(made, pids, entry, *exit_status)?;
-                    continue;
-                }
-                ProcessKind::Zombie { exit_status } => {
-                    late_zombies.push((entry, *exit_status));
-                    continue;
-                }
-            };
-            let template = match mem {
-                Memory::Templates(t) => t.get(&entry.pid).filter(|t| t.alive()),
-                Memory::Image(_) => None,
-            };
-            if matches!(mem, Memory::Templates(_)) && template.is_none() {
-                return Err(CrError::NoTemplate { pid: entry.pid });
-            }
-            let in_session = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
-            // The new task, the syscall instruction to inject with, and — unless it is a copy-on-write
-            // clone of its template — the credentials it starts with (its memory is then rebuilt) and
-            // the signal actions of the process it was forked from, when known.
-            let session_helper = match plan.creators[&entry.pid] {
-                Creator::InSession { creator } => session_helpers.iter_mut().find(|h| h.sid == creator),
-                Creator::Init | Creator::Parent => None,
-            };
-            let (host, gadget, start) = match (plan.creators[&entry.pid], template, session_helper) {
-                (_, _, Some(h)) => {
-                    tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
-                    // The copy-on-write member takes over the memory of the spare the helper was made
-                    // from, if any (see below).
-                    let cow = h.cow == Some(entry.pid);
-                    let spare = if cow { h.spare.take() } else { None };
-                    let flags = if spare.is_some() { in_session | libc::CLONE_VM as u64 } else { in_session };
-                    let host = h.np.fork_child(pids, entry.pid, flags)?;
-                    if let Some(task) = spare {
-                        holders.push(Holder::new(task, entry.pid, host)?);
-                    }
-                    if cow {
-                        inherited.insert(entry.pid, st.seccomp.len());
-                        (host, h.np.gadget(), None)
-                    } else {
-                        inherited.insert(entry.pid, h.filters);
-                        (host, h.np.gadget(), Some((h.creds.clone(), None)))
-                    }
-                }
-                (Creator::Init, Some(t), None) => {
-                    // With a spare, the process shares the spare's memory (CLONE_VM: no page tables
-                    // copied); the spare, stopped for good, becomes its holder.
-                    let spare = t.take_spare();
-                    let (source, flags) = match &spare {
-                        Some(s) => (s, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
-                        None => (t.task(), libc::CLONE_PARENT | libc::SIGCHLD),
-                    };
-                    tracing::debug!(pid = entry.pid, source = source.pid().as_raw(), "restoring from template");
-                    let host = clone_stopped(pids, source, entry.pid, flags as u64)?;
-                    if let Some(task) = spare {
-                        holders.push(Holder::new(task, entry.pid, host)?);
-                    }
-                    inherited.insert(entry.pid, st.seccomp.len());
-                    (host, t.gadget(), None)
-                }
-                (Creator::Init, None, None) => {
-                    tracing::debug!(pid = entry.pid, "restoring by fork from init");
-                    let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
-                    inherited.insert(entry.pid, f.filters);
-                    (f.child, f.gadget, Some((f.creds, None)))
-                }
-                (Creator::Parent | Creator::InSession { .. }, _, None) => {
-                    let (creator, flags) = match plan.creators[&entry.pid] {
-                        Creator::InSession { creator } => (creator, in_session),
-                        _ => (entry.ppid, st.exit_signal as u64 & 0xff),
-                    };
-                    tracing::debug!(pid = entry.pid, creator, "restoring by fork");
-                    let pidx = made.iter().position(|(_, e)| e.pid == creator).expect("the plan orders creators first");
-                    let creator_entry: &ProcessEntry = made[pidx].1;
-                    let ProcessKind::Live(pst) = &creator_entry.kind else {
-                        unreachable!("only live processes are kept in `made`")
-                    };
-                    // The creator has only the seccomp filters it was created with until it finishes.
-                    inherited.insert(entry.pid, inherited[&creator]);
-                    let p = &mut made[pidx].0;
-                    (
-                        p.fork_child(pids, entry.pid, flags)?,
-                        p.gadget(),
-                        Some((pst.creds.clone(), Some(&pst.sigactions[..]))),
-                    )
-                }
-            };
-            let mut np = NewProcess::take(host, entry.pid, gadget)?;
-            if start.is_none() {
-                // The template's cwd may name a directory that was deleted (and brought back by the
-                // filesystem rollback) since: enter it again by path.
-                np.enter_cwd(&st.cwd)?;
-            }
-            if plan.creators[&entry.pid] == Creator::Init && template.is_none() {
-                // A fork of init holds init's fds.
-                np.close_all_fds()?;
-            }
-            if let Some((creds, parent_actions)) = start {
-                let unreadable = |e: std::io::Error| CrError::Unsupported {
-                    pid: entry.pid,
-                    comm: entry.comm.clone(),
-                    reason: format!("cannot read its template's memory: {e}"),
-                };
-                match (&mut *mem, template) {
-                    (Memory::Templates(_), Some(t)) => {
-                        np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
-                    }
-                    (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
-                    (Memory::Templates(_), None) => unreachable!("checked above"),
-                }
-                np.restore_static(st, &creds, parent_actions)?;
-            }
-            made.push((np, entry));
-            let np = &mut made.last_mut().expect("just pushed").0;
-            if entry.sid == entry.pid {
-                np.set_session_leader()?;
-            }
-            let create = plan.create.get(&entry.pid).unwrap_or(&no_create);
-            np.restore_fds(&st.fds, create, &tree.files, &plan.fds, ptys)?;
-            if let Some(ctty) = &st.ctty {
-                np.set_controlling_tty(ctty, &st.fds, &tree.files, ptys)?;
-            }
-            np.restore_process_misc(st)?;
-            np.create_threads(st, pids)?;
-            np.restore_thread_state(st)?;
+/// A restore under way: the tasks made so far. Dropping it kills them all (each `NewProcess`, helper
+/// and holder kills its task unless it was released or ended), so an error at any step of
+/// [`Engine::restore_tree`] undoes the whole restore; [`Restoring::release_all`] lets the processes run.
+struct Restoring<'c> {
+    tree: &'c TreeState,
+    plan: plan::RestorePlan,
+    // Dropped in this order: helpers first, the restored processes last.
+    /// Leaders of groups whose leader has exited, while their members join.
+    group_helpers: Vec<Helper>,
+    /// They exit before anything runs.
+    session_helpers: Vec<SessionHelper>,
+    /// Spares whose memory a restored process took over.
+    holders: Vec<Holder>,
+    /// The restored processes, parents first.
+    made: Vec<(NewProcess, &'c ProcessEntry)>,
+    /// Per pid: how many of its seccomp filters the new process already has from its creator.
+    inherited: HashMap<i32, usize>,
+    /// Zombies that are not group leaders join their parent's group, which is final only at the end.
+    late_zombies: Vec<(&'c ProcessEntry, i32)>,
+}
+
+/// How a new task starts: unless it is a copy-on-write clone of its template, the credentials it has
+/// (its memory is then rebuilt) and the signal actions of the process it was forked from, when known.
+type Start<'c> = Option<(Creds, Option<&'c [SigAction]>)>;
+
+impl<'c> Restoring<'c> {
+    fn new(tree: &'c TreeState, plan: plan::RestorePlan) -> Restoring<'c> {
+        Restoring {
+            tree,
+            plan,
+            group_helpers: Vec::new(),
+            session_helpers: Vec::new(),
+            holders: Vec::new(),
+            made: Vec::new(),
+            inherited: HashMap::new(),
+            late_zombies: Vec::new(),
         }
-        // Groups whose leader has exited are led by a helper while their members join.
-        let mut group_helpers = Vec::new();
-        for g in &plan.group_helpers {
-            let creator = match session_helpers.iter_mut().find(|h| h.sid == g.creator) {
+    }
+
+    /// Creates the session helpers and processes in the plan's order (every process after its creator).
+    /// Each process gets all its state but its process group, its terminal's foreground group and what
+    /// [`NewProcess::finish`] loads.
+    fn create_all(
+        &mut self,
+        mem: &mut Memory<'_>,
+        sb: &Sandbox,
+        pids: &mut PidSetter,
+        ptys: &mut PtyPlan,
+    ) -> Result<(), CrError> {
+        let tree = self.tree;
+        for i in 0..self.plan.steps.len() {
+            match self.plan.steps[i] {
+                Step::SessionHelper { sid } => {
+                    let helper = SessionHelper::create(sid, tree, &self.plan, mem, sb, pids, ptys)?;
+                    self.session_helpers.push(helper);
+                }
+                Step::Process { index } => {
+                    let entry = &tree.processes[index];
+                    match &entry.kind {
+                        ProcessKind::Live(st) => self.create_process(entry, st, mem, sb, pids, ptys)?,
+                        ProcessKind::Zombie { exit_status } if entry.pgid == entry.pid => {
+                            restore_zombie(&mut self.made, pids, entry, *exit_status)?
+                        }
+                        ProcessKind::Zombie { exit_status } => self.late_zombies.push((entry, *exit_status)),
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Creates live process `entry` and gives it its memory, session, fds, terminal, threads and
+    /// per-thread state.
+    fn create_process(
+        &mut self,
+        entry: &'c ProcessEntry,
+        st: &'c ProcessState,
+        mem: &mut Memory<'_>,
+        sb: &Sandbox,
+        pids: &mut PidSetter,
+        ptys: &mut PtyPlan,
+    ) -> Result<(), CrError> {
+        let template = match mem {
+            Memory::Templates(t) => t.get(&entry.pid).filter(|t| t.alive()),
+            Memory::Image(_) => None,
+        };
+        if matches!(mem, Memory::Templates(_)) && template.is_none() {
+            return Err(CrError::NoTemplate { pid: entry.pid });
+        }
+        let (host, gadget, start) = self.new_task(entry, st, template, sb, pids)?;
+        let mut np = NewProcess::take(host, entry.pid, gadget)?;
+        if start.is_none() {
+            // The template's cwd may name a directory that was deleted (and brought back by the
+            // filesystem rollback) since: enter it again by path.
+            np.enter_cwd(&st.cwd)?;
+        }
+        if self.plan.creators[&entry.pid] == Creator::Init && template.is_none() {
+            // A fork of init holds init's fds.
+            np.close_all_fds()?;
+        }
+        if let Some((creds, parent_actions)) = start {
+            let unreadable = |e: std::io::Error| CrError::Unsupported {
+                pid: entry.pid,
+                comm: entry.comm.clone(),
+                reason: format!("cannot read its template's memory: {e}"),
+            };
+            match (&mut *mem, template) {
+                (Memory::Templates(_), Some(t)) => {
+                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
+                }
+                (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
+                (Memory::Templates(_), None) => unreachable!("checked above"),
+            }
+            np.restore_static(st, &creds, parent_actions)?;
+        }
+        self.made.push((np, entry));
+        let np = &mut self.made.last_mut().expect("just pushed").0;
+        if entry.sid == entry.pid {
+            np.set_session_leader()?;
+        }
+        let create = self.plan.create.get(&entry.pid).map_or(&[][..], Vec::as_slice);
+        np.restore_fds(&st.fds, create, &self.tree.files, &self.plan.fds, ptys)?;
+        if let Some(ctty) = &st.ctty {
+            np.set_controlling_tty(ctty, &st.fds, &self.tree.files, ptys)?;
+        }
+        np.restore_process_misc(st)?;
+        np.create_threads(st, pids)?;
+        np.restore_thread_state(st)?;
+        Ok(())
+    }
+
+    /// Creates the task of live process `entry` as the plan says, with its pid: the new task, the
+    /// syscall instruction to inject with, and how it starts. Records the seccomp filters it inherits.
+    fn new_task(
+        &mut self,
+        entry: &'c ProcessEntry,
+        st: &ProcessState,
+        template: Option<&Template>,
+        sb: &Sandbox,
+        pids: &mut PidSetter,
+    ) -> Result<(Pid, u64, Start<'c>), CrError> {
+        let in_session = (libc::CLONE_PARENT | libc::SIGCHLD) as u64;
+        let creator = self.plan.creators[&entry.pid];
+        let session_helper = match creator {
+            Creator::InSession { creator } => self.session_helpers.iter_mut().find(|h| h.sid == creator),
+            Creator::Init | Creator::Parent => None,
+        };
+        Ok(match (creator, template, session_helper) {
+            (_, _, Some(h)) => {
+                tracing::debug!(pid = entry.pid, session = h.sid, "restoring by fork from a session helper");
+                // The copy-on-write member takes over the memory of the spare the helper was made
+                // from, if any (see below).
+                let cow = h.cow == Some(entry.pid);
+                let spare = if cow { h.spare.take() } else { None };
+                let flags = if spare.is_some() { in_session | libc::CLONE_VM as u64 } else { in_session };
+                let host = h.np.fork_child(pids, entry.pid, flags)?;
+                if let Some(task) = spare {
+                    self.holders.push(Holder::new(task, entry.pid, host)?);
+                }
+                if cow {
+                    self.inherited.insert(entry.pid, st.seccomp.len());
+                    (host, h.np.gadget(), None)
+                } else {
+                    self.inherited.insert(entry.pid, h.filters);
+                    (host, h.np.gadget(), Some((h.creds.clone(), None)))
+                }
+            }
+            (Creator::Init, Some(t), None) => {
+                // With a spare, the process shares the spare's memory (CLONE_VM: no page tables
+                // copied); the spare, stopped for good, becomes its holder.
+                let spare = t.take_spare();
+                let (source, flags) = match &spare {
+                    Some(s) => (s, libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD),
+                    None => (t.task(), libc::CLONE_PARENT | libc::SIGCHLD),
+                };
+                tracing::debug!(pid = entry.pid, source = source.pid().as_raw(), "restoring from template");
+                let host = clone_stopped(pids, source, entry.pid, flags as u64)?;
+                if let Some(task) = spare {
+                    self.holders.push(Holder::new(task, entry.pid, host)?);
+                }
+                self.inherited.insert(entry.pid, st.seccomp.len());
+                (host, t.gadget(), None)
+            }
+            (Creator::Init, None, None) => {
+                tracing::debug!(pid = entry.pid, "restoring by fork from init");
+                let f = restore::fork_from_init(sb.init, pids, entry.pid)?;
+                self.inherited.insert(entry.pid, f.filters);
+                (f.child, f.gadget, Some((f.creds, None)))
+            }
+            (Creator::Parent | Creator::InSession { .. }, _, None) => {
+                let (creator, flags) = match creator {
+                    Creator::InSession { creator } => (creator, in_session),
+                    _ => (entry.ppid, st.exit_signal as u64 & 0xff),
+                };
+                tracing::debug!(pid = entry.pid, creator, "restoring by fork");
+                let pidx =
+                    self.made.iter().position(|(_, e)| e.pid == creator).expect("the plan orders creators first");
+                let creator_entry: &ProcessEntry = self.made[pidx].1;
+                let ProcessKind::Live(pst) = &creator_entry.kind else {
+                    unreachable!("only live processes are kept in `made`")
+                };
+                // The creator has only the seccomp filters it was created with until it finishes.
+                self.inherited.insert(entry.pid, self.inherited[&creator]);
+                let p = &mut self.made[pidx].0;
+                (
+                    p.fork_child(pids, entry.pid, flags)?,
+                    p.gadget(),
+                    Some((pst.creds.clone(), Some(&pst.sigactions[..]))),
+                )
+            }
+        })
+    }
+
+    /// Process groups whose leader has exited get a helper that leads them while their members join.
+    fn lead_orphaned_groups(&mut self, pids: &mut PidSetter) -> Result<(), CrError> {
+        for g in &self.plan.group_helpers {
+            let creator = match self.session_helpers.iter_mut().find(|h| h.sid == g.creator) {
                 Some(h) => &mut h.np,
                 None => {
-                    &mut made.iter_mut().find(|(_, e)| e.pid == g.creator).expect("the plan names a restored creator").0
+                    &mut self
+                        .made
+                        .iter_mut()
+                        .find(|(_, e)| e.pid == g.creator)
+                        .expect("the plan names a restored creator")
+                        .0
                 }
             };
             let mut helper = creator.clone_helper(pids, g.pgid)?;
             helper.lead_group()?;
-            group_helpers.push(helper);
+            self.group_helpers.push(helper);
         }
-        // Process groups: leaders first, then members (a group must exist before others join it).
+        Ok(())
+    }
+
+    /// Puts the processes into their process groups: leaders first, then members (a group must exist
+    /// before others join it).
+    fn join_groups(&mut self) -> Result<(), CrError> {
         for leaders_pass in [true, false] {
-            for (np, e) in made.iter_mut() {
+            for (np, e) in self.made.iter_mut() {
                 let is_leader = e.pgid == e.pid;
                 if e.sid == e.pid || e.pgid == 0 || is_leader != leaders_pass {
                     continue;
@@ -797,28 +689,50 @@ impl Engine {
                 np.set_process_group(e.pgid)?;
             }
         }
-        for (entry, exit_status) in late_zombies {
-            restore_zombie(made, pids, entry, exit_status)?;
+        Ok(())
+    }
+
+    /// Re-creates the zombies that join their parent's process group, now that it is final.
+    fn create_late_zombies(&mut self, pids: &mut PidSetter) -> Result<(), CrError> {
+        for (entry, exit_status) in std::mem::take(&mut self.late_zombies) {
+            restore_zombie(&mut self.made, pids, entry, exit_status)?;
         }
-        for helper in group_helpers {
+        Ok(())
+    }
+
+    fn end_group_helpers(&mut self) -> Result<(), CrError> {
+        for helper in self.group_helpers.drain(..) {
             helper.exit()?;
         }
-        // Terminals get their foreground process group once every group exists.
-        for (np, e) in made.iter_mut() {
+        Ok(())
+    }
+
+    /// Terminals get their foreground process group once every group exists.
+    fn set_foregrounds(&mut self, ptys: &mut PtyPlan) -> Result<(), CrError> {
+        for (np, e) in self.made.iter_mut() {
             if let ProcessKind::Live(st) = &e.kind {
                 if let Some(ctty) = &st.ctty {
-                    np.set_foreground(ctty, &st.fds, &tree.files, ptys)?;
+                    np.set_foreground(ctty, &st.fds, &self.tree.files, ptys)?;
                 }
             }
         }
-        for helper in session_helpers {
+        Ok(())
+    }
+
+    fn end_session_helpers(&mut self) -> Result<(), CrError> {
+        for helper in self.session_helpers.drain(..) {
             helper.np.exit_helper()?;
         }
-        for (np, e) in made.iter_mut() {
+        Ok(())
+    }
+
+    /// Loads each process's final state (see [`NewProcess::finish`]); nothing runs yet.
+    fn finish_all(&mut self) -> Result<(), CrError> {
+        for (np, e) in self.made.iter_mut() {
             let ProcessKind::Live(st) = &e.kind else {
                 continue;
             };
-            let inherited = inherited.get(&e.pid).copied().unwrap_or(0);
+            let inherited = self.inherited.get(&e.pid).copied().unwrap_or(0);
             if st.seccomp.get(..inherited).is_none() {
                 return Err(CrError::Unsupported {
                     pid: e.pid,
@@ -826,10 +740,19 @@ impl Engine {
                     reason: "it has fewer seccomp filters than the process it is restored from".into(),
                 });
             }
-            np.finish(st, &plan.fds, plan.zombie_parents.contains(&e.pid), inherited)?;
+            np.finish(st, &self.plan.fds, self.plan.zombie_parents.contains(&e.pid), inherited)?;
         }
-        pids.set_last_pid(tree.last_pid)?;
-        Ok(holders)
+        Ok(())
+    }
+
+    /// Lets every restored process run; returns how many there are and the holders of the memory
+    /// they took over. A process not released yet when one fails is killed.
+    fn release_all(mut self) -> Result<(usize, Vec<Holder>), CrError> {
+        let processes = self.made.len();
+        for (np, _) in self.made.drain(..) {
+            np.release()?;
+        }
+        Ok((processes, std::mem::take(&mut self.holders)))
     }
 }
 
@@ -892,7 +815,7 @@ impl SessionHelper {
         tree: &TreeState,
         plan: &plan::RestorePlan,
         mem: &Memory<'_>,
-        sb: &Sandbox<'_>,
+        sb: &Sandbox,
         pids: &mut PidSetter,
         ptys: &mut PtyPlan,
     ) -> Result<SessionHelper, CrError> {
@@ -936,6 +859,245 @@ impl SessionHelper {
     }
 }
 
+/// The processes of a checkpoint while they are stopped under us: every step of [`Engine::checkpoint`]
+/// that stops or changes something records it here, and dropping the tree undoes it all — the pid
+/// counter is put back and every process is let go (detached, or resumed with its registers) — so an
+/// error at any step leaves the sandbox running as it was. [`StoppedTree::resume_all`] does the same on
+/// success and reports its errors.
+struct StoppedTree<'a> {
+    pids: &'a mut PidSetter,
+    /// The sandbox's pid counter, to put back once templates have taken reserved pids.
+    last_pid: Option<i32>,
+    /// Seized, not captured yet.
+    seized: Vec<SeizedProcess>,
+    /// Captured, with injectors on their threads.
+    live: Vec<LiveProcess>,
+    /// Zombies whose parent is in the tree.
+    zombies: Vec<SeizedProcess>,
+}
+
+impl<'a> StoppedTree<'a> {
+    fn new(pids: &'a mut PidSetter) -> StoppedTree<'a> {
+        StoppedTree { pids, last_pid: None, seized: Vec::new(), live: Vec::new(), zombies: Vec::new() }
+    }
+
+    /// Seizes every listed process, thaws the sandbox through `frozen`, and waits until every seized
+    /// thread is stopped. Tasks frozen by the cgroup v1 freezer sit in the kernel and enter ptrace-stop
+    /// only once thawed; the interrupt queued by the seize stops them before they run any user code.
+    /// PTRACE_SEIZE of a process in job-control stop waits until the process has moved to a traced stop,
+    /// which a frozen process cannot do: those are seized after the thaw (they stay stopped, so they
+    /// cannot run meanwhile).
+    fn seize_all(
+        &mut self,
+        listed: Result<Vec<Pid>, CrError>,
+        frozen: &mut Frozen<'_>,
+        phases: &mut Phases,
+    ) -> Result<(), CrError> {
+        let mut job_stopped = Vec::new();
+        let seized = listed.and_then(|pids| {
+            for p in pids {
+                if procfs::job_control_stopped(p) {
+                    job_stopped.push(p);
+                    continue;
+                }
+                tracing::debug!(pid = p.as_raw(), "seizing");
+                self.seized.push(capture::seize_process(p)?);
+            }
+            Ok(())
+        });
+        phases.mark("list+seize");
+        frozen.thaw().map_err(CrError::Freezer)?;
+        phases.mark("thaw");
+        seized?;
+        for p in job_stopped {
+            tracing::debug!(pid = p.as_raw(), "seizing (job-control stopped)");
+            self.seized.push(capture::seize_process(p)?);
+        }
+        for s in &mut self.seized {
+            s.wait_stopped()?;
+        }
+        phases.mark("wait for stops");
+        Ok(())
+    }
+
+    /// Makes templates take their pids from the reserved top of the range (see
+    /// [`PidSetter::reserved_floor`]); the counter is put back to `last_pid` before anything else runs.
+    fn reserve_pids(&mut self, last_pid: i32) -> Result<(), CrError> {
+        self.last_pid = Some(last_pid);
+        let floor = self.pids.reserved_floor();
+        Ok(self.pids.set_last_pid(floor)?)
+    }
+
+    /// Captures what only the live processes have (see [`capture::capture_live`]). Zombie children of
+    /// init are left out: init reaps them, they are not part of the sandbox's state.
+    fn capture_live(&mut self) -> Result<(), CrError> {
+        while !self.seized.is_empty() {
+            let s = self.seized.remove(0);
+            match s.zombie {
+                Some(_) if s.ids.ppid == 1 => {}
+                Some(_) => self.zombies.push(s),
+                None => self.live.push(capture::capture_live(s)?),
+            }
+        }
+        Ok(())
+    }
+
+    /// The open files of the live processes, and their fd tables (in the order of `live`).
+    fn capture_fds(&self) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), CrError> {
+        let owners: Vec<FdOwner> =
+            self.live.iter().map(|l| FdOwner { host: l.seized.pid, ns_pid: l.seized.ids.pid }).collect();
+        Ok(files::capture(&owners)?)
+    }
+
+    /// Makes a template of each live process and puts together what was captured of every process;
+    /// the state a process shares with its template is read later, from the template, while the
+    /// sandbox runs (see [`complete_from_templates`]).
+    fn make_templates(
+        &mut self,
+        init: Pid,
+        files: &[OpenFile],
+        tables: Vec<Vec<FdState>>,
+    ) -> Result<Vec<(ProcessEntry, Option<Template>)>, CrError> {
+        let init_sid = capture::ns_ids(init)?.sid;
+        // Host process group -> process group in the sandbox, to translate a terminal's foreground group.
+        let mut pgids = HashMap::new();
+        for l in &self.live {
+            pgids.insert(capture::host_pgid(l.seized.pid)?, l.seized.ids.pgid);
+        }
+        let mut out = Vec::new();
+        for (l, fds) in self.live.iter_mut().zip(tables) {
+            let ids = l.seized.ids;
+            let detach = if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0) {
+                Detach::ProcessGroup
+            } else {
+                Detach::Session
+            };
+            let ctty = match capture::controlling_pty(l.seized.pid)? {
+                Some((index, fg)) if ids.sid == ids.pid => {
+                    let owner = FdOwner { host: l.seized.pid, ns_pid: ids.pid };
+                    Some(files::controlling_tty(&owner, index, pgids.get(&fg).copied(), &fds, files)?)
+                }
+                _ => None,
+            };
+            let t = template::create(&mut l.injectors[0], l.gadget, detach)?;
+            tracing::debug!(pid = ids.pid, template = t.pid().as_raw(), ?detach, "template made");
+            out.push((live_entry(l, fds, ctty), Some(t)));
+        }
+        for z in &self.zombies {
+            let kind = ProcessKind::Zombie { exit_status: z.zombie.unwrap_or(0) };
+            let entry = ProcessEntry {
+                pid: z.ids.pid,
+                ppid: z.ids.ppid,
+                pgid: z.ids.pgid,
+                sid: z.ids.sid,
+                comm: z.comm.clone(),
+                kind,
+            };
+            out.push((entry, None));
+        }
+        Ok(out)
+    }
+
+    /// Puts the pid counter back and lets every process run again; the first error.
+    fn resume_all(mut self) -> Result<(), CrError> {
+        self.release()
+    }
+
+    fn release(&mut self) -> Result<(), CrError> {
+        let mut first_err = None;
+        if let Some(last_pid) = self.last_pid.take() {
+            first_err = self.pids.set_last_pid(last_pid).err().map(CrError::from);
+        }
+        for s in self.seized.drain(..).chain(self.zombies.drain(..)) {
+            s.detach();
+        }
+        for l in self.live.drain(..) {
+            if let Err(e) = l.resume() {
+                first_err.get_or_insert(e.into());
+            }
+        }
+        first_err.map_or(Ok(()), Err)
+    }
+}
+
+impl Drop for StoppedTree<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.release() {
+            tracing::warn!(error = %e, "releasing the processes of a failed checkpoint");
+        }
+    }
+}
+
+/// The entry of a live process as captured while it was stopped; the state it shares with its template
+/// is filled in by [`complete_from_templates`].
+fn live_entry(l: &LiveProcess, fds: Vec<FdState>, ctty: Option<Ctty>) -> ProcessEntry {
+    let ids = l.seized.ids;
+    let st = ProcessState {
+        threads: l.threads.clone(),
+        shared_pending: l.shared_pending.clone(),
+        sigactions: Vec::new(),
+        creds: Default::default(),
+        seccomp: Vec::new(),
+        personality: 0,
+        umask: 0,
+        rlimits: Vec::new(),
+        cwd: String::new(),
+        root: String::new(),
+        mm: Default::default(),
+        vmas: Vec::new(),
+        fds,
+        itimers: l.itimers,
+        pdeath_signal: l.pdeath_signal,
+        child_subreaper: l.child_subreaper,
+        dumpable: l.dumpable,
+        oom_score_adj: l.oom_score_adj,
+        job_stopped: l.seized.job_stopped(),
+        ctty,
+        exit_signal: 0,
+    };
+    ProcessEntry {
+        pid: ids.pid,
+        ppid: ids.ppid,
+        pgid: ids.pgid,
+        sid: ids.sid,
+        comm: l.seized.comm.clone(),
+        kind: ProcessKind::Live(Box::new(st)),
+    }
+}
+
+/// Reads from each template what its process shares with it (see [`capture::capture_static`]); returns
+/// the processes (parents first), the templates by pid, and the number of threads.
+fn complete_from_templates(
+    entries: Vec<(ProcessEntry, Option<Template>)>,
+) -> Result<(Vec<ProcessEntry>, Templates, usize), CrError> {
+    let mut processes = Vec::with_capacity(entries.len());
+    let mut templates = HashMap::new();
+    let mut threads = 0;
+    for (mut entry, t) in entries {
+        if let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, &t) {
+            let s = capture::capture_static(t, entry.pid)?;
+            st.sigactions = s.sigactions;
+            st.creds = s.creds;
+            st.seccomp = s.seccomp;
+            st.personality = s.personality;
+            st.umask = s.umask;
+            st.rlimits = s.rlimits;
+            st.cwd = s.cwd;
+            st.root = s.root;
+            st.mm = s.mm;
+            st.vmas = s.vmas;
+            st.exit_signal = s.exit_signal;
+            threads += st.threads.len();
+        }
+        if let Some(t) = t {
+            templates.insert(entry.pid, t);
+        }
+        processes.push(entry);
+    }
+    sort_parents_first(&mut processes);
+    Ok((processes, templates, threads))
+}
+
 /// How long killed processes may take to go away.
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long to wait for killed processes before looking for new ones.
@@ -955,12 +1117,6 @@ impl Phases {
         let now = Instant::now();
         self.done.push((name, now - self.last));
         self.last = now;
-    }
-}
-
-fn release_seized(seized: &mut Vec<SeizedProcess>) {
-    for s in seized.drain(..) {
-        s.detach();
     }
 }
 

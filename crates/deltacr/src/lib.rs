@@ -18,5 +18,5 @@ pub mod sys;
 pub mod template;
 
 pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, RestoreStats, Sandbox};
-pub use freezer::Freezer;
+pub use freezer::{Freezer, Frozen};
 pub use pty::{Degraded, PtyLoss};

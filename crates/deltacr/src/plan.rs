@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 
-use crate::restore::FdPlan;
+use crate::files::FdPlan;
 use crate::state::{FileKind, ProcessEntry, ProcessKind, TreeState};
 
 /// Why a tree cannot be restored as it was.
@@ -316,5 +316,215 @@ pub fn pair_key(kind: &FileKind) -> Option<u64> {
         FileKind::Pipe { pipe, .. } => Some(pipe),
         FileKind::Unix { ino, peer: Some(peer), .. } => Some(ino.min(peer)),
         _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! Trees built by hand: these run without root, in milliseconds.
+
+    use super::*;
+    use crate::state::{FdState, OpenFile, ProcessState};
+
+    /// A live process (pid, parent, process group, session) holding `fds` as (fd, open file id).
+    fn live(pid: i32, ppid: i32, pgid: i32, sid: i32, fds: &[(i32, u32)]) -> ProcessEntry {
+        let st = ProcessState {
+            threads: Vec::new(),
+            shared_pending: Vec::new(),
+            sigactions: Vec::new(),
+            creds: Default::default(),
+            seccomp: Vec::new(),
+            personality: 0,
+            umask: 0,
+            rlimits: Vec::new(),
+            cwd: "/".into(),
+            root: "/".into(),
+            mm: Default::default(),
+            vmas: Vec::new(),
+            fds: fds.iter().map(|&(fd, file)| FdState { fd, cloexec: false, file, posix_locks: Vec::new() }).collect(),
+            itimers: Default::default(),
+            pdeath_signal: 0,
+            child_subreaper: false,
+            dumpable: 1,
+            oom_score_adj: 0,
+            job_stopped: false,
+            exit_signal: libc::SIGCHLD,
+            ctty: None,
+        };
+        ProcessEntry { pid, ppid, pgid, sid, comm: format!("p{pid}"), kind: ProcessKind::Live(Box::new(st)) }
+    }
+
+    fn zombie(pid: i32, ppid: i32, pgid: i32, sid: i32) -> ProcessEntry {
+        ProcessEntry { pid, ppid, pgid, sid, comm: format!("z{pid}"), kind: ProcessKind::Zombie { exit_status: 0 } }
+    }
+
+    fn file(id: u32, kind: FileKind) -> OpenFile {
+        OpenFile { id, flags: libc::O_RDONLY, pos: 0, kind, locks: Vec::new() }
+    }
+
+    fn regular(id: u32) -> OpenFile {
+        file(id, FileKind::Path { path: format!("/f{id}"), dev: 1, inode: 100 + u64::from(id), mode: libc::S_IFREG })
+    }
+
+    fn pipe_end(id: u32, pipe: u64, write_end: bool) -> OpenFile {
+        file(id, FileKind::Pipe { pipe, write_end, data: Vec::new(), readers_outside: false })
+    }
+
+    fn tree(processes: Vec<ProcessEntry>, files: Vec<OpenFile>) -> TreeState {
+        TreeState { processes, files, last_pid: 100 }
+    }
+
+    /// The pids of the processes in the plan's steps, with a session helper as `-sid`.
+    fn order(t: &TreeState, p: &RestorePlan) -> Vec<i32> {
+        p.steps
+            .iter()
+            .map(|s| match *s {
+                Step::SessionHelper { sid } => -sid,
+                Step::Process { index } => t.processes[index].pid,
+            })
+            .collect()
+    }
+
+    /// Plans `t`, which must be refused for process `pid` with a reason that contains `why`.
+    fn assert_refused(t: &TreeState, pid: i32, why: &str) {
+        let e = plan(t).expect_err("the tree must be refused");
+        assert_eq!(e.pid, pid, "{e}");
+        assert!(e.reason.contains(why), "{e}");
+    }
+
+    #[test]
+    fn parents_are_created_before_their_children() {
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(3, 2, 2, 2, &[]), live(4, 3, 4, 2, &[])], vec![]);
+        let p = plan(&t).unwrap();
+        assert_eq!(order(&t, &p), [2, 3, 4]);
+        assert_eq!(p.creators[&2], Creator::Init);
+        assert_eq!(p.creators[&3], Creator::Parent);
+        assert_eq!(p.creators[&4], Creator::Parent);
+        assert!(p.session_helpers.is_empty() && p.group_helpers.is_empty());
+    }
+
+    #[test]
+    fn a_child_of_init_in_another_session_is_created_after_that_sessions_leader() {
+        // 3 is a background job whose shell (2) is its session's leader; the checkpoint listed it first.
+        let t = tree(vec![live(3, 1, 3, 2, &[]), live(2, 1, 2, 2, &[])], vec![]);
+        let p = plan(&t).unwrap();
+        assert_eq!(order(&t, &p), [2, 3]);
+        assert_eq!(p.creators[&3], Creator::InSession { creator: 2 });
+        assert_eq!(p.creators[&2], Creator::Init);
+    }
+
+    #[test]
+    fn a_session_whose_leader_exited_is_made_by_a_helper_before_its_members() {
+        // Session 4's leader has exited; 5 leads group 4 (the session's id, led by the helper) and 6 its own.
+        let t = tree(vec![live(5, 1, 4, 4, &[]), live(6, 1, 6, 4, &[])], vec![]);
+        let p = plan(&t).unwrap();
+        assert_eq!(order(&t, &p), [-4, 5, 6]);
+        assert_eq!(p.session_helpers[&4], [5, 6]);
+        assert_eq!(p.creators[&5], Creator::InSession { creator: 4 });
+        assert!(p.group_helpers.is_empty(), "the session helper leads group 4: {:?}", p.group_helpers);
+    }
+
+    #[test]
+    fn a_group_whose_leader_exited_gets_a_helper_from_its_session() {
+        // A pipeline (group 7) of shell 2, whose first process has exited.
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(8, 2, 7, 2, &[]), live(9, 2, 7, 2, &[])], vec![]);
+        let p = plan(&t).unwrap();
+        assert_eq!(p.group_helpers, [GroupHelper { pgid: 7, creator: 2 }]);
+        assert_eq!(order(&t, &p), [2, 8, 9]);
+    }
+
+    #[test]
+    fn zombies_are_created_by_their_parent_which_is_marked() {
+        let t = tree(vec![live(2, 1, 2, 2, &[]), zombie(3, 2, 2, 2)], vec![]);
+        let p = plan(&t).unwrap();
+        assert_eq!(p.creators[&3], Creator::Parent);
+        assert!(p.zombie_parents.contains(&2));
+        assert_eq!(order(&t, &p), [2, 3]);
+    }
+
+    #[test]
+    fn a_shared_file_is_created_by_the_lowest_common_ancestor() {
+        // 2 has children 3 and 4, which share file 0; file 1 is 4's alone.
+        let t = tree(
+            vec![live(2, 1, 2, 2, &[]), live(3, 2, 2, 2, &[(0, 0)]), live(4, 2, 2, 2, &[(5, 0), (9, 1)])],
+            vec![regular(0), regular(1)],
+        );
+        let p = plan(&t).unwrap();
+        assert_eq!(p.create.get(&2), Some(&vec![0]));
+        assert_eq!(p.create.get(&4), Some(&vec![1]));
+        assert_eq!(p.create.get(&3), None);
+        assert_eq!((p.fds.base, p.fds.count), (10, 2), "temporary fds start above the highest fd");
+        assert_eq!(p.fds.temp(1), 11);
+    }
+
+    #[test]
+    fn both_ends_of_a_pipe_are_created_together_by_their_common_ancestor() {
+        // A shell (2) and a pipeline of its children: 3 writes into the pipe, 4 reads from it.
+        let t = tree(
+            vec![live(2, 1, 2, 2, &[]), live(3, 2, 3, 2, &[(1, 1)]), live(4, 2, 3, 2, &[(0, 0)])],
+            vec![pipe_end(0, 77, false), pipe_end(1, 77, true)],
+        );
+        let p = plan(&t).unwrap();
+        assert_eq!(p.fds.pairs[&77], (Some(0), Some(1)));
+        assert_eq!(p.create.get(&2), Some(&vec![0, 1]));
+        assert_eq!(p.create.len(), 1);
+    }
+
+    #[test]
+    fn a_fifo_shared_by_separate_subtrees_is_opened_once_in_each() {
+        let fifo = file(0, FileKind::Fifo { path: "/f".into(), inode: 5, data: Vec::new(), readers_outside: false });
+        let t = tree(vec![live(2, 1, 2, 2, &[(3, 0)]), live(3, 1, 3, 3, &[(4, 0)])], vec![fifo]);
+        let p = plan(&t).unwrap();
+        assert_eq!(p.create.get(&2), Some(&vec![0]));
+        assert_eq!(p.create.get(&3), Some(&vec![0]));
+    }
+
+    #[test]
+    fn a_file_shared_by_separate_subtrees_is_refused() {
+        let t = tree(vec![live(2, 1, 2, 2, &[(3, 0)]), live(3, 1, 3, 3, &[(4, 0)])], vec![regular(0)]);
+        assert_refused(&t, 2, "shared with processes [2, 3] outside its subtree");
+    }
+
+    #[test]
+    fn two_descriptions_of_one_pipe_end_are_refused() {
+        let t = tree(vec![live(2, 1, 2, 2, &[(3, 0), (4, 1)])], vec![pipe_end(0, 77, false), pipe_end(1, 77, false)]);
+        assert_refused(&t, 0, "several open descriptions of one end");
+    }
+
+    #[test]
+    fn a_zombie_child_of_init_is_refused() {
+        assert_refused(&tree(vec![zombie(3, 1, 3, 3)], vec![]), 3, "init reaps it");
+    }
+
+    #[test]
+    fn a_child_of_a_zombie_is_refused() {
+        let t = tree(vec![live(2, 1, 2, 2, &[]), zombie(3, 2, 2, 2), live(4, 3, 2, 2, &[])], vec![]);
+        assert_refused(&t, 4, "its parent 3 is a zombie");
+    }
+
+    #[test]
+    fn a_session_neither_its_parents_nor_its_own_is_refused() {
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(3, 2, 3, 9, &[])], vec![]);
+        assert_refused(&t, 3, "session 9 is neither its parent's nor its own");
+    }
+
+    #[test]
+    fn a_zombie_in_another_process_group_is_refused() {
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(5, 2, 5, 2, &[]), zombie(3, 2, 5, 2)], vec![]);
+        assert_refused(&t, 3, "zombie in process group 5 of another process");
+    }
+
+    #[test]
+    fn a_child_of_init_whose_session_leader_is_not_a_child_of_init_is_refused() {
+        // 3 leads session 3 as a child of 2; 4, in session 3, was reparented to init.
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(3, 2, 3, 3, &[]), live(4, 1, 4, 3, &[])], vec![]);
+        assert_refused(&t, 4, "the leader of its session 3 is not a child of init");
+    }
+
+    #[test]
+    fn a_group_without_leader_nor_child_of_init_in_its_session_is_refused() {
+        // Session 3 is led by 3, a child of 2: no child of init in it can re-create group 9.
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(3, 2, 3, 3, &[]), live(4, 3, 9, 3, &[])], vec![]);
+        assert_refused(&t, 4, "process group 9 has no leader any more");
     }
 }

@@ -3,24 +3,14 @@
 //!
 //! Nothing runs until [`NewProcess::release`]: a tree is released only once every process is complete.
 
-use std::collections::HashMap;
-use std::io::Write;
-use std::os::fd::{AsFd, OwnedFd};
-use std::os::unix::fs::{FileTypeExt, MetadataExt};
-
-use nix::fcntl::{fcntl, FcntlArg};
 use nix::unistd::Pid;
 
+use crate::files::FdPlan;
 use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
-use crate::pty::{PtyAccess, PtyPlan};
-use crate::state::{
-    Creds, Ctty, FdState, FileKind, FileLock, LockKind, OpenFile, ProcessState, PtyNode, SigAction, SigInfo,
-    ThreadState,
-};
-use crate::sys;
+use crate::state::{Creds, ProcessState, SigAction, SigInfo, ThreadState};
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -66,7 +56,7 @@ pub enum RestoreError {
     },
 }
 
-const SCRATCH_LEN: usize = 64 * 1024;
+pub(crate) const SCRATCH_LEN: usize = 64 * 1024;
 const CLONE_THREAD_FLAGS: u64 = (libc::CLONE_VM
     | libc::CLONE_FS
     | libc::CLONE_FILES
@@ -111,16 +101,6 @@ pub fn ns_pid_of(host: Pid) -> Result<i32, ProcError> {
     procfs::Status::read(host)?.innermost("NSpid")
 }
 
-/// What a file reopened by path must be.
-#[derive(Debug, Clone, Copy)]
-enum Expect {
-    /// The file of the checkpoint: the same inode (the device may differ in another sandbox's mount of
-    /// the same filesystem).
-    Inode(u64),
-    /// A FIFO.
-    Fifo,
-}
-
 /// A process being restored, stopped, with an injector on each of its threads (leader first).
 pub struct NewProcess {
     pub host: Pid,
@@ -134,22 +114,6 @@ pub struct NewProcess {
     job_stopped: bool,
     /// Set once the process runs on its own (or became a zombie); until then dropping kills it.
     released: bool,
-}
-
-/// Temporary fd numbers used while a tree is restored: open file description `id` lives at
-/// `base + id` in every process that carries it. `pairs` gives, per pipe, the description ids of
-/// its read and write ends.
-#[derive(Debug, Clone, Default)]
-pub struct FdPlan {
-    pub base: i32,
-    pub count: i32,
-    pub pairs: HashMap<u64, (Option<u32>, Option<u32>)>,
-}
-
-impl FdPlan {
-    pub fn temp(&self, id: u32) -> i32 {
-        self.base + id as i32
-    }
 }
 
 impl NewProcess {
@@ -176,32 +140,38 @@ impl NewProcess {
         self.gadget
     }
 
-    fn leader(&mut self) -> &mut Injector {
+    pub(crate) fn leader(&mut self) -> &mut Injector {
         &mut self.threads[0].0
     }
 
-    fn perr(&self) -> impl FnOnce(PtraceError) -> RestoreError {
+    pub(crate) fn perr(&self) -> impl FnOnce(PtraceError) -> RestoreError {
         let pid = self.ns_pid;
         move |source| RestoreError::Ptrace { pid, source }
     }
 
-    fn scratch(&self) -> &Scratch {
+    pub(crate) fn scratch(&self) -> &Scratch {
         self.scratch.as_ref().expect("scratch is mapped until release")
     }
 
-    fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
+    pub(crate) fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
         let e = self.perr();
         self.leader().call(nr, args).map_err(e)
     }
 
     /// Error for an I/O step on fd `target` of this process.
-    fn io_err(&self, target: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {
+    pub(crate) fn io_err(&self, target: i32, what: &'static str) -> impl FnOnce(std::io::Error) -> RestoreError {
         let pid = self.ns_pid;
         move |source| RestoreError::FileIo { pid, fd: target, what, source }
     }
 
     /// Injects a syscall whose failure is reported as `what` on fd `target`.
-    fn call_file(&mut self, target: i32, what: &'static str, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {
+    pub(crate) fn call_file(
+        &mut self,
+        target: i32,
+        what: &'static str,
+        nr: i64,
+        args: &[u64],
+    ) -> Result<i64, RestoreError> {
         let r = self.leader().syscall(nr, args).map_err(self.perr())?.ret;
         if r < 0 {
             return Err(self.io_err(target, what)(std::io::Error::from_raw_os_error(-r as i32)));
@@ -219,612 +189,6 @@ impl NewProcess {
         let target = if pgid == self.ns_pid { 0 } else { pgid as u64 };
         self.call(libc::SYS_setpgid, &[0, target]).map(drop)
     }
-
-    /// Sets up the process's fds. Every open file description of the tree has a fixed temporary fd
-    /// number `plan.temp(id)` while the tree is restored: a process creates the descriptions it is the
-    /// lowest common ancestor of (`create`), its children inherit them by fork (so shared descriptions
-    /// stay shared), and each process then places its own fds with dup3. Everything below the
-    /// temporary range that the process inherited from its parent is closed first.
-    pub fn restore_fds(
-        &mut self,
-        own: &[FdState],
-        create: &[u32],
-        files: &[OpenFile],
-        plan: &FdPlan,
-        ptys: &mut PtyPlan,
-    ) -> Result<(), RestoreError> {
-        let mut made_pipes: HashMap<u64, ()> = HashMap::new();
-        for &id in create {
-            let of = &files[id as usize];
-            let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
-            match &of.kind {
-                FileKind::Path { path, inode, mode, .. } => {
-                    let tmp = self.open_path(target, of, path, *inode, *mode)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::Fifo { path, data, readers_outside, .. } => {
-                    let tmp = self.open_fifo(target, of, path, data, *readers_outside)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::Unix { peer: Some(_), .. } => {
-                    let key = crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
-                    if made_pipes.insert(key, ()).is_some() {
-                        continue;
-                    }
-                    self.make_socketpair(target, key, files, plan)?;
-                }
-                FileKind::Unix { .. } => {
-                    let tmp = self.make_unix(target, of)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::HungUpTty { .. } => {
-                    let tmp = self.open_null(target, of.flags)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::Tty { path, index, termios, winsize, .. } => {
-                    let tmp = match self.reach_pty(target, path, *index, of.flags, ptys)? {
-                        Some(tmp) => {
-                            let io = |what| self.io_err(target, what);
-                            let tty = sys::dup_from(self.host, tmp).map_err(io("reach the terminal"))?;
-                            sys::tty_set(tty.as_fd(), termios, *winsize).map_err(io("set the terminal's settings"))?;
-                            tmp
-                        }
-                        None => self.open_null(target, of.flags)?,
-                    };
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::Inet { .. } => {
-                    let tmp = self.make_inet(target, of)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::EventFd { .. }
-                | FileKind::SignalFd { .. }
-                | FileKind::TimerFd { .. }
-                | FileKind::Epoll { .. } => {
-                    let tmp = self.make_anon(target, of)?;
-                    self.place(tmp, plan.temp(id))?;
-                }
-                FileKind::Pipe { pipe, .. } => {
-                    if made_pipes.insert(*pipe, ()).is_some() {
-                        continue;
-                    }
-                    let ends = plan.pairs.get(pipe).copied().unwrap_or((None, None));
-                    if let (None, Some(wid)) = ends {
-                        let end = &files[wid as usize];
-                        if matches!(end.kind, FileKind::Pipe { readers_outside: true, .. }) {
-                            let tmp = self.open_null(target, end.flags)?;
-                            self.place(tmp, plan.temp(wid))?;
-                            continue;
-                        }
-                    }
-                    let (r, w) = self.make_pipe()?;
-                    let data = ends.0.map(|rid| &files[rid as usize]).and_then(|f| match &f.kind {
-                        FileKind::Pipe { data, .. } if !data.is_empty() => Some(data.as_slice()),
-                        _ => None,
-                    });
-                    if let Some(data) = data {
-                        self.fill_pipe(target, w, data)?;
-                    }
-                    for (end, fd) in [(ends.0, r), (ends.1, w)] {
-                        match end {
-                            Some(eid) => {
-                                let settable =
-                                    files[eid as usize].flags & (libc::O_NONBLOCK | libc::O_DIRECT | libc::O_ASYNC);
-                                self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
-                                self.place(fd, plan.temp(eid))?;
-                            }
-                            None => {
-                                self.call(libc::SYS_close, &[fd as u64])?;
-                            }
-                        }
-                    }
-                }
-            }
-        }
-        // Locks owned by open file descriptions (flock, OFD) come with the description.
-        for &id in create {
-            for lock in &files[id as usize].locks {
-                let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
-                self.apply_lock(target, plan.temp(id), lock)?;
-            }
-        }
-        self.call(libc::SYS_close_range, &[0, plan.base as u64 - 1, 0])?;
-        for fd in own {
-            let flags = if fd.cloexec { libc::O_CLOEXEC as u64 } else { 0 };
-            self.call(libc::SYS_dup3, &[plan.temp(fd.file) as u64, fd.fd as u64, flags])?;
-        }
-        // epoll interest lists name this process's fd numbers: fill them once every fd is in place.
-        for &id in create {
-            if let FileKind::Epoll { targets } = &files[id as usize].kind {
-                let Some(owner_fd) = own.iter().find(|f| f.file == id) else {
-                    return Err(RestoreError::File {
-                        pid: self.ns_pid,
-                        fd: -1,
-                        reason: "an epoll instance shared by processes that do not hold it themselves".into(),
-                    });
-                };
-                for t in targets {
-                    let mut ev = Vec::with_capacity(12);
-                    ev.extend_from_slice(&t.events.to_ne_bytes());
-                    ev.extend_from_slice(&t.data.to_ne_bytes());
-                    let addr = self.scratch().write(0, &ev).map_err(self.perr())?;
-                    self.call_file(
-                        owner_fd.fd,
-                        "add a watched fd to the epoll instance",
-                        libc::SYS_epoll_ctl,
-                        &[plan.temp(id) as u64, libc::EPOLL_CTL_ADD as u64, t.fd as u64, addr],
-                    )?;
-                }
-            }
-        }
-        Ok(())
-    }
-
-    /// Takes file lock `lock` through fd `fd` (non-blocking: the holders of conflicting locks were
-    /// killed, so a conflict means something else holds the file).
-    fn apply_lock(&mut self, target: i32, fd: i32, lock: &FileLock) -> Result<(), RestoreError> {
-        const F_OFD_SETLK: u64 = 37;
-        if lock.kind == LockKind::Flock {
-            let op = if lock.write { libc::LOCK_EX } else { libc::LOCK_SH } | libc::LOCK_NB;
-            self.call_file(target, "take its flock lock again", libc::SYS_flock, &[fd as u64, op as u64])?;
-            return Ok(());
-        }
-        // struct flock: l_type, l_whence (i16 each), padding, l_start, l_len (i64), l_pid (i32), padding.
-        let mut fl = Vec::with_capacity(32);
-        fl.extend_from_slice(&(if lock.write { libc::F_WRLCK } else { libc::F_RDLCK } as i16).to_ne_bytes());
-        fl.extend_from_slice(&(libc::SEEK_SET as i16).to_ne_bytes());
-        fl.extend_from_slice(&[0u8; 4]);
-        fl.extend_from_slice(&(lock.start as i64).to_ne_bytes());
-        let len = lock.end.map_or(0, |e| e - lock.start + 1);
-        fl.extend_from_slice(&(len as i64).to_ne_bytes());
-        fl.extend_from_slice(&[0u8; 8]);
-        let addr = self.scratch().write(0, &fl).map_err(self.perr())?;
-        let cmd = if lock.kind == LockKind::Ofd { F_OFD_SETLK } else { libc::F_SETLK as u64 };
-        self.call_file(target, "take its file lock again", libc::SYS_fcntl, &[fd as u64, cmd, addr])?;
-        Ok(())
-    }
-
-    /// Creates an eventfd, signalfd, timerfd or epoll instance with the saved state; returns its fd.
-    fn make_anon(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
-        let nonblock = of.flags & libc::O_NONBLOCK;
-        let fd = match &of.kind {
-            FileKind::EventFd { count, semaphore } => {
-                let flags = nonblock | if *semaphore { libc::EFD_SEMAPHORE } else { 0 };
-                let fd = self.call(libc::SYS_eventfd2, &[0, flags as u64])? as i32;
-                if *count > 0 {
-                    self.write_through(target, fd, &count.to_ne_bytes())?;
-                }
-                fd
-            }
-            FileKind::SignalFd { mask } => {
-                let addr = self.scratch().write(0, &mask.to_ne_bytes()).map_err(self.perr())?;
-                self.call(libc::SYS_signalfd4, &[u64::MAX, addr, 8, nonblock as u64])? as i32
-            }
-            FileKind::TimerFd { clockid, ticks, value, interval } => {
-                const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
-                let fd = self.call(libc::SYS_timerfd_create, &[*clockid as u64, nonblock as u64])? as i32;
-                if *value != (0, 0) {
-                    let mut its = Vec::with_capacity(32);
-                    for v in [interval.0, interval.1, value.0, value.1] {
-                        its.extend_from_slice(&v.to_ne_bytes());
-                    }
-                    let addr = self.scratch().write(0, &its).map_err(self.perr())?;
-                    self.call(libc::SYS_timerfd_settime, &[fd as u64, 0, addr, 0])?;
-                }
-                if *ticks > 0 {
-                    let addr = self.scratch().write(0, &ticks.to_ne_bytes()).map_err(self.perr())?;
-                    self.call(libc::SYS_ioctl, &[fd as u64, TFD_IOC_SET_TICKS, addr])?;
-                }
-                fd
-            }
-            FileKind::Epoll { .. } => self.call(libc::SYS_epoll_create1, &[0])? as i32,
-            _ => unreachable!("make_anon is only called for anonymous-inode files"),
-        };
-        Ok(fd)
-    }
-
-    /// Recreates an inet socket: options, address (SO_REUSEADDR held during bind, as the killed tree's
-    /// connections may linger in TIME_WAIT), listen, and the peer of a connected UDP socket.
-    fn make_inet(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
-        const LISTEN_BACKLOG: u64 = 128;
-        let FileKind::Inet { family, sock_type, protocol, local, peer, listening, options } = &of.kind else {
-            unreachable!("make_inet is only called for inet sockets")
-        };
-        let fd = self.new_socket(*family, *sock_type, *protocol, of)?;
-        let setopt = |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
-            let addr = np.scratch().write(0, &value.to_ne_bytes()).map_err(np.perr())?;
-            np.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, addr, 4]).map(drop)
-        };
-        for &(level, name, value) in options {
-            setopt(self, level, name, value)?;
-        }
-        if let Some(addr) = local {
-            let reuse = options.contains(&(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1));
-            if !reuse {
-                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
-            }
-            self.bind_socket(target, fd, addr)?;
-            if !reuse {
-                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
-            }
-        }
-        if *listening {
-            self.call(libc::SYS_listen, &[fd, LISTEN_BACKLOG])?;
-        }
-        if let Some(addr) = peer {
-            let a = self.scratch().write(0, addr).map_err(self.perr())?;
-            self.call(libc::SYS_connect, &[fd, a, addr.len() as u64])?;
-        }
-        Ok(fd as i32)
-    }
-
-    /// Recreates a connected unix socket pair with socketpair(2); each end's queued data is sent
-    /// again from the other end.
-    fn make_socketpair(
-        &mut self,
-        target: i32,
-        key: u64,
-        files: &[OpenFile],
-        plan: &FdPlan,
-    ) -> Result<(), RestoreError> {
-        let (a_id, b_id) = plan.pairs[&key];
-        let sock_type = [a_id, b_id]
-            .into_iter()
-            .flatten()
-            .find_map(|id| match files[id as usize].kind {
-                FileKind::Unix { sock_type, .. } => Some(sock_type),
-                _ => None,
-            })
-            .expect("a pair has a unix end");
-        let addr = self.scratch().addr;
-        self.call(libc::SYS_socketpair, &[libc::AF_UNIX as u64, sock_type as u64, 0, addr])?;
-        let b = self.scratch().read(0, 8).map_err(self.perr())?;
-        let fds = [
-            i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes")),
-            i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes")),
-        ];
-        for (end, (id, fd)) in [a_id, b_id].into_iter().zip(fds).enumerate() {
-            let Some(id) = id else {
-                self.call(libc::SYS_close, &[fd as u64])?;
-                continue;
-            };
-            if let FileKind::Unix { queue, .. } = &files[id as usize].kind {
-                // Bytes waiting at this end were sent by the other one.
-                for msg in queue {
-                    self.write_through(target, fds[1 - end], msg)?;
-                }
-            }
-            let settable = files[id as usize].flags & (libc::O_NONBLOCK | libc::O_ASYNC);
-            self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
-        }
-        for (id, fd) in [a_id, b_id].into_iter().zip(fds) {
-            if let Some(id) = id {
-                self.place(fd, plan.temp(id))?;
-            }
-        }
-        Ok(())
-    }
-
-    /// Injects socket(2) with the description's non-blocking flag.
-    fn new_socket(&mut self, family: i32, sock_type: i32, protocol: i32, of: &OpenFile) -> Result<u64, RestoreError> {
-        let ty = sock_type | (of.flags & libc::O_NONBLOCK);
-        Ok(self.call(libc::SYS_socket, &[family as u64, ty as u64, protocol as u64])? as u64)
-    }
-
-    /// Binds socket `fd` to raw sockaddr `addr`.
-    fn bind_socket(&mut self, target: i32, fd: u64, addr: &[u8]) -> Result<(), RestoreError> {
-        let a = self.scratch().write(0, addr).map_err(self.perr())?;
-        self.call_file(target, "bind the socket to its address again", libc::SYS_bind, &[fd, a, addr.len() as u64])
-            .map(drop)
-    }
-
-    /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at
-    /// the path is removed first, as bind needs the name free).
-    fn make_unix(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
-        let FileKind::Unix { sock_type, name, listening, .. } = &of.kind else {
-            unreachable!("make_unix is only called for unix sockets")
-        };
-        let fd = self.new_socket(libc::AF_UNIX, *sock_type, 0, of)?;
-        if let Some(name) = name {
-            if name.first() != Some(&0) {
-                let mut path: Vec<u8> = name.iter().copied().take_while(|&c| c != 0).collect();
-                path.push(0);
-                let p = self.scratch().write(0, &path).map_err(self.perr())?;
-                // ENOENT is fine: the name may be free already.
-                self.leader().syscall(libc::SYS_unlinkat, &[libc::AT_FDCWD as u64, p, 0]).map_err(self.perr())?;
-            }
-            let mut sa = (libc::AF_UNIX as u16).to_ne_bytes().to_vec();
-            sa.extend_from_slice(name);
-            self.bind_socket(target, fd, &sa)?;
-        }
-        if let Some(backlog) = listening {
-            self.call(libc::SYS_listen, &[fd, *backlog as u64])?;
-        }
-        Ok(fd as i32)
-    }
-
-    /// Writes bytes into one of the process's fds from the tracer (through pidfd_getfd).
-    fn write_through(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let io = |what| self.io_err(target, what);
-        let f = sys::dup_from(self.host, fd).map_err(io("reach the new file"))?;
-        std::fs::File::from(f).write_all(data).map_err(io("write its saved state"))
-    }
-
-    /// Moves fd `from` to number `to` (closing `from`).
-    fn place(&mut self, from: i32, to: i32) -> Result<(), RestoreError> {
-        if from != to {
-            self.call(libc::SYS_dup3, &[from as u64, to as u64, 0])?;
-            self.call(libc::SYS_close, &[from as u64])?;
-        }
-        Ok(())
-    }
-
-    /// Opens `path` in the process (openat from its cwd) with `flags`, for its fd `target`; `what`
-    /// names the step in errors.
-    fn open_in(&mut self, target: i32, path: &str, flags: i32, what: &'static str) -> Result<i32, RestoreError> {
-        let mut cpath = path.as_bytes().to_vec();
-        cpath.push(0);
-        if cpath.len() > SCRATCH_LEN {
-            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason: format!("path too long: {path}") });
-        }
-        let addr = self.scratch().write(0, &cpath).map_err(self.perr())?;
-        let fd = self.call_file(target, what, libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags as u64, 0])?;
-        Ok(fd as i32)
-    }
-
-    /// Reopens `path` in the process (never creating or truncating it) for its fd `target` and checks
-    /// the opened file with `wrong` (Some: why it is not the file wanted; it is closed again).
-    fn reopen(
-        &mut self,
-        target: i32,
-        path: &str,
-        flags: i32,
-        what: &'static str,
-        wrong: impl FnOnce(&std::fs::Metadata) -> Option<String>,
-    ) -> Result<(i32, std::fs::Metadata), RestoreError> {
-        let flags = flags & !(libc::O_CREAT | libc::O_EXCL | libc::O_TRUNC);
-        let fd = self.open_in(target, path, flags, what)?;
-        let meta = std::fs::metadata(format!("/proc/{}/fd/{fd}", self.host)).map_err(|source| {
-            RestoreError::FileIo { pid: self.ns_pid, fd: target, what: "stat the reopened file", source }
-        })?;
-        if let Some(reason) = wrong(&meta) {
-            self.call(libc::SYS_close, &[fd as u64])?;
-            return Err(RestoreError::File { pid: self.ns_pid, fd: target, reason });
-        }
-        Ok((fd, meta))
-    }
-
-    /// Opens `path` in the process with `flags` and checks that it is what `expect` says.
-    fn open_checked(&mut self, target: i32, path: &str, flags: i32, expect: Expect) -> Result<i32, RestoreError> {
-        let wrong = |meta: &std::fs::Metadata| match expect {
-            Expect::Inode(inode) if meta.ino() != inode => {
-                Some(format!("{path} is another file than at checkpoint time (inode {} vs {inode})", meta.ino()))
-            }
-            Expect::Fifo if !meta.file_type().is_fifo() => Some(format!("{path} is not a FIFO any more")),
-            _ => None,
-        };
-        Ok(self.reopen(target, path, flags, "reopen the file", wrong)?.0)
-    }
-
-    fn open_path(
-        &mut self,
-        target: i32,
-        of: &OpenFile,
-        path: &str,
-        inode: u64,
-        mode: u32,
-    ) -> Result<i32, RestoreError> {
-        let tmp = self.open_checked(target, path, of.flags, Expect::Inode(inode))?;
-        let kind = mode & libc::S_IFMT;
-        if kind == libc::S_IFREG || kind == libc::S_IFDIR {
-            self.call(libc::SYS_lseek, &[tmp as u64, of.pos, libc::SEEK_SET as u64])?;
-        }
-        Ok(tmp)
-    }
-
-    /// Reopens a FIFO by path with its original flags: whatever FIFO has that name now, as a FIFO is a
-    /// meeting point by name (the shim makes its session FIFOs anew in another sandbox's /dev). A
-    /// read-write open (which never blocks) is held meanwhile, so the real open does not wait for the
-    /// other side; the saved bytes are written back when nothing is queued in the FIFO (its other
-    /// users may be outside the sandbox). A write end whose readers were all outside
-    /// (`readers_outside`) writes to /dev/null when no reader has the FIFO open now.
-    fn open_fifo(
-        &mut self,
-        target: i32,
-        of: &OpenFile,
-        path: &str,
-        data: &[u8],
-        readers_outside: bool,
-    ) -> Result<i32, RestoreError> {
-        let both = self.open_checked(target, path, libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC, Expect::Fifo)?;
-        let tmp = self.open_checked(target, path, of.flags, Expect::Fifo);
-        let filled = match tmp {
-            Ok(_) if !data.is_empty() => self.fill_fifo(target, both, data),
-            _ => Ok(()),
-        };
-        self.call(libc::SYS_close, &[both as u64])?;
-        filled?;
-        let tmp = tmp?;
-        if readers_outside {
-            let io = |what| self.io_err(target, what);
-            let end = sys::dup_from(self.host, tmp).map_err(io("reach the FIFO"))?;
-            if !sys::pipe_has_readers(end.as_fd()).map_err(io("poll the FIFO"))? {
-                self.call(libc::SYS_close, &[tmp as u64])?;
-                return self.open_null(target, of.flags);
-            }
-        }
-        Ok(tmp)
-    }
-
-    /// Opens /dev/null in place of a file that cannot be restored (a terminal that is gone, a pipe whose
-    /// readers were outside), with the description's access mode and non-blocking flag.
-    fn open_null(&mut self, target: i32, flags: i32) -> Result<i32, RestoreError> {
-        let flags = flags & (libc::O_ACCMODE | libc::O_NONBLOCK) | libc::O_NOCTTY;
-        self.open_in(target, "/dev/null", flags, "open /dev/null in its place")
-    }
-
-    /// Opens pty slave `path` (never acquiring it as controlling terminal by accident: that is done
-    /// explicitly) and checks it is pty number `index`. Returns the fd and the slave's node.
-    fn open_tty(&mut self, target: i32, path: &str, index: u32, flags: i32) -> Result<(i32, PtyNode), RestoreError> {
-        let wrong = |meta: &std::fs::Metadata| {
-            let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
-            let is_index = major >= crate::files::PTS_MAJOR && (major - crate::files::PTS_MAJOR) * 256 + minor == index;
-            (!is_index).then(|| format!("{path} is not pty {index} any more"))
-        };
-        let (fd, meta) = self.reopen(target, path, flags | libc::O_NOCTTY, "reopen the terminal", wrong)?;
-        Ok((fd, PtyNode::of(&meta)))
-    }
-
-    /// Opens the slave of pty `index` (creating the pty first when the plan says so). None when the
-    /// terminal is lost (the caller uses /dev/null).
-    fn reach_pty(
-        &mut self,
-        target: i32,
-        path: &str,
-        index: u32,
-        flags: i32,
-        ptys: &mut PtyPlan,
-    ) -> Result<Option<i32>, RestoreError> {
-        let master = match ptys.access(index) {
-            PtyAccess::Lost => return Ok(None),
-            PtyAccess::Reopen => None,
-            PtyAccess::Create => match self.create_pty(target, index)? {
-                Ok(master) => Some(master),
-                Err(why) => {
-                    ptys.cannot_create(index, why);
-                    return Ok(None);
-                }
-            },
-        };
-        let (fd, node) = self.open_tty(target, path, index, flags)?;
-        if let Some(master) = master {
-            ptys.created(index, master, node);
-        }
-        Ok(Some(fd))
-    }
-
-    /// Creates pty `index` in the process's devpts: devpts gives each new pty the lowest free number,
-    /// so /dev/ptmx is opened until `index` comes out (the others are closed again). Returns the new
-    /// master (the tracer's; the process keeps none), or why the pty cannot be made.
-    fn create_pty(&mut self, target: i32, index: u32) -> Result<Result<OwnedFd, String>, RestoreError> {
-        let addr = self.scratch().write(0, b"/dev/ptmx\0").map_err(self.perr())?;
-        let flags = (libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) as u64;
-        let mut opened = Vec::new();
-        let made = loop {
-            let r = self.leader().syscall(libc::SYS_openat, &[libc::AT_FDCWD as u64, addr, flags, 0]);
-            let r = r.map_err(self.perr())?.ret;
-            if r < 0 {
-                break Ok(Err(format!("opening /dev/ptmx: {}", std::io::Error::from_raw_os_error(-r as i32))));
-            }
-            opened.push(r as u64);
-            let io = |what| self.io_err(target, what);
-            let master = sys::dup_from(self.host, r as i32).map_err(io("reach a new pty"));
-            let got = master.and_then(|m| Ok((sys::pty_index(m.as_fd()).map_err(io("read a new pty's number"))?, m)));
-            match got {
-                Err(e) => break Err(e),
-                Ok((got, master)) if got == index => {
-                    break rustix::pty::unlockpt(&master)
-                        .map_err(|e| io("unlock the new pty")(e.into()))
-                        .map(|()| Ok(master));
-                }
-                Ok((got, _)) if got > index => {
-                    break Ok(Err(format!("devpts handed out pty {got}: number {index} is still in use")));
-                }
-                Ok(_) => {}
-            }
-        };
-        for fd in opened {
-            self.call(libc::SYS_close, &[fd])?;
-        }
-        made
-    }
-
-    /// Runs `f` with an fd of the process on its controlling terminal: one of its own, or a
-    /// temporary one opened for the call. Does nothing when the terminal is lost.
-    fn with_tty_fd(
-        &mut self,
-        ctty: &Ctty,
-        own: &[FdState],
-        files: &[OpenFile],
-        ptys: &mut PtyPlan,
-        f: impl FnOnce(&mut Self, i32) -> Result<(), RestoreError>,
-    ) -> Result<(), RestoreError> {
-        let mine = own
-            .iter()
-            .find(|fd| matches!(files[fd.file as usize].kind, FileKind::Tty { index, .. } if index == ctty.index));
-        match mine {
-            _ if ptys.access(ctty.index) == PtyAccess::Lost => Ok(()),
-            Some(fd) => f(self, fd.fd),
-            None => {
-                let flags = libc::O_RDWR | libc::O_CLOEXEC;
-                let Some(tmp) = self.reach_pty(-1, &ctty.path, ctty.index, flags, ptys)? else {
-                    return Ok(());
-                };
-                let res = f(self, tmp);
-                self.call(libc::SYS_close, &[tmp as u64])?;
-                res
-            }
-        }
-    }
-
-    /// Makes the process's terminal its controlling terminal again (the process leads its session).
-    pub fn set_controlling_tty(
-        &mut self,
-        ctty: &Ctty,
-        own: &[FdState],
-        files: &[OpenFile],
-        ptys: &mut PtyPlan,
-    ) -> Result<(), RestoreError> {
-        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSCTTY, 0]).map(drop)
-        })
-    }
-
-    /// Gives the controlling terminal its foreground process group back.
-    pub fn set_foreground(
-        &mut self,
-        ctty: &Ctty,
-        own: &[FdState],
-        files: &[OpenFile],
-        ptys: &mut PtyPlan,
-    ) -> Result<(), RestoreError> {
-        let Some(fg) = ctty.foreground else {
-            return Ok(());
-        };
-        let addr = self.scratch().write(0, &fg.to_ne_bytes()).map_err(self.perr())?;
-        self.with_tty_fd(ctty, own, files, ptys, |np, fd| {
-            np.call(libc::SYS_ioctl, &[fd as u64, libc::TIOCSPGRP, addr]).map(drop)
-        })
-    }
-
-    fn make_pipe(&mut self) -> Result<(i32, i32), RestoreError> {
-        let addr = self.scratch().addr;
-        self.call(libc::SYS_pipe2, &[addr, 0])?;
-        let b = self.scratch().read(0, 8).map_err(self.perr())?;
-        let r = i32::from_ne_bytes(b[0..4].try_into().expect("4 bytes"));
-        let w = i32::from_ne_bytes(b[4..8].try_into().expect("4 bytes"));
-        Ok((r, w))
-    }
-
-    fn fill_fifo(&mut self, target: i32, fd: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let f = sys::dup_from(self.host, fd).map_err(self.io_err(target, "reach the FIFO"))?;
-        let queued = sys::fionread(f.as_fd()).map_err(self.io_err(target, "count queued bytes"))?;
-        if queued == 0 {
-            self.fill_pipe(target, fd, data)?;
-        }
-        Ok(())
-    }
-
-    fn fill_pipe(&mut self, target: i32, write_end: i32, data: &[u8]) -> Result<(), RestoreError> {
-        let io = |what| self.io_err(target, what);
-        let w = sys::dup_from(self.host, write_end).map_err(io("reach the new pipe"))?;
-        let size = fcntl(w.as_fd(), FcntlArg::F_GETPIPE_SZ).map_err(|e| io("read the pipe size")(e.into()))?;
-        if (size as usize) < data.len() {
-            fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(data.len() as i32)).map_err(|e| io("grow the pipe")(e.into()))?;
-        }
-        std::fs::File::from(w).write_all(data).map_err(io("refill the pipe"))
-    }
-
     /// Process-wide state that fork does not carry over, plus what our templates changed.
     pub fn restore_process_misc(&mut self, st: &ProcessState) -> Result<(), RestoreError> {
         let dumpable = if st.dumpable == 1 { 1 } else { 0 };
@@ -943,11 +307,7 @@ impl NewProcess {
         }
         // POSIX locks belong to the process and go away when it closes any fd of the file (such as
         // the temporary ones just closed): take them last.
-        for fd in &st.fds {
-            for lock in &fd.posix_locks {
-                self.apply_lock(fd.fd, fd.fd, lock)?;
-            }
-        }
+        self.restore_posix_locks(&st.fds)?;
         for filter in st.seccomp.iter().skip(inherited_filters) {
             self.install_seccomp(filter)?;
         }

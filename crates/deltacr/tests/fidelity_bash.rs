@@ -31,8 +31,8 @@ fn interactive_bash_session_comes_back_whole() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert_eq!(ckpt.tree.processes.len(), 3, "bash and its two jobs: {:?}", ckpt.tree.processes);
 
     // Change everything the restore must undo.

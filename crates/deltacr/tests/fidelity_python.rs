@@ -45,9 +45,9 @@ fn big_threaded_python_restores_repeatedly_older_after_newer() {
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     let take = |engine: &mut Engine| {
-        sb.freezer.freeze().unwrap();
+        let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
         let last = number_rows(&out).last().unwrap().clone();
-        (engine.checkpoint(&sb).unwrap(), last)
+        (engine.checkpoint(&sb, &mut frozen).unwrap(), last)
     };
     let (c1, at1) = take(&mut engine);
     wait_for(|| (number_rows(&out).last().unwrap()[0] > at1[0] + 10).then_some(()));

@@ -56,8 +56,8 @@ fn sqlite_mid_transaction_keeps_its_locks_and_commits() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let files: Vec<(std::path::PathBuf, Vec<u8>)> =
         ["db", "db-wal", "db-shm"].iter().map(|n| (ns.path(n), std::fs::read(ns.path(n)).unwrap())).collect();
     std::fs::write(&flag, "").unwrap();

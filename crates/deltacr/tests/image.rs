@@ -41,18 +41,18 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let sb = ns.sandbox();
 
     // First checkpoint: a full image.
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let n1 = counter_lines(&out).last().unwrap().0;
-    let c1 = engine.checkpoint(&sb).unwrap();
+    let c1 = engine.checkpoint(&sb, &mut frozen).unwrap();
     let i1 = c1.image_job(None).unwrap().write(&store).unwrap();
     assert!(i1.page_bytes > 8 << 20, "the 8 MB buffer is in the first image: {i1:?}");
     assert_eq!(i1.parent_bytes, 0);
 
     // Second checkpoint: only what changed.
     wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let n2 = counter_lines(&out).last().unwrap().0;
-    let c2 = engine.checkpoint(&sb).unwrap();
+    let c2 = engine.checkpoint(&sb, &mut frozen).unwrap();
     let i2 = c2.image_job(Some((&c1, i1.id))).unwrap().write(&store).unwrap();
     assert!(i2.page_bytes < i1.page_bytes / 4, "incremental image is small: {i2:?} vs {i1:?}");
     assert!(i2.parent_bytes > 8 << 20, "unchanged pages stay in the parent: {i2:?}");
@@ -61,8 +61,8 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     assert!(describe.contains(&format!("parent {}", i1.id)), "{describe}");
 
     // An image whose parent's write failed is written whole, under the id it was given.
-    sb.freezer.freeze().unwrap();
-    let c3 = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let c3 = engine.checkpoint(&sb, &mut frozen).unwrap();
     let job = c3.image_job(Some((&c2, i2.id))).unwrap();
     let id3 = job.id();
     let i3 = job.without_parent().write(&store).unwrap();
@@ -133,8 +133,8 @@ fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
     let store = ImageStore::new(&ns.path("images")).unwrap();
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
     let meta = store.path_of(id).join("meta.img");
     let good = std::fs::read(&meta).unwrap();

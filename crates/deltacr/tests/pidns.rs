@@ -28,19 +28,21 @@ fn templates_take_no_pid_the_sandbox_or_another_timeline_needs() {
     let mut ns = common::PidNs::new();
     let (p, _) = ns.spawn(&["sleep", "1000"], None, false);
     let mut engine = Engine::new();
-    ns.cgroup.freeze().unwrap();
-    let first = engine.checkpoint(&ns.sandbox()).unwrap();
+    let first = {
+        let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+        engine.checkpoint(&ns.sandbox(), &mut frozen).unwrap()
+    };
     let (z1, _) = ns.spawn(&["sleep", "1001"], None, false);
     let (z2, _) = ns.spawn(&["sleep", "1002"], None, false);
     assert_eq!((z1, z2), (p + 1, p + 2), "the checkpoint took no pids");
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let second = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let second = engine.checkpoint(&sb, &mut frozen).unwrap();
     // Back to the first checkpoint, whose timeline makes a checkpoint (templates) of its own.
     engine.kill_processes(&sb).unwrap();
     engine.restore(&first, &sb).unwrap();
-    sb.freezer.freeze().unwrap();
-    let other_timeline = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let other_timeline = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert_eq!(engine.prepare_spares(&other_timeline, &sb).unwrap(), 1);
     // The second checkpoint needs p+1 and p+2 again.
     engine.kill_processes(&sb).unwrap();

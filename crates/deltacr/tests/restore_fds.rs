@@ -54,8 +54,8 @@ fn anonymous_inode_files_and_fifos_keep_their_state() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     std::fs::write(&flag, "").unwrap();
     wait_for_content(&out, "signalfd");
     assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("ready\n{EXPECTED}"), "the live run");

@@ -190,9 +190,9 @@ fn background_jobs_of_an_exited_shell(mut ns: PidNs) {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let (a0, c0) = (counter_lines(&out_a).len(), last(&out_c));
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let procs = ckpt.tree.processes.clone();
     assert_eq!(
         ids(&ckpt.tree).iter().map(|&(_, ppid, pgid, sid)| (ppid, pgid, sid)).collect::<Vec<_>>(),
@@ -247,9 +247,9 @@ fn process_groups_of_job_control_shells_are_restored() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at: Vec<u64> = outs.iter().map(|o| last(o)).collect();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let procs = ckpt.tree.processes.clone();
     let has = |pid: i32| procs.iter().any(|p| p.pid == pid);
     let orphaned_groups = procs.iter().filter(|p| p.pgid > 1 && !has(p.pgid)).count();
@@ -273,9 +273,9 @@ fn groups_led_by_zombies_and_zombies_in_groups_are_restored() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at: Vec<u64> = outs.iter().map(|o| last(o)).collect();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let procs = ckpt.tree.processes.clone();
     let zombie_pgids: Vec<bool> =
         procs.iter().filter(|p| matches!(p.kind, ProcessKind::Zombie { .. })).map(|z| z.pgid == z.pid).collect();

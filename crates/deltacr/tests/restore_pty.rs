@@ -92,8 +92,8 @@ fn a_terminal_hung_up_before_the_checkpoint_becomes_dev_null() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert!(
         ckpt.tree.files.iter().any(|f| matches!(f.kind, FileKind::HungUpTty { index: 0, .. })),
         "{:?}",
@@ -113,8 +113,8 @@ fn a_terminal_whose_number_went_to_another_terminal_is_not_taken_over() {
     let (master, pid, out) = start_on_pty(&mut ns);
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     // The session's client leaves; once the tree is killed, a new session gets pty 0.
     drop(master);
     engine.kill_processes(&sb).unwrap();
@@ -140,8 +140,8 @@ fn a_shell_whose_terminal_was_closed_gets_a_pty_with_its_number_again() {
     t.run("X=41; stty cols 91 rows 31; echo \"ok$((1+1))\"", "ok2");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     // The client leaves: the shim closes the master and bash dies of the hangup.
     drop(t);
     engine.kill_processes(&sb).unwrap();
@@ -181,8 +181,8 @@ fn a_shell_forked_into_another_sandbox_gets_its_pty_made_there() {
     t.run("X=41; stty cols 77 rows 33; echo \"ok$((1+1))\"", "ok2");
     let mut engine = Engine::new();
     let sb = a.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&a.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let store = ImageStore::new(&a.path("images")).unwrap();
     let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
 
@@ -206,8 +206,8 @@ fn a_pty_number_still_in_use_without_its_node_cannot_be_made() {
     let (_master, pid, out) = start_on_pty(&mut a);
     let mut engine = Engine::new();
     let sb = a.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&a.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let store = ImageStore::new(&a.path("images")).unwrap();
     let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
     engine.kill_processes(&sb).unwrap();

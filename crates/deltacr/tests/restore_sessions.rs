@@ -74,8 +74,8 @@ fn session_fifos_are_reopened_by_path_here_and_in_another_sandbox() {
     s.run("X=41; echo \"ok$((1+1))\"", "ok2", false);
     let mut engine = Engine::new();
     let sb = a.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&a.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let store = ImageStore::new(&a.path("images")).unwrap();
     let id = ckpt.image_job(None).unwrap().write(&store).unwrap().id;
     s.run("X=0; echo \"changed\"", "changed", false);

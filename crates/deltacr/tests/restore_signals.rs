@@ -51,8 +51,8 @@ fn pending_signals_come_back_once_each() {
     wait_for_content(&out, "ready\n");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     std::fs::write(&flag, "").unwrap();
     let rt = libc::SIGRTMIN();
     // The thread's own pending signals are taken first, then the process's.

@@ -16,9 +16,9 @@ fn a_restored_process_continues_from_the_checkpoint() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at_checkpoint = counter_lines(&out);
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert_eq!(ckpt.tree.processes.len(), 1);
     assert_eq!(ckpt.tree.processes[0].pid, pid);
     let (n, crc_n) = *at_checkpoint.last().unwrap();
@@ -80,9 +80,9 @@ fn a_process_in_a_user_namespace_with_docker_capabilities_is_restored() {
     assert_ne!(std::fs::read_link(format!("/proc/{host}/ns/user")).unwrap(), own_userns, "in its own user namespace");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at = counter_lines(&out);
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let n = at.last().unwrap().0;
     wait_for(|| counter_lines(&out).iter().any(|&(i, _)| i == n + 10).then_some(()));
     let later = counter_lines(&out);

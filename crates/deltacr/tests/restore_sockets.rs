@@ -37,8 +37,8 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
     // A client connected to the server: the server holds an established connection.
     let client = TcpStream::connect(("127.0.0.1", port)).unwrap();
     std::thread::sleep(std::time::Duration::from_millis(100));
-    sb.freezer.freeze().unwrap();
-    let err = engine.checkpoint(&sb).err().expect("an established TCP connection cannot be checkpointed");
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let err = engine.checkpoint(&sb, &mut frozen).err().expect("an established TCP connection cannot be checkpointed");
     let msg = format!("{:?}", err);
     assert!(msg.contains("TCP connection") && msg.contains("fd"), "{msg}");
     assert!(err.is_unsupported(), "the sandbox's state, not a failure: {msg}");
@@ -48,8 +48,8 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
 
     // The server closes its side of our last request a moment after answering: retry until it has.
     let ckpt = wait_for(|| {
-        sb.freezer.freeze().unwrap();
-        engine.checkpoint(&sb).ok()
+        let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+        engine.checkpoint(&sb, &mut frozen).ok()
     });
     for _ in 0..2 {
         engine.kill_processes(&sb).unwrap();
@@ -98,8 +98,8 @@ fn unix_socket_pairs_listeners_and_queued_data_come_back() {
     common::wait_for_content(&out, "ready\n");
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let talk = || {
         std::fs::write(&flag, "").unwrap();
         let mut s = wait_for(|| std::os::unix::net::UnixStream::connect(&sock).ok());

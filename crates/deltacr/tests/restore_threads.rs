@@ -46,9 +46,9 @@ fn threads_are_restored_with_their_tids_and_state() {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at_ckpt = number_rows(&out).last().unwrap().clone();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     assert_eq!(ckpt.stats.threads, 5);
     let n = number_rows(&out).len();
     wait_for(|| (number_rows(&out).len() > n + 20).then_some(()));

@@ -75,9 +75,9 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
 
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let at = read(&out);
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let (p0, c0) = (last(&at, "p ").unwrap(), last(&at, "c ").unwrap());
     let procs = ckpt.tree.processes.clone();
     assert_eq!(procs.len(), 6, "bash, python, producer, consumer, nobody, zombie: {procs:?}");
@@ -154,8 +154,8 @@ fn a_shell_pipeline_with_full_pipe_buffers_finishes_after_restore() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let mut engine = Engine::new();
     let sb = ns.sandbox();
-    sb.freezer.freeze().unwrap();
-    let ckpt = engine.checkpoint(&sb).unwrap();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     let pipes = ckpt
         .tree
         .files

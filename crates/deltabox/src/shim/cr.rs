@@ -1,7 +1,7 @@
 //! The shim's checkpoint thread. ptrace belongs to the thread that attached, so every process checkpoint
 //! and restore of this sandbox (DeltaCR) runs on this one thread, together with the filesystem side
 //! (DeltaFS) and the freezer, in the order that makes a checkpoint consistent: freeze → filesystem →
-//! processes → thaw.
+//! processes (DeltaCR thaws once they are seized).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
-use deltacr::{Engine, Sandbox};
+use deltacr::{Engine, Frozen, Sandbox};
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
 use tokio::sync::oneshot;
@@ -159,9 +159,9 @@ fn compact_if_long(store: &ImageStore, id: ImageId) {
     }
 }
 
-/// The sandbox as DeltaCR sees it (a free function, so it borrows only the fields it needs).
-fn sandbox(init: i32, freezer: &Cgroup) -> Sandbox<'_> {
-    Sandbox { init: Pid::from_raw(init), freezer }
+/// The sandbox as DeltaCR sees it.
+fn sandbox(init: i32) -> Sandbox {
+    Sandbox { init: Pid::from_raw(init) }
 }
 
 fn ms(since: Instant) -> f64 {
@@ -284,22 +284,18 @@ impl Worker {
 
     fn checkpoint(&mut self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
         let started = Instant::now();
-        self.parts.cgroup.freeze().context("freeze the sandbox")?;
+        let cgroup = self.parts.cgroup.clone();
+        // Thaws the sandbox exactly once: DeltaCR's checkpoint does as soon as it can, and on any other
+        // way out (the filesystem checkpoint is then simply not used), dropping it does.
+        let mut frozen = Frozen::new(&*cgroup).context("freeze the sandbox")?;
         let fs_started = Instant::now();
-        let stack = match self.parts.fs.checkpoint() {
-            Ok(stack) => stack.to_string(),
-            Err(e) => {
-                let _ = self.parts.cgroup.thaw();
-                return Err(anyhow::Error::new(e).context("checkpoint the filesystem"));
-            }
-        };
+        let stack = self.parts.fs.checkpoint().context("checkpoint the filesystem")?.to_string();
         let fs_ms = ms(fs_started);
         if !processes {
-            self.parts.cgroup.thaw().context("thaw the sandbox")?;
+            frozen.thaw().context("thaw the sandbox")?;
             return Ok(Captured { stack, stopped_ms: ms(started), fs_ms, processes: None });
         }
-        // Thaws the sandbox, also when it fails (the filesystem checkpoint is then simply not used).
-        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init, &self.parts.cgroup))?;
+        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init), &mut frozen)?;
         let stopped_ms = ms(started);
         let parent = parent.as_ref().and_then(|p| self.kept.get(p));
         let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image)))?;
@@ -338,7 +334,7 @@ impl Worker {
         let Some(kept) = self.kept.get(stack) else {
             return;
         };
-        let sb = sandbox(self.parts.init, &self.parts.cgroup);
+        let sb = sandbox(self.parts.init);
         match self.engine.prepare_spares(&kept.ckpt, &sb) {
             Ok(made) => tracing::debug!(stack, made, "prepared spares"),
             Err(e) => tracing::warn!(stack, "cannot prepare spares (rollbacks copy page tables): {}", chain(&e)),
@@ -366,9 +362,7 @@ impl Worker {
         // rollback that cannot restore leaves the sandbox as it was.
         let source = image.map(|image| self.restore_source(stack, image)).transpose()?;
         let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
-        self.engine
-            .kill_processes(&sandbox(self.parts.init, &self.parts.cgroup))
-            .context("kill the sandbox's processes")?;
+        self.engine.kill_processes(&sandbox(self.parts.init)).context("kill the sandbox's processes")?;
         let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
         let fs_started = Instant::now();
         let changed_inodes = self.parts.fs.rollback(target).context("roll back the filesystem")?.changed_inodes;
@@ -384,7 +378,7 @@ impl Worker {
                 pty_masters: Default::default(),
             });
         };
-        let sb = sandbox(self.parts.init, &self.parts.cgroup);
+        let sb = sandbox(self.parts.init);
         let (stats, from_image) = match source {
             Source::Templates => {
                 let kept = self.kept.get(stack).expect("restore_source found its templates");
@@ -426,7 +420,7 @@ impl Worker {
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let mut images = self.parts.images.open_chain(image).context("open the image")?;
-        Ok(self.engine.restore_image(&mut images, &sandbox(self.parts.init, &self.parts.cgroup))?)
+        Ok(self.engine.restore_image(&mut images, &sandbox(self.parts.init))?)
     }
 }
 

@@ -174,8 +174,8 @@ impl PidNs {
         PidNs { userns, unshare, stdin, stdout, init, dir, cgroup }
     }
 
-    pub fn sandbox(&self) -> deltacr::Sandbox<'_> {
-        deltacr::Sandbox { init: self.init, freezer: &self.cgroup }
+    pub fn sandbox(&self) -> deltacr::Sandbox {
+        deltacr::Sandbox { init: self.init }
     }
 
     /// Starts `argv` in the namespace (own process group; own session if `setsid`), stdout and stderr

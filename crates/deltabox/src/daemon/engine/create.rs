@@ -118,12 +118,23 @@ impl Engine {
         let stdout = child.stdout.take().expect("piped stdout");
         let mut line = String::new();
         let mut reader = BufReader::new(stdout);
-        let read = tokio::time::timeout(SHIM_START_TIMEOUT, reader.read_line(&mut line)).await;
+        // Watched beside the report: the sandbox's init (a clone of the shim) holds the shim's stdout too,
+        // so a shim that dies before reporting ends no read.
+        let report = async {
+            tokio::select! {
+                read = reader.read_line(&mut line) => read.map(drop).context("read the shim's report"),
+                status = child.wait() => Err(anyhow::anyhow!("the shim exited ({}) before reporting", status?)),
+            }
+        };
+        let report = tokio::time::timeout(SHIM_START_TIMEOUT, report).await;
         // The shim lives on after the daemon; reap it if it exits while we still run.
         tokio::spawn(async move {
             let _ = child.wait().await;
         });
-        read.context("the shim did not report in time")?.context("read the shim's report")?;
+        if let Err(e) = report.context("the shim did not report in time").and_then(|r| r) {
+            let log = std::fs::read_to_string(dir.join("shim.log")).unwrap_or_default();
+            anyhow::bail!("{e:#}: {}", log.trim());
+        }
         match serde_json::from_str::<ShimStartup>(&line) {
             Ok(ShimStartup::Started(info)) if info.protocol == PROTOCOL => Ok(info),
             // Our executable was replaced by another version since the daemon started.

@@ -96,25 +96,35 @@ impl Engine {
         let failure = match written {
             Ok(bytes) => {
                 tracing::info!(checkpoint = %cp, bytes, "process image written");
-                if let Err(e) = self.catalog().mark_image_written(cp) {
-                    tracing::error!(checkpoint = %cp, "cannot record the image as written: {e}");
-                    return false;
-                }
-                return true;
+                None
             }
             Err(ShimError::Reported { kind, message }) => {
                 tracing::error!(checkpoint = %cp, "the process image was not written: {message}");
-                ImageFailure { kind, reason: message }
+                Some(ImageFailure { kind, reason: message })
+            }
+            // Only the shim writes the image, and it is gone: whether it got that far shows on disk (an
+            // image appears there complete or not at all).
+            Err(e) if self.checkpoint_record(cp).is_ok_and(|r| self.image_on_disk(&r)) => {
+                tracing::info!(checkpoint = %cp, "the shim was lost ({e}) after it wrote the process image");
+                None
             }
             Err(e) => {
                 tracing::warn!(checkpoint = %cp, "lost the shim before the image was written: {e}");
-                // Only the shim writes the image; whether it got that far shows on disk.
                 let reason = "the sandbox's supervisor exited before writing it".to_string();
-                ImageFailure { kind: ErrorKind::CheckpointFailed, reason }
+                Some(ImageFailure { kind: ErrorKind::CheckpointFailed, reason })
             }
         };
-        self.record_image_failure(cp, failure);
-        false
+        if let Some(failure) = failure {
+            self.record_image_failure(cp, failure);
+            return false;
+        }
+        match self.catalog().mark_image_written(cp) {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(checkpoint = %cp, "cannot record the image as written: {e}");
+                false
+            }
+        }
     }
 
     /// Records that checkpoint `cp`'s process image will never be written (unless it already was).

@@ -527,8 +527,9 @@ impl Store {
 
     /// Makes the top layer of `stack` (a checkpoint, or a base) survive a power loss: fsyncs its
     /// meta, journal, index (if written yet), `frozen` marker and every data file (`data/pack`,
-    /// `data/<dir>/<ino>`), then the directories holding them (`data/<dir>/`, `data/`, the layer's,
-    /// and `layers/`, into which the layer was renamed); for a base, also its entry in `bases/`.
+    /// `data/<dir>/<ino>`) and the directories holding them (`data/<dir>/`, `data/`, the layer's,
+    /// and `layers/`, into which the layer was renamed), from several threads; for a base, also its
+    /// entry in `bases/`.
     /// Until it returns `Ok`, a power loss can leave the layer loadable but wrong (a journal cut at
     /// a record, a data file short of what was written, a file missing).
     ///

@@ -167,8 +167,9 @@ impl JournalWriter {
     }
 
     /// Writes buffered records with one write(2): once it returns they survive a kill of this
-    /// process (not a power loss: nothing is fsynced). On failure the records stay buffered and the
-    /// file keeps only complete records: a torn record would end the journal for every reader.
+    /// process (a power loss once `Store::sync_stack` synced the frozen layer). On failure the
+    /// records stay buffered and the file keeps only complete records: a torn record would end the
+    /// journal for every reader.
     pub fn write_out(&mut self) -> Result<()> {
         if self.torn {
             self.file.set_len(self.written).map_err(io_err(&self.path))?;
@@ -231,8 +232,16 @@ fn decode<T: DeserializeOwned>(path: &Path, payload: &[u8]) -> Result<T> {
     postcard::from_bytes(payload).map_err(|source| JournalError::Decode { path: path.to_owned(), source })
 }
 
+/// Whether [`write_snapshot`] fsyncs the file before renaming it into place.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fsync {
+    /// The file is written into a layer that is not in `layers/` yet (`Store::sync_stack` syncs it).
+    No,
+    BeforeRename,
+}
+
 /// Writes `value` to `path` atomically (temporary file + rename) as `magic | version | frame`.
-pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> Result<()> {
+pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T, fsync: Fsync) -> Result<()> {
     let payload = postcard::to_stdvec(value).map_err(JournalError::Encode)?;
     let mut buf = Vec::with_capacity(payload.len() + 20);
     buf.extend_from_slice(magic);
@@ -241,6 +250,9 @@ pub fn write_snapshot<T: Serialize>(path: &Path, magic: &[u8; 8], value: &T) -> 
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let mut f = File::create(&tmp).map_err(io_err(&tmp))?;
     f.write_all(&buf).map_err(io_err(&tmp))?;
+    if fsync == Fsync::BeforeRename {
+        f.sync_all().map_err(io_err(&tmp))?;
+    }
     drop(f);
     std::fs::rename(&tmp, path).map_err(io_err(path))
 }
@@ -430,7 +442,7 @@ mod tests {
     fn snapshot_detects_corruption_and_wrong_magic() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("snap");
-        write_snapshot(&path, b"TESTSNAP", &vec![1u32, 2, 3]).unwrap();
+        write_snapshot(&path, b"TESTSNAP", &vec![1u32, 2, 3], Fsync::No).unwrap();
         let v: (u32, Vec<u32>) = read_snapshot(&path, b"TESTSNAP", "test").unwrap();
         assert_eq!(v, (FORMAT_VERSION, vec![1, 2, 3]));
         assert!(matches!(read_snapshot::<Vec<u32>>(&path, b"OTHERMAG", "test"), Err(JournalError::BadMagic { .. })));

@@ -398,7 +398,7 @@ fn a_burst_of_requests_turns_busy_polling_on_and_quiet_turns_it_off() {
 
 /// A read racing a truncation sees the old bytes, nothing, or the new bytes, as on ext4 — never the
 /// old length of NUL bytes (the kernel's zero-filled page while the truncation is in flight; see
-/// `Emptied` in volume.rs). Both ways of truncating: `O_TRUNC` (a SETATTR when opens are not sent to
+/// `Emptied` in volume/contents.rs). Both ways of truncating: `O_TRUNC` (a SETATTR when opens are not sent to
 /// the server) and `ftruncate`.
 #[test]
 fn reads_racing_a_truncation_never_see_nul_bytes() {

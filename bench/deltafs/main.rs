@@ -1,7 +1,6 @@
 //! DeltaFS benchmarks (run as root: `bench/deltafs/run.sh`). Prints tables:
 //! 1. checkpoint / rollback latency (p50, p99) vs filesystem size, change size and stack depth;
-//!    garbage collection time and space when an agent keeps only its last checkpoints; the cost of
-//!    making a checkpoint durable (`Store::sync_stack`);
+//!    garbage collection time and space when an agent keeps only its last checkpoints;
 //! 2. baselines measured in the same run: `cp -a`, tar of an overlayfs upper dir, btrfs snapshot;
 //! 3. real workloads on DeltaFS vs kernel overlayfs vs fuse-overlayfs, as ratios to overlayfs.
 //!
@@ -256,45 +255,6 @@ impl Bench {
             reclaimed >> 20,
             bytes as f64 / (1 << 20) as f64,
         );
-    }
-
-    /// What making a checkpoint durable costs: `Store::sync_stack` right after the checkpoint (as
-    /// the daemon calls it, off the checkpoint's path), for changes of several shapes. The data is
-    /// still dirty in the page cache then, unless the kernel's writeback got to it first.
-    fn sync_section(&self) {
-        let on = self.dir.parent().unwrap_or(&self.dir).display();
-        header(&format!("Making a checkpoint durable: sync_stack after the checkpoint (store under {on})"));
-        let base = self.base_with(if self.quick { 1_000 } else { 10_000 });
-        let m = self.mount(base, "sync");
-        let root = m.mountpoint().to_owned();
-        let big = if self.quick { 16 << 20 } else { 256 << 20 };
-        // (files, bytes each)
-        let cases = [(1, 100), (100, 64 << 10), (1_000, 8 << 10), (1, 64 << 20), (1, big)];
-        for (files, size) in cases {
-            let mut times = Vec::new();
-            let mut synced = deltafs::SyncStats::default();
-            for rep in 0..if self.quick { 3 } else { 10 } {
-                let data = vec![rep as u8 + 1; size];
-                for i in 0..files {
-                    std::fs::write(root.join(format!("d{}/sync{i}", i % 10)), &data).unwrap();
-                }
-                let cp = m.checkpoint().unwrap();
-                let (t, stats) = timed(|| self.store.sync_stack(cp).unwrap());
-                times.push(t);
-                synced = stats;
-                // The next repetition's writes shadow these: the collector frees them.
-                self.store.delete_unreferenced(&[]).unwrap();
-            }
-            let each = match size {
-                s if s >= 1 << 20 => format!("{} MiB", s >> 20),
-                s if s >= 1 << 10 => format!("{} KiB", s >> 10),
-                s => format!("{s} B"),
-            };
-            let mib = (files * size) as f64 / f64::from(1 << 20);
-            let name = format!("{files} x {each} ({mib:.1} MiB), {} files synced", synced.files);
-            row(&name, times);
-        }
-        m.unmount().unwrap();
     }
 
     fn baseline_section(&self) {
@@ -581,9 +541,6 @@ fn main() {
     }
     if want("gc") {
         bench.gc_section();
-    }
-    if want("sync") {
-        bench.sync_section();
     }
     if want("baselines") {
         bench.baseline_section();

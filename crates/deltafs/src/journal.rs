@@ -167,7 +167,7 @@ impl JournalWriter {
     }
 
     /// Writes buffered records with one write(2): once it returns they survive a kill of this
-    /// process (a power loss once `Store::sync_stack` synced the frozen layer). On failure the
+    /// process (a power loss once a sync of the filesystem followed). On failure the
     /// records stay buffered and the file keeps only complete records: a torn record would end the
     /// journal for every reader.
     pub fn write_out(&mut self) -> Result<()> {
@@ -235,7 +235,8 @@ fn decode<T: DeserializeOwned>(path: &Path, payload: &[u8]) -> Result<T> {
 /// Whether [`write_snapshot`] fsyncs the file before renaming it into place.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Fsync {
-    /// The file is written into a layer that is not in `layers/` yet (`Store::sync_stack` syncs it).
+    /// The file is written into a layer that is not in `layers/` yet: whoever makes the layer
+    /// durable syncs it (the daemon's syncfs).
     No,
     BeforeRename,
 }

@@ -34,5 +34,5 @@ mod volume;
 pub use image::ImageError;
 pub use journal::JournalError;
 pub use mount::{abort_stale_mount, mount, DiskUsage, Mount, MountError, MountOptions, Quota};
-pub use store::{GcStats, InvalidStackId, LayerInfo, StackId, Store, StoreError, SyncStats};
+pub use store::{GcStats, InvalidStackId, LayerInfo, StackId, Store, StoreError};
 pub use volume::RollbackStats;

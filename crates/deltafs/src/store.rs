@@ -105,17 +105,6 @@ pub struct GcStats {
     pub bytes_reclaimed: u64,
 }
 
-/// What [`Store::sync_stack`] flushed to disk, for logging.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SyncStats {
-    /// Files fsynced: the layer's meta, journal, index, `frozen` and data files (a base's key too).
-    pub files: usize,
-    /// Directories fsynced.
-    pub dirs: usize,
-    /// Bytes allocated by the fsynced files: at most this much had to be written.
-    pub bytes: u64,
-}
-
 /// One layer of a stack, as [`Store::describe`] reports it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct LayerInfo {
@@ -248,65 +237,6 @@ fn allocated_bytes(dir: &Path) -> io::Result<u64> {
         total += if md.is_dir() { allocated_bytes(&entry.path())? } else { md.blocks() * 512 };
     }
     Ok(total)
-}
-
-/// Threads fsyncing a layer's files: concurrent fsyncs share the journal commits of the store's
-/// filesystem and the disk's cache flushes, which cost more than writing a small file's data.
-const SYNC_THREADS: usize = 16;
-
-/// fsyncs the file or directory at `path` through a descriptor of its own: on Linux that writes
-/// back the inode's dirty pages and metadata whichever process wrote them. Adds it to `stats`.
-fn fsync_path(path: &Path, stats: &mut SyncStats) -> Result<()> {
-    use std::os::unix::fs::MetadataExt;
-    let file = File::open(path).map_err(io_err(path))?;
-    file.sync_all().map_err(io_err(path))?;
-    let md = file.metadata().map_err(io_err(path))?;
-    if md.is_dir() {
-        stats.dirs += 1;
-    } else {
-        stats.files += 1;
-        stats.bytes += md.blocks() * 512;
-    }
-    Ok(())
-}
-
-/// fsyncs every one of `paths`, from up to [`SYNC_THREADS`] threads.
-fn fsync_all(paths: &[PathBuf]) -> Result<SyncStats> {
-    use std::sync::atomic::{AtomicUsize, Ordering};
-    let next = AtomicUsize::new(0);
-    let worker = || -> Result<SyncStats> {
-        let mut stats = SyncStats::default();
-        while let Some(path) = paths.get(next.fetch_add(1, Ordering::Relaxed)) {
-            fsync_path(path, &mut stats)?;
-        }
-        Ok(stats)
-    };
-    std::thread::scope(|scope| {
-        let workers: Vec<_> = (0..SYNC_THREADS.min(paths.len())).map(|_| scope.spawn(worker)).collect();
-        workers.into_iter().try_fold(SyncStats::default(), |total, w| {
-            let done = w.join().expect("an fsync thread panicked")?;
-            Ok(SyncStats {
-                files: total.files + done.files,
-                dirs: total.dirs + done.dirs,
-                bytes: total.bytes + done.bytes,
-            })
-        })
-    })
-}
-
-/// Adds the files and directories below `dir`, and `dir`, to `out`.
-fn tree_paths(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
-    for entry in std::fs::read_dir(dir).map_err(io_err(dir))? {
-        let entry = entry.map_err(io_err(dir))?;
-        let path = entry.path();
-        if entry.file_type().map_err(io_err(&path))?.is_dir() {
-            tree_paths(&path, out)?;
-        } else {
-            out.push(path);
-        }
-    }
-    out.push(dir.to_owned());
-    Ok(())
 }
 
 fn try_lock(file: &File) -> io::Result<bool> {
@@ -525,61 +455,6 @@ impl Store {
         Ok(())
     }
 
-    /// Makes the top layer of `stack` (a checkpoint, or a base) survive a power loss: fsyncs its
-    /// meta, journal, index (if written yet), `frozen` marker and every data file (`data/pack`,
-    /// `data/<dir>/<ino>`) and the directories holding them (`data/<dir>/`, `data/`, the layer's,
-    /// and `layers/`, into which the layer was renamed), from several threads; for a base, also its
-    /// entry in `bases/`.
-    /// Until it returns `Ok`, a power loss can leave the layer loadable but wrong (a journal cut at
-    /// a record, a data file short of what was written, a file missing).
-    ///
-    /// Only the top layer: the stack is durable once this has returned `Ok` for it and for every
-    /// layer below (each checkpoint's own call, and one for the base stack, whose layer is the
-    /// bottom of every checkpoint of an image). The caller, which knows what it synced, says so.
-    ///
-    /// That set is complete and stays right: each layer writes only its own files (its `Layer`
-    /// chunks and pack slots; slots are reused only within the writable layer, which starts with an
-    /// empty pack), and a frozen layer's files change no more — except the index, which the
-    /// mount may write after the checkpoint returned (written and fsynced before it is renamed in,
-    /// so after a power loss it is whole or absent and the journals are replayed), and the data
-    /// the garbage collector punches out of a layer whose checkpoint was deleted (then this fails
-    /// with [`StoreError::Deleted`]). The image layer directories of a base are not the store's:
-    /// they are not synced.
-    ///
-    /// Runs in any process (the daemon rather than the mount's server), while mounts write their
-    /// own layers, without locks: a layer deleted meanwhile gives [`StoreError::UnknownStack`] or
-    /// [`StoreError::Deleted`]. Its cost grows with the layer's files (see `docs/deltafs.md`).
-    pub fn sync_stack(&self, stack: StackId) -> Result<SyncStats> {
-        let (_, meta) = self.stack_meta(stack)?;
-        let stats = self.layer_paths(stack.0, &meta).and_then(|paths| fsync_all(&paths)).map_err(|e| {
-            match self.stack_meta(stack) {
-                Err(gone) => gone,
-                Ok(_) => e,
-            }
-        })?;
-        tracing::debug!(%stack, files = stats.files, dirs = stats.dirs, bytes = stats.bytes, "layer synced");
-        Ok(stats)
-    }
-
-    /// What [`Store::sync_stack`] fsyncs of layer `id`.
-    fn layer_paths(&self, id: LayerId, meta: &LayerMeta) -> Result<Vec<PathBuf>> {
-        let dir = self.layer_dir(id);
-        let mut paths = Vec::new();
-        tree_paths(&dir.join("data"), &mut paths)?;
-        // A base has no journal; a layer may have no index.
-        paths.extend(["journal", "index"].map(|name| dir.join(name)).into_iter().filter(|p| p.exists()));
-        paths.extend([dir.join("meta"), dir.join("frozen"), dir, self.root.join("layers")]);
-        if meta.parent.is_none() {
-            // Without its key, the image would be indexed again into another base after a power
-            // loss, and mounts of it could not roll back to checkpoints of this one.
-            let key = self.base_key_path(&meta.images)?;
-            if std::fs::read_to_string(&key).is_ok_and(|t| t.trim() == id.to_string()) {
-                paths.extend([key, self.root.join("bases")]);
-            }
-        }
-        Ok(paths)
-    }
-
     /// Whether a layer has a full index.
     pub(crate) fn has_index(&self, layer: LayerId) -> bool {
         self.layer_dir(layer).join("index").exists()
@@ -587,8 +462,9 @@ impl Store {
 
     /// Stores the full tree of a frozen layer so loading it (and stacks above it) replays no
     /// journal below it. Used to keep deep stacks fast to load. Synced before it is renamed in:
-    /// it may come after the layer's [`Store::sync_stack`], and a power loss must not leave a torn
-    /// index where the journals would load (a new file renamed in can be empty after a crash).
+    /// it may come after the sync that made the layer's checkpoint durable (the daemon's syncfs),
+    /// and a power loss must not leave a torn index where the journals would load (a new file
+    /// renamed in can be empty after a crash).
     pub(crate) fn write_index(&self, layer: LayerId, tree: &Tree) -> Result<()> {
         let path = self.layer_dir(layer).join("index");
         journal::write_snapshot(&path, INDEX_MAGIC, tree, journal::Fsync::BeforeRename)?;

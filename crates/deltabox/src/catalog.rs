@@ -9,6 +9,8 @@
 
 use std::path::Path;
 
+use deltacr::image::ImageId;
+use deltafs::StackId;
 use rusqlite::{params, Connection, OptionalExtension};
 use sandbox::cgroup::Limits;
 use sandbox::image::{Digest, ImageConfig, LayerInfo, SourceFormat};
@@ -42,8 +44,8 @@ pub struct ImageRecord {
     /// Seconds since the epoch.
     pub created: i64,
     /// The DeltaFS stack of its layers, once indexed.
-    #[serde(default)]
-    pub base_stack: Option<String>,
+    #[serde(default, with = "crate::ids::opt_text")]
+    pub base_stack: Option<StackId>,
 }
 
 impl ImageRecord {
@@ -76,7 +78,8 @@ pub struct SandboxRecord {
     #[serde(flatten)]
     pub config: SandboxConfig,
     /// The DeltaFS stack it was started from (an image's base, or a checkpoint's).
-    pub stack: String,
+    #[serde(with = "crate::ids::text")]
+    pub stack: StackId,
     /// The checkpoint it was forked from.
     pub origin: Option<String>,
     /// The checkpoint its current state descends from (parent of its next checkpoint).
@@ -128,11 +131,12 @@ pub struct CheckpointRecord {
     pub sandbox: String,
     pub parent: Option<String>,
     /// The frozen DeltaFS stack.
-    pub stack: String,
+    #[serde(with = "crate::ids::text")]
+    pub stack: StackId,
     pub kind: CheckpointKind,
     /// The DeltaCR image of its processes (full checkpoints).
-    #[serde(default)]
-    pub image: Option<String>,
+    #[serde(default, with = "crate::ids::opt_text")]
+    pub image: Option<ImageId>,
     /// Whether its process image is written (a full checkpoint's image is written after the sandbox runs
     /// again; until then it lives in the shim's memory only). False for a filesystem checkpoint.
     #[serde(default)]
@@ -362,8 +366,8 @@ impl Catalog {
     }
 
     /// Every DeltaFS stack the catalog names: image bases and checkpoints.
-    pub fn referenced_stacks(&self) -> Result<Vec<String>> {
-        let mut stacks: Vec<String> = self.images()?.into_iter().filter_map(|i| i.base_stack).collect();
+    pub fn referenced_stacks(&self) -> Result<Vec<StackId>> {
+        let mut stacks: Vec<StackId> = self.images()?.into_iter().filter_map(|i| i.base_stack).collect();
         stacks.extend(self.checkpoints()?.into_iter().map(|c| c.stack));
         Ok(stacks)
     }
@@ -399,7 +403,7 @@ fn set_head(tx: &rusqlite::Transaction<'_>, sandbox: &str, head: Option<&str>) -
 }
 
 #[cfg(test)]
-mod tests {
+pub mod tests {
     use super::*;
 
     fn config(layer: Digest) -> SandboxConfig {
@@ -416,7 +420,20 @@ mod tests {
     }
 
     fn sandbox(id: &str, layer: Digest) -> SandboxRecord {
-        SandboxRecord { id: id.into(), config: config(layer), stack: "s".into(), origin: None, head: None, created: 1 }
+        SandboxRecord {
+            id: id.into(),
+            config: config(layer),
+            stack: stack_of("s"),
+            origin: None,
+            head: None,
+            created: 1,
+        }
+    }
+
+    /// A stack id made from a short name.
+    pub fn stack_of(name: &str) -> StackId {
+        let n = name.bytes().fold(0u128, |n, b| n << 8 | u128::from(b));
+        format!("{n:032x}").parse().unwrap()
     }
 
     fn checkpoint(id: &str, sandbox: &str, parent: Option<&str>) -> CheckpointRecord {
@@ -424,7 +441,7 @@ mod tests {
             id: id.into(),
             sandbox: sandbox.into(),
             parent: parent.map(String::from),
-            stack: format!("stack-{id}"),
+            stack: stack_of(id),
             kind: CheckpointKind::Filesystem,
             image: None,
             image_written: false,
@@ -453,7 +470,7 @@ mod tests {
             c.checkpoints().unwrap().into_iter().map(|k| (k.id, k.parent)).collect();
         assert_eq!(left, [("c1".to_string(), None), ("c3".to_string(), Some("c1".to_string()))]);
         assert_eq!(c.sandbox("s1").unwrap().unwrap().head.as_deref(), Some("c1"));
-        assert_eq!(c.referenced_stacks().unwrap(), ["stack-c1", "stack-c3"]);
+        assert_eq!(c.referenced_stacks().unwrap(), [stack_of("c1"), stack_of("c3")]);
     }
 
     #[test]
@@ -499,7 +516,7 @@ mod tests {
             fields.insert("image".into(), image.into());
             record.to_string()
         };
-        let (full, filesystem) = (old("c1", Some("img-1")), old("c2", None));
+        let (full, filesystem) = (old("c1", Some("0123456789abcdef0123456789abcdef")), old("c2", None));
         {
             let conn = Connection::open(&path).unwrap();
             conn.execute_batch(MIGRATIONS[0].1).unwrap();

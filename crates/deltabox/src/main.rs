@@ -6,6 +6,7 @@ mod cli;
 mod client;
 mod daemon;
 mod errors;
+mod ids;
 mod shim;
 
 use std::net::SocketAddr;

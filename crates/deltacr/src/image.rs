@@ -83,6 +83,18 @@ impl std::fmt::Display for ImageId {
     }
 }
 
+impl std::str::FromStr for ImageId {
+    type Err = InvalidImageId;
+    fn from_str(s: &str) -> Result<ImageId, InvalidImageId> {
+        ImageId::parse(s).ok_or_else(|| InvalidImageId(s.to_owned()))
+    }
+}
+
+/// A string that is not an image id.
+#[derive(Debug, thiserror::Error)]
+#[error("{0:?} is not a process image id (32 hex digits)")]
+pub struct InvalidImageId(String);
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u32)]
 enum RecordKind {

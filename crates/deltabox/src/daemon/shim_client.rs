@@ -8,6 +8,8 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use deltacr::image::ImageId;
+use deltafs::StackId;
 use sandbox::ipc::{AsyncChannel, IpcError, Packet};
 
 use crate::shim::proto::{
@@ -109,7 +111,7 @@ impl ShimClient {
     pub async fn checkpoint(
         &self,
         processes: bool,
-        parent: Option<String>,
+        parent: Option<StackId>,
     ) -> Result<(CheckpointStats, Option<PendingImage>), ShimError> {
         let conn = self.open(&Request::Checkpoint { processes, parent }).await?;
         let reply = self.timed(self.reply(&conn)).await?;
@@ -122,7 +124,7 @@ impl ShimClient {
     }
 
     /// Rolls the sandbox back to `stack` (and with `image` restores that checkpoint's processes).
-    pub async fn rollback(&self, stack: String, image: Option<String>) -> Result<RollbackStats, ShimError> {
+    pub async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> Result<RollbackStats, ShimError> {
         match self.single(Request::Rollback { stack, image }, Some(CONTROL_TIMEOUT)).await? {
             Reply::RolledBack(stats) => Ok(stats),
             other => Err(self.unexpected("Rollback", &other)),
@@ -130,7 +132,7 @@ impl ShimClient {
     }
 
     /// Drops the in-memory copies of the process checkpoint of `stack`.
-    pub async fn forget(&self, stack: String) -> Result<(), ShimError> {
+    pub async fn forget(&self, stack: StackId) -> Result<(), ShimError> {
         self.done(Request::Forget { stack }, "Forget", Some(CONTROL_TIMEOUT)).await
     }
 

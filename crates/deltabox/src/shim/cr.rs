@@ -10,6 +10,7 @@ use std::time::Instant;
 use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
 use deltacr::{Engine, Frozen, Sandbox};
+use deltafs::StackId;
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
 use tokio::sync::oneshot;
@@ -22,7 +23,7 @@ use crate::errors::error_chain as chain;
 
 /// What a checkpoint captured.
 pub struct Captured {
-    pub stack: String,
+    pub stack: StackId,
     /// Freeze to thaw.
     pub stopped_ms: f64,
     pub fs_ms: f64,
@@ -54,11 +55,11 @@ pub struct Restored {
 enum Job {
     Checkpoint {
         processes: bool,
-        parent: Option<String>,
+        parent: Option<StackId>,
         reply: oneshot::Sender<JobResult<Captured>>,
     },
     Rollback {
-        stack: String,
+        stack: StackId,
         image: Option<ImageId>,
         reply: oneshot::Sender<JobResult<Restored>>,
     },
@@ -67,7 +68,7 @@ enum Job {
         reply: oneshot::Sender<JobResult<Restored>>,
     },
     Forget {
-        stack: String,
+        stack: StackId,
     },
     /// Ends the thread once its templates and other stopped tasks are killed and collected.
     Shutdown {
@@ -183,14 +184,14 @@ impl Cr {
 
     /// Checkpoints the filesystem and, with `processes`, every process. `parent` is the stack of the
     /// checkpoint the sandbox's state descends from (for an incremental process image).
-    pub async fn checkpoint(&self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
+    pub async fn checkpoint(&self, processes: bool, parent: Option<StackId>) -> JobResult<Captured> {
         self.ask(|reply| Job::Checkpoint { processes, parent, reply }).await
     }
 
     /// Kills every process but init (and our templates), switches the filesystem to `stack`, and with
     /// `image` (a process checkpoint) restores the processes: from their templates when this thread
     /// still has them, else from the image.
-    pub async fn rollback(&self, stack: String, image: Option<ImageId>) -> JobResult<Restored> {
+    pub async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> JobResult<Restored> {
         self.ask(|reply| Job::Rollback { stack, image, reply }).await
     }
 
@@ -200,7 +201,7 @@ impl Cr {
     }
 
     /// Drops the templates of the checkpoint of `stack` (its image stays).
-    pub fn forget(&self, stack: String) {
+    pub fn forget(&self, stack: StackId) {
         let _ = self.jobs.send(Job::Forget { stack });
     }
 
@@ -218,9 +219,9 @@ impl Cr {
 struct Worker {
     parts: Parts,
     engine: Engine,
-    kept: HashMap<String, Kept>,
+    kept: HashMap<StackId, Kept>,
     /// Stacks of `kept`, oldest first.
-    order: std::collections::VecDeque<String>,
+    order: std::collections::VecDeque<StackId>,
 }
 
 impl Worker {
@@ -241,18 +242,18 @@ impl Worker {
             match job {
                 Job::Checkpoint { processes, parent, reply } => {
                     let result = self.checkpoint(processes, parent);
-                    let spares_for = result.as_ref().ok().filter(|c| c.processes.is_some()).map(|c| c.stack.clone());
+                    let spares_for = result.as_ref().ok().filter(|c| c.processes.is_some()).map(|c| c.stack);
                     let _ = reply.send(result);
                     if let Some(stack) = spares_for {
-                        self.prepare_spares(&stack);
+                        self.prepare_spares(stack);
                     }
                 }
                 Job::Rollback { stack, image, reply } => {
-                    let result = self.rollback(&stack, image);
+                    let result = self.rollback(stack, image);
                     let restored = result.as_ref().is_ok_and(|r| r.restored > 0);
                     let _ = reply.send(result);
                     if restored {
-                        self.prepare_spares(&stack);
+                        self.prepare_spares(stack);
                     }
                 }
                 Job::RestoreImage { image, reply } => {
@@ -282,14 +283,14 @@ impl Worker {
         }
     }
 
-    fn checkpoint(&mut self, processes: bool, parent: Option<String>) -> JobResult<Captured> {
+    fn checkpoint(&mut self, processes: bool, parent: Option<StackId>) -> JobResult<Captured> {
         let started = Instant::now();
         let cgroup = self.parts.cgroup.clone();
         // Thaws the sandbox exactly once: DeltaCR's checkpoint does as soon as it can, and on any other
         // way out (the filesystem checkpoint is then simply not used), dropping it does.
         let mut frozen = Frozen::new(&*cgroup).context("freeze the sandbox")?;
         let fs_started = Instant::now();
-        let stack = self.parts.fs.checkpoint().context("checkpoint the filesystem")?.to_string();
+        let stack = self.parts.fs.checkpoint().context("checkpoint the filesystem")?;
         let fs_ms = ms(fs_started);
         if !processes {
             frozen.thaw().context("thaw the sandbox")?;
@@ -321,8 +322,8 @@ impl Worker {
                 compact_if_long(&store, image);
             })
             .context("start the image writer")?;
-        self.kept.insert(stack.clone(), Kept { ckpt, image, write });
-        self.order.push_back(stack.clone());
+        self.kept.insert(stack, Kept { ckpt, image, write });
+        self.order.push_back(stack);
         self.limit_templates();
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
     }
@@ -330,14 +331,14 @@ impl Worker {
     /// Gives the templates of the checkpoint of `stack` — the likeliest next rollback target, just made
     /// or rolled back to — their spares, while the sandbox runs: the rollback then takes over their
     /// memory instead of copying page tables (see docs/deltacr.md, "Spares").
-    fn prepare_spares(&mut self, stack: &str) {
-        let Some(kept) = self.kept.get(stack) else {
+    fn prepare_spares(&mut self, stack: StackId) {
+        let Some(kept) = self.kept.get(&stack) else {
             return;
         };
         let sb = sandbox(self.parts.init);
         match self.engine.prepare_spares(&kept.ckpt, &sb) {
-            Ok(made) => tracing::debug!(stack, made, "prepared spares"),
-            Err(e) => tracing::warn!(stack, "cannot prepare spares (rollbacks copy page tables): {}", chain(&e)),
+            Ok(made) => tracing::debug!(%stack, made, "prepared spares"),
+            Err(e) => tracing::warn!(%stack, "cannot prepare spares (rollbacks copy page tables): {}", chain(&e)),
         }
     }
 
@@ -345,7 +346,7 @@ impl Worker {
     /// (older ones are restored from their image). One whose image is not written yet is kept.
     fn limit_templates(&mut self) {
         while self.order.len() > MAX_TEMPLATES {
-            let oldest = self.order.front().expect("not empty").clone();
+            let oldest = *self.order.front().expect("not empty");
             if !self.kept.get(&oldest).is_some_and(|k| k.write.succeeded()) {
                 break;
             }
@@ -355,8 +356,7 @@ impl Worker {
         }
     }
 
-    fn rollback(&mut self, stack: &str, image: Option<ImageId>) -> JobResult<Restored> {
-        let target: deltafs::StackId = stack.parse().with_context(|| format!("bad stack id {stack}"))?;
+    fn rollback(&mut self, stack: StackId, image: Option<ImageId>) -> JobResult<Restored> {
         let started = Instant::now();
         // Whatever the processes are restored from is made sure of before the live ones are killed: a
         // rollback that cannot restore leaves the sandbox as it was.
@@ -365,7 +365,7 @@ impl Worker {
         self.engine.kill_processes(&sandbox(self.parts.init)).context("kill the sandbox's processes")?;
         let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
         let fs_started = Instant::now();
-        let changed_inodes = self.parts.fs.rollback(target).context("roll back the filesystem")?.changed_inodes;
+        let changed_inodes = self.parts.fs.rollback(stack).context("roll back the filesystem")?.changed_inodes;
         let fs_ms = ms(fs_started);
         let Some(source) = source else {
             return Ok(Restored {
@@ -381,7 +381,7 @@ impl Worker {
         let sb = sandbox(self.parts.init);
         let (stats, from_image) = match source {
             Source::Templates => {
-                let kept = self.kept.get(stack).expect("restore_source found its templates");
+                let kept = self.kept.get(&stack).expect("restore_source found its templates");
                 (self.engine.restore(&kept.ckpt, &sb)?, false)
             }
             Source::Image(mut images) => (self.engine.restore_image(&mut images, &sb)?, true),
@@ -402,8 +402,8 @@ impl Worker {
 
     /// Where the processes of the checkpoint of `stack` can come back from: its templates while they are all
     /// alive, else its image (waiting for a write under way). Fails when neither is there.
-    fn restore_source(&self, stack: &str, image: ImageId) -> JobResult<Source> {
-        let kept = self.kept.get(stack);
+    fn restore_source(&self, stack: StackId, image: ImageId) -> JobResult<Source> {
+        let kept = self.kept.get(&stack);
         if kept.is_some_and(|k| k.ckpt.lost_templates().is_empty()) {
             return Ok(Source::Templates);
         }

@@ -20,6 +20,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use deltacr::image::ImageId;
+use deltafs::StackId;
 use sandbox::cgroup::Cgroup;
 use sandbox::container::{self, Container};
 use sandbox::init::InitConfig;
@@ -58,12 +60,12 @@ pub struct Shim {
     cr: Cr,
     sessions: tokio::sync::Mutex<HashMap<String, Arc<Session>>>,
     /// The sessions captured by each process checkpoint kept here (by its stack).
-    snapshots: tokio::sync::Mutex<HashMap<String, Vec<NamedSession>>>,
+    snapshots: tokio::sync::Mutex<HashMap<StackId, Vec<NamedSession>>>,
     /// Terminals a restore had to make again for processes that are not sessions (e.g. an interactive shell
     /// whose client is gone): kept open and drained, so their processes are not hung up.
     terminals: std::sync::Mutex<Vec<Arc<fdio::AsyncFile>>>,
     /// The DeltaFS stack the sandbox was started from.
-    stack: String,
+    stack: StackId,
     /// Keeps the sandbox's uid range reserved.
     _slot: UidSlot,
     /// Held by checkpoints and rollbacks: one at a time.
@@ -93,7 +95,7 @@ impl Shim {
     async fn checkpoint(
         &self,
         processes: bool,
-        parent: Option<String>,
+        parent: Option<StackId>,
     ) -> anyhow::Result<(CheckpointStats, Option<ImageWritten>)> {
         let _one_at_a_time = self.state_change.lock().await;
         let sessions = self.sessions.lock().await;
@@ -102,7 +104,7 @@ impl Shim {
             sessions.iter().filter(|(_, s)| s.alive()).map(|(n, s)| (n.clone(), s.clone())).collect();
         drop(sessions);
         let mut stats = CheckpointStats {
-            stack: captured.stack.clone(),
+            stack: captured.stack,
             pause_ms: captured.stopped_ms,
             fs_ms: captured.fs_ms,
             processes: None,
@@ -111,7 +113,7 @@ impl Shim {
         };
         let Some(capture) = captured.processes else { return Ok((stats, None)) };
         stats.processes = Some(capture.count);
-        stats.image = Some(capture.image.to_string());
+        stats.image = Some(capture.image);
         stats.sessions = live.iter().map(|(name, s)| s.snapshot(name)).collect();
         // The shells' terminals and FIFOs stay open while the checkpoint may be restored here.
         self.snapshots.lock().await.insert(captured.stack, live);
@@ -120,16 +122,13 @@ impl Shim {
 
     /// Rollback on the checkpoint thread: every process but init is killed, the filesystem switches to
     /// `stack`, and with `image` the checkpoint's processes come back — its shell sessions included.
-    async fn rollback(&self, stack: &str, image: Option<String>) -> anyhow::Result<RollbackStats> {
-        let image = image
-            .map(|i| deltacr::image::ImageId::parse(&i).with_context(|| format!("bad image id {i}")))
-            .transpose()?;
+    async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> anyhow::Result<RollbackStats> {
         let _one_at_a_time = self.state_change.lock().await;
         let mut sessions = self.sessions.lock().await;
-        let mut restored = self.cr.rollback(stack.to_string(), image).await?;
+        let mut restored = self.cr.rollback(stack, image).await?;
         self.keep_terminals(std::mem::take(&mut restored.pty_masters));
         let kept = match image {
-            Some(_) => self.snapshots.lock().await.get(stack).cloned().unwrap_or_default(),
+            Some(_) => self.snapshots.lock().await.get(&stack).cloned().unwrap_or_default(),
             None => vec![],
         };
         let sessions_closed: Vec<String> =
@@ -158,11 +157,9 @@ impl Shim {
     /// checkpoint's shell sessions again (init opens their FIFOs first, for the restored shells to find by
     /// path and for the shim; DeltaCR makes their ptys again).
     async fn restore_fork(&self, spec: &RestoreSpec) -> anyhow::Result<()> {
-        let image =
-            deltacr::image::ImageId::parse(&spec.image).with_context(|| format!("bad image id {}", spec.image))?;
         let paths = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
         let mut fifos = self.init.open_fifos(paths).await.context("open the sessions' FIFOs")?.into_iter();
-        let mut restored = self.cr.restore_image(image).await?;
+        let mut restored = self.cr.restore_image(spec.image).await?;
         let mut sessions = self.sessions.lock().await;
         let mut adopted = Vec::new();
         for snap in &spec.sessions {
@@ -180,7 +177,7 @@ impl Shim {
         self.keep_terminals(std::mem::take(&mut restored.pty_masters));
         tracing::info!(processes = restored.restored, ms = restored.total_ms, "restored the checkpoint's processes");
         // A rollback of this sandbox to the checkpoint it was forked from serves these sessions again.
-        self.snapshots.lock().await.insert(self.stack.clone(), adopted);
+        self.snapshots.lock().await.insert(self.stack, adopted);
         Ok(())
     }
 
@@ -199,7 +196,7 @@ impl Shim {
     }
 
     /// Drops the in-memory copies of the process checkpoint of `stack`.
-    async fn forget(&self, stack: String) {
+    async fn forget(&self, stack: StackId) {
         self.snapshots.lock().await.remove(&stack);
         self.cr.forget(stack);
     }
@@ -293,7 +290,7 @@ async fn ready_to_serve(
         sessions: tokio::sync::Mutex::new(HashMap::new()),
         snapshots: tokio::sync::Mutex::new(HashMap::new()),
         terminals: std::sync::Mutex::new(Vec::new()),
-        stack: cfg.stack.clone(),
+        stack: cfg.stack,
         state_change: tokio::sync::Mutex::new(()),
         exit: Notify::new(),
     });
@@ -341,7 +338,7 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     .context("start the sandbox")
     .and_then(|container| {
         let store = deltafs::Store::open(&cfg.store).context("open the DeltaFS store")?;
-        let stack: deltafs::StackId = cfg.stack.parse().context("parse the stack id")?;
+        let stack = cfg.stack;
         // With the sandbox's processes listed, opening a file costs no FUSE round trip.
         let processes = Some(cgroup.procs_file().context("find the sandbox cgroup's process list")?);
         let opts = deltafs::MountOptions {
@@ -504,7 +501,7 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
             }
         },
         Request::Rollback { stack, image } => {
-            let reply = match shim.rollback(&stack, image).await {
+            let reply = match shim.rollback(stack, image).await {
                 Ok(stats) => Reply::RolledBack(stats),
                 Err(e) => Reply::Error { kind: failure_kind(&e), message: format!("{e:#}") },
             };

@@ -5,6 +5,9 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
+use deltacr::image::ImageId;
+use deltafs::StackId;
+
 pub use super::session::SessionSnapshot;
 use sandbox::cgroup::Limits;
 use sandbox::spec::{Network, WinSize};
@@ -23,7 +26,8 @@ pub struct ShimConfig {
     /// The DeltaFS store directory.
     pub store: PathBuf,
     /// The DeltaFS stack to mount (an image's base stack or a checkpoint's).
-    pub stack: String,
+    #[serde(with = "crate::ids::text")]
+    pub stack: StackId,
     /// The DeltaCR image store directory.
     pub images: PathBuf,
     /// Processes to restore once the sandbox is up (a fork of a process checkpoint).
@@ -45,7 +49,8 @@ pub struct ShimConfig {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct RestoreSpec {
     /// The DeltaCR image of the checkpoint.
-    pub image: String,
+    #[serde(with = "crate::ids::text")]
+    pub image: ImageId,
     /// Its shell sessions, served again once their shells are restored.
     pub sessions: Vec<SessionSnapshot>,
 }
@@ -110,17 +115,21 @@ pub enum Request {
     /// `Checkpointed`, then — for a process checkpoint — `ImageWritten` once the image is durable.
     Checkpoint {
         processes: bool,
-        parent: Option<String>,
+        #[serde(with = "crate::ids::opt_text")]
+        parent: Option<StackId>,
     },
     /// Rollback: kill every process but init, switch the filesystem to `stack`, and with `image` restore
     /// the processes of that process checkpoint.
     Rollback {
-        stack: String,
-        image: Option<String>,
+        #[serde(with = "crate::ids::text")]
+        stack: StackId,
+        #[serde(with = "crate::ids::opt_text")]
+        image: Option<ImageId>,
     },
     /// Drop the in-memory copies (templates) of the process checkpoint of `stack`.
     Forget {
-        stack: String,
+        #[serde(with = "crate::ids::text")]
+        stack: StackId,
     },
     /// Kill init and everything else, remove the cgroup, exit.
     Destroy,
@@ -201,7 +210,8 @@ pub struct Outcome {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CheckpointStats {
     /// The frozen filesystem stack.
-    pub stack: String,
+    #[serde(with = "crate::ids::text")]
+    pub stack: StackId,
     /// The pause the sandbox saw: freeze to thaw.
     pub pause_ms: f64,
     /// Of which: the filesystem checkpoint itself.
@@ -209,7 +219,8 @@ pub struct CheckpointStats {
     /// Processes captured (None: a filesystem-only checkpoint).
     pub processes: Option<usize>,
     /// The process image being written.
-    pub image: Option<String>,
+    #[serde(with = "crate::ids::opt_text")]
+    pub image: Option<ImageId>,
     /// Shell sessions whose shells were captured.
     pub sessions: Vec<SessionSnapshot>,
 }

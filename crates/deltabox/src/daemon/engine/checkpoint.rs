@@ -35,9 +35,9 @@ impl Engine {
             id: new_checkpoint_id(),
             sandbox: id.to_string(),
             parent: record.head.clone(),
-            stack: stats.stack.clone(),
+            stack: stats.stack,
             kind: if processes { CheckpointKind::Full } else { CheckpointKind::Filesystem },
-            image: stats.image.clone(),
+            image: stats.image,
             image_written: false,
             durable: false,
             image_failure: None,
@@ -98,7 +98,7 @@ impl Engine {
         let alive = self.sandboxes.read().await.get(&cp.sandbox).is_some_and(|l| l.compatible());
         if cp.image.is_some() && alive {
             // Frees the memory its in-memory copies hold in the sandbox.
-            if let Err(e) = self.shim(&cp.sandbox).forget(cp.stack.clone()).await {
+            if let Err(e) = self.shim(&cp.sandbox).forget(cp.stack).await {
                 tracing::warn!(checkpoint = %cp.id, "the sandbox could not drop the checkpoint's templates: {e:#}");
             }
         }
@@ -120,13 +120,9 @@ impl Engine {
     /// that cannot be measured (logged).
     pub fn with_disk_bytes(&self, checkpoints: Vec<CheckpointRecord>) -> Vec<(CheckpointRecord, Option<u64>)> {
         let measure = |cp: &CheckpointRecord| -> Result<u64, String> {
-            let stack: deltafs::StackId = cp.stack.parse().map_err(|e| format!("{e}"))?;
-            let files = self.fs.layer_bytes(stack).map_err(|e| e.to_string())?;
-            let image = match cp.image.as_deref().filter(|_| cp.image_written) {
-                Some(id) => {
-                    let id = deltacr::image::ImageId::parse(id).ok_or_else(|| format!("bad image id {id:?}"))?;
-                    self.images.disk_bytes(id).map_err(|e| e.to_string())?
-                }
+            let files = self.fs.layer_bytes(cp.stack).map_err(|e| e.to_string())?;
+            let image = match cp.image.filter(|_| cp.image_written) {
+                Some(id) => self.images.disk_bytes(id).map_err(|e| e.to_string())?,
                 None => 0,
             };
             Ok(files + image)

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
+use deltafs::StackId;
 use rand::Rng;
 use sandbox::cgroup::Limits;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
@@ -48,7 +49,7 @@ impl Engine {
     pub(super) async fn start_sandbox(
         self: &Arc<Self>,
         config: SandboxConfig,
-        stack: String,
+        stack: StackId,
         origin: Option<String>,
         restore: Option<RestoreSpec>,
     ) -> EngineResult<SandboxView> {
@@ -85,7 +86,7 @@ impl Engine {
             id: record.id.clone(),
             sandbox_dir: dir.clone(),
             store: self.fs.path().to_path_buf(),
-            stack: record.stack.clone(),
+            stack: record.stack,
             images: self.data_dir.join("deltacr"),
             restore,
             network: c.network,

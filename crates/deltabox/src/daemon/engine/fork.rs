@@ -19,9 +19,9 @@ impl Engine {
             self.wait_image_written(&cp).await?;
         }
         let no_gc = self.fs_gc.read().await;
-        let restore = cp.image.clone().map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });
-        let starts = (0..count)
-            .map(|_| self.start_sandbox(cp.config.clone(), cp.stack.clone(), Some(cp.id.clone()), restore.clone()));
+        let restore = cp.image.map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });
+        let starts =
+            (0..count).map(|_| self.start_sandbox(cp.config.clone(), cp.stack, Some(cp.id.clone()), restore.clone()));
         let results = futures_util::future::join_all(starts).await;
         let mut created = Vec::new();
         let mut failure = None;

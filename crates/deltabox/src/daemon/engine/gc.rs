@@ -13,7 +13,7 @@ impl Engine {
         let Ok(_import_guard) = self.image_lock.try_lock() else { return };
         let _gc = self.fs_gc.write().await;
         let keep: Vec<deltafs::StackId> = match self.catalog().referenced_stacks() {
-            Ok(stacks) => stacks.iter().filter_map(|s| s.parse().ok()).collect(),
+            Ok(stacks) => stacks,
             Err(e) => return tracing::error!("cannot read stack references: {e}"),
         };
         let store = self.fs.clone();
@@ -46,9 +46,7 @@ impl Engine {
     /// whose parent chain it is on), except young ones.
     fn collect_images(&self) {
         let referenced: Vec<deltacr::image::ImageId> = match self.catalog().checkpoints() {
-            Ok(cps) => {
-                cps.iter().filter_map(|c| c.image.as_deref()).filter_map(deltacr::image::ImageId::parse).collect()
-            }
+            Ok(cps) => cps.iter().filter_map(|c| c.image).collect(),
             Err(e) => return tracing::error!("cannot read checkpoints: {e}"),
         };
         let needed = tree::closure(referenced, |id| self.images.open(id).ok().and_then(|image| image.header.parent));

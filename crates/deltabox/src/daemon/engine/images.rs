@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
+use deltafs::StackId;
 
 use super::{Engine, EngineError, EngineResult};
 use crate::catalog::ImageRecord;
@@ -13,19 +14,18 @@ impl Engine {
     }
 
     /// The DeltaFS stack of `image`'s layers (indexed once, then recorded with the image).
-    pub async fn image_base_stack(&self, image: &ImageRecord) -> EngineResult<String> {
-        if let Some(stack) = &image.base_stack {
-            return Ok(stack.clone());
+    pub async fn image_base_stack(&self, image: &ImageRecord) -> EngineResult<StackId> {
+        if let Some(stack) = image.base_stack {
+            return Ok(stack);
         }
         let paths: Vec<PathBuf> = image.layers.iter().map(|l| self.layers.layer_path(&l.diff_id)).collect();
         let store = self.fs.clone();
         let stack = tokio::task::spawn_blocking(move || store.base_stack(&paths))
             .await
             .context("index the image's layers")?
-            .map_err(|e| anyhow::anyhow!("index the image's layers: {}", crate::errors::error_chain(&e)))?
-            .to_string();
+            .map_err(|e| anyhow::anyhow!("index the image's layers: {}", crate::errors::error_chain(&e)))?;
         let mut updated = image.clone();
-        updated.base_stack = Some(stack.clone());
+        updated.base_stack = Some(stack);
         self.catalog().put_image(&updated)?;
         Ok(stack)
     }

@@ -181,8 +181,7 @@ impl Engine {
 
     /// Whether checkpoint `cp`'s process image is complete on disk.
     fn image_on_disk(&self, cp: &CheckpointRecord) -> bool {
-        let image = cp.image.as_deref().and_then(deltacr::image::ImageId::parse);
-        image.is_some_and(|image| self.images.open(image).is_ok())
+        cp.image.is_some_and(|image| self.images.open(image).is_ok())
     }
 
     /// Kills what is left of sandbox `id` (through its cgroup: init and every process) and removes its

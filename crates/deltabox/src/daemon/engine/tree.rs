@@ -79,7 +79,7 @@ mod tests {
             id: id.into(),
             sandbox: sandbox.into(),
             parent: parent.map(String::from),
-            stack: format!("stack-{id}"),
+            stack: crate::catalog::tests::stack_of(id),
             kind: crate::catalog::CheckpointKind::Filesystem,
             image: None,
             image_written: false,
@@ -98,7 +98,7 @@ mod tests {
         SandboxRecord {
             id: id.into(),
             config: config(),
-            stack: "s".into(),
+            stack: crate::catalog::tests::stack_of("s"),
             origin: origin.map(String::from),
             head: origin.map(String::from),
             created: 1,

@@ -444,7 +444,7 @@ impl Bench {
                 } else {
                     format!("fuse-overlayfs -o {opts} {}", mnt.display())
                 };
-                let ok = Command::new("sh").arg("-c").arg(&cmd).status().map(|s| s.success()).unwrap_or(false);
+                let ok = Command::new("sh").arg("-c").arg(&cmd).status().is_ok_and(|s| s.success());
                 if !ok {
                     return None;
                 }
@@ -520,7 +520,7 @@ fn main() {
         std::process::exit(1);
     }
     let quick = std::env::var_os("DELTAFS_BENCH_QUICK").is_some();
-    let root = std::env::var_os("DELTAFS_BENCH_DIR").map(PathBuf::from).unwrap_or_else(|| "/var/tmp".into());
+    let root = std::env::var_os("DELTAFS_BENCH_DIR").map_or_else(|| "/var/tmp".into(), PathBuf::from);
     let dir = tempfile::Builder::new().prefix("deltafs-bench").tempdir_in(root).unwrap();
     let store = Store::open(&dir.path().join("store")).unwrap();
     let procs = dir.path().join("procs");

@@ -320,15 +320,15 @@ mod tests {
         assert_eq!(parse_size("512m"), Ok(512 << 20));
         assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
         assert_eq!(parse_size("4096"), Ok(4096));
-        assert!(parse_size("lots").is_err());
-        assert!(parse_size("-1G").is_err());
-        assert!(parse_size("1e30").is_err());
-        assert!(parse_size("9999999999999999999999G").is_err());
+        parse_size("lots").unwrap_err();
+        parse_size("-1G").unwrap_err();
+        parse_size("1e30").unwrap_err();
+        parse_size("9999999999999999999999G").unwrap_err();
         assert_eq!(parse_size("16E").ok(), None);
         let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":"1G"}"#).unwrap();
         assert_eq!(r.memory, Some(1 << 30));
         let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":1024}"#).unwrap();
         assert_eq!(r.memory, Some(1024));
-        assert!(serde_json::from_str::<CreateRequest>(r#"{"image":"x","bogus":1}"#).is_err());
+        serde_json::from_str::<CreateRequest>(r#"{"image":"x","bogus":1}"#).unwrap_err();
     }
 }

@@ -504,7 +504,7 @@ impl<'c> Restoring<'c> {
                     match &entry.kind {
                         ProcessKind::Live(st) => self.create_process(entry, st, mem, sb, pids, ptys)?,
                         ProcessKind::Zombie { exit_status } if entry.pgid == entry.pid => {
-                            restore_zombie(&mut self.made, pids, entry, *exit_status)?
+                            restore_zombie(&mut self.made, pids, entry, *exit_status)?;
                         }
                         ProcessKind::Zombie { exit_status } => self.late_zombies.push((entry, *exit_status)),
                     }
@@ -551,7 +551,7 @@ impl<'c> Restoring<'c> {
             };
             match (&mut *mem, template) {
                 (Memory::Templates(_), Some(t)) => {
-                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?
+                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?;
                 }
                 (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
                 (Memory::Templates(_), None) => unreachable!("checked above"),
@@ -681,7 +681,7 @@ impl<'c> Restoring<'c> {
     /// before others join it).
     fn join_groups(&mut self) -> Result<(), CrError> {
         for leaders_pass in [true, false] {
-            for (np, e) in self.made.iter_mut() {
+            for (np, e) in &mut self.made {
                 let is_leader = e.pgid == e.pid;
                 if e.sid == e.pid || e.pgid == 0 || is_leader != leaders_pass {
                     continue;
@@ -709,7 +709,7 @@ impl<'c> Restoring<'c> {
 
     /// Terminals get their foreground process group once every group exists.
     fn set_foregrounds(&mut self, ptys: &mut PtyPlan) -> Result<(), CrError> {
-        for (np, e) in self.made.iter_mut() {
+        for (np, e) in &mut self.made {
             if let ProcessKind::Live(st) = &e.kind {
                 if let Some(ctty) = &st.ctty {
                     np.set_foreground(ctty, &st.fds, &self.tree.files, ptys)?;
@@ -728,7 +728,7 @@ impl<'c> Restoring<'c> {
 
     /// Loads each process's final state (see [`NewProcess::finish`]); nothing runs yet.
     fn finish_all(&mut self) -> Result<(), CrError> {
-        for (np, e) in self.made.iter_mut() {
+        for (np, e) in &mut self.made {
             let ProcessKind::Live(st) = &e.kind else {
                 continue;
             };
@@ -830,7 +830,7 @@ impl SessionHelper {
                         ProcessKind::Live(st) => Some((*pid, st)),
                         ProcessKind::Zombie { .. } => None,
                     })
-                    .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(|v| v.len()).sum::<u64>())
+                    .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(super::state::Vma::len).sum::<u64>())
                     .expect("a session helper has live members");
                 let t = templates.get(&pid).filter(|t| t.alive()).ok_or(CrError::NoTemplate { pid })?;
                 spare = t.take_spare();

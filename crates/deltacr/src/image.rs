@@ -344,13 +344,13 @@ impl Image {
             let bad = |e: postcard::Error| corrupt(format!("undecodable record: {e}"));
             match kind {
                 k if k == RecordKind::Header as u32 => {
-                    header = Some(postcard::from_bytes::<Header>(payload).map_err(bad)?)
+                    header = Some(postcard::from_bytes::<Header>(payload).map_err(bad)?);
                 }
                 k if k == RecordKind::Tree as u32 => {
-                    tree = Some(postcard::from_bytes::<TreeState>(payload).map_err(bad)?)
+                    tree = Some(postcard::from_bytes::<TreeState>(payload).map_err(bad)?);
                 }
                 k if k == RecordKind::PageIndex as u32 => {
-                    index = Some(postcard::from_bytes::<PageIndex>(payload).map_err(bad)?)
+                    index = Some(postcard::from_bytes::<PageIndex>(payload).map_err(bad)?);
                 }
                 k if k == RecordKind::End as u32 => {
                     ended = true;
@@ -446,10 +446,13 @@ impl Image {
                         st.fds.len(),
                         here,
                         parent
-                    )
+                    );
                 }
                 ProcessKind::Zombie { exit_status } => {
-                    s += &format!("  pid {} ppid {} {:?}: zombie, wait status {exit_status:#x}\n", p.pid, p.ppid, p.comm)
+                    s += &format!(
+                        "  pid {} ppid {} {:?}: zombie, wait status {exit_status:#x}\n",
+                        p.pid, p.ppid, p.comm
+                    );
                 }
             }
         }

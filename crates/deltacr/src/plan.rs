@@ -90,7 +90,7 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         })
         .chain(out.session_helpers.keys().map(|&sid| (sid, 1)))
         .collect();
-    let live: HashMap<i32, &crate::state::ProcessEntry> =
+    let live: HashMap<i32, &ProcessEntry> =
         tree.processes.iter().filter(|p| matches!(p.kind, ProcessKind::Live(_))).map(|p| (p.pid, p)).collect();
     let ancestors = |pid: i32| -> Vec<i32> {
         let mut chain = vec![pid];
@@ -134,7 +134,7 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         unit_of.insert(f.id, unit);
     }
     let mut users: HashMap<u32, Vec<i32>> = HashMap::new();
-    for p in tree.processes.iter() {
+    for p in &tree.processes {
         let ProcessKind::Live(st) = &p.kind else {
             continue;
         };

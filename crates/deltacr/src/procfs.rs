@@ -108,7 +108,7 @@ pub fn smaps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
         if let Some(flags) = line.strip_prefix("VmFlags:") {
             let last = out.last_mut().ok_or_else(|| parse_err(path.clone(), "VmFlags before a mapping"))?;
             last.vm_flags = flags.split_whitespace().map(str::to_string).collect();
-        } else if line.as_bytes().first().is_some_and(|b| b.is_ascii_hexdigit())
+        } else if line.as_bytes().first().is_some_and(u8::is_ascii_hexdigit)
             && line.split(' ').next().is_some_and(|f| f.contains('-'))
         {
             out.push(parse_map_line(line).ok_or_else(|| parse_err(path.clone(), format!("bad line {line:?}")))?);
@@ -188,7 +188,7 @@ impl Stat {
     }
     /// Field number `n` as numbered in proc(5) (1 = pid, 2 = comm, 3 = state, ...).
     pub fn field(&self, n: usize) -> u64 {
-        self.rest.get(n - 3).and_then(|s| s.parse::<i64>().ok()).map(|v| v as u64).unwrap_or(0)
+        self.rest.get(n - 3).and_then(|s| s.parse::<i64>().ok()).map_or(0, |v| v as u64)
     }
     pub fn state(&self) -> char {
         self.rest.first().and_then(|s| s.chars().next()).unwrap_or('?')

@@ -175,7 +175,7 @@ pub fn wait_stop(tid: Pid, doing: &'static str) -> Result<StopReason, PtraceErro
 fn get_siginfo_raw(tid: Pid) -> Result<[u8; SIGINFO_SIZE], PtraceError> {
     let info = ptrace::getsiginfo(tid).map_err(req("getsiginfo", tid))?;
     let mut raw = [0u8; SIGINFO_SIZE];
-    let n = std::mem::size_of::<libc::siginfo_t>().min(SIGINFO_SIZE);
+    let n = size_of::<libc::siginfo_t>().min(SIGINFO_SIZE);
     // SAFETY: siginfo_t is plain old data of at least n bytes.
     let bytes = unsafe { std::slice::from_raw_parts((&info as *const libc::siginfo_t).cast::<u8>(), n) };
     raw[..n].copy_from_slice(bytes);

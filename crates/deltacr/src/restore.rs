@@ -42,7 +42,7 @@ pub enum RestoreError {
     Memory {
         pid: i32,
         #[source]
-        source: crate::mm::MmError,
+        source: mm::MmError,
     },
     #[error("restoring process {pid}, fd {fd}: {reason}")]
     File { pid: i32, fd: i32, reason: String },

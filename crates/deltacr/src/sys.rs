@@ -134,12 +134,7 @@ pub fn ptrace_get_rseq(tid: Pid) -> io::Result<Option<(u64, u32, u32)>> {
     let mut conf = RseqConf::default();
     // SAFETY: addr is the size of our struct, the kernel writes at most that many bytes.
     check(unsafe {
-        libc::ptrace(
-            PTRACE_GET_RSEQ_CONFIGURATION,
-            tid.as_raw(),
-            std::mem::size_of::<RseqConf>(),
-            &mut conf as *mut RseqConf,
-        )
+        libc::ptrace(PTRACE_GET_RSEQ_CONFIGURATION, tid.as_raw(), size_of::<RseqConf>(), &mut conf as *mut RseqConf)
     })?;
     Ok((conf.ptr != 0).then_some((conf.ptr, conf.size, conf.sig)))
 }
@@ -156,7 +151,7 @@ pub fn ptrace_seccomp_filters(tid: Pid) -> io::Result<Vec<Vec<u8>>> {
             let err = io::Error::last_os_error();
             return match err.raw_os_error() {
                 // ENOENT: past the last filter; EINVAL: no filter (or seccomp mode strict).
-                Some(libc::ENOENT) | Some(libc::EINVAL) => Ok(filters),
+                Some(libc::ENOENT | libc::EINVAL) => Ok(filters),
                 _ => Err(err),
             };
         }
@@ -472,7 +467,7 @@ fn pid_helper_main(req: i32, ack: i32, high: i32) -> ! {
 /// `getsockopt` of an integer option.
 pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i32> {
     let mut v: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    let mut len = size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: v and len are valid for the kernel to write an int.
     if unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, (&mut v as *mut libc::c_int).cast(), &mut len) } < 0 {
         return Err(io::Error::last_os_error());
@@ -482,7 +477,7 @@ pub fn getsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32) -> io::Result<i
 
 /// `getsockname` (or `getpeername` when `peer`) as raw sockaddr bytes; None when not bound/connected.
 pub fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Option<Vec<u8>>> {
-    let mut storage = [0u8; std::mem::size_of::<libc::sockaddr_storage>()];
+    let mut storage = [0u8; size_of::<libc::sockaddr_storage>()];
     let mut len = storage.len() as libc::socklen_t;
     let ptr = storage.as_mut_ptr().cast::<libc::sockaddr>();
     // SAFETY: storage has room for any sockaddr; the kernel writes at most len bytes and updates len.
@@ -517,9 +512,8 @@ pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
 /// `setsockopt` of an integer option.
 pub fn setsockopt_int(fd: BorrowedFd<'_>, level: i32, name: i32, value: i32) -> io::Result<()> {
     // SAFETY: the kernel reads one int.
-    if unsafe {
-        libc::setsockopt(fd.as_raw_fd(), level, name, (&value as *const i32).cast(), std::mem::size_of::<i32>() as u32)
-    } < 0
+    if unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, (&value as *const i32).cast(), size_of::<i32>() as u32) }
+        < 0
     {
         return Err(io::Error::last_os_error());
     }

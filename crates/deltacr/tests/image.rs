@@ -106,7 +106,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     engine.kill_processes(&sb).unwrap();
     let mut chain = store.open_chain(i2.id).unwrap();
     let err = engine.restore_image(&mut chain, &sb).unwrap_err();
-    let msg = format!("{:?}", err);
+    let msg = format!("{err:?}");
     assert!(msg.contains("checksum mismatch"), "{msg}");
     // Only the pid helper stays (init reaps the killed half-restored process).
     wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 1).then_some(()));
@@ -117,7 +117,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     std::fs::write(&meta, &m[..m.len() - 20]).unwrap();
     match store.open(i2.id) {
         Err(ImageError::Corrupt { reason, .. }) => {
-            assert!(reason.contains("short") || reason.contains("end record"), "{reason}")
+            assert!(reason.contains("short") || reason.contains("end record"), "{reason}");
         }
         other => panic!("truncated image opened: {other:?}"),
     }

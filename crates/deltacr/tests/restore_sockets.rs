@@ -39,7 +39,7 @@ fn http_server_answers_after_restore_and_connections_are_refused() {
     std::thread::sleep(std::time::Duration::from_millis(100));
     let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     let err = engine.checkpoint(&sb, &mut frozen).err().expect("an established TCP connection cannot be checkpointed");
-    let msg = format!("{:?}", err);
+    let msg = format!("{err:?}");
     assert!(msg.contains("TCP connection") && msg.contains("fd"), "{msg}");
     assert!(err.is_unsupported(), "the sandbox's state, not a failure: {msg}");
     drop(client);

@@ -66,7 +66,7 @@ impl BusyPoll {
     }
 
     fn set_polling(&self, on: bool) {
-        let _control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let _control = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         let Some(device) = self.device.get() else { return };
         if self.polling.load(Ordering::Relaxed) == on {
             return;
@@ -92,19 +92,23 @@ impl BusyPoll {
 
     /// Ends each burst after a window without requests.
     fn control_loop(&self) {
-        let mut control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+        let mut control = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         while !control.stop {
             if !self.polling.load(Ordering::Relaxed) {
-                control = self.wake.wait(control).unwrap_or_else(|e| e.into_inner());
+                control = self.wake.wait(control).unwrap_or_else(std::sync::PoisonError::into_inner);
                 continue;
             }
             let idle = Duration::from_nanos(self.now().saturating_sub(self.last_request.load(Ordering::Relaxed)));
             if idle >= self.window {
                 drop(control);
                 self.set_polling(false);
-                control = self.control.lock().unwrap_or_else(|e| e.into_inner());
+                control = self.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
             } else {
-                control = self.wake.wait_timeout(control, self.window - idle).unwrap_or_else(|e| e.into_inner()).0;
+                control = self
+                    .wake
+                    .wait_timeout(control, self.window - idle)
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .0;
             }
         }
     }
@@ -118,7 +122,7 @@ pub(crate) struct Controller {
 
 impl Drop for Controller {
     fn drop(&mut self) {
-        self.poll.control.lock().unwrap_or_else(|e| e.into_inner()).stop = true;
+        self.poll.control.lock().unwrap_or_else(std::sync::PoisonError::into_inner).stop = true;
         self.poll.wake.notify_one();
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();

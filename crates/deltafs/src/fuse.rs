@@ -149,7 +149,7 @@ impl DeltaFs {
                     Generation(self.volume.generation(ino)),
                     FileHandle(fh),
                     FopenFlags::FOPEN_KEEP_CACHE,
-                )
+                );
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -159,7 +159,7 @@ impl DeltaFs {
         match r {
             Ok((ino, node)) => {
                 self.volume.remember(ino);
-                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.volume.generation(ino)))
+                reply.entry(&self.ttl, &self.attr(ino, &node), Generation(self.volume.generation(ino)));
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -262,7 +262,7 @@ impl fuser::Filesystem for DeltaFs {
             Ok(None) => {
                 let mut attr = self.attr(0, &empty_node());
                 attr.ino = INodeNo(0);
-                reply.entry(&self.ttl, &attr, Generation(0))
+                reply.entry(&self.ttl, &attr, Generation(0));
             }
             Err(e) => reply.error(errno(e)),
         }
@@ -611,7 +611,7 @@ impl fuser::Filesystem for DeltaFs {
         if self.short_of_space(&r) {
             let name = name.to_owned();
             return self.retry(move |fs| {
-                fs.reply_created(reply, fs.volume.create_node(caller, parent.0, &name, mode, 0, None))
+                fs.reply_created(reply, fs.volume.create_node(caller, parent.0, &name, mode, 0, None));
             });
         }
         self.reply_created(reply, r);

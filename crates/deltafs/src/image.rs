@@ -212,7 +212,7 @@ fn finish(tree: Tree) -> Tree {
     links.insert(ROOT_INO, 1);
     while let Some(dir) = stack.pop() {
         let entries = tree.get(dir).and_then(|n| n.entries()).cloned().unwrap_or_default();
-        for (_, ino) in entries.iter() {
+        for (_, ino) in &entries {
             let count = links.entry(*ino).or_insert(0);
             *count += 1;
             if *count == 1 && tree.get(*ino).is_some_and(|n| n.is_dir()) {
@@ -221,7 +221,7 @@ fn finish(tree: Tree) -> Tree {
         }
     }
     let mut out = Tree { nodes: OrdMap::new(), next_ino: tree.next_ino };
-    for (ino, node) in tree.nodes.iter() {
+    for (ino, node) in &tree.nodes {
         if !links.contains_key(ino) {
             continue;
         }

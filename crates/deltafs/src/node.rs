@@ -177,7 +177,7 @@ impl Content {
                         && last.source == region.source
                         && last.from_base == region.from_base =>
                 {
-                    last.end = region.end
+                    last.end = region.end;
                 }
                 _ => out.push(region),
             }

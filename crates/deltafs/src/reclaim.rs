@@ -127,10 +127,10 @@ impl Refs {
         for region in content.regions(0, content.size) {
             match region.source {
                 Some(Source::Layer(layer)) if layers.contains(&layer) => {
-                    self.0.entry(layer).or_default().ranges.entry(ino).or_default().push((region.start, region.end))
+                    self.0.entry(layer).or_default().ranges.entry(ino).or_default().push((region.start, region.end));
                 }
                 Some(Source::Packed(layer, slot)) if layers.contains(&layer) => {
-                    self.0.entry(layer).or_default().slots.push(slot)
+                    self.0.entry(layer).or_default().slots.push(slot);
                 }
                 _ => {}
             }

@@ -321,7 +321,7 @@ impl Store {
         let meta = LayerMeta { parent: None, base: id, images: image_layers.to_vec(), replay_depth: 0 };
         journal::write_snapshot(&tmp.join("meta"), META_MAGIC, &meta, journal::Fsync::No)?;
         journal::write_snapshot(&tmp.join("index"), INDEX_MAGIC, &tree, journal::Fsync::No)?;
-        std::fs::File::create(tmp.join("frozen")).map_err(io_err(&tmp))?;
+        File::create(tmp.join("frozen")).map_err(io_err(&tmp))?;
         let dir = self.layer_dir(id);
         std::fs::rename(&tmp, &dir).map_err(io_err(&dir))?;
         let key_tmp = self.tmp_path();

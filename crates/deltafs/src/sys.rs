@@ -48,7 +48,7 @@ pub fn shared_mapped_files(maps: impl AsFd) -> io::Result<Vec<MappedFile>> {
     let mut addr = 0;
     loop {
         let mut query = ProcmapQuery {
-            size: std::mem::size_of::<ProcmapQuery>() as u64,
+            size: size_of::<ProcmapQuery>() as u64,
             query_flags: PROCMAP_QUERY_COVERING_OR_NEXT_VMA | PROCMAP_QUERY_FILE_BACKED_VMA | PROCMAP_QUERY_VMA_SHARED,
             query_addr: addr,
             ..Default::default()

@@ -392,7 +392,7 @@ fn garbage_collection_frees_unreferenced_checkpoints_only() {
     let stats = fx.store.delete_unreferenced(&[cp3]).unwrap();
     assert!(stats.layers_deleted >= 2, "{stats:?}"); // cp2 and the writable layers left behind
     assert_eq!(layers(), before - stats.layers_deleted);
-    assert!(deltafs::mount(&fx.store, cp2, &fx.mountpoint("x"), &Default::default()).is_err());
+    deltafs::mount(&fx.store, cp2, &fx.mountpoint("x"), &Default::default()).unwrap_err();
     let again = fx.mount(cp3, "again");
     assert_eq!(snapshot(again.mountpoint()), expected);
     // A live mount keeps its ancestors even when no stack is kept.
@@ -472,8 +472,8 @@ fn bad_rollback_targets_are_refused_without_harm() {
     let err = m.rollback(other).unwrap_err();
     assert!(err.to_string().contains("does not share"), "{err}");
     let unknown: deltafs::StackId = "00000000000000000000000000000000".parse().unwrap();
-    assert!(m.rollback(unknown).is_err());
-    assert!("not-an-id".parse::<deltafs::StackId>().is_err());
+    m.rollback(unknown).unwrap_err();
+    "not-an-id".parse::<deltafs::StackId>().unwrap_err();
     assert_eq!(std::fs::read(root.join("f")).unwrap(), b"live");
     m.unmount().unwrap();
 }
@@ -671,7 +671,7 @@ fn deleting_a_middle_checkpoint_frees_the_data_only_it_read() {
         Err(e) => assert!(format!("{e:?}").contains("Deleted"), "{e:?}"),
         Ok(_) => panic!("a deleted checkpoint was mounted"),
     }
-    assert!(again.rollback(cp1).is_err());
+    again.rollback(cp1).unwrap_err();
     // Nothing changed since: nothing more to free, and no work beyond noticing it.
     assert_eq!(fx.store.delete_unreferenced(&[cp2]).unwrap().bytes_reclaimed, 0);
     again.unmount().unwrap();

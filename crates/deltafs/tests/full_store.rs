@@ -57,7 +57,7 @@ fn assert_same(got: &BTreeMap<PathBuf, Entry>, want: &BTreeMap<PathBuf, Entry>) 
 
 /// Entries of a store directory (`layers`, `tmp`).
 fn entries(dir: &Path) -> usize {
-    std::fs::read_dir(dir).map_or(0, |d| d.count())
+    std::fs::read_dir(dir).map_or(0, Iterator::count)
 }
 
 #[test]

@@ -237,7 +237,7 @@ fn run(ops: Vec<Op>) {
                 if let Some(inode) = model.inode(NAMES[file]) {
                     match value {
                         Some(v) => {
-                            rustix::fs::setxattr(path(file), XATTR, &[v], rustix::fs::XattrFlags::empty()).unwrap()
+                            rustix::fs::setxattr(path(file), XATTR, &[v], rustix::fs::XattrFlags::empty()).unwrap();
                         }
                         None => {
                             let _ = rustix::fs::removexattr(path(file), XATTR);

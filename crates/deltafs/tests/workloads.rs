@@ -136,12 +136,7 @@ fn workloads_match_kernel_overlayfs() {
         return;
     }
     for tool in ["git", "python3", "gcc", "make", "tar"] {
-        if Command::new("sh")
-            .arg("-c")
-            .arg(format!("command -v {tool}"))
-            .output()
-            .map(|o| !o.status.success())
-            .unwrap_or(true)
+        if Command::new("sh").arg("-c").arg(format!("command -v {tool}")).output().map_or(true, |o| !o.status.success())
         {
             testing::skip(format!("{tool} is not installed"));
             return;

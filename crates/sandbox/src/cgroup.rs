@@ -166,7 +166,7 @@ pub const MAX_PIDS: u64 = 4 << 20;
 
 /// CPUs this host has (the largest `cpus` limit).
 pub fn host_cpus() -> f64 {
-    thread::available_parallelism().map_or(1, |n| n.get()) as f64
+    thread::available_parallelism().map_or(1, std::num::NonZero::get) as f64
 }
 
 impl Limits {

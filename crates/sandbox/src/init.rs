@@ -142,7 +142,7 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     mount_fs("proc", &root.join("proc"), "proc", nosuid_nodev | MsFlags::MS_NOEXEC, "hidepid=invisible")?;
     match cfg.network {
         Network::None => {
-            mount_fs("sysfs", &root.join("sys"), "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY, "")?
+            mount_fs("sysfs", &root.join("sys"), "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY, "")?;
         }
         // sysfs can only be mounted by the owner of the network namespace: reuse the host's, read-only.
         Network::Host => {
@@ -422,7 +422,7 @@ impl Init {
                     Err(nix::Error::EINTR) => continue,
                     Err(_) => continue,
                 }
-                let ready = |f: &PollFd| f.revents().is_some_and(|r| !r.is_empty());
+                let ready = |f: &PollFd<'_>| f.revents().is_some_and(|r| !r.is_empty());
                 let pending_ready: Vec<i32> = fds[first_pending..]
                     .iter()
                     .zip(&self.pending)
@@ -535,7 +535,7 @@ impl Init {
         let mut buf = [0u8; 4096];
         let n = match rustix::io::read(&self.pending[pos].errors, &mut buf) {
             Ok(n) => n,
-            Err(rustix::io::Errno::AGAIN) | Err(rustix::io::Errno::INTR) => return,
+            Err(rustix::io::Errno::AGAIN | rustix::io::Errno::INTR) => return,
             Err(_) => 0,
         };
         let p = self.pending.swap_remove(pos);

@@ -71,7 +71,7 @@ fn decode<T: DeserializeOwned>(buf: &[u8], fds: Vec<OwnedFd>) -> Result<Packet<T
 }
 
 fn send_packet(fd: RawFd, buf: &[u8], fds: &[BorrowedFd<'_>]) -> nix::Result<()> {
-    let raw: Vec<RawFd> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let raw: Vec<RawFd> = fds.iter().map(AsRawFd::as_raw_fd).collect();
     let cmsgs = if raw.is_empty() { vec![] } else { vec![ControlMessage::ScmRights(&raw)] };
     sendmsg::<()>(fd, &[IoSlice::new(buf)], &cmsgs, MsgFlags::MSG_NOSIGNAL, None)?;
     Ok(())
@@ -117,7 +117,7 @@ impl Channel {
         loop {
             match send_packet(self.fd.as_raw_fd(), &buf, fds) {
                 Err(nix::Error::EINTR) => continue,
-                Err(nix::Error::EPIPE) | Err(nix::Error::ECONNRESET) => return Err(IpcError::Closed),
+                Err(nix::Error::EPIPE | nix::Error::ECONNRESET) => return Err(IpcError::Closed),
                 other => return Ok(other?),
             }
         }
@@ -129,7 +129,7 @@ impl Channel {
             match recv_packet(self.fd.as_raw_fd(), &mut buf) {
                 // ECONNRESET: the peer closed with our packets unread. The kernel reports that (once) before
                 // the packets still queued for us, so read on until the real end.
-                Err(nix::Error::EINTR) | Err(nix::Error::ECONNRESET) => continue,
+                Err(nix::Error::EINTR | nix::Error::ECONNRESET) => continue,
                 Err(e) => return Err(e.into()),
                 Ok((0, _)) => return Err(IpcError::Closed),
                 Ok((n, fds)) => return decode(&buf[..n], fds),
@@ -172,7 +172,7 @@ impl AsyncChannel {
             let mut guard = self.fd.writable().await.map_err(IpcError::Io)?;
             match guard.try_io(|fd| send_packet(fd.as_raw_fd(), &buf, fds).map_err(std::io::Error::from)) {
                 Ok(Ok(())) => return Ok(()),
-                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) => {
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::EPIPE | libc::ECONNRESET)) => {
                     return Err(IpcError::Closed)
                 }
                 Ok(Err(e)) if e.raw_os_error() == Some(libc::EINTR) => continue,
@@ -190,7 +190,7 @@ impl AsyncChannel {
                 Ok(Ok((0, _))) => return Err(IpcError::Closed),
                 Ok(Ok((n, fds))) => return decode(&buf[..n], fds),
                 // See Channel::recv: queued packets follow a one-time ECONNRESET.
-                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::ECONNRESET) | Some(libc::EINTR)) => continue,
+                Ok(Err(e)) if matches!(e.raw_os_error(), Some(libc::ECONNRESET | libc::EINTR)) => continue,
                 Ok(Err(e)) => return Err(IpcError::Io(e)),
                 Err(_would_block) => continue,
             }

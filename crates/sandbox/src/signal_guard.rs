@@ -49,7 +49,7 @@ pub fn serve(listener: OwnedFd, cgroup: Arc<Cgroup>) {
         let notif = match sys::seccomp_notif_recv(listener.as_fd()) {
             Ok(notif) => notif,
             // The caller was interrupted (or died) before we read its call.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::ENOENT)) => continue,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR | libc::ENOENT)) => continue,
             Err(e) => {
                 tracing::debug!("the signal guard stops: {e}");
                 return;
@@ -99,7 +99,7 @@ fn inner_pid(status: &str, name: &str) -> Option<i32> {
 }
 
 fn ids(status: &str) -> Option<Ids> {
-    let mut uid = field(status, "Uid")?.split_whitespace().map(|u| u.parse::<u32>());
+    let mut uid = field(status, "Uid")?.split_whitespace().map(str::parse::<u32>);
     Some(Ids { real: uid.next()?.ok()?, effective: uid.next()?.ok()?, saved: uid.next()?.ok()? })
 }
 

@@ -48,7 +48,7 @@ pub fn clone_process(namespace_flags: u64) -> io::Result<CloneResult> {
     // SAFETY: `args` is a valid clone_args of the size we pass; with stack = 0 the child runs on a
     // copy-on-write copy of our stack exactly like fork(2), so returning in both processes is sound.
     // `pidfd` outlives the call and the kernel writes the pidfd number into it for the parent.
-    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    let ret = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, size_of::<CloneArgs>()) };
     match ret {
         -1 => Err(io::Error::last_os_error()),
         0 => Ok(CloneResult::Child),

@@ -25,7 +25,7 @@ fn passwd(text: &str) -> Vec<PasswdEntry> {
                 name: f.first()?.to_string(),
                 uid: f.get(2)?.parse().ok()?,
                 gid: f.get(3)?.parse().ok()?,
-                home: f.get(5).map(|h| h.to_string()).unwrap_or_else(|| "/".into()),
+                home: f.get(5).map_or_else(|| "/".into(), ToString::to_string),
             })
         })
         .collect()

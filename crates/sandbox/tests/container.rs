@@ -67,7 +67,7 @@ fn run(sb: &Sandbox, argv: &[&str]) -> (i32, String) {
     let (out_r, out_w) = rustix::pipe::pipe().unwrap();
     let null: OwnedFd = std::fs::File::open("/dev/null").unwrap().into();
     let spec = ProcessSpec {
-        argv: argv.iter().map(|s| s.to_string()).collect(),
+        argv: argv.iter().map(ToString::to_string).collect(),
         env: vec!["PATH=/bin".into()],
         cwd: "/".into(),
         user: None,

@@ -328,7 +328,7 @@ fn secret_of_the_host_is_never_reachable_by_reading() {
                 assert_ne!(data, HOST_SECRET, "{path} reached the host file");
             }
             Err(e) => {
-                assert!(matches!(e, FilesError::NotFound { .. } | FilesError::PathEscapesRoot { .. }), "{path}: {e}")
+                assert!(matches!(e, FilesError::NotFound { .. } | FilesError::PathEscapesRoot { .. }), "{path}: {e}");
             }
         }
     }

@@ -25,7 +25,7 @@ fn xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
 }
 
 fn is_whiteout(path: &Path) -> bool {
-    fs::symlink_metadata(path).map(|m| m.file_type().is_char_device() && m.rdev() == 0).unwrap_or(false)
+    fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_char_device() && m.rdev() == 0)
 }
 
 fn names(dir: &Path) -> Vec<String> {

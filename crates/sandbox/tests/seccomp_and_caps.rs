@@ -99,7 +99,7 @@ fn in_child<const N: usize>(child: impl FnOnce(&mut [i64; N])) -> ([i64; N], End
         child(&mut results);
         // SAFETY: writes the results array from our stack to the pipe, then exits.
         unsafe {
-            libc::write(write_end.as_raw_fd(), results.as_ptr().cast(), std::mem::size_of_val(&results));
+            libc::write(write_end.as_raw_fd(), results.as_ptr().cast(), size_of_val(&results));
             libc::_exit(0);
         }
     }

@@ -192,7 +192,7 @@ enum Target {
     File(std::path::PathBuf),
 }
 
-fn unpack(archive: impl std::io::Read, target: &Target, limits: DownloadLimits) -> anyhow::Result<()> {
+fn unpack(archive: impl Read, target: &Target, limits: DownloadLimits) -> anyhow::Result<()> {
     let mut archive = tar::Archive::new(archive);
     let mut written = 0u64;
     let mut admit = |entry: &tar::Entry<'_, _>, dest: &Path| -> anyhow::Result<()> {

@@ -214,10 +214,10 @@ pub async fn ls(client: &Client, quiet: bool) -> anyhow::Result<()> {
             s.image,
             s.state,
             format!("{:?}", s.network).to_lowercase(),
-            s.memory.map(human_bytes).unwrap_or_else(dash),
-            s.pids.map(|p| p.to_string()).unwrap_or_else(dash),
-            s.cpus.map(|c| c.to_string()).unwrap_or_else(dash),
-            s.disk.map(human_bytes).unwrap_or_else(dash),
+            s.memory.map_or_else(dash, human_bytes),
+            s.pids.map_or_else(dash, |p| p.to_string()),
+            s.cpus.map_or_else(dash, |c| c.to_string()),
+            s.disk.map_or_else(dash, human_bytes),
             age(s.created)
         );
     }

@@ -124,7 +124,7 @@ async fn remove_image(State(engine): AppState, ApiPath(name): ApiPath<String>) -
 
 async fn import_image(State(engine): AppState, ApiJson(req): ApiJson<ImportRequest>) -> ApiResult<Response> {
     validate_image_name(&req.name)?;
-    let (file_part, _) = req.path.split_once(':').map(|(p, r)| (p, Some(r))).unwrap_or((&req.path, None));
+    let file_part = req.path.split_once(':').map_or(req.path.as_str(), |(p, _)| p);
     if !std::path::Path::new(&req.path).exists() && !std::path::Path::new(file_part).exists() {
         return Err(ApiError::bad_request(
             "source_not_found",
@@ -216,7 +216,7 @@ async fn remove_sandbox(
 
 /// A JSON body that may be absent.
 fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Option<T>> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) {
+    if body.iter().all(u8::is_ascii_whitespace) {
         return Ok(None);
     }
     // As for the other bodies: unparsable JSON is invalid_json, JSON of the wrong shape invalid_request.
@@ -303,7 +303,7 @@ async fn rollback(
 }
 
 async fn fork(State(engine): AppState, ApiPath(id): ApiPath<String>, body: axum::body::Bytes) -> ApiResult<Response> {
-    let count = optional_json::<ForkRequest>(&body)?.map(|r| r.count).unwrap_or(1);
+    let count = optional_json::<ForkRequest>(&body)?.map_or(1, |r| r.count);
     let sandboxes = engine.fork(&id, count).await?;
     Ok((StatusCode::CREATED, Json(serde_json::json!({ "sandboxes": sandboxes }))).into_response())
 }

@@ -361,9 +361,9 @@ impl Worker {
         // Whatever the processes are restored from is made sure of before the live ones are killed: a
         // rollback that cannot restore leaves the sandbox as it was.
         let source = image.map(|image| self.restore_source(stack, image)).transpose()?;
-        let before = self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0);
+        let before = self.parts.cgroup.procs().map_or(0, |p| p.len());
         self.engine.kill_processes(&sandbox(self.parts.init)).context("kill the sandbox's processes")?;
-        let killed = before.saturating_sub(self.parts.cgroup.procs().map(|p| p.len()).unwrap_or(0));
+        let killed = before.saturating_sub(self.parts.cgroup.procs().map_or(0, |p| p.len()));
         let fs_started = Instant::now();
         let changed_inodes = self.parts.fs.rollback(stack).context("roll back the filesystem")?.changed_inodes;
         let fs_ms = ms(fs_started);

@@ -50,7 +50,7 @@ impl Output {
         let mut buf = vec![0u8; CHUNK];
         while !self.eof {
             match tokio::time::timeout(LINGER, self.file.read(&mut buf)).await {
-                Ok(Ok(0)) | Ok(Err(_)) => self.eof = true,
+                Ok(Ok(0) | Err(_)) => self.eof = true,
                 Ok(Ok(n)) => self.forward(conn, &buf[..n], max).await?,
                 Err(_quiet) => {
                     let file = self.file;

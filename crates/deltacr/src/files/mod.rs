@@ -84,7 +84,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
         let pid = owner.host;
         let fds = procfs::fds(pid).map_err(|source| FileError::Proc { pid: owner.ns_pid, fd: -1, source })?;
         let mut table = Vec::with_capacity(fds.len());
-        let mut posix_seen = std::collections::HashSet::new();
+        let mut posix_seen = HashSet::new();
         for fd in fds {
             let err_io = |what| io_err(owner, fd, what);
             let err_proc = |source| FileError::Proc { pid: owner.ns_pid, fd, source };

@@ -235,6 +235,6 @@ impl NewProcess {
         if (size as usize) < data.len() {
             fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(data.len() as i32)).map_err(|e| io("grow the pipe")(e.into()))?;
         }
-        std::fs::File::from(w).write_all(data).map_err(io("refill the pipe"))
+        File::from(w).write_all(data).map_err(io("refill the pipe"))
     }
 }

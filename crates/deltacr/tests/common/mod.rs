@@ -299,7 +299,7 @@ pub fn read_until(master: &mut std::fs::File, marker: &str) -> String {
         match master.read(&mut buf) {
             Ok(n) => seen.push_str(&String::from_utf8_lossy(&buf[..n])),
             Err(e) if e.kind() == std::io::ErrorKind::WouldBlock || e.raw_os_error() == Some(libc::EIO) => {
-                std::thread::sleep(Duration::from_millis(5))
+                std::thread::sleep(Duration::from_millis(5));
             }
             Err(e) => panic!("pty read: {e}"),
         }

@@ -66,10 +66,10 @@ pub(crate) use attrs::{has_suidgid, AttrChange, Caller, IdMap};
 pub use checkpoint::RollbackStats;
 pub(crate) use namespace::{Listing, FIRST_COOKIE};
 
-pub(crate) type OpResult<T> = std::result::Result<T, Errno>;
+pub(crate) type OpResult<T> = Result<T, Errno>;
 
 fn errno_of(e: &io::Error) -> Errno {
-    e.raw_os_error().map(Errno::from_raw).unwrap_or(Errno::EIO)
+    e.raw_os_error().map_or(Errno::EIO, Errno::from_raw)
 }
 
 /// Inserts into a cache of at most `max` entries, evicting an arbitrary one when it is full.

@@ -45,7 +45,7 @@ impl Fixture {
         let store = Store::open(&dir.path().join("store")).expect("open store");
         std::fs::write(dir.path().join("procs"), format!("{}\n", std::process::id())).expect("procs file");
         // A test that failed while holding the lock leaves nothing the next one depends on.
-        let _one_at_a_time = MOUNT_TESTS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _one_at_a_time = MOUNT_TESTS.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
         Fixture { dir, store, _one_at_a_time }
     }
 

@@ -152,8 +152,8 @@ mod tests {
         let dest = SandboxPath::parse("/dest").unwrap();
         assert_eq!(dest.join_archive_name(b"/abs/./x").unwrap().to_string(), "/dest/abs/x");
         assert_eq!(dest.join_archive_name(b"./").unwrap(), dest);
-        assert!(dest.join_archive_name(b"a/../b").is_err());
-        assert!(dest.join_archive_name(b"../x").is_err());
+        dest.join_archive_name(b"a/../b").unwrap_err();
+        dest.join_archive_name(b"../x").unwrap_err();
     }
 
     #[test]

@@ -72,7 +72,7 @@ struct Meta {
 }
 
 impl Meta {
-    fn read<R: Read>(entry: &mut tar::Entry<R>, shown: &str) -> Result<Meta, ImageError> {
+    fn read<R: Read>(entry: &mut tar::Entry<'_, R>, shown: &str) -> Result<Meta, ImageError> {
         let header = entry.header();
         let bad = |source: io::Error| ImageError::Extract { entry: shown.to_owned(), source };
         let id = |value: u64| u32::try_from(value).map_err(|_| bad(io::Error::other("uid/gid does not fit 32 bits")));
@@ -145,7 +145,7 @@ struct Extractor {
 }
 
 impl Extractor {
-    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<R>) -> Result<(), ImageError> {
+    fn entry<R: Read>(&mut self, entry: &mut tar::Entry<'_, R>) -> Result<(), ImageError> {
         let raw = entry.path_bytes().into_owned();
         let shown = String::from_utf8_lossy(&raw).into_owned();
         let kind = entry.header().entry_type();
@@ -390,8 +390,8 @@ mod tests {
     fn components_strip_root_and_dots_and_refuse_dotdot() {
         assert_eq!(components(b"/etc//./passwd").unwrap(), vec![&b"etc"[..], b"passwd"]);
         assert!(components(b"./").unwrap().is_empty());
-        assert!(components(b"a/../../x").is_err());
-        assert!(components(b"..").is_err());
+        components(b"a/../../x").unwrap_err();
+        components(b"..").unwrap_err();
     }
 
     #[test]

@@ -214,7 +214,7 @@ impl LayerStore {
                 Some(Ok(digest)) if is_dir => out.push(digest),
                 _ if !is_dir => {}
                 _ => {
-                    tracing::warn!(name = ?entry.file_name(), "unexpected directory in layer store")
+                    tracing::warn!(name = ?entry.file_name(), "unexpected directory in layer store");
                 }
             }
         }
@@ -428,7 +428,7 @@ impl LayerStore {
         ) {
             Ok(()) => {}
             Err(rustix::io::Errno::EXIST) => {
-                tracing::debug!(%diff_id, "layer committed concurrently by another import")
+                tracing::debug!(%diff_id, "layer committed concurrently by another import");
             }
             Err(e) => return Err(ImageError::io(what)(e.into())),
         }

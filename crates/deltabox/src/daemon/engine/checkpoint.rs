@@ -95,7 +95,7 @@ impl Engine {
     pub async fn delete_checkpoint(&self, checkpoint: &str) -> EngineResult<()> {
         let links = self.links.write().await;
         let cp = self.checkpoint_record(checkpoint)?;
-        let alive = self.sandboxes.read().await.get(&cp.sandbox).is_some_and(|l| l.compatible());
+        let alive = self.sandboxes.read().await.get(&cp.sandbox).is_some_and(super::Live::compatible);
         if cp.image.is_some() && alive {
             // Frees the memory its in-memory copies hold in the sandbox.
             if let Err(e) = self.shim(&cp.sandbox).forget(cp.stack).await {

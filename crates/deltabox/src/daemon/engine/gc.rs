@@ -50,10 +50,8 @@ impl Engine {
             Err(e) => return tracing::error!("cannot read checkpoints: {e}"),
         };
         let needed = tree::closure(referenced, |id| self.images.open(id).ok().and_then(|image| image.header.parent));
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0);
+        let now_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
         for id in self.images.ids().unwrap_or_default().into_iter().filter(|id| !needed.contains(id)) {
             let young =
                 self.images.open(id).is_ok_and(|i| now_ms.saturating_sub(i.header.created_unix_ms) < YOUNG_IMAGE_MS);

@@ -278,7 +278,7 @@ pub fn view(live: &Live) -> SandboxView {
 }
 
 pub fn now() -> i64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() as i64).unwrap_or(0)
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs() as i64)
 }
 
 /// Takes `<dir>/lock` exclusively; records our pid in it for the error message of the next daemon.

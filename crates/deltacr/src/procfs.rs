@@ -1,25 +1,12 @@
 //! Parsing of the /proc files DeltaCR reads: maps/smaps, status, stat, task lists, children, fd links and
 //! fdinfo. Paths are host paths (`/proc/<host pid>`), read by the tracer.
 
-use std::collections::BTreeMap;
 use std::fs;
-use std::io;
 use std::path::PathBuf;
 
 use nix::unistd::Pid;
 
-/// Errors of this module.
-#[derive(Debug, thiserror::Error)]
-pub enum ProcError {
-    #[error("cannot read {path}")]
-    Read {
-        path: PathBuf,
-        #[source]
-        source: io::Error,
-    },
-    #[error("cannot parse {path}: {what}")]
-    Parse { path: PathBuf, what: String },
-}
+pub use sandbox::procfs::{ProcError, Status};
 
 fn read_string(path: PathBuf) -> Result<String, ProcError> {
     fs::read_to_string(&path).map_err(|source| ProcError::Read { path, source })
@@ -122,50 +109,6 @@ pub fn maps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
     let path = dir(pid).join("maps");
     let text = read_string(path.clone())?;
     text.lines().map(|l| parse_map_line(l).ok_or_else(|| parse_err(path.clone(), format!("bad line {l:?}")))).collect()
-}
-
-/// `key: value` lines of /proc/PID/status (or of a thread's status).
-#[derive(Debug, Clone)]
-pub struct Status {
-    path: PathBuf,
-    fields: BTreeMap<String, String>,
-}
-
-impl Status {
-    pub fn read(pid: Pid) -> Result<Status, ProcError> {
-        Self::read_path(dir(pid).join("status"))
-    }
-    pub fn read_thread(pid: Pid, tid: Pid) -> Result<Status, ProcError> {
-        Self::read_path(task_dir(pid, tid).join("status"))
-    }
-    fn read_path(path: PathBuf) -> Result<Status, ProcError> {
-        let text = read_string(path.clone())?;
-        let fields = text
-            .lines()
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-            .collect();
-        Ok(Status { path, fields })
-    }
-    pub fn get(&self, key: &str) -> Result<&str, ProcError> {
-        self.fields.get(key).map(String::as_str).ok_or_else(|| parse_err(self.path.clone(), format!("no {key}")))
-    }
-    /// Whitespace-separated decimal numbers of a field (e.g. `Uid`, `NSpid`).
-    pub fn numbers(&self, key: &str) -> Result<Vec<i64>, ProcError> {
-        self.get(key)?
-            .split_whitespace()
-            .map(|n| n.parse().map_err(|_| parse_err(self.path.clone(), format!("bad {key}"))))
-            .collect()
-    }
-    /// A hexadecimal field (e.g. `CapEff`, `SigBlk`).
-    pub fn hex(&self, key: &str) -> Result<u64, ProcError> {
-        u64::from_str_radix(self.get(key)?, 16).map_err(|_| parse_err(self.path.clone(), format!("bad {key}")))
-    }
-    /// The last number of an `NS*` field: the id as seen in the innermost pid namespace.
-    pub fn innermost(&self, key: &str) -> Result<i32, ProcError> {
-        let v = self.numbers(key)?;
-        v.last().map(|&n| n as i32).ok_or_else(|| parse_err(self.path.clone(), format!("empty {key}")))
-    }
 }
 
 /// The fields of /proc/PID/stat after `comm` (field 3 `state` is index 0 of `rest`).

@@ -8,6 +8,7 @@ pub mod files;
 pub mod image;
 pub mod init;
 pub mod ipc;
+pub mod procfs;
 pub mod seccomp;
 pub mod signal_guard;
 pub mod spec;

@@ -19,7 +19,10 @@ use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::Arc;
 
+use nix::unistd::Pid;
+
 use crate::cgroup::Cgroup;
+use crate::procfs::Status;
 use crate::sys;
 
 /// `CAP_KILL`'s bit in the capability sets of /proc/<pid>/status.
@@ -85,29 +88,21 @@ struct Ids {
     saved: u32,
 }
 
-fn status(host_pid: i32) -> io::Result<String> {
-    std::fs::read_to_string(format!("/proc/{host_pid}/status"))
+fn status(host_pid: i32) -> io::Result<Status> {
+    Ok(Status::read(Pid::from_raw(host_pid))?)
 }
 
-fn field<'a>(status: &'a str, name: &str) -> Option<&'a str> {
-    status.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(':')).map(str::trim)
-}
-
-/// The innermost pid of a `NSpid:`/`NStgid:` line: the pid in the sandbox's namespace.
-fn inner_pid(status: &str, name: &str) -> Option<i32> {
-    field(status, name)?.split_whitespace().last()?.parse().ok()
-}
-
-fn ids(status: &str) -> Option<Ids> {
-    let mut uid = field(status, "Uid")?.split_whitespace().map(str::parse::<u32>);
-    Some(Ids { real: uid.next()?.ok()?, effective: uid.next()?.ok()?, saved: uid.next()?.ok()? })
+fn ids(status: &Status) -> Option<Ids> {
+    let uid = status.numbers("Uid").ok()?;
+    let id = |i: usize| uid.get(i).and_then(|&n| u32::try_from(n).ok());
+    Some(Ids { real: id(0)?, effective: id(1)?, saved: id(2)? })
 }
 
 /// Whether the task with `status` is traced by a thread of this process.
-fn traced_by_us(status: &str) -> bool {
-    match field(status, "TracerPid").and_then(|t| t.parse::<i32>().ok()) {
-        Some(0) | None => false,
-        Some(tracer) => std::path::Path::new(&format!("/proc/self/task/{tracer}")).exists(),
+fn traced_by_us(status: &Status) -> bool {
+    match status.innermost("TracerPid") {
+        Ok(0) | Err(_) => false,
+        Ok(tracer) => std::path::Path::new(&format!("/proc/self/task/{tracer}")).exists(),
     }
 }
 
@@ -118,7 +113,7 @@ fn tasks(cgroup: &Cgroup) -> io::Result<Vec<Task>> {
         .into_iter()
         .filter_map(|host| {
             let st = status(host).ok()?;
-            Some(Task { host, pid: inner_pid(&st, "NSpid")?, ours: traced_by_us(&st), uid: ids(&st)? })
+            Some(Task { host, pid: st.innermost("NSpid").ok()?, ours: traced_by_us(&st), uid: ids(&st)? })
         })
         .collect())
 }
@@ -130,9 +125,9 @@ fn answer(notif: &libc::seccomp_notif, cgroup: &Cgroup, floor: i32) -> io::Resul
     // Pids are ints: the kernel reads the low 32 bits.
     let pid_arg = |i: usize| args[i] as u32 as i32;
     // The caller's status and its thread group's pid in the sandbox, read only when needed.
-    let caller = || -> io::Result<(String, i32)> {
+    let caller = || -> io::Result<(Status, i32)> {
         let st = status(notif.pid as i32)?;
-        let tgid = inner_pid(&st, "NStgid").ok_or_else(|| io::Error::other("no NStgid"))?;
+        let tgid = st.innermost("NStgid")?;
         Ok((st, tgid))
     };
     let targets: Vec<i32> = match nr {
@@ -161,14 +156,12 @@ fn answer(notif: &libc::seccomp_notif, cgroup: &Cgroup, floor: i32) -> io::Resul
 /// `kill(-1, signal)`: every process of the sandbox but init, the caller and our tasks, that the caller may
 /// signal (the kernel's rule: a matching real or effective uid, or CAP_KILL). Answers as the kernel does:
 /// 0 when there was any process to try, else ESRCH.
-fn kill_all(caller: &str, caller_tgid: i32, signal: i32, cgroup: &Cgroup) -> io::Result<Option<Result<i64, i32>>> {
+fn kill_all(caller: &Status, caller_tgid: i32, signal: i32, cgroup: &Cgroup) -> io::Result<Option<Result<i64, i32>>> {
     if !(0..=MAX_SIGNAL).contains(&i64::from(signal)) {
         return Ok(Some(Err(libc::EINVAL)));
     }
     let me = ids(caller).ok_or_else(|| io::Error::other("no Uid"))?;
-    let cap_kill = field(caller, "CapEff")
-        .and_then(|c| u64::from_str_radix(c, 16).ok())
-        .is_some_and(|caps| caps & (1 << CAP_KILL) != 0);
+    let cap_kill = caller.hex("CapEff").is_ok_and(|caps| caps & (1 << CAP_KILL) != 0);
     let mut tried = 0;
     for t in tasks(cgroup)? {
         if t.pid == 1 || t.pid == caller_tgid || t.ours {

@@ -26,6 +26,7 @@ use sandbox::cgroup::Cgroup;
 use sandbox::container::{self, Container};
 use sandbox::init::InitConfig;
 use sandbox::ipc::{AsyncChannel, AsyncListener, Packet};
+use sandbox::procfs::Status;
 use sandbox::userns::UidSlot;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -82,11 +83,9 @@ impl Shim {
 
     /// The sandbox-namespace pid of host process `host_pid`, if it is in this sandbox.
     pub fn sandbox_pid(&self, host_pid: i32) -> Option<i32> {
-        let status = std::fs::read_to_string(format!("/proc/{host_pid}/status")).ok()?;
-        let nspid = status.lines().find_map(|l| l.strip_prefix("NSpid:"))?;
-        let ids: Vec<i32> = nspid.split_whitespace().filter_map(|p| p.parse().ok()).collect();
+        let ids = Status::read(nix::unistd::Pid::from_raw(host_pid)).ok()?.numbers("NSpid").ok()?;
         // Only a process nested one namespace below us (i.e. in the sandbox's namespace) qualifies.
-        (ids.len() == 2 && self.cgroup.procs().ok()?.contains(&host_pid)).then(|| ids[1])
+        (ids.len() == 2 && self.cgroup.procs().ok()?.contains(&host_pid)).then(|| ids[1] as i32)
     }
 
     /// Checkpoint (freeze, filesystem, with `processes` every process, thaw) on the checkpoint thread. The

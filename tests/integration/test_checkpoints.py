@@ -1,5 +1,6 @@
 """Filesystem checkpoints and rollback at the sandbox level: exact trees, running writers, open files, processes."""
 
+import dataclasses
 import threading
 import time
 
@@ -36,9 +37,22 @@ def test_checkpoint_view_and_list(client, sb):
     second = sb.checkpoint(fs_only=True)
     assert second.parent == first.id
     assert [c.id for c in sb.checkpoints()] == [first.id, second.id]
-    assert client.checkpoint(second.id) == second
+    # The same checkpoint, but for `durable`, which turns true in the background.
+    assert dataclasses.replace(client.checkpoint(second.id), durable=second.durable) == second
     info = sb.refresh()
     assert (info.origin, info.head) == (None, second.id)
+
+
+def test_checkpoints_become_durable_and_report_their_timing(client, sb):
+    """`durable` turns true once the checkpoint was synced to disk, in the background; the call's duration
+    covers the pause and never less."""
+    sb.exec(["sh", "-c", "head -c 4M /dev/urandom > /blob"]).check()
+    files = sb.checkpoint(fs_only=True)
+    full = sb.checkpoint()
+    for ck in (files, full):
+        assert 0 < ck.pause_ms <= ck.duration_ms, ck
+        durable = wait_until(lambda ck=ck: client.checkpoint(ck.id).durable, 60, 0.01, f"{ck.id} to be durable")
+        assert durable and client.checkpoint(ck.id).image_failure is None
 
 
 def test_rollback_restores_the_tree_exactly(sb):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
@@ -85,6 +88,28 @@ class Daemon:
             return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:])
         except OSError:
             return "(no log)"
+
+
+@contextlib.contextmanager
+def private_daemon(prefix: str) -> Iterator[Daemon]:
+    """A daemon of its own (socket, data directory) with the busybox image, for tests that kill or restart it.
+    Afterwards its sandboxes are deleted (a daemon the test left stopped is started for that) and its data
+    directory is removed."""
+    workdir = Path(tempfile.mkdtemp(prefix=prefix))
+    d = Daemon(binary(), workdir)
+    d.start()
+    with deltabox.Client(socket=d.socket) as c:
+        c.images.import_(str(image_dir() / "busybox"), "busybox")
+    try:
+        yield d
+    finally:
+        if d.proc is None:
+            d.start()
+        with deltabox.Client(socket=d.socket) as c:
+            for sb in c.list():
+                sb.delete()
+        d.stop(signal.SIGTERM)
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def binary() -> Path:

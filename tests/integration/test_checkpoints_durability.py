@@ -6,15 +6,12 @@ These tests run their own daemon (own socket and data directory), since they kil
 
 import contextlib
 import random
-import shutil
 import signal
-import tempfile
 import threading
 import time
-from pathlib import Path
 
 import pytest
-from support import STEP, VERIFY, Daemon, binary, catalog_records, image_dir, kill_shim, leftovers
+from support import STEP, VERIFY, catalog_records, kill_shim, leftovers, private_daemon
 
 import deltabox
 
@@ -22,21 +19,8 @@ import deltabox
 
 @pytest.fixture(scope="module")
 def own_daemon():
-    workdir = Path(tempfile.mkdtemp(prefix="deltabox-durability-"))
-    d = Daemon(binary(), workdir)
-    d.start()
-    with deltabox.Client(socket=d.socket) as c:
-        c.images.import_(str(image_dir() / "busybox"), "busybox")
-    try:
+    with private_daemon("deltabox-durability-") as d:
         yield d
-    finally:
-        if d.proc is None:
-            d.start()
-        with deltabox.Client(socket=d.socket) as c:
-            for sb in c.list():
-                sb.delete()
-        d.stop(signal.SIGTERM)
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 class Writer(threading.Thread):

@@ -8,16 +8,14 @@ while the real shim keeps its own socket under another name (a bound socket keep
 import contextlib
 import json
 import os
-import shutil
 import socket
 import sqlite3
 import struct
-import tempfile
 import threading
 from pathlib import Path
 
 import pytest
-from support import Daemon, binary, image_dir, status_field, wait_until
+from support import private_daemon, status_field, wait_until
 
 import deltabox
 
@@ -66,22 +64,8 @@ def shim_of_another_version(sock_path: Path, init_pid: int):
 
 @pytest.fixture
 def own_daemon():
-    workdir = Path(tempfile.mkdtemp(prefix="deltabox-upgrades-"))
-    d = Daemon(binary(), workdir)
-    d.start()
-    with deltabox.Client(socket=d.socket) as c:
-        c.images.import_(str(image_dir() / "busybox"), "busybox")
-    try:
+    with private_daemon("deltabox-upgrades-") as d:
         yield d
-    finally:
-        if d.proc is None:
-            d.start()
-        with deltabox.Client(socket=d.socket) as c:
-            for sb in c.list():
-                with contextlib.suppress(deltabox.DeltaboxError):
-                    sb.delete()
-        d.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
 
 
 def alive(pid: int) -> bool:

@@ -406,7 +406,7 @@ fn set_head(tx: &rusqlite::Transaction<'_>, sandbox: &str, head: Option<&str>) -
 pub mod tests {
     use super::*;
 
-    fn config(layer: Digest) -> SandboxConfig {
+    pub fn config(layer: Digest) -> SandboxConfig {
         SandboxConfig {
             image: "img".into(),
             layers: vec![layer],
@@ -436,7 +436,7 @@ pub mod tests {
         format!("{n:032x}").parse().unwrap()
     }
 
-    fn checkpoint(id: &str, sandbox: &str, parent: Option<&str>) -> CheckpointRecord {
+    pub fn checkpoint(id: &str, sandbox: &str, parent: Option<&str>) -> CheckpointRecord {
         CheckpointRecord {
             id: id.into(),
             sandbox: sandbox.into(),

@@ -1035,16 +1035,6 @@ fn live_entry(l: &LiveProcess, fds: Vec<FdState>, ctty: Option<Ctty>) -> Process
     let st = ProcessState {
         threads: l.threads.clone(),
         shared_pending: l.shared_pending.clone(),
-        sigactions: Vec::new(),
-        creds: Default::default(),
-        seccomp: Vec::new(),
-        personality: 0,
-        umask: 0,
-        rlimits: Vec::new(),
-        cwd: String::new(),
-        root: String::new(),
-        mm: Default::default(),
-        vmas: Vec::new(),
         fds,
         itimers: l.itimers,
         pdeath_signal: l.pdeath_signal,
@@ -1053,7 +1043,7 @@ fn live_entry(l: &LiveProcess, fds: Vec<FdState>, ctty: Option<Ctty>) -> Process
         oom_score_adj: l.oom_score_adj,
         job_stopped: l.seized.job_stopped(),
         ctty,
-        exit_signal: 0,
+        ..ProcessState::default()
     };
     ProcessEntry {
         pid: ids.pid,

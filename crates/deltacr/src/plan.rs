@@ -329,27 +329,12 @@ mod tests {
     /// A live process (pid, parent, process group, session) holding `fds` as (fd, open file id).
     fn live(pid: i32, ppid: i32, pgid: i32, sid: i32, fds: &[(i32, u32)]) -> ProcessEntry {
         let st = ProcessState {
-            threads: Vec::new(),
-            shared_pending: Vec::new(),
-            sigactions: Vec::new(),
-            creds: Default::default(),
-            seccomp: Vec::new(),
-            personality: 0,
-            umask: 0,
-            rlimits: Vec::new(),
             cwd: "/".into(),
             root: "/".into(),
-            mm: Default::default(),
-            vmas: Vec::new(),
             fds: fds.iter().map(|&(fd, file)| FdState { fd, cloexec: false, file, posix_locks: Vec::new() }).collect(),
-            itimers: Default::default(),
-            pdeath_signal: 0,
-            child_subreaper: false,
             dumpable: 1,
-            oom_score_adj: 0,
-            job_stopped: false,
             exit_signal: libc::SIGCHLD,
-            ctty: None,
+            ..ProcessState::default()
         };
         ProcessEntry { pid, ppid, pgid, sid, comm: format!("p{pid}"), kind: ProcessKind::Live(Box::new(st)) }
     }

@@ -322,7 +322,7 @@ pub struct FdState {
 }
 
 /// A live process.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessState {
     /// Thread group leader first.
     pub threads: Vec<ThreadState>,

@@ -59,46 +59,13 @@ pub fn closure<T: Copy + Eq + Hash>(roots: impl IntoIterator<Item = T>, parent: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::catalog::SandboxConfig;
-
-    fn config() -> SandboxConfig {
-        SandboxConfig {
-            image: "img".into(),
-            layers: vec![],
-            network: sandbox::spec::Network::None,
-            limits: sandbox::cgroup::Limits::default(),
-            disk: deltafs::Quota::default(),
-            env: vec![],
-            cwd: "/".into(),
-            user: None,
-        }
-    }
-
-    fn checkpoint(id: &str, sandbox: &str, parent: Option<&str>) -> CheckpointRecord {
-        CheckpointRecord {
-            id: id.into(),
-            sandbox: sandbox.into(),
-            parent: parent.map(String::from),
-            stack: crate::catalog::tests::stack_of(id),
-            kind: crate::catalog::CheckpointKind::Filesystem,
-            image: None,
-            image_written: false,
-            durable: true,
-            image_failure: None,
-            processes: None,
-            sessions: vec![],
-            config: config(),
-            created: 1,
-            pause_ms: 1.0,
-            duration_ms: 1.0,
-        }
-    }
+    use crate::catalog::tests::{checkpoint, config, stack_of};
 
     fn sandbox(id: &str, origin: Option<&str>) -> SandboxRecord {
         SandboxRecord {
             id: id.into(),
-            config: config(),
-            stack: crate::catalog::tests::stack_of("s"),
+            config: config(sandbox::image::Digest::of(b"a")),
+            stack: stack_of("s"),
             origin: origin.map(String::from),
             head: origin.map(String::from),
             created: 1,

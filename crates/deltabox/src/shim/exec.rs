@@ -115,7 +115,7 @@ pub async fn serve(shim: &Shim, conn: &AsyncChannel, req: ExecRequest) -> Result
     let oom_before = shim.oom_kills();
     let started = Instant::now();
     let (spawned, stdin, outputs) = match req.tty {
-        Some(_) => match shim.init.spawn(spec, &[]).await {
+        Some(_) => match shim.spawn_process(spec, &[]).await {
             Ok(mut s) => {
                 let master = s.pty_master.take().expect("init sends a pty master with a tty spawn");
                 let out =
@@ -133,7 +133,7 @@ pub async fn serve(shim: &Shim, conn: &AsyncChannel, req: ExecRequest) -> Result
             } else {
                 (std::fs::File::open("/dev/null").map_err(IpcError::Io)?.into(), None)
             };
-            let spawned = shim.init.spawn(spec, &[in_r.as_fd(), out_w.as_fd(), err_w.as_fd()]).await;
+            let spawned = shim.spawn_process(spec, &[in_r.as_fd(), out_w.as_fd(), err_w.as_fd()]).await;
             drop((in_r, out_w, err_w));
             match spawned {
                 Ok(s) => {

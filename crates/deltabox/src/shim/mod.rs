@@ -69,8 +69,11 @@ pub struct Shim {
     stack: StackId,
     /// Keeps the sandbox's uid range reserved.
     _slot: UidSlot,
-    /// Held by checkpoints and rollbacks: one at a time.
-    state_change: tokio::sync::Mutex<()>,
+    /// Written by checkpoints and rollbacks (one at a time), read while a process is started in the
+    /// sandbox ([`Shim::starting_process`]): init forks nothing while a restore chooses pids (see
+    /// `deltacr::pidns`), so an exec or a session that arrives during a rollback starts after it. Taken
+    /// before `sessions`.
+    state_change: tokio::sync::RwLock<()>,
     /// Notified when the shim should exit (the sandbox is gone).
     exit: Notify,
 }
@@ -79,6 +82,22 @@ impl Shim {
     /// OOM kills in the sandbox so far (0 if the counter cannot be read).
     pub fn oom_kills(&self) -> u64 {
         self.cgroup.oom_kills().unwrap_or(0)
+    }
+
+    /// To be held while init is asked to start a process (not while it runs): no checkpoint or rollback
+    /// runs meanwhile.
+    pub async fn starting_process(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.state_change.read().await
+    }
+
+    /// Has init start a process, holding [`Shim::starting_process`] while it does.
+    pub async fn spawn_process(
+        &self,
+        spec: sandbox::spec::ProcessSpec,
+        stdio: &[std::os::fd::BorrowedFd<'_>],
+    ) -> Result<init_link::Spawned, init_link::InitError> {
+        let _no_rollback = self.starting_process().await;
+        self.init.spawn(spec, stdio).await
     }
 
     /// The sandbox-namespace pid of host process `host_pid`, if it is in this sandbox.
@@ -96,7 +115,7 @@ impl Shim {
         processes: bool,
         parent: Option<StackId>,
     ) -> anyhow::Result<(CheckpointStats, Option<ImageWritten>)> {
-        let _one_at_a_time = self.state_change.lock().await;
+        let _one_at_a_time = self.state_change.write().await;
         let sessions = self.sessions.lock().await;
         let captured = self.cr.checkpoint(processes, parent).await?;
         let live: Vec<(String, Arc<Session>)> =
@@ -122,7 +141,7 @@ impl Shim {
     /// Rollback on the checkpoint thread: every process but init is killed, the filesystem switches to
     /// `stack`, and with `image` the checkpoint's processes come back — its shell sessions included.
     async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> anyhow::Result<RollbackStats> {
-        let _one_at_a_time = self.state_change.lock().await;
+        let _one_at_a_time = self.state_change.write().await;
         let mut sessions = self.sessions.lock().await;
         let mut restored = self.cr.rollback(stack, image).await?;
         self.keep_terminals(std::mem::take(&mut restored.pty_masters));
@@ -290,7 +309,7 @@ async fn ready_to_serve(
         snapshots: tokio::sync::Mutex::new(HashMap::new()),
         terminals: std::sync::Mutex::new(Vec::new()),
         stack: cfg.stack,
-        state_change: tokio::sync::Mutex::new(()),
+        state_change: tokio::sync::RwLock::new(()),
         exit: Notify::new(),
     });
     tokio::spawn({
@@ -573,6 +592,7 @@ async fn open_session(shim: &Shim, name: &str) -> Reply {
         let message = format!("invalid session name {name:?}: use 1-64 letters, digits, '-', '_' or '.'");
         return Reply::Error { kind: ErrorKind::BadRequest, message };
     }
+    let _no_rollback = shim.starting_process().await;
     let mut sessions = shim.sessions.lock().await;
     if sessions.get(name).is_some_and(|s| s.alive()) {
         return Reply::Error { kind: ErrorKind::SessionExists, message: format!("session {name:?} already exists") };

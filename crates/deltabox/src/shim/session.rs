@@ -114,7 +114,7 @@ pub fn fifo_paths(nonce: u64) -> [String; 3] {
 }
 
 impl Session {
-    /// Starts `bash` and waits for its first prompt.
+    /// Starts `bash` and waits for its first prompt. The caller holds [`Shim::starting_process`].
     pub async fn start(shim: &Shim) -> Result<Arc<Session>, SessionError> {
         let nonce: u64 = rand::rng().random();
         let fifos =

@@ -141,7 +141,8 @@ impl Drop for EndsWrite {
     }
 }
 
-/// Process checkpoints of a sandbox whose templates stay in memory (the rest restore from their images).
+/// Process checkpoints of a sandbox whose templates stay in memory (the least recently taken or rolled back
+/// to others restore from their images).
 const MAX_TEMPLATES: usize = 8;
 /// How often an idle checkpoint thread lets go of memory held for processes that exited since.
 const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
@@ -220,7 +221,7 @@ struct Worker {
     parts: Parts,
     engine: Engine,
     kept: HashMap<StackId, Kept>,
-    /// Stacks of `kept`, oldest first.
+    /// Stacks of `kept`, least recently taken or rolled back to first.
     order: std::collections::VecDeque<StackId>,
 }
 
@@ -253,6 +254,7 @@ impl Worker {
                     let restored = result.as_ref().is_ok_and(|r| r.restored > 0);
                     let _ = reply.send(result);
                     if restored {
+                        self.used(stack);
                         self.prepare_spares(stack);
                     }
                 }
@@ -342,8 +344,18 @@ impl Worker {
         }
     }
 
-    /// Templates hold the pages their processes changed since: keep them for the newest checkpoints only
-    /// (older ones are restored from their image). One whose image is not written yet is kept.
+    /// Marks the templates of the checkpoint of `stack` as the most recently used: a tree search comes back
+    /// to the nodes it just rolled back to, so those are the last whose templates are dropped.
+    fn used(&mut self, stack: StackId) {
+        if let Some(at) = self.order.iter().position(|s| *s == stack) {
+            self.order.remove(at);
+            self.order.push_back(stack);
+        }
+    }
+
+    /// Templates hold the pages their processes changed since: keep them for the most recently taken or
+    /// rolled back to checkpoints only (the others are restored from their image). One whose image is not
+    /// written yet is kept.
     fn limit_templates(&mut self) {
         while self.order.len() > MAX_TEMPLATES {
             let oldest = *self.order.front().expect("not empty");
@@ -352,7 +364,7 @@ impl Worker {
             }
             self.order.pop_front();
             self.kept.remove(&oldest);
-            tracing::debug!(stack = %oldest, "dropped the templates of an older checkpoint");
+            tracing::debug!(stack = %oldest, "dropped the templates of the least recently used checkpoint");
         }
     }
 

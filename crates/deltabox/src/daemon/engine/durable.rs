@@ -9,7 +9,7 @@
 //! next one, so a burst of checkpoints costs about two syncs.
 //!
 //! All of it runs after the checkpoint was answered: the sandbox's pause and the call's duration do not
-//! include it (measured: `bench/durability.py`, table in `docs/deltafs.md`). Marking a checkpoint
+//! include it (measured: `bench/durability.py`, table in `docs/architecture.md`). Marking a checkpoint
 //! durable is itself a catalog commit that a power loss may undo; then the daemon syncs and marks it
 //! again at its next start, which loses nothing.
 

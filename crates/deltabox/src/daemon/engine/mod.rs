@@ -1,7 +1,8 @@
 //! The daemon's state: catalog, layer store, live sandboxes (each run by its shim). One file per
-//! lifecycle operation: [`recover`] (at start), [`create`], [`remove`], [`checkpoint`] (and checkpoint
-//! queries and deletion), [`rollback`], [`fork`], [`gc`]; [`tree`] holds the pure checkpoint-tree
-//! logic they share.
+//! lifecycle operation: [`recover`] (at start), [`create`], [`images`], [`remove`], [`checkpoint`]
+//! (and checkpoint queries and deletion), [`durable`] (making checkpoints power-loss safe, in the
+//! background), [`rollback`], [`fork`], [`gc`]; [`tree`] holds the pure checkpoint-tree logic they
+//! share.
 //!
 //! Errors are [`EngineError`]s; `daemon/error.rs` alone turns them into HTTP answers.
 

@@ -1,8 +1,8 @@
 """Forks of checkpoints, and what deleting sandboxes and checkpoints keeps and frees."""
 
 import concurrent.futures
-import dataclasses
 import contextlib
+import dataclasses
 import subprocess
 
 import pytest
@@ -63,6 +63,35 @@ def test_forks_are_isolated_from_each_other_and_from_the_source(sandboxes):
         assert "sleep" not in sh(f, "ps -eo args")
     assert sh(source, "cat /work/state; ls /work") == "source-after\nonly-source\nstate\n"
     assert ck.sandbox == source.id and source.refresh().head == ck.id
+
+
+RANDOM_SERVER = r"""
+import os, random, sys
+random.seed(42)
+random.random()  # some state consumed before the checkpoint
+os.mkfifo("/tmp/ask"); os.mkfifo("/tmp/answer")
+while True:
+    with open("/tmp/ask") as ask:
+        ask.read()
+    with open("/tmp/answer", "w") as out:
+        out.write(f"{random.random()} {os.urandom(8).hex()}")
+"""
+
+
+def test_forks_share_a_process_s_prng_state_not_the_kernel_s_randomness(sandboxes):
+    """What docs/api.md says a fork shares: a process's own PRNG state is copied with its memory (the same
+    sequence in every fork, until reseeded), while the kernel's randomness (getrandom, /dev/urandom) is fresh in
+    each."""
+    source = sandboxes()
+    source.files.write("/root/server.py", RANDOM_SERVER)
+    sh(source, "(setsid python3 /root/server.py > /dev/null 2>&1 &); while [ ! -p /tmp/answer ]; do sleep 0.01; done")
+    ck = source.checkpoint()
+    forks = ck.fork(2)
+    sandboxes.add(forks)
+    answers = [sh(f, "echo > /tmp/ask; cat /tmp/answer").split() for f in forks]
+    (prng_a, urandom_a), (prng_b, urandom_b) = answers
+    assert prng_a == prng_b, answers
+    assert urandom_a != urandom_b, answers
 
 
 def test_fork_of_a_checkpoint_of_a_forked_sandbox(client, sandboxes):

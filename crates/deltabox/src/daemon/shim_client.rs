@@ -76,7 +76,7 @@ impl ShimClient {
             let Packet { msg, .. } = conn.recv::<serde_json::Value>().await.map_err(|e| self.lost(e))?;
             Ok::<_, ShimError>(msg)
         };
-        let msg = self.timed(exchange).await?;
+        let msg = self.within(CONTROL_TIMEOUT, exchange).await?;
         let info = msg.get("Info").cloned().unwrap_or_default();
         // A shim from before versioning sends no version: 0.
         let protocol = info.get("protocol").and_then(serde_json::Value::as_u64).unwrap_or(0) as u32;
@@ -114,7 +114,7 @@ impl ShimClient {
         parent: Option<StackId>,
     ) -> Result<(CheckpointStats, Option<PendingImage>), ShimError> {
         let conn = self.open(&Request::Checkpoint { processes, parent }).await?;
-        let reply = self.timed(self.reply(&conn)).await?;
+        let reply = self.within(CONTROL_TIMEOUT, self.reply(&conn)).await?;
         let stats = match reply {
             Reply::Checkpointed(stats) => stats,
             other => return Err(self.unexpected("Checkpoint", &other)),
@@ -197,9 +197,7 @@ impl ShimClient {
             self.reply(&conn).await
         };
         match timeout {
-            Some(after) => tokio::time::timeout(after, exchange)
-                .await
-                .map_err(|_| ShimError::Timeout { sandbox: self.sandbox.clone(), after })?,
+            Some(after) => self.within(after, exchange).await,
             None => exchange.await,
         }
     }
@@ -212,10 +210,12 @@ impl ShimClient {
         }
     }
 
-    async fn timed<T>(&self, f: impl std::future::Future<Output = Result<T, ShimError>>) -> Result<T, ShimError> {
-        tokio::time::timeout(CONTROL_TIMEOUT, f)
-            .await
-            .map_err(|_| ShimError::Timeout { sandbox: self.sandbox.clone(), after: CONTROL_TIMEOUT })?
+    async fn within<T>(
+        &self,
+        after: Duration,
+        f: impl std::future::Future<Output = Result<T, ShimError>>,
+    ) -> Result<T, ShimError> {
+        tokio::time::timeout(after, f).await.map_err(|_| ShimError::Timeout { sandbox: self.sandbox.clone(), after })?
     }
 
     fn lost(&self, source: IpcError) -> ShimError {

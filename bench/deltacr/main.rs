@@ -12,7 +12,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::time::{Duration, Instant};
 
 use deltacr::image::ImageStore;
-use deltacr::Engine;
+use deltacr::{Engine, MemoryRestore};
 
 const WORKLOAD: &str = r#"
 import sys
@@ -47,6 +47,7 @@ struct Row {
     freeze_to_thaw: Vec<f64>,
     restore_template: Vec<f64>,
     restore_image: Vec<f64>,
+    restore_image_copy: Vec<f64>,
     image_kib: Vec<f64>,
     image_write: Vec<f64>,
     baseline_full: Vec<f64>,
@@ -134,6 +135,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         freeze_to_thaw: vec![],
         restore_template: vec![],
         restore_image: vec![],
+        restore_image_copy: vec![],
         image_kib: vec![],
         image_write: vec![],
         baseline_full: vec![],
@@ -164,11 +166,18 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
         std::fs::remove_dir_all(store.path_of(full.id)).unwrap();
         // Restore from the image first, then from the template: the process that runs on is then a
         // copy-on-write clone of this checkpoint's template, as after a rollback.
-        engine.kill_processes(&sb).unwrap();
-        let mut chain = store.open_chain(info.id).unwrap();
-        let r1 = Instant::now();
-        engine.restore_image(&mut chain, &sb).unwrap();
-        let from_image = ms(r1.elapsed());
+        // From the image twice: copying memory whole (the baseline), then on demand.
+        let mut from_image = [0.0; 2];
+        for (k, mode) in
+            [MemoryRestore::Copy, MemoryRestore::OnDemand { background_fill: true }].into_iter().enumerate()
+        {
+            engine.kill_processes(&sb).unwrap();
+            engine.set_memory_restore(mode);
+            let chain = store.open_chain(info.id).unwrap();
+            let r1 = Instant::now();
+            engine.restore_image(chain, &sb).unwrap();
+            from_image[k] = ms(r1.elapsed());
+        }
         engine.kill_processes(&sb).unwrap();
         let r0 = Instant::now();
         engine.restore(&ckpt, &sb).unwrap();
@@ -179,7 +188,8 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
             row.image_kib.push(info.page_bytes as f64 / 1024.0);
             row.image_write.push(incremental);
             row.baseline_full.push(baseline);
-            row.restore_image.push(from_image);
+            row.restore_image_copy.push(from_image[0]);
+            row.restore_image.push(from_image[1]);
             row.restore_template.push(from_template);
             for (k, (name, d)) in ckpt.stats.phases.iter().enumerate() {
                 if row.phases.len() <= k {
@@ -231,14 +241,16 @@ fn main() {
     println!(
         "DeltaCR benchmark (ms unless noted; p50 / p99 over {iters} incremental checkpoints per row, 2 GiB rows: 8)"
     );
-    println!("baseline: writing a full (non-incremental) image of the same checkpoint");
+    println!("baseline: writing a full (non-incremental) image of the same checkpoint;");
+    println!("restore from the image: memory on demand (userfaultfd) vs copied whole before the process runs");
     println!(
-        "{:>7} {:>5} | {:>17} | {:>17} | {:>17} | {:>9} | {:>17} | {:>17} | {:>9}",
+        "{:>7} {:>5} | {:>17} | {:>17} | {:>17} | {:>17} | {:>9} | {:>17} | {:>17} | {:>9}",
         "RSS MiB",
         "dirty",
         "freeze->thaw",
         "restore(template)",
-        "restore(image)",
+        "image, on demand",
+        "image, copied",
         "image KiB",
         "image write",
         "baseline full",
@@ -249,6 +261,7 @@ fn main() {
             &mut r.freeze_to_thaw,
             &mut r.restore_template,
             &mut r.restore_image,
+            &mut r.restore_image_copy,
             &mut r.image_kib,
             &mut r.image_write,
             &mut r.baseline_full,
@@ -256,12 +269,13 @@ fn main() {
             v.sort_by(|a, b| a.partial_cmp(b).unwrap());
         }
         println!(
-            "{:>7} {:>5} | {} | {} | {} | {:>9.0} | {} | {} | {:>9.2}",
+            "{:>7} {:>5} | {} | {} | {} | {} | {:>9.0} | {} | {} | {:>9.2}",
             r.rss,
             r.dirty,
             pp(&r.freeze_to_thaw),
             pp(&r.restore_template),
             pp(&r.restore_image),
+            pp(&r.restore_image_copy),
             pct(&r.image_kib, 0.5),
             pp(&r.image_write),
             pp(&r.baseline_full),

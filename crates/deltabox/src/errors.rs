@@ -1,16 +1,6 @@
 //! Error text for answers that cross process boundaries, and how the daemon and the shim classify errors.
 
-/// An error and its sources, joined by ": ".
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        out.push_str(": ");
-        out.push_str(&s.to_string());
-        source = s.source();
-    }
-    out
-}
+pub use sandbox::error_chain;
 
 /// The failure is a full disk (or a used-up quota): the user can free space and try again.
 pub fn is_disk_full(e: &anyhow::Error) -> bool {

@@ -4,6 +4,8 @@ use std::collections::{BTreeMap, HashMap};
 use std::marker::PhantomData;
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use nix::unistd::Pid;
@@ -12,7 +14,8 @@ use crate::capture::{self, CaptureError, LiveProcess, SeizedProcess};
 use crate::files::{self, FdOwner, FileError};
 use crate::freezer::Frozen;
 use crate::image::{ImageChain, ImageId, ImageJob};
-use crate::mm::ProcessPages;
+use crate::lazy::{Feed, LazyError, Pager};
+use crate::mm::{LazyRestore, ProcessPages};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::plan::{self, Creator, PlanError, Step};
 use crate::procfs::{self, ProcError};
@@ -37,6 +40,8 @@ pub enum CrError {
     Restore(#[from] RestoreError),
     #[error("pid namespace helper")]
     PidNs(#[from] PidNsError),
+    #[error("memory restored on demand")]
+    Lazy(#[from] LazyError),
     #[error("reading /proc")]
     Proc(#[from] ProcError),
     #[error("cannot restore")]
@@ -138,7 +143,36 @@ impl Checkpoint {
 /// Where restored memory comes from.
 enum Memory<'a> {
     Templates(&'a Templates),
-    Image(&'a mut ImageChain),
+    /// An image chain; with `lazy`, private anonymous memory comes back on demand.
+    Image {
+        chain: Arc<Mutex<ImageChain>>,
+        lazy: Option<LazyParts>,
+    },
+}
+
+/// What a lazy restore needs of the engine.
+#[derive(Clone)]
+struct LazyParts {
+    pager: Rc<Pager>,
+    dev: Rc<OwnedFd>,
+}
+
+/// How a restore from an image brings memory back.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MemoryRestore {
+    /// Every page is copied in before the processes run.
+    Copy,
+    /// Private anonymous memory comes in when touched (see [`crate::lazy`]); with `background_fill`, what
+    /// is not touched is filled in while the pager is idle.
+    OnDemand { background_fill: bool },
+}
+
+/// How restores from images bring memory back, and what they use for it.
+struct Lazy {
+    mode: MemoryRestore,
+    parts: Option<LazyParts>,
+    /// Why lazy restore is not possible here (said once).
+    unavailable: Option<String>,
 }
 
 /// What one restore did.
@@ -166,6 +200,7 @@ pub struct Engine {
     sandboxes: HashMap<(Pid, u64), SandboxState>,
     /// Holders killed and not collected yet (their exits free memory).
     dying: Vec<Stopped>,
+    lazy: Lazy,
     _tracer_thread: PhantomData<*const ()>,
 }
 
@@ -219,7 +254,57 @@ fn own_tid() -> i32 {
 
 impl Engine {
     pub fn new() -> Engine {
-        Engine { sandboxes: HashMap::new(), dying: Vec::new(), _tracer_thread: PhantomData }
+        Engine {
+            sandboxes: HashMap::new(),
+            dying: Vec::new(),
+            lazy: Lazy { mode: MemoryRestore::OnDemand { background_fill: true }, parts: None, unavailable: None },
+            _tracer_thread: PhantomData,
+        }
+    }
+
+    /// How restores from images bring memory back (on demand, filled in the background, by default).
+    /// Processes restored earlier keep being served as they were.
+    pub fn set_memory_restore(&mut self, mode: MemoryRestore) {
+        if let (MemoryRestore::OnDemand { background_fill }, Some(p)) = (mode, &self.lazy.parts) {
+            p.pager.set_background_fill(background_fill);
+        }
+        self.lazy.mode = mode;
+    }
+
+    /// What a lazy restore uses, started on first use; `None` (said once) where the kernel lacks
+    /// /dev/userfaultfd: restores then copy memory whole.
+    fn lazy_parts(&mut self) -> Option<LazyParts> {
+        let MemoryRestore::OnDemand { background_fill } = self.lazy.mode else { return None };
+        if self.lazy.unavailable.is_some() {
+            return None;
+        }
+        if self.lazy.parts.is_none() {
+            let parts = crate::lazy::open_device().map_err(|e| format!("/dev/userfaultfd: {e}")).and_then(|dev| {
+                Ok(LazyParts {
+                    pager: Rc::new(Pager::start(background_fill).map_err(|e| e.to_string())?),
+                    dev: Rc::new(dev),
+                })
+            });
+            match parts {
+                Ok(p) => self.lazy.parts = Some(p),
+                Err(why) => {
+                    tracing::warn!("restores from images copy memory whole: {why}");
+                    self.lazy.unavailable = Some(why);
+                    return None;
+                }
+            }
+        }
+        self.lazy.parts.clone()
+    }
+
+    /// Brings every page still to come from an image into the processes restored lazily (also their
+    /// forks). A checkpoint does it (with the sandbox frozen); calling it first, while the sandbox runs,
+    /// keeps that work out of the checkpoint's pause.
+    pub fn fill_lazy_memory(&self) -> Result<(), CrError> {
+        match &self.lazy.parts {
+            Some(p) => Ok(p.pager.fill_all()?),
+            None => Ok(()),
+        }
     }
 
     fn sandbox(&mut self, init: Pid) -> Result<&mut SandboxState, PidNsError> {
@@ -284,6 +369,9 @@ impl Engine {
         let start = Instant::now();
         let mut phases = Phases::new();
         self.tidy();
+        // Memory still to come from an image shows as absent to everything that reads page tables.
+        self.fill_lazy_memory()?;
+        phases.mark("memory restored on demand");
         let last_pid = self.pid_setter(sb.init)?.last_pid()?;
         let listed = self.sandbox_processes(sb.init);
         let mut stopped_tree = StoppedTree::new(self.pid_setter(sb.init)?);
@@ -325,6 +413,9 @@ impl Engine {
         loop {
             let left = self.sandbox_processes(sb.init)?;
             if left.is_empty() {
+                if let Some(p) = &self.lazy.parts {
+                    p.pager.forget(sb.init)?;
+                }
                 // The victims' memory is held by their holders: freeing it is theirs to do, later.
                 let holders = std::mem::take(&mut self.sandbox(sb.init)?.holders);
                 for h in holders {
@@ -408,10 +499,12 @@ impl Engine {
     }
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
-    /// in or another (fork). Same guarantees as [`Engine::restore`]; memory is copied from the images.
-    pub fn restore_image(&mut self, chain: &mut ImageChain, sb: &Sandbox) -> Result<RestoreStats, CrError> {
+    /// in or another (fork). Same guarantees as [`Engine::restore`]. Private anonymous memory comes
+    /// back from the images when touched (see [`crate::lazy`]), other memory is copied now.
+    pub fn restore_image(&mut self, chain: ImageChain, sb: &Sandbox) -> Result<RestoreStats, CrError> {
         let tree = chain.head().tree.clone();
-        self.restore_tree(&tree, Memory::Image(chain), sb)
+        let lazy = self.lazy_parts();
+        self.restore_tree(&tree, Memory::Image { chain: Arc::new(Mutex::new(chain)), lazy }, sb)
     }
 
     fn restore_tree(&mut self, tree: &TreeState, mut mem: Memory<'_>, sb: &Sandbox) -> Result<RestoreStats, CrError> {
@@ -527,7 +620,7 @@ impl<'c> Restoring<'c> {
     ) -> Result<(), CrError> {
         let template = match mem {
             Memory::Templates(t) => t.get(&entry.pid).filter(|t| t.alive()),
-            Memory::Image(_) => None,
+            Memory::Image { .. } => None,
         };
         if matches!(mem, Memory::Templates(_)) && template.is_none() {
             return Err(CrError::NoTemplate { pid: entry.pid });
@@ -551,9 +644,18 @@ impl<'c> Restoring<'c> {
             };
             match (&mut *mem, template) {
                 (Memory::Templates(_), Some(t)) => {
-                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?)?;
+                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?, None)?;
                 }
-                (Memory::Image(chain), _) => np.rebuild_memory(st, &mut chain.pages_of(entry.pid))?,
+                (Memory::Image { chain, lazy }, _) => {
+                    let mut feed = Feed { chain: chain.clone(), pid: entry.pid };
+                    let lazy = lazy.as_ref().map(|l| LazyRestore {
+                        pager: &l.pager,
+                        dev: l.dev.as_fd(),
+                        feed: feed.clone(),
+                        init: sb.init,
+                    });
+                    np.rebuild_memory(st, &mut feed, lazy.as_ref())?;
+                }
                 (Memory::Templates(_), None) => unreachable!("checked above"),
             }
             np.restore_static(st, &creds, parent_actions)?;
@@ -839,7 +941,7 @@ impl SessionHelper {
                     clone_stopped(pids, source, sid, (libc::CLONE_VM | libc::CLONE_PARENT | libc::SIGCHLD) as u64)?;
                 (host, t.gadget(), Some(pid), st.creds.clone(), st.seccomp.len())
             }
-            Memory::Image(_) => {
+            Memory::Image { .. } => {
                 let f = restore::fork_from_init(sb.init, pids, sid)?;
                 (f.child, f.gadget, None, f.creds, f.filters)
             }

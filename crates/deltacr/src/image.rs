@@ -463,8 +463,9 @@ impl Image {
 /// An image and its ancestors, newest first, read as one.
 pub struct ImageChain {
     images: Vec<Image>,
-    /// The last run read from each image (runs are read whole to check their CRC).
-    cache: HashMap<(usize, u64), Vec<u8>>,
+    /// The last run read from each image for each process, by (level, pid, address) (runs are read whole
+    /// to check their CRC; processes of a tree often map the same addresses).
+    cache: HashMap<(usize, i32, u64), Vec<u8>>,
 }
 
 impl ImageChain {
@@ -509,10 +510,10 @@ impl ImageChain {
             match run.loc {
                 RunLoc::Parent => self.read_at(level + 1, pid, cur, out)?,
                 RunLoc::Here { .. } => {
-                    let key = (level, run.addr);
+                    let key = (level, pid, run.addr);
                     if !self.cache.contains_key(&key) {
                         let data = self.images[level].read_run(&run)?;
-                        self.cache.retain(|k, _| k.0 != level);
+                        self.cache.retain(|k, _| (k.0, k.1) != (level, pid));
                         self.cache.insert(key, data);
                     }
                     let data = &self.cache[&key];

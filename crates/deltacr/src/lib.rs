@@ -5,6 +5,7 @@ pub mod engine;
 pub mod files;
 pub mod freezer;
 pub mod image;
+pub mod lazy;
 pub mod mm;
 pub mod pidns;
 pub mod plan;
@@ -16,7 +17,8 @@ pub mod sockdiag;
 pub mod state;
 pub mod sys;
 pub mod template;
+pub mod uffd;
 
-pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, RestoreStats, Sandbox};
+pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, MemoryRestore, RestoreStats, Sandbox};
 pub use freezer::{Freezer, Frozen};
 pub use pty::{Degraded, PtyLoss};

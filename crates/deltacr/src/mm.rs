@@ -4,15 +4,18 @@
 //! address, copy the saved pages in, set the mm layout (brk, stack, arg/env, auxv) with PR_SET_MM_MAP.
 
 use std::collections::HashMap;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::MetadataExt;
 
 use nix::unistd::Pid;
 
+use crate::lazy::{self, Adopted, Feed, Pager, Ranges};
 use crate::procfs;
 use crate::ptrace::{self, Injector, PtraceError, Scratch};
 use crate::state::{MmState, Vma, VmaBacking};
 use crate::sys;
+use crate::uffd::Uffd;
+use sandbox::error_chain;
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -123,9 +126,31 @@ impl PageSource for ProcessPages {
     }
 }
 
+/// How a restore may leave memory to come back on demand (see [`crate::lazy`]).
+pub struct LazyRestore<'a> {
+    pub pager: &'a Pager,
+    /// /dev/userfaultfd, opened by us.
+    pub dev: BorrowedFd<'a>,
+    /// Where the pager reads the pages (the same as the restore's page source).
+    pub feed: Feed,
+    /// The sandbox's init (host pid).
+    pub init: Pid,
+}
+
+/// Whether `vma`'s saved pages can come back on demand: private anonymous memory (userfaultfd's missing
+/// mode serves only that), not mlocked (mlock wants every page at once) and not wipe-on-fork (a fork's
+/// copy reads zeros there, which the pager could not tell from the parent's missing pages).
+fn lazy_eligible(v: &Vma) -> bool {
+    !v.shared
+        && v.dumped
+        && matches!(v.backing, VmaBacking::Anonymous | VmaBacking::DeletedFile { .. })
+        && !v.vm_flags.iter().any(|f| f == "lo" || f == "wf")
+}
+
 /// Rebuilds the address space of the stopped single-threaded process behind `inj` (its only thread).
 /// `scratch` is the injector's current scratch area; it is replaced by one that lies outside the
-/// restored layout, which the caller must free later. Returns the new scratch.
+/// restored layout, which the caller must free later. Returns the new scratch. With `lazy`, the pages
+/// of private anonymous memory are not copied: the pager serves them from `lazy.feed` when touched.
 pub fn rebuild(
     inj: &mut Injector,
     ns_pid: i32,
@@ -133,6 +158,7 @@ pub fn rebuild(
     mm: &MmState,
     vmas: &[Vma],
     src: &mut dyn PageSource,
+    lazy: Option<&LazyRestore<'_>>,
 ) -> Result<Scratch, MmError> {
     let pid = inj.pid();
     let perr = |source| MmError::Ptrace { pid: ns_pid, source };
@@ -156,13 +182,37 @@ pub fn rebuild(
     }
     // 4. the vdso and vvar pages go back to their old addresses.
     move_specials(inj, ns_pid, &current, vmas, &scratch)?;
-    // 5. map and fill every mapping.
+    // 5. map and fill every mapping (or register it with a uffd, for the pager to fill).
+    let uffd = match lazy {
+        Some(l) if vmas.iter().any(lazy_eligible) => match lazy::make_uffd(inj, &scratch, l.dev) {
+            Ok(u) => Some(u),
+            Err(e) => {
+                tracing::warn!("process {ns_pid}: restoring its memory whole (no userfaultfd: {})", error_chain(&e));
+                None
+            }
+        },
+        _ => None,
+    };
     let mut files: HashMap<(String, bool), u64> = HashMap::new();
-    let result = map_all(inj, ns_pid, &scratch, vmas, src, &mut files);
+    let mut pending = Ranges::default();
+    let result = map_all(inj, ns_pid, &scratch, vmas, src, &mut files, uffd.as_ref().map(|u| (u, &mut pending)));
     for fd in files.values() {
         let _ = inj.call(libc::SYS_close, &[*fd]);
     }
     result?;
+    if let (Some(uffd), Some(l)) = (uffd, lazy) {
+        if !pending.is_empty() {
+            let process = sys::pidfd_open(pid).map_err(|source| MmError::Io {
+                pid: ns_pid,
+                what: "open a pidfd".into(),
+                source,
+            })?;
+            // Before anything touches the registered memory: its faults wait for the pager.
+            l.pager
+                .adopt(Adopted { uffd, feed: l.feed.clone(), lazy: pending, init: l.init, process })
+                .map_err(|e| MmError::Layout { pid: ns_pid, reason: error_chain(&e) })?;
+        }
+    }
     // 6. the mm layout (brk, stack, arguments, environment, auxv).
     set_mm_map(inj, ns_pid, &scratch, mm)?;
     Ok(scratch)
@@ -278,6 +328,8 @@ fn inj_gadget_offset(inj: &Injector, old_base: u64, new_base: u64) -> u64 {
     inj.gadget() - old_base + new_base
 }
 
+/// Maps every mapping of `vmas` and fills it from `src`, except the mappings `lazy` takes: those are
+/// registered with its uffd, and their saved runs added to its ranges.
 fn map_all(
     inj: &mut Injector,
     ns_pid: i32,
@@ -285,6 +337,7 @@ fn map_all(
     vmas: &[Vma],
     src: &mut dyn PageSource,
     files: &mut HashMap<(String, bool), u64>,
+    mut lazy: Option<(&Uffd, &mut Ranges)>,
 ) -> Result<(), MmError> {
     let pid = inj.pid();
     let perr = |source| MmError::Ptrace { pid: ns_pid, source };
@@ -326,11 +379,23 @@ fn map_all(
             what: format!("find saved pages of {:#x}-{:#x}", v.start, v.end),
             source,
         })?;
+        let on_demand = lazy.is_some() && !runs.is_empty() && lazy_eligible(v);
         // Map writable while filling, then set the real protection.
-        let fill_prot = if runs.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
+        let fill_prot = if runs.is_empty() || on_demand { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
         let r = inj.call(libc::SYS_mmap, &[v.start, v.len(), fill_prot as u64, flags, fd, offset]).map_err(perr)?;
         if r as u64 != v.start {
             return Err(MmError::Layout { pid: ns_pid, reason: format!("mapping {:#x} landed at {r:#x}", v.start) });
+        }
+        if let (true, Some((uffd, pending))) = (on_demand, lazy.as_mut()) {
+            uffd.register_missing(v.start, v.len()).map_err(|source| MmError::Io {
+                pid: ns_pid,
+                what: format!("register {:#x}-{:#x} with the userfaultfd", v.start, v.end),
+                source,
+            })?;
+            for (start, len) in runs {
+                pending.insert(start, start + len);
+            }
+            continue;
         }
         for (start, len) in runs {
             let mut done = 0u64;

@@ -426,10 +426,15 @@ impl NewProcess {
     }
 
     /// Replaces the address space (a copy of the parent's) with the checkpointed one.
-    pub fn rebuild_memory(&mut self, st: &ProcessState, src: &mut dyn PageSource) -> Result<(), RestoreError> {
+    pub fn rebuild_memory(
+        &mut self,
+        st: &ProcessState,
+        src: &mut dyn PageSource,
+        lazy: Option<&mm::LazyRestore<'_>>,
+    ) -> Result<(), RestoreError> {
         let scratch = self.scratch.take().expect("scratch is mapped until finish");
         let pid = self.ns_pid;
-        let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src)
+        let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src, lazy)
             .map_err(|source| RestoreError::Memory { pid, source })?;
         self.gadget = self.threads[0].0.gadget();
         self.scratch = Some(new);

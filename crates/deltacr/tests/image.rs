@@ -22,8 +22,8 @@ fn restore_and_check(
     let sb = ns.sandbox();
     engine.kill_processes(&sb).unwrap();
     let before = counter_lines(out).len();
-    let mut chain = store.open_chain(id).unwrap();
-    engine.restore_image(&mut chain, &sb).unwrap();
+    let chain = store.open_chain(id).unwrap();
+    engine.restore_image(chain, &sb).unwrap();
     wait_for(|| (counter_lines(out).len() > before + 2).then_some(()));
     let first = counter_lines(out)[before];
     assert_eq!(first, (n + 1, crc_next), "continues from the image");
@@ -92,24 +92,41 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let other = PidNs::new();
     let other_out_before = counter_lines(&out).len();
     let mut other_engine = Engine::new();
-    let mut chain = store.open_chain(i2.id).unwrap();
-    other_engine.restore_image(&mut chain, &other.sandbox()).unwrap();
+    let chain = store.open_chain(i2.id).unwrap();
+    other_engine.restore_image(chain, &other.sandbox()).unwrap();
     wait_for(|| (counter_lines(&out).len() > other_out_before).then_some(()));
     assert_eq!(counter_lines(&out)[other_out_before], (n2 + 1, crc_after(n2 + 1)));
     drop(other);
 
-    // Corruption: one flipped byte in the page data is refused and nothing is left running.
+    // Corruption: one flipped byte in the page data. Copying memory whole, the restore is refused and
+    // nothing is left running.
     let pages = store.path_of(i2.id).join("pages.img");
     let mut data = std::fs::read(&pages).unwrap();
     data[5000] ^= 0xff;
     std::fs::write(&pages, &data).unwrap();
     engine.kill_processes(&sb).unwrap();
-    let mut chain = store.open_chain(i2.id).unwrap();
-    let err = engine.restore_image(&mut chain, &sb).unwrap_err();
+    engine.set_memory_restore(deltacr::MemoryRestore::Copy);
+    let err = engine.restore_image(store.open_chain(i2.id).unwrap(), &sb).unwrap_err();
     let msg = format!("{err:?}");
     assert!(msg.contains("checksum mismatch"), "{msg}");
     // Only the pid helper stays (init reaps the killed half-restored process).
     wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 1).then_some(()));
+    // Restoring on demand, the process is killed when the bad pages would come in (touched or filled in
+    // the background): it never runs with them.
+    // (A byte in the middle of the page data: the 8 MB buffer, anonymous memory.)
+    engine.set_memory_restore(deltacr::MemoryRestore::OnDemand { background_fill: true });
+    data[5000] ^= 0xff;
+    let middle = data.len() / 2;
+    data[middle] ^= 0xff;
+    std::fs::write(&pages, &data).unwrap();
+    let lines = counter_lines(&out).len();
+    engine.restore_image(store.open_chain(i2.id).unwrap(), &sb).unwrap();
+    wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 1).then_some(()));
+    let wrong: Vec<_> = counter_lines(&out)[lines..].iter().filter(|l| l.1 != crc_after(l.0)).copied().collect();
+    assert!(wrong.is_empty(), "the process ran with corrupted memory: {wrong:?}");
+    // What is left is a sandbox without that process, which checkpoints as such.
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    assert!(engine.checkpoint(&sb, &mut frozen).unwrap().tree.processes.is_empty());
 
     // Truncated metadata is refused when opening.
     let meta = store.path_of(i2.id).join("meta.img");

@@ -125,8 +125,8 @@ fn restore_rounds<B>(
             assert_eq!(stats.from_spares > 0, round == 1 && from_spares_expected(&ckpt), "round {round}");
             from_spares += stats.from_spares;
         } else {
-            let mut chain = store.open_chain(image).unwrap();
-            engine.restore_image(&mut chain, &sb).unwrap();
+            let chain = store.open_chain(image).unwrap();
+            engine.restore_image(chain, &sb).unwrap();
         }
         check(&ckpt, round, seen);
     }

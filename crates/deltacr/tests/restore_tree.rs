@@ -101,8 +101,8 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
         } else {
             // Dropping the checkpoint kills its templates.
             drop(ckpt.take());
-            let mut chain = store.open_chain(image).unwrap();
-            engine.restore_image(&mut chain, &sb).unwrap();
+            let chain = store.open_chain(image).unwrap();
+            engine.restore_image(chain, &sb).unwrap();
         }
         // Parent links and credentials are back.
         for p in &procs {

@@ -15,3 +15,15 @@ pub mod spec;
 pub mod sys;
 pub mod userns;
 pub mod users;
+
+/// An error and its sources, joined by ": " (for logs and answers that cross process boundaries).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}

@@ -286,6 +286,11 @@ impl Worker {
     }
 
     fn checkpoint(&mut self, processes: bool, parent: Option<StackId>) -> JobResult<Captured> {
+        if processes {
+            // Memory still coming back on demand (after a rollback or fork from an image) is filled
+            // while the sandbox runs, not in its pause (the checkpoint fills what is left).
+            self.engine.fill_lazy_memory().context("complete memory restored on demand")?;
+        }
         let started = Instant::now();
         let cgroup = self.parts.cgroup.clone();
         // Thaws the sandbox exactly once: DeltaCR's checkpoint does as soon as it can, and on any other
@@ -396,7 +401,7 @@ impl Worker {
                 let kept = self.kept.get(&stack).expect("restore_source found its templates");
                 (self.engine.restore(&kept.ckpt, &sb)?, false)
             }
-            Source::Image(mut images) => (self.engine.restore_image(&mut images, &sb)?, true),
+            Source::Image(images) => (self.engine.restore_image(images, &sb)?, true),
         };
         for d in &stats.degraded {
             tracing::warn!("restored with a degraded terminal: {d:?}");
@@ -431,8 +436,8 @@ impl Worker {
     }
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
-        let mut images = self.parts.images.open_chain(image).context("open the image")?;
-        Ok(self.engine.restore_image(&mut images, &sandbox(self.parts.init))?)
+        let images = self.parts.images.open_chain(image).context("open the image")?;
+        Ok(self.engine.restore_image(images, &sandbox(self.parts.init))?)
     }
 }
 

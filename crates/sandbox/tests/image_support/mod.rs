@@ -33,17 +33,7 @@ pub fn import(store: &LayerStore, source: &Path) -> sandbox::image::ImportedImag
     image
 }
 
-/// The error and all its sources, as the CLI prints them.
-pub fn chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use sandbox::error_chain as chain;
 
 /// Builds a tar with raw names: nothing is validated, so tests can write what an attacker would.
 pub struct TarBuilder {

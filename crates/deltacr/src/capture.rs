@@ -4,7 +4,7 @@
 //! later from the template, after the live processes run again; here, while they are stopped, we read
 //! per-thread state and what fork does not copy (itimers, pending signals, the parent-death signal, ...).
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 
 use nix::unistd::Pid;
 
@@ -370,7 +370,6 @@ pub fn read_creds(pid: Pid) -> Result<crate::state::Creds, ProcError> {
 
 /// What a process shares with its template: read from the template after the live process runs again.
 pub struct StaticState {
-    pub sigactions: Vec<crate::state::SigAction>,
     pub creds: crate::state::Creds,
     pub seccomp: Vec<Vec<u8>>,
     pub personality: u32,
@@ -383,31 +382,15 @@ pub struct StaticState {
     pub exit_signal: i32,
 }
 
-/// Reads the state a template shares with its original process. `ns_pid` names the original in errors.
+/// Reads the state a template shares with its original process that decides whether the checkpoint
+/// can be restored, cheaply (mappings from /proc/PID/maps: no page-table walk). What is left
+/// (`brk`, the mappings' flags, signal actions) comes from [`capture_late`]. `ns_pid` names the original
+/// in errors.
 pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<StaticState, CaptureError> {
-    use crate::state::{MmState, SigAction};
+    use crate::state::MmState;
     let pid = t.pid();
     let perr = |source| CaptureError::Ptrace { pid: ns_pid, source };
     let prerr = |source| CaptureError::Proc { pid: ns_pid, source };
-    let (sigactions, brk) = t
-        .with_injector(|inj| {
-            let scratch = Scratch::map(inj, 4096)?;
-            let mut acts = Vec::with_capacity(64);
-            for sig in 1..=64u64 {
-                if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
-                    acts.push(SigAction::default());
-                    continue;
-                }
-                inj.call(libc::SYS_rt_sigaction, &[sig, 0, scratch.addr, 8])?;
-                let b = scratch.read(0, 32)?;
-                let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
-                acts.push(SigAction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
-            }
-            let brk = inj.call(libc::SYS_brk, &[0])? as u64;
-            scratch.free(inj)?;
-            Ok((acts, brk))
-        })
-        .map_err(perr)?;
     let creds = read_creds(pid).map_err(prerr)?;
     let st = procfs::Status::read(pid).map_err(prerr)?;
     let umask = u32::from_str_radix(st.get("Umask").map_err(prerr)?, 8).unwrap_or(0o022);
@@ -424,7 +407,8 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
         start_data: stat.field(45),
         end_data: stat.field(46),
         start_brk: stat.field(47),
-        brk,
+        // Set by capture_late.
+        brk: 0,
         arg_start: stat.field(48),
         arg_end: stat.field(49),
         env_start: stat.field(50),
@@ -444,7 +428,7 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
             ),
         });
     }
-    let vmas: Vec<crate::state::Vma> = procfs::smaps(pid).map_err(prerr)?.iter().filter_map(vma_of).collect();
+    let vmas: Vec<crate::state::Vma> = procfs::maps(pid).map_err(prerr)?.iter().filter_map(vma_of).collect();
     // Shared memory objects are shared with the live processes by the template too, so their
     // checkpoint-time contents are not kept anywhere: refuse rather than restore them wrongly.
     if let Some(v) = vmas.iter().find(|v| v.shared && v.dumped) {
@@ -459,7 +443,6 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
         });
     }
     Ok(StaticState {
-        sigactions,
         creds,
         seccomp: ptrace::seccomp_filters(pid).map_err(perr)?,
         personality,
@@ -471,6 +454,50 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
         vmas,
         exit_signal: stat.field(38) as i32,
     })
+}
+
+/// What [`capture_static`] leaves for after the checkpoint call: it costs a page-table walk (smaps) and
+/// 65 injected system calls, and decides nothing about whether the checkpoint can be restored.
+pub struct LateState {
+    pub sigactions: Vec<crate::state::SigAction>,
+    pub brk: u64,
+    /// The kept `VmFlags` of each mapping, by start address.
+    pub vm_flags: HashMap<u64, Vec<String>>,
+}
+
+/// Reads the rest of a template's state (see [`LateState`]).
+pub fn capture_late(t: &crate::template::Template, ns_pid: i32) -> Result<LateState, CaptureError> {
+    use crate::state::SigAction;
+    let perr = |source| CaptureError::Ptrace { pid: ns_pid, source };
+    let (sigactions, brk) = t
+        .with_injector(|inj| {
+            let scratch = Scratch::map(inj, 4096)?;
+            let mut acts = Vec::with_capacity(64);
+            for sig in 1..=64u64 {
+                if sig == libc::SIGKILL as u64 || sig == libc::SIGSTOP as u64 {
+                    acts.push(SigAction::default());
+                    continue;
+                }
+                inj.call(libc::SYS_rt_sigaction, &[sig, 0, scratch.addr, 8])?;
+                let b = scratch.read(0, 32)?;
+                let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().expect("8 bytes"));
+                acts.push(SigAction { handler: w(0), flags: w(1), restorer: w(2), mask: w(3) });
+            }
+            let brk = inj.call(libc::SYS_brk, &[0])? as u64;
+            scratch.free(inj)?;
+            Ok((acts, brk))
+        })
+        .map_err(perr)?;
+    let vm_flags = procfs::smaps(t.pid())
+        .map_err(|source| CaptureError::Proc { pid: ns_pid, source })?
+        .into_iter()
+        .map(|m| (m.start, kept_vm_flags(&m)))
+        .collect();
+    Ok(LateState { sigactions, brk, vm_flags })
+}
+
+fn kept_vm_flags(m: &procfs::MapEntry) -> Vec<String> {
+    m.vm_flags.iter().filter(|f| KEPT_VM_FLAGS.contains(&f.as_str())).cloned().collect()
 }
 
 const KEPT_VM_FLAGS: [&str; 6] = ["gd", "dc", "wf", "lo", "hg", "nh"];
@@ -509,15 +536,7 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
         }
         _ => (VmaBacking::Anonymous, true),
     };
-    Some(Vma {
-        start: m.start,
-        end: m.end,
-        prot,
-        shared: m.shared,
-        backing,
-        vm_flags: m.vm_flags.iter().filter(|f| KEPT_VM_FLAGS.contains(&f.as_str())).cloned().collect(),
-        dumped,
-    })
+    Some(Vma { start: m.start, end: m.end, prot, shared: m.shared, backing, vm_flags: kept_vm_flags(m), dumped })
 }
 
 /// The pty index of a process's controlling terminal and the terminal's foreground process group

@@ -140,6 +140,41 @@ impl Checkpoint {
     }
 }
 
+/// A checkpoint that can be restored, whose state is not all read yet (see
+/// [`Engine::checkpoint_at_thaw`]). Dropping it kills its templates.
+pub struct Partial(Checkpoint);
+
+impl Partial {
+    pub fn stats(&self) -> &CheckpointStats {
+        &self.0.stats
+    }
+
+    /// Reads the rest of the state from the templates (on the tracer thread; the sandbox runs).
+    pub fn complete(mut self) -> Result<Checkpoint, CrError> {
+        let started = Instant::now();
+        let ckpt = &mut self.0;
+        for entry in &mut ckpt.tree.processes {
+            let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, ckpt.templates.get(&entry.pid)) else {
+                continue;
+            };
+            let late = capture::capture_late(t, entry.pid)?;
+            st.sigactions = late.sigactions;
+            st.mm.brk = late.brk;
+            for v in &mut st.vmas {
+                v.vm_flags = late.vm_flags.get(&v.start).cloned().ok_or_else(|| CrError::Unsupported {
+                    pid: entry.pid,
+                    comm: entry.comm.clone(),
+                    reason: format!("its template has no mapping at {:#x} any more", v.start),
+                })?;
+            }
+        }
+        let took = started.elapsed();
+        ckpt.stats.total += took;
+        ckpt.stats.phases.push(("after the call: signal actions, brk, mapping flags", took));
+        Ok(self.0)
+    }
+}
+
 /// Where restored memory comes from.
 enum Memory<'a> {
     Templates(&'a Templates),
@@ -366,6 +401,13 @@ impl Engine {
     /// seized, and returns once the processes run again and the checkpoint is complete. On error nothing
     /// is left seized; a sandbox still frozen then is thawed when the caller drops `frozen`.
     pub fn checkpoint(&mut self, sb: &Sandbox, frozen: &mut Frozen<'_>) -> Result<Checkpoint, CrError> {
+        self.checkpoint_at_thaw(sb, frozen)?.complete()
+    }
+
+    /// [`Engine::checkpoint`] up to what decides whether the checkpoint can be restored (it is checked,
+    /// the sandbox runs again): the caller can answer then, and [`Partial::complete`] the rest (signal
+    /// actions, `brk`, mapping flags: a few ms that grow with memory) on this thread afterwards.
+    pub fn checkpoint_at_thaw(&mut self, sb: &Sandbox, frozen: &mut Frozen<'_>) -> Result<Partial, CrError> {
         let start = Instant::now();
         let mut phases = Phases::new();
         self.tidy();
@@ -387,18 +429,18 @@ impl Engine {
         let stopped = start.elapsed();
         let (processes, templates, threads) = complete_from_templates(entries)?;
         phases.mark("state shared with templates");
-        let stats = CheckpointStats {
-            stopped,
-            total: start.elapsed(),
-            processes: processes.len(),
-            threads,
-            phases: phases.done,
-        };
         let tree = TreeState { processes, files, last_pid };
         // A checkpoint that could not be restored must not be reported as one: check the restore plan now
         // (dropping the templates on failure).
         plan::plan(&tree)?;
-        Ok(Checkpoint { tree, templates, stats })
+        let stats = CheckpointStats {
+            stopped,
+            total: start.elapsed(),
+            processes: tree.processes.len(),
+            threads,
+            phases: phases.done,
+        };
+        Ok(Partial(Checkpoint { tree, templates, stats }))
     }
 
     /// Kills every process of the sandbox except init, our templates, spares and helper, and waits until
@@ -1157,7 +1199,8 @@ fn live_entry(l: &LiveProcess, fds: Vec<FdState>, ctty: Option<Ctty>) -> Process
     }
 }
 
-/// Reads from each template what its process shares with it (see [`capture::capture_static`]); returns
+/// Reads from each template what its process shares with it and decides whether it can be restored (see
+/// [`capture::capture_static`]); returns
 /// the processes (parents first), the templates by pid, and the number of threads.
 fn complete_from_templates(
     entries: Vec<(ProcessEntry, Option<Template>)>,
@@ -1168,7 +1211,6 @@ fn complete_from_templates(
     for (mut entry, t) in entries {
         if let (ProcessKind::Live(st), Some(t)) = (&mut entry.kind, &t) {
             let s = capture::capture_static(t, entry.pid)?;
-            st.sigactions = s.sigactions;
             st.creds = s.creds;
             st.seccomp = s.seccomp;
             st.personality = s.personality;

@@ -19,6 +19,6 @@ pub mod sys;
 pub mod template;
 pub mod uffd;
 
-pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, MemoryRestore, RestoreStats, Sandbox};
+pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, MemoryRestore, Partial, RestoreStats, Sandbox};
 pub use freezer::{Freezer, Frozen};
 pub use pty::{Degraded, PtyLoss};

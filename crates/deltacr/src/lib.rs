@@ -5,6 +5,7 @@ pub mod engine;
 pub mod files;
 pub mod freezer;
 pub mod image;
+pub mod memuse;
 pub mod mm;
 pub mod pidns;
 pub mod plan;

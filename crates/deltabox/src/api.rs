@@ -136,6 +136,10 @@ pub struct CheckpointView {
     /// Bytes it adds to the data directory's disk: its files' changes since its parent and, once
     /// durable, its process image (incremental too). None if they could not be measured.
     pub disk_bytes: Option<u64>,
+    /// Bytes of memory its in-memory copies (templates, for a fast rollback) hold that nothing else
+    /// shares, as last measured; 0 once dropped (a rollback then restores from the image). None for a
+    /// filesystem checkpoint, and until first measured (within a second or so of the checkpoint).
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

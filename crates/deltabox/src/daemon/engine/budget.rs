@@ -15,7 +15,7 @@ use std::time::Duration;
 use deltafs::StackId;
 
 use super::Engine;
-use crate::catalog::CheckpointRecord;
+use crate::catalog::{CheckpointKind, CheckpointRecord};
 use crate::shim::proto::{monotonic_ns, KeptTemplates};
 
 /// How often the daemon learns what the sandboxes' templates hold and enforces the budgets.
@@ -96,9 +96,32 @@ impl TemplateMemory {
         self.known.lock().expect("template memory lock")
     }
 
+    /// Full checkpoint `cp` was just taken: its sandbox keeps its templates, not measured yet (until the
+    /// sandbox's next report says more).
+    pub fn taken(&self, cp: &CheckpointRecord) {
+        let kept = KeptTemplates { stack: cp.stack, memory_bytes: None, used_ns: monotonic_ns(), droppable: false };
+        self.known().kept.entry(cp.sandbox.clone()).or_default().push(kept);
+    }
+
     /// Checkpoint `cp` was forked: a use, as much as a rollback to it.
     pub fn forked(&self, cp: &CheckpointRecord) {
         self.known().forked.insert(cp.stack, monotonic_ns());
+    }
+
+    /// What the templates of checkpoint `cp` hold as last reported: None for a filesystem checkpoint (it
+    /// has none) and until they are first measured, 0 once they are dropped (or its sandbox is gone).
+    pub fn of(&self, cp: &CheckpointRecord) -> Option<u64> {
+        if cp.kind != CheckpointKind::Full {
+            return None;
+        }
+        let known = self.known();
+        let kept = known.kept.get(&cp.sandbox).and_then(|list| list.iter().find(|k| k.stack == cp.stack));
+        kept.map_or(Some(0), |k| k.memory_bytes)
+    }
+
+    /// What the templates of all sandboxes hold, as last reported.
+    pub fn total(&self) -> u64 {
+        self.known().kept.values().flatten().filter_map(|k| k.memory_bytes).sum()
     }
 }
 

@@ -20,6 +20,8 @@ use crate::shim::proto::{monotonic_ns, KeptTemplates};
 
 /// How often the daemon learns what the sandboxes' templates hold and enforces the budgets.
 const POLL_EVERY: Duration = Duration::from_secs(1);
+/// How long a shim's report is waited for.
+const ANSWER_WITHIN: Duration = Duration::from_secs(5);
 
 /// A process checkpoint whose templates a sandbox keeps, as the budgets weigh it.
 #[derive(Debug, Clone, PartialEq)]
@@ -150,13 +152,20 @@ impl Engine {
             .filter(|live| live.compatible())
             .map(|live| (live.record.id.clone(), live.record.config.template_memory.unwrap_or(u64::MAX)))
             .collect();
-        let asks = sandboxes.iter().map(|(id, _)| async move { self.shim(id).info().await });
+        // A shim that does not answer soon holds up no other sandbox's budget for long.
+        let asks = sandboxes
+            .iter()
+            .map(|(id, _)| async move { tokio::time::timeout(ANSWER_WITHIN, self.shim(id).info()).await });
         let answers = futures_util::future::join_all(asks).await;
         let reports = sandboxes.into_iter().zip(answers).filter_map(|((id, budget), answer)| match answer {
-            Ok(info) => Some((id, budget, info.templates)),
-            // Gone meanwhile, or busy past the timeout: asked again next time.
-            Err(e) => {
+            Ok(Ok(info)) => Some((id, budget, info.templates)),
+            // Gone meanwhile, or busy: asked again next time.
+            Ok(Err(e)) => {
                 tracing::debug!(sandbox = %id, "no template report: {e}");
+                None
+            }
+            Err(_) => {
+                tracing::debug!(sandbox = %id, "no template report within {ANSWER_WITHIN:?}");
                 None
             }
         });

@@ -81,12 +81,15 @@ class Client:
         self.images = Images(self._transport)
 
     def health(self) -> Dict[str, Any]:
-        """The daemon's status and version, e.g. ``{"status": "ok", "version": "0.1.0"}``."""
+        """The daemon's status and version, and what the in-memory copies of checkpoints hold in all sandboxes
+        against the daemon's budget for them, e.g. ``{"status": "ok", "version": "0.1.0",
+        "template_memory_bytes": 1052672, "template_memory_budget": 6318604288}``."""
         return dict(self._transport.call("GET", "/v1/health"))
 
     def create(self, image: str, *, memory: Union[int, str, None] = None, pids: Optional[int] = None,
                cpus: Optional[float] = None, disk: Union[int, str, None] = None, inodes: Optional[int] = None,
-               network: str = "none", env: Optional[Mapping[str, str]] = None) -> Sandbox:
+               template_memory: Union[int, str, None] = None, network: str = "none",
+               env: Optional[Mapping[str, str]] = None) -> Sandbox:
         """Creates and starts a sandbox from ``image``.
 
         Args:
@@ -97,13 +100,18 @@ class Client:
                 as ``"10G"``. Past it, writes fail with ``ENOSPC`` inside. Forks of its checkpoints get the same.
             inodes: number of files (inodes) of the sandbox's filesystem (with ``disk`` and without this, one per
                 16 KiB of it, as ``mkfs.ext4`` makes).
+            template_memory: most memory the in-memory copies of its checkpoints (which make rollbacks fast) may
+                hold, in bytes or as ``"1G"``; past it the least recently used are dropped and a rollback to one of
+                those restores it from disk. ``0`` keeps none once written to disk. Default: the daemon's
+                ``--template-memory``.
             network: ``"none"`` (loopback only) or ``"host"``.
             env: environment added to every process in the sandbox.
 
         The returned :class:`Sandbox` deletes the sandbox when used as a context manager.
         """
         body: Dict[str, Any] = {"image": image, "network": network}
-        optional = {"memory": memory, "pids": pids, "cpus": cpus, "disk": disk, "inodes": inodes}
+        optional = {"memory": memory, "pids": pids, "cpus": cpus, "disk": disk, "inodes": inodes,
+                    "template_memory": template_memory}
         body.update({k: v for k, v in optional.items() if v is not None})
         if env:
             body["env"] = dict(env)

@@ -132,6 +132,8 @@ class SandboxInfo:
     """A sandbox as the daemon reports it.
 
     ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
+    ``template_memory`` is the most memory the in-memory copies of its checkpoints may hold (``None`` for a sandbox
+    created before there was such a budget).
     ``origin`` is the checkpoint it was forked from (``None`` if created from an image); ``head`` the checkpoint
     its current files descend from (its last checkpoint or rollback target; ``None`` before the first).
     ``state`` is ``"running"``, or ``"incompatible shim"`` when its supervisor speaks another protocol version than
@@ -148,6 +150,7 @@ class SandboxInfo:
     cpus: Optional[float] = None
     disk: Optional[int] = None
     inodes: Optional[int] = None
+    template_memory: Optional[int] = None
     created: int = 0
     uid_base: Optional[int] = None
     init_pid: Optional[int] = None

@@ -68,6 +68,10 @@ class Checkpoint:
     #: Bytes it adds to the daemon's disk: its files' changes since its parent and, once ``durable``, its process
     #: image (incremental too). Deleting it frees at most this. ``None`` if the daemon could not measure it.
     disk_bytes: Optional[int] = None
+    #: Bytes of memory its in-memory copies (which make a rollback to it fast) hold that nothing else shares, as
+    #: measured in the background (seconds old at most); ``0`` once dropped for the memory budget (a rollback then
+    #: restores it from disk). ``None`` for a filesystem-only checkpoint, and until first measured (a second or so).
+    memory_bytes: Optional[int] = None
     _transport: Optional["Transport"] = field(default=None, repr=False, compare=False)
 
     @classmethod

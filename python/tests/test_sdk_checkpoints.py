@@ -53,19 +53,20 @@ def test_fs_only_checkpoint(fake, sandbox):
 
 def test_full_checkpoint_by_default(fake, sandbox):
     full = dict(CHECKPOINT, kind="full", covers=["filesystem", "processes"], process_count=3, durable=False,
-                processes="3 captured")
+                processes="3 captured", memory_bytes=1 << 20)
     fake.route("POST", f"{SB}/checkpoints", Reply(201, full))
     ck = sandbox.checkpoint()
     # Without fs_only the SDK asks for the daemon's default: files and processes.
     assert fake.requests[-1].json() == {}
     assert (ck.kind, ck.covers, ck.process_count, ck.durable) == ("full", ["filesystem", "processes"], 3, False)
+    assert ck.memory_bytes == 1 << 20
 
 
 def test_checkpoint_fields_of_an_older_daemon_have_defaults(fake, sandbox):
     old = {k: v for k, v in CHECKPOINT.items() if k not in ("process_count", "durable")}
     fake.route("POST", f"{SB}/checkpoints", Reply(201, old))
     ck = sandbox.checkpoint(fs_only=True)
-    assert (ck.process_count, ck.durable) == (None, True)
+    assert (ck.process_count, ck.durable, ck.memory_bytes) == (None, True, None)
 
 
 def test_list_checkpoints(fake, sandbox):

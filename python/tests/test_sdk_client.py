@@ -132,12 +132,13 @@ def test_connection_survives_an_error(fake):
 
 def test_create_sends_limits_and_returns_a_handle(fake):
     fake.route("POST", "/v1/sandboxes", Reply(201, dict(SANDBOX, extra_field_from_a_newer_daemon=1)))
-    sb = fake.client.create("debian", memory="1G", pids=128, env={"A": "1"})
+    sb = fake.client.create("debian", memory="1G", pids=128, template_memory="256M", env={"A": "1"})
     assert fake.requests[-1].json() == {
         "image": "debian",
         "network": "none",
         "memory": "1G",
         "pids": 128,
+        "template_memory": "256M",
         "env": {"A": "1"},
     }
     assert fake.requests[-1].headers["content-type"] == "application/json"

@@ -91,12 +91,12 @@ class Daemon:
 
 
 @contextlib.contextmanager
-def private_daemon(prefix: str) -> Iterator[Daemon]:
-    """A daemon of its own (socket, data directory) with the busybox image, for tests that kill or restart it.
-    Afterwards its sandboxes are deleted (a daemon the test left stopped is started for that) and its data
-    directory is removed."""
+def private_daemon(prefix: str, extra_args: Sequence[str] = ()) -> Iterator[Daemon]:
+    """A daemon of its own (socket, data directory, `serve` options) with the busybox image, for tests that kill or
+    restart it or need other options. Afterwards its sandboxes are deleted (a daemon the test left stopped is
+    started for that) and its data directory is removed."""
     workdir = Path(tempfile.mkdtemp(prefix=prefix))
-    d = Daemon(binary(), workdir)
+    d = Daemon(binary(), workdir, extra_args)
     d.start()
     with deltabox.Client(socket=d.socket) as c:
         c.images.import_(str(image_dir() / "busybox"), "busybox")

@@ -2,7 +2,8 @@
 
 Each ```sh block is run (in order, in one bash, with $SOCK set) and must be followed by a ```json or ```text
 sample. JSON output must match the sample's documents — same fields, same values except those that differ
-between runs (ids, pids, times, latencies, image digests, whether a process image is written yet; sandbox and checkpoint ids inside other values, e.g.
+between runs (ids, pids, times, latencies, image digests, whether a process image is written yet, what templates hold
+and the host-sized template budget; sandbox and checkpoint ids inside other values, e.g.
 messages, are masked), same sequence of event types (repeated progress events count once); text output must
 equal the sample (up to trailing newlines).
 """
@@ -17,7 +18,8 @@ from support import REPO
 
 DOC = REPO / "docs" / "api.md"
 VOLATILE = {"id", "pid", "created", "duration_ms", "uid_base", "init_pid", "source", "layers", "size", "done_bytes",
-            "total_bytes", "mtime", "pause_ms", "fs_ms", "changed_inodes", "durable", "disk_bytes"}
+            "total_bytes", "mtime", "pause_ms", "fs_ms", "changed_inodes", "durable", "disk_bytes", "memory_bytes",
+            "template_memory_bytes", "template_memory_budget"}
 # Sandbox ids (12 hex digits) and checkpoint ids ("ck-" + 12 hex digits) in any string value.
 IDS = re.compile(r"\b(ck-)?[0-9a-f]{12}\b")
 EXAMPLE = re.compile(r"```sh\n(.*?)```\s*```(json|text)\n(.*?)```", re.S)

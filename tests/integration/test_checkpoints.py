@@ -86,22 +86,6 @@ def test_execs_racing_rollbacks_wait_for_them(daemon, sb):
         assert all(r.result() > 0 for r in racers)
 
 
-def test_a_checkpoint_rolled_back_to_keeps_its_templates(sb):
-    """Templates are dropped least recently used first: a node a search keeps coming back to rolls back from
-    memory however many checkpoints were taken since (the sandbox keeps 8)."""
-    sb.exec(["sh", "-c", "sleep 100000 > /dev/null 2>&1 &"]).check()
-    root = sb.checkpoint()
-    branches = []
-    for step in range(12):
-        result = sb.rollback(root)
-        assert (result.processes_restored, result.from_image) == (1, False), (step, result)
-        sb.exec(["sh", "-c", f"echo {step} > /step"]).check()
-        branches.append(sb.checkpoint())
-    # The first branch, which nobody came back to, went the other way.
-    assert sb.rollback(branches[0]).from_image
-    assert sb.exec(["cat", "/step"]).stdout == "0\n"
-
-
 def test_rollback_restores_the_tree_exactly(sb):
     run_python(sb, BUILD, TREE)
     tree, root = manifest(sb, TREE), manifest(sb, "/", light=True)

@@ -56,6 +56,10 @@ pub struct CreateRequest {
     pub disk: Option<u64>,
     /// Number of files (inodes) of the sandbox's filesystem.
     pub inodes: Option<u64>,
+    /// Most memory the in-memory copies (templates) of its checkpoints may hold, for fast rollbacks: bytes,
+    /// or a string such as "512M"; 0 keeps none once their images are written.
+    #[serde(default, deserialize_with = "opt_size")]
+    pub template_memory: Option<u64>,
     #[serde(default)]
     pub network: Network,
     /// Extra environment for every process.
@@ -74,6 +78,8 @@ pub struct SandboxView {
     pub cpus: Option<f64>,
     pub disk: Option<u64>,
     pub inodes: Option<u64>,
+    /// Most memory its checkpoints' templates may hold (None for a sandbox from before this budget).
+    pub template_memory: Option<u64>,
     pub created: i64,
     /// Host uid/gid that is root inside.
     pub uid_base: Option<u32>,
@@ -130,6 +136,10 @@ pub struct CheckpointView {
     /// Bytes it adds to the data directory's disk: its files' changes since its parent and, once
     /// durable, its process image (incremental too). None if they could not be measured.
     pub disk_bytes: Option<u64>,
+    /// Bytes of memory its in-memory copies (templates, for a fast rollback) hold that nothing else
+    /// shares, as last measured; 0 once dropped (a rollback then restores from the image). None for a
+    /// filesystem checkpoint, and until first measured (within a second or so of the checkpoint).
+    pub memory_bytes: Option<u64>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

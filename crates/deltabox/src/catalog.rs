@@ -67,6 +67,10 @@ pub struct SandboxConfig {
     /// Size limits of its filesystem (absent in records written before there were any).
     #[serde(default)]
     pub disk: deltafs::Quota,
+    /// Most memory its checkpoints' templates may hold (None in records written before there was a budget:
+    /// the daemon's alone applies).
+    #[serde(default)]
+    pub template_memory: Option<u64>,
     pub env: Vec<String>,
     pub cwd: String,
     pub user: Option<String>,
@@ -413,6 +417,7 @@ pub mod tests {
             network: Network::None,
             limits: Limits::default(),
             disk: deltafs::Quota::default(),
+            template_memory: None,
             env: vec![],
             cwd: "/".into(),
             user: None,

@@ -64,6 +64,12 @@ enum Command {
         /// 0: unlimited.
         #[arg(long)]
         default_cpus: Option<f64>,
+        /// Most memory the in-memory copies of checkpoints (templates, for fast rollbacks) may hold in all
+        /// sandboxes together, e.g. 4G; also the budget of each sandbox created without its own. The least
+        /// recently used are dropped first (their rollbacks then restore from disk). Default: a quarter of
+        /// the host's memory.
+        #[arg(long, value_parser = api::parse_size)]
+        template_memory: Option<u64>,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -210,6 +216,7 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
             default_pids,
             default_memory,
             default_cpus,
+            template_memory,
         } => {
             init_logging();
             let fs_busy_poll = (fs_busy_poll_us > 0).then(|| Duration::from_micros(fs_busy_poll_us));
@@ -222,6 +229,7 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
                 fs_busy_poll,
                 default_disk,
                 default_limits,
+                template_memory: template_memory.unwrap_or_else(daemon::default_template_memory),
                 listen,
                 token,
             };

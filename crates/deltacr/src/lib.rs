@@ -6,6 +6,7 @@ pub mod files;
 pub mod freezer;
 pub mod image;
 pub mod lazy;
+pub mod memuse;
 pub mod mm;
 pub mod pidns;
 pub mod plan;

@@ -38,9 +38,9 @@ pub enum MmError {
 }
 
 pub const PAGE: u64 = 4096;
-const PM_PRESENT: u64 = 1 << 63;
+pub(crate) const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE: u64 = 1 << 61;
+pub(crate) const PM_FILE: u64 = 1 << 61;
 const MAP_FIXED_NOREPLACE: u64 = 0x100000;
 const PR_SET_MM: u64 = 35;
 const PR_SET_MM_MAP: u64 = 14;

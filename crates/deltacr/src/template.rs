@@ -20,6 +20,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use crate::memuse;
 use crate::procfs;
 use crate::ptrace::{self, Injector, PtraceError};
 use crate::sys::{self, Regs};
@@ -169,6 +170,15 @@ impl Stopped {
         !matches!(waitpid(self.pid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)), Ok(WaitStatus::StillAlive))
     }
 
+    /// `read(pid)` of the task, or 0 once the task is gone (until we collect it, an exited task keeps its
+    /// pid as a zombie without memory, so its /proc files cannot be another process's).
+    fn read_or_zero(&self, read: impl FnOnce(Pid) -> Result<u64, procfs::ProcError>) -> Result<u64, TemplateError> {
+        match read(self.pid) {
+            Err(_) if !self.alive() => Ok(0),
+            read => read.map_err(|source| TemplateError::Proc { pid: self.pid.as_raw(), source }),
+        }
+    }
+
     /// Injects `clone(flags)` into the task and returns the new child's host pid, stopped and traced.
     /// The pid the child gets is chosen beforehand with the pid helper.
     pub fn clone_child(&self, flags: u64) -> Result<Pid, TemplateError> {
@@ -239,6 +249,19 @@ impl Template {
                 Err(TemplateError::Clone { template: t.pid.as_raw(), source })
             }
         }
+    }
+
+    /// Memory the template and its spare hold that no other process shares — what killing them frees:
+    /// the anonymous pages only they map (see [`memuse`]) and their page tables. 0 once they are gone.
+    pub fn memory_bytes(&self) -> Result<u64, TemplateError> {
+        let spare = self.spare.borrow();
+        let spare = spare.as_ref().filter(|s| s.alive());
+        let holders = 1 + u64::from(spare.is_some());
+        let mut bytes = self.task.read_or_zero(|pid| memuse::exclusive_anon_bytes(pid, holders))?;
+        for task in std::iter::once(&self.task).chain(spare) {
+            bytes += task.read_or_zero(memuse::page_table_bytes)?;
+        }
+        Ok(bytes)
     }
 
     /// Takes the template's spare, if it has a live one.

@@ -88,12 +88,14 @@ pub async fn list(client: &Client, id: &str) -> anyhow::Result<()> {
     let r: serde_json::Value =
         client.json(Method::GET, &format!("/v1/sandboxes/{id}/checkpoints"), None::<&()>).await?;
     let checkpoints: Vec<CheckpointView> = serde_json::from_value(r["checkpoints"].clone())?;
-    println!("{:<16} {:<16} {:<11} {:>10} {:>10} CREATED", "ID", "PARENT", "KIND", "LATENCY", "SIZE");
+    println!("{:<16} {:<16} {:<11} {:>10} {:>10} {:>10} CREATED", "ID", "PARENT", "KIND", "LATENCY", "SIZE", "MEMORY");
     for c in checkpoints {
         let parent = c.parent.unwrap_or_else(|| "-".into());
         let size = c.disk_bytes.map_or_else(|| "?".into(), super::human_bytes);
+        // What its in-memory copies hold (0 B: dropped, a rollback restores it from disk); - for files only.
+        let memory = c.memory_bytes.map_or_else(|| "-".into(), super::human_bytes);
         let (id, kind, latency, age) = (c.id, c.kind, c.pause_ms, super::age(c.created));
-        println!("{id:<16} {parent:<16} {kind:<11} {latency:>7.2} ms {size:>10} {age}");
+        println!("{id:<16} {parent:<16} {kind:<11} {latency:>7.2} ms {size:>10} {memory:>10} {age}");
     }
     Ok(())
 }

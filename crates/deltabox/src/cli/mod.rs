@@ -39,6 +39,10 @@ pub struct CreateArgs {
     /// Number of files (inodes) of the sandbox's filesystem.
     #[arg(long)]
     pub inodes: Option<u64>,
+    /// Most memory the in-memory copies of its checkpoints may hold, e.g. 1G (the least recently used are
+    /// dropped; their rollbacks then restore from disk). Default: the daemon's --template-memory.
+    #[arg(long)]
+    pub template_memory: Option<String>,
     /// none (loopback only) or host.
     #[arg(long, default_value = "none")]
     pub network: String,
@@ -180,6 +184,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
     };
     let memory = args.memory.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
     let disk = args.disk.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
+    let template_memory = args.template_memory.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
     let req = CreateRequest {
         image: args.image,
         memory,
@@ -187,6 +192,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
         cpus: args.cpus,
         disk,
         inodes: args.inodes,
+        template_memory,
         network,
         env: env_map(&args.env)?,
     };

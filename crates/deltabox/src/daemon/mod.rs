@@ -28,6 +28,8 @@ pub struct ServeOptions {
     pub fs_busy_poll: Option<Duration>,
     pub default_disk: deltafs::Quota,
     pub default_limits: sandbox::cgroup::Limits,
+    /// The template memory budget of the daemon, and of sandboxes created without their own.
+    pub template_memory: u64,
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
 }
@@ -51,6 +53,16 @@ pub fn default_limits(pids: u64, memory: Option<u64>, cpus: Option<f64>) -> anyh
     Ok(limits)
 }
 
+/// The template memory budget unless `--template-memory` says otherwise: a quarter of the host's memory.
+/// Templates hold the pages their processes rewrote since (and page tables), which the processes would
+/// not hold otherwise; a quarter leaves the sandboxes' own memory (half of the host's by default, see
+/// [`default_limits`]) and the page cache room, and holds a 100-checkpoint tree of a 264 MB process
+/// many times over (docs/deltacr.md, "Template memory budget").
+pub fn default_template_memory() -> u64 {
+    let info = rustix::system::sysinfo();
+    info.totalram.saturating_mul(u64::from(info.mem_unit)) / 4
+}
+
 pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
     let engine = Engine::open(DaemonConfig {
         data_dir: opts.data_dir.clone(),
@@ -58,6 +70,7 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         fs_busy_poll: opts.fs_busy_poll,
         default_disk: opts.default_disk,
         default_limits: opts.default_limits,
+        template_memory: opts.template_memory,
     })
     .await?;
     let app = routes::router(engine.clone());

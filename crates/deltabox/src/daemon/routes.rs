@@ -60,8 +60,13 @@ pub fn router(engine: Arc<Engine>) -> Router {
 /// Largest JSON request body.
 const MAX_JSON_BODY: usize = 64 << 20;
 
-async fn health() -> Json<serde_json::Value> {
-    Json(serde_json::json!({ "status": "ok", "version": env!("CARGO_PKG_VERSION") }))
+async fn health(State(engine): AppState) -> Json<serde_json::Value> {
+    Json(serde_json::json!({
+        "status": "ok",
+        "version": env!("CARGO_PKG_VERSION"),
+        "template_memory_bytes": engine.template_memory.total(),
+        "template_memory_budget": engine.template_memory.budget,
+    }))
 }
 
 /// A response of newline-delimited JSON events fed by `rx`.
@@ -228,7 +233,10 @@ fn optional_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> ApiResult<Optio
 
 // ---- checkpoints ----
 
-fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u64>)) -> CheckpointView {
+fn checkpoint_view(
+    engine: &Engine,
+    (c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u64>),
+) -> CheckpointView {
     let full = c.kind == CheckpointKind::Full;
     let processes = match full {
         false => "not captured (filesystem-only checkpoint): they kept running".to_string(),
@@ -248,6 +256,7 @@ fn checkpoint_view((c, disk_bytes): &(crate::catalog::CheckpointRecord, Option<u
         durable: c.durable,
         image_failure: c.image_failure.as_ref().map(|f| f.reason.clone()),
         disk_bytes: *disk_bytes,
+        memory_bytes: engine.template_memory.of(c),
     }
 }
 
@@ -259,19 +268,19 @@ async fn create_checkpoint(
     let req: CheckpointRequest = optional_json(&body)?.unwrap_or_default();
     let (cp, _) = engine.checkpoint(&id, !req.fs_only).await?;
     let measured = engine.with_disk_bytes(vec![cp]);
-    Ok((StatusCode::CREATED, Json(checkpoint_view(&measured[0]))).into_response())
+    Ok((StatusCode::CREATED, Json(checkpoint_view(&engine, &measured[0]))).into_response())
 }
 
 async fn list_checkpoints(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
     engine.live(&id).await?;
     let list: Vec<CheckpointView> =
-        engine.with_disk_bytes(engine.checkpoints_of(&id)?).iter().map(checkpoint_view).collect();
+        engine.with_disk_bytes(engine.checkpoints_of(&id)?).iter().map(|c| checkpoint_view(&engine, c)).collect();
     Ok(Json(serde_json::json!({ "checkpoints": list })))
 }
 
 async fn get_checkpoint(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<CheckpointView>> {
     let measured = engine.with_disk_bytes(vec![engine.checkpoint_record(&id)?]);
-    Ok(Json(checkpoint_view(&measured[0])))
+    Ok(Json(checkpoint_view(&engine, &measured[0])))
 }
 
 async fn remove_checkpoint(

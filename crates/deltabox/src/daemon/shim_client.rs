@@ -90,6 +90,7 @@ impl ShimClient {
             shim_pid: field("shim_pid") as i32,
             init_pid: field("init_pid") as i32,
             uid_base: field("uid_base") as u32,
+            templates: Vec::new(),
         };
         Ok(Announced::Incompatible { protocol, info })
     }
@@ -134,6 +135,12 @@ impl ShimClient {
     /// Drops the in-memory copies of the process checkpoint of `stack`.
     pub async fn forget(&self, stack: StackId) -> Result<(), ShimError> {
         self.done(Request::Forget { stack }, "Forget", Some(CONTROL_TIMEOUT)).await
+    }
+
+    /// Drops the templates of the process checkpoint of `stack` to free memory, if they are still droppable
+    /// (ask only for a checkpoint the shim listed in its `ShimInfo::templates`).
+    pub async fn drop_templates(&self, stack: StackId) -> Result<(), ShimError> {
+        self.done(Request::DropTemplates { stack }, "DropTemplates", Some(CONTROL_TIMEOUT)).await
     }
 
     /// Kills every process of the sandbox; the shim exits afterwards.

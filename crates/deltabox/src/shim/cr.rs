@@ -5,7 +5,7 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
@@ -20,6 +20,7 @@ use tokio::sync::oneshot;
 pub type JobResult<T> = anyhow::Result<T>;
 
 use crate::errors::error_chain as chain;
+use crate::shim::proto::{self, KeptTemplates};
 
 /// What a checkpoint captured.
 pub struct Captured {
@@ -70,6 +71,9 @@ enum Job {
     Forget {
         stack: StackId,
     },
+    DropTemplates {
+        stack: StackId,
+    },
     /// Ends the thread once its templates and other stopped tasks are killed and collected.
     Shutdown {
         done: std::sync::mpsc::Sender<()>,
@@ -85,6 +89,7 @@ enum Source {
 /// Handle to the checkpoint thread.
 pub struct Cr {
     jobs: std::sync::mpsc::Sender<Job>,
+    kept: Arc<Mutex<KeptList>>,
 }
 
 /// What the checkpoint thread works on.
@@ -95,11 +100,30 @@ pub struct Parts {
     pub images: ImageStore,
 }
 
-/// A process checkpoint kept in memory (its templates) with its image.
+/// What the checkpoint thread knows of a process checkpoint whose templates it keeps, shared with the
+/// request handlers ([`Cr::kept`]); the templates themselves stay on the thread (`Worker::templates`).
 struct Kept {
-    ckpt: deltacr::Checkpoint,
     image: ImageId,
     write: Arc<ImageWrite>,
+    /// The checkpoint whose templates its image is compared with (an incremental image).
+    parent: Option<StackId>,
+    /// When it was last taken or rolled back to (`proto::monotonic_ns`).
+    used_ns: u64,
+    /// What its templates hold, as last measured.
+    memory_bytes: Option<u64>,
+    /// When to measure them (again).
+    measure_at: Instant,
+}
+
+/// The kept process checkpoints by stack.
+type KeptList = HashMap<StackId, Kept>;
+
+/// Whether the templates of the checkpoint of `stack` may be dropped to free memory: its image is written
+/// (until then they are its only copy), and no image being written is compared with them (without them it
+/// would be written whole).
+fn droppable(kept: &KeptList, stack: StackId) -> bool {
+    kept.get(&stack).is_some_and(|k| k.write.succeeded())
+        && !kept.values().any(|k| k.parent == Some(stack) && !k.write.ended())
 }
 
 /// How the write of a checkpoint's image ended: `None` while it runs, then whether it succeeded.
@@ -123,6 +147,10 @@ impl ImageWrite {
         *self.outcome.lock().expect("image write lock") == Some(true)
     }
 
+    fn ended(&self) -> bool {
+        self.outcome.lock().expect("image write lock").is_some()
+    }
+
     /// Waits until the write ended; whether it succeeded.
     fn wait(&self) -> bool {
         let outcome = self.outcome.lock().expect("image write lock");
@@ -141,11 +169,13 @@ impl Drop for EndsWrite {
     }
 }
 
-/// Process checkpoints of a sandbox whose templates stay in memory (the least recently taken or rolled back
-/// to others restore from their images).
-const MAX_TEMPLATES: usize = 8;
 /// How often an idle checkpoint thread lets go of memory held for processes that exited since.
-const TIDY_EVERY: std::time::Duration = std::time::Duration::from_secs(5);
+const TIDY_EVERY: Duration = Duration::from_secs(5);
+/// How old a measurement of what a checkpoint's templates hold may get: they hold more as the live
+/// processes rewrite the pages they share.
+const MEASURE_EVERY: Duration = Duration::from_secs(5);
+/// Measurements take at most 1 / (1 + MEASURE_PACE) of the thread's time.
+const MEASURE_PACE: u32 = 4;
 /// Longest chain of incremental images a restore reads before the newest is rewritten whole.
 const MAX_CHAIN: usize = 8;
 
@@ -173,8 +203,10 @@ fn ms(since: Instant) -> f64 {
 impl Cr {
     pub fn spawn(parts: Parts) -> std::io::Result<Cr> {
         let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::Builder::new().name("deltacr".into()).spawn(move || Worker::new(parts).run(rx))?;
-        Ok(Cr { jobs: tx })
+        let kept = Arc::new(Mutex::new(KeptList::new()));
+        let shared = kept.clone();
+        std::thread::Builder::new().name("deltacr".into()).spawn(move || Worker::new(parts, shared).run(rx))?;
+        Ok(Cr { jobs: tx, kept })
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<JobResult<T>>) -> Job) -> JobResult<T> {
@@ -206,6 +238,27 @@ impl Cr {
         let _ = self.jobs.send(Job::Forget { stack });
     }
 
+    /// Drops the templates of the checkpoint of `stack` to free memory, if they are still droppable.
+    pub fn drop_templates(&self, stack: StackId) {
+        let _ = self.jobs.send(Job::DropTemplates { stack });
+    }
+
+    /// The process checkpoints whose templates this thread keeps, least recently used first.
+    pub fn kept(&self) -> Vec<KeptTemplates> {
+        let kept = self.kept.lock().expect("kept lock");
+        let mut list: Vec<KeptTemplates> = kept
+            .iter()
+            .map(|(&stack, k)| KeptTemplates {
+                stack,
+                memory_bytes: k.memory_bytes,
+                used_ns: k.used_ns,
+                droppable: droppable(&kept, stack),
+            })
+            .collect();
+        list.sort_by_key(|k| k.used_ns);
+        list
+    }
+
     /// Kills and collects the stopped tasks this thread traces (templates, spares) and ends it; waits
     /// for a job under way first. Must come before the sandbox is killed: a traced task that is killed
     /// stays a zombie until its tracer collects it, and the sandbox's pid namespace cannot end before.
@@ -220,22 +273,31 @@ impl Cr {
 struct Worker {
     parts: Parts,
     engine: Engine,
-    kept: HashMap<StackId, Kept>,
-    /// Stacks of `kept`, least recently taken or rolled back to first.
-    order: std::collections::VecDeque<StackId>,
+    /// The process checkpoints whose templates are kept, by stack (what else is known of them: `kept`).
+    templates: HashMap<StackId, deltacr::Checkpoint>,
+    kept: Arc<Mutex<KeptList>>,
+    /// When the thread last tidied or ended a job.
+    tidied: Instant,
+    /// Measurements wait until then (see [`MEASURE_PACE`]).
+    next_measure: Instant,
 }
 
 impl Worker {
-    fn new(parts: Parts) -> Worker {
-        Worker { parts, engine: Engine::new(), kept: HashMap::new(), order: Default::default() }
+    fn new(parts: Parts, kept: Arc<Mutex<KeptList>>) -> Worker {
+        let now = Instant::now();
+        Worker { parts, engine: Engine::new(), templates: HashMap::new(), kept, tidied: now, next_measure: now }
+    }
+
+    fn kept(&self) -> std::sync::MutexGuard<'_, KeptList> {
+        self.kept.lock().expect("kept lock")
     }
 
     fn run(mut self, jobs: std::sync::mpsc::Receiver<Job>) {
         loop {
-            let job = match jobs.recv_timeout(TIDY_EVERY) {
+            let job = match jobs.recv_timeout(self.idle_wait()) {
                 Ok(job) => job,
                 Err(std::sync::mpsc::RecvTimeoutError::Timeout) => {
-                    self.engine.tidy();
+                    self.idle_step();
                     continue;
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
@@ -271,9 +333,12 @@ impl Worker {
                     });
                     let _ = reply.send(restored);
                 }
-                Job::Forget { stack } => {
-                    self.kept.remove(&stack);
-                    self.order.retain(|s| *s != stack);
+                Job::Forget { stack } => self.forget(stack),
+                Job::DropTemplates { stack } => {
+                    if droppable(&self.kept(), stack) {
+                        self.forget(stack);
+                        tracing::debug!(%stack, "dropped the templates of a checkpoint (template memory budget)");
+                    }
                 }
                 Job::Shutdown { done } => {
                     // Dropping templates and the engine kills and collects their tasks.
@@ -282,7 +347,62 @@ impl Worker {
                     return;
                 }
             }
+            self.tidied = Instant::now();
         }
+    }
+
+    /// How long to wait for a job before the next idle step.
+    fn idle_wait(&self) -> Duration {
+        let tidy_at = self.tidied + TIDY_EVERY;
+        let measure_at = self.kept().values().map(|k| k.measure_at).min().map(|at| at.max(self.next_measure));
+        measure_at.map_or(tidy_at, |m| m.min(tidy_at)).saturating_duration_since(Instant::now())
+    }
+
+    /// One step of what the thread does between jobs, so that a job waits for one step at most: measure
+    /// what the templates of one checkpoint hold (~1 ms per process) when that is due, else tidy once idle
+    /// for [`TIDY_EVERY`].
+    fn idle_step(&mut self) {
+        let now = Instant::now();
+        let due = (now >= self.next_measure)
+            .then(|| {
+                self.kept()
+                    .iter()
+                    .filter(|(_, k)| k.measure_at <= now)
+                    .min_by_key(|(_, k)| k.measure_at)
+                    .map(|(s, _)| *s)
+            })
+            .flatten();
+        match due {
+            Some(stack) => self.measure(stack),
+            None if now >= self.tidied + TIDY_EVERY => {
+                self.engine.tidy();
+                self.tidied = now;
+            }
+            None => {}
+        }
+    }
+
+    /// Measures what the templates of the checkpoint of `stack` hold (off the checkpoint's and rollback's
+    /// path: after their answers, between jobs).
+    fn measure(&mut self, stack: StackId) {
+        let started = Instant::now();
+        let measured = self.templates.get(&stack).map(deltacr::Checkpoint::memory_bytes);
+        let now = Instant::now();
+        self.next_measure = now + (now - started) * MEASURE_PACE;
+        let mut kept = self.kept();
+        let Some(k) = kept.get_mut(&stack) else { return };
+        k.measure_at = now + MEASURE_EVERY;
+        match measured {
+            Some(Ok(bytes)) => k.memory_bytes = Some(bytes),
+            Some(Err(e)) => tracing::warn!(%stack, "cannot measure the templates' memory: {}", chain(&e)),
+            None => {}
+        }
+    }
+
+    /// Drops the templates of the checkpoint of `stack` (its image stays).
+    fn forget(&mut self, stack: StackId) {
+        self.templates.remove(&stack);
+        self.kept().remove(&stack);
     }
 
     fn checkpoint(&mut self, processes: bool, parent: Option<StackId>) -> JobResult<Captured> {
@@ -305,9 +425,13 @@ impl Worker {
         }
         let ckpt = self.engine.checkpoint(&sandbox(self.parts.init), &mut frozen)?;
         let stopped_ms = ms(started);
-        let parent = parent.as_ref().and_then(|p| self.kept.get(p));
-        let job = ckpt.image_job(parent.map(|k| (&k.ckpt, k.image)))?;
-        let parent_write = parent.map(|k| k.write.clone());
+        // The parent's templates, while kept, make the image incremental.
+        let kept = self.kept();
+        let parent = parent.and_then(|p| Some((p, self.templates.get(&p)?, kept.get(&p)?)));
+        let job = ckpt.image_job(parent.map(|(_, ckpt, k)| (ckpt, k.image)))?;
+        let parent_write = parent.map(|(_, _, k)| k.write.clone());
+        let parent = parent.map(|(stack, ..)| stack);
+        drop(kept);
         let image = job.id();
         let count = ckpt.tree.processes.len();
         let write = Arc::new(ImageWrite::default());
@@ -329,9 +453,16 @@ impl Worker {
                 compact_if_long(&store, image);
             })
             .context("start the image writer")?;
-        self.kept.insert(stack, Kept { ckpt, image, write });
-        self.order.push_back(stack);
-        self.limit_templates();
+        self.templates.insert(stack, ckpt);
+        let kept = Kept {
+            image,
+            write,
+            parent,
+            used_ns: proto::monotonic_ns(),
+            memory_bytes: None,
+            measure_at: Instant::now(),
+        };
+        self.kept().insert(stack, kept);
         Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
     }
 
@@ -339,37 +470,23 @@ impl Worker {
     /// or rolled back to — their spares, while the sandbox runs: the rollback then takes over their
     /// memory instead of copying page tables (see docs/deltacr.md, "Spares").
     fn prepare_spares(&mut self, stack: StackId) {
-        let Some(kept) = self.kept.get(&stack) else {
+        let Some(ckpt) = self.templates.get(&stack) else {
             return;
         };
         let sb = sandbox(self.parts.init);
-        match self.engine.prepare_spares(&kept.ckpt, &sb) {
+        match self.engine.prepare_spares(ckpt, &sb) {
             Ok(made) => tracing::debug!(%stack, made, "prepared spares"),
             Err(e) => tracing::warn!(%stack, "cannot prepare spares (rollbacks copy page tables): {}", chain(&e)),
         }
     }
 
     /// Marks the templates of the checkpoint of `stack` as the most recently used: a tree search comes back
-    /// to the nodes it just rolled back to, so those are the last whose templates are dropped.
+    /// to the nodes it just rolled back to, so those are the last whose templates are dropped. They are
+    /// measured again (the rollback used up their spares, which are made again).
     fn used(&mut self, stack: StackId) {
-        if let Some(at) = self.order.iter().position(|s| *s == stack) {
-            self.order.remove(at);
-            self.order.push_back(stack);
-        }
-    }
-
-    /// Templates hold the pages their processes changed since: keep them for the most recently taken or
-    /// rolled back to checkpoints only (the others are restored from their image). One whose image is not
-    /// written yet is kept.
-    fn limit_templates(&mut self) {
-        while self.order.len() > MAX_TEMPLATES {
-            let oldest = *self.order.front().expect("not empty");
-            if !self.kept.get(&oldest).is_some_and(|k| k.write.succeeded()) {
-                break;
-            }
-            self.order.pop_front();
-            self.kept.remove(&oldest);
-            tracing::debug!(stack = %oldest, "dropped the templates of the least recently used checkpoint");
+        if let Some(k) = self.kept().get_mut(&stack) {
+            k.used_ns = proto::monotonic_ns();
+            k.measure_at = Instant::now();
         }
     }
 
@@ -398,8 +515,8 @@ impl Worker {
         let sb = sandbox(self.parts.init);
         let (stats, from_image) = match source {
             Source::Templates => {
-                let kept = self.kept.get(&stack).expect("restore_source found its templates");
-                (self.engine.restore(&kept.ckpt, &sb)?, false)
+                let ckpt = self.templates.get(&stack).expect("restore_source found its templates");
+                (self.engine.restore(ckpt, &sb)?, false)
             }
             Source::Image(images) => (self.engine.restore_image(images, &sb)?, true),
         };
@@ -420,12 +537,13 @@ impl Worker {
     /// Where the processes of the checkpoint of `stack` can come back from: its templates while they are all
     /// alive, else its image (waiting for a write under way). Fails when neither is there.
     fn restore_source(&self, stack: StackId, image: ImageId) -> JobResult<Source> {
-        let kept = self.kept.get(&stack);
-        if kept.is_some_and(|k| k.ckpt.lost_templates().is_empty()) {
+        if self.templates.get(&stack).is_some_and(|c| c.lost_templates().is_empty()) {
             return Ok(Source::Templates);
         }
-        // The templates are gone (killed inside the sandbox, or the checkpoint was taken elsewhere).
-        if kept.is_some_and(|k| !k.write.wait()) {
+        // The templates are gone (killed inside the sandbox, dropped to free memory, or the checkpoint was
+        // taken elsewhere).
+        let write = self.kept().get(&stack).map(|k| k.write.clone());
+        if write.is_some_and(|w| !w.wait()) {
             return Err(anyhow!(
                 "the checkpoint's processes cannot be restored: processes it was being saved from were killed \
                  before its image was written, and writing the image failed"
@@ -452,7 +570,7 @@ mod tests {
             let parent = parent.clone();
             std::thread::spawn(move || parent.wait())
         };
-        std::thread::sleep(std::time::Duration::from_millis(20));
+        std::thread::sleep(Duration::from_millis(20));
         assert!(!waiter.is_finished(), "returned before the parent's write ended");
         parent.end(true);
         parent.end(false);
@@ -470,5 +588,26 @@ mod tests {
         })
         .join();
         assert!(!write.wait());
+    }
+
+    fn kept(parent: Option<StackId>) -> Kept {
+        let (image, write) = (ImageId([0; 16]), Arc::new(ImageWrite::default()));
+        Kept { image, write, parent, used_ns: 0, memory_bytes: None, measure_at: Instant::now() }
+    }
+
+    #[test]
+    fn templates_are_kept_while_an_image_needs_them() {
+        let (first, second) = (crate::catalog::tests::stack_of("1"), crate::catalog::tests::stack_of("2"));
+        let mut list = KeptList::new();
+        list.insert(first, kept(None));
+        assert!(!droppable(&list, first), "its image is being written: they are its only copy");
+        list[&first].write.end(true);
+        assert!(droppable(&list, first));
+        list.insert(second, kept(Some(first)));
+        assert!(!droppable(&list, first), "the image being written on top of it is compared with them");
+        list[&second].write.end(false);
+        assert!(droppable(&list, first));
+        assert!(!droppable(&list, second), "its image failed: they are its only copy for good");
+        assert!(!droppable(&list, crate::catalog::tests::stack_of("3")), "not kept");
     }
 }

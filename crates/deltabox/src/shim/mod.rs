@@ -295,6 +295,7 @@ async fn ready_to_serve(
         shim_pid: std::process::id() as i32,
         init_pid: container.init_pid,
         uid_base: slot.map.host_base,
+        templates: Vec::new(),
     };
     let shim = Arc::new(Shim {
         id: cfg.id.clone(),
@@ -450,7 +451,10 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
         }
     };
     let result = match request {
-        Request::Info => conn.send(&Reply::Info(shim.info.clone()), &[], &[]).await,
+        Request::Info => {
+            let info = ShimInfo { templates: shim.cr.kept(), ..shim.info.clone() };
+            conn.send(&Reply::Info(info), &[], &[]).await
+        }
         Request::Exec(req) => exec::serve(shim, &conn, req).await,
         Request::SessionOpen { name } => {
             let reply = open_session(shim, &name).await;
@@ -527,6 +531,10 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
         }
         Request::Forget { stack } => {
             shim.forget(stack).await;
+            conn.send(&Reply::Done, &[], &[]).await
+        }
+        Request::DropTemplates { stack } => {
+            shim.cr.drop_templates(stack);
             conn.send(&Reply::Done, &[], &[]).await
         }
         Request::Destroy => {

@@ -90,6 +90,34 @@ pub struct ShimInfo {
     pub init_pid: i32,
     /// Host uid/gid that is root inside.
     pub uid_base: u32,
+    /// The process checkpoints whose templates the shim keeps in memory, as of this answer (none in the
+    /// startup line; none from a shim older than this field, which the daemon then never asks to drop any).
+    #[serde(default)]
+    pub templates: Vec<KeptTemplates>,
+}
+
+/// A process checkpoint whose templates (stopped copy-on-write copies of its processes, for fast
+/// rollbacks) a shim keeps in memory: what the daemon's template memory budget weighs (see
+/// docs/deltacr.md, "Template memory budget").
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct KeptTemplates {
+    #[serde(with = "crate::ids::text")]
+    pub stack: StackId,
+    /// What its templates hold that nothing else shares (`deltacr::Checkpoint::memory_bytes`), as last
+    /// measured (a few seconds old at most); None until first measured, just after the checkpoint.
+    pub memory_bytes: Option<u64>,
+    /// When it was last taken or rolled back to, in [`monotonic_ns`].
+    pub used_ns: u64,
+    /// Whether [`Request::DropTemplates`] may drop them: its image is written (else they are its only
+    /// copy) and no image being written is compared with them.
+    pub droppable: bool,
+}
+
+/// The host's CLOCK_MONOTONIC in nanoseconds: the clock of [`KeptTemplates::used_ns`], which the daemon
+/// compares across shims and with its own uses (an `Instant` cannot leave its process).
+pub fn monotonic_ns() -> u64 {
+    let now = rustix::time::clock_gettime(rustix::time::ClockId::Monotonic);
+    now.tv_sec as u64 * 1_000_000_000 + now.tv_nsec as u64
 }
 
 /// What a connection asks for (its first packet).
@@ -128,6 +156,14 @@ pub enum Request {
     },
     /// Drop the in-memory copies (templates) of the process checkpoint of `stack`.
     Forget {
+        #[serde(with = "crate::ids::text")]
+        stack: StackId,
+    },
+    /// Drop the templates of the process checkpoint of `stack` to free memory, if they are still
+    /// [`KeptTemplates::droppable`]; its image and sessions stay (a rollback restores it from the image).
+    /// Answers `Done`. Only asked of a shim that listed the checkpoint in [`ShimInfo::templates`], which
+    /// a shim older than this request never does: no new protocol version.
+    DropTemplates {
         #[serde(with = "crate::ids::text")]
         stack: StackId,
     },

@@ -50,6 +50,9 @@ impl Engine {
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
         };
         self.catalog().add_checkpoint(&cp)?;
+        if processes {
+            self.template_memory.taken(&cp);
+        }
         record.head = Some(cp.id.clone());
         self.refresh(record).await;
         self.make_durable(cp.id.clone(), pending);

@@ -38,6 +38,7 @@ impl Engine {
             network: req.network,
             limits,
             disk,
+            template_memory: Some(req.template_memory.unwrap_or(self.template_memory.budget)),
             env,
             cwd: image.config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into()),
             user: image.config.user.clone().filter(|u| !u.is_empty()),

@@ -15,6 +15,7 @@ impl Engine {
         }
         let _links = self.links.read().await;
         let cp = self.checkpoint_record(checkpoint)?;
+        self.template_memory.forked(&cp);
         if cp.image.is_some() {
             self.wait_image_written(&cp).await?;
         }

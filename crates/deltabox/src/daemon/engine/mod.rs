@@ -1,11 +1,12 @@
 //! The daemon's state: catalog, layer store, live sandboxes (each run by its shim). One file per
 //! lifecycle operation: [`recover`] (at start), [`create`], [`images`], [`remove`], [`checkpoint`]
 //! (and checkpoint queries and deletion), [`durable`] (making checkpoints power-loss safe, in the
-//! background), [`rollback`], [`fork`], [`gc`]; [`tree`] holds the pure checkpoint-tree logic they
-//! share.
+//! background), [`rollback`], [`fork`], [`gc`], [`budget`] (the template memory budget, in the
+//! background); [`tree`] holds the pure checkpoint-tree logic they share.
 //!
 //! Errors are [`EngineError`]s; `daemon/error.rs` alone turns them into HTTP answers.
 
+pub mod budget;
 mod checkpoint;
 mod create;
 mod durable;
@@ -55,6 +56,9 @@ pub struct DaemonConfig {
     pub default_disk: deltafs::Quota,
     /// Memory, pids and CPU limits of sandboxes created without their own (`None`: unlimited).
     pub default_limits: Limits,
+    /// Most memory the templates of all sandboxes may hold together; also the budget of a sandbox created
+    /// without its own (`budget.rs`).
+    pub template_memory: u64,
 }
 
 /// A running sandbox.
@@ -103,6 +107,7 @@ pub struct Engine {
     /// (parent, head, origin), and (write) while checkpoints are deleted: a link never names a deleted one.
     links: RwLock<()>,
     syncer: durable::Syncer,
+    pub template_memory: budget::TemplateMemory,
     _lock: File,
 }
 
@@ -137,9 +142,11 @@ impl Engine {
             fs_gc: RwLock::new(()),
             links: RwLock::new(()),
             syncer,
+            template_memory: budget::TemplateMemory::new(cfg.template_memory),
             _lock: lock,
         });
         engine.recover().await?;
+        engine.watch_template_memory();
         Ok(engine)
     }
 
@@ -270,6 +277,7 @@ pub fn view(live: &Live) -> SandboxView {
         cpus: c.limits.cpus,
         disk: c.disk.bytes,
         inodes: c.disk.inodes,
+        template_memory: c.template_memory,
         origin: r.origin.clone(),
         head: r.head.clone(),
         created: r.created,

@@ -108,6 +108,11 @@ impl Checkpoint {
     /// sandbox runs). With `parent` (the previous checkpoint of this sandbox and the id of its image),
     /// the image holds only the pages that changed since then.
     pub fn image_job(&self, parent: Option<(&Checkpoint, ImageId)>) -> Result<ImageJob, CrError> {
+        self.image_job_as(ImageId::random().map_err(CrError::ImageId)?, parent)
+    }
+
+    /// [`Checkpoint::image_job`] for an image whose id was chosen beforehand.
+    pub fn image_job_as(&self, id: ImageId, parent: Option<(&Checkpoint, ImageId)>) -> Result<ImageJob, CrError> {
         let mut pages = Vec::new();
         for (pid, t) in &self.templates {
             if !t.alive() {
@@ -128,7 +133,6 @@ impl Checkpoint {
                 }
             }
         }
-        let id = ImageId::random().map_err(CrError::ImageId)?;
         Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id), id })
     }
 

@@ -22,6 +22,15 @@ pub type JobResult<T> = anyhow::Result<T>;
 use crate::errors::error_chain as chain;
 use crate::shim::proto::{self, KeptTemplates};
 
+/// A process checkpoint answered at thaw, to be completed (see [`Worker::finish_checkpoint`]).
+struct Finishing {
+    partial: deltacr::Partial,
+    stack: StackId,
+    parent: Option<StackId>,
+    image: ImageId,
+    done_tx: oneshot::Sender<JobResult<u64>>,
+}
+
 /// What a checkpoint captured.
 pub struct Captured {
     pub stack: StackId,
@@ -304,11 +313,17 @@ impl Worker {
             };
             match job {
                 Job::Checkpoint { processes, parent, reply } => {
-                    let result = self.checkpoint(processes, parent);
-                    let spares_for = result.as_ref().ok().filter(|c| c.processes.is_some()).map(|c| c.stack);
+                    let (result, rest) = match self.checkpoint(processes, parent) {
+                        Ok((captured, rest)) => (Ok(captured), rest),
+                        Err(e) => (Err(e), None),
+                    };
+                    // Answered at thaw; what is left is done before the next job.
                     let _ = reply.send(result);
-                    if let Some(stack) = spares_for {
-                        self.prepare_spares(stack);
+                    if let Some(rest) = rest {
+                        let stack = rest.stack;
+                        if self.finish_checkpoint(rest) {
+                            self.prepare_spares(stack);
+                        }
                     }
                 }
                 Job::Rollback { stack, image, reply } => {
@@ -405,7 +420,10 @@ impl Worker {
         self.kept().remove(&stack);
     }
 
-    fn checkpoint(&mut self, processes: bool, parent: Option<StackId>) -> JobResult<Captured> {
+    /// Checkpoints the filesystem and (with `processes`) the processes, up to the sandbox's thaw; what is
+    /// left of a process checkpoint (reading the rest of its state, starting its image's write) comes back
+    /// for [`Worker::finish_checkpoint`], after the answer.
+    fn checkpoint(&mut self, processes: bool, parent: Option<StackId>) -> JobResult<(Captured, Option<Finishing>)> {
         if processes {
             // Memory still coming back on demand (after a rollback or fork from an image) is filled
             // while the sandbox runs, not in its pause (the checkpoint fills what is left).
@@ -421,49 +439,75 @@ impl Worker {
         let fs_ms = ms(fs_started);
         if !processes {
             frozen.thaw().context("thaw the sandbox")?;
-            return Ok(Captured { stack, stopped_ms: ms(started), fs_ms, processes: None });
+            return Ok((Captured { stack, stopped_ms: ms(started), fs_ms, processes: None }, None));
         }
-        let ckpt = self.engine.checkpoint(&sandbox(self.parts.init), &mut frozen)?;
+        let partial = self.engine.checkpoint_at_thaw(&sandbox(self.parts.init), &mut frozen)?;
         let stopped_ms = ms(started);
-        // The parent's templates, while kept, make the image incremental.
-        let kept = self.kept();
-        let parent = parent.and_then(|p| Some((p, self.templates.get(&p)?, kept.get(&p)?)));
-        let job = ckpt.image_job(parent.map(|(_, ckpt, k)| (ckpt, k.image)))?;
-        let parent_write = parent.map(|(_, _, k)| k.write.clone());
-        let parent = parent.map(|(stack, ..)| stack);
-        drop(kept);
-        let image = job.id();
-        let count = ckpt.tree.processes.len();
+        let image = ImageId::random().context("choose an image id")?;
+        let count = partial.stats().processes;
+        let (done_tx, written) = oneshot::channel();
+        let captured = Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written }) };
+        Ok((captured, Some(Finishing { partial, stack, parent, image, done_tx })))
+    }
+
+    /// Completes a process checkpoint answered at thaw: reads the rest of its state from its templates,
+    /// keeps them, and starts writing its image. Whether it succeeded (a failure is reported as the
+    /// image's: the checkpoint then cannot be restored, and says so).
+    fn finish_checkpoint(&mut self, rest: Finishing) -> bool {
+        let Finishing { partial, stack, parent, image, done_tx } = rest;
+        let mut done_tx = Some(done_tx);
         let write = Arc::new(ImageWrite::default());
-        let (done_tx, done_rx) = oneshot::channel();
-        let (store, ends) = (self.parts.images.clone(), EndsWrite(write.clone()));
-        // The image is written while the sandbox runs again (from the templates, which do not change).
-        std::thread::Builder::new()
-            .name("deltacr-image".into())
-            .spawn(move || {
-                // An image is published after its parent (a restore reads the whole chain). Back-to-back
-                // checkpoints thus stay incremental; if the parent's write failed, this one is written whole.
-                let job = match parent_write {
-                    Some(parent) if !parent.wait() => job.without_parent(),
-                    _ => job,
-                };
-                let result = job.write(&store).map(|info| info.page_bytes).map_err(anyhow::Error::from);
-                ends.0.end(result.is_ok());
-                let _ = done_tx.send(result);
-                compact_if_long(&store, image);
-            })
-            .context("start the image writer")?;
-        self.templates.insert(stack, ckpt);
-        let kept = Kept {
-            image,
-            write,
-            parent,
-            used_ns: proto::monotonic_ns(),
-            memory_bytes: None,
-            measure_at: Instant::now(),
-        };
-        self.kept().insert(stack, kept);
-        Ok(Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written: done_rx }) })
+        let started = (|| -> JobResult<()> {
+            let ckpt = partial.complete()?;
+            // The parent's templates, while kept, make the image incremental.
+            let kept = self.kept();
+            let parent = parent.and_then(|p| Some((p, self.templates.get(&p)?, kept.get(&p)?)));
+            let job = ckpt.image_job_as(image, parent.map(|(_, ckpt, k)| (ckpt, k.image)))?;
+            let parent_write = parent.map(|(_, _, k)| k.write.clone());
+            let parent = parent.map(|(stack, ..)| stack);
+            drop(kept);
+            let (store, ends) = (self.parts.images.clone(), EndsWrite(write.clone()));
+            let done_tx = done_tx.take().expect("sent once");
+            // The image is written while the sandbox runs again (from the templates, which do not change).
+            std::thread::Builder::new()
+                .name("deltacr-image".into())
+                .spawn(move || {
+                    // An image is published after its parent (a restore reads the whole chain). Back-to-back
+                    // checkpoints thus stay incremental; if the parent's write failed, this one is written
+                    // whole.
+                    let job = match parent_write {
+                        Some(parent) if !parent.wait() => job.without_parent(),
+                        _ => job,
+                    };
+                    let result = job.write(&store).map(|info| info.page_bytes).map_err(anyhow::Error::from);
+                    ends.0.end(result.is_ok());
+                    let _ = done_tx.send(result);
+                    compact_if_long(&store, image);
+                })
+                .context("start the image writer")?;
+            self.templates.insert(stack, ckpt);
+            let kept = Kept {
+                image,
+                write: write.clone(),
+                parent,
+                used_ns: proto::monotonic_ns(),
+                memory_bytes: None,
+                measure_at: Instant::now(),
+            };
+            self.kept().insert(stack, kept);
+            Ok(())
+        })();
+        match started {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::error!(%stack, "the checkpoint's processes cannot be kept: {}", chain(e.as_ref()));
+                write.end(false);
+                if let Some(tx) = done_tx.take() {
+                    let _ = tx.send(Err(e));
+                }
+                false
+            }
+        }
     }
 
     /// Gives the templates of the checkpoint of `stack` — the likeliest next rollback target, just made

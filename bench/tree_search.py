@@ -4,7 +4,7 @@ DeltaBox and with the baselines a user would otherwise pick, in the same run.
 
     python3 bench/tree_search.py [--socket PATH] [--image debian] [--project sympy|synthetic] [--expansions 100]
                                  [--model-latency 0,2] [--methods deltabox,fs-restart,copy-restart]
-                                 [--rss-mb 200] [--seed 1] [--out FILE]
+                                 [--rss-mb 200] [--memory SIZE] [--seed 1] [--out FILE]
 
 The sandbox (image `debian`, one fresh sandbox per method and model latency):
   * a git repository of ~2,000 files in /root/project: the sympy 1.13.3 sdist (its dependency mpmath 1.3.0 in
@@ -230,7 +230,9 @@ class Search:
         self.stats = Stats()
         self.module = "sympy" if args.project == "sympy" else "synth"
         pythonpath = f"{PROJECT}:{DEPS}/mpmath-1.3.0" if args.project == "sympy" else PROJECT
-        self.sb = client.create(args.image, memory=f"{args.rss_mb + 1536}M", env={"PYTHONPATH": pythonpath})
+        self.sb = client.create(args.image, memory=args.memory, env={"PYTHONPATH": pythonpath})
+        #: What the search is doing, for the report of a failure.
+        self.doing = "setting up"
         self.session: Optional[deltabox.Session] = None
         self.nodes: List[Node] = []
         self.at: Optional[int] = None  # the node the sandbox is at
@@ -398,6 +400,7 @@ class Search:
             begin = time.perf_counter()
             cr = 0.0
             if parent != self.at:
+                self.doing = f"expansion {i + 1}: restoring node {parent} (at node {self.at})"
                 ms, _ = timed(lambda: self.restore(self.nodes[parent]))
                 st.restore.append(ms)
                 cr += ms
@@ -408,6 +411,7 @@ class Search:
             ms, _ = timed(lambda: time.sleep(self.latency))
             st.model.append(ms)
             node = self.new_node(len(self.nodes), parent)
+            self.doing = f"expansion {i + 1}: step and checkpoint of node {node.id}"
             ms, _ = timed(lambda: self.step(node))
             st.step.append(ms)
             ms, node.ref = timed(lambda: self.checkpoint(node))
@@ -491,6 +495,7 @@ def main() -> int:
     parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {','.join(METHODS)}")
     parser.add_argument("--rss-mb", type=int, default=200, help="memory the python process holds besides the "
                         "imported project (default 200)")
+    parser.add_argument("--memory", help="memory limit of each sandbox, e.g. 2G (default: the daemon's default)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", help="also write the printed report to this file")
     args = parser.parse_args()
@@ -519,7 +524,7 @@ def main() -> int:
     plan = plan_search(args.expansions, args.seed)
     out(f"# bench/tree_search.py {' '.join(sys.argv[1:])}")
     out(f"# {datetime.date.today()}, deltabox {version} at {commit or '?'}, {os.cpu_count()} CPUs; seed {args.seed}; "
-        f"project {args.project}; {args.rss_mb} MB held; tree of {args.expansions + 1} nodes, "
+        f"project {args.project}; {args.rss_mb} MB held; sandbox memory {args.memory or 'the daemon default'}; tree of {args.expansions + 1} nodes, "
         f"{sum(1 for i, p in enumerate(plan) if p != i)} rollbacks planned")
     out("C/R = rollback (+ restart) + checkpoint per expansion, as the SDK caller waits, ms; restore = rollback "
         "(+ restart), over\nthe expansions that roll back; ckpt = checkpoint; step = the agent's action; normalized "
@@ -536,9 +541,9 @@ def main() -> int:
             except StateMismatch as e:
                 failed = f"STATE VERIFICATION FAILED: {e}"
             except deltabox.DeltaboxError as e:
-                failed = f"DAEMON ERROR ({method}, latency {latency:g} s): {type(e).__name__}: {e}"
+                failed = f"DAEMON ERROR ({method}, latency {latency:g} s, {search.doing}): {type(e).__name__}: {e}"
             except RuntimeError as e:
-                failed = f"FAILED ({method}, latency {latency:g} s): {e}"
+                failed = f"FAILED ({method}, latency {latency:g} s, {search.doing}): {e}"
             finally:
                 search.close()
             if failed:

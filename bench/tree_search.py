@@ -109,6 +109,12 @@ while True:
 """
 
 
+def ask_holder(line: str) -> str:
+    """Shell commands that send ``line`` to the python process and print its answer, "TAG COUNTER" (failing
+    after 30 s if it does not answer)."""
+    return f"timeout 30 sh -c 'echo {line} > {HOLDER_DIR}/cmd && cat {HOLDER_DIR}/ack'"
+
+
 class StateMismatch(Exception):
     """The sandbox's state after a rollback is not the node's: the run fails."""
 
@@ -319,9 +325,10 @@ class Search:
         """The agent's action, in the session: edit 3 files, add one, tell the python process, git diff --stat."""
         edits = " && ".join(f"printf '\\n# tree search node {node.id}\\n' >> {shlex.quote(f)}" for f in node.edited)
         out = self.run(
-            f"cd {PROJECT} && {edits} && mkdir -p tree_search && echo 'NODE = {node.id}' > tree_search/node_{node.id}.py"
-            f" && cd {shlex.quote(node.cwd)} && export NODE={node.id}"
-            f" && echo 'tag {node.id}' > {HOLDER_DIR}/cmd && cat {HOLDER_DIR}/ack && git diff --stat | tail -n 1")
+            f"cd {PROJECT} && {edits} && mkdir -p tree_search"
+            f" && echo 'NODE = {node.id}' > tree_search/node_{node.id}.py"
+            f" && cd {shlex.quote(node.cwd)} && export NODE={node.id} && {ask_holder(f'tag {node.id}')}"
+            " && git diff --stat | tail -n 1")
         lines = out.strip().splitlines()
         tag, count = lines[0].split()
         if tag != str(node.id):
@@ -331,16 +338,16 @@ class Search:
 
     def verify(self, node: Node) -> None:
         """Fails the run if the sandbox is not at ``node`` (see the module doc)."""
-        out = self.sh(f"cat {PROJECT}/tree_search/node_{node.id}.py; ls {PROJECT}/tree_search | tr '\\n' ' '; echo;"
-                      f" echo q > {HOLDER_DIR}/cmd && cat {HOLDER_DIR}/ack && cd {PROJECT} && git diff --stat | tail -n 1",
-                      timeout=120).strip().splitlines()
+        out = self.sh(f"cd {PROJECT}; head -n 1 tree_search/node_{node.id}.py || echo; ls tree_search | tr '\\n' ' ';"
+                      f" echo; {ask_holder('q')} || echo none -1; git diff --stat | tail -n 1; echo",
+                      timeout=120).splitlines()
         expected_files = sorted(f"node_{i}.py" for i in node.path)
         problems = []
         if out[0] != f"NODE = {node.id}":
             problems.append(f"tree_search/node_{node.id}.py holds {out[0]!r}")
         if sorted(out[1].split()) != expected_files:
             problems.append(f"tree_search/ holds {sorted(out[1].split())}, not {expected_files}")
-        tag, count = out[2].split()
+        tag, count = (out[2].split() + ["?", "-1"])[:2]
         if tag != str(node.id) or int(count) < node.count:
             problems.append(f"the python process is at tag {tag} counter {count}, not tag {node.id} counter >= "
                             f"{node.count}")
@@ -524,8 +531,8 @@ def main() -> int:
     plan = plan_search(args.expansions, args.seed)
     out(f"# bench/tree_search.py {' '.join(sys.argv[1:])}")
     out(f"# {datetime.date.today()}, deltabox {version} at {commit or '?'}, {os.cpu_count()} CPUs; seed {args.seed}; "
-        f"project {args.project}; {args.rss_mb} MB held; sandbox memory {args.memory or 'the daemon default'}; tree of {args.expansions + 1} nodes, "
-        f"{sum(1 for i, p in enumerate(plan) if p != i)} rollbacks planned")
+        f"project {args.project}; {args.rss_mb} MB held; sandbox memory {args.memory or 'the daemon default'}; "
+        f"tree of {args.expansions + 1} nodes, {sum(1 for i, p in enumerate(plan) if p != i)} rollbacks planned")
     out("C/R = rollback (+ restart) + checkpoint per expansion, as the SDK caller waits, ms; restore = rollback "
         "(+ restart), over\nthe expansions that roll back; ckpt = checkpoint; step = the agent's action; normalized "
         "= wall / (wall - C/R);\nvs: this row's C/R mean and normalized time over the baseline's")

@@ -100,9 +100,19 @@ def test_a_checkpoint_holds_what_its_processes_rewrote_since(client, cli):
         health = client.health()
         assert health["template_memory_bytes"] >= grown
         assert health["template_memory_budget"] > 0
-        assert sb.refresh().template_memory == health["template_memory_budget"], "the daemon's, by default"
+        info = sb.refresh()
+        assert info.template_memory == min(health["template_memory_budget"], info.memory // 2), \
+            "the daemon's, at most half the sandbox's memory, by default"
         listing = cli("checkpoints", sb.id).stdout.splitlines()
         assert "MEMORY" in listing[0].split()
+
+
+def test_a_sandbox_s_default_template_memory_fits_in_its_memory_limit(client):
+    # Templates are charged to the sandbox's memory cgroup: past its limit the kernel would kill them.
+    with client.create("debian", memory="512M") as sb:
+        assert sb.refresh().template_memory == 256 * MiB
+    with client.create("debian", memory="512M", template_memory="400M") as sb:
+        assert sb.refresh().template_memory == 400 * MiB, "what the user asks for stands"
 
 
 def test_a_sandbox_over_its_template_memory_drops_its_least_recently_used_checkpoints(client):

@@ -38,12 +38,20 @@ impl Engine {
             network: req.network,
             limits,
             disk,
-            template_memory: Some(req.template_memory.unwrap_or(self.template_memory.budget)),
+            template_memory: Some(req.template_memory.unwrap_or_else(|| self.default_template_memory(&limits))),
             env,
             cwd: image.config.working_dir.clone().filter(|d| !d.is_empty()).unwrap_or_else(|| "/".into()),
             user: image.config.user.clone().filter(|u| !u.is_empty()),
         };
         self.start_sandbox(config, stack, None, None).await
+    }
+
+    /// A sandbox's template budget unless it asks for one: the daemon's, but at most half of the sandbox's
+    /// memory limit — templates are charged to the sandbox's memory cgroup, and past its limit the kernel
+    /// OOM-kills them (or the sandbox's processes) before any budget is enforced.
+    fn default_template_memory(&self, limits: &Limits) -> u64 {
+        let budget = self.template_memory.budget;
+        limits.memory_bytes.map_or(budget, |m| budget.min(m / 2))
     }
 
     /// Starts a new sandbox on DeltaFS stack `stack`. The caller holds `fs_gc` for reading.

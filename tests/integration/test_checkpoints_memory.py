@@ -158,6 +158,25 @@ def test_a_zero_template_memory_keeps_no_templates_once_written(client):
         assert held_generation(sb) == 1
 
 
+def test_a_checkpoint_after_a_rollback_from_the_image_stores_only_what_changed(client):
+    # No template shares the restored process's pages: its pages are compared with the image they came from.
+    with client.create("debian", template_memory=0) as sb:
+        start_rewriter(sb)
+        ck = sb.checkpoint()
+        wait_until(lambda: memory(client, ck) == 0, 30, 0.1, "the templates to be dropped")
+        assert sb.rollback(ck).from_image
+        after = sb.checkpoint()
+        wait_until(lambda: client.checkpoint(after.id).durable, 30, 0.05, "the image to be written")
+        first, second = (client.checkpoint(c.id).disk_bytes for c in (ck, after))
+        assert first > HELD, "the first image holds the rewriter's memory"
+        assert second < HELD / 4, f"the second holds what changed since: {second} bytes"
+        rewrite(sb, 2)
+        wait_until(lambda: memory(client, after) == 0, 30, 0.1, "the second checkpoint's templates to be dropped")
+        back = sb.rollback(after)
+        assert (back.from_image, back.processes_restored) == (True, 1)
+        assert held_generation(sb) == 1, "restored through both images"
+
+
 def test_the_daemon_s_template_memory_drops_the_least_recently_used_of_all_sandboxes():
     """Two sandboxes under a daemon budget of 1.5 HELD, each with a checkpoint holding HELD: the older goes,
     though each fits its own budget (the daemon's, by default)."""

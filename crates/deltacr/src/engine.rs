@@ -133,7 +133,14 @@ impl Checkpoint {
                 }
             }
         }
-        Ok(ImageJob { tree: self.tree.clone(), pages, parent_pages, parent: parent.map(|(_, id)| id), id })
+        Ok(ImageJob {
+            tree: self.tree.clone(),
+            pages,
+            parent_pages,
+            parent_image: None,
+            parent: parent.map(|(_, id)| id),
+            id,
+        })
     }
 
     /// Memory its templates (and their spares) hold that no other process shares: what dropping it frees.

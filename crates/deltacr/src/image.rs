@@ -526,6 +526,16 @@ impl ImageChain {
         Ok(())
     }
 
+    /// Whether the image holds exactly `page` for process `pid` at `addr` (a page it does not hold, or
+    /// whose run cannot be read, counts as not held).
+    pub fn holds(&mut self, pid: i32, addr: u64, page: &[u8]) -> bool {
+        if !self.head().runs_of(pid).iter().any(|r| r.addr <= addr && addr < r.end()) {
+            return false;
+        }
+        let mut old = [0u8; PAGE as usize];
+        self.read(pid, addr, &mut old).is_ok() && old[..] == *page
+    }
+
     /// The pages of process `pid` as a [`PageSource`] for restore.
     pub fn pages_of(&mut self, pid: i32) -> ChainPages<'_> {
         ChainPages { chain: self, pid }
@@ -618,6 +628,9 @@ pub struct ImageJob {
     pub(crate) pages: Vec<(i32, ProcessPages)>,
     /// Per pid: the parent checkpoint's template pages, to find unchanged pages.
     pub(crate) parent_pages: HashMap<i32, ProcessPages>,
+    /// The image the processes were restored from, when there are no parent templates: pages whose
+    /// content is the same there are not written again (see [`ImageJob::against_image`]).
+    pub(crate) parent_image: Option<ImageChain>,
     pub(crate) parent: Option<ImageId>,
     /// Chosen when the job is made, so callers can record it before the image exists.
     pub(crate) id: ImageId,
@@ -633,6 +646,19 @@ impl ImageJob {
     pub fn without_parent(mut self) -> ImageJob {
         self.parent = None;
         self.parent_pages.clear();
+        self.parent_image = None;
+        self
+    }
+
+    /// For a checkpoint without parent templates whose processes were restored from image `chain` (a
+    /// rollback or fork from an image): the image stores only the pages whose content differs from what
+    /// `chain` holds for the same process and address, and `chain`'s head becomes its parent. Costs
+    /// reading and comparing those pages (through the page cache) instead of writing them all.
+    pub fn against_image(mut self, chain: ImageChain) -> ImageJob {
+        if self.parent.is_none() {
+            self.parent = Some(chain.head().header.id);
+            self.parent_image = Some(chain);
+        }
         self
     }
 
@@ -648,7 +674,7 @@ impl ImageJob {
     }
 
     /// Writes the image into directory `tmp`, then publishes it in `store` under its id.
-    fn write_via(self, store: &ImageStore, tmp: &Path) -> Result<ImageInfo, ImageError> {
+    fn write_via(mut self, store: &ImageStore, tmp: &Path) -> Result<ImageInfo, ImageError> {
         let id = self.id;
         let header = Header {
             id,
@@ -698,7 +724,24 @@ impl ImageJob {
                     for (s, l) in split(start, len) {
                         buf.resize(l as usize, 0);
                         src.read_at(s, &mut buf).map_err(|_| ImageError::TemplateGone { pid: *pid })?;
-                        runs.push(w.add_run(s, &buf)?);
+                        let Some(chain) = self.parent_image.as_mut() else {
+                            runs.push(w.add_run(s, &buf)?);
+                            continue;
+                        };
+                        // Pages the parent image holds unchanged stay there; the others are written.
+                        let unchanged: Vec<bool> = buf
+                            .chunks_exact(PAGE as usize)
+                            .enumerate()
+                            .map(|(i, page)| chain.holds(*pid, s + i as u64 * PAGE, page))
+                            .collect();
+                        for (ps, pl) in runs_of(s, unchanged.iter().copied()) {
+                            runs.push(PageRun { addr: ps, pages: (pl / PAGE) as u32, loc: RunLoc::Parent });
+                            parent_bytes += pl;
+                        }
+                        for (ps, pl) in runs_of(s, unchanged.iter().map(|u| !u)) {
+                            let off = (ps - s) as usize;
+                            runs.push(w.add_run(ps, &buf[off..off + pl as usize])?);
+                        }
                     }
                 }
             }

@@ -197,3 +197,39 @@ fn opening_a_store_deletes_what_dead_writers_left() {
     }
     assert!(root.join(&live_writer).exists(), "the image a live process writes is kept");
 }
+
+#[test]
+fn a_checkpoint_after_a_restore_from_an_image_stores_only_what_changed_since() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
+    wait_for(|| (counter_lines(&out).len() > 3).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let first = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let i1 = first.image_job(None).unwrap().write(&store).unwrap();
+    drop(first);
+    engine.kill_processes(&sb).unwrap();
+    engine.restore_image(store.open_chain(i1.id).unwrap(), &sb).unwrap();
+    let n1 = counter_lines(&out).last().unwrap().0;
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
+
+    // No parent templates: compared with the image the processes came from.
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let n2 = counter_lines(&out).last().unwrap().0;
+    let second = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let i2 = second.image_job(None).unwrap().against_image(store.open_chain(i1.id).unwrap()).write(&store).unwrap();
+    assert_eq!(i2.parent, Some(i1.id));
+    assert!(i2.page_bytes < i1.page_bytes / 4, "only what changed is stored: {i2:?} vs {i1:?}");
+    assert!(i2.parent_bytes > 8 << 20, "the 8 MB buffer's unchanged pages stay in the first image: {i2:?}");
+    wait_for(|| (counter_lines(&out).last().unwrap().0 > n2 + 10).then_some(()));
+    let after = counter_lines(&out);
+    let crc_after = |n: u64| after.iter().find(|l| l.0 == n).unwrap().1;
+    drop(second);
+    restore_and_check(&mut engine, &ns, &store, i2.id, &out, n2, crc_after(n2 + 1));
+}

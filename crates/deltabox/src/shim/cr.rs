@@ -289,12 +289,24 @@ struct Worker {
     tidied: Instant,
     /// Measurements wait until then (see [`MEASURE_PACE`]).
     next_measure: Instant,
+    /// The image the sandbox's processes were last restored from (a rollback or fork from an image), until
+    /// a rollback restores them from templates: a checkpoint without parent templates compares its pages
+    /// with it rather than writing them all.
+    restored_from: Option<ImageId>,
 }
 
 impl Worker {
     fn new(parts: Parts, kept: Arc<Mutex<KeptList>>) -> Worker {
         let now = Instant::now();
-        Worker { parts, engine: Engine::new(), templates: HashMap::new(), kept, tidied: now, next_measure: now }
+        Worker {
+            parts,
+            engine: Engine::new(),
+            templates: HashMap::new(),
+            kept,
+            tidied: now,
+            next_measure: now,
+            restored_from: None,
+        }
     }
 
     fn kept(&self) -> std::sync::MutexGuard<'_, KeptList> {
@@ -462,10 +474,16 @@ impl Worker {
             // The parent's templates, while kept, make the image incremental.
             let kept = self.kept();
             let parent = parent.and_then(|p| Some((p, self.templates.get(&p)?, kept.get(&p)?)));
-            let job = ckpt.image_job_as(image, parent.map(|(_, ckpt, k)| (ckpt, k.image)))?;
+            let mut job = ckpt.image_job_as(image, parent.map(|(_, ckpt, k)| (ckpt, k.image)))?;
             let parent_write = parent.map(|(_, _, k)| k.write.clone());
             let parent = parent.map(|(stack, ..)| stack);
             drop(kept);
+            if let (None, Some(restored)) = (parent, self.restored_from) {
+                match self.parts.images.open_chain(restored) {
+                    Ok(chain) => job = job.against_image(chain),
+                    Err(e) => tracing::warn!(image = %restored, "the image is written whole: {}", chain(&e)),
+                }
+            }
             let (store, ends) = (self.parts.images.clone(), EndsWrite(write.clone()));
             let done_tx = done_tx.take().expect("sent once");
             // The image is written while the sandbox runs again (from the templates, which do not change).
@@ -559,10 +577,14 @@ impl Worker {
         let sb = sandbox(self.parts.init);
         let (stats, from_image) = match source {
             Source::Templates => {
+                self.restored_from = None;
                 let ckpt = self.templates.get(&stack).expect("restore_source found its templates");
                 (self.engine.restore(ckpt, &sb)?, false)
             }
-            Source::Image(images) => (self.engine.restore_image(images, &sb)?, true),
+            Source::Image(images) => {
+                self.restored_from = Some(images.head().header.id);
+                (self.engine.restore_image(images, &sb)?, true)
+            }
         };
         for d in &stats.degraded {
             tracing::warn!("restored with a degraded terminal: {d:?}");
@@ -599,6 +621,7 @@ impl Worker {
 
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let images = self.parts.images.open_chain(image).context("open the image")?;
+        self.restored_from = Some(image);
         Ok(self.engine.restore_image(images, &sandbox(self.parts.init))?)
     }
 }

@@ -1,7 +1,10 @@
 //! Garbage collection: filesystem layers, process images and image layers nothing needs any more.
 
 use super::{tree, Engine};
+use crate::catalog::CheckpointRecord;
 
+/// How long after its checkpoint an image may still be being written, for the garbage collector.
+const IMAGE_WRITE_WINDOW_S: i64 = 600;
 /// Process images younger than this are kept even if unreferenced: a checkpoint may be being recorded
 /// for them right now.
 const YOUNG_IMAGE_MS: u64 = 60_000;
@@ -43,10 +46,23 @@ impl Engine {
     }
 
     /// Deletes process images no checkpoint needs (an image is needed by its checkpoint and by every image
-    /// whose parent chain it is on), except young ones.
+    /// whose parent chain it is on), except young ones. Not while an image is being written (one not
+    /// written nor failed, of a checkpoint younger than [`IMAGE_WRITE_WINDOW_S`]): its parent, which may be
+    /// any older image (`ImageJob::against_image`), is known only once it is.
     fn collect_images(&self) {
         let referenced: Vec<deltacr::image::ImageId> = match self.catalog().checkpoints() {
-            Ok(cps) => cps.iter().filter_map(|c| c.image).collect(),
+            Ok(cps) => {
+                let writing = |c: &&CheckpointRecord| {
+                    c.image.is_some()
+                        && !c.image_written
+                        && c.image_failure.is_none()
+                        && super::now() - c.created < IMAGE_WRITE_WINDOW_S
+                };
+                if cps.iter().any(|c| writing(&c)) {
+                    return;
+                }
+                cps.iter().filter_map(|c| c.image).collect()
+            }
             Err(e) => return tracing::error!("cannot read checkpoints: {e}"),
         };
         let needed = tree::closure(referenced, |id| self.images.open(id).ok().and_then(|image| image.header.parent));

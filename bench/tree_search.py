@@ -4,7 +4,7 @@ DeltaBox and with the baselines a user would otherwise pick, in the same run.
 
     python3 bench/tree_search.py [--socket PATH] [--image debian] [--project sympy|synthetic] [--expansions 100]
                                  [--model-latency 0,2] [--methods deltabox,fs-restart,copy-restart]
-                                 [--rss-mb 200] [--memory SIZE] [--seed 1] [--out FILE]
+                                 [--rss-mb 200] [--memory SIZE] [--revisits N] [--seed 1] [--out FILE]
 
 The sandbox (image `debian`, one fresh sandbox per method and model latency):
   * a git repository of ~2,000 files in /root/project: the sympy 1.13.3 sdist (its dependency mpmath 1.3.0 in
@@ -218,6 +218,8 @@ class Stats:
     ck_duration: List[float] = field(default_factory=list)
     holder_rss_mb: float = 0.0
     project_files: int = 0
+    # --revisits: rollbacks to random nodes of the finished tree, each verified (ms, by where it restored from)
+    revisit: Dict[str, List[float]] = field(default_factory=lambda: {"templates": [], "image": []})
 
 
 def timed(call: Callable[[], object]) -> Tuple[float, object]:
@@ -433,6 +435,19 @@ class Search:
                          f"{st.rollbacks} rollbacks, C/R p50 {percentile(st.cr, 50):.1f} ms")
         return st
 
+    def revisit(self, count: int) -> None:
+        """Rolls back ``count`` times to random nodes of the finished tree (deltabox only), each verified."""
+        rng = random.Random(f"{self.args.seed}:revisits")
+        for i in range(count):
+            node = self.nodes[rng.randrange(len(self.nodes))]
+            self.doing = f"revisit {i + 1}: rollback to node {node.id} (at node {self.at})"
+            rb = self.sb.rollback(node.ref)
+            self.stats.revisit["image" if rb.from_image else "templates"].append(rb.duration_ms)
+            self.at = node.id
+            self.verify(node)
+            if (i + 1) % 100 == 0 or i + 1 == count:
+                self.log(f"  revisits: {i + 1}/{count}")
+
 
 def fmt_p(samples: List[float]) -> str:
     if not samples:
@@ -482,6 +497,11 @@ def report(results: Dict[Tuple[str, float], Stats], args: argparse.Namespace, ou
             for source in ("templates", "image"):
                 out(f"{'rollback from ' + source + ': pause_ms':38} {fmt_p(d.rb_pause[source])}")
                 out(f"{'rollback from ' + source + ': duration_ms':38} {fmt_p(d.rb_duration[source])}")
+        if d is not None and any(d.revisit.values()):
+            out(f"deltabox, {sum(map(len, d.revisit.values()))} rollbacks to random nodes of the finished tree, each "
+                f"verified (daemon duration_ms):")
+            for source in ("templates", "image"):
+                out(f"{'revisit from ' + source + f' ({len(d.revisit[source])})':38} {fmt_p(d.revisit[source])}")
         for base in ("fs-restart", "copy-restart"):
             b = rows.get(base)
             if b is None:
@@ -503,6 +523,8 @@ def main() -> int:
     parser.add_argument("--rss-mb", type=int, default=200, help="memory the python process holds besides the "
                         "imported project (default 200)")
     parser.add_argument("--memory", help="memory limit of each sandbox, e.g. 2G (default: the daemon's default)")
+    parser.add_argument("--revisits", type=int, default=0, help="after the deltabox search at the first model "
+                        "latency, this many rollbacks to random nodes of the tree, each verified (default 0)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--out", help="also write the printed report to this file")
     args = parser.parse_args()
@@ -545,6 +567,8 @@ def main() -> int:
             try:
                 search.setup()
                 results[(method, latency)] = search.search()
+                if method == "deltabox" and latency == args.model_latency[0] and args.revisits:
+                    search.revisit(args.revisits)
             except StateMismatch as e:
                 failed = f"STATE VERIFICATION FAILED: {e}"
             except deltabox.DeltaboxError as e:

@@ -4,12 +4,13 @@
 //! processes (DeltaCR thaws once they are seized).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
-use deltacr::{Engine, Frozen, Sandbox};
+use deltacr::{Engine, Frozen, MemoryRestore, Sandbox};
 use deltafs::StackId;
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
@@ -99,6 +100,9 @@ enum Source {
 pub struct Cr {
     jobs: std::sync::mpsc::Sender<Job>,
     kept: Arc<Mutex<KeptList>>,
+    /// Requests sent and not yet taken by the thread (checkpoint, rollback, restore): work that only
+    /// prepares for later waits while one is there.
+    waiting: Arc<AtomicUsize>,
 }
 
 /// What the checkpoint thread works on.
@@ -214,13 +218,21 @@ impl Cr {
         let (tx, rx) = std::sync::mpsc::channel();
         let kept = Arc::new(Mutex::new(KeptList::new()));
         let shared = kept.clone();
-        std::thread::Builder::new().name("deltacr".into()).spawn(move || Worker::new(parts, shared).run(rx))?;
-        Ok(Cr { jobs: tx, kept })
+        let waiting = Arc::new(AtomicUsize::new(0));
+        let for_worker = waiting.clone();
+        std::thread::Builder::new()
+            .name("deltacr".into())
+            .spawn(move || Worker::new(parts, shared, for_worker).run(rx))?;
+        Ok(Cr { jobs: tx, kept, waiting })
     }
 
     async fn ask<T>(&self, make: impl FnOnce(oneshot::Sender<JobResult<T>>) -> Job) -> JobResult<T> {
         let (tx, rx) = oneshot::channel();
-        self.jobs.send(make(tx)).map_err(|_| anyhow!("the checkpoint thread is gone"))?;
+        self.waiting.fetch_add(1, Ordering::SeqCst);
+        if self.jobs.send(make(tx)).is_err() {
+            self.waiting.fetch_sub(1, Ordering::SeqCst);
+            return Err(anyhow!("the checkpoint thread is gone"));
+        }
         rx.await.map_err(|_| anyhow!("the checkpoint thread is gone"))?
     }
 
@@ -293,10 +305,12 @@ struct Worker {
     /// a rollback restores them from templates: a checkpoint without parent templates compares its pages
     /// with it rather than writing them all.
     restored_from: Option<ImageId>,
+    /// See [`Cr::waiting`].
+    waiting: Arc<AtomicUsize>,
 }
 
 impl Worker {
-    fn new(parts: Parts, kept: Arc<Mutex<KeptList>>) -> Worker {
+    fn new(parts: Parts, kept: Arc<Mutex<KeptList>>, waiting: Arc<AtomicUsize>) -> Worker {
         let now = Instant::now();
         Worker {
             parts,
@@ -306,6 +320,7 @@ impl Worker {
             tidied: now,
             next_measure: now,
             restored_from: None,
+            waiting,
         }
     }
 
@@ -323,6 +338,9 @@ impl Worker {
                 }
                 Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => return,
             };
+            if matches!(job, Job::Checkpoint { .. } | Job::Rollback { .. } | Job::RestoreImage { .. }) {
+                self.waiting.fetch_sub(1, Ordering::SeqCst);
+            }
             match job {
                 Job::Checkpoint { processes, parent, reply } => {
                     let (result, rest) = match self.checkpoint(processes, parent) {
@@ -535,6 +553,12 @@ impl Worker {
         let Some(ckpt) = self.templates.get(&stack) else {
             return;
         };
+        if self.waiting.load(Ordering::SeqCst) > 0 {
+            // A request waits (a tree search rolls back to another node right after a checkpoint): spares
+            // cost it a page-table copy per process and serve only a rollback to this checkpoint.
+            tracing::debug!(%stack, "no spares: a request waits");
+            return;
+        }
         let sb = sandbox(self.parts.init);
         match self.engine.prepare_spares(ckpt, &sb) {
             Ok(made) => tracing::debug!(%stack, made, "prepared spares"),
@@ -554,6 +578,9 @@ impl Worker {
 
     fn rollback(&mut self, stack: StackId, image: Option<ImageId>) -> JobResult<Restored> {
         let started = Instant::now();
+        // A rollback's processes are the sandbox's from now on: what they did not touch yet is filled in
+        // the background, so that the next checkpoint finds their memory complete.
+        self.engine.set_memory_restore(MemoryRestore::OnDemand { background_fill: true });
         // Whatever the processes are restored from is made sure of before the live ones are killed: a
         // rollback that cannot restore leaves the sandbox as it was.
         let source = image.map(|image| self.restore_source(stack, image)).transpose()?;
@@ -622,6 +649,9 @@ impl Worker {
     fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
         let images = self.parts.images.open_chain(image).context("open the image")?;
         self.restored_from = Some(image);
+        // A fork's memory comes in only as its processes touch it (until its first checkpoint or rollback):
+        // each fork of a fan-out holds what it touched, not a whole copy of the checkpoint's memory.
+        self.engine.set_memory_restore(MemoryRestore::OnDemand { background_fill: false });
         Ok(self.engine.restore_image(images, &sandbox(self.parts.init))?)
     }
 }

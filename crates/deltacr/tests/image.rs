@@ -29,14 +29,20 @@ fn restore_and_check(
     assert_eq!(first, (n + 1, crc_next), "continues from the image");
 }
 
-#[test]
-fn images_restore_incrementally_compact_and_refuse_corruption() {
+/// A namespace running COUNTER (its output file) and an image store.
+fn counting() -> (PidNs, std::path::PathBuf, ImageStore) {
     let mut ns = PidNs::new();
     let out = ns.path("out");
     let py = python();
     ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
     wait_for(|| (counter_lines(&out).len() > 3).then_some(()));
     let store = ImageStore::new(&ns.path("images")).unwrap();
+    (ns, out, store)
+}
+
+#[test]
+fn images_restore_incrementally_compact_and_refuse_corruption() {
+    let (ns, out, store) = counting();
     let mut engine = Engine::new();
     let sb = ns.sandbox();
 
@@ -142,12 +148,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
 
 #[test]
 fn every_truncation_or_flipped_byte_of_the_metadata_is_refused() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
-    wait_for(|| (counter_lines(&out).len() > 2).then_some(()));
-    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let (ns, _out, store) = counting();
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
@@ -200,12 +201,7 @@ fn opening_a_store_deletes_what_dead_writers_left() {
 
 #[test]
 fn a_checkpoint_after_a_restore_from_an_image_stores_only_what_changed_since() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    ns.spawn(&[&py, "-c", COUNTER, out.to_str().unwrap()], None, false);
-    wait_for(|| (counter_lines(&out).len() > 3).then_some(()));
-    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let (ns, out, store) = counting();
     let mut engine = Engine::new();
     let sb = ns.sandbox();
     let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();

@@ -235,6 +235,9 @@ pub struct RestoreStats {
     pub processes: usize,
     /// Processes that took over a spare's memory (see [`Engine::prepare_spares`]).
     pub from_spares: usize,
+    /// Bytes of saved memory left to come back on demand (see [`crate::lazy`]): 0 when every page was
+    /// copied in.
+    pub on_demand_bytes: u64,
     /// Terminal fds replaced by /dev/null and controlling terminals not given back, because their
     /// terminal is gone and could not be made again (see [`Degraded`]). Empty when everything came
     /// back as it was.
@@ -582,6 +585,7 @@ impl Engine {
         restoring.end_session_helpers()?;
         restoring.finish_all()?;
         pids.set_last_pid(tree.last_pid)?;
+        let on_demand_bytes = restoring.on_demand;
         let (processes, holders) = restoring.release_all()?;
         let degraded = ptys.degraded(tree);
         for d in &degraded {
@@ -592,7 +596,7 @@ impl Engine {
         state.pty_aliases.extend(aliases);
         let from_spares = holders.len();
         state.holders.extend(holders);
-        Ok(RestoreStats { total: start.elapsed(), processes, from_spares, degraded, pty_masters })
+        Ok(RestoreStats { total: start.elapsed(), processes, from_spares, on_demand_bytes, degraded, pty_masters })
     }
 }
 
@@ -615,6 +619,8 @@ struct Restoring<'c> {
     inherited: HashMap<i32, usize>,
     /// Zombies that are not group leaders join their parent's group, which is final only at the end.
     late_zombies: Vec<(&'c ProcessEntry, i32)>,
+    /// Bytes of saved memory left to come back on demand.
+    on_demand: u64,
 }
 
 /// How a new task starts: unless it is a copy-on-write clone of its template, the credentials it has
@@ -632,6 +638,7 @@ impl<'c> Restoring<'c> {
             made: Vec::new(),
             inherited: HashMap::new(),
             late_zombies: Vec::new(),
+            on_demand: 0,
         }
     }
 
@@ -714,7 +721,7 @@ impl<'c> Restoring<'c> {
                         feed: feed.clone(),
                         init: sb.init,
                     });
-                    np.rebuild_memory(st, &mut feed, lazy.as_ref())?;
+                    self.on_demand += np.rebuild_memory(st, &mut feed, lazy.as_ref())?;
                 }
                 (Memory::Templates(_), None) => unreachable!("checked above"),
             }

@@ -149,8 +149,9 @@ fn lazy_eligible(v: &Vma) -> bool {
 
 /// Rebuilds the address space of the stopped single-threaded process behind `inj` (its only thread).
 /// `scratch` is the injector's current scratch area; it is replaced by one that lies outside the
-/// restored layout, which the caller must free later. Returns the new scratch. With `lazy`, the pages
-/// of private anonymous memory are not copied: the pager serves them from `lazy.feed` when touched.
+/// restored layout, which the caller must free later. Returns the new scratch and how many bytes of saved
+/// pages were left to come on demand: with `lazy`, the pages of private anonymous memory are not copied,
+/// the pager serves them from `lazy.feed` when touched.
 pub fn rebuild(
     inj: &mut Injector,
     ns_pid: i32,
@@ -159,7 +160,7 @@ pub fn rebuild(
     vmas: &[Vma],
     src: &mut dyn PageSource,
     lazy: Option<&LazyRestore<'_>>,
-) -> Result<Scratch, MmError> {
+) -> Result<(Scratch, u64), MmError> {
     let pid = inj.pid();
     let perr = |source| MmError::Ptrace { pid: ns_pid, source };
     // 1. exec the original executable: a fresh mm whose exe link is right.
@@ -200,6 +201,7 @@ pub fn rebuild(
         let _ = inj.call(libc::SYS_close, &[*fd]);
     }
     result?;
+    let on_demand = pending.bytes();
     if let (Some(uffd), Some(l)) = (uffd, lazy) {
         if !pending.is_empty() {
             let process = sys::pidfd_open(pid).map_err(|source| MmError::Io {
@@ -215,7 +217,7 @@ pub fn rebuild(
     }
     // 6. the mm layout (brk, stack, arguments, environment, auxv).
     set_mm_map(inj, ns_pid, &scratch, mm)?;
-    Ok(scratch)
+    Ok((scratch, on_demand))
 }
 
 fn exec(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, exe: &str) -> Result<(), MmError> {

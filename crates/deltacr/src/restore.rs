@@ -431,14 +431,14 @@ impl NewProcess {
         st: &ProcessState,
         src: &mut dyn PageSource,
         lazy: Option<&mm::LazyRestore<'_>>,
-    ) -> Result<(), RestoreError> {
+    ) -> Result<u64, RestoreError> {
         let scratch = self.scratch.take().expect("scratch is mapped until finish");
         let pid = self.ns_pid;
-        let new = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src, lazy)
+        let (new, on_demand) = mm::rebuild(&mut self.threads[0].0, pid, scratch, &st.mm, &st.vmas, src, lazy)
             .map_err(|source| RestoreError::Memory { pid, source })?;
         self.gadget = self.threads[0].0.gadget();
         self.scratch = Some(new);
-        Ok(())
+        Ok(on_demand)
     }
 
     /// Changes the process's working directory to `cwd` (a path inside the sandbox).

@@ -456,13 +456,12 @@ pub fn capture_static(t: &crate::template::Template, ns_pid: i32) -> Result<Stat
     })
 }
 
-/// What [`capture_static`] leaves for after the checkpoint call: it costs a page-table walk (smaps) and
-/// 65 injected system calls, and decides nothing about whether the checkpoint can be restored.
+/// What [`capture_static`] leaves for after the checkpoint call: 65 injected system calls that decide
+/// nothing about whether the checkpoint can be restored. (The mappings' flags come from smaps, which
+/// walks page tables: read by whoever needs them, see [`fill_vm_flags`].)
 pub struct LateState {
     pub sigactions: Vec<crate::state::SigAction>,
     pub brk: u64,
-    /// The kept `VmFlags` of each mapping, by start address.
-    pub vm_flags: HashMap<u64, Vec<String>>,
 }
 
 /// Reads the rest of a template's state (see [`LateState`]).
@@ -488,12 +487,17 @@ pub fn capture_late(t: &crate::template::Template, ns_pid: i32) -> Result<LateSt
             Ok((acts, brk))
         })
         .map_err(perr)?;
-    let vm_flags = procfs::smaps(t.pid())
-        .map_err(|source| CaptureError::Proc { pid: ns_pid, source })?
-        .into_iter()
-        .map(|m| (m.start, kept_vm_flags(&m)))
-        .collect();
-    Ok(LateState { sigactions, brk, vm_flags })
+    Ok(LateState { sigactions, brk })
+}
+
+/// Sets the kept `VmFlags` of each of `vmas` from `smaps` (the same process's, read since): an error
+/// names the first mapping smaps does not have (the layout changed).
+pub fn fill_vm_flags(vmas: &mut [crate::state::Vma], smaps: &[procfs::MapEntry]) -> Result<(), u64> {
+    let by_start: HashMap<u64, &procfs::MapEntry> = smaps.iter().map(|m| (m.start, m)).collect();
+    for v in vmas {
+        v.vm_flags = kept_vm_flags(by_start.get(&v.start).ok_or(v.start)?);
+    }
+    Ok(())
 }
 
 fn kept_vm_flags(m: &procfs::MapEntry) -> Vec<String> {

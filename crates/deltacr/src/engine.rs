@@ -119,9 +119,11 @@ impl Checkpoint {
                 return Err(CrError::NoTemplate { pid: *pid });
             }
             let p = ProcessPages::open(t.pid()).map_err(|_| CrError::NoTemplate { pid: *pid })?;
-            pages.push((*pid, p));
+            let smaps = std::fs::File::open(procfs::dir(t.pid()).join("smaps"))
+                .map_err(|_| CrError::NoTemplate { pid: *pid })?;
+            pages.push((*pid, p, smaps));
         }
-        pages.sort_by_key(|(pid, _)| *pid);
+        pages.sort_by_key(|(pid, ..)| *pid);
         let mut parent_pages = HashMap::new();
         if let Some((pc, _)) = parent {
             for (pid, t) in &pc.templates {
@@ -178,17 +180,10 @@ impl Partial {
             let late = capture::capture_late(t, entry.pid)?;
             st.sigactions = late.sigactions;
             st.mm.brk = late.brk;
-            for v in &mut st.vmas {
-                v.vm_flags = late.vm_flags.get(&v.start).cloned().ok_or_else(|| CrError::Unsupported {
-                    pid: entry.pid,
-                    comm: entry.comm.clone(),
-                    reason: format!("its template has no mapping at {:#x} any more", v.start),
-                })?;
-            }
         }
         let took = started.elapsed();
         ckpt.stats.total += took;
-        ckpt.stats.phases.push(("after the call: signal actions, brk, mapping flags", took));
+        ckpt.stats.phases.push(("after the call: signal actions, brk", took));
         Ok(self.0)
     }
 }
@@ -711,7 +706,15 @@ impl<'c> Restoring<'c> {
             };
             match (&mut *mem, template) {
                 (Memory::Templates(_), Some(t)) => {
-                    np.rebuild_memory(st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?, None)?;
+                    // The mappings' flags (grows-down) come from the template, read now (see Partial).
+                    let mut st = st.clone();
+                    let smaps = procfs::smaps(t.pid()).map_err(CrError::Proc)?;
+                    capture::fill_vm_flags(&mut st.vmas, &smaps).map_err(|addr| CrError::Unsupported {
+                        pid: entry.pid,
+                        comm: entry.comm.clone(),
+                        reason: format!("its template has no mapping at {addr:#x} any more"),
+                    })?;
+                    np.rebuild_memory(&st, &mut ProcessPages::open(t.pid()).map_err(unreadable)?, None)?;
                 }
                 (Memory::Image { chain, lazy }, _) => {
                     let mut feed = Feed { chain: chain.clone(), pid: entry.pid };

@@ -624,8 +624,9 @@ impl ImageWriter {
 /// /proc/PID/{pagemap,mem} files opened when the job was made).
 pub struct ImageJob {
     pub(crate) tree: TreeState,
-    /// Per live pid: its template's pages.
-    pub(crate) pages: Vec<(i32, ProcessPages)>,
+    /// Per live pid: its template's pages, and its template's smaps (open, read by the writer: the
+    /// mappings' flags are read off the checkpoint's path, as smaps walks page tables).
+    pub(crate) pages: Vec<(i32, ProcessPages, File)>,
     /// Per pid: the parent checkpoint's template pages, to find unchanged pages.
     pub(crate) parent_pages: HashMap<i32, ProcessPages>,
     /// The image the processes were restored from, when there are no parent templates: pages whose
@@ -648,6 +649,25 @@ impl ImageJob {
         self.parent_pages.clear();
         self.parent_image = None;
         self
+    }
+
+    /// Sets the mappings' flags in the tree from the templates' smaps.
+    fn fill_vm_flags(&mut self) -> Result<(), ImageError> {
+        for (pid, _, smaps) in &mut self.pages {
+            let pid = *pid;
+            let gone = || ImageError::TemplateGone { pid };
+            let mut text = String::new();
+            smaps.read_to_string(&mut text).map_err(|_| gone())?;
+            let entries = crate::procfs::parse_smaps(Path::new("smaps"), &text).map_err(|_| gone())?;
+            let st = self.tree.processes.iter_mut().find_map(|p| match &mut p.kind {
+                ProcessKind::Live(st) if p.pid == pid => Some(st),
+                _ => None,
+            });
+            if let Some(st) = st {
+                crate::capture::fill_vm_flags(&mut st.vmas, &entries).map_err(|_| gone())?;
+            }
+        }
+        Ok(())
     }
 
     /// For a checkpoint without parent templates whose processes were restored from image `chain` (a
@@ -684,11 +704,12 @@ impl ImageJob {
                 .map_or(0, |d| d.as_millis() as u64),
             page_size: PAGE as u32,
         };
+        self.fill_vm_flags()?;
         let mut w = ImageWriter::create(tmp, header)?;
         let mut index = PageIndex::default();
         let mut parent_bytes = 0;
         let mut buf = Vec::new();
-        for (pid, src) in &self.pages {
+        for (pid, src, _) in &self.pages {
             let Some(st) = self.tree.processes.iter().find_map(|p| match &p.kind {
                 ProcessKind::Live(st) if p.pid == *pid => Some(st),
                 _ => None,

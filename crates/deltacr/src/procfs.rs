@@ -90,6 +90,12 @@ fn parse_map_line(line: &str) -> Option<MapEntry> {
 pub fn smaps(pid: Pid) -> Result<Vec<MapEntry>, ProcError> {
     let path = dir(pid).join("smaps");
     let text = read_string(path.clone())?;
+    parse_smaps(&path, &text)
+}
+
+/// Parses the text of an smaps file (`path` names it in errors).
+pub fn parse_smaps(path: &std::path::Path, text: &str) -> Result<Vec<MapEntry>, ProcError> {
+    let path = path.to_path_buf();
     let mut out: Vec<MapEntry> = Vec::new();
     for line in text.lines() {
         if let Some(flags) = line.strip_prefix("VmFlags:") {

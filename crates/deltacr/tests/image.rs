@@ -53,6 +53,13 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let i1 = c1.image_job(None).unwrap().write(&store).unwrap();
     assert!(i1.page_bytes > 8 << 20, "the 8 MB buffer is in the first image: {i1:?}");
     assert_eq!(i1.parent_bytes, 0);
+    // The mappings' flags (read by the writer from the templates' smaps) are in the image: the stack grows down.
+    let tree = store.open(i1.id).unwrap().tree;
+    let grows_down = tree.processes.iter().any(|p| match &p.kind {
+        deltacr::state::ProcessKind::Live(st) => st.vmas.iter().any(|v| v.vm_flags.iter().any(|f| f == "gd")),
+        deltacr::state::ProcessKind::Zombie { .. } => false,
+    });
+    assert!(grows_down, "no grows-down mapping in the image's tree");
 
     // Second checkpoint: only what changed.
     wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));

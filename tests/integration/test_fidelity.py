@@ -276,9 +276,12 @@ def test_background_program_started_by_exec_survives_rollback(client, sandbox, o
     sandbox.exec(["sh", "-c", command]).check()
     wait_until(lambda: sandbox.files.exists("/root/n"))
     ck = sandbox.checkpoint()
-    n_at = int(sandbox.files.read_text("/root/n"))
+
     def counter():
+        # The loop's `echo $i > /root/n` truncates before it writes: a read in between finds it empty.
         return int(wait_until(lambda: sandbox.files.read_text("/root/n").strip()))
+
+    n_at = counter()
 
     # The loop counts ~20 a second: 40 counts leave a slow machine 2 s between the rollback and the read.
     for _ in range(2):

@@ -219,8 +219,8 @@ pub enum MemoryRestore {
 struct Lazy {
     mode: MemoryRestore,
     parts: Option<LazyParts>,
-    /// Why lazy restore is not possible here (said once).
-    unavailable: Option<String>,
+    /// Lazy restore is not possible here (said once, when first tried).
+    unavailable: bool,
 }
 
 /// What one restore did.
@@ -308,7 +308,7 @@ impl Engine {
         Engine {
             sandboxes: HashMap::new(),
             dying: Vec::new(),
-            lazy: Lazy { mode: MemoryRestore::OnDemand { background_fill: true }, parts: None, unavailable: None },
+            lazy: Lazy { mode: MemoryRestore::OnDemand { background_fill: true }, parts: None, unavailable: false },
             _tracer_thread: PhantomData,
         }
     }
@@ -326,7 +326,7 @@ impl Engine {
     /// /dev/userfaultfd: restores then copy memory whole.
     fn lazy_parts(&mut self) -> Option<LazyParts> {
         let MemoryRestore::OnDemand { background_fill } = self.lazy.mode else { return None };
-        if self.lazy.unavailable.is_some() {
+        if self.lazy.unavailable {
             return None;
         }
         if self.lazy.parts.is_none() {
@@ -340,7 +340,7 @@ impl Engine {
                 Ok(p) => self.lazy.parts = Some(p),
                 Err(why) => {
                     tracing::warn!("restores from images copy memory whole: {why}");
-                    self.lazy.unavailable = Some(why);
+                    self.lazy.unavailable = true;
                     return None;
                 }
             }
@@ -422,7 +422,7 @@ impl Engine {
 
     /// [`Engine::checkpoint`] up to what decides whether the checkpoint can be restored (it is checked,
     /// the sandbox runs again): the caller can answer then, and [`Partial::complete`] the rest (signal
-    /// actions, `brk`, mapping flags: a few ms that grow with memory) on this thread afterwards.
+    /// actions and `brk`, ~65 injected calls per process) on this thread afterwards.
     pub fn checkpoint_at_thaw(&mut self, sb: &Sandbox, frozen: &mut Frozen<'_>) -> Result<Partial, CrError> {
         let start = Instant::now();
         let mut phases = Phases::new();

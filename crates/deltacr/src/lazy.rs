@@ -179,6 +179,9 @@ struct Space {
     init: Pid,
     /// The process, when known (a fork's child is not).
     process: Option<OwnedFd>,
+    /// Its uffd is in the pager's epoll set. One that could not be added (no memory for it) has its
+    /// messages read and its memory filled by the background steps, whatever `background_fill` says.
+    watched: bool,
 }
 
 /// A process whose memory the pager is to serve.
@@ -297,7 +300,8 @@ impl Worker {
         let mut pause = Duration::ZERO;
         let mut events = Vec::with_capacity(64);
         loop {
-            let work = (self.background_fill || orphaned) && self.spaces.values().any(|s| !s.lazy.is_empty());
+            let work =
+                self.spaces.values().any(|s| !s.lazy.is_empty() && (self.background_fill || orphaned || !s.watched));
             if orphaned && self.spaces.is_empty() {
                 return;
             }
@@ -336,7 +340,7 @@ impl Worker {
                 .collect();
             if events.is_empty() && (work || !self.waiting.is_empty()) {
                 let started = Instant::now();
-                self.fill_step(!self.waiting.is_empty());
+                self.fill_step(!self.waiting.is_empty(), &mut deferred);
                 pause = started.elapsed();
             }
             self.close_complete(orphaned);
@@ -360,6 +364,7 @@ impl Worker {
                         bad: Ranges::default(),
                         init: a.init,
                         process: Some(a.process),
+                        watched: false,
                     };
                     self.add(space);
                 }
@@ -372,13 +377,12 @@ impl Worker {
         }
     }
 
-    fn add(&mut self, space: Space) {
+    fn add(&mut self, mut space: Space) {
         let key = self.next;
         self.next += 1;
-        if let Err(e) = epoll::add(&self.epoll, space.uffd.fd(), epoll::EventData::new_u64(key), epoll::EventFlags::IN)
-        {
-            // Unwatched, its faults would hang: fill it whole now instead.
-            tracing::warn!("pager: cannot watch a userfaultfd ({e}); filling its memory now");
+        match epoll::add(&self.epoll, space.uffd.fd(), epoll::EventData::new_u64(key), epoll::EventFlags::IN) {
+            Ok(()) => space.watched = true,
+            Err(e) => tracing::warn!("pager: cannot watch a userfaultfd ({e}); filling its memory in the background"),
         }
         self.spaces.insert(key, space);
     }
@@ -418,6 +422,7 @@ impl Worker {
                     bad: space.bad.clone(),
                     init: space.init,
                     process: None,
+                    watched: false,
                 };
                 self.add(child);
             }
@@ -467,9 +472,21 @@ impl Worker {
         }
     }
 
-    /// Fills one chunk of some process's missing memory.
-    fn fill_step(&mut self, all_out: bool) {
-        let Some(key) = self.spaces.iter().find(|(_, s)| !s.lazy.is_empty()).map(|(k, _)| *k) else { return };
+    /// Fills one chunk (64 while a [`Pager::fill_all`] waits) of some process's missing memory, unwatched
+    /// processes first (after reading their messages: faults that must wait go to `deferred`).
+    fn fill_step(&mut self, all_out: bool, deferred: &mut Vec<(u64, u64, u32)>) {
+        let Some((key, watched)) = self
+            .spaces
+            .iter()
+            .filter(|(_, s)| !s.lazy.is_empty())
+            .min_by_key(|(_, s)| s.watched)
+            .map(|(k, s)| (*k, s.watched))
+        else {
+            return;
+        };
+        if !watched {
+            self.read_messages(key, deferred);
+        }
         let steps = if all_out { 64 } else { 1 };
         for _ in 0..steps {
             let Some(space) = self.spaces.get_mut(&key) else { return };
@@ -595,10 +612,9 @@ fn copy(space: &mut Space, start: u64, data: &[u8]) -> Filled {
 fn kill_thread_process(init: Pid, tid: u32) {
     let Ok(tree) = crate::capture::list_tree(init, &Default::default()) else { return };
     for pid in tree {
-        let Ok(tasks) = std::fs::read_dir(format!("/proc/{}/task", pid.as_raw())) else { continue };
-        for t in tasks.flatten() {
-            let Some(t) = t.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
-            if procfs::Status::read(Pid::from_raw(t)).and_then(|s| s.innermost("NSpid")).ok() == Some(tid as i32) {
+        let Ok(tasks) = procfs::tasks(pid) else { continue };
+        for t in tasks {
+            if procfs::Status::read_thread(pid, t).and_then(|s| s.innermost("NSpid")).ok() == Some(tid as i32) {
                 tracing::error!("pager: killing process {} (host pid): its memory is corrupted in the image", pid);
                 let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
                 return;

@@ -158,7 +158,8 @@ impl SeizedProcess {
     pub fn wait_stopped(&mut self) -> Result<(), CaptureError> {
         for t in &mut self.threads {
             if t.stop.is_none() {
-                t.stop = Some(ptrace::wait_stop(t.tid, "checkpointed").map_err(pt_err(self.pid))?);
+                t.stop =
+                    Some(ptrace::wait_stop(t.tid, ptrace::Waiting::Block, "checkpointed").map_err(pt_err(self.pid))?);
             }
         }
         Ok(())

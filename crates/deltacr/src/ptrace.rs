@@ -141,10 +141,47 @@ pub fn interrupt(tid: Pid) -> Result<(), PtraceError> {
     ptrace::interrupt(tid).map_err(req("interrupt", tid))
 }
 
-/// Waits until a thread we interrupted (or that was just auto-attached as a new child) stops.
-pub fn wait_stop(tid: Pid, doing: &'static str) -> Result<StopReason, PtraceError> {
+/// How the tracer waits for a tracee's next report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Waiting {
+    /// Blocks in `waitpid`: for every tracee but a pid namespace's init.
+    Block,
+    /// Polls, and gives up once the tracee is exiting: for a pid namespace's init. An exiting init kills
+    /// its namespace and waits, before it reports its own exit, until every process of it is reaped —
+    /// our traced templates too, which only we reap: a blocking wait for init would never return.
+    Poll,
+}
+
+/// `PF_EXITING` in /proc/TID/stat's flags (field 9): the task is in `do_exit`.
+const PF_EXITING: u64 = 0x4;
+/// The longest sleep between two polls of [`Waiting::Poll`].
+const POLL_MAX: std::time::Duration = std::time::Duration::from_millis(1);
+
+/// The next report of tracee `tid`.
+fn wait_report(tid: Pid, waiting: Waiting, doing: &'static str) -> Result<WaitStatus, PtraceError> {
+    if waiting == Waiting::Block {
+        return waitpid(tid, Some(WaitPidFlag::__WALL)).map_err(req("waitpid", tid));
+    }
+    let mut pause = std::time::Duration::from_micros(10);
     loop {
-        let status = waitpid(tid, Some(WaitPidFlag::__WALL)).map_err(req("waitpid", tid))?;
+        match waitpid(tid, Some(WaitPidFlag::__WALL | WaitPidFlag::WNOHANG)).map_err(req("waitpid", tid))? {
+            WaitStatus::StillAlive => {}
+            status => return Ok(status),
+        }
+        // A task gone from /proc has been reaped (by its parent): it will never report to us either.
+        let exiting = crate::procfs::Stat::read(tid).map_or(true, |stat| stat.field(9) & PF_EXITING != 0);
+        if exiting {
+            return Err(PtraceError::Exited { tid: tid.as_raw(), doing });
+        }
+        std::thread::sleep(pause);
+        pause = (pause * 2).min(POLL_MAX);
+    }
+}
+
+/// Waits until a thread we interrupted (or that was just auto-attached as a new child) stops.
+pub fn wait_stop(tid: Pid, waiting: Waiting, doing: &'static str) -> Result<StopReason, PtraceError> {
+    loop {
+        let status = wait_report(tid, waiting, doing)?;
         match status {
             WaitStatus::PtraceEvent(_, sig, ev) if ev == libc::PTRACE_EVENT_STOP => {
                 return Ok(match sig {
@@ -282,6 +319,7 @@ pub struct Injector {
     orig_mask: u64,
     /// Signals that stopped the thread while we were injecting (SIGSTOP cannot be blocked).
     held_signals: Vec<i32>,
+    waiting: Waiting,
 }
 
 impl Injector {
@@ -291,7 +329,13 @@ impl Injector {
         let orig_regs = getregs(tid)?;
         let orig_mask = get_sigmask(tid)?;
         set_sigmask(tid, u64::MAX)?;
-        Ok(Injector { pid, tid, gadget, orig_regs, orig_mask, held_signals: Vec::new() })
+        Ok(Injector { pid, tid, gadget, orig_regs, orig_mask, held_signals: Vec::new(), waiting: Waiting::Block })
+    }
+
+    /// Waits for the thread's reports as `waiting` says ([`Waiting::Poll`] for a pid namespace's init).
+    pub fn waiting(mut self, waiting: Waiting) -> Injector {
+        self.waiting = waiting;
+        self
     }
 
     pub fn pid(&self) -> Pid {
@@ -342,8 +386,7 @@ impl Injector {
         let mut entered = false;
         let mut child = None;
         loop {
-            let status = waitpid(tid, Some(WaitPidFlag::__WALL)).map_err(req("waitpid", tid))?;
-            match status {
+            match wait_report(tid, self.waiting, "injected into")? {
                 WaitStatus::PtraceSyscall(_) if !entered => entered = true,
                 WaitStatus::PtraceSyscall(_) => {
                     let r = getregs(tid)?;
@@ -396,7 +439,7 @@ impl Injector {
                 doing,
             })?
             .pid;
-        wait_stop(child, doing)?;
+        wait_stop(child, Waiting::Block, doing)?;
         Ok(child)
     }
 

@@ -9,7 +9,7 @@ use crate::files::FdPlan;
 use crate::mm::{self, PageSource};
 use crate::pidns::{PidNsError, PidSetter};
 use crate::procfs::{self, ProcError};
-use crate::ptrace::{self, Injector, PtraceError, Scratch};
+use crate::ptrace::{self, Injector, PtraceError, Scratch, Waiting};
 use crate::state::{Creds, ProcessState, SigAction, SigInfo, ThreadState};
 
 /// Errors of this module.
@@ -706,11 +706,11 @@ pub fn fork_from_init(init: Pid, pids: &mut PidSetter, want: i32) -> Result<Init
     ptrace::seize(init).map_err(perr)?;
     let res = (|| {
         ptrace::interrupt(init).map_err(perr)?;
-        ptrace::wait_stop(init, "forking from init").map_err(perr)?;
+        ptrace::wait_stop(init, Waiting::Poll, "forking from init").map_err(perr)?;
         let gadget = ptrace::find_syscall_gadget(init).map_err(perr)?;
         let creds = crate::capture::read_creds(init).map_err(|source| RestoreError::Proc { pid: want, source })?;
         let filters = ptrace::seccomp_filters(init).map_err(perr)?.len();
-        let mut inj = Injector::new(init, init, gadget).map_err(perr)?;
+        let mut inj = Injector::new(init, init, gadget).map_err(perr)?.waiting(Waiting::Poll);
         let child = create_with_pid(
             pids,
             want,

@@ -3,7 +3,7 @@
 use std::io::{Read, Write};
 use std::process::{Command, Stdio};
 
-use deltacr::ptrace::{self, Injector, Scratch, StopReason};
+use deltacr::ptrace::{self, Injector, Scratch, StopReason, Waiting};
 use nix::unistd::Pid;
 
 fn wait_until_blocked(pid: Pid, nr: i64, arg0: u64) {
@@ -35,7 +35,7 @@ fn injected_syscalls_run_in_the_tracee_and_an_interrupted_read_restarts() {
 
     ptrace::seize(pid).unwrap();
     ptrace::interrupt(pid).unwrap();
-    let reason = ptrace::wait_stop(pid, "stopped").unwrap();
+    let reason = ptrace::wait_stop(pid, Waiting::Block, "stopped").unwrap();
     assert!(matches!(reason, StopReason::Interrupt), "{reason:?}");
     let regs = ptrace::getregs(pid).unwrap();
     assert_eq!(regs.orig_rax as i64, libc::SYS_read, "stopped inside read");
@@ -71,7 +71,7 @@ fn an_interrupted_sleep_continues_through_restart_syscall() {
     wait_until_blocked(pid, libc::SYS_clock_nanosleep, libc::CLOCK_REALTIME as u64);
     ptrace::seize(pid).unwrap();
     ptrace::interrupt(pid).unwrap();
-    ptrace::wait_stop(pid, "stopped").unwrap();
+    ptrace::wait_stop(pid, Waiting::Block, "stopped").unwrap();
     let regs = ptrace::getregs(pid).unwrap();
     let (_, mode) = ptrace::restart_fixup(&regs, false);
     assert_eq!(mode, ptrace::RestartMode::RestartBlock, "sleep waits in clock_nanosleep");
@@ -81,4 +81,40 @@ fn an_interrupted_sleep_continues_through_restart_syscall() {
     inj.finish().unwrap();
     ptrace::detach(pid, None).unwrap();
     assert!(child.wait().unwrap().success());
+}
+
+/// The only child of `pid`, once it has one.
+fn only_child(pid: Pid) -> Pid {
+    for _ in 0..2000 {
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+        if let Some(child) = children.split_whitespace().next() {
+            return Pid::from_raw(child.parse().unwrap());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    panic!("process {pid} never started a child");
+}
+
+#[test]
+fn a_wait_for_an_exiting_namespace_init_gives_up_while_its_traced_child_is_unreaped() {
+    // init (sh) of a new pid namespace, with a child (sleep) we trace: when init is killed, it kills
+    // the sleep and waits until it is reaped, which only we do — init reports nothing meanwhile.
+    let mut unshare =
+        Command::new("unshare").args(["--pid", "--fork", "sh", "-c", "sleep 1000 & wait"]).spawn().unwrap();
+    let init = only_child(Pid::from_raw(unshare.id() as i32));
+    let sleeper = only_child(init);
+    for pid in [init, sleeper] {
+        ptrace::seize(pid).unwrap();
+        ptrace::interrupt(pid).unwrap();
+        ptrace::wait_stop(pid, Waiting::Block, "stopped").unwrap();
+    }
+    nix::sys::signal::kill(init, nix::sys::signal::Signal::SIGKILL).unwrap();
+    let err = ptrace::wait_stop(init, Waiting::Poll, "stopped").unwrap_err();
+    assert!(matches!(err, ptrace::PtraceError::Exited { .. }), "{err}");
+    // Reaping the sleep lets init finish exiting.
+    let status = nix::sys::wait::waitpid(sleeper, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+    assert!(matches!(status, nix::sys::wait::WaitStatus::Signaled(..)), "{status:?}");
+    let status = nix::sys::wait::waitpid(init, Some(nix::sys::wait::WaitPidFlag::__WALL)).unwrap();
+    assert!(matches!(status, nix::sys::wait::WaitStatus::Signaled(..)), "{status:?}");
+    assert!(!unshare.wait().unwrap().success());
 }

@@ -522,26 +522,29 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
             (VmaBacking::DeletedFile { path: n.trim_end_matches(" (deleted)").to_string() }, true)
         }
         n if n.starts_with('/') && m.inode != 0 => {
-            // Shared memory objects (shared anonymous, SysV shm, memfd, deleted files) keep their
-            // contents in the kernel, not in a file of the sandbox: they are saved like anonymous
-            // memory.
-            let shmem = n.starts_with("/dev/zero")
-                || n.starts_with("/SYSV")
-                || n.starts_with("/memfd:")
-                || (m.shared && n.ends_with(" (deleted)"));
-            (
-                VmaBacking::File {
-                    path: n.to_string(),
-                    offset: m.offset,
-                    dev: libc::makedev(m.dev_major, m.dev_minor),
-                    inode: m.inode,
-                },
-                !m.shared || shmem,
-            )
+            let (path, offset, dev, inode) =
+                (n.to_string(), m.offset, libc::makedev(m.dev_major, m.dev_minor), m.inode);
+            if m.shared && is_shared_memory_object(n) {
+                // Its contents are kept with the object (files::shm), not per mapping.
+                (VmaBacking::SharedMemory { path, offset, dev, inode }, false)
+            } else {
+                // Private mappings of memory objects (shmem, memfd) are saved like anonymous memory.
+                (VmaBacking::File { path, offset, dev, inode }, !m.shared)
+            }
         }
         _ => (VmaBacking::Anonymous, true),
     };
     Some(Vma { start: m.start, end: m.end, prot, shared: m.shared, backing, vm_flags: kept_vm_flags(m), dumped })
+}
+
+/// Whether a shared mapping named `name` in /proc/PID/maps is of a shared memory object, whose contents
+/// live in the kernel rather than in a file of the sandbox: shared anonymous memory, SysV shm, a memfd,
+/// a deleted file (a POSIX semaphore or shm object after it was unlinked).
+pub fn is_shared_memory_object(name: &str) -> bool {
+    name.starts_with("/dev/zero")
+        || name.starts_with("/SYSV")
+        || name.starts_with("/memfd:")
+        || name.ends_with(" (deleted)")
 }
 
 /// The pty index of a process's controlling terminal and the terminal's foreground process group

@@ -737,6 +737,7 @@ impl<'c> Restoring<'c> {
         }
         let create = self.plan.create.get(&entry.pid).map_or(&[][..], Vec::as_slice);
         np.restore_fds(&st.fds, create, &self.tree.files, &self.plan.fds, ptys)?;
+        np.map_shared_memory(&st.vmas, &self.tree.files, &self.plan.fds)?;
         if let Some(ctty) = &st.ctty {
             np.set_controlling_tty(ctty, &st.fds, &self.tree.files, ptys)?;
         }

@@ -23,8 +23,11 @@ use crate::state::{ProcessKind, TreeState, Vma};
 use crate::sys;
 
 const MAGIC: &[u8; 8] = b"DCRIMAGE";
-/// Format version written by this code; readers refuse other versions.
-pub const FORMAT_VERSION: u32 = 3;
+/// Format version written by this code.
+pub const FORMAT_VERSION: u32 = 4;
+/// The oldest version read: version 4 only added kinds of state (shared memory objects) to the tree
+/// record, which a version-3 image never holds.
+pub const OLDEST_READ_VERSION: u32 = 3;
 const META: &str = "meta.img";
 const PAGES: &str = "pages.img";
 /// Runs are split so that one CRC covers at most this many bytes (and one read).
@@ -43,7 +46,9 @@ pub enum ImageError {
     },
     #[error("image {path} is corrupted or truncated: {reason}")]
     Corrupt { path: PathBuf, reason: String },
-    #[error("image {path} has format version {found}; this build reads version {FORMAT_VERSION}")]
+    #[error(
+        "image {path} has format version {found}; this build reads versions {OLDEST_READ_VERSION} to {FORMAT_VERSION}"
+    )]
     Version { path: PathBuf, found: u32 },
     #[error("image {id} not found in {store}")]
     Missing { id: ImageId, store: PathBuf },
@@ -320,7 +325,7 @@ impl Image {
             return Err(corrupt("not a DeltaCR image (bad magic)".into()));
         }
         let version = u32::from_le_bytes(bytes[8..12].try_into().expect("4 bytes"));
-        if version != FORMAT_VERSION {
+        if !(OLDEST_READ_VERSION..=FORMAT_VERSION).contains(&version) {
             return Err(ImageError::Version { path: meta_path, found: version });
         }
         let mut pos = 12;

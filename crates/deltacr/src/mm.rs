@@ -355,15 +355,15 @@ fn map_all(
                 flags |= libc::MAP_ANONYMOUS as u64;
                 (u64::MAX, 0)
             }
+            // A placeholder keeping its place in the layout: the object is mapped over it once the
+            // process has its fds (NewProcess::map_shared_memory).
+            VmaBacking::SharedMemory { .. } => {
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED | libc::MAP_NORESERVE) as u64;
+                inj.call(libc::SYS_mmap, &[v.start, v.len(), libc::PROT_NONE as u64, flags, u64::MAX, 0])
+                    .map_err(perr)?;
+                continue;
+            }
             VmaBacking::File { path, offset, inode, .. } => {
-                if v.shared
-                    && (path.starts_with("/dev/zero") || path.starts_with("/SYSV") || path.starts_with("/memfd:"))
-                {
-                    return Err(MmError::Layout {
-                        pid: ns_pid,
-                        reason: format!("shared memory {path} at {:#x} cannot be restored yet", v.start),
-                    });
-                }
                 let writable = v.shared && v.prot & libc::PROT_WRITE != 0;
                 let fd = match files.get(&(path.clone(), writable)) {
                     Some(fd) => *fd,

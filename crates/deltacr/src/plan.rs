@@ -8,7 +8,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 
 use crate::files::FdPlan;
-use crate::state::{FileKind, ProcessEntry, ProcessKind, TreeState};
+use crate::state::{FileKind, ProcessEntry, ProcessKind, TreeState, VmaBacking};
 
 /// Why a tree cannot be restored as it was.
 #[derive(Debug, thiserror::Error)]
@@ -141,6 +141,17 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         for fd in &st.fds {
             max_fd = max_fd.max(fd.fd);
             users.entry(unit_of[&fd.file]).or_default().push(p.pid);
+        }
+        // A shared memory object is made by the processes that map it as if they held it open.
+        for v in st.vmas.iter().filter(|v| matches!(v.backing, VmaBacking::SharedMemory { .. })) {
+            let Some(id) = crate::files::object_of(v, &tree.files) else {
+                return Err(PlanError {
+                    pid: p.pid,
+                    comm: p.comm.clone(),
+                    reason: format!("the shared memory it maps at {:#x} was not saved", v.start),
+                });
+            };
+            users.entry(id).or_default().push(p.pid);
         }
     }
     for (unit, pids) in users {

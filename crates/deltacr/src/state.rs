@@ -163,6 +163,9 @@ pub enum VmaBacking {
     /// A private mapping of a file that was deleted since it was mapped (`path` is where it was): all its
     /// pages are saved, and it is restored as anonymous memory holding them.
     DeletedFile { path: String },
+    /// A `MAP_SHARED` mapping of a shared memory object (see [`FileKind::SharedMemory`], found by `dev`
+    /// and `inode`) at `offset`; `path` as /proc/PID/maps names it.
+    SharedMemory { path: String, offset: u64, dev: u64, inode: u64 },
 }
 
 /// One mapping of the address space.
@@ -281,6 +284,20 @@ pub enum FileKind {
     /// (a pipe without readers would fail every write with EPIPE and SIGPIPE). A write end whose pipe
     /// had no reader at all stays such a pipe.
     Pipe { pipe: u64, write_end: bool, data: Vec<u8>, readers_outside: bool },
+    /// A shared memory object mapped `MAP_SHARED` by processes of the tree or held by an fd: shared
+    /// anonymous memory (`/dev/zero`), a memfd, a deleted file (a POSIX semaphore or shm object after
+    /// `sem_unlink`/`shm_unlink`). Its mappings name it by `dev` and `inode`. It is restored as a memfd
+    /// (`name`) of `size` bytes holding `extents` (the object's data at checkpoint time; holes read as
+    /// zeros) with its `seals` (`F_GET_SEALS`), made by the lowest common ancestor of the processes that
+    /// map it or hold it.
+    SharedMemory { name: String, dev: u64, inode: u64, size: u64, seals: i32, extents: Vec<ShmExtent> },
+}
+
+/// Bytes of a shared memory object at `offset`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmExtent {
+    pub offset: u64,
+    pub data: Vec<u8>,
 }
 
 /// Which pty a `/dev/pts/N` node is. A pty index is reused once its terminal is gone, and the node of

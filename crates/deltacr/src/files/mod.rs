@@ -11,16 +11,19 @@ mod inet;
 mod lock;
 mod pipe;
 mod regular;
+mod shm;
 mod socket;
 mod tty;
 mod unix;
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;
+use std::os::fd::AsFd;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::unistd::Pid;
 
+pub use shm::{object_of, SHARED_MEMORY_LIMIT};
 pub use tty::{controlling_tty, pts_index};
 
 use crate::procfs::{self, FdInfo};
@@ -43,6 +46,8 @@ pub enum FileError {
         #[source]
         source: std::io::Error,
     },
+    #[error("process {pid}, mapping at {addr:#x}: {reason}")]
+    Mapping { pid: i32, addr: u64, reason: String },
     #[error("process {pid}, fd {fd}")]
     Proc {
         pid: i32,
@@ -74,7 +79,8 @@ struct Known {
     fd: i32,
 }
 
-/// Captures the fds of `owners`. Returns the open file descriptions and, per owner, its fds.
+/// Captures the fds of `owners` (stopped) and the shared memory objects they map. Returns the open file
+/// descriptions (shared memory objects among them, held by no fd) and, per owner, its fds.
 pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), FileError> {
     let mut unix: Option<HashMap<u32, UnixSockInfo>> = None;
     let mut files: Vec<OpenFile> = Vec::new();
@@ -132,6 +138,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
     pipe::capture_data(owners, &tables, &mut files)?;
     pipe::mark_outside_readers(owners, &tables, &mut files)?;
     unix::check_peers(owners, &tables, &files)?;
+    shm::capture(owners, &tables, &mut files)?;
     Ok((files, tables))
 }
 
@@ -166,6 +173,10 @@ fn classify(
     let (major, minor) = (libc::major(meta.rdev()), libc::minor(meta.rdev()));
     if let Some(index) = pts_index(major, minor).filter(|_| ft.is_char_device()) {
         return tty::capture(owner, fd, link, meta, index);
+    }
+    if shm::is_fd_object(link) {
+        let fd = sys::dup_from(owner.host, fd).map_err(io_err(owner, fd, "reach it"))?;
+        return Ok(shm::capture_fd(link, meta, fd.as_fd()));
     }
     if link.ends_with(" (deleted)") {
         return Err(unsupported(format!("{link}: open files that were deleted are not supported yet")));
@@ -247,6 +258,7 @@ impl NewProcess {
                 | FileKind::SignalFd { .. }
                 | FileKind::TimerFd { .. }
                 | FileKind::Epoll { .. } => self.make_anon(target, of)?,
+                FileKind::SharedMemory { .. } => self.make_shared_memory(target, of)?,
             };
             self.place(tmp, plan.temp(id))?;
         }

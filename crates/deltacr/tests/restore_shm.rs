@@ -1,0 +1,95 @@
+//! Shared memory between processes (shared anonymous memory, a memfd mapped without its fd, POSIX
+//! semaphores of `multiprocessing`, unlinked) comes back with its checkpoint-time contents, shared
+//! again by the restored processes, from templates and from an image.
+
+mod common;
+
+use common::{number_rows, python, wait_for, PidNs};
+use deltacr::image::ImageStore;
+use deltacr::Engine;
+
+/// A parent and its forked child hand a counter back and forth through shared memory, woken by two
+/// semaphores: the parent writes i into shared anonymous memory and a memfd page, the child answers
+/// i * 1000 + (both agree) in the shared page and adds i to a sum kept only in the memfd; the parent
+/// appends "i answer sum". Each step depends on every object being shared and holding its
+/// checkpoint-time value; a half-restored one stalls, answers wrong or sums wrong.
+const PING_PONG: &str = r#"
+import mmap, multiprocessing as mp, os, sys, time
+out = open(sys.argv[1], "a")
+anon = mmap.mmap(-1, 4096)
+fd = os.memfd_create("pingpong")
+os.ftruncate(fd, 1 << 20)
+mem = mmap.mmap(fd, 1 << 20)
+os.close(fd)
+ask, answered = mp.Semaphore(0), mp.Semaphore(0)
+get = lambda m, off: int.from_bytes(m[off:off + 8], "little")
+def put(m, off, v):
+    m[off:off + 8] = v.to_bytes(8, "little")
+if os.fork() == 0:
+    while True:
+        ask.acquire()
+        a, b = get(anon, 0), get(mem, 7 * 4096)
+        put(anon, 8, a * 1000 + (a == b))
+        put(mem, 9 * 4096, get(mem, 9 * 4096) + a)
+        answered.release()
+i = 0
+while True:
+    i += 1
+    put(anon, 0, i)
+    put(mem, 7 * 4096, i)
+    ask.release()
+    answered.acquire()
+    out.write("%d %d %d\n" % (i, get(anon, 8), get(mem, 9 * 4096)))
+    out.flush()
+    time.sleep(0.005)
+"#;
+
+/// Checks the lines of `out` from `from` on: consecutive counters, each answered right. Returns the
+/// first counter. Waits for a few lines first.
+fn check_continues(out: &std::path::Path, from: usize) -> u64 {
+    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 5));
+    let first = rows[from][0];
+    for (k, row) in rows[from..].iter().enumerate() {
+        let i = first + k as u64;
+        assert_eq!(row, &vec![i, i * 1000 + 1, i * (i + 1) / 2], "line {} of {:?}", from + k, &rows[from..]);
+    }
+    first
+}
+
+#[test]
+fn shared_memory_and_semaphores_come_back_shared_with_their_contents() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", PING_PONG, out.to_str().unwrap()], None, false);
+    assert_eq!(check_continues(&out, 0), 1);
+
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let at = number_rows(&out).len() as u64;
+    let objects = ckpt.tree.files.iter().filter(|f| matches!(f.kind, deltacr::state::FileKind::SharedMemory { .. }));
+    assert_eq!(objects.count(), 4, "shared anonymous memory, the memfd and two semaphores");
+    // The live processes go on, changing every object.
+    wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
+
+    let mut resumed = None;
+    for round in 0..3 {
+        engine.kill_processes(&sb).unwrap();
+        let before = number_rows(&out).len();
+        if round < 2 {
+            engine.restore(&ckpt, &sb).unwrap();
+        } else {
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
+        }
+        // Every restore continues from the checkpoint: the first line after it, whichever it was.
+        let first = check_continues(&out, before);
+        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
+        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
+    }
+    engine.kill_processes(&sb).unwrap();
+}

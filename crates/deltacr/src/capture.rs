@@ -521,7 +521,8 @@ pub fn vma_of(m: &procfs::MapEntry) -> Option<crate::state::Vma> {
         n if n.starts_with('/') && m.inode != 0 && !m.shared && n.ends_with(" (deleted)") => {
             (VmaBacking::DeletedFile { path: n.trim_end_matches(" (deleted)").to_string() }, true)
         }
-        n if n.starts_with('/') && m.inode != 0 => {
+        // A SysV segment shows its id as inode: the first one has 0.
+        n if n.starts_with('/') && (m.inode != 0 || n.starts_with("/SYSV")) => {
             let (path, offset, dev, inode) =
                 (n.to_string(), m.offset, libc::makedev(m.dev_major, m.dev_minor), m.inode);
             if m.shared && is_shared_memory_object(n) {

@@ -69,7 +69,7 @@ impl CrError {
             self,
             CrError::Unsupported { .. }
                 | CrError::Capture(CaptureError::Unsupported { .. })
-                | CrError::Files(FileError::Unsupported { .. })
+                | CrError::Files(FileError::Unsupported { .. } | FileError::Mapping { .. })
         )
     }
 }
@@ -616,6 +616,8 @@ struct Restoring<'c> {
     late_zombies: Vec<(&'c ProcessEntry, i32)>,
     /// Bytes of saved memory left to come back on demand.
     on_demand: u64,
+    /// TCP connections made by session helpers, which exit before the connections leave repair mode.
+    repaired_tcp: Vec<files::RepairedTcp>,
 }
 
 /// How a new task starts: unless it is a copy-on-write clone of its template, the credentials it has
@@ -634,6 +636,7 @@ impl<'c> Restoring<'c> {
             inherited: HashMap::new(),
             late_zombies: Vec::new(),
             on_demand: 0,
+            repaired_tcp: Vec::new(),
         }
     }
 
@@ -893,7 +896,8 @@ impl<'c> Restoring<'c> {
     }
 
     fn end_session_helpers(&mut self) -> Result<(), CrError> {
-        for helper in self.session_helpers.drain(..) {
+        for mut helper in self.session_helpers.drain(..) {
+            self.repaired_tcp.append(&mut helper.np.repaired_tcp);
             helper.np.exit_helper()?;
         }
         Ok(())
@@ -921,6 +925,13 @@ impl<'c> Restoring<'c> {
     /// Lets every restored process run; returns how many there are and the holders of the memory
     /// they took over. A process not released yet when one fails is killed.
     fn release_all(mut self) -> Result<(usize, Vec<Holder>), CrError> {
+        // Every end of every connection exists now: they may talk.
+        for (np, _) in &mut self.made {
+            self.repaired_tcp.append(&mut np.repaired_tcp);
+        }
+        for conn in self.repaired_tcp.drain(..) {
+            conn.finish()?;
+        }
         let processes = self.made.len();
         for (np, _) in self.made.drain(..) {
             np.release()?;

@@ -114,6 +114,8 @@ pub struct NewProcess {
     job_stopped: bool,
     /// Set once the process runs on its own (or became a zombie); until then dropping kills it.
     released: bool,
+    /// Its TCP connections, in repair mode until the whole tree is restored.
+    pub(crate) repaired_tcp: Vec<crate::files::RepairedTcp>,
 }
 
 impl NewProcess {
@@ -128,6 +130,7 @@ impl NewProcess {
             threads_done: Vec::new(),
             scratch: None,
             job_stopped: false,
+            repaired_tcp: Vec::new(),
             released: false,
         };
         let scratch = Scratch::map(np.leader(), SCRATCH_LEN).map_err(np.perr())?;

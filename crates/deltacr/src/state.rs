@@ -291,6 +291,37 @@ pub enum FileKind {
     /// zeros) with its `seals` (`F_GET_SEALS`), made by the lowest common ancestor of the processes that
     /// map it or hold it.
     SharedMemory { name: String, dev: u64, inode: u64, size: u64, seals: i32, extents: Vec<ShmExtent> },
+    /// An established TCP connection whose peer socket is checkpointed too (both ends in the sandbox),
+    /// restored with TCP repair: addresses (raw sockaddr bytes), the integer options kept for inet
+    /// sockets, and the connection's state.
+    TcpConnection { family: i32, local: Vec<u8>, peer: Vec<u8>, options: Vec<(i32, i32, i32)>, conn: TcpConn },
+}
+
+/// What TCP repair reads of an established connection and writes back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TcpConn {
+    /// Sequence number after the last byte written (`TCP_QUEUE_SEQ` of the send queue).
+    pub send_seq: u32,
+    /// Sequence number of the next byte expected (`TCP_QUEUE_SEQ` of the receive queue).
+    pub recv_seq: u32,
+    /// Bytes written and not acknowledged yet, the last `unsent` of them not sent yet.
+    pub send_queue: Vec<u8>,
+    pub unsent: u32,
+    /// Bytes received and not read yet.
+    pub recv_queue: Vec<u8>,
+    /// Maximum segment size (`TCP_MAXSEG`).
+    pub mss: u32,
+    /// `tcpi_options` of TCP_INFO (TCPI_OPT_TIMESTAMPS, _SACK, _WSCALE) and the window scales.
+    pub tcp_options: u8,
+    pub snd_wscale: u8,
+    pub rcv_wscale: u8,
+    /// `TCP_TIMESTAMP`: the connection's timestamp clock.
+    pub timestamp: u32,
+    /// `TCP_REPAIR_WINDOW`: snd_wl1, snd_wnd, max_window, rcv_wnd, rcv_wup.
+    pub window: [u32; 5],
+    /// `SO_SNDBUF` and `SO_RCVBUF` as read (the kernel's doubled values).
+    pub sndbuf: i32,
+    pub rcvbuf: i32,
 }
 
 /// Bytes of a shared memory object at `offset`.

@@ -222,9 +222,14 @@ pub fn pipe_has_readers(fd: BorrowedFd<'_>) -> io::Result<bool> {
 
 /// `FIONREAD`: bytes queued for reading on a pipe, socket or tty.
 pub fn fionread(fd: BorrowedFd<'_>) -> io::Result<usize> {
+    queued(fd, libc::FIONREAD)
+}
+
+/// A byte count an ioctl reports as an int: `FIONREAD` (= `SIOCINQ`), `SIOCOUTQ`, `SIOCOUTQNSD`.
+pub fn queued(fd: BorrowedFd<'_>, request: libc::c_ulong) -> io::Result<usize> {
     let mut n: libc::c_int = 0;
-    // SAFETY: FIONREAD writes one int.
-    if unsafe { libc::ioctl(fd.as_raw_fd(), libc::FIONREAD, &mut n as *mut libc::c_int) } < 0 {
+    // SAFETY: these requests write one int.
+    if unsafe { libc::ioctl(fd.as_raw_fd(), request, &mut n as *mut libc::c_int) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(n as usize)
@@ -497,16 +502,65 @@ pub fn socket_name(fd: BorrowedFd<'_>, peer: bool) -> io::Result<Option<Vec<u8>>
 
 /// The TCP state of a socket (`tcpi_state` of TCP_INFO: 1 established, 7 close, 10 listen, ...).
 pub fn tcp_state(fd: BorrowedFd<'_>) -> io::Result<u8> {
+    Ok(tcp_info_head(fd)?[0])
+}
+
+/// The first 8 bytes of a socket's `struct tcp_info`: state, ca_state, retransmits, probes, backoff,
+/// options (TCPI_OPT_*), send and receive window scales (4 bits each), flags.
+pub fn tcp_info_head(fd: BorrowedFd<'_>) -> io::Result<[u8; 8]> {
     let mut info = [0u8; 8];
-    let mut len = info.len() as libc::socklen_t;
-    // SAFETY: the kernel copies at most len bytes of struct tcp_info into info.
-    if unsafe {
-        libc::getsockopt(fd.as_raw_fd(), libc::IPPROTO_TCP, libc::TCP_INFO, info.as_mut_ptr().cast(), &mut len)
-    } < 0
-    {
+    getsockopt_bytes(fd, libc::IPPROTO_TCP, libc::TCP_INFO, &mut info)?;
+    Ok(info)
+}
+
+/// `getsockopt` into `buf`; returns the length the kernel wrote.
+pub fn getsockopt_bytes(fd: BorrowedFd<'_>, level: i32, name: i32, buf: &mut [u8]) -> io::Result<usize> {
+    let mut len = buf.len() as libc::socklen_t;
+    // SAFETY: the kernel writes at most len bytes into buf and updates len.
+    if unsafe { libc::getsockopt(fd.as_raw_fd(), level, name, buf.as_mut_ptr().cast(), &mut len) } < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(info[0])
+    Ok(len as usize)
+}
+
+/// `setsockopt` of a raw value.
+pub fn setsockopt_bytes(fd: BorrowedFd<'_>, level: i32, name: i32, value: &[u8]) -> io::Result<()> {
+    // SAFETY: the kernel reads value.len() bytes.
+    if unsafe { libc::setsockopt(fd.as_raw_fd(), level, name, value.as_ptr().cast(), value.len() as u32) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `bind` (or `connect` when `connect`) to a raw sockaddr.
+pub fn bind_or_connect(fd: BorrowedFd<'_>, addr: &[u8], connect: bool) -> io::Result<()> {
+    let ptr = addr.as_ptr().cast::<libc::sockaddr>();
+    let len = addr.len() as libc::socklen_t;
+    // SAFETY: the kernel reads len bytes of sockaddr from addr.
+    let r = unsafe {
+        if connect {
+            libc::connect(fd.as_raw_fd(), ptr, len)
+        } else {
+            libc::bind(fd.as_raw_fd(), ptr, len)
+        }
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// `send(MSG_DONTWAIT)` of all of `data` (fails with WouldBlock when the socket takes no more).
+pub fn send_all(fd: BorrowedFd<'_>, mut data: &[u8]) -> io::Result<()> {
+    while !data.is_empty() {
+        // SAFETY: the kernel reads at most data.len() bytes.
+        let n = unsafe { libc::send(fd.as_raw_fd(), data.as_ptr().cast(), data.len(), libc::MSG_DONTWAIT) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        data = &data[n as usize..];
+    }
+    Ok(())
 }
 
 /// `setsockopt` of an integer option.

@@ -93,3 +93,35 @@ fn shared_memory_and_semaphores_come_back_shared_with_their_contents() {
     }
     engine.kill_processes(&sb).unwrap();
 }
+
+#[test]
+fn sysv_shared_memory_is_refused_naming_the_segment_and_the_program_runs_on() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    // The first segment of an IPC namespace has id 0, which /proc/PID/maps shows as its inode.
+    let program = r#"
+import ctypes, sys, time
+libc = ctypes.CDLL(None)
+libc.shmat.restype = ctypes.c_void_p
+seg = libc.shmget(0, 4096, 0o1600)
+assert libc.shmat(seg, None, 0) != 2 ** 64 - 1
+out = open(sys.argv[1], "a")
+i = 0
+while True:
+    i += 1
+    out.write("%d\n" % i)
+    out.flush()
+    time.sleep(0.005)
+"#;
+    ns.spawn(&["unshare", "--ipc", &py, "-c", program, out.to_str().unwrap()], None, false);
+    wait_for(|| (number_rows(&out).len() > 3).then_some(()));
+    let mut engine = Engine::new();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let err = engine.checkpoint(&ns.sandbox(), &mut frozen).err().expect("SysV shared memory is refused");
+    drop(frozen);
+    let msg = format!("{err:?}");
+    assert!(err.is_unsupported() && msg.contains("/SYSV") && msg.contains("SysV shared memory"), "{msg}");
+    let seen = number_rows(&out).len();
+    wait_for(|| (number_rows(&out).len() > seen + 3).then_some(()));
+}

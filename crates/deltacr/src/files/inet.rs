@@ -1,6 +1,6 @@
 //! Inet sockets (TCP and UDP over IPv4 and IPv6): listening, unbound or bound sockets, finished
-//! connections and connected UDP sockets are kept with their address and options; an established TCP
-//! connection makes the checkpoint fail.
+//! connections and connected UDP sockets are kept with their address and options; established TCP
+//! connections are the `tcp` module's.
 
 use std::os::fd::AsFd;
 
@@ -24,7 +24,7 @@ fn port_of(addr: &[u8]) -> u16 {
 }
 
 /// Describes a sockaddr_in/in6 for error messages.
-fn show_inet(addr: &[u8]) -> String {
+pub(super) fn show_inet(addr: &[u8]) -> String {
     match addr.len() {
         16 => format!("{}.{}.{}.{}:{}", addr[4], addr[5], addr[6], addr[7], port_of(addr)),
         28 => {
@@ -43,22 +43,6 @@ pub(super) fn capture(s: &Socket<'_>, family: i32) -> Result<FileKind, FileError
     let local = local.filter(|a| port_of(a) != 0);
     let peer = sys::socket_name(s.sock.as_fd(), true).map_err(err_io("read the peer's address"))?;
     let mut local = local;
-    if sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP && !listening {
-        const TCP_CLOSE: u8 = 7;
-        let state = sys::tcp_state(s.sock.as_fd()).map_err(err_io("read the TCP state"))?;
-        if state != TCP_CLOSE {
-            let from = local.as_deref().map_or("?".to_string(), show_inet);
-            let to = peer.as_deref().map_or("?".to_string(), show_inet);
-            return Err(s.unsupported(format!(
-                "TCP connection {from} -> {to} (state {state}): established connections cannot be checkpointed"
-            )));
-        }
-        // A finished connection keeps its local port (often a listener's): it is restored as
-        // a fresh, unbound socket.
-        if peer.is_none() {
-            local = None;
-        }
-    }
     let mut options = Vec::new();
     for (level, name) in INET_OPTIONS {
         if level == libc::IPPROTO_TCP && sock_type != libc::SOCK_STREAM {
@@ -68,6 +52,21 @@ pub(super) fn capture(s: &Socket<'_>, family: i32) -> Result<FileKind, FileError
     }
     if family == libc::AF_INET6 {
         options.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, s.opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?));
+    }
+    if sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP && !listening {
+        const TCP_CLOSE: u8 = 7;
+        let state = sys::tcp_state(s.sock.as_fd()).map_err(err_io("read the TCP state"))?;
+        if state != TCP_CLOSE {
+            let (Some(local), Some(peer)) = (local, peer) else {
+                return Err(s.unsupported(format!("TCP socket in state {state} without both addresses")));
+            };
+            return super::tcp::capture(s, family, state, local, peer, options);
+        }
+        // A finished connection keeps its local port (often a listener's): it is restored as
+        // a fresh, unbound socket.
+        if peer.is_none() {
+            local = None;
+        }
     }
     Ok(FileKind::Inet { family, sock_type, protocol, local, peer, listening, options })
 }

@@ -13,6 +13,7 @@ mod pipe;
 mod regular;
 mod shm;
 mod socket;
+mod tcp;
 mod tty;
 mod unix;
 
@@ -24,6 +25,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use nix::unistd::Pid;
 
 pub use shm::{object_of, SHARED_MEMORY_LIMIT};
+pub use tcp::RepairedTcp;
 pub use tty::{controlling_tty, pts_index};
 
 use crate::procfs::{self, FdInfo};
@@ -138,8 +140,40 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
     pipe::capture_data(owners, &tables, &mut files)?;
     pipe::mark_outside_readers(owners, &tables, &mut files)?;
     unix::check_peers(owners, &tables, &files)?;
+    check_tcp_peers(owners, &tables, &files)?;
     shm::capture(owners, &tables, &mut files)?;
     Ok((files, tables))
+}
+
+/// Refuses a TCP connection whose other end is not among the captured files: it could not continue after
+/// a restore (the other end would not be restored with it).
+fn check_tcp_peers(owners: &[FdOwner], tables: &[Vec<FdState>], files: &[OpenFile]) -> Result<(), FileError> {
+    let ends: HashSet<(&[u8], &[u8])> = files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            FileKind::TcpConnection { local, peer, .. } => Some((local.as_slice(), peer.as_slice())),
+            _ => None,
+        })
+        .collect();
+    for (owner, table) in owners.iter().zip(tables) {
+        for fd in table {
+            let Some(key) = tcp::peer_key(&files[fd.file as usize].kind) else {
+                continue;
+            };
+            if !ends.contains(&key) {
+                return Err(FileError::Unsupported {
+                    pid: owner.ns_pid,
+                    fd: fd.fd,
+                    reason: format!(
+                        "TCP connection {} -> {}: its peer is outside the checkpointed processes (not supported yet)",
+                        inet::show_inet(key.1),
+                        inet::show_inet(key.0)
+                    ),
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// What the file at fd `fd` of `owner` is (`link`: its /proc fd link), with what its kind keeps.
@@ -253,6 +287,7 @@ impl NewProcess {
                 }
                 FileKind::Unix { .. } => self.make_unix(target, of)?,
                 FileKind::Inet { .. } => self.make_inet(target, of)?,
+                FileKind::TcpConnection { .. } => self.make_tcp_connection(target, of)?,
                 FileKind::Tty { .. } | FileKind::HungUpTty { .. } => self.open_terminal(target, of, ptys)?,
                 FileKind::EventFd { .. }
                 | FileKind::SignalFd { .. }

@@ -73,7 +73,7 @@ pub(super) fn capture(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut V
     }
     for owner in owners {
         let maps = procfs::maps(owner.host).map_err(|source| FileError::Proc { pid: owner.ns_pid, fd: -1, source })?;
-        for m in maps.iter().filter(|m| m.shared && m.inode != 0 && is_shared_memory_object(&m.name)) {
+        for m in maps.iter().filter(|m| m.shared && m.name.starts_with('/') && is_shared_memory_object(&m.name)) {
             let dev = libc::makedev(m.dev_major, m.dev_minor);
             if !seen.insert((dev, m.inode)) {
                 continue;

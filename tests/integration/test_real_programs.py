@@ -1,6 +1,7 @@
-"""Programs that share memory between processes (issue 17): a multiprocessing pool mid-map, and POSIX shared
-memory, semaphores and a multiprocessing Value between two processes. Each: checkpoint, keep running and change
-state, roll back (many times), fork 2, and check every copy continues from the checkpoint's state."""
+"""Real programs whose processes share memory or talk over TCP (issue 17): a multiprocessing pool mid-map; POSIX
+shared memory, semaphores and a multiprocessing Value between two processes; a client streaming to a server over
+a TCP connection on loopback with data queued both ways. Each: checkpoint, keep running and change state, roll
+back (20 times), fork 2, and check every copy continues from the checkpoint's state."""
 
 import json
 
@@ -54,6 +55,46 @@ while True:
     time.sleep(0.005)
 """
 
+# A client streams numbered 1000-byte lines to a server over TCP on 127.0.0.1 while reading its answers; the server
+# checks that each line follows the previous one and pauses every 50 lines, so both directions have queued data.
+TCP_STREAM = r"""
+import json, os, socket, threading, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+port = srv.getsockname()[1]
+if os.fork() == 0:
+    conn, _ = srv.accept()
+    srv.close()
+    f = conn.makefile("rb")
+    expect = 1
+    while True:
+        line = f.readline()
+        n = int(line.split()[0])
+        conn.sendall(b"%d %d\n" % (n, n == expect and len(line) == 1000))
+        expect = n + 1
+        if n % 50 == 0:
+            time.sleep(0.1)
+srv.close()
+c = socket.create_connection(("127.0.0.1", port))
+def send():
+    n = 0
+    while True:
+        n += 1
+        c.sendall(b"%d " % n + b"x" * (999 - len(b"%d " % n)) + b"\n")
+        time.sleep(0.001)
+threading.Thread(target=send, daemon=True).start()
+good = last = 0
+for line in c.makefile("rb"):
+    n, ok = map(int, line.split())
+    good += ok and n == last + 1
+    last = n
+    if n % 10 == 0:
+        with open("/root/tcp.tmp", "w") as f:
+            json.dump({"n": n, "good": good}, f)
+        os.replace("/root/tcp.tmp", "/root/tcp.json")
+"""
+
 
 def state(sb, path):
     try:
@@ -70,10 +111,15 @@ def ping_pong_ok(s):
     return s["total"] == s["i"] * (s["i"] + 1) // 2
 
 
+def tcp_ok(s):
+    return s["good"] == s["n"]
+
+
 CASES = [
     # The program's state file, its counter and how much the counter moves per write of the file.
     pytest.param(POOL, "/root/pool.json", "done", 20, pool_ok, id="multiprocessing-pool"),
     pytest.param(PING_PONG, "/root/pp.json", "i", 1, ping_pong_ok, id="posix-shm-and-semaphores"),
+    pytest.param(TCP_STREAM, "/root/tcp.json", "n", 10, tcp_ok, id="tcp-stream-on-loopback"),
 ]
 
 
@@ -93,7 +139,7 @@ def continues(sb, path, key, ok, after):
 
 
 @pytest.mark.parametrize("program, path, key, step, ok", CASES)
-def test_processes_sharing_memory_continue_after_rollback_and_in_forks(client, program, path, key, step, ok):
+def test_program_continues_after_rollback_and_in_forks(client, program, path, key, step, ok):
     with new_sandbox(client, "debian", memory="1G") as sb:
         sb.files.write("/root/program.py", program.encode())
         started = sb.session("main").run("cd /root && python3 program.py > /root/program.log 2>&1 & disown")

@@ -1,0 +1,103 @@
+//! Established TCP connections between processes of the tree (loopback) come back with their queued
+//! data in both directions, from templates and from an image; a connection to outside is refused.
+
+mod common;
+
+use common::{number_rows, python, wait_for, PidNs};
+use deltacr::image::ImageStore;
+use deltacr::Engine;
+
+/// A client streams numbered 1000-byte lines to a server through a TCP connection on 127.0.0.1 while
+/// reading the server's answers; the server checks each line follows the previous one and answers
+/// "n ok", pausing every 50 lines so that both directions have queued data. The client appends the
+/// answers to argv[1]: any byte lost, repeated or reordered shows as a gap or an ok of 0.
+const STREAM: &str = r#"
+import os, socket, sys, threading, time
+out = open(sys.argv[1], "a")
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+port = srv.getsockname()[1]
+if os.fork() == 0:
+    conn, _ = srv.accept()
+    srv.close()
+    f = conn.makefile("rb")
+    expect = 1
+    while True:
+        line = f.readline()
+        n = int(line.split()[0])
+        ok = int(n == expect and len(line) == 1000)
+        expect = n + 1
+        conn.sendall(b"%d %d\n" % (n, ok))
+        if n % 50 == 0:
+            time.sleep(0.1)
+srv.close()
+c = socket.create_connection(("127.0.0.1", port))
+def send():
+    n = 0
+    while True:
+        n += 1
+        c.sendall(b"%d " % n + b"x" * (999 - len(b"%d " % n)) + b"\n")
+        time.sleep(0.001)
+threading.Thread(target=send, daemon=True).start()
+for line in c.makefile("rb"):
+    out.write(line.decode())
+    out.flush()
+"#;
+
+/// Checks the lines of `out` from `from` on: consecutive line numbers, each ok. Returns the first.
+fn check_continues(out: &std::path::Path, from: usize) -> u64 {
+    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 120));
+    let first = rows[from][0];
+    for (k, row) in rows[from..].iter().enumerate() {
+        assert_eq!(row, &vec![first + k as u64, 1], "line {} of the run from {from}", from + k);
+    }
+    first
+}
+
+#[test]
+fn tcp_connections_inside_the_tree_continue_with_their_queued_data() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", STREAM, out.to_str().unwrap()], None, false);
+    assert_eq!(check_continues(&out, 0), 1);
+
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let at = number_rows(&out).len() as u64;
+    let conns: Vec<_> = ckpt
+        .tree
+        .files
+        .iter()
+        .filter_map(|f| match &f.kind {
+            deltacr::state::FileKind::TcpConnection { conn, .. } => Some(conn),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(conns.len(), 2, "both ends");
+    let queued: usize = conns.iter().map(|c| c.send_queue.len() + c.recv_queue.len()).sum();
+    assert!(queued > 0, "data was queued at the checkpoint");
+    // The connection goes on after the checkpoint (repair mode was left without losing a byte).
+    check_continues(&out, 0);
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
+
+    let mut resumed = None;
+    for round in 0..4 {
+        engine.kill_processes(&sb).unwrap();
+        let before = number_rows(&out).len();
+        if round < 3 {
+            engine.restore(&ckpt, &sb).unwrap();
+        } else {
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
+        }
+        let first = check_continues(&out, before);
+        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
+        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
+    }
+    engine.kill_processes(&sb).unwrap();
+}

@@ -10,7 +10,8 @@ use deltacr::Engine;
 /// A client streams numbered 1000-byte lines to a server through a TCP connection on 127.0.0.1 while
 /// reading the server's answers; the server checks each line follows the previous one and answers
 /// "n ok", pausing every 50 lines so that both directions have queued data. The client appends the
-/// answers to argv[1]: any byte lost, repeated or reordered shows as a gap or an ok of 0.
+/// answers to argv[1]: any byte lost, repeated or reordered shows as a gap or an ok of 0. The server
+/// keeps listening, so the accepted connection's address is the listener's.
 const STREAM: &str = r#"
 import os, socket, sys, threading, time
 out = open(sys.argv[1], "a")
@@ -19,8 +20,8 @@ srv.bind(("127.0.0.1", 0))
 srv.listen()
 port = srv.getsockname()[1]
 if os.fork() == 0:
+    # The listener stays open: the accepted connection has its address.
     conn, _ = srv.accept()
-    srv.close()
     f = conn.makefile("rb")
     expect = 1
     while True:

@@ -266,7 +266,11 @@ impl NewProcess {
     ) -> Result<(), RestoreError> {
         // Both ends of a pipe, or of a connected unix socket pair, are made at once.
         let mut made_pairs: HashSet<u64> = HashSet::new();
-        for &id in create {
+        // Listening sockets first: listen() fails on a port a repaired TCP connection holds already (its
+        // bind forces the reuse of the address; the listener's cannot).
+        let mut order = create.to_vec();
+        order.sort_by_key(|&id| !matches!(files[id as usize].kind, FileKind::Inet { listening: true, .. }));
+        for &id in &order {
             let of = &files[id as usize];
             let target = own.iter().find(|f| f.file == id).map_or(-1, |f| f.fd);
             let tmp = match &of.kind {

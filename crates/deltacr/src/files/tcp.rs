@@ -180,10 +180,12 @@ impl NewProcess {
         let sock = sys::dup_from(self.host, fd as i32).map_err(self.io_err(target, "reach the new socket"))?;
         let s = sock.as_fd();
         let step = |what| self.io_err(target, what);
-        set(s, libc::TCP_REPAIR, REPAIR_ON).map_err(step("enter TCP repair mode"))?;
+        // Before repair mode: SO_REUSEADDR would undo the forced address reuse it gives (the address is
+        // often a listener's, restored too).
         for &(level, name, value) in options {
             sys::setsockopt_int(s, level, name, value).map_err(step("set a socket option"))?;
         }
+        set(s, libc::TCP_REPAIR, REPAIR_ON).map_err(step("enter TCP repair mode"))?;
         if !conn.send_queue.is_empty() || !conn.recv_queue.is_empty() {
             // The queues must fit as they did (the kernel doubles what is set).
             sys::setsockopt_int(s, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, conn.sndbuf / 2)

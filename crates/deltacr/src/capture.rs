@@ -495,7 +495,9 @@ pub fn capture_late(t: &crate::template::Template, ns_pid: i32) -> Result<LateSt
 /// names the first mapping smaps does not have (the layout changed).
 pub fn fill_vm_flags(vmas: &mut [crate::state::Vma], smaps: &[procfs::MapEntry]) -> Result<(), u64> {
     let by_start: HashMap<u64, &procfs::MapEntry> = smaps.iter().map(|m| (m.start, m)).collect();
-    for v in vmas {
+    // A template has no SysV attachments (see Template::detach_segments).
+    let attachment = |v: &&mut crate::state::Vma| matches!(&v.backing, crate::state::VmaBacking::SharedMemory { path, .. } if crate::files::is_sysv(path));
+    for v in vmas.iter_mut().filter(|v| !attachment(v)) {
         v.vm_flags = kept_vm_flags(by_start.get(&v.start).ok_or(v.start)?);
     }
     Ok(())

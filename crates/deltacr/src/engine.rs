@@ -22,7 +22,7 @@ use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, Helper, NewProcess, RestoreError};
 use crate::state::{
-    Creds, Ctty, FdState, OpenFile, ProcessEntry, ProcessKind, ProcessState, PtyNode, SigAction, TreeState,
+    Creds, Ctty, FdState, OpenFile, ProcessEntry, ProcessKind, ProcessState, PtyNode, SigAction, TreeState, Vma,
 };
 use crate::sys;
 use crate::template::{self, Detach, Stopped, Template, TemplateError};
@@ -48,6 +48,8 @@ pub enum CrError {
     Plan(#[from] PlanError),
     #[error("cannot restore")]
     Pty(#[from] PtyError),
+    #[error("IPC objects")]
+    Ipc(#[from] crate::ipc::IpcError),
     #[error("freezer")]
     Freezer(#[source] std::io::Error),
     #[error("waiting for killed processes")]
@@ -70,6 +72,7 @@ impl CrError {
             CrError::Unsupported { .. }
                 | CrError::Capture(CaptureError::Unsupported { .. })
                 | CrError::Files(FileError::Unsupported { .. } | FileError::Mapping { .. })
+                | CrError::Ipc(crate::ipc::IpcError::Unsupported(_))
         )
     }
 }
@@ -439,13 +442,15 @@ impl Engine {
         phases.mark("registers and signals");
         let (files, tables) = stopped_tree.capture_fds()?;
         phases.mark("fds");
-        let entries = stopped_tree.make_templates(sb.init, &files, tables)?;
+        let (ipc, attachments) = crate::ipc::capture(sb.init, &stopped_tree.hosts())?;
+        phases.mark("IPC objects");
+        let entries = stopped_tree.make_templates(sb.init, &files, tables, attachments)?;
         stopped_tree.resume_all()?;
         phases.mark("templates, resume");
         let stopped = start.elapsed();
         let (processes, templates, threads) = complete_from_templates(entries)?;
         phases.mark("state shared with templates");
-        let tree = TreeState { processes, files, last_pid };
+        let tree = TreeState { processes, files, last_pid, ipc };
         // A checkpoint that could not be restored must not be reported as one: check the restore plan now
         // (dropping the templates on failure).
         plan::plan(&tree)?;
@@ -570,6 +575,9 @@ impl Engine {
         let mut ptys = PtyPlan::new(tree, sb.init, &self.sandbox(sb.init)?.pty_aliases)?;
         let plan = plan::plan(tree)?;
         let pids = self.pid_setter(sb.init)?;
+        // The sandbox's processes are gone: its IPC namespace gets the checkpoint's objects (processes
+        // attach to segments as they are made).
+        crate::ipc::restore(sb.init, &tree.ipc)?;
         let mut restoring = Restoring::new(tree, plan);
         restoring.create_all(&mut mem, sb, pids, &mut ptys)?;
         restoring.lead_orphaned_groups(pids)?;
@@ -579,6 +587,7 @@ impl Engine {
         restoring.set_foregrounds(&mut ptys)?;
         restoring.end_session_helpers()?;
         restoring.finish_all()?;
+        crate::ipc::remove_again(sb.init, &tree.ipc)?;
         pids.set_last_pid(tree.last_pid)?;
         let on_demand_bytes = restoring.on_demand;
         let (processes, holders) = restoring.release_all()?;
@@ -740,7 +749,7 @@ impl<'c> Restoring<'c> {
         }
         let create = self.plan.create.get(&entry.pid).map_or(&[][..], Vec::as_slice);
         np.restore_fds(&st.fds, create, &self.tree.files, &self.plan.fds, ptys)?;
-        np.map_shared_memory(&st.vmas, &self.tree.files, &self.plan.fds)?;
+        np.map_shared_memory(&st.vmas, &self.tree.files, &self.tree.ipc, &self.plan.fds)?;
         if let Some(ctty) = &st.ctty {
             np.set_controlling_tty(ctty, &st.fds, &self.tree.files, ptys)?;
         }
@@ -1014,7 +1023,7 @@ impl SessionHelper {
                         ProcessKind::Live(st) => Some((*pid, st)),
                         ProcessKind::Zombie { .. } => None,
                     })
-                    .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(super::state::Vma::len).sum::<u64>())
+                    .max_by_key(|(_, st)| st.vmas.iter().filter(|v| v.dumped).map(Vma::len).sum::<u64>())
                     .expect("a session helper has live members");
                 let t = templates.get(&pid).filter(|t| t.alive()).ok_or(CrError::NoTemplate { pid })?;
                 spare = t.take_spare();
@@ -1127,6 +1136,11 @@ impl<'a> StoppedTree<'a> {
     }
 
     /// The open files of the live processes, and their fd tables (in the order of `live`).
+    /// The host pids of the live processes.
+    fn hosts(&self) -> Vec<Pid> {
+        self.live.iter().map(|l| l.seized.pid).collect()
+    }
+
     fn capture_fds(&self) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), CrError> {
         let owners: Vec<FdOwner> =
             self.live.iter().map(|l| FdOwner { host: l.seized.pid, ns_pid: l.seized.ids.pid }).collect();
@@ -1141,6 +1155,7 @@ impl<'a> StoppedTree<'a> {
         init: Pid,
         files: &[OpenFile],
         tables: Vec<Vec<FdState>>,
+        attachments: Vec<Vec<Vma>>,
     ) -> Result<Vec<(ProcessEntry, Option<Template>)>, CrError> {
         let init_sid = capture::ns_ids(init)?.sid;
         // Host process group -> process group in the sandbox, to translate a terminal's foreground group.
@@ -1149,7 +1164,7 @@ impl<'a> StoppedTree<'a> {
             pgids.insert(capture::host_pgid(l.seized.pid)?, l.seized.ids.pgid);
         }
         let mut out = Vec::new();
-        for (l, fds) in self.live.iter_mut().zip(tables) {
+        for ((l, fds), sysv) in self.live.iter_mut().zip(tables).zip(attachments) {
             let ids = l.seized.ids;
             let detach = if ids.ppid == 1 && ids.sid != ids.pid && (ids.sid == init_sid || ids.sid == 0) {
                 Detach::ProcessGroup
@@ -1164,8 +1179,14 @@ impl<'a> StoppedTree<'a> {
                 _ => None,
             };
             let t = template::create(&mut l.injectors[0], l.gadget, detach)?;
+            t.detach_segments(&sysv).map_err(|source| TemplateError::Create { pid: ids.pid, source })?;
             tracing::debug!(pid = ids.pid, template = t.pid().as_raw(), ?detach, "template made");
-            out.push((live_entry(l, fds, ctty), Some(t)));
+            let mut entry = live_entry(l, fds, ctty);
+            // Until the template's mappings join them (complete_from_templates).
+            if let ProcessKind::Live(st) = &mut entry.kind {
+                st.vmas = sysv;
+            }
+            out.push((entry, Some(t)));
         }
         for z in &self.zombies {
             let kind = ProcessKind::Zombie { exit_status: z.zombie.unwrap_or(0) };
@@ -1259,7 +1280,11 @@ fn complete_from_templates(
             st.cwd = s.cwd;
             st.root = s.root;
             st.mm = s.mm;
+            // The template has every mapping but the SysV attachments, read from the live process.
+            let sysv = std::mem::take(&mut st.vmas);
             st.vmas = s.vmas;
+            st.vmas.extend(sysv);
+            st.vmas.sort_by_key(|v| v.start);
             st.exit_signal = s.exit_signal;
             threads += st.threads.len();
         }

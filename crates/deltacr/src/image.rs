@@ -25,8 +25,8 @@ use crate::sys;
 const MAGIC: &[u8; 8] = b"DCRIMAGE";
 /// Format version written by this code.
 pub const FORMAT_VERSION: u32 = 4;
-/// The oldest version read: version 4 only added kinds of state (shared memory objects) to the tree
-/// record, which a version-3 image never holds.
+/// The oldest version read: version 4 added kinds of state (shared memory objects and their mappings,
+/// TCP connections) and the IPC objects to the tree record; a version-3 one is read without them.
 pub const OLDEST_READ_VERSION: u32 = 3;
 const META: &str = "meta.img";
 const PAGES: &str = "pages.img";
@@ -304,6 +304,22 @@ pub struct Image {
     pages: File,
 }
 
+/// A tree record of an image of format `version`.
+fn decode_tree(payload: &[u8], version: u32) -> Result<TreeState, postcard::Error> {
+    if version >= 4 {
+        return postcard::from_bytes(payload);
+    }
+    /// Version 3's tree: no IPC objects.
+    #[derive(Deserialize)]
+    struct TreeV3 {
+        processes: Vec<crate::state::ProcessEntry>,
+        files: Vec<crate::state::OpenFile>,
+        last_pid: i32,
+    }
+    let t: TreeV3 = postcard::from_bytes(payload)?;
+    Ok(TreeState { processes: t.processes, files: t.files, last_pid: t.last_pid, ipc: Default::default() })
+}
+
 fn put_record(out: &mut impl Write, kind: RecordKind, payload: &[u8]) -> io::Result<()> {
     out.write_all(&(kind as u32).to_le_bytes())?;
     out.write_all(&(payload.len() as u64).to_le_bytes())?;
@@ -352,7 +368,7 @@ impl Image {
                     header = Some(postcard::from_bytes::<Header>(payload).map_err(bad)?);
                 }
                 k if k == RecordKind::Tree as u32 => {
-                    tree = Some(postcard::from_bytes::<TreeState>(payload).map_err(bad)?);
+                    tree = Some(decode_tree(payload, version).map_err(bad)?);
                 }
                 k if k == RecordKind::PageIndex as u32 => {
                     index = Some(postcard::from_bytes::<PageIndex>(payload).map_err(bad)?);

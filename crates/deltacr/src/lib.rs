@@ -5,6 +5,7 @@ pub mod engine;
 pub mod files;
 pub mod freezer;
 pub mod image;
+pub mod ipc;
 pub mod lazy;
 pub mod memuse;
 pub mod mm;

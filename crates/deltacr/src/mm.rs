@@ -196,7 +196,9 @@ pub fn rebuild(
     };
     let mut files: HashMap<(String, bool), u64> = HashMap::new();
     let mut pending = Ranges::default();
-    let result = map_all(inj, ns_pid, &scratch, vmas, src, &mut files, uffd.as_ref().map(|u| (u, &mut pending)));
+    let eager = [(mm.arg_start, mm.arg_end), (mm.env_start, mm.env_end)];
+    let fill = uffd.as_ref().map(|uffd| LazyFill { uffd, pending: &mut pending, eager: &eager });
+    let result = map_all(inj, ns_pid, &scratch, vmas, src, &mut files, fill);
     for fd in files.values() {
         let _ = inj.call(libc::SYS_close, &[*fd]);
     }
@@ -330,8 +332,16 @@ fn inj_gadget_offset(inj: &Injector, old_base: u64, new_base: u64) -> u64 {
     inj.gadget() - old_base + new_base
 }
 
+/// Where [`map_all`] leaves memory to come on demand: the uffd to register it with, the ranges to add
+/// its saved runs to, and the ranges (`[start, end)`) whose pages are filled now all the same.
+struct LazyFill<'a> {
+    uffd: &'a Uffd,
+    pending: &'a mut Ranges,
+    eager: &'a [(u64, u64)],
+}
+
 /// Maps every mapping of `vmas` and fills it from `src`, except the mappings `lazy` takes: those are
-/// registered with its uffd, and their saved runs added to its ranges.
+/// registered with its uffd, and their saved runs added to its ranges (but for its eager pages).
 fn map_all(
     inj: &mut Injector,
     ns_pid: i32,
@@ -339,7 +349,7 @@ fn map_all(
     vmas: &[Vma],
     src: &mut dyn PageSource,
     files: &mut HashMap<(String, bool), u64>,
-    mut lazy: Option<(&Uffd, &mut Ranges)>,
+    mut lazy: Option<LazyFill<'_>>,
 ) -> Result<(), MmError> {
     let pid = inj.pid();
     let perr = |source| MmError::Ptrace { pid: ns_pid, source };
@@ -382,24 +392,19 @@ fn map_all(
             source,
         })?;
         let on_demand = lazy.is_some() && !runs.is_empty() && lazy_eligible(v);
+        // What other processes read through /proc (the arguments and environment: ps, pgrep -f) is copied
+        // now: such a read cannot wait for the pager, it would see nothing.
+        let (now, later) = match &lazy {
+            Some(l) if on_demand => split_runs(&runs, l.eager),
+            _ => (runs, Vec::new()),
+        };
         // Map writable while filling, then set the real protection.
-        let fill_prot = if runs.is_empty() || on_demand { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
+        let fill_prot = if now.is_empty() { v.prot } else { v.prot | libc::PROT_READ | libc::PROT_WRITE };
         let r = inj.call(libc::SYS_mmap, &[v.start, v.len(), fill_prot as u64, flags, fd, offset]).map_err(perr)?;
         if r as u64 != v.start {
             return Err(MmError::Layout { pid: ns_pid, reason: format!("mapping {:#x} landed at {r:#x}", v.start) });
         }
-        if let (true, Some((uffd, pending))) = (on_demand, lazy.as_mut()) {
-            uffd.register_missing(v.start, v.len()).map_err(|source| MmError::Io {
-                pid: ns_pid,
-                what: format!("register {:#x}-{:#x} with the userfaultfd", v.start, v.end),
-                source,
-            })?;
-            for (start, len) in runs {
-                pending.insert(start, start + len);
-            }
-            continue;
-        }
-        for (start, len) in runs {
+        for (start, len) in now {
             let mut done = 0u64;
             while done < len {
                 let n = ((len - done) as usize).min(buf.len());
@@ -416,11 +421,51 @@ fn map_all(
                 done += n as u64;
             }
         }
+        if let (true, Some(LazyFill { uffd, pending, .. })) = (on_demand, lazy.as_mut()) {
+            uffd.register_missing(v.start, v.len()).map_err(|source| MmError::Io {
+                pid: ns_pid,
+                what: format!("register {:#x}-{:#x} with the userfaultfd", v.start, v.end),
+                source,
+            })?;
+            for (start, len) in later {
+                pending.insert(start, start + len);
+            }
+        }
         if fill_prot != v.prot {
             inj.call(libc::SYS_mprotect, &[v.start, v.len(), v.prot as u64]).map_err(perr)?;
         }
     }
     Ok(())
+}
+
+/// Runs of pages: (start, length in bytes).
+type Runs = Vec<(u64, u64)>;
+
+/// Splits saved runs `(start, len)` into the pages that meet one of the `eager` ranges and the rest.
+fn split_runs(runs: &[(u64, u64)], eager: &[(u64, u64)]) -> (Runs, Runs) {
+    let mut hot: Vec<(u64, u64)> =
+        eager.iter().filter(|(s, e)| s < e).map(|&(s, e)| (s / PAGE * PAGE, e.next_multiple_of(PAGE))).collect();
+    hot.sort_unstable();
+    let (mut now, mut later) = (Vec::new(), Vec::new());
+    for &(start, len) in runs {
+        let end = start + len;
+        let mut at = start;
+        for &(s, e) in &hot {
+            let (s, e) = (s.max(at), e.min(end));
+            if s >= e {
+                continue;
+            }
+            if s > at {
+                later.push((at, s - at));
+            }
+            now.push((s, e - s));
+            at = e;
+        }
+        if at < end {
+            later.push((at, end - at));
+        }
+    }
+    (now, later)
 }
 
 fn open_for_mapping(
@@ -490,4 +535,19 @@ fn set_mm_map(inj: &mut Injector, ns_pid: i32, scratch: &Scratch, mm: &MmState) 
     scratch.write(0, &block).map_err(perr)?;
     inj.call(libc::SYS_prctl, &[PR_SET_MM, PR_SET_MM_MAP, scratch.addr, map_len as u64]).map_err(perr)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn runs_split_at_the_pages_of_the_eager_ranges() {
+        let runs = [(0x1000, 0x5000), (0x10000, 0x1000)];
+        // Arguments from the middle of page 0x2000 to the middle of 0x3000, environment in 0x10000.
+        let eager = [(0x2800, 0x3100), (0x3100, 0x3200), (0x10010, 0x10020), (0x9000, 0x9000)];
+        let (now, later) = split_runs(&runs, &eager);
+        assert_eq!(now, vec![(0x2000, 0x2000), (0x10000, 0x1000)]);
+        assert_eq!(later, vec![(0x1000, 0x1000), (0x4000, 0x2000)]);
+    }
 }

@@ -143,7 +143,9 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
             users.entry(unit_of[&fd.file]).or_default().push(p.pid);
         }
         // A shared memory object is made by the processes that map it as if they held it open.
-        for v in st.vmas.iter().filter(|v| matches!(v.backing, VmaBacking::SharedMemory { .. })) {
+        // (SysV segments are the IPC namespace's, made before any process.)
+        let object_mapping = |v: &&crate::state::Vma| matches!(&v.backing, VmaBacking::SharedMemory { path, .. } if !crate::files::is_sysv(path));
+        for v in st.vmas.iter().filter(object_mapping) {
             let Some(id) = crate::files::object_of(v, &tree.files) else {
                 return Err(PlanError {
                     pid: p.pid,
@@ -367,7 +369,7 @@ mod tests {
     }
 
     fn tree(processes: Vec<ProcessEntry>, files: Vec<OpenFile>) -> TreeState {
-        TreeState { processes, files, last_pid: 100 }
+        TreeState { processes, files, last_pid: 100, ipc: Default::default() }
     }
 
     /// The pids of the processes in the plan's steps, with a session helper as `-sid`.

@@ -306,6 +306,14 @@ impl IdMap {
         Ok(IdMap { ranges })
     }
 
+    /// The id outside the namespace of inside id `id`.
+    pub fn outer(&self, id: u32) -> u32 {
+        self.ranges
+            .iter()
+            .find(|(inside, _, count)| id >= *inside && id - inside < *count)
+            .map_or(OVERFLOW_ID, |(inside, outside, _)| outside + (id - inside))
+    }
+
     /// The id inside the namespace of outside id `id`.
     pub fn inner(&self, id: u32) -> u32 {
         self.ranges

@@ -3,11 +3,9 @@
 //! namespace (unix sockets are per network namespace).
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
-use nix::sched::{setns, CloneFlags};
 use nix::unistd::Pid;
 
 const NETLINK_SOCK_DIAG: i32 = 4;
@@ -44,18 +42,15 @@ pub struct UnixSockInfo {
 /// Opens a NETLINK_SOCK_DIAG socket in the network namespace of `member`, from the calling thread
 /// (which briefly enters that namespace).
 fn diag_socket(member: Pid) -> io::Result<OwnedFd> {
-    let target = File::open(format!("/proc/{}/ns/net", member.as_raw()))?;
-    let own = File::open("/proc/thread-self/ns/net")?;
-    setns(target.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    // SAFETY: plain socket(2); the fd is owned right away.
-    let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
-    let err = io::Error::last_os_error();
-    setns(own.as_fd(), CloneFlags::CLONE_NEWNET).map_err(io::Error::from)?;
-    if fd < 0 {
-        return Err(err);
-    }
-    // SAFETY: fd is a new descriptor we own.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    crate::sys::in_namespace(member, "net", || {
+        // SAFETY: plain socket(2); the fd is owned right away.
+        let fd = unsafe { libc::socket(libc::AF_NETLINK, libc::SOCK_RAW | libc::SOCK_CLOEXEC, NETLINK_SOCK_DIAG) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a new descriptor we own.
+        Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+    })
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {

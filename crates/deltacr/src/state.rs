@@ -443,4 +443,56 @@ pub struct TreeState {
     pub files: Vec<OpenFile>,
     /// The pid namespace's last allocated pid at checkpoint time (restored last).
     pub last_pid: i32,
+    /// The SysV IPC objects of the sandbox's IPC namespace.
+    pub ipc: IpcState,
+}
+
+/// The SysV IPC objects of an IPC namespace, by id. Owners are ids inside the sandbox's user namespace.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcState {
+    pub segments: Vec<ShmSegment>,
+    pub semaphores: Vec<SemSet>,
+    pub queues: Vec<MsgQueue>,
+}
+
+/// What every SysV IPC object has: key, id, owner and permission bits.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IpcPerm {
+    pub key: i32,
+    pub id: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+}
+
+/// A SysV shared memory segment: its size, whether it was removed (`IPC_RMID`: it lives until the last
+/// detach), and its data (pages of zeros left out).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShmSegment {
+    pub perm: IpcPerm,
+    pub size: u64,
+    pub removed: bool,
+    pub extents: Vec<ShmExtent>,
+}
+
+/// A SysV semaphore set and its values.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SemSet {
+    pub perm: IpcPerm,
+    pub values: Vec<u16>,
+}
+
+/// A SysV message queue: its byte limit and its messages, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MsgQueue {
+    pub perm: IpcPerm,
+    pub max_bytes: u64,
+    pub messages: Vec<Message>,
+}
+
+/// A message of a SysV message queue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Message {
+    pub mtype: i64,
+    pub data: Vec<u8>,
 }

@@ -644,3 +644,27 @@ pub fn pty_index(master: BorrowedFd<'_>) -> io::Result<u32> {
     }
     Ok(n)
 }
+
+/// Runs `f` on the calling thread inside the `kind` namespace (`net`, `ipc`: those a thread of a
+/// multi-threaded process may enter) of process `member`, then goes back to the thread's own.
+pub fn in_namespace<T>(member: Pid, kind: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+    let flag = match kind {
+        "net" => nix::sched::CloneFlags::CLONE_NEWNET,
+        "ipc" => nix::sched::CloneFlags::CLONE_NEWIPC,
+        other => return Err(io::Error::other(format!("cannot enter a {other} namespace from a thread"))),
+    };
+    let target = std::fs::File::open(format!("/proc/{}/ns/{kind}", member.as_raw()))?;
+    let own = std::fs::File::open(format!("/proc/thread-self/ns/{kind}"))?;
+    nix::sched::setns(target.as_fd(), flag)?;
+    let result = f();
+    nix::sched::setns(own.as_fd(), flag)?;
+    result
+}
+
+/// Whether process `member` is in another `kind` namespace than the calling thread.
+pub fn other_namespace(member: Pid, kind: &str) -> io::Result<bool> {
+    use std::os::unix::fs::MetadataExt;
+    let theirs = std::fs::metadata(format!("/proc/{}/ns/{kind}", member.as_raw()))?;
+    let ours = std::fs::metadata(format!("/proc/thread-self/ns/{kind}"))?;
+    Ok((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()))
+}

@@ -220,6 +220,23 @@ impl Template {
         res
     }
 
+    /// Detaches the template from the SysV segments its process is attached to (`attachments`: that
+    /// process's mappings of segments). A template attached to a segment would keep it, and its id, alive
+    /// after the sandbox removed it, and a restore makes the checkpoint's segments again with their ids.
+    pub fn detach_segments(&self, attachments: &[crate::state::Vma]) -> Result<(), PtraceError> {
+        if attachments.is_empty() {
+            return Ok(());
+        }
+        self.with_injector(|inj| {
+            for v in attachments {
+                if let crate::state::VmaBacking::SharedMemory { offset: 0, .. } = v.backing {
+                    inj.call(libc::SYS_shmdt, &[v.start])?;
+                }
+            }
+            Ok(())
+        })
+    }
+
     /// Makes the template's spare unless it has one: a copy-on-write fork of the template (a child of
     /// init, stopped like the template). Forking copies the page tables, the part of a restore whose
     /// cost grows with memory; a restore that finds a spare creates the process with `clone(CLONE_VM)`

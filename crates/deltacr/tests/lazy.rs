@@ -124,7 +124,7 @@ fn run(mode: MemoryRestore) {
     let mut ns = PidNs::new();
     let (out, go) = (ns.path("out"), ns.path("go"));
     let py = python();
-    ns.spawn(&[&py, "-c", PROGRAM, out.to_str().unwrap(), go.to_str().unwrap()], None, false);
+    let (pid, _) = ns.spawn(&[&py, "-c", PROGRAM, out.to_str().unwrap(), go.to_str().unwrap()], None, false);
     wait_for(|| lines(&out).iter().any(|l| l[0] == "ready").then_some(()));
     let store = ImageStore::new(&ns.path("images")).unwrap();
     let mut engine = Engine::new();
@@ -156,6 +156,12 @@ fn run(mode: MemoryRestore) {
     let skip_second = lines(&out).len();
     let stats = engine.restore_image(store.open_chain(second).unwrap(), &sb).unwrap();
     assert_eq!(stats.on_demand_bytes >= 32 << 20, on_demand, "left on demand: {}", stats.on_demand_bytes);
+    // Other processes read its arguments and environment (ps, pgrep -f), which it never touches itself.
+    let host = ns.host_pid(pid);
+    let cmdline = std::fs::read(format!("/proc/{host}/cmdline")).unwrap();
+    let environ = std::fs::read(format!("/proc/{host}/environ")).unwrap();
+    let shown = String::from_utf8_lossy(&cmdline).into_owned();
+    assert!(shown.contains(out.to_str().unwrap()) && !environ.is_empty(), "{host}: {shown:?}");
     std::fs::write(&go, "").unwrap();
     wait_for(|| lines(&out)[skip_second..].iter().any(|l| l[0] == "done").then_some(()));
     let all = lines(&out);

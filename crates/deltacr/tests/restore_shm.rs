@@ -1,6 +1,7 @@
 //! Shared memory between processes (shared anonymous memory, a memfd mapped without its fd, POSIX
-//! semaphores of `multiprocessing`, unlinked) comes back with its checkpoint-time contents, shared
-//! again by the restored processes, from templates and from an image.
+//! semaphores of `multiprocessing`, unlinked) and SysV IPC objects (segments, semaphore sets, message
+//! queues) come back with their checkpoint-time contents, shared again by the restored processes, from
+//! templates and from an image.
 
 mod common;
 
@@ -94,34 +95,86 @@ fn shared_memory_and_semaphores_come_back_shared_with_their_contents() {
     engine.kill_processes(&sb).unwrap();
 }
 
-#[test]
-fn sysv_shared_memory_is_refused_naming_the_segment_and_the_program_runs_on() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    // The first segment of an IPC namespace has id 0, which /proc/PID/maps shows as its inode.
-    let program = r#"
+/// SysV objects of every kind, changed at each step: a segment's counter, a removed segment still
+/// attached (its sum), a semaphore raised each step, a message queue that keeps the last 5 numbers.
+/// Each line: i, counter, sum, semaphore, oldest number taken from the queue — all functions of i.
+const SYSV: &str = r#"
 import ctypes, sys, time
-libc = ctypes.CDLL(None)
+libc = ctypes.CDLL(None, use_errno=True)
 libc.shmat.restype = ctypes.c_void_p
-seg = libc.shmget(0, 4096, 0o1600)
-assert libc.shmat(seg, None, 0) != 2 ** 64 - 1
+IPC_CREAT, IPC_RMID, GETVAL = 0o1000, 0, 12
+seg = libc.shmget(0x1234, 8192, IPC_CREAT | 0o600)
+counter = ctypes.c_uint64.from_address(libc.shmat(seg, None, 0) + 4096)
+gone = libc.shmget(0, 4096, IPC_CREAT | 0o600)
+total = ctypes.c_uint64.from_address(libc.shmat(gone, None, 0))
+libc.shmctl(gone, IPC_RMID, None)
+sem = libc.semget(0x2345, 2, IPC_CREAT | 0o600)
+msq = libc.msgget(0x3456, IPC_CREAT | 0o600)
+class SemBuf(ctypes.Structure):
+    _fields_ = [("num", ctypes.c_ushort), ("op", ctypes.c_short), ("flg", ctypes.c_short)]
+class MsgBuf(ctypes.Structure):
+    _fields_ = [("mtype", ctypes.c_long), ("text", ctypes.c_char * 64)]
 out = open(sys.argv[1], "a")
 i = 0
 while True:
     i += 1
-    out.write("%d\n" % i)
+    counter.value += i
+    total.value += 2 * i
+    assert libc.semop(sem, ctypes.byref(SemBuf(0, 1, 0)), 1) == 0
+    assert libc.msgsnd(msq, ctypes.byref(MsgBuf(1, b"%d" % i)), 16, 0) == 0
+    first = 0
+    if i > 5:
+        got = MsgBuf()
+        assert libc.msgrcv(msq, ctypes.byref(got), 64, 0, 0) > 0
+        first = int(got.text)
+    out.write("%d %d %d %d %d\n" % (i, counter.value, total.value, libc.semctl(sem, 0, GETVAL), first))
     out.flush()
     time.sleep(0.005)
 "#;
-    ns.spawn(&["unshare", "--ipc", &py, "-c", program, out.to_str().unwrap()], None, false);
-    wait_for(|| (number_rows(&out).len() > 3).then_some(()));
+
+fn check_sysv_rows(out: &std::path::Path, from: usize) -> u64 {
+    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 8));
+    let first = rows[from][0];
+    for (k, row) in rows[from..].iter().enumerate() {
+        let i = first + k as u64;
+        let oldest = i.saturating_sub(5);
+        assert_eq!(row, &vec![i, i * (i + 1) / 2, i * (i + 1), i, oldest], "line {} of {:?}", from + k, &rows[from..]);
+    }
+    first
+}
+
+#[test]
+fn sysv_segments_semaphores_and_queues_come_back_with_their_contents() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let py = python();
+    ns.spawn(&[&py, "-c", SYSV, out.to_str().unwrap()], None, false);
+    assert_eq!(check_sysv_rows(&out, 0), 1);
     let mut engine = Engine::new();
+    let sb = ns.sandbox();
     let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
-    let err = engine.checkpoint(&ns.sandbox(), &mut frozen).err().expect("SysV shared memory is refused");
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
     drop(frozen);
-    let msg = format!("{err:?}");
-    assert!(err.is_unsupported() && msg.contains("/SYSV") && msg.contains("SysV shared memory"), "{msg}");
-    let seen = number_rows(&out).len();
-    wait_for(|| (number_rows(&out).len() > seen + 3).then_some(()));
+    let at = number_rows(&out).len() as u64;
+    let ipc = &ckpt.tree.ipc;
+    assert_eq!((ipc.segments.len(), ipc.semaphores.len(), ipc.queues.len()), (2, 1, 1), "{ipc:?}");
+    assert_eq!(ipc.segments.iter().filter(|s| s.removed).count(), 1);
+    wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
+    let store = ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
+
+    let mut resumed = None;
+    for round in 0..3 {
+        engine.kill_processes(&sb).unwrap();
+        let before = number_rows(&out).len();
+        if round < 2 {
+            engine.restore(&ckpt, &sb).unwrap();
+        } else {
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
+        }
+        let first = check_sysv_rows(&out, before);
+        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
+        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
+    }
+    engine.kill_processes(&sb).unwrap();
 }

@@ -24,7 +24,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 
 use nix::unistd::Pid;
 
-pub use shm::{object_of, SHARED_MEMORY_LIMIT};
+pub use shm::{is_sysv, object_of, SHARED_MEMORY_LIMIT};
 pub use tcp::RepairedTcp;
 pub use tty::{controlling_tty, pts_index};
 

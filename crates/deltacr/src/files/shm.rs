@@ -13,7 +13,7 @@ use super::{FdOwner, FdPlan, FileError};
 use crate::capture::is_shared_memory_object;
 use crate::procfs;
 use crate::restore::{NewProcess, RestoreError};
-use crate::state::{FdState, FileKind, OpenFile, ShmExtent, Vma, VmaBacking};
+use crate::state::{FdState, FileKind, IpcState, OpenFile, ShmExtent, Vma, VmaBacking};
 use crate::sys;
 
 /// The most bytes of shared memory objects a checkpoint copies: they are held by the tracer, outside
@@ -78,14 +78,15 @@ pub(super) fn capture(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut V
             if !seen.insert((dev, m.inode)) {
                 continue;
             }
+            // SysV segments are the IPC namespace's (crate::ipc).
+            if is_sysv(&m.name) {
+                continue;
+            }
             let fail = |reason: String| FileError::Mapping {
                 pid: owner.ns_pid,
                 addr: m.start,
                 reason: format!("{}: {reason}", m.name),
             };
-            if m.name.starts_with("/SYSV") {
-                return Err(fail("SysV shared memory cannot be checkpointed yet".into()));
-            }
             let path = format!("/proc/{}/map_files/{:x}-{:x}", owner.host, m.start, m.end);
             let size = std::fs::metadata(&path).map_err(|e| fail(format!("cannot stat it: {e}")))?.size();
             let extents = read(&path, size, &fail)?;
@@ -154,11 +155,19 @@ fn memfd_name(mapped: &str) -> String {
     name[..end].to_string()
 }
 
-/// The id of the shared memory object a mapping maps.
+/// Whether a mapping of this path (as /proc/PID/maps names it) is of a SysV shared memory segment.
+pub fn is_sysv(path: &str) -> bool {
+    path.starts_with("/SYSV")
+}
+
+/// The id of the shared memory object a mapping maps (none for a SysV segment).
 pub fn object_of(vma: &Vma, files: &[OpenFile]) -> Option<u32> {
-    let VmaBacking::SharedMemory { dev, inode, .. } = vma.backing else {
+    let VmaBacking::SharedMemory { dev, inode, ref path, .. } = vma.backing else {
         return None;
     };
+    if is_sysv(path) {
+        return None;
+    }
     files
         .iter()
         .find(|f| matches!(f.kind, FileKind::SharedMemory { dev: d, inode: i, .. } if (d, i) == (dev, inode)))
@@ -195,13 +204,31 @@ impl NewProcess {
         Ok(fd as i32)
     }
 
-    /// Maps each shared memory object of `vmas` at its place, from the object's temporary fd (mapping
-    /// over what held the place: a placeholder, or a template's mapping of the live object).
-    pub fn map_shared_memory(&mut self, vmas: &[Vma], files: &[OpenFile], plan: &FdPlan) -> Result<(), RestoreError> {
+    /// Maps each shared memory object of `vmas` at its place, from the object's temporary fd, and
+    /// attaches each SysV segment of `ipc` (made again already) at its place — over what held the place:
+    /// a placeholder, or a template's mapping of the live object.
+    pub fn map_shared_memory(
+        &mut self,
+        vmas: &[Vma],
+        files: &[OpenFile],
+        ipc: &IpcState,
+        plan: &FdPlan,
+    ) -> Result<(), RestoreError> {
+        let mut attached: Vec<(u64, u64)> = Vec::new();
         for v in vmas {
-            let VmaBacking::SharedMemory { offset, ref path, .. } = v.backing else {
+            let VmaBacking::SharedMemory { offset, ref path, inode, .. } = v.backing else {
                 continue;
             };
+            if is_sysv(path) {
+                let base = v.start - offset;
+                if !attached.iter().any(|&(b, _)| b == base) {
+                    let size = self.attach_segment(inode as i32, base, ipc)?;
+                    attached.push((base, size));
+                }
+                // An attachment maps the whole segment with one protection: each mapping gets its own.
+                self.call(libc::SYS_mprotect, &[v.start, v.len(), v.prot as u64])?;
+                continue;
+            }
             let Some(id) = object_of(v, files) else {
                 return Err(RestoreError::File {
                     pid: self.ns_pid,
@@ -220,6 +247,44 @@ impl NewProcess {
                 });
             }
         }
+        // Parts of an attachment the process had unmapped go again.
+        for (base, size) in attached {
+            let mut at = base;
+            let mut holes = Vec::new();
+            for v in vmas.iter().filter(|v| v.start >= base && v.end <= base + size) {
+                if v.start > at {
+                    holes.push((at, v.start - at));
+                }
+                at = at.max(v.end);
+            }
+            if at < base + size {
+                holes.push((at, base + size - at));
+            }
+            for (start, len) in holes {
+                self.call(libc::SYS_munmap, &[start, len])?;
+            }
+        }
         Ok(())
+    }
+
+    /// Attaches SysV segment `shmid` at `base` (over what is there); returns the attachment's length.
+    fn attach_segment(&mut self, shmid: i32, base: u64, ipc: &IpcState) -> Result<u64, RestoreError> {
+        let Some(seg) = ipc.segments.iter().find(|s| s.perm.id == shmid) else {
+            return Err(RestoreError::File {
+                pid: self.ns_pid,
+                fd: -1,
+                reason: format!("SysV segment {shmid} mapped at {base:#x} was not saved"),
+            });
+        };
+        let flags = (libc::SHM_REMAP | libc::SHM_EXEC) as u64;
+        let at = self.call_file(-1, "attach a SysV segment", libc::SYS_shmat, &[shmid as u64, base, flags])?;
+        if at as u64 != base {
+            return Err(RestoreError::File {
+                pid: self.ns_pid,
+                fd: -1,
+                reason: format!("SysV segment {shmid} attached at {at:#x}, not {base:#x}"),
+            });
+        }
+        Ok(seg.size.next_multiple_of(4096))
     }
 }

@@ -131,7 +131,7 @@ impl PidNs {
         if userns {
             cmd.arg("--map-root-user");
         }
-        cmd.args(["--pid", "--fork", "--mount-proc"]);
+        cmd.args(["--pid", "--ipc", "--fork", "--mount-proc"]);
         if opts.own_dev {
             let dev = dir.path().join("dev");
             std::fs::create_dir(&dev).unwrap();

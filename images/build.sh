@@ -16,7 +16,7 @@ outdir=$(cd "$outdir" && pwd)
 # Every timestamp in the images (config "created", clamped file mtimes). Changing it changes the recipe.
 export SOURCE_DATE_EPOCH=${SOURCE_DATE_EPOCH:-1735689600}   # 2025-01-01T00:00:00Z
 suite=bookworm
-debian_packages=bash,coreutils,python3,python3-venv,git,procps,sqlite3,make,gcc,libc6-dev,tar,xz-utils,ca-certificates,iproute2,python3-ipykernel,python3-jupyter-client
+debian_packages=bash,coreutils,python3,python3-venv,git,procps,sqlite3,make,gcc,libc6-dev,tar,xz-utils,ca-certificates,iproute2,python3-ipykernel,python3-jupyter-client,postgresql,python3-psycopg2,redis-server,python3-redis
 path_env=PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 
 if [ "$(id -u)" != 0 ]; then

@@ -33,6 +33,18 @@ def test_background_jobs_persist(shell):
     assert shell.run("jobs").check().stdout == ""
 
 
+def test_commands_do_not_hold_the_session_pipes(shell):
+    """A command (and a daemon it starts) gets the session's output pipes as stdout and stderr only, not the
+    pipe the next commands come through: it could read them, and a daemon running as another user would hold a
+    pipe it cannot open again when it is restored."""
+    shell.run("sleep 1000 > /dev/null 2>&1 & echo $! > /tmp/bg.pid").check()
+    fds = shell.run("ls /proc/$(cat /tmp/bg.pid)/fd | sort -n | tr '\\n' ' '").check().stdout
+    assert fds.split() == ["0", "1", "2"], fds
+    # The shell got them back for the next commands.
+    assert shell.run("echo still here").check().stdout == "still here\n"
+    shell.run("kill $(cat /tmp/bg.pid)").check()
+
+
 @pytest.mark.parametrize("command", ["sleep 1000", "while true; do :; done"])
 def test_timeout_interrupts_but_keeps_the_session(shell, command):
     shell.run("cd /usr && export KEEP=yes").check()

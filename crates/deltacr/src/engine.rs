@@ -73,6 +73,7 @@ impl CrError {
                 | CrError::Capture(CaptureError::Unsupported { .. })
                 | CrError::Files(FileError::Unsupported { .. } | FileError::Mapping { .. })
                 | CrError::Ipc(crate::ipc::IpcError::Unsupported(_))
+                | CrError::Plan(_)
         )
     }
 }
@@ -627,6 +628,8 @@ struct Restoring<'c> {
     on_demand: u64,
     /// TCP connections made by session helpers, which exit before the connections leave repair mode.
     repaired_tcp: Vec<files::RepairedTcp>,
+    /// Ends of split unix socket pairs on their way to the process that holds them.
+    held: files::HeldEnds,
 }
 
 /// How a new task starts: unless it is a copy-on-write clone of its template, the credentials it has
@@ -646,6 +649,7 @@ impl<'c> Restoring<'c> {
             late_zombies: Vec::new(),
             on_demand: 0,
             repaired_tcp: Vec::new(),
+            held: files::HeldEnds::new(),
         }
     }
 
@@ -663,7 +667,7 @@ impl<'c> Restoring<'c> {
         for i in 0..self.plan.steps.len() {
             match self.plan.steps[i] {
                 Step::SessionHelper { sid } => {
-                    let helper = SessionHelper::create(sid, tree, &self.plan, mem, sb, pids, ptys)?;
+                    let helper = SessionHelper::create(sid, tree, &self.plan, mem, sb, pids, (ptys, &mut self.held))?;
                     self.session_helpers.push(helper);
                 }
                 Step::Process { index } => {
@@ -748,7 +752,7 @@ impl<'c> Restoring<'c> {
             np.set_session_leader()?;
         }
         let create = self.plan.create.get(&entry.pid).map_or(&[][..], Vec::as_slice);
-        np.restore_fds(&st.fds, create, &self.tree.files, &self.plan.fds, ptys)?;
+        np.restore_fds(&st.fds, create, &self.tree.files, &self.plan.fds, ptys, &mut self.held)?;
         np.map_shared_memory(&st.vmas, &self.tree.files, &self.tree.ipc, &self.plan.fds)?;
         if let Some(ctty) = &st.ctty {
             np.set_controlling_tty(ctty, &st.fds, &self.tree.files, ptys)?;
@@ -1010,7 +1014,7 @@ impl SessionHelper {
         mem: &Memory<'_>,
         sb: &Sandbox,
         pids: &mut PidSetter,
-        ptys: &mut PtyPlan,
+        (ptys, held): (&mut PtyPlan, &mut files::HeldEnds),
     ) -> Result<SessionHelper, CrError> {
         let members = &plan.session_helpers[&sid];
         tracing::debug!(sid, ?members, "re-creating a session whose leader has exited");
@@ -1042,7 +1046,7 @@ impl SessionHelper {
         let res = (|| {
             np.set_session_leader()?;
             np.close_all_fds()?;
-            np.restore_fds(&[], plan.create.get(&sid).unwrap_or(&no_create), &tree.files, &plan.fds, ptys)
+            np.restore_fds(&[], plan.create.get(&sid).unwrap_or(&no_create), &tree.files, &plan.fds, ptys, held)
         })();
         // Even after an error: the scratch memory may be in a template's address space.
         let freed = np.free_scratch();

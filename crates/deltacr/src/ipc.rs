@@ -19,6 +19,8 @@ pub const IPC_LIMIT: u64 = 1 << 30;
 /// `SHM_DEST` in a segment's mode: removed, alive until its last detach.
 const SHM_DEST: u32 = 0o1000;
 const PAGE: usize = 4096;
+/// How long a restore waits for removed segments to be detached by the processes it killed.
+const SEGMENT_GONE_WAIT: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Errors of this module.
 #[derive(Debug, thiserror::Error)]
@@ -235,6 +237,18 @@ fn restore_inside(ipc: &IpcState, uids: &IdMap, gids: &IdMap) -> Result<(), IpcE
         // SAFETY: IPC_RMID takes no buffer.
         check(unsafe { libc::msgctl(id, libc::IPC_RMID, std::ptr::null_mut()) })
             .map_err(io_err(format!("remove message queue {id}")))?;
+    }
+    // A removed segment lives until its last detach: processes killed just before (or the holders of
+    // their memory) may still be tearing their memory down. Its id is free only then.
+    let wanted: Vec<i32> = ipc.segments.iter().map(|s| s.perm.id).collect();
+    let deadline = std::time::Instant::now() + SEGMENT_GONE_WAIT;
+    while ids("shm").map_err(io_err("list segments"))?.iter().any(|id| wanted.contains(id)) {
+        if std::time::Instant::now() > deadline {
+            return Err(IpcError::Unsupported(format!(
+                "a removed segment with an id of the checkpoint's ({wanted:?}) is still attached after {SEGMENT_GONE_WAIT:?}"
+            )));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1));
     }
     let made = |kind: &str, want: i32, got: io::Result<libc::c_int>| -> Result<(), IpcError> {
         let got = got.map_err(io_err(format!("make {kind} {want} again")))?;

@@ -54,6 +54,8 @@ pub enum LazyError {
         #[source]
         source: PtraceError,
     },
+    #[error("giving the restored process /dev/userfaultfd")]
+    Pass(#[from] crate::fdpass::PassError),
     #[error("the pager thread is gone")]
     Gone,
     #[error(
@@ -630,79 +632,26 @@ fn kill_thread_process(init: Pid, tid: u32) {
 pub fn make_uffd(inj: &mut Injector, scratch: &Scratch, dev: BorrowedFd<'_>) -> Result<Uffd, LazyError> {
     let pid = inj.pid();
     let perr = |source| LazyError::Inject { pid: pid.as_raw(), source };
-    const MSGHDR: usize = 64;
-    const IOV: usize = 128;
-    const BYTE: usize = 144;
-    const CONTROL: usize = 160;
-    const CONTROL_LEN: usize = 24;
-    scratch.write(0, &[0u8; 8]).map_err(perr)?;
-    let pair = scratch.addr;
-    inj.call(libc::SYS_socketpair, &[libc::AF_UNIX as u64, (libc::SOCK_DGRAM | libc::SOCK_CLOEXEC) as u64, 0, pair])
-        .map_err(perr)?;
-    let fds = scratch.read(0, 8).map_err(perr)?;
-    let theirs = [
-        i32::from_ne_bytes(fds[0..4].try_into().expect("4 bytes")),
-        i32::from_ne_bytes(fds[4..8].try_into().expect("4 bytes")),
-    ];
-    let mut to_close: Vec<i32> = theirs.to_vec();
+    let their_dev = crate::fdpass::give_fd(inj, scratch, dev, libc::MSG_CMSG_CLOEXEC)?;
     let result = (|| {
-        let pidfd = sys::pidfd_open(pid).map_err(io_err("open a pidfd"))?;
-        let ours = sys::pidfd_getfd(pidfd.as_fd(), theirs[0]).map_err(io_err("take the socket"))?;
-        send_fd(ours.as_fd(), dev).map_err(io_err("send /dev/userfaultfd"))?;
-        // recvmsg(theirs[1], &msghdr, MSG_CMSG_CLOEXEC) with one byte and room for one fd.
-        let mut hdr = Vec::with_capacity(56);
-        for w in [0u64, 0, scratch.addr + IOV as u64, 1, scratch.addr + CONTROL as u64, CONTROL_LEN as u64, 0] {
-            hdr.extend_from_slice(&w.to_ne_bytes());
-        }
-        scratch.write(MSGHDR, &hdr).map_err(perr)?;
-        let mut iov = (scratch.addr + BYTE as u64).to_ne_bytes().to_vec();
-        iov.extend_from_slice(&1u64.to_ne_bytes());
-        scratch.write(IOV, &iov).map_err(perr)?;
-        inj.call(libc::SYS_recvmsg, &[theirs[1] as u64, scratch.addr + MSGHDR as u64, libc::MSG_CMSG_CLOEXEC as u64])
-            .map_err(perr)?;
-        let control = scratch.read(CONTROL, CONTROL_LEN).map_err(perr)?;
-        let (level, kind) = (
-            i32::from_ne_bytes(control[8..12].try_into().expect("4 bytes")),
-            i32::from_ne_bytes(control[12..16].try_into().expect("4 bytes")),
-        );
-        if level != libc::SOL_SOCKET || kind != libc::SCM_RIGHTS {
-            return Err(LazyError::Io {
-                what: "pass /dev/userfaultfd",
-                source: std::io::Error::other("no fd arrived"),
-            });
-        }
-        let their_dev = i32::from_ne_bytes(control[16..20].try_into().expect("4 bytes"));
-        to_close.push(their_dev);
         let their_uffd = inj
             .call(
                 libc::SYS_ioctl,
                 &[their_dev as u64, uffd::USERFAULTFD_IOC_NEW, (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64],
             )
             .map_err(perr)? as i32;
-        to_close.push(their_uffd);
-        let fd = sys::pidfd_getfd(pidfd.as_fd(), their_uffd).map_err(io_err("take the userfaultfd"))?;
+        let pidfd = sys::pidfd_open(pid).map_err(io_err("open a pidfd"));
+        let fd = pidfd.and_then(|p| sys::pidfd_getfd(p.as_fd(), their_uffd).map_err(io_err("take the userfaultfd")));
+        let closed = inj.call(libc::SYS_close, &[their_uffd as u64]).map_err(perr);
+        let fd = fd?;
+        closed?;
         Uffd::new(fd, FEATURES).map_err(io_err("set up the userfaultfd"))
     })();
-    for fd in to_close {
-        let closed = inj.call(libc::SYS_close, &[fd as u64]).map_err(perr);
-        if result.is_ok() {
-            closed?;
-        }
+    let closed = inj.call(libc::SYS_close, &[their_dev as u64]).map_err(perr);
+    if result.is_ok() {
+        closed?;
     }
     result
-}
-
-/// Sends `fd` over the unix socket `sock`, with one byte of data.
-fn send_fd(sock: BorrowedFd<'_>, fd: BorrowedFd<'_>) -> std::io::Result<()> {
-    use rustix::net::{SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
-    let mut space = [std::mem::MaybeUninit::uninit(); rustix::cmsg_space!(ScmRights(1))];
-    let mut control = SendAncillaryBuffer::new(&mut space);
-    let fds = [fd];
-    if !control.push(SendAncillaryMessage::ScmRights(&fds)) {
-        return Err(std::io::Error::other("control buffer too small"));
-    }
-    rustix::net::sendmsg(sock, &[std::io::IoSlice::new(&[0])], &mut control, SendFlags::empty())?;
-    Ok(())
 }
 
 /// Opens /dev/userfaultfd, or says why lazy restore is not possible here.

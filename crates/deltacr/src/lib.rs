@@ -2,6 +2,7 @@
 
 pub mod capture;
 pub mod engine;
+pub mod fdpass;
 pub mod files;
 pub mod freezer;
 pub mod image;

@@ -134,6 +134,8 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         unit_of.insert(f.id, unit);
     }
     let mut users: HashMap<u32, Vec<i32>> = HashMap::new();
+    // Per open file description (not unit): the processes holding it.
+    let mut holders: HashMap<u32, Vec<i32>> = HashMap::new();
     for p in &tree.processes {
         let ProcessKind::Live(st) = &p.kind else {
             continue;
@@ -141,6 +143,7 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
         for fd in &st.fds {
             max_fd = max_fd.max(fd.fd);
             users.entry(unit_of[&fd.file]).or_default().push(p.pid);
+            holders.entry(fd.file).or_default().push(p.pid);
         }
         // A shared memory object is made by the processes that map it as if they held it open.
         // (SysV segments are the IPC namespace's, made before any process.)
@@ -168,6 +171,25 @@ pub fn plan(tree: &TreeState) -> Result<RestorePlan, PlanError> {
             }
             common.and_then(|c| c.into_iter().find(|a| live.contains_key(a) || out.session_helpers.contains_key(a)))
         };
+        let kind = &tree.files[unit as usize].kind;
+        let ends = |key: u64| {
+            let (r, w) = out.fds.pairs[&key];
+            [r, w].into_iter().flatten().collect::<Vec<u32>>()
+        };
+        // A unix socket pair whose ends are held in different subtrees of init (a client connected to a
+        // server): each end is made by the processes that hold it, and the second one passed the end the
+        // first one made with its socketpair (see FdPlan::split).
+        if let (None, Some(key), FileKind::Unix { .. }) = (lca_of(&pids), pair_key(kind), kind) {
+            let makers: Option<Vec<(u32, i32)>> =
+                ends(key).into_iter().map(|end| Some((end, lca_of(holders.get(&end)?)?))).collect();
+            if let Some(makers) = makers {
+                for (end, lca) in makers {
+                    out.create.entry(lca).or_default().push(end);
+                }
+                out.fds.split.insert(key);
+                continue;
+            }
+        }
         let creators = match lca_of(&pids) {
             Some(lca) => vec![lca],
             // A FIFO is a meeting point by name: processes in separate subtrees of init (e.g. a daemon
@@ -475,6 +497,34 @@ mod tests {
         let p = plan(&t).unwrap();
         assert_eq!(p.create.get(&2), Some(&vec![0]));
         assert_eq!(p.create.get(&3), Some(&vec![0]));
+    }
+
+    #[test]
+    fn a_socket_pair_between_separate_subtrees_is_split_between_its_holders() {
+        // A client (2, with a child 4 sharing its end) connected to a server (3), both children of init.
+        let end = |id: u32, ino: u64, peer: u64| {
+            let kind = FileKind::Unix {
+                ino,
+                sock_type: libc::SOCK_STREAM,
+                name: None,
+                listening: None,
+                peer: Some(peer),
+                queue: vec![],
+            };
+            file(id, kind)
+        };
+        let t = tree(
+            vec![live(2, 1, 2, 2, &[(5, 0)]), live(3, 1, 3, 3, &[(6, 1)]), live(4, 2, 2, 2, &[(5, 0)])],
+            vec![end(0, 10, 11), end(1, 11, 10)],
+        );
+        let p = plan(&t).unwrap();
+        assert!(p.fds.split.contains(&10));
+        assert_eq!((p.create.get(&2), p.create.get(&3)), (Some(&vec![0]), Some(&vec![1])));
+        // Within one subtree the pair is made whole by the common ancestor.
+        let t = tree(vec![live(2, 1, 2, 2, &[]), live(3, 2, 2, 2, &[(5, 0)]), live(4, 2, 2, 2, &[(6, 1)])], t.files);
+        let p = plan(&t).unwrap();
+        assert!(p.fds.split.is_empty());
+        assert_eq!(p.create.get(&2), Some(&vec![0, 1]));
     }
 
     #[test]

@@ -36,6 +36,8 @@ pub enum RestoreError {
         #[source]
         source: PidNsError,
     },
+    #[error("restoring fds")]
+    Pass(#[from] crate::fdpass::PassError),
     #[error("restoring process {pid}: got pid {got} instead of {want} (is it still in use?)")]
     WrongPid { pid: i32, want: i32, got: i32 },
     #[error("restoring the memory of process {pid}")]
@@ -154,6 +156,12 @@ impl NewProcess {
 
     pub(crate) fn scratch(&self) -> &Scratch {
         self.scratch.as_ref().expect("scratch is mapped until release")
+    }
+
+    /// Gives the process a copy of the tracer's `fd`; returns its number there.
+    pub(crate) fn give_fd(&mut self, fd: std::os::fd::BorrowedFd<'_>) -> Result<i32, RestoreError> {
+        let scratch = self.scratch.as_ref().expect("scratch is mapped until release");
+        Ok(crate::fdpass::give_fd(&mut self.threads[0].0, scratch, fd, 0)?)
     }
 
     pub(crate) fn call(&mut self, nr: i64, args: &[u64]) -> Result<i64, RestoreError> {

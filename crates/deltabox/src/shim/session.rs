@@ -3,7 +3,7 @@
 //! bash runs interactively on a pty (job control, ^C semantics). Commands do not travel through the pty:
 //! for each call the shim types one line that sets the call's token, reads the command text from a FIFO
 //! (fd 249) up to a NUL and `eval`s it at top level, with stdout and stderr redirected to two more FIFOs
-//! (fds 250 and 251) and stdin from /dev/null. The FIFOs live in the sandbox's /dev/.deltabox (read-only
+//! (fds 250 and 251; the command does not get 249-251 themselves) and stdin from /dev/null. The FIFOs live in the sandbox's /dev/.deltabox (read-only
 //! for the sandbox's processes) and both sides hold them open read-write: a shell restored from a
 //! checkpoint reopens them by path and is connected to the shim again, and neither side ever sees end of
 //! file (the shell's end is noticed through init).
@@ -282,9 +282,11 @@ impl Session {
         pipes.err.output.dropped = 0;
         let token = new_token();
         let marker = marker(&token);
+        // The command gets the output FIFOs as stdout and stderr only: what it starts (a daemon) does not
+        // hold the command FIFO, from which it could read the next commands, nor extra output fds.
         let line = format!(
             " __dbx_tok={token}; IFS= read -r -d '' __dbx_cmd <&{CMD_FD}; history -s \"$__dbx_cmd\"; \
-             eval \"$__dbx_cmd\" </dev/null >&{OUT_FD} 2>&{ERR_FD}\n"
+             eval \"$__dbx_cmd\" </dev/null >&{OUT_FD} 2>&{ERR_FD} {CMD_FD}<&- {OUT_FD}>&- {ERR_FD}>&-\n"
         );
         self.master.write_all(line.as_bytes()).await.map_err(SessionError::Io)?;
         let mut text = command.as_bytes().to_vec();

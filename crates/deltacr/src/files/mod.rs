@@ -232,7 +232,13 @@ pub struct FdPlan {
     pub base: i32,
     pub count: i32,
     pub pairs: HashMap<u64, (Option<u32>, Option<u32>)>,
+    /// Connected unix socket pairs whose ends are made by different processes: the first to come makes
+    /// the pair and hands the other end to the tracer, which gives it to the second (see [`HeldEnds`]).
+    pub split: HashSet<u64>,
 }
+
+/// Ends of split socket pairs (see [`FdPlan::split`]) made and not yet given to their process, by pair.
+pub type HeldEnds = HashMap<u64, std::os::fd::OwnedFd>;
 
 impl FdPlan {
     pub fn temp(&self, id: u32) -> i32 {
@@ -263,6 +269,7 @@ impl NewProcess {
         files: &[OpenFile],
         plan: &FdPlan,
         ptys: &mut PtyPlan,
+        held: &mut HeldEnds,
     ) -> Result<(), RestoreError> {
         // Both ends of a pipe, or of a connected unix socket pair, are made at once.
         let mut made_pairs: HashSet<u64> = HashSet::new();
@@ -284,8 +291,10 @@ impl NewProcess {
                 }
                 FileKind::Unix { peer: Some(_), .. } => {
                     let key = crate::plan::pair_key(&of.kind).expect("a connected socket has a pair key");
-                    if made_pairs.insert(key) {
-                        self.make_socketpair(target, key, files, plan)?;
+                    if plan.split.contains(&key) {
+                        self.make_split_end(target, id, key, files, plan, held)?;
+                    } else if made_pairs.insert(key) {
+                        self.make_socketpair(target, key, files, plan, held, &[])?;
                     }
                     continue;
                 }

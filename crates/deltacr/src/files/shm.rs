@@ -222,7 +222,12 @@ impl NewProcess {
             if is_sysv(path) {
                 let base = v.start - offset;
                 if !attached.iter().any(|&(b, _)| b == base) {
-                    let size = self.attach_segment(inode as i32, base, ipc)?;
+                    // Its mappings' protections, all of them: an attachment allows no more than it was made with.
+                    let prot = vmas
+                        .iter()
+                        .filter(|w| matches!(&w.backing, VmaBacking::SharedMemory { path, offset, .. } if is_sysv(path) && w.start - offset == base))
+                        .fold(0, |p, w| p | w.prot);
+                    let size = self.attach_segment(inode as i32, base, prot, ipc)?;
                     attached.push((base, size));
                 }
                 // An attachment maps the whole segment with one protection: each mapping gets its own.
@@ -267,8 +272,9 @@ impl NewProcess {
         Ok(())
     }
 
-    /// Attaches SysV segment `shmid` at `base` (over what is there); returns the attachment's length.
-    fn attach_segment(&mut self, shmid: i32, base: u64, ipc: &IpcState) -> Result<u64, RestoreError> {
+    /// Attaches SysV segment `shmid` at `base` (over what is there) allowing protection `prot`; returns the
+    /// attachment's length.
+    fn attach_segment(&mut self, shmid: i32, base: u64, prot: i32, ipc: &IpcState) -> Result<u64, RestoreError> {
         let Some(seg) = ipc.segments.iter().find(|s| s.perm.id == shmid) else {
             return Err(RestoreError::File {
                 pid: self.ns_pid,
@@ -276,7 +282,15 @@ impl NewProcess {
                 reason: format!("SysV segment {shmid} mapped at {base:#x} was not saved"),
             });
         };
-        let flags = (libc::SHM_REMAP | libc::SHM_EXEC) as u64;
+        // Asking for more than the process may have (write, exec) fails on the segment's permissions.
+        let mut flags = libc::SHM_REMAP;
+        if prot & libc::PROT_WRITE == 0 {
+            flags |= libc::SHM_RDONLY;
+        }
+        if prot & libc::PROT_EXEC != 0 {
+            flags |= libc::SHM_EXEC;
+        }
+        let flags = flags as u64;
         let at = self.call_file(-1, "attach a SysV segment", libc::SYS_shmat, &[shmid as u64, base, flags])?;
         if at as u64 != base {
             return Err(RestoreError::File {

@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::os::fd::{AsFd, BorrowedFd};
 
 use super::socket::Socket;
-use super::{io_err, FdOwner, FdPlan, FileError};
+use super::{io_err, FdOwner, FdPlan, FileError, HeldEnds};
 use crate::restore::{NewProcess, RestoreError};
 use crate::sockdiag::{self, UnixSockInfo};
 use crate::state::{FdState, FileKind, OpenFile};
@@ -132,13 +132,16 @@ pub(super) fn check_peers(owners: &[FdOwner], tables: &[Vec<FdState>], files: &[
 
 impl NewProcess {
     /// Recreates a connected unix socket pair with socketpair(2); each end's queued data is sent
-    /// again from the other end.
+    /// again from the other end. Of a split pair (see [`FdPlan::split`]), only the ends in `mine` stay
+    /// here: the other one goes to the tracer (`held`).
     pub(super) fn make_socketpair(
         &mut self,
         target: i32,
         key: u64,
         files: &[OpenFile],
         plan: &FdPlan,
+        held: &mut HeldEnds,
+        mine: &[u32],
     ) -> Result<(), RestoreError> {
         let (a_id, b_id) = plan.pairs[&key];
         let sock_type = [a_id, b_id]
@@ -171,11 +174,40 @@ impl NewProcess {
             self.call(libc::SYS_fcntl, &[fd as u64, libc::F_SETFL as u64, settable as u64])?;
         }
         for (id, fd) in [a_id, b_id].into_iter().zip(fds) {
-            if let Some(id) = id {
+            let Some(id) = id else {
+                continue;
+            };
+            // An end of a split pair held by no process of ours: it goes to the tracer for the process
+            // that holds it.
+            if plan.split.contains(&key) && !mine.contains(&id) {
+                let end = sys::dup_from(self.host, fd).map_err(self.io_err(target, "take the other end"))?;
+                held.insert(key, end);
+                self.call(libc::SYS_close, &[fd as u64])?;
+            } else {
                 self.place(fd, plan.temp(id))?;
             }
         }
         Ok(())
+    }
+
+    /// Puts this process's end of split pair `key` (`id`) in place: the end another process made and
+    /// handed to the tracer, or a new pair (whose other end is handed to the tracer).
+    pub(super) fn make_split_end(
+        &mut self,
+        target: i32,
+        id: u32,
+        key: u64,
+        files: &[OpenFile],
+        plan: &FdPlan,
+        held: &mut HeldEnds,
+    ) -> Result<(), RestoreError> {
+        match held.remove(&key) {
+            Some(end) => {
+                let fd = self.give_fd(end.as_fd())?;
+                self.place(fd, plan.temp(id))
+            }
+            None => self.make_socketpair(target, key, files, plan, held, &[id]),
+        }
     }
 
     /// Recreates a listening or unconnected unix socket under its old name (a stale socket file at

@@ -42,7 +42,11 @@ def run_cell(sb, n, code):
     """Runs `code` as cell number `n` through the driver; returns what it printed."""
     sb.files.write(f"/root/cells/{n}.py", code.encode())
     path = f"/root/results/{n}.json"
-    wait_until(lambda: sb.files.exists(path), timeout=60, what=f"cell {n}")
+    try:
+        wait_until(lambda: sb.files.exists(path), timeout=120, what=f"cell {n}")
+    except AssertionError:
+        logs = sb.exec(["sh", "-c", "tail -20 /root/kernel.log /root/driver.log; ps -eo pid,stat,etime,args"]).stdout
+        raise AssertionError(f"cell {n} got no answer:\n{logs}") from None
     result = json.loads(sb.files.read_text(path))
     assert result["status"] == "ok", result
     return result["out"]

@@ -72,6 +72,9 @@ class Checkpoint:
     #: measured in the background (seconds old at most); ``0`` once dropped for the memory budget (a rollback then
     #: restores it from disk). ``None`` for a filesystem-only checkpoint, and until first measured (a second or so).
     memory_bytes: Optional[int] = None
+    #: TCP connections to outside the sandbox its processes had (``"process 12 (python3), fd 5: TCP a -> b"``): they
+    #: cannot go on after a rollback to it or in a fork of it, where the process finds each reset by its peer.
+    reset_connections: List[str] = field(default_factory=list)
     _transport: Optional["Transport"] = field(default=None, repr=False, compare=False)
 
     @classmethod

@@ -170,3 +170,50 @@ def test_program_continues_after_rollback_and_in_forks(client, program, path, ke
             for child in children:
                 child.delete()
         assert "Error" not in sb.files.read_text("/root/program.log")
+
+
+# Reads from a server outside the sandbox and writes how the read ended.
+OUTSIDE_CLIENT = r"""
+import socket, sys
+c = socket.create_connection(("127.0.0.1", int(sys.argv[1])))
+open("/root/connected", "w").close()
+try:
+    outcome = "read %r" % c.recv(100)
+except OSError as e:
+    outcome = "error " + type(e).__name__
+with open("/root/outcome", "w") as f:
+    f.write(outcome)
+"""
+
+
+def test_a_connection_to_outside_is_listed_and_comes_back_reset(client):
+    """With the host's network, a process's connection to a server outside the sandbox does not refuse the
+    checkpoint: the checkpoint lists it, and after a rollback and in a fork the process finds it reset."""
+    import socket
+
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        port = server.getsockname()[1]
+        with new_sandbox(client, "debian", network="host") as sb:
+            sb.files.write("/root/client.py", OUTSIDE_CLIENT.encode())
+            sb.session("main").run(f"(python3 /root/client.py {port} > /root/client.log 2>&1 &)").check()
+            conn, _ = server.accept()
+            wait_until(lambda: sb.files.exists("/root/connected"), what="the connection")
+            ck = sb.checkpoint()
+            assert len(ck.reset_connections) == 1, ck.reset_connections
+            assert f"-> 127.0.0.1:{port}" in ck.reset_connections[0] and "python3" in ck.reset_connections[0]
+            assert client.checkpoint(ck.id).reset_connections == ck.reset_connections
+            # The live connection is untouched: the server's answer reaches the running program.
+            conn.sendall(b"live")
+            assert wait_until(lambda: sb.files.exists("/root/outcome") and sb.files.read_text("/root/outcome")) \
+                == "read b'live'"
+            for _ in range(3):
+                sb.rollback(ck)
+                assert wait_until(lambda: sb.files.exists("/root/outcome") and sb.files.read_text("/root/outcome")) \
+                    == "error ConnectionResetError"
+            (child,) = ck.fork()
+            with child:
+                assert wait_until(lambda: child.files.exists("/root/outcome") and child.files.read_text("/root/outcome")) \
+                    == "error ConnectionResetError"
+            conn.close()

@@ -140,6 +140,9 @@ pub struct CheckpointView {
     /// shares, as last measured; 0 once dropped (a rollback then restores from the image). None for a
     /// filesystem checkpoint, and until first measured (within a second or so of the checkpoint).
     pub memory_bytes: Option<u64>,
+    /// TCP connections to outside the sandbox that its processes had: they cannot go on after a
+    /// rollback to it or in a fork of it, where the process finds each reset by its peer.
+    pub reset_connections: Vec<String>,
 }
 
 #[derive(Debug, Serialize, Deserialize)]

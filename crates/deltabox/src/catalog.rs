@@ -165,6 +165,9 @@ pub struct CheckpointRecord {
     /// The checkpoint call's duration in the daemon (0 in records from before it was kept).
     #[serde(default)]
     pub duration_ms: f64,
+    /// Connections to outside the sandbox that a rollback to it or a fork of it gives back reset.
+    #[serde(default)]
+    pub reset_connections: Vec<String>,
 }
 
 pub struct Catalog {
@@ -458,6 +461,7 @@ pub mod tests {
             created: 1,
             pause_ms: 1.0,
             duration_ms: 2.0,
+            reset_connections: vec![],
         }
     }
 

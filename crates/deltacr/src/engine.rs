@@ -108,6 +108,23 @@ pub struct Checkpoint {
 }
 
 impl Checkpoint {
+    /// The TCP connections to outside the checkpoint, which a restore gives back reset by their peer:
+    /// "process PID (COMM), fd FD: TCP LOCAL -> PEER".
+    pub fn reset_connections(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for p in &self.tree.processes {
+            let ProcessKind::Live(st) = &p.kind else {
+                continue;
+            };
+            for fd in &st.fds {
+                if let Some(what) = files::describe_reset(&self.tree.files[fd.file as usize].kind) {
+                    out.push(format!("process {} ({}), fd {}: {what}", p.pid, p.comm, fd.fd));
+                }
+            }
+        }
+        out
+    }
+
     /// Prepares writing this checkpoint's durable image (the job can run on any thread while the
     /// sandbox runs). With `parent` (the previous checkpoint of this sandbox and the id of its image),
     /// the image holds only the pages that changed since then.
@@ -171,6 +188,11 @@ pub struct Partial(Checkpoint);
 impl Partial {
     pub fn stats(&self) -> &CheckpointStats {
         &self.0.stats
+    }
+
+    /// See [`Checkpoint::reset_connections`].
+    pub fn reset_connections(&self) -> Vec<String> {
+        self.0.reset_connections()
     }
 
     /// Reads the rest of the state from the templates (on the tracer thread; the sandbox runs).

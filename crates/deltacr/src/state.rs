@@ -295,6 +295,10 @@ pub enum FileKind {
     /// restored with TCP repair: addresses (raw sockaddr bytes), the integer options kept for inet
     /// sockets, and the connection's state.
     TcpConnection { family: i32, local: Vec<u8>, peer: Vec<u8>, options: Vec<(i32, i32, i32)>, conn: TcpConn },
+    /// A TCP connection (in TCP `state`) whose peer is outside the checkpoint: it cannot go on after a
+    /// restore, so it is restored as a socket its peer has reset (the process sees ECONNRESET once, then
+    /// end of file), as a VM snapshot's connections are. Addresses as raw sockaddr bytes.
+    TcpReset { family: i32, local: Vec<u8>, peer: Vec<u8>, state: u8, options: Vec<(i32, i32, i32)> },
 }
 
 /// What TCP repair reads of an established connection and writes back.

@@ -668,3 +668,24 @@ pub fn other_namespace(member: Pid, kind: &str) -> io::Result<bool> {
     let ours = std::fs::metadata(format!("/proc/thread-self/ns/{kind}"))?;
     Ok((theirs.dev(), theirs.ino()) != (ours.dev(), ours.ino()))
 }
+
+/// A TCP listener on loopback (127.0.0.1 or ::1 by `family`) at a port the kernel chooses, non-blocking.
+pub fn loopback_listener(family: i32) -> io::Result<std::net::TcpListener> {
+    let ip: std::net::IpAddr = if family == libc::AF_INET6 {
+        std::net::Ipv6Addr::LOCALHOST.into()
+    } else {
+        std::net::Ipv4Addr::LOCALHOST.into()
+    };
+    let listener = std::net::TcpListener::bind((ip, 0))?;
+    listener.set_nonblocking(true)?;
+    Ok(listener)
+}
+
+/// Makes closing `sock` reset its connection (`SO_LINGER` on, zero seconds).
+pub fn reset_on_close(sock: BorrowedFd<'_>) -> io::Result<()> {
+    let linger = libc::linger { l_onoff: 1, l_linger: 0 };
+    // SAFETY: linger is plain data of the size given.
+    let bytes =
+        unsafe { std::slice::from_raw_parts((&linger as *const libc::linger).cast::<u8>(), size_of::<libc::linger>()) };
+    setsockopt_bytes(sock, libc::SOL_SOCKET, libc::SO_LINGER, bytes)
+}

@@ -102,3 +102,41 @@ fn tcp_connections_inside_the_tree_continue_with_their_queued_data() {
     }
     engine.kill_processes(&sb).unwrap();
 }
+
+#[test]
+fn a_connection_to_outside_comes_back_reset_and_the_program_sees_it() {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    let server = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = server.local_addr().unwrap().port().to_string();
+    let py = python();
+    // Reads from a server outside the tree; reports how the connection ended.
+    let program = r#"
+import socket, sys
+out = open(sys.argv[1], "a")
+c = socket.create_connection(("127.0.0.1", int(sys.argv[2])))
+out.write("connected\n")
+out.flush()
+try:
+    data = c.recv(100)
+    out.write("read %r\n" % data)
+except OSError as e:
+    out.write("error %s\n" % type(e).__name__)
+out.flush()
+"#;
+    ns.spawn(&[&py, "-c", program, out.to_str().unwrap(), &port], None, false);
+    let (_conn, _) = server.accept().unwrap();
+    common::wait_for_content(&out, "connected\n");
+    std::thread::sleep(std::time::Duration::from_millis(50));
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    assert_eq!(ckpt.reset_connections().len(), 1, "{:?}", ckpt.reset_connections());
+    engine.kill_processes(&sb).unwrap();
+    std::fs::write(&out, "").unwrap();
+    engine.restore(&ckpt, &sb).unwrap();
+    // The restored read fails as on a connection the peer reset.
+    common::wait_for_content(&out, "error ConnectionResetError\n");
+}

@@ -50,6 +50,9 @@ pub async fn checkpoint(client: &Client, args: CheckpointArgs) -> anyhow::Result
                 cp.pause_ms,
                 cp.processes
             );
+            for c in &cp.reset_connections {
+                eprintln!("reset in a rollback or fork (its peer is outside the sandbox): {c}");
+            }
             Ok(())
         }
         (None, None) => anyhow::bail!("name the sandbox to checkpoint: deltabox checkpoint ID [--fs-only]"),

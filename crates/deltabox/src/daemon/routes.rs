@@ -257,6 +257,7 @@ fn checkpoint_view(
         image_failure: c.image_failure.as_ref().map(|f| f.reason.clone()),
         disk_bytes: *disk_bytes,
         memory_bytes: engine.template_memory.of(c),
+        reset_connections: c.reset_connections.clone(),
     }
 }
 

@@ -44,6 +44,8 @@ pub struct Captured {
 
 pub struct ProcessCapture {
     pub count: usize,
+    /// See deltacr's `Checkpoint::reset_connections`.
+    pub reset_connections: Vec<String>,
     pub image: ImageId,
     /// Resolves once the durable image is written (or failed).
     pub written: oneshot::Receiver<JobResult<u64>>,
@@ -475,8 +477,14 @@ impl Worker {
         let stopped_ms = ms(started);
         let image = ImageId::random().context("choose an image id")?;
         let count = partial.stats().processes;
+        let reset_connections = partial.reset_connections();
         let (done_tx, written) = oneshot::channel();
-        let captured = Captured { stack, stopped_ms, fs_ms, processes: Some(ProcessCapture { count, image, written }) };
+        let captured = Captured {
+            stack,
+            stopped_ms,
+            fs_ms,
+            processes: Some(ProcessCapture { count, reset_connections, image, written }),
+        };
         Ok((captured, Some(Finishing { partial, stack, parent, image, done_tx })))
     }
 

@@ -128,9 +128,11 @@ impl Shim {
             processes: None,
             image: None,
             sessions: vec![],
+            reset_connections: vec![],
         };
         let Some(capture) = captured.processes else { return Ok((stats, None)) };
         stats.processes = Some(capture.count);
+        stats.reset_connections = capture.reset_connections;
         stats.image = Some(capture.image);
         stats.sessions = live.iter().map(|(name, s)| s.snapshot(name)).collect();
         // The shells' terminals and FIFOs stay open while the checkpoint may be restored here.

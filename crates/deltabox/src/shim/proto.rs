@@ -259,6 +259,10 @@ pub struct CheckpointStats {
     pub image: Option<ImageId>,
     /// Shell sessions whose shells were captured.
     pub sessions: Vec<SessionSnapshot>,
+    /// Connections to outside the sandbox, which a restore gives back reset (see deltacr's
+    /// `Checkpoint::reset_connections`).
+    #[serde(default)]
+    pub reset_connections: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -25,7 +25,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use nix::unistd::Pid;
 
 pub use shm::{is_sysv, object_of, SHARED_MEMORY_LIMIT};
-pub use tcp::RepairedTcp;
+pub use tcp::{describe_reset, RepairedTcp};
 pub use tty::{controlling_tty, pts_index};
 
 use crate::procfs::{self, FdInfo};
@@ -140,36 +140,42 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
     pipe::capture_data(owners, &tables, &mut files)?;
     pipe::mark_outside_readers(owners, &tables, &mut files)?;
     unix::check_peers(owners, &tables, &files)?;
-    check_tcp_peers(owners, &tables, &files)?;
+    settle_tcp(owners, &tables, &mut files)?;
     shm::capture(owners, &tables, &mut files)?;
     Ok((files, tables))
 }
 
-/// Refuses a TCP connection whose other end is not among the captured files: it could not continue after
-/// a restore (the other end would not be restored with it).
-fn check_tcp_peers(owners: &[FdOwner], tables: &[Vec<FdState>], files: &[OpenFile]) -> Result<(), FileError> {
-    let ends: HashSet<(&[u8], &[u8])> = files
-        .iter()
-        .filter_map(|f| match &f.kind {
-            FileKind::TcpConnection { local, peer, .. } => Some((local.as_slice(), peer.as_slice())),
-            _ => None,
-        })
-        .collect();
+/// Settles the TCP connections: one whose other end was captured too is restored (established; one in
+/// another state between processes of the checkpoint is refused), one whose peer is outside the
+/// checkpoint becomes a connection reset at restore.
+fn settle_tcp(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut [OpenFile]) -> Result<(), FileError> {
+    let ends: HashSet<(Vec<u8>, Vec<u8>)> =
+        files.iter().filter_map(|f| tcp::addresses(&f.kind).map(|(l, p)| (l.to_vec(), p.to_vec()))).collect();
     for (owner, table) in owners.iter().zip(tables) {
         for fd in table {
-            let Some(key) = tcp::peer_key(&files[fd.file as usize].kind) else {
+            let of = &mut files[fd.file as usize];
+            let Some((local, peer)) = tcp::addresses(&of.kind).map(|(l, p)| (l.to_vec(), p.to_vec())) else {
                 continue;
             };
-            if !ends.contains(&key) {
-                return Err(FileError::Unsupported {
-                    pid: owner.ns_pid,
-                    fd: fd.fd,
-                    reason: format!(
-                        "TCP connection {} -> {}: its peer is outside the checkpointed processes (not supported yet)",
-                        inet::show_inet(key.1),
-                        inet::show_inet(key.0)
-                    ),
-                });
+            let inside = ends.contains(&(peer.clone(), local.clone()));
+            match &of.kind {
+                FileKind::TcpConnection { family, options, .. } if !inside => {
+                    let (family, options) = (*family, options.clone());
+                    of.kind = FileKind::TcpReset { family, local, peer, state: 1, options };
+                }
+                FileKind::TcpReset { state, .. } if inside => {
+                    return Err(FileError::Unsupported {
+                        pid: owner.ns_pid,
+                        fd: fd.fd,
+                        reason: format!(
+                            "TCP connection {} -> {} in state {state}: only established connections between \
+                             processes of the sandbox can be checkpointed yet",
+                            inet::show_inet(&local),
+                            inet::show_inet(&peer)
+                        ),
+                    });
+                }
+                _ => {}
             }
         }
     }
@@ -301,6 +307,7 @@ impl NewProcess {
                 FileKind::Unix { .. } => self.make_unix(target, of)?,
                 FileKind::Inet { .. } => self.make_inet(target, of)?,
                 FileKind::TcpConnection { .. } => self.make_tcp_connection(target, of)?,
+                FileKind::TcpReset { .. } => self.make_tcp_reset(target, of)?,
                 FileKind::Tty { .. } | FileKind::HungUpTty { .. } => self.open_terminal(target, of, ptys)?,
                 FileKind::EventFd { .. }
                 | FileKind::SignalFd { .. }

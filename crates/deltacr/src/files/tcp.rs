@@ -85,12 +85,9 @@ pub(super) fn capture(
     peer: Vec<u8>,
     options: Vec<(i32, i32, i32)>,
 ) -> Result<FileKind, FileError> {
+    // Kept only if its peer is outside (see files::settle_tcp): then it is reset at restore.
     if state != TCP_ESTABLISHED {
-        return Err(s.unsupported(format!(
-            "TCP connection {} -> {} in state {state}: only established connections can be checkpointed yet",
-            super::inet::show_inet(&local),
-            super::inet::show_inet(&peer)
-        )));
+        return Ok(FileKind::TcpReset { family, local, peer, state, options });
     }
     let sock = s.sock.as_fd();
     let fail = |what: &str, e: std::io::Error| {
@@ -135,10 +132,20 @@ pub(super) fn capture(
     Ok(FileKind::TcpConnection { family, local, peer, options, conn })
 }
 
-/// The `(local, peer)` addresses of a connection's other end.
-pub(super) fn peer_key(kind: &FileKind) -> Option<(&[u8], &[u8])> {
+/// A TCP connection's `(local, peer)` addresses.
+pub(super) fn addresses(kind: &FileKind) -> Option<(&[u8], &[u8])> {
     match kind {
-        FileKind::TcpConnection { local, peer, .. } => Some((peer, local)),
+        FileKind::TcpConnection { local, peer, .. } | FileKind::TcpReset { local, peer, .. } => Some((local, peer)),
+        _ => None,
+    }
+}
+
+/// Describes a connection reset at restore, for the checkpoint's report.
+pub fn describe_reset(kind: &FileKind) -> Option<String> {
+    match kind {
+        FileKind::TcpReset { local, peer, .. } => {
+            Some(format!("TCP {} -> {}", super::inet::show_inet(local), super::inet::show_inet(peer)))
+        }
         _ => None,
     }
 }
@@ -170,6 +177,37 @@ impl RepairedTcp {
 }
 
 impl NewProcess {
+    /// Makes a socket whose connection its peer has reset: connected to a listener the tracer makes on
+    /// loopback in the sandbox's network namespace, whose accepted end is closed with a zero linger (a
+    /// reset). The process's next read or write fails with ECONNRESET, and poll reports an error.
+    pub(super) fn make_tcp_reset(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
+        let FileKind::TcpReset { family, options, .. } = &of.kind else {
+            unreachable!("make_tcp_reset of a {:?}", of.kind);
+        };
+        let pid = self.ns_pid;
+        let step = move |what| move |source| RestoreError::FileIo { pid, fd: target, what, source };
+        let listener = sys::in_namespace(self.host, "net", || sys::loopback_listener(*family))
+            .map_err(step("listen on loopback"))?;
+        let addr = sys::socket_name(listener.as_fd(), false)
+            .map_err(step("read the listener's address"))?
+            .ok_or_else(|| step("read the listener's address")(std::io::Error::other("unbound")))?;
+        // Blocking until connected (loopback answers at once), then the description's own flags.
+        let fd =
+            self.call(libc::SYS_socket, &[*family as u64, libc::SOCK_STREAM as u64, libc::IPPROTO_TCP as u64])? as u64;
+        for &(level, name, value) in options {
+            let v = self.scratch().write(0, &value.to_ne_bytes()).map_err(self.perr())?;
+            self.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, v, 4])?;
+        }
+        let a = self.scratch().write(0, &addr).map_err(self.perr())?;
+        self.call_file(target, "connect to the loopback listener", libc::SYS_connect, &[fd, a, addr.len() as u64])?;
+        let (accepted, _) = listener.accept().map_err(step("accept the connection"))?;
+        sys::reset_on_close(accepted.as_fd()).map_err(step("set a zero linger"))?;
+        drop(accepted);
+        let settable = of.flags & (libc::O_NONBLOCK | libc::O_ASYNC);
+        self.call(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, settable as u64])?;
+        Ok(fd as i32)
+    }
+
     /// Makes connection `of` again: a socket made by the process, repaired by the tracer into the
     /// connection (left in repair mode: see [`RepairedTcp`]).
     pub(super) fn make_tcp_connection(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {

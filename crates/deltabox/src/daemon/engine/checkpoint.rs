@@ -48,6 +48,7 @@ impl Engine {
             pause_ms: stats.pause_ms,
             // Everything the call does but answering: the catalog write below takes ~0.1 ms.
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
+            reset_connections: stats.reset_connections.clone(),
         };
         self.catalog().add_checkpoint(&cp)?;
         if processes {

@@ -6,7 +6,6 @@
 mod common;
 
 use common::{number_rows, python, wait_for, PidNs};
-use deltacr::image::ImageStore;
 use deltacr::Engine;
 
 /// A parent and its forked child hand a counter back and forth through shared memory, woken by two
@@ -75,24 +74,15 @@ fn shared_memory_and_semaphores_come_back_shared_with_their_contents() {
     assert_eq!(objects.count(), 4, "shared anonymous memory, the memfd and two semaphores");
     // The live processes go on, changing every object.
     wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
-    let store = ImageStore::new(&ns.path("images")).unwrap();
-    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
-
-    let mut resumed = None;
-    for round in 0..3 {
-        engine.kill_processes(&sb).unwrap();
-        let before = number_rows(&out).len();
-        if round < 2 {
-            engine.restore(&ckpt, &sb).unwrap();
-        } else {
-            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
-        }
-        // Every restore continues from the checkpoint: the first line after it, whichever it was.
-        let first = check_continues(&out, before);
-        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
-        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
-    }
-    engine.kill_processes(&sb).unwrap();
+    common::restores_continue(
+        &mut engine,
+        &ns,
+        &ckpt,
+        2,
+        at,
+        || number_rows(&out).len(),
+        |from| check_continues(&out, from),
+    );
 }
 
 /// SysV objects of every kind, changed at each step: a segment's counter, a removed segment still
@@ -160,21 +150,13 @@ fn sysv_segments_semaphores_and_queues_come_back_with_their_contents() {
     assert_eq!((ipc.segments.len(), ipc.semaphores.len(), ipc.queues.len()), (2, 1, 1), "{ipc:?}");
     assert_eq!(ipc.segments.iter().filter(|s| s.removed).count(), 1);
     wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
-    let store = ImageStore::new(&ns.path("images")).unwrap();
-    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
-
-    let mut resumed = None;
-    for round in 0..3 {
-        engine.kill_processes(&sb).unwrap();
-        let before = number_rows(&out).len();
-        if round < 2 {
-            engine.restore(&ckpt, &sb).unwrap();
-        } else {
-            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
-        }
-        let first = check_sysv_rows(&out, before);
-        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
-        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
-    }
-    engine.kill_processes(&sb).unwrap();
+    common::restores_continue(
+        &mut engine,
+        &ns,
+        &ckpt,
+        2,
+        at,
+        || number_rows(&out).len(),
+        |from| check_sysv_rows(&out, from),
+    );
 }

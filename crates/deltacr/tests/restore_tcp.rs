@@ -4,7 +4,6 @@
 mod common;
 
 use common::{number_rows, python, wait_for, PidNs};
-use deltacr::image::ImageStore;
 use deltacr::Engine;
 
 /// A client streams numbered 1000-byte lines to a server through a TCP connection on 127.0.0.1 while
@@ -84,23 +83,15 @@ fn tcp_connections_inside_the_tree_continue_with_their_queued_data() {
     assert!(queued > 0, "data was queued at the checkpoint");
     // The connection goes on after the checkpoint (repair mode was left without losing a byte).
     check_continues(&out, 0);
-    let store = ImageStore::new(&ns.path("images")).unwrap();
-    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
-
-    let mut resumed = None;
-    for round in 0..4 {
-        engine.kill_processes(&sb).unwrap();
-        let before = number_rows(&out).len();
-        if round < 3 {
-            engine.restore(&ckpt, &sb).unwrap();
-        } else {
-            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
-        }
-        let first = check_continues(&out, before);
-        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
-        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
-    }
-    engine.kill_processes(&sb).unwrap();
+    common::restores_continue(
+        &mut engine,
+        &ns,
+        &ckpt,
+        3,
+        at,
+        || number_rows(&out).len(),
+        |from| check_continues(&out, from),
+    );
 }
 
 #[test]

@@ -404,3 +404,36 @@ pub fn number_rows(path: &Path) -> Vec<Vec<u64>> {
         .map(|l| l.split(' ').map(|n| n.parse().unwrap()).collect())
         .collect()
 }
+
+/// Restores `ckpt` into `ns` `from_templates` times from its templates, then once from its image (its
+/// processes killed before each), and checks that each run continues from the checkpoint:
+/// `continues(n)` checks what the program wrote after its `n` lines of output so far and returns the
+/// first counter there, which must be at most `at + 1` (`at`: the lines written when the checkpoint
+/// returned) and the same every time. `lines()` counts the output's lines.
+pub fn restores_continue(
+    engine: &mut deltacr::Engine,
+    ns: &PidNs,
+    ckpt: &deltacr::Checkpoint,
+    from_templates: usize,
+    at: u64,
+    lines: impl Fn() -> usize,
+    continues: impl Fn(usize) -> u64,
+) {
+    let sb = ns.sandbox();
+    let store = deltacr::image::ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
+    let mut resumed = None;
+    for round in 0..=from_templates {
+        engine.kill_processes(&sb).unwrap();
+        let before = lines();
+        if round < from_templates {
+            engine.restore(ckpt, &sb).unwrap();
+        } else {
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
+        }
+        let first = continues(before);
+        assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");
+        assert_eq!(*resumed.get_or_insert(first), first, "round {round}");
+    }
+    engine.kill_processes(&sb).unwrap();
+}

@@ -40,7 +40,7 @@ def small_daemon():
 
 @pytest.fixture(scope="module")
 def debian_daemon():
-    yield from daemon_on_tmpfs("700m", "debian")
+    yield from daemon_on_tmpfs("1100m", "debian")
 
 
 def test_a_full_disk_fails_the_checkpoint_clearly_and_a_rollback_frees_it(small_daemon):

@@ -111,3 +111,35 @@ fn unix_socket_pairs_listeners_and_queued_data_come_back() {
         wait_for(|| (std::fs::read_to_string(&out).unwrap() == UNIX_EXPECTED).then_some(()));
     }
 }
+
+#[test]
+fn a_udp_socket_with_unread_datagrams_is_refused_then_checkpointed_once_they_are_read() {
+    let mut ns = PidNs::new();
+    let (out, flag) = (ns.path("out"), ns.path("flag"));
+    let program = r#"
+import os, socket, sys, time
+a = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+a.bind(("127.0.0.1", 0))
+b = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+b.sendto(b"datagram", a.getsockname())
+open(sys.argv[1], "w").write("sent\n")
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+open(sys.argv[1], "a").write("read %s\n" % a.recv(100).decode())
+time.sleep(100)
+"#;
+    let py = python();
+    ns.spawn(&[&py, "-c", program, out.to_str().unwrap(), flag.to_str().unwrap()], None, false);
+    common::wait_for_content(&out, "sent\n");
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let err = engine.checkpoint(&sb, &mut frozen).err().expect("a queued datagram is refused");
+    drop(frozen);
+    let msg = format!("{err:?}");
+    assert!(err.is_unsupported() && msg.contains("UDP socket 127.0.0.1:") && msg.contains("8 bytes"), "{msg}");
+    std::fs::write(&flag, "").unwrap();
+    common::wait_for_content(&out, "read datagram\n");
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    engine.checkpoint(&sb, &mut frozen).unwrap();
+}

@@ -53,6 +53,17 @@ pub(super) fn capture(s: &Socket<'_>, family: i32) -> Result<FileKind, FileError
     if family == libc::AF_INET6 {
         options.push((libc::IPPROTO_IPV6, libc::IPV6_V6ONLY, s.opt(libc::IPPROTO_IPV6, libc::IPV6_V6ONLY)?));
     }
+    // Queued datagrams would be lost by a restore: refuse rather than restore the socket without them.
+    if sock_type == libc::SOCK_DGRAM {
+        let queued = sys::fionread(s.sock.as_fd()).map_err(err_io("size the receive queue"))?;
+        if queued > 0 {
+            let at = local.as_deref().map_or("unbound".to_string(), show_inet);
+            return Err(s.unsupported(format!(
+                "UDP socket {at} has datagrams waiting to be read ({queued} bytes): queued datagrams cannot be \
+                 checkpointed yet"
+            )));
+        }
+    }
     if sock_type == libc::SOCK_STREAM && protocol == libc::IPPROTO_TCP && !listening {
         const TCP_CLOSE: u8 = 7;
         let state = sys::tcp_state(s.sock.as_fd()).map_err(err_io("read the TCP state"))?;

@@ -297,8 +297,9 @@ pub enum FileKind {
     TcpConnection { family: i32, local: Vec<u8>, peer: Vec<u8>, options: Vec<(i32, i32, i32)>, conn: TcpConn },
     /// A TCP connection (in TCP `state`) whose peer is outside the checkpoint: it cannot go on after a
     /// restore, so it is restored as a socket its peer has reset (the process sees ECONNRESET once, then
-    /// end of file), as a VM snapshot's connections are. Addresses as raw sockaddr bytes.
-    TcpReset { family: i32, local: Vec<u8>, peer: Vec<u8>, state: u8, options: Vec<(i32, i32, i32)> },
+    /// end of file), as a VM snapshot's connections are — or, if its peer had closed it (CLOSE_WAIT), as
+    /// one its peer closed after sending `unread` (the bytes not read yet). Addresses as raw sockaddr bytes.
+    TcpReset { family: i32, local: Vec<u8>, peer: Vec<u8>, state: u8, options: Vec<(i32, i32, i32)>, unread: Vec<u8> },
 }
 
 /// What TCP repair reads of an established connection and writes back.

@@ -131,3 +131,47 @@ out.flush()
     // The restored read fails as on a connection the peer reset.
     common::wait_for_content(&out, "error ConnectionResetError\n");
 }
+
+#[test]
+fn a_connection_its_outside_peer_closed_comes_back_with_its_unread_bytes_then_end_of_file() {
+    let mut ns = PidNs::new();
+    let (out, flag) = (ns.path("out"), ns.path("flag"));
+    let py = python();
+    // A server accepts a connection from outside and reads it only once the flag exists.
+    let program = r#"
+import os, socket, sys, time
+srv = socket.socket()
+srv.bind(("127.0.0.1", 0))
+srv.listen()
+open(sys.argv[1], "w").write("port %d\n" % srv.getsockname()[1])
+conn, _ = srv.accept()
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+data = b""
+while True:
+    chunk = conn.recv(100)
+    if not chunk:
+        break
+    data += chunk
+open(sys.argv[1], "a").write("read %s then eof\n" % data.decode())
+time.sleep(100)
+"#;
+    ns.spawn(&[&py, "-c", program, out.to_str().unwrap(), flag.to_str().unwrap()], None, false);
+    let port: u16 = common::wait_for_content(&out, "\n").trim().strip_prefix("port ").unwrap().parse().unwrap();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    std::io::Write::write_all(&mut client, b"hello").unwrap();
+    drop(client);
+    std::thread::sleep(std::time::Duration::from_millis(100));
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let listed = ckpt.reset_connections();
+    assert!(listed.len() == 1 && listed[0].ends_with("(closed by its peer)"), "{listed:?}");
+    engine.kill_processes(&sb).unwrap();
+    std::fs::write(&out, "").unwrap();
+    engine.restore(&ckpt, &sb).unwrap();
+    std::fs::write(&flag, "").unwrap();
+    common::wait_for_content(&out, "read hello then eof\n");
+}

@@ -161,7 +161,7 @@ fn settle_tcp(owners: &[FdOwner], tables: &[Vec<FdState>], files: &mut [OpenFile
             match &of.kind {
                 FileKind::TcpConnection { family, options, .. } if !inside => {
                     let (family, options) = (*family, options.clone());
-                    of.kind = FileKind::TcpReset { family, local, peer, state: 1, options };
+                    of.kind = FileKind::TcpReset { family, local, peer, state: 1, options, unread: Vec::new() };
                 }
                 FileKind::TcpReset { state, .. } if inside => {
                     return Err(FileError::Unsupported {

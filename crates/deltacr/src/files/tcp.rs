@@ -15,6 +15,8 @@ use crate::state::{FileKind, OpenFile, TcpConn};
 use crate::sys;
 
 const TCP_ESTABLISHED: u8 = 1;
+/// The peer has closed its side; this one has not yet.
+const TCP_CLOSE_WAIT: u8 = 8;
 /// `TCP_REPAIR` values: on, off (with a window probe), off without it.
 const REPAIR_ON: i32 = 1;
 const REPAIR_OFF: i32 = 0;
@@ -85,9 +87,17 @@ pub(super) fn capture(
     peer: Vec<u8>,
     options: Vec<(i32, i32, i32)>,
 ) -> Result<FileKind, FileError> {
-    // Kept only if its peer is outside (see files::settle_tcp): then it is reset at restore.
+    // Kept only if its peer is outside (see files::settle_tcp): then it is reset at restore, or, closed by
+    // its peer already, closed again after what it has not read.
     if state != TCP_ESTABLISHED {
-        return Ok(FileKind::TcpReset { family, local, peer, state, options });
+        let mut unread = Vec::new();
+        if state == TCP_CLOSE_WAIT {
+            let err = |what| super::io_err(s.owner, s.fd, what);
+            unread = vec![0u8; sys::fionread(s.sock.as_fd()).map_err(err("size the unread data"))?];
+            let (n, _) = sys::recv_peek(s.sock.as_fd(), &mut unread).map_err(err("read the unread data"))?;
+            unread.truncate(n);
+        }
+        return Ok(FileKind::TcpReset { family, local, peer, state, options, unread });
     }
     let sock = s.sock.as_fd();
     let fail = |what: &str, e: std::io::Error| {
@@ -143,8 +153,9 @@ pub(super) fn addresses(kind: &FileKind) -> Option<(&[u8], &[u8])> {
 /// Describes a connection reset at restore, for the checkpoint's report.
 pub fn describe_reset(kind: &FileKind) -> Option<String> {
     match kind {
-        FileKind::TcpReset { local, peer, .. } => {
-            Some(format!("TCP {} -> {}", super::inet::show_inet(local), super::inet::show_inet(peer)))
+        FileKind::TcpReset { local, peer, state, .. } => {
+            let how = if *state == TCP_CLOSE_WAIT { " (closed by its peer)" } else { "" };
+            Some(format!("TCP {} -> {}{how}", super::inet::show_inet(local), super::inet::show_inet(peer)))
         }
         _ => None,
     }
@@ -179,9 +190,10 @@ impl RepairedTcp {
 impl NewProcess {
     /// Makes a socket whose connection its peer has reset: connected to a listener the tracer makes on
     /// loopback in the sandbox's network namespace, whose accepted end is closed with a zero linger (a
-    /// reset). The process's next read or write fails with ECONNRESET, and poll reports an error.
+    /// reset). The process's next read or write fails with ECONNRESET, and poll reports an error. One its
+    /// peer had closed (CLOSE_WAIT) gets its unread bytes from the accepted end, which is then closed.
     pub(super) fn make_tcp_reset(&mut self, target: i32, of: &OpenFile) -> Result<i32, RestoreError> {
-        let FileKind::TcpReset { family, options, .. } = &of.kind else {
+        let FileKind::TcpReset { family, options, state, unread, .. } = &of.kind else {
             unreachable!("make_tcp_reset of a {:?}", of.kind);
         };
         let pid = self.ns_pid;
@@ -201,7 +213,22 @@ impl NewProcess {
         let a = self.scratch().write(0, &addr).map_err(self.perr())?;
         self.call_file(target, "connect to the loopback listener", libc::SYS_connect, &[fd, a, addr.len() as u64])?;
         let (accepted, _) = listener.accept().map_err(step("accept the connection"))?;
-        sys::reset_on_close(accepted.as_fd()).map_err(step("set a zero linger"))?;
+        if *state == TCP_CLOSE_WAIT {
+            // Closed by its peer: the bytes it had not read, then end of file (a write then fails, as
+            // on any connection whose peer is gone).
+            if !unread.is_empty() {
+                let mine = sys::dup_from(self.host, fd as i32).map_err(step("reach the new socket"))?;
+                let room = i32::try_from(unread.len()).unwrap_or(i32::MAX);
+                sys::setsockopt_int(mine.as_fd(), libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, room)
+                    .map_err(step("size the receive buffer"))?;
+                sys::setsockopt_int(accepted.as_fd(), libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, room)
+                    .map_err(step("size the send buffer"))?;
+                accepted.set_nonblocking(false).map_err(step("write the unread data"))?;
+                std::io::Write::write_all(&mut &accepted, unread).map_err(step("write the unread data"))?;
+            }
+        } else {
+            sys::reset_on_close(accepted.as_fd()).map_err(step("set a zero linger"))?;
+        }
         drop(accepted);
         let settable = of.flags & (libc::O_NONBLOCK | libc::O_ASYNC);
         self.call(libc::SYS_fcntl, &[fd, libc::F_SETFL as u64, settable as u64])?;

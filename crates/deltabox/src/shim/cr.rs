@@ -475,6 +475,7 @@ impl Worker {
         }
         let partial = self.engine.checkpoint_at_thaw(&sandbox(self.parts.init), &mut frozen)?;
         let stopped_ms = ms(started);
+        tracing::debug!(phases = ?partial.stats().phases, "process checkpoint");
         let image = ImageId::random().context("choose an image id")?;
         let count = partial.stats().processes;
         let reset_connections = partial.reset_connections();

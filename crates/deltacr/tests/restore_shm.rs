@@ -5,8 +5,7 @@
 
 mod common;
 
-use common::{number_rows, python, wait_for, PidNs};
-use deltacr::Engine;
+use common::{number_rows, wait_for};
 
 /// A parent and its forked child hand a counter back and forth through shared memory, woken by two
 /// semaphores: the parent writes i into shared anonymous memory and a memfd page, the child answers
@@ -44,44 +43,27 @@ while True:
     time.sleep(0.005)
 "#;
 
-/// Checks the lines of `out` from `from` on: consecutive counters, each answered right. Returns the
-/// first counter. Waits for a few lines first.
-fn check_continues(out: &std::path::Path, from: usize) -> u64 {
-    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 5));
-    let first = rows[from][0];
-    for (k, row) in rows[from..].iter().enumerate() {
-        let i = first + k as u64;
-        assert_eq!(row, &vec![i, i * 1000 + 1, i * (i + 1) / 2], "line {} of {:?}", from + k, &rows[from..]);
-    }
-    first
+/// What PING_PONG writes at step `i`.
+fn ping_pong(i: u64) -> Vec<u64> {
+    vec![i, i * 1000 + 1, i * (i + 1) / 2]
 }
 
 #[test]
 fn shared_memory_and_semaphores_come_back_shared_with_their_contents() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    ns.spawn(&[&py, "-c", PING_PONG, out.to_str().unwrap()], None, false);
-    assert_eq!(check_continues(&out, 0), 1);
-
-    let mut engine = Engine::new();
-    let sb = ns.sandbox();
-    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
-    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
-    drop(frozen);
-    let at = number_rows(&out).len() as u64;
-    let objects = ckpt.tree.files.iter().filter(|f| matches!(f.kind, deltacr::state::FileKind::SharedMemory { .. }));
+    let mut c = common::run_and_checkpoint(PING_PONG, 5, ping_pong);
+    let objects = c.ckpt.tree.files.iter().filter(|f| matches!(f.kind, deltacr::state::FileKind::SharedMemory { .. }));
     assert_eq!(objects.count(), 4, "shared anonymous memory, the memfd and two semaphores");
     // The live processes go on, changing every object.
-    wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
+    wait_for(|| (number_rows(&c.out).len() as u64 > c.at + 20).then_some(()));
+    let (out, at) = (c.out.clone(), c.at);
     common::restores_continue(
-        &mut engine,
-        &ns,
-        &ckpt,
+        &mut c.engine,
+        &c.ns,
+        &c.ckpt,
         2,
         at,
         || number_rows(&out).len(),
-        |from| check_continues(&out, from),
+        |from| common::rows_follow(&out, from, 5, ping_pong),
     );
 }
 
@@ -122,41 +104,26 @@ while True:
     time.sleep(0.005)
 "#;
 
-fn check_sysv_rows(out: &std::path::Path, from: usize) -> u64 {
-    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 8));
-    let first = rows[from][0];
-    for (k, row) in rows[from..].iter().enumerate() {
-        let i = first + k as u64;
-        let oldest = i.saturating_sub(5);
-        assert_eq!(row, &vec![i, i * (i + 1) / 2, i * (i + 1), i, oldest], "line {} of {:?}", from + k, &rows[from..]);
-    }
-    first
+/// What SYSV writes at step `i`.
+fn sysv(i: u64) -> Vec<u64> {
+    vec![i, i * (i + 1) / 2, i * (i + 1), i, i.saturating_sub(5)]
 }
 
 #[test]
 fn sysv_segments_semaphores_and_queues_come_back_with_their_contents() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    ns.spawn(&[&py, "-c", SYSV, out.to_str().unwrap()], None, false);
-    assert_eq!(check_sysv_rows(&out, 0), 1);
-    let mut engine = Engine::new();
-    let sb = ns.sandbox();
-    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
-    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
-    drop(frozen);
-    let at = number_rows(&out).len() as u64;
-    let ipc = &ckpt.tree.ipc;
+    let mut c = common::run_and_checkpoint(SYSV, 8, sysv);
+    let ipc = &c.ckpt.tree.ipc;
     assert_eq!((ipc.segments.len(), ipc.semaphores.len(), ipc.queues.len()), (2, 1, 1), "{ipc:?}");
     assert_eq!(ipc.segments.iter().filter(|s| s.removed).count(), 1);
-    wait_for(|| (number_rows(&out).len() as u64 > at + 20).then_some(()));
+    wait_for(|| (number_rows(&c.out).len() as u64 > c.at + 20).then_some(()));
+    let (out, at) = (c.out.clone(), c.at);
     common::restores_continue(
-        &mut engine,
-        &ns,
-        &ckpt,
+        &mut c.engine,
+        &c.ns,
+        &c.ckpt,
         2,
         at,
         || number_rows(&out).len(),
-        |from| check_sysv_rows(&out, from),
+        |from| common::rows_follow(&out, from, 8, sysv),
     );
 }

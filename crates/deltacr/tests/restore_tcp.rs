@@ -3,7 +3,7 @@
 
 mod common;
 
-use common::{number_rows, python, wait_for, PidNs};
+use common::{number_rows, python, PidNs};
 use deltacr::Engine;
 
 /// A client streams numbered 1000-byte lines to a server through a TCP connection on 127.0.0.1 while
@@ -45,31 +45,16 @@ for line in c.makefile("rb"):
     out.flush()
 "#;
 
-/// Checks the lines of `out` from `from` on: consecutive line numbers, each ok. Returns the first.
-fn check_continues(out: &std::path::Path, from: usize) -> u64 {
-    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + 120));
-    let first = rows[from][0];
-    for (k, row) in rows[from..].iter().enumerate() {
-        assert_eq!(row, &vec![first + k as u64, 1], "line {} of the run from {from}", from + k);
-    }
-    first
+/// What STREAM writes for line `n`: the line number and the server's verdict.
+fn answered(n: u64) -> Vec<u64> {
+    vec![n, 1]
 }
 
 #[test]
 fn tcp_connections_inside_the_tree_continue_with_their_queued_data() {
-    let mut ns = PidNs::new();
-    let out = ns.path("out");
-    let py = python();
-    ns.spawn(&[&py, "-c", STREAM, out.to_str().unwrap()], None, false);
-    assert_eq!(check_continues(&out, 0), 1);
-
-    let mut engine = Engine::new();
-    let sb = ns.sandbox();
-    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
-    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
-    drop(frozen);
-    let at = number_rows(&out).len() as u64;
-    let conns: Vec<_> = ckpt
+    let mut c = common::run_and_checkpoint(STREAM, 120, answered);
+    let conns: Vec<_> = c
+        .ckpt
         .tree
         .files
         .iter()
@@ -82,15 +67,16 @@ fn tcp_connections_inside_the_tree_continue_with_their_queued_data() {
     let queued: usize = conns.iter().map(|c| c.send_queue.len() + c.recv_queue.len()).sum();
     assert!(queued > 0, "data was queued at the checkpoint");
     // The connection goes on after the checkpoint (repair mode was left without losing a byte).
-    check_continues(&out, 0);
+    common::rows_follow(&c.out, 0, 120, answered);
+    let (out, at) = (c.out.clone(), c.at);
     common::restores_continue(
-        &mut engine,
-        &ns,
-        &ckpt,
+        &mut c.engine,
+        &c.ns,
+        &c.ckpt,
         3,
         at,
         || number_rows(&out).len(),
-        |from| check_continues(&out, from),
+        |from| common::rows_follow(&out, from, 120, answered),
     );
 }
 

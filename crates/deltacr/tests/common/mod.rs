@@ -437,3 +437,40 @@ pub fn restores_continue(
     }
     engine.kill_processes(&sb).unwrap();
 }
+
+/// Waits until `out` has more than `from + min` lines of numbers, checks that each line from `from` on is
+/// `expected(i)` for consecutive counters `i` (its first number), and returns the first counter.
+pub fn rows_follow(out: &Path, from: usize, min: usize, expected: impl Fn(u64) -> Vec<u64>) -> u64 {
+    let rows = wait_for(|| Some(number_rows(out)).filter(|r| r.len() > from + min));
+    let first = rows[from][0];
+    for (k, row) in rows[from..].iter().enumerate() {
+        assert_eq!(row, &expected(first + k as u64), "line {} of {:?}", from + k, &rows[from..]);
+    }
+    first
+}
+
+/// A program checkpointed by [`run_and_checkpoint`].
+pub struct Checkpointed {
+    pub ns: PidNs,
+    /// Its output file.
+    pub out: PathBuf,
+    pub engine: deltacr::Engine,
+    pub ckpt: deltacr::Checkpoint,
+    /// Lines of output when the checkpoint returned.
+    pub at: u64,
+}
+
+/// Starts python `program` (argv[1]: its output file) in a new namespace, waits until its output follows
+/// `expected` from counter 1 (see [`rows_follow`]), and checkpoints it.
+pub fn run_and_checkpoint(program: &str, min: usize, expected: impl Fn(u64) -> Vec<u64>) -> Checkpointed {
+    let mut ns = PidNs::new();
+    let out = ns.path("out");
+    ns.spawn(&[&python(), "-c", program, out.to_str().unwrap()], None, false);
+    assert_eq!(rows_follow(&out, 0, min, expected), 1);
+    let mut engine = deltacr::Engine::new();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&ns.sandbox(), &mut frozen).unwrap();
+    drop(frozen);
+    let at = number_rows(&out).len() as u64;
+    Checkpointed { ns, out, engine, ckpt, at }
+}

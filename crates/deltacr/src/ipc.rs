@@ -82,21 +82,9 @@ pub fn capture(init: Pid, members: &[Pid]) -> Result<(IpcState, Vec<Vec<Vma>>), 
     }
     let uids = IdMap::read(init, "uid_map").map_err(|e| io_err("read the uid map")(io::Error::other(e)))?;
     let gids = IdMap::read(init, "gid_map").map_err(|e| io_err("read the gid map")(io::Error::other(e)))?;
-    let mut failure = None;
-    let mut state = None;
-    sys::in_namespace(init, "ipc", || {
-        match capture_inside(&uids, &gids) {
-            Ok(s) => state = Some(s),
-            Err(e) => failure = Some(e),
-        }
-        Ok(())
-    })
-    .map_err(io_err("enter the sandbox's IPC namespace"))?;
-    match (state, failure) {
-        (Some(state), _) => Ok((state, attachments)),
-        (None, Some(e)) => Err(e),
-        (None, None) => unreachable!("capture_inside ran"),
-    }
+    let state = sys::in_namespace(init, "ipc", || capture_inside(&uids, &gids))
+        .map_err(io_err("enter the sandbox's IPC namespace"))??;
+    Ok((state, attachments))
 }
 
 fn capture_inside(uids: &IdMap, gids: &IdMap) -> Result<IpcState, IpcError> {
@@ -213,13 +201,8 @@ pub fn restore(init: Pid, ipc: &IpcState) -> Result<(), IpcError> {
     }
     let uids = IdMap::read(init, "uid_map").map_err(|e| io_err("read the uid map")(io::Error::other(e)))?;
     let gids = IdMap::read(init, "gid_map").map_err(|e| io_err("read the gid map")(io::Error::other(e)))?;
-    let mut failure = None;
-    sys::in_namespace(init, "ipc", || {
-        failure = restore_inside(ipc, &uids, &gids).err();
-        Ok(())
-    })
-    .map_err(io_err("enter the sandbox's IPC namespace"))?;
-    failure.map_or(Ok(()), Err)
+    sys::in_namespace(init, "ipc", || restore_inside(ipc, &uids, &gids))
+        .map_err(io_err("enter the sandbox's IPC namespace"))?
 }
 
 fn restore_inside(ipc: &IpcState, uids: &IdMap, gids: &IdMap) -> Result<(), IpcError> {
@@ -339,16 +322,13 @@ pub fn remove_again(init: Pid, ipc: &IpcState) -> Result<(), IpcError> {
     if !ipc.segments.iter().any(|s| s.removed) {
         return Ok(());
     }
-    let mut failure = None;
-    sys::in_namespace(init, "ipc", || {
+    sys::in_namespace(init, "ipc", || -> Result<(), IpcError> {
         for seg in ipc.segments.iter().filter(|s| s.removed) {
             // SAFETY: IPC_RMID takes no buffer.
-            if let Err(e) = check(unsafe { libc::shmctl(seg.perm.id, libc::IPC_RMID, std::ptr::null_mut()) }) {
-                failure = Some(io_err(format!("remove segment {} again", seg.perm.id))(e));
-            }
+            check(unsafe { libc::shmctl(seg.perm.id, libc::IPC_RMID, std::ptr::null_mut()) })
+                .map_err(io_err(format!("remove segment {} again", seg.perm.id)))?;
         }
         Ok(())
     })
-    .map_err(io_err("enter the sandbox's IPC namespace"))?;
-    failure.map_or(Ok(()), Err)
+    .map_err(io_err("enter the sandbox's IPC namespace"))?
 }

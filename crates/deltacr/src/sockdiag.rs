@@ -50,7 +50,7 @@ fn diag_socket(member: Pid) -> io::Result<OwnedFd> {
         }
         // SAFETY: fd is a new descriptor we own.
         Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-    })
+    })?
 }
 
 fn u32_at(b: &[u8], off: usize) -> u32 {

@@ -646,8 +646,9 @@ pub fn pty_index(master: BorrowedFd<'_>) -> io::Result<u32> {
 }
 
 /// Runs `f` on the calling thread inside the `kind` namespace (`net`, `ipc`: those a thread of a
-/// multi-threaded process may enter) of process `member`, then goes back to the thread's own.
-pub fn in_namespace<T>(member: Pid, kind: &str, f: impl FnOnce() -> io::Result<T>) -> io::Result<T> {
+/// multi-threaded process may enter) of process `member`, then goes back to the thread's own; returns
+/// what `f` returned (the error is entering or leaving).
+pub fn in_namespace<T>(member: Pid, kind: &str, f: impl FnOnce() -> T) -> io::Result<T> {
     let flag = match kind {
         "net" => nix::sched::CloneFlags::CLONE_NEWNET,
         "ipc" => nix::sched::CloneFlags::CLONE_NEWIPC,
@@ -658,7 +659,7 @@ pub fn in_namespace<T>(member: Pid, kind: &str, f: impl FnOnce() -> io::Result<T
     nix::sched::setns(target.as_fd(), flag)?;
     let result = f();
     nix::sched::setns(own.as_fd(), flag)?;
-    result
+    Ok(result)
 }
 
 /// Whether process `member` is in another `kind` namespace than the calling thread.

@@ -91,21 +91,17 @@ impl NewProcess {
             unreachable!("make_inet is only called for inet sockets")
         };
         let fd = self.new_socket(*family, *sock_type, *protocol, of)?;
-        let setopt = |np: &mut Self, level: i32, name: i32, value: i32| -> Result<(), RestoreError> {
-            let addr = np.scratch().write(0, &value.to_ne_bytes()).map_err(np.perr())?;
-            np.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, addr, 4]).map(drop)
-        };
         for &(level, name, value) in options {
-            setopt(self, level, name, value)?;
+            self.set_socket_option(fd, level, name, value)?;
         }
         if let Some(addr) = local {
             let reuse = options.contains(&(libc::SOL_SOCKET, libc::SO_REUSEADDR, 1));
             if !reuse {
-                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
+                self.set_socket_option(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 1)?;
             }
             self.bind_socket(target, fd, addr)?;
             if !reuse {
-                setopt(self, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
+                self.set_socket_option(fd, libc::SOL_SOCKET, libc::SO_REUSEADDR, 0)?;
             }
         }
         if *listening {

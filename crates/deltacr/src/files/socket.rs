@@ -65,6 +65,12 @@ impl NewProcess {
         Ok(self.call(libc::SYS_socket, &[family as u64, ty as u64, protocol as u64])? as u64)
     }
 
+    /// Sets an integer option of socket `fd` (injected setsockopt).
+    pub(super) fn set_socket_option(&mut self, fd: u64, level: i32, name: i32, value: i32) -> Result<(), RestoreError> {
+        let addr = self.scratch().write(0, &value.to_ne_bytes()).map_err(self.perr())?;
+        self.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, addr, 4]).map(drop)
+    }
+
     /// Binds socket `fd` to raw sockaddr `addr`.
     pub(super) fn bind_socket(&mut self, target: i32, fd: u64, addr: &[u8]) -> Result<(), RestoreError> {
         let a = self.scratch().write(0, addr).map_err(self.perr())?;

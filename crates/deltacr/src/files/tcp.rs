@@ -199,6 +199,7 @@ impl NewProcess {
         let pid = self.ns_pid;
         let step = move |what| move |source| RestoreError::FileIo { pid, fd: target, what, source };
         let listener = sys::in_namespace(self.host, "net", || sys::loopback_listener(*family))
+            .and_then(|listener| listener)
             .map_err(step("listen on loopback"))?;
         let addr = sys::socket_name(listener.as_fd(), false)
             .map_err(step("read the listener's address"))?
@@ -207,8 +208,7 @@ impl NewProcess {
         let fd =
             self.call(libc::SYS_socket, &[*family as u64, libc::SOCK_STREAM as u64, libc::IPPROTO_TCP as u64])? as u64;
         for &(level, name, value) in options {
-            let v = self.scratch().write(0, &value.to_ne_bytes()).map_err(self.perr())?;
-            self.call(libc::SYS_setsockopt, &[fd, level as u64, name as u64, v, 4])?;
+            self.set_socket_option(fd, level, name, value)?;
         }
         let a = self.scratch().write(0, &addr).map_err(self.perr())?;
         self.call_file(target, "connect to the loopback listener", libc::SYS_connect, &[fd, a, addr.len() as u64])?;

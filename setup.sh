@@ -23,11 +23,11 @@ if ! command -v cargo >/dev/null; then
 fi
 
 # Debian packages: image building (mmdebstrap, busybox-static), the Python SDK and its tests (python3,
-# venv, pip), tools the tests run on the host (util-linux, iproute2, procps, git, gcc, make, sqlite3,
-# passwd for pjdfstest's users), and the baselines of the filesystem benchmarks (fuse-overlayfs,
-# btrfs-progs).
+# venv, pip), the nat network's rules (nftables), tools the tests run on the host (util-linux, iproute2,
+# procps, git, gcc, make, sqlite3, passwd for pjdfstest's users), and the baselines of the filesystem
+# benchmarks (fuse-overlayfs, btrfs-progs).
 packages=(mmdebstrap busybox-static python3 python3-venv python3-pip util-linux iproute2 procps curl
-          ca-certificates git gcc make sqlite3 passwd fuse-overlayfs btrfs-progs)
+          ca-certificates git gcc make sqlite3 passwd fuse-overlayfs btrfs-progs nftables)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

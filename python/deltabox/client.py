@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import urllib.parse
-from typing import Any, Callable, Dict, List, Mapping, Optional, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Union
 
 from ._http import Transport
 from .errors import DeltaboxError, make_error
@@ -89,6 +89,7 @@ class Client:
     def create(self, image: str, *, memory: Union[int, str, None] = None, pids: Optional[int] = None,
                cpus: Optional[float] = None, disk: Union[int, str, None] = None, inodes: Optional[int] = None,
                template_memory: Union[int, str, None] = None, network: str = "none",
+               allow_out: Optional[Sequence[str]] = None, deny_out: Optional[Sequence[str]] = None,
                env: Optional[Mapping[str, str]] = None) -> Sandbox:
         """Creates and starts a sandbox from ``image``.
 
@@ -104,7 +105,15 @@ class Client:
                 hold, in bytes or as ``"1G"``; past it the least recently used are dropped and a rollback to one of
                 those restores it from disk. ``0`` keeps none once written to disk. Default: the daemon's
                 ``--template-memory``.
-            network: ``"none"`` (loopback only) or ``"host"``.
+            network: ``"none"`` (loopback only, the default); ``"nat"``: its own network namespace and address,
+                reaching public addresses through the host's NAT (not the host, other sandboxes, link-local or
+                private ranges unless ``allow_out`` lists them), names resolved by the daemon; ``"host"``: the
+                host's own network, no isolation (only if the daemon runs with ``--allow-host-network``).
+            allow_out: with ``"nat"``, IPv4 addresses or CIDRs the sandbox may reach even when denied or
+                private (they win over ``deny_out``). Forks inherit the policy; change it with
+                :meth:`Sandbox.set_egress`.
+            deny_out: with ``"nat"``, IPv4 addresses or CIDRs it may not reach (``"0.0.0.0/0"``: nothing but
+                ``allow_out``).
             env: environment added to every process in the sandbox.
 
         The returned :class:`Sandbox` deletes the sandbox when used as a context manager.
@@ -113,6 +122,8 @@ class Client:
         optional = {"memory": memory, "pids": pids, "cpus": cpus, "disk": disk, "inodes": inodes,
                     "template_memory": template_memory}
         body.update({k: v for k, v in optional.items() if v is not None})
+        if allow_out or deny_out:
+            body["egress"] = {"allow_out": list(allow_out or []), "deny_out": list(deny_out or [])}
         if env:
             body["env"] = dict(env)
         info = SandboxInfo.from_json(self._transport.call("POST", "/v1/sandboxes", json_body=body))

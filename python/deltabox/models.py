@@ -134,6 +134,7 @@ class SandboxInfo:
     ``uid_base`` is the host uid (and gid) that is root inside; ``init_pid`` the host pid of the sandbox's pid 1.
     ``template_memory`` is the most memory the in-memory copies of its checkpoints may hold (``None`` for a sandbox
     created before there was such a budget).
+    ``network`` is ``"none"``, ``"nat"`` or ``"host"``; ``address`` the sandbox's own IPv4 address with ``"nat"``.
     ``origin`` is the checkpoint it was forked from (``None`` if created from an image); ``head`` the checkpoint
     its current files descend from (its last checkpoint or rollback target; ``None`` before the first).
     ``state`` is ``"running"``, or ``"incompatible shim"`` when its supervisor speaks another protocol version than
@@ -145,6 +146,7 @@ class SandboxInfo:
     image: str
     state: str
     network: str
+    address: Optional[str] = None
     memory: Optional[int] = None
     pids: Optional[int] = None
     cpus: Optional[float] = None
@@ -161,6 +163,42 @@ class SandboxInfo:
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> "SandboxInfo":
         return _known_fields(cls, data)
+
+
+@dataclass
+class PublishedPort:
+    """A sandbox's TCP ``port`` reachable from the host at ``host_address``:``host_port``."""
+
+    port: int
+    host_address: str
+    host_port: int
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "PublishedPort":
+        return _known_fields(cls, data)
+
+
+@dataclass
+class NetworkInfo:
+    """A sandbox's network: ``mode`` (``"none"``, ``"nat"``, ``"host"``); with ``"nat"`` its ``address``, its
+    ``gateway`` (also its DNS server) and the host's end of its link (``interface``); its egress policy
+    (``allow_out``, ``deny_out``: CIDRs) and its published ``ports``."""
+
+    mode: str
+    address: Optional[str] = None
+    gateway: Optional[str] = None
+    interface: Optional[str] = None
+    allow_out: List[str] = field(default_factory=list)
+    deny_out: List[str] = field(default_factory=list)
+    ports: List[PublishedPort] = field(default_factory=list)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> "NetworkInfo":
+        egress = data.get("egress") or {}
+        return cls(mode=data["mode"], address=data.get("address"), gateway=data.get("gateway"),
+                   interface=data.get("interface"), allow_out=list(egress.get("allow_out", [])),
+                   deny_out=list(egress.get("deny_out", [])),
+                   ports=[PublishedPort.from_json(p) for p in data.get("ports", [])])
 
 
 @dataclass

@@ -6,11 +6,21 @@ import base64
 import json
 import urllib.parse
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Union
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Mapping, Optional, Sequence, Union
 
 from .errors import DeltaboxError, NotFound, make_error
 from .files import Files
-from .models import Command, ExecEvent, ExecResult, RollbackResult, SandboxInfo, _known_fields, event_from_json
+from .models import (
+    Command,
+    ExecEvent,
+    ExecResult,
+    NetworkInfo,
+    PublishedPort,
+    RollbackResult,
+    SandboxInfo,
+    _known_fields,
+    event_from_json,
+)
 
 if TYPE_CHECKING:
     from ._http import Transport
@@ -296,6 +306,29 @@ class Sandbox:
         """
         body = {"checkpoint": _checkpoint_id(checkpoint)}
         return RollbackResult.from_json(self._transport.call("POST", self._path + "/rollback", json_body=body))
+
+    def network(self) -> NetworkInfo:
+        """The sandbox's network mode, address, egress policy and published ports."""
+        return NetworkInfo.from_json(self._transport.call("GET", self._path + "/network"))
+
+    def set_egress(self, *, allow_out: Sequence[str] = (), deny_out: Sequence[str] = ()) -> NetworkInfo:
+        """Replaces the egress policy of a ``"nat"`` sandbox (see :meth:`Client.create`); it applies at once,
+        to open connections too, and to the checkpoints taken from now on (so to their forks). No arguments:
+        back to the defaults."""
+        body = {"allow_out": list(allow_out), "deny_out": list(deny_out)}
+        return NetworkInfo.from_json(self._transport.call("PUT", self._path + "/network", json_body=body))
+
+    def publish_port(self, port: int, *, host_port: int = 0, host_address: str = "127.0.0.1") -> PublishedPort:
+        """Makes TCP ``port`` of a ``"nat"`` sandbox reachable from the host at ``host_address`` (``0.0.0.0``
+        exposes it to the host's networks) and ``host_port`` (0: one the kernel chooses). The port stays
+        published across checkpoints and rollbacks; forks do not inherit it. Raises
+        :class:`~deltabox.Conflict` (``port_unavailable``) if the host port is taken."""
+        body = {"port": port, "host_port": host_port, "host_address": host_address}
+        return PublishedPort.from_json(self._transport.call("POST", self._path + "/ports", json_body=body))
+
+    def unpublish_port(self, port: int) -> None:
+        """Stops publishing ``port`` (open connections through it are closed)."""
+        self._transport.call("DELETE", f"{self._path}/ports/{port}")
 
     def delete(self, *, keep_checkpoints: bool = False) -> None:
         """Removes the sandbox: kills every process in it and frees its files, mounts and cgroups.

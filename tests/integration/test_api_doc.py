@@ -19,7 +19,7 @@ from support import REPO
 DOC = REPO / "docs" / "api.md"
 VOLATILE = {"id", "pid", "created", "duration_ms", "uid_base", "init_pid", "source", "layers", "size", "done_bytes",
             "total_bytes", "mtime", "pause_ms", "fs_ms", "changed_inodes", "durable", "disk_bytes", "memory_bytes",
-            "template_memory_bytes", "template_memory_budget"}
+            "template_memory_bytes", "template_memory_budget", "address", "gateway", "interface", "host_port"}
 # Sandbox ids (12 hex digits) and checkpoint ids ("ck-" + 12 hex digits) in any string value.
 IDS = re.compile(r"\b(ck-)?[0-9a-f]{12}\b")
 EXAMPLE = re.compile(r"```sh\n(.*?)```\s*```(json|text)\n(.*?)```", re.S)

@@ -60,11 +60,85 @@ pub struct CreateRequest {
     /// or a string such as "512M"; 0 keeps none once their images are written.
     #[serde(default, deserialize_with = "opt_size")]
     pub template_memory: Option<u64>,
+    /// `none` (loopback only, the default), `nat` (its own address, the outside through NAT, under
+    /// `egress`) or `host` (the host's own network: only if the daemon allows it).
     #[serde(default)]
     pub network: Network,
+    /// What a `nat` sandbox may reach (and its forks, until changed).
+    #[serde(default)]
+    pub egress: EgressPolicy,
     /// Extra environment for every process.
     #[serde(default)]
     pub env: BTreeMap<String, String>,
+}
+
+/// What a sandbox in the `nat` network may reach beyond the defaults (public addresses yes; private,
+/// loopback, reserved and multicast ranges no; link-local and other sandboxes never). An address in
+/// `allow_out` is reachable even when `deny_out` or the defaults deny it (E2B's rule); `deny_out:
+/// ["0.0.0.0/0"]` cuts the sandbox off except for what `allow_out` lists. Addresses are IPv4 CIDRs or
+/// single addresses.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EgressPolicy {
+    #[serde(default, deserialize_with = "cidrs")]
+    pub allow_out: Vec<ipnet::Ipv4Net>,
+    #[serde(default, deserialize_with = "cidrs")]
+    pub deny_out: Vec<ipnet::Ipv4Net>,
+}
+
+fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::Ipv4Net>, D::Error> {
+    let max = crate::daemon::network::MAX_POLICY_ENTRIES;
+    let items = Vec::<String>::deserialize(d)?;
+    if items.len() > max {
+        return Err(serde::de::Error::custom(format!("at most {max} addresses per list")));
+    }
+    items
+        .iter()
+        .map(|item| {
+            item.parse::<ipnet::Ipv4Net>()
+                .map(|n| n.trunc())
+                .or_else(|_| item.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
+                .map_err(|_| serde::de::Error::custom(format!("{item:?} is not an IPv4 address or CIDR")))
+        })
+        .collect()
+}
+
+/// `POST /v1/sandboxes/{id}/ports`: make the sandbox's TCP `port` reachable from the host.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PublishRequest {
+    pub port: u16,
+    /// Host address to listen on; 127.0.0.1 unless given (0.0.0.0 exposes it to the host's networks).
+    #[serde(default = "localhost")]
+    pub host_address: std::net::IpAddr,
+    /// Host port; 0 (the default) lets the kernel choose.
+    #[serde(default)]
+    pub host_port: u16,
+}
+
+fn localhost() -> std::net::IpAddr {
+    std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)
+}
+
+/// A sandbox port reachable from the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub port: u16,
+    pub host_address: std::net::IpAddr,
+    pub host_port: u16,
+}
+
+/// `GET /v1/sandboxes/{id}/network`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NetworkView {
+    pub mode: Network,
+    /// The sandbox's address and gateway (`nat` only).
+    pub address: Option<std::net::Ipv4Addr>,
+    pub gateway: Option<std::net::Ipv4Addr>,
+    /// The host's end of its link (`nat` only).
+    pub interface: Option<String>,
+    pub egress: EgressPolicy,
+    pub ports: Vec<PublishedPort>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -73,6 +147,8 @@ pub struct SandboxView {
     pub image: String,
     pub state: String,
     pub network: Network,
+    /// Its own address in the `nat` network.
+    pub address: Option<std::net::Ipv4Addr>,
     pub memory: Option<u64>,
     pub pids: Option<u64>,
     pub cpus: Option<f64>,
@@ -343,5 +419,19 @@ mod tests {
         let r: CreateRequest = serde_json::from_str(r#"{"image":"x","memory":1024}"#).unwrap();
         assert_eq!(r.memory, Some(1024));
         serde_json::from_str::<CreateRequest>(r#"{"image":"x","bogus":1}"#).unwrap_err();
+    }
+
+    #[test]
+    fn egress_policies_take_addresses_and_cidrs_and_nothing_else() {
+        let p: EgressPolicy =
+            serde_json::from_str(r#"{"allow_out":["1.2.3.4","10.1.2.3/8"],"deny_out":["0.0.0.0/0"]}"#).unwrap();
+        let texts = |nets: &[ipnet::Ipv4Net]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(texts(&p.allow_out), ["1.2.3.4/32", "10.0.0.0/8"]);
+        assert_eq!(texts(&p.deny_out), ["0.0.0.0/0"]);
+        for bad in [r#"{"allow_out":["example.com"]}"#, r#"{"deny_out":["1.2.3.4/33"]}"#, r#"{"deny_out":["::1"]}"#] {
+            serde_json::from_str::<EgressPolicy>(bad).unwrap_err();
+        }
+        let many = serde_json::json!({ "deny_out": vec!["1.1.1.1"; crate::daemon::network::MAX_POLICY_ENTRIES + 1] });
+        serde_json::from_value::<EgressPolicy>(many).unwrap_err();
     }
 }

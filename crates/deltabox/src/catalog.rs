@@ -63,6 +63,9 @@ pub struct SandboxConfig {
     /// The image layers beneath its filesystem (kept so the image may be removed or re-tagged).
     pub layers: Vec<Digest>,
     pub network: Network,
+    /// What it may reach in the `nat` network (absent in records written before there was a policy).
+    #[serde(default)]
+    pub egress: crate::api::EgressPolicy,
     pub limits: Limits,
     /// Size limits of its filesystem (absent in records written before there were any).
     #[serde(default)]
@@ -89,6 +92,9 @@ pub struct SandboxRecord {
     /// The checkpoint its current state descends from (parent of its next checkpoint).
     pub head: Option<String>,
     pub created: i64,
+    /// Its ports published on the host (`nat` network; not inherited by forks).
+    #[serde(default)]
+    pub ports: Vec<crate::api::PublishedPort>,
 }
 
 /// Why a checkpoint's process image could not be written, as the shim classified it.
@@ -418,6 +424,7 @@ pub mod tests {
             image: "img".into(),
             layers: vec![layer],
             network: Network::None,
+            egress: Default::default(),
             limits: Limits::default(),
             disk: deltafs::Quota::default(),
             template_memory: None,
@@ -435,6 +442,7 @@ pub mod tests {
             origin: None,
             head: None,
             created: 1,
+            ports: vec![],
         }
     }
 
@@ -509,6 +517,15 @@ pub mod tests {
         assert!(!c.delete_image("img").unwrap());
         assert_eq!(c.referenced_layers().unwrap(), [b].into_iter().collect());
         assert_eq!(c.sandboxes().unwrap().len(), 1);
+    }
+
+    #[test]
+    fn a_sandbox_recorded_before_networks_had_policies_has_the_defaults() {
+        let mut record = serde_json::to_value(sandbox("s1", Digest::of(b"a"))).unwrap();
+        let fields = record.as_object_mut().unwrap();
+        assert!(fields.remove("egress").is_some() && fields.remove("ports").is_some());
+        let read: SandboxRecord = serde_json::from_value(record).unwrap();
+        assert_eq!((read.config.egress, read.ports), (Default::default(), vec![]));
     }
 
     #[test]

@@ -70,6 +70,22 @@ enum Command {
         /// the host's memory.
         #[arg(long, value_parser = api::parse_size)]
         template_memory: Option<u64>,
+        /// Let sandboxes use the host's own network namespace (`network: host`). Unsafe: such a sandbox
+        /// reaches the host's loopback services (this daemon's TCP listener too), other sandboxes and
+        /// cloud metadata addresses. Without it, only `none` and `nat` are allowed.
+        #[arg(long)]
+        allow_host_network: bool,
+        /// IPv4 subnet the `nat` network's sandboxes get their addresses from (a /30 each). Use the same
+        /// on every daemon of a host.
+        #[arg(long, default_value = daemon::network::DEFAULT_SUBNET)]
+        nat_subnet: ipnet::Ipv4Net,
+        /// Host-wide directory of `nat` address locks (shared by all daemons on the host).
+        #[arg(long, default_value = daemon::network::DEFAULT_SLOT_DIR)]
+        nat_slot_dir: PathBuf,
+        /// DNS server (ADDRESS or ADDRESS:PORT) that `nat` sandboxes' queries go to; repeatable. Default:
+        /// the nameservers of the host's /etc/resolv.conf.
+        #[arg(long = "dns", value_parser = parse_dns)]
+        dns: Vec<SocketAddr>,
     },
     /// Manage images.
     #[command(subcommand)]
@@ -128,6 +144,12 @@ enum Command {
     /// Persistent shell sessions.
     #[command(subcommand)]
     Session(SessionCommand),
+    /// A sandbox's network and egress policy.
+    #[command(subcommand)]
+    Network(cli::network::NetworkCommand),
+    /// Ports of sandboxes (nat network) published on the host.
+    #[command(subcommand)]
+    Port(cli::network::PortCommand),
     /// Import the test image if needed, create a sandbox, run a few commands, show what happened.
     Demo(cli::DemoArgs),
     /// Internal: supervise one sandbox (started by the daemon).
@@ -198,6 +220,13 @@ fn main() {
     }
 }
 
+/// `ADDRESS` (port 53) or `ADDRESS:PORT`.
+fn parse_dns(s: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .or_else(|_| s.parse::<std::net::IpAddr>().map(|ip| SocketAddr::new(ip, 53)))
+        .map_err(|_| format!("{s:?} is not an address or address:port"))
+}
+
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     Ok(tokio::runtime::Builder::new_multi_thread().enable_all().build()?)
 }
@@ -217,6 +246,10 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
             default_memory,
             default_cpus,
             template_memory,
+            allow_host_network,
+            nat_subnet,
+            nat_slot_dir,
+            dns,
         } => {
             init_logging();
             let fs_busy_poll = (fs_busy_poll_us > 0).then(|| Duration::from_micros(fs_busy_poll_us));
@@ -232,6 +265,8 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
                 template_memory: template_memory.unwrap_or_else(daemon::default_template_memory),
                 listen,
                 token,
+                nat: daemon::network::NatOptions { subnet: nat_subnet.trunc(), slot_dir: nat_slot_dir, dns },
+                allow_host_network,
             };
             daemon::serve(opts).await.map(|()| 0)
         }
@@ -246,6 +281,8 @@ async fn run(socket: PathBuf, command: Command) -> anyhow::Result<i32> {
         Command::Checkpoint(args) => cli::checkpoint::checkpoint(&client, args).await.map(|()| 0),
         Command::Rollback { id, checkpoint } => cli::checkpoint::rollback(&client, &id, &checkpoint).await.map(|()| 0),
         Command::Fork { checkpoint, count } => cli::checkpoint::fork(&client, &checkpoint, count).await.map(|()| 0),
+        Command::Network(command) => cli::network::network(&client, command).await.map(|()| 0),
+        Command::Port(command) => cli::network::port(&client, command).await.map(|()| 0),
         Command::Checkpoints { id } => cli::checkpoint::list(&client, &id).await.map(|()| 0),
         Command::Exec(args) => cli::exec(&client, args).await,
         Command::Shell { id } => cli::shell(&client, &id).await,

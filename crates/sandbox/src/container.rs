@@ -64,7 +64,7 @@ pub fn start(
     let (ours, theirs) = crate::ipc::pair().map_err(ContainerError::Channel)?;
     let mut flags =
         libc::CLONE_NEWUSER | libc::CLONE_NEWNS | libc::CLONE_NEWPID | libc::CLONE_NEWUTS | libc::CLONE_NEWIPC;
-    if cfg.network == Network::None {
+    if cfg.network != Network::Host {
         flags |= libc::CLONE_NEWNET;
     }
     match clone_process(flags as u64).map_err(ContainerError::Clone)? {

@@ -22,7 +22,7 @@ use rustix::mount::{move_mount, MoveMountFlags};
 
 use crate::ipc::{Channel, IpcError, Packet};
 use crate::seccomp::SeccompFilter;
-use crate::spec::{ExitStatus, FromInit, Network, ProcessSpec, ToInit};
+use crate::spec::{ExitStatus, FromInit, NatAddress, Network, ProcessSpec, ToInit};
 use crate::sys::{dup_to, set_interface_up};
 
 /// What init needs to know; it is a forked copy of the shim, so this is simply in its memory.
@@ -30,6 +30,8 @@ use crate::sys::{dup_to, set_interface_up};
 pub struct InitConfig {
     pub hostname: String,
     pub network: Network,
+    /// The addressing of `eth0` with [`Network::Nat`] (the shim created the link before sending `Go`).
+    pub nat: Option<NatAddress>,
     /// Where to attach the root filesystem (a directory in the shim's view of the host).
     pub mountpoint: PathBuf,
     /// Installed on init at the end of setup; every sandbox process inherits it.
@@ -87,10 +89,14 @@ fn setup(cfg: &InitConfig, rootfs: OwnedFd) -> Result<(OwnedFd, Channels), Setup
     become_root()?;
     let channels = setup_mounts(cfg, rootfs, mountpoint)?;
     rustix::system::sethostname(cfg.hostname.as_bytes()).map_err(step("sethostname"))?;
-    if cfg.network == Network::None {
+    if cfg.network != Network::Host {
         let sock = rustix::net::socket(rustix::net::AddressFamily::INET, rustix::net::SocketType::DGRAM, None)
             .map_err(step("socket for loopback setup"))?;
         set_interface_up(sock.as_fd(), "lo").map_err(step("bring up lo"))?;
+    }
+    if let Some(nat) = &cfg.nat {
+        crate::net::configure_sandbox_end(nat)
+            .map_err(|e| SetupError { step: "configure eth0".into(), source: std::io::Error::other(e) })?;
     }
     // The shim placed us in the sandbox's cgroup before sending Go: that cgroup becomes our root.
     nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWCGROUP).map_err(step("unshare cgroup namespace"))?;
@@ -141,7 +147,7 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     // them before the host's tree is detached.
     mount_fs("proc", &root.join("proc"), "proc", nosuid_nodev | MsFlags::MS_NOEXEC, "hidepid=invisible")?;
     match cfg.network {
-        Network::None => {
+        Network::None | Network::Nat => {
             mount_fs("sysfs", &root.join("sys"), "sysfs", nosuid_nodev | MsFlags::MS_NOEXEC | MsFlags::MS_RDONLY, "")?;
         }
         // sysfs can only be mounted by the owner of the network namespace: reuse the host's, read-only.
@@ -164,8 +170,8 @@ fn setup_mounts(cfg: &InitConfig, rootfs: OwnedFd, mountpoint: OwnedFd) -> Resul
     let channels = root.join(CHANNELS.trim_start_matches('/'));
     setup_etc(cfg, rootfs.as_fd(), &channels)?;
     let writable = seal_channels(&channels)?;
-    if cfg.network == Network::Host {
-        bind_host_resolv_conf(rootfs.as_fd(), &channels)?;
+    if cfg.network != Network::None {
+        bind_resolv_conf(rootfs.as_fd(), &channels)?;
     }
     // /tmp stays on the sandbox's own filesystem, not a tmpfs: checkpoints, rollbacks and forks must
     // include it (agents keep work there).
@@ -227,8 +233,9 @@ fn open_in_root(root: BorrowedFd<'_>, path: &str, flags: rustix::fs::OFlags) -> 
 /// /etc/hostname and the `127.0.1.1` line of /etc/hosts name this sandbox: they are written into the
 /// sandbox's own /etc at each start (a fork renames itself; the rest of /etc/hosts stays as the image or the
 /// checkpoint had it), so edits are part of checkpoints like any file and cannot pass data between branches.
-/// With the host's network, the host's /etc/resolv.conf is copied into `channels` ([`CHANNELS`]), to be
-/// bound read-only by [`bind_host_resolv_conf`] once they are sealed.
+/// With a network, the sandbox's /etc/resolv.conf is written into `channels` ([`CHANNELS`]), to be bound
+/// read-only by [`bind_resolv_conf`] once they are sealed: the host's own with the host's network, the
+/// gateway (the daemon's DNS forwarder) with NAT.
 fn setup_etc(cfg: &InitConfig, root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
     use rustix::fs::OFlags;
     if open_in_root(root, "etc", OFlags::PATH | OFlags::DIRECTORY).is_err() {
@@ -246,17 +253,20 @@ fn setup_etc(cfg: &InitConfig, root: BorrowedFd<'_>, channels: &Path) -> Result<
     };
     write("hostname", format!("{}\n", cfg.hostname))?;
     write("hosts", hosts_naming(&current, &cfg.hostname))?;
-    if cfg.network == Network::Host {
-        if let Ok(resolv) = std::fs::read_to_string("/etc/resolv.conf") {
-            std::fs::write(channels.join("resolv.conf"), resolv).map_err(step("write /dev/.deltabox/resolv.conf"))?;
-        }
+    let resolv = match (cfg.network, &cfg.nat) {
+        (Network::Host, _) => std::fs::read_to_string("/etc/resolv.conf").ok(),
+        (Network::Nat, Some(nat)) => Some(format!("nameserver {}\n", nat.gateway)),
+        _ => None,
+    };
+    if let Some(resolv) = resolv {
+        std::fs::write(channels.join("resolv.conf"), resolv).map_err(step("write /dev/.deltabox/resolv.conf"))?;
     }
     Ok(())
 }
 
-/// Binds the host's /etc/resolv.conf, copied into the sealed `channels` by [`setup_etc`], onto the sandbox's
+/// Binds the resolv.conf written into the sealed `channels` by [`setup_etc`] onto the sandbox's
 /// /etc/resolv.conf (created if missing; resolved under `root`): read-only, as a copy of the sealed mount is.
-fn bind_host_resolv_conf(root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
+fn bind_resolv_conf(root: BorrowedFd<'_>, channels: &Path) -> Result<(), SetupError> {
     use rustix::fs::OFlags;
     let source = channels.join("resolv.conf");
     if !source.exists() || open_in_root(root, "etc", OFlags::PATH | OFlags::DIRECTORY).is_err() {

@@ -9,8 +9,22 @@ pub enum Network {
     /// Its own network namespace with only the loopback interface.
     #[default]
     None,
-    /// The host's network namespace.
+    /// The host's network namespace: no isolation at all (the daemon refuses it unless started with
+    /// `--allow-host-network`).
     Host,
+    /// Its own network namespace with an address of its own, reaching the outside through the host's NAT
+    /// under the daemon's egress policy (docs/network.md).
+    Nat,
+}
+
+/// The sandbox's addressing in the [`Network::Nat`] mode, as init configures its `eth0`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NatAddress {
+    /// The sandbox's own address.
+    pub address: std::net::Ipv4Addr,
+    /// The host's end of the link: the sandbox's default gateway and DNS server.
+    pub gateway: std::net::Ipv4Addr,
+    pub prefix_len: u8,
 }
 
 /// A process to start inside a sandbox.

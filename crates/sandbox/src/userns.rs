@@ -1,10 +1,11 @@
 //! User-namespace id ranges: every sandbox maps its ids `0..65536` to a host range no other sandbox
 //! on this host uses, so sandboxes can never signal or ptrace each other's processes.
 
-use std::fs::{File, OpenOptions};
+use std::fs::OpenOptions;
 use std::io::Write;
-use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
+
+use crate::slot::{HostSlot, SlotError};
 
 /// Ids per sandbox.
 pub const IDS_PER_SANDBOX: u32 = 65536;
@@ -74,35 +75,25 @@ impl IdMap {
 }
 
 /// An id range reserved for one sandbox, for as long as this value (or a process that inherited
-/// its lock descriptor) lives: the reservation is an `flock` on `<dir>/<slot>.lock`.
+/// its lock descriptor) lives.
 pub struct UidSlot {
     pub slot: u32,
     pub map: IdMap,
-    lock: File,
+    lock: HostSlot,
 }
 
 impl UidSlot {
     /// Reserves the first free slot, trying `preferred` first.
     pub fn reserve(dir: &Path, preferred: Option<u32>) -> Result<UidSlot, UsernsError> {
-        std::fs::create_dir_all(dir).map_err(|source| UsernsError::SlotDir { path: dir.into(), source })?;
-        let candidates = preferred.into_iter().chain(0..SLOTS);
-        for slot in candidates.filter(|s| *s < SLOTS) {
-            let path = dir.join(format!("{slot}.lock"));
-            let file = OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|source| UsernsError::SlotDir { path: path.clone(), source })?;
-            if file.try_lock().is_ok() {
-                return Ok(UidSlot { slot, map: IdMap::for_slot(slot), lock: file });
-            }
-        }
-        Err(UsernsError::Exhausted)
+        let lock = HostSlot::reserve(dir, SLOTS, preferred).map_err(|e| match e {
+            SlotError::Dir { path, source } => UsernsError::SlotDir { path, source },
+            SlotError::Exhausted(_) => UsernsError::Exhausted,
+        })?;
+        Ok(UidSlot { slot: lock.number, map: IdMap::for_slot(lock.number), lock })
     }
 
     /// The descriptor that holds the reservation; a process that inherits it keeps the slot reserved.
     pub fn lock_fd(&self) -> std::os::fd::BorrowedFd<'_> {
-        self.lock.as_fd()
+        self.lock.lock_fd()
     }
 }

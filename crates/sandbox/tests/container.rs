@@ -48,7 +48,7 @@ fn start(dir: &Path, network: Network) -> Sandbox {
     let target = dir.join("rootfs");
     std::fs::create_dir_all(&target).unwrap();
     let seccomp = sandbox::seccomp::default_filter().unwrap();
-    let cfg = InitConfig { hostname: "sbx-test".into(), network, mountpoint: target, seccomp };
+    let cfg = InitConfig { hostname: "sbx-test".into(), network, nat: None, mountpoint: target, seccomp };
     let c = container::start(&cfg, &slot.map, &[slot.lock_fd()], |_| Ok(())).unwrap();
     // The root filesystem is a bind mount of a directory owned by the sandbox's root.
     chown_tree(&lower, slot.map.host_base);

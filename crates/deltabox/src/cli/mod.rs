@@ -3,6 +3,7 @@
 pub mod checkpoint;
 mod demo;
 pub mod files;
+pub mod network;
 mod terminal;
 
 use std::collections::BTreeMap;
@@ -43,9 +44,18 @@ pub struct CreateArgs {
     /// dropped; their rollbacks then restore from disk). Default: the daemon's --template-memory.
     #[arg(long)]
     pub template_memory: Option<String>,
-    /// none (loopback only) or host.
+    /// none (loopback only), nat (its own address, the outside through NAT) or host (the host's own
+    /// network; only if the daemon allows it).
     #[arg(long, default_value = "none")]
     pub network: String,
+    /// With --network nat: an address or CIDR the sandbox may reach even if denied or private
+    /// (repeatable).
+    #[arg(long)]
+    pub allow_out: Vec<String>,
+    /// With --network nat: an address or CIDR the sandbox may not reach (repeatable; 0.0.0.0/0 denies
+    /// everything --allow-out does not allow).
+    #[arg(long)]
+    pub deny_out: Vec<String>,
     /// Environment for every process, KEY=VALUE (repeatable).
     #[arg(long = "env", short = 'e')]
     pub env: Vec<String>,
@@ -179,9 +189,11 @@ pub async fn image_rm(client: &Client, names: &[String]) -> anyhow::Result<()> {
 pub async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
     let network = match args.network.as_str() {
         "none" => sandbox::spec::Network::None,
+        "nat" => sandbox::spec::Network::Nat,
         "host" => sandbox::spec::Network::Host,
-        other => anyhow::bail!("--network {other:?}: use none or host"),
+        other => anyhow::bail!("--network {other:?}: use none, nat or host"),
     };
+    let egress = network::egress_policy(&args.allow_out, &args.deny_out)?;
     let memory = args.memory.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
     let disk = args.disk.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
     let template_memory = args.template_memory.as_deref().map(parse_size).transpose().map_err(anyhow::Error::msg)?;
@@ -194,6 +206,7 @@ pub async fn create(client: &Client, args: CreateArgs) -> anyhow::Result<()> {
         inodes: args.inodes,
         template_memory,
         network,
+        egress,
         env: env_map(&args.env)?,
     };
     let created: SandboxView = client.json(Method::POST, "/v1/sandboxes", Some(&req)).await?;

@@ -64,6 +64,19 @@ impl From<EngineError> for ApiError {
             EngineError::StartFailed(_) => {
                 ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "sandbox_start_failed", message)
             }
+            EngineError::Network(e) => {
+                use crate::daemon::network::NetworkError as N;
+                let status = match e {
+                    N::Unavailable(_) => (StatusCode::SERVICE_UNAVAILABLE, "network_unavailable"),
+                    N::Firewall(_) => (StatusCode::INTERNAL_SERVER_ERROR, "firewall_failed"),
+                    N::Listen { .. } => (StatusCode::CONFLICT, "port_unavailable"),
+                    N::AlreadyPublished(_) => (StatusCode::CONFLICT, "port_published"),
+                    N::NotPublished(_) => (StatusCode::NOT_FOUND, "port_not_published"),
+                    N::TooManyPorts => (StatusCode::BAD_REQUEST, "too_many_ports"),
+                    N::NotNat => (StatusCode::BAD_REQUEST, "not_nat_network"),
+                };
+                ApiError::new(status.0, status.1, message)
+            }
             EngineError::Shim(e) => e.into(),
             EngineError::Catalog(e) => e.into(),
             EngineError::Internal(e) => e.into(),

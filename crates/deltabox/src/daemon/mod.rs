@@ -3,6 +3,7 @@
 pub mod engine;
 pub mod error;
 pub mod files;
+pub mod network;
 pub mod routes;
 pub mod shim_client;
 
@@ -32,6 +33,8 @@ pub struct ServeOptions {
     pub template_memory: u64,
     pub listen: Option<SocketAddr>,
     pub token: Option<String>,
+    pub nat: network::NatOptions,
+    pub allow_host_network: bool,
 }
 
 /// Pids limit of sandboxes created without one, unless `--default-pids` says otherwise.
@@ -71,6 +74,8 @@ pub async fn serve(opts: ServeOptions) -> anyhow::Result<()> {
         default_disk: opts.default_disk,
         default_limits: opts.default_limits,
         template_memory: opts.template_memory,
+        nat: opts.nat,
+        allow_host_network: opts.allow_host_network,
     })
     .await?;
     let app = routes::router(engine.clone());

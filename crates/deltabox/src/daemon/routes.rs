@@ -38,6 +38,9 @@ pub fn router(engine: Arc<Engine>) -> Router {
         .route("/v1/images/{name}", get(get_image).delete(remove_image))
         .route("/v1/sandboxes", get(list_sandboxes).post(create_sandbox))
         .route("/v1/sandboxes/{id}", get(get_sandbox).delete(remove_sandbox))
+        .route("/v1/sandboxes/{id}/network", get(get_network).put(set_egress))
+        .route("/v1/sandboxes/{id}/ports", get(list_ports).post(publish_port))
+        .route("/v1/sandboxes/{id}/ports/{port}", axum::routing::delete(unpublish_port))
         .route("/v1/sandboxes/{id}/exec", post(exec))
         .route("/v1/sandboxes/{id}/attach", get(attach))
         .route("/v1/sandboxes/{id}/checkpoints", get(list_checkpoints).post(create_checkpoint))
@@ -201,6 +204,38 @@ async fn create_sandbox(State(engine): AppState, ApiJson(req): ApiJson<CreateReq
 
 async fn get_sandbox(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<SandboxView>> {
     Ok(Json(view(&engine.listed(&id).await?)))
+}
+
+async fn get_network(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<NetworkView>> {
+    Ok(Json(engine.network(&id).await?))
+}
+
+async fn set_egress(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(policy): ApiJson<EgressPolicy>,
+) -> ApiResult<Json<NetworkView>> {
+    Ok(Json(engine.set_egress(&id, policy).await?))
+}
+
+async fn list_ports(State(engine): AppState, ApiPath(id): ApiPath<String>) -> ApiResult<Json<serde_json::Value>> {
+    Ok(Json(serde_json::json!({ "ports": engine.network(&id).await?.ports })))
+}
+
+async fn publish_port(
+    State(engine): AppState,
+    ApiPath(id): ApiPath<String>,
+    ApiJson(req): ApiJson<PublishRequest>,
+) -> ApiResult<(StatusCode, Json<PublishedPort>)> {
+    Ok((StatusCode::CREATED, Json(engine.publish(&id, req).await?)))
+}
+
+async fn unpublish_port(
+    State(engine): AppState,
+    ApiPath((id, port)): ApiPath<(String, u16)>,
+) -> ApiResult<Json<serde_json::Value>> {
+    engine.unpublish(&id, port).await?;
+    Ok(Json(serde_json::json!({ "port": port, "removed": true })))
 }
 
 #[derive(serde::Deserialize)]

@@ -91,6 +91,7 @@ impl ShimClient {
             init_pid: field("init_pid") as i32,
             uid_base: field("uid_base") as u32,
             templates: Vec::new(),
+            nat: None,
         };
         Ok(Announced::Incompatible { protocol, info })
     }

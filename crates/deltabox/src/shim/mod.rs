@@ -26,7 +26,9 @@ use sandbox::cgroup::Cgroup;
 use sandbox::container::{self, Container};
 use sandbox::init::InitConfig;
 use sandbox::ipc::{AsyncChannel, AsyncListener, Packet};
+use sandbox::net::NatSlot;
 use sandbox::procfs::Status;
+use sandbox::spec::Network;
 use sandbox::userns::UidSlot;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -35,8 +37,8 @@ use tokio::sync::Notify;
 use cr::{Cr, JobResult};
 use init_link::InitLink;
 use proto::{
-    CheckpointStats, DiskTooSmall, ErrorKind, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats, ShimConfig,
-    ShimInfo, ShimStartup,
+    CheckpointStats, DiskTooSmall, ErrorKind, NatLink, ProcessDefaults, Reply, Request, RestoreSpec, RollbackStats,
+    ShimConfig, ShimInfo, ShimStartup,
 };
 use session::Session;
 
@@ -69,6 +71,8 @@ pub struct Shim {
     stack: StackId,
     /// Keeps the sandbox's uid range reserved.
     _slot: UidSlot,
+    /// Its address in the `nat` network, reserved while the shim (and init, which inherited it) lives.
+    _nat: Option<NatSlot>,
     /// Written by checkpoints and rollbacks (one at a time), read while a process is started in the
     /// sandbox ([`Shim::starting_process`]): init forks nothing while a restore chooses pids (see
     /// `deltacr::pidns`), so an exec or a session that arrives during a rollback starts after it. Taken
@@ -241,6 +245,7 @@ struct Built {
     container: Container,
     cgroup: Arc<Cgroup>,
     slot: UidSlot,
+    nat: Option<NatSlot>,
     cr: Cr,
 }
 
@@ -291,13 +296,14 @@ async fn ready_to_serve(
     built: Built,
     socket: &std::path::Path,
 ) -> anyhow::Result<(Arc<Shim>, AsyncListener, OwnedFd)> {
-    let Built { container, cgroup, slot, cr } = built;
+    let Built { container, cgroup, slot, nat, cr } = built;
     let info = ShimInfo {
         protocol: proto::PROTOCOL,
         shim_pid: std::process::id() as i32,
         init_pid: container.init_pid,
         uid_base: slot.map.host_base,
         templates: Vec::new(),
+        nat: nat.as_ref().map(|n| NatLink { interface: n.host.name.clone(), address: n.sandbox }),
     };
     let shim = Arc::new(Shim {
         id: cfg.id.clone(),
@@ -308,6 +314,7 @@ async fn ready_to_serve(
         init_pidfd: container.pidfd.try_clone()?,
         cr,
         _slot: slot,
+        _nat: nat,
         sessions: tokio::sync::Mutex::new(HashMap::new()),
         snapshots: tokio::sync::Mutex::new(HashMap::new()),
         terminals: std::sync::Mutex::new(Vec::new()),
@@ -352,12 +359,29 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     std::fs::create_dir_all(&rootfs).with_context(|| format!("create {}", rootfs.display()))?;
     let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
     let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
-    let init_cfg = InitConfig { hostname: cfg.id.clone(), network: cfg.network, mountpoint: rootfs.clone(), seccomp };
-    let started = container::start(&init_cfg, &slot.map, &[slot.lock_fd()], |pid| {
+    let nat = match (cfg.network, &cfg.nat) {
+        (Network::Nat, Some(nat)) => {
+            Some(NatSlot::reserve(&nat.slot_dir, nat.subnet).context("reserve an address in the nat network")?)
+        }
+        (Network::Nat, None) => anyhow::bail!("the nat network needs its configuration"),
+        _ => None,
+    };
+    let init_cfg = InitConfig {
+        hostname: cfg.id.clone(),
+        network: cfg.network,
+        nat: nat.as_ref().map(|n| n.sandbox),
+        mountpoint: rootfs.clone(),
+        seccomp,
+    };
+    let slots: Vec<_> = std::iter::once(slot.lock_fd()).chain(nat.as_ref().map(NatSlot::lock_fd)).collect();
+    let started = container::start(&init_cfg, &slot.map, &slots, |pid| {
         cgroup.add_process(pid).map_err(|e| Box::new(e) as Box<dyn std::error::Error + Send + Sync>)
     })
     .context("start the sandbox")
     .and_then(|container| {
+        if let Some(nat) = &nat {
+            sandbox::net::create_link(&nat.host, container.init_pid).context("create the sandbox's network link")?;
+        }
         let store = deltafs::Store::open(&cfg.store).context("open the DeltaFS store")?;
         let stack = cfg.stack;
         // With the sandbox's processes listed, opening a file costs no FUSE round trip.
@@ -396,7 +420,7 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
         Ok((container, cr))
     });
     match started {
-        Ok((container, cr)) => Ok(Built { container, cgroup, slot, cr }),
+        Ok((container, cr)) => Ok(Built { container, cgroup, slot, nat, cr }),
         Err(e) => {
             discard(&cgroup);
             Err(e)

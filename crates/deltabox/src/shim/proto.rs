@@ -10,7 +10,7 @@ use deltafs::StackId;
 
 pub use super::session::SessionSnapshot;
 use sandbox::cgroup::Limits;
-use sandbox::spec::{Network, WinSize};
+use sandbox::spec::{NatAddress, Network, WinSize};
 use serde::{Deserialize, Serialize};
 
 /// The protocol's version, announced by every shim in its [`ShimInfo`]. Raise it with any change to the
@@ -33,6 +33,9 @@ pub struct ShimConfig {
     /// Processes to restore once the sandbox is up (a fork of a process checkpoint).
     pub restore: Option<RestoreSpec>,
     pub network: Network,
+    /// Where the `nat` network's addresses come from (with [`Network::Nat`] only).
+    #[serde(default)]
+    pub nat: Option<NatConfig>,
     pub limits: Limits,
     /// Size limits of the sandbox's filesystem.
     pub disk: deltafs::Quota,
@@ -44,6 +47,23 @@ pub struct ShimConfig {
     pub fs_busy_poll: Option<Duration>,
     /// Defaults for processes: the image's environment, working directory and user.
     pub defaults: ProcessDefaults,
+}
+
+/// The daemon's `nat` network: the subnet sandboxes take their /30 links from, and the host-wide directory
+/// of their reservations (`sandbox::net::NatSlot`).
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NatConfig {
+    pub subnet: ipnet::Ipv4Net,
+    pub slot_dir: PathBuf,
+}
+
+/// A sandbox's link in the `nat` network, as its shim made it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NatLink {
+    /// The host's end of the link.
+    pub interface: String,
+    #[serde(flatten)]
+    pub address: NatAddress,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,6 +114,9 @@ pub struct ShimInfo {
     /// startup line; none from a shim older than this field, which the daemon then never asks to drop any).
     #[serde(default)]
     pub templates: Vec<KeptTemplates>,
+    /// Its link in the `nat` network (none in the other modes).
+    #[serde(default)]
+    pub nat: Option<NatLink>,
 }
 
 /// A process checkpoint whose templates (stopped copy-on-write copies of its processes, for fast

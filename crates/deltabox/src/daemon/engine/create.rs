@@ -8,6 +8,7 @@ use anyhow::Context;
 use deltafs::StackId;
 use rand::Rng;
 use sandbox::cgroup::Limits;
+use sandbox::spec::Network;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{now, view, Engine, EngineError, EngineResult, Live};
@@ -25,6 +26,7 @@ const BYTES_PER_INODE: u64 = 16 * 1024;
 
 impl Engine {
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> EngineResult<SandboxView> {
+        self.check_network(req.network)?;
         let image = self.image(&req.image)?;
         let limits = validate_limits(&req, &self.default_limits)?;
         let disk = validate_disk(&req, self.default_disk)?;
@@ -36,6 +38,7 @@ impl Engine {
             image: image.name.clone(),
             layers: image.layers.iter().map(|l| l.diff_id).collect(),
             network: req.network,
+            egress: req.egress,
             limits,
             disk,
             template_memory: Some(req.template_memory.unwrap_or_else(|| self.default_template_memory(&limits))),
@@ -62,14 +65,33 @@ impl Engine {
         origin: Option<String>,
         restore: Option<RestoreSpec>,
     ) -> EngineResult<SandboxView> {
+        self.check_network(config.network)?;
         let id = new_id();
         let dir = self.sandbox_dir(&id);
         std::fs::create_dir_all(&dir).context("create the sandbox directory")?;
-        let record =
-            SandboxRecord { id: id.clone(), config, stack, origin: origin.clone(), head: origin, created: now() };
+        let record = SandboxRecord {
+            id: id.clone(),
+            config,
+            stack,
+            origin: origin.clone(),
+            head: origin,
+            created: now(),
+            ports: Vec::new(),
+        };
         // Recorded before the shim starts: a crash in between leaves a record that recovery cleans up.
         self.catalog().put_sandbox(&record)?;
-        match self.start_shim(&record, restore).await {
+        let started = match self.start_shim(&record, restore).await {
+            Ok(info) => match self.attach_network(&record, &info).await {
+                Ok(_) => Ok(info),
+                Err(e) => {
+                    self.detach_network(&id).await;
+                    let _ = self.shim(&id).destroy().await;
+                    Err(e.into())
+                }
+            },
+            Err(e) => Err(e),
+        };
+        match started {
             Ok(info) => {
                 self.watch_shim(id.clone(), info.shim_pid);
                 let live = Live::new(record, info);
@@ -99,6 +121,7 @@ impl Engine {
             images: self.data_dir.join("deltacr"),
             restore,
             network: c.network,
+            nat: self.nat.as_ref().ok().filter(|_| c.network == Network::Nat).map(|n| n.config.clone()),
             limits: c.limits,
             disk: c.disk,
             cgroup: self.cgroup_name(&record.id),

@@ -24,6 +24,8 @@ pub enum EngineError {
     /// The sandbox's shim failed the request, could not be reached, or speaks another protocol.
     #[error(transparent)]
     Shim(#[from] ShimError),
+    #[error(transparent)]
+    Network(#[from] crate::daemon::network::NetworkError),
     #[error("the catalog failed")]
     Catalog(#[from] CatalogError),
     #[error(transparent)]

@@ -1,5 +1,5 @@
 //! The daemon's state: catalog, layer store, live sandboxes (each run by its shim). One file per
-//! lifecycle operation: [`recover`] (at start), [`create`], [`images`], [`remove`], [`checkpoint`]
+//! lifecycle operation: [`recover`] (at start), [`create`], [`images`], [`network`], [`remove`], [`checkpoint`]
 //! (and checkpoint queries and deletion), [`durable`] (making checkpoints power-loss safe, in the
 //! background), [`rollback`], [`fork`], [`gc`], [`budget`] (the template memory budget, in the
 //! background); [`tree`] holds the pure checkpoint-tree logic they share.
@@ -14,6 +14,7 @@ mod error;
 mod fork;
 mod gc;
 mod images;
+mod network;
 mod recover;
 mod remove;
 mod rollback;
@@ -37,6 +38,7 @@ use tokio::sync::RwLock;
 pub use create::env_pairs;
 pub use error::{EngineError, EngineResult};
 
+use super::network::{NatNetwork, NatOptions};
 use super::shim_client::ShimClient;
 use crate::api::{IncompatibleShim, SandboxView};
 use crate::catalog::{Catalog, CheckpointRecord, SandboxRecord};
@@ -59,6 +61,10 @@ pub struct DaemonConfig {
     /// Most memory the templates of all sandboxes may hold together; also the budget of a sandbox created
     /// without its own (`budget.rs`).
     pub template_memory: u64,
+    /// The `nat` network mode's settings.
+    pub nat: NatOptions,
+    /// Whether sandboxes may use the host's own network (`--allow-host-network`).
+    pub allow_host_network: bool,
 }
 
 /// A running sandbox.
@@ -108,6 +114,9 @@ pub struct Engine {
     links: RwLock<()>,
     syncer: durable::Syncer,
     pub template_memory: budget::TemplateMemory,
+    /// The `nat` network, or why this host cannot have it.
+    nat: Result<Arc<NatNetwork>, String>,
+    allow_host_network: bool,
     _lock: File,
 }
 
@@ -125,6 +134,10 @@ impl Engine {
         let images = deltacr::image::ImageStore::new(&dir.join("deltacr")).context("open the process image store")?;
         let syncer =
             durable::Syncer::new(&[dir, fs.path(), &dir.join("deltacr")]).context("open the data directory")?;
+        let nat = tokio::task::spawn_blocking(move || NatNetwork::open(cfg.nat)).await?.map(Arc::new).map_err(|e| {
+            tracing::warn!("{e}");
+            e.to_string()
+        });
         let engine = Arc::new(Engine {
             data_dir: dir.clone(),
             instance,
@@ -143,6 +156,8 @@ impl Engine {
             links: RwLock::new(()),
             syncer,
             template_memory: budget::TemplateMemory::new(cfg.template_memory),
+            nat,
+            allow_host_network: cfg.allow_host_network,
             _lock: lock,
         });
         engine.recover().await?;
@@ -179,6 +194,7 @@ impl Engine {
             let Some(engine) = engine.upgrade() else { return };
             if engine.sandboxes.write().await.remove(&id).is_some() {
                 tracing::error!(%id, "the sandbox's shim exited unexpectedly; removing the sandbox");
+                engine.detach_network(&id).await;
                 engine.force_cleanup(&id);
                 if let Err(e) = engine.catalog().delete_sandbox(&id) {
                     tracing::error!(%id, "cannot remove the sandbox from the catalog: {e}");
@@ -272,6 +288,7 @@ pub fn view(live: &Live) -> SandboxView {
         incompatible_shim: (!live.compatible())
             .then_some(IncompatibleShim { shim_protocol: live.info.protocol, daemon_protocol: PROTOCOL }),
         network: c.network,
+        address: live.info.nat.as_ref().map(|n| n.address.address),
         memory: c.limits.memory_bytes,
         pids: c.limits.pids,
         cpus: c.limits.cpus,

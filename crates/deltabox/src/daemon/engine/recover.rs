@@ -36,6 +36,9 @@ impl Engine {
                 }
             };
             tracing::info!(id = %record.id, shim = info.shim_pid, "reattached to sandbox");
+            if let Err(e) = self.attach_network(&record, &info).await {
+                tracing::error!(id = %record.id, "cannot serve the sandbox's network again: {e:#}");
+            }
             self.watch_shim(record.id.clone(), info.shim_pid);
             self.sandboxes.write().await.insert(record.id.clone(), Live::new(record, info));
         }

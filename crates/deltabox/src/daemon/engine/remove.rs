@@ -16,6 +16,7 @@ impl Engine {
         let Some(live) = self.sandboxes.write().await.remove(id) else {
             return Err(EngineError::SandboxNotFound(id.to_string()));
         };
+        self.detach_network(id).await;
         if live.compatible() {
             // The shim holds the lock of the sandbox's writable layer until it exits: the garbage
             // collection below frees the sandbox's data only after that.

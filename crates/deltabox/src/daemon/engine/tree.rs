@@ -69,6 +69,7 @@ mod tests {
             origin: origin.map(String::from),
             head: origin.map(String::from),
             created: 1,
+            ports: vec![],
         }
     }
 

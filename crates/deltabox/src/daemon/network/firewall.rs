@@ -1,0 +1,163 @@
+//! The `nat` network's rules in the host's nftables: one table, `inet deltabox`, shared by every daemon of
+//! the host (sandbox links are reserved host-wide, see `sandbox::net::NatSlot`). The table's chains are
+//! made once; a sandbox is one chain of its own (`s<slot>`, its egress policy), reached from the shared
+//! `egress` chain through the `slots` map by the name of its link, and rewritten whole (flushed and
+//! refilled in one transaction) whenever its policy changes. docs/network.md explains each rule.
+//!
+//! Rules are handed to `nft -f -` as text: nftables' own language, readable in docs and in `nft list
+//! ruleset`, and atomic per call. Everything in it that comes from a request is a parsed address, printed
+//! back by us, never the request's text.
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+use ipnet::Ipv4Net;
+
+use super::EgressPolicy;
+
+const TABLE: &str = "inet deltabox";
+
+/// Never reachable from a sandbox, whatever its policy: link-local addresses (cloud metadata services
+/// among them). The daemons' NAT subnets (other sandboxes) are added to the same set.
+const NEVER: &[&str] = &["169.254.0.0/16"];
+
+/// Not reachable unless a sandbox's policy allows them: private, shared, loopback, reserved and multicast
+/// ranges (RFC 1918, 6598, 5735, 6890).
+const INTERNAL: &[&str] = &[
+    "0.0.0.0/8",
+    "10.0.0.0/8",
+    "100.64.0.0/10",
+    "127.0.0.0/8",
+    "172.16.0.0/12",
+    "192.0.0.0/24",
+    "192.168.0.0/16",
+    "198.18.0.0/15",
+    "224.0.0.0/3",
+];
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("cannot run nft (install nftables; setup.sh does)")]
+    Spawn(#[source] std::io::Error),
+    #[error("nft refused the rules: {0}")]
+    Refused(String),
+}
+
+/// The shared table: created when missing (the first daemon to start), then given this daemon's subnet.
+/// Holding the table's lock file while checking keeps two daemons starting at once from both creating it.
+pub fn install(subnet: Ipv4Net, lock_dir: &std::path::Path) -> Result<(), FirewallError> {
+    std::fs::create_dir_all(lock_dir).map_err(FirewallError::Spawn)?;
+    let lock = std::fs::File::create(lock_dir.join("nftables.lock")).map_err(FirewallError::Spawn)?;
+    lock.lock().map_err(FirewallError::Spawn)?;
+    let exists = Command::new("nft")
+        .args(["list", "table", "inet", "deltabox"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map_err(FirewallError::Spawn)?
+        .success();
+    let mut rules = String::new();
+    if !exists {
+        rules.push_str(&base_table());
+    }
+    rules.push_str(&format!("add element {TABLE} never {{ {subnet} }}\n"));
+    rules.push_str(&format!("add element {TABLE} nat_sources {{ {subnet} }}\n"));
+    apply(&rules)
+}
+
+fn base_table() -> String {
+    let prefix = sandbox::net::HOST_INTERFACE_PREFIX;
+    format!(
+        r#"table {TABLE} {{
+    set never {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {never} }} }}
+    set internal {{ type ipv4_addr; flags interval; elements = {{ {internal} }} }}
+    set nat_sources {{ type ipv4_addr; flags interval; auto-merge; }}
+    map slots {{ type ifname : verdict; }}
+    chain prerouting {{
+        type filter hook prerouting priority raw; policy accept;
+        iifname "{prefix}*" fib saddr . iif oif missing drop
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy accept;
+        iifname "{prefix}*" jump egress
+        oifname "{prefix}*" ct state established,related accept
+        oifname "{prefix}*" drop
+    }}
+    chain egress {{
+        meta nfproto ipv6 jump refuse
+        ip daddr @never jump refuse
+        iifname vmap @slots
+        drop
+    }}
+    chain input {{
+        type filter hook input priority filter; policy accept;
+        iifname "{prefix}*" ct state established,related accept
+        iifname "{prefix}*" meta l4proto {{ tcp, udp }} th dport 53 fib daddr . iif type local accept
+        iifname "{prefix}*" jump refuse
+    }}
+    chain refuse {{
+        meta l4proto tcp reject with tcp reset
+        reject with icmpx admin-prohibited
+    }}
+    chain postrouting {{
+        type nat hook postrouting priority srcnat; policy accept;
+        ip saddr @nat_sources oifname != "{prefix}*" masquerade
+    }}
+}}
+"#,
+        never = NEVER.join(", "),
+        internal = INTERNAL.join(", "),
+    )
+}
+
+/// Gives the sandbox on link `interface` (`dbx<slot>`) the egress `policy`; replaces what it had.
+pub fn set_policy(interface: &str, policy: &EgressPolicy) -> Result<(), FirewallError> {
+    let chain = chain_of(interface);
+    let mut rules = format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n");
+    if !policy.allow_out.is_empty() {
+        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} accept\n", list(&policy.allow_out)));
+    }
+    if !policy.deny_out.is_empty() {
+        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} jump refuse\n", list(&policy.deny_out)));
+    }
+    rules.push_str(&format!("add rule {TABLE} {chain} ip daddr @internal jump refuse\n"));
+    rules.push_str(&format!("add rule {TABLE} {chain} accept\n"));
+    rules.push_str(&format!("add element {TABLE} slots {{ \"{interface}\" : jump {chain} }}\n"));
+    apply(&rules)
+}
+
+/// Takes every right from the sandbox on link `interface`: its chain is emptied (the `egress` chain then
+/// drops what comes from the link), ready for the next sandbox given the same link.
+pub fn remove(interface: &str) -> Result<(), FirewallError> {
+    let chain = chain_of(interface);
+    apply(&format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n"))
+}
+
+/// `dbx12` → `s12`.
+fn chain_of(interface: &str) -> String {
+    format!("s{}", interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX))
+}
+
+fn list(nets: &[Ipv4Net]) -> String {
+    nets.iter()
+        .map(|n| if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+fn apply(rules: &str) -> Result<(), FirewallError> {
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(FirewallError::Spawn)?;
+    child.stdin.take().expect("piped stdin").write_all(rules.as_bytes()).map_err(FirewallError::Spawn)?;
+    let out = child.wait_with_output().map_err(FirewallError::Spawn)?;
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(FirewallError::Refused(String::from_utf8_lossy(&out.stderr).trim().to_string()))
+    }
+}

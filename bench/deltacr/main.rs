@@ -175,7 +175,7 @@ fn run(rss: u64, dirty: u64, iters: usize) -> Row {
             engine.set_memory_restore(mode);
             let chain = store.open_chain(info.id).unwrap();
             let r1 = Instant::now();
-            engine.restore_image(chain, &sb).unwrap();
+            engine.restore_image(chain, &sb, None).unwrap();
             from_image[k] = ms(r1.elapsed());
         }
         engine.kill_processes(&sb).unwrap();

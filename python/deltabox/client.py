@@ -109,11 +109,11 @@ class Client:
                 reaching public addresses through the host's NAT (not the host, other sandboxes, link-local or
                 private ranges unless ``allow_out`` lists them), names resolved by the daemon; ``"host"``: the
                 host's own network, no isolation (only if the daemon runs with ``--allow-host-network``).
-            allow_out: with ``"nat"``, IPv4 addresses or CIDRs the sandbox may reach even when denied or
-                private (they win over ``deny_out``). Forks inherit the policy; change it with
-                :meth:`Sandbox.set_egress`.
-            deny_out: with ``"nat"``, IPv4 addresses or CIDRs it may not reach (``"0.0.0.0/0"``: nothing but
-                ``allow_out``).
+            allow_out: with ``"nat"``, IPv4 addresses, CIDRs or host names (``"pypi.org"``, ``"*.github.com"``:
+                what they resolve to through the sandbox's DNS) the sandbox may reach even when denied or private
+                (they win over ``deny_out``). Forks inherit the policy; change it with :meth:`Sandbox.set_egress`.
+            deny_out: with ``"nat"``, IPv4 addresses, CIDRs or host names (not resolved for it) it may not reach
+                (``"0.0.0.0/0"``: nothing but ``allow_out``).
             env: environment added to every process in the sandbox.
 
         The returned :class:`Sandbox` deletes the sandbox when used as a context manager.

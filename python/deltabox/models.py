@@ -182,7 +182,7 @@ class PublishedPort:
 class NetworkInfo:
     """A sandbox's network: ``mode`` (``"none"``, ``"nat"``, ``"host"``); with ``"nat"`` its ``address``, its
     ``gateway`` (also its DNS server) and the host's end of its link (``interface``); its egress policy
-    (``allow_out``, ``deny_out``: CIDRs) and its published ``ports``."""
+    (``allow_out``, ``deny_out``: CIDRs and host names) and its published ``ports``."""
 
     mode: str
     address: Optional[str] = None

@@ -16,6 +16,8 @@ from typing import Dict, Iterator, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "python"))
+# Helpers shared with the benchmarks (e.g. bench/outside.py, the network tests' "outside").
+sys.path.insert(1, str(REPO / "bench"))
 
 import deltabox  # noqa: E402
 from deltabox._http import _UnixHTTPConnection  # noqa: E402

@@ -1,8 +1,8 @@
 """The `nat` network mode: a sandbox's own address, the outside through NAT, egress policy, DNS, published ports,
 kept across checkpoint, rollback and fork; `host` refused unless allowed.
 
-"The outside" is a network namespace the tests make on this host (`dtout`), reached through a veth pair: a public
-test range (198.51.100.0/24, where an HTTP server, a DNS server and a connection holder run) and a private one
+"The outside" is a network namespace the tests make on this host (bench/outside.py), reached through a veth pair: a
+public test range (198.51.100.0/24, where an HTTP server, a DNS server and a connection holder run) and a private one
 (172.31.254.0/24, only reachable when a policy allows it). Nothing leaves this machine except in
 `test_apt_get_update_with_nat_and_not_without`, which fetches Debian's package index as the issue's proof asks.
 """
@@ -11,62 +11,21 @@ import errno
 import hashlib
 import json
 import os
-import shutil
 import signal
 import socket
-import subprocess
-import tempfile
 import urllib.request
-from pathlib import Path
 
 import pytest
-from support import new_sandbox, private_daemon, wait_until
+from support import new_sandbox, private_daemon, wait_until  # also puts bench/ on the path, for outside
+
+from outside import ADDRESS as OUTSIDE  # noqa: I001
+from outside import HOLD_PORT, HTTP_PORT, PRIVATE, UDP_PORT
+from outside import HOST_END as OUTSIDE_HOST_END
+from outside import outside as outside_namespace
 
 import deltabox
 
-NETNS = "dtout"
-OUTSIDE = "198.51.100.2"
-OUTSIDE_HOST_END = "198.51.100.1"
-PRIVATE = "172.31.254.2"
-HTTP_PORT = 8080
-HOLD_PORT = 8081
 BLOB = os.urandom(1 << 20)
-
-# A DNS server for the outside: `outside.test` is OUTSIDE, every other name does not exist.
-DNS_SERVER = r"""
-import socket, struct
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind(("0.0.0.0", 53))
-while True:
-    q, peer = s.recvfrom(512)
-    if len(q) < 12:
-        continue
-    i, labels = 12, []
-    while i < len(q) and q[i]:
-        labels.append(q[i + 1:i + 1 + q[i]].decode("ascii", "replace"))
-        i += 1 + q[i]
-    question = q[12:i + 5]
-    qtype = struct.unpack(">H", q[i + 1:i + 3])[0] if i + 3 <= len(q) else 0
-    found = ".".join(labels).lower() == "outside.test"
-    answer = b""
-    if found and qtype == 1:
-        answer = b"\xc0\x0c" + struct.pack(">HHIH", 1, 1, 60, 4) + socket.inet_aton("198.51.100.2")
-    flags = 0x8180 if found else 0x8183
-    head = q[:2] + struct.pack(">HHHHH", flags, 1, 1 if answer else 0, 0, 0)
-    s.sendto(head + question + answer, peer)
-"""
-
-# Accepts connections and keeps them open, answering nothing.
-HOLD_SERVER = r"""
-import socket
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind(("0.0.0.0", %d))
-s.listen()
-held = []
-while True:
-    held.append(s.accept()[0])
-""" % HOLD_PORT
 
 # Run inside a sandbox: connects to each host:port given and prints one JSON line per target with the outcome.
 PROBE = r"""
@@ -89,42 +48,11 @@ FETCH = "python3 -c 'import sys, urllib.request; sys.stdout.buffer.write(urllib.
         "timeout=10).read())' "
 
 
-def sh(*args: str) -> None:
-    subprocess.run(args, check=True, capture_output=True)
-
-
 @pytest.fixture(scope="module")
 def outside():
-    """The outside namespace with its servers; removed afterwards."""
-    subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
-    sh("ip", "netns", "add", NETNS)
-    served = Path(tempfile.mkdtemp(prefix="deltabox-outside-"))
-    (served / "blob").write_bytes(BLOB)
-    (served / "hello").write_text("hello from the outside\n")
-    servers = []
-    try:
-        sh("ip", "link", "add", "dtout0", "type", "veth", "peer", "name", "dtout1", "netns", NETNS)
-        sh("ip", "addr", "add", f"{OUTSIDE_HOST_END}/24", "dev", "dtout0")
-        sh("ip", "addr", "add", "172.31.254.1/24", "dev", "dtout0")
-        sh("ip", "link", "set", "dtout0", "up")
-        inside = ["ip", "netns", "exec", NETNS]
-        sh(*inside, "ip", "addr", "add", f"{OUTSIDE}/24", "dev", "dtout1")
-        sh(*inside, "ip", "addr", "add", f"{PRIVATE}/24", "dev", "dtout1")
-        sh(*inside, "ip", "link", "set", "dtout1", "up")
-        sh(*inside, "ip", "link", "set", "lo", "up")
-        sh(*inside, "ip", "route", "add", "default", "via", OUTSIDE_HOST_END)
-        for argv in ([*inside, "python3", "-m", "http.server", "-b", "0.0.0.0", "-d", str(served), str(HTTP_PORT)],
-                     [*inside, "python3", "-c", DNS_SERVER], [*inside, "python3", "-c", HOLD_SERVER]):
-            servers.append(subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        wait_until(lambda: _http_ok(f"http://{OUTSIDE}:{HTTP_PORT}/hello"), what="the outside's HTTP server")
-        yield
-    finally:
-        for p in servers:
-            p.kill()
-            p.wait()
-        subprocess.run(["ip", "link", "del", "dtout0"], capture_output=True)
-        subprocess.run(["ip", "netns", "del", NETNS], capture_output=True)
-        shutil.rmtree(served, ignore_errors=True)
+    """The outside namespace; yields the directory it serves (with `udp.log`)."""
+    with outside_namespace({"blob": BLOB, "hello": b"hello from the outside\n"}) as served:
+        yield served
 
 
 def _http_ok(url: str) -> bool:
@@ -187,9 +115,39 @@ def test_what_a_nat_sandbox_cannot_reach(client, nat):
                              f"{PRIVATE}:{HTTP_PORT}", "10.255.255.1:53", "127.0.0.53:53"))
 
 
-def test_names_resolve_through_the_daemon(outside):
-    """The sandbox's resolv.conf names its gateway, where the daemon relays queries (UDP and TCP) to its DNS
-    servers (here the outside's, `--dns`); the sandbox cannot ask them itself."""
+# Sends argv[1] to the outside's UDP sink from a forged source address (a raw socket: the sandbox keeps CAP_NET_RAW),
+# then argv[2] from its own.
+SPOOF = r"""
+import socket, struct, sys
+def checksum(data):
+    total = sum(struct.unpack("!%dH" % (len(data) // 2), data))
+    total = (total >> 16) + (total & 0xffff)
+    return ~(total + (total >> 16)) & 0xffff
+src, dst, port = socket.inet_aton("10.89.255.254"), socket.inet_aton(sys.argv[3]), int(sys.argv[4])
+payload = sys.argv[1].encode()
+udp = struct.pack("!HHHH", 40000, port, 8 + len(payload), 0) + payload
+header = struct.pack("!BBHHHBBH4s4s", 0x45, 0, 20 + len(udp), 1, 0, 64, socket.IPPROTO_UDP, 0, src, dst)
+header = header[:10] + struct.pack("!H", checksum(header)) + header[12:]
+raw = socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_RAW)
+raw.sendto(header + udp, (sys.argv[3], 0))
+socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(sys.argv[2].encode(), (sys.argv[3], port))
+"""
+
+
+def test_forged_source_addresses_do_not_leave_a_nat_sandbox(nat, outside):
+    nat.files.write("/root/spoof.py", SPOOF.encode())
+    nat.exec(["python3", "/root/spoof.py", "forged", "genuine", OUTSIDE, str(UDP_PORT)]).check()
+    log = outside / "udp.log"
+    wait_until(lambda: log.exists() and "genuine" in log.read_text(), what="the genuine datagram")
+    lines = log.read_text().splitlines()
+    assert f"{OUTSIDE_HOST_END} genuine" in lines, lines
+    assert not any("forged" in line for line in lines), lines
+
+
+def test_names_resolve_through_the_daemon_which_enforces_host_names(outside):
+    """The sandbox's resolv.conf names its gateway, where the daemon relays queries to its DNS servers (here the
+    outside's, `--dns`). Host names of the egress policy are enforced there: an
+    allowed name's addresses become reachable when the sandbox resolves it; a denied name is not resolved."""
     with private_daemon("deltabox-dns-", ["--dns", OUTSIDE]) as d, deltabox.Client(socket=d.socket) as c:
         with new_sandbox(c, "busybox", network="nat") as sb:
             r = sb.exec("nslookup outside.test", timeout=30).check()
@@ -197,6 +155,19 @@ def test_names_resolve_through_the_daemon(outside):
             assert sb.exec("nslookup missing.test", timeout=30).exit_code != 0
             r = sb.exec(f"wget -q -O - http://outside.test:{HTTP_PORT}/hello", timeout=30).check()
             assert r.stdout == "hello from the outside\n"
+        with new_sandbox(c, "busybox", network="nat", deny_out=["0.0.0.0/0"], allow_out=["outside.test"]) as sb:
+            by_address = f"wget -q -O - http://{OUTSIDE}:{HTTP_PORT}/hello"
+            r = sb.exec(by_address, timeout=30)
+            assert r.exit_code != 0 and "refused" in r.stderr, r
+            r = sb.exec(f"wget -q -O - http://outside.test:{HTTP_PORT}/hello", timeout=30).check()
+            assert r.stdout == "hello from the outside\n"
+            assert sb.exec(by_address, timeout=30).check().stdout == "hello from the outside\n"
+            sb.set_egress(deny_out=["*.test"])
+            r = sb.exec("nslookup outside.test", timeout=30)
+            assert r.exit_code != 0 and OUTSIDE not in r.stdout.split("Name:")[-1], r
+            # What it resolved before is forgotten with the old policy; by address, only address rules count.
+            assert sb.exec(by_address, timeout=30).check().stdout == "hello from the outside\n"
+            assert [str(d) for d in sb.network().deny_out] == ["*.test"]
 
 
 def test_a_restarted_daemon_serves_dns_policy_and_published_ports_again(outside):
@@ -288,6 +259,64 @@ def test_a_published_port_answers_across_checkpoint_rollback_and_fork(client, ou
         assert not _http_ok(f"http://127.0.0.1:{published.host_port}/page")
         with pytest.raises(deltabox.NotFound):
             sb.unpublish_port(8000)
+
+
+# An echo server bound to the sandbox's own address (not 0.0.0.0), and a client that keeps one connection to it over
+# that address, sending a numbered ping every 50 ms and writing each echo it gets to /root/echoes.
+OWN_ADDRESS_PROGRAMS = r"""
+import socket, sys, threading, time
+probe = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+probe.connect(("198.51.100.2", 9))  # nothing is sent: this only picks the source address, the sandbox's own
+me = probe.getsockname()[0]
+server = socket.socket()
+server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+server.bind((me, 9000))
+server.listen()
+def serve(conn):
+    with conn, conn.makefile("rwb", buffering=0) as f:
+        for line in f:
+            f.write(b"echo " + line)
+threading.Thread(target=lambda: [threading.Thread(target=serve, args=(server.accept()[0],)).start()
+                                 for _ in iter(int, 1)], daemon=True).start()
+conn = socket.create_connection((me, 9000))
+f = conn.makefile("rwb", buffering=0)
+i = 0
+while True:
+    i += 1
+    f.write(b"%d\n" % i)
+    with open("/root/echoes", "ab") as out:
+        out.write(f.readline())
+    time.sleep(0.05)
+"""
+
+
+def _echo_count(sb: deltabox.Sandbox) -> int:
+    return len(sb.files.read_text("/root/echoes").splitlines()) if sb.files.exists("/root/echoes") else 0
+
+
+def test_sockets_on_the_sandboxs_own_address_move_with_a_fork(client, outside):
+    """A fork has another address: a listener bound to the checkpointed sandbox's address, and a connection between
+    two of its processes over it, are moved to the fork's (and back to the original sandbox's, and again for a
+    rollback of the fork to the checkpoint it came from, restored from that checkpoint's image)."""
+    with new_sandbox(client, "debian", network="nat") as sb:
+        sb.files.write("/root/own.py", OWN_ADDRESS_PROGRAMS.encode())
+        sb.session("main").run("(python3 /root/own.py > /root/own.log 2>&1 &)").check()
+        wait_until(lambda: _echo_count(sb) > 3, what="echoes over the sandbox's own address")
+        ck = sb.checkpoint()
+        (child,) = ck.fork()
+        with child:
+            assert child.network().address != sb.network().address
+            for box in (child, sb):
+                seen = _echo_count(box)
+                wait_until(lambda: _echo_count(box) > seen + 3, what="the connection going on")
+            port = child.publish_port(9000).host_port
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as conn:
+                conn.sendall(b"from the host\n")
+                assert conn.makefile("rb").readline() == b"echo from the host\n"
+            assert child.exec("cat /root/own.log").stdout == ""
+            child.rollback(ck)
+            seen = _echo_count(child)
+            wait_until(lambda: _echo_count(child) > seen + 3, what="the connection going on after the rollback")
 
 
 def test_a_connection_to_the_outside_is_reset_after_rollback(client, outside):

@@ -73,34 +73,120 @@ pub struct CreateRequest {
 }
 
 /// What a sandbox in the `nat` network may reach beyond the defaults (public addresses yes; private,
-/// loopback, reserved and multicast ranges no; link-local and other sandboxes never). An address in
-/// `allow_out` is reachable even when `deny_out` or the defaults deny it (E2B's rule); `deny_out:
-/// ["0.0.0.0/0"]` cuts the sandbox off except for what `allow_out` lists. Addresses are IPv4 CIDRs or
-/// single addresses.
+/// loopback, reserved and multicast ranges no; the host, link-local addresses and other sandboxes never).
+/// A destination in `allow_out` is reachable even when `deny_out` or the defaults deny it (E2B's rule);
+/// `deny_out: ["0.0.0.0/0"]` cuts the sandbox off except for what `allow_out` lists. See docs/network.md.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct EgressPolicy {
-    #[serde(default, deserialize_with = "cidrs")]
-    pub allow_out: Vec<ipnet::Ipv4Net>,
-    #[serde(default, deserialize_with = "cidrs")]
-    pub deny_out: Vec<ipnet::Ipv4Net>,
+    #[serde(default, deserialize_with = "destinations")]
+    pub allow_out: Vec<Destination>,
+    #[serde(default, deserialize_with = "destinations")]
+    pub deny_out: Vec<Destination>,
 }
 
-fn cidrs<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<ipnet::Ipv4Net>, D::Error> {
-    let max = crate::daemon::network::MAX_POLICY_ENTRIES;
-    let items = Vec::<String>::deserialize(d)?;
-    if items.len() > max {
-        return Err(serde::de::Error::custom(format!("at most {max} addresses per list")));
+/// One entry of an egress list: an IPv4 address or CIDR, or a host name — `example.com` (that name) or
+/// `*.example.com` (its subdomains) — enforced through the daemon's DNS relay (docs/network.md).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Destination {
+    Net(ipnet::Ipv4Net),
+    Name(HostPattern),
+}
+
+/// A host name, lower case without the final dot; `wildcard` for `*.name` (subdomains of `name`, not `name`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostPattern {
+    pub wildcard: bool,
+    pub name: String,
+}
+
+impl HostPattern {
+    /// Whether the DNS name `name` (any case, final dot or not) is one this pattern names.
+    pub fn matches(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        if self.wildcard {
+            name.strip_suffix(&self.name).is_some_and(|rest| rest.ends_with('.') && rest.len() > 1)
+        } else {
+            name == self.name
+        }
     }
-    items
-        .iter()
-        .map(|item| {
-            item.parse::<ipnet::Ipv4Net>()
-                .map(|n| n.trunc())
-                .or_else(|_| item.parse::<std::net::Ipv4Addr>().map(ipnet::Ipv4Net::from))
-                .map_err(|_| serde::de::Error::custom(format!("{item:?} is not an IPv4 address or CIDR")))
-        })
-        .collect()
+}
+
+impl std::str::FromStr for Destination {
+    type Err = String;
+
+    fn from_str(item: &str) -> Result<Destination, String> {
+        if let Ok(net) = item.parse::<ipnet::Ipv4Net>() {
+            return Ok(Destination::Net(net.trunc()));
+        }
+        if let Ok(address) = item.parse::<std::net::Ipv4Addr>() {
+            return Ok(Destination::Net(address.into()));
+        }
+        let (wildcard, name) = match item.strip_prefix("*.") {
+            Some(rest) => (true, rest),
+            None => (false, item),
+        };
+        let name = name.trim_end_matches('.').to_ascii_lowercase();
+        let label_ok = |l: &str| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        };
+        // A name has a letter somewhere (so `10.0.0.0/33` or `1.2.3` is not taken for one).
+        let valid = name.len() <= 253
+            && name.split('.').all(label_ok)
+            && name.bytes().any(|b| b.is_ascii_alphabetic())
+            && !name.contains('/');
+        if valid {
+            Ok(Destination::Name(HostPattern { wildcard, name }))
+        } else {
+            Err(format!("{item:?} is not an IPv4 address, CIDR or host name"))
+        }
+    }
+}
+
+impl std::fmt::Display for Destination {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Destination::Net(net) => write!(f, "{net}"),
+            Destination::Name(HostPattern { wildcard: true, name }) => write!(f, "*.{name}"),
+            Destination::Name(HostPattern { wildcard: false, name }) => write!(f, "{name}"),
+        }
+    }
+}
+
+impl Serialize for Destination {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Destination {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Destination, D::Error> {
+        String::deserialize(d)?.parse().map_err(serde::de::Error::custom)
+    }
+}
+
+fn destinations<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<Destination>, D::Error> {
+    let max = crate::daemon::network::MAX_POLICY_ENTRIES;
+    let items = Vec::<Destination>::deserialize(d)?;
+    if items.len() > max {
+        return Err(serde::de::Error::custom(format!("at most {max} destinations per list")));
+    }
+    Ok(items)
+}
+
+impl EgressPolicy {
+    /// The addresses and CIDRs of `list` (`allow_out` or `deny_out`).
+    pub fn nets(list: &[Destination]) -> Vec<ipnet::Ipv4Net> {
+        list.iter().filter_map(|d| if let Destination::Net(n) = d { Some(*n) } else { None }).collect()
+    }
+
+    /// The host names of `list`.
+    pub fn names(list: &[Destination]) -> Vec<HostPattern> {
+        list.iter().filter_map(|d| if let Destination::Name(n) = d { Some(n.clone()) } else { None }).collect()
+    }
 }
 
 /// `POST /v1/sandboxes/{id}/ports`: make the sandbox's TCP `port` reachable from the host.
@@ -422,13 +508,27 @@ mod tests {
     }
 
     #[test]
-    fn egress_policies_take_addresses_and_cidrs_and_nothing_else() {
-        let p: EgressPolicy =
-            serde_json::from_str(r#"{"allow_out":["1.2.3.4","10.1.2.3/8"],"deny_out":["0.0.0.0/0"]}"#).unwrap();
-        let texts = |nets: &[ipnet::Ipv4Net]| nets.iter().map(ToString::to_string).collect::<Vec<_>>();
-        assert_eq!(texts(&p.allow_out), ["1.2.3.4/32", "10.0.0.0/8"]);
+    fn egress_policies_take_addresses_cidrs_and_host_names() {
+        let p: EgressPolicy = serde_json::from_str(
+            r#"{"allow_out":["1.2.3.4","10.1.2.3/8","PyPI.org.","*.github.com"],"deny_out":["0.0.0.0/0"]}"#,
+        )
+        .unwrap();
+        let texts = |list: &[Destination]| list.iter().map(ToString::to_string).collect::<Vec<_>>();
+        assert_eq!(texts(&p.allow_out), ["1.2.3.4/32", "10.0.0.0/8", "pypi.org", "*.github.com"]);
         assert_eq!(texts(&p.deny_out), ["0.0.0.0/0"]);
-        for bad in [r#"{"allow_out":["example.com"]}"#, r#"{"deny_out":["1.2.3.4/33"]}"#, r#"{"deny_out":["::1"]}"#] {
+        assert_eq!(EgressPolicy::nets(&p.allow_out).len(), 2);
+        let names = EgressPolicy::names(&p.allow_out);
+        assert!(names[0].matches("pypi.org.") && names[0].matches("PYPI.ORG") && !names[0].matches("x.pypi.org"));
+        assert!(names[1].matches("api.github.com") && names[1].matches("a.b.github.com."));
+        assert!(!names[1].matches("github.com") && !names[1].matches("evilgithub.com"));
+        for bad in [
+            r#"{"allow_out":["exa mple.com"]}"#,
+            r#"{"deny_out":["1.2.3.4/33"]}"#,
+            r#"{"deny_out":["::1"]}"#,
+            r#"{"deny_out":["-a.com"]}"#,
+            r#"{"deny_out":["1.2.3"]}"#,
+            r#"{"deny_out":["*"]}"#,
+        ] {
             serde_json::from_str::<EgressPolicy>(bad).unwrap_err();
         }
         let many = serde_json::json!({ "deny_out": vec!["1.1.1.1"; crate::daemon::network::MAX_POLICY_ENTRIES + 1] });

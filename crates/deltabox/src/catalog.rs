@@ -174,6 +174,10 @@ pub struct CheckpointRecord {
     /// Connections to outside the sandbox that a rollback to it or a fork of it gives back reset.
     #[serde(default)]
     pub reset_connections: Vec<String>,
+    /// The sandbox's address in the `nat` network when it was taken: a restore elsewhere moves its
+    /// sockets from it (absent in records written before there was such a network).
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 pub struct Catalog {
@@ -470,6 +474,7 @@ pub mod tests {
             pause_ms: 1.0,
             duration_ms: 2.0,
             reset_connections: vec![],
+            address: None,
         }
     }
 

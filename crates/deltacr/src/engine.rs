@@ -22,7 +22,8 @@ use crate::procfs::{self, ProcError};
 use crate::pty::{Degraded, PtyError, PtyPlan};
 use crate::restore::{self, Helper, NewProcess, RestoreError};
 use crate::state::{
-    Creds, Ctty, FdState, OpenFile, ProcessEntry, ProcessKind, ProcessState, PtyNode, SigAction, TreeState, Vma,
+    AddressMove, Creds, Ctty, FdState, OpenFile, ProcessEntry, ProcessKind, ProcessState, PtyNode, SigAction,
+    TreeState, Vma,
 };
 use crate::sys;
 use crate::template::{self, Detach, Stopped, Template, TemplateError};
@@ -585,10 +586,19 @@ impl Engine {
     }
 
     /// Recreates the processes of a durable image (and its parents) in a sandbox — the one it was taken
-    /// in or another (fork). Same guarantees as [`Engine::restore`]. Private anonymous memory comes
-    /// back from the images when touched (see [`crate::lazy`]), other memory is copied now.
-    pub fn restore_image(&mut self, chain: ImageChain, sb: &Sandbox) -> Result<RestoreStats, CrError> {
-        let tree = chain.head().tree.clone();
+    /// in or another (fork; `moved` when its own address differs). Same guarantees as [`Engine::restore`].
+    /// Private anonymous memory comes back from the images when touched (see [`crate::lazy`]), other
+    /// memory is copied now.
+    pub fn restore_image(
+        &mut self,
+        chain: ImageChain,
+        sb: &Sandbox,
+        moved: Option<AddressMove>,
+    ) -> Result<RestoreStats, CrError> {
+        let mut tree = chain.head().tree.clone();
+        if let Some(moved) = moved {
+            tree.move_address(moved);
+        }
         let lazy = self.lazy_parts();
         self.restore_tree(&tree, Memory::Image { chain: Arc::new(Mutex::new(chain)), lazy }, sb)
     }

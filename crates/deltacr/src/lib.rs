@@ -25,3 +25,4 @@ pub mod uffd;
 pub use engine::{Checkpoint, CheckpointStats, CrError, Engine, MemoryRestore, Partial, RestoreStats, Sandbox};
 pub use freezer::{Freezer, Frozen};
 pub use pty::{Degraded, PtyLoss};
+pub use state::AddressMove;

@@ -452,6 +452,50 @@ pub struct TreeState {
     pub ipc: IpcState,
 }
 
+/// A fork of a sandbox with a network of its own has another address than the sandbox checkpointed: its
+/// sockets bound or connected to `from` (their own address then) use `to` instead.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AddressMove {
+    pub from: std::net::Ipv4Addr,
+    pub to: std::net::Ipv4Addr,
+}
+
+impl TreeState {
+    /// Moves every inet socket of the tree from `moved.from` to `moved.to` (see [`AddressMove`]): both ends
+    /// of a connection between its processes over that address, and listeners bound to it.
+    pub fn move_address(&mut self, moved: AddressMove) {
+        for file in &mut self.files {
+            let addresses: Vec<&mut Vec<u8>> = match &mut file.kind {
+                FileKind::Inet { local, peer, .. } => local.iter_mut().chain(peer.iter_mut()).collect(),
+                FileKind::TcpConnection { local, peer, .. } | FileKind::TcpReset { local, peer, .. } => {
+                    vec![local, peer]
+                }
+                _ => continue,
+            };
+            for address in addresses {
+                move_in_sockaddr(address, moved);
+            }
+        }
+    }
+}
+
+/// Replaces `moved.from` by `moved.to` in a raw `sockaddr_in`, or in a `sockaddr_in6` holding it as an
+/// IPv4-mapped address (`::ffff:a.b.c.d`, a dual-stack socket's view of IPv4).
+fn move_in_sockaddr(address: &mut [u8], moved: AddressMove) {
+    let Some(family) = address.get(..2).map(|f| i32::from(u16::from_ne_bytes([f[0], f[1]]))) else { return };
+    let ip = match family {
+        libc::AF_INET => address.get_mut(4..8),
+        libc::AF_INET6 => match address.get_mut(8..24) {
+            Some(v6) if v6[..12] == [0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0xff, 0xff] => v6.get_mut(12..),
+            _ => None,
+        },
+        _ => None,
+    };
+    if let Some(ip) = ip.filter(|ip| **ip == moved.from.octets()) {
+        ip.copy_from_slice(&moved.to.octets());
+    }
+}
+
 /// The SysV IPC objects of an IPC namespace, by id. Owners are ids inside the sandbox's user namespace.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IpcState {
@@ -500,4 +544,49 @@ pub struct MsgQueue {
 pub struct Message {
     pub mtype: i64,
     pub data: Vec<u8>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sockaddr_in(ip: [u8; 4], port: u16) -> Vec<u8> {
+        let mut a = (libc::AF_INET as u16).to_ne_bytes().to_vec();
+        a.extend(port.to_be_bytes());
+        a.extend(ip);
+        a.extend([0; 8]);
+        a
+    }
+
+    fn sockaddr_in6(ip: [u8; 16], port: u16) -> Vec<u8> {
+        let mut a = (libc::AF_INET6 as u16).to_ne_bytes().to_vec();
+        a.extend(port.to_be_bytes());
+        a.extend([0; 4]);
+        a.extend(ip);
+        a.extend([0; 4]);
+        a
+    }
+
+    #[test]
+    fn a_moved_address_is_replaced_in_ipv4_and_ipv4_mapped_addresses_only() {
+        let moved = AddressMove { from: [10, 89, 0, 2].into(), to: [10, 89, 0, 6].into() };
+        let mapped = |ip: [u8; 4]| {
+            let mut v6 = [0u8; 16];
+            v6[10..12].copy_from_slice(&[0xff, 0xff]);
+            v6[12..].copy_from_slice(&ip);
+            v6
+        };
+        let cases = [
+            (sockaddr_in([10, 89, 0, 2], 8000), sockaddr_in([10, 89, 0, 6], 8000)),
+            (sockaddr_in([127, 0, 0, 1], 8000), sockaddr_in([127, 0, 0, 1], 8000)),
+            (sockaddr_in6(mapped([10, 89, 0, 2]), 80), sockaddr_in6(mapped([10, 89, 0, 6]), 80)),
+            (sockaddr_in6([0; 16], 80), sockaddr_in6([0; 16], 80)),
+            (vec![2], vec![2]),
+        ];
+        for (before, after) in cases {
+            let mut address = before.clone();
+            move_in_sockaddr(&mut address, moved);
+            assert_eq!(address, after, "{before:?}");
+        }
+    }
 }

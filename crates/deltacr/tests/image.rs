@@ -23,7 +23,7 @@ fn restore_and_check(
     engine.kill_processes(&sb).unwrap();
     let before = counter_lines(out).len();
     let chain = store.open_chain(id).unwrap();
-    engine.restore_image(chain, &sb).unwrap();
+    engine.restore_image(chain, &sb, None).unwrap();
     wait_for(|| (counter_lines(out).len() > before + 2).then_some(()));
     let first = counter_lines(out)[before];
     assert_eq!(first, (n + 1, crc_next), "continues from the image");
@@ -106,7 +106,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     let other_out_before = counter_lines(&out).len();
     let mut other_engine = Engine::new();
     let chain = store.open_chain(i2.id).unwrap();
-    other_engine.restore_image(chain, &other.sandbox()).unwrap();
+    other_engine.restore_image(chain, &other.sandbox(), None).unwrap();
     wait_for(|| (counter_lines(&out).len() > other_out_before).then_some(()));
     assert_eq!(counter_lines(&out)[other_out_before], (n2 + 1, crc_after(n2 + 1)));
     drop(other);
@@ -119,7 +119,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     std::fs::write(&pages, &data).unwrap();
     engine.kill_processes(&sb).unwrap();
     engine.set_memory_restore(deltacr::MemoryRestore::Copy);
-    let err = engine.restore_image(store.open_chain(i2.id).unwrap(), &sb).unwrap_err();
+    let err = engine.restore_image(store.open_chain(i2.id).unwrap(), &sb, None).unwrap_err();
     let msg = format!("{err:?}");
     assert!(msg.contains("checksum mismatch"), "{msg}");
     // Only the pid helper stays (init reaps the killed half-restored process).
@@ -133,7 +133,7 @@ fn images_restore_incrementally_compact_and_refuse_corruption() {
     data[middle] ^= 0xff;
     std::fs::write(&pages, &data).unwrap();
     let lines = counter_lines(&out).len();
-    engine.restore_image(store.open_chain(i2.id).unwrap(), &sb).unwrap();
+    engine.restore_image(store.open_chain(i2.id).unwrap(), &sb, None).unwrap();
     wait_for(|| (deltacr::procfs::children(ns.init).unwrap().len() == 1).then_some(()));
     let wrong: Vec<_> = counter_lines(&out)[lines..].iter().filter(|l| l.1 != crc_after(l.0)).copied().collect();
     assert!(wrong.is_empty(), "the process ran with corrupted memory: {wrong:?}");
@@ -217,7 +217,7 @@ fn a_checkpoint_after_a_restore_from_an_image_stores_only_what_changed_since() {
     let i1 = first.image_job(None).unwrap().write(&store).unwrap();
     drop(first);
     engine.kill_processes(&sb).unwrap();
-    engine.restore_image(store.open_chain(i1.id).unwrap(), &sb).unwrap();
+    engine.restore_image(store.open_chain(i1.id).unwrap(), &sb, None).unwrap();
     let n1 = counter_lines(&out).last().unwrap().0;
     wait_for(|| (counter_lines(&out).last().unwrap().0 > n1 + 10).then_some(()));
 

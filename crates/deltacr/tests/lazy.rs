@@ -137,7 +137,7 @@ fn run(mode: MemoryRestore) {
     engine.kill_processes(&sb).unwrap();
 
     let skip = lines(&out).len();
-    let stats = engine.restore_image(store.open_chain(image).unwrap(), &sb).unwrap();
+    let stats = engine.restore_image(store.open_chain(image).unwrap(), &sb, None).unwrap();
     // Eight 4 MiB regions and the interpreter's heap.
     assert_eq!(stats.on_demand_bytes >= 32 << 20, on_demand, "left on demand: {}", stats.on_demand_bytes);
     // A checkpoint of the lazily restored process (its memory is completed first) restores whole.
@@ -154,7 +154,7 @@ fn run(mode: MemoryRestore) {
     std::fs::remove_file(&go).unwrap();
     engine.kill_processes(&sb).unwrap();
     let skip_second = lines(&out).len();
-    let stats = engine.restore_image(store.open_chain(second).unwrap(), &sb).unwrap();
+    let stats = engine.restore_image(store.open_chain(second).unwrap(), &sb, None).unwrap();
     assert_eq!(stats.on_demand_bytes >= 32 << 20, on_demand, "left on demand: {}", stats.on_demand_bytes);
     // Other processes read its arguments and environment (ps, pgrep -f), which it never touches itself.
     let host = ns.host_pid(pid);

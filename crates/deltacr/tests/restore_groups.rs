@@ -126,7 +126,7 @@ fn restore_rounds<B>(
             from_spares += stats.from_spares;
         } else {
             let chain = store.open_chain(image).unwrap();
-            engine.restore_image(chain, &sb).unwrap();
+            engine.restore_image(chain, &sb, None).unwrap();
         }
         check(&ckpt, round, seen);
     }

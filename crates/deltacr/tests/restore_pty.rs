@@ -188,7 +188,7 @@ fn a_shell_forked_into_another_sandbox_gets_its_pty_made_there() {
 
     let b = PidNs::with_own_dev();
     assert_eq!(pts_entries(&b), ["ptmx"]);
-    let mut stats = engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox()).unwrap();
+    let mut stats = engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox(), None).unwrap();
     assert!(stats.degraded.is_empty(), "{:?}", stats.degraded);
     assert_eq!(stats.pty_masters.keys().copied().collect::<Vec<_>>(), [2]);
     assert_eq!(pts_entries(&b), ["2", "ptmx"], "ptys 0 and 1, made on the way, are gone again");
@@ -225,7 +225,7 @@ fn a_pty_number_still_in_use_without_its_node_cannot_be_made() {
     drop(master);
     assert_eq!(pts_entries(&b), ["ptmx"]);
     let before = lines(&out);
-    let stats = engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox()).unwrap();
+    let stats = engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox(), None).unwrap();
     assert!(stats.pty_masters.is_empty());
     assert_eq!(stats.degraded.len(), 4, "fds 0-2 and the controlling terminal: {:?}", stats.degraded);
     for d in &stats.degraded {

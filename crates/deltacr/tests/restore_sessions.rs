@@ -96,7 +96,7 @@ fn session_fifos_are_reopened_by_path_here_and_in_another_sandbox() {
     // Another sandbox (its own /dev tmpfs) where the shim made the same paths beforehand.
     let b = PidNs::with_own_dev();
     let mut sb_session = Session::make(&b, &dir);
-    engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox()).unwrap();
+    engine.restore_image(store.open_chain(id).unwrap(), &b.sandbox(), None).unwrap();
     sb_session.check_restored();
     // The original session runs on, apart.
     s.run("echo \"a$((X+3))\"", "a44", false);

@@ -102,7 +102,7 @@ fn tree_with_pipes_and_a_zombie(mut ns: PidNs) {
             // Dropping the checkpoint kills its templates.
             drop(ckpt.take());
             let chain = store.open_chain(image).unwrap();
-            engine.restore_image(chain, &sb).unwrap();
+            engine.restore_image(chain, &sb, None).unwrap();
         }
         // Parent links and credentials are back.
         for p in &procs {

@@ -48,12 +48,12 @@ pub struct CreateArgs {
     /// network; only if the daemon allows it).
     #[arg(long, default_value = "none")]
     pub network: String,
-    /// With --network nat: an address or CIDR the sandbox may reach even if denied or private
-    /// (repeatable).
+    /// With --network nat: an address, CIDR or host name (`pypi.org`, `*.github.com`) the sandbox may
+    /// reach even if denied or private (repeatable).
     #[arg(long)]
     pub allow_out: Vec<String>,
-    /// With --network nat: an address or CIDR the sandbox may not reach (repeatable; 0.0.0.0/0 denies
-    /// everything --allow-out does not allow).
+    /// With --network nat: an address, CIDR or host name the sandbox may not reach (repeatable; 0.0.0.0/0
+    /// denies everything --allow-out does not allow).
     #[arg(long)]
     pub deny_out: Vec<String>,
     /// Environment for every process, KEY=VALUE (repeatable).

@@ -14,10 +14,11 @@ pub enum NetworkCommand {
     /// too). With no flags, back to the defaults.
     Set {
         id: String,
-        /// An address or CIDR the sandbox may reach even if denied or private (repeatable).
+        /// An address, CIDR or host name (`pypi.org`, `*.github.com`) the sandbox may reach even if denied
+        /// or private (repeatable).
         #[arg(long)]
         allow_out: Vec<String>,
-        /// An address or CIDR the sandbox may not reach (repeatable; 0.0.0.0/0 denies everything
+        /// An address, CIDR or host name the sandbox may not reach (repeatable; 0.0.0.0/0 denies everything
         /// --allow-out does not allow).
         #[arg(long)]
         deny_out: Vec<String>,
@@ -62,7 +63,7 @@ pub async fn network(client: &Client, command: NetworkCommand) -> anyhow::Result
     if let (Some(address), Some(gateway), Some(interface)) = (view.address, view.gateway, &view.interface) {
         println!("address:   {address} (gateway and DNS {gateway}; host link {interface})");
     }
-    let list = |nets: &[ipnet::Ipv4Net]| nets.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    let list = |list: &[Destination]| list.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
     println!("allow out: {}", list(&view.egress.allow_out));
     println!("deny out:  {}", list(&view.egress.deny_out));
     for p in &view.ports {

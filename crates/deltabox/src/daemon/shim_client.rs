@@ -126,8 +126,14 @@ impl ShimClient {
     }
 
     /// Rolls the sandbox back to `stack` (and with `image` restores that checkpoint's processes).
-    pub async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> Result<RollbackStats, ShimError> {
-        match self.single(Request::Rollback { stack, image }, Some(CONTROL_TIMEOUT)).await? {
+    /// `address`: the sandbox's in the `nat` network when the checkpoint was taken.
+    pub async fn rollback(
+        &self,
+        stack: StackId,
+        image: Option<ImageId>,
+        address: Option<std::net::Ipv4Addr>,
+    ) -> Result<RollbackStats, ShimError> {
+        match self.single(Request::Rollback { stack, image, address }, Some(CONTROL_TIMEOUT)).await? {
             Reply::RolledBack(stats) => Ok(stats),
             other => Err(self.unexpected("Rollback", &other)),
         }

@@ -4,13 +4,14 @@
 //! processes (DeltaCR thaws once they are seized).
 
 use std::collections::HashMap;
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, Context};
 use deltacr::image::{ImageId, ImageStore};
-use deltacr::{Engine, Frozen, MemoryRestore, Sandbox};
+use deltacr::{AddressMove, Engine, Frozen, MemoryRestore, Sandbox};
 use deltafs::StackId;
 use nix::unistd::Pid;
 use sandbox::cgroup::Cgroup;
@@ -74,10 +75,13 @@ enum Job {
     Rollback {
         stack: StackId,
         image: Option<ImageId>,
+        /// The sandbox's address when the checkpoint was taken.
+        address: Option<Ipv4Addr>,
         reply: oneshot::Sender<JobResult<Restored>>,
     },
     RestoreImage {
         image: ImageId,
+        address: Option<Ipv4Addr>,
         reply: oneshot::Sender<JobResult<Restored>>,
     },
     Forget {
@@ -113,6 +117,9 @@ pub struct Parts {
     pub cgroup: Arc<Cgroup>,
     pub fs: Arc<deltafs::Mount>,
     pub images: ImageStore,
+    /// The sandbox's own address in the `nat` network: a checkpoint taken elsewhere (forked, or a
+    /// rollback to the checkpoint a fork came from) has its sockets moved to it.
+    pub address: Option<Ipv4Addr>,
 }
 
 /// What the checkpoint thread knows of a process checkpoint whose templates it keeps, shared with the
@@ -247,13 +254,19 @@ impl Cr {
     /// Kills every process but init (and our templates), switches the filesystem to `stack`, and with
     /// `image` (a process checkpoint) restores the processes: from their templates when this thread
     /// still has them, else from the image.
-    pub async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> JobResult<Restored> {
-        self.ask(|reply| Job::Rollback { stack, image, reply }).await
+    /// `address`: the sandbox's when the checkpoint was taken (see [`Parts::address`]).
+    pub async fn rollback(
+        &self,
+        stack: StackId,
+        image: Option<ImageId>,
+        address: Option<Ipv4Addr>,
+    ) -> JobResult<Restored> {
+        self.ask(|reply| Job::Rollback { stack, image, address, reply }).await
     }
 
-    /// Restores the processes of `image` into this (fresh) sandbox.
-    pub async fn restore_image(&self, image: ImageId) -> JobResult<Restored> {
-        self.ask(|reply| Job::RestoreImage { image, reply }).await
+    /// Restores the processes of `image` into this (fresh) sandbox; `address` as for [`Cr::rollback`].
+    pub async fn restore_image(&self, image: ImageId, address: Option<Ipv4Addr>) -> JobResult<Restored> {
+        self.ask(|reply| Job::RestoreImage { image, address, reply }).await
     }
 
     /// Drops the templates of the checkpoint of `stack` (its image stays).
@@ -358,8 +371,8 @@ impl Worker {
                         }
                     }
                 }
-                Job::Rollback { stack, image, reply } => {
-                    let result = self.rollback(stack, image);
+                Job::Rollback { stack, image, address, reply } => {
+                    let result = self.rollback(stack, image, address);
                     let restored = result.as_ref().is_ok_and(|r| r.restored > 0);
                     let _ = reply.send(result);
                     if restored {
@@ -367,9 +380,9 @@ impl Worker {
                         self.prepare_spares(stack);
                     }
                 }
-                Job::RestoreImage { image, reply } => {
+                Job::RestoreImage { image, address, reply } => {
                     let started = Instant::now();
-                    let restored = self.restore_from_image(image).map(|stats| Restored {
+                    let restored = self.restore_from_image(image, address).map(|stats| Restored {
                         killed: 0,
                         fs_ms: 0.0,
                         changed_inodes: 0,
@@ -585,7 +598,7 @@ impl Worker {
         }
     }
 
-    fn rollback(&mut self, stack: StackId, image: Option<ImageId>) -> JobResult<Restored> {
+    fn rollback(&mut self, stack: StackId, image: Option<ImageId>, address: Option<Ipv4Addr>) -> JobResult<Restored> {
         let started = Instant::now();
         // A rollback's processes are the sandbox's from now on: what they did not touch yet is filled in
         // the background, so that the next checkpoint finds their memory complete.
@@ -619,7 +632,7 @@ impl Worker {
             }
             Source::Image(images) => {
                 self.restored_from = Some(images.head().header.id);
-                (self.engine.restore_image(images, &sb)?, true)
+                (self.engine.restore_image(images, &sb, self.moved(address))?, true)
             }
         };
         for d in &stats.degraded {
@@ -655,13 +668,19 @@ impl Worker {
         Ok(Source::Image(images))
     }
 
-    fn restore_from_image(&mut self, image: ImageId) -> JobResult<deltacr::RestoreStats> {
+    /// How a checkpoint's sockets move here: from the address its sandbox had to ours, when they differ.
+    fn moved(&self, from: Option<Ipv4Addr>) -> Option<AddressMove> {
+        let (from, to) = (from?, self.parts.address?);
+        (from != to).then_some(AddressMove { from, to })
+    }
+
+    fn restore_from_image(&mut self, image: ImageId, address: Option<Ipv4Addr>) -> JobResult<deltacr::RestoreStats> {
         let images = self.parts.images.open_chain(image).context("open the image")?;
         self.restored_from = Some(image);
         // A fork's memory comes in only as its processes touch it (until its first checkpoint or rollback):
         // each fork of a fan-out holds what it touched, not a whole copy of the checkpoint's memory.
         self.engine.set_memory_restore(MemoryRestore::OnDemand { background_fill: false });
-        Ok(self.engine.restore_image(images, &sandbox(self.parts.init))?)
+        Ok(self.engine.restore_image(images, &sandbox(self.parts.init), self.moved(address))?)
     }
 }
 

@@ -146,10 +146,15 @@ impl Shim {
 
     /// Rollback on the checkpoint thread: every process but init is killed, the filesystem switches to
     /// `stack`, and with `image` the checkpoint's processes come back — its shell sessions included.
-    async fn rollback(&self, stack: StackId, image: Option<ImageId>) -> anyhow::Result<RollbackStats> {
+    async fn rollback(
+        &self,
+        stack: StackId,
+        image: Option<ImageId>,
+        address: Option<std::net::Ipv4Addr>,
+    ) -> anyhow::Result<RollbackStats> {
         let _one_at_a_time = self.state_change.write().await;
         let mut sessions = self.sessions.lock().await;
-        let mut restored = self.cr.rollback(stack, image).await?;
+        let mut restored = self.cr.rollback(stack, image, address).await?;
         self.keep_terminals(std::mem::take(&mut restored.pty_masters));
         let kept = match image {
             Some(_) => self.snapshots.lock().await.get(&stack).cloned().unwrap_or_default(),
@@ -183,7 +188,7 @@ impl Shim {
     async fn restore_fork(&self, spec: &RestoreSpec) -> anyhow::Result<()> {
         let paths = spec.sessions.iter().flat_map(|s| session::fifo_paths(s.nonce)).collect();
         let mut fifos = self.init.open_fifos(paths).await.context("open the sessions' FIFOs")?.into_iter();
-        let mut restored = self.cr.restore_image(spec.image).await?;
+        let mut restored = self.cr.restore_image(spec.image, spec.address).await?;
         let mut sessions = self.sessions.lock().await;
         let mut adopted = Vec::new();
         for snap in &spec.sessions {
@@ -415,7 +420,8 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
             .spawn(move || sandbox::signal_guard::serve(guard, guarded))
             .context("start the signal guard")?;
         let images = deltacr::image::ImageStore::new(&cfg.images).context("open the process image store")?;
-        let parts = cr::Parts { init: container.init_pid, cgroup: cgroup.clone(), fs: Arc::new(fs), images };
+        let address = nat.as_ref().map(|n| n.sandbox.address);
+        let parts = cr::Parts { init: container.init_pid, cgroup: cgroup.clone(), fs: Arc::new(fs), images, address };
         let cr = Cr::spawn(parts).context("start the checkpoint thread")?;
         Ok((container, cr))
     });
@@ -548,8 +554,8 @@ async fn handle(shim: &Arc<Shim>, conn: AsyncChannel) {
                 }
             }
         },
-        Request::Rollback { stack, image } => {
-            let reply = match shim.rollback(stack, image).await {
+        Request::Rollback { stack, image, address } => {
+            let reply = match shim.rollback(stack, image, address).await {
                 Ok(stats) => Reply::RolledBack(stats),
                 Err(e) => Reply::Error { kind: failure_kind(&e), message: format!("{e:#}") },
             };

@@ -73,6 +73,9 @@ pub struct RestoreSpec {
     pub image: ImageId,
     /// Its shell sessions, served again once their shells are restored.
     pub sessions: Vec<SessionSnapshot>,
+    /// The address the checkpoint's sandbox had in the `nat` network (its sockets' own address).
+    #[serde(default)]
+    pub address: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -176,6 +179,9 @@ pub enum Request {
         stack: StackId,
         #[serde(with = "crate::ids::opt_text")]
         image: Option<ImageId>,
+        /// The address the checkpoint's sandbox had in the `nat` network (its sockets' own address).
+        #[serde(default)]
+        address: Option<std::net::Ipv4Addr>,
     },
     /// Drop the in-memory copies (templates) of the process checkpoint of `stack`.
     Forget {

@@ -429,7 +429,7 @@ pub fn restores_continue(
         if round < from_templates {
             engine.restore(ckpt, &sb).unwrap();
         } else {
-            engine.restore_image(store.open_chain(image.id).unwrap(), &sb).unwrap();
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb, None).unwrap();
         }
         let first = continues(before);
         assert!(first <= at + 1, "round {round}: restored from the checkpoint ({first} > {at} + 1)");

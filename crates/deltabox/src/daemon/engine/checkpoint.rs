@@ -49,6 +49,7 @@ impl Engine {
             // Everything the call does but answering: the catalog write below takes ~0.1 ms.
             duration_ms: started.elapsed().as_secs_f64() * 1000.0,
             reset_connections: stats.reset_connections.clone(),
+            address: live.info.nat.as_ref().map(|n| n.address.address),
         };
         self.catalog().add_checkpoint(&cp)?;
         if processes {

@@ -20,7 +20,7 @@ impl Engine {
             self.wait_image_written(&cp).await?;
         }
         let no_gc = self.fs_gc.read().await;
-        let restore = cp.image.map(|image| RestoreSpec { image, sessions: cp.sessions.clone() });
+        let restore = cp.image.map(|image| RestoreSpec { image, sessions: cp.sessions.clone(), address: cp.address });
         let starts =
             (0..count).map(|_| self.start_sandbox(cp.config.clone(), cp.stack, Some(cp.id.clone()), restore.clone()));
         let results = futures_util::future::join_all(starts).await;

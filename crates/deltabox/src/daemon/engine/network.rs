@@ -65,9 +65,11 @@ impl Engine {
     /// checkpoints (so their forks).
     pub async fn set_egress(&self, id: &str, policy: EgressPolicy) -> EngineResult<NetworkView> {
         let live = self.live(id).await?;
-        let link = live.info.nat.as_ref().ok_or(NetworkError::NotNat)?;
+        if live.info.nat.is_none() {
+            return Err(NetworkError::NotNat.into());
+        }
         let _one_at_a_time = live.ops.lock().await;
-        self.nat()?.set_policy(link, &policy).await?;
+        self.nat()?.set_policy(id, &policy).await?;
         let mut record = self.sandbox_record(id)?;
         record.config.egress = policy;
         self.catalog().update_sandbox(&record)?;

@@ -30,7 +30,7 @@ impl Engine {
         if cp.image.is_some() && cp.sandbox != id {
             self.wait_image_written(&cp).await?;
         }
-        let stats = self.shim(id).rollback(cp.stack, cp.image).await?;
+        let stats = self.shim(id).rollback(cp.stack, cp.image, cp.address).await?;
         record.head = Some(cp.id.clone());
         self.catalog().update_sandbox(&record)?;
         self.refresh(record).await;

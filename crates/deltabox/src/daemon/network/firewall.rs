@@ -11,8 +11,6 @@
 use std::io::Write;
 use std::process::{Command, Stdio};
 
-use ipnet::Ipv4Net;
-
 use super::EgressPolicy;
 
 const TABLE: &str = "inet deltabox";
@@ -45,7 +43,7 @@ pub enum FirewallError {
 
 /// The shared table: created when missing (the first daemon to start), then given this daemon's subnet.
 /// Holding the table's lock file while checking keeps two daemons starting at once from both creating it.
-pub fn install(subnet: Ipv4Net, lock_dir: &std::path::Path) -> Result<(), FirewallError> {
+pub fn install(subnet: ipnet::Ipv4Net, lock_dir: &std::path::Path) -> Result<(), FirewallError> {
     std::fs::create_dir_all(lock_dir).map_err(FirewallError::Spawn)?;
     let lock = std::fs::File::create(lock_dir.join("nftables.lock")).map_err(FirewallError::Spawn)?;
     lock.lock().map_err(FirewallError::Spawn)?;
@@ -110,20 +108,39 @@ fn base_table() -> String {
     )
 }
 
-/// Gives the sandbox on link `interface` (`dbx<slot>`) the egress `policy`; replaces what it had.
+/// How long an address a host name of `allow_out` resolved to stays allowed after its last packet (or its
+/// resolution): active connections never expire; the next resolution allows it again.
+const RESOLVED_TIMEOUT: &str = "1h";
+
+/// Gives the sandbox on link `interface` (`dbx<slot>`) the egress `policy`; replaces what it had, the
+/// addresses its allowed host names resolved to included (they are allowed again at their next resolution).
 pub fn set_policy(interface: &str, policy: &EgressPolicy) -> Result<(), FirewallError> {
     let chain = chain_of(interface);
-    let mut rules = format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n");
-    if !policy.allow_out.is_empty() {
-        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} accept\n", list(&policy.allow_out)));
+    let resolved = resolved_of(interface);
+    let mut rules = format!(
+        "add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n\
+         add set {TABLE} {resolved} {{ type ipv4_addr; flags dynamic, timeout; timeout {RESOLVED_TIMEOUT}; }}\n\
+         flush set {TABLE} {resolved}\n"
+    );
+    let (allow, deny) = (EgressPolicy::nets(&policy.allow_out), EgressPolicy::nets(&policy.deny_out));
+    if !allow.is_empty() {
+        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} accept\n", list(&allow)));
     }
-    if !policy.deny_out.is_empty() {
-        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} jump refuse\n", list(&policy.deny_out)));
+    rules
+        .push_str(&format!("add rule {TABLE} {chain} ip daddr @{resolved} update @{resolved} {{ ip daddr }} accept\n"));
+    if !deny.is_empty() {
+        rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} jump refuse\n", list(&deny)));
     }
     rules.push_str(&format!("add rule {TABLE} {chain} ip daddr @internal jump refuse\n"));
     rules.push_str(&format!("add rule {TABLE} {chain} accept\n"));
     rules.push_str(&format!("add element {TABLE} slots {{ \"{interface}\" : jump {chain} }}\n"));
     apply(&rules)
+}
+
+/// Allows the sandbox on link `interface` to reach `addresses`, which an allowed host name resolved to.
+pub fn allow_resolved(interface: &str, addresses: &[std::net::Ipv4Addr]) -> Result<(), FirewallError> {
+    let elements = addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
+    apply(&format!("add element {TABLE} {} {{ {elements} }}\n", resolved_of(interface)))
 }
 
 /// Takes every right from the sandbox on link `interface`: its chain is emptied (the `egress` chain then
@@ -133,12 +150,17 @@ pub fn remove(interface: &str) -> Result<(), FirewallError> {
     apply(&format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n"))
 }
 
-/// `dbx12` → `s12`.
+/// `dbx12` → `s12`: the sandbox's chain.
 fn chain_of(interface: &str) -> String {
     format!("s{}", interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX))
 }
 
-fn list(nets: &[Ipv4Net]) -> String {
+/// `dbx12` → `a12`: the addresses its allowed host names resolved to.
+fn resolved_of(interface: &str) -> String {
+    format!("a{}", interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX))
+}
+
+fn list(nets: &[ipnet::Ipv4Net]) -> String {
     nets.iter()
         .map(|n| if n.prefix_len() == 32 { n.addr().to_string() } else { n.to_string() })
         .collect::<Vec<_>>()

@@ -3,13 +3,14 @@
 //! (`sandbox::net`); the daemon, here, keeps the host's rules ([`firewall`]) and relays DNS and published
 //! ports ([`relay`]) for every sandbox of the mode while it runs.
 
+mod dns;
 mod firewall;
 mod relay;
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
 
 use ipnet::Ipv4Net;
 use tokio::net::{TcpListener, UdpSocket};
@@ -68,6 +69,8 @@ pub struct NatNetwork {
 /// What runs for one sandbox.
 struct Attached {
     link: NatLink,
+    /// The host names of its policy, as its DNS relay enforces them.
+    names: Arc<RwLock<dns::NamePolicy>>,
     relays: Vec<AbortHandle>,
     ports: HashMap<u16, (PublishedPort, AbortHandle)>,
 }
@@ -104,22 +107,18 @@ impl NatNetwork {
         policy: &EgressPolicy,
         ports: &[PublishedPort],
     ) -> Result<Vec<PublishedPort>, NetworkError> {
-        self.set_policy(link, policy).await?;
+        set_rules(link, policy).await?;
         let dns = SocketAddr::new(IpAddr::V4(link.address.gateway), 53);
         let udp = UdpSocket::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
         let tcp = TcpListener::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
+        let names = Arc::new(RwLock::new(dns::NamePolicy::of(policy)));
+        let relay = Arc::new(dns::DnsRelay::new(self.upstream.clone(), names.clone(), link.interface.clone()));
         let relays = vec![
-            tokio::spawn(relay::serve_dns_udp(udp, self.upstream.clone())).abort_handle(),
-            tokio::spawn(relay::serve_tcp(
-                tcp,
-                self.upstream.iter().map(|a| SocketAddr::new(a.ip(), 53)).collect::<Vec<_>>().into(),
-            ))
-            .abort_handle(),
+            tokio::spawn(relay.clone().serve_udp(udp)).abort_handle(),
+            tokio::spawn(relay.serve_tcp(tcp)).abort_handle(),
         ];
-        self.attached
-            .lock()
-            .expect("network lock")
-            .insert(id.to_string(), Attached { link: link.clone(), relays, ports: HashMap::new() });
+        let attached = Attached { link: link.clone(), names, relays, ports: HashMap::new() };
+        self.attached.lock().expect("network lock").insert(id.to_string(), attached);
         let mut kept = Vec::new();
         for p in ports {
             let req = PublishRequest { port: p.port, host_address: p.host_address, host_port: p.host_port };
@@ -131,12 +130,15 @@ impl NatNetwork {
         Ok(kept)
     }
 
-    /// Replaces the egress policy of the sandbox on `link`; applies to its open connections too.
-    pub async fn set_policy(&self, link: &NatLink, policy: &EgressPolicy) -> Result<(), NetworkError> {
-        let (interface, policy) = (link.interface.clone(), policy.clone());
-        tokio::task::spawn_blocking(move || firewall::set_policy(&interface, &policy))
-            .await
-            .map_err(|e| NetworkError::Unavailable(format!("the firewall task failed: {e}")))??;
+    /// Replaces the egress policy of sandbox `id`; applies to its open connections too.
+    pub async fn set_policy(&self, id: &str, policy: &EgressPolicy) -> Result<(), NetworkError> {
+        let (link, names) = {
+            let attached = self.attached.lock().expect("network lock");
+            let a = attached.get(id).ok_or(NetworkError::NotNat)?;
+            (a.link.clone(), a.names.clone())
+        };
+        set_rules(&link, policy).await?;
+        *names.write().expect("name policy lock") = dns::NamePolicy::of(policy);
         Ok(())
     }
 
@@ -187,6 +189,15 @@ impl NatNetwork {
         relay.abort();
         Ok(())
     }
+}
+
+/// Gives the sandbox on `link` the rules of `policy` (`nft` runs off the async threads).
+async fn set_rules(link: &NatLink, policy: &EgressPolicy) -> Result<(), NetworkError> {
+    let (interface, policy) = (link.interface.clone(), policy.clone());
+    tokio::task::spawn_blocking(move || firewall::set_policy(&interface, &policy))
+        .await
+        .map_err(|e| NetworkError::Unavailable(format!("the firewall task failed: {e}")))??;
+    Ok(())
 }
 
 /// The `nameserver` lines of the host's /etc/resolv.conf (read bounded; at most three, as glibc uses).

@@ -37,12 +37,13 @@ pub enum NetError {
     Answer(String),
 }
 
-/// Prefix of the host ends' names; `dbx<slot>`.
+/// Prefix of the host ends' names: `dbx<sandbox id>`.
 pub const HOST_INTERFACE_PREFIX: &str = "dbx";
 
 /// A sandbox's addresses, reserved host-wide: slot `n` of the NAT subnet is its `n`-th /30, whose first
 /// address is the host's end (the gateway) and second the sandbox's. Every daemon of the host shares the
-/// slots (one directory of locks), so sandboxes of different daemons never share an address.
+/// slots (one directory of locks), so sandboxes of different daemons never share an address. The host's
+/// end is named after the sandbox (not the slot): rules keyed by it never outlive it onto another sandbox.
 pub struct NatSlot {
     pub host: HostLink,
     pub sandbox: NatAddress,
@@ -50,13 +51,13 @@ pub struct NatSlot {
 }
 
 impl NatSlot {
-    pub fn reserve(dir: &std::path::Path, subnet: ipnet::Ipv4Net) -> Result<NatSlot, SlotError> {
+    /// Reserves a slot for sandbox `id` (at most 12 bytes: a link name has at most 15).
+    pub fn reserve(dir: &std::path::Path, subnet: ipnet::Ipv4Net, id: &str) -> Result<NatSlot, SlotError> {
         let count = 1u32 << (32 - u32::from(subnet.prefix_len().min(30))) >> 2;
         let lock = HostSlot::reserve(dir, count, None)?;
         let network = u32::from(subnet.network()) + 4 * lock.number;
         let gateway = Ipv4Addr::from(network + 1);
-        let host =
-            HostLink { name: format!("{HOST_INTERFACE_PREFIX}{}", lock.number), address: gateway, prefix_len: 30 };
+        let host = HostLink { name: format!("{HOST_INTERFACE_PREFIX}{id}"), address: gateway, prefix_len: 30 };
         let sandbox = NatAddress { address: Ipv4Addr::from(network + 2), gateway, prefix_len: 30 };
         Ok(NatSlot { host, sandbox, lock })
     }
@@ -79,8 +80,7 @@ pub struct HostLink {
 
 /// Creates the veth pair of `link`: its host end named `link.name`, up, with `link.address`; the other end
 /// [`SANDBOX_INTERFACE`] in the network namespace of the process `pid` (the sandbox's init), down and
-/// without an address for init to configure. A host end left by a sandbox that no longer exists (the
-/// kernel tears namespaces down asynchronously) is replaced.
+/// without an address for init to configure.
 pub fn create_link(link: &HostLink, pid: i32) -> Result<(), NetError> {
     let mut rtnl = Rtnl::open()?;
     let veth = || {
@@ -95,16 +95,7 @@ pub fn create_link(link: &HostLink, pid: i32) -> Result<(), NetError> {
         ]));
         RouteNetlinkMessage::NewLink(msg)
     };
-    let what = || format!("create the veth pair {}", link.name);
-    match rtnl.request(veth(), NLM_F_CREATE | NLM_F_EXCL, what) {
-        Err(NetError::Kernel { source, .. }) if source.raw_os_error() == Some(libc::EEXIST) => {
-            let mut stale = LinkMessage::default();
-            stale.attributes.push(LinkAttribute::IfName(link.name.clone()));
-            rtnl.request(RouteNetlinkMessage::DelLink(stale), 0, || format!("remove the stale link {}", link.name))?;
-            rtnl.request(veth(), NLM_F_CREATE | NLM_F_EXCL, what)?;
-        }
-        other => other?,
-    }
+    rtnl.request(veth(), NLM_F_CREATE | NLM_F_EXCL, || format!("create the veth pair {}", link.name))?;
     let index = index_of(&link.name)?;
     rtnl.add_address(index, &link.name, link.address, link.prefix_len)?;
     rtnl.set_up(index, &link.name)

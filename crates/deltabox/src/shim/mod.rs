@@ -365,9 +365,9 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     let cgroup = Cgroup::create(&cfg.cgroup, &cfg.limits).context("create the sandbox's cgroup")?;
     let seccomp = sandbox::seccomp::default_filter().context("compile the seccomp filter")?;
     let nat = match (cfg.network, &cfg.nat) {
-        (Network::Nat, Some(nat)) => {
-            Some(NatSlot::reserve(&nat.slot_dir, nat.subnet).context("reserve an address in the nat network")?)
-        }
+        (Network::Nat, Some(nat)) => Some(
+            NatSlot::reserve(&nat.slot_dir, nat.subnet, &cfg.id).context("reserve an address in the nat network")?,
+        ),
         (Network::Nat, None) => anyhow::bail!("the nat network needs its configuration"),
         _ => None,
     };
@@ -385,7 +385,9 @@ fn start(cfg: &ShimConfig) -> anyhow::Result<Built> {
     .context("start the sandbox")
     .and_then(|container| {
         if let Some(nat) = &nat {
+            let started = std::time::Instant::now();
             sandbox::net::create_link(&nat.host, container.init_pid).context("create the sandbox's network link")?;
+            tracing::debug!(ms = started.elapsed().as_secs_f64() * 1000.0, "created the network link");
         }
         let store = deltafs::Store::open(&cfg.store).context("open the DeltaFS store")?;
         let stack = cfg.stack;

@@ -30,7 +30,9 @@ impl Engine {
     /// Serves the `nat` link of a sandbox just started or found running (nothing for other modes).
     pub(super) async fn attach_network(&self, record: &SandboxRecord, info: &ShimInfo) -> EngineResult<()> {
         let Some(link) = &info.nat else { return Ok(()) };
+        let started = std::time::Instant::now();
         let kept = self.nat()?.attach(&record.id, link, &record.config.egress, &record.ports).await?;
+        tracing::debug!(id = %record.id, ms = started.elapsed().as_secs_f64() * 1000.0, "serving its network");
         if kept != record.ports {
             let mut record = record.clone();
             record.ports = kept;
@@ -45,6 +47,13 @@ impl Engine {
     pub(super) async fn detach_network(&self, id: &str) {
         if let Ok(nat) = self.nat.as_deref() {
             nat.detach(id).await;
+        }
+    }
+
+    /// Removes the rules sandbox `id` (gone while the daemon was away) may have left.
+    pub(super) async fn forget_network(&self, id: &str) {
+        if let Ok(nat) = self.nat.as_deref() {
+            nat.forget(id).await;
         }
     }
 

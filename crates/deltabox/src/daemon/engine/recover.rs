@@ -30,6 +30,9 @@ impl Engine {
                 }
                 Err(e) => {
                     tracing::warn!(id = %record.id, "sandbox's shim is gone ({e:#}); cleaning it up");
+                    if record.config.egress != Default::default() {
+                        self.forget_network(&record.id).await;
+                    }
                     self.force_cleanup(&record.id);
                     self.catalog().delete_sandbox(&record.id)?;
                     continue;

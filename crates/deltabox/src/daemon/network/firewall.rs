@@ -1,8 +1,11 @@
 //! The `nat` network's rules in the host's nftables: one table, `inet deltabox`, shared by every daemon of
 //! the host (sandbox links are reserved host-wide, see `sandbox::net::NatSlot`). The table's chains are
-//! made once; a sandbox is one chain of its own (`s<slot>`, its egress policy), reached from the shared
-//! `egress` chain through the `slots` map by the name of its link, and rewritten whole (flushed and
-//! refilled in one transaction) whenever its policy changes. docs/network.md explains each rule.
+//! made once and hold the defaults every sandbox gets, so a sandbox with the default policy costs no rule
+//! and no call at all. A sandbox with a policy of its own has a chain (`p<id>`, reached from the shared
+//! `egress` chain through the `policies` map by the name of its link, `dbx<id>`) and a set of the addresses
+//! its allowed host names resolved to (`r<id>`), rewritten whole (flushed and refilled in one transaction)
+//! whenever its policy changes. Link names are unique per sandbox, never reused, so what a crashed daemon
+//! left behind can never apply to another sandbox. docs/network.md explains each rule.
 //!
 //! Rules are handed to `nft -f -` as text: nftables' own language, readable in docs and in `nft list
 //! ruleset`, and atomic per call. Everything in it that comes from a request is a parsed address, printed
@@ -41,21 +44,33 @@ pub enum FirewallError {
     Refused(String),
 }
 
-/// The shared table: created when missing (the first daemon to start), then given this daemon's subnet.
-/// Holding the table's lock file while checking keeps two daemons starting at once from both creating it.
+/// Names an empty chain of the table: the version of its rules. A table without it (made by another
+/// version of DeltaBox) is made again.
+const VERSION_MARK: &str = "rules_v1";
+
+/// The shared table: created when missing (the first daemon to start) or of another version, then given
+/// this daemon's subnet. Holding the table's lock file while checking keeps two daemons starting at once
+/// from both creating it.
 pub fn install(subnet: ipnet::Ipv4Net, lock_dir: &std::path::Path) -> Result<(), FirewallError> {
     std::fs::create_dir_all(lock_dir).map_err(FirewallError::Spawn)?;
     let lock = std::fs::File::create(lock_dir.join("nftables.lock")).map_err(FirewallError::Spawn)?;
     lock.lock().map_err(FirewallError::Spawn)?;
-    let exists = Command::new("nft")
-        .args(["list", "table", "inet", "deltabox"])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .map_err(FirewallError::Spawn)?
-        .success();
+    let listed = |what: &[&str]| {
+        Command::new("nft")
+            .arg("list")
+            .args(what)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .map_err(FirewallError::Spawn)
+    };
     let mut rules = String::new();
-    if !exists {
+    if !listed(&["chain", "inet", "deltabox", VERSION_MARK])? {
+        if listed(&["table", "inet", "deltabox"])? {
+            tracing::warn!("the nftables table inet deltabox is of another DeltaBox version: making it again");
+            rules.push_str(&format!("delete table {TABLE}\n"));
+        }
         rules.push_str(&base_table());
     }
     rules.push_str(&format!("add element {TABLE} never {{ {subnet} }}\n"));
@@ -70,7 +85,9 @@ fn base_table() -> String {
     set never {{ type ipv4_addr; flags interval; auto-merge; elements = {{ {never} }} }}
     set internal {{ type ipv4_addr; flags interval; elements = {{ {internal} }} }}
     set nat_sources {{ type ipv4_addr; flags interval; auto-merge; }}
-    map slots {{ type ifname : verdict; }}
+    map policies {{ type ifname : verdict; }}
+    chain {VERSION_MARK} {{
+    }}
     chain prerouting {{
         type filter hook prerouting priority raw; policy accept;
         iifname "{prefix}*" fib saddr . iif oif missing drop
@@ -84,8 +101,9 @@ fn base_table() -> String {
     chain egress {{
         meta nfproto ipv6 jump refuse
         ip daddr @never jump refuse
-        iifname vmap @slots
-        drop
+        iifname vmap @policies
+        ip daddr @internal jump refuse
+        accept
     }}
     chain input {{
         type filter hook input priority filter; policy accept;
@@ -112,11 +130,14 @@ fn base_table() -> String {
 /// resolution): active connections never expire; the next resolution allows it again.
 const RESOLVED_TIMEOUT: &str = "1h";
 
-/// Gives the sandbox on link `interface` (`dbx<slot>`) the egress `policy`; replaces what it had, the
-/// addresses its allowed host names resolved to included (they are allowed again at their next resolution).
+/// Gives the sandbox on link `interface` the egress `policy`; replaces what it had, the addresses its
+/// allowed host names resolved to included (they are allowed again at their next resolution). The default
+/// policy needs nothing of its own: [`remove`] then.
 pub fn set_policy(interface: &str, policy: &EgressPolicy) -> Result<(), FirewallError> {
-    let chain = chain_of(interface);
-    let resolved = resolved_of(interface);
+    if *policy == EgressPolicy::default() {
+        return remove(interface);
+    }
+    let (chain, resolved) = names_of(interface);
     let mut rules = format!(
         "add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n\
          add set {TABLE} {resolved} {{ type ipv4_addr; flags dynamic, timeout; timeout {RESOLVED_TIMEOUT}; }}\n\
@@ -131,33 +152,34 @@ pub fn set_policy(interface: &str, policy: &EgressPolicy) -> Result<(), Firewall
     if !deny.is_empty() {
         rules.push_str(&format!("add rule {TABLE} {chain} ip daddr {{ {} }} jump refuse\n", list(&deny)));
     }
-    rules.push_str(&format!("add rule {TABLE} {chain} ip daddr @internal jump refuse\n"));
-    rules.push_str(&format!("add rule {TABLE} {chain} accept\n"));
-    rules.push_str(&format!("add element {TABLE} slots {{ \"{interface}\" : jump {chain} }}\n"));
+    // Returning, the packet meets the defaults (private ranges refused, the rest accepted).
+    rules.push_str(&format!("add element {TABLE} policies {{ \"{interface}\" : jump {chain} }}\n"));
     apply(&rules)
 }
 
 /// Allows the sandbox on link `interface` to reach `addresses`, which an allowed host name resolved to.
 pub fn allow_resolved(interface: &str, addresses: &[std::net::Ipv4Addr]) -> Result<(), FirewallError> {
     let elements = addresses.iter().map(ToString::to_string).collect::<Vec<_>>().join(", ");
-    apply(&format!("add element {TABLE} {} {{ {elements} }}\n", resolved_of(interface)))
+    apply(&format!("add element {TABLE} {} {{ {elements} }}\n", names_of(interface).1))
 }
 
-/// Takes every right from the sandbox on link `interface`: its chain is emptied (the `egress` chain then
-/// drops what comes from the link), ready for the next sandbox given the same link.
+/// Removes what the sandbox on link `interface` has of its own, if anything (the defaults apply to it
+/// then). Each object is made before it is deleted, so the transaction succeeds whatever was there.
 pub fn remove(interface: &str) -> Result<(), FirewallError> {
-    let chain = chain_of(interface);
-    apply(&format!("add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n"))
+    let (chain, resolved) = names_of(interface);
+    apply(&format!(
+        "add chain {TABLE} {chain}\nflush chain {TABLE} {chain}\n\
+         add set {TABLE} {resolved} {{ type ipv4_addr; flags dynamic, timeout; timeout {RESOLVED_TIMEOUT}; }}\n\
+         add element {TABLE} policies {{ \"{interface}\" : jump {chain} }}\n\
+         delete element {TABLE} policies {{ \"{interface}\" }}\n\
+         delete chain {TABLE} {chain}\ndelete set {TABLE} {resolved}\n"
+    ))
 }
 
-/// `dbx12` → `s12`: the sandbox's chain.
-fn chain_of(interface: &str) -> String {
-    format!("s{}", interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX))
-}
-
-/// `dbx12` → `a12`: the addresses its allowed host names resolved to.
-fn resolved_of(interface: &str) -> String {
-    format!("a{}", interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX))
+/// `dbx<id>` → (`p<id>`, `r<id>`): the sandbox's chain, and its set of resolved addresses.
+fn names_of(interface: &str) -> (String, String) {
+    let id = interface.trim_start_matches(sandbox::net::HOST_INTERFACE_PREFIX);
+    (format!("p{id}"), format!("r{id}"))
 }
 
 fn list(nets: &[ipnet::Ipv4Net]) -> String {

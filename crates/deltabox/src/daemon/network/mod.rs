@@ -71,6 +71,8 @@ struct Attached {
     link: NatLink,
     /// The host names of its policy, as its DNS relay enforces them.
     names: Arc<RwLock<dns::NamePolicy>>,
+    /// Whether it has rules of its own (a policy other than the default).
+    own_rules: bool,
     relays: Vec<AbortHandle>,
     ports: HashMap<u16, (PublishedPort, AbortHandle)>,
 }
@@ -107,7 +109,10 @@ impl NatNetwork {
         policy: &EgressPolicy,
         ports: &[PublishedPort],
     ) -> Result<Vec<PublishedPort>, NetworkError> {
-        set_rules(link, policy).await?;
+        let own_rules = *policy != EgressPolicy::default();
+        if own_rules {
+            set_rules(link, policy).await?;
+        }
         let dns = SocketAddr::new(IpAddr::V4(link.address.gateway), 53);
         let udp = UdpSocket::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
         let tcp = TcpListener::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
@@ -117,7 +122,7 @@ impl NatNetwork {
             tokio::spawn(relay.clone().serve_udp(udp)).abort_handle(),
             tokio::spawn(relay.serve_tcp(tcp)).abort_handle(),
         ];
-        let attached = Attached { link: link.clone(), names, relays, ports: HashMap::new() };
+        let attached = Attached { link: link.clone(), names, own_rules, relays, ports: HashMap::new() };
         self.attached.lock().expect("network lock").insert(id.to_string(), attached);
         let mut kept = Vec::new();
         for p in ports {
@@ -139,20 +144,23 @@ impl NatNetwork {
         };
         set_rules(&link, policy).await?;
         *names.write().expect("name policy lock") = dns::NamePolicy::of(policy);
+        if let Some(a) = self.attached.lock().expect("network lock").get_mut(id) {
+            a.own_rules = *policy != EgressPolicy::default();
+        }
         Ok(())
     }
 
-    /// Stops serving sandbox `id` and takes its rights away; call it while the sandbox's link is still
-    /// reserved (before its shim and init are gone), so the next sandbox on that link is not touched.
+    /// Stops serving sandbox `id` and removes its rules.
     pub async fn detach(&self, id: &str) {
         let Some(attached) = self.attached.lock().expect("network lock").remove(id) else { return };
-        let interface = attached.link.interface.clone();
-        drop(attached);
-        match tokio::task::spawn_blocking(move || firewall::remove(&interface)).await {
-            Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::warn!(%id, "cannot remove the sandbox's firewall rules: {e}"),
-            Err(e) => tracing::warn!(%id, "the firewall task failed: {e}"),
+        if attached.own_rules {
+            remove_rules(attached.link.interface.clone()).await;
         }
+    }
+
+    /// Removes the rules a sandbox that is gone may have left (its daemon stopped before it could).
+    pub async fn forget(&self, id: &str) {
+        remove_rules(format!("{}{id}", sandbox::net::HOST_INTERFACE_PREFIX)).await;
     }
 
     /// Listens on the host for connections to sandbox `id`'s port `req.port`.
@@ -198,6 +206,17 @@ async fn set_rules(link: &NatLink, policy: &EgressPolicy) -> Result<(), NetworkE
         .await
         .map_err(|e| NetworkError::Unavailable(format!("the firewall task failed: {e}")))??;
     Ok(())
+}
+
+async fn remove_rules(interface: String) {
+    let removed = tokio::task::spawn_blocking(move || {
+        firewall::remove(&interface).map_err(|e| format!("cannot remove the rules of {interface}: {e}"))
+    });
+    match removed.await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!("{e}"),
+        Err(e) => tracing::warn!("the firewall task failed: {e}"),
+    }
 }
 
 /// The `nameserver` lines of the host's /etc/resolv.conf (read bounded; at most three, as glibc uses).

@@ -143,3 +143,42 @@ time.sleep(100)
     let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
     engine.checkpoint(&sb, &mut frozen).unwrap();
 }
+
+#[test]
+fn unix_queues_that_cannot_be_walked_are_refused_and_unconnected_sockets_checkpointed() {
+    // A seqpacket pair whose peer shut it down (recv answers 0 for ever), a datagram pair with an empty message
+    // queued (the peek offset never moves past it): each refused at once, never a checkpoint that spins. An
+    // unconnected stream socket (nothing to peek at: ENOTCONN) is checkpointed.
+    for (case, expected) in [("shutdown", "end of the stream"), ("empty", "an empty message"), ("unconnected", "")] {
+        let mut ns = PidNs::new();
+        let out = ns.path("out");
+        let program = r#"
+import socket, sys, time
+case = sys.argv[2]
+if case == "shutdown":
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    b.shutdown(socket.SHUT_WR)
+elif case == "empty":
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    b.send(b"")
+else:
+    a = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+open(sys.argv[1], "w").write("ready\n")
+time.sleep(100)
+"#;
+        let py = python();
+        ns.spawn(&[&py, "-c", program, out.to_str().unwrap(), case], None, false);
+        common::wait_for_content(&out, "ready\n");
+        let mut engine = Engine::new();
+        let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+        let result = engine.checkpoint(&ns.sandbox(), &mut frozen);
+        drop(frozen);
+        match result {
+            Ok(_) => assert!(expected.is_empty(), "{case}: checkpointed"),
+            Err(err) => {
+                let msg = format!("{err:?}");
+                assert!(!expected.is_empty() && err.is_unsupported() && msg.contains(expected), "{case}: {msg}");
+            }
+        }
+    }
+}

@@ -35,13 +35,16 @@ pub(super) fn capture(
             s.unsupported(format!("listening unix socket with {} connections waiting to be accepted", info.pending))
         );
     }
-    if info.peer.is_none() && listening.is_none() && info.rqueue > 0 {
+    let unconnected = info.peer.is_none() && listening.is_none();
+    if unconnected && info.rqueue > 0 {
         return Err(s.unsupported("datagrams queued on an unconnected unix socket are not supported yet".into()));
     }
-    let queue = if listening.is_none() {
+    // An unconnected socket has nothing queued (and a stream one cannot even be peeked at: ENOTCONN).
+    let queue = if listening.is_none() && !unconnected {
         peek_queue(s.sock.as_fd(), sock_type).map_err(|e| match e {
             PeekError::Io(source) => FileError::Io { pid: owner.ns_pid, fd, what: "peek at queued data", source },
             PeekError::Fds => s.unsupported("file descriptors in flight on a unix socket are not supported".into()),
+            PeekError::Unsupported(what) => s.unsupported(what.into()),
         })?
     } else {
         Vec::new()
@@ -59,10 +62,17 @@ pub(super) fn capture(
 enum PeekError {
     Io(std::io::Error),
     Fds,
+    Unsupported(&'static str),
 }
 
+/// Most messages read from one datagram or seqpacket queue (the kernel's default `max_dgram_qlen` is 512):
+/// every loop over what the kernel answers ends, whatever a process queued.
+const MAX_QUEUED_MESSAGES: usize = 65536;
+
 /// The data waiting in a socket's receive queue, read with MSG_PEEK (stream: one blob; datagrams:
-/// one entry per message, walked with SO_PEEK_OFF which is put back afterwards).
+/// one entry per message, walked with SO_PEEK_OFF which is put back afterwards). An empty message cannot
+/// be walked past (the peek offset does not move) and looks like the end of a seqpacket stream its peer
+/// shut down: both are refused, as is a queue of more than [`MAX_QUEUED_MESSAGES`].
 fn peek_queue(sock: BorrowedFd<'_>, sock_type: i32) -> Result<Vec<Vec<u8>>, PeekError> {
     let mut out = Vec::new();
     let stream = sock_type == libc::SOCK_STREAM;
@@ -77,6 +87,12 @@ fn peek_queue(sock: BorrowedFd<'_>, sock_type: i32) -> Result<Vec<Vec<u8>>, Peek
     let res = loop {
         match sys::recv_peek(sock, &mut buf) {
             Ok((0, _)) if stream => break Ok(()),
+            Ok((0, _)) => break Err(PeekError::Unsupported(
+                "an empty message, or the end of the stream after its peer shut it down, is queued on this unix socket",
+            )),
+            Ok(_) if out.len() >= MAX_QUEUED_MESSAGES => {
+                break Err(PeekError::Unsupported("more than 65536 messages are queued on this unix socket"))
+            }
             Ok((n, ctrunc)) => {
                 if ctrunc {
                     break Err(PeekError::Fds);

@@ -23,6 +23,7 @@ ep.register(e, select.EPOLLIN)
 fr = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)
 fw = os.open(fifo, os.O_WRONLY)
 os.write(fw, b"fifo-data")
+time.sleep(0.2)  # the timer expires, unread: the kernel re-arms it only at the next read
 out.write("ready\n")
 out.flush()
 while not os.path.exists(flag):
@@ -32,13 +33,15 @@ out.write("epoll %s\n" % [(fd == e and m & select.EPOLLIN != 0) for fd, m in ev]
 out.write("eventfd %d\n" % os.eventfd_read(e))
 out.write("fifo %s\n" % os.read(fr, 100).decode())
 out.write("timer %s\n" % (struct.unpack("Q", os.read(tfd, 8))[0] > 0))
+# Periodic: it fires again (a timer that had expired unread at the checkpoint must not come back disarmed).
+out.write("timer again %s\n" % bool(select.select([tfd], [], [], 2)[0]))
 os.kill(os.getpid(), signal.SIGUSR1)
 out.write("signalfd %d\n" % struct.unpack("I", os.read(sfd, 128)[:4])[0])
 out.flush()
 time.sleep(100)
 "#;
 
-const EXPECTED: &str = "epoll [True]\neventfd 42\nfifo fifo-data\ntimer True\nsignalfd 10\n";
+const EXPECTED: &str = "epoll [True]\neventfd 42\nfifo fifo-data\ntimer True\ntimer again True\nsignalfd 10\n";
 
 #[test]
 fn anonymous_inode_files_and_fifos_keep_their_state() {

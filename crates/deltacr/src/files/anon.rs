@@ -72,6 +72,9 @@ impl NewProcess {
             FileKind::TimerFd { clockid, ticks, value, interval } => {
                 const TFD_IOC_SET_TICKS: u64 = 0x4008_5400;
                 let fd = self.call(libc::SYS_timerfd_create, &[*clockid as u64, nonblock as u64])? as i32;
+                // A periodic timer that expired unread shows no time left: the kernel moves it on only at
+                // the next read. Its next expiry comes an interval after the restore.
+                let value = if *value == (0, 0) { interval } else { value };
                 if *value != (0, 0) {
                     let mut its = Vec::with_capacity(32);
                     for v in [interval.0, interval.1, value.0, value.1] {

@@ -182,3 +182,75 @@ time.sleep(100)
         }
     }
 }
+
+#[test]
+fn socket_options_a_program_set_come_back() {
+    // A listener, both ends of a loopback connection and a UDP socket, each with options set: after a restore
+    // (from templates and from an image) each reads back what it had.
+    let mut ns = PidNs::new();
+    let (out, flag) = (ns.path("out"), ns.path("flag"));
+    let program = r#"
+import os, socket, sys, time
+T, S, I = socket.IPPROTO_TCP, socket.SOL_SOCKET, socket.IPPROTO_IP
+IP_RECVERR, SO_TIMESTAMP = 11, 29  # not in python's socket module
+listener = socket.socket()
+listener.setsockopt(S, socket.SO_REUSEADDR, 1)
+listener.setsockopt(T, socket.TCP_DEFER_ACCEPT, 7)
+listener.setsockopt(S, socket.SO_PRIORITY, 4)
+listener.bind(("127.0.0.1", 0))
+listener.listen()
+client = socket.create_connection(listener.getsockname())
+server, _ = listener.accept()
+for opt, value in ((socket.TCP_KEEPIDLE, 77), (socket.TCP_KEEPINTVL, 11), (socket.TCP_KEEPCNT, 3),
+                   (socket.TCP_USER_TIMEOUT, 5000), (socket.TCP_NODELAY, 1)):
+    client.setsockopt(T, opt, value)
+client.setsockopt(S, socket.SO_KEEPALIVE, 1)
+client.setsockopt(I, socket.IP_TOS, 0x10)
+udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+udp.setsockopt(I, socket.IP_MULTICAST_TTL, 7)
+udp.setsockopt(I, IP_RECVERR, 1)
+udp.setsockopt(S, SO_TIMESTAMP, 1)
+def show():
+    values = [listener.getsockopt(T, socket.TCP_DEFER_ACCEPT), listener.getsockopt(S, socket.SO_PRIORITY)]
+    values += [client.getsockopt(T, o) for o in (socket.TCP_KEEPIDLE, socket.TCP_KEEPINTVL, socket.TCP_KEEPCNT,
+                                                 socket.TCP_USER_TIMEOUT, socket.TCP_NODELAY)]
+    values += [client.getsockopt(S, socket.SO_KEEPALIVE), client.getsockopt(I, socket.IP_TOS)]
+    values += [udp.getsockopt(I, socket.IP_MULTICAST_TTL), udp.getsockopt(I, IP_RECVERR),
+               udp.getsockopt(S, SO_TIMESTAMP)]
+    client.sendall(b"x")
+    return "%s %s\n" % (values, server.recv(1))
+open(sys.argv[1], "w").write("ready " + show())
+while not os.path.exists(sys.argv[2]):
+    time.sleep(0.005)
+try:
+    open(sys.argv[1], "a").write("after " + show())
+except Exception as e:
+    open(sys.argv[1], "a").write("after %r\n" % e)
+time.sleep(100)
+"#;
+    let py = python();
+    ns.spawn(&[&py, "-c", program, out.to_str().unwrap(), flag.to_str().unwrap()], None, false);
+    common::wait_for_content(&out, "ready ");
+    let expected = "[7, 4, 77, 11, 3, 5000, 1, 1, 16, 7, 1, 1] b'x'\n";
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("ready {expected}"));
+    let mut engine = Engine::new();
+    let sb = ns.sandbox();
+    let mut frozen = deltacr::Frozen::new(&ns.cgroup).unwrap();
+    let ckpt = engine.checkpoint(&sb, &mut frozen).unwrap();
+    drop(frozen);
+    let store = deltacr::image::ImageStore::new(&ns.path("images")).unwrap();
+    let image = ckpt.image_job(None).unwrap().write(&store).unwrap();
+    for from_image in [false, true] {
+        engine.kill_processes(&sb).unwrap();
+        std::fs::write(&out, "").unwrap();
+        if from_image {
+            engine.restore_image(store.open_chain(image.id).unwrap(), &sb, None).unwrap();
+        } else {
+            engine.restore(&ckpt, &sb).unwrap();
+        }
+        std::fs::write(&flag, "").unwrap();
+        wait_for(|| std::fs::read_to_string(&out).unwrap().contains("after").then_some(()));
+        assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("after {expected}"), "from the image: {from_image}");
+        std::fs::remove_file(&flag).unwrap();
+    }
+}

@@ -31,7 +31,6 @@ pub use tty::{controlling_tty, pts_index};
 use crate::procfs::{self, FdInfo};
 use crate::pty::PtyPlan;
 use crate::restore::{NewProcess, RestoreError, SCRATCH_LEN};
-use crate::sockdiag::UnixSockInfo;
 use crate::state::{FdState, FileKind, LockKind, OpenFile};
 use crate::sys;
 
@@ -84,7 +83,7 @@ struct Known {
 /// Captures the fds of `owners` (stopped) and the shared memory objects they map. Returns the open file
 /// descriptions (shared memory objects among them, held by no fd) and, per owner, its fds.
 pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>), FileError> {
-    let mut unix: Option<HashMap<u32, UnixSockInfo>> = None;
+    let mut sockets = socket::Seen::default();
     let mut files: Vec<OpenFile> = Vec::new();
     let mut by_inode: HashMap<(u64, u64), Vec<Known>> = HashMap::new();
     let mut tables = Vec::with_capacity(owners.len());
@@ -113,7 +112,7 @@ pub fn capture(owners: &[FdOwner]) -> Result<(Vec<OpenFile>, Vec<Vec<FdState>>),
                 Some(id) => id,
                 None => {
                     let id = files.len() as u32;
-                    let kind = classify(owner, fd, &link, &meta, &info, &mut unix)?;
+                    let kind = classify(owner, fd, &link, &meta, &info, &mut sockets)?;
                     let locks =
                         lock::parse(&info, owner, fd)?.into_iter().filter(|l| l.kind != LockKind::Posix).collect();
                     files.push(OpenFile {
@@ -189,12 +188,12 @@ fn classify(
     link: &str,
     meta: &std::fs::Metadata,
     info: &FdInfo,
-    unix: &mut Option<HashMap<u32, UnixSockInfo>>,
+    sockets: &mut socket::Seen,
 ) -> Result<FileKind, FileError> {
     let unsupported = |reason: String| FileError::Unsupported { pid: owner.ns_pid, fd, reason };
     if let Some(rest) = link.strip_prefix("socket:[") {
         let ino = rest.trim_end_matches(']').parse().map_err(|_| unsupported(format!("odd socket link {link}")))?;
-        return socket::capture(owner, fd, ino, unix);
+        return socket::capture(owner, fd, ino, sockets);
     }
     if let Some(kind) = link.strip_prefix("anon_inode:") {
         return anon::capture(kind, info).map_err(|e| match e {

@@ -31,14 +31,18 @@ impl Socket<'_> {
     }
 }
 
-/// Captures socket inode `ino` at fd `fd` of `owner`. `unix` caches the sandbox's unix sockets (read
-/// with sock_diag when the first one is met).
-pub(super) fn capture(
-    owner: &FdOwner,
-    fd: i32,
-    ino: u64,
-    unix: &mut Option<HashMap<u32, UnixSockInfo>>,
-) -> Result<FileKind, FileError> {
+/// What one capture learns of the sandbox's sockets once and uses for all of them.
+#[derive(Default)]
+pub(super) struct Seen {
+    /// The sandbox's unix sockets (read with sock_diag when the first one is met).
+    pub unix: Option<HashMap<u32, UnixSockInfo>>,
+    /// The option values of a fresh socket, by (family, type, protocol), in the sandbox's network namespace
+    /// (see `inet::INET_OPTIONS`).
+    pub defaults: HashMap<(i32, i32, i32), Vec<Option<i32>>>,
+}
+
+/// Captures socket inode `ino` at fd `fd` of `owner`.
+pub(super) fn capture(owner: &FdOwner, fd: i32, ino: u64, seen: &mut Seen) -> Result<FileKind, FileError> {
     let sock = sys::dup_from(owner.host, fd).map_err(io_err(owner, fd, "duplicate the socket"))?;
     let mut s = Socket { owner, fd, sock, sock_type: 0, protocol: 0, listening: false };
     let family = s.opt(libc::SOL_SOCKET, libc::SO_DOMAIN)?;
@@ -46,8 +50,8 @@ pub(super) fn capture(
     s.protocol = s.opt(libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
     s.listening = s.opt(libc::SOL_SOCKET, libc::SO_ACCEPTCONN)? != 0;
     match family {
-        libc::AF_INET | libc::AF_INET6 => inet::capture(&s, family),
-        libc::AF_UNIX => unix::capture(&s, ino, unix),
+        libc::AF_INET | libc::AF_INET6 => inet::capture(&s, family, &mut seen.defaults),
+        libc::AF_UNIX => unix::capture(&s, ino, &mut seen.unix),
         other => Err(s.unsupported(format!("sockets of address family {other} are not supported yet"))),
     }
 }

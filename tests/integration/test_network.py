@@ -333,6 +333,9 @@ def test_a_connection_to_the_outside_is_reset_after_rollback(client, outside):
 def test_bad_network_requests(client, debian, outside):
     with pytest.raises(deltabox.BadRequest):
         client.create("debian", network="nat", allow_out=["example.com/8"])
+    with pytest.raises(deltabox.BadRequest) as e:
+        client.create("debian", deny_out=["0.0.0.0/0"])
+    assert "nat" in e.value.message
     with pytest.raises(deltabox.BadRequest):
         client.create("debian", network="nat", deny_out=["10.0.0.0/33"])
     with pytest.raises(deltabox.BadRequest) as e:

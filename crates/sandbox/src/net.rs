@@ -40,6 +40,12 @@ pub enum NetError {
 /// Prefix of the host ends' names: `dbx<sandbox id>`.
 pub const HOST_INTERFACE_PREFIX: &str = "dbx";
 
+/// The name of the host's end of sandbox `id`'s link (known before the link exists: rules keyed by it can
+/// be in place before the sandbox runs).
+pub fn host_interface(id: &str) -> String {
+    format!("{HOST_INTERFACE_PREFIX}{id}")
+}
+
 /// A sandbox's addresses, reserved host-wide: slot `n` of the NAT subnet is its `n`-th /30, whose first
 /// address is the host's end (the gateway) and second the sandbox's. Every daemon of the host shares the
 /// slots (one directory of locks), so sandboxes of different daemons never share an address. The host's
@@ -57,7 +63,7 @@ impl NatSlot {
         let lock = HostSlot::reserve(dir, count, None)?;
         let network = u32::from(subnet.network()) + 4 * lock.number;
         let gateway = Ipv4Addr::from(network + 1);
-        let host = HostLink { name: format!("{HOST_INTERFACE_PREFIX}{id}"), address: gateway, prefix_len: 30 };
+        let host = HostLink { name: host_interface(id), address: gateway, prefix_len: 30 };
         let sandbox = NatAddress { address: Ipv4Addr::from(network + 2), gateway, prefix_len: 30 };
         Ok(NatSlot { host, sandbox, lock })
     }

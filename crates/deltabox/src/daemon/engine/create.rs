@@ -12,7 +12,7 @@ use sandbox::spec::Network;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 
 use super::{now, view, Engine, EngineError, EngineResult, Live};
-use crate::api::{CreateRequest, SandboxView};
+use crate::api::{CreateRequest, EgressPolicy, SandboxView};
 use crate::catalog::{SandboxConfig, SandboxRecord};
 use crate::shim::proto::{DiskTooSmall, ProcessDefaults, RestoreSpec, ShimConfig, ShimInfo, ShimStartup, PROTOCOL};
 
@@ -27,6 +27,9 @@ const BYTES_PER_INODE: u64 = 16 * 1024;
 impl Engine {
     pub async fn create(self: &Arc<Self>, req: CreateRequest) -> EngineResult<SandboxView> {
         self.check_network(req.network)?;
+        if req.network != Network::Nat && req.egress != EgressPolicy::default() {
+            return Err(EngineError::invalid("invalid_request", "an egress policy applies to network \"nat\" only"));
+        }
         let image = self.image(&req.image)?;
         let limits = validate_limits(&req, &self.default_limits)?;
         let disk = validate_disk(&req, self.default_disk)?;
@@ -80,7 +83,11 @@ impl Engine {
         };
         // Recorded before the shim starts: a crash in between leaves a record that recovery cleans up.
         self.catalog().put_sandbox(&record)?;
-        let started = match self.start_shim(&record, restore).await {
+        let started = match self.prepare_network(&record).await {
+            Ok(()) => self.start_shim(&record, restore).await,
+            Err(e) => Err(e.into()),
+        };
+        let started = match started {
             Ok(info) => match self.attach_network(&record, &info).await {
                 Ok(_) => Ok(info),
                 Err(e) => {
@@ -100,6 +107,9 @@ impl Engine {
                 Ok(v)
             }
             Err(e) => {
+                if record.config.egress != EgressPolicy::default() {
+                    self.forget_network(&id).await;
+                }
                 self.force_cleanup(&id);
                 let _ = self.catalog().delete_sandbox(&id);
                 if e.downcast_ref::<DiskTooSmall>().is_some() {

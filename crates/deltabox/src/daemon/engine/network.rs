@@ -27,6 +27,15 @@ impl Engine {
         self.nat.as_deref().map_err(|e| NetworkError::Unavailable(e.clone()).into())
     }
 
+    /// Puts the egress policy of a `nat` sandbox about to start in place (nothing for other modes or the
+    /// default policy).
+    pub(super) async fn prepare_network(&self, record: &SandboxRecord) -> EngineResult<()> {
+        if record.config.network == Network::Nat {
+            self.nat()?.prepare(&record.id, &record.config.egress).await?;
+        }
+        Ok(())
+    }
+
     /// Serves the `nat` link of a sandbox just started or found running (nothing for other modes).
     pub(super) async fn attach_network(&self, record: &SandboxRecord, info: &ShimInfo) -> EngineResult<()> {
         let Some(link) = &info.nat else { return Ok(()) };
@@ -50,7 +59,7 @@ impl Engine {
         }
     }
 
-    /// Removes the rules sandbox `id` (gone while the daemon was away) may have left.
+    /// Removes the rules sandbox `id` (gone while the daemon was away, or whose start failed) may have left.
     pub(super) async fn forget_network(&self, id: &str) {
         if let Ok(nat) = self.nat.as_deref() {
             nat.forget(id).await;

@@ -39,7 +39,11 @@ impl Engine {
                 }
             };
             tracing::info!(id = %record.id, shim = info.shim_pid, "reattached to sandbox");
-            if let Err(e) = self.attach_network(&record, &info).await {
+            let served = match self.prepare_network(&record).await {
+                Ok(()) => self.attach_network(&record, &info).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 tracing::error!(id = %record.id, "cannot serve the sandbox's network again: {e:#}");
             }
             self.watch_shim(record.id.clone(), info.shim_pid);

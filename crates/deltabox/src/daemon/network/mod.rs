@@ -100,8 +100,18 @@ impl NatNetwork {
         })
     }
 
-    /// Starts serving sandbox `id` on `link`: its policy, its DNS relay, and its published `ports` (a
-    /// restarted daemon's; one that can no longer listen is dropped with a warning).
+    /// Puts sandbox `id`'s egress policy in place, before its link exists (so its processes, a fork's
+    /// restored ones too, never run under the defaults when it has a policy of its own). Nothing for the
+    /// default policy.
+    pub async fn prepare(&self, id: &str, policy: &EgressPolicy) -> Result<(), NetworkError> {
+        if *policy != EgressPolicy::default() {
+            set_rules(&sandbox::net::host_interface(id), policy).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts serving sandbox `id` on `link` (its policy [`NatNetwork::prepare`]d): its DNS relay, and its
+    /// published `ports` (a restarted daemon's; one that can no longer listen is dropped with a warning).
     pub async fn attach(
         &self,
         id: &str,
@@ -110,9 +120,6 @@ impl NatNetwork {
         ports: &[PublishedPort],
     ) -> Result<Vec<PublishedPort>, NetworkError> {
         let own_rules = *policy != EgressPolicy::default();
-        if own_rules {
-            set_rules(link, policy).await?;
-        }
         let dns = SocketAddr::new(IpAddr::V4(link.address.gateway), 53);
         let udp = UdpSocket::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
         let tcp = TcpListener::bind(dns).await.map_err(|source| NetworkError::Listen { address: dns, source })?;
@@ -142,7 +149,7 @@ impl NatNetwork {
             let a = attached.get(id).ok_or(NetworkError::NotNat)?;
             (a.link.clone(), a.names.clone())
         };
-        set_rules(&link, policy).await?;
+        set_rules(&link.interface, policy).await?;
         *names.write().expect("name policy lock") = dns::NamePolicy::of(policy);
         if let Some(a) = self.attached.lock().expect("network lock").get_mut(id) {
             a.own_rules = *policy != EgressPolicy::default();
@@ -158,9 +165,10 @@ impl NatNetwork {
         }
     }
 
-    /// Removes the rules a sandbox that is gone may have left (its daemon stopped before it could).
+    /// Removes the rules sandbox `id` may have: one that is gone (its daemon stopped before it could), or
+    /// one whose start failed.
     pub async fn forget(&self, id: &str) {
-        remove_rules(format!("{}{id}", sandbox::net::HOST_INTERFACE_PREFIX)).await;
+        remove_rules(sandbox::net::host_interface(id)).await;
     }
 
     /// Listens on the host for connections to sandbox `id`'s port `req.port`.
@@ -199,9 +207,9 @@ impl NatNetwork {
     }
 }
 
-/// Gives the sandbox on `link` the rules of `policy` (`nft` runs off the async threads).
-async fn set_rules(link: &NatLink, policy: &EgressPolicy) -> Result<(), NetworkError> {
-    let (interface, policy) = (link.interface.clone(), policy.clone());
+/// Gives the sandbox on link `interface` the rules of `policy` (`nft` runs off the async threads).
+async fn set_rules(interface: &str, policy: &EgressPolicy) -> Result<(), NetworkError> {
+    let (interface, policy) = (interface.to_string(), policy.clone());
     tokio::task::spawn_blocking(move || firewall::set_policy(&interface, &policy))
         .await
         .map_err(|e| NetworkError::Unavailable(format!("the firewall task failed: {e}")))??;

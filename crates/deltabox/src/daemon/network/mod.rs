@@ -193,7 +193,7 @@ impl NatNetwork {
         if a.ports.contains_key(&req.port) {
             return Err(NetworkError::AlreadyPublished(req.port));
         }
-        let relay = tokio::spawn(relay::serve_tcp(listener, Arc::new(vec![target]))).abort_handle();
+        let relay = tokio::spawn(relay::serve_tcp(listener, target)).abort_handle();
         a.ports.insert(req.port, (published.clone(), relay));
         Ok(published)
     }

@@ -16,9 +16,9 @@ const ERROR_PAUSE: Duration = Duration::from_millis(50);
 /// TCP connections of one listener relayed at once.
 const MAX_CONNECTIONS: usize = 256;
 
-/// Relays every connection accepted on `listener` to `targets` (tried in order until one connects);
-/// runs until aborted.
-pub async fn serve_tcp(listener: TcpListener, targets: Arc<Vec<SocketAddr>>) {
+/// Relays every connection accepted on `listener` to `target` (the sandbox's address and port); runs until
+/// aborted.
+pub async fn serve_tcp(listener: TcpListener, target: SocketAddr) {
     let permits = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((mut client, _)) = listener.accept().await else {
@@ -26,13 +26,9 @@ pub async fn serve_tcp(listener: TcpListener, targets: Arc<Vec<SocketAddr>>) {
             continue;
         };
         let Ok(permit) = permits.clone().try_acquire_owned() else { continue };
-        let targets = targets.clone();
         tokio::spawn(async move {
-            for target in targets.iter() {
-                if let Ok(Ok(mut server)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
-                    break;
-                }
+            if let Ok(Ok(mut server)) = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(target)).await {
+                let _ = tokio::io::copy_bidirectional(&mut client, &mut server).await;
             }
             drop(permit);
         });
@@ -53,7 +49,7 @@ mod tests {
         });
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let address = listener.local_addr().unwrap();
-        let served = tokio::spawn(serve_tcp(listener, Arc::new(vec![target_address])));
+        let served = tokio::spawn(serve_tcp(listener, target_address));
         let mut conn = TcpStream::connect(address).await.unwrap();
         let mut got = Vec::new();
         tokio::io::AsyncReadExt::read_to_end(&mut conn, &mut got).await.unwrap();

@@ -74,14 +74,11 @@ fn fresh_values(
     sock_type: i32,
     protocol: i32,
 ) -> std::io::Result<Vec<Option<i32>>> {
+    use rustix::net::{AddressFamily, Protocol, SocketFlags, SocketType};
+    let protocol = std::num::NonZeroU32::new(protocol as u32).map(Protocol::from_raw);
     let sock = sys::in_namespace(member, "net", || {
-        // SAFETY: plain socket(2); the result is checked and owned at once.
-        let fd = unsafe { libc::socket(family, sock_type | libc::SOCK_CLOEXEC, protocol) };
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: fd is a new descriptor nothing else owns.
-        Ok(unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        let (family, sock_type) = (AddressFamily::from_raw(family as u16), SocketType::from_raw(sock_type as u32));
+        rustix::net::socket_with(family, sock_type, SocketFlags::CLOEXEC, protocol)
     })??;
     Ok(INET_OPTIONS.iter().map(|&(level, name)| sys::getsockopt_int(sock.as_fd(), level, name).ok()).collect())
 }
